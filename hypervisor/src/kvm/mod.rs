@@ -1,0 +1,356 @@
+//! The KVM backend: `/dev/kvm` through the rust-vmm `kvm-ioctls` crate, with
+//! the in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT.
+
+mod convert;
+
+use std::fs::OpenOptions;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{
+    CpuidEntry, FpuState, Hypervisor, HypervisorError, InterruptLine, LapicState, MsrEntry, Regs,
+    Result, SpecialRegs, Vcpu, VcpuExit, Vm,
+};
+
+/// Where KVM's VMX backend puts its three-page TSS and the identity-map page:
+/// just below the IOAPIC/LAPIC window, inside the 32-bit MMIO hole.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// KVM as a [`Hypervisor`].
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl KvmHypervisor {
+    /// Open `/dev/kvm`, turning the usual failures into errors that say how
+    /// to fix them.
+    pub fn new() -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => HypervisorError::KvmMissing,
+                std::io::ErrorKind::PermissionDenied => HypervisorError::KvmPermission,
+                _ => HypervisorError::KvmOpen(e),
+            })?;
+        // SAFETY: the descriptor was just opened on /dev/kvm and its ownership
+        // moves into the Kvm object, which closes it on drop.
+        let kvm = unsafe { Kvm::from_raw_fd(file.into_raw_fd()) };
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(HypervisorError::KvmApiVersion(api));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(HypervisorError::MissingCapability(name));
+            }
+        }
+        Ok(KvmHypervisor { kvm })
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(cpuid.as_slice().iter().map(convert::cpuid_from_kvm).collect())
+    }
+
+    fn supported_msrs(&self) -> Result<Vec<u32>> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
+        Ok(list.as_slice().to_vec())
+    }
+
+    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        let fd = self
+            .kvm
+            .create_vm()
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_VM", e))?;
+        // Intel VMX needs these pages to run real-mode code; other backends
+        // (AMD SVM, PVM) may refuse them, which is harmless.
+        if let Err(e) = fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+            tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR not accepted: {e}");
+        }
+        if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
+            tracing::debug!("KVM_SET_TSS_ADDR not accepted: {e}");
+        }
+        fd.create_irq_chip()
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_PIT2", e))?;
+        Ok(Arc::new(KvmVm { fd }))
+    }
+}
+
+/// A KVM VM file descriptor.
+pub struct KvmVm {
+    fd: VmFd,
+}
+
+impl Vm for KvmVm {
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+            flags: 0,
+        };
+        // SAFETY: the caller guarantees the host range stays valid for the
+        // life of the VM (see the trait's contract).
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_VCPU", e))?;
+        Ok(Box::new(KvmVcpu { id, fd }))
+    }
+
+    fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| HypervisorError::Ioctl {
+            op: "eventfd",
+            source: e.into(),
+        })?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| HypervisorError::ioctl("KVM_IRQFD", e))?;
+        Ok(Arc::new(IrqFdLine { evt }))
+    }
+}
+
+/// An interrupt line backed by a KVM irqfd: a write to the eventfd pulses the GSI.
+struct IrqFdLine {
+    evt: EventFd,
+}
+
+impl InterruptLine for IrqFdLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.evt.write(1)
+    }
+
+    fn eventfd(&self) -> std::io::Result<EventFd> {
+        self.evt.try_clone()
+    }
+}
+
+/// A KVM vCPU file descriptor.
+pub struct KvmVcpu {
+    id: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu for KvmVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        use kvm_ioctls::VcpuExit as K;
+        match self.fd.run() {
+            Ok(exit) => Ok(match exit {
+                K::IoIn(port, data) => VcpuExit::IoIn(port, data),
+                K::IoOut(port, data) => VcpuExit::IoOut(port, data),
+                K::MmioRead(addr, data) => VcpuExit::MmioRead(addr, data),
+                K::MmioWrite(addr, data) => VcpuExit::MmioWrite(addr, data),
+                K::Hlt => VcpuExit::Halt,
+                K::Shutdown => VcpuExit::Shutdown,
+                K::Intr => VcpuExit::Interrupted,
+                K::SystemEvent(kind, _) => match kind {
+                    KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
+                    KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::PowerOff,
+                    KVM_SYSTEM_EVENT_CRASH => VcpuExit::InternalError("guest crash event".into()),
+                    other => VcpuExit::Unknown(format!("system event {other}")),
+                },
+                K::FailEntry(reason, cpu) => VcpuExit::InternalError(format!(
+                    "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+                )),
+                K::InternalError => {
+                    VcpuExit::InternalError("KVM internal error (emulation failure)".into())
+                }
+                other => VcpuExit::Unknown(format!("{other:?}")),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Ok(VcpuExit::Interrupted)
+            }
+            Err(e) => Err(HypervisorError::ioctl("KVM_RUN", e)),
+        }
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        let r = self
+            .fd
+            .get_regs()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_REGS", e))?;
+        Ok(convert::regs_from_kvm(&r))
+    }
+
+    fn set_regs(&self, regs: &Regs) -> Result<()> {
+        self.fd
+            .set_regs(&convert::regs_to_kvm(regs))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_REGS", e))
+    }
+
+    fn special_regs(&self) -> Result<SpecialRegs> {
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_SREGS", e))?;
+        Ok(convert::sregs_from_kvm(&s))
+    }
+
+    fn set_special_regs(&self, sregs: &SpecialRegs) -> Result<()> {
+        // Start from the current state so fields we do not model (the
+        // interrupt bitmap) keep their values.
+        let mut s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_SREGS", e))?;
+        convert::sregs_to_kvm(sregs, &mut s);
+        self.fd
+            .set_sregs(&s)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_SREGS", e))
+    }
+
+    fn set_fpu(&self, fpu: &FpuState) -> Result<()> {
+        let f = kvm_bindings::kvm_fpu {
+            fcw: fpu.fcw,
+            fsw: fpu.fsw,
+            ftwx: fpu.ftwx,
+            mxcsr: fpu.mxcsr,
+            ..Default::default()
+        };
+        self.fd
+            .set_fpu(&f)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_FPU", e))
+    }
+
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
+        let kvm_entries: Vec<_> = entries.iter().map(convert::cpuid_to_kvm).collect();
+        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_SET_CPUID2",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_CPUID2", e))
+    }
+
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
+        let entries: Vec<_> = msrs
+            .iter()
+            .map(|m| kvm_bindings::kvm_msr_entry {
+                index: m.index,
+                data: m.value,
+                ..Default::default()
+            })
+            .collect();
+        let list = Msrs::from_entries(&entries).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_SET_MSRS",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        })?;
+        let written = self
+            .fd
+            .set_msrs(&list)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_MSRS", e))?;
+        if written != entries.len() {
+            let failed = entries.get(written).map(|e| e.index).unwrap_or(0);
+            return Err(HypervisorError::Ioctl {
+                op: "KVM_SET_MSRS",
+                source: std::io::Error::other(format!(
+                    "KVM refused MSR {failed:#x} ({written} of {} written)",
+                    entries.len()
+                )),
+            });
+        }
+        Ok(())
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>> {
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut list = Msrs::from_entries(&entries).map_err(|_| HypervisorError::Ioctl {
+            op: "KVM_GET_MSRS",
+            source: std::io::Error::from_raw_os_error(libc::E2BIG),
+        })?;
+        let read = self
+            .fd
+            .get_msrs(&mut list)
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_MSRS", e))?;
+        Ok(list.as_slice()[..read]
+            .iter()
+            .map(|e| MsrEntry {
+                index: e.index,
+                value: e.data,
+            })
+            .collect())
+    }
+
+    fn lapic(&self) -> Result<LapicState> {
+        let l = self
+            .fd
+            .get_lapic()
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_LAPIC", e))?;
+        let mut state = LapicState::default();
+        for (dst, src) in state.regs.iter_mut().zip(l.regs.iter()) {
+            *dst = *src as u8;
+        }
+        Ok(state)
+    }
+
+    fn set_lapic(&self, lapic: &LapicState) -> Result<()> {
+        let mut l = kvm_bindings::kvm_lapic_state::default();
+        for (dst, src) in l.regs.iter_mut().zip(lapic.regs.iter()) {
+            *dst = *src as _;
+        }
+        self.fd
+            .set_lapic(&l)
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_LAPIC", e))
+    }
+}

@@ -1,0 +1,127 @@
+//! Hypervisor backends for vireo.
+//!
+//! This crate is the lowest layer: it hides KVM (and, later, the software
+//! emulator) behind three small traits, [`Hypervisor`] → [`Vm`] → [`Vcpu`].
+//! Nothing above this crate issues an ioctl. It must never depend on the VM
+//! core, the devices or any front end.
+
+pub mod arch;
+pub mod host;
+pub mod kvm;
+
+use std::sync::Arc;
+
+pub use arch::{
+    CpuidEntry, FpuState, LapicState, MsrEntry, Regs, Segment, SpecialRegs, TableRegister,
+};
+pub use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of a hypervisor backend. Each names the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("/dev/kvm does not exist — load the KVM module (`modprobe kvm_intel` or `modprobe kvm_amd`) or run with --accel emu once available")]
+    KvmMissing,
+    #[error("/dev/kvm: permission denied — add your user to the kvm group (`sudo usermod -aG kvm $USER`, then log in again)")]
+    KvmPermission,
+    #[error("/dev/kvm: {0}")]
+    KvmOpen(std::io::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks the capability {0}, which vireo needs")]
+    MissingCapability(&'static str),
+    #[error("{op}: {source}")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl HypervisorError {
+    fn ioctl(op: &'static str, err: kvm_ioctls::Error) -> Self {
+        HypervisorError::Ioctl {
+            op,
+            source: std::io::Error::from_raw_os_error(err.errno()),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// A hypervisor: something that can create VMs.
+pub trait Hypervisor: Send + Sync {
+    /// A short name for logs and `--accel` ("kvm").
+    fn name(&self) -> &'static str;
+    /// The largest number of vCPUs one VM may have.
+    fn max_vcpus(&self) -> usize;
+    /// The CPUID leaves this backend can present to a guest, before any
+    /// per-VM filtering.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+    /// MSR indices the backend can save and restore.
+    fn supported_msrs(&self) -> Result<Vec<u32>>;
+    /// Create an empty VM with the platform interrupt controllers and timer.
+    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+}
+
+/// A VM: guest physical memory, interrupt lines and vCPUs.
+pub trait Vm: Send + Sync {
+    /// Map `size` bytes of host memory at `host_addr` into the guest at `guest_addr`.
+    ///
+    /// # Safety
+    /// The host range must stay mapped and valid for the whole life of the VM.
+    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64)
+        -> Result<()>;
+    /// Create vCPU `id`. The vCPU with id 0 is the bootstrap processor.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// An edge-triggered interrupt line wired to global system interrupt `gsi`
+    /// (ISA IRQs 0-15 are GSIs 0-15 on the IOAPIC and PIC).
+    fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>>;
+}
+
+/// An interrupt line a device can pulse.
+pub trait InterruptLine: Send + Sync {
+    fn trigger(&self) -> std::io::Result<()>;
+    /// The eventfd behind the line, for device models (vm-superio) that
+    /// want one.
+    fn eventfd(&self) -> std::io::Result<EventFd>;
+}
+
+/// What stopped a vCPU. I/O and MMIO exits borrow the data buffer of the
+/// exit: a read must be answered by filling it before the next `run`.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    IoIn(u16, &'a mut [u8]),
+    IoOut(u16, &'a [u8]),
+    MmioRead(u64, &'a mut [u8]),
+    MmioWrite(u64, &'a [u8]),
+    /// The vCPU halted and the backend has no interrupt controller to wait on.
+    Halt,
+    /// Triple fault or other shutdown condition.
+    Shutdown,
+    /// The guest asked for a system reset (e.g. PSCI or a KVM system event).
+    Reset,
+    /// The guest asked to be powered off.
+    PowerOff,
+    /// A signal interrupted the run; the caller should check for pause/stop.
+    Interrupted,
+    /// The backend could not run or enter the guest.
+    InternalError(String),
+    /// An exit the backend does not model; logged and ignored by the caller.
+    Unknown(String),
+}
+
+/// One virtual CPU. Owned by exactly one thread at a time.
+pub trait Vcpu: Send {
+    fn id(&self) -> u32;
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    fn regs(&self) -> Result<Regs>;
+    fn set_regs(&self, regs: &Regs) -> Result<()>;
+    fn special_regs(&self) -> Result<SpecialRegs>;
+    fn set_special_regs(&self, sregs: &SpecialRegs) -> Result<()>;
+    fn set_fpu(&self, fpu: &FpuState) -> Result<()>;
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
+    fn lapic(&self) -> Result<LapicState>;
+    fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
+}

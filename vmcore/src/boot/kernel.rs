@@ -1,0 +1,283 @@
+//! Kernel images: recognise a 64-bit ELF `vmlinux` or a `bzImage` and load it
+//! with the rust-vmm `linux-loader` crate.
+
+use std::io::Cursor;
+
+use linux_loader::bootparam::setup_header;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::GuestAddress;
+
+use crate::layout;
+use crate::memory::GuestMemory;
+
+use super::BootError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+impl std::fmt::Display for KernelFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelFormat::Elf => "ELF vmlinux",
+            KernelFormat::BzImage => "bzImage",
+        })
+    }
+}
+
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const HDRS_OFFSET: usize = 0x202;
+const HDRS_MAGIC: &[u8; 4] = b"HdrS";
+/// The boot protocol's 64-bit entry lives 0x200 bytes into the protected-mode
+/// kernel of a bzImage.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+const XLF_KERNEL_64: u16 = 1;
+
+/// Recognise the format from the first bytes of the file.
+pub fn detect_format(image: &[u8]) -> Option<KernelFormat> {
+    if image.starts_with(ELF_MAGIC) {
+        Some(KernelFormat::Elf)
+    } else if image.get(HDRS_OFFSET..HDRS_OFFSET + 4) == Some(&HDRS_MAGIC[..]) {
+        Some(KernelFormat::BzImage)
+    } else {
+        None
+    }
+}
+
+/// A kernel placed in guest memory.
+#[derive(Debug, Clone)]
+pub struct LoadedKernel {
+    pub format: KernelFormat,
+    /// Guest physical address of the 64-bit entry point.
+    pub entry: u64,
+    /// First byte after the memory the kernel needs (its image or, for a
+    /// bzImage, the `init_size` it decompresses into).
+    pub end: u64,
+    /// The bzImage's setup header, to be copied into the zero page.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Load `image` (the bytes of the file at `path`, named in errors).
+pub fn load_kernel(mem: &GuestMemory, path: &str, image: &[u8]) -> Result<LoadedKernel, BootError> {
+    let format = detect_format(image).ok_or_else(|| BootError::NotAKernel(path.into()))?;
+    let highmem = Some(GuestAddress(layout::HIGH_MEMORY_START));
+    let mut reader = Cursor::new(image);
+    let bad = |e: linux_loader::loader::Error| BootError::BadKernel {
+        path: path.into(),
+        format,
+        reason: e.to_string(),
+    };
+    match format {
+        KernelFormat::Elf => {
+            check_elf_header(path, image)?;
+            let r = Elf::load(mem, None, &mut reader, highmem).map_err(bad)?;
+            Ok(LoadedKernel {
+                format,
+                entry: r.kernel_load.0,
+                end: r.kernel_end,
+                setup_header: None,
+            })
+        }
+        KernelFormat::BzImage => {
+            let hdr = read_setup_header(image)
+                .ok_or_else(|| BootError::NotAKernel(path.into()))?;
+            let version = hdr.version;
+            let xloadflags = hdr.xloadflags;
+            if version < 0x0206 || xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::BadKernel {
+                    path: path.into(),
+                    format,
+                    reason: format!(
+                        "boot protocol {}.{:02} without a 64-bit entry point; vireo needs protocol 2.06+ with XLF_KERNEL_64 (a 64-bit kernel)",
+                        version >> 8,
+                        version & 0xff
+                    ),
+                });
+            }
+            let r = BzImage::load(
+                mem,
+                Some(GuestAddress(layout::HIGH_MEMORY_START)),
+                &mut reader,
+                highmem,
+            )
+            .map_err(bad)?;
+            let init_size = u64::from(hdr.init_size);
+            let end = r.kernel_end.max(layout::HIGH_MEMORY_START + init_size);
+            Ok(LoadedKernel {
+                format,
+                entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                end,
+                setup_header: r.setup_header,
+            })
+        }
+    }
+}
+
+/// linux-loader accepts some ELF files we cannot boot; refuse them with a
+/// clear reason first.
+fn check_elf_header(path: &str, image: &[u8]) -> Result<(), BootError> {
+    let fail = |reason: &str| BootError::BadKernel {
+        path: path.into(),
+        format: KernelFormat::Elf,
+        reason: reason.into(),
+    };
+    if image.len() < 64 {
+        return Err(fail("the file is shorter than an ELF header (truncated?)"));
+    }
+    if image[4] != 2 {
+        return Err(fail("not a 64-bit ELF (ELFCLASS64 required)"));
+    }
+    if image[5] != 1 {
+        return Err(fail("not a little-endian ELF"));
+    }
+    let machine = u16::from_le_bytes([image[18], image[19]]);
+    if machine != 62 {
+        return Err(fail("not an x86-64 ELF (e_machine is not EM_X86_64)"));
+    }
+    Ok(())
+}
+
+fn read_setup_header(image: &[u8]) -> Option<setup_header> {
+    let size = std::mem::size_of::<setup_header>();
+    let bytes = image.get(0x1f1..0x1f1 + size)?;
+    let mut hdr = setup_header::default();
+    // setup_header is plain old data (ByteValued), so any byte pattern is a
+    // valid value.
+    vm_memory::ByteValued::as_mut_slice(&mut hdr).copy_from_slice(bytes);
+    Some(hdr)
+}
+
+/// Whether the kernel image carries the PVM guest support of the PVM
+/// patch set (its log prefix is in the image when CONFIG_PVM_GUEST is set).
+/// Only uncompressed images can be checked; a bzImage reports `None`.
+pub fn mentions_pvm_guest(image: &[u8]) -> Option<bool> {
+    match detect_format(image)? {
+        KernelFormat::Elf => Some(image.windows(11).any(|w| w == b"pvm-guest: ")),
+        KernelFormat::BzImage => None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use vm_memory::Bytes;
+
+    /// A minimal valid ELF64 x86-64 executable with one PT_LOAD at `paddr`.
+    pub fn elf_image(paddr: u64, code: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000];
+        f[..4].copy_from_slice(ELF_MAGIC);
+        f[4] = 2; // ELFCLASS64
+        f[5] = 1; // little endian
+        f[6] = 1; // EV_CURRENT
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = 64;
+        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+        f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
+        f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
+        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        f[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes());
+        f.extend_from_slice(code);
+        f
+    }
+
+    /// A bzImage with 4 setup sectors and `payload` as its protected-mode part.
+    pub fn bzimage(version: u16, xloadflags: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 5 * 512];
+        f[0x1f1] = 4;
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(HDRS_MAGIC);
+        f[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        f[0x211] = 1; // LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        f[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        f[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+        f[0x260..0x264].copy_from_slice(&(0x40_0000u32).to_le_bytes()); // init_size
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn loads_elf_at_paddr_and_enters_at_e_entry() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let image = elf_image(0x20_0000, &[0xf4, 0x90, 0x90]);
+        let k = load_kernel(&mem, "vmlinux", &image).unwrap();
+        assert_eq!(k.format, KernelFormat::Elf);
+        assert_eq!(k.entry, 0x20_0000);
+        let b: u8 = mem.read_obj(GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(b, 0xf4);
+    }
+
+    #[test]
+    fn loads_bzimage_with_64bit_entry_and_init_size() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let mut payload = vec![0u8; 0x200];
+        payload.push(0xf4);
+        let k = load_kernel(&mem, "bzImage", &bzimage(0x20f, 1, &payload)).unwrap();
+        assert_eq!(k.format, KernelFormat::BzImage);
+        assert_eq!(k.entry, 0x10_0200);
+        assert_eq!(k.end, 0x10_0000 + 0x40_0000);
+        let b: u8 = mem.read_obj(GuestAddress(0x10_0200)).unwrap();
+        assert_eq!(b, 0xf4);
+    }
+
+    #[test]
+    fn refuses_old_or_32bit_bzimage() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let e = load_kernel(&mem, "old", &bzimage(0x205, 1, &[0; 0x300])).unwrap_err();
+        assert!(e.to_string().contains("2.05"), "{e}");
+        let e = load_kernel(&mem, "32", &bzimage(0x20f, 0, &[0; 0x300])).unwrap_err();
+        assert!(e.to_string().contains("64-bit"), "{e}");
+    }
+
+    #[test]
+    fn refuses_non_kernels_truncated_and_corrupt_files() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let e = load_kernel(&mem, "junk.bin", b"hello world, not a kernel").unwrap_err();
+        assert!(matches!(e, BootError::NotAKernel(_)));
+        assert!(e.to_string().contains("junk.bin"));
+
+        let elf = elf_image(0x20_0000, &[0x90; 64]);
+        for cut in [10, 63, 100, 0x1010] {
+            assert!(load_kernel(&mem, "cut", &elf[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut wrong_class = elf.clone();
+        wrong_class[4] = 1;
+        assert!(load_kernel(&mem, "x", &wrong_class).is_err());
+        let mut wrong_machine = elf.clone();
+        wrong_machine[18] = 3;
+        assert!(load_kernel(&mem, "x", &wrong_machine).is_err());
+        // Program header pointing far outside the file.
+        let mut bad_ph = elf.clone();
+        bad_ph[64 + 8..64 + 16].copy_from_slice(&0xffff_ffffu64.to_le_bytes());
+        assert!(load_kernel(&mem, "x", &bad_ph).is_err());
+        // Segment outside guest memory.
+        let far = elf_image(0x4000_0000, &[0x90; 16]);
+        assert!(load_kernel(&mem, "x", &far).is_err());
+
+        let bz = bzimage(0x20f, 1, &[0u8; 0x300]);
+        assert!(load_kernel(&mem, "cut", &bz[..0x210]).is_err());
+        assert!(load_kernel(&mem, "cut", &bz[..0x300]).is_err());
+    }
+
+    #[test]
+    fn pvm_marker_only_checked_in_uncompressed_images() {
+        let mut with = elf_image(0x20_0000, &[0x90; 16]);
+        with.extend_from_slice(b"..pvm-guest: ..");
+        assert_eq!(mentions_pvm_guest(&with), Some(true));
+        assert_eq!(mentions_pvm_guest(&elf_image(0x20_0000, &[0; 4])), Some(false));
+        assert_eq!(mentions_pvm_guest(&bzimage(0x20f, 1, &[0; 4])), None);
+    }
+}

@@ -1,0 +1,17 @@
+//! The vireo VM core: guest memory, Linux boot, vCPU threads, the I/O buses
+//! and the run loop, over any backend of `vireo-hypervisor`.
+//!
+//! It depends only on the hypervisor layer; device models, the CLI and the
+//! control plane build on it, never the other way round.
+
+pub mod boot;
+pub mod bus;
+pub mod control;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use bus::{BusDevice, SharedDevice};
+pub use control::{ExitReason, RunState, VmControl};
+pub use vm::{RunningVm, Vm, VmConfig, VmError};

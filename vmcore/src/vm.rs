@@ -1,0 +1,255 @@
+//! A VM from configuration to exit: guest memory, vCPUs, boot, the buses, and
+//! the threads that run it.
+
+use std::sync::Arc;
+
+use vireo_hypervisor::{Hypervisor, HypervisorError, InterruptLine, Vcpu};
+
+use crate::boot::{self, BootError, BootInfo, BootSpec};
+use crate::bus::{Bus, BusError, SharedDevice};
+use crate::control::{ExitReason, StateError, VmControl};
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::vcpu::{self, Buses, VcpuThread};
+
+/// The smallest guest vireo will create: room for the boot structures, a
+/// small kernel and its page tables.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// vCPUs are described by 8-bit xAPIC ids in the MADT.
+pub const MAX_VCPUS_XAPIC: u32 = 254;
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub boot: BootSpec,
+}
+
+/// Errors creating or running a VM. [`VmError::is_user_error`] tells the
+/// configuration mistakes (the user can fix them) from VMM failures.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("--cpus {requested}: must be between 1 and {max} (the most {backend} allows here)")]
+    BadVcpuCount { requested: u32, max: u32, backend: &'static str },
+    #[error("--memory {requested}: must be at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall { requested: u64 },
+    #[error("--memory {requested}: more than this host can give ({host} MiB of RAM and swap)")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("device bus: {0}")]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot start vCPU threads: {0}")]
+    Thread(std::io::Error),
+}
+
+impl VmError {
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            VmError::BadVcpuCount { .. }
+            | VmError::MemoryTooSmall { .. }
+            | VmError::MemoryTooLarge { .. } => true,
+            VmError::Boot(e) => !matches!(e, BootError::Vcpu(_)),
+            VmError::Hypervisor(e) => matches!(
+                e,
+                HypervisorError::KvmMissing | HypervisorError::KvmPermission
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Check the vCPU count and memory size before anything is allocated.
+pub fn validate(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<(), VmError> {
+    let max = (hv.max_vcpus() as u32).min(MAX_VCPUS_XAPIC);
+    if cfg.vcpus == 0 || cfg.vcpus > max {
+        return Err(VmError::BadVcpuCount {
+            requested: cfg.vcpus,
+            max,
+            backend: hv.name(),
+        });
+    }
+    if cfg.memory_mib < MIN_MEMORY_MIB {
+        return Err(VmError::MemoryTooSmall { requested: cfg.memory_mib });
+    }
+    if let Some(host) = vireo_hypervisor::host::host_memory_bytes() {
+        if cfg.memory_mib > host >> 20 {
+            return Err(VmError::MemoryTooLarge {
+                requested: cfg.memory_mib,
+                host: host >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A VM that is set up and booted into memory but not yet running: the
+/// place to attach devices.
+pub struct Vm {
+    hv_vm: Arc<dyn vireo_hypervisor::Vm>,
+    memory: GuestMemory,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    control: Arc<VmControl>,
+    boot: BootInfo,
+}
+
+impl Vm {
+    pub fn new(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<Vm, VmError> {
+        validate(hv, cfg)?;
+        let memory = memory::create_guest_memory(cfg.memory_mib << 20)?;
+        let boot = boot::prepare(
+            &memory,
+            &BootSpec {
+                vcpus: cfg.vcpus,
+                ..cfg.boot.clone()
+            },
+        )?;
+        let hv_vm = hv.create_vm()?;
+        for (slot, (guest, size, host)) in memory::host_mappings(&memory).into_iter().enumerate() {
+            // SAFETY: the mapping belongs to `memory`, which this Vm owns and
+            // keeps alive for as long as the hypervisor VM and its vCPUs.
+            unsafe { hv_vm.map_memory(slot as u32, guest, size, host)? };
+        }
+        let supported_cpuid = hv.supported_cpuid()?;
+        let msrs = boot::cpu::boot_msrs(&hv.supported_msrs()?);
+        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        for id in 0..cfg.vcpus {
+            let vcpu = hv_vm.create_vcpu(id)?;
+            vcpu.set_cpuid(&boot::cpuid::guest_cpuid(&supported_cpuid, id, cfg.vcpus))?;
+            boot::cpu::setup_common(vcpu.as_ref(), &msrs)?;
+            if id == 0 {
+                boot::cpu::setup_bsp(vcpu.as_ref(), boot.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            hv_vm,
+            memory,
+            vcpus,
+            io_bus: Bus::new(),
+            mmio_bus: Bus::new(),
+            control: Arc::new(VmControl::default()),
+            boot,
+        })
+    }
+
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.boot
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    pub fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmError> {
+        Ok(self.hv_vm.interrupt_line(gsi)?)
+    }
+
+    pub fn add_io_device(&mut self, port: u16, len: u16, dev: SharedDevice) -> Result<(), VmError> {
+        Ok(self.io_bus.insert(u64::from(port), u64::from(len), dev)?)
+    }
+
+    pub fn add_mmio_device(&mut self, addr: u64, len: u64, dev: SharedDevice) -> Result<(), VmError> {
+        Ok(self.mmio_bus.insert(addr, len, dev)?)
+    }
+
+    /// Start one thread per vCPU.
+    pub fn start(self) -> Result<RunningVm, VmError> {
+        vcpu::install_kick_handler().map_err(VmError::Thread)?;
+        self.control.mark_running()?;
+        let buses = Buses {
+            io: Arc::new(self.io_bus),
+            mmio: Arc::new(self.mmio_bus),
+        };
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for v in self.vcpus {
+            match vcpu::spawn(v, buses.clone(), self.control.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.control.request_exit(ExitReason::Failed(e.to_string()));
+                    let running = RunningVm {
+                        _hv_vm: self.hv_vm,
+                        _memory: self.memory,
+                        threads,
+                        control: self.control,
+                    };
+                    running.stop_and_join();
+                    return Err(VmError::Thread(e));
+                }
+            }
+        }
+        Ok(RunningVm {
+            _hv_vm: self.hv_vm,
+            _memory: self.memory,
+            threads,
+            control: self.control,
+        })
+    }
+}
+
+/// A VM whose vCPU threads are running.
+pub struct RunningVm {
+    // Kept alive until every vCPU thread has been joined.
+    _hv_vm: Arc<dyn vireo_hypervisor::Vm>,
+    _memory: GuestMemory,
+    threads: Vec<VcpuThread>,
+    control: Arc<VmControl>,
+}
+
+impl RunningVm {
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            t.kick();
+        }
+    }
+
+    /// Stop every vCPU at its next exit and keep it out of the guest.
+    pub fn pause(&self) -> Result<(), VmError> {
+        Ok(self.control.pause(self.threads.len(), &|| self.kick_all())?)
+    }
+
+    pub fn resume(&self) -> Result<(), VmError> {
+        Ok(self.control.resume()?)
+    }
+
+    /// Wait for the guest (or a device, or a failure) to end the VM, then
+    /// stop and join every vCPU thread.
+    pub fn wait(self) -> ExitReason {
+        let reason = self.control.wait_exit();
+        self.stop_and_join();
+        reason
+    }
+
+    /// End the VM now.
+    pub fn stop(self) -> ExitReason {
+        self.control.request_exit(ExitReason::Stopped);
+        self.wait()
+    }
+
+    fn stop_and_join(self) {
+        // Threads blocked in the guest (e.g. halted) only leave on a kick;
+        // keep kicking until each one has finished.
+        for t in self.threads {
+            while !t.is_finished() {
+                t.kick();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            t.join();
+        }
+    }
+}
