@@ -1,0 +1,165 @@
+//! ACPI fixed hardware at the ports the FADT names: the PM1a event block
+//! (status/enable), the PM1a control block (where the OS writes
+//! `SLP_TYP | SLP_EN` to sleep or power off) and the 3.579545 MHz PM timer.
+//!
+//! Layout relative to the device base (0x600): 0..2 PM1_STS, 2..4 PM1_EN,
+//! 4..6 PM1_CNT, 8..12 PM_TMR.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use vireo_vmcore::boot::acpi::SLP_TYP_S5;
+use vireo_vmcore::{BusDevice, ExitReason, VmControl};
+
+pub const LEN: u16 = 12;
+
+const PM1_STS: u64 = 0;
+const PM1_EN: u64 = 2;
+const PM1_CNT: u64 = 4;
+const PM_TMR: u64 = 8;
+
+const CNT_SCI_EN: u16 = 1 << 0;
+const CNT_SLP_EN: u16 = 1 << 13;
+const CNT_SLP_TYP_SHIFT: u16 = 10;
+const CNT_SLP_TYP_MASK: u16 = 0x7 << CNT_SLP_TYP_SHIFT;
+
+const PM_TIMER_HZ: u128 = 3_579_545;
+
+pub struct AcpiPm {
+    control: Arc<VmControl>,
+    status: u16,
+    enable: u16,
+    cnt: u16,
+    start: Instant,
+}
+
+impl AcpiPm {
+    pub fn new(control: Arc<VmControl>) -> Self {
+        AcpiPm {
+            control,
+            status: 0,
+            enable: 0,
+            // There is no SMI handshake: the platform starts in ACPI mode.
+            cnt: CNT_SCI_EN,
+            start: Instant::now(),
+        }
+    }
+
+    fn timer(&self) -> u32 {
+        (self.start.elapsed().as_nanos() * PM_TIMER_HZ / 1_000_000_000) as u32
+    }
+
+    fn write_cnt(&mut self, value: u16) {
+        // SLP_EN is write-only; SCI_EN stays set.
+        self.cnt = (value & !CNT_SLP_EN) | CNT_SCI_EN;
+        if value & CNT_SLP_EN == 0 {
+            return;
+        }
+        let slp_typ = ((value & CNT_SLP_TYP_MASK) >> CNT_SLP_TYP_SHIFT) as u8;
+        if slp_typ == SLP_TYP_S5 {
+            tracing::info!("ACPI: guest entered S5 (soft off)");
+            self.control.request_exit(ExitReason::PowerOff);
+        } else {
+            tracing::info!("ACPI: guest asked for sleep type {slp_typ}, which vireo does not offer; ignored");
+        }
+    }
+
+    fn read_u32(&self, offset: u64) -> u32 {
+        let pair = |lo: u16, hi: u16| u32::from(lo) | u32::from(hi) << 16;
+        match offset {
+            PM1_STS => pair(self.status, self.enable),
+            PM1_EN => u32::from(self.enable),
+            PM1_CNT => u32::from(self.cnt),
+            PM_TMR => self.timer(),
+            _ => 0xffff_ffff,
+        }
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // Accesses are naturally aligned registers; unaligned offsets read
+        // the bytes of the register they fall in.
+        let base = offset & !1;
+        let base = if offset >= PM_TMR { PM_TMR } else { base };
+        let value = self.read_u32(base).to_le_bytes();
+        let skip = (offset - base) as usize;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = value.get(skip + i).copied().unwrap_or(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 4];
+        let n = data.len().min(4);
+        bytes[..n].copy_from_slice(&data[..n]);
+        let lo = u16::from_le_bytes([bytes[0], bytes[1]]);
+        let hi = u16::from_le_bytes([bytes[2], bytes[3]]);
+        match offset {
+            PM1_STS => {
+                // Write one to clear.
+                self.status &= !lo;
+                if n == 4 {
+                    self.enable = hi;
+                }
+            }
+            PM1_EN => self.enable = lo,
+            PM1_CNT => self.write_cnt(lo),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev() -> (AcpiPm, Arc<VmControl>) {
+        let c = Arc::new(VmControl::default());
+        (AcpiPm::new(c.clone()), c)
+    }
+
+    #[test]
+    fn s5_powers_off() {
+        let (mut d, c) = dev();
+        d.write(PM1_CNT, &((5u16 << 10) | (1 << 13)).to_le_bytes());
+        assert_eq!(c.exit_reason(), Some(ExitReason::PowerOff));
+    }
+
+    #[test]
+    fn other_sleep_states_and_typ_without_en_do_nothing() {
+        let (mut d, c) = dev();
+        d.write(PM1_CNT, &(5u16 << 10).to_le_bytes());
+        d.write(PM1_CNT, &((3u16 << 10) | (1 << 13)).to_le_bytes());
+        assert_eq!(c.exit_reason(), None);
+        let mut b = [0u8; 2];
+        d.read(PM1_CNT, &mut b);
+        assert_eq!(u16::from_le_bytes(b) & CNT_SCI_EN, CNT_SCI_EN);
+        assert_eq!(u16::from_le_bytes(b) & CNT_SLP_EN, 0);
+    }
+
+    #[test]
+    fn pm_timer_counts_up() {
+        let (mut d, _) = dev();
+        let mut a = [0u8; 4];
+        d.read(PM_TMR, &mut a);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut b = [0u8; 4];
+        d.read(PM_TMR, &mut b);
+        let (a, b) = (u32::from_le_bytes(a), u32::from_le_bytes(b));
+        assert!(b.wrapping_sub(a) >= 17_000, "5 ms is ~17900 ticks: {a} -> {b}");
+    }
+
+    #[test]
+    fn enable_register_roundtrips_and_odd_accesses_are_safe() {
+        let (mut d, _) = dev();
+        d.write(PM1_EN, &0x0100u16.to_le_bytes());
+        let mut b = [0u8; 2];
+        d.read(PM1_EN, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x0100);
+        let mut big = [0u8; 8];
+        d.read(11, &mut big);
+        d.write(3, &[]);
+        d.write(100, &[1, 2, 3, 4, 5]);
+    }
+}

@@ -1,0 +1,161 @@
+//! COM1: a 16550A UART from the rust-vmm `vm-superio` crate, with its
+//! interrupt on an edge-triggered ISA line and its output to any writer.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use vireo_hypervisor::InterruptLine;
+use vireo_vmcore::BusDevice;
+use vm_superio::{serial::NoEvents, Trigger};
+
+/// Raises the UART's ISA interrupt line.
+pub struct IrqTrigger(pub Arc<dyn InterruptLine>);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.trigger()
+    }
+}
+
+type Uart = vm_superio::Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>;
+
+/// The UART as a bus device.
+pub struct Serial {
+    uart: Uart,
+}
+
+impl Serial {
+    pub fn new(irq: Arc<dyn InterruptLine>, out: Box<dyn Write + Send>) -> Self {
+        Serial {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// Wrap for the bus, and return the handle that feeds guest input.
+    pub fn into_shared(self) -> (Arc<Mutex<Serial>>, SerialInput) {
+        let shared = Arc::new(Mutex::new(self));
+        let input = SerialInput {
+            serial: shared.clone(),
+        };
+        (shared, input)
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (u8::try_from(offset), data.len()) {
+            (Ok(off), 1) if off < 8 => data[0] = self.uart.read(off),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), [value]) = (u8::try_from(offset), data) {
+            if off < 8 {
+                if let Err(e) = self.uart.write(off, *value) {
+                    tracing::debug!("serial: write to offset {off} failed: {e:?}");
+                }
+            }
+        }
+    }
+}
+
+/// Feeds host input into the UART's receive FIFO.
+#[derive(Clone)]
+pub struct SerialInput {
+    serial: Arc<Mutex<Serial>>,
+}
+
+impl SerialInput {
+    /// Queue as many of `bytes` as the FIFO has room for; returns how many
+    /// were taken (the caller retries the rest later).
+    pub fn enqueue(&self, bytes: &[u8]) -> usize {
+        let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let room = s.uart.fifo_capacity();
+        let n = room.min(bytes.len());
+        if n == 0 {
+            return 0;
+        }
+        match s.uart.enqueue_raw_bytes(&bytes[..n]) {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::debug!("serial: input dropped: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use vireo_hypervisor::EventFd;
+
+    struct CountingLine(AtomicUsize);
+    impl InterruptLine for CountingLine {
+        fn trigger(&self) -> std::io::Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn eventfd(&self) -> std::io::Result<EventFd> {
+            EventFd::new(0)
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn transmit_goes_to_the_writer_and_receive_raises_irq() {
+        let line = Arc::new(CountingLine(AtomicUsize::new(0)));
+        let sink = Sink::default();
+        let (dev, input) = Serial::new(line.clone(), Box::new(sink.clone())).into_shared();
+        let mut d = dev.lock().unwrap();
+        for b in b"hi" {
+            d.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+        // Enable the received-data interrupt (IER bit 0), then feed input.
+        d.write(1, &[0x01]);
+        drop(d);
+        assert_eq!(input.enqueue(b"x"), 1);
+        assert!(line.0.load(Ordering::SeqCst) >= 1);
+        let mut b = [0u8];
+        dev.lock().unwrap().read(0, &mut b);
+        assert_eq!(b[0], b'x');
+    }
+
+    #[test]
+    fn odd_sized_and_out_of_range_accesses_are_ignored() {
+        let line = Arc::new(CountingLine(AtomicUsize::new(0)));
+        let (dev, _) = Serial::new(line, Box::new(Sink::default())).into_shared();
+        let mut d = dev.lock().unwrap();
+        let mut w = [0u8; 2];
+        d.read(0, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+        d.write(0, &[1, 2, 3]);
+        d.write(9, &[1]);
+    }
+
+    #[test]
+    fn input_beyond_fifo_capacity_is_left_for_later() {
+        let line = Arc::new(CountingLine(AtomicUsize::new(0)));
+        let (_dev, input) = Serial::new(line, Box::new(Sink::default())).into_shared();
+        let big = vec![b'a'; 1000];
+        let taken = input.enqueue(&big);
+        assert!(taken > 0 && taken < 1000, "took {taken}");
+        assert_eq!(input.enqueue(&big), 0, "full FIFO takes nothing");
+    }
+}

@@ -1,0 +1,9 @@
+//! Device models for vireo guests: the legacy PC platform devices now
+//! (16550 UART, i8042, CMOS RTC, ACPI PM registers, reset control), virtio
+//! later.
+//!
+//! Devices plug into the VM core's buses (`vireo_vmcore::BusDevice`) and
+//! treat everything the guest writes as hostile. This crate never depends on
+//! a front end.
+
+pub mod legacy;
