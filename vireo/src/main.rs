@@ -1,0 +1,70 @@
+//! `vireo`: the command-line front end. It parses flags, assembles a machine
+//! from the VM core and the devices, and reports one clear line on failure.
+
+mod cli;
+mod console;
+mod image;
+mod machine;
+mod run;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Command, ImageCommand};
+
+/// How a command failed, which decides the exit status.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad input the user can fix: exit status 2.
+    Usage(String),
+    /// The VM or the VMM failed: exit status 1.
+    Vm(String),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_env("VIREO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        // SAFETY: isatty only inspects the descriptor.
+        .with_ansi(unsafe { libc::isatty(libc::STDERR_FILENO) } == 1)
+        .init();
+}
+
+fn image_build(args: cli::ImageBuildArgs) -> Result<(), Failure> {
+    let opts = image::BuildOptions { out: args.out };
+    let kit = image::build(&opts, &mut |line| eprintln!("vireo: {line}"))
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    println!("guest kit ready in {}", kit.dir.display());
+    println!("  kernel  {} (Linux {})", kit.kernel.display(), kit.kernel_version);
+    println!("  initrd  {}", kit.initrd.display());
+    println!("  cmdline {}", kit.cmdline);
+    println!("boot it:  vireo run --image {}", kit.dir.display());
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Image(ImageCommand::Build(args)) => image_build(args),
+    };
+    match result {
+        Ok(()) => {}
+        Err(Failure::Usage(msg)) => {
+            eprintln!("vireo: error: {msg}");
+            std::process::exit(2);
+        }
+        Err(Failure::Vm(msg)) => {
+            eprintln!("vireo: error: {msg}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! `vireo run`: boot one guest in this process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vireo_hypervisor::host::HostVirt;
+use vireo_hypervisor::kvm::KvmHypervisor;
+use vireo_hypervisor::Hypervisor;
+use vireo_vmcore::boot::BootSpec;
+use vireo_vmcore::{ExitReason, VmConfig};
+
+use crate::cli::{Accel, RunArgs};
+use crate::console::{self, RawTerminal, StdoutWriter};
+use crate::image::GuestKit;
+use crate::machine;
+use crate::Failure;
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
+
+/// Resolve kernel, initrd and command line from the flags and the kit.
+fn boot_spec(args: &RunArgs) -> Result<BootSpec, Failure> {
+    let (kernel, initrd, cmdline) = match (&args.image, &args.kernel) {
+        (Some(dir), _) => {
+            let kit = GuestKit::open(dir).map_err(|e| Failure::Usage(e.to_string()))?;
+            (kit.kernel, args.initrd.clone().or(Some(kit.initrd)), kit.cmdline)
+        }
+        (None, Some(kernel)) => (kernel.clone(), args.initrd.clone(), DEFAULT_CMDLINE.to_string()),
+        (None, None) => {
+            return Err(Failure::Usage(
+                "nothing to boot — pass --kernel PATH or --image DIR (make one with `vireo image build`)".into(),
+            ))
+        }
+    };
+    let mut cmdline = args.cmdline.clone().unwrap_or(cmdline);
+    if let Some(extra) = &args.append {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(extra);
+    }
+    for (flag, path) in [("--kernel", Some(&kernel)), ("--initrd", initrd.as_ref())] {
+        if let Some(p) = path {
+            check_readable(flag, p)?;
+        }
+    }
+    Ok(BootSpec {
+        kernel,
+        initrd,
+        cmdline,
+        vcpus: args.cpus,
+    })
+}
+
+fn check_readable(flag: &str, path: &PathBuf) -> Result<(), Failure> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Failure::Usage(format!("{flag} {}: not a regular file", path.display()))),
+        Err(e) => Err(Failure::Usage(format!("{flag} {}: {e}", path.display()))),
+    }
+}
+
+fn open_backend(accel: Accel) -> Result<Box<dyn Hypervisor>, Failure> {
+    match accel {
+        // Until the emulator backend lands, auto means KVM.
+        Accel::Kvm | Accel::Auto => match KvmHypervisor::new() {
+            Ok(kvm) => Ok(Box::new(kvm)),
+            Err(e) => Err(Failure::Usage(e.to_string())),
+        },
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<(), Failure> {
+    let spec = boot_spec(&args)?;
+    let hv = open_backend(args.accel)?;
+    let cfg = VmConfig {
+        vcpus: args.cpus,
+        memory_mib: args.memory,
+        boot: spec,
+    };
+    let (vm, input) = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(|e| {
+        if e.is_user_error() {
+            Failure::Usage(e.to_string())
+        } else {
+            Failure::Vm(e.to_string())
+        }
+    })?;
+
+    let host = HostVirt::detect();
+    if hv.name() == "kvm" && host.kvm_is_pvm_only() && vm.boot_info().pvm_guest != Some(true) {
+        eprintln!(
+            "vireo: note: /dev/kvm here is PVM (kvm_pvm) on a CPU without VT-x/AMD-V, and this kernel is not PVM-aware: \
+             the host emulates each guest instruction (~1 µs), so a stock distro kernel takes many minutes to boot. \
+             Small guests are fine; use a PVM guest kernel or a host with hardware virtualization."
+        );
+    }
+    tracing::info!(
+        "booting {} {} at {:#x} on {} with {} vCPU(s), {} MiB",
+        vm.boot_info().format,
+        cfg.boot.kernel.display(),
+        vm.boot_info().entry,
+        hv.name(),
+        cfg.vcpus,
+        cfg.memory_mib
+    );
+
+    let tty = console::stdin_is_tty();
+    let raw = if tty {
+        match RawTerminal::enable() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("console: cannot put the terminal in raw mode: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let control = vm.control();
+    let running = vm.start().map_err(|e| Failure::Vm(e.to_string()))?;
+    console::spawn_stdin_pump(input, Arc::clone(&control), tty);
+    let reason = running.wait();
+    drop(raw);
+    match reason {
+        r if r.is_clean() => {
+            tracing::info!("{r}");
+            Ok(())
+        }
+        ExitReason::TripleFault { .. } | ExitReason::Failed(_) => Err(Failure::Vm(reason.to_string())),
+        other => Err(Failure::Vm(other.to_string())),
+    }
+}
