@@ -253,3 +253,101 @@ impl RunningVm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use vireo_hypervisor::kvm::KvmHypervisor;
+
+    struct Counter(Arc<AtomicU64>);
+    impl BusDevice for Counter {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _: u64, _: &[u8]) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn kvm() -> Option<KvmHypervisor> {
+        match KvmHypervisor::new() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("skipping: KVM is not usable here ({e})");
+                None
+            }
+        }
+    }
+
+    /// A guest that writes port 0x500 forever: `mov dx, 0x500; l: out dx, al; jmp l`.
+    fn spinning_guest() -> std::path::PathBuf {
+        let code = [0x66, 0xba, 0x00, 0x05, 0xee, 0xeb, 0xfd];
+        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
+        let path = std::env::temp_dir().join(format!("vireo-spin-{}.elf", std::process::id()));
+        std::fs::write(&path, image).unwrap();
+        path
+    }
+
+    #[test]
+    fn pause_stops_every_vcpu_and_resume_continues() {
+        let Some(kvm) = kvm() else { return };
+        let kernel = spinning_guest();
+        let cfg = VmConfig {
+            vcpus: 2,
+            memory_mib: 32,
+            boot: BootSpec {
+                kernel: kernel.clone(),
+                initrd: None,
+                cmdline: String::new(),
+                vcpus: 2,
+            },
+        };
+        let mut vm = Vm::new(&kvm, &cfg).unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        vm.add_io_device(0x500, 1, Arc::new(Mutex::new(Counter(count.clone()))))
+            .unwrap();
+        let running = vm.start().unwrap();
+        let wait_for_progress = |from: u64| {
+            for _ in 0..2000 {
+                if count.load(Ordering::SeqCst) > from + 10 {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            false
+        };
+        assert!(wait_for_progress(0), "guest never wrote its port");
+
+        running.pause().unwrap();
+        assert_eq!(running.control().state(), crate::RunState::Paused);
+        let frozen = count.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(count.load(Ordering::SeqCst), frozen, "a vCPU ran while paused");
+        assert!(running.pause().is_err(), "double pause is refused");
+
+        running.resume().unwrap();
+        assert!(wait_for_progress(frozen), "guest did not continue after resume");
+        assert_eq!(running.stop(), ExitReason::Stopped);
+        let _ = std::fs::remove_file(kernel);
+    }
+
+    #[test]
+    fn bad_vcpu_and_memory_values_are_user_errors() {
+        let Some(kvm) = kvm() else { return };
+        let spec = BootSpec {
+            kernel: "/nonexistent".into(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: 1,
+        };
+        for (vcpus, mib) in [(0, 64), (100_000, 64), (1, 1), (1, u64::MAX >> 21)] {
+            let cfg = VmConfig { vcpus, memory_mib: mib, boot: spec.clone() };
+            let e = Vm::new(&kvm, &cfg).err().expect("refused");
+            assert!(e.is_user_error(), "{e}");
+        }
+    }
+}
