@@ -78,7 +78,20 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| HypervisorError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
-        Ok(cpuid.as_slice().iter().map(convert::cpuid_from_kvm).collect())
+        let tsc_deadline = self.kvm.check_extension(Cap::TscDeadlineTimer);
+        Ok(cpuid
+            .as_slice()
+            .iter()
+            .map(|e| {
+                let mut e = convert::cpuid_from_kvm(e);
+                // KVM emulates the TSC-deadline timer in its in-kernel LAPIC
+                // but leaves the bit for the VMM to set.
+                if e.function == 1 && tsc_deadline {
+                    e.ecx |= 1 << 24;
+                }
+                e
+            })
+            .collect())
     }
 
     fn supported_msrs(&self) -> Result<Vec<u32>> {
@@ -151,7 +164,7 @@ impl Vm for KvmVm {
     fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
         let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| HypervisorError::Ioctl {
             op: "eventfd",
-            source: e.into(),
+            source: e,
         })?;
         self.fd
             .register_irqfd(&evt, gsi)

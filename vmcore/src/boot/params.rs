@@ -66,13 +66,16 @@ pub struct ZeroPageInputs {
 /// (the kernel reads fields such as `init_size` back from it); for an ELF
 /// kernel a header is synthesized.
 pub fn zero_page(inputs: &ZeroPageInputs) -> boot_params {
-    let mut params = boot_params::default();
-    params.hdr = inputs.setup_header.unwrap_or_else(|| setup_header {
+    let hdr = inputs.setup_header.unwrap_or_else(|| setup_header {
         boot_flag: KERNEL_BOOT_FLAG_MAGIC,
         header: KERNEL_HDR_MAGIC,
         kernel_alignment: KERNEL_MIN_ALIGNMENT_BYTES,
         ..Default::default()
     });
+    let mut params = boot_params {
+        hdr,
+        ..Default::default()
+    };
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = inputs.cmdline_addr as u32;
     params.ext_cmd_line_ptr = (inputs.cmdline_addr >> 32) as u32;
