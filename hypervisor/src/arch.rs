@@ -54,7 +54,11 @@ impl Segment {
         let g = ((desc >> 55) & 1) as u8;
         Segment {
             base: ((desc >> 16) & 0xff_ffff) | (((desc >> 56) & 0xff) << 24),
-            limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+            limit: if g == 1 {
+                (limit_raw << 12) | 0xfff
+            } else {
+                limit_raw
+            },
             selector,
             type_: ((desc >> 40) & 0xf) as u8,
             s: ((desc >> 44) & 1) as u8,

@@ -39,7 +39,10 @@ impl HostVirt {
 /// Memory the host can give a guest: physical RAM plus swap, in bytes.
 pub fn host_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    Some(parse_meminfo_kib(&meminfo, "MemTotal:")? * 1024 + parse_meminfo_kib(&meminfo, "SwapTotal:").unwrap_or(0) * 1024)
+    Some(
+        parse_meminfo_kib(&meminfo, "MemTotal:")? * 1024
+            + parse_meminfo_kib(&meminfo, "SwapTotal:").unwrap_or(0) * 1024,
+    )
 }
 
 fn parse_meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {

@@ -69,8 +69,13 @@ pub trait Vm: Send + Sync {
     ///
     /// # Safety
     /// The host range must stay mapped and valid for the whole life of the VM.
-    unsafe fn map_memory(&self, slot: u32, guest_addr: u64, size: u64, host_addr: u64)
-        -> Result<()>;
+    unsafe fn map_memory(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+    ) -> Result<()>;
     /// Create vCPU `id`. The vCPU with id 0 is the bootstrap processor.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// An edge-triggered interrupt line wired to global system interrupt `gsi`

@@ -56,7 +56,12 @@ pub enum Accel {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Kernel image: a 64-bit ELF vmlinux or a bzImage (e.g. /boot/vmlinuz-*).
-    #[arg(long, value_name = "PATH", required_unless_present = "image", conflicts_with = "image")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "image",
+        conflicts_with = "image"
+    )]
     pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk (initramfs) to load with the kernel.

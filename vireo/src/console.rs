@@ -166,7 +166,10 @@ mod tests {
     fn ctrl_a_x_quits_and_ctrl_a_ctrl_a_is_literal() {
         let mut f = EscapeFilter::default();
         assert_eq!(f.feed(b"ls\r"), Filtered::Bytes(b"ls\r".to_vec()));
-        assert_eq!(f.feed(&[CTRL_A, CTRL_A, b'a']), Filtered::Bytes(vec![CTRL_A, b'a']));
+        assert_eq!(
+            f.feed(&[CTRL_A, CTRL_A, b'a']),
+            Filtered::Bytes(vec![CTRL_A, b'a'])
+        );
         assert_eq!(f.feed(&[b'q', CTRL_A]), Filtered::Bytes(b"q".to_vec()));
         assert_eq!(f.feed(b"x"), Filtered::Quit(vec![]));
         let mut f = EscapeFilter::default();

@@ -19,7 +19,8 @@ pub fn build(
     let mut vm = Vm::new(hv, cfg)?;
     let control = vm.control();
 
-    let (serial, input) = Serial::new(vm.interrupt_line(ports::COM1_IRQ)?, serial_out).into_shared();
+    let (serial, input) =
+        Serial::new(vm.interrupt_line(ports::COM1_IRQ)?, serial_out).into_shared();
     vm.add_io_device(ports::COM1, 8, serial)?;
 
     let i8042 = I8042::new(control.clone(), vm.interrupt_line(ports::I8042_IRQ)?);
@@ -30,7 +31,15 @@ pub fn build(
     let cmos = Cmos::new(below_4g, ram - below_4g);
     vm.add_io_device(ports::CMOS, 2, Arc::new(Mutex::new(cmos)))?;
 
-    vm.add_io_device(ports::PM1A_EVT, acpi_pm::LEN, Arc::new(Mutex::new(AcpiPm::new(control.clone()))))?;
-    vm.add_io_device(ports::RESET_CONTROL, 1, Arc::new(Mutex::new(ResetControl::new(control))))?;
+    vm.add_io_device(
+        ports::PM1A_EVT,
+        acpi_pm::LEN,
+        Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
+    )?;
+    vm.add_io_device(
+        ports::RESET_CONTROL,
+        1,
+        Arc::new(Mutex::new(ResetControl::new(control))),
+    )?;
     Ok((vm, input))
 }

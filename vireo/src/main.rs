@@ -42,7 +42,11 @@ fn image_build(args: cli::ImageBuildArgs) -> Result<(), Failure> {
     let kit = image::build(&opts, &mut |line| eprintln!("vireo: {line}"))
         .map_err(|e| Failure::Usage(e.to_string()))?;
     println!("guest kit ready in {}", kit.dir.display());
-    println!("  kernel  {} (Linux {})", kit.kernel.display(), kit.kernel_version);
+    println!(
+        "  kernel  {} (Linux {})",
+        kit.kernel.display(),
+        kit.kernel_version
+    );
     println!("  initrd  {}", kit.initrd.display());
     println!("  cmdline {}", kit.cmdline);
     println!("boot it:  vireo run --image {}", kit.dir.display());

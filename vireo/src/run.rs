@@ -54,7 +54,10 @@ fn boot_spec(args: &RunArgs) -> Result<BootSpec, Failure> {
 fn check_readable(flag: &str, path: &PathBuf) -> Result<(), Failure> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Failure::Usage(format!("{flag} {}: not a regular file", path.display()))),
+        Ok(_) => Err(Failure::Usage(format!(
+            "{flag} {}: not a regular file",
+            path.display()
+        ))),
         Err(e) => Err(Failure::Usage(format!("{flag} {}: {e}", path.display()))),
     }
 }
@@ -125,7 +128,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             tracing::info!("{r}");
             Ok(())
         }
-        ExitReason::TripleFault { .. } | ExitReason::Failed(_) => Err(Failure::Vm(reason.to_string())),
+        ExitReason::TripleFault { .. } | ExitReason::Failed(_) => {
+            Err(Failure::Vm(reason.to_string()))
+        }
         other => Err(Failure::Vm(other.to_string())),
     }
 }

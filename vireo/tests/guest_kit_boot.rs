@@ -38,7 +38,12 @@ fn guest_kit() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
     if !dir.join("vireo-kit.conf").exists() {
         let out = support::run_vireo_args(
-            &["image".into(), "build".into(), "--out".into(), dir.display().to_string()],
+            &[
+                "image".into(),
+                "build".into(),
+                "--out".into(),
+                dir.display().to_string(),
+            ],
             Duration::from_secs(900),
         );
         out.assert_status(0);
@@ -71,7 +76,10 @@ fn guest_kit_boots_runs_a_command_and_powers_off() {
     // Whole lines only: the kernel also echoes its command line.
     let lines: Vec<&str> = out.stdout.lines().map(str::trim).collect();
     for expected in ["vireo-init: ready", "kit-says-hello", "data-roundtrip"] {
-        assert!(lines.contains(&expected), "missing the line {expected:?}\n{out}");
+        assert!(
+            lines.contains(&expected),
+            "missing the line {expected:?}\n{out}"
+        );
     }
     let hello = lines.iter().position(|l| *l == "kit-says-hello");
     assert_eq!(

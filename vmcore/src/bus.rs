@@ -35,7 +35,10 @@ impl Bus {
     }
 
     pub fn insert(&mut self, base: u64, len: u64, device: SharedDevice) -> Result<(), BusError> {
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or(BusError::BadRange(base))?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::BadRange(base))?;
         let overlaps_prev = self
             .ranges
             .range(..end)
@@ -101,7 +104,8 @@ mod tests {
     #[test]
     fn dispatches_by_range_and_offset() {
         let mut bus = Bus::new();
-        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10)))).unwrap();
+        bus.insert(0x3f8, 8, Arc::new(Mutex::new(Echo(0x10))))
+            .unwrap();
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fa, &mut b));
         assert_eq!(b[0], 0x12);
@@ -123,11 +127,16 @@ mod tests {
     #[test]
     fn overlaps_are_refused() {
         let mut bus = Bus::new();
-        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(0)))).unwrap();
+        bus.insert(0x100, 0x10, Arc::new(Mutex::new(Echo(0))))
+            .unwrap();
         assert!(bus.insert(0x108, 4, Arc::new(Mutex::new(Echo(0)))).is_err());
-        assert!(bus.insert(0xf8, 0x10, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert!(bus
+            .insert(0xf8, 0x10, Arc::new(Mutex::new(Echo(0))))
+            .is_err());
         assert!(bus.insert(0x110, 4, Arc::new(Mutex::new(Echo(0)))).is_ok());
         assert!(bus.insert(0x200, 0, Arc::new(Mutex::new(Echo(0)))).is_err());
-        assert!(bus.insert(u64::MAX, 2, Arc::new(Mutex::new(Echo(0)))).is_err());
+        assert!(bus
+            .insert(u64::MAX, 2, Arc::new(Mutex::new(Echo(0))))
+            .is_err());
     }
 }

@@ -22,7 +22,10 @@ pub enum ExitReason {
 impl ExitReason {
     /// Power-off and reset are the guest's own clean ends.
     pub fn is_clean(&self) -> bool {
-        matches!(self, ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped)
+        matches!(
+            self,
+            ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped
+        )
     }
 }
 
@@ -97,7 +100,10 @@ impl VmControl {
     pub(crate) fn mark_running(&self) -> Result<(), StateError> {
         let mut g = self.lock();
         if g.state != RunState::Created {
-            return Err(StateError { action: "start", state: g.state });
+            return Err(StateError {
+                action: "start",
+                state: g.state,
+            });
         }
         g.state = RunState::Running;
         Ok(())
@@ -152,7 +158,10 @@ impl VmControl {
     pub fn pause(&self, vcpus: usize, kick: &dyn Fn()) -> Result<(), StateError> {
         let mut g = self.lock();
         if g.state != RunState::Running {
-            return Err(StateError { action: "pause", state: g.state });
+            return Err(StateError {
+                action: "pause",
+                state: g.state,
+            });
         }
         g.state = RunState::Paused;
         while g.parked < vcpus && g.exit.is_none() {
@@ -175,7 +184,10 @@ impl VmControl {
     pub fn resume(&self) -> Result<(), StateError> {
         let mut g = self.lock();
         if g.state != RunState::Paused {
-            return Err(StateError { action: "resume", state: g.state });
+            return Err(StateError {
+                action: "resume",
+                state: g.state,
+            });
         }
         g.state = RunState::Running;
         self.changed.notify_all();
@@ -223,7 +235,11 @@ mod tests {
         assert_eq!(c.parked(), 3);
         let frozen = entries.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(entries.load(Ordering::SeqCst), frozen, "no vCPU ran while paused");
+        assert_eq!(
+            entries.load(Ordering::SeqCst),
+            frozen,
+            "no vCPU ran while paused"
+        );
         assert!(c.pause(3, &|| {}).is_err(), "pausing twice is illegal");
         c.resume().unwrap();
         std::thread::sleep(Duration::from_millis(20));

@@ -29,7 +29,11 @@ pub struct VmConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("--cpus {requested}: must be between 1 and {max} (the most {backend} allows here)")]
-    BadVcpuCount { requested: u32, max: u32, backend: &'static str },
+    BadVcpuCount {
+        requested: u32,
+        max: u32,
+        backend: &'static str,
+    },
     #[error("--memory {requested}: must be at least {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall { requested: u64 },
     #[error("--memory {requested}: more than this host can give ({host} MiB of RAM and swap)")]
@@ -75,7 +79,9 @@ pub fn validate(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<(), VmError> {
         });
     }
     if cfg.memory_mib < MIN_MEMORY_MIB {
-        return Err(VmError::MemoryTooSmall { requested: cfg.memory_mib });
+        return Err(VmError::MemoryTooSmall {
+            requested: cfg.memory_mib,
+        });
     }
     if let Some(host) = vireo_hypervisor::host::host_memory_bytes() {
         if cfg.memory_mib > host >> 20 {
@@ -160,7 +166,12 @@ impl Vm {
         Ok(self.io_bus.insert(u64::from(port), u64::from(len), dev)?)
     }
 
-    pub fn add_mmio_device(&mut self, addr: u64, len: u64, dev: SharedDevice) -> Result<(), VmError> {
+    pub fn add_mmio_device(
+        &mut self,
+        addr: u64,
+        len: u64,
+        dev: SharedDevice,
+    ) -> Result<(), VmError> {
         Ok(self.mmio_bus.insert(addr, len, dev)?)
     }
 
@@ -220,7 +231,9 @@ impl RunningVm {
 
     /// Stop every vCPU at its next exit and keep it out of the guest.
     pub fn pause(&self) -> Result<(), VmError> {
-        Ok(self.control.pause(self.threads.len(), &|| self.kick_all())?)
+        Ok(self
+            .control
+            .pause(self.threads.len(), &|| self.kick_all())?)
     }
 
     pub fn resume(&self) -> Result<(), VmError> {
@@ -326,11 +339,18 @@ mod tests {
         assert_eq!(running.control().state(), crate::RunState::Paused);
         let frozen = count.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(count.load(Ordering::SeqCst), frozen, "a vCPU ran while paused");
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            frozen,
+            "a vCPU ran while paused"
+        );
         assert!(running.pause().is_err(), "double pause is refused");
 
         running.resume().unwrap();
-        assert!(wait_for_progress(frozen), "guest did not continue after resume");
+        assert!(
+            wait_for_progress(frozen),
+            "guest did not continue after resume"
+        );
         assert_eq!(running.stop(), ExitReason::Stopped);
         let _ = std::fs::remove_file(kernel);
     }
@@ -345,7 +365,11 @@ mod tests {
             vcpus: 1,
         };
         for (vcpus, mib) in [(0, 64), (100_000, 64), (1, 1), (1, u64::MAX >> 21)] {
-            let cfg = VmConfig { vcpus, memory_mib: mib, boot: spec.clone() };
+            let cfg = VmConfig {
+                vcpus,
+                memory_mib: mib,
+                boot: spec.clone(),
+            };
             let e = Vm::new(&kvm, &cfg).err().expect("refused");
             assert!(e.is_user_error(), "{e}");
         }

@@ -60,7 +60,9 @@ impl AcpiPm {
             tracing::info!("ACPI: guest entered S5 (soft off)");
             self.control.request_exit(ExitReason::PowerOff);
         } else {
-            tracing::info!("ACPI: guest asked for sleep type {slp_typ}, which vireo does not offer; ignored");
+            tracing::info!(
+                "ACPI: guest asked for sleep type {slp_typ}, which vireo does not offer; ignored"
+            );
         }
     }
 
@@ -147,7 +149,10 @@ mod tests {
         let mut b = [0u8; 4];
         d.read(PM_TMR, &mut b);
         let (a, b) = (u32::from_le_bytes(a), u32::from_le_bytes(b));
-        assert!(b.wrapping_sub(a) >= 17_000, "5 ms is ~17900 ticks: {a} -> {b}");
+        assert!(
+            b.wrapping_sub(a) >= 17_000,
+            "5 ms is ~17900 ticks: {a} -> {b}"
+        );
     }
 
     #[test]

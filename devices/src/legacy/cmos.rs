@@ -175,7 +175,8 @@ impl Cmos {
 
     fn write_reg(&mut self, reg: u8, value: u8) {
         match reg {
-            REG_SECONDS | REG_MINUTES | REG_HOURS | REG_DAY | REG_MONTH | REG_YEAR | REG_CENTURY => {
+            REG_SECONDS | REG_MINUTES | REG_HOURS | REG_DAY | REG_MONTH | REG_YEAR
+            | REG_CENTURY => {
                 let mut t = self.now();
                 let v = self.decode(value);
                 match reg {
@@ -275,7 +276,10 @@ mod tests {
     #[test]
     fn memory_size_bytes() {
         let c = Cmos::with_clock(256 << 20, 1 << 30, || FIXED);
-        assert_eq!(u16::from_le_bytes([c.data[0x34], c.data[0x35]]), ((256 - 16) << 20 >> 16) as u16);
+        assert_eq!(
+            u16::from_le_bytes([c.data[0x34], c.data[0x35]]),
+            ((256 - 16) << 20 >> 16) as u16
+        );
         assert_eq!(c.data[0x5c], 0x40, "1 GiB above 4G = 0x4000 units of 64K");
     }
 }

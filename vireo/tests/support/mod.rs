@@ -6,6 +6,9 @@
 //! The guests themselves are assembled with iced-x86's `CodeAssembler`; see
 //! [`guest`].
 
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 pub mod guest;
 
 use std::fs::OpenOptions;

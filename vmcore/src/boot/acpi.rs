@@ -7,10 +7,12 @@
 //! reboot through ACPI. The DSDT names `\_S5` and the legacy devices.
 
 use acpi_tables::aml;
-use acpi_tables::Aml;
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::Aml;
 use acpi_tables::{facs::FACS, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT};
 
 use crate::layout::{self, ports};
@@ -79,12 +81,30 @@ pub fn build_tables(vcpus: u32) -> Result<Vec<PlacedTable>, AcpiError> {
         });
     }
     Ok(vec![
-        PlacedTable { address: rsdp_addr, bytes: rsdp_bytes },
-        PlacedTable { address: dsdt_addr, bytes: dsdt_bytes },
-        PlacedTable { address: facs_addr, bytes: facs_bytes },
-        PlacedTable { address: fadt_addr, bytes: fadt_bytes },
-        PlacedTable { address: madt_addr, bytes: madt_bytes },
-        PlacedTable { address: xsdt_addr, bytes: xsdt_bytes },
+        PlacedTable {
+            address: rsdp_addr,
+            bytes: rsdp_bytes,
+        },
+        PlacedTable {
+            address: dsdt_addr,
+            bytes: dsdt_bytes,
+        },
+        PlacedTable {
+            address: facs_addr,
+            bytes: facs_bytes,
+        },
+        PlacedTable {
+            address: fadt_addr,
+            bytes: fadt_bytes,
+        },
+        PlacedTable {
+            address: madt_addr,
+            bytes: madt_bytes,
+        },
+        PlacedTable {
+            address: xsdt_addr,
+            bytes: xsdt_bytes,
+        },
     ])
 }
 
@@ -165,7 +185,13 @@ fn dsdt(out: &mut Vec<u8>) {
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
 
     let mut devices = Vec::new();
-    devices.extend(legacy_device("COM1", "PNP0501", 1, &[(ports::COM1, 8)], ports::COM1_IRQ));
+    devices.extend(legacy_device(
+        "COM1",
+        "PNP0501",
+        1,
+        &[(ports::COM1, 8)],
+        ports::COM1_IRQ,
+    ));
     devices.extend(legacy_device(
         "PS2K",
         "PNP0303",
@@ -173,7 +199,13 @@ fn dsdt(out: &mut Vec<u8>) {
         &[(ports::I8042, 1), (ports::I8042 + 4, 1)],
         ports::I8042_IRQ,
     ));
-    devices.extend(legacy_device("RTC_", "PNP0B00", 0, &[(ports::CMOS, 2)], ports::RTC_IRQ));
+    devices.extend(legacy_device(
+        "RTC_",
+        "PNP0B00",
+        0,
+        &[(ports::CMOS, 2)],
+        ports::RTC_IRQ,
+    ));
     body.extend(aml::Scope::raw("\\_SB_".into(), devices));
 
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -183,7 +215,10 @@ fn dsdt(out: &mut Vec<u8>) {
 
 /// An ISA device with a PnP id, I/O port ranges and one edge-triggered IRQ.
 fn legacy_device(name: &str, hid: &str, uid: u8, io: &[(u16, u8)], irq: u32) -> Vec<u8> {
-    let ios: Vec<aml::IO> = io.iter().map(|&(port, len)| aml::IO::new(port, port, 1, len)).collect();
+    let ios: Vec<aml::IO> = io
+        .iter()
+        .map(|&(port, len)| aml::IO::new(port, port, 1, len))
+        .collect();
     let irq = aml::Interrupt::new(true, true, false, false, irq);
     let mut resources: Vec<&dyn Aml> = ios.iter().map(|i| i as &dyn Aml).collect();
     resources.push(&irq);

@@ -81,8 +81,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &str, image: &[u8]) -> Result<Loaded
             })
         }
         KernelFormat::BzImage => {
-            let hdr = read_setup_header(image)
-                .ok_or_else(|| BootError::NotAKernel(path.into()))?;
+            let hdr = read_setup_header(image).ok_or_else(|| BootError::NotAKernel(path.into()))?;
             let version = hdr.version;
             let xloadflags = hdr.xloadflags;
             if version < 0x0206 || xloadflags & XLF_KERNEL_64 == 0 {
@@ -251,7 +250,10 @@ pub(crate) mod tests {
 
         let elf = elf_image(0x20_0000, &[0x90; 64]);
         for cut in [10, 63, 100, 0x1010] {
-            assert!(load_kernel(&mem, "cut", &elf[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                load_kernel(&mem, "cut", &elf[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut wrong_class = elf.clone();
         wrong_class[4] = 1;
@@ -277,7 +279,10 @@ pub(crate) mod tests {
         let mut with = elf_image(0x20_0000, &[0x90; 16]);
         with.extend_from_slice(b"..pvm-guest: ..");
         assert_eq!(mentions_pvm_guest(&with), Some(true));
-        assert_eq!(mentions_pvm_guest(&elf_image(0x20_0000, &[0; 4])), Some(false));
+        assert_eq!(
+            mentions_pvm_guest(&elf_image(0x20_0000, &[0; 4])),
+            Some(false)
+        );
         assert_eq!(mentions_pvm_guest(&bzimage(0x20f, 1, &[0; 4])), None);
     }
 }

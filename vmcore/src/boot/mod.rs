@@ -39,7 +39,9 @@ pub enum BootError {
         kernel_end_mib: u64,
         top_mib: u64,
     },
-    #[error("kernel command line is {len} bytes; this kernel accepts at most {max} — shorten --cmdline")]
+    #[error(
+        "kernel command line is {len} bytes; this kernel accepts at most {max} — shorten --cmdline"
+    )]
     CmdlineTooLong { len: usize, max: usize },
     #[error("kernel command line is not valid: {0}")]
     BadCmdline(String),
@@ -71,14 +73,17 @@ pub struct BootInfo {
 
 /// Load everything the kernel needs into `mem`.
 pub fn prepare(mem: &GuestMemory, spec: &BootSpec) -> Result<BootInfo, BootError> {
-    let image = std::fs::read(&spec.kernel).map_err(|e| BootError::ReadKernel(spec.kernel.clone(), e))?;
+    let image =
+        std::fs::read(&spec.kernel).map_err(|e| BootError::ReadKernel(spec.kernel.clone(), e))?;
     let path = spec.kernel.display().to_string();
     let loaded = kernel::load_kernel(mem, &path, &image)?;
     let pvm_guest = kernel::mentions_pvm_guest(&image);
     drop(image);
 
     let cmdline_max = match loaded.setup_header {
-        Some(h) if h.cmdline_size > 0 => (h.cmdline_size as usize).min(layout::CMDLINE_MAX_SIZE - 1),
+        Some(h) if h.cmdline_size > 0 => {
+            (h.cmdline_size as usize).min(layout::CMDLINE_MAX_SIZE - 1)
+        }
         _ => layout::CMDLINE_MAX_SIZE - 1,
     };
     let cmdline_len = write_cmdline(mem, &spec.cmdline, cmdline_max)?;
@@ -125,7 +130,10 @@ fn write_cmdline(mem: &GuestMemory, cmdline: &str, max: usize) -> Result<usize, 
             max,
         });
     }
-    if cmdline.bytes().any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' ')) {
+    if cmdline
+        .bytes()
+        .any(|b| b == 0 || !(b.is_ascii_graphic() || b == b' '))
+    {
         return Err(BootError::BadCmdline(
             "it may only hold printable ASCII characters and spaces".into(),
         ));
@@ -206,7 +214,8 @@ mod tests {
         let byte: u8 = mem.read_obj(GuestAddress(u64::from(rd) + 4999)).unwrap();
         assert_eq!(byte, 0xab);
         let mut cmd = [0u8; 23];
-        mem.read_slice(&mut cmd, GuestAddress(layout::CMDLINE_START)).unwrap();
+        mem.read_slice(&mut cmd, GuestAddress(layout::CMDLINE_START))
+            .unwrap();
         assert_eq!(&cmd, b"console=ttyS0 panic=-1\0");
         let _ = std::fs::remove_file(k);
         let _ = std::fs::remove_file(i);
@@ -219,7 +228,12 @@ mod tests {
         let i = temp_file("big-initrd", &vec![0u8; 17 << 20]);
         let e = prepare(
             &mem,
-            &BootSpec { kernel: k.clone(), initrd: Some(i.clone()), cmdline: String::new(), vcpus: 1 },
+            &BootSpec {
+                kernel: k.clone(),
+                initrd: Some(i.clone()),
+                cmdline: String::new(),
+                vcpus: 1,
+            },
         )
         .unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
@@ -233,7 +247,13 @@ mod tests {
         let mem = create_guest_memory(16 << 20).unwrap();
         assert!(write_cmdline(&mem, &"a".repeat(2047), 2047).is_ok());
         let e = write_cmdline(&mem, &"a".repeat(2048), 2047).unwrap_err();
-        assert!(matches!(e, BootError::CmdlineTooLong { len: 2048, max: 2047 }));
+        assert!(matches!(
+            e,
+            BootError::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            }
+        ));
         assert!(write_cmdline(&mem, "bad\nline", 2047).is_err());
     }
 }

@@ -107,17 +107,38 @@ mod tests {
     fn e820_for_small_guest() {
         let map = e820_map(&[(0, 128 << 20)]);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[1].kind, E820_RESERVED);
         assert!(map[1].addr <= layout::ACPI_START && map[1].addr + map[1].size >= layout::ACPI_END);
-        assert_eq!(map[2], E820Entry { addr: 0x10_0000, size: (128 << 20) - 0x10_0000, kind: E820_RAM });
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: 0x10_0000,
+                size: (128 << 20) - 0x10_0000,
+                kind: E820_RAM
+            }
+        );
     }
 
     #[test]
     fn e820_for_guest_above_4g() {
         let map = e820_map(&[(0, 3 << 30), (4 << 30, 2 << 30)]);
         assert_eq!(map.len(), 4);
-        assert_eq!(map[3], E820Entry { addr: 4 << 30, size: 2 << 30, kind: E820_RAM });
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 4 << 30,
+                size: 2 << 30,
+                kind: E820_RAM
+            }
+        );
         // No entry overlaps another.
         for w in map.windows(2) {
             assert!(w[0].addr + w[0].size <= w[1].addr);
@@ -134,7 +155,12 @@ mod tests {
             rsdp_addr: 0xe0000,
             e820: e820_map(&[(0, 128 << 20)]),
         });
-        let (ptr, size, flag, magic) = (p.hdr.cmd_line_ptr, p.hdr.ramdisk_size, p.hdr.boot_flag, p.hdr.header);
+        let (ptr, size, flag, magic) = (
+            p.hdr.cmd_line_ptr,
+            p.hdr.ramdisk_size,
+            p.hdr.boot_flag,
+            p.hdr.header,
+        );
         assert_eq!(ptr, 0x20000);
         assert_eq!(size, 0x1234);
         assert_eq!(flag, 0xaa55);
