@@ -39,7 +39,8 @@ const RUN_EXAMPLES: &str = "\
 Examples:
   vireo run --image guest-kit
   vireo run --image guest-kit --append 'vireo.run=uname -a'
-  vireo run --kernel vmlinuz --initrd initrd.img --cmdline 'console=ttyS0 panic=-1' --cpus 2 --memory 512
+  vireo run --kernel vmlinuz --initrd initrd.img --cpus 2 --memory 512
+  vireo run --kernel vmlinux --cmdline 'console=ttyS0 panic=-1 reboot=k'
 
 The guest's COM1 is this terminal: output to stdout, stdin to the guest
 (raw mode on a terminal; press Ctrl-A then x to quit). vireo exits 0 when the

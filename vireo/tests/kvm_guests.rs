@@ -458,3 +458,45 @@ fn initrd_too_large() {
     );
     assert_bad_input(&out, &["initrd"]);
 }
+
+/// Stdin reaches the guest's UART when it is a pipe: the guest echoes what
+/// it receives until it reads `q`, then powers off.
+#[test]
+fn piped_stdin_reaches_the_guest() {
+    require_kvm!();
+    let dir = TempDir::new("echo");
+    let kernel = kernel_file(&dir, KernelKind::Elf, |g| {
+        g.print("echo-ready\n")?;
+        let mut poll = g.a.create_label();
+        let mut done = g.a.create_label();
+        g.a.set_label(&mut poll)?;
+        g.a.mov(edx, u32::from(guest::COM1) + 5)?; // line status register
+        g.a.in_(al, dx)?;
+        g.a.test(al, 1)?; // data ready
+        g.a.jz(poll)?;
+        g.a.mov(edx, u32::from(guest::COM1))?;
+        g.a.in_(al, dx)?;
+        g.a.cmp(al, b'q' as i32)?;
+        g.a.je(done)?;
+        g.a.out(dx, al)?;
+        g.a.jmp(poll)?;
+        g.a.set_label(&mut done)?;
+        g.print("\necho-done\n")?;
+        g.power_off()
+    });
+    let args: Vec<String> = ["run", "--kernel", &kernel.display().to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // More than the UART's 64-byte FIFO, so vireo must wait for the guest
+    // to drain it.
+    let text = "typed into the console ".repeat(8);
+    let input = format!("{text}q");
+    let out = support::run_vireo_with_input(&args, Some(input.as_bytes()), RUN_TIMEOUT);
+    out.assert_status(0);
+    assert!(
+        out.stdout
+            .contains(&format!("echo-ready\n{text}\necho-done")),
+        "{out}"
+    );
+}

@@ -282,15 +282,32 @@ pub fn run_vireo(kernel: &Path, args: &[&str], timeout: Duration) -> Outcome {
 
 /// Run `vireo ARGS...` (no implicit `run`/`--kernel`).
 pub fn run_vireo_args(args: &[String], timeout: Duration) -> Outcome {
+    run_vireo_with_input(args, None, timeout)
+}
+
+/// Run `vireo ARGS...` with `input` written to its stdin (a pipe, then
+/// closed), or stdin closed when `input` is None.
+pub fn run_vireo_with_input(args: &[String], input: Option<&[u8]>, timeout: Duration) -> Outcome {
     let command = format!("vireo {}", args.join(" "));
     let start = Instant::now();
     let mut child = Command::new(vireo_bin())
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", vireo_bin()));
+    if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write;
+        let bytes = bytes.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&bytes);
+        });
+    }
     let reader = |mut pipe: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
