@@ -1,0 +1,152 @@
+//! Linear and physical memory accesses of the CPU: page splitting, RAM vs.
+//! MMIO, and invalidation of decoded code on writes.
+
+use super::{Cpu, Exit, Flow, Trap, MAX_IO_LEN};
+use crate::memory::PAGE_SIZE;
+use crate::mmu::{AccessKind, Privilege};
+
+impl Cpu {
+    /// Read `buf.len()` (at most 16) bytes at linear address `la`.
+    pub(crate) fn read_lin(&mut self, la: u64, buf: &mut [u8], who: Privilege) -> Flow {
+        self.access_lin(la, buf.len(), AccessKind::Read, who)
+            .and_then(|(pa1, first, pa2)| {
+                let (a, b) = buf.split_at_mut(first);
+                self.read_phys(pa1, a)?;
+                if let Some(pa2) = pa2 {
+                    self.read_phys(pa2, b)?;
+                }
+                Ok(())
+            })
+    }
+
+    /// Write `data` (at most 16 bytes) at linear address `la`. Both pages of
+    /// a split access are translated before any byte is written, so a fault
+    /// leaves memory untouched.
+    pub(crate) fn write_lin(&mut self, la: u64, data: &[u8], who: Privilege) -> Flow {
+        let (pa1, first, pa2) = self.access_lin(la, data.len(), AccessKind::Write, who)?;
+        self.write_phys(pa1, &data[..first]);
+        if let Some(pa2) = pa2 {
+            self.write_phys(pa2, &data[first..]);
+        }
+        Ok(())
+    }
+
+    /// Translate the one or two pages an access touches: (first physical
+    /// address, bytes on the first page, second physical address).
+    fn access_lin(
+        &mut self,
+        la: u64,
+        len: usize,
+        kind: AccessKind,
+        who: Privilege,
+    ) -> Flow<(u64, usize, Option<u64>)> {
+        let room = (PAGE_SIZE - (la & (PAGE_SIZE - 1))) as usize;
+        let first = len.min(room);
+        let pa1 = self.translate(la, kind, who)?;
+        let pa2 = if first < len {
+            Some(self.translate(la.wrapping_add(first as u64), kind, who)?)
+        } else {
+            None
+        };
+        Ok((pa1, first, pa2))
+    }
+
+    /// Read guest physical memory; MMIO asks the VMM.
+    pub(crate) fn read_phys(&mut self, pa: u64, buf: &mut [u8]) -> Flow {
+        if buf.is_empty() || self.mem.read(pa, buf) {
+            return Ok(());
+        }
+        self.take_input(
+            Exit::MmioRead {
+                gpa: pa,
+                len: buf.len() as u8,
+            },
+            buf,
+        )
+    }
+
+    /// Write guest physical memory; MMIO writes are queued for the VMM.
+    pub(crate) fn write_phys(&mut self, pa: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        if self.mem.write(pa, data) {
+            self.icache.invalidate_page(pa >> 12);
+            let last = pa + data.len() as u64 - 1;
+            if last >> 12 != pa >> 12 {
+                self.icache.invalidate_page(last >> 12);
+            }
+            return;
+        }
+        let mut buf = [0u8; MAX_IO_LEN];
+        let n = data.len().min(MAX_IO_LEN);
+        buf[..n].copy_from_slice(&data[..n]);
+        self.mmio_writes.push_back((pa, buf, n as u8));
+    }
+
+    /// Read a little-endian value of `bytes` (1, 2, 4 or 8) bytes.
+    pub(crate) fn read_mem(&mut self, la: u64, bytes: usize) -> Flow<u64> {
+        let mut b = [0u8; 8];
+        let n = bytes.min(8);
+        self.read_lin(la, &mut b[..n], Privilege::Current)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub(crate) fn write_mem(&mut self, la: u64, bytes: usize, v: u64) -> Flow {
+        let n = bytes.min(8);
+        self.write_lin(la, &v.to_le_bytes()[..n], Privilege::Current)
+    }
+
+    /// A supervisor (implicit) 8-byte read, e.g. of a descriptor table.
+    pub(crate) fn read_sys_u64(&mut self, la: u64) -> Flow<u64> {
+        let mut b = [0u8; 8];
+        self.read_lin(la, &mut b, Privilege::Supervisor)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub(crate) fn read_u128(&mut self, la: u64) -> Flow<u128> {
+        let mut b = [0u8; 16];
+        self.read_lin(la, &mut b, Privilege::Current)?;
+        Ok(u128::from_le_bytes(b))
+    }
+
+    pub(crate) fn write_u128(&mut self, la: u64, v: u128) -> Flow {
+        self.write_lin(la, &v.to_le_bytes(), Privilege::Current)
+    }
+
+    /// Check that a write of `len` bytes at `la` would succeed, without
+    /// writing (for instructions that must not fault after a first write).
+    pub(crate) fn probe_write(&mut self, la: u64, len: usize) -> Flow {
+        self.access_lin(la, len, AccessKind::Write, Privilege::Current)
+            .map(|_| ())
+    }
+
+    /// Fetch up to 15 instruction bytes at `la`, stopping at the end of
+    /// the page unless `cross` is set. Returns the byte count.
+    pub(crate) fn fetch_bytes(
+        &mut self,
+        la: u64,
+        buf: &mut [u8; 15],
+        cross: bool,
+    ) -> Flow<(u64, usize)> {
+        let pa = self.translate(la, AccessKind::Fetch, Privilege::Current)?;
+        let room = (PAGE_SIZE - (la & (PAGE_SIZE - 1))) as usize;
+        let first = room.min(15);
+        if !self.mem.read(pa, &mut buf[..first]) {
+            return Err(Trap::Internal(format!(
+                "instruction fetch from non-RAM physical address {pa:#x} (RIP {la:#x})"
+            )));
+        }
+        if first == 15 || !cross {
+            return Ok((pa, first));
+        }
+        let la2 = la.wrapping_add(first as u64);
+        let pa2 = self.translate(la2, AccessKind::Fetch, Privilege::Current)?;
+        if !self.mem.read(pa2, &mut buf[first..]) {
+            return Err(Trap::Internal(format!(
+                "instruction fetch from non-RAM physical address {pa2:#x} (RIP {la2:#x})"
+            )));
+        }
+        Ok((pa, 15))
+    }
+}

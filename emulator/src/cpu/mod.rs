@@ -1,0 +1,282 @@
+//! The emulated CPU: state, the run loop and the exits the VMM sees.
+
+pub mod flags;
+pub mod state;
+
+mod access;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use vireo_hypervisor::CpuidEntry;
+
+use crate::decode::DecodeCache;
+use crate::memory::GuestMemory;
+use crate::mmu::Tlb;
+use state::{rflags, CpuState};
+
+/// Largest data buffer of one I/O or MMIO exit (an SSE access is 16 bytes).
+pub const MAX_IO_LEN: usize = 16;
+
+/// Why [`Cpu::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// `IN`: fill [`Cpu::io_data_mut`]`[..size]` with the value read from
+    /// `port`, then run again to complete the instruction.
+    IoIn { port: u16, size: u8 },
+    /// `OUT`: [`Cpu::io_data`]`[..size]` was written to `port`. The
+    /// instruction has completed.
+    IoOut { port: u16, size: u8 },
+    /// A read of guest physical `gpa` that is not RAM: fill
+    /// [`Cpu::io_data_mut`]`[..len]` and run again to complete the
+    /// instruction.
+    MmioRead { gpa: u64, len: u8 },
+    /// A write of [`Cpu::io_data`]`[..len]` to guest physical `gpa` that is
+    /// not RAM.
+    MmioWrite { gpa: u64, len: u8 },
+    /// HLT with no interrupt to wake the CPU.
+    Halt,
+    /// Triple fault.
+    Shutdown,
+    /// The instruction budget of this `run` is spent; the caller may check
+    /// for pause/stop and run again.
+    BudgetExhausted,
+    /// The emulator cannot go on (e.g. code fetched from MMIO or a CPU mode
+    /// that is not implemented). The state is left at the instruction.
+    InternalError(String),
+}
+
+/// Why an instruction did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Trap {
+    /// An architectural exception to deliver through the IDT.
+    Exception { vector: u8, error: Option<u32> },
+    /// The instruction needs data from the VMM (MMIO read, `IN`). Nothing
+    /// was committed; the instruction restarts on the next `run`.
+    NeedInput(Exit),
+    /// Stop with [`Exit::InternalError`].
+    Internal(String),
+}
+
+pub(crate) type Flow<T = ()> = std::result::Result<T, Trap>;
+
+/// Input the VMM supplied for an instruction that is being restarted.
+#[derive(Debug, Clone)]
+struct Response {
+    key: Exit,
+    data: [u8; MAX_IO_LEN],
+}
+
+/// One software x86-64 CPU.
+pub struct Cpu {
+    /// Architectural state. Writing CR0/CR3/CR4 or paging structures behind
+    /// the emulator's back requires [`Cpu::flush_tlb`].
+    pub state: CpuState,
+    pub(crate) mem: Arc<dyn GuestMemory>,
+    pub(crate) tlb: Tlb,
+    pub(crate) icache: DecodeCache,
+    pub(crate) cpuid: Vec<CpuidEntry>,
+    /// Debug registers DR0-DR7 (stored, breakpoints are not implemented).
+    pub(crate) dr: [u64; 8],
+    /// RIP after the current instruction; branches overwrite it.
+    pub(crate) next_rip: u64,
+    /// An exit to report once the current instruction has completed.
+    pub(crate) exit_after: Option<Exit>,
+    /// MMIO writes not yet reported to the VMM.
+    pub(crate) mmio_writes: VecDeque<(u64, [u8; MAX_IO_LEN], u8)>,
+    responses: Vec<Response>,
+    resp_idx: usize,
+    /// The last exit asked the VMM for input (IoIn/MmioRead).
+    awaiting_input: Option<Exit>,
+    pub(crate) io_buf: [u8; MAX_IO_LEN],
+    pub(crate) halted: bool,
+    /// Interrupts are inhibited for one instruction (after STI / MOV SS).
+    pub(crate) int_shadow: bool,
+    pending_irq: Option<u8>,
+    warned: HashSet<(u64, u32)>,
+}
+
+impl Cpu {
+    /// A CPU in the architectural reset state, reading and writing guest
+    /// memory through `mem`, presenting [`crate::supported_cpuid`].
+    pub fn new(mem: Arc<dyn GuestMemory>) -> Self {
+        Cpu {
+            state: CpuState::default(),
+            mem,
+            tlb: Tlb::new(),
+            icache: DecodeCache::new(),
+            cpuid: crate::exec::system::supported_cpuid(),
+            dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
+            next_rip: 0,
+            exit_after: None,
+            mmio_writes: VecDeque::new(),
+            responses: Vec::new(),
+            resp_idx: 0,
+            awaiting_input: None,
+            io_buf: [0; MAX_IO_LEN],
+            halted: false,
+            int_shadow: false,
+            pending_irq: None,
+            warned: HashSet::new(),
+        }
+    }
+
+    /// The data buffer of the last I/O or MMIO exit.
+    pub fn io_data(&self) -> &[u8; MAX_IO_LEN] {
+        &self.io_buf
+    }
+
+    /// The data buffer to fill after [`Exit::IoIn`] or [`Exit::MmioRead`].
+    pub fn io_data_mut(&mut self) -> &mut [u8; MAX_IO_LEN] {
+        &mut self.io_buf
+    }
+
+    /// Forget every cached translation and decoded instruction: call after
+    /// changing `state` control registers or after the VMM wrote guest code
+    /// or page tables directly.
+    pub fn flush_tlb(&mut self) {
+        self.tlb.flush_all();
+        self.icache.invalidate_all();
+    }
+
+    /// Replace the CPUID table. Feature bits the emulator does not implement
+    /// are cleared, whatever the caller asks for.
+    pub fn set_cpuid(&mut self, entries: &[CpuidEntry]) {
+        self.cpuid = crate::exec::system::filter_cpuid(entries);
+    }
+
+    /// Queue an external interrupt; it is delivered once RFLAGS.IF allows.
+    /// Returns false if one is already pending.
+    pub fn inject_interrupt(&mut self, vector: u8) -> bool {
+        if self.pending_irq.is_some() {
+            return false;
+        }
+        self.pending_irq = Some(vector);
+        true
+    }
+
+    /// Run at most `budget` instructions.
+    pub fn run(&mut self, budget: u64) -> Exit {
+        if let Some(key) = self.awaiting_input.take() {
+            self.responses.push(Response {
+                key,
+                data: self.io_buf,
+            });
+        }
+        for _ in 0..budget {
+            if let Some(exit) = self.report_mmio_write() {
+                return exit;
+            }
+            if let Some(exit) = self.step() {
+                return exit;
+            }
+        }
+        self.report_mmio_write().unwrap_or(Exit::BudgetExhausted)
+    }
+
+    fn report_mmio_write(&mut self) -> Option<Exit> {
+        let (gpa, data, len) = self.mmio_writes.pop_front()?;
+        self.io_buf = data;
+        Some(Exit::MmioWrite { gpa, len })
+    }
+
+    /// Execute one instruction (or deliver one event). Returns an exit the
+    /// VMM must see.
+    fn step(&mut self) -> Option<Exit> {
+        if self.state.flag(rflags::IF) && !self.int_shadow {
+            if let Some(vector) = self.pending_irq.take() {
+                self.halted = false;
+                let rip = self.state.rip;
+                if let Some(exit) = self.deliver_or_shutdown(
+                    vector,
+                    None,
+                    rip,
+                    crate::exceptions::EventKind::External,
+                ) {
+                    return Some(exit);
+                }
+            }
+        }
+        self.int_shadow = false;
+        if self.halted {
+            return Some(Exit::Halt);
+        }
+        if !self.state.long_mode_64() {
+            return Some(Exit::InternalError(format!(
+                "only 64-bit long mode is emulated (CR0={:#x} EFER={:#x} CS.L={})",
+                self.state.cr0, self.state.efer, self.state.seg[1].l
+            )));
+        }
+        let start_rip = self.state.rip;
+        let start_flags = self.state.rflags;
+        let start_gpr = self.state.gpr;
+        self.resp_idx = 0;
+        let result = self.fetch_decode().and_then(|instr| {
+            self.next_rip = instr.next_ip();
+            crate::exec::execute(self, &instr).map(|()| instr)
+        });
+        match result {
+            Ok(_) => {
+                self.state.rip = self.next_rip;
+                self.state.tsc = self.state.tsc.wrapping_add(1);
+                self.responses.clear();
+                self.exit_after.take()
+            }
+            Err(Trap::NeedInput(exit)) => {
+                self.state.rip = start_rip;
+                self.state.rflags = start_flags;
+                self.state.gpr = start_gpr;
+                self.awaiting_input = Some(exit.clone());
+                Some(exit)
+            }
+            Err(Trap::Exception { vector, error }) => {
+                self.responses.clear();
+                self.exit_after = None;
+                self.state.rip = start_rip;
+                self.state.rflags = start_flags;
+                self.state.gpr = start_gpr;
+                self.deliver_or_shutdown(
+                    vector,
+                    error,
+                    start_rip,
+                    crate::exceptions::EventKind::Fault,
+                )
+            }
+            Err(Trap::Internal(why)) => {
+                self.state.rip = start_rip;
+                Some(Exit::InternalError(why))
+            }
+        }
+    }
+
+    /// Input for the `resp_idx`-th input request of the current instruction
+    /// if the VMM already supplied it, or the trap that asks for it.
+    pub(crate) fn take_input(&mut self, key: Exit, out: &mut [u8]) -> Flow {
+        if let Some(r) = self.responses.get(self.resp_idx) {
+            if r.key == key {
+                self.resp_idx += 1;
+                let n = out.len().min(MAX_IO_LEN);
+                out[..n].copy_from_slice(&r.data[..n]);
+                return Ok(());
+            }
+        }
+        // A restarted instruction asked for something else: drop stale input.
+        self.responses.truncate(self.resp_idx);
+        Err(Trap::NeedInput(key))
+    }
+
+    /// Log an unimplemented instruction once per (RIP, opcode) and raise #UD.
+    pub(crate) fn unimplemented(&mut self, instr: &iced_x86::Instruction) -> Flow {
+        if self.warned.len() < 4096 && self.warned.insert((instr.ip(), instr.code() as u32)) {
+            tracing::warn!(
+                rip = format_args!("{:#x}", instr.ip()),
+                opcode = ?instr.code(),
+                "emulator: unimplemented instruction, raising #UD"
+            );
+        }
+        Err(Trap::Exception {
+            vector: crate::exceptions::UD,
+            error: None,
+        })
+    }
+}

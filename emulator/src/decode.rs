@@ -1,0 +1,119 @@
+//! Instruction decoding with iced-x86, and a cache of decoded instructions
+//! per physical page.
+//!
+//! The cache is keyed by the physical page of the instruction's first byte
+//! and, within it, by the linear RIP (iced resolves branch targets and
+//! RIP-relative operands against the RIP, and one physical page may be
+//! mapped at several linear addresses). Every emulated write to a physical
+//! page drops that page's entries. Writes the emulator does not see (the
+//! VMM or a device writing guest code) need [`crate::Cpu::flush_tlb`].
+
+use std::collections::HashMap;
+
+use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction};
+
+use crate::cpu::{Cpu, Flow, Trap};
+use crate::exceptions::UD;
+
+/// Upper bound of cached instructions before the cache is emptied.
+const MAX_CACHED: usize = 1 << 20;
+
+#[derive(Default)]
+pub struct DecodeCache {
+    pages: HashMap<u64, HashMap<u64, Instruction>>,
+    count: usize,
+}
+
+impl DecodeCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn get(&self, ppage: u64, rip: u64) -> Option<&Instruction> {
+        self.pages.get(&ppage)?.get(&rip)
+    }
+
+    fn insert(&mut self, ppage: u64, rip: u64, instr: Instruction) {
+        if self.count >= MAX_CACHED {
+            self.invalidate_all();
+        }
+        if self
+            .pages
+            .entry(ppage)
+            .or_default()
+            .insert(rip, instr)
+            .is_none()
+        {
+            self.count += 1;
+        }
+    }
+
+    /// Drop everything decoded from physical page number `ppage`.
+    pub fn invalidate_page(&mut self, ppage: u64) {
+        if self.count == 0 {
+            return;
+        }
+        if let Some(p) = self.pages.remove(&ppage) {
+            self.count -= p.len();
+        }
+    }
+
+    pub fn invalidate_all(&mut self) {
+        self.pages.clear();
+        self.count = 0;
+    }
+}
+
+/// Decode one 64-bit mode instruction from `bytes` at `rip`.
+/// `Ok(None)` means the bytes ran out before the instruction ended.
+fn decode64(bytes: &[u8], rip: u64) -> Option<Option<Instruction>> {
+    let mut d = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+    let instr = d.decode();
+    match d.last_error() {
+        DecoderError::None if instr.code() != Code::INVALID => Some(Some(instr)),
+        DecoderError::NoMoreBytes => Some(None),
+        _ => None,
+    }
+}
+
+impl Cpu {
+    /// Fetch and decode the instruction at RIP; invalid encodings raise #UD.
+    pub(crate) fn fetch_decode(&mut self) -> Flow<Instruction> {
+        let rip = self.state.rip;
+        let ppage_of = |cpu: &mut Cpu| {
+            cpu.translate(
+                rip,
+                crate::mmu::AccessKind::Fetch,
+                crate::mmu::Privilege::Current,
+            )
+            .map(|pa| pa >> 12)
+        };
+        let ppage = ppage_of(self)?;
+        if let Some(i) = self.icache.get(ppage, rip) {
+            return Ok(*i);
+        }
+        let ud = Trap::Exception {
+            vector: UD,
+            error: None,
+        };
+        let mut buf = [0u8; 15];
+        let (_, n) = self.fetch_bytes(rip, &mut buf, false)?;
+        match decode64(&buf[..n], rip) {
+            Some(Some(i)) => {
+                self.icache.insert(ppage, rip, i);
+                Ok(i)
+            }
+            None => Err(ud),
+            Some(None) if n == 15 => Err(ud),
+            Some(None) => {
+                // The instruction crosses into the next page: not cached,
+                // since a write to either page would have to drop it.
+                let (_, n) = self.fetch_bytes(rip, &mut buf, true)?;
+                match decode64(&buf[..n], rip) {
+                    Some(Some(i)) => Ok(i),
+                    _ => Err(ud),
+                }
+            }
+        }
+    }
+}

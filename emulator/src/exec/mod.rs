@@ -1,0 +1,410 @@
+//! Instruction semantics, grouped by kind, and the operand access helpers
+//! they share.
+
+pub mod alu;
+pub mod bits;
+pub mod branch;
+pub mod mov;
+pub mod muldiv;
+pub mod shift;
+pub mod sse;
+pub mod stack;
+pub mod string;
+pub mod system;
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use crate::cpu::state::SegReg;
+use crate::cpu::{Cpu, Flow};
+use crate::exceptions::ud;
+
+/// Execute one decoded instruction. On success `cpu.next_rip` holds the
+/// new RIP; on a trap no architectural register has been committed that
+/// the caller does not roll back.
+pub(crate) fn execute(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    if i.has_lock_prefix() && !lock_allowed(i) {
+        return Err(ud());
+    }
+    use Mnemonic as M;
+    match i.mnemonic() {
+        M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
+            alu::binary(cpu, i)
+        }
+        M::Inc | M::Dec | M::Neg | M::Not => alu::unary(cpu, i),
+        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => alu::convert(cpu, i),
+        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => alu::flag_op(cpu, i),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
+            shift::shift(cpu, i)
+        }
+        M::Shld | M::Shrd => shift::double(cpu, i),
+        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::muldiv(cpu, i),
+        M::Bsf | M::Bsr | M::Bt | M::Bts | M::Btr | M::Btc | M::Bswap | M::Popcnt => {
+            bits::bits(cpu, i)
+        }
+        M::Mov
+        | M::Movzx
+        | M::Movsx
+        | M::Movsxd
+        | M::Lea
+        | M::Xchg
+        | M::Cmpxchg
+        | M::Xadd
+        | M::Cmpxchg8b
+        | M::Cmpxchg16b => mov::mov(cpu, i),
+        M::Cmova
+        | M::Cmovae
+        | M::Cmovb
+        | M::Cmovbe
+        | M::Cmove
+        | M::Cmovg
+        | M::Cmovge
+        | M::Cmovl
+        | M::Cmovle
+        | M::Cmovne
+        | M::Cmovno
+        | M::Cmovnp
+        | M::Cmovns
+        | M::Cmovo
+        | M::Cmovp
+        | M::Cmovs => mov::cmov(cpu, i),
+        M::Seta
+        | M::Setae
+        | M::Setb
+        | M::Setbe
+        | M::Sete
+        | M::Setg
+        | M::Setge
+        | M::Setl
+        | M::Setle
+        | M::Setne
+        | M::Setno
+        | M::Setnp
+        | M::Setns
+        | M::Seto
+        | M::Setp
+        | M::Sets => mov::setcc(cpu, i),
+        M::Push | M::Pop | M::Pushfq | M::Popfq | M::Pushf | M::Popf | M::Leave | M::Enter => {
+            stack::stack(cpu, i)
+        }
+        M::Jmp
+        | M::Call
+        | M::Ret
+        | M::Ja
+        | M::Jae
+        | M::Jb
+        | M::Jbe
+        | M::Je
+        | M::Jg
+        | M::Jge
+        | M::Jl
+        | M::Jle
+        | M::Jne
+        | M::Jno
+        | M::Jnp
+        | M::Jns
+        | M::Jo
+        | M::Jp
+        | M::Js
+        | M::Loop
+        | M::Loope
+        | M::Loopne
+        | M::Jrcxz
+        | M::Jecxz
+        | M::Retf => branch::branch(cpu, i),
+        M::Movsb
+        | M::Movsw
+        | M::Movsd
+        | M::Movsq
+        | M::Stosb
+        | M::Stosw
+        | M::Stosd
+        | M::Stosq
+        | M::Lodsb
+        | M::Lodsw
+        | M::Lodsd
+        | M::Lodsq
+        | M::Scasb
+        | M::Scasw
+        | M::Scasd
+        | M::Scasq
+        | M::Cmpsb
+        | M::Cmpsw
+        | M::Cmpsd
+        | M::Cmpsq
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd
+        | M::Insb
+        | M::Insw
+        | M::Insd
+            if is_string(i) =>
+        {
+            string::string(cpu, i)
+        }
+        M::Nop
+        | M::Pause
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Clflush
+        | M::Clflushopt
+        | M::Endbr64 => Ok(()),
+        M::Ud2 | M::Ud0 | M::Ud1 => Err(ud()),
+        m if sse::handles(m) => sse::sse(cpu, i),
+        _ => system::system(cpu, i),
+    }
+}
+
+/// String instructions are recognised by their implicit memory operands
+/// (MOVSD/CMPSD are also SSE2 mnemonics).
+fn is_string(i: &Instruction) -> bool {
+    (0..i.op_count()).any(|n| {
+        matches!(
+            i.op_kind(n),
+            OpKind::MemorySegRSI
+                | OpKind::MemorySegESI
+                | OpKind::MemoryESRDI
+                | OpKind::MemoryESEDI
+                | OpKind::MemorySegSI
+                | OpKind::MemoryESDI
+        )
+    })
+}
+
+fn lock_allowed(i: &Instruction) -> bool {
+    use Mnemonic as M;
+    matches!(
+        i.mnemonic(),
+        M::Add
+            | M::Adc
+            | M::And
+            | M::Btc
+            | M::Btr
+            | M::Bts
+            | M::Cmpxchg
+            | M::Cmpxchg8b
+            | M::Cmpxchg16b
+            | M::Dec
+            | M::Inc
+            | M::Neg
+            | M::Not
+            | M::Or
+            | M::Sbb
+            | M::Sub
+            | M::Xor
+            | M::Xadd
+            | M::Xchg
+    ) && i.op_count() > 0
+        && i.op0_kind() == OpKind::Memory
+}
+
+/// A general purpose register: (index, width in bits, legacy high byte).
+pub(crate) fn gpr_info(r: Register) -> Option<(usize, u32, bool)> {
+    let v = r as u32;
+    let in_range = |lo: Register, n: u32| v >= lo as u32 && v < lo as u32 + n;
+    if in_range(Register::AL, 20) {
+        let k = (v - Register::AL as u32) as usize;
+        Some(match k {
+            0..=3 => (k, 8, false),
+            4..=7 => (k - 4, 8, true),
+            _ => (k - 4, 8, false),
+        })
+    } else if in_range(Register::AX, 16) {
+        Some(((v - Register::AX as u32) as usize, 16, false))
+    } else if in_range(Register::EAX, 16) {
+        Some(((v - Register::EAX as u32) as usize, 32, false))
+    } else if in_range(Register::RAX, 16) {
+        Some(((v - Register::RAX as u32) as usize, 64, false))
+    } else {
+        None
+    }
+}
+
+/// XMM register number.
+pub(crate) fn xmm_index(r: Register) -> Option<usize> {
+    let v = r as u32;
+    (v >= Register::XMM0 as u32 && v <= Register::XMM15 as u32)
+        .then(|| (v - Register::XMM0 as u32) as usize)
+}
+
+impl Cpu {
+    pub(crate) fn reg(&self, r: Register) -> u64 {
+        match gpr_info(r) {
+            Some((idx, 8, true)) => (self.state.gpr[idx] >> 8) & 0xff,
+            Some((idx, bits, _)) => self.state.gpr[idx] & crate::cpu::flags::mask(bits),
+            None => match r {
+                Register::RIP => self.next_rip,
+                Register::EIP => self.next_rip & 0xffff_ffff,
+                _ => 0,
+            },
+        }
+    }
+
+    /// Write a GPR with x86 merge rules: 32-bit writes zero the upper half,
+    /// 8/16-bit writes keep the rest.
+    pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
+        let Some((idx, bits, high)) = gpr_info(r) else {
+            return;
+        };
+        let old = self.state.gpr[idx];
+        self.state.gpr[idx] = match (bits, high) {
+            (8, true) => (old & !0xff00) | ((v & 0xff) << 8),
+            (8, false) => (old & !0xff) | (v & 0xff),
+            (16, _) => (old & !0xffff) | (v & 0xffff),
+            (32, _) => v & 0xffff_ffff,
+            _ => v,
+        };
+    }
+
+    /// The linear address of the explicit memory operand.
+    pub(crate) fn ea(&self, i: &Instruction) -> u64 {
+        self.offset(i)
+            .wrapping_add(self.seg_base(i.memory_segment()))
+    }
+
+    /// The effective address (offset, without segment base) of the
+    /// explicit memory operand, as LEA computes it.
+    pub(crate) fn offset(&self, i: &Instruction) -> u64 {
+        let base = i.memory_base();
+        let index = i.memory_index();
+        let mut a = i.memory_displacement64();
+        let mut addr32 = false;
+        if base == Register::RIP || base == Register::EIP {
+            addr32 = base == Register::EIP;
+        } else {
+            if base != Register::None {
+                a = a.wrapping_add(self.reg(base));
+                addr32 |= gpr_info(base).is_some_and(|(_, b, _)| b == 32);
+            }
+            if index != Register::None {
+                a = a.wrapping_add(
+                    self.reg(index)
+                        .wrapping_mul(u64::from(i.memory_index_scale())),
+                );
+                addr32 |= gpr_info(index).is_some_and(|(_, b, _)| b == 32);
+            }
+        }
+        if addr32 {
+            a &= 0xffff_ffff;
+        }
+        a
+    }
+
+    /// Segment base in 64-bit mode: only FS and GS have one.
+    pub(crate) fn seg_base(&self, seg: Register) -> u64 {
+        match seg {
+            Register::FS => self.state.seg(SegReg::Fs).base,
+            Register::GS => self.state.seg(SegReg::Gs).base,
+            _ => 0,
+        }
+    }
+
+    /// Width in bits of operand `n`.
+    pub(crate) fn op_bits(&self, i: &Instruction, n: u32) -> u32 {
+        match i.op_kind(n) {
+            OpKind::Register => gpr_info(i.op_register(n)).map_or(0, |(_, b, _)| b),
+            OpKind::Memory => (i.memory_size().size() * 8) as u32,
+            OpKind::Immediate8 => 8,
+            OpKind::Immediate16 | OpKind::Immediate8to16 => 16,
+            OpKind::Immediate32 | OpKind::Immediate8to32 => 32,
+            _ => 64,
+        }
+    }
+
+    /// Width of integer operand `n`, or #UD for an operand that is not an
+    /// 8/16/32/64-bit integer (never panics on odd encodings).
+    pub(crate) fn width(&self, i: &Instruction, n: u32) -> Flow<u32> {
+        match self.op_bits(i, n) {
+            b @ (8 | 16 | 32 | 64) => Ok(b),
+            _ => Err(ud()),
+        }
+    }
+
+    /// Read operand `n` (register, memory or immediate), zero-extended.
+    pub(crate) fn read_op(&mut self, i: &Instruction, n: u32) -> Flow<u64> {
+        match i.op_kind(n) {
+            OpKind::Register => Ok(self.reg(i.op_register(n))),
+            OpKind::Memory => {
+                let bytes = i.memory_size().size();
+                let la = self.ea(i);
+                self.read_mem(la, bytes)
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => Ok(i.immediate(n)),
+            OpKind::Immediate8_2nd => Ok(u64::from(i.immediate8_2nd())),
+            _ => Err(ud()),
+        }
+    }
+
+    /// Write operand `n` (register or memory).
+    pub(crate) fn write_op(&mut self, i: &Instruction, n: u32, v: u64) -> Flow {
+        match i.op_kind(n) {
+            OpKind::Register => {
+                self.set_reg(i.op_register(n), v);
+                Ok(())
+            }
+            OpKind::Memory => {
+                let bytes = i.memory_size().size();
+                let la = self.ea(i);
+                self.write_mem(la, bytes, v)
+            }
+            _ => Err(ud()),
+        }
+    }
+
+    /// Evaluate a condition code against RFLAGS.
+    pub(crate) fn cond(&self, cc: iced_x86::ConditionCode) -> bool {
+        use crate::cpu::state::rflags::{CF, OF, PF, SF, ZF};
+        use iced_x86::ConditionCode as C;
+        let f = |b| self.state.flag(b);
+        match cc {
+            C::o => f(OF),
+            C::no => !f(OF),
+            C::b => f(CF),
+            C::ae => !f(CF),
+            C::e => f(ZF),
+            C::ne => !f(ZF),
+            C::be => f(CF) || f(ZF),
+            C::a => !f(CF) && !f(ZF),
+            C::s => f(SF),
+            C::ns => !f(SF),
+            C::p => f(PF),
+            C::np => !f(PF),
+            C::l => f(SF) != f(OF),
+            C::ge => f(SF) == f(OF),
+            C::le => f(ZF) || f(SF) != f(OF),
+            C::g => !f(ZF) && f(SF) == f(OF),
+            C::None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpr_numbering_matches_iced() {
+        assert_eq!(gpr_info(Register::AL), Some((0, 8, false)));
+        assert_eq!(gpr_info(Register::BH), Some((3, 8, true)));
+        assert_eq!(gpr_info(Register::SPL), Some((4, 8, false)));
+        assert_eq!(gpr_info(Register::DIL), Some((7, 8, false)));
+        assert_eq!(gpr_info(Register::R15L), Some((15, 8, false)));
+        assert_eq!(gpr_info(Register::R9W), Some((9, 16, false)));
+        assert_eq!(gpr_info(Register::R13D), Some((13, 32, false)));
+        assert_eq!(gpr_info(Register::RSP), Some((4, 64, false)));
+        assert_eq!(gpr_info(Register::XMM1), None);
+        assert_eq!(xmm_index(Register::XMM15), Some(15));
+    }
+}

@@ -1,0 +1,158 @@
+//! Data movement: MOV/MOVZX/MOVSX/MOVSXD, LEA, XCHG, CMPXCHG(8B/16B),
+//! XADD, CMOVcc and SETcc.
+
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+
+use crate::cpu::flags::{self, mask, sext};
+use crate::cpu::state::gpr::{RAX, RBX, RCX, RDX};
+use crate::cpu::state::rflags::{ARITH, ZF};
+use crate::cpu::{Cpu, Flow};
+use crate::exceptions::{gp0, ud};
+
+fn is_special(r: Register) -> bool {
+    let v = r as u32;
+    (v >= Register::CR0 as u32 && v <= Register::CR15 as u32)
+        || (v >= Register::DR0 as u32 && v <= Register::DR15 as u32)
+}
+
+fn is_sreg(r: Register) -> bool {
+    matches!(
+        r,
+        Register::ES | Register::CS | Register::SS | Register::DS | Register::FS | Register::GS
+    )
+}
+
+pub(crate) fn mov(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    let reg_op = |n: u32| (i.op_kind(n) == OpKind::Register).then(|| i.op_register(n));
+    if [reg_op(0), reg_op(1)].into_iter().flatten().any(is_special) {
+        return super::system::mov_cr_dr(cpu, i);
+    }
+    if [reg_op(0), reg_op(1)].into_iter().flatten().any(is_sreg) {
+        return super::system::mov_sreg(cpu, i);
+    }
+    match i.mnemonic() {
+        Mnemonic::Mov => {
+            let v = cpu.read_op(i, 1)?;
+            cpu.write_op(i, 0, v)
+        }
+        Mnemonic::Movzx => {
+            let v = cpu.read_op(i, 1)? & mask(cpu.width(i, 1)?);
+            cpu.write_op(i, 0, v)
+        }
+        Mnemonic::Movsx | Mnemonic::Movsxd => {
+            let v = sext(cpu.width(i, 1)?, cpu.read_op(i, 1)?);
+            cpu.write_op(i, 0, v)
+        }
+        Mnemonic::Lea => {
+            if i.op1_kind() != OpKind::Memory {
+                return Err(ud());
+            }
+            let v = cpu.offset(i);
+            cpu.write_op(i, 0, v)
+        }
+        Mnemonic::Xchg => {
+            let a = cpu.read_op(i, 0)?;
+            let b = cpu.read_op(i, 1)?;
+            // Memory (if any) first so a fault leaves registers alone.
+            if i.op1_kind() == OpKind::Memory {
+                cpu.write_op(i, 1, a)?;
+                cpu.write_op(i, 0, b)
+            } else {
+                cpu.write_op(i, 0, b)?;
+                cpu.write_op(i, 1, a)
+            }
+        }
+        Mnemonic::Xadd => {
+            let bits = cpu.width(i, 0)?;
+            let d = cpu.read_op(i, 0)?;
+            let s = cpu.read_op(i, 1)?;
+            let (r, f) = flags::add(bits, d, s, false);
+            if i.op0_kind() == OpKind::Memory {
+                cpu.write_op(i, 0, r)?;
+                cpu.write_op(i, 1, d)?;
+            } else {
+                cpu.write_op(i, 1, d)?;
+                cpu.write_op(i, 0, r)?;
+            }
+            cpu.state.set_arith(ARITH, f);
+            Ok(())
+        }
+        Mnemonic::Cmpxchg => {
+            let bits = cpu.width(i, 0)?;
+            let d = cpu.read_op(i, 0)? & mask(bits);
+            let acc = cpu.state.gpr[RAX] & mask(bits);
+            let (_, f) = flags::sub(bits, acc, d, false);
+            if acc == d {
+                let s = cpu.read_op(i, 1)?;
+                cpu.write_op(i, 0, s)?;
+            } else {
+                if i.op0_kind() == OpKind::Memory {
+                    cpu.write_op(i, 0, d)?;
+                }
+                let r = match bits {
+                    8 => Register::AL,
+                    16 => Register::AX,
+                    32 => Register::EAX,
+                    _ => Register::RAX,
+                };
+                cpu.set_reg(r, d);
+            }
+            cpu.state.set_arith(ARITH, f);
+            Ok(())
+        }
+        Mnemonic::Cmpxchg8b => {
+            let la = cpu.ea(i);
+            let m = cpu.read_mem(la, 8)?;
+            let s = &cpu.state;
+            let cmp = (s.gpr[RDX] << 32) | (s.gpr[RAX] & 0xffff_ffff);
+            if m == cmp {
+                let new = (s.gpr[RCX] << 32) | (s.gpr[RBX] & 0xffff_ffff);
+                cpu.write_mem(la, 8, new)?;
+                cpu.state.set_flag(ZF, true);
+            } else {
+                cpu.write_mem(la, 8, m)?;
+                cpu.state.gpr[RAX] = m & 0xffff_ffff;
+                cpu.state.gpr[RDX] = m >> 32;
+                cpu.state.set_flag(ZF, false);
+            }
+            Ok(())
+        }
+        Mnemonic::Cmpxchg16b => {
+            let la = cpu.ea(i);
+            if la & 15 != 0 {
+                return Err(gp0());
+            }
+            let m = cpu.read_u128(la)?;
+            let s = &cpu.state;
+            let cmp = (u128::from(s.gpr[RDX]) << 64) | u128::from(s.gpr[RAX]);
+            if m == cmp {
+                let new = (u128::from(s.gpr[RCX]) << 64) | u128::from(s.gpr[RBX]);
+                cpu.write_u128(la, new)?;
+                cpu.state.set_flag(ZF, true);
+            } else {
+                cpu.write_u128(la, m)?;
+                cpu.state.gpr[RAX] = m as u64;
+                cpu.state.gpr[RDX] = (m >> 64) as u64;
+                cpu.state.set_flag(ZF, false);
+            }
+            Ok(())
+        }
+        _ => Err(ud()),
+    }
+}
+
+pub(crate) fn cmov(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    let src = cpu.read_op(i, 1)?;
+    // A 32-bit destination is zero-extended even when the move is not done.
+    let v = if cpu.cond(i.condition_code()) {
+        src
+    } else {
+        cpu.read_op(i, 0)?
+    };
+    cpu.write_op(i, 0, v)
+}
+
+pub(crate) fn setcc(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    let v = u64::from(cpu.cond(i.condition_code()));
+    cpu.write_op(i, 0, v)
+}

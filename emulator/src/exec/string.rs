@@ -1,0 +1,159 @@
+//! String instructions: MOVS/STOS/LODS/SCAS/CMPS/INS/OUTS with REP,
+//! REPE and REPNE prefixes, DF=0/1 and 64- or 32-bit address size.
+//!
+//! A REP instruction runs up to [`BATCH`] iterations per step. Each
+//! iteration commits its registers, so when iteration k > 0 faults or
+//! needs VMM input the step ends at iteration k with RIP still on the
+//! instruction; it restarts there and the fault is then delivered with the
+//! registers of that iteration, as on hardware.
+
+use iced_x86::{Instruction, Mnemonic as M, OpKind};
+
+use crate::cpu::flags::{self, mask};
+use crate::cpu::state::gpr::{RAX, RCX, RDI, RDX, RSI};
+use crate::cpu::state::rflags::{ARITH, DF, ZF};
+use crate::cpu::{Cpu, Flow};
+
+/// Iterations of one REP instruction per step.
+const BATCH: u64 = 1024;
+
+pub(crate) fn string(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    let bytes: u64 = match i.mnemonic() {
+        M::Movsb | M::Stosb | M::Lodsb | M::Scasb | M::Cmpsb | M::Insb | M::Outsb => 1,
+        M::Movsw | M::Stosw | M::Lodsw | M::Scasw | M::Cmpsw | M::Insw | M::Outsw => 2,
+        M::Movsd | M::Stosd | M::Lodsd | M::Scasd | M::Cmpsd | M::Insd | M::Outsd => 4,
+        _ => 8,
+    };
+    let addr32 = (0..i.op_count())
+        .any(|n| matches!(i.op_kind(n), OpKind::MemorySegESI | OpKind::MemoryESEDI));
+    if (0..i.op_count()).any(|n| matches!(i.op_kind(n), OpKind::MemorySegSI | OpKind::MemoryESDI)) {
+        return cpu.unimplemented(i);
+    }
+    let amask = if addr32 { 0xffff_ffff } else { u64::MAX };
+    let conditional = matches!(
+        i.mnemonic(),
+        M::Scasb | M::Scasw | M::Scasd | M::Scasq | M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq
+    );
+    let rep = i.has_rep_prefix() || i.has_repne_prefix();
+    let src_base = cpu.seg_base(i.memory_segment());
+    let io = matches!(
+        i.mnemonic(),
+        M::Insb | M::Insw | M::Insd | M::Outsb | M::Outsw | M::Outsd
+    );
+    if io {
+        cpu.check_io(cpu.state.gpr[RDX] as u16, bytes as usize)?;
+    }
+    let mut done = 0u64;
+    loop {
+        if rep && cpu.state.gpr[RCX] & amask == 0 {
+            return Ok(());
+        }
+        let before = cpu.state.gpr;
+        let before_flags = cpu.state.rflags;
+        match iteration(cpu, i, bytes, amask, src_base) {
+            Ok(()) => {}
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => {
+                // Restart at this iteration; it will trap again from there.
+                cpu.state.gpr = before;
+                cpu.state.rflags = before_flags;
+                cpu.next_rip = i.ip();
+                return Ok(());
+            }
+        }
+        done += 1;
+        if !rep {
+            return Ok(());
+        }
+        let c = cpu.state.gpr[RCX].wrapping_sub(1) & amask;
+        set_idx(cpu, RCX, c, addr32);
+        if c == 0 {
+            return Ok(());
+        }
+        if conditional {
+            let zf = cpu.state.flag(ZF);
+            if (i.has_repe_prefix() && !zf) || (i.has_repne_prefix() && zf) {
+                return Ok(());
+            }
+        }
+        if done >= BATCH || io || cpu.exit_after.is_some() || !cpu.mmio_writes.is_empty() {
+            cpu.next_rip = i.ip();
+            return Ok(());
+        }
+    }
+}
+
+fn set_idx(cpu: &mut Cpu, r: usize, v: u64, addr32: bool) {
+    cpu.state.gpr[r] = if addr32 { v & 0xffff_ffff } else { v };
+}
+
+fn iteration(cpu: &mut Cpu, i: &Instruction, bytes: u64, amask: u64, src_base: u64) -> Flow {
+    let n = bytes as usize;
+    let step = if cpu.state.flag(DF) {
+        bytes.wrapping_neg()
+    } else {
+        bytes
+    };
+    let rsi = cpu.state.gpr[RSI] & amask;
+    let rdi = cpu.state.gpr[RDI] & amask;
+    let src = src_base.wrapping_add(rsi);
+    let bits = (bytes * 8) as u32;
+    let addr32 = amask != u64::MAX;
+    let adv = |v: u64| v.wrapping_add(step) & amask;
+    match i.mnemonic() {
+        M::Movsb | M::Movsw | M::Movsd | M::Movsq => {
+            let v = cpu.read_mem(src, n)?;
+            cpu.write_mem(rdi, n, v)?;
+            set_idx(cpu, RSI, adv(rsi), addr32);
+            set_idx(cpu, RDI, adv(rdi), addr32);
+        }
+        M::Stosb | M::Stosw | M::Stosd | M::Stosq => {
+            cpu.write_mem(rdi, n, cpu.state.gpr[RAX])?;
+            set_idx(cpu, RDI, adv(rdi), addr32);
+        }
+        M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq => {
+            let v = cpu.read_mem(src, n)?;
+            cpu.set_reg(acc(bytes), v);
+            set_idx(cpu, RSI, adv(rsi), addr32);
+        }
+        M::Scasb | M::Scasw | M::Scasd | M::Scasq => {
+            let v = cpu.read_mem(rdi, n)?;
+            let (_, f) = flags::sub(bits, cpu.state.gpr[RAX] & mask(bits), v, false);
+            cpu.state.set_arith(ARITH, f);
+            set_idx(cpu, RDI, adv(rdi), addr32);
+        }
+        M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq => {
+            let a = cpu.read_mem(src, n)?;
+            let b = cpu.read_mem(rdi, n)?;
+            let (_, f) = flags::sub(bits, a, b, false);
+            cpu.state.set_arith(ARITH, f);
+            set_idx(cpu, RSI, adv(rsi), addr32);
+            set_idx(cpu, RDI, adv(rdi), addr32);
+        }
+        M::Insb | M::Insw | M::Insd => {
+            let port = cpu.state.gpr[RDX] as u16;
+            cpu.probe_write(rdi, n)?;
+            let v = cpu.port_in(port, n)?;
+            cpu.write_mem(rdi, n, v)?;
+            set_idx(cpu, RDI, adv(rdi), addr32);
+        }
+        _ => {
+            // OUTS
+            let port = cpu.state.gpr[RDX] as u16;
+            let v = cpu.read_mem(src, n)?;
+            cpu.port_out(port, n, v);
+            set_idx(cpu, RSI, adv(rsi), addr32);
+        }
+    }
+    Ok(())
+}
+
+fn acc(bytes: u64) -> iced_x86::Register {
+    use iced_x86::Register as R;
+    match bytes {
+        1 => R::AL,
+        2 => R::AX,
+        4 => R::EAX,
+        _ => R::RAX,
+    }
+}

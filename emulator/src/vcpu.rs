@@ -1,0 +1,214 @@
+//! [`vireo_hypervisor::Vcpu`] for an emulated CPU.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use vireo_hypervisor::{
+    CpuidEntry, FpuState, HypervisorError, LapicState, MsrEntry, Regs, Result, SpecialRegs, Vcpu,
+    VcpuExit,
+};
+
+use crate::cpu::state::{efer, SegReg};
+use crate::{Cpu, Exit};
+
+/// Instructions per [`Vcpu::run`] before it returns
+/// [`VcpuExit::Interrupted`] so the caller can check for pause/stop.
+pub const DEFAULT_BUDGET: u64 = 1 << 20;
+
+/// One emulated vCPU.
+pub struct EmuVcpu {
+    id: u32,
+    cpu: Mutex<Cpu>,
+    budget: u64,
+    /// Stored for save/restore; no local APIC is emulated yet.
+    lapic: Mutex<LapicState>,
+}
+
+fn emu_error(op: &'static str, what: String) -> HypervisorError {
+    HypervisorError::Ioctl {
+        op,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+    }
+}
+
+impl EmuVcpu {
+    pub fn new(id: u32, cpu: Cpu) -> Self {
+        EmuVcpu {
+            id,
+            cpu: Mutex::new(cpu),
+            budget: DEFAULT_BUDGET,
+            lapic: Mutex::new(LapicState::default()),
+        }
+    }
+
+    /// Set the instructions run per [`Vcpu::run`] call.
+    pub fn set_budget(&mut self, budget: u64) {
+        self.budget = budget.max(1);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cpu> {
+        self.cpu.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Direct access to the emulated CPU.
+    pub fn cpu_mut(&mut self) -> &mut Cpu {
+        self.cpu.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        let budget = self.budget;
+        let cpu = self.cpu.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let exit = cpu.run(budget);
+        let buf = &mut cpu.io_buf;
+        Ok(match exit {
+            Exit::IoIn { port, size } => VcpuExit::IoIn(port, &mut buf[..usize::from(size)]),
+            Exit::IoOut { port, size } => VcpuExit::IoOut(port, &buf[..usize::from(size)]),
+            Exit::MmioRead { gpa, len } => VcpuExit::MmioRead(gpa, &mut buf[..usize::from(len)]),
+            Exit::MmioWrite { gpa, len } => VcpuExit::MmioWrite(gpa, &buf[..usize::from(len)]),
+            Exit::Halt => VcpuExit::Halt,
+            Exit::Shutdown => VcpuExit::Shutdown,
+            Exit::BudgetExhausted => VcpuExit::Interrupted,
+            Exit::InternalError(why) => VcpuExit::InternalError(why),
+        })
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        let c = self.lock();
+        let g = &c.state.gpr;
+        Ok(Regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: c.state.rip,
+            rflags: c.state.rflags,
+        })
+    }
+
+    fn set_regs(&self, r: &Regs) -> Result<()> {
+        let mut c = self.lock();
+        c.state.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        c.state.rip = r.rip;
+        c.state.rflags = r.rflags | crate::cpu::state::rflags::FIXED1;
+        Ok(())
+    }
+
+    fn special_regs(&self) -> Result<SpecialRegs> {
+        let c = self.lock();
+        let s = &c.state;
+        Ok(SpecialRegs {
+            cs: s.seg[SegReg::Cs as usize],
+            ds: s.seg[SegReg::Ds as usize],
+            es: s.seg[SegReg::Es as usize],
+            fs: s.seg[SegReg::Fs as usize],
+            gs: s.seg[SegReg::Gs as usize],
+            ss: s.seg[SegReg::Ss as usize],
+            tr: s.tr,
+            ldt: s.ldt,
+            gdt: s.gdt,
+            idt: s.idt,
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            cr8: s.cr8,
+            efer: s.efer,
+            apic_base: s.msr.apic_base,
+        })
+    }
+
+    fn set_special_regs(&self, r: &SpecialRegs) -> Result<()> {
+        let mut c = self.lock();
+        let s = &mut c.state;
+        s.seg[SegReg::Cs as usize] = r.cs;
+        s.seg[SegReg::Ds as usize] = r.ds;
+        s.seg[SegReg::Es as usize] = r.es;
+        s.seg[SegReg::Fs as usize] = r.fs;
+        s.seg[SegReg::Gs as usize] = r.gs;
+        s.seg[SegReg::Ss as usize] = r.ss;
+        s.tr = r.tr;
+        s.ldt = r.ldt;
+        s.gdt = r.gdt;
+        s.idt = r.idt;
+        s.cr0 = r.cr0;
+        s.cr2 = r.cr2;
+        s.cr3 = r.cr3;
+        s.cr4 = r.cr4;
+        s.cr8 = r.cr8;
+        s.efer = r.efer & efer::VALID;
+        s.msr.apic_base = r.apic_base;
+        c.flush_tlb();
+        Ok(())
+    }
+
+    fn set_fpu(&self, fpu: &FpuState) -> Result<()> {
+        let mut c = self.lock();
+        c.state.fcw = fpu.fcw;
+        c.state.fsw = fpu.fsw;
+        c.state.ftw = fpu.ftwx;
+        c.state.mxcsr = fpu.mxcsr;
+        Ok(())
+    }
+
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
+        self.lock().set_cpuid(entries);
+        Ok(())
+    }
+
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
+        let mut c = self.lock();
+        for m in msrs {
+            if !c.set_msr(m.index, m.value) {
+                return Err(emu_error(
+                    "emulator set_msrs",
+                    format!(
+                        "MSR {:#x} (value {:#x}) is not emulated or invalid",
+                        m.index, m.value
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>> {
+        let c = self.lock();
+        Ok(indices
+            .iter()
+            .filter_map(|&index| c.msr(index).map(|value| MsrEntry { index, value }))
+            .collect())
+    }
+
+    fn lapic(&self) -> Result<LapicState> {
+        Ok(self
+            .lapic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone())
+    }
+
+    fn set_lapic(&self, lapic: &LapicState) -> Result<()> {
+        *self.lapic.lock().unwrap_or_else(PoisonError::into_inner) = lapic.clone();
+        Ok(())
+    }
+}
