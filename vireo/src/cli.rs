@@ -30,7 +30,7 @@ pub enum Command {
     /// Boot a Linux guest in this process, its serial console on this terminal.
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
-    /// Build and inspect guest images.
+    /// Build guest kits; create, inspect and convert disk images.
     #[command(subcommand)]
     Image(ImageCommand),
 }
@@ -99,6 +99,15 @@ pub enum ImageCommand {
     /// Build the guest kit: Debian's kernel and a busybox initramfs written by vireo.
     #[command(after_help = IMAGE_BUILD_EXAMPLES)]
     Build(ImageBuildArgs),
+    /// Create an empty disk image: qcow2 (optionally over a backing file) or raw.
+    #[command(after_help = IMAGE_CREATE_EXAMPLES)]
+    Create(ImageCreateArgs),
+    /// Show a disk image's format, sizes and backing chain.
+    #[command(after_help = IMAGE_INFO_EXAMPLES)]
+    Info(ImageInfoArgs),
+    /// Copy a disk image (with its backing chain) into a new qcow2 or raw file.
+    #[command(after_help = IMAGE_CONVERT_EXAMPLES)]
+    Convert(ImageConvertArgs),
 }
 
 const IMAGE_BUILD_EXAMPLES: &str = "\
@@ -115,6 +124,121 @@ pub struct ImageBuildArgs {
     /// Directory to write the kit into (created if missing).
     #[arg(long, value_name = "DIR", default_value = "guest-kit")]
     pub out: PathBuf,
+}
+
+const IMAGE_CREATE_EXAMPLES: &str = "\
+Examples:
+  vireo image create disk.qcow2 --size 10G
+  vireo image create disk.raw --size 512M --format raw
+  vireo image create overlay.qcow2 --backing base.raw      # size of base.raw
+  vireo image create small.qcow2 --size 1G --cluster-size 4K
+
+Sizes are bytes or take a K, M, G or T suffix (powers of 1024). A qcow2
+image only grows as the guest writes; a raw image is a sparse file. A
+relative --backing path is relative to FILE's directory, as with qemu-img;
+the backing file is only read, never written. FILE must not exist yet.";
+
+const IMAGE_INFO_EXAMPLES: &str = "\
+Examples:
+  vireo image info disk.qcow2
+  vireo image info overlay.qcow2 --json
+
+Shows each file of the backing chain, top first: format, virtual size,
+cluster size, the guest bytes the file holds itself, and its backing file.";
+
+const IMAGE_CONVERT_EXAMPLES: &str = "\
+Examples:
+  vireo image convert disk.raw disk.qcow2 --format qcow2
+  vireo image convert overlay.qcow2 flat.raw --format raw
+  vireo image convert disk.img disk.qcow2 --format qcow2 --cluster-size 2M
+
+SRC may be raw or qcow2 (compressed clusters and backing chains included);
+DST is a new, standalone file (it must not exist). Zero ranges are not
+written, so DST stays sparse. Progress goes to stderr.";
+
+/// Disk image formats vireo writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiskFormat {
+    /// QEMU copy-on-write v3: grows as written, backing files, compression (read).
+    Qcow2,
+    /// The file is the disk, byte for byte.
+    Raw,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageCreateArgs {
+    /// The new image file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Virtual disk size (e.g. 10G, 512M, 1048576) [default: the backing file's].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, required_unless_present = "backing")]
+    pub size: Option<u64>,
+
+    /// Image format.
+    #[arg(long, value_enum, default_value_t = DiskFormat::Qcow2)]
+    pub format: DiskFormat,
+
+    /// Backing file (raw or qcow2) that unwritten parts of the disk read from (qcow2 only).
+    #[arg(long, value_name = "FILE")]
+    pub backing: Option<PathBuf>,
+
+    /// qcow2 cluster size: a power of two from 512 to 2M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
+    pub cluster_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageInfoArgs {
+    /// The image file.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageConvertArgs {
+    /// The image to read (raw or qcow2).
+    #[arg(value_name = "SRC")]
+    pub src: PathBuf,
+
+    /// The new image to write.
+    #[arg(value_name = "DST")]
+    pub dst: PathBuf,
+
+    /// Format of DST.
+    #[arg(long, value_enum, default_value_t = DiskFormat::Qcow2)]
+    pub format: DiskFormat,
+
+    /// qcow2 cluster size of DST: a power of two from 512 to 2M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
+    pub cluster_size: u64,
+}
+
+/// Parses a size: bytes, or a number with a K, M, G, T or P suffix
+/// (powers of 1024; "KiB"/"KB" spellings accepted).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let bad =
+        || format!("\"{text}\" is not a size: use bytes or a number with K, M, G or T (e.g. 10G)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "p" | "pb" | "pib" => 50,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v <= i64::MAX as u64)
+        .ok_or_else(|| format!("\"{text}\" is too large"))
 }
 
 #[cfg(test)]
@@ -143,5 +267,47 @@ mod tests {
         assert!(Cli::try_parse_from(["vireo", "run", "--kernel", "k", "--frobnicate"]).is_err());
         assert!(Cli::try_parse_from(["vireo", "run", "--kernel", "k", "--cpus", "-1"]).is_err());
         assert!(Cli::try_parse_from(["vireo", "run", "--kernel", "k", "--accel", "xen"]).is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_size("512mb"), Ok(512 << 20));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("-1G").is_err());
+        assert!(parse_size("9999999P").is_err());
+    }
+
+    #[test]
+    fn image_verbs_parse() {
+        let c =
+            Cli::try_parse_from(["vireo", "image", "create", "d.qcow2", "--size", "1G"]).unwrap();
+        match c.command {
+            Command::Image(ImageCommand::Create(a)) => {
+                assert_eq!(
+                    (a.size, a.format, a.cluster_size),
+                    (Some(1 << 30), DiskFormat::Qcow2, 65536)
+                )
+            }
+            _ => panic!("not create"),
+        }
+        // A size or a backing file is needed.
+        assert!(Cli::try_parse_from(["vireo", "image", "create", "d.qcow2"]).is_err());
+        assert!(Cli::try_parse_from(["vireo", "image", "create", "d", "--backing", "b"]).is_ok());
+        assert!(Cli::try_parse_from([
+            "vireo", "image", "create", "d", "--size", "1G", "--format", "vmdk"
+        ])
+        .is_err());
+        let c = Cli::try_parse_from(["vireo", "image", "convert", "a", "b", "--format", "raw"])
+            .unwrap();
+        assert!(
+            matches!(c.command, Command::Image(ImageCommand::Convert(ref a)) if a.format == DiskFormat::Raw)
+        );
+        let c = Cli::try_parse_from(["vireo", "image", "info", "a", "--json"]).unwrap();
+        assert!(matches!(c.command, Command::Image(ImageCommand::Info(ref a)) if a.json));
     }
 }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod console;
+mod disk;
 mod image;
 mod machine;
 mod run;
@@ -59,6 +60,9 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Image(ImageCommand::Build(args)) => image_build(args),
+        Command::Image(ImageCommand::Create(args)) => disk::create(args),
+        Command::Image(ImageCommand::Info(args)) => disk::info(args),
+        Command::Image(ImageCommand::Convert(args)) => disk::convert(args),
     };
     match result {
         Ok(()) => {}
