@@ -27,6 +27,8 @@ pub enum HypervisorError {
     KvmOpen(std::io::Error),
     #[error("KVM API version {0} is not supported (need 12)")]
     KvmApiVersion(i32),
+    #[error("{0} must be called before creating vCPUs or interrupt lines")]
+    PlatformMissing(&'static str),
     #[error("KVM lacks the capability {0}, which vireo needs")]
     MissingCapability(&'static str),
     #[error("{op}: {source}")]
@@ -59,7 +61,7 @@ pub trait Hypervisor: Send + Sync {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
     /// MSR indices the backend can save and restore.
     fn supported_msrs(&self) -> Result<Vec<u32>>;
-    /// Create an empty VM with the platform interrupt controllers and timer.
+    /// Create an empty VM: map its memory, then call [`Vm::create_platform`].
     fn create_vm(&self) -> Result<Arc<dyn Vm>>;
 }
 
@@ -76,6 +78,13 @@ pub trait Vm: Send + Sync {
         size: u64,
         host_addr: u64,
     ) -> Result<()>;
+    /// Create the platform's interrupt controllers and timer. Call it once,
+    /// after guest RAM is mapped and before creating vCPUs or interrupt
+    /// lines: on KVM every memory slot change made after the irqchip exists
+    /// waits for an SRCU grace period (milliseconds of startup time).
+    fn create_platform(&self) -> Result<()> {
+        Ok(())
+    }
     /// Create vCPU `id`. The vCPU with id 0 is the bootstrap processor.
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// An edge-triggered interrupt line wired to global system interrupt `gsi`

@@ -123,6 +123,8 @@ impl Vm {
             // keeps alive for as long as the hypervisor VM and its vCPUs.
             unsafe { hv_vm.map_memory(slot as u32, guest, size, host)? };
         }
+        // After the memory: see `create_platform` on why the order matters.
+        hv_vm.create_platform()?;
         let supported_cpuid = hv.supported_cpuid()?;
         let msrs = boot::cpu::boot_msrs(&hv.supported_msrs()?);
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);

@@ -5,7 +5,7 @@ mod convert;
 
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -115,21 +115,27 @@ impl Hypervisor for KvmHypervisor {
         if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
             tracing::debug!("KVM_SET_TSS_ADDR not accepted: {e}");
         }
-        fd.create_irq_chip()
-            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_PIT2", e))?;
-        Ok(Arc::new(KvmVm { fd }))
+        Ok(Arc::new(KvmVm {
+            fd,
+            platform: OnceLock::new(),
+        }))
     }
 }
 
 /// A KVM VM file descriptor.
 pub struct KvmVm {
     fd: VmFd,
+    /// Set once the in-kernel irqchip and PIT exist.
+    platform: OnceLock<()>,
+}
+
+impl KvmVm {
+    fn require_platform(&self) -> Result<()> {
+        self.platform
+            .get()
+            .copied()
+            .ok_or(HypervisorError::PlatformMissing("Vm::create_platform"))
+    }
 }
 
 impl Vm for KvmVm {
@@ -153,7 +159,26 @@ impl Vm for KvmVm {
             .map_err(|e| HypervisorError::ioctl("KVM_SET_USER_MEMORY_REGION", e))
     }
 
+    fn create_platform(&self) -> Result<()> {
+        if self.platform.get().is_some() {
+            return Ok(());
+        }
+        self.fd
+            .create_irq_chip()
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_PIT2", e))?;
+        let _ = self.platform.set(());
+        Ok(())
+    }
+
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        self.require_platform()?;
         let fd = self
             .fd
             .create_vcpu(u64::from(id))
@@ -162,6 +187,7 @@ impl Vm for KvmVm {
     }
 
     fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
+        self.require_platform()?;
         let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| HypervisorError::Ioctl {
             op: "eventfd",
             source: e,
