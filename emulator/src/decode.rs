@@ -64,10 +64,10 @@ impl DecodeCache {
     }
 }
 
-/// Decode one 64-bit mode instruction from `bytes` at `rip`.
+/// Decode one instruction of `bits`-bit code from `bytes` at `rip`.
 /// `Ok(None)` means the bytes ran out before the instruction ended.
-fn decode64(bytes: &[u8], rip: u64) -> Option<Option<Instruction>> {
-    let mut d = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+fn decode(bits: u32, bytes: &[u8], rip: u64) -> Option<Option<Instruction>> {
+    let mut d = Decoder::with_ip(bits, bytes, rip, DecoderOptions::NONE);
     let instr = d.decode();
     match d.last_error() {
         DecoderError::None if instr.code() != Code::INVALID => Some(Some(instr)),
@@ -77,30 +77,43 @@ fn decode64(bytes: &[u8], rip: u64) -> Option<Option<Instruction>> {
 }
 
 impl Cpu {
-    /// Fetch and decode the instruction at RIP; invalid encodings raise #UD.
+    /// Fetch and decode the instruction at CS:RIP; invalid encodings raise
+    /// #UD. The cache is keyed by the linear address; a hit must also have
+    /// been decoded at the same RIP (the same linear address can be
+    /// reached through different CS bases).
     pub(crate) fn fetch_decode(&mut self) -> Flow<Instruction> {
         let rip = self.state.rip;
-        let ppage_of = |cpu: &mut Cpu| {
-            cpu.translate(
-                rip,
+        let bits = self.state.code_bits();
+        let la = if bits == 64 {
+            rip
+        } else {
+            self.state
+                .seg(crate::cpu::state::SegReg::Cs)
+                .base
+                .wrapping_add(rip)
+                & 0xffff_ffff
+        };
+        let ppage = self
+            .translate(
+                la,
                 crate::mmu::AccessKind::Fetch,
                 crate::mmu::Privilege::Current,
             )
-            .map(|pa| pa >> 12)
-        };
-        let ppage = ppage_of(self)?;
-        if let Some(i) = self.icache.get(ppage, rip) {
-            return Ok(*i);
+            .map(|pa| pa >> 12)?;
+        if let Some(i) = self.icache.get(ppage, la) {
+            if i.ip() == rip {
+                return Ok(*i);
+            }
         }
         let ud = Trap::Exception {
             vector: UD,
             error: None,
         };
         let mut buf = [0u8; 15];
-        let (_, n) = self.fetch_bytes(rip, &mut buf, false)?;
-        match decode64(&buf[..n], rip) {
+        let (_, n) = self.fetch_bytes(la, &mut buf, false)?;
+        match decode(bits, &buf[..n], rip) {
             Some(Some(i)) => {
-                self.icache.insert(ppage, rip, i);
+                self.icache.insert(ppage, la, i);
                 Ok(i)
             }
             None => Err(ud),
@@ -108,8 +121,8 @@ impl Cpu {
             Some(None) => {
                 // The instruction crosses into the next page: not cached,
                 // since a write to either page would have to drop it.
-                let (_, n) = self.fetch_bytes(rip, &mut buf, true)?;
-                match decode64(&buf[..n], rip) {
+                let (_, n) = self.fetch_bytes(la, &mut buf, true)?;
+                match decode(bits, &buf[..n], rip) {
                     Some(Some(i)) => Ok(i),
                     _ => Err(ud),
                 }

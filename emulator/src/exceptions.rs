@@ -109,6 +109,11 @@ impl Cpu {
                 )))
                 }
                 Err(Trap::Internal(why)) => return Some(Exit::InternalError(why)),
+                Err(Trap::Retry) => {
+                    return Some(Exit::InternalError(format!(
+                        "delivery of vector {vector} raced with another vCPU"
+                    )))
+                }
             }
         }
     }
@@ -146,16 +151,127 @@ impl Cpu {
         if seg.present == 0 {
             return Err(exc(NP, err));
         }
-        if seg.l == 0 || seg.db != 0 {
-            return Err(Trap::Internal(format!(
-                "transfer to a non-64-bit code segment (selector {selector:#x}): compatibility mode is not emulated"
-            )));
-        }
         Ok(seg)
     }
 
-    /// Deliver one event through the IDT (IA-32e mode, 16-byte gates).
+    /// Deliver one event: through the IVT in real mode, the 32-bit IDT in
+    /// protected mode, the 64-bit IDT in long mode.
     fn deliver(
+        &mut self,
+        vector: u8,
+        error: Option<u32>,
+        return_rip: u64,
+        kind: EventKind,
+    ) -> Flow {
+        if self.state.real_mode() {
+            self.deliver_real(vector, return_rip)
+        } else if self.state.efer & crate::cpu::state::efer::LMA == 0 {
+            self.deliver_pm32(vector, error, return_rip, kind)
+        } else {
+            self.deliver64(vector, error, return_rip, kind)
+        }
+    }
+
+    /// Real mode: FLAGS, CS, IP on the stack, CS:IP from the IVT.
+    fn deliver_real(&mut self, vector: u8, return_rip: u64) -> Flow {
+        let off = u64::from(vector) * 4;
+        let idt = self.state.idt;
+        if off + 3 > u64::from(idt.limit) {
+            return Err(exc(GP, Some(0)));
+        }
+        let mut b = [0u8; 4];
+        self.read_lin(
+            idt.base.wrapping_add(off) & 0xffff_ffff,
+            &mut b,
+            Privilege::Supervisor,
+        )?;
+        let ip = u64::from(u16::from_le_bytes([b[0], b[1]]));
+        let sel = u16::from_le_bytes([b[2], b[3]]);
+        let flags = self.state.rflags;
+        let cs = u64::from(self.state.seg(SegReg::Cs).selector);
+        let sp = self.state.gpr[4];
+        let pushed = self
+            .push(2, flags)
+            .and_then(|()| self.push(2, cs))
+            .and_then(|()| self.push(2, return_rip & 0xffff));
+        if let Err(e) = pushed {
+            self.state.gpr[4] = sp;
+            return Err(e);
+        }
+        self.state.rflags &= !(rflags::IF | rflags::TF | rflags::AC | rflags::RF);
+        let c = &mut self.state.seg[SegReg::Cs as usize];
+        c.selector = sel;
+        c.base = u64::from(sel) << 4;
+        self.state.rip = ip;
+        self.next_rip = ip;
+        Ok(())
+    }
+
+    /// Protected mode: 32-bit interrupt and trap gates to a handler at the
+    /// same privilege level.
+    fn deliver_pm32(
+        &mut self,
+        vector: u8,
+        error: Option<u32>,
+        return_rip: u64,
+        kind: EventKind,
+    ) -> Flow {
+        let ext = u32::from(kind != EventKind::Software);
+        let idt_err = Some(u32::from(vector) * 8 + 2 + ext);
+        let idt = self.state.idt;
+        let off = u64::from(vector) * 8;
+        if off + 7 > u64::from(idt.limit) {
+            return Err(exc(GP, idt_err));
+        }
+        let lo = self.read_sys_u64(idt.base.wrapping_add(off) & 0xffff_ffff)?;
+        let gate_type = (lo >> 40) & 0xf;
+        let dpl = ((lo >> 45) & 3) as u8;
+        if gate_type != 0xe && gate_type != 0xf {
+            return Err(exc(GP, idt_err));
+        }
+        let cpl = self.state.cpl();
+        if kind == EventKind::Software && dpl < cpl {
+            return Err(exc(GP, idt_err));
+        }
+        if (lo >> 47) & 1 == 0 {
+            return Err(exc(NP, idt_err));
+        }
+        let selector = ((lo >> 16) & 0xffff) as u16;
+        let target = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
+        let mut cs = self.code_segment(selector, GP)?;
+        let new_cpl = if cs.type_ & 4 != 0 { cpl } else { cs.dpl };
+        if new_cpl != cpl {
+            return Err(Trap::Internal(format!(
+                "32-bit protected-mode delivery of vector {vector} to another privilege level is not emulated"
+            )));
+        }
+        let sp = self.state.gpr[4];
+        let mut pushed = self
+            .push(4, self.state.rflags)
+            .and_then(|()| self.push(4, u64::from(self.state.seg(SegReg::Cs).selector)))
+            .and_then(|()| self.push(4, return_rip));
+        if let Some(code) = error.filter(|_| has_error_code(vector) && kind != EventKind::Software)
+        {
+            pushed = pushed.and_then(|()| self.push(4, u64::from(code)));
+        }
+        if let Err(e) = pushed {
+            self.state.gpr[4] = sp;
+            return Err(e);
+        }
+        cs.selector = (selector & !3) | u16::from(cpl);
+        cs.dpl = cpl;
+        self.state.seg[SegReg::Cs as usize] = cs;
+        self.state.rflags &= !(rflags::TF | rflags::NT | rflags::RF | rflags::VM);
+        if gate_type == 0xe {
+            self.state.rflags &= !rflags::IF;
+        }
+        self.state.rip = target;
+        self.next_rip = target;
+        Ok(())
+    }
+
+    /// Deliver one event through the IDT (IA-32e mode, 16-byte gates).
+    fn deliver64(
         &mut self,
         vector: u8,
         error: Option<u32>,
@@ -189,7 +305,7 @@ impl Cpu {
         let ist = (lo >> 32) & 7;
         let mut cs = self.code_segment(selector, GP)?;
         let new_cpl = if cs.type_ & 4 != 0 { cpl } else { cs.dpl };
-        if new_cpl > cpl {
+        if new_cpl > cpl || cs.l == 0 || cs.db != 0 {
             return Err(exc(GP, Some(u32::from(selector & !3))));
         }
         if !is_canonical(target) {

@@ -3,32 +3,82 @@
 //! `vireo-hypervisor`; never on the VM core, devices or front ends.
 //!
 //! # Layout
+//! - [`hv`]: [`EmuHypervisor`] → [`EmuVm`] → [`EmuVcpu`], the complete
+//!   backend (`Hypervisor`/`Vm`/`Vcpu`): shared guest RAM registered by
+//!   `map_memory`, `create_vcpu`, `interrupt_line(gsi)`.
+//! - [`platform`]: the software PC platform of a VM: local APIC per vCPU
+//!   ([`platform::lapic`]), I/O APIC ([`platform::ioapic`]), 8259 pair
+//!   ([`platform::pic`]), 8254 PIT ([`platform::pit`]) and their routing.
 //! - [`cpu`]: architectural state ([`cpu::state`]), flag computation
-//!   ([`cpu::flags`]) and the run loop ([`Cpu::run`]) with its [`Exit`]s.
+//!   ([`cpu::flags`]) and the run loop ([`Cpu::run`]) with its [`Exit`]s;
+//!   `cpu/events.rs` is the CPU's side of the platform (interrupt, NMI,
+//!   INIT/SIPI acceptance, HLT sleeps, the TSC on host time).
 //! - [`memory`]: guest physical memory ([`GuestMemory`], [`PhysMemory`]);
-//!   anything that is not RAM becomes an MMIO exit.
+//!   anything that is not RAM (or the platform's) becomes an MMIO exit.
 //! - [`mmu`]: 4-level paging, permission checks, A/D bits, software TLB.
-//! - [`decode`]: iced-x86 decoding and the per-physical-page decode cache.
+//! - [`decode`]: iced-x86 decoding (16/32/64-bit) and the per-physical-page
+//!   decode cache.
 //! - [`exec`]: instruction semantics, one file per group.
-//! - [`exceptions`]: delivery through the 64-bit IDT, #DF and triple fault.
+//! - [`exceptions`]: delivery through the real-mode IVT, the 32-bit IDT and
+//!   the 64-bit IDT, #DF and triple fault.
 //! - [`vcpu`]: [`vireo_hypervisor::Vcpu`] for an emulated CPU.
 //!
-//! # State of the backend
-//! Implemented: 64-bit long mode (the mode vireo's boot protocol enters),
-//! the integer instruction set a kernel needs, system instructions, paging,
-//! exceptions, port I/O and MMIO exits, an SSE2 integer/logic subset.
-//! CPUID advertises only what is implemented (no x87/MMX/FXSR/SSE/SSE2,
-//! XSAVE, APIC, SEP yet), so a stock kernel does not boot yet.
+//! # Using it as a backend
+//! `EmuHypervisor::new()` is a `Hypervisor` (name `"emu"`, 64 vCPUs).
+//! Its VMs handle the LAPIC page (APIC_BASE, default 0xFEE00000), the
+//! IOAPIC page (0xFEC00000) and ports 0x20/0x21, 0xA0/0xA1, 0x4D0/0x4D1,
+//! 0x40-0x43 and 0x61 themselves; they never reach the VMM. vCPU i has
+//! APIC id i; vCPU 0 starts runnable, the others wait for INIT/SIPI.
+//! `Vcpu::run` executes in slices of 256 instructions and returns
+//! `VcpuExit::Interrupted` at least every millisecond
+//! ([`vcpu::RUN_SLICE_TIME`]) — also while halted or waiting for SIPI, and
+//! at once after [`Kicker::kick`] (from [`EmuVcpu::kicker`]) — so a VMM's
+//! pause/stop works without signals. HLT sleeps on the LAPIC until an
+//! interrupt, a timer or the end of the slice; `cli; hlt` is a stopped CPU
+//! and never reports `VcpuExit::Halt`. Timers are polled by the vCPU
+//! threads (no platform thread): ~1 ms granularity while halted.
+//! `InterruptLine::trigger` pulses IOAPIC pin `gsi` and, for gsi < 16,
+//! the PIC line; `InterruptLine::eventfd` is not supported.
 //!
-//! **Not yet here** (next sessions): `Hypervisor` and `Vm` implementations.
-//! They need the interrupt controllers (LAPIC, IOAPIC, PIC) and the PIT in
-//! software, which do not exist yet; until then [`vcpu::EmuVcpu`] gives the
-//! CPU side of the `Vcpu` trait and [`Cpu::inject_interrupt`] is the hook an
-//! interrupt controller will use. Also missing: real mode, compatibility
-//! mode and legacy/PAE paging, x87, the rest of SSE, TF/debug breakpoints,
-//! the TSS I/O permission bitmap, and SMP atomicity of LOCKed instructions.
+//! # State of the backend
+//! Implemented: real mode (segment arithmetic, IVT delivery, far
+//! JMP/CALL/RET/IRET), 16- and 32-bit protected mode without paging
+//! (descriptor loads, 32-bit IDT gates at the same privilege), compatibility
+//! mode and 64-bit long mode with 4-level paging, so an AP trampoline can go
+//! real → protected → long mode (CR0.PE, LGDT/LIDT, far jumps, CR4.PAE,
+//! EFER.LME, CR0.PG); the integer instruction set a kernel needs, system
+//! instructions, exceptions, port I/O and MMIO exits, an SSE2
+//! integer/logic subset. LOCKed read-modify-writes (and XCHG with memory)
+//! are host compare-and-swaps on aligned RAM, so spinlocks work across
+//! vCPU threads. The local APIC: ID, version, TPR/PPR, EOI (with the
+//! level EOI broadcast to the IOAPIC), LDR/DFR (flat and cluster), SVR,
+//! ISR/IRR/TMR, ESR, ICR (fixed, lowest priority, NMI, INIT, STARTUP;
+//! physical, logical, shorthands), LVT timer (one-shot, periodic,
+//! TSC-deadline) on host time at a 1 GHz bus clock, LINT0 ExtINT (BSP
+//! only, as KVM), LVT error; CR8 is the TPR. The TSC runs at 1 GHz of host
+//! time. CPUID advertises only what is implemented (APIC and TSC-deadline
+//! for VM CPUs; no x87/MMX/FXSR/SSE/SSE2, XSAVE, x2APIC, SEP), so a stock
+//! kernel does not boot yet (its `verify_cpu` wants SSE2 and FXSR).
+//!
+//! **Not yet here**: legacy (32-bit and PAE) paging, 32-bit
+//! protected-mode interrupts to another privilege level, task switches,
+//! call gates, virtual-8086 mode, segment limit checks, x87, the rest of
+//! SSE, x2APIC, TF/debug breakpoints, the TSS I/O permission bitmap,
+//! atomicity of LOCKed accesses that are misaligned or cross pages (plain
+//! writes) and of CMPXCHG16B, cross-vCPU invalidation of decoded code
+//! (a vCPU writing another's code is seen only after INIT/SIPI or a CR0/CR3
+//! change of the executing vCPU), eventfd-backed interrupt lines, SMIs,
+//! the PIT's other modes' interrupts (only channel 0 modes 0, 2 and 3
+//! interrupt) and the PC speaker.
 //!
 //! # Testing
+//! `tests/platform.rs` boots tiny guests through the backend traits with a
+//! small VMM loop (LAPIC periodic timer waking HLT, PIT channel 0 through
+//! the IOAPIC and channel 2 TSC calibration, `interrupt_line(4)` through
+//! the IOAPIC and through the PIC, INIT-SIPI-SIPI with a real-mode
+//! trampoline on 2 and 4 vCPUs and one that switches to long mode, kicks and
+//! halted runs returning `Interrupted` promptly, and seeded random writes to
+//! every platform register, `VIREO_PLATFORM_FUZZ_SEED`).
 //! `tests/differential.rs` runs the same instruction bytes natively on the
 //! host CPU and on the emulator and compares GPRs, defined RFLAGS bits, XMM
 //! registers and memory (`VIREO_DIFF_SEED` replays a run,
@@ -45,12 +95,15 @@ pub mod cpu;
 pub mod decode;
 pub mod exceptions;
 pub mod exec;
+pub mod hv;
 pub mod memory;
 pub mod mmu;
+pub mod platform;
 pub mod vcpu;
 
 pub use cpu::state::CpuState;
 pub use cpu::{Cpu, Exit, MAX_IO_LEN};
 pub use exec::system::{filter_cpuid, supported_cpuid};
+pub use hv::{EmuHypervisor, EmuVm};
 pub use memory::{GuestMemory, MemoryError, PhysMemory};
-pub use vcpu::EmuVcpu;
+pub use vcpu::{EmuVcpu, Kicker};

@@ -1,6 +1,7 @@
 //! [`vireo_hypervisor::Vcpu`] for an emulated CPU.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use vireo_hypervisor::{
     CpuidEntry, FpuState, HypervisorError, LapicState, MsrEntry, Regs, Result, SpecialRegs, Vcpu,
@@ -13,6 +14,23 @@ use crate::{Cpu, Exit};
 /// Instructions per [`Vcpu::run`] before it returns
 /// [`VcpuExit::Interrupted`] so the caller can check for pause/stop.
 pub const DEFAULT_BUDGET: u64 = 1 << 20;
+/// With a platform, `run` returns [`VcpuExit::Interrupted`] at least this
+/// often (also while halted), so that a VMM's pause/stop is seen promptly.
+pub const RUN_SLICE_TIME: Duration = Duration::from_millis(1);
+/// Instructions between checks of the clock, the timers and the kick flag.
+const SLICE: u64 = 256;
+
+/// Makes a vCPU's [`Vcpu::run`] return [`VcpuExit::Interrupted`] soon
+/// (within one slice, or at once if it is halted). Cheap to clone and
+/// usable from any thread.
+#[derive(Clone)]
+pub struct Kicker(Arc<crate::platform::LocalApic>);
+
+impl Kicker {
+    pub fn kick(&self) {
+        self.0.kick();
+    }
+}
 
 /// One emulated vCPU.
 pub struct EmuVcpu {
@@ -49,6 +67,14 @@ impl EmuVcpu {
         self.cpu.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A handle that kicks this vCPU out of `run`; `None` for a vCPU that
+    /// is not part of an [`crate::EmuVm`] (its `run` returns after its
+    /// instruction budget anyway).
+    pub fn kicker(&self) -> Option<Kicker> {
+        let c = self.lock();
+        c.link.as_ref().map(|l| Kicker(l.lapic.clone()))
+    }
+
     /// Direct access to the emulated CPU.
     pub fn cpu_mut(&mut self) -> &mut Cpu {
         self.cpu.get_mut().unwrap_or_else(PoisonError::into_inner)
@@ -63,7 +89,37 @@ impl Vcpu for EmuVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         let budget = self.budget;
         let cpu = self.cpu.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let exit = cpu.run(budget);
+        let exit = match cpu.link.clone() {
+            None => cpu.run(budget),
+            Some(link) => {
+                let start = Instant::now();
+                let until = start + RUN_SLICE_TIME;
+                let mut left = budget;
+                loop {
+                    if link
+                        .lapic
+                        .kick
+                        .swap(false, std::sync::atomic::Ordering::AcqRel)
+                    {
+                        break Exit::BudgetExhausted;
+                    }
+                    let now = Instant::now();
+                    cpu.poll_timers(now);
+                    if now >= until || left == 0 {
+                        break Exit::BudgetExhausted;
+                    }
+                    let n = SLICE.min(left);
+                    left -= n;
+                    match cpu.run(n) {
+                        Exit::BudgetExhausted => {}
+                        // HLT, or an AP waiting for SIPI: sleep until an
+                        // interrupt, a timer or the end of this slice.
+                        Exit::Halt => cpu.wait_for_event(until),
+                        other => break other,
+                    }
+                }
+            }
+        };
         let buf = &mut cpu.io_buf;
         Ok(match exit {
             Exit::IoIn { port, size } => VcpuExit::IoIn(port, &mut buf[..usize::from(size)]),
@@ -158,6 +214,7 @@ impl Vcpu for EmuVcpu {
         s.efer = r.efer & efer::VALID;
         s.msr.apic_base = r.apic_base;
         c.flush_tlb();
+        c.apic_base_changed();
         Ok(())
     }
 
@@ -200,6 +257,11 @@ impl Vcpu for EmuVcpu {
     }
 
     fn lapic(&self) -> Result<LapicState> {
+        if let Some(link) = &self.lock().link {
+            return Ok(LapicState {
+                regs: link.lapic.lock().to_page(Instant::now()),
+            });
+        }
         Ok(self
             .lapic
             .lock()
@@ -208,6 +270,11 @@ impl Vcpu for EmuVcpu {
     }
 
     fn set_lapic(&self, lapic: &LapicState) -> Result<()> {
+        if let Some(link) = &self.lock().link {
+            link.lapic
+                .post(|l| l.load_page(&lapic.regs, Instant::now()));
+            return Ok(());
+        }
         *self.lapic.lock().unwrap_or_else(PoisonError::into_inner) = lapic.clone();
         Ok(())
     }

@@ -53,7 +53,7 @@ impl Cpu {
 
     /// Read guest physical memory; MMIO asks the VMM.
     pub(crate) fn read_phys(&mut self, pa: u64, buf: &mut [u8]) -> Flow {
-        if buf.is_empty() || self.mem.read(pa, buf) {
+        if buf.is_empty() || self.mem.read(pa, buf) || self.platform_mmio_read(pa, buf) {
             return Ok(());
         }
         self.take_input(
@@ -78,6 +78,9 @@ impl Cpu {
             }
             return;
         }
+        if self.platform_mmio_write(pa, data) {
+            return;
+        }
         let mut buf = [0u8; MAX_IO_LEN];
         let n = data.len().min(MAX_IO_LEN);
         buf[..n].copy_from_slice(&data[..n]);
@@ -89,12 +92,71 @@ impl Cpu {
         let mut b = [0u8; 8];
         let n = bytes.min(8);
         self.read_lin(la, &mut b[..n], Privilege::Current)?;
-        Ok(u64::from_le_bytes(b))
+        let v = u64::from_le_bytes(b);
+        if let Some(op) = &mut self.atomic {
+            if op.la.is_none() {
+                *op = super::AtomicOp {
+                    la: Some(la),
+                    len: n,
+                    old: v,
+                };
+            }
+        }
+        Ok(v)
     }
 
     pub(crate) fn write_mem(&mut self, la: u64, bytes: usize, v: u64) -> Flow {
         let n = bytes.min(8);
+        if let Some(op) = self.atomic {
+            if op.la == Some(la) && op.len == n {
+                return self.cas_mem(la, n, op.old, v);
+            }
+        }
         self.write_lin(la, &v.to_le_bytes()[..n], Privilege::Current)
+    }
+
+    /// The write of a LOCKed read-modify-write: a host compare-and-swap
+    /// against the value the instruction read, so that vCPUs racing on the
+    /// same location see x86 atomicity. A lost race restarts the
+    /// instruction. Accesses that are not naturally aligned RAM fall back
+    /// to a plain write.
+    fn cas_mem(&mut self, la: u64, n: usize, old: u64, new: u64) -> Flow {
+        use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
+        let (pa, first, pa2) = self.access_lin(la, n, AccessKind::Write, Privilege::Current)?;
+        let ptr = if matches!(n, 1 | 2 | 4 | 8) && pa2.is_none() && first == n && pa % n as u64 == 0
+        {
+            self.mem.host_ptr(pa, n)
+        } else {
+            None
+        };
+        let Some(p) = ptr.filter(|p| p.as_ptr() as usize % n == 0) else {
+            return self.write_lin(la, &new.to_le_bytes()[..n], Privilege::Current);
+        };
+        let p = p.as_ptr();
+        // SAFETY: `host_ptr` vouches for `n` valid bytes at `p`, which is
+        // aligned to `n` (checked above); guest RAM is only ever accessed
+        // by copies and by these atomics.
+        let ok = unsafe {
+            match n {
+                1 => AtomicU8::from_ptr(p)
+                    .compare_exchange(old as u8, new as u8, SeqCst, SeqCst)
+                    .is_ok(),
+                2 => AtomicU16::from_ptr(p.cast())
+                    .compare_exchange(old as u16, new as u16, SeqCst, SeqCst)
+                    .is_ok(),
+                4 => AtomicU32::from_ptr(p.cast())
+                    .compare_exchange(old as u32, new as u32, SeqCst, SeqCst)
+                    .is_ok(),
+                _ => AtomicU64::from_ptr(p.cast())
+                    .compare_exchange(old, new, SeqCst, SeqCst)
+                    .is_ok(),
+            }
+        };
+        if !ok {
+            return Err(super::Trap::Retry);
+        }
+        self.icache.invalidate_page(pa >> 12);
+        Ok(())
     }
 
     /// A supervisor (implicit) 8-byte read, e.g. of a descriptor table.

@@ -4,6 +4,7 @@ pub mod flags;
 pub mod state;
 
 mod access;
+mod events;
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -56,6 +57,18 @@ pub(crate) enum Trap {
     NeedInput(Exit),
     /// Stop with [`Exit::InternalError`].
     Internal(String),
+    /// A LOCKed read-modify-write lost a race with another vCPU: nothing
+    /// was written; run the instruction again.
+    Retry,
+}
+
+/// The memory operand of the LOCKed instruction being executed: its first
+/// read is remembered so the write can be a compare-and-swap.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AtomicOp {
+    pub la: Option<u64>,
+    pub len: usize,
+    pub old: u64,
 }
 
 pub(crate) type Flow<T = ()> = std::result::Result<T, Trap>;
@@ -94,6 +107,20 @@ pub struct Cpu {
     pub(crate) int_shadow: bool,
     pending_irq: Option<u8>,
     warned: HashSet<(u64, u32)>,
+    /// The VM's interrupt controllers and timer, when the CPU is part of
+    /// an [`crate::EmuVm`].
+    pub(crate) link: Option<crate::platform::CpuLink>,
+    /// Waiting for a STARTUP IPI (an AP after reset or INIT).
+    pub(crate) wait_sipi: bool,
+    pub(crate) nmi_pending: bool,
+    /// An NMI handler runs: further NMIs wait for the next IRET.
+    pub(crate) nmi_blocked: bool,
+    /// TSC = platform nanoseconds + offset (with a platform).
+    pub(crate) tsc_offset: u64,
+    /// Code size of the last decoded instruction: a change flushes the
+    /// decode cache.
+    last_bits: u32,
+    pub(crate) atomic: Option<AtomicOp>,
 }
 
 impl Cpu {
@@ -118,6 +145,13 @@ impl Cpu {
             int_shadow: false,
             pending_irq: None,
             warned: HashSet::new(),
+            link: None,
+            wait_sipi: false,
+            nmi_pending: false,
+            nmi_blocked: false,
+            tsc_offset: 0,
+            last_bits: 64,
+            atomic: None,
         }
     }
 
@@ -142,7 +176,7 @@ impl Cpu {
     /// Replace the CPUID table. Feature bits the emulator does not implement
     /// are cleared, whatever the caller asks for.
     pub fn set_cpuid(&mut self, entries: &[CpuidEntry]) {
-        self.cpuid = crate::exec::system::filter_cpuid(entries);
+        self.cpuid = crate::exec::system::filter_cpuid_with(entries, self.link.is_some());
     }
 
     /// Queue an external interrupt; it is delivered once RFLAGS.IF allows.
@@ -183,7 +217,11 @@ impl Cpu {
     /// Execute one instruction (or deliver one event). Returns an exit the
     /// VMM must see.
     fn step(&mut self) -> Option<Exit> {
-        if self.state.flag(rflags::IF) && !self.int_shadow {
+        if self.link.is_some() {
+            if let Some(exit) = self.platform_events() {
+                return Some(exit);
+            }
+        } else if self.state.flag(rflags::IF) && !self.int_shadow {
             if let Some(vector) = self.pending_irq.take() {
                 self.halted = false;
                 let rip = self.state.rip;
@@ -198,14 +236,13 @@ impl Cpu {
             }
         }
         self.int_shadow = false;
-        if self.halted {
+        if self.halted || self.wait_sipi {
             return Some(Exit::Halt);
         }
-        if !self.state.long_mode_64() {
-            return Some(Exit::InternalError(format!(
-                "only 64-bit long mode is emulated (CR0={:#x} EFER={:#x} CS.L={})",
-                self.state.cr0, self.state.efer, self.state.seg[1].l
-            )));
+        let bits = self.state.code_bits();
+        if bits != self.last_bits {
+            self.icache.invalidate_all();
+            self.last_bits = bits;
         }
         let start_rip = self.state.rip;
         let start_flags = self.state.rflags;
@@ -217,7 +254,11 @@ impl Cpu {
         });
         match result {
             Ok(_) => {
-                self.state.rip = self.next_rip;
+                self.state.rip = if self.state.long_mode_64() {
+                    self.next_rip
+                } else {
+                    self.next_rip & 0xffff_ffff
+                };
                 self.state.tsc = self.state.tsc.wrapping_add(1);
                 self.responses.clear();
                 self.exit_after.take()
@@ -228,6 +269,14 @@ impl Cpu {
                 self.state.gpr = start_gpr;
                 self.awaiting_input = Some(exit.clone());
                 Some(exit)
+            }
+            Err(Trap::Retry) => {
+                self.state.rip = start_rip;
+                self.state.rflags = start_flags;
+                self.state.gpr = start_gpr;
+                self.responses.clear();
+                self.exit_after = None;
+                None
             }
             Err(Trap::Exception { vector, error }) => {
                 self.responses.clear();

@@ -72,6 +72,7 @@ pub mod efer {
 /// MSR indices the emulator implements.
 pub mod msr {
     pub const TSC: u32 = 0x10;
+    pub const TSC_DEADLINE: u32 = 0x6e0;
     pub const APIC_BASE: u32 = 0x1b;
     pub const MTRRCAP: u32 = 0xfe;
     pub const SYSENTER_CS: u32 = 0x174;
@@ -236,6 +237,37 @@ impl CpuState {
     /// True in 64-bit mode (long mode active and CS.L set).
     pub fn long_mode_64(&self) -> bool {
         self.efer & efer::LMA != 0 && self.seg[SegReg::Cs as usize].l != 0
+    }
+
+    /// Real-address mode (CR0.PE clear).
+    pub fn real_mode(&self) -> bool {
+        self.cr0 & cr0::PE == 0
+    }
+
+    /// Default operand/address size of the code being run: 16 (real mode
+    /// or a 16-bit segment), 32 or 64.
+    pub fn code_bits(&self) -> u32 {
+        let cs = &self.seg[SegReg::Cs as usize];
+        if self.real_mode() {
+            16
+        } else if self.efer & efer::LMA != 0 && cs.l != 0 {
+            64
+        } else if cs.db != 0 {
+            32
+        } else {
+            16
+        }
+    }
+
+    /// Width of the stack pointer: 64 in 64-bit mode, else SS.B.
+    pub fn stack_bits(&self) -> u32 {
+        if self.long_mode_64() {
+            64
+        } else if self.seg[SegReg::Ss as usize].db != 0 {
+            32
+        } else {
+            16
+        }
     }
 
     pub fn flag(&self, bit: u64) -> bool {

@@ -25,6 +25,20 @@ pub(crate) fn execute(cpu: &mut Cpu, i: &Instruction) -> Flow {
     if i.has_lock_prefix() && !lock_allowed(i) {
         return Err(ud());
     }
+    let locked = i.has_lock_prefix()
+        || (i.mnemonic() == Mnemonic::Xchg
+            && (i.op0_kind() == OpKind::Memory || i.op1_kind() == OpKind::Memory));
+    if locked {
+        cpu.atomic = Some(crate::cpu::AtomicOp::default());
+        let r = dispatch(cpu, i);
+        cpu.atomic = None;
+        r
+    } else {
+        dispatch(cpu, i)
+    }
+}
+
+fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
     use Mnemonic as M;
     match i.mnemonic() {
         M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
@@ -83,9 +97,20 @@ pub(crate) fn execute(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Seto
         | M::Setp
         | M::Sets => mov::setcc(cpu, i),
-        M::Push | M::Pop | M::Pushfq | M::Popfq | M::Pushf | M::Popf | M::Leave | M::Enter => {
-            stack::stack(cpu, i)
-        }
+        M::Push
+        | M::Pop
+        | M::Pushfq
+        | M::Popfq
+        | M::Pushf
+        | M::Popf
+        | M::Pushfd
+        | M::Popfd
+        | M::Pusha
+        | M::Pushad
+        | M::Popa
+        | M::Popad
+        | M::Leave
+        | M::Enter => stack::stack(cpu, i),
         M::Jmp
         | M::Call
         | M::Ret
@@ -110,6 +135,7 @@ pub(crate) fn execute(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Loopne
         | M::Jrcxz
         | M::Jecxz
+        | M::Jcxz
         | M::Retf => branch::branch(cpu, i),
         M::Movsb
         | M::Movsw
@@ -263,45 +289,64 @@ impl Cpu {
 
     /// The linear address of the explicit memory operand.
     pub(crate) fn ea(&self, i: &Instruction) -> u64 {
-        self.offset(i)
-            .wrapping_add(self.seg_base(i.memory_segment()))
+        let la = self
+            .offset(i)
+            .wrapping_add(self.seg_base(i.memory_segment()));
+        if self.state.long_mode_64() {
+            la
+        } else {
+            la & 0xffff_ffff
+        }
     }
 
     /// The effective address (offset, without segment base) of the
-    /// explicit memory operand, as LEA computes it.
+    /// explicit memory operand, as LEA computes it, wrapped to the
+    /// address size.
     pub(crate) fn offset(&self, i: &Instruction) -> u64 {
         let base = i.memory_base();
         let index = i.memory_index();
         let mut a = i.memory_displacement64();
-        let mut addr32 = false;
+        let mut abits = 0;
         if base == Register::RIP || base == Register::EIP {
-            addr32 = base == Register::EIP;
+            abits = if base == Register::EIP { 32 } else { 64 };
         } else {
             if base != Register::None {
                 a = a.wrapping_add(self.reg(base));
-                addr32 |= gpr_info(base).is_some_and(|(_, b, _)| b == 32);
+                abits = gpr_info(base).map_or(64, |(_, b, _)| b);
             }
             if index != Register::None {
                 a = a.wrapping_add(
                     self.reg(index)
                         .wrapping_mul(u64::from(i.memory_index_scale())),
                 );
-                addr32 |= gpr_info(index).is_some_and(|(_, b, _)| b == 32);
+                abits = abits.max(gpr_info(index).map_or(64, |(_, b, _)| b));
             }
         }
-        if addr32 {
-            a &= 0xffff_ffff;
+        if abits == 0 {
+            abits = if self.state.long_mode_64() {
+                64
+            } else if i.memory_displ_size() == 2 {
+                16
+            } else {
+                32
+            };
         }
-        a
+        a & crate::cpu::flags::mask(abits)
     }
 
-    /// Segment base in 64-bit mode: only FS and GS have one.
+    /// Segment base: in 64-bit mode only FS and GS have one.
     pub(crate) fn seg_base(&self, seg: Register) -> u64 {
-        match seg {
-            Register::FS => self.state.seg(SegReg::Fs).base,
-            Register::GS => self.state.seg(SegReg::Gs).base,
-            _ => 0,
-        }
+        let s = match seg {
+            Register::FS => SegReg::Fs,
+            Register::GS => SegReg::Gs,
+            _ if self.state.long_mode_64() => return 0,
+            Register::ES => SegReg::Es,
+            Register::CS => SegReg::Cs,
+            Register::SS => SegReg::Ss,
+            Register::DS => SegReg::Ds,
+            _ => return 0,
+        };
+        self.state.seg(s).base
     }
 
     /// Width in bits of operand `n`.

@@ -24,12 +24,15 @@ pub(crate) fn string(cpu: &mut Cpu, i: &Instruction) -> Flow {
         M::Movsd | M::Stosd | M::Lodsd | M::Scasd | M::Cmpsd | M::Insd | M::Outsd => 4,
         _ => 8,
     };
-    let addr32 = (0..i.op_count())
-        .any(|n| matches!(i.op_kind(n), OpKind::MemorySegESI | OpKind::MemoryESEDI));
-    if (0..i.op_count()).any(|n| matches!(i.op_kind(n), OpKind::MemorySegSI | OpKind::MemoryESDI)) {
-        return cpu.unimplemented(i);
-    }
-    let amask = if addr32 { 0xffff_ffff } else { u64::MAX };
+    let has = |k: &[OpKind]| (0..i.op_count()).any(|n| k.contains(&i.op_kind(n)));
+    let asize = if has(&[OpKind::MemorySegSI, OpKind::MemoryESDI]) {
+        16
+    } else if has(&[OpKind::MemorySegESI, OpKind::MemoryESEDI]) {
+        32
+    } else {
+        64
+    };
+    let amask = mask(asize);
     let conditional = matches!(
         i.mnemonic(),
         M::Scasb | M::Scasw | M::Scasd | M::Scasq | M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq
@@ -66,7 +69,7 @@ pub(crate) fn string(cpu: &mut Cpu, i: &Instruction) -> Flow {
             return Ok(());
         }
         let c = cpu.state.gpr[RCX].wrapping_sub(1) & amask;
-        set_idx(cpu, RCX, c, addr32);
+        set_idx(cpu, RCX, c, asize);
         if c == 0 {
             return Ok(());
         }
@@ -83,8 +86,13 @@ pub(crate) fn string(cpu: &mut Cpu, i: &Instruction) -> Flow {
     }
 }
 
-fn set_idx(cpu: &mut Cpu, r: usize, v: u64, addr32: bool) {
-    cpu.state.gpr[r] = if addr32 { v & 0xffff_ffff } else { v };
+fn set_idx(cpu: &mut Cpu, r: usize, v: u64, asize: u32) {
+    let old = cpu.state.gpr[r];
+    cpu.state.gpr[r] = match asize {
+        16 => (old & !0xffff) | (v & 0xffff),
+        32 => v & 0xffff_ffff,
+        _ => v,
+    };
 }
 
 fn iteration(cpu: &mut Cpu, i: &Instruction, bytes: u64, amask: u64, src_base: u64) -> Flow {
@@ -95,21 +103,35 @@ fn iteration(cpu: &mut Cpu, i: &Instruction, bytes: u64, amask: u64, src_base: u
         bytes
     };
     let rsi = cpu.state.gpr[RSI] & amask;
-    let rdi = cpu.state.gpr[RDI] & amask;
-    let src = src_base.wrapping_add(rsi);
+    let di = cpu.state.gpr[RDI] & amask;
+    let long = cpu.state.long_mode_64();
+    let lin = |base: u64, off: u64| {
+        let la = base.wrapping_add(off);
+        if long {
+            la
+        } else {
+            la & 0xffff_ffff
+        }
+    };
+    let src = lin(src_base, rsi);
+    let rdi = lin(cpu.seg_base(iced_x86::Register::ES), di);
     let bits = (bytes * 8) as u32;
-    let addr32 = amask != u64::MAX;
+    let addr32 = match amask {
+        0xffff => 16,
+        0xffff_ffff => 32,
+        _ => 64,
+    };
     let adv = |v: u64| v.wrapping_add(step) & amask;
     match i.mnemonic() {
         M::Movsb | M::Movsw | M::Movsd | M::Movsq => {
             let v = cpu.read_mem(src, n)?;
             cpu.write_mem(rdi, n, v)?;
             set_idx(cpu, RSI, adv(rsi), addr32);
-            set_idx(cpu, RDI, adv(rdi), addr32);
+            set_idx(cpu, RDI, adv(di), addr32);
         }
         M::Stosb | M::Stosw | M::Stosd | M::Stosq => {
             cpu.write_mem(rdi, n, cpu.state.gpr[RAX])?;
-            set_idx(cpu, RDI, adv(rdi), addr32);
+            set_idx(cpu, RDI, adv(di), addr32);
         }
         M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq => {
             let v = cpu.read_mem(src, n)?;
@@ -120,7 +142,7 @@ fn iteration(cpu: &mut Cpu, i: &Instruction, bytes: u64, amask: u64, src_base: u
             let v = cpu.read_mem(rdi, n)?;
             let (_, f) = flags::sub(bits, cpu.state.gpr[RAX] & mask(bits), v, false);
             cpu.state.set_arith(ARITH, f);
-            set_idx(cpu, RDI, adv(rdi), addr32);
+            set_idx(cpu, RDI, adv(di), addr32);
         }
         M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq => {
             let a = cpu.read_mem(src, n)?;
@@ -128,14 +150,14 @@ fn iteration(cpu: &mut Cpu, i: &Instruction, bytes: u64, amask: u64, src_base: u
             let (_, f) = flags::sub(bits, a, b, false);
             cpu.state.set_arith(ARITH, f);
             set_idx(cpu, RSI, adv(rsi), addr32);
-            set_idx(cpu, RDI, adv(rdi), addr32);
+            set_idx(cpu, RDI, adv(di), addr32);
         }
         M::Insb | M::Insw | M::Insd => {
             let port = cpu.state.gpr[RDX] as u16;
             cpu.probe_write(rdi, n)?;
             let v = cpu.port_in(port, n)?;
             cpu.write_mem(rdi, n, v)?;
-            set_idx(cpu, RDI, adv(rdi), addr32);
+            set_idx(cpu, RDI, adv(di), addr32);
         }
         _ => {
             // OUTS

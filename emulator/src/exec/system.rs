@@ -26,6 +26,12 @@ const LEAF1_EDX: u32 = (1 << 2)
     | (1 << 19);
 /// CPUID.1:ECX: CX16, POPCNT, hypervisor.
 const LEAF1_ECX: u32 = (1 << 13) | (1 << 23) | (1 << 31);
+/// CPUID.1:EDX APIC: on-chip local APIC (with a platform).
+const LEAF1_EDX_APIC: u32 = 1 << 9;
+/// CPUID.1:ECX TSC-deadline timer (with a platform).
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// The hypervisor leaves' signature.
+const HV_SIGNATURE: &[u8; 12] = b"VireoEmuCPU\0";
 /// CPUID.80000001:EDX: SYSCALL, NX, 1 GiB pages, RDTSCP, LM.
 const EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
 /// CPUID.80000001:ECX: LAHF/SAHF in 64-bit mode.
@@ -69,20 +75,62 @@ pub fn supported_cpuid() -> Vec<CpuidEntry> {
     v
 }
 
+/// The CPUID leaves of a CPU in an [`crate::EmuVm`]: those of
+/// [`supported_cpuid`] plus the local APIC, the TSC-deadline timer, the
+/// leaf 0xB topology (filled in by the VMM) and the hypervisor leaf.
+pub fn platform_cpuid() -> Vec<CpuidEntry> {
+    let mut v = supported_cpuid();
+    for e in &mut v {
+        match e.function {
+            0 => e.eax = 0xb,
+            1 => {
+                e.edx |= LEAF1_EDX_APIC;
+                e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+            }
+            _ => {}
+        }
+    }
+    for index in 0..3 {
+        v.push(CpuidEntry {
+            function: 0xb,
+            index,
+            flags: CpuidEntry::FLAG_SIGNIFICANT_INDEX,
+            ..CpuidEntry::default()
+        });
+    }
+    let (b, c, d) = str_regs(HV_SIGNATURE);
+    v.push(entry(0x4000_0000, 0x4000_0000, b, c, d));
+    v
+}
+
 /// Keep the caller's CPUID table but clear every feature bit the emulator
 /// does not implement, and drop leaves that describe unimplemented
 /// hardware (XSAVE, PMU, paravirtual interfaces, ...).
 pub fn filter_cpuid(entries: &[CpuidEntry]) -> Vec<CpuidEntry> {
+    filter_cpuid_with(entries, false)
+}
+
+/// [`filter_cpuid`] for a CPU with (`apic`) or without a local APIC.
+pub fn filter_cpuid_with(entries: &[CpuidEntry], apic: bool) -> Vec<CpuidEntry> {
+    let (edx1, ecx1) = if apic {
+        (
+            LEAF1_EDX | LEAF1_EDX_APIC,
+            LEAF1_ECX | LEAF1_ECX_TSC_DEADLINE,
+        )
+    } else {
+        (LEAF1_EDX, LEAF1_ECX)
+    };
     entries
         .iter()
         .filter_map(|e| {
             let mut e = *e;
             match e.function {
-                0 => e.eax = e.eax.min(7),
+                0 => e.eax = e.eax.min(0xb),
                 1 => {
-                    e.ecx &= LEAF1_ECX;
-                    e.edx &= LEAF1_EDX;
+                    e.ecx &= ecx1;
+                    e.edx &= edx1;
                 }
+                0x4000_0000 => e.eax = 0x4000_0000,
                 2 | 4 | 0xb => {}
                 7 => {
                     e.eax = 0;
@@ -143,6 +191,9 @@ impl Cpu {
     }
 
     pub(crate) fn port_in(&mut self, port: u16, size: usize) -> Flow<u64> {
+        if let Some(v) = self.platform_port_in(port, size) {
+            return Ok(v);
+        }
         let mut b = [0u8; 8];
         self.take_input(
             Exit::IoIn {
@@ -155,6 +206,9 @@ impl Cpu {
     }
 
     pub(crate) fn port_out(&mut self, port: u16, size: usize, v: u64) {
+        if self.platform_port_out(port, size, v) {
+            return;
+        }
         let n = size.min(8);
         self.io_buf[..n].copy_from_slice(&v.to_le_bytes()[..n]);
         self.exit_after = Some(Exit::IoOut {
@@ -165,6 +219,14 @@ impl Cpu {
 
     /// Load a data segment register or SS at the current privilege.
     pub(crate) fn load_sreg(&mut self, s: SegReg, sel: u16) -> Flow {
+        if self.state.real_mode() {
+            let seg = &mut self.state.seg[s as usize];
+            seg.selector = sel;
+            seg.base = u64::from(sel) << 4;
+            seg.present = 1;
+            seg.unusable = 0;
+            return Ok(());
+        }
         let cpl = self.state.cpl();
         self.load_sreg_checked(s, sel, cpl)
     }
@@ -261,6 +323,7 @@ impl Cpu {
                     return Err(gp0());
                 }
                 self.state.cr8 = v;
+                self.cr8_changed();
             }
             _ => return Err(ud()),
         }
@@ -274,7 +337,7 @@ impl Cpu {
             2 => s.cr2,
             3 => s.cr3,
             4 => s.cr4,
-            8 => s.cr8,
+            8 => self.read_cr8(),
             _ => return Err(ud()),
         })
     }
@@ -283,7 +346,9 @@ impl Cpu {
         let s = &self.state;
         let m = &s.msr;
         Ok(match index {
-            msr::TSC => s.tsc,
+            msr::TSC => self.tsc(),
+            msr::TSC_DEADLINE => self.tsc_deadline().ok_or_else(gp0)?,
+            msr::MTRR_DEF_TYPE => m.mtrr_def_type,
             msr::APIC_BASE => m.apic_base,
             msr::SYSENTER_CS => m.sysenter_cs,
             msr::SYSENTER_ESP => m.sysenter_esp,
@@ -307,8 +372,27 @@ impl Cpu {
     pub(crate) fn wrmsr(&mut self, index: u32, v: u64) -> Flow {
         let canonical = |v: u64| if is_canonical(v) { Ok(v) } else { Err(gp0()) };
         match index {
-            msr::TSC => self.state.tsc = v,
-            msr::APIC_BASE => self.state.msr.apic_base = v,
+            msr::TSC => self.set_tsc(v),
+            msr::TSC_DEADLINE => {
+                if !self.set_tsc_deadline(v) {
+                    return Err(gp0());
+                }
+            }
+            msr::MTRR_DEF_TYPE => {
+                if v & !0xcff != 0 {
+                    return Err(gp0());
+                }
+                self.state.msr.mtrr_def_type = v;
+            }
+            msr::APIC_BASE => {
+                // Bits 8 (BSP), 11 (enable) and the page address; x2APIC
+                // (bit 10) is not implemented.
+                if v & !(0x000f_ffff_ffff_f000 | (1 << 8) | (1 << 11)) != 0 {
+                    return Err(gp0());
+                }
+                self.state.msr.apic_base = v;
+                self.apic_base_changed();
+            }
             msr::SYSENTER_CS => self.state.msr.sysenter_cs = v,
             msr::SYSENTER_ESP => self.state.msr.sysenter_esp = canonical(v)?,
             msr::SYSENTER_EIP => self.state.msr.sysenter_eip = canonical(v)?,
@@ -368,30 +452,49 @@ impl Cpu {
         Ok(())
     }
 
-    fn iretq(&mut self) -> Flow {
-        let rsp = self.state.gpr[RSP];
-        let mut f = [0u64; 5];
-        for (k, v) in f.iter_mut().enumerate() {
-            *v = self.read_mem(rsp.wrapping_add(8 * k as u64), 8)?;
+    /// IRET with operand size `b` bytes: real mode, same or outer
+    /// privilege in protected mode, and IRETQ/IRETD in long mode (which
+    /// always pops SS:RSP).
+    pub(crate) fn iret(&mut self, b: usize) -> Flow {
+        let rip = self.stack_slot(0, b)?;
+        let cs_sel = self.stack_slot(1, b)? as u16;
+        let flags = self.stack_slot(2, b)?;
+        if self.state.real_mode() {
+            let new_flags = self.merge_rflags(flags, b);
+            self.far_transfer(cs_sel, rip & crate::cpu::flags::mask(b as u32 * 8))?;
+            let sp = self.state.gpr[RSP].wrapping_add(3 * b as u64);
+            self.set_sp(sp);
+            self.state.rflags = new_flags;
+            self.nmi_blocked = false;
+            return Ok(());
         }
-        let [rip, cs_sel, flags, new_rsp, ss_sel] = f;
-        let (cs_sel, ss_sel) = (cs_sel as u16, ss_sel as u16);
+        let long = self.state.efer & efer::LMA != 0;
         let cpl = self.state.cpl();
         let rpl = (cs_sel & 3) as u8;
         if rpl < cpl {
             return Err(exc(GP, Some(u32::from(cs_sel & !3))));
         }
         let mut cs = self.code_segment(cs_sel, GP)?;
+        let to64 = long && cs.l != 0;
+        let rip = if to64 { rip } else { rip & 0xffff_ffff };
         if !is_canonical(rip) {
             return Err(gp0());
         }
-        let new_flags = self.merge_rflags(flags, 8);
-        self.load_sreg_checked(SegReg::Ss, ss_sel, rpl)?;
+        let new_flags = self.merge_rflags(flags, b);
+        if long || rpl > cpl {
+            let new_rsp = self.stack_slot(3, b)?;
+            let ss_sel = self.stack_slot(4, b)? as u16;
+            self.load_sreg_checked(SegReg::Ss, ss_sel, rpl)?;
+            self.state.gpr[RSP] = new_rsp;
+        } else {
+            let sp = self.state.gpr[RSP].wrapping_add(3 * b as u64);
+            self.set_sp(sp);
+        }
         cs.dpl = rpl;
         self.state.seg[SegReg::Cs as usize] = cs;
         self.state.rflags = new_flags;
-        self.state.gpr[RSP] = new_rsp;
         self.next_rip = rip;
+        self.nmi_blocked = false;
         Ok(())
     }
 
@@ -618,7 +721,7 @@ pub(crate) fn system(cpu: &mut Cpu, i: &Instruction) -> Flow {
             cpu.wrmsr(s.gpr[RCX] as u32, v)?;
         }
         M::Rdtsc | M::Rdtscp => {
-            let t = cpu.state.tsc;
+            let t = cpu.tsc();
             cpu.state.gpr[RAX] = t & 0xffff_ffff;
             cpu.state.gpr[RDX] = t >> 32;
             if i.mnemonic() == M::Rdtscp {
@@ -629,7 +732,13 @@ pub(crate) fn system(cpu: &mut Cpu, i: &Instruction) -> Flow {
             cpu.require_cpl0()?;
             let la = cpu.ea(i);
             let limit = cpu.read_mem(la, 2)? as u16;
-            let base = cpu.read_mem(la.wrapping_add(2), 8)?;
+            let base = if cpu.state.long_mode_64() {
+                cpu.read_mem(la.wrapping_add(2), 8)?
+            } else if matches!(i.code(), Code::Lgdt_m1632_16 | Code::Lidt_m1632_16) {
+                cpu.read_mem(la.wrapping_add(2), 4)? & 0x00ff_ffff
+            } else {
+                cpu.read_mem(la.wrapping_add(2), 4)?
+            };
             if !is_canonical(base) {
                 return Err(gp0());
             }
@@ -650,7 +759,8 @@ pub(crate) fn system(cpu: &mut Cpu, i: &Instruction) -> Flow {
             let mut b = [0u8; 10];
             b[..2].copy_from_slice(&t.limit.to_le_bytes());
             b[2..].copy_from_slice(&t.base.to_le_bytes());
-            cpu.write_lin(la, &b, Privilege::Current)?;
+            let n = if cpu.state.long_mode_64() { 10 } else { 6 };
+            cpu.write_lin(la, &b[..n], Privilege::Current)?;
         }
         M::Ltr => {
             cpu.require_cpl0()?;
@@ -731,7 +841,9 @@ pub(crate) fn system(cpu: &mut Cpu, i: &Instruction) -> Flow {
         }
         M::Syscall => cpu.syscall()?,
         M::Sysret | M::Sysretq => cpu.sysret(i)?,
-        M::Iretq => cpu.iretq()?,
+        M::Iretq => cpu.iret(8)?,
+        M::Iretd => cpu.iret(4)?,
+        M::Iret => cpu.iret(2)?,
         M::Int => cpu.soft_int(i.immediate8(), EventKind::Software)?,
         M::Int3 => cpu.soft_int(crate::exceptions::BP, EventKind::Software)?,
         M::Int1 => cpu.soft_int(crate::exceptions::DB, EventKind::External)?,
