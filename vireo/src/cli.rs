@@ -41,6 +41,7 @@ Examples:
   vireo run --image guest-kit --append 'vireo.run=uname -a'
   vireo run --kernel vmlinuz --initrd initrd.img --cpus 2 --memory 512
   vireo run --kernel vmlinux --cmdline 'console=ttyS0 panic=-1 reboot=k'
+  vireo run --kernel vmlinux --accel emu      # no /dev/kvm: software emulator
 
 The guest's COM1 is this terminal: output to stdout, stdin to the guest
 (raw mode on a terminal; press Ctrl-A then x to quit). vireo exits 0 when the
@@ -52,6 +53,9 @@ pub enum Accel {
     Kvm,
     /// The fastest backend that can run this guest here (today: KVM).
     Auto,
+    /// vireo's own software x86-64 emulator: no /dev/kvm needed. Experimental:
+    /// it runs small guests; stock Linux kernels need x87/SSE, which it lacks yet.
+    Emu,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use vireo_emulator::EmuHypervisor;
 use vireo_hypervisor::host::HostVirt;
 use vireo_hypervisor::kvm::KvmHypervisor;
 use vireo_hypervisor::Hypervisor;
@@ -64,11 +65,12 @@ fn check_readable(flag: &str, path: &PathBuf) -> Result<(), Failure> {
 
 fn open_backend(accel: Accel) -> Result<Box<dyn Hypervisor>, Failure> {
     match accel {
-        // Until the emulator backend lands, auto means KVM.
+        // Auto means KVM until the emulator can boot a stock kernel.
         Accel::Kvm | Accel::Auto => match KvmHypervisor::new() {
             Ok(kvm) => Ok(Box::new(kvm)),
             Err(e) => Err(Failure::Usage(e.to_string())),
         },
+        Accel::Emu => Ok(Box::new(EmuHypervisor::new())),
     }
 }
 

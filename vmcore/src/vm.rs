@@ -302,14 +302,25 @@ mod tests {
     fn spinning_guest() -> std::path::PathBuf {
         let code = [0x66, 0xba, 0x00, 0x05, 0xee, 0xeb, 0xfd];
         let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
-        let path = std::env::temp_dir().join(format!("vireo-spin-{}.elf", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("vireo-spin-{}-{n}.elf", std::process::id()));
         std::fs::write(&path, image).unwrap();
         path
     }
 
     #[test]
-    fn pause_stops_every_vcpu_and_resume_continues() {
+    fn pause_stops_every_vcpu_and_resume_continues_on_kvm() {
         let Some(kvm) = kvm() else { return };
+        pause_and_resume(&kvm);
+    }
+
+    #[test]
+    fn pause_stops_every_vcpu_and_resume_continues_on_the_emulator() {
+        pause_and_resume(&vireo_emulator::EmuHypervisor::new());
+    }
+
+    fn pause_and_resume(hv: &dyn Hypervisor) {
         let kernel = spinning_guest();
         let cfg = VmConfig {
             vcpus: 2,
@@ -321,7 +332,7 @@ mod tests {
                 vcpus: 2,
             },
         };
-        let mut vm = Vm::new(&kvm, &cfg).unwrap();
+        let mut vm = Vm::new(hv, &cfg).unwrap();
         let count = Arc::new(AtomicU64::new(0));
         vm.add_io_device(0x500, 1, Arc::new(Mutex::new(Counter(count.clone()))))
             .unwrap();

@@ -288,6 +288,13 @@ pub fn run_vireo_args(args: &[String], timeout: Duration) -> Outcome {
 /// Run `vireo ARGS...` with `input` written to its stdin (a pipe, then
 /// closed), or stdin closed when `input` is None.
 pub fn run_vireo_with_input(args: &[String], input: Option<&[u8]>, timeout: Duration) -> Outcome {
+    let mut args = args.to_vec();
+    if let Some(accel) = test_accel() {
+        if args.first().map(String::as_str) == Some("run") && !args.iter().any(|a| a == "--accel") {
+            args.push("--accel".into());
+            args.push(accel);
+        }
+    }
     let command = format!("vireo {}", args.join(" "));
     let start = Instant::now();
     let mut child = Command::new(vireo_bin())
@@ -358,15 +365,29 @@ pub fn kvm_available() -> bool {
     kvm_unavailable_reason().is_none()
 }
 
+/// The backend the guest tests run on: `VIREO_TEST_ACCEL` (e.g. `emu`), or
+/// vireo's default when unset.
+pub fn test_accel() -> Option<String> {
+    std::env::var("VIREO_TEST_ACCEL")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// Why the guests of these tests cannot run here, or None. Only the KVM
+/// backend can be missing; the emulator runs anywhere.
+pub fn backend_unavailable_reason() -> Option<String> {
+    match test_accel().as_deref() {
+        Some("emu") => None,
+        _ => kvm_unavailable_reason().map(|why| format!("/dev/kvm is missing ({why})")),
+    }
+}
+
 /// Return from the calling test (after saying why) when KVM is unusable.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
-        if !$crate::support::kvm_available() {
-            eprintln!(
-                "skipping: /dev/kvm is missing ({})",
-                $crate::support::kvm_unavailable_reason().unwrap_or_default()
-            );
+        if let Some(why) = $crate::support::backend_unavailable_reason() {
+            eprintln!("skipping: {why}");
             return;
         }
     };

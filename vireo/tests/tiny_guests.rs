@@ -1,11 +1,12 @@
 //! End-to-end tests: boot tiny guests, assembled here with iced-x86, through
-//! the `vireo` binary under KVM, and check what they print on COM1 and how
-//! vireo exits. Also checks that bad command lines are refused with exit 2.
+//! the `vireo` binary, and check what they print on COM1 and how vireo exits.
+//! Also checks that bad command lines are refused with exit 2.
 //!
-//! The guests start in the Linux boot protocol's 64-bit entry (long mode,
-//! first 4 GiB identity mapped, interrupts off, RSI = zero page). Tests that
-//! need KVM print `skipping: /dev/kvm is missing (...)` and return when
-//! /dev/kvm cannot be opened.
+//! They run on vireo's default backend (KVM), and on the emulator with
+//! `VIREO_TEST_ACCEL=emu` (the README's test command does both). The guests
+//! start in the Linux boot protocol's 64-bit entry (long mode, first 4 GiB
+//! identity mapped, interrupts off, RSI = zero page). Where the backend is
+//! unavailable (no /dev/kvm) the tests print `skipping: ...` and return.
 
 mod support;
 
