@@ -501,3 +501,38 @@ fn piped_stdin_reaches_the_guest() {
         "{out}"
     );
 }
+
+/// A user who may not open /dev/kvm gets one line naming it and the fix.
+/// Runs vireo as `nobody` through setpriv, so it needs root and a /dev/kvm
+/// that others cannot open (as Debian ships it: root:kvm 0660).
+#[test]
+fn kvm_permission_denied_names_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata("/dev/kvm") {
+        Ok(m) => m.permissions().mode(),
+        Err(e) => return eprintln!("skipping: /dev/kvm: {e}"),
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || mode & 0o006 != 0 {
+        return eprintln!("skipping: needs root and a /dev/kvm closed to others (mode {mode:o})");
+    }
+    let dir = TempDir::new("noperm");
+    let kernel = good_kernel(&dir);
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(support::vireo_bin())
+        .args(["run", "--accel", "kvm", "--kernel"])
+        .arg(&kernel)
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return eprintln!("skipping: setpriv is not available ({e})"),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("/dev/kvm") && stderr.contains("kvm group"),
+        "stderr should name /dev/kvm and the fix: {stderr}"
+    );
+}
