@@ -7,6 +7,7 @@ mod disk;
 mod image;
 mod machine;
 mod run;
+mod signals;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

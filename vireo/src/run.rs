@@ -14,6 +14,7 @@ use crate::cli::{Accel, RunArgs};
 use crate::console::{self, RawTerminal, StdoutWriter};
 use crate::image::GuestKit;
 use crate::machine;
+use crate::signals;
 use crate::Failure;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
@@ -121,6 +122,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         None
     };
     let control = vm.control();
+    if let Err(e) = signals::stop_vm_on_signals(Arc::clone(&control)) {
+        tracing::warn!("SIGTERM will not stop the VM cleanly: {e}");
+    }
     let running = vm.start().map_err(|e| Failure::Vm(e.to_string()))?;
     console::spawn_stdin_pump(input, Arc::clone(&control), tty);
     let reason = running.wait();

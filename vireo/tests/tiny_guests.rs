@@ -536,3 +536,64 @@ fn kvm_permission_denied_names_the_fix() {
         "stderr should name /dev/kvm and the fix: {stderr}"
     );
 }
+
+/// SIGTERM stops a running VM cleanly: vireo exits 0 promptly, also when the
+/// guest never exits by itself.
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    require_kvm!();
+    use std::io::Read;
+    let dir = TempDir::new("sigterm");
+    let kernel = kernel_file(&dir, KernelKind::Elf, |g| {
+        g.print("spinning\n")?;
+        let mut spin = g.a.create_label();
+        g.a.set_label(&mut spin)?;
+        g.a.jmp(spin)
+    });
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+    ];
+    if let Some(accel) = support::test_accel() {
+        args.extend(["--accel".to_string(), accel]);
+    }
+    let mut child = std::process::Command::new(support::vireo_bin())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start vireo");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&seen).contains("spinning") {
+        match stdout.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&seen).contains("spinning"),
+        "guest never started"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > RUN_TIMEOUT {
+            let _ = child.kill();
+            panic!("vireo ignored SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM should stop the VM with status 0"
+    );
+}
