@@ -33,6 +33,12 @@ pub enum Command {
     /// Build guest kits; create, inspect and convert disk images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Run the vireo daemon: VM definitions, their processes and the REST API.
+    #[command(after_help = crate::vm_cli::SERVE_EXAMPLES)]
+    Serve(crate::vm_cli::ServeArgs),
+    /// Manage VMs through the daemon: create, list, show, start, stop, console.
+    #[command(long_about = crate::vm_cli::VM_ABOUT)]
+    Vm(crate::vm_cli::VmArgs),
 }
 
 const RUN_EXAMPLES: &str = "\

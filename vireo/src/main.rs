@@ -8,6 +8,7 @@ mod image;
 mod machine;
 mod run;
 mod signals;
+mod vm_cli;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -64,6 +65,8 @@ fn main() {
         Command::Image(ImageCommand::Create(args)) => disk::create(args),
         Command::Image(ImageCommand::Info(args)) => disk::info(args),
         Command::Image(ImageCommand::Convert(args)) => disk::convert(args),
+        Command::Serve(args) => vm_cli::serve(args),
+        Command::Vm(args) => vm_cli::vm(args),
     };
     match result {
         Ok(()) => {}

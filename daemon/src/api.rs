@@ -1,0 +1,251 @@
+//! The REST API: JSON over HTTP/1.1, versioned under `/v1`, described by
+//! `daemon/openapi.json` (served at `/v1/openapi.json`).
+//!
+//! Every error is `{ "error": { "code": ..., "message": ... } }` with a 4xx
+//! status for anything the client can fix (malformed JSON, unknown fields,
+//! out-of-range values, duplicate names, missing files, illegal state
+//! transitions); 5xx only for the daemon's own failures.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::model::{CreateVm, ErrorBody, ErrorDetail, StopVm, UpdateVm, VmList};
+use crate::vms::Daemon;
+
+/// The OpenAPI 3 document the daemon serves; the repository keeps it.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Every route, as OpenAPI paths (checked against [`OPENAPI`] in a test).
+pub const ROUTES: &[&str] = &[
+    "/v1/openapi.json",
+    "/v1/vms",
+    "/v1/vms/{name}",
+    "/v1/vms/{name}/start",
+    "/v1/vms/{name}/stop",
+    "/v1/vms/{name}/kill",
+    "/v1/vms/{name}/pause",
+    "/v1/vms/{name}/resume",
+    "/v1/vms/{name}/console",
+];
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
+        json(self.status, &body)
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError::internal(format!("encoding the response: {e}")).into_response(),
+    }
+}
+
+/// Parse a JSON body, naming the offending field in the error. An empty
+/// body is `empty` when given (for requests whose body is optional).
+fn parse<T: DeserializeOwned>(body: &[u8], empty: Option<T>) -> Result<T, ApiError> {
+    if body.len() > MAX_BODY {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body over {MAX_BODY} bytes"),
+        ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        if let Some(v) = empty {
+            return Ok(v);
+        }
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let code = match inner.classify() {
+            serde_json::error::Category::Data => "invalid_request",
+            _ => "malformed_json",
+        };
+        let message = if code == "malformed_json" || path == "." || path.is_empty() {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::bad_request(code, message)
+    })
+}
+
+fn vm_name(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(n)| n)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))
+}
+
+type Shared = State<Arc<Daemon>>;
+type Name = Result<Path<String>, PathRejection>;
+
+async fn list_vms(State(d): Shared) -> Result<Response, ApiError> {
+    let vms = d.list()?.iter().map(|r| r.to_api()).collect();
+    Ok(json(StatusCode::OK, &VmList { vms }))
+}
+
+async fn create_vm(State(d): Shared, body: Bytes) -> Result<Response, ApiError> {
+    let req: CreateVm = parse(&body, None)?;
+    let rec = d.create(&req)?;
+    Ok(json(StatusCode::CREATED, &rec.to_api()))
+}
+
+async fn show_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &d.get(&vm_name(name)?)?.to_api()))
+}
+
+async fn update_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: UpdateVm = parse(&body, None)?;
+    Ok(json(StatusCode::OK, &d.update(&name, &req)?.to_api()))
+}
+
+async fn delete_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    d.delete(&vm_name(name)?)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn start_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &d.start(&vm_name(name)?).await?.to_api(),
+    ))
+}
+
+async fn stop_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: StopVm = parse(&body, Some(StopVm::default()))?;
+    Ok(json(StatusCode::OK, &d.stop(&name, &req).await?.to_api()))
+}
+
+async fn kill_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &d.kill(&vm_name(name)?).await?.to_api(),
+    ))
+}
+
+async fn pause_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    not_yet(&d, &vm_name(name)?, "pausing")
+}
+
+async fn resume_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    not_yet(&d, &vm_name(name)?, "resuming")
+}
+
+fn not_yet(d: &Daemon, name: &str, what: &str) -> Result<Response, ApiError> {
+    d.get(name)?;
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        format!("{what} a VM needs a control channel to its `vireo run` process, which vireo does not have yet"),
+    ))
+}
+
+async fn console(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    let bytes = d.console(&vm_name(name)?)?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+        .into_response())
+}
+
+async fn openapi() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint (the API is under /v1; see /v1/openapi.json)",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method (see /v1/openapi.json)",
+    )
+}
+
+pub fn router(daemon: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route(
+            "/v1/vms/{name}",
+            get(show_vm).patch(update_vm).delete(delete_vm),
+        )
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/kill", post(kill_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/console", get(console))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(daemon)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_document_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json parses");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let paths: std::collections::BTreeSet<&str> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let routes: std::collections::BTreeSet<&str> = ROUTES.iter().copied().collect();
+        assert_eq!(paths, routes);
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        let e = parse::<CreateVm>(br#"{"name": "a", "vcpus": -1}"#, None).unwrap_err();
+        assert_eq!(e.code, "invalid_request");
+        assert!(e.message.starts_with("vcpus: "), "{}", e.message);
+        let e = parse::<CreateVm>(br#"{"name": "a", "cpus": 2}"#, None).unwrap_err();
+        assert!(e.message.contains("unknown field `cpus`"), "{}", e.message);
+        let e = parse::<CreateVm>(br#"{"name": "a""#, None).unwrap_err();
+        assert_eq!(e.code, "malformed_json");
+        let e = parse::<CreateVm>(b"", None).unwrap_err();
+        assert_eq!(e.code, "malformed_json");
+        assert!(!parse::<StopVm>(b"", Some(StopVm::default())).unwrap().force);
+    }
+}

@@ -1,0 +1,450 @@
+//! The state database: VM definitions and their runtime state in SQLite.
+//!
+//! WAL journal with `synchronous=FULL`: every commit is fsynced before the API
+//! answers, so a definition the API acknowledged survives not only `kill -9`
+//! of the daemon (which WAL with NORMAL would also survive) but a host crash
+//! or power loss. Writes are rare (a create, a state change), so the fsync per
+//! commit costs nothing that matters, and reads never wait for it.
+//!
+//! The schema is versioned: `schema_migrations` records each migration applied;
+//! [`MIGRATIONS`] are applied in order, each in its own transaction.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use crate::model::{now_secs, rfc3339, Accel, Vm, VmConfig, VmState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state database {path}: schema version {found} is newer than this vireo knows ({known}); upgrade vireo")]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error("state database: corrupt row for VM {name}: {what}")]
+    Corrupt { name: String, what: String },
+}
+
+/// Schema migrations, in order; version N is `MIGRATIONS[N - 1]`.
+const MIGRATIONS: &[&str] = &[
+    // 1: definitions and runtime state, kept apart: definitions change only on
+    // create/patch/delete, runtime rows on every start and exit.
+    "CREATE TABLE vm_definitions (
+        name        TEXT PRIMARY KEY NOT NULL,
+        vcpus       INTEGER NOT NULL CHECK (vcpus > 0),
+        memory_mib  INTEGER NOT NULL CHECK (memory_mib > 0),
+        kernel      TEXT,
+        initrd      TEXT,
+        cmdline     TEXT,
+        image       TEXT,
+        accel       TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE vm_runtime (
+        name            TEXT PRIMARY KEY NOT NULL
+                        REFERENCES vm_definitions(name) ON DELETE CASCADE,
+        state           TEXT NOT NULL,
+        pid             INTEGER,
+        pid_start_time  INTEGER,
+        started_at      INTEGER,
+        last_exit       TEXT,
+        last_exit_at    INTEGER
+    ) STRICT;",
+];
+
+/// What the daemon knows about a VM process it started (or adopted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: i32,
+    /// /proc/PID/stat start time: tells a reused pid from our VM.
+    pub start_time: u64,
+}
+
+/// A stored VM: definition and runtime state.
+#[derive(Debug, Clone)]
+pub struct VmRecord {
+    pub name: String,
+    pub config: VmConfig,
+    pub created_at: i64,
+    pub state: VmState,
+    pub process: Option<ProcessId>,
+    pub started_at: Option<i64>,
+    pub last_exit: Option<String>,
+    pub last_exit_at: Option<i64>,
+}
+
+impl VmRecord {
+    pub fn to_api(&self) -> Vm {
+        Vm {
+            name: self.name.clone(),
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            kernel: self.config.kernel.clone(),
+            initrd: self.config.initrd.clone(),
+            cmdline: self.config.cmdline.clone(),
+            image: self.config.image.clone(),
+            accel: self.config.accel,
+            created_at: rfc3339(self.created_at),
+            state: self.state,
+            pid: self.process.map(|p| p.pid),
+            started_at: self.started_at.map(rfc3339),
+            last_exit: self.last_exit.clone(),
+            last_exit_at: self.last_exit_at.map(rfc3339),
+        }
+    }
+}
+
+pub struct Db {
+    conn: Connection,
+}
+
+const SELECT: &str = "SELECT d.name, d.vcpus, d.memory_mib, d.kernel, d.initrd, d.cmdline, d.image,
+        d.accel, d.created_at, r.state, r.pid, r.pid_start_time, r.started_at, r.last_exit,
+        r.last_exit_at
+    FROM vm_definitions d JOIN vm_runtime r ON r.name = d.name";
+
+impl Db {
+    /// Open (creating if needed) the database at `path` and migrate it.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        let conn = Connection::open(path)?;
+        Self::setup(conn, &path.display().to_string())
+    }
+
+    /// An in-memory database (tests).
+    pub fn open_in_memory() -> Result<Db, DbError> {
+        Self::setup(Connection::open_in_memory()?, ":memory:")
+    }
+
+    fn setup(conn: Connection, path: &str) -> Result<Db, DbError> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // journal_mode returns a row; query it rather than execute.
+        let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        let mut db = Db { conn };
+        db.migrate(path)?;
+        Ok(db)
+    }
+
+    fn migrate(&mut self, path: &str) -> Result<(), DbError> {
+        self.conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version     INTEGER PRIMARY KEY NOT NULL,
+                applied_at  INTEGER NOT NULL
+            )",
+        )?;
+        let current = self.schema_version()?;
+        let known = MIGRATIONS.len() as i64;
+        if current > known {
+            return Err(DbError::TooNew {
+                path: path.to_string(),
+                found: current,
+                known,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                params![i as i64 + 1, now_secs()],
+            )?;
+            tx.commit()?;
+            tracing::info!("state database: applied schema migration {}", i + 1);
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<i64, DbError> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+        Ok(RawRow {
+            name: r.get(0)?,
+            vcpus: r.get(1)?,
+            memory_mib: r.get(2)?,
+            kernel: r.get(3)?,
+            initrd: r.get(4)?,
+            cmdline: r.get(5)?,
+            image: r.get(6)?,
+            accel: r.get(7)?,
+            created_at: r.get(8)?,
+            state: r.get(9)?,
+            pid: r.get(10)?,
+            pid_start_time: r.get(11)?,
+            started_at: r.get(12)?,
+            last_exit: r.get(13)?,
+            last_exit_at: r.get(14)?,
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<VmRecord>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{SELECT} ORDER BY d.name"))?;
+        let rows = stmt.query_map([], Self::row)?;
+        rows.map(|r| r?.into_record()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<VmRecord>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{SELECT} WHERE d.name = ?1"))?;
+        match stmt.query_row([name], Self::row).optional()? {
+            Some(raw) => Ok(Some(raw.into_record()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Insert a new VM (stopped). False if the name is taken.
+    pub fn create(&mut self, name: &str, cfg: &VmConfig) -> Result<bool, DbError> {
+        let tx = self.conn.transaction()?;
+        let inserted = tx.execute(
+            "INSERT OR IGNORE INTO vm_definitions
+                (name, vcpus, memory_mib, kernel, initrd, cmdline, image, accel, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                name,
+                cfg.vcpus,
+                cfg.memory_mib as i64,
+                cfg.kernel,
+                cfg.initrd,
+                cfg.cmdline,
+                cfg.image,
+                cfg.accel.as_str(),
+                now_secs()
+            ],
+        )?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO vm_runtime (name, state) VALUES (?1, 'stopped')",
+            [name],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Replace a VM's definition. False if there is no such VM.
+    pub fn update(&mut self, name: &str, cfg: &VmConfig) -> Result<bool, DbError> {
+        let n = self.conn.execute(
+            "UPDATE vm_definitions SET vcpus = ?2, memory_mib = ?3, kernel = ?4, initrd = ?5,
+                cmdline = ?6, image = ?7, accel = ?8 WHERE name = ?1",
+            params![
+                name,
+                cfg.vcpus,
+                cfg.memory_mib as i64,
+                cfg.kernel,
+                cfg.initrd,
+                cfg.cmdline,
+                cfg.image,
+                cfg.accel.as_str()
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Delete a VM (its runtime row goes with it). False if there was none.
+    pub fn delete(&mut self, name: &str) -> Result<bool, DbError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM vm_runtime WHERE name = ?1", [name])?;
+        let n = tx.execute("DELETE FROM vm_definitions WHERE name = ?1", [name])?;
+        tx.commit()?;
+        Ok(n == 1)
+    }
+
+    /// Record that the VM's process `p` is running.
+    pub fn set_running(&mut self, name: &str, p: ProcessId) -> Result<(), DbError> {
+        let tx = self.conn.transaction()?;
+        set_runtime(
+            &tx,
+            name,
+            "UPDATE vm_runtime SET state = 'running', pid = ?2, pid_start_time = ?3,
+                started_at = ?4 WHERE name = ?1",
+            params![name, p.pid, p.start_time as i64, now_secs()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Record that the VM's process is gone: `state` (stopped or crashed)
+    /// and why.
+    pub fn set_exited(&mut self, name: &str, state: VmState, reason: &str) -> Result<(), DbError> {
+        let tx = self.conn.transaction()?;
+        set_runtime(
+            &tx,
+            name,
+            "UPDATE vm_runtime SET state = ?2, pid = NULL, pid_start_time = NULL,
+                last_exit = ?3, last_exit_at = ?4 WHERE name = ?1",
+            params![name, state.as_str(), reason, now_secs()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn set_runtime(
+    tx: &Transaction<'_>,
+    name: &str,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<(), DbError> {
+    let n = tx.execute(sql, params)?;
+    if n != 1 {
+        tracing::warn!("state database: no runtime row for VM {name}");
+    }
+    Ok(())
+}
+
+struct RawRow {
+    name: String,
+    vcpus: u32,
+    memory_mib: i64,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: Option<String>,
+    image: Option<String>,
+    accel: String,
+    created_at: i64,
+    state: String,
+    pid: Option<i32>,
+    pid_start_time: Option<i64>,
+    started_at: Option<i64>,
+    last_exit: Option<String>,
+    last_exit_at: Option<i64>,
+}
+
+impl RawRow {
+    fn into_record(self) -> Result<VmRecord, DbError> {
+        let corrupt = |what: String| DbError::Corrupt {
+            name: self.name.clone(),
+            what,
+        };
+        let accel =
+            Accel::parse(&self.accel).ok_or_else(|| corrupt(format!("accel {:?}", self.accel)))?;
+        let state = VmState::parse(&self.state)
+            .ok_or_else(|| corrupt(format!("state {:?}", self.state)))?;
+        let process = match (self.pid, self.pid_start_time) {
+            (Some(pid), Some(start)) => Some(ProcessId {
+                pid,
+                start_time: start as u64,
+            }),
+            _ => None,
+        };
+        Ok(VmRecord {
+            config: VmConfig {
+                vcpus: self.vcpus,
+                memory_mib: self.memory_mib as u64,
+                kernel: self.kernel,
+                initrd: self.initrd,
+                cmdline: self.cmdline,
+                image: self.image,
+                accel,
+            },
+            name: self.name,
+            created_at: self.created_at,
+            state,
+            process,
+            started_at: self.started_at,
+            last_exit: self.last_exit,
+            last_exit_at: self.last_exit_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            vcpus: 2,
+            memory_mib: 128,
+            kernel: Some("/k".into()),
+            initrd: None,
+            cmdline: Some("console=ttyS0".into()),
+            image: None,
+            accel: Accel::Emu,
+        }
+    }
+
+    #[test]
+    fn create_get_update_delete() {
+        let mut db = Db::open_in_memory().unwrap();
+        assert_eq!(db.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert!(db.create("a", &cfg()).unwrap());
+        assert!(!db.create("a", &cfg()).unwrap(), "duplicate name");
+        let r = db.get("a").unwrap().unwrap();
+        assert_eq!((r.config.clone(), r.state), (cfg(), VmState::Stopped));
+        let mut c = cfg();
+        c.vcpus = 4;
+        assert!(db.update("a", &c).unwrap());
+        assert!(!db.update("b", &c).unwrap());
+        db.set_running(
+            "a",
+            ProcessId {
+                pid: 42,
+                start_time: 7,
+            },
+        )
+        .unwrap();
+        let r = db.get("a").unwrap().unwrap();
+        assert_eq!(r.state, VmState::Running);
+        assert_eq!(
+            r.process,
+            Some(ProcessId {
+                pid: 42,
+                start_time: 7
+            })
+        );
+        db.set_exited("a", VmState::Stopped, "powered off").unwrap();
+        let r = db.get("a").unwrap().unwrap();
+        assert_eq!(
+            (r.state, r.process, r.last_exit.as_deref()),
+            (VmState::Stopped, None, Some("powered off"))
+        );
+        assert_eq!(db.list().unwrap().len(), 1);
+        assert!(db.delete("a").unwrap());
+        assert!(!db.delete("a").unwrap());
+        assert!(db.get("a").unwrap().is_none());
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_does_not_remigrate() {
+        let dir = std::env::temp_dir().join(format!("vireo-db-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        {
+            let mut db = Db::open(&path).unwrap();
+            db.create("keep", &cfg()).unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert!(db.get("keep").unwrap().is_some());
+        assert_eq!(db.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let mode: String = db
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        // A database from a newer vireo is refused, not misread.
+        db.conn
+            .execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)",
+                [],
+            )
+            .unwrap();
+        drop(db);
+        assert!(matches!(Db::open(&path), Err(DbError::TooNew { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

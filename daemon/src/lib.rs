@@ -1,0 +1,20 @@
+//! The vireo daemon (`vireo serve`): VM definitions and their runtime state
+//! in SQLite, one `vireo run` child process per running VM, and a JSON REST
+//! API on a Unix socket (`api`, described by `daemon/openapi.json`).
+//!
+//! Layout: [`paths`] (default state directory and socket), [`model`] (the
+//! API's types and the checks a definition must pass), [`db`] (SQLite,
+//! migrations), [`vms`] (VM processes, console scrollback, exits and
+//! re-adoption), [`api`] (routes), [`server`] (lock, socket, run loop).
+
+pub mod api;
+pub mod db;
+pub mod error;
+pub mod model;
+pub mod paths;
+pub mod procfs;
+pub mod ring;
+pub mod server;
+pub mod vms;
+
+pub use server::{parse_listen, serve, ServeConfig, ServeError};

@@ -1,0 +1,693 @@
+//! The VMs' processes: each running VM is a `vireo run` child in its own
+//! session, so it outlives the daemon. Its serial console (stdout) is a pipe
+//! the daemon reads into a scrollback ring; its stderr (vireo's log, at info
+//! level) goes to `vms/NAME/vireo.log` in the state directory and tells why
+//! the VM ended.
+//!
+//! The child also inherits the pipe's read end as fd 3 and never reads it:
+//! it keeps the pipe open while no daemon runs, so the guest's console
+//! writes do not fail with EPIPE (they block once the 1 MiB pipe buffer is
+//! full, until a daemon re-adopts the VM). A restarted daemon re-attaches to
+//! the console by opening /proc/PID/fd/1.
+//!
+//! Children this daemon started are reaped with wait(), which gives the exit
+//! status; adopted ones (started by an earlier daemon) are polled in /proc
+//! (pid + start time) and their end is read from their log.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+use crate::db::{Db, ProcessId, VmRecord};
+use crate::error::ApiError;
+use crate::model::{
+    check_config, check_name, Accel, CreateVm, StopVm, UpdateVm, VmState,
+    DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
+};
+use crate::procfs;
+use crate::ring::{Ring, CONSOLE_SCROLLBACK};
+
+/// How long `start` waits for a VM that fails at once (bad kernel, no
+/// /dev/kvm) so it can answer with the reason instead of "running".
+const EARLY_EXIT_WAIT: Duration = Duration::from_millis(250);
+/// How often adopted VMs are checked in /proc.
+const ADOPTED_POLL: Duration = Duration::from_millis(200);
+/// How long a SIGKILLed VM may take to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// Pipe buffer for the console while no daemon reads it.
+const CONSOLE_PIPE_SIZE: libc::c_int = 1 << 20;
+/// The log file of a VM's `vireo run` (its stderr).
+pub const VM_LOG: &str = "vireo.log";
+
+/// A VM process the daemon watches.
+struct Proc {
+    id: ProcessId,
+    /// Set when the daemon itself signalled the VM: the reason to record.
+    requested: Option<String>,
+}
+
+struct Inner {
+    db: Db,
+    procs: HashMap<String, Proc>,
+    consoles: HashMap<String, Arc<Mutex<Ring>>>,
+}
+
+/// How a VM process ended, as far as the daemon can tell.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    /// Reaped by this daemon.
+    Status(ExitStatus),
+    /// An adopted process vanished; its status is unknown.
+    Unknown,
+}
+
+/// The state and reason recorded for an exit, and whether it was a start
+/// failure (`vireo run` exit status 2: bad input).
+#[derive(Debug, Clone)]
+struct Outcome {
+    state: VmState,
+    reason: String,
+    start_failed: bool,
+}
+
+pub struct Daemon {
+    inner: Mutex<Inner>,
+    state_dir: PathBuf,
+    vmm: PathBuf,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock_ring(r: &Mutex<Ring>) -> MutexGuard<'_, Ring> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Daemon {
+    /// `vmm` is the `vireo` binary that runs VMs (`vireo run`).
+    pub fn new(db: Db, state_dir: PathBuf, vmm: PathBuf) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            inner: Mutex::new(Inner {
+                db,
+                procs: HashMap::new(),
+                consoles: HashMap::new(),
+            }),
+            state_dir,
+            vmm,
+        })
+    }
+
+    fn vm_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("vms").join(name)
+    }
+
+    /// After a (re)start: adopt VM processes that still run, and mark the
+    /// others stopped with the reason. Must run inside the tokio runtime.
+    pub fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
+        let mut inner = lock(&self.inner);
+        for rec in inner.db.list()? {
+            if !rec.state.is_active() {
+                continue;
+            }
+            match rec.process {
+                Some(p) if procfs::is_same_process(p.pid, p.start_time) => {
+                    tracing::info!("re-adopting VM {} (pid {})", rec.name, p.pid);
+                    let ring = Arc::new(Mutex::new(Ring::new(CONSOLE_SCROLLBACK)));
+                    inner.consoles.insert(rec.name.clone(), Arc::clone(&ring));
+                    inner.procs.insert(
+                        rec.name.clone(),
+                        Proc {
+                            id: p,
+                            requested: None,
+                        },
+                    );
+                    let console = reattach_console(p.pid).map(|rx| spawn_pump(rx, ring));
+                    let me = Arc::clone(self);
+                    let name = rec.name.clone();
+                    tokio::spawn(async move {
+                        while procfs::is_same_process(p.pid, p.start_time) {
+                            tokio::time::sleep(ADOPTED_POLL).await;
+                        }
+                        drain(console).await;
+                        me.on_exit(&name, p, Exit::Unknown);
+                    });
+                }
+                _ => {
+                    let log = read_log_tail(&self.vm_dir(&rec.name));
+                    let mut o = outcome(Exit::Unknown, None, &log);
+                    o.reason = format!("{} (found gone when the daemon restarted)", o.reason);
+                    tracing::info!("VM {}: {}", rec.name, o.reason);
+                    inner.db.set_exited(&rec.name, o.state, &o.reason)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<VmRecord>, ApiError> {
+        Ok(lock(&self.inner).db.list()?)
+    }
+
+    pub fn get(&self, name: &str) -> Result<VmRecord, ApiError> {
+        lock(&self.inner)
+            .db
+            .get(name)?
+            .ok_or_else(|| ApiError::no_vm(name))
+    }
+
+    pub fn create(&self, req: &CreateVm) -> Result<VmRecord, ApiError> {
+        check_name(&req.name)?;
+        let cfg = req.config();
+        check_config(&cfg, procfs::host_memory_mib())?;
+        let mut inner = lock(&self.inner);
+        if !inner.db.create(&req.name, &cfg)? {
+            return Err(ApiError::conflict(
+                "already_exists",
+                format!("a VM named {:?} already exists", req.name),
+            ));
+        }
+        inner.consoles.remove(&req.name);
+        tracing::info!("created VM {}", req.name);
+        Ok(inner.db.get(&req.name)?.expect("just created"))
+    }
+
+    pub fn update(&self, name: &str, req: &UpdateVm) -> Result<VmRecord, ApiError> {
+        let mut inner = lock(&self.inner);
+        let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+        if rec.state.is_active() {
+            return Err(ApiError::conflict(
+                "invalid_state",
+                format!(
+                    "VM {name} is {}: stop it before changing its definition",
+                    rec.state.as_str()
+                ),
+            ));
+        }
+        let cfg = req.apply(&rec.config);
+        check_config(&cfg, procfs::host_memory_mib())?;
+        inner.db.update(name, &cfg)?;
+        Ok(inner.db.get(name)?.expect("just updated"))
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), ApiError> {
+        let mut inner = lock(&self.inner);
+        let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+        if rec.state.is_active() {
+            return Err(ApiError::conflict(
+                "invalid_state",
+                format!(
+                    "VM {name} is {}: stop or kill it before deleting it",
+                    rec.state.as_str()
+                ),
+            ));
+        }
+        inner.db.delete(name)?;
+        inner.consoles.remove(name);
+        drop(inner);
+        let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        tracing::info!("deleted VM {name}");
+        Ok(())
+    }
+
+    /// The console scrollback of a VM (empty if it never ran under this daemon).
+    pub fn console(&self, name: &str) -> Result<Vec<u8>, ApiError> {
+        let inner = lock(&self.inner);
+        if inner.db.get(name)?.is_none() {
+            return Err(ApiError::no_vm(name));
+        }
+        Ok(inner
+            .consoles
+            .get(name)
+            .map(|r| lock_ring(r).contents())
+            .unwrap_or_default())
+    }
+
+    /// Start the VM's `vireo run` process.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmRecord, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inner = lock(&self.inner);
+            let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+            if rec.state.is_active() {
+                return Err(ApiError::conflict(
+                    "invalid_state",
+                    format!(
+                        "VM {name} is already {} (pid {})",
+                        rec.state.as_str(),
+                        rec.process.map(|p| p.pid).unwrap_or(0)
+                    ),
+                ));
+            }
+            check_config(&rec.config, procfs::host_memory_mib())?;
+            let dir = self.vm_dir(name);
+            let (mut child, console) = spawn_vm(&self.vmm, &dir, &rec)
+                .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
+            let pid = child.id().unwrap_or(0) as i32;
+            let id = ProcessId {
+                pid,
+                start_time: procfs::start_time(pid).unwrap_or(0),
+            };
+            if let Err(e) = inner.db.set_running(name, id) {
+                // Never leave a VM running that the database does not know.
+                let _ = child.start_kill();
+                return Err(e.into());
+            }
+            inner.procs.insert(
+                name.to_string(),
+                Proc {
+                    id,
+                    requested: None,
+                },
+            );
+            let ring = Arc::new(Mutex::new(Ring::new(CONSOLE_SCROLLBACK)));
+            inner.consoles.insert(name.to_string(), Arc::clone(&ring));
+            tracing::info!("started VM {name} (pid {pid})");
+            let pump = spawn_pump(console, ring);
+            let me = Arc::clone(self);
+            let name = name.to_string();
+            tokio::spawn(async move {
+                let exit = match child.wait().await {
+                    Ok(status) => Exit::Status(status),
+                    Err(e) => {
+                        tracing::warn!("waiting for VM {name}: {e}");
+                        Exit::Unknown
+                    }
+                };
+                drain(Some(pump)).await;
+                let outcome = me.on_exit(&name, id, exit);
+                let _ = tx.send(outcome);
+            });
+        }
+        if let Ok(Ok(Some(o))) = tokio::time::timeout(EARLY_EXIT_WAIT, rx).await {
+            if o.start_failed {
+                return Err(ApiError::bad_request(
+                    "start_failed",
+                    format!("VM {name} did not start: {}", o.reason),
+                ));
+            }
+        }
+        self.get(name)
+    }
+
+    /// Record a VM process's end. Returns what was recorded, or None when
+    /// `id` is no longer the VM's current process.
+    fn on_exit(&self, name: &str, id: ProcessId, exit: Exit) -> Option<Outcome> {
+        let mut inner = lock(&self.inner);
+        match inner.procs.get(name) {
+            Some(p) if p.id == id => {}
+            _ => return None,
+        }
+        let proc = inner.procs.remove(name).expect("present");
+        let log = read_log_tail(&self.vm_dir(name));
+        let o = outcome(exit, proc.requested.as_deref(), &log);
+        tracing::info!("VM {name} (pid {}): {}", id.pid, o.reason);
+        if let Err(e) = inner.db.set_exited(name, o.state, &o.reason) {
+            tracing::error!("recording the end of VM {name}: {e}");
+        }
+        Some(o)
+    }
+
+    /// Send `signal` to the VM's process, remembering `reason` for its exit.
+    fn signal(
+        &self,
+        name: &str,
+        signal: libc::c_int,
+        reason: String,
+    ) -> Result<ProcessId, ApiError> {
+        let mut inner = lock(&self.inner);
+        let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+        let proc = match inner.procs.get_mut(name) {
+            Some(p) if rec.state.is_active() => p,
+            _ => {
+                return Err(ApiError::conflict(
+                    "invalid_state",
+                    format!("VM {name} is not running (it is {})", rec.state.as_str()),
+                ))
+            }
+        };
+        proc.requested = Some(reason);
+        let id = proc.id;
+        if procfs::is_same_process(id.pid, id.start_time) {
+            // SAFETY: kill has no memory-safety preconditions; the pid was
+            // just checked to still be the VM's process.
+            unsafe { libc::kill(id.pid, signal) };
+        }
+        Ok(id)
+    }
+
+    /// Wait until the VM's process `id` has been recorded as ended.
+    async fn wait_exit(&self, name: &str, id: ProcessId, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if lock(&self.inner).procs.get(name).map(|p| p.id) != Some(id) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then (with `force`) SIGKILL after the timeout.
+    pub async fn stop(&self, name: &str, req: &StopVm) -> Result<VmRecord, ApiError> {
+        let secs = req.timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS);
+        if secs > MAX_STOP_TIMEOUT_SECS {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("timeout_secs: must be at most {MAX_STOP_TIMEOUT_SECS}, got {secs}"),
+            ));
+        }
+        let id = self.signal(name, libc::SIGTERM, "stopped on request".into())?;
+        if !self.wait_exit(name, id, Duration::from_secs(secs)).await {
+            if !req.force {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "stop_timeout",
+                    format!("VM {name} did not stop within {secs} s of SIGTERM; stop it with force (SIGKILL) or kill it"),
+                ));
+            }
+            self.signal(
+                name,
+                libc::SIGKILL,
+                format!("killed on request (SIGKILL): it did not stop within {secs} s of SIGTERM"),
+            )?;
+            if !self.wait_exit(name, id, KILL_WAIT).await {
+                return Err(ApiError::internal(format!(
+                    "VM {name} (pid {}) did not exit after SIGKILL",
+                    id.pid
+                )));
+            }
+        }
+        self.get(name)
+    }
+
+    /// SIGKILL at once.
+    pub async fn kill(&self, name: &str) -> Result<VmRecord, ApiError> {
+        let id = self.signal(name, libc::SIGKILL, "killed on request (SIGKILL)".into())?;
+        if !self.wait_exit(name, id, KILL_WAIT).await {
+            return Err(ApiError::internal(format!(
+                "VM {name} (pid {}) did not exit after SIGKILL",
+                id.pid
+            )));
+        }
+        self.get(name)
+    }
+}
+
+/// Wait (bounded) for the console pump to read what the VM wrote last.
+async fn drain(pump: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(p) = pump {
+        let _ = tokio::time::timeout(Duration::from_secs(1), p).await;
+    }
+}
+
+fn spawn_pump(
+    mut rx: tokio::net::unix::pipe::Receiver,
+    ring: Arc<Mutex<Ring>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match rx.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => lock_ring(&ring).push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("console: {e}");
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Open the console pipe of an adopted VM through /proc/PID/fd/1.
+fn reattach_console(pid: i32) -> Option<tokio::net::unix::pipe::Receiver> {
+    let path = PathBuf::from(format!("/proc/{pid}/fd/1"));
+    if !procfs::is_pipe(&path) {
+        tracing::warn!("VM pid {pid}: its stdout is not a pipe; no console");
+        return None;
+    }
+    let opened = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(false)
+        .open_receiver(&path);
+    match opened {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!("VM pid {pid}: cannot re-attach to its console: {e}");
+            None
+        }
+    }
+}
+
+/// Start `vireo run` for `rec` in its own session; returns the child and the
+/// read end of its console pipe.
+fn spawn_vm(
+    vmm: &Path,
+    dir: &Path,
+    rec: &VmRecord,
+) -> std::io::Result<(tokio::process::Child, tokio::net::unix::pipe::Receiver)> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::File::create(dir.join(VM_LOG))?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these fds; each is owned once.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: fcntl on a valid fd; failure (e.g. above pipe-max-size) is harmless.
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, CONSOLE_PIPE_SIZE) };
+
+    let c = &rec.config;
+    let mut cmd = tokio::process::Command::new(vmm);
+    cmd.arg("run");
+    if let Some(image) = &c.image {
+        cmd.arg("--image").arg(image);
+    }
+    if let Some(kernel) = &c.kernel {
+        cmd.arg("--kernel").arg(kernel);
+    }
+    if let Some(initrd) = &c.initrd {
+        cmd.arg("--initrd").arg(initrd);
+    }
+    if let Some(cmdline) = &c.cmdline {
+        cmd.arg("--cmdline").arg(cmdline);
+    }
+    cmd.arg("--cpus")
+        .arg(c.vcpus.to_string())
+        .arg("--memory")
+        .arg(c.memory_mib.to_string())
+        .arg("--accel")
+        .arg(match c.accel {
+            Accel::Kvm => "kvm",
+            Accel::Auto => "auto",
+            Accel::Emu => "emu",
+        })
+        // The exit reason ("the guest powered off") is logged at info level.
+        .env("VIREO_LOG", "info")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(false);
+    let keep = fds[0];
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (setsid, dup2, fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The console pipe's read end as fd 3, open across exec.
+            if keep == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(keep, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
+    Ok((child, rx))
+}
+
+/// The last 64 KiB of a VM's log.
+fn read_log_tail(dir: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(dir.join(VM_LOG)) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// What the VM's log says about its end: `vireo run`'s error line, or the
+/// clean end it logged at info level.
+fn log_verdict(log: &str) -> Option<(VmState, String)> {
+    for line in log.lines().rev() {
+        if let Some(i) = line.find("vireo: error: ") {
+            return Some((
+                VmState::Crashed,
+                line[i + "vireo: error: ".len()..].trim().to_string(),
+            ));
+        }
+        if line.contains("the guest powered off") {
+            return Some((VmState::Stopped, "powered off".into()));
+        }
+        if line.contains("the guest reset the machine") {
+            return Some((VmState::Stopped, "the guest reset the machine".into()));
+        }
+        if line.contains("the VM was stopped") {
+            return Some((VmState::Stopped, "stopped".into()));
+        }
+    }
+    None
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Decide the state and reason to record for an exit.
+fn outcome(exit: Exit, requested: Option<&str>, log: &str) -> Outcome {
+    let verdict = log_verdict(log);
+    let code = match exit {
+        Exit::Status(s) => s.code(),
+        Exit::Unknown => None,
+    };
+    let (state, reason, start_failed) = match (exit, requested) {
+        // The daemon signalled it: that is the reason, unless the log says
+        // the guest ended on its own (or the VM failed) first.
+        (_, Some(req)) => match verdict {
+            Some((VmState::Stopped, why)) if why != "stopped" && code != Some(2) => {
+                (VmState::Stopped, why, false)
+            }
+            Some((VmState::Crashed, why)) if code == Some(1) => {
+                (VmState::Crashed, format!("VM failed: {why}"), false)
+            }
+            _ => (VmState::Stopped, req.to_string(), false),
+        },
+        (Exit::Status(s), _) => match (s.code(), s.signal()) {
+            (Some(0), _) => match verdict {
+                Some((VmState::Stopped, why)) => (VmState::Stopped, why, false),
+                _ => (VmState::Stopped, "exited".into(), false),
+            },
+            (Some(1), _) => (
+                VmState::Crashed,
+                match verdict {
+                    Some((VmState::Crashed, why)) => format!("VM failed: {why}"),
+                    _ => "VM failed (vireo run exit status 1)".into(),
+                },
+                false,
+            ),
+            (Some(2), _) => (
+                VmState::Crashed,
+                match verdict {
+                    Some((VmState::Crashed, why)) => format!("failed to start: {why}"),
+                    _ => "failed to start (vireo run exit status 2)".into(),
+                },
+                true,
+            ),
+            (Some(code), _) => (
+                VmState::Crashed,
+                format!("vireo run exited with status {code}"),
+                false,
+            ),
+            (None, Some(sig)) => (
+                VmState::Crashed,
+                format!("killed by signal {sig} ({})", signal_name(sig)),
+                false,
+            ),
+            (None, None) => (VmState::Crashed, "ended (no status)".into(), false),
+        },
+        (Exit::Unknown, None) => match verdict {
+            Some((VmState::Crashed, why)) => (VmState::Crashed, format!("VM failed: {why}"), false),
+            Some((state, why)) => (state, why, false),
+            None => (
+                VmState::Stopped,
+                "exited while not a child of this daemon (exit status unknown)".into(),
+                false,
+            ),
+        },
+    };
+    Outcome {
+        state,
+        reason,
+        start_failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(raw: i32) -> Exit {
+        Exit::Status(ExitStatus::from_raw(raw))
+    }
+
+    const POWERED_OFF: &str = "2024-01-01T00:00:00Z  INFO booting ELF\n2024-01-01T00:00:01Z  INFO the guest powered off\n";
+
+    #[test]
+    fn outcomes() {
+        let o = outcome(status(0), None, POWERED_OFF);
+        assert_eq!(
+            (o.state, o.reason.as_str()),
+            (VmState::Stopped, "powered off")
+        );
+        let o = outcome(
+            status(1 << 8),
+            None,
+            "vireo: error: vCPU 0 hit a triple fault\n",
+        );
+        assert_eq!(o.state, VmState::Crashed);
+        assert_eq!(o.reason, "VM failed: vCPU 0 hit a triple fault");
+        let o = outcome(
+            status(2 << 8),
+            None,
+            "vireo: error: --kernel /x: not found\n",
+        );
+        assert!(o.start_failed && o.reason.contains("--kernel /x"), "{o:?}");
+        let o = outcome(status(libc::SIGSEGV), None, "");
+        assert_eq!(o.reason, "killed by signal 11 (SIGSEGV)");
+        let o = outcome(status(libc::SIGTERM), Some("stopped (SIGTERM)"), "");
+        assert_eq!(
+            (o.state, o.reason.as_str()),
+            (VmState::Stopped, "stopped (SIGTERM)")
+        );
+        let o = outcome(Exit::Unknown, None, POWERED_OFF);
+        assert_eq!(o.reason, "powered off");
+        let o = outcome(Exit::Unknown, None, "");
+        assert_eq!(o.state, VmState::Stopped);
+        assert!(o.reason.contains("unknown"));
+    }
+}
