@@ -147,20 +147,13 @@ async fn kill_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
 }
 
 async fn pause_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
-    not_yet(&d, &vm_name(name)?, "pausing")
+    let rec = d.set_paused(&vm_name(name)?, true).await?;
+    Ok(json(StatusCode::OK, &rec.to_api()))
 }
 
 async fn resume_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
-    not_yet(&d, &vm_name(name)?, "resuming")
-}
-
-fn not_yet(d: &Daemon, name: &str, what: &str) -> Result<Response, ApiError> {
-    d.get(name)?;
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        format!("{what} a VM needs a control channel to its `vireo run` process, which vireo does not have yet"),
-    ))
+    let rec = d.set_paused(&vm_name(name)?, false).await?;
+    Ok(json(StatusCode::OK, &rec.to_api()))
 }
 
 async fn console(State(d): Shared, name: Name) -> Result<Response, ApiError> {

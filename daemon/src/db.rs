@@ -276,6 +276,19 @@ impl Db {
         Ok(())
     }
 
+    /// Record that a live VM is now `state` (running or paused).
+    pub fn set_live_state(&mut self, name: &str, state: VmState) -> Result<(), DbError> {
+        let tx = self.conn.transaction()?;
+        set_runtime(
+            &tx,
+            name,
+            "UPDATE vm_runtime SET state = ?2 WHERE name = ?1",
+            params![name, state.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Record that the VM's process is gone: `state` (stopped or crashed)
     /// and why.
     pub fn set_exited(&mut self, name: &str, state: VmState, reason: &str) -> Result<(), DbError> {

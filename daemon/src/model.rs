@@ -55,7 +55,7 @@ pub enum VmState {
     Stopped,
     /// Its `vireo run` process is alive.
     Running,
-    /// Its vCPUs are paused (needs the VM control channel; not reached yet).
+    /// Its process is alive and its vCPUs are paused.
     Paused,
     /// Its process ended abnormally (VM failure, unexpected signal).
     Crashed,

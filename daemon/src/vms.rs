@@ -47,6 +47,10 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 const CONSOLE_PIPE_SIZE: libc::c_int = 1 << 20;
 /// The log file of a VM's `vireo run` (its stderr).
 pub const VM_LOG: &str = "vireo.log";
+/// The `vireo run --control-socket` of each VM, in its directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// How long a pause or resume may take before the API gives up.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A VM process the daemon watches.
 struct Proc {
@@ -392,6 +396,61 @@ impl Daemon {
         self.get(name)
     }
 
+    /// Pause (`paused = true`) or resume the VM's vCPUs through its control
+    /// socket.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<VmRecord, ApiError> {
+        let (socket, state) = {
+            let inner = lock(&self.inner);
+            let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+            if !rec.state.is_active() {
+                return Err(ApiError::conflict(
+                    "invalid_state",
+                    format!("VM {name} is not running (it is {})", rec.state.as_str()),
+                ));
+            }
+            (self.vm_dir(name).join(CONTROL_SOCKET), rec.state)
+        };
+        let want = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        if state == want {
+            return Err(ApiError::conflict(
+                "invalid_state",
+                format!("VM {name} is already {}", want.as_str()),
+            ));
+        }
+        let command = if paused { "pause" } else { "resume" };
+        let reply = tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, command))
+            .await
+            .map_err(|_| {
+                ApiError::internal(format!("VM {name} did not answer `{command}` in time"))
+            })?
+            .map_err(|e| {
+                ApiError::internal(format!(
+                    "cannot reach VM {name}'s control socket {}: {e}",
+                    socket.display()
+                ))
+            })?;
+        let reply: serde_json::Value = serde_json::from_str(&reply).map_err(|e| {
+            ApiError::internal(format!("VM {name} answered `{command}` with garbage: {e}"))
+        })?;
+        if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
+            let why = reply
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("no reason given");
+            return Err(ApiError::conflict(
+                "invalid_state",
+                format!("VM {name}: {why}"),
+            ));
+        }
+        lock(&self.inner).db.set_live_state(name, want)?;
+        tracing::info!("VM {name} {}", want.as_str());
+        self.get(name)
+    }
+
     /// SIGKILL at once.
     pub async fn kill(&self, name: &str) -> Result<VmRecord, ApiError> {
         let id = self.signal(name, libc::SIGKILL, "killed on request (SIGKILL)".into())?;
@@ -485,6 +544,7 @@ fn spawn_vm(
     if let Some(cmdline) = &c.cmdline {
         cmd.arg("--cmdline").arg(cmdline);
     }
+    cmd.arg("--control-socket").arg(dir.join(CONTROL_SOCKET));
     cmd.arg("--cpus")
         .arg(c.vcpus.to_string())
         .arg("--memory")
@@ -645,6 +705,20 @@ fn outcome(exit: Exit, requested: Option<&str>, log: &str) -> Outcome {
         reason,
         start_failed,
     }
+}
+
+/// Send one command line to a `vireo run` control socket and read its one
+/// JSON line of reply.
+async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut stream = tokio::net::UnixStream::connect(socket).await?;
+    stream.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .take(4096)
+        .read_line(&mut line)
+        .await?;
+    Ok(line)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 mod cli;
 mod console;
+mod control_socket;
 mod disk;
 mod image;
 mod machine;

@@ -3,15 +3,18 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::Duration;
 use vireo_emulator::EmuHypervisor;
 use vireo_hypervisor::host::HostVirt;
 use vireo_hypervisor::kvm::KvmHypervisor;
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::boot::BootSpec;
-use vireo_vmcore::{ExitReason, VmConfig};
+
+use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig};
 
 use crate::cli::{Accel, RunArgs};
 use crate::console::{self, RawTerminal, StdoutWriter};
+use crate::control_socket::{self, Command, ControlSocket};
 use crate::image::GuestKit;
 use crate::machine;
 use crate::signals;
@@ -121,13 +124,24 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     } else {
         None
     };
+    let control_socket = match &args.control_socket {
+        Some(path) => Some(
+            control_socket::listen(path)
+                .map_err(|e| Failure::Usage(format!("--control-socket {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
     let control = vm.control();
     if let Err(e) = signals::stop_vm_on_signals(Arc::clone(&control)) {
         tracing::warn!("SIGTERM will not stop the VM cleanly: {e}");
     }
     let running = vm.start().map_err(|e| Failure::Vm(e.to_string()))?;
     console::spawn_stdin_pump(input, Arc::clone(&control), tty);
+    if let Some(socket) = &control_socket {
+        serve_control(&running, socket);
+    }
     let reason = running.wait();
+    drop(control_socket);
     drop(raw);
     match reason {
         r if r.is_clean() => {
@@ -138,5 +152,39 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             Err(Failure::Vm(reason.to_string()))
         }
         other => Err(Failure::Vm(other.to_string())),
+    }
+}
+
+/// Carry out control-socket commands until the VM exits.
+fn serve_control(running: &RunningVm, socket: &ControlSocket) {
+    let control = running.control();
+    loop {
+        if control
+            .wait_exit_timeout(Duration::from_millis(20))
+            .is_some()
+        {
+            return;
+        }
+        while let Ok(pending) = socket.commands.try_recv() {
+            let result = match pending.command {
+                Command::Pause => running.pause(),
+                Command::Resume => running.resume(),
+                Command::Status => Ok(()),
+            };
+            let reply = match result {
+                Ok(()) => control_socket::ok_reply(state_name(control.state())),
+                Err(e) => control_socket::error_reply(&e.to_string()),
+            };
+            let _ = pending.reply.send(reply);
+        }
+    }
+}
+
+fn state_name(state: RunState) -> &'static str {
+    match state {
+        RunState::Created => "created",
+        RunState::Running => "running",
+        RunState::Paused => "paused",
+        RunState::Exited => "exited",
     }
 }

@@ -79,6 +79,12 @@ pub enum VmCommand {
     /// Kill a VM at once (SIGKILL).
     #[command(after_help = "Example:\n  vireo vm kill web")]
     Kill(NameArgs),
+    /// Pause a running VM's vCPUs (memory and devices are kept).
+    #[command(after_help = "Example:\n  vireo vm pause web")]
+    Pause(NameArgs),
+    /// Resume a paused VM.
+    #[command(after_help = "Example:\n  vireo vm resume web")]
+    Resume(NameArgs),
     /// Delete a stopped VM's definition.
     #[command(after_help = "Example:\n  vireo vm delete web")]
     Delete(NameArgs),
@@ -197,6 +203,13 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 /// `vireo vm ...`.
+/// POST a state-changing action (`/kill`, `/pause`, ...) and print the result.
+fn action(client: &Client, name: &str, path: &str) -> Result<(), Failure> {
+    let vm: Vm = client.call("POST", &vm_path(name, path), None)?;
+    println!("{}: {}", vm.name, describe_state(&vm));
+    Ok(())
+}
+
 pub fn vm(args: VmArgs) -> Result<(), Failure> {
     let client = Client {
         socket: paths::client_socket(args.socket),
@@ -232,11 +245,9 @@ pub fn vm(args: VmArgs) -> Result<(), Failure> {
             println!("{}: {}", vm.name, describe_state(&vm));
             Ok(())
         }
-        VmCommand::Kill(a) => {
-            let vm: Vm = client.call("POST", &vm_path(&a.name, "/kill"), None)?;
-            println!("{}: {}", vm.name, describe_state(&vm));
-            Ok(())
-        }
+        VmCommand::Kill(a) => action(&client, &a.name, "/kill"),
+        VmCommand::Pause(a) => action(&client, &a.name, "/pause"),
+        VmCommand::Resume(a) => action(&client, &a.name, "/resume"),
         VmCommand::Delete(a) => {
             client.request("DELETE", &vm_path(&a.name, ""), None, DEFAULT_TIMEOUT)?;
             println!("deleted {}", a.name);

@@ -519,17 +519,17 @@ fn bad_input_gets_4xx_naming_the_field() {
         "POST",
         "/v1/vms/a/pause",
         "",
-        501,
-        "not_implemented",
-        "control channel",
+        409,
+        "invalid_state",
+        "not running",
     );
     check(
         "POST",
         "/v1/vms/a/resume",
         "",
-        501,
-        "not_implemented",
-        "control channel",
+        409,
+        "invalid_state",
+        "not running",
     );
     check("GET", "/v2/vms", "", 404, "not_found", "/v1");
     check("PUT", "/v1/vms", "{}", 405, "method_not_allowed", "");
@@ -751,4 +751,36 @@ fn the_cli_says_how_to_start_a_missing_daemon() {
         WAIT,
     );
     out.assert_status(2);
+}
+
+/// Pause freezes the guest (its console stops growing) and resume lets it
+/// go on, through the VM process's control socket.
+#[test]
+fn pause_and_resume_freeze_and_continue_the_guest() {
+    let env = Env::new("daemon-pause");
+    let kernel = env.kernel("vmlinux", ticking);
+    env.create("p", &kernel);
+    let (status, v) = env.json("POST", "/v1/vms/p/start", None);
+    assert_eq!(status, 200, "{v}");
+    env.wait_for("the first tick", || env.console("p").contains("tick"));
+
+    let (status, v) = env.json("POST", "/v1/vms/p/pause", None);
+    assert_eq!((status, state(&v)), (200, "paused"), "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/p/pause", None);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("invalid_state")),
+        "pausing twice: {v}"
+    );
+    // Output already on its way settles, then nothing new comes.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let frozen = env.console("p").len();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(env.console("p").len(), frozen, "the guest ran while paused");
+
+    let (status, v) = env.json("POST", "/v1/vms/p/resume", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    env.wait_for("a tick after resume", || env.console("p").len() > frozen);
+    let (status, v) = env.json("POST", "/v1/vms/p/kill", None);
+    assert_eq!(status, 200, "{v}");
 }

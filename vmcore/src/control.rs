@@ -138,6 +138,16 @@ impl VmControl {
         }
     }
 
+    /// Wait up to `timeout` for the VM to have an exit reason.
+    pub fn wait_exit_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let g = self.lock();
+        let (g, _) = self
+            .changed
+            .wait_timeout_while(g, timeout, |g| g.exit.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.exit.clone()
+    }
+
     /// Called by a vCPU thread before each entry into the guest: parks while
     /// the VM is paused; returns false once the VM is exiting.
     pub fn checkpoint(&self) -> bool {
@@ -205,6 +215,19 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn wait_with_timeout_sees_a_later_exit() {
+        let c = Arc::new(VmControl::default());
+        assert_eq!(c.wait_exit_timeout(Duration::from_millis(5)), None);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            c2.request_exit(ExitReason::Reset);
+        });
+        assert_eq!(c.wait_exit_timeout(Duration::from_secs(10)), Some(ExitReason::Reset));
+        t.join().unwrap();
+    }
 
     #[test]
     fn first_exit_reason_wins() {

@@ -1,0 +1,178 @@
+//! The control socket of a running VM (`vireo run --control-socket PATH`):
+//! how a supervisor such as the daemon pauses, resumes and queries a VM
+//! that runs in another process.
+//!
+//! Protocol: a client connects, writes one command line (`pause`, `resume`
+//! or `status`) and reads one JSON line back: `{"ok":true,"state":"paused"}`
+//! or `{"ok":false,"error":"..."}`. Commands are carried out on the thread
+//! that owns the running VM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+/// A command from a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Status,
+}
+
+impl Command {
+    pub fn parse(line: &str) -> Option<Command> {
+        match line.trim() {
+            "pause" => Some(Command::Pause),
+            "resume" => Some(Command::Resume),
+            "status" => Some(Command::Status),
+            _ => None,
+        }
+    }
+}
+
+/// A command waiting for the VM's thread, with where to send the reply.
+pub struct Pending {
+    pub command: Command,
+    pub reply: Sender<String>,
+}
+
+pub fn ok_reply(state: &str) -> String {
+    format!(
+        "{{\"ok\":true,\"state\":{}}}",
+        serde_json::Value::from(state)
+    )
+}
+
+pub fn error_reply(message: &str) -> String {
+    format!(
+        "{{\"ok\":false,\"error\":{}}}",
+        serde_json::Value::from(message)
+    )
+}
+
+/// The listening socket; removes its file when dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+    pub commands: Receiver<Pending>,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bind `path` (replacing a stale socket file) and serve clients on a
+/// background thread.
+pub fn listen(path: &Path) -> std::io::Result<ControlSocket> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(s) => serve(s, &tx),
+                    Err(e) => tracing::warn!("control socket: accept failed: {e}"),
+                }
+            }
+        })?;
+    Ok(ControlSocket {
+        path: path.to_path_buf(),
+        commands: rx,
+    })
+}
+
+/// One client, one command. Bounded line length and a read timeout, so a
+/// client that sends nothing or too much cannot wedge the socket.
+fn serve(stream: UnixStream, commands: &Sender<Pending>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut line = String::new();
+    let read = BufReader::new(stream).take_line(&mut line, 256);
+    let reply = match read.ok().and_then(|_| Command::parse(&line)) {
+        None => error_reply("unknown command; send one of: pause, resume, status"),
+        Some(command) => {
+            let (reply_tx, reply_rx) = mpsc::channel();
+            if commands
+                .send(Pending {
+                    command,
+                    reply: reply_tx,
+                })
+                .is_err()
+            {
+                error_reply("the VM has exited")
+            } else {
+                reply_rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|_| error_reply("the VM did not answer in time"))
+            }
+        }
+    };
+    let _ = writeln!(writer, "{reply}");
+}
+
+trait TakeLine {
+    fn take_line(self, line: &mut String, max: u64) -> std::io::Result<usize>;
+}
+
+impl<R: std::io::Read> TakeLine for BufReader<R> {
+    fn take_line(self, line: &mut String, max: u64) -> std::io::Result<usize> {
+        std::io::Read::take(self, max).read_line(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn ask(path: &Path, line: &str) -> String {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn commands_reach_the_owner_and_replies_come_back() {
+        let path = std::env::temp_dir().join(format!("vireo-ctl-test-{}.sock", std::process::id()));
+        let sock = listen(&path).unwrap();
+        let owner = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let p = sock.commands.recv().unwrap();
+                let reply = match p.command {
+                    Command::Pause => ok_reply("paused"),
+                    other => error_reply(&format!("no {other:?}")),
+                };
+                p.reply.send(reply).unwrap();
+            }
+            sock
+        });
+        assert_eq!(
+            ask(&path, "pause\n"),
+            "{\"ok\":true,\"state\":\"paused\"}\n"
+        );
+        assert!(ask(&path, "status\n").contains("\"ok\":false"));
+        assert!(ask(&path, "reboot now\n").contains("unknown command"));
+        assert!(ask(&path, &"x".repeat(10_000)).contains("unknown command"));
+        drop(owner.join().unwrap());
+        assert!(!path.exists(), "socket file removed on drop");
+    }
+}
