@@ -225,7 +225,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
             c2.request_exit(ExitReason::Reset);
         });
-        assert_eq!(c.wait_exit_timeout(Duration::from_secs(10)), Some(ExitReason::Reset));
+        assert_eq!(
+            c.wait_exit_timeout(Duration::from_secs(10)),
+            Some(ExitReason::Reset)
+        );
         t.join().unwrap();
     }
 
