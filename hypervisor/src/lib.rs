@@ -90,11 +90,27 @@ pub trait Vm: Send + Sync {
     /// An edge-triggered interrupt line wired to global system interrupt `gsi`
     /// (ISA IRQs 0-15 are GSIs 0-15 on the IOAPIC and PIC).
     fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>>;
+    /// A level-triggered line on `gsi`, for sources that stay asserted until
+    /// the guest clears them (the ACPI SCI). Backends without level lines
+    /// fall back to an edge line that pulses when asserted.
+    fn level_interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
+        self.interrupt_line(gsi)
+    }
 }
 
 /// An interrupt line a device can pulse.
 pub trait InterruptLine: Send + Sync {
+    /// Pulse the line (edge).
     fn trigger(&self) -> std::io::Result<()>;
+    /// Hold the line asserted (`true`) or deasserted. An edge line pulses
+    /// on assert.
+    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+        if asserted {
+            self.trigger()
+        } else {
+            Ok(())
+        }
+    }
     /// The eventfd behind the line, for device models (vm-superio) that
     /// want one.
     fn eventfd(&self) -> std::io::Result<EventFd>;

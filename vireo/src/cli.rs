@@ -103,8 +103,8 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
 
-    /// Unix socket on which to accept `pause`, `resume` and `status` commands
-    /// (one line each; a JSON line answers). The daemon uses it.
+    /// Unix socket on which to accept `pause`, `resume`, `power-button` and
+    /// `status` commands (one line each; a JSON line answers). The daemon uses it.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 }

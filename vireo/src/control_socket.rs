@@ -2,8 +2,8 @@
 //! how a supervisor such as the daemon pauses, resumes and queries a VM
 //! that runs in another process.
 //!
-//! Protocol: a client connects, writes one command line (`pause`, `resume`
-//! or `status`) and reads one JSON line back: `{"ok":true,"state":"paused"}`
+//! Protocol: a client connects, writes one command line (`pause`, `resume`,
+//! `power-button` or `status`) and reads one JSON line back: `{"ok":true,"state":"paused"}`
 //! or `{"ok":false,"error":"..."}`. Commands are carried out on the thread
 //! that owns the running VM.
 
@@ -18,6 +18,8 @@ use std::time::Duration;
 pub enum Command {
     Pause,
     Resume,
+    /// Press the ACPI power button (a graceful shutdown request).
+    PowerButton,
     Status,
 }
 
@@ -26,6 +28,7 @@ impl Command {
         match line.trim() {
             "pause" => Some(Command::Pause),
             "resume" => Some(Command::Resume),
+            "power-button" => Some(Command::PowerButton),
             "status" => Some(Command::Status),
             _ => None,
         }
@@ -106,7 +109,7 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>) {
     let mut line = String::new();
     let read = BufReader::new(stream).take_line(&mut line, 256);
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
-        None => error_reply("unknown command; send one of: pause, resume, status"),
+        None => error_reply("unknown command; send one of: pause, resume, power-button, status"),
         Some(command) => {
             let (reply_tx, reply_rx) = mpsc::channel();
             if commands

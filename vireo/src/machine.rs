@@ -9,13 +9,34 @@ use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::layout::{self, ports};
 use vireo_vmcore::{Vm, VmConfig, VmError};
 
+/// A built machine and the handles the front end drives it with.
+pub struct Machine {
+    pub vm: Vm,
+    /// Feeds the guest's COM1.
+    pub input: SerialInput,
+    pub power_button: PowerButton,
+}
+
+/// The ACPI power button (what `vireo vm stop` presses for a graceful stop).
+#[derive(Clone)]
+pub struct PowerButton(Arc<Mutex<AcpiPm>>);
+
+impl PowerButton {
+    pub fn press(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .press_power_button();
+    }
+}
+
 /// Build the VM and attach COM1 (writing to `serial_out`), the i8042, the
-/// CMOS RTC, the ACPI PM registers and the reset control register.
+/// CMOS RTC, the ACPI PM registers with the SCI and the reset control register.
 pub fn build(
     hv: &dyn Hypervisor,
     cfg: &VmConfig,
     serial_out: Box<dyn Write + Send>,
-) -> Result<(Vm, SerialInput), VmError> {
+) -> Result<Machine, VmError> {
     let mut vm = Vm::new(hv, cfg)?;
     let control = vm.control();
 
@@ -31,15 +52,17 @@ pub fn build(
     let cmos = Cmos::new(below_4g, ram - below_4g);
     vm.add_io_device(ports::CMOS, 2, Arc::new(Mutex::new(cmos)))?;
 
-    vm.add_io_device(
-        ports::PM1A_EVT,
-        acpi_pm::LEN,
-        Arc::new(Mutex::new(AcpiPm::new(control.clone()))),
-    )?;
+    let sci = vm.level_interrupt_line(ports::ACPI_SCI_IRQ)?;
+    let pm = Arc::new(Mutex::new(AcpiPm::new(control.clone(), Some(sci))));
+    vm.add_io_device(ports::PM1A_EVT, acpi_pm::LEN, pm.clone())?;
     vm.add_io_device(
         ports::RESET_CONTROL,
         1,
         Arc::new(Mutex::new(ResetControl::new(control))),
     )?;
-    Ok((vm, input))
+    Ok(Machine {
+        vm,
+        input,
+        power_button: PowerButton(pm),
+    })
 }

@@ -16,7 +16,7 @@ use crate::cli::{Accel, RunArgs};
 use crate::console::{self, RawTerminal, StdoutWriter};
 use crate::control_socket::{self, Command, ControlSocket};
 use crate::image::GuestKit;
-use crate::machine;
+use crate::machine::{self, PowerButton};
 use crate::signals;
 use crate::Failure;
 
@@ -86,13 +86,18 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         memory_mib: args.memory,
         boot: spec,
     };
-    let (vm, input) = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(|e| {
+    let machine = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(|e| {
         if e.is_user_error() {
             Failure::Usage(e.to_string())
         } else {
             Failure::Vm(e.to_string())
         }
     })?;
+    let machine::Machine {
+        vm,
+        input,
+        power_button,
+    } = machine;
 
     let host = HostVirt::detect();
     if hv.name() == "kvm" && host.kvm_is_pvm_only() && vm.boot_info().pvm_guest != Some(true) {
@@ -138,7 +143,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let running = vm.start().map_err(|e| Failure::Vm(e.to_string()))?;
     console::spawn_stdin_pump(input, Arc::clone(&control), tty);
     if let Some(socket) = &control_socket {
-        serve_control(&running, socket);
+        serve_control(&running, &power_button, socket);
     }
     let reason = running.wait();
     drop(control_socket);
@@ -156,7 +161,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 /// Carry out control-socket commands until the VM exits.
-fn serve_control(running: &RunningVm, socket: &ControlSocket) {
+fn serve_control(running: &RunningVm, power_button: &PowerButton, socket: &ControlSocket) {
     let control = running.control();
     loop {
         if control
@@ -169,6 +174,10 @@ fn serve_control(running: &RunningVm, socket: &ControlSocket) {
             let result = match pending.command {
                 Command::Pause => running.pause(),
                 Command::Resume => running.resume(),
+                Command::PowerButton => {
+                    power_button.press();
+                    Ok(())
+                }
                 Command::Status => Ok(()),
             };
             let reply = match result {

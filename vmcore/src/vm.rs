@@ -164,6 +164,10 @@ impl Vm {
         Ok(self.hv_vm.interrupt_line(gsi)?)
     }
 
+    pub fn level_interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmError> {
+        Ok(self.hv_vm.level_interrupt_line(gsi)?)
+    }
+
     pub fn add_io_device(&mut self, port: u16, len: u16, dev: SharedDevice) -> Result<(), VmError> {
         Ok(self.io_bus.insert(u64::from(port), u64::from(len), dev)?)
     }

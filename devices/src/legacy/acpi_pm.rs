@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vireo_vmcore::boot::acpi::SLP_TYP_S5;
+use vireo_hypervisor::InterruptLine;
 use vireo_vmcore::{BusDevice, ExitReason, VmControl};
 
 pub const LEN: u16 = 12;
@@ -25,8 +26,13 @@ const CNT_SLP_TYP_MASK: u16 = 0x7 << CNT_SLP_TYP_SHIFT;
 
 const PM_TIMER_HZ: u128 = 3_579_545;
 
+/// PM1 status/enable bit of the power button.
+const PWRBTN: u16 = 1 << 8;
+
 pub struct AcpiPm {
     control: Arc<VmControl>,
+    /// The SCI, level triggered: asserted while an enabled status bit is set.
+    sci: Option<Arc<dyn InterruptLine>>,
     status: u16,
     enable: u16,
     cnt: u16,
@@ -34,14 +40,31 @@ pub struct AcpiPm {
 }
 
 impl AcpiPm {
-    pub fn new(control: Arc<VmControl>) -> Self {
+    pub fn new(control: Arc<VmControl>, sci: Option<Arc<dyn InterruptLine>>) -> Self {
         AcpiPm {
             control,
+            sci,
             status: 0,
             enable: 0,
             // There is no SMI handshake: the platform starts in ACPI mode.
             cnt: CNT_SCI_EN,
             start: Instant::now(),
+        }
+    }
+
+    /// Press the power button: the guest sees PWRBTN_STS and, if it enabled
+    /// the event, an SCI (Linux then shuts down in an orderly way).
+    pub fn press_power_button(&mut self) {
+        self.status |= PWRBTN;
+        self.update_sci();
+    }
+
+    fn update_sci(&self) {
+        if let Some(sci) = &self.sci {
+            let asserted = self.status & self.enable & PWRBTN != 0;
+            if let Err(e) = sci.set_level(asserted) {
+                tracing::warn!("ACPI: cannot drive the SCI: {e}");
+            }
         }
     }
 
@@ -104,8 +127,12 @@ impl BusDevice for AcpiPm {
                 if n == 4 {
                     self.enable = hi;
                 }
+                self.update_sci();
             }
-            PM1_EN => self.enable = lo,
+            PM1_EN => {
+                self.enable = lo;
+                self.update_sci();
+            }
             PM1_CNT => self.write_cnt(lo),
             _ => {}
         }
@@ -118,7 +145,39 @@ mod tests {
 
     fn dev() -> (AcpiPm, Arc<VmControl>) {
         let c = Arc::new(VmControl::default());
-        (AcpiPm::new(c.clone()), c)
+        (AcpiPm::new(c.clone(), None), c)
+    }
+
+    /// Records the level the device drives.
+    struct Level(std::sync::Mutex<Vec<bool>>);
+    impl InterruptLine for Level {
+        fn trigger(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(asserted);
+            Ok(())
+        }
+        fn eventfd(&self) -> std::io::Result<vireo_hypervisor::EventFd> {
+            vireo_hypervisor::EventFd::new(0)
+        }
+    }
+
+    #[test]
+    fn power_button_raises_the_sci_only_when_enabled_until_cleared() {
+        let line = Arc::new(Level(std::sync::Mutex::new(Vec::new())));
+        let mut d = AcpiPm::new(Arc::new(VmControl::default()), Some(line.clone()));
+        d.press_power_button();
+        assert_eq!(line.0.lock().unwrap().last(), Some(&false), "not enabled yet");
+        d.write(PM1_EN, &PWRBTN.to_le_bytes());
+        assert_eq!(line.0.lock().unwrap().last(), Some(&true), "pending event fires on enable");
+        let mut sts = [0u8; 2];
+        d.read(PM1_STS, &mut sts);
+        assert_eq!(u16::from_le_bytes(sts) & PWRBTN, PWRBTN);
+        d.write(PM1_STS, &PWRBTN.to_le_bytes());
+        assert_eq!(line.0.lock().unwrap().last(), Some(&false), "cleared by the guest");
+        d.read(PM1_STS, &mut sts);
+        assert_eq!(u16::from_le_bytes(sts) & PWRBTN, 0);
     }
 
     #[test]

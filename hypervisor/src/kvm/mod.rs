@@ -116,7 +116,7 @@ impl Hypervisor for KvmHypervisor {
             tracing::debug!("KVM_SET_TSS_ADDR not accepted: {e}");
         }
         Ok(Arc::new(KvmVm {
-            fd,
+            fd: Arc::new(fd),
             platform: OnceLock::new(),
         }))
     }
@@ -124,7 +124,7 @@ impl Hypervisor for KvmHypervisor {
 
 /// A KVM VM file descriptor.
 pub struct KvmVm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     /// Set once the in-kernel irqchip and PIT exist.
     platform: OnceLock<()>,
 }
@@ -196,6 +196,40 @@ impl Vm for KvmVm {
             .register_irqfd(&evt, gsi)
             .map_err(|e| HypervisorError::ioctl("KVM_IRQFD", e))?;
         Ok(Arc::new(IrqFdLine { evt }))
+    }
+
+    fn level_interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
+        self.require_platform()?;
+        Ok(Arc::new(IrqLevelLine {
+            vm: Arc::clone(&self.fd),
+            gsi,
+        }))
+    }
+}
+
+/// A level-triggered line driven with KVM_IRQ_LINE.
+struct IrqLevelLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl InterruptLine for IrqLevelLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.set_level(true)?;
+        self.set_level(false)
+    }
+
+    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+        self.vm
+            .set_irq_line(self.gsi, asserted)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn eventfd(&self) -> std::io::Result<EventFd> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "a level-triggered line has no eventfd",
+        ))
     }
 }
 

@@ -61,6 +61,7 @@ pub fn build_tables(vcpus: u32) -> Result<Vec<PlacedTable>, AcpiError> {
 
     let mut madt_bytes = Vec::new();
     madt(vcpus).to_aml_bytes(&mut madt_bytes);
+    append_madt_structure(&mut madt_bytes, &sci_override());
     let madt_addr = placer.reserve(madt_bytes.len() as u64);
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -175,6 +176,34 @@ fn madt(vcpus: u32) -> MADT {
     }
     madt.add_structure(IoApic::new(0, layout::IOAPIC_START as u32, 0));
     madt
+}
+
+/// MADT interrupt source override: the SCI (ISA IRQ 9) on GSI 9, level
+/// triggered, active high. Without it the OS assumes active low, which
+/// KVM's IOAPIC does not model.
+fn sci_override() -> [u8; 10] {
+    const TYPE_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
+    const POLARITY_ACTIVE_HIGH: u16 = 0b01;
+    const TRIGGER_LEVEL: u16 = 0b11 << 2;
+    let mut s = [0u8; 10];
+    s[0] = TYPE_INTERRUPT_SOURCE_OVERRIDE;
+    s[1] = 10;
+    s[2] = 0; // ISA bus
+    s[3] = ports::ACPI_SCI_IRQ as u8;
+    s[4..8].copy_from_slice(&ports::ACPI_SCI_IRQ.to_le_bytes());
+    s[8..10].copy_from_slice(&(POLARITY_ACTIVE_HIGH | TRIGGER_LEVEL).to_le_bytes());
+    s
+}
+
+/// Append an interrupt controller structure the `acpi_tables` MADT type
+/// does not offer, fixing the table's length and checksum.
+fn append_madt_structure(madt: &mut Vec<u8>, structure: &[u8]) {
+    madt.extend_from_slice(structure);
+    let len = madt.len() as u32;
+    madt[4..8].copy_from_slice(&len.to_le_bytes());
+    madt[9] = 0;
+    let sum = madt.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    madt[9] = 0u8.wrapping_sub(sum);
 }
 
 /// The DSDT: the S5 sleep package and the legacy devices, so the OS finds
@@ -302,6 +331,24 @@ mod tests {
             }
             assert_eq!(ids, (0..n as u8).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn madt_overrides_the_sci_to_level_active_high() {
+        let tables = build_tables(2).unwrap();
+        let madt = table(&tables, b"APIC");
+        let mut off = 44;
+        let mut found = None;
+        while off < madt.bytes.len() {
+            let (kind, len) = (madt.bytes[off], madt.bytes[off + 1] as usize);
+            if kind == 2 {
+                found = Some(madt.bytes[off..off + len].to_vec());
+            }
+            off += len;
+        }
+        let iso = found.expect("interrupt source override");
+        assert_eq!((iso[3], iso[4]), (9, 9), "IRQ 9 -> GSI 9");
+        assert_eq!(u16::from_le_bytes([iso[8], iso[9]]), 0x000d);
     }
 
     #[test]
