@@ -200,10 +200,11 @@ impl UpdateVm {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StopVm {
-    /// SIGKILL the VM if it has not exited `timeout_secs` after SIGTERM.
+    /// Stop the VM process (SIGTERM, then SIGKILL) if the guest has not
+    /// shut down `timeout_secs` after the ACPI power button.
     #[serde(default)]
     pub force: bool,
-    /// How long to wait for the VM to exit [default 10, at most 300].
+    /// How long to wait for the guest to shut down [default 10, at most 300].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
 }

@@ -363,7 +363,9 @@ impl Daemon {
         }
     }
 
-    /// SIGTERM, then (with `force`) SIGKILL after the timeout.
+    /// Press the guest's ACPI power button and wait for it to shut down;
+    /// with `force`, stop the VM process (SIGTERM, then SIGKILL) when the
+    /// guest has not shut down after the timeout.
     pub async fn stop(&self, name: &str, req: &StopVm) -> Result<VmRecord, ApiError> {
         let secs = req.timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS);
         if secs > MAX_STOP_TIMEOUT_SECS {
@@ -372,28 +374,66 @@ impl Daemon {
                 format!("timeout_secs: must be at most {MAX_STOP_TIMEOUT_SECS}, got {secs}"),
             ));
         }
-        let id = self.signal(name, libc::SIGTERM, "stopped on request".into())?;
-        if !self.wait_exit(name, id, Duration::from_secs(secs)).await {
-            if !req.force {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "stop_timeout",
-                    format!("VM {name} did not stop within {secs} s of SIGTERM; stop it with force (SIGKILL) or kill it"),
-                ));
-            }
-            self.signal(
-                name,
-                libc::SIGKILL,
-                format!("killed on request (SIGKILL): it did not stop within {secs} s of SIGTERM"),
-            )?;
-            if !self.wait_exit(name, id, KILL_WAIT).await {
-                return Err(ApiError::internal(format!(
-                    "VM {name} (pid {}) did not exit after SIGKILL",
-                    id.pid
-                )));
-            }
+        let id = self.live_process(name)?;
+        let socket = self.vm_dir(name).join(CONTROL_SOCKET);
+        let pressed =
+            match tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, "power-button"))
+                .await
+            {
+                Ok(Ok(reply)) if reply.contains("\"ok\":true") => true,
+                other => {
+                    tracing::warn!("VM {name}: could not press the power button: {other:?}");
+                    false
+                }
+            };
+        if pressed && self.wait_exit(name, id, Duration::from_secs(secs)).await {
+            return self.get(name);
+        }
+        if !req.force {
+            let why = if pressed {
+                format!("did not shut down within {secs} s of the ACPI power button")
+            } else {
+                "could not be sent the ACPI power button".to_string()
+            };
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "stop_timeout",
+                format!("VM {name} {why}; stop it with force or kill it"),
+            ));
+        }
+        self.signal(
+            name,
+            libc::SIGTERM,
+            "stopped on request (the guest did not shut down on the power button)".into(),
+        )?;
+        if self.wait_exit(name, id, KILL_WAIT).await {
+            return self.get(name);
+        }
+        self.signal(
+            name,
+            libc::SIGKILL,
+            "killed on request (SIGKILL): the VM ignored the power button and SIGTERM".into(),
+        )?;
+        if !self.wait_exit(name, id, KILL_WAIT).await {
+            return Err(ApiError::internal(format!(
+                "VM {name} (pid {}) did not exit after SIGKILL",
+                id.pid
+            )));
         }
         self.get(name)
+    }
+
+    /// The process of a VM that is running or paused.
+    fn live_process(&self, name: &str) -> Result<ProcessId, ApiError> {
+        let inner = lock(&self.inner);
+        let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+        match inner.procs.get(name) {
+            Some(p) if rec.state.is_active() => Ok(p.id),
+            _ => Err(ApiError::conflict(
+                "invalid_state",
+                format!("VM {name} is not running (it is {})", rec.state.as_str()),
+            )),
+        }
     }
 
     /// Pause (`paused = true`) or resume the VM's vCPUs through its control

@@ -71,7 +71,8 @@ pub enum VmCommand {
     /// Start a VM: the daemon runs it as its own `vireo run` process.
     #[command(after_help = "Example:\n  vireo vm start web")]
     Start(NameArgs),
-    /// Stop a VM (SIGTERM; with --force, SIGKILL if it has not exited in time).
+    /// Stop a VM: press its ACPI power button and wait for the guest to shut
+    /// down (with --force, stop the VM process if it has not in time).
     #[command(
         after_help = "Examples:\n  vireo vm stop web\n  vireo vm stop web --force --timeout 5"
     )]
@@ -169,11 +170,12 @@ pub struct StopArgs {
     #[arg(value_name = "NAME")]
     pub name: String,
 
-    /// SIGKILL the VM if it has not exited within the timeout.
+    /// Stop the VM process (SIGTERM, then SIGKILL) if the guest has not shut
+    /// down within the timeout.
     #[arg(long)]
     pub force: bool,
 
-    /// Seconds to wait for the VM to exit after SIGTERM.
+    /// Seconds to wait for the guest to shut down after the power button.
     #[arg(long, value_name = "SECS", default_value_t = model::DEFAULT_STOP_TIMEOUT_SECS)]
     pub timeout: u64,
 }

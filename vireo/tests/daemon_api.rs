@@ -305,10 +305,15 @@ fn lifecycle_through_the_cli() {
     // Deleting a running VM is refused.
     env.cli(&["delete", "web"]).assert_status(2);
 
-    let out = env.cli(&["stop", "web"]);
+    // This guest ignores the ACPI power button: without --force the stop
+    // times out, with it the VM process is stopped.
+    let out = env.cli(&["stop", "web", "--timeout", "1"]);
+    out.assert_status(2);
+    assert!(out.stderr.contains("power button"), "{out}");
+    let out = env.cli(&["stop", "web", "--force", "--timeout", "1"]);
     out.assert_status(0);
     assert!(
-        out.stdout.contains("web: stopped (stopped on request)"),
+        out.stdout.contains("web: stopped (stopped on request"),
         "{out}"
     );
     assert!(!alive(pid), "the VM process is still there after stop");
@@ -700,7 +705,11 @@ fn kill_9_of_the_daemon_loses_nothing_and_running_vms_are_readopted() {
         env.console("keep").contains("tick")
     });
 
-    let (status, v) = env.json("POST", "/v1/vms/keep/stop", None);
+    let (status, v) = env.json(
+        "POST",
+        "/v1/vms/keep/stop",
+        Some(json!({"force": true, "timeout_secs": 1})),
+    );
     assert_eq!((status, state(&v)), (200, "stopped"), "{v}");
     assert!(!alive(keep_pid), "the re-adopted VM still runs after stop");
 }
@@ -783,4 +792,27 @@ fn pause_and_resume_freeze_and_continue_the_guest() {
     env.wait_for("a tick after resume", || env.console("p").len() > frozen);
     let (status, v) = env.json("POST", "/v1/vms/p/kill", None);
     assert_eq!(status, 200, "{v}");
+}
+
+/// `vm stop` presses the ACPI power button: a guest that handles it shuts
+/// down by itself and the VM ends "powered off", no signal needed.
+#[test]
+fn stop_presses_the_power_button_and_the_guest_shuts_down() {
+    let env = Env::new("daemon-pwrbtn");
+    let kernel = env.kernel("vmlinux", guest::wait_for_power_button);
+    env.create("g", &kernel);
+    let (status, v) = env.json("POST", "/v1/vms/g/start", None);
+    assert_eq!(status, 200, "{v}");
+    env.wait_for("the guest to arm its power button", || {
+        env.console("g").contains("waiting for the power button")
+    });
+    let out = env.cli(&["stop", "g"]);
+    out.assert_status(0);
+    let v = env.vm("g");
+    assert_eq!(
+        (state(&v), v["last_exit"].as_str()),
+        ("stopped", Some("powered off")),
+        "{v}"
+    );
+    assert!(env.console("g").contains("power button pressed"));
 }

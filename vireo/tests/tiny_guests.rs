@@ -605,66 +605,8 @@ fn sigterm_stops_the_vm_cleanly() {
 fn acpi_power_button_reaches_the_guest_as_an_sci() {
     require_kvm!();
     use std::io::{Read, Write};
-    const IDT: u32 = 0x1_2000;
-    const VECTOR: u32 = 0x40;
-    const IOAPIC: u32 = 0xfec0_0000;
     let dir = TempDir::new("pwrbtn");
-    let kernel = kernel_file(&dir, KernelKind::Elf, |g| {
-        let mut handler = g.a.create_label();
-        let mut idle = g.a.create_label();
-        // Enable the local APIC; mask both 8259s so IRQ 9 only comes
-        // through the IOAPIC.
-        g.a.mov(eax, 0xfee0_00f0u32)?;
-        g.a.mov(ecx, 0x1ffu32)?;
-        g.a.mov(dword_ptr(rax), ecx)?;
-        g.a.mov(eax, 0xffu32)?;
-        g.a.mov(edx, 0x21u32)?;
-        g.a.out(dx, al)?;
-        g.a.mov(edx, 0xa1u32)?;
-        g.a.out(dx, al)?;
-        // A 64-bit interrupt gate for VECTOR pointing at the handler.
-        g.a.lea(rax, ptr(handler))?;
-        g.a.mov(edi, IDT + VECTOR * 16)?;
-        g.a.mov(word_ptr(rdi), ax)?;
-        g.a.mov(ecx, 0x10u32)?;
-        g.a.mov(word_ptr(rdi + 2), cx)?;
-        g.a.mov(ecx, 0x8e00u32)?;
-        g.a.mov(word_ptr(rdi + 4), cx)?;
-        g.a.shr(rax, 16)?;
-        g.a.mov(word_ptr(rdi + 6), ax)?;
-        g.a.shr(rax, 16)?;
-        g.a.mov(dword_ptr(rdi + 8), eax)?;
-        g.a.xor(ecx, ecx)?;
-        g.a.mov(dword_ptr(rdi + 12), ecx)?;
-        g.a.mov(edi, IDT + 0x800)?;
-        g.a.mov(ecx, (VECTOR + 1) * 16 - 1)?;
-        g.a.mov(word_ptr(rdi), cx)?;
-        g.a.mov(ecx, IDT)?;
-        g.a.mov(qword_ptr(rdi + 2), rcx)?;
-        g.a.lidt(ptr(rdi))?;
-        // IOAPIC pin 9: VECTOR, level triggered, active high, to APIC 0.
-        g.a.mov(eax, IOAPIC)?;
-        g.a.mov(ecx, 0x10u32 + 2 * 9)?;
-        g.a.mov(dword_ptr(rax), ecx)?;
-        g.a.mov(ecx, VECTOR | (1 << 15))?;
-        g.a.mov(dword_ptr(rax + 0x10), ecx)?;
-        g.a.mov(ecx, 0x10u32 + 2 * 9 + 1)?;
-        g.a.mov(dword_ptr(rax), ecx)?;
-        g.a.xor(ecx, ecx)?;
-        g.a.mov(dword_ptr(rax + 0x10), ecx)?;
-        // PM1_EN.PWRBTN_EN
-        g.a.mov(edx, 0x602u32)?;
-        g.a.mov(eax, 0x100u32)?;
-        g.a.out(dx, ax)?;
-        g.print("waiting for the power button\n")?;
-        g.a.sti()?;
-        g.a.set_label(&mut idle)?;
-        g.a.hlt()?;
-        g.a.jmp(idle)?;
-        g.a.set_label(&mut handler)?;
-        g.print("power button pressed\n")?;
-        g.power_off()
-    });
+    let kernel = kernel_file(&dir, KernelKind::Elf, guest::wait_for_power_button);
     let socket = dir.path().join("control.sock");
     let mut args = vec![
         "run".to_string(),
