@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vireo_vmcore::boot::acpi::SLP_TYP_S5;
 use vireo_hypervisor::InterruptLine;
+use vireo_vmcore::boot::acpi::SLP_TYP_S5;
 use vireo_vmcore::{BusDevice, ExitReason, VmControl};
 
 pub const LEN: u16 = 12;
@@ -168,14 +168,26 @@ mod tests {
         let line = Arc::new(Level(std::sync::Mutex::new(Vec::new())));
         let mut d = AcpiPm::new(Arc::new(VmControl::default()), Some(line.clone()));
         d.press_power_button();
-        assert_eq!(line.0.lock().unwrap().last(), Some(&false), "not enabled yet");
+        assert_eq!(
+            line.0.lock().unwrap().last(),
+            Some(&false),
+            "not enabled yet"
+        );
         d.write(PM1_EN, &PWRBTN.to_le_bytes());
-        assert_eq!(line.0.lock().unwrap().last(), Some(&true), "pending event fires on enable");
+        assert_eq!(
+            line.0.lock().unwrap().last(),
+            Some(&true),
+            "pending event fires on enable"
+        );
         let mut sts = [0u8; 2];
         d.read(PM1_STS, &mut sts);
         assert_eq!(u16::from_le_bytes(sts) & PWRBTN, PWRBTN);
         d.write(PM1_STS, &PWRBTN.to_le_bytes());
-        assert_eq!(line.0.lock().unwrap().last(), Some(&false), "cleared by the guest");
+        assert_eq!(
+            line.0.lock().unwrap().last(),
+            Some(&false),
+            "cleared by the guest"
+        );
         d.read(PM1_STS, &mut sts);
         assert_eq!(u16::from_le_bytes(sts) & PWRBTN, 0);
     }

@@ -277,31 +277,6 @@ pub fn ap_trampoline() -> Vec<u8> {
     build().expect("assembling the AP trampoline")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guest_routines_assemble() {
-        let code = assemble64(0x10_0000, |g| {
-            g.print("x\n")?;
-            g.print_hex(rbx, 4)?;
-            g.power_off()
-        });
-        assert!(code.len() > 20 && code.len() < 4096, "{} bytes", code.len());
-        // The preamble: cli; cld.
-        assert_eq!(&code[..2], &[0xfa, 0xfc]);
-        assert!(code.windows(3).any(|w| w == b"x\n\0"));
-    }
-
-    #[test]
-    fn trampoline_fits_below_the_lock() {
-        let t = ap_trampoline();
-        assert!(t.len() < (AP_LOCK_ADDR - TRAMPOLINE_ADDR) as usize);
-        assert_eq!(t[0], 0xfa, "starts with cli");
-    }
-}
-
 /// A guest that enables the ACPI power button event, routes the SCI (IRQ 9)
 /// through the IOAPIC (level triggered, active high, as the MADT's override
 /// says) to a handler, prints `waiting for the power button`, halts, and on
@@ -364,4 +339,29 @@ pub fn wait_for_power_button(g: &mut Guest64) -> AsmResult {
     g.a.set_label(&mut handler)?;
     g.print("power button pressed\n")?;
     g.power_off()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_routines_assemble() {
+        let code = assemble64(0x10_0000, |g| {
+            g.print("x\n")?;
+            g.print_hex(rbx, 4)?;
+            g.power_off()
+        });
+        assert!(code.len() > 20 && code.len() < 4096, "{} bytes", code.len());
+        // The preamble: cli; cld.
+        assert_eq!(&code[..2], &[0xfa, 0xfc]);
+        assert!(code.windows(3).any(|w| w == b"x\n\0"));
+    }
+
+    #[test]
+    fn trampoline_fits_below_the_lock() {
+        let t = ap_trampoline();
+        assert!(t.len() < (AP_LOCK_ADDR - TRAMPOLINE_ADDR) as usize);
+        assert_eq!(t[0], 0xfa, "starts with cli");
+    }
 }
