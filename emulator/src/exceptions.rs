@@ -347,9 +347,13 @@ impl Cpu {
         // leaves nothing half-written.
         for chunk in (0..n * 8).step_by(16) {
             let la = new_rsp.wrapping_add(chunk as u64);
+            // The last piece may be 8 bytes: probe only the bytes written
+            // (the page above an odd-sized frame may be read-only, as
+            // Linux's TSS is right above its entry stack).
+            let last = ((chunk + 16).min(n * 8) - chunk - 1) as u64;
             self.translate(la, crate::mmu::AccessKind::Write, Privilege::Supervisor)?;
             self.translate(
-                la.wrapping_add(15),
+                la.wrapping_add(last),
                 crate::mmu::AccessKind::Write,
                 Privilege::Supervisor,
             )?;

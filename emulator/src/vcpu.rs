@@ -39,6 +39,11 @@ pub struct EmuVcpu {
     budget: u64,
     /// Stored for save/restore; no local APIC is emulated yet.
     lapic: Mutex<LapicState>,
+    /// Last time the vCPU's position was logged (debug level, once a
+    /// second: `VIREO_LOG=vireo_emulator=debug`).
+    traced: Instant,
+    /// Instructions executed, for the debug log.
+    retired: u64,
 }
 
 fn emu_error(op: &'static str, what: String) -> HypervisorError {
@@ -55,6 +60,8 @@ impl EmuVcpu {
             cpu: Mutex::new(cpu),
             budget: DEFAULT_BUDGET,
             lapic: Mutex::new(LapicState::default()),
+            traced: Instant::now(),
+            retired: 0,
         }
     }
 
@@ -110,6 +117,7 @@ impl Vcpu for EmuVcpu {
                     }
                     let n = SLICE.min(left);
                     left -= n;
+                    self.retired += n;
                     match cpu.run(n) {
                         Exit::BudgetExhausted => {}
                         // HLT, or an AP waiting for SIPI: sleep until an
@@ -120,6 +128,28 @@ impl Vcpu for EmuVcpu {
                 }
             }
         };
+        if self.traced.elapsed() >= Duration::from_secs(1) {
+            self.traced = Instant::now();
+            let code = cpu
+                .fetch_decode()
+                .map_or_else(|_| "?".to_string(), |i| format!("{:?}", i.code()));
+            let s = &cpu.state;
+            tracing::debug!(
+                vcpu = self.id,
+                rip = format_args!("{:#x}", s.rip),
+                code,
+                rcx = format_args!("{:#x}", s.gpr[1]),
+                rsi = format_args!("{:#x}", s.gpr[6]),
+                rdi = format_args!("{:#x}", s.gpr[7]),
+                cs = format_args!("{:#x}", s.seg[SegReg::Cs as usize].selector),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr3 = format_args!("{:#x}", s.cr3),
+                rflags = format_args!("{:#x}", s.rflags),
+                retired = self.retired,
+                halted = cpu.halted,
+                "emulated vCPU position"
+            );
+        }
         let buf = &mut cpu.io_buf;
         Ok(match exit {
             Exit::IoIn { port, size } => VcpuExit::IoIn(port, &mut buf[..usize::from(size)]),

@@ -84,15 +84,34 @@ fn cases() -> usize {
 /// Register file exchanged with the native stub. Offsets are used by the
 /// generated prologue/epilogue.
 #[repr(C, align(16))]
-#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Ctx {
     gpr: [u64; 16],
     rflags: u64,
     host_rsp: u64,
     xmm: [u128; 16],
+    /// FXSAVE image: x87 registers, FCW/FSW/FTW and MXCSR (loaded before
+    /// the XMM registers, saved after them).
+    fx: [u8; 512],
 }
 const RFLAGS_OFF: i32 = 128;
 const XMM_OFF: i32 = 144;
+const FX_OFF: i32 = 400;
+
+impl Default for Ctx {
+    fn default() -> Ctx {
+        let mut fx = [0u8; 512];
+        fx[0..2].copy_from_slice(&0x37fu16.to_le_bytes());
+        fx[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        Ctx {
+            gpr: [0; 16],
+            rflags: 0,
+            host_rsp: 0,
+            xmm: [0; 16],
+            fx,
+        }
+    }
+}
 
 struct Native {
     code: *mut u8,
@@ -141,6 +160,7 @@ fn build_prologue(ctrl: u64) -> Vec<u8> {
         .unwrap();
     a.push(qword_ptr(rdi + RFLAGS_OFF)).unwrap();
     a.popfq().unwrap();
+    a.fxrstor64(ptr(rdi + FX_OFF)).unwrap();
     for k in 0..16 {
         a.movdqu(xmmr(k), xmmword_ptr(rdi + XMM_OFF + 16 * k as i32))
             .unwrap();
@@ -177,6 +197,13 @@ fn build_epilogue(ctrl: u64) -> Vec<u8> {
         a.movdqu(xmmword_ptr(rcx + XMM_OFF + 16 * k as i32), xmmr(k))
             .unwrap();
     }
+    a.fxsave64(ptr(rcx + FX_OFF)).unwrap();
+    // Leave the host FPU and MXCSR as the ABI expects them (a directed
+    // rounding mode left behind would change the emulator's own host
+    // arithmetic).
+    a.fninit().unwrap();
+    a.mov(dword_ptr(rsp - 8), 0x1f80u32).unwrap();
+    a.ldmxcsr(dword_ptr(rsp - 8)).unwrap();
     a.cld().unwrap();
     for r in [r15, r14, r13, r12, rbp, rbx] {
         a.pop(r).unwrap();
@@ -323,6 +350,7 @@ impl Emu {
         cpu.state.gpr = ctx.gpr;
         // IF is set as in the user-mode host process.
         cpu.state.rflags = (ctx.rflags & (ARITH | DF)) | 0x202;
+        assert!(cpu.load_fxsave_image(&ctx.fx));
         cpu.state.xmm = ctx.xmm;
         cpu.state.rip = self.test_va;
         let end = self.test_va + test.len() as u64;
@@ -347,6 +375,7 @@ impl Emu {
         ctx.gpr = cpu.state.gpr;
         ctx.rflags = cpu.state.rflags;
         ctx.xmm = cpu.state.xmm;
+        ctx.fx = cpu.fxsave_image(true);
         scratch.copy_from_slice(&self.guest.read(SCRATCH_GPA, SCRATCH_LEN));
         outcome
     }
@@ -541,6 +570,191 @@ fn covered_sse(m: Mnemonic) -> bool {
             | M::Pmaxub
             | M::Movmskps
             | M::Movmskpd
+            | M::Movss
+            | M::Movsd
+            | M::Movhps
+            | M::Movlps
+            | M::Movhpd
+            | M::Movlpd
+            | M::Movhlps
+            | M::Movlhps
+            | M::Movntdq
+            | M::Movnti
+            | M::Movntps
+            | M::Movntpd
+            | M::Psllw
+            | M::Pslld
+            | M::Psllq
+            | M::Psrlw
+            | M::Psrld
+            | M::Psrlq
+            | M::Psraw
+            | M::Psrad
+            | M::Pshuflw
+            | M::Pshufhw
+            | M::Packsswb
+            | M::Packssdw
+            | M::Packuswb
+            | M::Psadbw
+            | M::Pmuludq
+            | M::Pmullw
+            | M::Pmulhw
+            | M::Pmulhuw
+            | M::Pmaddwd
+            | M::Pavgb
+            | M::Pavgw
+            | M::Paddsb
+            | M::Paddsw
+            | M::Paddusb
+            | M::Paddusw
+            | M::Psubsb
+            | M::Psubsw
+            | M::Psubusb
+            | M::Psubusw
+            | M::Pminsw
+            | M::Pmaxsw
+            | M::Pextrw
+            | M::Pinsrw
+            | M::Addss
+            | M::Addsd
+            | M::Addps
+            | M::Addpd
+            | M::Subss
+            | M::Subsd
+            | M::Subps
+            | M::Subpd
+            | M::Mulss
+            | M::Mulsd
+            | M::Mulps
+            | M::Mulpd
+            | M::Divss
+            | M::Divsd
+            | M::Divps
+            | M::Divpd
+            | M::Sqrtss
+            | M::Sqrtsd
+            | M::Sqrtps
+            | M::Sqrtpd
+            | M::Minss
+            | M::Minsd
+            | M::Minps
+            | M::Minpd
+            | M::Maxss
+            | M::Maxsd
+            | M::Maxps
+            | M::Maxpd
+            | M::Cmpss
+            | M::Cmpsd
+            | M::Cmpps
+            | M::Cmppd
+            | M::Ucomiss
+            | M::Ucomisd
+            | M::Comiss
+            | M::Comisd
+            | M::Cvtsi2ss
+            | M::Cvtsi2sd
+            | M::Cvtss2si
+            | M::Cvtsd2si
+            | M::Cvttss2si
+            | M::Cvttsd2si
+            | M::Cvtss2sd
+            | M::Cvtsd2ss
+            | M::Cvtps2pd
+            | M::Cvtpd2ps
+            | M::Cvtdq2ps
+            | M::Cvtps2dq
+            | M::Cvttps2dq
+            | M::Cvtdq2pd
+            | M::Cvtpd2dq
+            | M::Cvttpd2dq
+            | M::Shufps
+            | M::Shufpd
+            | M::Unpcklps
+            | M::Unpckhps
+            | M::Unpcklpd
+            | M::Unpckhpd
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Group {
+    Integer,
+    Sse,
+    X87,
+}
+
+/// x87 instructions compared against the host. Loads of control state
+/// that could unmask exceptions (FLDCW, FLDENV, FRSTOR, FXRSTOR, LDMXCSR)
+/// and saves that store FIP/FDP (FNSTENV, FNSAVE, FXSAVE) are tested in
+/// unit tests instead.
+fn covered_x87(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Fninit
+            | M::Fnstcw
+            | M::Fnstsw
+            | M::Fnclex
+            | M::Fld
+            | M::Fst
+            | M::Fstp
+            | M::Fild
+            | M::Fist
+            | M::Fistp
+            | M::Fisttp
+            | M::Fld1
+            | M::Fldz
+            | M::Fadd
+            | M::Faddp
+            | M::Fiadd
+            | M::Fsub
+            | M::Fsubp
+            | M::Fisub
+            | M::Fsubr
+            | M::Fsubrp
+            | M::Fisubr
+            | M::Fmul
+            | M::Fmulp
+            | M::Fimul
+            | M::Fdiv
+            | M::Fdivp
+            | M::Fidiv
+            | M::Fdivr
+            | M::Fdivrp
+            | M::Fidivr
+            | M::Fcom
+            | M::Fcomp
+            | M::Fcompp
+            | M::Fucom
+            | M::Fucomp
+            | M::Fucompp
+            | M::Fcomi
+            | M::Fcomip
+            | M::Fucomi
+            | M::Fucomip
+            | M::Ficom
+            | M::Ficomp
+            | M::Ftst
+            | M::Fxam
+            | M::Fxch
+            | M::Fabs
+            | M::Fchs
+            | M::Ffree
+            | M::Fsqrt
+            | M::Frndint
+            | M::Fincstp
+            | M::Fdecstp
+            | M::Fnop
+            | M::Fcmovb
+            | M::Fcmove
+            | M::Fcmovbe
+            | M::Fcmovu
+            | M::Fcmovnb
+            | M::Fcmovne
+            | M::Fcmovnbe
+            | M::Fcmovnu
+            | M::Stmxcsr
+            | M::Emms
     )
 }
 
@@ -580,21 +794,32 @@ fn kind_supported(k: K) -> bool {
             | K::xmm_rm
             | K::xmm_or_mem
             | K::mem
+            | K::st0
+            | K::sti_opcode
     )
 }
 
 /// All legacy 64-bit encodings of the covered mnemonics.
-fn codes(sse: bool) -> Vec<Code> {
+fn codes(group: Group) -> Vec<Code> {
     Code::values()
         .filter(|c| {
             let m = c.mnemonic();
             let oc = c.op_code();
-            (if sse { covered_sse(m) } else { covered(m) })
-                && c.encoding() == EncodingKind::Legacy
+            (match group {
+                Group::Integer => covered(m),
+                Group::Sse => covered_sse(m),
+                Group::X87 => covered_x87(m),
+            }) && c.encoding() == EncodingKind::Legacy
                 && oc.mode64()
                 && oc.is_instruction()
                 && oc.op_kinds().iter().all(|&k| kind_supported(k))
                 && *c != Code::Bswap_r16
+                && !c.cpuid_features().iter().any(|f| {
+                    matches!(
+                        f,
+                        iced_x86::CpuidFeature::SSE4_1 | iced_x86::CpuidFeature::SSE3
+                    )
+                })
         })
         .collect()
 }
@@ -652,6 +877,50 @@ impl Gen<'_> {
             *x = (u128::from(self.rng.value()) << 64) | u128::from(self.rng.value());
         }
         c.rflags = (self.rng.next() & ARITH) | 0x202 | if df { DF } else { 0 };
+        // x87: all exceptions masked, random precision and rounding
+        // control, TOP and tags.
+        let pc = [0u16, 2, 3][self.rng.below(3) as usize];
+        let fcw = 0x7fu16 | (pc << 8) | ((self.rng.below(4) as u16) << 10);
+        let top = self.rng.below(8) as u16;
+        let ftw = if self.rng.chance(4) {
+            self.rng.next() as u8
+        } else {
+            !(1u8 << self.rng.below(8))
+        };
+        c.fx[0..2].copy_from_slice(&fcw.to_le_bytes());
+        c.fx[2..4].copy_from_slice(&(top << 11).to_le_bytes());
+        c.fx[4] = ftw;
+        for k in 0..8 {
+            let x = match self.rng.below(6) {
+                0 => 0.0,
+                1 => -((self.rng.below(2000) as f64) - 1000.0),
+                2 => (self.rng.next() as i64 as f64) / 65536.0,
+                3 => f64::from_bits(self.rng.value()),
+                _ => (self.rng.below(1 << 20) as f64 - 524_288.0) / 1024.0,
+            };
+            let x = if x.is_nan() || x.is_infinite() || x.is_subnormal() {
+                1.5
+            } else {
+                x
+            };
+            let mut f = vireo_emulator::exec::float::F80::from_f64(x);
+            if self.rng.chance(3) && f.m != 0 {
+                // A full 64-bit significand.
+                f.m |= self.rng.next() >> 11;
+            }
+            let r = 32 + 16 * k;
+            c.fx[r..r + 8].copy_from_slice(&f.m.to_le_bytes());
+            c.fx[r + 8..r + 10].copy_from_slice(&f.se.to_le_bytes());
+        }
+        // MXCSR: all masked, random rounding, sometimes DAZ and FTZ.
+        let mut mx = 0x1f80u32 | ((self.rng.below(4) as u32) << 13);
+        if self.rng.chance(6) {
+            mx |= 0x40;
+        }
+        if self.rng.chance(6) {
+            mx |= 0x8000;
+        }
+        c.fx[24..28].copy_from_slice(&mx.to_le_bytes());
         // A valid stack inside the scratch buffer.
         c.gpr[4] = self.scratch_va + PAGE as u64 + 8 * self.rng.below(64);
         c
@@ -725,6 +994,10 @@ impl Gen<'_> {
                     }
                 }
                 K::mem => Op::Mem(self.mem_operand(&mut ctx, true, &mut bases)),
+                K::st0 => Op::Reg(Register::ST0),
+                K::sti_opcode => Op::Reg(
+                    Register::values().nth(Register::ST0 as usize + self.rng.below(8) as usize)?,
+                ),
                 K::al => Op::Reg(Register::AL),
                 K::ax => Op::Reg(Register::AX),
                 K::eax => Op::Reg(Register::EAX),
@@ -793,6 +1066,19 @@ impl Gen<'_> {
                 ctx.gpr[n] = (self.rng.below(1024) as i64 - 512) as u64;
             }
         }
+        if m == Mnemonic::Fsqrt {
+            // FSQRT is exact only at double precision on doubles.
+            ctx.fx[0..2].copy_from_slice(&0x27fu16.to_le_bytes());
+            for k in 0..8 {
+                let r = 32 + 16 * k;
+                let mut raw = [0u8; 16];
+                raw[..10].copy_from_slice(&ctx.fx[r..r + 10]);
+                let f = vireo_emulator::exec::float::F80::from_bits(u128::from_le_bytes(raw));
+                let d = vireo_emulator::exec::float::F80::from_f64(f.to_f64(0).0);
+                ctx.fx[r..r + 8].copy_from_slice(&d.m.to_le_bytes());
+                ctx.fx[r + 8..r + 10].copy_from_slice(&d.se.to_le_bytes());
+            }
+        }
         let instr = make(code, &ops)?;
         let width = match ops.first() {
             Some(Op::Reg(r)) => r.size() as u32 * 8,
@@ -847,6 +1133,57 @@ impl Gen<'_> {
             ..Case::default()
         })
     }
+}
+
+/// Differences between two FXSAVE images in what the emulator models:
+/// FCW, FSW (C1 aside), the abridged tags, MXCSR and the 80-bit registers
+/// (not FIP/FDP/FOP, MXCSR_MASK or the XMM area, compared separately).
+fn fx_diffs(input: &[u8; 512], n: &[u8; 512], e: &[u8; 512]) -> Vec<String> {
+    let w = |b: &[u8; 512], k: usize| u16::from_le_bytes([b[k], b[k + 1]]);
+    let d = |b: &[u8; 512], k: usize| u32::from_le_bytes([b[k], b[k + 1], b[k + 2], b[k + 3]]);
+    let mut v = Vec::new();
+    if w(n, 0) != w(e, 0) {
+        v.push(format!(
+            "fcw: native {:#x} emulator {:#x}",
+            w(n, 0),
+            w(e, 0)
+        ));
+    }
+    let c1 = 1 << 9;
+    if w(n, 2) & !c1 != w(e, 2) & !c1 {
+        v.push(format!(
+            "fsw: input {:#x} native {:#x} emulator {:#x}",
+            w(input, 2),
+            w(n, 2),
+            w(e, 2)
+        ));
+    }
+    if n[4] != e[4] {
+        v.push(format!(
+            "ftw: input {:#x} native {:#x} emulator {:#x}",
+            input[4], n[4], e[4]
+        ));
+    }
+    if d(n, 24) != d(e, 24) {
+        v.push(format!(
+            "mxcsr: input {:#x} native {:#x} emulator {:#x}",
+            d(input, 24),
+            d(n, 24),
+            d(e, 24)
+        ));
+    }
+    for k in 0..8 {
+        let r = 32 + 16 * k;
+        if n[r..r + 10] != e[r..r + 10] {
+            v.push(format!(
+                "st{k}: input {:02x?} native {:02x?} emulator {:02x?}",
+                &input[r..r + 10],
+                &n[r..r + 10],
+                &e[r..r + 10]
+            ));
+        }
+    }
+    v
 }
 
 fn full_index(r: Register) -> Option<usize> {
@@ -991,11 +1328,15 @@ impl Harness {
         for x in 0..16 {
             if nctx.xmm[x] != ectx.xmm[x] {
                 diffs.push(format!(
-                    "xmm{x}: native {:#x} emulator {:#x}",
-                    nctx.xmm[x], ectx.xmm[x]
+                    "xmm{x}: input {:#x} native {:#x} emulator {:#x} (mxcsr {:#x})",
+                    case.ctx.xmm[x],
+                    nctx.xmm[x],
+                    ectx.xmm[x],
+                    u32::from_le_bytes(case.ctx.fx[24..28].try_into().unwrap_or([0; 4]))
                 ));
             }
         }
+        diffs.extend(fx_diffs(&case.ctx.fx, &nctx.fx, &ectx.fx));
         if let Some(off) = (0..SCRATCH_LEN).find(|&k| nmem[k] != emem[k]) {
             diffs.push(format!(
                 "memory differs first at scratch+{off:#x}: native {:#x} emulator {:#x}",
@@ -1038,10 +1379,10 @@ impl Harness {
     }
 }
 
-fn run_random(name: &str, sse: bool, n: usize) {
+fn run_random(name: &str, group: Group, n: usize) {
     let seed = seed();
     let mut rng = Rng(seed);
-    let list = codes(sse);
+    let list = codes(group);
     assert!(!list.is_empty());
     let mut h = Harness::new();
     let scratch_va = h.native.scratch_va();
@@ -1065,12 +1406,17 @@ fn run_random(name: &str, sse: bool, n: usize) {
 
 #[test]
 fn integer_instructions_match_host() {
-    run_random("integer", false, cases());
+    run_random("integer", Group::Integer, cases());
 }
 
 #[test]
 fn sse_instructions_match_host() {
-    run_random("sse", true, cases() / 4);
+    run_random("sse", Group::Sse, cases() / 2);
+}
+
+#[test]
+fn x87_instructions_match_host() {
+    run_random("x87", Group::X87, cases() / 2);
 }
 
 #[test]

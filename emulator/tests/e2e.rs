@@ -283,10 +283,10 @@ fn triple_fault_is_a_shutdown_exit() {
 fn unimplemented_instruction_raises_ud_in_the_guest() {
     let mut g = Guest::new();
     g.identity(0x20_0000);
-    // fninit (x87 is not emulated yet), then a VEX instruction.
+    // pxor mm0, mm1 (MMX is not emulated), then a VEX instruction.
     // Also: UD2, and LOCK on a register destination (#UD architecturally).
     let cases: [&[u8]; 4] = [
-        &[0xdb, 0xe3],
+        &[0x0f, 0xef, 0xc1],
         &[0xc5, 0xf9, 0x6f, 0xc1],
         &[0x0f, 0x0b],
         &[0xf0, 0x01, 0xd8],
@@ -537,9 +537,315 @@ fn cpuid_advertises_only_implemented_features() {
     cpu.state.rip = CODE;
     assert_eq!(cpu.run(10), Exit::Halt);
     let (f_edx, f_ecx) = (cpu.state.gpr[2] as u32, cpu.state.gpr[1] as u32);
-    assert_eq!(f_edx & (1 << 0), 0, "no x87");
-    assert_eq!(f_edx & (1 << 25), 0, "no SSE");
+    assert_ne!(f_edx & (1 << 0), 0, "x87");
+    assert_ne!(f_edx & (1 << 24), 0, "FXSR");
+    assert_ne!(f_edx & (1 << 25), 0, "SSE");
+    assert_ne!(f_edx & (1 << 26), 0, "SSE2");
+    assert_eq!(f_edx & (1 << 23), 0, "no MMX");
     assert_eq!(f_edx & (1 << 9), 0, "no APIC");
     assert_eq!(f_ecx & (1 << 26), 0, "no XSAVE");
     assert_ne!(f_edx & (1 << 4), 0, "TSC");
+}
+
+/// Run `code` at CODE until HLT; returns the vector if it faulted into a
+/// handler stub (None for the final `hlt` of the program).
+fn run_fpu(
+    g: &Guest,
+    code: &[u8],
+    setup: impl FnOnce(&mut vireo_emulator::Cpu),
+) -> (Option<u64>, vireo_emulator::Cpu) {
+    g.write(CODE, code);
+    let mut cpu = g.cpu();
+    setup(&mut cpu);
+    cpu.state.rip = CODE;
+    cpu.state.gpr[4] = 0x7_0000;
+    assert_eq!(cpu.run(10_000), Exit::Halt);
+    let rip = cpu.state.rip;
+    let v = (HANDLERS + 1..=HANDLERS + 256)
+        .contains(&rip)
+        .then(|| rip - HANDLERS - 1);
+    (v, cpu)
+}
+
+#[test]
+fn fxsave_fxrstor_round_trip_x87_and_sse_state() {
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    let code = assemble(
+        |a| {
+            a.fninit()?;
+            a.fld1()?;
+            a.fldz()?;
+            a.fldpi()?;
+            a.mov(eax, 0x1f80 | (1 << 13))?;
+            a.mov(dword_ptr(0x18_0000), eax)?;
+            a.ldmxcsr(dword_ptr(0x18_0000))?;
+            a.mov(rax, 0x1122_3344_5566_7788u64)?;
+            a.movq(xmm3, rax)?;
+            a.fxsave64(ptr(0x18_1000))?;
+            // Clobber, then restore.
+            a.fninit()?;
+            a.pxor(xmm3, xmm3)?;
+            a.fxrstor64(ptr(0x18_1000))?;
+            a.fnstsw(ax)?;
+            a.fstp(tword_ptr(0x18_2000))?; // pi
+            a.fstp(qword_ptr(0x18_2010))?; // 0
+            a.fistp(dword_ptr(0x18_2020))?; // 1
+            a.stmxcsr(dword_ptr(0x18_2030))?;
+            a.hlt()?;
+            Ok(())
+        },
+        CODE,
+    );
+    let (fault, cpu) = run_fpu(&g, &code, |_| {});
+    assert_eq!(fault, None);
+    let img = g.read(0x18_1000, 512);
+    assert_eq!(u16::from_le_bytes([img[0], img[1]]), 0x37f, "FCW");
+    assert_eq!(u16::from_le_bytes([img[2], img[3]]) >> 11 & 7, 5, "TOP");
+    assert_eq!(img[4], 0b1110_0000, "abridged tags");
+    assert_eq!(u32::from_le_bytes(img[24..28].try_into().unwrap()), 0x3f80);
+    assert_eq!(u32::from_le_bytes(img[28..32].try_into().unwrap()), 0xffff);
+    // ST0 = pi, ST1 = 0, ST2 = 1.
+    assert_eq!(&img[32 + 8..32 + 10], &[0x00, 0x40]);
+    assert_eq!(&img[48..58], &[0; 10]);
+    assert_eq!(&img[64 + 8..64 + 10], &[0xff, 0x3f]);
+    assert_eq!(
+        u64::from_le_bytes(img[160 + 48..160 + 56].try_into().unwrap()),
+        0x1122_3344_5566_7788
+    );
+    assert_eq!(cpu.state.xmm[3], 0x1122_3344_5566_7788);
+    assert_eq!(cpu.state.gpr[0] as u16 >> 11 & 7, 5);
+    assert_eq!(g.read(0x18_2000 + 8, 2), [0x00, 0x40]);
+    assert_eq!(g.read_u64(0x18_2010), 0);
+    assert_eq!(g.read(0x18_2020, 4), 1u32.to_le_bytes());
+    assert_eq!(g.read(0x18_2030, 4), 0x3f80u32.to_le_bytes());
+    assert_eq!(cpu.state.ftw, 0, "all popped");
+}
+
+#[test]
+fn fnstenv_fldenv_and_fnsave_frstor() {
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    let code = assemble(
+        |a| {
+            a.fninit()?;
+            a.fld1()?;
+            a.fldz()?;
+            a.fnstenv(ptr(0x18_0000))?;
+            a.fnsave(ptr(0x18_1000))?;
+            a.fnstsw(ax)?;
+            a.mov(ebx, eax)?; // after FNSAVE's implicit FNINIT
+            a.frstor(ptr(0x18_1000))?;
+            a.fnstsw(ax)?;
+            a.fstp(st0)?;
+            a.fldenv(ptr(0x18_0000))?;
+            a.fnstcw(word_ptr(0x18_2000))?;
+            a.hlt()?;
+            Ok(())
+        },
+        CODE,
+    );
+    let (fault, cpu) = run_fpu(&g, &code, |_| {});
+    assert_eq!(fault, None);
+    let env = g.read(0x18_0000, 28);
+    assert_eq!(u16::from_le_bytes([env[0], env[1]]), 0x37f);
+    assert_eq!(u16::from_le_bytes([env[4], env[5]]) >> 11 & 7, 6);
+    // R7 = 1 (valid), R6 = 0 (zero), the rest empty.
+    assert_eq!(u16::from_le_bytes([env[8], env[9]]), 0x1fff);
+    let save = g.read(0x18_1000, 108);
+    assert_eq!(&save[28..38], &[0; 10], "ST0 = 0");
+    assert_eq!(&save[38 + 8..38 + 10], &[0xff, 0x3f], "ST1 = 1");
+    assert_eq!(cpu.state.gpr[3] as u16, 0, "FNSAVE reinitialises");
+    assert_eq!(cpu.state.gpr[0] as u16 >> 11 & 7, 6, "FRSTOR restores TOP");
+    // FNSTENV masked all exceptions after storing; FLDENV restored 0x37f.
+    assert_eq!(g.read(0x18_2000, 2), [0x7f, 0x03]);
+    assert_eq!(cpu.state.ftw, 0b1100_0000);
+}
+
+#[test]
+fn fpu_and_sse_faults() {
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    let fld1 = assemble(
+        |a| {
+            a.fld1()?;
+            a.hlt()
+        },
+        CODE,
+    );
+    let wait = assemble(
+        |a| {
+            a.wait()?;
+            a.hlt()
+        },
+        CODE,
+    );
+    let addps = assemble(
+        |a| {
+            a.addps(xmm0, xmm1)?;
+            a.hlt()
+        },
+        CODE,
+    );
+    let fxsave_misaligned = assemble(
+        |a| {
+            a.fxsave64(ptr(0x18_0008))?;
+            a.hlt()
+        },
+        CODE,
+    );
+    let movaps_misaligned = assemble(
+        |a| {
+            a.movaps(xmm0, xmmword_ptr(0x18_0008))?;
+            a.hlt()
+        },
+        CODE,
+    );
+    let ldmxcsr_reserved = assemble(
+        |a| {
+            a.mov(dword_ptr(0x18_0000), 0x1_0000)?;
+            a.ldmxcsr(dword_ptr(0x18_0000))?;
+            a.hlt()
+        },
+        CODE,
+    );
+    let divps_unmasked = assemble(
+        |a| {
+            a.mov(dword_ptr(0x18_0000), 0x1f80 & !(1 << 9))?; // ZM clear
+            a.ldmxcsr(dword_ptr(0x18_0000))?;
+            a.xorps(xmm1, xmm1)?;
+            a.mov(eax, 0x3f80_0000)?;
+            a.movd(xmm0, eax)?;
+            a.divss(xmm0, xmm1)?;
+            a.hlt()
+        },
+        CODE,
+    );
+    use vireo_emulator::cpu::state::{cr0, cr4};
+    let ts = |c: &mut vireo_emulator::Cpu| c.state.cr0 |= cr0::TS;
+    let ts_mp = |c: &mut vireo_emulator::Cpu| c.state.cr0 |= cr0::TS | cr0::MP;
+    let em = |c: &mut vireo_emulator::Cpu| c.state.cr0 |= cr0::EM;
+    let no_osfxsr = |c: &mut vireo_emulator::Cpu| c.state.cr4 &= !cr4::OSFXSR;
+    let no_osxmmexcpt = |c: &mut vireo_emulator::Cpu| c.state.cr4 &= !cr4::OSXMMEXCPT;
+    let none = |_: &mut vireo_emulator::Cpu| {};
+    type Setup = fn(&mut vireo_emulator::Cpu);
+    let cases: [(&str, &[u8], Setup, Option<u64>); 12] = [
+        ("fld1 TS", &fld1, ts, Some(7)),
+        ("fld1 EM", &fld1, em, Some(7)),
+        ("fld1", &fld1, none, None),
+        ("fwait TS", &wait, ts, None),
+        ("fwait TS+MP", &wait, ts_mp, Some(7)),
+        ("addps TS", &addps, ts, Some(7)),
+        ("addps EM", &addps, em, Some(6)),
+        ("addps !OSFXSR", &addps, no_osfxsr, Some(6)),
+        ("fxsave misaligned", &fxsave_misaligned, none, Some(13)),
+        ("movaps misaligned", &movaps_misaligned, none, Some(13)),
+        ("ldmxcsr reserved", &ldmxcsr_reserved, none, Some(13)),
+        ("divss unmasked #Z", &divps_unmasked, none, Some(19)),
+    ];
+    for (name, code, setup, want) in cases {
+        let (got, _) = run_fpu(&g, code, setup);
+        assert_eq!(got, want, "{name}");
+    }
+    let (got, cpu) = run_fpu(&g, &divps_unmasked, no_osxmmexcpt);
+    assert_eq!(got, Some(6), "unmasked SIMD exception without OSXMMEXCPT");
+    assert_ne!(cpu.state.mxcsr & 4, 0, "ZE recorded");
+}
+
+#[test]
+fn x87_unmasked_exception_raises_mf_at_next_waiting_instruction() {
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    let code = assemble(
+        |a| {
+            a.fninit()?;
+            a.mov(word_ptr(0x18_0000), 0x37b)?; // ZM clear
+            a.fldcw(word_ptr(0x18_0000))?;
+            a.fld1()?;
+            a.fldz()?;
+            a.fdivp(st1, st0)?; // 1/0: ZE, ES
+            a.fnstsw(ax)?; // no-wait: no fault
+            a.wait()?; // #MF
+            a.hlt()
+        },
+        CODE,
+    );
+    let (got, cpu) = run_fpu(&g, &code, |_| {});
+    assert_eq!(got, Some(16));
+    let fsw = cpu.state.gpr[0] as u16;
+    assert_eq!(fsw & 0x84, 0x84, "ZE and ES set: {fsw:#x}");
+}
+
+#[test]
+fn rep_bsf_and_rep_bsr_run_as_bsf_and_bsr() {
+    // F3 0F BC / F3 0F BD decode as TZCNT/LZCNT; without BMI1/LZCNT in
+    // CPUID they are BSF/BSR (Linux's `rep; bsf`).
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    let code = [
+        0xf3, 0x0f, 0xbc, 0xc1, // tzcnt eax, ecx
+        0xf3, 0x0f, 0xbd, 0xd1, // lzcnt edx, ecx
+        0xf4,
+    ];
+    g.write(CODE, &code);
+    let mut cpu = g.cpu();
+    cpu.state.rip = CODE;
+    cpu.state.gpr[1] = 0x18;
+    assert_eq!(cpu.run(10), Exit::Halt);
+    assert_eq!(cpu.state.gpr[0], 3);
+    assert_eq!(cpu.state.gpr[2], 4);
+}
+
+#[test]
+fn verr_verw_lar_lsl_check_selectors_without_faulting() {
+    // Linux's MDS mitigation runs VERW on every return to user space.
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    let code = assemble(
+        |a| {
+            a.mov(word_ptr(0x18_0000), 0x18)?;
+            a.verw(word_ptr(0x18_0000))?; // writable data: ZF=1
+            a.setz(bl)?;
+            a.mov(ax, 0x10)?;
+            a.verw(ax)?; // code: ZF=0
+            a.setz(cl)?;
+            a.verr(ax)?; // readable code: ZF=1
+            a.setz(dl)?;
+            a.mov(ax, 0x400)?;
+            a.verw(ax)?; // beyond the GDT limit: ZF=0, no fault
+            a.setz(bh)?;
+            a.mov(ax, 0x18)?;
+            a.lsl(esi, eax)?;
+            a.lar(edi, eax)?;
+            a.hlt()
+        },
+        CODE,
+    );
+    g.write(CODE, &code);
+    let mut cpu = g.cpu();
+    cpu.state.rip = CODE;
+    assert_eq!(cpu.run(100), Exit::Halt);
+    assert_eq!(cpu.state.rip, CODE + code.len() as u64);
+    let s = &cpu.state.gpr;
+    assert_eq!(s[3] & 0xffff, 0x0001, "verw data, verw beyond limit");
+    assert_eq!(s[1] & 0xff, 0, "verw code");
+    assert_eq!(s[2] & 0xff, 1, "verr code");
+    assert_eq!(s[6], 0xffff_ffff, "lsl of a flat 4 GiB segment");
+    assert_eq!(s[7], 0x00c0_9300, "lar (bits 16-19 cleared)");
+}
+
+#[test]
+fn odd_sized_frame_below_a_read_only_page_is_delivered() {
+    // A frame without error code is 40 bytes: it must not touch the page
+    // above the stack top (Linux's read-only TSS sits right above its
+    // entry stack).
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    g.map_4k(IST_TOP, IST_TOP, 0x1); // read-only page above the IST stack
+    g.write(CODE, &[0x0f, 0x0b]); // ud2
+    let mut cpu = g.cpu();
+    cpu.state.rip = CODE;
+    assert_eq!(cpu.run(10), Exit::Halt);
+    assert_eq!(cpu.state.rip, HANDLERS + 6 + 1, "#UD delivered, not #PF");
+    assert_eq!(cpu.state.gpr[4], IST_TOP - 40);
 }

@@ -230,6 +230,22 @@ impl Cpu {
     /// boundary. Returns an exit (halt while waiting for SIPI, or the
     /// shutdown of a failed delivery).
     pub(crate) fn platform_events(&mut self) -> Option<Exit> {
+        {
+            // The common case, without cloning the link (two atomic
+            // reference counts per instruction).
+            let l = self.link.as_ref()?;
+            let lapic = &l.lapic;
+            let quiet = !lapic.event_hint.load(Ordering::Acquire)
+                && !self.wait_sipi
+                && !self.nmi_pending
+                && (!self.state.flag(rflags::IF)
+                    || self.int_shadow
+                    || !(lapic.irq_hint.load(Ordering::Acquire)
+                        || lapic.id == 0 && l.platform.pic_output.load(Ordering::Acquire)));
+            if quiet {
+                return None;
+            }
+        }
         let link = self.link.clone()?;
         let lapic = &link.lapic;
         if lapic.event_hint.load(Ordering::Acquire) {

@@ -157,8 +157,14 @@ pub struct CpuState {
     pub xmm: [u128; 16],
     pub mxcsr: u32,
     pub fcw: u16,
+    /// x87 status word; TOP is bits 11-13.
     pub fsw: u16,
+    /// Abridged tag word (FXSAVE format): bit i set when physical
+    /// register i is in use.
     pub ftw: u8,
+    /// x87 physical registers R0-R7 (80-bit values in the low bits; MMX
+    /// registers alias the significands).
+    pub fpr: [u128; 8],
     /// Time stamp counter: advanced by one per retired instruction.
     pub tsc: u64,
 }
@@ -223,6 +229,7 @@ impl Default for CpuState {
             fcw: 0x37f,
             fsw: 0,
             ftw: 0,
+            fpr: [0; 8],
             tsc: 0,
         }
     }

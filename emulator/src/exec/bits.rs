@@ -1,4 +1,7 @@
-//! Bit instructions: BSF/BSR, BT/BTS/BTR/BTC, BSWAP and POPCNT.
+//! Bit instructions: BSF/BSR, BT/BTS/BTR/BTC, BSWAP and POPCNT. TZCNT and
+//! LZCNT (F3-prefixed BSF/BSR) run as BSF/BSR, as on CPUs without BMI1
+//! and LZCNT, which CPUID does not advertise (Linux's `rep; bsf` relies
+//! on this).
 
 use iced_x86::{Instruction, Mnemonic, OpKind};
 
@@ -8,7 +11,12 @@ use crate::cpu::{Cpu, Flow};
 
 pub(crate) fn bits(cpu: &mut Cpu, i: &Instruction) -> Flow {
     let w = cpu.width(i, 0)?;
-    match i.mnemonic() {
+    let m = match i.mnemonic() {
+        Mnemonic::Tzcnt => Mnemonic::Bsf,
+        Mnemonic::Lzcnt => Mnemonic::Bsr,
+        m => m,
+    };
+    match m {
         Mnemonic::Bsf | Mnemonic::Bsr => {
             let src = cpu.read_op(i, 1)? & mask(w);
             if src == 0 {
@@ -16,7 +24,7 @@ pub(crate) fn bits(cpu: &mut Cpu, i: &Instruction) -> Flow {
                 cpu.state.set_arith(ARITH, ZF | szp(w, 0) & !ZF);
                 return Ok(());
             }
-            let r = if i.mnemonic() == Mnemonic::Bsf {
+            let r = if m == Mnemonic::Bsf {
                 u64::from(src.trailing_zeros())
             } else {
                 u64::from(63 - src.leading_zeros())

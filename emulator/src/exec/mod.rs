@@ -4,6 +4,7 @@
 pub mod alu;
 pub mod bits;
 pub mod branch;
+pub mod float;
 pub mod mov;
 pub mod muldiv;
 pub mod shift;
@@ -11,6 +12,7 @@ pub mod sse;
 pub mod stack;
 pub mod string;
 pub mod system;
+pub mod x87;
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -52,9 +54,16 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         }
         M::Shld | M::Shrd => shift::double(cpu, i),
         M::Mul | M::Imul | M::Div | M::Idiv => muldiv::muldiv(cpu, i),
-        M::Bsf | M::Bsr | M::Bt | M::Bts | M::Btr | M::Btc | M::Bswap | M::Popcnt => {
-            bits::bits(cpu, i)
-        }
+        M::Bsf
+        | M::Bsr
+        | M::Tzcnt
+        | M::Lzcnt
+        | M::Bt
+        | M::Bts
+        | M::Btr
+        | M::Btc
+        | M::Bswap
+        | M::Popcnt => bits::bits(cpu, i),
         M::Mov
         | M::Movzx
         | M::Movsx
@@ -181,6 +190,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Clflushopt
         | M::Endbr64 => Ok(()),
         M::Ud2 | M::Ud0 | M::Ud1 => Err(ud()),
+        m if x87::handles(m) => x87::x87(cpu, i),
         m if sse::handles(m) => sse::sse(cpu, i),
         _ => system::system(cpu, i),
     }

@@ -11,10 +11,14 @@ use crate::cpu::{Cpu, Exit, Flow};
 use crate::exceptions::{exc, gp0, null_segment, ud, EventKind, GP, NP, SS};
 use crate::mmu::{is_canonical, Privilege, PHYS_ADDR_BITS, VIRT_ADDR_BITS};
 
-/// CPUID.1:EDX bits the emulator implements: DE, PSE, TSC, MSR, PAE, CX8,
-/// PGE, CMOV, PAT, CLFSH. (No x87, MMX, FXSR, SSE or SSE2 yet: their
-/// instructions are only partly implemented.)
-const LEAF1_EDX: u32 = (1 << 2)
+/// CPUID.1:EDX bits the emulator implements: FPU, DE, PSE, TSC, MSR, PAE,
+/// CX8, PGE, CMOV, PAT, CLFSH, FXSR, SSE, SSE2. (No MMX: its register
+/// forms raise #UD.)
+const LEAF1_EDX: u32 = 1
+    | (1 << 24)
+    | (1 << 25)
+    | (1 << 26)
+    | (1 << 2)
     | (1 << 3)
     | (1 << 4)
     | (1 << 5)
@@ -535,6 +539,69 @@ impl Cpu {
         Ok(())
     }
 
+    /// VERR/VERW/LAR/LSL: ZF reports whether the selector names a
+    /// descriptor of the right kind visible at max(CPL, RPL); invalid
+    /// selectors clear ZF without faulting.
+    fn check_selector(&mut self, i: &Instruction) -> Flow {
+        use crate::cpu::state::rflags::ZF;
+        if self.state.real_mode() {
+            return Err(ud());
+        }
+        let m = i.mnemonic();
+        let src = if matches!(m, Mnemonic::Verr | Mnemonic::Verw) {
+            0
+        } else {
+            1
+        };
+        let sel = self.read_op(i, src)? as u16;
+        let (base, limit, usable) = if sel & 4 != 0 {
+            let l = &self.state.ldt;
+            (l.base, l.limit, l.unusable == 0 && l.present != 0)
+        } else {
+            (self.state.gdt.base, u32::from(self.state.gdt.limit), true)
+        };
+        let off = u64::from(sel & !7);
+        let in_table = sel & !3 != 0 && usable && off + 7 <= u64::from(limit);
+        let desc = if in_table {
+            Some(self.read_sys_u64(base.wrapping_add(off))?)
+        } else {
+            None
+        };
+        let seg = desc.map(|d| Segment::from_descriptor(sel, d));
+        let rpl = (sel & 3) as u8;
+        let cpl = self.state.cpl();
+        let ok = seg.is_some_and(|g| {
+            let code = g.s != 0 && g.type_ & 8 != 0;
+            let conforming = code && g.type_ & 4 != 0;
+            let visible = conforming || g.dpl >= cpl.max(rpl);
+            visible
+                && match m {
+                    Mnemonic::Verr => g.s != 0 && (!code || g.type_ & 2 != 0),
+                    Mnemonic::Verw => g.s != 0 && !code && g.type_ & 2 != 0,
+                    Mnemonic::Lar => g.s != 0 || matches!(g.type_, 2 | 9 | 0xb | 0xc),
+                    _ => g.s != 0 || matches!(g.type_, 2 | 9 | 0xb),
+                }
+        });
+        self.state.set_flag(ZF, ok);
+        if ok {
+            let d = desc.unwrap_or(0);
+            let v = if m == Mnemonic::Lar {
+                (d >> 32) & 0x00f0_ff00
+            } else if m == Mnemonic::Lsl {
+                let raw = (d & 0xffff) | ((d >> 32) & 0xf_0000);
+                if d & (1 << 55) != 0 {
+                    (raw << 12) | 0xfff
+                } else {
+                    raw
+                }
+            } else {
+                return Ok(());
+            };
+            self.write_op(i, 0, v)?;
+        }
+        Ok(())
+    }
+
     fn ltr(&mut self, sel: u16) -> Flow {
         let err = Some(u32::from(sel & !3));
         if sel & !3 == 0 || sel & 4 != 0 {
@@ -839,6 +906,7 @@ pub(crate) fn system(cpu: &mut Cpu, i: &Instruction) -> Flow {
                 &mut s.msr.kernel_gs_base,
             );
         }
+        M::Verr | M::Verw | M::Lar | M::Lsl => cpu.check_selector(i)?,
         M::Syscall => cpu.syscall()?,
         M::Sysret | M::Sysretq => cpu.sysret(i)?,
         M::Iretq => cpu.iret(8)?,
