@@ -59,8 +59,8 @@ pub enum Accel {
     Kvm,
     /// The fastest backend that can run this guest here (today: KVM).
     Auto,
-    /// vireo's own software x86-64 emulator: no /dev/kvm needed. Experimental:
-    /// it runs small guests; stock Linux kernels need x87/SSE, which it lacks yet.
+    /// vireo's own software x86-64 emulator: no /dev/kvm needed. It boots
+    /// stock Linux kernels, but slowly (minutes) until it gets a JIT.
     Emu,
 }
 
