@@ -542,7 +542,6 @@ fn kvm_permission_denied_names_the_fix() {
 #[test]
 fn sigterm_stops_the_vm_cleanly() {
     require_kvm!();
-    use std::io::Read;
     let dir = TempDir::new("sigterm");
     let kernel = kernel_file(&dir, KernelKind::Elf, |g| {
         g.print("spinning\n")?;
@@ -550,47 +549,11 @@ fn sigterm_stops_the_vm_cleanly() {
         g.a.set_label(&mut spin)?;
         g.a.jmp(spin)
     });
-    let mut args = vec![
-        "run".to_string(),
-        "--kernel".into(),
-        kernel.display().to_string(),
-    ];
-    if let Some(accel) = support::test_accel() {
-        args.extend(["--accel".to_string(), accel]);
-    }
-    let mut child = std::process::Command::new(support::vireo_bin())
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start vireo");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !String::from_utf8_lossy(&seen).contains("spinning") {
-        match stdout.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => seen.extend_from_slice(&buf[..n]),
-        }
-    }
-    assert!(
-        String::from_utf8_lossy(&seen).contains("spinning"),
-        "guest never started"
-    );
+    let mut vm = LiveVm::start(&kernel, &[]);
+    assert!(vm.read_until("spinning"), "guest never started");
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if start.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            panic!("vireo ignored SIGTERM");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    unsafe { libc::kill(vm.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = vm.wait("vireo to stop on SIGTERM");
     assert_eq!(
         status.code(),
         Some(0),
@@ -608,56 +571,95 @@ fn acpi_power_button_reaches_the_guest_as_an_sci() {
     let dir = TempDir::new("pwrbtn");
     let kernel = kernel_file(&dir, KernelKind::Elf, guest::wait_for_power_button);
     let socket = dir.path().join("control.sock");
-    let mut args = vec![
-        "run".to_string(),
-        "--kernel".into(),
-        kernel.display().to_string(),
-        "--control-socket".into(),
-        socket.display().to_string(),
-    ];
-    if let Some(accel) = support::test_accel() {
-        args.extend(["--accel".to_string(), accel]);
-    }
-    let mut child = std::process::Command::new(support::vireo_bin())
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start vireo");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    let mut read_until = |marker: &str, seen: &mut Vec<u8>| {
-        while !String::from_utf8_lossy(seen).contains(marker) {
-            match stdout.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    read_until("waiting for the power button", &mut seen);
+    let socket_arg = socket.display().to_string();
+    let mut vm = LiveVm::start(&kernel, &["--control-socket", &socket_arg]);
+    assert!(
+        vm.read_until("waiting for the power button"),
+        "{}",
+        vm.output()
+    );
     let mut ctl = std::os::unix::net::UnixStream::connect(&socket).expect("control socket");
     ctl.write_all(b"power-button\n").expect("send");
     let mut reply = String::new();
     ctl.read_to_string(&mut reply).expect("reply");
     assert!(reply.contains("\"ok\":true"), "{reply}");
-    read_until("power button pressed", &mut seen);
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
+    assert!(vm.read_until("power button pressed"), "{}", vm.output());
+    let status = vm.wait("the guest to power off");
+    assert_eq!(status.code(), Some(0), "{}", vm.output());
+}
+
+/// A `vireo run` the test talks to while it runs: stdout piped, stderr
+/// dropped, killed if the test ends early.
+struct LiveVm {
+    child: std::process::Child,
+    stdout: std::process::ChildStdout,
+    seen: Vec<u8>,
+}
+
+impl LiveVm {
+    fn start(kernel: &Path, extra: &[&str]) -> LiveVm {
+        let mut args = vec![
+            "run".to_string(),
+            "--kernel".into(),
+            kernel.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        if let Some(accel) = support::test_accel() {
+            args.extend(["--accel".to_string(), accel]);
         }
-        if start.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            panic!(
-                "guest did not power off: {}",
-                String::from_utf8_lossy(&seen)
-            );
+        let mut child = std::process::Command::new(support::vireo_bin())
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start vireo");
+        let stdout = child.stdout.take().expect("piped stdout");
+        LiveVm {
+            child,
+            stdout,
+            seen: Vec::new(),
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let seen = String::from_utf8_lossy(&seen);
-    assert!(seen.contains("power button pressed"), "{seen}");
-    assert_eq!(status.code(), Some(0), "{seen}");
+    }
+
+    /// Read the guest's output until `marker` shows up; false at EOF.
+    fn read_until(&mut self, marker: &str) -> bool {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        while !self.output().contains(marker) {
+            match self.stdout.read(&mut buf) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => self.seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
+    /// Wait for vireo to exit; panic (after killing it) past the timeout.
+    fn wait(&mut self, what: &str) -> std::process::ExitStatus {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            if start.elapsed() > RUN_TIMEOUT {
+                let _ = self.child.kill();
+                panic!("timed out waiting for {what}: {}", self.output());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for LiveVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
