@@ -7,3 +7,5 @@
 //! a front end.
 
 pub mod legacy;
+pub mod rate_limiter;
+pub mod virtio;

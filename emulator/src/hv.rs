@@ -238,6 +238,43 @@ impl Vm for EmuVm {
             gsi,
         }))
     }
+
+    fn level_interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
+        if gsi as usize >= crate::platform::ioapic::PINS {
+            return Err(error(
+                "emulator level_interrupt_line",
+                format!("GSI {gsi} does not exist (the IOAPIC has 24 pins)"),
+            ));
+        }
+        Ok(Arc::new(EmuLevelLine(EmuLine {
+            platform: self.platform.clone(),
+            gsi,
+        })))
+    }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        self.platform.deliver_msi(address, data);
+        Ok(())
+    }
+}
+
+/// A level-triggered line into the emulated IOAPIC (and PIC for GSI < 16).
+struct EmuLevelLine(EmuLine);
+
+impl InterruptLine for EmuLevelLine {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.set_level(true)?;
+        self.set_level(false)
+    }
+
+    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+        self.0.platform.set_gsi_level(self.0.gsi, asserted);
+        Ok(())
+    }
+
+    fn eventfd(&self) -> std::io::Result<EventFd> {
+        self.0.eventfd()
+    }
 }
 
 /// An edge-triggered line into the emulated IOAPIC (and PIC for GSI < 16).

@@ -96,6 +96,10 @@ pub trait Vm: Send + Sync {
     fn level_interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
         self.interrupt_line(gsi)
     }
+    /// Deliver one message-signalled interrupt (MSI/MSI-X): `address` and
+    /// `data` as the guest programmed them into the device (x86: address
+    /// 0xFEEx_xxxx names the destination APIC, data the vector and mode).
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
 }
 
 /// An interrupt line a device can pulse.

@@ -238,6 +238,24 @@ impl Platform {
         }
     }
 
+    /// Deliver a message-signalled interrupt written by a device: the
+    /// address (0xFEEx_xxxx) carries the destination APIC id (bits 19:12)
+    /// and destination mode (bit 2); the data the vector, delivery mode and
+    /// trigger mode. Messages outside the APIC window are dropped.
+    pub fn deliver_msi(&self, address: u64, data: u32) {
+        if address >> 20 != 0xfee {
+            tracing::warn!("MSI to {address:#x} is outside the APIC window; dropped");
+            return;
+        }
+        self.deliver(Message {
+            vector: data as u8,
+            mode: (data >> 8) & 7,
+            logical: address & (1 << 2) != 0,
+            level: false,
+            dest: (address >> 12) as u8,
+        });
+    }
+
     /// Send the IPI a write of ICR low (`lo`, with ICR high `hi`) asks for.
     pub(crate) fn send_ipi(&self, src: u32, lo: u32, hi: u32) {
         let vector = lo as u8;

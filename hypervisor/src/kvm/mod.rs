@@ -205,6 +205,22 @@ impl Vm for KvmVm {
             gsi,
         }))
     }
+
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        self.require_platform()?;
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        // Ok(0) means the guest blocked the message (e.g. a masked LAPIC
+        // vector): not an error of the VMM.
+        self.fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| HypervisorError::ioctl("KVM_SIGNAL_MSI", e))
+    }
 }
 
 /// A level-triggered line driven with KVM_IRQ_LINE.
