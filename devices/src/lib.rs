@@ -7,5 +7,6 @@
 //! a front end.
 
 pub mod legacy;
+pub mod options;
 pub mod rate_limiter;
 pub mod virtio;
