@@ -8,5 +8,6 @@
 
 pub mod legacy;
 pub mod options;
+pub mod pci;
 pub mod rate_limiter;
 pub mod virtio;

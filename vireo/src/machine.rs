@@ -5,6 +5,11 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use vireo_devices::legacy::{acpi_pm, AcpiPm, Cmos, ResetControl, Serial, SerialInput, I8042};
+use vireo_devices::pci::bus::SharedPciBus;
+use vireo_devices::pci::msix::HypervisorMsi;
+use vireo_devices::pci::{HostBridge, PciBus, PciConfigIo, PciMmioWindow};
+use vireo_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
+use vireo_devices::virtio::VirtioDevice;
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::layout::{self, ports};
 use vireo_vmcore::{Vm, VmConfig, VmError};
@@ -15,6 +20,49 @@ pub struct Machine {
     /// Feeds the guest's COM1.
     pub input: SerialInput,
     pub power_button: PowerButton,
+    pci: SharedPciBus,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{name}: {source}")]
+    Pci {
+        name: String,
+        #[source]
+        source: vireo_devices::pci::bus::PciBusError,
+    },
+    #[error(transparent)]
+    Transport(#[from] vireo_devices::virtio::pci::VirtioPciError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+impl Machine {
+    /// Put a virtio device on the PCI bus (next free slot, BAR 0 from the
+    /// MMIO window, MSI-X through the hypervisor, INTx as the fallback).
+    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), AttachError> {
+        let name = device.name();
+        let pci_err = |source| AttachError::Pci {
+            name: name.clone(),
+            source,
+        };
+        let mut bus = self.pci.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = bus.free_slot().map_err(pci_err)?;
+        let bar = bus.allocate_bar(BAR_SIZE).map_err(pci_err)?;
+        let gsi = ports::PCI_INTX_GSI_BASE + u32::from(slot) % ports::PCI_INTX_GSIS;
+        let intx = self.vm.level_interrupt_line(gsi)?;
+        let dev = VirtioPciDevice::new(
+            device,
+            self.vm.memory().clone(),
+            bar,
+            Arc::new(HypervisorMsi(self.vm.hypervisor_vm())),
+            Some((intx, gsi as u8)),
+        )?;
+        tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}, INTx GSI {gsi}");
+        bus.insert(slot, Arc::new(Mutex::new(dev)))
+            .map_err(pci_err)?;
+        Ok(())
+    }
 }
 
 /// The ACPI power button (what `vireo vm stop` presses for a graceful stop).
@@ -31,7 +79,8 @@ impl PowerButton {
 }
 
 /// Build the VM and attach COM1 (writing to `serial_out`), the i8042, the
-/// CMOS RTC, the ACPI PM registers with the SCI and the reset control register.
+/// CMOS RTC, the ACPI PM registers with the SCI, the reset control register
+/// and the PCI host bridge (empty until [`Machine::add_virtio`]).
 pub fn build(
     hv: &dyn Hypervisor,
     cfg: &VmConfig,
@@ -55,14 +104,31 @@ pub fn build(
     let sci = vm.level_interrupt_line(ports::ACPI_SCI_IRQ)?;
     let pm = Arc::new(Mutex::new(AcpiPm::new(control.clone(), Some(sci))));
     vm.add_io_device(ports::PM1A_EVT, acpi_pm::LEN, pm.clone())?;
+    // The reset control register (0xCF9) sits inside the PCI configuration
+    // ports; the configuration device passes its byte accesses on.
+    let reset = Arc::new(Mutex::new(ResetControl::new(control)));
+    let pci = Arc::new(Mutex::new(PciBus::new(
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_SIZE,
+    )));
+    pci.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(0, Arc::new(Mutex::new(HostBridge::new())))
+        .map_err(|e| VmError::Device(e.to_string()))?;
     vm.add_io_device(
-        ports::RESET_CONTROL,
-        1,
-        Arc::new(Mutex::new(ResetControl::new(control))),
+        ports::PCI_CONFIG,
+        ports::PCI_CONFIG_LEN,
+        Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), Some(reset)))),
+    )?;
+    vm.add_mmio_device(
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_SIZE,
+        Arc::new(Mutex::new(PciMmioWindow::new(pci.clone()))),
     )?;
     Ok(Machine {
         vm,
         input,
         power_button: PowerButton(pm),
+        pci,
     })
 }

@@ -97,6 +97,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         vm,
         input,
         power_button,
+        ..
     } = machine;
 
     let host = HostVirt::detect();

@@ -131,6 +131,36 @@ fn unknown_port_reads_all_ones() {
     }
 }
 
+/// PCI configuration mechanism #1: the host bridge answers at 00:00.0 and
+/// an empty slot reads as all ones; a byte write of 0xCF9 still resets.
+#[test]
+fn pci_config_ports_find_the_host_bridge() {
+    require_kvm!();
+    let out = boot("pci", &[], |g| {
+        for (slot, reg) in [(0u32, 0u32), (0, 8), (7, 0)] {
+            let a = &mut g.a;
+            a.mov(eax, 0x8000_0000u32 | slot << 11 | reg)?;
+            a.mov(dx, 0xcf8u32)?;
+            a.out(dx, eax)?;
+            a.mov(dx, 0xcfcu32)?;
+            a.in_(eax, dx)?;
+            a.mov(ebx, eax)?;
+            g.print(&format!("pci {slot:02x}:{reg:02x}="))?;
+            g.print_hex(rbx, 8)?;
+            g.print("\n")?;
+        }
+        g.power_off()
+    });
+    out.assert_status(0);
+    for want in [
+        "pci 00:00=00081b36\n",
+        "pci 00:08=06000000\n",
+        "pci 07:00=ffffffff\n",
+    ] {
+        assert!(out.stdout.contains(want), "expected {want:?}\n{out}");
+    }
+}
+
 /// The BSP guest for the SMP test: print its APIC id, wake the APs with
 /// INIT-SIPI-SIPI into [`guest::ap_trampoline`], wait (bounded by the TSC)
 /// until `cpus - 1` of them checked in, report the count and power off.

@@ -8,7 +8,8 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (reserved)         0x000e_0000  ACPI tables (RSDP first)
 //! 0x0010_0000  kernel                  … initrd at the top of low RAM
-//! 0xc000_0000  32-bit MMIO hole (IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
+//! 0xc000_0000  32-bit MMIO hole: PCI BARs (512 MiB), IOAPIC 0xfec0_0000,
+//!              LAPIC 0xfee0_0000
 //! 0x1_0000_0000  RAM above 4 GiB when the guest has more than 3 GiB
 //! ```
 
@@ -33,6 +34,10 @@ pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole: RAM beyond this goes above 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// The PCI host bridge's window for device BARs: the first 512 MiB of the
+/// hole, below the IOAPIC and LAPIC pages.
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 
@@ -53,4 +58,12 @@ pub mod ports {
     /// The reset control register (as on PIIX/ICH chipsets); the FADT's
     /// RESET_REG points here.
     pub const RESET_CONTROL: u16 = 0xcf9;
+    /// PCI configuration mechanism #1: address at 0xCF8, data at 0xCFC
+    /// (the range holds the reset control register too).
+    pub const PCI_CONFIG: u16 = 0xcf8;
+    pub const PCI_CONFIG_LEN: u16 = 8;
+    /// PCI INTx: slot N's pin A is GSI `PCI_INTX_GSI_BASE + N % PCI_INTX_GSIS`
+    /// (IOAPIC pins 16-23, level-triggered, active low as PCI requires).
+    pub const PCI_INTX_GSI_BASE: u32 = 16;
+    pub const PCI_INTX_GSIS: u32 = 8;
 }

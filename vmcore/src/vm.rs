@@ -48,6 +48,8 @@ pub enum VmError {
     Bus(#[from] BusError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("device setup: {0}")]
+    Device(String),
     #[error("cannot start vCPU threads: {0}")]
     Thread(std::io::Error),
 }
@@ -158,6 +160,11 @@ impl Vm {
 
     pub fn control(&self) -> Arc<VmControl> {
         self.control.clone()
+    }
+
+    /// The hypervisor's VM, for devices that signal MSIs.
+    pub fn hypervisor_vm(&self) -> Arc<dyn vireo_hypervisor::Vm> {
+        self.hv_vm.clone()
     }
 
     pub fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>, VmError> {

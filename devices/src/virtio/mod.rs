@@ -3,7 +3,7 @@
 //! A device model implements [`VirtioDevice`]: what it offers (type,
 //! features, queue sizes, configuration space) and what it does once the
 //! driver has set it up ([`VirtioDevice::activate`]). The transport
-//! (`pci::VirtioPciDevice`) owns feature negotiation, queue setup, status
+//! ([`pci::VirtioPciDevice`]) owns feature negotiation, queue setup, status
 //! and interrupts, and hands the device its ready queues. Devices do their
 //! work on their own thread ([`worker::Worker`]), woken by the queue-notify
 //! eventfds the transport signals.
@@ -13,6 +13,7 @@
 //! request with the virtio error status (or marks itself as needing a
 //! reset), logging one line — it never panics on guest input.
 
+pub mod pci;
 pub mod worker;
 
 use std::sync::Arc;

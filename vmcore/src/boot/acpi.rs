@@ -235,11 +235,66 @@ fn dsdt(out: &mut Vec<u8>) {
         &[(ports::CMOS, 2)],
         ports::RTC_IRQ,
     ));
+    devices.extend(pci_host_bridge());
     body.extend(aml::Scope::raw("\\_SB_".into(), devices));
 
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
     out.extend_from_slice(sdt.as_slice());
+}
+
+/// The PCI host bridge (bus 0): its bus, I/O and memory windows for the
+/// OS to assign from, and the INTx routing of every slot (pin A of slot N
+/// on GSI 16 + N % 8; the other pins rotate as on real boards).
+fn pci_host_bridge() -> Vec<u8> {
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let cid = aml::Name::new("_CID".into(), &cid);
+    let uid = aml::Name::new("_UID".into(), &0u8);
+    let seg = aml::Name::new("_SEG".into(), &0u8);
+    let bbn = aml::Name::new("_BBN".into(), &0u8);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = aml::IO::new(
+        ports::PCI_CONFIG,
+        ports::PCI_CONFIG,
+        1,
+        ports::PCI_CONFIG_LEN as u8,
+    );
+    // Every port apart from the configuration mechanism's is passed down.
+    let io_low = aml::AddressSpace::new_io(0u16, ports::PCI_CONFIG - 1, None);
+    let io_high =
+        aml::AddressSpace::new_io(ports::PCI_CONFIG + ports::PCI_CONFIG_LEN, 0xffffu16, None);
+    let mem = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO_START as u32,
+        (layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_low, &io_high, &mem]);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+
+    let mut entries = Vec::new();
+    for slot in 0..32u32 {
+        for pin in 0..4u32 {
+            let gsi = ports::PCI_INTX_GSI_BASE + (slot + pin) % ports::PCI_INTX_GSIS;
+            entries.push((slot << 16 | 0xffff, pin as u8, gsi));
+        }
+    }
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &0u8, gsi]))
+        .collect();
+    let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
+    let prt = aml::Name::new("_PRT".into(), &prt);
+    let mut out = Vec::new();
+    aml::Device::new(
+        "PCI0".into(),
+        vec![&hid, &cid, &uid, &seg, &bbn, &crs, &prt],
+    )
+    .to_aml_bytes(&mut out);
+    out
 }
 
 /// An ISA device with a PnP id, I/O port ranges and one edge-triggered IRQ.
@@ -361,6 +416,8 @@ mod tests {
         let dsdt = table(&tables, b"DSDT");
         assert!(dsdt.bytes.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.bytes.windows(4).any(|w| w == b"COM1"));
+        assert!(dsdt.bytes.windows(4).any(|w| w == b"PCI0"));
+        assert!(dsdt.bytes.windows(4).any(|w| w == b"_PRT"));
     }
 
     #[test]

@@ -1,0 +1,312 @@
+use super::*;
+use crate::pci::config::{BAR0, COMMAND_MEMORY};
+use crate::virtio::{ActivateError, QueueT};
+use std::sync::Mutex;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+#[derive(Default)]
+struct Seen {
+    activations: Vec<(Vec<u16>, u64)>,
+    resets: usize,
+    interrupt: Option<Arc<dyn Interrupt>>,
+    notifies: Vec<EventFd>,
+}
+
+/// A device that records what the transport does to it.
+struct Probe(Arc<Mutex<Seen>>);
+
+impl VirtioDevice for Probe {
+    fn device_type(&self) -> u32 {
+        super::super::device_type::RNG
+    }
+    fn name(&self) -> String {
+        "probe".into()
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![16, 16]
+    }
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | 1
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::super::read_config_bytes(&[0xaa, 0xbb, 0xcc, 0xdd], offset, data)
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let mut s = self.0.lock().unwrap();
+        s.activations
+            .push((a.queues.iter().map(|q| q.index).collect(), a.features));
+        s.interrupt = Some(a.interrupt.clone());
+        s.notifies = a.queues.into_iter().map(|q| q.notify).collect();
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.0.lock().unwrap().resets += 1;
+    }
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(u64, u32)>>);
+impl MsiSender for Recorder {
+    fn send_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((address, data));
+        Ok(())
+    }
+}
+
+struct Level(Mutex<Vec<bool>>);
+impl InterruptLine for Level {
+    fn trigger(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_level(&self, asserted: bool) -> std::io::Result<()> {
+        self.0.lock().unwrap().push(asserted);
+        Ok(())
+    }
+    fn eventfd(&self) -> std::io::Result<EventFd> {
+        Err(std::io::Error::other("none"))
+    }
+}
+
+struct Rig {
+    dev: VirtioPciDevice,
+    seen: Arc<Mutex<Seen>>,
+    msi: Arc<Recorder>,
+    intx: Arc<Level>,
+}
+
+fn rig() -> Rig {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let msi = Arc::new(Recorder::default());
+    let intx = Arc::new(Level(Mutex::new(Vec::new())));
+    let dev = VirtioPciDevice::new(
+        Box::new(Probe(seen.clone())),
+        mem,
+        0xc000_0000,
+        msi.clone(),
+        Some((intx.clone(), 16)),
+    )
+    .unwrap();
+    Rig {
+        dev,
+        seen,
+        msi,
+        intx,
+    }
+}
+
+impl Rig {
+    fn w(&mut self, off: u64, v: u64, len: usize) {
+        self.dev.bar_write(0, off, &v.to_le_bytes()[..len]);
+    }
+    fn r(&mut self, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        self.dev.bar_read(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+    fn status(&mut self) -> u8 {
+        self.r(0x14, 1) as u8
+    }
+    /// Driver setup up to FEATURES_OK with `features` accepted.
+    fn negotiate(&mut self, features: u64) {
+        self.w(0x14, 0, 1);
+        self.w(0x14, u64::from(status::ACKNOWLEDGE | status::DRIVER), 1);
+        self.w(0x08, 0, 4);
+        self.w(0x0c, features & 0xffff_ffff, 4);
+        self.w(0x08, 1, 4);
+        self.w(0x0c, features >> 32, 4);
+        self.w(
+            0x14,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+            1,
+        );
+    }
+    /// Set queue `q` up at rings in the first MiB and enable it.
+    fn setup_queue(&mut self, q: u16, desc: u64) {
+        self.w(0x16, u64::from(q), 2);
+        self.w(0x18, 8, 2);
+        self.w(0x20, desc, 8);
+        self.w(0x28, desc + 0x1000, 8);
+        self.w(0x30, desc + 0x2000, 8);
+        self.w(0x1c, 1, 2);
+    }
+    fn driver_ok(&mut self) {
+        let s = self.status() | status::DRIVER_OK;
+        self.w(0x14, u64::from(s), 1);
+    }
+}
+
+#[test]
+fn identity_and_capabilities_describe_a_modern_device() {
+    let r = rig();
+    let c = r.dev.config().bytes();
+    assert_eq!(u16::from_le_bytes([c[0], c[1]]), 0x1af4);
+    assert_eq!(u16::from_le_bytes([c[2], c[3]]), 0x1044, "0x1040 + rng");
+    assert_eq!(c[8], 1, "revision 1: modern");
+    // Walk the capability list: MSI-X, then the virtio structures.
+    let mut types = Vec::new();
+    let mut p = c[0x34] as usize;
+    while p != 0 {
+        if c[p] == CAP_VENDOR {
+            types.push(c[p + 3]);
+        } else {
+            types.push(0x80 | c[p]);
+        }
+        p = c[p + 1] as usize;
+    }
+    assert_eq!(types, vec![0x80 | 0x11, 1, 2, 3, 4, 5]);
+    assert_eq!(c[0x3d], 1, "INTx pin A");
+    assert_eq!(c[0x3c], 16);
+}
+
+#[test]
+fn features_beyond_the_offer_or_without_version_1_are_refused() {
+    let mut r = rig();
+    assert_eq!(r.r(0x04, 4), 1 | features::RING_EVENT_IDX & 0xffff_ffff);
+    r.w(0x00, 1, 4);
+    assert_eq!(r.r(0x04, 4), 1, "VERSION_1 is bit 32");
+    r.negotiate(features::VERSION_1 | 1 << 3);
+    assert_eq!(r.status() & status::FEATURES_OK, 0);
+    r.negotiate(1);
+    assert_eq!(
+        r.status() & status::FEATURES_OK,
+        0,
+        "legacy drivers refused"
+    );
+    r.negotiate(features::VERSION_1 | 1);
+    assert_ne!(r.status() & status::FEATURES_OK, 0);
+    // Feature writes after FEATURES_OK are ignored.
+    r.w(0x08, 0, 4);
+    r.w(0x0c, 0, 4);
+    assert_eq!(r.r(0x0c, 4), 1);
+}
+
+#[test]
+fn driver_ok_activates_the_enabled_queues_and_reset_stops_them() {
+    let mut r = rig();
+    assert_eq!(r.r(0x12, 2), 2, "num_queues");
+    r.negotiate(features::VERSION_1 | features::RING_EVENT_IDX);
+    r.setup_queue(1, 0x10000);
+    assert_eq!(r.r(0x18, 2), 8);
+    assert_eq!(r.r(0x20, 8), 0x10000);
+    r.driver_ok();
+    assert_eq!(r.status() & status::NEEDS_RESET, 0);
+    {
+        let s = r.seen.lock().unwrap();
+        assert_eq!(
+            s.activations,
+            vec![(vec![1], features::VERSION_1 | features::RING_EVENT_IDX)]
+        );
+    }
+    // Queue setup is frozen after DRIVER_OK.
+    r.w(0x16, 1, 2);
+    r.w(0x20, 0x20000, 8);
+    assert_eq!(r.r(0x20, 8), 0x10000);
+    // Notify queue 1 → the device's eventfd.
+    r.w(NOTIFY_OFFSET + 4, 1, 2);
+    assert_eq!(r.seen.lock().unwrap().notifies[0].read().unwrap(), 1);
+    // Reset.
+    r.w(0x14, 0, 1);
+    assert_eq!(r.status(), 0);
+    assert_eq!(r.seen.lock().unwrap().resets, 1);
+    r.w(0x16, 1, 2);
+    assert_eq!(r.r(0x1c, 2), 0, "queue disabled after reset");
+}
+
+#[test]
+fn a_queue_outside_guest_memory_needs_reset_instead_of_starting() {
+    let mut r = rig();
+    r.negotiate(features::VERSION_1);
+    r.setup_queue(0, 0xfff_f000); // past the 1 MiB of guest memory
+    r.driver_ok();
+    assert_ne!(r.status() & status::NEEDS_RESET, 0);
+    assert!(r.seen.lock().unwrap().activations.is_empty());
+    // Odd queue sizes are refused at the register.
+    r.w(0x14, 0, 1);
+    r.w(0x16, 0, 2);
+    r.w(0x18, 7, 2);
+    assert_eq!(r.r(0x18, 2), 16, "max size kept");
+}
+
+#[test]
+fn msix_vectors_route_queue_and_config_interrupts() {
+    let mut r = rig();
+    // Enable MSI-X in the capability (message control bit 15).
+    let cap = r.dev.msix_cap_offset as u64;
+    r.dev.config_write(cap + 2, &0x8000u16.to_le_bytes());
+    // Vector 1: address/data, unmasked.
+    r.w(MSIX_TABLE_OFFSET + 16, 0xfee0_0000, 8);
+    r.w(MSIX_TABLE_OFFSET + 24, 0x31, 4);
+    r.w(MSIX_TABLE_OFFSET + 28, 0, 4);
+    r.negotiate(features::VERSION_1);
+    r.w(0x16, 0, 2);
+    r.w(0x1a, 1, 2);
+    assert_eq!(r.r(0x1a, 2), 1);
+    r.w(0x1a, 99, 2);
+    assert_eq!(r.r(0x1a, 2), u64::from(NO_VECTOR), "no such vector");
+    r.w(0x1a, 1, 2);
+    r.setup_queue(0, 0x10000);
+    r.driver_ok();
+    let irq = r.seen.lock().unwrap().interrupt.clone().unwrap();
+    irq.signal(InterruptKind::Queue(0)).unwrap();
+    assert_eq!(*r.msi.0.lock().unwrap(), vec![(0xfee0_0000, 0x31)]);
+    // Config vector unassigned: nothing sent, no INTx either.
+    irq.signal(InterruptKind::Config).unwrap();
+    assert_eq!(r.msi.0.lock().unwrap().len(), 1);
+    assert!(r.intx.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn without_msix_interrupts_use_intx_and_the_isr() {
+    let mut r = rig();
+    r.negotiate(features::VERSION_1);
+    r.setup_queue(0, 0x10000);
+    r.driver_ok();
+    let irq = r.seen.lock().unwrap().interrupt.clone().unwrap();
+    irq.signal(InterruptKind::Queue(0)).unwrap();
+    irq.signal(InterruptKind::Config).unwrap();
+    assert_eq!(r.r(ISR_OFFSET, 1), 3);
+    assert_eq!(r.r(ISR_OFFSET, 1), 0, "reading clears");
+    assert_eq!(*r.intx.0.lock().unwrap(), vec![true, true, false]);
+}
+
+#[test]
+fn device_config_and_the_pci_cfg_window() {
+    let mut r = rig();
+    assert_eq!(r.r(DEVICE_CFG_OFFSET + 1, 2), 0xccbb);
+    assert_eq!(r.r(DEVICE_CFG_OFFSET + 4, 4), 0);
+    // Reach the device config through VIRTIO_PCI_CAP_PCI_CFG.
+    let cap = r.dev.pci_cfg_cap_offset as u64;
+    r.dev.config_write(cap + 4, &[0]);
+    r.dev
+        .config_write(cap + 8, &(DEVICE_CFG_OFFSET as u32).to_le_bytes());
+    r.dev.config_write(cap + 12, &4u32.to_le_bytes());
+    let mut d = [0u8; 4];
+    r.dev.config_read(cap + 16, &mut d);
+    assert_eq!(d, [0xaa, 0xbb, 0xcc, 0xdd]);
+}
+
+#[test]
+fn bar_moves_with_the_guest_and_hostile_accesses_are_harmless() {
+    let mut r = rig();
+    r.dev
+        .config_write(COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
+    r.dev
+        .config_write(BAR0 as u64, &0xd000_0000u32.to_le_bytes());
+    assert_eq!(r.dev.config().bar_range(0), Some((0xd000_0000, BAR_SIZE)));
+    // Odd sizes and offsets anywhere in the BAR.
+    for off in (0..BAR_SIZE).step_by(0x3ff) {
+        for len in [1usize, 2, 3, 4, 8] {
+            let mut b = vec![0u8; len];
+            r.dev.bar_read(0, off, &mut b);
+            r.dev.bar_write(0, off, &b);
+        }
+    }
+    r.dev.bar_read(3, 0, &mut [0u8; 4]);
+    r.dev.config_write(250, &[0xff; 8]);
+    // Queue select past the end reads zeros and ignores writes.
+    r.w(0x16, 77, 2);
+    assert_eq!(r.r(0x18, 2), 0);
+    r.w(0x20, 0x1234, 8);
+    let _ = r.dev.queues[0].queue.size();
+}
