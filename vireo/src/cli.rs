@@ -57,7 +57,9 @@ guest powers off or resets, 1 when the VM fails, 2 on bad input.";
 pub enum Accel {
     /// Hardware-assisted virtualization through /dev/kvm.
     Kvm,
-    /// The fastest backend that can run this guest here (today: KVM).
+    /// The fastest backend that can run this guest here: KVM with VT-x or
+    /// AMD-V; on a PVM-only KVM host, KVM only for a PVM-aware kernel and
+    /// the emulator otherwise; the emulator when /dev/kvm is unusable.
     Auto,
     /// vireo's own software x86-64 emulator: no /dev/kvm needed. It boots
     /// stock Linux kernels, but slowly (minutes) until it gets a JIT.

@@ -67,20 +67,47 @@ fn check_readable(flag: &str, path: &PathBuf) -> Result<(), Failure> {
     }
 }
 
-fn open_backend(accel: Accel) -> Result<Box<dyn Hypervisor>, Failure> {
+/// Open the backend `--accel` asks for. `auto` takes KVM when it can run
+/// this kernel at hardware speed and the emulator otherwise, and says so.
+fn open_backend(accel: Accel, kernel: &std::path::Path) -> Result<Box<dyn Hypervisor>, Failure> {
     match accel {
-        // Auto means KVM until the emulator can boot a stock kernel.
-        Accel::Kvm | Accel::Auto => match KvmHypervisor::new() {
-            Ok(kvm) => Ok(Box::new(kvm)),
-            Err(e) => Err(Failure::Usage(e.to_string())),
-        },
+        Accel::Kvm => KvmHypervisor::new()
+            .map(|kvm| Box::new(kvm) as Box<dyn Hypervisor>)
+            .map_err(|e| Failure::Usage(e.to_string())),
         Accel::Emu => Ok(Box::new(EmuHypervisor::new())),
+        Accel::Auto => {
+            let kvm = match KvmHypervisor::new() {
+                Ok(kvm) => kvm,
+                Err(e) => {
+                    eprintln!("vireo: KVM is not usable ({e}); running on the emulator (--accel emu), which is much slower");
+                    return Ok(Box::new(EmuHypervisor::new()));
+                }
+            };
+            if HostVirt::detect().kvm_is_pvm_only() && !kernel_is_pvm_guest(kernel) {
+                eprintln!(
+                    "vireo: /dev/kvm here is PVM (kvm_pvm) without VT-x/AMD-V and this kernel is not a PVM guest, \
+                     so KVM would emulate every instruction in the host kernel; running on vireo's emulator instead \
+                     (--accel kvm forces KVM)"
+                );
+                return Ok(Box::new(EmuHypervisor::new()));
+            }
+            Ok(Box::new(kvm))
+        }
     }
+}
+
+/// Does the kernel image say it is PVM-aware? (Only uncompressed images
+/// can tell; a bzImage counts as not.)
+fn kernel_is_pvm_guest(kernel: &std::path::Path) -> bool {
+    std::fs::read(kernel)
+        .ok()
+        .and_then(|image| vireo_vmcore::boot::kernel::mentions_pvm_guest(&image))
+        .unwrap_or(false)
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     let spec = boot_spec(&args)?;
-    let hv = open_backend(args.accel)?;
+    let hv = open_backend(args.accel, &spec.kernel)?;
     let cfg = VmConfig {
         vcpus: args.cpus,
         memory_mib: args.memory,

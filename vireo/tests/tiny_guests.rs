@@ -634,9 +634,8 @@ impl LiveVm {
             kernel.display().to_string(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        if let Some(accel) = support::test_accel() {
-            args.extend(["--accel".to_string(), accel]);
-        }
+        let accel = support::test_accel().unwrap_or_else(|| "kvm".into());
+        args.extend(["--accel".to_string(), accel]);
         let mut child = std::process::Command::new(support::vireo_bin())
             .args(&args)
             .stdin(std::process::Stdio::null())

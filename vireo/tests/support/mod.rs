@@ -289,11 +289,12 @@ pub fn run_vireo_args(args: &[String], timeout: Duration) -> Outcome {
 /// closed), or stdin closed when `input` is None.
 pub fn run_vireo_with_input(args: &[String], input: Option<&[u8]>, timeout: Duration) -> Outcome {
     let mut args = args.to_vec();
-    if let Some(accel) = test_accel() {
-        if args.first().map(String::as_str) == Some("run") && !args.iter().any(|a| a == "--accel") {
-            args.push("--accel".into());
-            args.push(accel);
-        }
+    // Tests name their backend: KVM unless VIREO_TEST_ACCEL says otherwise
+    // (`--accel auto` would pick the emulator on PVM-only hosts).
+    let accel = test_accel().unwrap_or_else(|| "kvm".into());
+    if args.first().map(String::as_str) == Some("run") && !args.iter().any(|a| a == "--accel") {
+        args.push("--accel".into());
+        args.push(accel);
     }
     let command = format!("vireo {}", args.join(" "));
     let start = Instant::now();
@@ -366,7 +367,7 @@ pub fn kvm_available() -> bool {
 }
 
 /// The backend the guest tests run on: `VIREO_TEST_ACCEL` (e.g. `emu`), or
-/// vireo's default when unset.
+/// KVM when unset.
 pub fn test_accel() -> Option<String> {
     std::env::var("VIREO_TEST_ACCEL")
         .ok()
