@@ -3,11 +3,11 @@
 //! post descriptor chains and notify a queue, an [`Interrupt`] that records
 //! what the device raised, and waiting (with a timeout) for used buffers.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::mock::MockSplitQueue;
 use vireo_vmcore::memory::GuestMemory;
+use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -51,7 +51,6 @@ impl Desc {
 #[derive(Default)]
 pub struct TestInterrupt {
     seen: Mutex<Vec<InterruptKind>>,
-    cond: Condvar,
 }
 
 impl Interrupt for TestInterrupt {
@@ -59,7 +58,6 @@ impl Interrupt for TestInterrupt {
         if let Ok(mut s) = self.seen.lock() {
             s.push(kind);
         }
-        self.cond.notify_all();
         Ok(())
     }
 }
@@ -73,20 +71,17 @@ impl TestInterrupt {
             .unwrap_or(0)
     }
 
-    /// Wait until `kind` was raised at least `n` times.
-    pub fn wait_count(&self, kind: InterruptKind, n: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut s = self.seen.lock().unwrap();
-        loop {
-            if s.iter().filter(|k| **k == kind).count() >= n {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
+    /// Whether `kind` is raised at least `n` times within 10 s (the device
+    /// publishes used buffers before it interrupts).
+    pub fn raised(&self, kind: InterruptKind, n: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.count(kind) < n {
+            if Instant::now() >= deadline {
                 return false;
             }
-            s = self.cond.wait_timeout(s, deadline - now).unwrap().0;
+            std::thread::sleep(Duration::from_millis(1));
         }
+        true
     }
 }
 
@@ -203,7 +198,9 @@ impl TestDriver {
     pub fn publish(&mut self, q: u16, head: u16) {
         let l = &mut self.queues[usize::from(q)];
         let slot = l.avail + 4 + u64::from(l.avail_idx % l.size) * 2;
-        self.mem.write_obj(head.to_le(), GuestAddress(slot)).unwrap();
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(slot))
+            .unwrap();
         l.avail_idx = l.avail_idx.wrapping_add(1);
         self.mem
             .write_obj(l.avail_idx.to_le(), GuestAddress(l.avail + 2))
@@ -241,11 +238,5 @@ impl TestDriver {
     pub fn used(&mut self, q: u16) -> (u16, u32) {
         self.wait_used(q, Duration::from_secs(10))
             .unwrap_or_else(|| panic!("queue {q}: the device used no buffer within 10 s"))
-    }
-
-    /// The used ring index the device has published on queue `q`.
-    pub fn used_idx(&self, q: u16) -> u16 {
-        let l = &self.queues[usize::from(q)];
-        u16::from_le(self.mem.read_obj(GuestAddress(l.used + 2)).unwrap())
     }
 }
