@@ -15,11 +15,12 @@
 //! * reporting_vq (with VIRTIO_BALLOON_F_REPORTING): ranges of free guest
 //!   memory, discarded like inflated pages and returned.
 //!
-//! Queue numbering follows what Linux and QEMU do (and what the spec's
-//! wording is being aligned with): the optional queues take the next
-//! indices in feature order, skipping the ones whose feature was not
-//! negotiated. With both features the reporting queue is 3; without
-//! STATS_VQ it is 2. FREE_PAGE_HINT is not offered.
+//! Queue numbering follows the Linux driver (and QEMU): the optional
+//! queues take the next indices in feature order, skipping those whose
+//! feature was not negotiated. With both features the reporting queue is 3,
+//! without STATS_VQ it is 2. (The spec's table lists fixed indices, with
+//! reporting_vq at 4 after free_page_vq; no common driver or device uses
+//! that layout.) FREE_PAGE_HINT is not offered.
 //!
 //! Every page frame and range comes from the guest: each must lie whole in
 //! one guest RAM region, or it is ignored with a warning; nothing outside
@@ -331,6 +332,14 @@ impl Balloon {
         }
     }
 
+    /// Stop the worker; the driver's `actual` stays.
+    fn stop(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        *self.shared.interrupt() = None;
+    }
+
     fn config_bytes(&self) -> [u8; 8] {
         let st = self.shared.state();
         let mut c = [0u8; 8];
@@ -396,7 +405,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        self.reset();
+        self.stop();
         let Activation {
             memory,
             queues,
@@ -487,10 +496,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
-        *self.shared.interrupt() = None;
+        self.stop();
         // A new driver starts with an empty balloon and inflates it to the
         // target again.
         self.shared.state().actual = 0;
