@@ -13,7 +13,12 @@
 //! request with the virtio error status (or marks itself as needing a
 //! reset), logging one line — it never panics on guest input.
 
+pub mod balloon;
+pub mod console;
 pub mod pci;
+pub mod rng;
+#[cfg(test)]
+mod test_driver;
 pub mod worker;
 
 use std::sync::Arc;
