@@ -181,14 +181,6 @@ struct Ctl {
     flags: u32,
 }
 
-/// Counts for tests and log lines.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct MuxerStats {
-    pub connections: usize,
-    pub pending_hosts: usize,
-    pub control_backlog: usize,
-}
-
 pub struct Muxer {
     name: String,
     guest_cid: u64,
@@ -223,14 +215,6 @@ impl Muxer {
 
     pub fn listener_fd(&self) -> std::os::fd::RawFd {
         self.listener.as_raw_fd()
-    }
-
-    pub fn stats(&self) -> MuxerStats {
-        MuxerStats {
-            connections: self.conns.len(),
-            pending_hosts: self.pending.len(),
-            control_backlog: self.control.len(),
-        }
     }
 
     /// Control packets waiting for rx buffers.
