@@ -19,6 +19,7 @@ pub mod pci;
 pub mod rng;
 #[cfg(test)]
 mod test_driver;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;
