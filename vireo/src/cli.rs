@@ -105,6 +105,29 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
 
+    /// A virtio-vsock device: `cid=N,socket=PATH`. A guest connection to
+    /// host port P goes to the Unix socket PATH_P; a host program connects
+    /// to PATH and writes `CONNECT P` to reach guest port P.
+    #[arg(long, value_name = "OPTS")]
+    pub vsock: Option<String>,
+
+    /// A virtio-rng device fed from the host's getrandom(2); `bw=1M` limits
+    /// it to that many bytes per second.
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    pub rng: Option<String>,
+
+    /// A virtio-balloon device: `target=MIB` (memory taken from the guest at
+    /// start), `deflate_on_oom=on|off`, `free_page_reporting=on|off` (the
+    /// guest hands freed memory back to the host; default on).
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    pub balloon: Option<String>,
+
+    /// A virtio-console device (hvc0) on this terminal: stdin goes to it
+    /// instead of the UART. Boot the guest with console=hvc0. `cols=N,rows=M`
+    /// sets its size.
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
+    pub virtio_console: Option<String>,
+
     /// Unix socket on which to accept `pause`, `resume`, `power-button` and
     /// `status` commands (one line each; a JSON line answers). The daemon uses it.
     #[arg(long, value_name = "PATH")]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vireo_devices::legacy::SerialInput;
+use vireo_devices::virtio::console::ConsoleInput;
 use vireo_vmcore::{ExitReason, VmControl};
 
 /// Guest output goes straight to stdout, flushed per write so a console
@@ -103,8 +104,16 @@ impl EscapeFilter {
     }
 }
 
+/// The device the terminal's keystrokes go to.
+pub enum ConsoleTarget {
+    /// COM1 (ttyS0).
+    Serial(SerialInput),
+    /// virtio-console (hvc0).
+    Virtio(ConsoleInput),
+}
+
 /// Forward stdin to the guest on a background thread until EOF or the VM ends.
-pub fn spawn_stdin_pump(input: SerialInput, control: Arc<VmControl>, escape: bool) {
+pub fn spawn_stdin_pump(input: ConsoleTarget, control: Arc<VmControl>, escape: bool) {
     let spawned = std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
@@ -143,13 +152,25 @@ pub fn spawn_stdin_pump(input: SerialInput, control: Arc<VmControl>, escape: boo
     }
 }
 
-/// Push bytes into the UART as its FIFO drains; false once the VM is gone.
-fn deliver(input: &SerialInput, control: &VmControl, mut bytes: &[u8]) -> bool {
+/// Bytes of virtio-console input allowed to wait for the guest before the
+/// pump stops reading stdin (the device keeps at most 64 KiB).
+const VIRTIO_CONSOLE_BACKLOG: usize = 16 << 10;
+
+/// Push bytes into the UART as its FIFO drains (or into virtio-console as
+/// the guest takes them); false once the VM is gone.
+fn deliver(input: &ConsoleTarget, control: &VmControl, mut bytes: &[u8]) -> bool {
     while !bytes.is_empty() {
         if control.exit_reason().is_some() {
             return false;
         }
-        let n = input.enqueue(bytes);
+        let n = match input {
+            ConsoleTarget::Serial(s) => s.enqueue(bytes),
+            ConsoleTarget::Virtio(v) if v.pending() < VIRTIO_CONSOLE_BACKLOG => {
+                v.send(bytes);
+                bytes.len()
+            }
+            ConsoleTarget::Virtio(_) => 0,
+        };
         bytes = &bytes[n..];
         if n == 0 {
             std::thread::sleep(Duration::from_millis(2));

@@ -21,6 +21,8 @@ pub enum Command {
     /// Press the ACPI power button (a graceful shutdown request).
     PowerButton,
     Status,
+    /// `balloon` reports the balloon; `balloon N` sets its target to N MiB.
+    Balloon(Option<u64>),
 }
 
 impl Command {
@@ -30,7 +32,11 @@ impl Command {
             "resume" => Some(Command::Resume),
             "power-button" => Some(Command::PowerButton),
             "status" => Some(Command::Status),
-            _ => None,
+            "balloon" => Some(Command::Balloon(None)),
+            other => {
+                let mib = other.strip_prefix("balloon ")?.trim().parse().ok()?;
+                Some(Command::Balloon(Some(mib)))
+            }
         }
     }
 }
@@ -46,6 +52,15 @@ pub fn ok_reply(state: &str) -> String {
         "{{\"ok\":true,\"state\":{}}}",
         serde_json::Value::from(state)
     )
+}
+
+/// An ok reply with more fields (a JSON object's members) beside the state.
+pub fn ok_reply_with(state: &str, extra: serde_json::Value) -> String {
+    let mut v = serde_json::json!({"ok": true, "state": state});
+    if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    v.to_string()
 }
 
 pub fn error_reply(message: &str) -> String {
@@ -158,6 +173,18 @@ mod tests {
     }
 
     #[test]
+    fn balloon_commands_parse() {
+        assert_eq!(Command::parse("balloon"), Some(Command::Balloon(None)));
+        assert_eq!(
+            Command::parse("balloon 128\n"),
+            Some(Command::Balloon(Some(128)))
+        );
+        assert_eq!(Command::parse("balloon -1"), None);
+        let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));
+        assert_eq!(r, r#"{"balloon":{"actual_mib":3},"ok":true,"state":"running"}"#);
+    }
+
+    #[test]
     fn commands_reach_the_owner_and_replies_come_back() {
         let path = std::env::temp_dir().join(format!("vireo-ctl-test-{}.sock", std::process::id()));
         let sock = listen(&path).unwrap();
@@ -178,6 +205,7 @@ mod tests {
         );
         assert!(ask(&path, "status\n").contains("\"ok\":false"));
         assert!(ask(&path, "reboot now\n").contains("unknown command"));
+        assert!(ask(&path, "balloon lots\n").contains("unknown command"));
         // An oversize line is refused; the server may close before reading
         // it all (the client then sees a reset), but it keeps serving.
         if let Ok(reply) = try_ask(&path, &"x".repeat(10_000)) {

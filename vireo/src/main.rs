@@ -4,6 +4,7 @@
 mod cli;
 mod console;
 mod control_socket;
+mod devices;
 mod disk;
 mod image;
 mod machine;

@@ -15,6 +15,8 @@ use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig};
 use crate::cli::{Accel, RunArgs};
 use crate::console::{self, RawTerminal, StdoutWriter};
 use crate::control_socket::{self, Command, ControlSocket};
+use crate::devices;
+use vireo_devices::virtio::balloon::BalloonHandle;
 use crate::image::GuestKit;
 use crate::machine::{self, PowerButton};
 use crate::signals;
@@ -113,13 +115,14 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         memory_mib: args.memory,
         boot: spec,
     };
-    let machine = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(|e| {
+    let mut machine = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(|e| {
         if e.is_user_error() {
             Failure::Usage(e.to_string())
         } else {
             Failure::Vm(e.to_string())
         }
     })?;
+    let attached = devices::attach(&mut machine, &args)?;
     let machine::Machine {
         vm,
         input,
@@ -170,9 +173,13 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         tracing::warn!("SIGTERM will not stop the VM cleanly: {e}");
     }
     let running = vm.start().map_err(|e| Failure::Vm(e.to_string()))?;
-    console::spawn_stdin_pump(input, Arc::clone(&control), tty);
+    let console_input = match attached.virtio_console.clone() {
+        Some(hvc) => console::ConsoleTarget::Virtio(hvc),
+        None => console::ConsoleTarget::Serial(input),
+    };
+    console::spawn_stdin_pump(console_input, Arc::clone(&control), tty);
     if let Some(socket) = &control_socket {
-        serve_control(&running, &power_button, socket);
+        serve_control(&running, &power_button, attached.balloon.as_ref(), socket);
     }
     let reason = running.wait();
     drop(control_socket);
@@ -190,7 +197,12 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
 }
 
 /// Carry out control-socket commands until the VM exits.
-fn serve_control(running: &RunningVm, power_button: &PowerButton, socket: &ControlSocket) {
+fn serve_control(
+    running: &RunningVm,
+    power_button: &PowerButton,
+    balloon: Option<&BalloonHandle>,
+    socket: &ControlSocket,
+) {
     let control = running.control();
     loop {
         if control
@@ -208,6 +220,11 @@ fn serve_control(running: &RunningVm, power_button: &PowerButton, socket: &Contr
                     Ok(())
                 }
                 Command::Status => Ok(()),
+                Command::Balloon(target) => {
+                    let reply = balloon_command(balloon, target, state_name(control.state()));
+                    let _ = pending.reply.send(reply);
+                    continue;
+                }
             };
             let reply = match result {
                 Ok(()) => control_socket::ok_reply(state_name(control.state())),
@@ -216,6 +233,30 @@ fn serve_control(running: &RunningVm, power_button: &PowerButton, socket: &Contr
             let _ = pending.reply.send(reply);
         }
     }
+}
+
+/// `balloon [MIB]`: set the target if given, and report the balloon.
+fn balloon_command(balloon: Option<&BalloonHandle>, target: Option<u64>, state: &str) -> String {
+    let Some(b) = balloon else {
+        return control_socket::error_reply("this VM has no balloon (start it with --balloon)");
+    };
+    if let Some(mib) = target {
+        if let Err(e) = b.set_target_mib(mib) {
+            return control_socket::error_reply(&e.to_string());
+        }
+    }
+    b.request_stats();
+    let stats = b.stats();
+    control_socket::ok_reply_with(
+        state,
+        serde_json::json!({"balloon": {
+            "target_mib": b.target_mib(),
+            "actual_mib": b.actual_mib(),
+            "free_mib": stats.as_ref().and_then(|s| s.free_memory).map(|v| v >> 20),
+            "available_mib": stats.as_ref().and_then(|s| s.available_memory).map(|v| v >> 20),
+            "total_mib": stats.as_ref().and_then(|s| s.total_memory).map(|v| v >> 20),
+        }}),
+    )
 }
 
 fn state_name(state: RunState) -> &'static str {

@@ -11,58 +11,16 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use vireo_hypervisor::host::HostVirt;
-
-fn skip_reason() -> Option<String> {
-    if support::test_accel().as_deref() == Some("emu") {
-        return None;
-    }
-    if let Some(why) = support::kvm_unavailable_reason() {
-        return Some(why);
-    }
-    if HostVirt::detect().kvm_is_pvm_only() {
-        return Some(
-            "/dev/kvm here is PVM (kvm_pvm) without VT-x/AMD-V, and the kit's stock Debian kernel \
-             is not PVM-aware: it would be emulated by the host at ~1 µs per instruction. \
-             The README's test command boots the kit on the emulator instead (VIREO_TEST_ACCEL=emu)."
-                .into(),
-        );
-    }
-    None
-}
-
-/// The kit to boot: $VIREO_TEST_KIT if set, else one built (once) under the
-/// test target directory.
-fn guest_kit() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VIREO_TEST_KIT") {
-        return PathBuf::from(dir);
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
-    if !dir.join("vireo-kit.conf").exists() {
-        let out = support::run_vireo_args(
-            &[
-                "image".into(),
-                "build".into(),
-                "--out".into(),
-                dir.display().to_string(),
-            ],
-            Duration::from_secs(900),
-        );
-        out.assert_status(0);
-    }
-    dir
-}
 
 #[test]
 fn guest_kit_boots_runs_a_command_and_powers_off() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = support::kit::skip_reason() {
         eprintln!("skipping the guest kit boot: {why}");
         return;
     }
-    let kit = guest_kit();
+    let kit = support::kit::guest_kit();
     // The emulator boots a stock kernel in minutes, not seconds: one vCPU
     // there, two on KVM.
     let emu = support::test_accel().as_deref() == Some("emu");

@@ -16,7 +16,7 @@ use std::path::Path;
 use iced_x86::code_asm::*;
 
 use support::guest::{self, assemble64, Guest64};
-use support::{run_vireo, KernelKind, Outcome, TempDir, RUN_TIMEOUT};
+use support::{run_vireo, KernelKind, LiveVm, Outcome, TempDir, RUN_TIMEOUT};
 
 /// Build the kernel file for `kind` from a guest body and write it to `dir`.
 fn kernel_file(
@@ -579,10 +579,10 @@ fn sigterm_stops_the_vm_cleanly() {
         g.a.set_label(&mut spin)?;
         g.a.jmp(spin)
     });
-    let mut vm = LiveVm::start(&kernel, &[]);
+    let mut vm = LiveVm::start_kernel(&kernel, &[]);
     assert!(vm.read_until("spinning"), "guest never started");
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(vm.child.id() as libc::pid_t, libc::SIGTERM) };
+    unsafe { libc::kill(vm.pid() as libc::pid_t, libc::SIGTERM) };
     let status = vm.wait("vireo to stop on SIGTERM");
     assert_eq!(
         status.code(),
@@ -602,7 +602,7 @@ fn acpi_power_button_reaches_the_guest_as_an_sci() {
     let kernel = kernel_file(&dir, KernelKind::Elf, guest::wait_for_power_button);
     let socket = dir.path().join("control.sock");
     let socket_arg = socket.display().to_string();
-    let mut vm = LiveVm::start(&kernel, &["--control-socket", &socket_arg]);
+    let mut vm = LiveVm::start_kernel(&kernel, &["--control-socket", &socket_arg]);
     assert!(
         vm.read_until("waiting for the power button"),
         "{}",
@@ -618,77 +618,3 @@ fn acpi_power_button_reaches_the_guest_as_an_sci() {
     assert_eq!(status.code(), Some(0), "{}", vm.output());
 }
 
-/// A `vireo run` the test talks to while it runs: stdout piped, stderr
-/// dropped, killed if the test ends early.
-struct LiveVm {
-    child: std::process::Child,
-    stdout: std::process::ChildStdout,
-    seen: Vec<u8>,
-}
-
-impl LiveVm {
-    fn start(kernel: &Path, extra: &[&str]) -> LiveVm {
-        let mut args = vec![
-            "run".to_string(),
-            "--kernel".into(),
-            kernel.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let accel = support::test_accel().unwrap_or_else(|| "kvm".into());
-        args.extend(["--accel".to_string(), accel]);
-        let mut child = std::process::Command::new(support::vireo_bin())
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start vireo");
-        let stdout = child.stdout.take().expect("piped stdout");
-        LiveVm {
-            child,
-            stdout,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Read the guest's output until `marker` shows up; false at EOF.
-    fn read_until(&mut self, marker: &str) -> bool {
-        use std::io::Read;
-        let mut buf = [0u8; 256];
-        while !self.output().contains(marker) {
-            match self.stdout.read(&mut buf) {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => self.seen.extend_from_slice(&buf[..n]),
-            }
-        }
-        true
-    }
-
-    fn output(&self) -> String {
-        String::from_utf8_lossy(&self.seen).into_owned()
-    }
-
-    /// Wait for vireo to exit; panic (after killing it) past the timeout.
-    fn wait(&mut self, what: &str) -> std::process::ExitStatus {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
-            }
-            if start.elapsed() > RUN_TIMEOUT {
-                let _ = self.child.kill();
-                panic!("timed out waiting for {what}: {}", self.output());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for LiveVm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}

@@ -10,6 +10,8 @@
 #![allow(dead_code)]
 
 pub mod guest;
+pub mod kit;
+pub mod netns;
 
 use std::fs::OpenOptions;
 use std::io::Read;
@@ -392,6 +394,125 @@ macro_rules! require_kvm {
             return;
         }
     };
+}
+
+/// A `vireo run` the test talks to while it runs: stdout piped, stderr
+/// kept, killed if the test ends early.
+pub struct LiveVm {
+    child: std::process::Child,
+    /// Chunks of stdout from a reader thread (closed at EOF).
+    output: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+    timeout: Duration,
+}
+
+impl LiveVm {
+    /// `vireo run --kernel KERNEL EXTRA...` on the test backend.
+    pub fn start_kernel(kernel: &Path, extra: &[&str]) -> LiveVm {
+        let mut args = vec![
+            "run".to_string(),
+            "--kernel".into(),
+            kernel.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        LiveVm::start(&[], &args, RUN_TIMEOUT)
+    }
+
+    /// `PREFIX... vireo ARGS...` (a prefix such as `ip netns exec NS`), with
+    /// `--accel` of the test backend added to `run`; `timeout` bounds each wait.
+    pub fn start(prefix: &[&str], args: &[String], timeout: Duration) -> LiveVm {
+        let mut args = args.to_vec();
+        if args.first().map(String::as_str) == Some("run") && !args.iter().any(|a| a == "--accel") {
+            args.push("--accel".into());
+            args.push(test_accel().unwrap_or_else(|| "kvm".into()));
+        }
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(vireo_bin());
+                c
+            }
+            None => Command::new(vireo_bin()),
+        };
+        let mut child = command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vireo");
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let (tx, output) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        LiveVm {
+            child,
+            output,
+            seen: Vec::new(),
+            timeout,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Read the guest's output until `marker` shows up; false at EOF or
+    /// after the timeout.
+    pub fn read_until(&mut self, marker: &str) -> bool {
+        let deadline = Instant::now() + self.timeout;
+        while !self.output().contains(marker) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.output.recv_timeout(left) {
+                Ok(chunk) => self.seen.extend_from_slice(&chunk),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Everything the guest printed so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
+    /// Read to EOF, then wait for vireo to exit; panic (after killing it)
+    /// past the timeout.
+    pub fn wait(&mut self, what: &str) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            while let Ok(chunk) = self.output.try_recv() {
+                self.seen.extend_from_slice(&chunk);
+            }
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                // The rest of stdout, up to EOF.
+                while let Ok(chunk) = self.output.recv_timeout(Duration::from_secs(5)) {
+                    self.seen.extend_from_slice(&chunk);
+                }
+                return s;
+            }
+            if start.elapsed() > self.timeout {
+                let _ = self.child.kill();
+                panic!("timed out waiting for {what}: {}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for LiveVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// A scratch directory removed on drop.

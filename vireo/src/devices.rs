@@ -1,0 +1,87 @@
+//! The paravirtual devices of `vireo run`: each `--disk`, `--net`,
+//! `--vsock`, `--rng`, `--balloon` and `--virtio-console` flag becomes a
+//! virtio device on the machine's PCI bus.
+
+use vireo_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
+use vireo_devices::virtio::console::{Console, ConsoleConfig, ConsoleInput};
+use vireo_devices::virtio::rng::{Rng, RngConfig};
+use vireo_devices::virtio::vsock::{Vsock, VsockConfig};
+use vireo_devices::virtio::VirtioDevice;
+
+use crate::cli::RunArgs;
+use crate::console::StdoutWriter;
+use crate::machine::Machine;
+use crate::Failure;
+
+/// Host-side handles of the devices that have them.
+#[derive(Default)]
+pub struct Attached {
+    /// Where stdin goes when the guest console is virtio-console (hvc0).
+    pub virtio_console: Option<ConsoleInput>,
+    pub balloon: Option<BalloonHandle>,
+}
+
+/// Parse every device flag first (so a typo fails before anything is
+/// opened), then open and attach the devices in flag order.
+pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure> {
+    let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
+    let vsock = args
+        .vsock
+        .as_deref()
+        .map(VsockConfig::from_options)
+        .transpose()
+        .map_err(usage)?;
+    let rng = args
+        .rng
+        .as_deref()
+        .map(RngConfig::from_options)
+        .transpose()
+        .map_err(usage)?;
+    let balloon = args
+        .balloon
+        .as_deref()
+        .map(BalloonConfig::from_options)
+        .transpose()
+        .map_err(usage)?;
+    if let Some(b) = &balloon {
+        if b.target_mib >= args.memory {
+            return Err(Failure::Usage(format!(
+                "--balloon target={}: must be less than --memory {} (the balloon takes that much from the guest)",
+                b.target_mib, args.memory
+            )));
+        }
+    }
+    let console = args
+        .virtio_console
+        .as_deref()
+        .map(ConsoleConfig::from_options)
+        .transpose()
+        .map_err(usage)?;
+
+    let mut attached = Attached::default();
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(cfg) = console {
+        let c = Console::new(cfg, Box::new(StdoutWriter))
+            .map_err(|e| Failure::Vm(format!("--virtio-console: {e}")))?;
+        attached.virtio_console = Some(c.input());
+        devices.push(Box::new(c));
+    }
+    if let Some(cfg) = rng {
+        devices.push(Box::new(Rng::new(cfg)));
+    }
+    if let Some(cfg) = vsock {
+        let v = Vsock::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?;
+        devices.push(Box::new(v));
+    }
+    if let Some(cfg) = balloon {
+        let b = Balloon::new(cfg).map_err(|e| Failure::Vm(format!("--balloon: {e}")))?;
+        attached.balloon = Some(b.handle());
+        devices.push(Box::new(b));
+    }
+    for d in devices {
+        machine
+            .add_virtio(d)
+            .map_err(|e| Failure::Vm(e.to_string()))?;
+    }
+    Ok(attached)
+}
