@@ -60,6 +60,9 @@ const ETH_HLEN: usize = 14;
 const MIN_TX_FRAME: usize = VNET_HDR_LEN + ETH_HLEN;
 /// At most this many iovecs per readv/writev (the kernel's UIO_MAXIOV).
 const MAX_IOVS: usize = 1024;
+/// Frames one direction handles before the worker looks at its other
+/// fds, so a flood one way does not starve the other.
+const BUDGET: usize = 64;
 /// Offset of `num_buffers` in `virtio_net_hdr_v1`.
 const NUM_BUFFERS_OFFSET: usize = 10;
 
@@ -416,7 +419,7 @@ impl VirtioDevice for Net {
 /// guest memory, capped at [`MAX_FRAME`] bytes.
 struct RxChain {
     head: u16,
-    descs: Vec<(GuestAddress, usize)>,
+    bufs: Bufs,
     cap: usize,
 }
 
@@ -448,7 +451,7 @@ struct RxState {
 /// length.
 struct TxChain {
     head: u16,
-    descs: Vec<(GuestAddress, usize)>,
+    bufs: Bufs,
     len: usize,
     charged: bool,
 }
@@ -495,29 +498,50 @@ struct NetWorker {
     warned: Warned,
 }
 
-/// Append iovecs for `descs` to `out`, stopping when it has `max`;
-/// returns the bytes they cover.
-fn push_iovecs(
-    mem: &GuestMemory,
-    descs: &[(GuestAddress, usize)],
-    out: &mut Vec<libc::iovec>,
-    max: usize,
-) -> Result<usize, vm_memory::GuestMemoryError> {
-    let mut total = 0;
-    for &(addr, len) in descs {
+/// A chain's buffers, translated once when the chain is popped: guest
+/// addresses for the device's own small writes, host addresses (in the
+/// guest memory mapping the worker keeps alive) for readv/writev.
+#[derive(Default)]
+struct Bufs {
+    guest: Vec<(GuestAddress, usize)>,
+    host: Vec<(usize, usize)>,
+}
+
+impl Bufs {
+    /// Add `len` bytes at `addr`; false if they are not all guest RAM.
+    fn push(&mut self, mem: &GuestMemory, addr: GuestAddress, len: usize) -> bool {
+        let start = self.host.len();
         for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
-            if out.len() >= max {
-                return Ok(total);
+            match slice {
+                Ok(s) => self
+                    .host
+                    .push((s.ptr_guard_mut().as_ptr() as usize, s.len())),
+                Err(_) => {
+                    self.host.truncate(start);
+                    return false;
+                }
             }
-            let slice = slice?;
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-            total += slice.len();
         }
+        self.guest.push((addr, len));
+        true
     }
-    Ok(total)
+
+    /// Append iovecs for the buffers to `out` until it has `max`; returns
+    /// the bytes they cover.
+    fn iovecs(&self, out: &mut Vec<libc::iovec>, max: usize) -> usize {
+        let mut total = 0;
+        for &(p, len) in &self.host {
+            if out.len() >= max {
+                break;
+            }
+            out.push(libc::iovec {
+                iov_base: p as *mut libc::c_void,
+                iov_len: len,
+            });
+            total += len;
+        }
+        total
+    }
 }
 
 /// Write `data` at byte `offset` of the buffer `descs` describe.
@@ -566,7 +590,7 @@ impl NetWorker {
         chain: virtio_queue::DescriptorChain<&GuestMemory>,
     ) -> Result<TxChain, String> {
         let head = chain.head_index();
-        let mut descs = Vec::new();
+        let mut bufs = Bufs::default();
         let mut len = 0usize;
         for d in chain {
             if d.is_write_only() {
@@ -580,16 +604,17 @@ impl NetWorker {
             if len > MAX_FRAME {
                 return Err(format!("a frame of more than {MAX_FRAME} bytes"));
             }
-            if !GuestMemoryBackend::check_range(mem, d.addr(), n) {
+            if !bufs.push(mem, d.addr(), n) {
                 return Err(format!(
                     "a buffer at {:#x} (+{n}) outside guest memory",
                     d.addr().0
                 ));
             }
-            if descs.len() == MAX_IOVS {
-                return Err(format!("more than {MAX_IOVS} buffers in one frame"));
+            if bufs.host.len() > MAX_IOVS {
+                return Err(format!(
+                    "more than {MAX_IOVS} pieces of memory in one frame"
+                ));
             }
-            descs.push((d.addr(), n));
         }
         if len < MIN_TX_FRAME {
             return Err(format!(
@@ -598,7 +623,7 @@ impl NetWorker {
         }
         Ok(TxChain {
             head,
-            descs,
+            bufs,
             len,
             charged: false,
         })
@@ -645,7 +670,14 @@ impl NetWorker {
 
     fn tx_loop(&mut self, used: &mut bool) -> Result<(), Fatal> {
         self.tx.queue.disable_notification(&self.mem)?;
+        let mut budget = BUDGET;
         while !self.tx.blocked_on_tap {
+            if budget == 0 {
+                // More may be queued: come back after the other fds.
+                let _ = self.tx.notify.write(1);
+                break;
+            }
+            budget -= 1;
             let mut chain = match self.tx.pending.take() {
                 Some(c) => c,
                 None => match self.pop_tx(used)? {
@@ -662,18 +694,8 @@ impl NetWorker {
                 }
                 chain.charged = true;
             }
-            let mut iovs = Vec::with_capacity(chain.descs.len());
-            match push_iovecs(&self.mem, &chain.descs, &mut iovs, MAX_IOVS) {
-                Ok(n) if n == chain.len => {}
-                Ok(_) => {
-                    self.drop_tx(chain.head, "too many memory pieces", used)?;
-                    continue;
-                }
-                Err(e) => {
-                    self.drop_tx(chain.head, &format!("a bad buffer ({e})"), used)?;
-                    continue;
-                }
-            }
+            let mut iovs = Vec::with_capacity(chain.bufs.host.len());
+            chain.bufs.iovecs(&mut iovs, MAX_IOVS);
             match self.tap.writev(&iovs) {
                 Ok(_) => {
                     inc(&self.counters.tx_packets, 1);
@@ -714,7 +736,7 @@ impl NetWorker {
         chain: virtio_queue::DescriptorChain<&GuestMemory>,
     ) -> Result<RxChain, String> {
         let head = chain.head_index();
-        let mut descs = Vec::new();
+        let mut bufs = Bufs::default();
         let mut cap = 0usize;
         for d in chain {
             if !d.is_write_only() {
@@ -724,13 +746,12 @@ impl NetWorker {
             if n == 0 {
                 continue;
             }
-            if !GuestMemoryBackend::check_range(mem, d.addr(), n) {
+            if !bufs.push(mem, d.addr(), n) {
                 return Err(format!(
                     "a buffer at {:#x} (+{n}) outside guest memory",
                     d.addr().0
                 ));
             }
-            descs.push((d.addr(), n));
             cap += n;
         }
         if cap < VNET_HDR_LEN {
@@ -738,7 +759,7 @@ impl NetWorker {
                 "{cap} bytes, less than the {VNET_HDR_LEN}-byte header"
             ));
         }
-        Ok(RxChain { head, descs, cap })
+        Ok(RxChain { head, bufs, cap })
     }
 
     /// Pop receive buffers until they hold `need` bytes or the queue is
@@ -790,7 +811,9 @@ impl NetWorker {
     }
 
     fn rx_loop(&mut self, used: &mut bool) -> Result<(), Fatal> {
-        loop {
+        // The TAP stays readable (level-triggered), so stopping here only
+        // lets the other fds go first.
+        for _ in 0..BUDGET {
             if let Some(p) = self.rx.pending.take() {
                 if !self.deliver(p, used)? {
                     return Ok(());
@@ -820,8 +843,7 @@ impl NetWorker {
             let mut iovs = Vec::with_capacity(8);
             let mut guest_cap = 0;
             for c in self.rx.chains.iter().take(take) {
-                guest_cap += push_iovecs(&self.mem, &c.descs, &mut iovs, MAX_IOVS - 1)
-                    .map_err(|e| Fatal(format!("receive buffer: {e}")))?;
+                guest_cap += c.bufs.iovecs(&mut iovs, MAX_IOVS - 1);
                 if guest_cap >= MAX_FRAME {
                     break;
                 }
@@ -832,7 +854,8 @@ impl NetWorker {
             });
             match self.tap.readv(&iovs) {
                 Ok(n)
-                    if n > MAX_FRAME || n < VNET_HDR_LEN || (!self.mrg_rxbuf && n > guest_cap) =>
+                    if !(VNET_HDR_LEN..=MAX_FRAME).contains(&n)
+                        || (!self.mrg_rxbuf && n > guest_cap) =>
                 {
                     inc(&self.counters.rx_dropped, 1);
                     if !self.warned.rx_too_big {
@@ -846,10 +869,13 @@ impl NetWorker {
                     }
                 }
                 Ok(len) => {
-                    self.rx.pending = Some(PendingRx {
+                    let p = PendingRx {
                         len,
                         in_chains: len.min(guest_cap),
-                    });
+                    };
+                    if !self.deliver(p, used)? {
+                        return Ok(());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -861,6 +887,8 @@ impl NetWorker {
                 }
             }
         }
+        // Out of budget with nothing pending: the TAP is still watched.
+        Ok(())
     }
 
     /// Hand a read frame to the guest. False: it waits (for buffers or the
@@ -882,7 +910,7 @@ impl NetWorker {
             let mut data = &self.rx.overflow[..len - p.in_chains];
             let mut skip = p.in_chains;
             'chains: for c in &self.rx.chains {
-                for &(addr, n) in &c.descs {
+                for &(addr, n) in &c.bufs.guest {
                     if data.is_empty() {
                         break 'chains;
                     }
@@ -919,7 +947,7 @@ impl NetWorker {
         // the first only); num_buffers is 1 then, as virtio 1.x requires.
         let nb = (count as u16).to_le_bytes();
         if let Some(first) = self.rx.chains.front() {
-            write_chain_at(&self.mem, &first.descs, NUM_BUFFERS_OFFSET, &nb)
+            write_chain_at(&self.mem, &first.bufs.guest, NUM_BUFFERS_OFFSET, &nb)
                 .map_err(|e| Fatal(format!("receive buffer: {e}")))?;
         }
         let mut left = len;

@@ -23,6 +23,27 @@ const RX_BUFS: u64 = 0x10_0000;
 const TX_BUFS: u64 = 0x80_0000;
 const MEM_SIZE: usize = 0x100_0000;
 const WAIT: Duration = Duration::from_secs(5);
+/// Where the used rings go, from each queue's base. MockSplitQueue puts
+/// its used ring inside the second half of a 256-entry avail ring (it
+/// counts the avail ring's length in entries, not bytes), so the rig lays
+/// the used ring out itself, past the descriptor table and avail ring.
+const USED_OFFSET: u64 = 0x2000;
+
+/// A queue on the mock's descriptor table and avail ring, with the used
+/// ring at `used`.
+fn queue_for(mock: &MockSplitQueue<'_, GuestMemoryMmap>, used: u64) -> Queue {
+    let mut q = Queue::new(QUEUE_SIZE).unwrap();
+    q.set_size(QUEUE_SIZE);
+    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
+    let (lo, hi) = split(mock.desc_table_addr());
+    q.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(mock.avail_addr());
+    q.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(GuestAddress(used));
+    q.set_used_ring_address(lo, hi);
+    q.set_ready(true);
+    q
+}
 
 #[test]
 fn config_from_options() {
@@ -169,6 +190,19 @@ impl PacketSocket {
             )
         };
         assert_eq!(r, 0, "bind: {}", io::Error::last_os_error());
+        // Room for a burst of frames (the default holds about 130 small
+        // ones); root may exceed rmem_max.
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt reads one int.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
         PacketSocket(fd)
     }
 
@@ -309,17 +343,23 @@ fn with_rig(
 
 impl Rig<'_> {
     fn activate(&mut self, features: u64) {
+        // A fresh used ring for each activation (after a reset too).
+        for base in [RXQ_ADDR, TXQ_ADDR] {
+            self.mem
+                .write_slice(&[0u8; 0x806], GuestAddress(base + USED_OFFSET))
+                .unwrap();
+        }
         self.rx_kick = EventFd::new(0).unwrap();
         self.tx_kick = EventFd::new(0).unwrap();
         let queues = vec![
             ActiveQueue {
                 index: RX_QUEUE,
-                queue: self.rxq.create_queue().unwrap(),
+                queue: queue_for(&self.rxq, RXQ_ADDR + USED_OFFSET),
                 notify: self.rx_kick.try_clone().unwrap(),
             },
             ActiveQueue {
                 index: TX_QUEUE,
-                queue: self.txq.create_queue().unwrap(),
+                queue: queue_for(&self.txq, TXQ_ADDR + USED_OFFSET),
                 notify: self.tx_kick.try_clone().unwrap(),
             },
         ];
@@ -381,12 +421,18 @@ impl Rig<'_> {
         self.rx_kick.write(1).unwrap();
     }
 
-    fn used_idx(&self, tx: bool) -> u16 {
+    fn used_ring(tx: bool) -> u64 {
         if tx {
-            self.txq.used().idx().load()
+            TXQ_ADDR + USED_OFFSET
         } else {
-            self.rxq.used().idx().load()
+            RXQ_ADDR + USED_OFFSET
         }
+    }
+
+    fn used_idx(&self, tx: bool) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(Self::used_ring(tx) + 2))
+            .unwrap()
     }
 
     /// Wait until the used ring has `n` entries.
@@ -405,9 +451,10 @@ impl Rig<'_> {
 
     /// (id, len) of used entry `i`.
     fn used(&self, tx: bool, i: u16) -> (u32, u32) {
-        let q = if tx { &self.txq } else { &self.rxq };
-        let e = q.used().ring().ref_at(i as usize).unwrap().load();
-        (e.id(), e.len())
+        let at = Self::used_ring(tx) + 4 + 8 * u64::from(i % QUEUE_SIZE);
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (id, len)
     }
 
     fn read(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -881,5 +928,47 @@ fn tap_open_errors_name_the_device() {
         // A second reader on a single-queue TAP is refused by name.
         let e = Tap::open(TAP).unwrap_err().to_string();
         assert!(e.contains(TAP) && e.contains("in use"), "{e}");
+    });
+}
+
+#[test]
+fn bursts_longer_than_the_budget_complete_both_ways() {
+    with_rig("", features::RING_EVENT_IDX, |r| {
+        // 150 one-descriptor transmit chains (header and frame together)
+        // with one kick: the worker yields after BUDGET and comes back.
+        let n_tx = 150u16;
+        for i in 0..n_tx as u64 {
+            let at = TX_BUFS + i * 0x200;
+            r.mem.write_slice(&PLAIN_HDR, GuestAddress(at)).unwrap();
+            r.mem
+                .write_slice(&frame(60, i as u8), GuestAddress(at + 12))
+                .unwrap();
+            r.add_chain(true, &[(at, 72, false)]);
+        }
+        // 100 receive buffers, and 100 frames into the TAP.
+        let n_rx = 100u16;
+        for i in 0..n_rx as u64 {
+            r.add_chain(false, &[(RX_BUFS + i * 0x800, 2048, true)]);
+        }
+        r.kick_rx();
+        r.kick_tx();
+        for i in 0..n_rx {
+            r.pkt.send(&frame(60, i as u8));
+        }
+        r.wait_used(true, n_tx);
+        r.wait_used(false, n_rx);
+        for i in 0..n_tx {
+            assert_eq!(r.pkt.recv(WAIT), Some(frame(60, i as u8)), "tx frame {i}");
+        }
+        for i in 0..n_rx {
+            assert_eq!(
+                r.read(RX_BUFS + i as u64 * 0x800 + 12, 60),
+                frame(60, i as u8),
+                "rx frame {i}"
+            );
+        }
+        let s = r.stats();
+        assert_eq!((s.tx_packets, s.rx_packets), (n_tx as u64, n_rx as u64));
+        assert_eq!((s.tx_dropped, s.rx_dropped), (0, 0));
     });
 }
