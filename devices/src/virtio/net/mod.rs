@@ -9,13 +9,21 @@
 //! Receive reads each frame straight into the guest's buffers; with
 //! mergeable buffers (VIRTIO_NET_F_MRG_RXBUF) one frame spreads over
 //! several and the header's `num_buffers` says how many. A frame larger
-//! than the buffers on hand waits, its tail in an overflow buffer, until the
-//! driver adds more (without mergeable buffers it is dropped and counted).
-//! When the guest has no buffers at all the
-//! device stops reading the TAP (the kernel queues frames meanwhile) until
-//! the driver adds some. Transmit gathers each chain's readable buffers
-//! into one `writev`; a full TAP keeps the chain and retries when the TAP
-//! is writable again.
+//! than the buffers on hand waits, its tail in an overflow buffer, until
+//! the driver adds more (without mergeable buffers it is dropped and
+//! counted). When the guest has no buffers at all the device stops reading
+//! the TAP (the kernel queues frames meanwhile) until the driver adds some.
+//! Transmit gathers each chain's readable buffers into one `writev`; a full
+//! TAP keeps the chain and retries when the TAP is writable again.
+//!
+//! Front ends build the device from the `--net` string:
+//!
+//! ```text
+//! --net tap=tap0[,mac=52:54:00:12:34:56][,id=net0][,mtu=1500][,bw=100M][,ops=20000]
+//! ```
+//!
+//! [`NetConfig::from_options`] parses it, [`Net::new`] opens the TAP, and
+//! [`Net::counters`] gives the traffic counters.
 
 pub mod mac;
 pub mod tap;
@@ -367,6 +375,7 @@ impl VirtioDevice for Net {
             tap: self.tap.clone(),
             counters: self.counters.clone(),
             mrg_rxbuf: acked & bit(vn::VIRTIO_NET_F_MRG_RXBUF) != 0,
+            guest_csum: acked & bit(vn::VIRTIO_NET_F_GUEST_CSUM) != 0,
             tap_events: EventSet::IN,
             rx: RxState {
                 queue: rx_queue,
@@ -491,6 +500,8 @@ struct NetWorker {
     tap: Arc<Tap>,
     counters: Arc<NetCounters>,
     mrg_rxbuf: bool,
+    /// The driver accepted VIRTIO_NET_F_GUEST_CSUM.
+    guest_csum: bool,
     /// What the TAP is watched for now.
     tap_events: EventSet,
     rx: RxState,
@@ -947,8 +958,15 @@ impl NetWorker {
         // the first only); num_buffers is 1 then, as virtio 1.x requires.
         let nb = (count as u16).to_le_bytes();
         if let Some(first) = self.rx.chains.front() {
-            write_chain_at(&self.mem, &first.bufs.guest, NUM_BUFFERS_OFFSET, &nb)
+            let g = &first.bufs.guest;
+            write_chain_at(&self.mem, g, NUM_BUFFERS_OFFSET, &nb)
                 .map_err(|e| Fatal(format!("receive buffer: {e}")))?;
+            if !self.guest_csum {
+                // The TAP may mark a frame DATA_VALID; without
+                // GUEST_CSUM the flags must be zero (virtio 1.2 5.1.6.4.1).
+                write_chain_at(&self.mem, g, 0, &[0])
+                    .map_err(|e| Fatal(format!("receive buffer: {e}")))?;
+            }
         }
         let mut left = len;
         for _ in 0..count {
