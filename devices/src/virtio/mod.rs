@@ -15,6 +15,7 @@
 
 pub mod balloon;
 pub mod console;
+pub mod net;
 pub mod pci;
 pub mod rng;
 #[cfg(test)]

@@ -1,0 +1,974 @@
+//! The device against a real TAP in a private network namespace: frames go
+//! through the kernel and come back on an AF_PACKET socket bound to the
+//! TAP. Nothing is created in the host's own namespace; the namespace (and
+//! the TAP) vanish with the test's thread.
+
+use super::*;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::AtomicU32;
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::virtio::ActiveQueue;
+
+const TAP: &str = "vtap0";
+const ETHERTYPE: u16 = 0x88b5; // IEEE local experimental
+const RXQ_ADDR: u64 = 0;
+const TXQ_ADDR: u64 = 0x1_0000;
+const RX_BUFS: u64 = 0x10_0000;
+const TX_BUFS: u64 = 0x80_0000;
+const MEM_SIZE: usize = 0x100_0000;
+const WAIT: Duration = Duration::from_secs(5);
+/// Where the used rings go, from each queue's base. MockSplitQueue puts
+/// its used ring inside the second half of a 256-entry avail ring (it
+/// counts the avail ring's length in entries, not bytes), so the rig lays
+/// the used ring out itself, past the descriptor table and avail ring.
+const USED_OFFSET: u64 = 0x2000;
+
+/// A queue on the mock's descriptor table and avail ring, with the used
+/// ring at `used`.
+fn queue_for(mock: &MockSplitQueue<'_, GuestMemoryMmap>, used: u64) -> Queue {
+    let mut q = Queue::new(QUEUE_SIZE).unwrap();
+    q.set_size(QUEUE_SIZE);
+    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
+    let (lo, hi) = split(mock.desc_table_addr());
+    q.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(mock.avail_addr());
+    q.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(GuestAddress(used));
+    q.set_used_ring_address(lo, hi);
+    q.set_ready(true);
+    q
+}
+
+#[test]
+fn config_from_options() {
+    let c = NetConfig::from_options(
+        "tap=tap0,mac=52:54:00:12:34:56,id=net0,bw=100M,ops=20000,mtu=9000",
+    )
+    .unwrap();
+    assert_eq!(c.tap, "tap0");
+    assert_eq!(c.mac.to_string(), "52:54:00:12:34:56");
+    assert_eq!(c.id.as_deref(), Some("net0"));
+    assert_eq!(c.bandwidth, Some(100 << 20));
+    assert_eq!(c.ops, Some(20000));
+    assert_eq!(c.mtu, Some(9000));
+
+    let c = NetConfig::from_options("tap1").unwrap();
+    assert_eq!(c.tap, "tap1");
+    assert!(c.mac.is_local() && c.mac.bytes()[0] & 1 == 0);
+    assert_eq!((c.bandwidth, c.ops, c.mtu, c.id), (None, None, None, None));
+
+    for (s, needle) in [
+        ("mac=52:54:00:12:34:56", "tap= is required"),
+        ("tap=tap0,mac=01:00:5e:00:00:01", "multicast"),
+        ("tap=tap0,mac=zz", "not a MAC address"),
+        ("tap=tap0,speed=10G", "unknown option \"speed\""),
+        ("tap=tap0,bw=fast", "bw=fast"),
+        ("tap=tap0,mtu=20", "68 to 65535"),
+        ("tap=a/b", "not a valid interface name"),
+        ("tap=averyveryverylongname", "not a valid interface name"),
+    ] {
+        let e = NetConfig::from_options(s).unwrap_err().to_string();
+        assert!(e.starts_with("--net: "), "{s}: {e}");
+        assert!(e.contains(needle), "{s}: {e}");
+    }
+}
+
+#[test]
+fn offloads_follow_guest_features() {
+    let f = |bits: &[u32]| bits.iter().fold(0u64, |a, b| a | bit(*b));
+    assert_eq!(tap_offload(0), 0);
+    // TSO without checksum offload is not a valid combination: nothing.
+    assert_eq!(tap_offload(f(&[vn::VIRTIO_NET_F_GUEST_TSO4])), 0);
+    assert_eq!(
+        tap_offload(f(&[vn::VIRTIO_NET_F_GUEST_CSUM])),
+        tap::offload::CSUM
+    );
+    assert_eq!(
+        tap_offload(f(&[
+            vn::VIRTIO_NET_F_GUEST_CSUM,
+            vn::VIRTIO_NET_F_GUEST_TSO4,
+            vn::VIRTIO_NET_F_GUEST_TSO6,
+            vn::VIRTIO_NET_F_GUEST_ECN,
+        ])),
+        tap::offload::CSUM | tap::offload::TSO4 | tap::offload::TSO6 | tap::offload::TSO_ECN
+    );
+    // ECN alone means nothing without TSO.
+    assert_eq!(
+        tap_offload(f(&[
+            vn::VIRTIO_NET_F_GUEST_CSUM,
+            vn::VIRTIO_NET_F_GUEST_ECN
+        ])),
+        tap::offload::CSUM
+    );
+}
+
+// ---- the namespace rig ----
+
+/// Run `f` on a thread in a new network namespace; skip (with a message)
+/// when namespaces cannot be created.
+fn in_netns(f: impl FnOnce() + Send + 'static) {
+    let t = std::thread::spawn(move || {
+        // SAFETY: unshare changes only this thread's namespaces.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let e = io::Error::last_os_error();
+            eprintln!(
+                "SKIPPED: cannot create a private network namespace ({e}); \
+                 the TAP tests need root (CAP_SYS_ADMIN)"
+            );
+            return;
+        }
+        f();
+    });
+    if let Err(p) = t.join() {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// Set the interface up (no IPv6 so the kernel sends nothing on its own).
+fn link_up(name: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    // SAFETY: plain socket call; result checked.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(s >= 0, "socket: {}", io::Error::last_os_error());
+    // SAFETY: s was just opened and is owned here.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    let mut ifr = tap::IfReqFlags::new(name);
+    // SAFETY: SIOC[GS]IFFLAGS read/write one ifreq.
+    unsafe {
+        assert_eq!(
+            libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr),
+            0
+        );
+        ifr.flags |= (libc::IFF_UP | libc::IFF_NOARP) as libc::c_short;
+        assert_eq!(
+            libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut ifr),
+            0,
+            "SIOCSIFFLAGS: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// An AF_PACKET socket on the TAP's host side.
+struct PacketSocket(OwnedFd);
+
+impl PacketSocket {
+    fn bind(name: &str) -> PacketSocket {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket call; result checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto as libc::c_int,
+            )
+        };
+        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+        // SAFETY: fd was just opened and is owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let cname = std::ffi::CString::new(name).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        assert_ne!(ifindex, 0);
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = proto;
+        sa.sll_ifindex = ifindex as i32;
+        // SAFETY: sa is a sockaddr_ll of the size given.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", io::Error::last_os_error());
+        // Room for a burst of frames (the default holds about 130 small
+        // ones); root may exceed rmem_max.
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt reads one int.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        PacketSocket(fd)
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: frame is a readable buffer of its length.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            io::Error::last_os_error()
+        );
+    }
+
+    /// The next incoming frame of our ethertype, or None after `timeout`.
+    fn recv(&self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 70000];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd on the stack.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } <= 0 {
+                return None;
+            }
+            // SAFETY: sockaddr_ll is plain data.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut salen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: buf and sa are writable buffers of the sizes given.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&mut sa as *mut libc::sockaddr_ll).cast(),
+                    &mut salen,
+                )
+            };
+            if n < 0 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if sa.sll_pkttype != libc::PACKET_OUTGOING
+                && f.len() >= 14
+                && f[12..14] == ETHERTYPE.to_be_bytes()
+            {
+                return Some(f.to_vec());
+            }
+        }
+    }
+}
+
+/// An Ethernet frame of `len` bytes in all, with a payload pattern from
+/// `seed`.
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    assert!(len >= 14);
+    let mut f = vec![0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x02, 0, 0, 0, 0, 1];
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend((0..len - 14).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f
+}
+
+#[derive(Default)]
+struct CountingInterrupt {
+    rx: AtomicU32,
+    tx: AtomicU32,
+}
+
+impl Interrupt for CountingInterrupt {
+    fn signal(&self, kind: InterruptKind) -> io::Result<()> {
+        match kind {
+            InterruptKind::Queue(RX_QUEUE) => self.rx.fetch_add(1, Ordering::SeqCst),
+            InterruptKind::Queue(_) => self.tx.fetch_add(1, Ordering::SeqCst),
+            InterruptKind::Config => 0,
+        };
+        Ok(())
+    }
+}
+
+/// One device on a TAP, its guest memory and queues.
+struct Rig<'a> {
+    mem: &'a GuestMemoryMmap,
+    rxq: MockSplitQueue<'a, GuestMemoryMmap>,
+    txq: MockSplitQueue<'a, GuestMemoryMmap>,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    rx_next_desc: u16,
+    tx_next_desc: u16,
+    net: Net,
+    irq: Arc<CountingInterrupt>,
+    pkt: PacketSocket,
+}
+
+/// In a fresh namespace: create the TAP, bring it up, build the device
+/// from `options` (the TAP name is added), activate it with `features`
+/// (VERSION_1 is added) and run `body`.
+fn with_rig(
+    options: &str,
+    features: u64,
+    body: impl for<'a> FnOnce(&mut Rig<'a>) + Send + 'static,
+) {
+    let options = options.to_string();
+    in_netns(move || {
+        let opts = if options.is_empty() {
+            format!("tap={TAP}")
+        } else {
+            format!("tap={TAP},{options}")
+        };
+        let config = NetConfig::from_options(&opts).unwrap();
+        let net = Net::new(config).unwrap();
+        link_up(TAP);
+        let pkt = PacketSocket::bind(TAP);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(RXQ_ADDR), QUEUE_SIZE);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(TXQ_ADDR), QUEUE_SIZE);
+        let mut rig = Rig {
+            mem: &mem,
+            rx_kick: EventFd::new(0).unwrap(),
+            tx_kick: EventFd::new(0).unwrap(),
+            rxq,
+            txq,
+            rx_next_desc: 0,
+            tx_next_desc: 0,
+            net,
+            irq: Arc::new(CountingInterrupt::default()),
+            pkt,
+        };
+        rig.activate(features);
+        body(&mut rig);
+        rig.net.reset();
+    });
+}
+
+impl Rig<'_> {
+    fn activate(&mut self, features: u64) {
+        // A fresh used ring for each activation (after a reset too).
+        for base in [RXQ_ADDR, TXQ_ADDR] {
+            self.mem
+                .write_slice(&[0u8; 0x806], GuestAddress(base + USED_OFFSET))
+                .unwrap();
+        }
+        self.rx_kick = EventFd::new(0).unwrap();
+        self.tx_kick = EventFd::new(0).unwrap();
+        let queues = vec![
+            ActiveQueue {
+                index: RX_QUEUE,
+                queue: queue_for(&self.rxq, RXQ_ADDR + USED_OFFSET),
+                notify: self.rx_kick.try_clone().unwrap(),
+            },
+            ActiveQueue {
+                index: TX_QUEUE,
+                queue: queue_for(&self.txq, TXQ_ADDR + USED_OFFSET),
+                notify: self.tx_kick.try_clone().unwrap(),
+            },
+        ];
+        self.net
+            .activate(Activation {
+                memory: self.mem.clone(),
+                queues,
+                interrupt: self.irq.clone(),
+                features: features | features::VERSION_1,
+            })
+            .unwrap();
+    }
+
+    /// Add one chain of (address, length, device-writable) buffers and
+    /// return its head index.
+    fn add_chain(&mut self, tx: bool, bufs: &[(u64, u32, bool)]) -> u16 {
+        let next = if tx {
+            &mut self.tx_next_desc
+        } else {
+            &mut self.rx_next_desc
+        };
+        let first = *next;
+        let descs: Vec<RawDescriptor> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let last = i + 1 == bufs.len();
+                let flags = (if w { VRING_DESC_F_WRITE } else { 0 })
+                    | (if last { 0 } else { VRING_DESC_F_NEXT });
+                RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    flags as u16,
+                    first + i as u16 + 1,
+                ))
+            })
+            .collect();
+        *next += bufs.len() as u16;
+        assert!(*next <= QUEUE_SIZE, "test ran out of descriptors");
+        let q = if tx { &self.txq } else { &self.rxq };
+        q.add_desc_chains(&descs, first).unwrap();
+        first
+    }
+
+    /// A transmit chain: header (readable) then the frame, in `split`
+    /// pieces.
+    fn add_tx_frame(&mut self, at: u64, hdr: [u8; 12], frame: &[u8]) -> u16 {
+        self.mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+        let data = at + 0x100;
+        self.mem.write_slice(frame, GuestAddress(data)).unwrap();
+        self.add_chain(true, &[(at, 12, false), (data, frame.len() as u32, false)])
+    }
+
+    fn kick_tx(&self) {
+        self.tx_kick.write(1).unwrap();
+    }
+
+    fn kick_rx(&self) {
+        self.rx_kick.write(1).unwrap();
+    }
+
+    fn used_ring(tx: bool) -> u64 {
+        if tx {
+            TXQ_ADDR + USED_OFFSET
+        } else {
+            RXQ_ADDR + USED_OFFSET
+        }
+    }
+
+    fn used_idx(&self, tx: bool) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(Self::used_ring(tx) + 2))
+            .unwrap()
+    }
+
+    /// Wait until the used ring has `n` entries.
+    fn wait_used(&self, tx: bool, n: u16) {
+        let deadline = Instant::now() + WAIT;
+        while self.used_idx(tx) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} used ring stuck at {} (want {n})",
+                if tx { "tx" } else { "rx" },
+                self.used_idx(tx)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// (id, len) of used entry `i`.
+    fn used(&self, tx: bool, i: u16) -> (u32, u32) {
+        let at = Self::used_ring(tx) + 4 + 8 * u64::from(i % QUEUE_SIZE);
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (id, len)
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn stats(&self) -> NetStats {
+        self.net.counters().snapshot()
+    }
+}
+
+const PLAIN_HDR: [u8; 12] = [0; 12];
+
+#[test]
+fn device_identity_features_and_config() {
+    with_rig("mac=52:54:00:aa:bb:cc,mtu=1400,id=n0", 0, |r| {
+        let net = &r.net;
+        assert_eq!(net.device_type(), device_type::NET);
+        assert_eq!(net.name(), "virtio-net n0");
+        assert_eq!(net.queue_max_sizes(), vec![256, 256]);
+        let f = net.features();
+        for b in [
+            vn::VIRTIO_NET_F_MAC,
+            vn::VIRTIO_NET_F_STATUS,
+            vn::VIRTIO_NET_F_MRG_RXBUF,
+            vn::VIRTIO_NET_F_CSUM,
+            vn::VIRTIO_NET_F_GUEST_CSUM,
+            vn::VIRTIO_NET_F_GUEST_TSO4,
+            vn::VIRTIO_NET_F_GUEST_TSO6,
+            vn::VIRTIO_NET_F_HOST_TSO4,
+            vn::VIRTIO_NET_F_HOST_TSO6,
+            vn::VIRTIO_NET_F_MTU,
+        ] {
+            assert_ne!(f & bit(b), 0, "feature bit {b} not offered");
+        }
+        assert_ne!(f & features::VERSION_1, 0);
+        assert_ne!(f & features::RING_EVENT_IDX, 0);
+        assert_eq!(f & bit(vn::VIRTIO_NET_F_CTRL_VQ), 0);
+        assert_eq!(f & bit(vn::VIRTIO_NET_F_MQ), 0);
+        let mut c = [0u8; 12];
+        net.read_config(0, &mut c);
+        assert_eq!(&c[0..6], &[0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(
+            u16::from_le_bytes([c[6], c[7]]),
+            vn::VIRTIO_NET_S_LINK_UP as u16
+        );
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1400);
+        let mut s = [0xffu8; 2];
+        net.read_config(6, &mut s);
+        assert_eq!(s, [1, 0]);
+        net.read_config(40, &mut s);
+        assert_eq!(s, [0, 0]);
+    });
+}
+
+#[test]
+fn tx_frames_reach_the_tap_and_reset_keeps_it_open() {
+    with_rig("", 0, |r| {
+        let f1 = frame(60, 1);
+        let head = r.add_tx_frame(TX_BUFS, PLAIN_HDR, &f1);
+        r.kick_tx();
+        r.wait_used(true, 1);
+        assert_eq!(r.used(true, 0), (head as u32, 0));
+        assert_eq!(r.pkt.recv(WAIT).as_deref(), Some(&f1[..]));
+        assert!(r.irq.tx.load(Ordering::SeqCst) >= 1, "no tx interrupt");
+
+        // A larger frame in three pieces, the header split across two.
+        let f2 = frame(1500, 2);
+        r.mem
+            .write_slice(&f2, GuestAddress(TX_BUFS + 0x2000))
+            .unwrap();
+        r.add_chain(
+            true,
+            &[
+                (TX_BUFS + 0x1000, 5, false),
+                (TX_BUFS + 0x1005, 7, false),
+                (TX_BUFS + 0x2000, 700, false),
+                (TX_BUFS + 0x2000 + 700, 800, false),
+            ],
+        );
+        r.mem
+            .write_slice(&[0u8; 12], GuestAddress(TX_BUFS + 0x1000))
+            .unwrap();
+        r.kick_tx();
+        r.wait_used(true, 2);
+        assert_eq!(r.pkt.recv(WAIT).as_deref(), Some(&f2[..]));
+        let s = r.stats();
+        assert_eq!((s.tx_packets, s.tx_bytes, s.tx_dropped), (2, 1560, 0));
+
+        // The driver resets and sets the device up again: same TAP.
+        r.net.reset();
+        r.txq = MockSplitQueue::create(r.mem, GuestAddress(TXQ_ADDR), QUEUE_SIZE);
+        r.rxq = MockSplitQueue::create(r.mem, GuestAddress(RXQ_ADDR), QUEUE_SIZE);
+        r.tx_next_desc = 0;
+        r.rx_next_desc = 0;
+        r.activate(0);
+        let f3 = frame(100, 3);
+        r.add_tx_frame(TX_BUFS, PLAIN_HDR, &f3);
+        r.kick_tx();
+        r.wait_used(true, 1);
+        assert_eq!(r.pkt.recv(WAIT).as_deref(), Some(&f3[..]));
+    });
+}
+
+#[test]
+fn tso_frame_passes_to_the_tap_whole() {
+    // HOST_TSO4: the guest hands one 3000-byte TCP segment; the TAP takes
+    // it as one GSO packet (the host stack segments it later, if at all).
+    with_rig("", 0, |r| {
+        let payload = 3000usize;
+        let mut f = vec![
+            0x02, 0, 0, 0, 0, 2, 0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x08, 0x00,
+        ];
+        let ip_len = (20 + 20 + payload) as u16;
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+        let sum = ip
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum::<u32>();
+        let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        f.extend_from_slice(&ip);
+        let tcp = [
+            0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0,
+        ];
+        f.extend_from_slice(&tcp);
+        f.extend((0..payload).map(|i| i as u8));
+        let mut hdr = [0u8; 12];
+        hdr[0] = vn::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+        hdr[1] = vn::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+        hdr[2..4].copy_from_slice(&54u16.to_le_bytes()); // hdr_len
+        hdr[4..6].copy_from_slice(&1448u16.to_le_bytes()); // gso_size
+        hdr[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        hdr[8..10].copy_from_slice(&16u16.to_le_bytes()); // csum_offset
+                                                          // An AF_PACKET socket for IPv4 frames (ours filters ETHERTYPE).
+        let ip_sock = PacketSocket::bind(TAP);
+        r.add_tx_frame(TX_BUFS, hdr, &f);
+        r.kick_tx();
+        r.wait_used(true, 1);
+        assert_eq!(r.stats().tx_packets, 1, "{:?}", r.stats());
+        // Read raw frames until ours (IPv4 to 10.0.0.2) shows up.
+        let deadline = Instant::now() + WAIT;
+        let mut buf = vec![0u8; 70000];
+        loop {
+            assert!(Instant::now() < deadline, "GSO frame never reached the TAP");
+            // SAFETY: buf is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    ip_sock.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n <= 0 {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let g = &buf[..n as usize];
+            if g.len() > 34 && g[12..14] == [8, 0] && g[30..34] == [10, 0, 0, 2] {
+                assert_eq!(g.len(), f.len(), "the segment arrived cut or split");
+                assert_eq!(&g[54..], &f[54..]);
+                break;
+            }
+        }
+    });
+}
+
+#[test]
+fn rx_frame_lands_in_guest_buffer_with_header() {
+    with_rig("", 0, |r| {
+        // Header and data in separate descriptors, memory pre-filled.
+        r.mem
+            .write_slice(&[0xaa; 4096], GuestAddress(RX_BUFS))
+            .unwrap();
+        let head = r.add_chain(false, &[(RX_BUFS, 12, true), (RX_BUFS + 0x100, 2048, true)]);
+        r.kick_rx();
+        let f = frame(1000, 9);
+        r.pkt.send(&f);
+        r.wait_used(false, 1);
+        assert_eq!(r.used(false, 0), (head as u32, 1012));
+        let hdr = r.read(RX_BUFS, 12);
+        assert_eq!(hdr[0], 0, "flags without GUEST_CSUM");
+        assert_eq!(hdr[1], vn::VIRTIO_NET_HDR_GSO_NONE as u8);
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
+        assert_eq!(r.read(RX_BUFS + 0x100, 1000), f);
+        // Nothing written past the frame.
+        assert_eq!(r.read(RX_BUFS + 0x100 + 1000, 16), vec![0xaa; 16]);
+        let s = r.stats();
+        assert_eq!((s.rx_packets, s.rx_bytes, s.rx_dropped), (1, 1000, 0));
+        assert!(r.irq.rx.load(Ordering::SeqCst) >= 1, "no rx interrupt");
+    });
+}
+
+#[test]
+fn rx_mergeable_buffers_spread_one_frame() {
+    let feat = bit(vn::VIRTIO_NET_F_MRG_RXBUF) | features::RING_EVENT_IDX;
+    with_rig("", feat, |r| {
+        let buf = |i: u64| RX_BUFS + i * 0x1000;
+        // Two 256-byte buffers hold 512 of the 1012 bytes: the frame waits
+        // for more.
+        let mut heads: Vec<u16> = (0..2)
+            .map(|i| r.add_chain(false, &[(buf(i), 256, true)]))
+            .collect();
+        r.kick_rx();
+        let f = frame(1000, 4);
+        r.pkt.send(&f);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(r.used_idx(false), 0, "frame delivered into too few buffers");
+        heads.extend((2..6).map(|i| r.add_chain(false, &[(buf(i), 256, true)])));
+        r.kick_rx();
+        r.wait_used(false, 4);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            r.used_idx(false),
+            4,
+            "1012 bytes need exactly 4 buffers of 256"
+        );
+        let mut got = Vec::new();
+        for (i, want_len) in [256u32, 256, 256, 244].into_iter().enumerate() {
+            let (id, len) = r.used(false, i as u16);
+            assert_eq!((id, len), (heads[i] as u32, want_len));
+            got.extend(r.read(buf(i as u64), len as usize));
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 4, "num_buffers");
+        assert_eq!(&got[12..], &f[..]);
+
+        // Plenty of buffers (40 x 2 KiB more); the two 256-byte ones left
+        // from above come first: 1412 bytes = 256 + 256 + 900.
+        let heads2: Vec<u16> = (0..40)
+            .map(|i| r.add_chain(false, &[(buf(0x100 + i), 2048, true)]))
+            .collect();
+        r.kick_rx();
+        std::thread::sleep(Duration::from_millis(50));
+        let f2 = frame(1400, 5);
+        r.pkt.send(&f2);
+        r.wait_used(false, 7);
+        let lens: Vec<(u32, u32)> = (4..7).map(|i| r.used(false, i)).collect();
+        assert_eq!(
+            lens,
+            vec![
+                (heads[4] as u32, 256),
+                (heads[5] as u32, 256),
+                (heads2[0] as u32, 900)
+            ]
+        );
+        let mut got = r.read(buf(4), 256);
+        got.extend(r.read(buf(5), 256));
+        got.extend(r.read(buf(0x100), 900));
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3);
+        assert_eq!(&got[12..], &f2[..]);
+        // The next frame starts in the next buffer.
+        let f3 = frame(100, 6);
+        r.pkt.send(&f3);
+        r.wait_used(false, 8);
+        assert_eq!(r.used(false, 7), (heads2[1] as u32, 112));
+        assert_eq!(r.read(buf(0x101) + 12, 100), f3);
+        let s = r.stats();
+        assert_eq!((s.rx_packets, s.rx_bytes, s.rx_dropped), (3, 2500, 0));
+    });
+}
+
+#[test]
+fn rx_frame_waits_for_buffers() {
+    for feat in [0, bit(vn::VIRTIO_NET_F_MRG_RXBUF)] {
+        with_rig("", feat, |r| {
+            let f = frame(500, 6);
+            r.pkt.send(&f);
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(r.used_idx(false), 0);
+            assert_eq!(r.stats().rx_dropped, 0);
+            let head = r.add_chain(false, &[(RX_BUFS, 2048, true)]);
+            r.kick_rx();
+            r.wait_used(false, 1);
+            assert_eq!(r.used(false, 0), (head as u32, 512));
+            assert_eq!(r.read(RX_BUFS + 12, 500), f);
+            // And the next frame finds the next buffer.
+            let f2 = frame(64, 7);
+            r.add_chain(false, &[(RX_BUFS + 0x1000, 2048, true)]);
+            r.kick_rx();
+            r.pkt.send(&f2);
+            r.wait_used(false, 2);
+            assert_eq!(r.read(RX_BUFS + 0x1000 + 12, 64), f2);
+        });
+    }
+}
+
+#[test]
+fn rx_frame_too_big_without_mergeable_is_dropped_and_buffer_reused() {
+    with_rig("", 0, |r| {
+        let head = r.add_chain(false, &[(RX_BUFS, 200, true)]);
+        r.kick_rx();
+        r.pkt.send(&frame(1000, 8));
+        let deadline = Instant::now() + WAIT;
+        while r.stats().rx_dropped == 0 {
+            assert!(Instant::now() < deadline, "oversize frame not dropped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(r.used_idx(false), 0);
+        let small = frame(100, 9);
+        r.pkt.send(&small);
+        r.wait_used(false, 1);
+        assert_eq!(r.used(false, 0), (head as u32, 112));
+        assert_eq!(r.read(RX_BUFS + 12, 100), small);
+        let s = r.stats();
+        assert_eq!((s.rx_packets, s.rx_dropped), (1, 1));
+    });
+}
+
+#[test]
+fn hostile_tx_chains_are_dropped_without_harm() {
+    with_rig("", 0, |r| {
+        let good = frame(80, 10);
+        r.mem
+            .write_slice(&good, GuestAddress(TX_BUFS + 0x100))
+            .unwrap();
+        let chains: Vec<Vec<(u64, u32, bool)>> = vec![
+            // Too short: 8 bytes.
+            vec![(TX_BUFS, 8, false)],
+            // Header only.
+            vec![(TX_BUFS, 12, false)],
+            // Too long: 2 x 40000.
+            vec![(TX_BUFS, 40000, false), (TX_BUFS + 40000, 40000, false)],
+            // A writable descriptor.
+            vec![(TX_BUFS, 12, false), (TX_BUFS + 0x100, 80, true)],
+            // Outside guest memory.
+            vec![(TX_BUFS, 12, false), (0xffff_0000_0000, 80, false)],
+            // Straddling the end of guest memory.
+            vec![(TX_BUFS, 12, false), (MEM_SIZE as u64 - 40, 80, false)],
+            // Length that wraps the address space.
+            vec![(TX_BUFS, 12, false), (u64::MAX - 10, 80, false)],
+        ];
+        let bad = chains.len() as u16;
+        let heads: Vec<u16> = chains.iter().map(|c| r.add_chain(true, c)).collect();
+        r.add_tx_frame(TX_BUFS + 0x8000, PLAIN_HDR, &good);
+        r.kick_tx();
+        r.wait_used(true, bad + 1);
+        for (i, h) in heads.iter().enumerate() {
+            assert_eq!(r.used(true, i as u16), (*h as u32, 0));
+        }
+        // The good frame behind them still goes out, and only it.
+        let _ = r
+            .mem
+            .write_slice(&[0u8; 12], GuestAddress(TX_BUFS + 0x8000));
+        let got = r.pkt.recv(WAIT);
+        assert_eq!(got.as_deref(), Some(&good[..]));
+        assert_eq!(r.pkt.recv(Duration::from_millis(100)), None);
+        let s = r.stats();
+        assert_eq!((s.tx_packets, s.tx_dropped), (1, bad as u64));
+    });
+}
+
+#[test]
+fn hostile_rx_chains_are_returned_unused() {
+    with_rig("", bit(vn::VIRTIO_NET_F_MRG_RXBUF), |r| {
+        let bad = [
+            // Device-readable.
+            r.add_chain(false, &[(RX_BUFS, 2048, false)]),
+            // Smaller than the header.
+            r.add_chain(false, &[(RX_BUFS, 4, true), (RX_BUFS + 8, 4, true)]),
+            // Outside guest memory.
+            r.add_chain(false, &[(0xffff_0000_0000, 2048, true)]),
+        ];
+        let good = r.add_chain(false, &[(RX_BUFS + 0x1000, 2048, true)]);
+        r.kick_rx();
+        let f = frame(300, 11);
+        r.pkt.send(&f);
+        r.wait_used(false, 4);
+        for (i, h) in bad.iter().enumerate() {
+            assert_eq!(r.used(false, i as u16), (*h as u32, 0));
+        }
+        assert_eq!(r.used(false, 3), (good as u32, 312));
+        assert_eq!(r.read(RX_BUFS + 0x1000 + 12, 300), f);
+    });
+}
+
+#[test]
+fn tx_rate_limit_delays_but_does_not_drop() {
+    // 5 frames a second, burst 5: frames 6..8 wait ~0.6 s in all.
+    with_rig("ops=5", 0, |r| {
+        let start = Instant::now();
+        for i in 0..8u64 {
+            r.add_tx_frame(TX_BUFS + i * 0x1000, PLAIN_HDR, &frame(60, i as u8));
+        }
+        r.kick_tx();
+        r.wait_used(true, 5);
+        r.wait_used(true, 8);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(400), "not limited: {took:?}");
+        for i in 0..8u8 {
+            assert_eq!(r.pkt.recv(WAIT), Some(frame(60, i)), "frame {i}");
+        }
+        assert_eq!(r.stats().tx_dropped, 0);
+    });
+}
+
+#[test]
+fn rx_rate_limit_delays_but_does_not_drop() {
+    with_rig("ops=5", 0, |r| {
+        for i in 0..8u64 {
+            r.add_chain(false, &[(RX_BUFS + i * 0x1000, 2048, true)]);
+        }
+        r.kick_rx();
+        let start = Instant::now();
+        for i in 0..8u8 {
+            r.pkt.send(&frame(60, i));
+        }
+        r.wait_used(false, 8);
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(400), "not limited: {took:?}");
+        for i in 0..8u8 {
+            assert_eq!(r.read(RX_BUFS + i as u64 * 0x1000 + 12, 60), frame(60, i));
+        }
+        assert_eq!(r.stats().rx_dropped, 0);
+    });
+}
+
+#[test]
+fn offloads_are_accepted_by_the_tap() {
+    let feat = bit(vn::VIRTIO_NET_F_GUEST_CSUM)
+        | bit(vn::VIRTIO_NET_F_GUEST_TSO4)
+        | bit(vn::VIRTIO_NET_F_GUEST_TSO6)
+        | bit(vn::VIRTIO_NET_F_GUEST_ECN)
+        | bit(vn::VIRTIO_NET_F_MRG_RXBUF);
+    // Activation sets TUNSETOFFLOAD; it fails the activation if refused.
+    with_rig("", feat, |r| {
+        r.add_chain(false, &[(RX_BUFS, 4096, true)]);
+        r.kick_rx();
+        let f = frame(64, 12);
+        r.pkt.send(&f);
+        r.wait_used(false, 1);
+        assert_eq!(r.read(RX_BUFS + 12, 64), f);
+    });
+}
+
+#[test]
+fn missing_queue_is_refused() {
+    in_netns(|| {
+        let mut net = Net::new(NetConfig::new(TAP)).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let e = net
+            .activate(Activation {
+                memory: mem.clone(),
+                queues: vec![ActiveQueue {
+                    index: RX_QUEUE,
+                    queue: q.create_queue().unwrap(),
+                    notify: EventFd::new(0).unwrap(),
+                }],
+                interrupt: Arc::new(CountingInterrupt::default()),
+                features: features::VERSION_1,
+            })
+            .unwrap_err();
+        assert!(
+            matches!(e, ActivateError::MissingQueues { need: 2, got: 1 }),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn tap_open_errors_name_the_device() {
+    in_netns(|| {
+        let _held = Tap::open(TAP).unwrap();
+        // A second reader on a single-queue TAP is refused by name.
+        let e = Tap::open(TAP).unwrap_err().to_string();
+        assert!(e.contains(TAP) && e.contains("in use"), "{e}");
+    });
+}
+
+#[test]
+fn bursts_longer_than_the_budget_complete_both_ways() {
+    with_rig("", features::RING_EVENT_IDX, |r| {
+        // 150 one-descriptor transmit chains (header and frame together)
+        // with one kick: the worker yields after BUDGET and comes back.
+        let n_tx = 150u16;
+        for i in 0..n_tx as u64 {
+            let at = TX_BUFS + i * 0x200;
+            r.mem.write_slice(&PLAIN_HDR, GuestAddress(at)).unwrap();
+            r.mem
+                .write_slice(&frame(60, i as u8), GuestAddress(at + 12))
+                .unwrap();
+            r.add_chain(true, &[(at, 72, false)]);
+        }
+        // 100 receive buffers, and 100 frames into the TAP.
+        let n_rx = 100u16;
+        for i in 0..n_rx as u64 {
+            r.add_chain(false, &[(RX_BUFS + i * 0x800, 2048, true)]);
+        }
+        r.kick_rx();
+        r.kick_tx();
+        for i in 0..n_rx {
+            r.pkt.send(&frame(60, i as u8));
+        }
+        r.wait_used(true, n_tx);
+        r.wait_used(false, n_rx);
+        for i in 0..n_tx {
+            assert_eq!(r.pkt.recv(WAIT), Some(frame(60, i as u8)), "tx frame {i}");
+        }
+        for i in 0..n_rx {
+            assert_eq!(
+                r.read(RX_BUFS + i as u64 * 0x800 + 12, 60),
+                frame(60, i as u8),
+                "rx frame {i}"
+            );
+        }
+        let s = r.stats();
+        assert_eq!((s.tx_packets, s.rx_packets), (n_tx as u64, n_rx as u64));
+        assert_eq!((s.tx_dropped, s.rx_dropped), (0, 0));
+    });
+}
