@@ -100,6 +100,17 @@ pub trait Vm: Send + Sync {
     /// `data` as the guest programmed them into the device (x86: address
     /// 0xFEEx_xxxx names the destination APIC, data the vector and mode).
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+    /// Have guest writes (any size, any value) to MMIO address `addr`
+    /// signal `evt` inside the hypervisor, without a vCPU exit to the VMM.
+    /// Returns false when the backend has no such fast path; the write then
+    /// arrives as an ordinary MMIO exit.
+    fn register_mmio_event(&self, _addr: u64, _evt: &EventFd) -> Result<bool> {
+        Ok(false)
+    }
+    /// Undo [`Vm::register_mmio_event`].
+    fn unregister_mmio_event(&self, _addr: u64, _evt: &EventFd) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An interrupt line a device can pulse.

@@ -105,6 +105,13 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
 
+    /// A virtio-net device on a TAP (repeatable):
+    /// `tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,bw=100M][,ops=20000]`.
+    /// The TAP is opened or created (that needs CAP_NET_ADMIN, or a TAP made
+    /// for your user with `ip tuntap add NAME mode tap user $USER`).
+    #[arg(long, value_name = "OPTS")]
+    pub net: Vec<String>,
+
     /// A virtio-vsock device: `cid=N,socket=PATH`. A guest connection to
     /// host port P goes to the Unix socket PATH_P; a host program connects
     /// to PATH and writes `CONNECT P` to reach guest port P.

@@ -181,7 +181,10 @@ mod tests {
         );
         assert_eq!(Command::parse("balloon -1"), None);
         let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));
-        assert_eq!(r, r#"{"balloon":{"actual_mib":3},"ok":true,"state":"running"}"#);
+        assert_eq!(
+            r,
+            r#"{"balloon":{"actual_mib":3},"ok":true,"state":"running"}"#
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use vireo_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
 use vireo_devices::virtio::console::{Console, ConsoleConfig, ConsoleInput};
+use vireo_devices::virtio::net::{Net, NetConfig};
 use vireo_devices::virtio::rng::{Rng, RngConfig};
 use vireo_devices::virtio::vsock::{Vsock, VsockConfig};
 use vireo_devices::virtio::VirtioDevice;
@@ -25,6 +26,12 @@ pub struct Attached {
 /// opened), then open and attach the devices in flag order.
 pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure> {
     let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
+    let nets = args
+        .net
+        .iter()
+        .map(|s| NetConfig::from_options(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(usage)?;
     let vsock = args
         .vsock
         .as_deref()
@@ -65,6 +72,13 @@ pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure
             .map_err(|e| Failure::Vm(format!("--virtio-console: {e}")))?;
         attached.virtio_console = Some(c.input());
         devices.push(Box::new(c));
+    }
+    for cfg in nets {
+        let tap = cfg.tap.clone();
+        let mac = cfg.mac;
+        let n = Net::new(cfg).map_err(|e| Failure::Usage(format!("--net tap={tap}: {e}")))?;
+        tracing::info!("--net: {tap}, guest MAC {mac}");
+        devices.push(Box::new(n));
     }
     if let Some(cfg) = rng {
         devices.push(Box::new(Rng::new(cfg)));

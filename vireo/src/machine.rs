@@ -6,8 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use vireo_devices::legacy::{acpi_pm, AcpiPm, Cmos, ResetControl, Serial, SerialInput, I8042};
 use vireo_devices::pci::bus::SharedPciBus;
-use vireo_devices::pci::msix::HypervisorMsi;
-use vireo_devices::pci::{HostBridge, PciBus, PciConfigIo, PciMmioWindow};
+use vireo_devices::pci::{HostBridge, HypervisorLink, PciBus, PciConfigIo, PciMmioWindow};
 use vireo_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use vireo_devices::virtio::VirtioDevice;
 use vireo_hypervisor::Hypervisor;
@@ -51,13 +50,15 @@ impl Machine {
         let bar = bus.allocate_bar(BAR_SIZE).map_err(pci_err)?;
         let gsi = ports::PCI_INTX_GSI_BASE + u32::from(slot) % ports::PCI_INTX_GSIS;
         let intx = self.vm.level_interrupt_line(gsi)?;
-        let dev = VirtioPciDevice::new(
+        let link = Arc::new(HypervisorLink(self.vm.hypervisor_vm()));
+        let mut dev = VirtioPciDevice::new(
             device,
             self.vm.memory().clone(),
             bar,
-            Arc::new(HypervisorMsi(self.vm.hypervisor_vm())),
+            link.clone(),
             Some((intx, gsi as u8)),
         )?;
+        dev.set_ioevent_registrar(link);
         tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}, INTx GSI {gsi}");
         bus.insert(slot, Arc::new(Mutex::new(dev)))
             .map_err(pci_err)?;

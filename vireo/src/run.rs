@@ -16,11 +16,11 @@ use crate::cli::{Accel, RunArgs};
 use crate::console::{self, RawTerminal, StdoutWriter};
 use crate::control_socket::{self, Command, ControlSocket};
 use crate::devices;
-use vireo_devices::virtio::balloon::BalloonHandle;
 use crate::image::GuestKit;
 use crate::machine::{self, PowerButton};
 use crate::signals;
 use crate::Failure;
+use vireo_devices::virtio::balloon::BalloonHandle;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
 

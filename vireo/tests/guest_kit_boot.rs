@@ -13,7 +13,6 @@ mod support;
 
 use std::time::Duration;
 
-
 #[test]
 fn guest_kit_boots_runs_a_command_and_powers_off() {
     if let Some(why) = support::kit::skip_reason() {

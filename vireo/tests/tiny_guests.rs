@@ -617,4 +617,3 @@ fn acpi_power_button_reaches_the_guest_as_an_sci() {
     let status = vm.wait("the guest to power off");
     assert_eq!(status.code(), Some(0), "{}", vm.output());
 }
-

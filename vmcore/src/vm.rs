@@ -379,6 +379,60 @@ mod tests {
         let _ = std::fs::remove_file(kernel);
     }
 
+    /// A guest write to an address registered as an MMIO event signals the
+    /// eventfd inside KVM and never reaches the MMIO bus.
+    #[test]
+    fn mmio_events_signal_without_an_exit_on_kvm() {
+        let Some(kvm) = kvm() else { return };
+        // mov eax, 0xd0003000; mov word [rax], 1; jmp $
+        let code = [
+            0xb8, 0x00, 0x30, 0x00, 0xd0, 0x66, 0xc7, 0x00, 0x01, 0x00, 0xeb, 0xfe,
+        ];
+        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
+        let kernel = std::env::temp_dir().join(format!("vireo-ioevent-{}.elf", std::process::id()));
+        std::fs::write(&kernel, image).unwrap();
+        let cfg = VmConfig {
+            vcpus: 1,
+            memory_mib: 32,
+            boot: BootSpec {
+                kernel: kernel.clone(),
+                initrd: None,
+                cmdline: String::new(),
+                vcpus: 1,
+            },
+        };
+        let mut vm = Vm::new(&kvm, &cfg).unwrap();
+        let exits = Arc::new(AtomicU64::new(0));
+        vm.add_mmio_device(
+            0xd000_0000,
+            0x1_0000,
+            Arc::new(Mutex::new(Counter(exits.clone()))),
+        )
+        .unwrap();
+        let evt = vireo_hypervisor::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        assert!(vm
+            .hypervisor_vm()
+            .register_mmio_event(0xd000_3000, &evt)
+            .unwrap());
+        let running = vm.start().unwrap();
+        let mut signalled = false;
+        for _ in 0..2000 {
+            if evt.read().is_ok() {
+                signalled = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(running.stop(), ExitReason::Stopped);
+        let _ = std::fs::remove_file(kernel);
+        assert!(signalled, "the eventfd was not signalled");
+        assert_eq!(
+            exits.load(Ordering::SeqCst),
+            0,
+            "the write reached the MMIO bus"
+        );
+    }
+
     #[test]
     fn bad_vcpu_and_memory_values_are_user_errors() {
         let Some(kvm) = kvm() else { return };

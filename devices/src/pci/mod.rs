@@ -8,8 +8,49 @@ pub mod bus;
 pub mod config;
 pub mod msix;
 
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
 pub use bus::{PciBus, PciConfigIo, PciMmioWindow};
 pub use config::{ClassCode, PciConfig, PciIdentity};
+use msix::MsiSender;
+
+/// Lets a device have the hypervisor signal an eventfd on guest writes to
+/// an MMIO address (KVM ioeventfd), so a queue notification costs no exit
+/// to the VMM.
+pub trait IoEventRegistrar: Send + Sync {
+    /// False when the backend has no such path (writes then arrive as
+    /// MMIO accesses).
+    fn register(&self, addr: u64, evt: &EventFd) -> std::io::Result<bool>;
+    fn unregister(&self, addr: u64, evt: &EventFd) -> std::io::Result<()>;
+}
+
+/// The hypervisor's VM as the MSI sender and ioeventfd registrar of PCI
+/// devices.
+pub struct HypervisorLink(pub Arc<dyn vireo_hypervisor::Vm>);
+
+impl MsiSender for HypervisorLink {
+    fn send_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
+        self.0
+            .signal_msi(address, data)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+impl IoEventRegistrar for HypervisorLink {
+    fn register(&self, addr: u64, evt: &EventFd) -> std::io::Result<bool> {
+        self.0
+            .register_mmio_event(addr, evt)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn unregister(&self, addr: u64, evt: &EventFd) -> std::io::Result<()> {
+        self.0
+            .unregister_mmio_event(addr, evt)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
 
 /// A PCI function.
 pub trait PciDevice: Send {

@@ -19,17 +19,6 @@ pub trait MsiSender: Send + Sync {
     fn send_msi(&self, address: u64, data: u32) -> std::io::Result<()>;
 }
 
-/// An `Arc<dyn Vm>` as an MSI sender.
-pub struct HypervisorMsi(pub Arc<dyn vireo_hypervisor::Vm>);
-
-impl MsiSender for HypervisorMsi {
-    fn send_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
-        self.0
-            .signal_msi(address, data)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Entry {
     address: u64,

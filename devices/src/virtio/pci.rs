@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{features, Activation, ActiveQueue, Interrupt, InterruptKind, VirtioDevice};
 use crate::pci::config::{ClassCode, PciConfig, PciIdentity, COMMAND, COMMAND_INTX_DISABLE};
 use crate::pci::msix::{MsiSender, Msix};
-use crate::pci::PciDevice;
+use crate::pci::{IoEventRegistrar, PciDevice};
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
 /// Modern devices are 0x1040 + the virtio device id.
@@ -155,6 +155,9 @@ pub struct VirtioPciDevice {
     status: u8,
     config_generation: u8,
     active: bool,
+    ioevents: Option<Arc<dyn IoEventRegistrar>>,
+    /// BAR 0 base the notify eventfds are registered at.
+    ioevents_at: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +286,56 @@ impl VirtioPciDevice {
             status: 0,
             config_generation: 0,
             active: false,
+            ioevents: None,
+            ioevents_at: None,
         })
+    }
+
+    /// Let the hypervisor signal the queue-notify eventfds itself (KVM
+    /// ioeventfd) wherever the guest puts BAR 0.
+    pub fn set_ioevent_registrar(&mut self, registrar: Arc<dyn IoEventRegistrar>) {
+        self.ioevents = Some(registrar);
+        self.update_ioevents();
+    }
+
+    /// Follow BAR 0 (and memory decoding) with the ioeventfd registrations.
+    fn update_ioevents(&mut self) {
+        let Some(reg) = self.ioevents.clone() else {
+            return;
+        };
+        let now = self.config.bar_range(0).map(|(base, _)| base);
+        if now == self.ioevents_at {
+            return;
+        }
+        if let Some(old) = self.ioevents_at.take() {
+            for (q, slot) in self.queues.iter().enumerate() {
+                let addr = old + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_MULTIPLIER);
+                if let Err(e) = reg.unregister(addr, &slot.notify) {
+                    tracing::warn!("{}: ioeventfd at {addr:#x}: {e}", self.device.name());
+                }
+            }
+        }
+        let Some(base) = now else {
+            return;
+        };
+        for (q, slot) in self.queues.iter().enumerate() {
+            let addr = base + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_MULTIPLIER);
+            match reg.register(addr, &slot.notify) {
+                Ok(true) => {}
+                Ok(false) => {
+                    // No fast path on this backend: notifications come as MMIO.
+                    self.ioevents = None;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: ioeventfd at {addr:#x}: {e}; notifications take the slow path",
+                        self.device.name()
+                    );
+                }
+            }
+        }
+        self.ioevents_at = Some(base);
     }
 
     pub fn name(&self) -> String {
@@ -634,6 +686,7 @@ impl PciDevice for VirtioPciDevice {
             let control = u16::from_le_bytes([c[ctl_off], c[ctl_off + 1]]);
             lock(&self.interrupts.msix).set_control(control);
         }
+        self.update_ioevents();
         if offset <= COMMAND as u64 + 1 && end > COMMAND as u64 {
             // INTx disable drops the line.
             if self.config.command() & COMMAND_INTX_DISABLE != 0 {

@@ -12,7 +12,7 @@ use kvm_bindings::{
     KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
@@ -204,6 +204,21 @@ impl Vm for KvmVm {
             vm: Arc::clone(&self.fd),
             gsi,
         }))
+    }
+
+    fn register_mmio_event(&self, addr: u64, evt: &EventFd) -> Result<bool> {
+        // No datamatch: a zero-length MMIO ioeventfd (KVM's fast MMIO path)
+        // matches writes of any size.
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| HypervisorError::ioctl("KVM_IOEVENTFD", e))?;
+        Ok(true)
+    }
+
+    fn unregister_mmio_event(&self, addr: u64, evt: &EventFd) -> Result<()> {
+        self.fd
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| HypervisorError::ioctl("KVM_IOEVENTFD deassign", e))
     }
 
     fn signal_msi(&self, address: u64, data: u32) -> Result<()> {

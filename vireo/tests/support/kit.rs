@@ -48,4 +48,3 @@ pub fn guest_kit() -> PathBuf {
     }
     dir
 }
-

@@ -310,3 +310,47 @@ fn bar_moves_with_the_guest_and_hostile_accesses_are_harmless() {
     r.w(0x20, 0x1234, 8);
     let _ = r.dev.queues[0].queue.size();
 }
+
+#[derive(Default)]
+struct Registrations(Mutex<Vec<(bool, u64)>>);
+impl crate::pci::IoEventRegistrar for Registrations {
+    fn register(&self, addr: u64, _: &EventFd) -> std::io::Result<bool> {
+        self.0.lock().unwrap().push((true, addr));
+        Ok(true)
+    }
+    fn unregister(&self, addr: u64, _: &EventFd) -> std::io::Result<()> {
+        self.0.lock().unwrap().push((false, addr));
+        Ok(())
+    }
+}
+
+#[test]
+fn notify_ioeventfds_follow_bar_0() {
+    let mut r = rig();
+    let reg = Arc::new(Registrations::default());
+    r.dev.set_ioevent_registrar(reg.clone());
+    assert!(
+        reg.0.lock().unwrap().is_empty(),
+        "decoding off: nothing yet"
+    );
+    r.dev
+        .config_write(COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
+    assert_eq!(
+        *reg.0.lock().unwrap(),
+        vec![(true, 0xc000_3000), (true, 0xc000_3004)]
+    );
+    r.dev
+        .config_write(BAR0 as u64, &0xd000_0000u32.to_le_bytes());
+    assert_eq!(
+        reg.0.lock().unwrap()[2..],
+        [
+            (false, 0xc000_3000),
+            (false, 0xc000_3004),
+            (true, 0xd000_3000),
+            (true, 0xd000_3004)
+        ]
+    );
+    // Sizing the BAR moves it to 0xffff8000 for a moment: registrations follow.
+    r.dev.config_write(COMMAND as u64, &0u16.to_le_bytes());
+    assert_eq!(reg.0.lock().unwrap().len(), 8, "decoding off: unregistered");
+}
