@@ -13,6 +13,7 @@
 //! request with the virtio error status (or marks itself as needing a
 //! reset), logging one line — it never panics on guest input.
 
+pub mod block;
 pub mod worker;
 
 use std::sync::Arc;
