@@ -18,13 +18,13 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vireo_block::{DiskImage, Format, OpenOptions};
+use vireo_vmcore::memory::GuestMemory;
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vireo_block::{DiskImage, Format, OpenOptions};
-use vireo_vmcore::memory::GuestMemory;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,13 +32,17 @@ use crate::options::{Options, OptionsError};
 use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
 use crate::virtio::worker::{EpollCtl, EventHandler, Worker};
 use crate::virtio::{
-    device_type, features, read_config_bytes, ActivateError, Activation, Interrupt,
-    InterruptKind, VirtioDevice,
+    device_type, features, read_config_bytes, ActivateError, Activation, Interrupt, InterruptKind,
+    VirtioDevice,
 };
 use request::{DiskInfo, ID_BYTES, SECTOR_SIZE};
 
 /// The size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Chains served per wake-up before the thread goes back to its epoll loop
+/// (kicking itself), so a driver that keeps the ring full, or a used ring
+/// laid over the avail ring, cannot keep it from seeing a reset.
+const MAX_CHAINS_PER_WAKEUP: usize = 2 * QUEUE_SIZE as usize;
 
 /// A `--disk` flag, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,6 +399,7 @@ impl BlockWorker {
     /// (the device then waits for a reset).
     fn process(&mut self) -> bool {
         let mut used_any = false;
+        let mut served = 0usize;
         loop {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
                 tracing::warn!("{}: queue is unusable: {e}", self.name);
@@ -403,6 +408,17 @@ impl BlockWorker {
             let mut popped = 0usize;
             let mut blocked = false;
             while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+                if served == MAX_CHAINS_PER_WAKEUP {
+                    // Come back after a look at the stop eventfd.
+                    self.queue.go_to_previous_position();
+                    if let Err(e) = self.notify.write(1) {
+                        tracing::warn!("{}: cannot requeue the work: {e}", self.name);
+                        return false;
+                    }
+                    blocked = true;
+                    break;
+                }
+                served += 1;
                 let head = chain.head_index();
                 let parsed = request::parse(&self.mem, chain, &self.info);
                 if let Some(l) = self.limiter.as_mut() {

@@ -11,14 +11,14 @@
 //! cannot serve becomes a [`Rejected`] that says which status to write
 //! (if there is a usable status byte at all) and why.
 
+use vireo_block::DiskImage;
+use vireo_vmcore::memory::GuestMemory;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vireo_block::DiskImage;
-use vireo_vmcore::memory::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// The virtio-blk sector: every offset and capacity is in these units.
@@ -337,7 +337,9 @@ pub fn parse(
     match ty {
         VIRTIO_BLK_T_IN => {
             if read_len != 0 {
-                return ioerr(format!("read request with {read_len} device-readable data bytes"));
+                return ioerr(format!(
+                    "read request with {read_len} device-readable data bytes"
+                ));
             }
             if let Err(e) = check_size(write_len) {
                 return ioerr(format!("read: {e}"));
@@ -348,7 +350,9 @@ pub fn parse(
         }
         VIRTIO_BLK_T_OUT => {
             if write_len != 0 {
-                return ioerr(format!("write request with {write_len} device-writable data bytes"));
+                return ioerr(format!(
+                    "write request with {write_len} device-writable data bytes"
+                ));
             }
             if disk.read_only {
                 return ioerr("write to a read-only disk".into());
@@ -383,10 +387,16 @@ pub fn parse(
             let (what, max_seg, max_sectors) = if discard {
                 ("discard", MAX_DISCARD_SEG, MAX_DISCARD_SECTORS)
             } else {
-                ("write-zeroes", MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS)
+                (
+                    "write-zeroes",
+                    MAX_WRITE_ZEROES_SEG,
+                    MAX_WRITE_ZEROES_SECTORS,
+                )
             };
             if write_len != 0 {
-                return ioerr(format!("{what} request with {write_len} writable data bytes"));
+                return ioerr(format!(
+                    "{what} request with {write_len} writable data bytes"
+                ));
             }
             if disk.read_only {
                 return ioerr(format!("{what} on a read-only disk"));
