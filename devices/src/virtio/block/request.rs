@@ -636,3 +636,103 @@ pub fn serve(
     }
     outcome.written.saturating_add(1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn disk(sectors: u64) -> DiskInfo {
+        DiskInfo {
+            capacity_bytes: sectors * SECTOR_SIZE,
+            read_only: false,
+            serial: [0; ID_BYTES],
+        }
+    }
+
+    fn header(mem: &GuestMemory, at: u64, ty: u32, sector: u64) {
+        mem.write_obj(ty, GuestAddress(at)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    fn chain(descs: &[(u64, u32, u16)]) -> impl Iterator<Item = Descriptor> {
+        descs
+            .iter()
+            .map(|&(a, l, f)| Descriptor::new(a, l, f, 0))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn requests_over_the_size_cap_are_refused_before_any_io() {
+        // Anonymous memory is only reserved, never touched: 300 MiB is cheap.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 300 << 20)]).unwrap();
+        header(&mem, 0, VIRTIO_BLK_T_IN, 0);
+        let half = (MAX_DATA_BYTES / 2) as u32;
+        let big = disk(1 << 30);
+        let ok = parse(
+            &mem,
+            chain(&[(0, 16, 0), (4096, half, W), (4096, half, W), (0x100, 1, W)]),
+            &big,
+        )
+        .unwrap();
+        assert_eq!(ok.data_len, MAX_DATA_BYTES);
+        assert_eq!(ok.status, GuestAddress(0x100));
+        let e = parse(
+            &mem,
+            chain(&[
+                (0, 16, 0),
+                (4096, half, W),
+                (4096, half + 512, W),
+                (0x100, 1, W),
+            ]),
+            &big,
+        )
+        .unwrap_err();
+        assert_eq!(e.status_addr, Some(GuestAddress(0x100)));
+        assert_eq!(e.status, VIRTIO_BLK_S_IOERR as u8);
+        assert!(e.reason.contains("more than"), "{}", e.reason);
+    }
+
+    #[test]
+    fn data_may_share_the_status_descriptor_and_the_header_may_be_split() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        header(&mem, 0, VIRTIO_BLK_T_IN, 2);
+        let r = parse(
+            &mem,
+            chain(&[(0, 10, 0), (10, 6, 0), (0x1000, 1025, W)]),
+            &disk(8),
+        )
+        .unwrap();
+        assert_eq!(r.kind, RequestKind::In);
+        assert_eq!(r.sector, 2);
+        assert_eq!(
+            r.data,
+            vec![Region {
+                addr: GuestAddress(0x1000),
+                len: 1024
+            }]
+        );
+        assert_eq!(r.status, GuestAddress(0x1400));
+        // A write's data after the header in the same descriptor.
+        header(&mem, 0, VIRTIO_BLK_T_OUT, 1);
+        let r = parse(&mem, chain(&[(0, 16 + 512, 0), (0x1000, 1, W)]), &disk(8)).unwrap();
+        assert_eq!(r.kind, RequestKind::Out);
+        assert_eq!(
+            r.data,
+            vec![Region {
+                addr: GuestAddress(16),
+                len: 512
+            }]
+        );
+        // Empty chains and a status byte at the top of the address space.
+        assert_eq!(
+            parse(&mem, chain(&[]), &disk(8)).unwrap_err().status_addr,
+            None
+        );
+        let e = parse(&mem, chain(&[(0, 16, 0), (u64::MAX, 2, W)]), &disk(8)).unwrap_err();
+        assert_eq!(e.status_addr, None);
+    }
+}
