@@ -14,6 +14,7 @@
 //! reset), logging one line — it never panics on guest input.
 
 pub mod balloon;
+pub mod block;
 pub mod console;
 pub mod net;
 pub mod pci;
