@@ -105,6 +105,11 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
 
+    /// A virtio-blk disk (repeatable; the first is vda):
+    /// `path=FILE[,readonly=on][,id=NAME][,serial=S][,format=raw|qcow2][,bw=10M][,ops=1000]`.
+    #[arg(long, value_name = "OPTS")]
+    pub disk: Vec<String>,
+
     /// A virtio-net device on a TAP (repeatable):
     /// `tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,bw=100M][,ops=20000]`.
     /// The TAP is opened or created (that needs CAP_NET_ADMIN, or a TAP made

@@ -3,6 +3,7 @@
 //! virtio device on the machine's PCI bus.
 
 use vireo_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
+use vireo_devices::virtio::block::{Block, BlockConfig};
 use vireo_devices::virtio::console::{Console, ConsoleConfig, ConsoleInput};
 use vireo_devices::virtio::net::{Net, NetConfig};
 use vireo_devices::virtio::rng::{Rng, RngConfig};
@@ -26,6 +27,12 @@ pub struct Attached {
 /// opened), then open and attach the devices in flag order.
 pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure> {
     let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
+    let disks = args
+        .disk
+        .iter()
+        .map(|s| BlockConfig::from_options(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(usage)?;
     let nets = args
         .net
         .iter()
@@ -72,6 +79,12 @@ pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure
             .map_err(|e| Failure::Vm(format!("--virtio-console: {e}")))?;
         attached.virtio_console = Some(c.input());
         devices.push(Box::new(c));
+    }
+    // Disks in flag order: the first --disk is vda.
+    for cfg in disks {
+        devices.push(Box::new(
+            Block::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?,
+        ));
     }
     for cfg in nets {
         let tap = cfg.tap.clone();
