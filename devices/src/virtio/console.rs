@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::{EpollCtl, EventHandler, Worker};
 use super::{
-    device_type, features, read_config_bytes, ActivateError, Activation, Interrupt, InterruptKind,
-    Queue, VirtioDevice,
+    device_type, features, read_config_bytes, take_queues, ActivateError, Activation, Interrupt,
+    InterruptKind, Queue, VirtioDevice,
 };
 use crate::options::{Options, OptionsError};
 
@@ -239,19 +239,7 @@ impl VirtioDevice for Console {
             interrupt,
             ..
         } = activation;
-        let got = queues.len();
-        let mut rx = None;
-        let mut tx = None;
-        for q in queues {
-            match q.index {
-                RECEIVEQ => rx = Some(q),
-                TRANSMITQ => tx = Some(q),
-                _ => {}
-            }
-        }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(ActivateError::MissingQueues { need: 2, got });
-        };
+        let [rx, tx] = take_queues(queues, [RECEIVEQ, TRANSMITQ])?;
         let input_evt = self
             .shared
             .input_evt

@@ -93,6 +93,28 @@ pub enum ActivateError {
     Device(String),
 }
 
+/// Take the queues with `indices`, in that order, from an activation's
+/// queues (others are dropped); [`ActivateError::MissingQueues`] when the
+/// driver did not enable one of them.
+pub fn take_queues<const N: usize>(
+    queues: Vec<ActiveQueue>,
+    indices: [u16; N],
+) -> Result<[ActiveQueue; N], ActivateError> {
+    let got = queues.len();
+    let mut slots: [Option<ActiveQueue>; N] = std::array::from_fn(|_| None);
+    for q in queues {
+        if let Some(pos) = indices.iter().position(|&i| i == q.index) {
+            slots[pos] = Some(q);
+        }
+    }
+    let missing = || ActivateError::MissingQueues { need: N, got };
+    let found: Vec<ActiveQueue> = slots
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(missing)?;
+    found.try_into().map_err(|_| missing())
+}
+
 /// A virtio device model, independent of the transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id ([`device_type`]).

@@ -19,7 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{EpollCtl, EventHandler, Worker};
 use super::{
-    device_type, features, ActivateError, Activation, Interrupt, InterruptKind, Queue, VirtioDevice,
+    device_type, features, take_queues, ActivateError, Activation, Interrupt, InterruptKind, Queue,
+    VirtioDevice,
 };
 use crate::options::{Options, OptionsError};
 use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
@@ -93,10 +94,7 @@ impl VirtioDevice for Rng {
             interrupt,
             ..
         } = activation;
-        let got = queues.len();
-        let Some(q) = queues.into_iter().find(|q| q.index == 0) else {
-            return Err(ActivateError::MissingQueues { need: 1, got });
-        };
+        let [q] = take_queues(queues, [0])?;
         let limiter = match self.config.bandwidth {
             Some(bw) => Some(
                 RateLimiter::new(Some(Limit::per_second(bw)), None).map_err(|e| {

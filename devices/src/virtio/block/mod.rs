@@ -32,8 +32,8 @@ use crate::options::{Options, OptionsError};
 use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
 use crate::virtio::worker::{EpollCtl, EventHandler, Worker};
 use crate::virtio::{
-    device_type, features, read_config_bytes, ActivateError, Activation, Interrupt, InterruptKind,
-    VirtioDevice,
+    device_type, features, read_config_bytes, take_queues, ActivateError, Activation, Interrupt,
+    InterruptKind, VirtioDevice,
 };
 use request::{DiskInfo, ID_BYTES, SECTOR_SIZE};
 
@@ -331,10 +331,7 @@ impl VirtioDevice for Block {
             interrupt,
             features: acked,
         } = activation;
-        let got = queues.len();
-        let Some(active) = queues.into_iter().find(|q| q.index == 0) else {
-            return Err(ActivateError::MissingQueues { need: 1, got });
-        };
+        let [active] = take_queues(queues, [0])?;
         let limiter = match (self.cfg.bandwidth, self.cfg.ops) {
             (None, None) => None,
             (bw, ops) => Some(

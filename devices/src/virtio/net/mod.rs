@@ -45,8 +45,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{EpollCtl, EventHandler, Worker};
 use super::{
-    device_type, features, read_config_bytes, ActivateError, Activation, Interrupt, InterruptKind,
-    Queue, QueueT, VirtioDevice,
+    device_type, features, read_config_bytes, take_queues, ActivateError, Activation, Interrupt,
+    InterruptKind, Queue, QueueT, VirtioDevice,
 };
 use crate::options::{Options, OptionsError};
 use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
@@ -340,19 +340,7 @@ impl VirtioDevice for Net {
             interrupt,
             features: acked,
         } = activation;
-        let got = queues.len();
-        let mut rx = None;
-        let mut tx = None;
-        for q in queues {
-            match q.index {
-                RX_QUEUE => rx = Some(q),
-                TX_QUEUE => tx = Some(q),
-                _ => {}
-            }
-        }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(ActivateError::MissingQueues { need: 2, got });
-        };
+        let [rx, tx] = take_queues(queues, [RX_QUEUE, TX_QUEUE])?;
         self.tap
             .set_offload(tap_offload(acked))
             .map_err(|e| ActivateError::Device(e.to_string()))?;
