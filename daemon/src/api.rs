@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::model::{CreateVm, ErrorBody, ErrorDetail, StopVm, UpdateVm, VmList};
+use crate::model::{CreateVm, ErrorBody, ErrorDetail, SetBalloon, StopVm, UpdateVm, VmList};
 use crate::vms::Daemon;
 
 /// The OpenAPI 3 document the daemon serves; the repository keeps it.
@@ -36,6 +36,7 @@ pub const ROUTES: &[&str] = &[
     "/v1/vms/{name}/pause",
     "/v1/vms/{name}/resume",
     "/v1/vms/{name}/console",
+    "/v1/vms/{name}/balloon",
 ];
 
 /// Largest request body accepted.
@@ -166,6 +167,22 @@ async fn console(State(d): Shared, name: Name) -> Result<Response, ApiError> {
         .into_response())
 }
 
+async fn get_balloon(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &d.balloon(&vm_name(name)?, None).await?,
+    ))
+}
+
+async fn set_balloon(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: SetBalloon = parse(&body, None)?;
+    Ok(json(
+        StatusCode::OK,
+        &d.balloon(&name, Some(req.target_mib)).await?,
+    ))
+}
+
 async fn openapi() -> Response {
     (
         StatusCode::OK,
@@ -205,6 +222,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/balloon", get(get_balloon).put(set_balloon))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(daemon)
@@ -226,6 +244,59 @@ mod tests {
             .collect();
         let routes: std::collections::BTreeSet<&str> = ROUTES.iter().copied().collect();
         assert_eq!(paths, routes);
+    }
+
+    /// The schema's property names.
+    fn properties(schema: &str) -> std::collections::BTreeSet<String> {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        doc["components"]["schemas"][schema]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {schema} has no properties"))
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn keys(v: impl Serialize) -> std::collections::BTreeSet<String> {
+        serde_json::to_value(v)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn openapi_schemas_match_the_types() {
+        let create: CreateVm = serde_json::from_value(serde_json::json!({
+            "name": "a", "kernel": "/k", "initrd": "/i", "cmdline": "c", "image": "/d",
+            "disks": ["/x"], "nets": ["tap0"], "vsock": "cid=3,socket=/s", "rng": "",
+            "balloon": "",
+        }))
+        .unwrap();
+        assert_eq!(keys(&create), properties("CreateVm"));
+        let mut db = crate::db::Db::open_in_memory().unwrap();
+        db.create("a", &create.config()).unwrap();
+        let vm = db.get("a").unwrap().unwrap().to_api();
+        assert_eq!(keys(&vm), properties("Vm"));
+        // Every UpdateVm property is a field UpdateVm takes.
+        for p in properties("UpdateVm") {
+            let body = serde_json::json!({ p.clone(): null }).to_string();
+            assert!(
+                parse::<UpdateVm>(body.as_bytes(), None).is_ok(),
+                "UpdateVm does not take {p}"
+            );
+        }
+        assert_eq!(keys(SetBalloon { target_mib: 1 }), properties("SetBalloon"));
+        let b = crate::model::BalloonStatus {
+            target_mib: 1,
+            actual_mib: 0,
+            free_mib: None,
+            available_mib: None,
+            total_mib: None,
+        };
+        assert_eq!(keys(b), properties("Balloon"));
     }
 
     #[test]

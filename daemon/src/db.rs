@@ -13,7 +13,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::model::{now_secs, rfc3339, Accel, Vm, VmConfig, VmState};
+use crate::model::{now_secs, rfc3339, Accel, Devices, Vm, VmConfig, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -54,6 +54,13 @@ const MIGRATIONS: &[&str] = &[
         last_exit       TEXT,
         last_exit_at    INTEGER
     ) STRICT;",
+    // 2: paravirtual devices, as `vireo run` option strings. The lists are
+    // JSON arrays of strings; VMs defined before get none.
+    "ALTER TABLE vm_definitions ADD COLUMN disks TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE vm_definitions ADD COLUMN nets TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE vm_definitions ADD COLUMN vsock TEXT;
+    ALTER TABLE vm_definitions ADD COLUMN rng TEXT;
+    ALTER TABLE vm_definitions ADD COLUMN balloon TEXT;",
 ];
 
 /// What the daemon knows about a VM process it started (or adopted).
@@ -88,6 +95,11 @@ impl VmRecord {
             cmdline: self.config.cmdline.clone(),
             image: self.config.image.clone(),
             accel: self.config.accel,
+            disks: self.config.devices.disks.clone(),
+            nets: self.config.devices.nets.clone(),
+            vsock: self.config.devices.vsock.clone(),
+            rng: self.config.devices.rng.clone(),
+            balloon: self.config.devices.balloon.clone(),
             created_at: rfc3339(self.created_at),
             state: self.state,
             pid: self.process.map(|p| p.pid),
@@ -104,7 +116,7 @@ pub struct Db {
 
 const SELECT: &str = "SELECT d.name, d.vcpus, d.memory_mib, d.kernel, d.initrd, d.cmdline, d.image,
         d.accel, d.created_at, r.state, r.pid, r.pid_start_time, r.started_at, r.last_exit,
-        r.last_exit_at
+        r.last_exit_at, d.disks, d.nets, d.vsock, d.rng, d.balloon
     FROM vm_definitions d JOIN vm_runtime r ON r.name = d.name";
 
 impl Db {
@@ -183,6 +195,11 @@ impl Db {
             started_at: r.get(12)?,
             last_exit: r.get(13)?,
             last_exit_at: r.get(14)?,
+            disks: r.get(15)?,
+            nets: r.get(16)?,
+            vsock: r.get(17)?,
+            rng: r.get(18)?,
+            balloon: r.get(19)?,
         })
     }
 
@@ -206,11 +223,14 @@ impl Db {
 
     /// Insert a new VM (stopped). False if the name is taken.
     pub fn create(&mut self, name: &str, cfg: &VmConfig) -> Result<bool, DbError> {
+        let (disks, nets) = lists(cfg);
+        let d = &cfg.devices;
         let tx = self.conn.transaction()?;
         let inserted = tx.execute(
             "INSERT OR IGNORE INTO vm_definitions
-                (name, vcpus, memory_mib, kernel, initrd, cmdline, image, accel, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                (name, vcpus, memory_mib, kernel, initrd, cmdline, image, accel, created_at,
+                 disks, nets, vsock, rng, balloon)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 name,
                 cfg.vcpus,
@@ -220,7 +240,12 @@ impl Db {
                 cfg.cmdline,
                 cfg.image,
                 cfg.accel.as_str(),
-                now_secs()
+                now_secs(),
+                disks,
+                nets,
+                d.vsock,
+                d.rng,
+                d.balloon
             ],
         )?;
         if inserted == 0 {
@@ -236,9 +261,12 @@ impl Db {
 
     /// Replace a VM's definition. False if there is no such VM.
     pub fn update(&mut self, name: &str, cfg: &VmConfig) -> Result<bool, DbError> {
+        let (disks, nets) = lists(cfg);
+        let d = &cfg.devices;
         let n = self.conn.execute(
             "UPDATE vm_definitions SET vcpus = ?2, memory_mib = ?3, kernel = ?4, initrd = ?5,
-                cmdline = ?6, image = ?7, accel = ?8 WHERE name = ?1",
+                cmdline = ?6, image = ?7, accel = ?8, disks = ?9, nets = ?10, vsock = ?11,
+                rng = ?12, balloon = ?13 WHERE name = ?1",
             params![
                 name,
                 cfg.vcpus,
@@ -247,7 +275,12 @@ impl Db {
                 cfg.initrd,
                 cfg.cmdline,
                 cfg.image,
-                cfg.accel.as_str()
+                cfg.accel.as_str(),
+                disks,
+                nets,
+                d.vsock,
+                d.rng,
+                d.balloon
             ],
         )?;
         Ok(n == 1)
@@ -305,6 +338,12 @@ impl Db {
     }
 }
 
+/// The device lists as stored: JSON arrays of strings.
+fn lists(cfg: &VmConfig) -> (String, String) {
+    let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+    (json(&cfg.devices.disks), json(&cfg.devices.nets))
+}
+
 fn set_runtime(
     tx: &Transaction<'_>,
     name: &str,
@@ -334,6 +373,11 @@ struct RawRow {
     started_at: Option<i64>,
     last_exit: Option<String>,
     last_exit_at: Option<i64>,
+    disks: String,
+    nets: String,
+    vsock: Option<String>,
+    rng: Option<String>,
+    balloon: Option<String>,
 }
 
 impl RawRow {
@@ -346,6 +390,12 @@ impl RawRow {
             Accel::parse(&self.accel).ok_or_else(|| corrupt(format!("accel {:?}", self.accel)))?;
         let state = VmState::parse(&self.state)
             .ok_or_else(|| corrupt(format!("state {:?}", self.state)))?;
+        let list = |what: &str, text: &str| {
+            serde_json::from_str::<Vec<String>>(text)
+                .map_err(|e| corrupt(format!("{what} {text:?}: {e}")))
+        };
+        let disks = list("disks", &self.disks)?;
+        let nets = list("nets", &self.nets)?;
         let process = match (self.pid, self.pid_start_time) {
             (Some(pid), Some(start)) => Some(ProcessId {
                 pid,
@@ -362,6 +412,13 @@ impl RawRow {
                 cmdline: self.cmdline,
                 image: self.image,
                 accel,
+                devices: Devices {
+                    disks,
+                    nets,
+                    vsock: self.vsock,
+                    rng: self.rng,
+                    balloon: self.balloon,
+                },
             },
             name: self.name,
             created_at: self.created_at,
@@ -387,6 +444,7 @@ mod tests {
             cmdline: Some("console=ttyS0".into()),
             image: None,
             accel: Accel::Emu,
+            devices: Devices::default(),
         }
     }
 
@@ -429,6 +487,75 @@ mod tests {
         assert!(db.delete("a").unwrap());
         assert!(!db.delete("a").unwrap());
         assert!(db.get("a").unwrap().is_none());
+    }
+
+    #[test]
+    fn devices_round_trip() {
+        let mut db = Db::open_in_memory().unwrap();
+        let mut c = cfg();
+        c.devices = Devices {
+            disks: vec!["path=/a,readonly=on".into(), "/b".into()],
+            nets: vec!["tap0,mac=52:54:00:00:00:01".into()],
+            vsock: Some("cid=3,socket=/s".into()),
+            rng: Some(String::new()),
+            balloon: None,
+        };
+        db.create("d", &c).unwrap();
+        assert_eq!(db.get("d").unwrap().unwrap().config, c);
+        c.devices.disks.clear();
+        c.devices.balloon = Some("target=8".into());
+        db.update("d", &c).unwrap();
+        assert_eq!(db.get("d").unwrap().unwrap().config, c);
+    }
+
+    /// A database made by a vireo that knew only schema 1 gains the device
+    /// columns; its VMs have no devices and keep everything else.
+    #[test]
+    fn an_old_database_is_migrated() {
+        let dir = std::env::temp_dir().join(format!("vireo-db-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (
+                    version INTEGER PRIMARY KEY NOT NULL, applied_at INTEGER NOT NULL);
+                 INSERT INTO schema_migrations VALUES (1, 0);",
+            )
+            .unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "INSERT INTO vm_definitions VALUES ('old', 2, 128, '/k', NULL, 'x', NULL, 'emu', 5);
+                 INSERT INTO vm_runtime (name, state, last_exit) VALUES ('old', 'stopped', 'powered off');",
+            )
+            .unwrap();
+        }
+        let mut db = Db::open(&path).unwrap();
+        assert_eq!(db.schema_version().unwrap(), 2);
+        let r = db.get("old").unwrap().unwrap();
+        assert_eq!(r.config.devices, Devices::default());
+        assert_eq!(
+            (r.config.vcpus, r.config.cmdline.as_deref(), r.created_at),
+            (2, Some("x"), 5)
+        );
+        assert_eq!(r.last_exit.as_deref(), Some("powered off"));
+        let mut c = r.config.clone();
+        c.devices.rng = Some(String::new());
+        assert!(db.update("old", &c).unwrap());
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        assert_eq!(
+            db.get("old")
+                .unwrap()
+                .unwrap()
+                .config
+                .devices
+                .rng
+                .as_deref(),
+            Some("")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

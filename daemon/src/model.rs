@@ -4,6 +4,12 @@
 use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use vireo_devices::options::{Options, OptionsError};
+use vireo_devices::virtio::balloon::BalloonConfig;
+use vireo_devices::virtio::block::BlockConfig;
+use vireo_devices::virtio::net::{Mac, NetConfig};
+use vireo_devices::virtio::rng::RngConfig;
+use vireo_devices::virtio::vsock::VsockConfig;
 
 /// Fewest vCPUs and most (xAPIC ids) a VM may have.
 pub const MIN_VCPUS: u32 = 1;
@@ -17,6 +23,9 @@ pub const MAX_CMDLINE: usize = 2047;
 pub const MAX_NAME: usize = 63;
 /// The file a guest kit directory holds (see `vireo image build`).
 pub const KIT_MANIFEST: &str = "vireo-kit.conf";
+/// Most disks and network devices a VM may have (each is a PCI function).
+pub const MAX_DISKS: usize = 16;
+pub const MAX_NETS: usize = 8;
 
 /// Which backend runs the VM, as `vireo run --accel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -98,6 +107,59 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     pub image: Option<String>,
     pub accel: Accel,
+    /// The VM's paravirtual devices, as the option strings of `vireo run`'s
+    /// flags: `--disk` and `--net` each (in order), `--vsock`, `--rng`
+    /// and `--balloon` (`""` = the defaults).
+    pub devices: Devices,
+}
+
+/// A VM's paravirtual devices: each entry is the value of one `vireo run`
+/// flag, parsed by the device's own config type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Devices {
+    /// `--disk` values (the first is the guest's vda).
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// `--net` values.
+    #[serde(default)]
+    pub nets: Vec<String>,
+    /// `--vsock` value.
+    #[serde(default)]
+    pub vsock: Option<String>,
+    /// `--rng` value (`""`: the defaults).
+    #[serde(default)]
+    pub rng: Option<String>,
+    /// `--balloon` value (`""`: the defaults).
+    #[serde(default)]
+    pub balloon: Option<String>,
+}
+
+impl Devices {
+    /// The `vireo run` arguments that attach these devices.
+    pub fn run_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for d in &self.disks {
+            args.push(format!("--disk={d}"));
+        }
+        for n in &self.nets {
+            args.push(format!("--net={n}"));
+        }
+        // `--flag=VALUE` in one word: an empty value stays a value and
+        // one starting with '-' is not taken for a flag.
+        for (flag, v) in [
+            ("vsock", &self.vsock),
+            ("rng", &self.rng),
+            ("balloon", &self.balloon),
+        ] {
+            match v.as_deref() {
+                Some("") if flag != "vsock" => args.push(format!("--{flag}")),
+                Some(v) => args.push(format!("--{flag}={v}")),
+                None => {}
+            }
+        }
+        args
+    }
 }
 
 /// `POST /v1/vms`.
@@ -119,6 +181,16 @@ pub struct CreateVm {
     pub image: Option<String>,
     #[serde(default)]
     pub accel: Accel,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<String>,
 }
 
 fn default_vcpus() -> u32 {
@@ -139,6 +211,13 @@ impl CreateVm {
             cmdline: self.cmdline.clone(),
             image: self.image.clone(),
             accel: self.accel,
+            devices: Devices {
+                disks: self.disks.clone(),
+                nets: self.nets.clone(),
+                vsock: self.vsock.clone(),
+                rng: self.rng.clone(),
+                balloon: self.balloon.clone(),
+            },
         }
     }
 }
@@ -161,11 +240,28 @@ pub struct UpdateVm {
     pub image: Option<Option<String>>,
     #[serde(default)]
     pub accel: Option<Accel>,
+    /// Replaces the list (`[]` or `null` removes every disk).
+    #[serde(default, deserialize_with = "list")]
+    pub disks: Option<Vec<String>>,
+    /// Replaces the list (`[]` or `null` removes every network device).
+    #[serde(default, deserialize_with = "list")]
+    pub nets: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "some")]
+    pub vsock: Option<Option<String>>,
+    #[serde(default, deserialize_with = "some")]
+    pub rng: Option<Option<String>>,
+    #[serde(default, deserialize_with = "some")]
+    pub balloon: Option<Option<String>>,
 }
 
 /// A present field (even `null`) becomes `Some(value)`; absent stays `None`.
 fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     T::deserialize(d).map(Some)
+}
+
+/// A present list field becomes `Some(list)`, `null` an empty list.
+fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    Option::<Vec<String>>::deserialize(d).map(|v| Some(v.unwrap_or_default()))
 }
 
 impl UpdateVm {
@@ -191,6 +287,22 @@ impl UpdateVm {
         }
         if let Some(v) = self.accel {
             c.accel = v;
+        }
+        let d = &mut c.devices;
+        if let Some(v) = &self.disks {
+            d.disks = v.clone();
+        }
+        if let Some(v) = &self.nets {
+            d.nets = v.clone();
+        }
+        if let Some(v) = &self.vsock {
+            d.vsock = v.clone();
+        }
+        if let Some(v) = &self.rng {
+            d.rng = v.clone();
+        }
+        if let Some(v) = &self.balloon {
+            d.balloon = v.clone();
         }
         c
     }
@@ -223,6 +335,13 @@ pub struct Vm {
     pub cmdline: Option<String>,
     pub image: Option<String>,
     pub accel: Accel,
+    /// `vireo run --disk` option strings, in order.
+    pub disks: Vec<String>,
+    /// `vireo run --net` option strings, in order.
+    pub nets: Vec<String>,
+    pub vsock: Option<String>,
+    pub rng: Option<String>,
+    pub balloon: Option<String>,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub state: VmState,
@@ -232,6 +351,27 @@ pub struct Vm {
     /// Why the VM's last run ended, e.g. "powered off".
     pub last_exit: Option<String>,
     pub last_exit_at: Option<String>,
+}
+
+/// `PUT /v1/vms/{name}/balloon`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetBalloon {
+    /// How much memory the balloon should take from the guest, in MiB.
+    pub target_mib: u64,
+}
+
+/// `GET /v1/vms/{name}/balloon`: what the VM's balloon device reports.
+/// The guest fills in the statistics (`null` until it has sent them).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BalloonStatus {
+    /// The size the host asked for, in MiB.
+    pub target_mib: u64,
+    /// The size the guest has inflated the balloon to, in MiB.
+    pub actual_mib: u64,
+    pub free_mib: Option<u64>,
+    pub available_mib: Option<u64>,
+    pub total_mib: Option<u64>,
 }
 
 /// `{ "vms": [...] }` from `GET /v1/vms`.
@@ -370,7 +510,135 @@ pub fn check_config(cfg: &VmConfig, host_mib: Option<u64>) -> Result<(), Invalid
             ));
         }
     }
+    check_devices(&cfg.devices, cfg.memory_mib)
+}
+
+/// A device option string's error: the field path and the parser's words
+/// (`nets[1]: mac=zz: ...`).
+fn bad_options(field: &str, e: OptionsError) -> Invalid {
+    invalid(field, e.message)
+}
+
+/// Check the device option strings with the devices' own parsers, plus
+/// what only the daemon can see: paths must be absolute (the VM runs in
+/// the daemon's state directory), disk images must exist, a disk or TAP
+/// may be used once, the balloon must be smaller than the memory.
+pub fn check_devices(d: &Devices, memory_mib: u64) -> Result<(), Invalid> {
+    if d.disks.len() > MAX_DISKS {
+        return Err(invalid(
+            "disks",
+            format!("at most {MAX_DISKS} disks, got {}", d.disks.len()),
+        ));
+    }
+    if d.nets.len() > MAX_NETS {
+        return Err(invalid(
+            "nets",
+            format!("at most {MAX_NETS} network devices, got {}", d.nets.len()),
+        ));
+    }
+    let mut disk_paths: Vec<std::path::PathBuf> = Vec::new();
+    for (i, s) in d.disks.iter().enumerate() {
+        let field = format!("disks[{i}]");
+        let disk = BlockConfig::from_options(s).map_err(|e| bad_options(&field, e))?;
+        let path = disk.path.display().to_string();
+        if !disk.path.is_absolute() {
+            return Err(invalid(
+                &field,
+                format!("path={path} must be an absolute path (the daemon does not share your working directory)"),
+            ));
+        }
+        match std::fs::metadata(&disk.path) {
+            Ok(m)
+                if m.is_file()
+                    || std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {}
+            Ok(_) => {
+                return Err(missing(
+                    &field,
+                    format!("path={path} is not a disk image file or block device"),
+                ))
+            }
+            Err(e) => {
+                return Err(missing(
+                    &field,
+                    format!(
+                        "path={path}: {e} (make one with `vireo image create {path} --size 10G`)"
+                    ),
+                ))
+            }
+        }
+        let real = std::fs::canonicalize(&disk.path).unwrap_or(disk.path.clone());
+        if let Some(j) = disk_paths.iter().position(|p| *p == real) {
+            return Err(invalid(
+                &field,
+                format!("path={path} is already disks[{j}]; a VM may use an image once"),
+            ));
+        }
+        disk_paths.push(real);
+    }
+    let mut taps: Vec<String> = Vec::new();
+    for (i, s) in d.nets.iter().enumerate() {
+        let field = format!("nets[{i}]");
+        let net = NetConfig::from_options(s).map_err(|e| bad_options(&field, e))?;
+        if let Some(j) = taps.iter().position(|t| *t == net.tap) {
+            return Err(invalid(
+                &field,
+                format!(
+                    "tap={} is already nets[{j}]; give each network device its own TAP",
+                    net.tap
+                ),
+            ));
+        }
+        taps.push(net.tap);
+    }
+    if let Some(s) = &d.vsock {
+        let v = VsockConfig::from_options(s).map_err(|e| bad_options("vsock", e))?;
+        let path = v.socket.display().to_string();
+        if !v.socket.is_absolute() {
+            return Err(invalid(
+                "vsock",
+                format!("socket={path} must be an absolute path (the daemon does not share your working directory)"),
+            ));
+        }
+        match v.socket.parent() {
+            Some(dir) if dir.is_dir() => {}
+            _ => {
+                return Err(missing(
+                    "vsock",
+                    format!("socket={path}: its directory does not exist"),
+                ))
+            }
+        }
+    }
+    if let Some(s) = &d.rng {
+        RngConfig::from_options(s).map_err(|e| bad_options("rng", e))?;
+    }
+    if let Some(s) = &d.balloon {
+        let b = BalloonConfig::from_options(s).map_err(|e| bad_options("balloon", e))?;
+        if b.target_mib >= memory_mib {
+            return Err(invalid(
+                "balloon",
+                format!(
+                    "target={} must be less than memory_mib ({memory_mib}): the balloon takes that much from the guest",
+                    b.target_mib
+                ),
+            ));
+        }
+    }
     Ok(())
+}
+
+/// Give each network device without `mac=` a fixed random one, so the
+/// guest keeps its address across restarts (`vireo run` would pick a new
+/// one each time). Call after [`check_devices`].
+pub fn pin_macs(d: &mut Devices) {
+    for s in &mut d.nets {
+        let has_mac = Options::parse("net", s, Some("tap"))
+            .map(|mut o| o.string("mac").is_some())
+            .unwrap_or(true);
+        if !has_mac {
+            s.push_str(&format!(",mac={}", Mac::random()));
+        }
+    }
 }
 
 fn missing(field: &str, what: String) -> Invalid {
@@ -419,6 +687,7 @@ mod tests {
             cmdline: None,
             image: None,
             accel: Accel::Emu,
+            devices: Devices::default(),
         }
     }
 
@@ -469,6 +738,161 @@ mod tests {
             .starts_with("image:"));
         c.kernel = None;
         assert_eq!(check_config(&c, None).unwrap_err().code, "missing_file");
+    }
+
+    /// A device error: its field path prefix, and that it holds `needle`.
+    fn device_error(d: Devices, field: &str, needle: &str) -> Invalid {
+        let e = check_devices(&d, 256).unwrap_err();
+        assert!(
+            e.message.starts_with(&format!("{field}: ")) && e.message.contains(needle),
+            "{d:?}: {e:?} should start with {field:?} and mention {needle:?}"
+        );
+        e
+    }
+
+    #[test]
+    fn device_options_are_checked_by_the_devices_parsers() {
+        let exe = std::env::current_exe().unwrap().display().to_string();
+        let dir = std::env::temp_dir().display().to_string();
+        let good = Devices {
+            disks: vec![
+                format!("path={exe},readonly=on,id=root,bw=10M"),
+                "/dev/null".into(),
+            ],
+            nets: vec!["tap=tap0,mac=52:54:00:12:34:56".into(), "tap1".into()],
+            vsock: Some(format!("cid=3,socket={dir}/vm.vsock")),
+            rng: Some(String::new()),
+            balloon: Some("target=64".into()),
+        };
+        // /dev/null is a character device, not a disk.
+        device_error(good.clone(), "disks[1]", "not a disk image");
+        let mut ok = good.clone();
+        ok.disks.truncate(1);
+        assert_eq!(check_devices(&ok, 256), Ok(()));
+
+        let with = |f: &dyn Fn(&mut Devices)| {
+            let mut d = ok.clone();
+            f(&mut d);
+            d
+        };
+        device_error(
+            with(&|d| d.nets[1] = "tap=tap0,mac=zz".into()),
+            "nets[1]",
+            "mac=zz",
+        );
+        device_error(
+            with(&|d| d.nets[1] = "tap0".into()),
+            "nets[1]",
+            "already nets[0]",
+        );
+        device_error(
+            with(&|d| d.disks = vec!["readonly=on".into()]),
+            "disks[0]",
+            "path= is required",
+        );
+        device_error(
+            with(&|d| d.disks.push(format!("{exe},colour=blue"))),
+            "disks[1]",
+            "unknown option \"colour\"",
+        );
+        device_error(
+            with(&|d| d.disks.push(format!("{exe},id=again"))),
+            "disks[1]",
+            "already disks[0]",
+        );
+        device_error(
+            with(&|d| d.disks = vec!["disk.qcow2".into()]),
+            "disks[0]",
+            "absolute",
+        );
+        let e = device_error(
+            with(&|d| d.disks = vec!["/nonexistent/disk.qcow2".into()]),
+            "disks[0]",
+            "vireo image create",
+        );
+        assert_eq!(e.code, "missing_file");
+        device_error(
+            with(&|d| d.vsock = Some("cid=2,socket=/tmp/x".into())),
+            "vsock",
+            "cid=2",
+        );
+        device_error(
+            with(&|d| d.vsock = Some("cid=3,socket=vm.vsock".into())),
+            "vsock",
+            "absolute",
+        );
+        device_error(
+            with(&|d| d.vsock = Some("cid=3,socket=/nonexistent/vm.vsock".into())),
+            "vsock",
+            "directory does not exist",
+        );
+        device_error(with(&|d| d.rng = Some("bw=fast".into())), "rng", "bw=fast");
+        device_error(
+            with(&|d| d.balloon = Some("target=256".into())),
+            "balloon",
+            "less than memory_mib",
+        );
+        device_error(
+            with(&|d| d.balloon = Some("size=1".into())),
+            "balloon",
+            "unknown option",
+        );
+        device_error(
+            with(&|d| d.nets = vec!["tap0".into(); MAX_NETS + 1]),
+            "nets",
+            "at most",
+        );
+    }
+
+    #[test]
+    fn devices_become_run_flags_and_macs_are_pinned() {
+        let mut d = Devices {
+            disks: vec!["path=/a.qcow2".into(), "/b.raw,readonly=on".into()],
+            nets: vec!["tap0".into(), "tap=tap1,mac=52:54:00:00:00:01".into()],
+            vsock: Some("cid=3,socket=/s".into()),
+            rng: Some(String::new()),
+            balloon: Some("target=8".into()),
+        };
+        assert_eq!(
+            d.run_args(),
+            [
+                "--disk=path=/a.qcow2",
+                "--disk=/b.raw,readonly=on",
+                "--net=tap0",
+                "--net=tap=tap1,mac=52:54:00:00:00:01",
+                "--vsock=cid=3,socket=/s",
+                "--rng",
+                "--balloon=target=8",
+            ]
+        );
+        pin_macs(&mut d);
+        let mac = d.nets[0].strip_prefix("tap0,mac=").expect("a MAC added");
+        assert!(mac.parse::<Mac>().is_ok(), "{mac}");
+        assert_eq!(
+            d.nets[1], "tap=tap1,mac=52:54:00:00:00:01",
+            "given MAC kept"
+        );
+        let pinned = d.nets.clone();
+        pin_macs(&mut d);
+        assert_eq!(d.nets, pinned, "pinning twice changes nothing");
+        assert!(Devices::default().run_args().is_empty());
+    }
+
+    #[test]
+    fn patch_replaces_device_lists_and_clears_with_null() {
+        let u: UpdateVm =
+            serde_json::from_str(r#"{"disks": ["/d"], "rng": null, "balloon": ""}"#).unwrap();
+        let mut c = kernel_cfg("/k");
+        c.devices.disks = vec!["/a".into(), "/b".into()];
+        c.devices.nets = vec!["tap0".into()];
+        c.devices.rng = Some("bw=1M".into());
+        let n = u.apply(&c).devices;
+        assert_eq!(n.disks, ["/d"]);
+        assert_eq!(n.nets, ["tap0"], "absent: unchanged");
+        assert_eq!((n.rng, n.balloon), (None, Some(String::new())));
+        let u: UpdateVm = serde_json::from_str(r#"{"disks": null}"#).unwrap();
+        assert!(u.apply(&c).devices.disks.is_empty());
+        assert!(serde_json::from_str::<UpdateVm>(r#"{"disks": "/d"}"#).is_err());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 use crate::db::{Db, ProcessId, VmRecord};
 use crate::error::ApiError;
 use crate::model::{
-    check_config, check_name, Accel, CreateVm, StopVm, UpdateVm, VmState,
+    check_config, check_name, pin_macs, Accel, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
     DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
 };
 use crate::procfs;
@@ -171,8 +171,9 @@ impl Daemon {
 
     pub fn create(&self, req: &CreateVm) -> Result<VmRecord, ApiError> {
         check_name(&req.name)?;
-        let cfg = req.config();
+        let mut cfg = req.config();
         check_config(&cfg, procfs::host_memory_mib())?;
+        pin_macs(&mut cfg.devices);
         let mut inner = lock(&self.inner);
         if !inner.db.create(&req.name, &cfg)? {
             return Err(ApiError::conflict(
@@ -197,8 +198,9 @@ impl Daemon {
                 ),
             ));
         }
-        let cfg = req.apply(&rec.config);
+        let mut cfg = req.apply(&rec.config);
         check_config(&cfg, procfs::host_memory_mib())?;
+        pin_macs(&mut cfg.devices);
         inner.db.update(name, &cfg)?;
         Ok(inner.db.get(name)?.expect("just updated"))
     }
@@ -462,20 +464,7 @@ impl Daemon {
             ));
         }
         let command = if paused { "pause" } else { "resume" };
-        let reply = tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, command))
-            .await
-            .map_err(|_| {
-                ApiError::internal(format!("VM {name} did not answer `{command}` in time"))
-            })?
-            .map_err(|e| {
-                ApiError::internal(format!(
-                    "cannot reach VM {name}'s control socket {}: {e}",
-                    socket.display()
-                ))
-            })?;
-        let reply: serde_json::Value = serde_json::from_str(&reply).map_err(|e| {
-            ApiError::internal(format!("VM {name} answered `{command}` with garbage: {e}"))
-        })?;
+        let reply = self.control(name, &socket, command).await?;
         if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
             let why = reply
                 .get("error")
@@ -489,6 +478,89 @@ impl Daemon {
         lock(&self.inner).db.set_live_state(name, want)?;
         tracing::info!("VM {name} {}", want.as_str());
         self.get(name)
+    }
+
+    /// Report the VM's balloon, after setting its target to `target_mib`
+    /// when given, through the VM process's control socket.
+    pub async fn balloon(
+        &self,
+        name: &str,
+        target_mib: Option<u64>,
+    ) -> Result<BalloonStatus, ApiError> {
+        let socket = {
+            let inner = lock(&self.inner);
+            let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+            if !rec.state.is_active() {
+                return Err(ApiError::conflict(
+                    "invalid_state",
+                    format!("VM {name} is not running (it is {})", rec.state.as_str()),
+                ));
+            }
+            if rec.config.devices.balloon.is_none() {
+                return Err(ApiError::conflict(
+                    "no_balloon",
+                    format!(
+                        "VM {name} has no balloon device; stop it, add one (`vireo vm update {name} \
+                         --balloon`, or PATCH {{\"balloon\": \"\"}}) and start it again"
+                    ),
+                ));
+            }
+            if let Some(t) = target_mib {
+                if t >= rec.config.memory_mib {
+                    return Err(ApiError::bad_request(
+                        "invalid_value",
+                        format!(
+                            "target_mib: {t} MiB is not less than the VM's memory ({} MiB)",
+                            rec.config.memory_mib
+                        ),
+                    ));
+                }
+            }
+            self.vm_dir(name).join(CONTROL_SOCKET)
+        };
+        let command = match target_mib {
+            Some(t) => format!("balloon {t}"),
+            None => "balloon".to_string(),
+        };
+        let reply = self.control(name, &socket, &command).await?;
+        if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
+            let why = reply
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("no reason given");
+            return Err(ApiError::conflict(
+                "balloon_failed",
+                format!("VM {name}: {why}"),
+            ));
+        }
+        serde_json::from_value(reply.get("balloon").cloned().unwrap_or_default()).map_err(|e| {
+            ApiError::internal(format!(
+                "VM {name} answered `{command}` without a balloon report: {e}"
+            ))
+        })
+    }
+
+    /// One control-socket request to the VM's process, its reply parsed.
+    async fn control(
+        &self,
+        name: &str,
+        socket: &Path,
+        command: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        let reply = tokio::time::timeout(CONTROL_TIMEOUT, control_request(socket, command))
+            .await
+            .map_err(|_| {
+                ApiError::internal(format!("VM {name} did not answer `{command}` in time"))
+            })?
+            .map_err(|e| {
+                ApiError::internal(format!(
+                    "cannot reach VM {name}'s control socket {}: {e}",
+                    socket.display()
+                ))
+            })?;
+        serde_json::from_str(&reply).map_err(|e| {
+            ApiError::internal(format!("VM {name} answered `{command}` with garbage: {e}"))
+        })
     }
 
     /// SIGKILL at once.
@@ -595,6 +667,7 @@ fn spawn_vm(
             Accel::Auto => "auto",
             Accel::Emu => "emu",
         })
+        .args(c.devices.run_args())
         // The exit reason ("the guest powered off") is logged at info level.
         .env("VIREO_LOG", "info")
         .current_dir(dir)

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use vireo_daemon::model::{self, CreateVm, ErrorBody, StopVm, Vm, VmList};
+use vireo_daemon::model::{
+    self, BalloonStatus, CreateVm, ErrorBody, SetBalloon, StopVm, Vm, VmList,
+};
 use vireo_daemon::paths;
 
 use crate::cli::Accel;
@@ -65,6 +67,9 @@ pub enum VmCommand {
         after_help = "Examples:\n  vireo vm list\n  vireo vm list --json | jq '.vms[].name'"
     )]
     List(ListArgs),
+    /// Change a stopped VM's definition: only the options given change.
+    #[command(after_help = UPDATE_EXAMPLES)]
+    Update(UpdateArgs),
     /// Show one VM's definition and state.
     #[command(after_help = "Examples:\n  vireo vm show web\n  vireo vm show web --json")]
     Show(ShowArgs),
@@ -92,15 +97,101 @@ pub enum VmCommand {
     /// Print the VM's serial console scrollback (the last 256 KiB).
     #[command(after_help = "Example:\n  vireo vm console web | tail -20")]
     Console(NameArgs),
+    /// Show a running VM's balloon, or set how much memory it takes from
+    /// the guest (the VM needs a balloon device: create it with --balloon).
+    #[command(
+        after_help = "Examples:\n  vireo vm balloon web\n  vireo vm balloon web --target 256   # take 256 MiB back from the guest\n  vireo vm balloon web --target 0     # give it all back"
+    )]
+    Balloon(BalloonArgs),
 }
 
 const CREATE_EXAMPLES: &str = "\
 Examples:
   vireo vm create web --image guest-kit --cpus 2 --memory 512
   vireo vm create tiny --kernel ./vmlinux --cmdline 'console=ttyS0' --accel emu
+  vireo vm create db --image guest-kit --disk path=db.qcow2,id=data \\
+      --net tap=tap0 --rng --balloon
 
-Relative paths are made absolute here (the daemon has its own working
-directory); the files must exist and be readable by the daemon.";
+Relative paths (also --disk path= and --vsock socket=) are made absolute
+here (the daemon has its own working directory); the files must exist and be
+readable by the daemon. The device options are `vireo run`'s (see
+`vireo run --help`); a --net without mac= gets a fixed random MAC.";
+
+const UPDATE_EXAMPLES: &str = "\
+Examples:
+  vireo vm update web --memory 1024 --cpus 4
+  vireo vm update web --disk root.qcow2 --disk path=data.qcow2,readonly=on
+  vireo vm update web --balloon target=128 --no-rng
+  vireo vm update web --no-disks --no-nets
+
+The VM must be stopped. --disk and --net replace the whole list; --image
+replaces --kernel (and the other way round).";
+
+/// The paravirtual devices, as `vireo run` takes them.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// A virtio-blk disk (repeatable; the first is vda):
+    /// `path=IMAGE[,readonly=on][,id=ID][,serial=S][,format=raw|qcow2][,bw=10M][,ops=1000]`.
+    #[arg(long, value_name = "OPTS")]
+    pub disk: Vec<String>,
+
+    /// A virtio-net device on a TAP (repeatable):
+    /// `tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,bw=100M][,ops=20000]`.
+    #[arg(long, value_name = "OPTS")]
+    pub net: Vec<String>,
+
+    /// A virtio-vsock device: `cid=N,socket=PATH`.
+    #[arg(long, value_name = "OPTS")]
+    pub vsock: Option<String>,
+
+    /// A virtio-rng device (`--rng` alone: the defaults; `--rng=bw=1M`).
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "", require_equals = true)]
+    pub rng: Option<String>,
+
+    /// A virtio-balloon device (`--balloon` alone: the defaults;
+    /// `--balloon=target=128,deflate_on_oom=off`).
+    #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "", require_equals = true)]
+    pub balloon: Option<String>,
+}
+
+impl DeviceArgs {
+    fn disks(&self) -> Vec<String> {
+        self.disk
+            .iter()
+            .map(|d| absolute_option(d, "path", true))
+            .collect()
+    }
+
+    fn vsock(&self) -> Option<String> {
+        self.vsock
+            .as_deref()
+            .map(|v| absolute_option(v, "socket", false))
+    }
+}
+
+/// Make the path in option `key` of a device option string absolute (the
+/// bare first word when `bare` is set), leaving the rest as it is.
+fn absolute_option(opts: &str, key: &str, bare: bool) -> String {
+    opts.split(',')
+        .enumerate()
+        .map(|(i, part)| {
+            let (k, v) = match part.split_once('=') {
+                Some((k, v)) if k.trim() == key => (Some(k), v),
+                None if bare && i == 0 => (None, part),
+                _ => return part.to_string(),
+            };
+            if v.is_empty() || Path::new(v).is_absolute() {
+                return part.to_string();
+            }
+            let abs = absolute(Path::new(v)).display().to_string();
+            match k {
+                Some(k) => format!("{k}={abs}"),
+                None => abs,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -140,6 +231,88 @@ pub struct CreateArgs {
     /// Which backend runs the guest.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
     pub accel: Accel,
+
+    #[command(flatten)]
+    pub devices: DeviceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// A guest kit made by `vireo image build` (replaces --kernel).
+    #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
+    pub image: Option<PathBuf>,
+
+    /// Kernel image (replaces --image).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Initial ramdisk (initramfs).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_initrd")]
+    pub initrd: Option<PathBuf>,
+
+    /// Remove the initrd.
+    #[arg(long)]
+    pub no_initrd: bool,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", conflicts_with = "no_cmdline")]
+    pub cmdline: Option<String>,
+
+    /// Go back to the default command line.
+    #[arg(long)]
+    pub no_cmdline: bool,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+
+    /// Which backend runs the guest.
+    #[arg(long, value_enum)]
+    pub accel: Option<Accel>,
+
+    #[command(flatten)]
+    pub devices: DeviceArgs,
+
+    /// Remove every disk.
+    #[arg(long, conflicts_with = "disk")]
+    pub no_disks: bool,
+
+    /// Remove every network device.
+    #[arg(long, conflicts_with = "net")]
+    pub no_nets: bool,
+
+    /// Remove the vsock device.
+    #[arg(long, conflicts_with = "vsock")]
+    pub no_vsock: bool,
+
+    /// Remove the rng device.
+    #[arg(long, conflicts_with = "rng")]
+    pub no_rng: bool,
+
+    /// Remove the balloon device.
+    #[arg(long, conflicts_with = "balloon")]
+    pub no_balloon: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BalloonArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// Set the balloon's target: how much memory (MiB) it takes from the guest.
+    #[arg(long, value_name = "MIB")]
+    pub target: Option<u64>,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +391,8 @@ pub fn vm(args: VmArgs) -> Result<(), Failure> {
     };
     match args.command {
         VmCommand::Create(a) => create(&client, a),
+        VmCommand::Update(a) => update(&client, a),
+        VmCommand::Balloon(a) => balloon(&client, a),
         VmCommand::List(a) => list(&client, a),
         VmCommand::Show(a) => show(&client, a),
         VmCommand::Start(a) => {
@@ -289,21 +464,157 @@ fn create(client: &Client, a: CreateArgs) -> Result<(), Failure> {
         initrd: path(&a.initrd),
         cmdline: a.cmdline,
         image: path(&a.image),
-        accel: match a.accel {
-            Accel::Kvm => model::Accel::Kvm,
-            Accel::Auto => model::Accel::Auto,
-            Accel::Emu => model::Accel::Emu,
-        },
+        accel: model_accel(a.accel),
+        disks: a.devices.disks(),
+        nets: a.devices.net.clone(),
+        vsock: a.devices.vsock(),
+        rng: a.devices.rng.clone(),
+        balloon: a.devices.balloon.clone(),
     };
     let body = serde_json::to_vec(&req).expect("serialisable");
     let vm: Vm = client.call("POST", "/v1/vms", Some(&body))?;
     println!(
-        "created {} ({} vCPU, {} MiB, {}); start it with `vireo vm start {}`",
+        "created {} ({} vCPU, {} MiB, {}{}); start it with `vireo vm start {}`",
         vm.name,
         vm.vcpus,
         vm.memory_mib,
         vm.accel.as_str(),
+        device_summary(&vm),
         vm.name
+    );
+    Ok(())
+}
+
+fn model_accel(a: Accel) -> model::Accel {
+    match a {
+        Accel::Kvm => model::Accel::Kvm,
+        Accel::Auto => model::Accel::Auto,
+        Accel::Emu => model::Accel::Emu,
+    }
+}
+
+/// The PATCH body for `vm update`: only what was given.
+fn update_body(a: &UpdateArgs) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::{json, Value};
+    let path = |p: &PathBuf| Value::from(absolute(p).display().to_string());
+    let mut m = serde_json::Map::new();
+    let mut set = |k: &str, v: Value| {
+        m.insert(k.to_string(), v);
+    };
+    if let Some(p) = &a.image {
+        set("image", path(p));
+        set("kernel", Value::Null);
+    }
+    if let Some(p) = &a.kernel {
+        set("kernel", path(p));
+        set("image", Value::Null);
+    }
+    if let Some(p) = &a.initrd {
+        set("initrd", path(p));
+    }
+    if a.no_initrd {
+        set("initrd", Value::Null);
+    }
+    if let Some(c) = &a.cmdline {
+        set("cmdline", c.as_str().into());
+    }
+    if a.no_cmdline {
+        set("cmdline", Value::Null);
+    }
+    if let Some(n) = a.cpus {
+        set("vcpus", n.into());
+    }
+    if let Some(n) = a.memory {
+        set("memory_mib", n.into());
+    }
+    if let Some(x) = a.accel {
+        set("accel", model_accel(x).as_str().into());
+    }
+    let d = &a.devices;
+    if !d.disk.is_empty() || a.no_disks {
+        set("disks", json!(d.disks()));
+    }
+    if !d.net.is_empty() || a.no_nets {
+        set("nets", json!(d.net));
+    }
+    for (key, given, remove) in [
+        ("vsock", d.vsock(), a.no_vsock),
+        ("rng", d.rng.clone(), a.no_rng),
+        ("balloon", d.balloon.clone(), a.no_balloon),
+    ] {
+        if let Some(v) = given {
+            set(key, v.into());
+        } else if remove {
+            set(key, Value::Null);
+        }
+    }
+    m
+}
+
+fn update(client: &Client, a: UpdateArgs) -> Result<(), Failure> {
+    let body = update_body(&a);
+    if body.is_empty() {
+        return Err(Failure::Usage(format!(
+            "nothing to change: give the options to change, e.g. `vireo vm update {} --memory 512` (see --help)",
+            a.name
+        )));
+    }
+    let body = serde_json::to_vec(&body).expect("serialisable");
+    let vm: Vm = client.call("PATCH", &vm_path(&a.name, ""), Some(&body))?;
+    println!(
+        "updated {} ({} vCPU, {} MiB, {}{})",
+        vm.name,
+        vm.vcpus,
+        vm.memory_mib,
+        vm.accel.as_str(),
+        device_summary(&vm)
+    );
+    Ok(())
+}
+
+/// `, 2 disks, 1 net, rng` (empty without devices).
+fn device_summary(vm: &Vm) -> String {
+    let plural = |n: usize, one: &str, many: &str| match n {
+        0 => None,
+        1 => Some(format!("1 {one}")),
+        n => Some(format!("{n} {many}")),
+    };
+    let parts: Vec<String> = [
+        plural(vm.disks.len(), "disk", "disks"),
+        plural(vm.nets.len(), "net", "nets"),
+        vm.vsock.as_ref().map(|_| "vsock".to_string()),
+        vm.rng.as_ref().map(|_| "rng".to_string()),
+        vm.balloon.as_ref().map(|_| "balloon".to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    parts.iter().map(|p| format!(", {p}")).collect()
+}
+
+fn balloon(client: &Client, a: BalloonArgs) -> Result<(), Failure> {
+    let path = vm_path(&a.name, "/balloon");
+    let bytes = match a.target {
+        Some(target_mib) => {
+            let body = serde_json::to_vec(&SetBalloon { target_mib }).expect("serialisable");
+            client.request("PUT", &path, Some(&body), DEFAULT_TIMEOUT)?
+        }
+        None => client.request("GET", &path, None, DEFAULT_TIMEOUT)?,
+    };
+    if a.json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(());
+    }
+    let b: BalloonStatus = decode(&bytes)?;
+    let mib = |v: Option<u64>| v.map(|v| format!("{v} MiB")).unwrap_or_else(|| "?".into());
+    println!(
+        "{}: balloon target {} MiB, actual {} MiB; guest memory: total {}, available {}, free {}",
+        a.name,
+        b.target_mib,
+        b.actual_mib,
+        mib(b.total_mib),
+        mib(b.available_mib),
+        mib(b.free_mib)
     );
     Ok(())
 }
@@ -381,7 +692,7 @@ fn show(client: &Client, a: ShowArgs) -> Result<(), Failure> {
     }
     let vm: Vm = decode(&bytes)?;
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let rows = [
+    let mut rows = vec![
         ["name".to_string(), vm.name.clone()],
         ["state".into(), vm.state.as_str().into()],
         [
@@ -400,6 +711,31 @@ fn show(client: &Client, a: ShowArgs) -> Result<(), Failure> {
         ["last exit".into(), opt(&vm.last_exit)],
         ["last exit at".into(), opt(&vm.last_exit_at)],
     ];
+    // One line per device, in `vireo run` flag order.
+    let device = |v: &Option<String>| {
+        v.as_ref().map(|s| {
+            if s.is_empty() {
+                "(defaults)".to_string()
+            } else {
+                s.clone()
+            }
+        })
+    };
+    let devices: Vec<[String; 2]> = vm
+        .disks
+        .iter()
+        .map(|d| ["disk".to_string(), d.clone()])
+        .chain(vm.nets.iter().map(|n| ["net".to_string(), n.clone()]))
+        .chain(device(&vm.vsock).map(|v| ["vsock".to_string(), v]))
+        .chain(device(&vm.rng).map(|v| ["rng".to_string(), v]))
+        .chain(device(&vm.balloon).map(|v| ["balloon".to_string(), v]))
+        .collect();
+    if devices.is_empty() {
+        rows.insert(10, ["devices".into(), "-".into()]);
+    }
+    for (i, d) in devices.into_iter().enumerate() {
+        rows.insert(10 + i, d);
+    }
     for [k, v] in rows {
         println!("{:<14}{v}", format!("{k}:"));
     }
@@ -543,6 +879,61 @@ mod tests {
     fn names_are_percent_encoded_in_paths() {
         assert_eq!(vm_path("web-1.a_b", "/start"), "/v1/vms/web-1.a_b/start");
         assert_eq!(vm_path("a b/c", ""), "/v1/vms/a%20b%2Fc");
+    }
+
+    #[test]
+    fn device_paths_are_made_absolute() {
+        let cwd = std::env::current_dir().unwrap().display().to_string();
+        assert_eq!(
+            absolute_option("d.qcow2,readonly=on", "path", true),
+            format!("{cwd}/d.qcow2,readonly=on")
+        );
+        assert_eq!(
+            absolute_option("id=x,path=sub/d.raw", "path", true),
+            format!("id=x,path={cwd}/sub/d.raw")
+        );
+        assert_eq!(
+            absolute_option("path=/abs.img,id=rel", "path", true),
+            "path=/abs.img,id=rel"
+        );
+        assert_eq!(
+            absolute_option("cid=3,socket=vm.sock", "socket", false),
+            format!("cid=3,socket={cwd}/vm.sock")
+        );
+        // Not a key=value path: left for the daemon to refuse.
+        assert_eq!(absolute_option("cid=3", "socket", false), "cid=3");
+        assert_eq!(absolute_option("readonly=on", "path", true), "readonly=on");
+    }
+
+    #[test]
+    fn update_sends_only_what_was_given() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct T {
+            #[command(subcommand)]
+            vm: VmCommand,
+        }
+        let body = |args: &[&str]| {
+            let t = T::try_parse_from(["t", "update", "web"].iter().chain(args)).unwrap();
+            let VmCommand::Update(a) = t.vm else {
+                panic!("not update")
+            };
+            serde_json::Value::Object(update_body(&a))
+        };
+        assert_eq!(body(&[]), serde_json::json!({}));
+        assert_eq!(
+            body(&["--memory", "64", "--rng", "--no-balloon", "--net", "tap0"]),
+            serde_json::json!({"memory_mib": 64, "rng": "", "balloon": null, "nets": ["tap0"]})
+        );
+        assert_eq!(
+            body(&["--rng=bw=1M", "--no-disks", "--balloon=target=8"]),
+            serde_json::json!({"rng": "bw=1M", "disks": [], "balloon": "target=8"})
+        );
+        assert_eq!(
+            body(&["--image", "/kit"]),
+            serde_json::json!({"image": "/kit", "kernel": null})
+        );
+        assert!(T::try_parse_from(["t", "update", "web", "--rng", "--no-rng"]).is_err());
     }
 
     #[test]

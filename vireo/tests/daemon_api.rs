@@ -31,12 +31,17 @@ struct Env {
 
 impl Env {
     fn new(tag: &str) -> Env {
-        let mut env = Env {
-            dir: TempDir::new(tag),
-            daemon: None,
-        };
+        let mut env = Env::without_daemon(tag);
         env.start_daemon();
         env
+    }
+
+    /// The directories, no daemon yet.
+    fn without_daemon(tag: &str) -> Env {
+        Env {
+            dir: TempDir::new(tag),
+            daemon: None,
+        }
     }
 
     fn state(&self) -> PathBuf {
@@ -746,7 +751,7 @@ fn the_cli_says_how_to_start_a_missing_daemon() {
     );
     assert_eq!(out.stderr.lines().count(), 1, "{out}");
     for verb in [
-        "create", "list", "show", "start", "stop", "kill", "delete", "console",
+        "create", "update", "list", "show", "start", "stop", "kill", "delete", "console", "balloon",
     ] {
         let out = run_vireo_args(&["vm".into(), verb.into(), "--help".into()], WAIT);
         out.assert_status(0);
@@ -815,4 +820,370 @@ fn stop_presses_the_power_button_and_the_guest_shuts_down() {
         "{v}"
     );
     assert!(env.console("g").contains("power button pressed"));
+}
+
+/// The error code and message of a 4xx reply, after checking its status.
+fn error_of(reply: (u16, Value), status: u16) -> (String, String) {
+    let (got, v) = reply;
+    assert_eq!(got, status, "{v}");
+    (
+        v["error"]["code"].as_str().unwrap_or("?").to_string(),
+        v["error"]["message"].as_str().unwrap_or("?").to_string(),
+    )
+}
+
+/// Device option strings are checked by the devices' parsers when a VM is
+/// defined or changed, stored, shown, and handed to `vireo run` as flags.
+#[test]
+fn devices_are_checked_stored_and_passed_to_the_vm() {
+    let env = Env::new("daemon-dev");
+    let kernel = env.kernel("vmlinux", hello_halt);
+    let disk = env
+        .dir
+        .write("root.raw", &[0u8; 4096])
+        .display()
+        .to_string();
+    let data = env
+        .dir
+        .write("data.raw", &[0u8; 4096])
+        .display()
+        .to_string();
+    let vsock = env.dir.path().join("v.sock").display().to_string();
+
+    // Bad definitions: 400, the field path and the parser's words; nothing stored.
+    let bad = |extra: Value, code: &str, needle: &str| {
+        let mut body = json!({"name": "bad", "kernel": kernel, "memory_mib": 32, "accel": "emu"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (got_code, msg) = error_of(env.json("POST", "/v1/vms", Some(body.clone())), 400);
+        assert_eq!(got_code, code, "{body}: {msg}");
+        assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
+    };
+    bad(
+        json!({"nets": ["tap=tap0,mac=zz"]}),
+        "invalid_value",
+        "nets[0]: mac=zz",
+    );
+    bad(
+        json!({"disks": [disk, "readonly=on"]}),
+        "invalid_value",
+        "disks[1]: path= is required",
+    );
+    bad(
+        json!({"disks": [format!("{disk},speed=9")]}),
+        "invalid_value",
+        "disks[0]: unknown option \"speed\"",
+    );
+    bad(
+        json!({"disks": ["/nonexistent/d.qcow2"]}),
+        "missing_file",
+        "disks[0]: path=/nonexistent/d.qcow2",
+    );
+    bad(json!({"disks": ["root.raw"]}), "invalid_value", "absolute");
+    bad(
+        json!({"nets": ["tap0", "tap=tap0"]}),
+        "invalid_value",
+        "nets[1]: tap=tap0 is already nets[0]",
+    );
+    bad(
+        json!({"vsock": "cid=1,socket=/tmp/x"}),
+        "invalid_value",
+        "vsock: cid=1",
+    );
+    bad(
+        json!({"rng": "colour=red"}),
+        "invalid_value",
+        "rng: unknown option \"colour\"",
+    );
+    bad(
+        json!({"balloon": "target=32"}),
+        "invalid_value",
+        "balloon: target=32 must be less than memory_mib",
+    );
+    bad(json!({"disks": "/x"}), "invalid_request", "disks");
+    let (_, v) = env.json("GET", "/v1/vms", None);
+    assert_eq!(v["vms"], json!([]), "a bad definition was stored");
+
+    // Through the CLI: every device flag.
+    let out = env.cli(&[
+        "create",
+        "full",
+        "--kernel",
+        &kernel,
+        "--memory",
+        "32",
+        "--accel",
+        "emu",
+        "--disk",
+        &format!("path={disk},id=root,serial=S1,bw=10M,ops=1000"),
+        "--disk",
+        &format!("{data},readonly=on"),
+        "--net",
+        "tap=tap0,mtu=1400",
+        "--net",
+        "tap=tap1,mac=52:54:00:12:34:56",
+        "--vsock",
+        &format!("cid=3,socket={vsock}"),
+        "--rng",
+        "--balloon=target=8",
+    ]);
+    out.assert_status(0);
+    assert!(
+        out.stdout.contains("2 disks, 2 nets, vsock, rng, balloon"),
+        "{out}"
+    );
+    let v = env.vm("full");
+    assert_eq!(
+        v["disks"],
+        json!([
+            format!("path={disk},id=root,serial=S1,bw=10M,ops=1000"),
+            format!("{data},readonly=on")
+        ])
+    );
+    let net0 = v["nets"][0].as_str().unwrap().to_string();
+    let mac = net0
+        .strip_prefix("tap=tap0,mtu=1400,mac=")
+        .unwrap_or_else(|| panic!("no MAC pinned: {v}"));
+    assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");
+    assert_eq!(v["nets"][1], "tap=tap1,mac=52:54:00:12:34:56");
+    assert_eq!(v["vsock"], format!("cid=3,socket={vsock}"));
+    assert_eq!(
+        (v["rng"].as_str(), v["balloon"].as_str()),
+        (Some(""), Some("target=8"))
+    );
+    let out = env.cli(&["show", "full"]);
+    out.assert_status(0);
+    for line in [
+        format!("disk:         path={disk},id=root"),
+        format!("disk:         {data},readonly=on"),
+        format!("net:          {net0}"),
+        format!("vsock:        cid=3,socket={vsock}"),
+        "rng:          (defaults)".to_string(),
+        "balloon:      target=8".to_string(),
+    ] {
+        assert!(out.stdout.contains(&line), "{line:?} not in\n{out}");
+    }
+
+    // A change keeps what it does not name (the pinned MAC too); a bad
+    // change is refused and changes nothing.
+    let (status, v) = env.json("PATCH", "/v1/vms/full", Some(json!({"vcpus": 2})));
+    assert_eq!(
+        (status, v["nets"][0].as_str()),
+        (200, Some(net0.as_str())),
+        "{v}"
+    );
+    let (code, msg) = error_of(
+        env.json(
+            "PATCH",
+            "/v1/vms/full",
+            Some(json!({"nets": ["tap0", "tap=tap2,mtu=9"]})),
+        ),
+        400,
+    );
+    assert_eq!(code, "invalid_value");
+    assert!(msg.starts_with("nets[1]: mtu=9"), "{msg}");
+    assert_eq!(env.vm("full")["nets"][0].as_str(), Some(net0.as_str()));
+    let out = env.cli(&[
+        "update",
+        "full",
+        "--no-disks",
+        "--no-nets",
+        "--no-vsock",
+        "--rng=bw=1M",
+        "--no-balloon",
+    ]);
+    out.assert_status(0);
+    let v = env.vm("full");
+    assert_eq!(
+        (
+            &v["disks"],
+            &v["nets"],
+            &v["vsock"],
+            &v["rng"],
+            &v["balloon"]
+        ),
+        (
+            &json!([]),
+            &json!([]),
+            &Value::Null,
+            &json!("bw=1M"),
+            &Value::Null
+        ),
+        "{v}"
+    );
+    let out = env.cli(&["update", "full", "--balloon=target=99"]);
+    out.assert_status(2);
+    assert!(out.stderr.contains("balloon: target=99"), "{out}");
+
+    // A VM with an rng, a balloon and a vsock device starts, and its
+    // `vireo run` gets them as flags.
+    let (status, v) = env.json(
+        "POST",
+        "/v1/vms",
+        Some(
+            json!({"name": "dev", "kernel": kernel, "memory_mib": 32, "accel": "emu",
+                    "rng": "", "balloon": "", "vsock": format!("cid=3,socket={vsock}")}),
+        ),
+    );
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/dev/start", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let pid = v["pid"].as_i64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert_eq!(args.get(1).map(String::as_str), Some("run"), "{args:?}");
+    for flag in [
+        "--rng".to_string(),
+        "--balloon".into(),
+        format!("--vsock=cid=3,socket={vsock}"),
+    ] {
+        assert!(args.contains(&flag), "{flag} not in {args:?}");
+    }
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--disk") || a.starts_with("--net")),
+        "{args:?}"
+    );
+    env.wait_for("the guest's line", || env.console("dev").contains(HELLO));
+    assert_eq!(state(&env.vm("dev")), "running");
+
+    // The balloon, through the VM's control socket.
+    let (status, b) = env.json("GET", "/v1/vms/dev/balloon", None);
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(
+        (b["target_mib"].as_u64(), b["actual_mib"].as_u64()),
+        (Some(0), Some(0)),
+        "{b}"
+    );
+    let (status, b) = env.json("PUT", "/v1/vms/dev/balloon", Some(json!({"target_mib": 8})));
+    assert_eq!((status, b["target_mib"].as_u64()), (200, Some(8)), "{b}");
+    let out = env.cli(&["balloon", "dev"]);
+    out.assert_status(0);
+    assert!(
+        out.stdout
+            .contains("dev: balloon target 8 MiB, actual 0 MiB"),
+        "{out}"
+    );
+    let out = env.cli(&["balloon", "dev", "--target", "4", "--json"]);
+    out.assert_status(0);
+    let b: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(b["target_mib"].as_u64(), Some(4), "{out}");
+    let (code, msg) = error_of(
+        env.json(
+            "PUT",
+            "/v1/vms/dev/balloon",
+            Some(json!({"target_mib": 32})),
+        ),
+        400,
+    );
+    assert_eq!(code, "invalid_value");
+    assert!(msg.starts_with("target_mib: 32 MiB"), "{msg}");
+    let (code, msg) = error_of(
+        env.json("PUT", "/v1/vms/dev/balloon", Some(json!({"target": 4}))),
+        400,
+    );
+    assert_eq!(code, "invalid_request");
+    assert!(msg.contains("unknown field `target`"), "{msg}");
+
+    // No balloon, or not running: a clear 409.
+    let (code, msg) = error_of(env.json("GET", "/v1/vms/full/balloon", None), 409);
+    assert_eq!(code, "invalid_state", "{msg}");
+    env.create("plain", &kernel);
+    let (status, v) = env.json("POST", "/v1/vms/plain/start", None);
+    assert_eq!(status, 200, "{v}");
+    let (code, msg) = error_of(env.json("GET", "/v1/vms/plain/balloon", None), 409);
+    assert_eq!(code, "no_balloon");
+    assert!(msg.contains("VM plain has no balloon device"), "{msg}");
+    let out = env.cli(&["balloon", "plain", "--target", "4"]);
+    out.assert_status(2);
+    assert!(out.stderr.contains("no balloon device"), "{out}");
+    let (code, _) = error_of(env.json("GET", "/v1/vms/nope/balloon", None), 404);
+    assert_eq!(code, "not_found");
+    for vm in ["dev", "plain"] {
+        let (status, v) = env.json("POST", &format!("/v1/vms/{vm}/kill"), None);
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+/// A state database written by a vireo without device support (schema 1)
+/// is migrated when the daemon opens it: its VMs keep their definitions,
+/// have no devices, and can be given some.
+#[test]
+fn an_old_state_database_is_migrated() {
+    let mut env = Env::without_daemon("daemon-migrate");
+    let kernel = env.kernel("vmlinux", hello_halt);
+    std::fs::create_dir_all(env.state()).unwrap();
+    let db = env.state().join("state.db");
+    // Schema 1, verbatim, with one VM in it.
+    let sql = format!(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY NOT NULL, applied_at INTEGER NOT NULL);
+         INSERT INTO schema_migrations VALUES (1, 1700000000);
+         CREATE TABLE vm_definitions (
+            name TEXT PRIMARY KEY NOT NULL, vcpus INTEGER NOT NULL CHECK (vcpus > 0),
+            memory_mib INTEGER NOT NULL CHECK (memory_mib > 0), kernel TEXT, initrd TEXT,
+            cmdline TEXT, image TEXT, accel TEXT NOT NULL, created_at INTEGER NOT NULL) STRICT;
+         CREATE TABLE vm_runtime (
+            name TEXT PRIMARY KEY NOT NULL REFERENCES vm_definitions(name) ON DELETE CASCADE,
+            state TEXT NOT NULL, pid INTEGER, pid_start_time INTEGER, started_at INTEGER,
+            last_exit TEXT, last_exit_at INTEGER) STRICT;
+         INSERT INTO vm_definitions VALUES ('old', 1, 32, '{kernel}', NULL, 'quiet', NULL, 'emu', 1700000000);
+         INSERT INTO vm_runtime (name, state, last_exit) VALUES ('old', 'stopped', 'powered off');"
+    );
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg(&sql)
+        .output()
+        .expect("this test needs the sqlite3 command to write an old database");
+    assert!(
+        out.status.success(),
+        "sqlite3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    env.start_daemon();
+    assert!(
+        env.daemon_log().contains("applied schema migration 2"),
+        "{}",
+        env.daemon_log()
+    );
+    let v = env.vm("old");
+    assert_eq!(
+        (
+            v["kernel"].as_str(),
+            v["cmdline"].as_str(),
+            v["last_exit"].as_str()
+        ),
+        (Some(kernel.as_str()), Some("quiet"), Some("powered off")),
+        "{v}"
+    );
+    assert_eq!(v["created_at"], "2023-11-14T22:13:20Z");
+    assert_eq!(
+        (
+            &v["disks"],
+            &v["nets"],
+            &v["vsock"],
+            &v["rng"],
+            &v["balloon"]
+        ),
+        (
+            &json!([]),
+            &json!([]),
+            &Value::Null,
+            &Value::Null,
+            &Value::Null
+        ),
+        "{v}"
+    );
+    let (status, v) = env.json("PATCH", "/v1/vms/old", Some(json!({"rng": "bw=1M"})));
+    assert_eq!((status, v["rng"].as_str()), (200, Some("bw=1M")), "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/old/start", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    env.wait_for("the migrated VM's guest", || {
+        env.console("old").contains(HELLO)
+    });
 }
