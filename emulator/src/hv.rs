@@ -60,6 +60,11 @@ pub const SUPPORTED_MSRS: [u32; 18] = [
 ];
 
 impl Hypervisor for EmuHypervisor {
+    fn prefers_unpacked_kernel(&self) -> bool {
+        // The kernel's xz decompressor alone is billions of instructions.
+        true
+    }
+
     fn name(&self) -> &'static str {
         "emu"
     }

@@ -61,6 +61,12 @@ pub trait Hypervisor: Send + Sync {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
     /// MSR indices the backend can save and restore.
     fn supported_msrs(&self) -> Result<Vec<u32>>;
+    /// True when this backend runs guest code so slowly that a compressed
+    /// kernel's own decompressor would dominate boot time; vireo then
+    /// unpacks a bzImage's payload on the host and boots the vmlinux inside.
+    fn prefers_unpacked_kernel(&self) -> bool {
+        false
+    }
     /// Create an empty VM: map its memory, then call [`Vm::create_platform`].
     fn create_vm(&self) -> Result<Arc<dyn Vm>>;
 }

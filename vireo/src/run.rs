@@ -140,8 +140,13 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         );
     }
     tracing::info!(
-        "booting {} {} at {:#x} on {} with {} vCPU(s), {} MiB",
+        "booting {}{} {} at {:#x} on {} with {} vCPU(s), {} MiB",
         vm.boot_info().format,
+        if vm.boot_info().unpacked {
+            " (payload unpacked on the host)"
+        } else {
+            ""
+        },
         cfg.boot.kernel.display(),
         vm.boot_info().entry,
         hv.name(),

@@ -99,7 +99,7 @@ echo "pci-functions $(ls /sys/bus/pci/devices | wc -l)"
 for d in /sys/bus/virtio/devices/*; do
     echo "virtio-device $(cat $d/device) $(basename $(readlink $d/driver))"
 done
-echo "msix-vectors $(grep -c PCI-MSIX /proc/interrupts)"
+echo "msix-vectors $(grep -c 'PCI-MSI.*virtio' /proc/interrupts)"
 # The data disk: a pattern written through the guest's page cache and synced.
 dd if=/dev/urandom of=/tmp/pattern bs=64k count=64 2>/dev/null
 dd if=/tmp/pattern of=/dev/vdb bs=64k 2>/dev/null

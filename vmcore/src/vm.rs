@@ -118,6 +118,7 @@ impl Vm {
                 vcpus: cfg.vcpus,
                 ..cfg.boot.clone()
             },
+            hv.prefers_unpacked_kernel(),
         )?;
         let hv_vm = hv.create_vm()?;
         for (slot, (guest, size, host)) in memory::host_mappings(&memory).into_iter().enumerate() {

@@ -57,10 +57,73 @@ pub struct LoadedKernel {
     pub end: u64,
     /// The bzImage's setup header, to be copied into the zero page.
     pub setup_header: Option<setup_header>,
+    /// A bzImage whose payload was decompressed on the host and loaded as
+    /// the vmlinux ELF it holds.
+    pub unpacked: bool,
 }
 
-/// Load `image` (the bytes of the file at `path`, named in errors).
-pub fn load_kernel(mem: &GuestMemory, path: &str, image: &[u8]) -> Result<LoadedKernel, BootError> {
+/// The largest kernel vireo unpacks on the host.
+const MAX_UNPACKED_KERNEL: u64 = 1 << 30;
+
+/// Decompress a bzImage's payload (the vmlinux ELF) on the host. `Ok(None)`
+/// for a compression vireo does not unpack (the kernel's own decompressor
+/// then runs in the guest); an error for a payload that is cut short or
+/// corrupt.
+pub fn unpack_bzimage(image: &[u8], hdr: &setup_header) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    let setup_sects = match hdr.setup_sects {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let start = (setup_sects + 1) * 512 + hdr.payload_offset as usize;
+    let payload = start
+        .checked_add(hdr.payload_length as usize)
+        .and_then(|end| image.get(start..end))
+        .filter(|p| p.len() > 4)
+        .ok_or("the payload lies outside the file (truncated?)")?;
+    // The build appends the unpacked size as a little-endian u32.
+    let (stream, size) = payload.split_at(payload.len() - 4);
+    let size = u64::from(u32::from_le_bytes([size[0], size[1], size[2], size[3]]));
+    if size > MAX_UNPACKED_KERNEL {
+        return Err(format!(
+            "the payload claims {size} bytes unpacked, more than vireo accepts"
+        ));
+    }
+    let reader: Box<dyn Read + '_> = match stream {
+        [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => Box::new(xz2::read::XzDecoder::new(stream)),
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(stream)),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(stream)
+                .map_err(|e| format!("zstd payload: {e}"))?,
+        ),
+        _ => return Ok(None),
+    };
+    let mut out = Vec::with_capacity(size as usize);
+    reader
+        .take(size + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("cannot decompress the payload: {e}"))?;
+    if out.len() as u64 != size {
+        return Err(format!(
+            "the payload unpacked to {} bytes, its trailer says {size}",
+            out.len()
+        ));
+    }
+    if !out.starts_with(ELF_MAGIC) {
+        return Err("the unpacked payload is not an ELF vmlinux".into());
+    }
+    Ok(Some(out))
+}
+
+/// Load `image` (the bytes of the file at `path`, named in errors). With
+/// `unpack`, a bzImage is decompressed on the host when vireo knows its
+/// payload's compression, and the vmlinux inside is loaded instead.
+pub fn load_kernel(
+    mem: &GuestMemory,
+    path: &str,
+    image: &[u8],
+    unpack: bool,
+) -> Result<LoadedKernel, BootError> {
     let format = detect_format(image).ok_or_else(|| BootError::NotAKernel(path.into()))?;
     let highmem = Some(GuestAddress(layout::HIGH_MEMORY_START));
     let mut reader = Cursor::new(image);
@@ -78,6 +141,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &str, image: &[u8]) -> Result<Loaded
                 entry: r.kernel_load.0,
                 end: r.kernel_end,
                 setup_header: None,
+                unpacked: false,
             })
         }
         KernelFormat::BzImage => {
@@ -95,6 +159,29 @@ pub fn load_kernel(mem: &GuestMemory, path: &str, image: &[u8]) -> Result<Loaded
                     ),
                 });
             }
+            if unpack {
+                let vmlinux =
+                    unpack_bzimage(image, &hdr).map_err(|reason| BootError::BadKernel {
+                        path: path.into(),
+                        format,
+                        reason,
+                    })?;
+                if let Some(vmlinux) = vmlinux {
+                    check_elf_header(path, &vmlinux)?;
+                    let r =
+                        Elf::load(mem, None, &mut Cursor::new(&vmlinux), highmem).map_err(bad)?;
+                    let init_end = hdr.pref_address.saturating_add(u64::from(hdr.init_size));
+                    return Ok(LoadedKernel {
+                        format,
+                        entry: r.kernel_load.0,
+                        end: r.kernel_end.max(init_end),
+                        // The kernel reads its own header back (init_size,
+                        // kernel_alignment): keep the bzImage's.
+                        setup_header: Some(hdr),
+                        unpacked: true,
+                    });
+                }
+            }
             let r = BzImage::load(
                 mem,
                 Some(GuestAddress(layout::HIGH_MEMORY_START)),
@@ -109,6 +196,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &str, image: &[u8]) -> Result<Loaded
                 entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                 end,
                 setup_header: r.setup_header,
+                unpacked: false,
             })
         }
     }
@@ -208,11 +296,95 @@ pub(crate) mod tests {
         f
     }
 
+    /// A bzImage whose payload is `vmlinux` compressed by `compress`, with
+    /// the size trailer and payload fields a real build writes.
+    fn packed_bzimage(vmlinux: &[u8], compress: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+        let mut payload = compress(vmlinux);
+        payload.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
+        // 0x100 bytes of "decompressor" before the payload.
+        let mut pm = vec![0xccu8; 0x100];
+        pm.extend_from_slice(&payload);
+        let mut f = bzimage(0x20f, 1, &pm);
+        f[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes());
+        f[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        f[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        f
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn xz(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn unpacks_gzip_and_xz_payloads_on_the_host() {
+        let vmlinux = elf_image(0x20_0000, &[0xf4, 0x90, 0x90, 0x0f, 0x0b]);
+        for (name, image) in [
+            ("gzip", packed_bzimage(&vmlinux, gzip)),
+            ("xz", packed_bzimage(&vmlinux, xz)),
+        ] {
+            let mem = create_guest_memory(32 << 20).unwrap();
+            let k = load_kernel(&mem, name, &image, true).unwrap();
+            assert!(k.unpacked, "{name}");
+            assert_eq!(k.format, KernelFormat::BzImage);
+            assert_eq!(k.entry, 0x20_0000, "{name}: the vmlinux's entry");
+            assert_eq!(k.end, 0x100_0000 + 0x40_0000, "pref_address + init_size");
+            assert!(k.setup_header.is_some(), "the bzImage's header is kept");
+            let b: [u8; 5] = mem.read_obj(GuestAddress(0x20_0000)).unwrap();
+            assert_eq!(b, [0xf4, 0x90, 0x90, 0x0f, 0x0b]);
+            // Without unpacking, the same file boots its own decompressor.
+            let k = load_kernel(&mem, name, &image, false).unwrap();
+            assert!(!k.unpacked);
+            assert_eq!(k.entry, 0x10_0200);
+        }
+    }
+
+    #[test]
+    fn corrupt_or_unknown_payloads() {
+        let vmlinux = elf_image(0x20_0000, &[0xf4]);
+        let mem = create_guest_memory(32 << 20).unwrap();
+        // A flipped byte inside the xz stream: refused, naming the problem.
+        let mut image = packed_bzimage(&vmlinux, xz);
+        let mid = 5 * 512 + 0x100 + 40;
+        image[mid] ^= 0xff;
+        let e = load_kernel(&mem, "bad", &image, true).unwrap_err();
+        assert!(e.to_string().contains("payload"), "{e}");
+        // A wrong size trailer.
+        let mut image = packed_bzimage(&vmlinux, gzip);
+        let n = image.len();
+        image[n - 4..].copy_from_slice(&7u32.to_le_bytes());
+        assert!(load_kernel(&mem, "size", &image, true).is_err());
+        // A compression vireo does not unpack (LZ4): the guest decompresses.
+        let image = packed_bzimage(&vmlinux, |d| {
+            let mut v = vec![0x02, 0x21, 0x4c, 0x18];
+            v.extend_from_slice(d);
+            v
+        });
+        let k = load_kernel(&mem, "lz4", &image, true).unwrap();
+        assert!(!k.unpacked);
+        // A payload that is not an ELF.
+        let image = packed_bzimage(b"not an elf at all", gzip);
+        assert!(load_kernel(&mem, "notelf", &image, true).is_err());
+        // Payload fields pointing past the file.
+        let mut image = packed_bzimage(&vmlinux, gzip);
+        image[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(load_kernel(&mem, "past", &image, true).is_err());
+    }
+
     #[test]
     fn loads_elf_at_paddr_and_enters_at_e_entry() {
         let mem = create_guest_memory(16 << 20).unwrap();
         let image = elf_image(0x20_0000, &[0xf4, 0x90, 0x90]);
-        let k = load_kernel(&mem, "vmlinux", &image).unwrap();
+        let k = load_kernel(&mem, "vmlinux", &image, false).unwrap();
         assert_eq!(k.format, KernelFormat::Elf);
         assert_eq!(k.entry, 0x20_0000);
         let b: u8 = mem.read_obj(GuestAddress(0x20_0000)).unwrap();
@@ -224,7 +396,7 @@ pub(crate) mod tests {
         let mem = create_guest_memory(16 << 20).unwrap();
         let mut payload = vec![0u8; 0x200];
         payload.push(0xf4);
-        let k = load_kernel(&mem, "bzImage", &bzimage(0x20f, 1, &payload)).unwrap();
+        let k = load_kernel(&mem, "bzImage", &bzimage(0x20f, 1, &payload), false).unwrap();
         assert_eq!(k.format, KernelFormat::BzImage);
         assert_eq!(k.entry, 0x10_0200);
         assert_eq!(k.end, 0x10_0000 + 0x40_0000);
@@ -235,43 +407,43 @@ pub(crate) mod tests {
     #[test]
     fn refuses_old_or_32bit_bzimage() {
         let mem = create_guest_memory(16 << 20).unwrap();
-        let e = load_kernel(&mem, "old", &bzimage(0x205, 1, &[0; 0x300])).unwrap_err();
+        let e = load_kernel(&mem, "old", &bzimage(0x205, 1, &[0; 0x300]), false).unwrap_err();
         assert!(e.to_string().contains("2.05"), "{e}");
-        let e = load_kernel(&mem, "32", &bzimage(0x20f, 0, &[0; 0x300])).unwrap_err();
+        let e = load_kernel(&mem, "32", &bzimage(0x20f, 0, &[0; 0x300]), false).unwrap_err();
         assert!(e.to_string().contains("64-bit"), "{e}");
     }
 
     #[test]
     fn refuses_non_kernels_truncated_and_corrupt_files() {
         let mem = create_guest_memory(16 << 20).unwrap();
-        let e = load_kernel(&mem, "junk.bin", b"hello world, not a kernel").unwrap_err();
+        let e = load_kernel(&mem, "junk.bin", b"hello world, not a kernel", false).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel(_)));
         assert!(e.to_string().contains("junk.bin"));
 
         let elf = elf_image(0x20_0000, &[0x90; 64]);
         for cut in [10, 63, 100, 0x1010] {
             assert!(
-                load_kernel(&mem, "cut", &elf[..cut]).is_err(),
+                load_kernel(&mem, "cut", &elf[..cut], false).is_err(),
                 "cut at {cut}"
             );
         }
         let mut wrong_class = elf.clone();
         wrong_class[4] = 1;
-        assert!(load_kernel(&mem, "x", &wrong_class).is_err());
+        assert!(load_kernel(&mem, "x", &wrong_class, false).is_err());
         let mut wrong_machine = elf.clone();
         wrong_machine[18] = 3;
-        assert!(load_kernel(&mem, "x", &wrong_machine).is_err());
+        assert!(load_kernel(&mem, "x", &wrong_machine, false).is_err());
         // Program header pointing far outside the file.
         let mut bad_ph = elf.clone();
         bad_ph[64 + 8..64 + 16].copy_from_slice(&0xffff_ffffu64.to_le_bytes());
-        assert!(load_kernel(&mem, "x", &bad_ph).is_err());
+        assert!(load_kernel(&mem, "x", &bad_ph, false).is_err());
         // Segment outside guest memory.
         let far = elf_image(0x4000_0000, &[0x90; 16]);
-        assert!(load_kernel(&mem, "x", &far).is_err());
+        assert!(load_kernel(&mem, "x", &far, false).is_err());
 
         let bz = bzimage(0x20f, 1, &[0u8; 0x300]);
-        assert!(load_kernel(&mem, "cut", &bz[..0x210]).is_err());
-        assert!(load_kernel(&mem, "cut", &bz[..0x300]).is_err());
+        assert!(load_kernel(&mem, "cut", &bz[..0x210], false).is_err());
+        assert!(load_kernel(&mem, "cut", &bz[..0x300], false).is_err());
     }
 
     #[test]

@@ -66,17 +66,20 @@ pub struct BootSpec {
 #[derive(Debug, Clone)]
 pub struct BootInfo {
     pub format: KernelFormat,
+    /// The bzImage's payload was decompressed on the host.
+    pub unpacked: bool,
     pub entry: u64,
     /// Some(true/false) when the image could be checked for PVM guest support.
     pub pvm_guest: Option<bool>,
 }
 
-/// Load everything the kernel needs into `mem`.
-pub fn prepare(mem: &GuestMemory, spec: &BootSpec) -> Result<BootInfo, BootError> {
+/// Load everything the kernel needs into `mem`. With `unpack`, a bzImage
+/// whose payload vireo can decompress is booted as the vmlinux inside it.
+pub fn prepare(mem: &GuestMemory, spec: &BootSpec, unpack: bool) -> Result<BootInfo, BootError> {
     let image =
         std::fs::read(&spec.kernel).map_err(|e| BootError::ReadKernel(spec.kernel.clone(), e))?;
     let path = spec.kernel.display().to_string();
-    let loaded = kernel::load_kernel(mem, &path, &image)?;
+    let loaded = kernel::load_kernel(mem, &path, &image, unpack)?;
     let pvm_guest = kernel::mentions_pvm_guest(&image);
     drop(image);
 
@@ -118,6 +121,7 @@ pub fn prepare(mem: &GuestMemory, spec: &BootSpec) -> Result<BootInfo, BootError
 
     Ok(BootInfo {
         format: loaded.format,
+        unpacked: loaded.unpacked,
         entry: loaded.entry,
         pvm_guest,
     })
@@ -202,6 +206,7 @@ mod tests {
                 cmdline: "console=ttyS0 panic=-1".into(),
                 vcpus: 2,
             },
+            false,
         )
         .unwrap();
         assert_eq!(info.entry, 0x10_0000);
@@ -234,6 +239,7 @@ mod tests {
                 cmdline: String::new(),
                 vcpus: 1,
             },
+            false,
         )
         .unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
