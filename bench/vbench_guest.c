@@ -1,0 +1,219 @@
+/* vbench: the guest side of bench/virtio.py.
+ *
+ * Built on the host as a static binary (gcc -static -O2) and added to a copy
+ * of the guest kit's initramfs as /bin/vbench, so vireo and QEMU run the very
+ * same program in the very same guest. One process does all the I/O of a
+ * test: a busybox `dd` per 4 KiB request would measure fork+exec in the
+ * guest, not the disk.
+ *
+ * Every test prints one line:
+ *   bench-result NAME bytes=B ops=N ns=T [flush_ns=F]
+ * timed with CLOCK_MONOTONIC in the guest. All disk I/O is O_DIRECT (no guest
+ * page cache), one request at a time (queue depth 1).
+ *
+ *   vbench seqwrite DEV MIB            1 MiB pwrites from offset 0, then fsync
+ *   vbench seqread  DEV MIB            1 MiB preads from offset 0
+ *   vbench randread  DEV SPAN_MIB OPS SEED   4 KiB preads at random 4 KiB-aligned offsets < SPAN
+ *   vbench randwrite DEV SPAN_MIB OPS SEED   the same with pwrite, then fsync
+ *   vbench tcpsend IP PORT MIB         connect, send MIB MiB in 64 KiB writes, close
+ *   vbench tcprecv PORT                listen, accept one connection, count bytes to EOF
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MIB (1024ULL * 1024ULL)
+#define BLK 4096ULL
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void die(const char *what) {
+    printf("bench-error %s: %s\n", what, strerror(errno));
+    fflush(stdout);
+    exit(1);
+}
+
+/* xorshift64*: the same offsets for every VMM (and for the host baseline,
+ * which bench/virtio.py computes with the same generator). */
+static uint64_t rng_state;
+static uint64_t rng_next(void) {
+    uint64_t x = rng_state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    rng_state = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+static void *aligned_buf(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 4096, n) != 0) die("posix_memalign");
+    for (size_t i = 0; i < n; i++) ((unsigned char *)p)[i] = (unsigned char)(i * 7 + 1);
+    return p;
+}
+
+static int open_dev(const char *dev, int wr) {
+    int fd = open(dev, (wr ? O_RDWR : O_RDONLY) | O_DIRECT);
+    if (fd < 0) die(dev);
+    return fd;
+}
+
+static void full_pwrite(int fd, const void *buf, size_t n, off_t off) {
+    ssize_t r = pwrite(fd, buf, n, off);
+    if (r != (ssize_t)n) {
+        if (r >= 0) errno = EIO;
+        die("pwrite");
+    }
+}
+
+static void full_pread(int fd, void *buf, size_t n, off_t off) {
+    ssize_t r = pread(fd, buf, n, off);
+    if (r != (ssize_t)n) {
+        if (r >= 0) errno = EIO;
+        die("pread");
+    }
+}
+
+static int seq(const char *name, const char *dev, uint64_t mib, int wr) {
+    int fd = open_dev(dev, wr);
+    void *buf = aligned_buf(MIB);
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < mib; i++) {
+        if (wr) full_pwrite(fd, buf, MIB, (off_t)(i * MIB));
+        else full_pread(fd, buf, MIB, (off_t)(i * MIB));
+    }
+    uint64_t t1 = now_ns(), t2 = t1;
+    if (wr) {
+        if (fsync(fd) != 0) die("fsync");
+        t2 = now_ns();
+    }
+    printf("bench-result %s bytes=%llu ops=%llu ns=%llu flush_ns=%llu\n", name,
+           (unsigned long long)(mib * MIB), (unsigned long long)mib,
+           (unsigned long long)(t2 - t0), (unsigned long long)(t2 - t1));
+    close(fd);
+    return 0;
+}
+
+static int rnd(const char *name, const char *dev, uint64_t span_mib, uint64_t ops,
+               uint64_t seed, int wr) {
+    int fd = open_dev(dev, wr);
+    void *buf = aligned_buf(BLK);
+    uint64_t blocks = span_mib * MIB / BLK;
+    rng_state = seed ? seed : 1;
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < ops; i++) {
+        off_t off = (off_t)((rng_next() % blocks) * BLK);
+        if (wr) full_pwrite(fd, buf, BLK, off);
+        else full_pread(fd, buf, BLK, off);
+    }
+    uint64_t t1 = now_ns(), t2 = t1;
+    if (wr) {
+        if (fsync(fd) != 0) die("fsync");
+        t2 = now_ns();
+    }
+    /* ns excludes the final flush for random I/O: IOPS of the requests. */
+    printf("bench-result %s bytes=%llu ops=%llu ns=%llu flush_ns=%llu\n", name,
+           (unsigned long long)(ops * BLK), (unsigned long long)ops,
+           (unsigned long long)(t1 - t0), (unsigned long long)(t2 - t1));
+    close(fd);
+    return 0;
+}
+
+static int tcpsend(const char *ip, int port, uint64_t mib) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0) die("socket");
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1) die("inet_pton");
+    int tries = 0;
+    while (connect(s, (struct sockaddr *)&a, sizeof a) != 0) {
+        if (++tries > 50) die("connect");
+        close(s);
+        s = socket(AF_INET, SOCK_STREAM, 0);
+        usleep(200000);
+    }
+    size_t chunk = 64 * 1024;
+    char *buf = aligned_buf(chunk);
+    uint64_t total = mib * MIB, sent = 0;
+    uint64_t t0 = now_ns();
+    while (sent < total) {
+        size_t n = total - sent < chunk ? (size_t)(total - sent) : chunk;
+        ssize_t r = write(s, buf, n);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            die("send");
+        }
+        sent += (uint64_t)r;
+    }
+    shutdown(s, SHUT_WR);
+    /* Wait for the peer's close so the time covers delivery, not buffering. */
+    char c;
+    while (read(s, &c, 1) > 0) {}
+    uint64_t t1 = now_ns();
+    printf("bench-result tcp_tx bytes=%llu ops=0 ns=%llu\n", (unsigned long long)sent,
+           (unsigned long long)(t1 - t0));
+    close(s);
+    return 0;
+}
+
+static int tcprecv(int port) {
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    if (l < 0) die("socket");
+    int one = 1;
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+                            .sin_addr.s_addr = htonl(INADDR_ANY)};
+    if (bind(l, (struct sockaddr *)&a, sizeof a) != 0) die("bind");
+    if (listen(l, 1) != 0) die("listen");
+    printf("bench-listening %d\n", port);
+    fflush(stdout);
+    int s = accept(l, NULL, NULL);
+    if (s < 0) die("accept");
+    size_t chunk = 256 * 1024;
+    char *buf = malloc(chunk);
+    uint64_t got = 0, t0 = 0;
+    for (;;) {
+        ssize_t r = read(s, buf, chunk);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            die("recv");
+        }
+        if (r == 0) break;
+        if (got == 0) t0 = now_ns();
+        got += (uint64_t)r;
+    }
+    uint64_t t1 = now_ns();
+    printf("bench-result tcp_rx bytes=%llu ops=0 ns=%llu\n", (unsigned long long)got,
+           (unsigned long long)(t1 - t0));
+    close(s);
+    close(l);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc >= 4 && !strcmp(argv[1], "seqwrite")) return seq("seq_write", argv[2], strtoull(argv[3], 0, 0), 1);
+    if (argc >= 4 && !strcmp(argv[1], "seqread")) return seq("seq_read", argv[2], strtoull(argv[3], 0, 0), 0);
+    if (argc >= 6 && !strcmp(argv[1], "randread"))
+        return rnd("rand_read", argv[2], strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0), strtoull(argv[5], 0, 0), 0);
+    if (argc >= 6 && !strcmp(argv[1], "randwrite"))
+        return rnd("rand_write", argv[2], strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0), strtoull(argv[5], 0, 0), 1);
+    if (argc >= 5 && !strcmp(argv[1], "tcpsend")) return tcpsend(argv[2], atoi(argv[3]), strtoull(argv[4], 0, 0));
+    if (argc >= 3 && !strcmp(argv[1], "tcprecv")) return tcprecv(atoi(argv[2]));
+    fprintf(stderr, "usage: see bench/vbench_guest.c\n");
+    return 2;
+}
