@@ -7,8 +7,11 @@
  * guest, not the disk.
  *
  * Every test prints one line:
- *   bench-result NAME bytes=B ops=N ns=T [flush_ns=F]
- * timed with CLOCK_MONOTONIC in the guest. All disk I/O is O_DIRECT (no guest
+ *   bench-result NAME bytes=B ops=N ns=T [flush_ns=F] busy_ticks=U idle_ticks=I
+ * timed with CLOCK_MONOTONIC in the guest; U and I are the guest's CPU ticks
+ * (/proc/stat, USER_HZ) spent busy and idle (idle + iowait) during the test:
+ * a guest that is mostly idle while its I/O is slow is waiting on the device
+ * or on the interrupt, not on its own instructions. All disk I/O is O_DIRECT (no guest
  * page cache), one request at a time (queue depth 1).
  *
  *   vbench seqwrite DEV MIB            1 MiB pwrites from offset 0, then fsync
@@ -40,6 +43,29 @@ static uint64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Guest CPU ticks (all CPUs) from /proc/stat: busy and idle (idle+iowait). */
+static void cpu_ticks(unsigned long long *busy, unsigned long long *idle) {
+    unsigned long long v[10] = {0};
+    *busy = *idle = 0;
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return;
+    if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+               &v[5], &v[6], &v[7]) >= 5) {
+        *idle = v[3] + v[4];
+        *busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    }
+    fclose(f);
+}
+
+static unsigned long long busy0, idle0;
+static void cpu_start(void) { cpu_ticks(&busy0, &idle0); }
+/* Appended to a result line: guest CPU busy/idle ticks during the test. */
+static void cpu_end(void) {
+    unsigned long long b, i;
+    cpu_ticks(&b, &i);
+    printf(" busy_ticks=%llu idle_ticks=%llu\n", b - busy0, i - idle0);
 }
 
 static void die(const char *what) {
@@ -92,6 +118,7 @@ static void full_pread(int fd, void *buf, size_t n, off_t off) {
 static int seq(const char *name, const char *dev, uint64_t mib, int wr) {
     int fd = open_dev(dev, wr);
     void *buf = aligned_buf(MIB);
+    cpu_start();
     uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < mib; i++) {
         if (wr) full_pwrite(fd, buf, MIB, (off_t)(i * MIB));
@@ -102,9 +129,10 @@ static int seq(const char *name, const char *dev, uint64_t mib, int wr) {
         if (fsync(fd) != 0) die("fsync");
         t2 = now_ns();
     }
-    printf("bench-result %s bytes=%llu ops=%llu ns=%llu flush_ns=%llu\n", name,
+    printf("bench-result %s bytes=%llu ops=%llu ns=%llu flush_ns=%llu", name,
            (unsigned long long)(mib * MIB), (unsigned long long)mib,
            (unsigned long long)(t2 - t0), (unsigned long long)(t2 - t1));
+    cpu_end();
     close(fd);
     return 0;
 }
@@ -115,6 +143,7 @@ static int rnd(const char *name, const char *dev, uint64_t span_mib, uint64_t op
     void *buf = aligned_buf(BLK);
     uint64_t blocks = span_mib * MIB / BLK;
     rng_state = seed ? seed : 1;
+    cpu_start();
     uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < ops; i++) {
         off_t off = (off_t)((rng_next() % blocks) * BLK);
@@ -127,9 +156,10 @@ static int rnd(const char *name, const char *dev, uint64_t span_mib, uint64_t op
         t2 = now_ns();
     }
     /* ns excludes the final flush for random I/O: IOPS of the requests. */
-    printf("bench-result %s bytes=%llu ops=%llu ns=%llu flush_ns=%llu\n", name,
+    printf("bench-result %s bytes=%llu ops=%llu ns=%llu flush_ns=%llu", name,
            (unsigned long long)(ops * BLK), (unsigned long long)ops,
            (unsigned long long)(t1 - t0), (unsigned long long)(t2 - t1));
+    cpu_end();
     close(fd);
     return 0;
 }
@@ -149,6 +179,7 @@ static int tcpsend(const char *ip, int port, uint64_t mib) {
     size_t chunk = 64 * 1024;
     char *buf = aligned_buf(chunk);
     uint64_t total = mib * MIB, sent = 0;
+    cpu_start();
     uint64_t t0 = now_ns();
     while (sent < total) {
         size_t n = total - sent < chunk ? (size_t)(total - sent) : chunk;
@@ -164,8 +195,9 @@ static int tcpsend(const char *ip, int port, uint64_t mib) {
     char c;
     while (read(s, &c, 1) > 0) {}
     uint64_t t1 = now_ns();
-    printf("bench-result tcp_tx bytes=%llu ops=0 ns=%llu\n", (unsigned long long)sent,
+    printf("bench-result tcp_tx bytes=%llu ops=0 ns=%llu", (unsigned long long)sent,
            (unsigned long long)(t1 - t0));
+    cpu_end();
     close(s);
     return 0;
 }
@@ -193,12 +225,16 @@ static int tcprecv(int port) {
             die("recv");
         }
         if (r == 0) break;
-        if (got == 0) t0 = now_ns();
+        if (got == 0) {
+            cpu_start();
+            t0 = now_ns();
+        }
         got += (uint64_t)r;
     }
     uint64_t t1 = now_ns();
-    printf("bench-result tcp_rx bytes=%llu ops=0 ns=%llu\n", (unsigned long long)got,
+    printf("bench-result tcp_rx bytes=%llu ops=0 ns=%llu", (unsigned long long)got,
            (unsigned long long)(t1 - t0));
+    cpu_end();
     close(s);
     close(l);
     return 0;

@@ -67,6 +67,12 @@ SUSPECT = re.compile(
     r"i/o error|blk_update|reset|unhandled|not loaded|stuck|watchdog|hung",
     re.I,
 )
+# ... except these, which every boot of this kernel prints on both VMMs.
+BENIGN = re.compile(
+    r"command line:|This is not a bug|report a bug|NMI watchdog|Fast TSC calibration failed|"
+    r"vireo-init: \d+ modules loaded|Spectre|MDS|MMIO Stale|RETBleed|SRBDS|GDS|Speculative",
+    re.I,
+)
 
 
 def log(msg):
@@ -383,6 +389,24 @@ def vmm_argv(name, args, kernel, initrd, cmdline, image, tap):
     return argv
 
 
+def vmm_pid(timeout_pid):
+    """`timeout` forks once; `ip netns exec` execs the VMM in place."""
+    try:
+        kids = open(f"/proc/{timeout_pid}/task/{timeout_pid}/children").read().split()
+        return int(kids[0]) if kids else None
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_seconds(pid):
+    """utime + stime of all threads of pid, in seconds."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, TypeError):
+        return None
+
+
 def parse_result(line):
     parts = line.split()
     d = {"name": parts[1]}
@@ -430,6 +454,9 @@ def run_vm(name, args, work, kernel, initrd, cmdline, template, ns_name):
         th.start()
         rxc = None
         started = {}
+        cpu0 = {}
+        out["vmm_cpu_s"] = {}
+        pid = None
         while True:
             item = lines.get()
             if item is None:
@@ -442,24 +469,39 @@ def run_vm(name, args, work, kernel, initrd, cmdline, template, ns_name):
                 log(f"{name}: guest ready after {rel:.1f} s")
             if ln.startswith("bench-start "):
                 started[ln.split()[1]] = t
+                pid = pid or vmm_pid(p.pid)
+                cpu0[ln.split()[1]] = cpu_seconds(pid)
             elif ln.startswith("bench-result "):
                 r = parse_result(ln)
                 out["results"][r["name"]] = r
                 if r["name"] in started:
                     out["host_seen_ns"][r["name"]] = t - started[r["name"]]
+                    c1 = cpu_seconds(pid)
+                    if c1 is not None and cpu0.get(r["name"]) is not None:
+                        # VMM CPU time per wall second of the test (1.0 = one host core busy).
+                        out["vmm_cpu_s"][r["name"]] = c1 - cpu0[r["name"]]
                 log(f"{name}: {ln}")
             elif ln.startswith("bench-listening "):
                 rxc = subprocess.Popen(
                     ns.argv([sys.executable, "-c", RX_CLIENT, GUEST_IP, str(RX_PORT), str(args.net_mib)]),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            elif ln.startswith("bench-info ") or ln.startswith("bench-uptime "):
+            elif ln.startswith("bench-info "):
                 out.setdefault("info", []).append(ln)
-            if SUSPECT.search(ln) and not ln.startswith("bench-result"):
+            elif ln.startswith("bench-uptime "):
+                try:
+                    out.setdefault("uptimes", []).append((t - t_start, float(ln.split()[1])))
+                except ValueError:
+                    pass
+            if SUSPECT.search(ln) and not BENIGN.search(ln) and not ln.startswith("bench-result"):
                 out["errors"].append(ln)
                 if ln.startswith("bench-error"):
                     log(f"{name}: {ln}")
         rc = p.wait()
         out["exit_status"] = rc
+        ups = out.get("uptimes", [])
+        if len(ups) >= 2 and ups[-1][1] > ups[0][1]:
+            # > 1: the guest clock runs slow against the host's over the benchmark.
+            out["host_over_guest_clock"] = (ups[-1][0] - ups[0][0]) / 1e9 / (ups[-1][1] - ups[0][1])
         out["wall_s"] = (time.perf_counter_ns() - t_start) / 1e9
         if rc == 124 or rc == 137:
             out["errors"].append(f"(harness) {name} killed by timeout after {args.timeout} s")
@@ -531,6 +573,42 @@ def summarize(runs, host):
     return table
 
 
+def diagnostics(runs):
+    """Per VMM and test: latency per request, guest idle share, VMM host CPU use."""
+    d = {}
+    for n, run in runs.items():
+        for t in TESTS:
+            r = run["results"].get(t)
+            if not r:
+                continue
+            ticks = r.get("busy_ticks", 0) + r.get("idle_ticks", 0)
+            seen = run["host_seen_ns"].get(t)
+            cpu = run["vmm_cpu_s"].get(t)
+            d.setdefault(t, {})[n] = {
+                "us_per_op": r["ns"] / r["ops"] / 1e3 if r.get("ops") else None,
+                "guest_idle": r.get("idle_ticks", 0) / ticks if ticks else None,
+                "vmm_host_cores": cpu / (seen / 1e9) if cpu is not None and seen else None,
+            }
+    return d
+
+
+def print_diagnostics(diag, names):
+    print("\nwhere the time goes: µs per request (1 MiB seq, 4 KiB random), guest CPU idle share during"
+          " the test, VMM process host CPU (cores) during the test")
+    hdr = ["test"] + [f"{n} {c}" for n in names for c in ("µs/op", "guest idle", "VMM cores")]
+    rows = []
+    for t, per in diag.items():
+        r = [t]
+        for n in names:
+            x = per.get(n, {})
+            r += [fmt(x.get("us_per_op")) if t[:3] in ("seq", "ran") else "-",
+                  fmt(x.get("guest_idle"), 2), fmt(x.get("vmm_host_cores"), 2)]
+        rows.append(r)
+    w = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
+    for r in [hdr] + rows:
+        print("  ".join(str(x).rjust(w[i]) if i else str(x).ljust(w[i]) for i, x in enumerate(r)))
+
+
 def print_table(table, runs, accel_pair):
     names = list(runs)
     print()
@@ -546,6 +624,12 @@ def print_table(table, runs, accel_pair):
             r.append(fmt(ratio(row.get("vireo"), row.get("qemu")), 2))
         r += [fmt(hw), fmt(hc), fmt(ratio(row.get("vireo"), hw), 3), fmt(ratio(row.get("qemu"), hw), 3)]
         rows.append(r)
+    for t in ("tcp_tx", "tcp_rx"):
+        row = table[t]
+        r = [t + " (host-timed)", "MB/s"] + [fmt(row.get(n + "_hostside")) for n in names]
+        if "vireo/qemu" in hdr:
+            r.append(fmt(ratio(row.get("vireo_hostside"), row.get("qemu_hostside")), 2))
+        rows.append(r + ["", "", "", ""])
     rows.append(["boot to ready", "s"] + [fmt(runs[n].get("ready_s")) for n in names] +
                 ([fmt(ratio(runs["vireo"].get("ready_s"), runs["qemu"].get("ready_s")), 2)]
                  if "vireo/qemu" in hdr else []) + ["", "", "", ""])
@@ -646,10 +730,11 @@ def main():
     table = summarize(runs, host)
     print_table(table, runs, accel_pair)
 
-    clock = {}
-    for n, run in runs.items():
-        clock[n] = {t: run["host_seen_ns"][t] / run["results"][t]["ns"]
-                    for t in run["results"] if t in run["host_seen_ns"] and run["results"][t]["ns"]}
+    diag = diagnostics(runs)
+    print_diagnostics(diag, list(runs))
+    clock = {n: run.get("host_over_guest_clock") for n, run in runs.items()}
+    print("host/guest clock over the benchmark part (1.0 = guest time is host time): " +
+          ", ".join(f"{n} {fmt(c, 3)}" for n, c in clock.items()))
     result = {
         "benchmark": "virtio",
         "date": stamp,
@@ -669,6 +754,7 @@ def main():
                  "loadavg_after": load1, "python": platform.python_version()},
         "host_baseline": host,
         "table": table,
+        "diagnostics": diag,
         "host_over_guest_clock": clock,
         "runs": runs,
     }
