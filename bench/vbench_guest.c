@@ -20,6 +20,8 @@
  *   vbench randwrite DEV SPAN_MIB OPS SEED   the same with pwrite, then fsync
  *   vbench tcpsend IP PORT MIB         connect, send MIB MiB in 64 KiB writes, close
  *   vbench tcprecv PORT                listen, accept one connection, count bytes to EOF
+ *   vbench spin N                      N xorshift rounds in user space (CPU calibration)
+ *   vbench syscalls N                  N getppid() system calls (CPU calibration)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -240,6 +242,33 @@ static int tcprecv(int port) {
     return 0;
 }
 
+/* CPU calibration, no device involved: how fast the VMM runs the guest's own
+ * code. cpu_user: N rounds of xorshift in user space; cpu_syscall: N getppid()
+ * system calls (kernel entry and exit with this kernel's mitigations). */
+static int spin(uint64_t n) {
+    cpu_start();
+    rng_state = 99;
+    volatile uint64_t sink = 0;
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < n; i++) sink += rng_next();
+    uint64_t t1 = now_ns();
+    printf("bench-result cpu_user bytes=0 ops=%llu ns=%llu", (unsigned long long)n,
+           (unsigned long long)(t1 - t0));
+    cpu_end();
+    return 0;
+}
+
+static int syscalls(uint64_t n) {
+    cpu_start();
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < n; i++) getppid();
+    uint64_t t1 = now_ns();
+    printf("bench-result cpu_syscall bytes=0 ops=%llu ns=%llu", (unsigned long long)n,
+           (unsigned long long)(t1 - t0));
+    cpu_end();
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 4 && !strcmp(argv[1], "seqwrite")) return seq("seq_write", argv[2], strtoull(argv[3], 0, 0), 1);
@@ -250,6 +279,8 @@ int main(int argc, char **argv) {
         return rnd("rand_write", argv[2], strtoull(argv[3], 0, 0), strtoull(argv[4], 0, 0), strtoull(argv[5], 0, 0), 1);
     if (argc >= 5 && !strcmp(argv[1], "tcpsend")) return tcpsend(argv[2], atoi(argv[3]), strtoull(argv[4], 0, 0));
     if (argc >= 3 && !strcmp(argv[1], "tcprecv")) return tcprecv(atoi(argv[2]));
+    if (argc >= 3 && !strcmp(argv[1], "spin")) return spin(strtoull(argv[2], 0, 0));
+    if (argc >= 3 && !strcmp(argv[1], "syscalls")) return syscalls(strtoull(argv[2], 0, 0));
     fprintf(stderr, "usage: see bench/vbench_guest.c\n");
     return 2;
 }

@@ -14,6 +14,8 @@ private network namespace, and the guest runs, in order:
   rand_write  the same with pwrite (other offsets), then fsync (IOPS without it)
   tcp_tx      guest -> host: --net-mib MiB over TCP to a host listener on the TAP
   tcp_rx      host -> guest: --net-mib MiB from the host to a guest listener
+  cpu_user, cpu_syscall   no device: a user-space loop and getppid() calls, to
+              tell a slow device from a slow CPU (emulator vs TCG speed)
 
 and prints `bench-result ...` lines timed in the guest (CLOCK_MONOTONIC). The
 harness also times each test from the host (serial line arrival) as a check
@@ -59,7 +61,7 @@ HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.15"
 TX_PORT, RX_PORT = 5201, 5202
 MIB = 1024 * 1024
 BLK = 4096
-TESTS = ["seq_write", "seq_read", "rand_read", "rand_write", "tcp_tx", "tcp_rx"]
+TESTS = ["seq_write", "seq_read", "rand_read", "rand_write", "tcp_tx", "tcp_rx", "cpu_user", "cpu_syscall"]
 READY = "vireo-init: ready"
 # Console lines worth reporting (device trouble, guest errors).
 SUSPECT = re.compile(
@@ -172,6 +174,8 @@ def guest_script(args):
         f"run rand_write randwrite /dev/vda {args.rand_span_mib} {args.rand_ops} 67890",
         f"run tcp_tx tcpsend {HOST_IP} {TX_PORT} {args.net_mib}",
         f"run tcp_rx tcprecv {RX_PORT}",
+        f"run cpu_user spin {args.spin_ops}",
+        f"run cpu_syscall syscalls {args.syscall_ops}",
         "echo bench-uptime $(cut -d' ' -f1 /proc/uptime)",
         "echo bench-done",
     ]
@@ -254,9 +258,14 @@ def drop_cache(fd):
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def host_baseline(args, path):
-    """Reads (and writes) of the image file on the host, same sizes/offsets as the guest."""
+def host_baseline(args, path, vbench):
+    """Reads (and writes) of the image file on the host, same sizes/offsets as the
+    guest; the CPU calibration with the same vbench binary, natively."""
     res = {}
+    for t, cmd in (("cpu_user", ["spin", str(args.spin_ops)]), ("cpu_syscall", ["syscalls", str(args.syscall_ops)])):
+        line = subprocess.run([vbench] + cmd, capture_output=True, text=True).stdout.strip()
+        if line.startswith("bench-result "):
+            res[t] = parse_result(line)
     fd = os.open(path, os.O_RDWR)
     try:
         buf = b"\x5a" * MIB
@@ -553,8 +562,8 @@ def summarize(runs, host):
     """metric -> {vmm: value}; throughput MB/s for seq/tcp, IOPS for random."""
     table = {}
     for t in TESTS:
-        unit = "IOPS" if t.startswith("rand") else "MB/s"
-        f = iops if unit == "IOPS" else mbps
+        unit = "IOPS" if t.startswith("rand") else "Mops/s" if t.startswith("cpu") else "MB/s"
+        f = iops if unit == "IOPS" else mbps if unit == "MB/s" else (lambda r: iops(r) / 1e6 if iops(r) else None)
         row = {"unit": unit}
         for name, run in runs.items():
             row[name] = f(run["results"].get(t))
@@ -666,6 +675,8 @@ def main():
     ap.add_argument("--rand-ops", type=int, default=1000)
     ap.add_argument("--rand-span-mib", type=int, default=None, help="default: --disk-mib")
     ap.add_argument("--net-mib", type=int, default=32)
+    ap.add_argument("--spin-ops", type=int, default=20_000_000, help="cpu_user calibration rounds")
+    ap.add_argument("--syscall-ops", type=int, default=100_000, help="cpu_syscall calibration calls")
     ap.add_argument("--vmms", default="vireo,qemu", help="comma list, run in this order")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per VM run")
     ap.add_argument("--out", default=None)
@@ -708,9 +719,10 @@ def main():
     make_template(template, args.disk_mib)
     hostcopy = os.path.join(work, "host.raw")
     copy_image(template, hostcopy)
-    host = host_baseline(args, hostcopy)
+    host = host_baseline(args, hostcopy, os.path.join(work, "vbench"))
     os.unlink(hostcopy)
-    log("host baseline: " + ", ".join(f"{k} {fmt(iops(v) if 'rand' in k else mbps(v))}" for k, v in host.items()))
+    log("host baseline: " + ", ".join(f"{k} {fmt(iops(v) if k[:4] in ('rand', 'cpu_') else mbps(v))}"
+                                      for k, v in host.items()))
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     load0 = os.getloadavg()
@@ -749,7 +761,7 @@ def main():
         "guest": {"kit": args.kit, "kernel_version": conf.get("kernel_version"), "cmdline": cmdline,
                   "vbench_sha256": vbench_sha, "script": guest_script(args)},
         "params": {k: getattr(args, k) for k in ("memory", "cpus", "disk_mib", "seq_mib", "rand_ops",
-                                                  "rand_span_mib", "net_mib", "qemu_machine", "qemu_cpu", "timeout")},
+                                                  "rand_span_mib", "net_mib", "spin_ops", "syscall_ops", "qemu_machine", "qemu_cpu", "timeout")},
         "host": {"uname": platform.uname()._asdict(), "nproc": os.cpu_count(), "loadavg_before": load0,
                  "loadavg_after": load1, "python": platform.python_version()},
         "host_baseline": host,

@@ -109,7 +109,7 @@ echo "vdb-readback-md5 $(echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb bs=64
 echo "vdb-serial $(cat /sys/block/vdb/serial)"
 # The qcow2 overlay: the base's bytes show through; a write stays in the overlay.
 echo "vdc-base $(dd if=/dev/vdc bs=16 count=1 2>/dev/null)"
-printf 'overlay-data' | dd of=/dev/vdc bs=512 seek=2048 conv=notrunc 2>/dev/null
+printf 'overlay-data' | dd of=/dev/vdc bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null || echo vdc-write-failed
 sync
 # The read-only disk refuses writes.
 echo "vdd-ro $(cat /sys/block/vdd/ro)"
@@ -162,7 +162,9 @@ fn a_stock_linux_guest_uses_every_virtio_device() {
     // Disks: raw data, qcow2 overlay over a raw base with known bytes,
     // a read-only raw disk.
     vireo_image(&["create", "--format", "raw", "--size", "16M", &p("data.img")]);
-    let mut base = vec![0u8; 1 << 20];
+    // 4 MiB: the overlay (which takes the base's size) has room for the
+    // write at 1 MiB.
+    let mut base = vec![0u8; 4 << 20];
     base[..16].copy_from_slice(b"base-image-bytes");
     dir.write("base.img", &base);
     vireo_image(&["create", "--backing", &p("base.img"), &p("overlay.qcow2")]);
@@ -244,6 +246,7 @@ fn a_stock_linux_guest_uses_every_virtio_device() {
     );
     assert_eq!(field(&out, "vdb-serial"), Some("vireo-data-1"), "{out}");
     assert_eq!(field(&out, "vdc-base"), Some("base-image-bytes"), "{out}");
+    assert!(!out.contains("vdc-write-failed"), "{out}");
     assert_eq!(
         std::fs::read(p("base.img")).expect("base"),
         base,
