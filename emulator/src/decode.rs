@@ -98,17 +98,23 @@ impl DecodeCache {
         Some(instr)
     }
 
-    fn insert(&mut self, ppage: u64, la: u64, instr: Instruction) {
+    /// True if instructions decoded from physical page number `ppage`
+    /// are cached.
+    pub fn has_page(&self, ppage: u64) -> bool {
+        self.count != 0 && self.pages.contains_key(&ppage)
+    }
+
+    /// Cache `instr`; returns true if `ppage` had no decoded code before.
+    fn insert(&mut self, ppage: u64, la: u64, instr: Instruction) -> bool {
         if self.count >= MAX_CACHED {
             self.invalidate_all();
         }
-        if self
-            .pages
-            .entry(ppage)
-            .or_default()
-            .insert(la, instr)
-            .is_none()
-        {
+        let mut new_page = false;
+        let page = self.pages.entry(ppage).or_insert_with(|| {
+            new_page = true;
+            FastMap::default()
+        });
+        if page.insert(la, instr).is_none() {
             self.count += 1;
         }
         self.l0[l0_slot(la)] = L0Entry {
@@ -117,6 +123,7 @@ impl DecodeCache {
             generation: self.generation,
             instr,
         };
+        new_page
     }
 
     /// Drop everything decoded from physical page number `ppage`.
@@ -166,13 +173,19 @@ impl Cpu {
                 .wrapping_add(rip)
                 & 0xffff_ffff
         };
-        let ppage = self
-            .translate(
-                la,
-                crate::mmu::AccessKind::Fetch,
-                crate::mmu::Privilege::Current,
-            )
-            .map(|pa| pa >> 12)?;
+        let ppage = match self.fast_fetch_page(la) {
+            Some(p) => p >> 12,
+            None => {
+                let pa = self.translate(
+                    la,
+                    crate::mmu::AccessKind::Fetch,
+                    crate::mmu::Privilege::Current,
+                )?;
+                let user = self.user_access(crate::mmu::Privilege::Current);
+                self.fill_fast(la, pa, crate::mmu::AccessKind::Fetch, user);
+                pa >> 12
+            }
+        };
         if let Some(i) = self.icache.get(ppage, la) {
             if i.ip() == rip {
                 return Ok(i);
@@ -186,7 +199,10 @@ impl Cpu {
         let (_, n) = self.fetch_bytes(la, &mut buf, false)?;
         match decode(bits, &buf[..n], rip) {
             Some(Some(i)) => {
-                self.icache.insert(ppage, la, i);
+                if self.icache.insert(ppage, la, i) {
+                    // Writes to this page must now drop its decoded code.
+                    self.tlb.fast.drop_writes_to(ppage << 12);
+                }
                 Ok(i)
             }
             None => Err(ud),
