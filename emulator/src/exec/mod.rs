@@ -41,19 +41,21 @@ pub(crate) fn execute(cpu: &mut Cpu, i: &Instruction) -> Flow {
 }
 
 fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    select(i).0(cpu, i)
+}
+
+/// The semantics of `i` (without the LOCK handling of [`execute`]), and
+/// whether it is a system instruction.
+fn select(i: &Instruction) -> (Handler, bool) {
     use Mnemonic as M;
     match i.mnemonic() {
-        M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
-            alu::binary(cpu, i)
-        }
-        M::Inc | M::Dec | M::Neg | M::Not => alu::unary(cpu, i),
-        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => alu::convert(cpu, i),
-        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => alu::flag_op(cpu, i),
-        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
-            shift::shift(cpu, i)
-        }
-        M::Shld | M::Shrd => shift::double(cpu, i),
-        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::muldiv(cpu, i),
+        M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => (alu::binary, false),
+        M::Inc | M::Dec | M::Neg | M::Not => (alu::unary, false),
+        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => (alu::convert, false),
+        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => (alu::flag_op, false),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => (shift::shift, false),
+        M::Shld | M::Shrd => (shift::double, false),
+        M::Mul | M::Imul | M::Div | M::Idiv => (muldiv::muldiv, false),
         M::Bsf
         | M::Bsr
         | M::Tzcnt
@@ -63,7 +65,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Btr
         | M::Btc
         | M::Bswap
-        | M::Popcnt => bits::bits(cpu, i),
+        | M::Popcnt => (bits::bits, false),
         M::Mov
         | M::Movzx
         | M::Movsx
@@ -73,7 +75,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Cmpxchg
         | M::Xadd
         | M::Cmpxchg8b
-        | M::Cmpxchg16b => mov::mov(cpu, i),
+        | M::Cmpxchg16b => (mov::mov, false),
         M::Cmova
         | M::Cmovae
         | M::Cmovb
@@ -89,7 +91,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Cmovns
         | M::Cmovo
         | M::Cmovp
-        | M::Cmovs => mov::cmov(cpu, i),
+        | M::Cmovs => (mov::cmov, false),
         M::Seta
         | M::Setae
         | M::Setb
@@ -105,7 +107,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Setns
         | M::Seto
         | M::Setp
-        | M::Sets => mov::setcc(cpu, i),
+        | M::Sets => (mov::setcc, false),
         M::Push
         | M::Pop
         | M::Pushfq
@@ -119,7 +121,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Popa
         | M::Popad
         | M::Leave
-        | M::Enter => stack::stack(cpu, i),
+        | M::Enter => (stack::stack, false),
         M::Jmp
         | M::Call
         | M::Ret
@@ -145,7 +147,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Jrcxz
         | M::Jecxz
         | M::Jcxz
-        | M::Retf => branch::branch(cpu, i),
+        | M::Retf => (branch::branch, false),
         M::Movsb
         | M::Movsw
         | M::Movsd
@@ -174,7 +176,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Insd
             if is_string(i) =>
         {
-            string::string(cpu, i)
+            (string::string, false)
         }
         M::Nop
         | M::Pause
@@ -188,12 +190,43 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Prefetchw
         | M::Clflush
         | M::Clflushopt
-        | M::Endbr64 => Ok(()),
-        M::Ud2 | M::Ud0 | M::Ud1 => Err(ud()),
-        m if x87::handles(m) => x87::x87(cpu, i),
-        m if sse::handles(m) => sse::sse(cpu, i),
-        _ => system::system(cpu, i),
+        | M::Endbr64 => (nop, false),
+        M::Ud2 | M::Ud0 | M::Ud1 => (undefined, false),
+        m if x87::handles(m) => (x87::x87, false),
+        m if sse::handles(m) => (sse::sse, false),
+        _ => (system::system, true),
     }
+}
+
+fn nop(_: &mut Cpu, _: &Instruction) -> Flow {
+    Ok(())
+}
+
+fn undefined(_: &mut Cpu, _: &Instruction) -> Flow {
+    Err(ud())
+}
+
+/// The semantics of one instruction: its handler.
+pub(crate) type Handler = fn(&mut Cpu, &Instruction) -> Flow;
+
+/// The handler that runs `i`, chosen once when it is decoded, and whether
+/// `i` must end a block (control transfers, system instructions and moves
+/// to or from control, debug and segment registers, which may change the
+/// mode, paging or interrupt state the rest of a block was decoded for).
+pub(crate) fn handler(i: &Instruction) -> (Handler, bool) {
+    let locked = i.has_lock_prefix()
+        || (i.mnemonic() == Mnemonic::Xchg
+            && (i.op0_kind() == OpKind::Memory || i.op1_kind() == OpKind::Memory));
+    let (run, system) = select(i);
+    let run = if locked { execute as Handler } else { run };
+    let special = (0..i.op_count().min(2)).any(|n| {
+        i.op_kind(n) == OpKind::Register && {
+            let r = i.op_register(n);
+            !r.is_gpr() && !r.is_xmm() && !r.is_st()
+        }
+    });
+    let ends = system || special || i.flow_control() != iced_x86::FlowControl::Next;
+    (run, ends)
 }
 
 /// String instructions are recognised by their implicit memory operands
