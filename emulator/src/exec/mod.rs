@@ -210,7 +210,8 @@ fn undefined(_: &mut Cpu, _: &Instruction) -> Flow {
 pub(crate) type Handler = fn(&mut Cpu, &Instruction) -> Flow;
 
 /// The handler that runs `i`, chosen once when it is decoded, and whether
-/// `i` must end a block (control transfers, system instructions and moves
+/// `i` must end a block (unconditional control transfers, system
+/// instructions and moves
 /// to or from control, debug and segment registers, which may change the
 /// mode, paging or interrupt state the rest of a block was decoded for).
 pub(crate) fn handler(i: &Instruction) -> (Handler, bool) {
@@ -225,7 +226,14 @@ pub(crate) fn handler(i: &Instruction) -> (Handler, bool) {
             !r.is_gpr() && !r.is_xmm() && !r.is_st()
         }
     });
-    let ends = system || special || i.flow_control() != iced_x86::FlowControl::Next;
+    // A conditional branch does not end a block: when it is taken, RIP is
+    // not the next instruction's and the block stops there.
+    let ends = system
+        || special
+        || !matches!(
+            i.flow_control(),
+            iced_x86::FlowControl::Next | iced_x86::FlowControl::ConditionalBranch
+        );
     (run, ends)
 }
 
@@ -272,26 +280,60 @@ fn lock_allowed(i: &Instruction) -> bool {
         && i.op0_kind() == OpKind::Memory
 }
 
-/// A general purpose register: (index, width in bits, legacy high byte).
-pub(crate) fn gpr_info(r: Register) -> Option<(usize, u32, bool)> {
-    let v = r as u32;
-    let in_range = |lo: Register, n: u32| v >= lo as u32 && v < lo as u32 + n;
-    if in_range(Register::AL, 20) {
-        let k = (v - Register::AL as u32) as usize;
-        Some(match k {
-            0..=3 => (k, 8, false),
-            4..=7 => (k - 4, 8, true),
-            _ => (k - 4, 8, false),
-        })
-    } else if in_range(Register::AX, 16) {
-        Some(((v - Register::AX as u32) as usize, 16, false))
-    } else if in_range(Register::EAX, 16) {
-        Some(((v - Register::EAX as u32) as usize, 32, false))
-    } else if in_range(Register::RAX, 16) {
-        Some(((v - Register::RAX as u32) as usize, 64, false))
+/// GPR_TABLE entry bits: valid, legacy high byte, width code (8 << code
+/// bits), register index.
+const G_VALID: u8 = 0x80;
+const G_HIGH: u8 = 0x40;
+
+const fn gpr_entry(v: u32) -> u8 {
+    let al = Register::AL as u32;
+    let ax = Register::AX as u32;
+    let eax = Register::EAX as u32;
+    let rax = Register::RAX as u32;
+    if v >= al && v < al + 20 {
+        let k = v - al;
+        if k < 4 {
+            G_VALID | k as u8
+        } else if k < 8 {
+            G_VALID | G_HIGH | (k - 4) as u8
+        } else {
+            G_VALID | (k - 4) as u8
+        }
+    } else if v >= ax && v < ax + 16 {
+        G_VALID | (1 << 4) | (v - ax) as u8
+    } else if v >= eax && v < eax + 16 {
+        G_VALID | (2 << 4) | (v - eax) as u8
+    } else if v >= rax && v < rax + 16 {
+        G_VALID | (3 << 4) | (v - rax) as u8
     } else {
-        None
+        0
     }
+}
+
+/// [`gpr_info`] for every register number, computed at compile time.
+static GPR_TABLE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut v = 0;
+    while v < 256 {
+        t[v] = gpr_entry(v as u32);
+        v += 1;
+    }
+    t
+};
+
+const WIDTH_MASK: [u64; 4] = [0xff, 0xffff, 0xffff_ffff, u64::MAX];
+
+/// A general purpose register: (index, width in bits, legacy high byte).
+#[inline(always)]
+pub(crate) fn gpr_info(r: Register) -> Option<(usize, u32, bool)> {
+    let e = GPR_TABLE[r as usize & 0xff];
+    (e & G_VALID != 0).then(|| {
+        (
+            usize::from(e & 0xf),
+            8 << ((e >> 4) & 3),
+            e & G_HIGH != 0,
+        )
+    })
 }
 
 /// XMM register number.
@@ -302,35 +344,47 @@ pub(crate) fn xmm_index(r: Register) -> Option<usize> {
 }
 
 impl Cpu {
+    #[inline]
     pub(crate) fn reg(&self, r: Register) -> u64 {
-        match gpr_info(r) {
-            Some((idx, 8, true)) => (self.state.gpr[idx] >> 8) & 0xff,
-            Some((idx, bits, _)) => self.state.gpr[idx] & crate::cpu::flags::mask(bits),
-            None => match r {
-                Register::RIP => self.next_rip,
-                Register::EIP => self.next_rip & 0xffff_ffff,
-                _ => 0,
-            },
+        let e = GPR_TABLE[r as usize & 0xff];
+        if e & G_VALID != 0 {
+            let v = self.state.gpr[usize::from(e & 0xf)];
+            if e & G_HIGH != 0 {
+                return (v >> 8) & 0xff;
+            }
+            return v & WIDTH_MASK[usize::from((e >> 4) & 3)];
+        }
+        match r {
+            Register::RIP => self.next_rip,
+            Register::EIP => self.next_rip & 0xffff_ffff,
+            _ => 0,
         }
     }
 
     /// Write a GPR with x86 merge rules: 32-bit writes zero the upper half,
     /// 8/16-bit writes keep the rest.
+    #[inline]
     pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
-        let Some((idx, bits, high)) = gpr_info(r) else {
+        let e = GPR_TABLE[r as usize & 0xff];
+        if e & G_VALID == 0 {
             return;
-        };
-        let old = self.state.gpr[idx];
-        self.state.gpr[idx] = match (bits, high) {
-            (8, true) => (old & !0xff00) | ((v & 0xff) << 8),
-            (8, false) => (old & !0xff) | (v & 0xff),
-            (16, _) => (old & !0xffff) | (v & 0xffff),
-            (32, _) => v & 0xffff_ffff,
-            _ => v,
+        }
+        let slot = &mut self.state.gpr[usize::from(e & 0xf)];
+        let old = *slot;
+        *slot = if e & G_HIGH != 0 {
+            (old & !0xff00) | ((v & 0xff) << 8)
+        } else {
+            match (e >> 4) & 3 {
+                0 => (old & !0xff) | (v & 0xff),
+                1 => (old & !0xffff) | (v & 0xffff),
+                2 => v & 0xffff_ffff,
+                _ => v,
+            }
         };
     }
 
     /// The linear address of the explicit memory operand.
+    #[inline]
     pub(crate) fn ea(&self, i: &Instruction) -> u64 {
         let la = self
             .offset(i)
@@ -345,6 +399,7 @@ impl Cpu {
     /// The effective address (offset, without segment base) of the
     /// explicit memory operand, as LEA computes it, wrapped to the
     /// address size.
+    #[inline]
     pub(crate) fn offset(&self, i: &Instruction) -> u64 {
         let base = i.memory_base();
         let index = i.memory_index();
@@ -378,6 +433,7 @@ impl Cpu {
     }
 
     /// Segment base: in 64-bit mode only FS and GS have one.
+    #[inline]
     pub(crate) fn seg_base(&self, seg: Register) -> u64 {
         let s = match seg {
             Register::FS => SegReg::Fs,
@@ -393,6 +449,7 @@ impl Cpu {
     }
 
     /// Width in bits of operand `n`.
+    #[inline]
     pub(crate) fn op_bits(&self, i: &Instruction, n: u32) -> u32 {
         match i.op_kind(n) {
             OpKind::Register => gpr_info(i.op_register(n)).map_or(0, |(_, b, _)| b),
@@ -406,6 +463,7 @@ impl Cpu {
 
     /// Width of integer operand `n`, or #UD for an operand that is not an
     /// 8/16/32/64-bit integer (never panics on odd encodings).
+    #[inline]
     pub(crate) fn width(&self, i: &Instruction, n: u32) -> Flow<u32> {
         match self.op_bits(i, n) {
             b @ (8 | 16 | 32 | 64) => Ok(b),
@@ -414,6 +472,7 @@ impl Cpu {
     }
 
     /// Read operand `n` (register, memory or immediate), zero-extended.
+    #[inline]
     pub(crate) fn read_op(&mut self, i: &Instruction, n: u32) -> Flow<u64> {
         match i.op_kind(n) {
             OpKind::Register => Ok(self.reg(i.op_register(n))),
@@ -436,6 +495,7 @@ impl Cpu {
     }
 
     /// Write operand `n` (register or memory).
+    #[inline]
     pub(crate) fn write_op(&mut self, i: &Instruction, n: u32, v: u64) -> Flow {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -452,6 +512,7 @@ impl Cpu {
     }
 
     /// Evaluate a condition code against RFLAGS.
+    #[inline]
     pub(crate) fn cond(&self, cc: iced_x86::ConditionCode) -> bool {
         use crate::cpu::state::rflags::{CF, OF, PF, SF, ZF};
         use iced_x86::ConditionCode as C;
