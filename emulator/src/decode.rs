@@ -54,6 +54,10 @@ pub(crate) const MAX_BLOCK: usize = 32;
 pub(crate) struct Op {
     pub instr: Instruction,
     pub run: crate::exec::Handler,
+    /// The registers must be saved before the instruction, since its
+    /// handler may write some and then fault (see
+    /// [`crate::exec::handler_info`]).
+    pub save: bool,
 }
 
 /// A run of instructions decoded from one page, ending at the first
@@ -258,8 +262,8 @@ impl Cpu {
                 // Stop before it; it raises #UD (or is run alone) when reached.
                 _ => break,
             }
-            let (run, ends) = crate::exec::handler(&instr);
-            ops.push(Op { instr, run });
+            let (run, ends, save) = crate::exec::handler_info(&instr);
+            ops.push(Op { instr, run, save });
             if ends {
                 break;
             }

@@ -81,6 +81,7 @@ struct Snapshot {
     gpr: [u64; 16],
 }
 
+
 /// Input the VMM supplied for an instruction that is being restarted.
 #[derive(Debug, Clone)]
 struct Response {
@@ -282,7 +283,12 @@ impl Cpu {
                 break;
             }
             *left -= 1;
-            let snap = self.snapshot();
+            let snap = if op.save {
+                Some(self.snapshot())
+            } else {
+                self.resp_idx = 0;
+                None
+            };
             let next = op.instr.next_ip();
             self.next_rip = next;
             let result = (op.run)(self, &op.instr);
@@ -307,6 +313,13 @@ impl Cpu {
                     return None;
                 }
             } else {
+                // Without a saved copy nothing was written: the registers
+                // are those before the instruction.
+                let snap = snap.unwrap_or_else(|| Snapshot {
+                    rip: self.state.rip,
+                    rflags: self.state.rflags,
+                    gpr: self.state.gpr,
+                });
                 return self.finish(result, snap);
             }
         }

@@ -209,12 +209,76 @@ fn undefined(_: &mut Cpu, _: &Instruction) -> Flow {
 /// The semantics of one instruction: its handler.
 pub(crate) type Handler = fn(&mut Cpu, &Instruction) -> Flow;
 
-/// The handler that runs `i`, chosen once when it is decoded, and whether
-/// `i` must end a block (unconditional control transfers, system
-/// instructions and moves
-/// to or from control, debug and segment registers, which may change the
-/// mode, paging or interrupt state the rest of a block was decoded for).
-pub(crate) fn handler(i: &Instruction) -> (Handler, bool) {
+/// The handler that runs `i`, chosen once when it is decoded; whether `i`
+/// must end a block (unconditional control transfers, system instructions
+/// and moves to or from control, debug and segment registers, which may
+/// change the mode, paging or interrupt state the rest of a block was
+/// decoded for); and whether the registers must be saved before it. They
+/// need not be for the simple integer instructions whose handlers read
+/// everything, may fault, and only then write, so that a fault or restart
+/// finds the registers and RFLAGS as they were.
+pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
+    use Mnemonic as M;
+    let (run, ends) = handler_parts(i);
+    let clean = !ends
+        && !i.has_lock_prefix()
+        && matches!(
+            i.mnemonic(),
+            M::Add
+                | M::Adc
+                | M::Sub
+                | M::Sbb
+                | M::Cmp
+                | M::And
+                | M::Or
+                | M::Xor
+                | M::Test
+                | M::Inc
+                | M::Dec
+                | M::Neg
+                | M::Not
+                | M::Shl
+                | M::Sal
+                | M::Shr
+                | M::Sar
+                | M::Rol
+                | M::Ror
+                | M::Mov
+                | M::Movzx
+                | M::Movsx
+                | M::Movsxd
+                | M::Lea
+                | M::Cmova
+                | M::Cmovae
+                | M::Cmovb
+                | M::Cmovbe
+                | M::Cmove
+                | M::Cmovg
+                | M::Cmovge
+                | M::Cmovl
+                | M::Cmovle
+                | M::Cmovne
+                | M::Cmovs
+                | M::Cmovns
+                | M::Seta
+                | M::Setae
+                | M::Setb
+                | M::Setbe
+                | M::Sete
+                | M::Setg
+                | M::Setge
+                | M::Setl
+                | M::Setle
+                | M::Setne
+                | M::Sets
+                | M::Setns
+                | M::Nop
+        );
+    (run, ends, !clean)
+}
+
+/// The handler of `i` and whether it ends a block.
+fn handler_parts(i: &Instruction) -> (Handler, bool) {
     let locked = i.has_lock_prefix()
         || (i.mnemonic() == Mnemonic::Xchg
             && (i.op0_kind() == OpKind::Memory || i.op1_kind() == OpKind::Memory));
