@@ -220,6 +220,7 @@ pub(crate) type Handler = fn(&mut Cpu, &Instruction) -> Flow;
 pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
     use Mnemonic as M;
     let (run, ends) = handler_parts(i);
+    let run = specialised(i).unwrap_or(run);
     let clean = !ends
         && !i.has_lock_prefix()
         && matches!(
@@ -275,6 +276,71 @@ pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
                 | M::Nop
         );
     (run, ends, !clean)
+}
+
+/// A handler specialised for the operand form of the most common
+/// instructions (MOV and the two-operand ALU group with a general purpose
+/// register destination), or `None`.
+fn specialised(i: &Instruction) -> Option<Handler> {
+    use Mnemonic as M;
+    if i.has_lock_prefix() || i.op_count() != 2 {
+        return None;
+    }
+    let gpr = |n: u32| i.op_kind(n) == OpKind::Register && gpr_info(i.op_register(n)).is_some();
+    let imm = |n: u32| {
+        matches!(
+            i.op_kind(n),
+            OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate64
+                | OpKind::Immediate8to16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64
+        )
+    };
+    let mem = |n: u32| {
+        i.op_kind(n) == OpKind::Memory && matches!(i.memory_size().size(), 1 | 2 | 4 | 8)
+    };
+    if i.mnemonic() == M::Mov {
+        use mov::form as F;
+        return Some(match () {
+            _ if gpr(0) && gpr(1) => mov::mov_form::<{ F::REG_REG }>,
+            _ if gpr(0) && mem(1) => mov::mov_form::<{ F::REG_MEM }>,
+            _ if mem(0) && gpr(1) => mov::mov_form::<{ F::MEM_REG }>,
+            _ if gpr(0) && imm(1) => mov::mov_form::<{ F::REG_IMM }>,
+            _ if mem(0) && imm(1) => mov::mov_form::<{ F::MEM_IMM }>,
+            _ => return None,
+        });
+    }
+    if !gpr(0) {
+        return None;
+    }
+    macro_rules! alu {
+        ($op:expr) => {{
+            use alu::form as F;
+            match () {
+                _ if gpr(1) => alu::binary_form::<{ $op }, { F::REG_REG }> as Handler,
+                _ if imm(1) => alu::binary_form::<{ $op }, { F::REG_IMM }>,
+                _ if mem(1) => alu::binary_form::<{ $op }, { F::REG_MEM }>,
+                _ => return None,
+            }
+        }};
+    }
+    use alu::op as O;
+    Some(match i.mnemonic() {
+        M::Add => alu!(O::ADD),
+        M::Adc => alu!(O::ADC),
+        M::Sub => alu!(O::SUB),
+        M::Sbb => alu!(O::SBB),
+        M::Cmp => alu!(O::CMP),
+        M::And => alu!(O::AND),
+        M::Or => alu!(O::OR),
+        M::Xor => alu!(O::XOR),
+        M::Test => alu!(O::TEST),
+        _ => return None,
+    })
 }
 
 /// The handler of `i` and whether it ends a block.
