@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::rc::Rc;
 
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction};
 
@@ -76,7 +76,7 @@ struct L0Entry {
     ppage: u64,
     /// Valid while equal to the cache's generation.
     generation: u64,
-    block: Option<Arc<Block>>,
+    block: Option<Rc<Block>>,
 }
 
 /// Decoded blocks: a direct-mapped first level by linear address in front
@@ -84,11 +84,18 @@ struct L0Entry {
 /// generation, which empties the first level at once and tells a running
 /// block to stop.
 pub struct DecodeCache {
-    pages: FastMap<u64, FastMap<u64, Arc<Block>>>,
+    pages: FastMap<u64, FastMap<u64, Rc<Block>>>,
     count: usize,
     l0: Vec<L0Entry>,
     pub(crate) generation: u64,
 }
+
+// SAFETY: the only non-Send parts are the `Rc<Block>`s. Every clone of
+// them is owned by this cache, or is a local of `Cpu::step` (the block
+// being run) dropped before it returns, so all clones of a block always
+// move between threads together with the `Cpu` that owns the cache and are
+// never used from two threads.
+unsafe impl Send for DecodeCache {}
 
 impl Default for DecodeCache {
     fn default() -> Self {
@@ -111,7 +118,7 @@ impl DecodeCache {
     }
 
     #[inline]
-    fn get(&mut self, ppage: u64, la: u64) -> Option<Arc<Block>> {
+    fn get(&mut self, ppage: u64, la: u64) -> Option<Rc<Block>> {
         let slot = l0_slot(la);
         let e = &self.l0[slot];
         if e.generation == self.generation && e.la == la && e.ppage == ppage {
@@ -133,7 +140,7 @@ impl DecodeCache {
     }
 
     /// Cache `block`; returns true if `ppage` had no decoded code before.
-    fn insert(&mut self, ppage: u64, la: u64, block: Arc<Block>) -> bool {
+    fn insert(&mut self, ppage: u64, la: u64, block: Rc<Block>) -> bool {
         if self.count >= MAX_CACHED {
             self.invalidate_all();
         }
@@ -225,7 +232,7 @@ impl Cpu {
     /// instruction there crosses into the next page (it is then run alone
     /// through [`Cpu::fetch_decode`], not cached, since a write to either
     /// page would have to drop it). Invalid encodings raise #UD.
-    pub(crate) fn block_at(&mut self, bits: u32) -> Flow<Option<Arc<Block>>> {
+    pub(crate) fn block_at(&mut self, bits: u32) -> Flow<Option<Rc<Block>>> {
         let rip = self.state.rip;
         let la = self.code_la(bits);
         let ppage = self.fetch_page(la)?;
@@ -268,7 +275,7 @@ impl Cpu {
                 break;
             }
         }
-        let block = Arc::new(Block {
+        let block = Rc::new(Block {
             rip,
             ops: ops.into_boxed_slice(),
         });

@@ -81,7 +81,6 @@ struct Snapshot {
     gpr: [u64; 16],
 }
 
-
 /// Input the VMM supplied for an instruction that is being restarted.
 #[derive(Debug, Clone)]
 struct Response {

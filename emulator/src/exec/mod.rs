@@ -49,11 +49,15 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
 fn select(i: &Instruction) -> (Handler, bool) {
     use Mnemonic as M;
     match i.mnemonic() {
-        M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => (alu::binary, false),
+        M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
+            (alu::binary, false)
+        }
         M::Inc | M::Dec | M::Neg | M::Not => (alu::unary, false),
         M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => (alu::convert, false),
         M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => (alu::flag_op, false),
-        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => (shift::shift, false),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
+            (shift::shift, false)
+        }
         M::Shld | M::Shrd => (shift::double, false),
         M::Mul | M::Imul | M::Div | M::Idiv => (muldiv::muldiv, false),
         M::Bsf
@@ -274,7 +278,29 @@ pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
                 | M::Sets
                 | M::Setns
                 | M::Nop
-        );
+                | M::Push
+                | M::Jo
+                | M::Jno
+                | M::Jb
+                | M::Jae
+                | M::Je
+                | M::Jne
+                | M::Jbe
+                | M::Ja
+                | M::Js
+                | M::Jns
+                | M::Jp
+                | M::Jnp
+                | M::Jl
+                | M::Jge
+                | M::Jle
+                | M::Jg
+        )
+        || (!ends
+            && !i.has_lock_prefix()
+            && i.mnemonic() == M::Pop
+            && i.op0_kind() == OpKind::Register
+            && gpr_info(i.op0_register()).is_some());
     (run, ends, !clean)
 }
 
@@ -283,7 +309,18 @@ pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
 /// register destination), or `None`.
 fn specialised(i: &Instruction) -> Option<Handler> {
     use Mnemonic as M;
-    if i.has_lock_prefix() || i.op_count() != 2 {
+    if i.has_lock_prefix() {
+        return None;
+    }
+    if i.op_count() == 1
+        && matches!(
+            i.op0_kind(),
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+        )
+    {
+        return jcc(i);
+    }
+    if i.op_count() != 2 {
         return None;
     }
     let gpr = |n: u32| i.op_kind(n) == OpKind::Register && gpr_info(i.op_register(n)).is_some();
@@ -300,9 +337,8 @@ fn specialised(i: &Instruction) -> Option<Handler> {
                 | OpKind::Immediate32to64
         )
     };
-    let mem = |n: u32| {
-        i.op_kind(n) == OpKind::Memory && matches!(i.memory_size().size(), 1 | 2 | 4 | 8)
-    };
+    let mem =
+        |n: u32| i.op_kind(n) == OpKind::Memory && matches!(i.memory_size().size(), 1 | 2 | 4 | 8);
     if i.mnemonic() == M::Mov {
         use mov::form as F;
         return Some(match () {
@@ -341,6 +377,42 @@ fn specialised(i: &Instruction) -> Option<Handler> {
         M::Test => alu!(O::TEST),
         _ => return None,
     })
+}
+
+/// Jcc (not LOOP/JCXZ) specialised for its condition.
+fn jcc(i: &Instruction) -> Option<Handler> {
+    use iced_x86::ConditionCode as C;
+    use Mnemonic as M;
+    if !matches!(
+        i.mnemonic(),
+        M::Jo
+            | M::Jno
+            | M::Jb
+            | M::Jae
+            | M::Je
+            | M::Jne
+            | M::Jbe
+            | M::Ja
+            | M::Js
+            | M::Jns
+            | M::Jp
+            | M::Jnp
+            | M::Jl
+            | M::Jge
+            | M::Jle
+            | M::Jg
+    ) {
+        return None;
+    }
+    macro_rules! cc {
+        ($($c:ident),*) => {
+            match i.condition_code() {
+                $(C::$c => Some(branch::jcc_form::<{ C::$c as u8 }> as Handler),)*
+                _ => None,
+            }
+        };
+    }
+    cc!(o, no, b, ae, e, ne, be, a, s, ns, p, np, l, ge, le, g)
 }
 
 /// The handler of `i` and whether it ends a block.
@@ -457,13 +529,7 @@ const WIDTH_MASK: [u64; 4] = [0xff, 0xffff, 0xffff_ffff, u64::MAX];
 #[inline(always)]
 pub(crate) fn gpr_info(r: Register) -> Option<(usize, u32, bool)> {
     let e = GPR_TABLE[r as usize & 0xff];
-    (e & G_VALID != 0).then(|| {
-        (
-            usize::from(e & 0xf),
-            8 << ((e >> 4) & 3),
-            e & G_HIGH != 0,
-        )
-    })
+    (e & G_VALID != 0).then(|| (usize::from(e & 0xf), 8 << ((e >> 4) & 3), e & G_HIGH != 0))
 }
 
 /// XMM register number.
