@@ -314,7 +314,7 @@ impl Cpu {
             } else {
                 // Without a saved copy nothing was written: the registers
                 // are those before the instruction.
-                let snap = snap.unwrap_or_else(|| Snapshot {
+                let snap = snap.unwrap_or(Snapshot {
                     rip: self.state.rip,
                     rflags: self.state.rflags,
                     gpr: self.state.gpr,
