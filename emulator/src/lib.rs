@@ -110,10 +110,10 @@
 //!
 //! **Linux**: Debian 12's stock 6.1 kernel boots to user space on one
 //! vCPU: `vireo run --accel emu --image <kit> --append 'vireo.run=uname
-//! -a'` decompresses the XZ bzImage (about 4 minutes), boots (FPU "will
+//! -a'` decompresses the XZ bzImage (over a minute), boots (FPU "will
 //! use FXSAVE"), runs the busybox initramfs, loads its 16 modules, prints
-//! `uname -a` and powers off through ACPI S5 — about 8 minutes of wall
-//! time in a release build (150 s of guest time).
+//! `uname -a` and powers off through ACPI S5 — about 2 minutes of host CPU
+//! time in a release build (`emulator/PERFORMANCE.md`).
 //!
 //! **Not yet here**: legacy (32-bit and PAE) paging, 32-bit
 //! protected-mode interrupts to another privilege level, task switches,
