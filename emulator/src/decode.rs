@@ -1,20 +1,25 @@
-//! Instruction decoding with iced-x86, and a cache of decoded instructions
-//! per physical page.
+//! Instruction decoding with iced-x86, and a cache of decoded blocks per
+//! physical page.
 //!
-//! The cache is keyed by the physical page of the instruction's first byte
-//! and, within it, by the linear RIP (iced resolves branch targets and
-//! RIP-relative operands against the RIP, and one physical page may be
-//! mapped at several linear addresses). Every emulated write to a physical
-//! page drops that page's entries. Writes the emulator does not see (the
+//! A block is a run of instructions of one page up to the first control
+//! transfer or system instruction, each with its semantics
+//! ([`crate::exec::handler`]) chosen once. The cache is keyed by the
+//! physical page of the block and, within it, by the linear RIP of its
+//! first instruction (iced resolves branch targets and RIP-relative
+//! operands against the RIP, and one physical page may be mapped at
+//! several linear addresses). Every emulated write to a physical page
+//! drops that page's blocks (and stops a block running from it). Writes the emulator does not see (the
 //! VMM or a device writing guest code) need [`crate::Cpu::flush_tlb`].
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
 
 use iced_x86::{Code, Decoder, DecoderError, DecoderOptions, Instruction};
 
 use crate::cpu::{Cpu, Flow, Trap};
 use crate::exceptions::UD;
+use crate::memory::PAGE_SIZE;
 
 /// Upper bound of cached instructions before the cache is emptied.
 const MAX_CACHED: usize = 1 << 20;
@@ -42,25 +47,55 @@ type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<AddrHasher>>;
 
 /// Entries of the direct-mapped first level.
 const L0_SIZE: usize = 4096;
+/// Most instructions in one block.
+pub(crate) const MAX_BLOCK: usize = 32;
 
-#[derive(Clone, Copy, Default)]
+/// An instruction with its semantics chosen once, at decode time.
+pub(crate) struct Op {
+    pub instr: Instruction,
+    pub run: crate::exec::Handler,
+    /// The registers must be saved before the instruction, since its
+    /// handler may write some and then fault (see
+    /// [`crate::exec::handler_info`]).
+    pub save: bool,
+}
+
+/// A run of instructions decoded from one page, ending at the first
+/// control transfer or system instruction (or the end of the page, or
+/// [`MAX_BLOCK`] instructions). Executed in order while each one falls
+/// through to the next.
+pub(crate) struct Block {
+    /// RIP of the first instruction (the cache key is its linear address).
+    pub rip: u64,
+    pub ops: Box<[Op]>,
+}
+
+#[derive(Clone, Default)]
 struct L0Entry {
     la: u64,
     ppage: u64,
     /// Valid while equal to the cache's generation.
     generation: u64,
-    instr: Instruction,
+    block: Option<Rc<Block>>,
 }
 
-/// Decoded instructions: a direct-mapped first level by linear address in
-/// front of a map per physical page. Dropping any page (or everything)
-/// bumps the generation, which empties the first level at once.
+/// Decoded blocks: a direct-mapped first level by linear address in front
+/// of a map per physical page. Dropping any page (or everything) bumps the
+/// generation, which empties the first level at once and tells a running
+/// block to stop.
 pub struct DecodeCache {
-    pages: FastMap<u64, FastMap<u64, Instruction>>,
+    pages: FastMap<u64, FastMap<u64, Rc<Block>>>,
     count: usize,
     l0: Vec<L0Entry>,
-    generation: u64,
+    pub(crate) generation: u64,
 }
+
+// SAFETY: the only non-Send parts are the `Rc<Block>`s. Every clone of
+// them is owned by this cache, or is a local of `Cpu::step` (the block
+// being run) dropped before it returns, so all clones of a block always
+// move between threads together with the `Cpu` that owns the cache and are
+// never used from two threads.
+unsafe impl Send for DecodeCache {}
 
 impl Default for DecodeCache {
     fn default() -> Self {
@@ -82,41 +117,50 @@ impl DecodeCache {
         Self::default()
     }
 
-    fn get(&mut self, ppage: u64, la: u64) -> Option<Instruction> {
+    #[inline]
+    fn get(&mut self, ppage: u64, la: u64) -> Option<Rc<Block>> {
         let slot = l0_slot(la);
         let e = &self.l0[slot];
         if e.generation == self.generation && e.la == la && e.ppage == ppage {
-            return Some(e.instr);
+            return e.block.clone();
         }
-        let instr = *self.pages.get(&ppage)?.get(&la)?;
+        let block = self.pages.get(&ppage)?.get(&la)?.clone();
         self.l0[slot] = L0Entry {
             la,
             ppage,
             generation: self.generation,
-            instr,
+            block: Some(block.clone()),
         };
-        Some(instr)
+        Some(block)
     }
 
-    fn insert(&mut self, ppage: u64, la: u64, instr: Instruction) {
+    /// True if code decoded from physical page number `ppage` is cached.
+    pub fn has_page(&self, ppage: u64) -> bool {
+        self.count != 0 && self.pages.contains_key(&ppage)
+    }
+
+    /// Cache `block`; returns true if `ppage` had no decoded code before.
+    fn insert(&mut self, ppage: u64, la: u64, block: Rc<Block>) -> bool {
         if self.count >= MAX_CACHED {
             self.invalidate_all();
         }
-        if self
-            .pages
-            .entry(ppage)
-            .or_default()
-            .insert(la, instr)
-            .is_none()
-        {
-            self.count += 1;
+        let mut new_page = false;
+        let page = self.pages.entry(ppage).or_insert_with(|| {
+            new_page = true;
+            FastMap::default()
+        });
+        let n = block.ops.len();
+        if let Some(old) = page.insert(la, block.clone()) {
+            self.count -= old.ops.len();
         }
+        self.count += n;
         self.l0[l0_slot(la)] = L0Entry {
             la,
             ppage,
             generation: self.generation,
-            instr,
+            block: Some(block),
         };
+        new_page
     }
 
     /// Drop everything decoded from physical page number `ppage`.
@@ -125,7 +169,7 @@ impl DecodeCache {
             return;
         }
         if let Some(p) = self.pages.remove(&ppage) {
-            self.count -= p.len();
+            self.count -= p.values().map(|b| b.ops.len()).sum::<usize>();
             self.generation += 1;
         }
     }
@@ -134,6 +178,10 @@ impl DecodeCache {
         self.pages.clear();
         self.count = 0;
         self.generation += 1;
+        // Release the blocks the first level still holds.
+        for e in &mut self.l0 {
+            e.block = None;
+        }
     }
 }
 
@@ -150,14 +198,10 @@ fn decode(bits: u32, bytes: &[u8], rip: u64) -> Option<Option<Instruction>> {
 }
 
 impl Cpu {
-    /// Fetch and decode the instruction at CS:RIP; invalid encodings raise
-    /// #UD. The cache is keyed by the linear address; a hit must also have
-    /// been decoded at the same RIP (the same linear address can be
-    /// reached through different CS bases).
-    pub(crate) fn fetch_decode(&mut self) -> Flow<Instruction> {
+    /// The linear address of CS:RIP.
+    fn code_la(&self, bits: u32) -> u64 {
         let rip = self.state.rip;
-        let bits = self.state.code_bits();
-        let la = if bits == 64 {
+        if bits == 64 {
             rip
         } else {
             self.state
@@ -165,19 +209,89 @@ impl Cpu {
                 .base
                 .wrapping_add(rip)
                 & 0xffff_ffff
-        };
-        let ppage = self
-            .translate(
-                la,
-                crate::mmu::AccessKind::Fetch,
-                crate::mmu::Privilege::Current,
-            )
-            .map(|pa| pa >> 12)?;
-        if let Some(i) = self.icache.get(ppage, la) {
-            if i.ip() == rip {
-                return Ok(i);
+        }
+    }
+
+    /// The physical page number of a fetch at `la`.
+    #[inline]
+    fn fetch_page(&mut self, la: u64) -> Flow<u64> {
+        if let Some(p) = self.fast_fetch_page(la) {
+            return Ok(p >> 12);
+        }
+        let pa = self.translate(
+            la,
+            crate::mmu::AccessKind::Fetch,
+            crate::mmu::Privilege::Current,
+        )?;
+        let user = self.user_access(crate::mmu::Privilege::Current);
+        self.fill_fast(la, pa, crate::mmu::AccessKind::Fetch, user);
+        Ok(pa >> 12)
+    }
+
+    /// The decoded block at CS:RIP of `bits`-bit code, or `None` when the
+    /// instruction there crosses into the next page (it is then run alone
+    /// through [`Cpu::fetch_decode`], not cached, since a write to either
+    /// page would have to drop it). Invalid encodings raise #UD.
+    pub(crate) fn block_at(&mut self, bits: u32) -> Flow<Option<Rc<Block>>> {
+        let rip = self.state.rip;
+        let la = self.code_la(bits);
+        let ppage = self.fetch_page(la)?;
+        if let Some(b) = self.icache.get(ppage, la) {
+            if b.rip == rip {
+                return Ok(Some(b));
             }
         }
+        let off = (la & (PAGE_SIZE - 1)) as usize;
+        let room = PAGE_SIZE as usize - off;
+        let n = room.min(MAX_BLOCK * 15);
+        let mut buf = [0u8; MAX_BLOCK * 15];
+        if !self.mem.read((ppage << 12) + off as u64, &mut buf[..n]) {
+            return Err(Trap::Internal(format!(
+                "instruction fetch from non-RAM physical address {:#x} (RIP {la:#x})",
+                (ppage << 12) + off as u64
+            )));
+        }
+        let mut d = Decoder::with_ip(bits, &buf[..n], rip, DecoderOptions::NONE);
+        let mut ops = Vec::new();
+        while ops.len() < MAX_BLOCK {
+            let instr = d.decode();
+            match d.last_error() {
+                DecoderError::None if instr.code() != Code::INVALID => {}
+                // Crosses the page (n == room here: MAX_BLOCK instructions
+                // always fit in the buffer otherwise).
+                DecoderError::NoMoreBytes if ops.is_empty() => return Ok(None),
+                _ if ops.is_empty() => {
+                    return Err(Trap::Exception {
+                        vector: UD,
+                        error: None,
+                    })
+                }
+                // Stop before it; it raises #UD (or is run alone) when reached.
+                _ => break,
+            }
+            let (run, ends, save) = crate::exec::handler_info(&instr);
+            ops.push(Op { instr, run, save });
+            if ends {
+                break;
+            }
+        }
+        let block = Rc::new(Block {
+            rip,
+            ops: ops.into_boxed_slice(),
+        });
+        if self.icache.insert(ppage, la, block.clone()) {
+            // Writes to this page must now drop its decoded code.
+            self.tlb.fast.drop_writes_to(ppage << 12);
+        }
+        Ok(Some(block))
+    }
+
+    /// Fetch and decode the instruction at CS:RIP, uncached; invalid
+    /// encodings raise #UD.
+    pub(crate) fn fetch_decode(&mut self) -> Flow<Instruction> {
+        let rip = self.state.rip;
+        let bits = self.state.code_bits();
+        let la = self.code_la(bits);
         let ud = Trap::Exception {
             vector: UD,
             error: None,
@@ -185,15 +299,11 @@ impl Cpu {
         let mut buf = [0u8; 15];
         let (_, n) = self.fetch_bytes(la, &mut buf, false)?;
         match decode(bits, &buf[..n], rip) {
-            Some(Some(i)) => {
-                self.icache.insert(ppage, la, i);
-                Ok(i)
-            }
+            Some(Some(i)) => Ok(i),
             None => Err(ud),
             Some(None) if n == 15 => Err(ud),
             Some(None) => {
-                // The instruction crosses into the next page: not cached,
-                // since a write to either page would have to drop it.
+                // The instruction crosses into the next page.
                 let (_, n) = self.fetch_bytes(la, &mut buf, true)?;
                 match decode(bits, &buf[..n], rip) {
                     Some(Some(i)) => Ok(i),

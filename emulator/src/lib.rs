@@ -15,9 +15,11 @@
 //!   INIT/SIPI acceptance, HLT sleeps, the TSC on host time).
 //! - [`memory`]: guest physical memory ([`GuestMemory`], [`PhysMemory`]);
 //!   anything that is not RAM (or the platform's) becomes an MMIO exit.
-//! - [`mmu`]: 4-level paging, permission checks, A/D bits, software TLB.
-//! - [`decode`]: iced-x86 decoding (16/32/64-bit) and the per-physical-page
-//!   decode cache.
+//! - [`mmu`]: 4-level paging, permission checks, A/D bits, software TLB
+//!   and its fast tables of host page addresses per access kind.
+//! - [`decode`]: iced-x86 decoding (16/32/64-bit) into blocks (runs of
+//!   instructions up to a control transfer, each with its handler chosen
+//!   once) and their per-physical-page cache.
 //! - [`exec`]: instruction semantics, one file per group.
 //! - [`exceptions`]: delivery through the real-mode IVT, the 32-bit IDT and
 //!   the 64-bit IDT, #DF and triple fault.
@@ -108,10 +110,10 @@
 //!
 //! **Linux**: Debian 12's stock 6.1 kernel boots to user space on one
 //! vCPU: `vireo run --accel emu --image <kit> --append 'vireo.run=uname
-//! -a'` decompresses the XZ bzImage (about 4 minutes), boots (FPU "will
+//! -a'` decompresses the XZ bzImage (over a minute), boots (FPU "will
 //! use FXSAVE"), runs the busybox initramfs, loads its 16 modules, prints
-//! `uname -a` and powers off through ACPI S5 — about 8 minutes of wall
-//! time in a release build (150 s of guest time).
+//! `uname -a` and powers off through ACPI S5 — about 2 minutes of host CPU
+//! time in a release build (`emulator/PERFORMANCE.md`).
 //!
 //! **Not yet here**: legacy (32-bit and PAE) paging, 32-bit
 //! protected-mode interrupts to another privilege level, task switches,
@@ -123,8 +125,10 @@
 //! another's code is seen only after INIT/SIPI or a CR0/CR3 change of the
 //! executing vCPU), eventfd-backed interrupt lines, SMIs, the PIT's other
 //! modes' interrupts (only channel 0 modes 0, 2 and 3 interrupt) and the PC
-//! speaker. Speed: about 15 million instructions per second (release
-//! build), so a stock kernel's bzImage decompression alone takes minutes.
+//! speaker. Speed: about 50 million instructions per second of host CPU
+//! (release build, an interpreter; see `emulator/PERFORMANCE.md` for how
+//! it was measured and what is next), so a stock kernel's bzImage
+//! decompression alone takes about a minute.
 //! `VIREO_LOG=vireo_emulator=debug` logs each vCPU's RIP once a second.
 //!
 //! # Testing

@@ -72,6 +72,83 @@ const EMPTY: TlbEntry = TlbEntry {
     dirty: false,
 };
 
+/// Entries of each fast (host pointer) table.
+pub(crate) const FAST_SIZE: usize = 1024;
+
+/// A translation straight to host memory, for one kind of access by one
+/// privilege: `tag` is `(la >> 12) << 1 | user` (or [`NO_TAG`]), `host`
+/// the host address of the 4 KiB RAM page, `ppage` its guest physical
+/// address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FastEntry {
+    pub tag: u64,
+    pub host: usize,
+    pub ppage: u64,
+}
+
+pub(crate) const NO_TAG: u64 = u64::MAX;
+const FAST_EMPTY: FastEntry = FastEntry {
+    tag: NO_TAG,
+    host: 0,
+    ppage: 0,
+};
+
+/// The fast tables: translations of linear pages to host RAM that passed
+/// the permission checks of one access kind, so a hit needs no walk, no
+/// permission check and no region lookup. Filled only for RAM; write
+/// entries only for pages without decoded code (a write there must drop
+/// the decoded instructions) and with the dirty bit set.
+pub(crate) struct FastTlb {
+    pub read: Box<[FastEntry; FAST_SIZE]>,
+    pub write: Box<[FastEntry; FAST_SIZE]>,
+    pub fetch: Box<[FastEntry; FAST_SIZE]>,
+}
+
+impl FastTlb {
+    fn new() -> Self {
+        FastTlb {
+            read: Box::new([FAST_EMPTY; FAST_SIZE]),
+            write: Box::new([FAST_EMPTY; FAST_SIZE]),
+            fetch: Box::new([FAST_EMPTY; FAST_SIZE]),
+        }
+    }
+
+    fn flush_all(&mut self) {
+        self.read.fill(FAST_EMPTY);
+        self.write.fill(FAST_EMPTY);
+        self.fetch.fill(FAST_EMPTY);
+    }
+
+    fn flush_vpn(&mut self, vpn: u64) {
+        let slot = fast_slot(vpn);
+        for t in [&mut self.read, &mut self.write, &mut self.fetch] {
+            if t[slot].tag >> 1 == vpn {
+                t[slot] = FAST_EMPTY;
+            }
+        }
+    }
+
+    /// Forget the write translations to physical page `ppage` (it now holds
+    /// decoded code).
+    pub(crate) fn drop_writes_to(&mut self, ppage: u64) {
+        for e in self.write.iter_mut() {
+            if e.ppage == ppage && e.tag != NO_TAG {
+                *e = FAST_EMPTY;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) fn fast_slot(vpn: u64) -> usize {
+    (vpn as usize) & (FAST_SIZE - 1)
+}
+
+#[inline(always)]
+pub(crate) fn fast_tag(la: u64, user: bool) -> u64 {
+    ((la >> 12) << 1) | u64::from(user)
+}
+
 /// A direct-mapped software TLB of 4 KiB translations (large pages are
 /// cached one 4 KiB piece at a time).
 pub struct Tlb {
@@ -79,6 +156,7 @@ pub struct Tlb {
     /// Some entry came from a 2 MiB or 1 GiB page: INVLPG must then flush
     /// everything, since the other pieces of that page are cached too.
     has_large: bool,
+    pub(crate) fast: FastTlb,
 }
 
 impl Default for Tlb {
@@ -92,12 +170,14 @@ impl Tlb {
         Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
             has_large: false,
+            fast: FastTlb::new(),
         }
     }
 
     pub fn flush_all(&mut self) {
         self.entries.fill(EMPTY);
         self.has_large = false;
+        self.fast.flush_all();
     }
 
     /// INVLPG.
@@ -111,6 +191,7 @@ impl Tlb {
         if e.vpn == vpn {
             *e = EMPTY;
         }
+        self.fast.flush_vpn(vpn);
     }
 }
 

@@ -1,13 +1,74 @@
 //! Linear and physical memory accesses of the CPU: page splitting, RAM vs.
 //! MMIO, and invalidation of decoded code on writes.
 
+use super::state::SegReg;
 use super::{Cpu, Exit, Flow, Trap, MAX_IO_LEN};
 use crate::memory::PAGE_SIZE;
-use crate::mmu::{AccessKind, Privilege};
+use crate::mmu::{fast_slot, fast_tag, AccessKind, FastEntry, Privilege, FAST_SIZE};
+
+/// The host address of `len` bytes at `la` if `table` has a translation
+/// of its page for this privilege and the bytes do not leave the page.
+#[inline(always)]
+fn fast_host(table: &[FastEntry; FAST_SIZE], la: u64, len: usize, user: bool) -> Option<usize> {
+    let off = (la & (PAGE_SIZE - 1)) as usize;
+    if off + len > PAGE_SIZE as usize {
+        return None;
+    }
+    let e = &table[fast_slot(la >> 12)];
+    (e.tag == fast_tag(la, user)).then_some(e.host + off)
+}
 
 impl Cpu {
+    /// True if an access by `who` is a user-mode access (CPL 3).
+    #[inline(always)]
+    pub(crate) fn user_access(&self, who: Privilege) -> bool {
+        who == Privilege::Current && self.state.seg[SegReg::Cs as usize].dpl == 3
+    }
+
+    /// After `la` translated to `pa` for `kind`, remember the host page in
+    /// the fast tables if it is RAM (and, for writes, holds no decoded
+    /// code).
+    pub(crate) fn fill_fast(&mut self, la: u64, pa: u64, kind: AccessKind, user: bool) {
+        let ppage = pa & !(PAGE_SIZE - 1);
+        let Some(host) = self.mem.host_ptr(ppage, PAGE_SIZE as usize) else {
+            return;
+        };
+        let fast = &mut self.tlb.fast;
+        let table = match kind {
+            AccessKind::Read => &mut fast.read,
+            AccessKind::Fetch => &mut fast.fetch,
+            AccessKind::Write => {
+                if self.icache.has_page(ppage >> 12) {
+                    return;
+                }
+                &mut fast.write
+            }
+        };
+        table[fast_slot(la >> 12)] = FastEntry {
+            tag: fast_tag(la, user),
+            host: host.as_ptr() as usize,
+            ppage,
+        };
+    }
+
+    /// The physical page address of a fetch at `la` from the fast table.
+    #[inline(always)]
+    pub(crate) fn fast_fetch_page(&self, la: u64) -> Option<u64> {
+        let user = self.user_access(Privilege::Current);
+        let e = &self.tlb.fast.fetch[fast_slot(la >> 12)];
+        (e.tag == fast_tag(la, user)).then_some(e.ppage)
+    }
+
     /// Read `buf.len()` (at most 16) bytes at linear address `la`.
     pub(crate) fn read_lin(&mut self, la: u64, buf: &mut [u8], who: Privilege) -> Flow {
+        let user = self.user_access(who);
+        if let Some(h) = fast_host(&self.tlb.fast.read, la, buf.len(), user) {
+            // SAFETY: `h` lies in a RAM page `GuestMemory::host_ptr` vouched
+            // for (valid while `self.mem` lives) and the range does not
+            // leave the page; `buf` is a separate Rust buffer.
+            unsafe { std::ptr::copy_nonoverlapping(h as *const u8, buf.as_mut_ptr(), buf.len()) };
+            return Ok(());
+        }
         self.access_lin(la, buf.len(), AccessKind::Read, who)
             .and_then(|(pa1, first, pa2)| {
                 let (a, b) = buf.split_at_mut(first);
@@ -23,6 +84,13 @@ impl Cpu {
     /// a split access are translated before any byte is written, so a fault
     /// leaves memory untouched.
     pub(crate) fn write_lin(&mut self, la: u64, data: &[u8], who: Privilege) -> Flow {
+        let user = self.user_access(who);
+        if let Some(h) = fast_host(&self.tlb.fast.write, la, data.len(), user) {
+            // SAFETY: as in `read_lin`; the page holds no decoded code, so
+            // nothing needs invalidating.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), h as *mut u8, data.len()) };
+            return Ok(());
+        }
         let (pa1, first, pa2) = self.access_lin(la, data.len(), AccessKind::Write, who)?;
         self.write_phys(pa1, &data[..first]);
         if let Some(pa2) = pa2 {
@@ -42,9 +110,14 @@ impl Cpu {
     ) -> Flow<(u64, usize, Option<u64>)> {
         let room = (PAGE_SIZE - (la & (PAGE_SIZE - 1))) as usize;
         let first = len.min(room);
+        let user = self.user_access(who);
         let pa1 = self.translate(la, kind, who)?;
+        self.fill_fast(la, pa1, kind, user);
         let pa2 = if first < len {
-            Some(self.translate(la.wrapping_add(first as u64), kind, who)?)
+            let la2 = la.wrapping_add(first as u64);
+            let pa2 = self.translate(la2, kind, who)?;
+            self.fill_fast(la2, pa2, kind, user);
+            Some(pa2)
         } else {
             None
         };
@@ -88,7 +161,28 @@ impl Cpu {
     }
 
     /// Read a little-endian value of `bytes` (1, 2, 4 or 8) bytes.
+    #[inline]
     pub(crate) fn read_mem(&mut self, la: u64, bytes: usize) -> Flow<u64> {
+        if self.atomic.is_none() {
+            let user = self.user_access(Privilege::Current);
+            if let Some(h) = fast_host(&self.tlb.fast.read, la, bytes, user) {
+                // SAFETY: as in `read_lin`: `bytes` valid bytes at `h`.
+                let v = unsafe {
+                    match bytes {
+                        1 => u64::from(*(h as *const u8)),
+                        2 => u64::from(std::ptr::read_unaligned(h as *const u16)),
+                        4 => u64::from(std::ptr::read_unaligned(h as *const u32)),
+                        8 => std::ptr::read_unaligned(h as *const u64),
+                        _ => return self.read_mem_slow(la, bytes),
+                    }
+                };
+                return Ok(v);
+            }
+        }
+        self.read_mem_slow(la, bytes)
+    }
+
+    fn read_mem_slow(&mut self, la: u64, bytes: usize) -> Flow<u64> {
         let mut b = [0u8; 8];
         let n = bytes.min(8);
         self.read_lin(la, &mut b[..n], Privilege::Current)?;
@@ -105,8 +199,26 @@ impl Cpu {
         Ok(v)
     }
 
+    #[inline]
     pub(crate) fn write_mem(&mut self, la: u64, bytes: usize, v: u64) -> Flow {
         let n = bytes.min(8);
+        if self.atomic.is_none() {
+            let user = self.user_access(Privilege::Current);
+            if let Some(h) = fast_host(&self.tlb.fast.write, la, n, user) {
+                // SAFETY: as in `write_lin`: `n` valid bytes at `h`, on a
+                // page without decoded code.
+                unsafe {
+                    match n {
+                        1 => *(h as *mut u8) = v as u8,
+                        2 => std::ptr::write_unaligned(h as *mut u16, v as u16),
+                        4 => std::ptr::write_unaligned(h as *mut u32, v as u32),
+                        8 => std::ptr::write_unaligned(h as *mut u64, v),
+                        _ => return self.write_lin(la, &v.to_le_bytes()[..n], Privilege::Current),
+                    }
+                }
+                return Ok(());
+            }
+        }
         if let Some(op) = self.atomic {
             if op.la == Some(la) && op.len == n {
                 return self.cas_mem(la, n, op.old, v);

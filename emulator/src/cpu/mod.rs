@@ -73,6 +73,14 @@ pub(crate) struct AtomicOp {
 
 pub(crate) type Flow<T = ()> = std::result::Result<T, Trap>;
 
+/// Registers saved before each instruction, restored when it does not
+/// complete.
+struct Snapshot {
+    rip: u64,
+    rflags: u64,
+    gpr: [u64; 16],
+}
+
 /// Input the VMM supplied for an instruction that is being restarted.
 #[derive(Debug, Clone)]
 struct Response {
@@ -197,11 +205,12 @@ impl Cpu {
                 data: self.io_buf,
             });
         }
-        for _ in 0..budget {
+        let mut left = budget;
+        while left > 0 {
             if let Some(exit) = self.report_mmio_write() {
                 return exit;
             }
-            if let Some(exit) = self.step() {
+            if let Some(exit) = self.step(&mut left) {
                 return exit;
             }
         }
@@ -214,9 +223,9 @@ impl Cpu {
         Some(Exit::MmioWrite { gpa, len })
     }
 
-    /// Execute one instruction (or deliver one event). Returns an exit the
-    /// VMM must see.
-    fn step(&mut self) -> Option<Exit> {
+    /// Accept pending events, then execute one block of instructions (at
+    /// most `*left`, counted down). Returns an exit the VMM must see.
+    fn step(&mut self, left: &mut u64) -> Option<Exit> {
         if self.link.is_some() {
             if let Some(exit) = self.platform_events() {
                 return Some(exit);
@@ -244,16 +253,98 @@ impl Cpu {
             self.icache.invalidate_all();
             self.last_bits = bits;
         }
-        let start_rip = self.state.rip;
-        let start_flags = self.state.rflags;
-        let start_gpr = self.state.gpr;
+        let block = match self.block_at(bits) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                // An instruction across a page boundary: decoded alone.
+                *left -= 1;
+                let snap = self.snapshot();
+                let result = self.fetch_decode().and_then(|instr| {
+                    self.next_rip = instr.next_ip();
+                    crate::exec::execute(self, &instr)
+                });
+                return self.finish(result, snap);
+            }
+            Err(trap) => {
+                *left -= 1;
+                let snap = self.snapshot();
+                return self.finish(Err(trap), snap);
+            }
+        };
+        let generation = self.icache.generation;
+        let rip_mask = if self.state.long_mode_64() {
+            u64::MAX
+        } else {
+            0xffff_ffff
+        };
+        for op in block.ops.iter() {
+            if *left == 0 {
+                break;
+            }
+            *left -= 1;
+            let snap = if op.save {
+                Some(self.snapshot())
+            } else {
+                self.resp_idx = 0;
+                None
+            };
+            let next = op.instr.next_ip();
+            self.next_rip = next;
+            let result = (op.run)(self, &op.instr);
+            if result.is_ok() {
+                self.state.rip = self.next_rip & rip_mask;
+                self.state.tsc = self.state.tsc.wrapping_add(1);
+                if !self.responses.is_empty() {
+                    self.responses.clear();
+                }
+                if self.exit_after.is_some() {
+                    return self.exit_after.take();
+                }
+                // Go on with the next instruction only while it is the
+                // one decoded after this one and nothing needs a look
+                // between instructions.
+                if self.next_rip != next
+                    || self.icache.generation != generation
+                    || self.int_shadow
+                    || self.halted
+                    || !self.mmio_writes.is_empty()
+                {
+                    return None;
+                }
+            } else {
+                // Without a saved copy nothing was written: the registers
+                // are those before the instruction.
+                let snap = snap.unwrap_or(Snapshot {
+                    rip: self.state.rip,
+                    rflags: self.state.rflags,
+                    gpr: self.state.gpr,
+                });
+                return self.finish(result, snap);
+            }
+        }
+        None
+    }
+
+    /// The registers an instruction that does not complete restores.
+    #[inline(always)]
+    fn snapshot(&mut self) -> Snapshot {
         self.resp_idx = 0;
-        let result = self.fetch_decode().and_then(|instr| {
-            self.next_rip = instr.next_ip();
-            crate::exec::execute(self, &instr).map(|()| instr)
-        });
+        Snapshot {
+            rip: self.state.rip,
+            rflags: self.state.rflags,
+            gpr: self.state.gpr,
+        }
+    }
+
+    /// Complete (or roll back) the instruction that started at `snap`.
+    fn finish(&mut self, result: Flow, snap: Snapshot) -> Option<Exit> {
+        let Snapshot {
+            rip: start_rip,
+            rflags: start_flags,
+            gpr: start_gpr,
+        } = snap;
         match result {
-            Ok(_) => {
+            Ok(()) => {
                 self.state.rip = if self.state.long_mode_64() {
                     self.next_rip
                 } else {

@@ -31,6 +31,62 @@ pub(crate) fn binary(cpu: &mut Cpu, i: &Instruction) -> Flow {
     Ok(())
 }
 
+/// ALU operations of [`binary_form`].
+pub(crate) mod op {
+    pub const ADD: u8 = 0;
+    pub const ADC: u8 = 1;
+    pub const SUB: u8 = 2;
+    pub const SBB: u8 = 3;
+    pub const CMP: u8 = 4;
+    pub const AND: u8 = 5;
+    pub const OR: u8 = 6;
+    pub const XOR: u8 = 7;
+    pub const TEST: u8 = 8;
+}
+
+/// Operand forms of [`binary_form`]: destination register and a register,
+/// immediate or memory source.
+pub(crate) mod form {
+    pub const REG_REG: u8 = 0;
+    pub const REG_IMM: u8 = 1;
+    pub const REG_MEM: u8 = 2;
+}
+
+/// [`binary`] specialised at decode time for one operation and a register
+/// destination (the common forms), so that neither the operation nor the
+/// operand kinds are looked up again on every execution.
+pub(crate) fn binary_form<const OP: u8, const FORM: u8>(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    let dst = i.op0_register();
+    let Some((_, bits, _)) = super::gpr_info(dst) else {
+        return binary(cpu, i);
+    };
+    let m = mask(bits);
+    let b = match FORM {
+        form::REG_REG => cpu.reg(i.op1_register()),
+        form::REG_IMM => i.immediate(1) & m,
+        _ => {
+            let la = cpu.ea(i);
+            cpu.read_mem(la, (bits / 8) as usize)?
+        }
+    };
+    let a = cpu.reg(dst);
+    let cf = cpu.state.flag(CF);
+    let (r, f) = match OP {
+        op::ADD => flags::add(bits, a, b, false),
+        op::ADC => flags::add(bits, a, b, cf),
+        op::SUB | op::CMP => flags::sub(bits, a, b, false),
+        op::SBB => flags::sub(bits, a, b, cf),
+        op::AND | op::TEST => (a & b, flags::logic(bits, a & b)),
+        op::OR => (a | b, flags::logic(bits, a | b)),
+        _ => (a ^ b, flags::logic(bits, a ^ b)),
+    };
+    if OP != op::CMP && OP != op::TEST {
+        cpu.set_reg(dst, r);
+    }
+    cpu.state.set_arith(ARITH, f);
+    Ok(())
+}
+
 fn with((r, f): (u64, u64), write: bool) -> (u64, u64, bool) {
     (r, f, write)
 }

@@ -41,19 +41,25 @@ pub(crate) fn execute(cpu: &mut Cpu, i: &Instruction) -> Flow {
 }
 
 fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    select(i).0(cpu, i)
+}
+
+/// The semantics of `i` (without the LOCK handling of [`execute`]), and
+/// whether it is a system instruction.
+fn select(i: &Instruction) -> (Handler, bool) {
     use Mnemonic as M;
     match i.mnemonic() {
         M::Add | M::Adc | M::Sub | M::Sbb | M::Cmp | M::And | M::Or | M::Xor | M::Test => {
-            alu::binary(cpu, i)
+            (alu::binary, false)
         }
-        M::Inc | M::Dec | M::Neg | M::Not => alu::unary(cpu, i),
-        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => alu::convert(cpu, i),
-        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => alu::flag_op(cpu, i),
+        M::Inc | M::Dec | M::Neg | M::Not => (alu::unary, false),
+        M::Cbw | M::Cwde | M::Cdqe | M::Cwd | M::Cdq | M::Cqo => (alu::convert, false),
+        M::Clc | M::Stc | M::Cmc | M::Cld | M::Std | M::Lahf | M::Sahf => (alu::flag_op, false),
         M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr => {
-            shift::shift(cpu, i)
+            (shift::shift, false)
         }
-        M::Shld | M::Shrd => shift::double(cpu, i),
-        M::Mul | M::Imul | M::Div | M::Idiv => muldiv::muldiv(cpu, i),
+        M::Shld | M::Shrd => (shift::double, false),
+        M::Mul | M::Imul | M::Div | M::Idiv => (muldiv::muldiv, false),
         M::Bsf
         | M::Bsr
         | M::Tzcnt
@@ -63,7 +69,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Btr
         | M::Btc
         | M::Bswap
-        | M::Popcnt => bits::bits(cpu, i),
+        | M::Popcnt => (bits::bits, false),
         M::Mov
         | M::Movzx
         | M::Movsx
@@ -73,7 +79,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Cmpxchg
         | M::Xadd
         | M::Cmpxchg8b
-        | M::Cmpxchg16b => mov::mov(cpu, i),
+        | M::Cmpxchg16b => (mov::mov, false),
         M::Cmova
         | M::Cmovae
         | M::Cmovb
@@ -89,7 +95,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Cmovns
         | M::Cmovo
         | M::Cmovp
-        | M::Cmovs => mov::cmov(cpu, i),
+        | M::Cmovs => (mov::cmov, false),
         M::Seta
         | M::Setae
         | M::Setb
@@ -105,7 +111,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Setns
         | M::Seto
         | M::Setp
-        | M::Sets => mov::setcc(cpu, i),
+        | M::Sets => (mov::setcc, false),
         M::Push
         | M::Pop
         | M::Pushfq
@@ -119,7 +125,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Popa
         | M::Popad
         | M::Leave
-        | M::Enter => stack::stack(cpu, i),
+        | M::Enter => (stack::stack, false),
         M::Jmp
         | M::Call
         | M::Ret
@@ -145,7 +151,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Jrcxz
         | M::Jecxz
         | M::Jcxz
-        | M::Retf => branch::branch(cpu, i),
+        | M::Retf => (branch::branch, false),
         M::Movsb
         | M::Movsw
         | M::Movsd
@@ -174,7 +180,7 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Insd
             if is_string(i) =>
         {
-            string::string(cpu, i)
+            (string::string, false)
         }
         M::Nop
         | M::Pause
@@ -188,12 +194,249 @@ fn dispatch(cpu: &mut Cpu, i: &Instruction) -> Flow {
         | M::Prefetchw
         | M::Clflush
         | M::Clflushopt
-        | M::Endbr64 => Ok(()),
-        M::Ud2 | M::Ud0 | M::Ud1 => Err(ud()),
-        m if x87::handles(m) => x87::x87(cpu, i),
-        m if sse::handles(m) => sse::sse(cpu, i),
-        _ => system::system(cpu, i),
+        | M::Endbr64 => (nop, false),
+        M::Ud2 | M::Ud0 | M::Ud1 => (undefined, false),
+        m if x87::handles(m) => (x87::x87, false),
+        m if sse::handles(m) => (sse::sse, false),
+        _ => (system::system, true),
     }
+}
+
+fn nop(_: &mut Cpu, _: &Instruction) -> Flow {
+    Ok(())
+}
+
+fn undefined(_: &mut Cpu, _: &Instruction) -> Flow {
+    Err(ud())
+}
+
+/// The semantics of one instruction: its handler.
+pub(crate) type Handler = fn(&mut Cpu, &Instruction) -> Flow;
+
+/// The handler that runs `i`, chosen once when it is decoded; whether `i`
+/// must end a block (unconditional control transfers, system instructions
+/// and moves to or from control, debug and segment registers, which may
+/// change the mode, paging or interrupt state the rest of a block was
+/// decoded for); and whether the registers must be saved before it. They
+/// need not be for the simple integer instructions whose handlers read
+/// everything, may fault, and only then write, so that a fault or restart
+/// finds the registers and RFLAGS as they were.
+pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
+    use Mnemonic as M;
+    let (run, ends) = handler_parts(i);
+    let run = specialised(i).unwrap_or(run);
+    let clean = !ends
+        && !i.has_lock_prefix()
+        && matches!(
+            i.mnemonic(),
+            M::Add
+                | M::Adc
+                | M::Sub
+                | M::Sbb
+                | M::Cmp
+                | M::And
+                | M::Or
+                | M::Xor
+                | M::Test
+                | M::Inc
+                | M::Dec
+                | M::Neg
+                | M::Not
+                | M::Shl
+                | M::Sal
+                | M::Shr
+                | M::Sar
+                | M::Rol
+                | M::Ror
+                | M::Mov
+                | M::Movzx
+                | M::Movsx
+                | M::Movsxd
+                | M::Lea
+                | M::Cmova
+                | M::Cmovae
+                | M::Cmovb
+                | M::Cmovbe
+                | M::Cmove
+                | M::Cmovg
+                | M::Cmovge
+                | M::Cmovl
+                | M::Cmovle
+                | M::Cmovne
+                | M::Cmovs
+                | M::Cmovns
+                | M::Seta
+                | M::Setae
+                | M::Setb
+                | M::Setbe
+                | M::Sete
+                | M::Setg
+                | M::Setge
+                | M::Setl
+                | M::Setle
+                | M::Setne
+                | M::Sets
+                | M::Setns
+                | M::Nop
+                | M::Push
+                | M::Jo
+                | M::Jno
+                | M::Jb
+                | M::Jae
+                | M::Je
+                | M::Jne
+                | M::Jbe
+                | M::Ja
+                | M::Js
+                | M::Jns
+                | M::Jp
+                | M::Jnp
+                | M::Jl
+                | M::Jge
+                | M::Jle
+                | M::Jg
+        )
+        || (!ends
+            && !i.has_lock_prefix()
+            && i.mnemonic() == M::Pop
+            && i.op0_kind() == OpKind::Register
+            && gpr_info(i.op0_register()).is_some());
+    (run, ends, !clean)
+}
+
+/// A handler specialised for the operand form of the most common
+/// instructions (MOV and the two-operand ALU group with a general purpose
+/// register destination), or `None`.
+fn specialised(i: &Instruction) -> Option<Handler> {
+    use Mnemonic as M;
+    if i.has_lock_prefix() {
+        return None;
+    }
+    if i.op_count() == 1
+        && matches!(
+            i.op0_kind(),
+            OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+        )
+    {
+        return jcc(i);
+    }
+    if i.op_count() != 2 {
+        return None;
+    }
+    let gpr = |n: u32| i.op_kind(n) == OpKind::Register && gpr_info(i.op_register(n)).is_some();
+    let imm = |n: u32| {
+        matches!(
+            i.op_kind(n),
+            OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate64
+                | OpKind::Immediate8to16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64
+        )
+    };
+    let mem =
+        |n: u32| i.op_kind(n) == OpKind::Memory && matches!(i.memory_size().size(), 1 | 2 | 4 | 8);
+    if i.mnemonic() == M::Mov {
+        use mov::form as F;
+        return Some(match () {
+            _ if gpr(0) && gpr(1) => mov::mov_form::<{ F::REG_REG }>,
+            _ if gpr(0) && mem(1) => mov::mov_form::<{ F::REG_MEM }>,
+            _ if mem(0) && gpr(1) => mov::mov_form::<{ F::MEM_REG }>,
+            _ if gpr(0) && imm(1) => mov::mov_form::<{ F::REG_IMM }>,
+            _ if mem(0) && imm(1) => mov::mov_form::<{ F::MEM_IMM }>,
+            _ => return None,
+        });
+    }
+    if !gpr(0) {
+        return None;
+    }
+    macro_rules! alu {
+        ($op:expr) => {{
+            use alu::form as F;
+            match () {
+                _ if gpr(1) => alu::binary_form::<{ $op }, { F::REG_REG }> as Handler,
+                _ if imm(1) => alu::binary_form::<{ $op }, { F::REG_IMM }>,
+                _ if mem(1) => alu::binary_form::<{ $op }, { F::REG_MEM }>,
+                _ => return None,
+            }
+        }};
+    }
+    use alu::op as O;
+    Some(match i.mnemonic() {
+        M::Add => alu!(O::ADD),
+        M::Adc => alu!(O::ADC),
+        M::Sub => alu!(O::SUB),
+        M::Sbb => alu!(O::SBB),
+        M::Cmp => alu!(O::CMP),
+        M::And => alu!(O::AND),
+        M::Or => alu!(O::OR),
+        M::Xor => alu!(O::XOR),
+        M::Test => alu!(O::TEST),
+        _ => return None,
+    })
+}
+
+/// Jcc (not LOOP/JCXZ) specialised for its condition.
+fn jcc(i: &Instruction) -> Option<Handler> {
+    use iced_x86::ConditionCode as C;
+    use Mnemonic as M;
+    if !matches!(
+        i.mnemonic(),
+        M::Jo
+            | M::Jno
+            | M::Jb
+            | M::Jae
+            | M::Je
+            | M::Jne
+            | M::Jbe
+            | M::Ja
+            | M::Js
+            | M::Jns
+            | M::Jp
+            | M::Jnp
+            | M::Jl
+            | M::Jge
+            | M::Jle
+            | M::Jg
+    ) {
+        return None;
+    }
+    macro_rules! cc {
+        ($($c:ident),*) => {
+            match i.condition_code() {
+                $(C::$c => Some(branch::jcc_form::<{ C::$c as u8 }> as Handler),)*
+                _ => None,
+            }
+        };
+    }
+    cc!(o, no, b, ae, e, ne, be, a, s, ns, p, np, l, ge, le, g)
+}
+
+/// The handler of `i` and whether it ends a block.
+fn handler_parts(i: &Instruction) -> (Handler, bool) {
+    let locked = i.has_lock_prefix()
+        || (i.mnemonic() == Mnemonic::Xchg
+            && (i.op0_kind() == OpKind::Memory || i.op1_kind() == OpKind::Memory));
+    let (run, system) = select(i);
+    let run = if locked { execute as Handler } else { run };
+    let special = (0..i.op_count().min(2)).any(|n| {
+        i.op_kind(n) == OpKind::Register && {
+            let r = i.op_register(n);
+            !r.is_gpr() && !r.is_xmm() && !r.is_st()
+        }
+    });
+    // A conditional branch does not end a block: when it is taken, RIP is
+    // not the next instruction's and the block stops there.
+    let ends = system
+        || special
+        || !matches!(
+            i.flow_control(),
+            iced_x86::FlowControl::Next | iced_x86::FlowControl::ConditionalBranch
+        );
+    (run, ends)
 }
 
 /// String instructions are recognised by their implicit memory operands
@@ -239,26 +482,54 @@ fn lock_allowed(i: &Instruction) -> bool {
         && i.op0_kind() == OpKind::Memory
 }
 
-/// A general purpose register: (index, width in bits, legacy high byte).
-pub(crate) fn gpr_info(r: Register) -> Option<(usize, u32, bool)> {
-    let v = r as u32;
-    let in_range = |lo: Register, n: u32| v >= lo as u32 && v < lo as u32 + n;
-    if in_range(Register::AL, 20) {
-        let k = (v - Register::AL as u32) as usize;
-        Some(match k {
-            0..=3 => (k, 8, false),
-            4..=7 => (k - 4, 8, true),
-            _ => (k - 4, 8, false),
-        })
-    } else if in_range(Register::AX, 16) {
-        Some(((v - Register::AX as u32) as usize, 16, false))
-    } else if in_range(Register::EAX, 16) {
-        Some(((v - Register::EAX as u32) as usize, 32, false))
-    } else if in_range(Register::RAX, 16) {
-        Some(((v - Register::RAX as u32) as usize, 64, false))
+/// GPR_TABLE entry bits: valid, legacy high byte, width code (8 << code
+/// bits), register index.
+const G_VALID: u8 = 0x80;
+const G_HIGH: u8 = 0x40;
+
+const fn gpr_entry(v: u32) -> u8 {
+    let al = Register::AL as u32;
+    let ax = Register::AX as u32;
+    let eax = Register::EAX as u32;
+    let rax = Register::RAX as u32;
+    if v >= al && v < al + 20 {
+        let k = v - al;
+        if k < 4 {
+            G_VALID | k as u8
+        } else if k < 8 {
+            G_VALID | G_HIGH | (k - 4) as u8
+        } else {
+            G_VALID | (k - 4) as u8
+        }
+    } else if v >= ax && v < ax + 16 {
+        G_VALID | (1 << 4) | (v - ax) as u8
+    } else if v >= eax && v < eax + 16 {
+        G_VALID | (2 << 4) | (v - eax) as u8
+    } else if v >= rax && v < rax + 16 {
+        G_VALID | (3 << 4) | (v - rax) as u8
     } else {
-        None
+        0
     }
+}
+
+/// [`gpr_info`] for every register number, computed at compile time.
+static GPR_TABLE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut v = 0;
+    while v < 256 {
+        t[v] = gpr_entry(v as u32);
+        v += 1;
+    }
+    t
+};
+
+const WIDTH_MASK: [u64; 4] = [0xff, 0xffff, 0xffff_ffff, u64::MAX];
+
+/// A general purpose register: (index, width in bits, legacy high byte).
+#[inline(always)]
+pub(crate) fn gpr_info(r: Register) -> Option<(usize, u32, bool)> {
+    let e = GPR_TABLE[r as usize & 0xff];
+    (e & G_VALID != 0).then(|| (usize::from(e & 0xf), 8 << ((e >> 4) & 3), e & G_HIGH != 0))
 }
 
 /// XMM register number.
@@ -269,35 +540,47 @@ pub(crate) fn xmm_index(r: Register) -> Option<usize> {
 }
 
 impl Cpu {
+    #[inline]
     pub(crate) fn reg(&self, r: Register) -> u64 {
-        match gpr_info(r) {
-            Some((idx, 8, true)) => (self.state.gpr[idx] >> 8) & 0xff,
-            Some((idx, bits, _)) => self.state.gpr[idx] & crate::cpu::flags::mask(bits),
-            None => match r {
-                Register::RIP => self.next_rip,
-                Register::EIP => self.next_rip & 0xffff_ffff,
-                _ => 0,
-            },
+        let e = GPR_TABLE[r as usize & 0xff];
+        if e & G_VALID != 0 {
+            let v = self.state.gpr[usize::from(e & 0xf)];
+            if e & G_HIGH != 0 {
+                return (v >> 8) & 0xff;
+            }
+            return v & WIDTH_MASK[usize::from((e >> 4) & 3)];
+        }
+        match r {
+            Register::RIP => self.next_rip,
+            Register::EIP => self.next_rip & 0xffff_ffff,
+            _ => 0,
         }
     }
 
     /// Write a GPR with x86 merge rules: 32-bit writes zero the upper half,
     /// 8/16-bit writes keep the rest.
+    #[inline]
     pub(crate) fn set_reg(&mut self, r: Register, v: u64) {
-        let Some((idx, bits, high)) = gpr_info(r) else {
+        let e = GPR_TABLE[r as usize & 0xff];
+        if e & G_VALID == 0 {
             return;
-        };
-        let old = self.state.gpr[idx];
-        self.state.gpr[idx] = match (bits, high) {
-            (8, true) => (old & !0xff00) | ((v & 0xff) << 8),
-            (8, false) => (old & !0xff) | (v & 0xff),
-            (16, _) => (old & !0xffff) | (v & 0xffff),
-            (32, _) => v & 0xffff_ffff,
-            _ => v,
+        }
+        let slot = &mut self.state.gpr[usize::from(e & 0xf)];
+        let old = *slot;
+        *slot = if e & G_HIGH != 0 {
+            (old & !0xff00) | ((v & 0xff) << 8)
+        } else {
+            match (e >> 4) & 3 {
+                0 => (old & !0xff) | (v & 0xff),
+                1 => (old & !0xffff) | (v & 0xffff),
+                2 => v & 0xffff_ffff,
+                _ => v,
+            }
         };
     }
 
     /// The linear address of the explicit memory operand.
+    #[inline]
     pub(crate) fn ea(&self, i: &Instruction) -> u64 {
         let la = self
             .offset(i)
@@ -312,6 +595,7 @@ impl Cpu {
     /// The effective address (offset, without segment base) of the
     /// explicit memory operand, as LEA computes it, wrapped to the
     /// address size.
+    #[inline]
     pub(crate) fn offset(&self, i: &Instruction) -> u64 {
         let base = i.memory_base();
         let index = i.memory_index();
@@ -345,6 +629,7 @@ impl Cpu {
     }
 
     /// Segment base: in 64-bit mode only FS and GS have one.
+    #[inline]
     pub(crate) fn seg_base(&self, seg: Register) -> u64 {
         let s = match seg {
             Register::FS => SegReg::Fs,
@@ -360,6 +645,7 @@ impl Cpu {
     }
 
     /// Width in bits of operand `n`.
+    #[inline]
     pub(crate) fn op_bits(&self, i: &Instruction, n: u32) -> u32 {
         match i.op_kind(n) {
             OpKind::Register => gpr_info(i.op_register(n)).map_or(0, |(_, b, _)| b),
@@ -373,6 +659,7 @@ impl Cpu {
 
     /// Width of integer operand `n`, or #UD for an operand that is not an
     /// 8/16/32/64-bit integer (never panics on odd encodings).
+    #[inline]
     pub(crate) fn width(&self, i: &Instruction, n: u32) -> Flow<u32> {
         match self.op_bits(i, n) {
             b @ (8 | 16 | 32 | 64) => Ok(b),
@@ -381,6 +668,7 @@ impl Cpu {
     }
 
     /// Read operand `n` (register, memory or immediate), zero-extended.
+    #[inline]
     pub(crate) fn read_op(&mut self, i: &Instruction, n: u32) -> Flow<u64> {
         match i.op_kind(n) {
             OpKind::Register => Ok(self.reg(i.op_register(n))),
@@ -403,6 +691,7 @@ impl Cpu {
     }
 
     /// Write operand `n` (register or memory).
+    #[inline]
     pub(crate) fn write_op(&mut self, i: &Instruction, n: u32, v: u64) -> Flow {
         match i.op_kind(n) {
             OpKind::Register => {
@@ -419,6 +708,7 @@ impl Cpu {
     }
 
     /// Evaluate a condition code against RFLAGS.
+    #[inline]
     pub(crate) fn cond(&self, cc: iced_x86::ConditionCode) -> bool {
         use crate::cpu::state::rflags::{CF, OF, PF, SF, ZF};
         use iced_x86::ConditionCode as C;

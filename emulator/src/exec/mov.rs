@@ -141,6 +141,51 @@ pub(crate) fn mov(cpu: &mut Cpu, i: &Instruction) -> Flow {
     }
 }
 
+/// Operand forms of [`mov_form`].
+pub(crate) mod form {
+    /// Register to register.
+    pub const REG_REG: u8 = 0;
+    /// Memory to register.
+    pub const REG_MEM: u8 = 1;
+    /// Register to memory.
+    pub const MEM_REG: u8 = 2;
+    /// Immediate to register.
+    pub const REG_IMM: u8 = 3;
+    /// Immediate to memory.
+    pub const MEM_IMM: u8 = 4;
+}
+
+/// MOV between general purpose registers, memory and immediates,
+/// specialised at decode time for one operand form.
+pub(crate) fn mov_form<const FORM: u8>(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    match FORM {
+        form::REG_REG => {
+            let v = cpu.reg(i.op1_register());
+            cpu.set_reg(i.op0_register(), v);
+            Ok(())
+        }
+        form::REG_MEM => {
+            let la = cpu.ea(i);
+            let v = cpu.read_mem(la, i.memory_size().size())?;
+            cpu.set_reg(i.op0_register(), v);
+            Ok(())
+        }
+        form::MEM_REG => {
+            let v = cpu.reg(i.op1_register());
+            let la = cpu.ea(i);
+            cpu.write_mem(la, i.memory_size().size(), v)
+        }
+        form::REG_IMM => {
+            cpu.set_reg(i.op0_register(), i.immediate(1));
+            Ok(())
+        }
+        _ => {
+            let la = cpu.ea(i);
+            cpu.write_mem(la, i.memory_size().size(), i.immediate(1))
+        }
+    }
+}
+
 pub(crate) fn cmov(cpu: &mut Cpu, i: &Instruction) -> Flow {
     let src = cpu.read_op(i, 1)?;
     // A 32-bit destination is zero-extended even when the move is not done.
