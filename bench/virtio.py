@@ -177,6 +177,11 @@ def guest_script(args):
         f"run cpu_user spin {args.spin_ops}",
         f"run cpu_syscall syscalls {args.syscall_ops}",
         "echo bench-uptime $(cut -d' ' -f1 /proc/uptime)",
+        # What the two VMMs offered (feature bits, virtio spec order) and how many interrupts it took.
+        "for d in /sys/bus/virtio/devices/*; do echo bench-info virtio $(basename $d) device=$(cat $d/device) "
+        "features=$(cat $d/features); done",
+        "echo bench-info eth0 mtu=$(cat /sys/class/net/eth0/mtu) $(grep eth0 /proc/net/dev)",
+        "grep -i virtio /proc/interrupts | sed 's/^/bench-info irq /'",
         "echo bench-done",
     ]
     return "\n".join(t) + "\n"
@@ -671,8 +676,8 @@ def main():
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--disk-mib", type=int, default=256, help="raw image size")
-    ap.add_argument("--seq-mib", type=int, default=64)
-    ap.add_argument("--rand-ops", type=int, default=1000)
+    ap.add_argument("--seq-mib", type=int, default=128)
+    ap.add_argument("--rand-ops", type=int, default=2000)
     ap.add_argument("--rand-span-mib", type=int, default=None, help="default: --disk-mib")
     ap.add_argument("--net-mib", type=int, default=32)
     ap.add_argument("--spin-ops", type=int, default=20_000_000, help="cpu_user calibration rounds")
@@ -754,11 +759,14 @@ def main():
         "accel_pair": accel_pair,
         "git": {"head": sh_out(["git", "-C", REPO, "rev-parse", "HEAD"]),
                 "dirty_files": len(sh_out(["git", "-C", REPO, "status", "--porcelain"]).splitlines())},
-        "vireo": {"path": args.vireo, "sha256": sha256(args.vireo_copy) if os.path.exists(args.vireo_copy) else None,
+        "vireo": {"path": args.vireo,
+                  "mtime": datetime.datetime.fromtimestamp(os.path.getmtime(args.vireo)).isoformat()
+                  if os.path.exists(args.vireo) else None, "sha256": sha256(args.vireo_copy) if os.path.exists(args.vireo_copy) else None,
                   "version": sh_out([args.vireo_copy, "--version"]) if os.path.exists(args.vireo_copy) else None},
         "qemu": {"path": shutil.which(args.qemu), "version": sh_out([args.qemu, "--version"]).splitlines()[0]
                  if "qemu" in vmms else None},
-        "guest": {"kit": args.kit, "kernel_version": conf.get("kernel_version"), "cmdline": cmdline,
+        "guest": {"kit": args.kit, "kernel_sha256": sha256(kernel),
+                  "kit_initrd_sha256": sha256(os.path.join(args.kit, "initrd.img")), "kernel_version": conf.get("kernel_version"), "cmdline": cmdline,
                   "vbench_sha256": vbench_sha, "script": guest_script(args)},
         "params": {k: getattr(args, k) for k in ("memory", "cpus", "disk_mib", "seq_mib", "rand_ops",
                                                   "rand_span_mib", "net_mib", "spin_ops", "syscall_ops", "qemu_machine", "qemu_cpu", "timeout")},
