@@ -10,11 +10,14 @@
 //! Guest side (see [`init`]): put `vireo.run=COMMAND` last on the kernel
 //! command line to run COMMAND; `vireo-init: ready` is printed just before
 //! it starts, and `vireo: command exited with status N` after.
+//! `/bin/vsock-send CID PORT` (see [`vsock_send`]) connects to an AF_VSOCK
+//! port, sends its stdin and prints the reply: the host is CID 2.
 
 pub mod cpio;
 mod debian;
 mod init;
 mod modules;
+pub mod vsock_send;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -33,6 +36,8 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k cryptomgr.not
 pub const MANIFEST: &str = "vireo-kit.conf";
 const KERNEL_FILE: &str = "vmlinuz";
 const INITRD_FILE: &str = "initrd.img";
+/// The AF_VSOCK client vireo assembles into the kit (see [`vsock_send`]).
+pub const VSOCK_SEND: &str = "bin/vsock-send";
 /// Prefix of the scratch directory a build unpacks packages into.
 const WORK_PREFIX: &str = ".vireo-image-build-";
 
@@ -285,6 +290,10 @@ fn make_initramfs(
         w.symlink(&format!("bin/{applet}"), "busybox")
             .map_err(fail)?;
     }
+    let vsock_send = vsock_send::elf().map_err(|e| ImageError::InitrdCheck {
+        problem: format!("assembling /{VSOCK_SEND} failed: {e}"),
+    })?;
+    w.file(VSOCK_SEND, 0o755, &vsock_send).map_err(fail)?;
     w.file("init", 0o755, script.as_bytes()).map_err(fail)?;
     for (name, path) in &plan.order {
         let bytes = modules::read_module(path)?;
@@ -325,6 +334,13 @@ fn check_initramfs(gz: &[u8], plan: &ModulePlan) -> Result<(), ImageError> {
     match find("bin/sh") {
         Some(e) if e.file_type() == cpio::S_IFLNK && e.data == b"busybox" => {}
         _ => return Err(problem("/bin/sh is not a link to busybox".into())),
+    }
+    match find(VSOCK_SEND) {
+        Some(e)
+            if e.file_type() == cpio::S_IFREG
+                && e.permissions() == 0o755
+                && e.data.starts_with(b"\x7fELF") => {}
+        _ => return Err(problem(format!("/{VSOCK_SEND} is missing"))),
     }
     match find("dev/console") {
         Some(e) if e.file_type() == cpio::S_IFCHR && (e.rdev_major, e.rdev_minor) == (5, 1) => {}
@@ -517,6 +533,22 @@ mod tests {
         let (gz, entries) = make_initramfs(&busybox, &plan, &init::script(&[])).unwrap();
         assert!(entries > init::APPLETS.len());
         check_initramfs(&gz, &plan).unwrap();
+        // The listing: the assembled AF_VSOCK client is an executable file.
+        let mut cpio = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut cpio)
+            .unwrap();
+        let listed = cpio::read_newc(&cpio).unwrap();
+        assert_eq!(listed.len(), entries);
+        let tool = listed
+            .iter()
+            .find(|e| e.name == "bin/vsock-send")
+            .expect("bin/vsock-send in the initramfs");
+        assert_eq!(tool.file_type(), cpio::S_IFREG);
+        assert_eq!(tool.permissions(), 0o755);
+        assert_eq!(tool.data, vsock_send::elf().unwrap());
+        let busybox_entry = listed.iter().find(|e| e.name == "bin/busybox").unwrap();
+        assert_eq!(busybox_entry.permissions(), 0o755);
         // A plan naming a module the archive lacks fails the check.
         let plan = ModulePlan {
             order: vec![("virtio".into(), PathBuf::from("/nonexistent"))],
