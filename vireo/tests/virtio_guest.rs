@@ -4,7 +4,8 @@
 //!
 //! One boot checks every device: disks (raw, a qcow2 overlay over a base,
 //! read-only with a serial number), the network (ping and a TCP transfer
-//! with a TAP in a network namespace this test creates), rng, vsock, the
+//! with a TAP in a network namespace this test creates), rng, vsock (the
+//! kit's `vsock-send` reaches a Unix socket on the host and reads its answer), the
 //! balloon (the host's memory use drops when the guest frees memory) and
 //! virtio-console. A second boot reads back what the first wrote.
 //!
@@ -116,8 +117,9 @@ echo "vdd-ro $(cat /sys/block/vdd/ro)"
 if printf x | dd of=/dev/vdd conv=notrunc,fsync 2>/dev/null; then echo vdd-write-ok; else echo vdd-write-refused; fi
 # rng
 echo "hwrng $(cat /sys/class/misc/hw_random/rng_current) $(head -c 4096 /dev/hwrng | wc -c)"
-# vsock: the transport bound and the CID the device gave
+# vsock: a connection to host port 1234 reaches the Unix socket PATH_1234
 echo "vsock-dev $(ls /dev/vsock)"
+echo "vsock-reply $(echo vsock-ping | vsock-send 2 1234)"
 # net
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
@@ -188,6 +190,19 @@ fn a_stock_linux_guest_uses_every_virtio_device() {
     });
 
     let vsock = p("vm.vsock");
+    // The host end of guest port 1234: answer each line in upper case.
+    let vsock_listener = std::os::unix::net::UnixListener::bind(format!("{vsock}_1234"))
+        .expect("vsock host listener");
+    let vsock_echo = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut s, _) = vsock_listener
+            .accept()
+            .expect("the guest connects over vsock");
+        let mut data = Vec::new();
+        s.read_to_end(&mut data).expect("read");
+        s.write_all(&data.to_ascii_uppercase()).expect("reply");
+        data
+    });
     let extra: Vec<String> = [
         "--net",
         "tap=tap0,mac=52:54:00:0a:0b:0c",
@@ -269,6 +284,8 @@ fn a_stock_linux_guest_uses_every_virtio_device() {
     // rng, vsock, console.
     assert_eq!(field(&out, "hwrng"), Some("virtio_rng.0 4096"), "{out}");
     assert_eq!(field(&out, "vsock-dev"), Some("/dev/vsock"), "{out}");
+    assert_eq!(field(&out, "vsock-reply"), Some("VSOCK-PING"), "{out}");
+    assert_eq!(vsock_echo.join().expect("vsock echo"), b"vsock-ping\n");
     assert!(out.contains("hvc0-says-hello"), "{out}");
 
     // Net: the MAC we chose, ping, and the TCP payload intact.
