@@ -10,7 +10,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A command from a client.
@@ -74,11 +76,19 @@ pub fn error_reply(message: &str) -> String {
 pub struct ControlSocket {
     path: PathBuf,
     pub commands: Receiver<Pending>,
+    /// Commands taken but not yet answered on their connection.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // A command that ended the VM (power-button) is answered by the
+        // socket thread; give it a moment to write before the process exits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while self.in_flight.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -97,12 +107,14 @@ pub fn listen(path: &Path) -> std::io::Result<ControlSocket> {
     }
     let listener = UnixListener::bind(path)?;
     let (tx, rx) = mpsc::channel();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let counter = in_flight.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(s) => serve(s, &tx),
+                    Ok(s) => serve(s, &tx, &counter),
                     Err(e) => tracing::warn!("control socket: accept failed: {e}"),
                 }
             }
@@ -110,12 +122,13 @@ pub fn listen(path: &Path) -> std::io::Result<ControlSocket> {
     Ok(ControlSocket {
         path: path.to_path_buf(),
         commands: rx,
+        in_flight,
     })
 }
 
 /// One client, one command. Bounded line length and a read timeout, so a
 /// client that sends nothing or too much cannot wedge the socket.
-fn serve(stream: UnixStream, commands: &Sender<Pending>) {
+fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -123,10 +136,13 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>) {
     };
     let mut line = String::new();
     let read = BufReader::new(stream).take_line(&mut line, 256);
+    let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
         None => error_reply("unknown command; send one of: pause, resume, power-button, status"),
         Some(command) => {
             let (reply_tx, reply_rx) = mpsc::channel();
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            counted = true;
             if commands
                 .send(Pending {
                     command,
@@ -143,6 +159,9 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>) {
         }
     };
     let _ = writeln!(writer, "{reply}");
+    if counted {
+        in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 trait TakeLine {

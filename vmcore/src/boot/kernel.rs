@@ -66,21 +66,30 @@ pub struct LoadedKernel {
 const MAX_UNPACKED_KERNEL: u64 = 1 << 30;
 
 /// Decompress a bzImage's payload (the vmlinux ELF) on the host. `Ok(None)`
-/// for a compression vireo does not unpack (the kernel's own decompressor
-/// then runs in the guest); an error for a payload that is cut short or
-/// corrupt.
+/// when there is no payload vireo can find or a compression it does not
+/// unpack (the kernel's own decompressor then runs in the guest); an error
+/// for a recognised payload that is corrupt.
 pub fn unpack_bzimage(image: &[u8], hdr: &setup_header) -> Result<Option<Vec<u8>>, String> {
     use std::io::Read;
     let setup_sects = match hdr.setup_sects {
         0 => 4,
         n => usize::from(n),
     };
+    // The payload fields exist from boot protocol 2.08. A header without
+    // them, or with fields that do not describe a payload inside the file,
+    // leaves the work to the kernel's own decompressor (which finds its
+    // payload without the header).
+    if hdr.version < 0x0208 {
+        return Ok(None);
+    }
     let start = (setup_sects + 1) * 512 + hdr.payload_offset as usize;
-    let payload = start
+    let Some(payload) = start
         .checked_add(hdr.payload_length as usize)
         .and_then(|end| image.get(start..end))
         .filter(|p| p.len() > 4)
-        .ok_or("the payload lies outside the file (truncated?)")?;
+    else {
+        return Ok(None);
+    };
     // The build appends the unpacked size as a little-endian u32.
     let (stream, size) = payload.split_at(payload.len() - 4);
     let size = u64::from(u32::from_le_bytes([size[0], size[1], size[2], size[3]]));
@@ -374,10 +383,16 @@ pub(crate) mod tests {
         // A payload that is not an ELF.
         let image = packed_bzimage(b"not an elf at all", gzip);
         assert!(load_kernel(&mem, "notelf", &image, true).is_err());
-        // Payload fields pointing past the file.
+        // Payload fields pointing past the file, or none at all (protocol
+        // before 2.08, or zero): the guest's decompressor does the work.
         let mut image = packed_bzimage(&vmlinux, gzip);
         image[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(load_kernel(&mem, "past", &image, true).is_err());
+        assert!(!load_kernel(&mem, "past", &image, true).unwrap().unpacked);
+        let mut payload = vec![0u8; 0x200];
+        payload.push(0xf4);
+        let k = load_kernel(&mem, "nopayload", &bzimage(0x20f, 1, &payload), true).unwrap();
+        assert!(!k.unpacked);
+        assert_eq!(k.entry, 0x10_0200);
     }
 
     #[test]
