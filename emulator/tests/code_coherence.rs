@@ -130,8 +130,10 @@ fn one_byte_change_in_the_middle_of_a_long_block_is_seen() {
     let mut cpu = looping_cpu(&g);
     assert_eq!(next_out(&mut cpu), 20);
     assert_eq!(next_out(&mut cpu), 20);
-    // The 11th `add eax, 1` (83 C0 01) becomes `add eax, 5`.
-    let at = LOOP + 2 + 10 * 3 + 2;
+    // The immediate of the 11th `add eax, 1` becomes 5.
+    let one = assemble(|a| a.add(eax, 1), 0);
+    let imm = one.iter().rposition(|&b| b == 1).unwrap() as u64;
+    let at = LOOP + 2 + 10 * one.len() as u64 + imm;
     assert_eq!(g.read(at, 1), [1]);
     device_write(&g, at, &[5]);
     assert_eq!(next_out(&mut cpu), 24, "stale decoded code ran");
