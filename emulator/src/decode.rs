@@ -17,12 +17,23 @@
 //!   through their own mappings, other vCPUs) are caught by validation:
 //!   each block keeps the bytes it was decoded from and compares them
 //!   with guest memory (through the host pointer of the fast fetch table)
-//!   every time it is about to run. A mismatch drops the page's blocks and
-//!   decodes again. Blocks never leave their page (an instruction that
-//!   crosses a page is decoded alone each time it runs), so one page's
-//!   bytes are all a block depends on. As on hardware, a block already
-//!   running when another thread rewrites it runs to its end.
+//!   before it runs, once per *code epoch*. A mismatch drops the page's
+//!   blocks and decodes again. Blocks never leave their page (an
+//!   instruction that crosses a page is decoded alone each time it runs),
+//!   so one page's bytes are all a block depends on. A new epoch
+//!   ([`Cpu::code_sync`]) starts at the first [`Cpu::run`] after every
+//!   exit the VMM handled (I/O, MMIO: e.g. a device's status read), every
+//!   [`crate::cpu::CODE_SYNC_INSTRS`] instructions, at every
+//!   interrupt or exception delivery and at the serializing CPUID and
+//!   IRET. That covers the x86 rule for cross-modifying code (the
+//!   executing CPU serializes before it runs code another CPU wrote) and
+//!   device writes (the guest learns of them by an interrupt, or by
+//!   polling, which is seen within CODE_SYNC_INSTRS instructions), while a
+//!   hot loop pays the comparison once per epoch rather than per block.
+//!   As on hardware, a block already running when another thread rewrites
+//!   it runs to its end.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -83,6 +94,9 @@ pub(crate) struct Block {
     /// The instruction bytes the block was decoded from, which start at
     /// its linear address and end inside the same page.
     pub code: Box<[u8]>,
+    /// The code epoch ([`Cpu::code_sync`]) in which `code` last matched
+    /// guest memory.
+    pub checked: Cell<u64>,
 }
 
 /// True if the `code.len()` bytes of guest RAM at host address `host` are
@@ -300,9 +314,13 @@ impl Cpu {
         let host = host + off;
         if let Some(b) = self.icache.get(ppage, la) {
             if b.rip == rip {
+                if b.checked.get() == self.code_epoch {
+                    return Ok(Some(b));
+                }
                 // SAFETY: `host` is `off` bytes into a RAM page the memory
                 // vouched for, and the block's bytes end inside that page.
                 if unsafe { code_unchanged(host, &b.code) } {
+                    b.checked.set(self.code_epoch);
                     return Ok(Some(b));
                 }
                 // Rewritten behind the emulator's back (by a device, the
@@ -347,6 +365,7 @@ impl Cpu {
             rip,
             ops: ops.into_boxed_slice(),
             code: buf[..len].into(),
+            checked: Cell::new(self.code_epoch),
         });
         if self.icache.insert(ppage, la, block.clone()) {
             // Writes to this page must now drop its decoded code.

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use iced_x86::code_asm::*;
 use vireo_emulator::{Cpu, Exit, GuestMemory};
 
@@ -66,7 +68,13 @@ fn looping_cpu(g: &Guest) -> Cpu {
 /// Run until the loop's `out`, and return the value written.
 fn next_out(cpu: &mut Cpu) -> u32 {
     let exit = cpu.run(1000);
-    assert_eq!(exit, Exit::IoOut { port: 0x80, size: 4 });
+    assert_eq!(
+        exit,
+        Exit::IoOut {
+            port: 0x80,
+            size: 4
+        }
+    );
     u32::from_le_bytes(cpu.io_data()[..4].try_into().unwrap())
 }
 
@@ -160,7 +168,13 @@ fn code_rewritten_by_another_vcpu_is_redecoded() {
     let mut writer = g.cpu();
     writer.state.rip = WRITER;
     writer.state.gpr[4] = STACK - 0x1000;
-    assert_eq!(writer.run(1000), Exit::IoOut { port: 0x81, size: 1 });
+    assert_eq!(
+        writer.run(1000),
+        Exit::IoOut {
+            port: 0x81,
+            size: 1
+        }
+    );
     assert_eq!(g.read(FUNC + 1, 1), [0x33]);
     assert_eq!(next_out(&mut reader), 0x33, "stale decoded code ran");
 }
@@ -186,4 +200,52 @@ fn vcpu_that_also_ran_the_code_writes_it_and_both_see_it() {
     b.state.rip = WRITER;
     assert_eq!(next_out(&mut b), 0x44);
     assert_eq!(next_out(&mut a), 0x44, "stale decoded code ran");
+}
+
+#[test]
+fn device_write_during_a_long_run_is_seen_by_a_polling_loop() {
+    // The guest calls FUNC until it returns something else, all within
+    // one `run`: no exit, no interrupt, no serializing instruction.
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    let code = assemble(
+        |a| {
+            let mut top = a.create_label();
+            a.set_label(&mut top)?;
+            a.call(FUNC)?;
+            a.cmp(eax, 0x11)?;
+            a.je(top)?;
+            a.out(0x80, eax)?;
+            a.hlt()
+        },
+        LOOP,
+    );
+    g.write(LOOP, &code);
+    g.write(FUNC, &func(0x11));
+    let mut cpu = looping_cpu(&g);
+    // Decode and cache the blocks first.
+    assert_eq!(cpu.run(1000), Exit::BudgetExhausted);
+    let mem = g.mem.clone();
+    let device = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        let new = func(0x55);
+        let p = mem.host_ptr(FUNC, new.len()).unwrap();
+        // SAFETY: as in `device_write`.
+        unsafe { std::ptr::copy_nonoverlapping(new.as_ptr(), p.as_ptr(), new.len()) };
+    });
+    // Enough instructions for several seconds: the loop must end long
+    // before, once the new code is seen.
+    let exit = cpu.run(1 << 34);
+    device.join().unwrap();
+    assert_eq!(
+        exit,
+        Exit::IoOut {
+            port: 0x80,
+            size: 4
+        }
+    );
+    assert_eq!(
+        u32::from_le_bytes(cpu.io_data()[..4].try_into().unwrap()),
+        0x55
+    );
 }
