@@ -190,8 +190,10 @@ impl Cpu {
     }
 
     /// Forget every cached translation and decoded instruction: call after
-    /// changing `state` control registers or after the VMM wrote guest code
-    /// or page tables directly.
+    /// changing `state` control registers or after the VMM wrote page
+    /// tables directly. (Guest code written behind the emulator's back
+    /// needs no call: decoded blocks are checked against guest memory, see
+    /// [`crate::decode`].)
     pub fn flush_tlb(&mut self) {
         self.tlb.flush_all();
         self.icache.invalidate_all();
