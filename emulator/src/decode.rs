@@ -7,10 +7,33 @@
 //! physical page of the block and, within it, by the linear RIP of its
 //! first instruction (iced resolves branch targets and RIP-relative
 //! operands against the RIP, and one physical page may be mapped at
-//! several linear addresses). Every emulated write to a physical page
-//! drops that page's blocks (and stops a block running from it). Writes the emulator does not see (the
-//! VMM or a device writing guest code) need [`crate::Cpu::flush_tlb`].
+//! several linear addresses).
+//!
+//! Coherence with writes to guest code:
+//! - this vCPU's own writes to a physical page drop that page's blocks
+//!   (and stop a block running from it), so self-modifying code is seen
+//!   from the next instruction on;
+//! - writes this vCPU does not see (devices and the VMM writing guest RAM
+//!   through their own mappings, other vCPUs) are caught by validation:
+//!   each block keeps the bytes it was decoded from and compares them
+//!   with guest memory (through the host pointer of the fast fetch table)
+//!   before it runs, once per *code epoch*. A mismatch drops the page's
+//!   blocks and decodes again. Blocks never leave their page (an
+//!   instruction that crosses a page is decoded alone each time it runs),
+//!   so one page's bytes are all a block depends on. A new epoch
+//!   ([`Cpu::code_sync`]) starts at the first [`Cpu::run`] after every
+//!   exit the VMM handled (I/O, MMIO: e.g. a device's status read), every
+//!   [`crate::cpu::CODE_SYNC_INSTRS`] instructions, at every
+//!   interrupt or exception delivery and at the serializing CPUID and
+//!   IRET. That covers the x86 rule for cross-modifying code (the
+//!   executing CPU serializes before it runs code another CPU wrote) and
+//!   device writes (the guest learns of them by an interrupt, or by
+//!   polling, which is seen within CODE_SYNC_INSTRS instructions), while a
+//!   hot loop pays the comparison once per epoch rather than per block.
+//!   As on hardware, a block already running when another thread rewrites
+//!   it runs to its end.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -68,6 +91,50 @@ pub(crate) struct Block {
     /// RIP of the first instruction (the cache key is its linear address).
     pub rip: u64,
     pub ops: Box<[Op]>,
+    /// The instruction bytes the block was decoded from, which start at
+    /// its linear address and end inside the same page.
+    pub code: Box<[u8]>,
+    /// The code epoch ([`Cpu::code_sync`]) in which `code` last matched
+    /// guest memory.
+    pub checked: Cell<u64>,
+}
+
+/// True if the `code.len()` bytes of guest RAM at host address `host` are
+/// still `code`.
+///
+/// # Safety
+/// `host` must point to at least `code.len()` bytes of guest RAM (a
+/// `GuestMemory::host_ptr` range that is still mapped).
+#[inline(always)]
+unsafe fn code_unchanged(host: usize, code: &[u8]) -> bool {
+    let p = host as *const u8;
+    let n = code.len();
+    let mut i = 0;
+    // Guest RAM is shared with device threads and other vCPUs, so it is
+    // read by copies through the raw pointer (never as a Rust slice), as
+    // everywhere else in the emulator.
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n` bytes are valid at `p` (the caller's
+        // promise) and in `code`.
+        let (a, b) = unsafe {
+            (
+                std::ptr::read_unaligned(p.add(i) as *const u64),
+                std::ptr::read_unaligned(code.as_ptr().add(i) as *const u64),
+            )
+        };
+        if a != b {
+            return false;
+        }
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `i < n`, as above.
+        if unsafe { std::ptr::read(p.add(i)) } != code[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 #[derive(Clone, Default)]
@@ -212,11 +279,12 @@ impl Cpu {
         }
     }
 
-    /// The physical page number of a fetch at `la`.
+    /// The physical page number of a fetch at `la` and the host address
+    /// of that page (`None` if it is not RAM).
     #[inline]
-    fn fetch_page(&mut self, la: u64) -> Flow<u64> {
-        if let Some(p) = self.fast_fetch_page(la) {
-            return Ok(p >> 12);
+    fn fetch_page(&mut self, la: u64) -> Flow<(u64, Option<usize>)> {
+        if let Some((p, host)) = self.fast_fetch_page(la) {
+            return Ok((p >> 12, Some(host)));
         }
         let pa = self.translate(
             la,
@@ -224,8 +292,8 @@ impl Cpu {
             crate::mmu::Privilege::Current,
         )?;
         let user = self.user_access(crate::mmu::Privilege::Current);
-        self.fill_fast(la, pa, crate::mmu::AccessKind::Fetch, user);
-        Ok(pa >> 12)
+        let host = self.fill_fast(la, pa, crate::mmu::AccessKind::Fetch, user);
+        Ok((pa >> 12, host))
     }
 
     /// The decoded block at CS:RIP of `bits`-bit code, or `None` when the
@@ -235,22 +303,39 @@ impl Cpu {
     pub(crate) fn block_at(&mut self, bits: u32) -> Flow<Option<Rc<Block>>> {
         let rip = self.state.rip;
         let la = self.code_la(bits);
-        let ppage = self.fetch_page(la)?;
-        if let Some(b) = self.icache.get(ppage, la) {
-            if b.rip == rip {
-                return Ok(Some(b));
-            }
-        }
+        let (ppage, host) = self.fetch_page(la)?;
         let off = (la & (PAGE_SIZE - 1)) as usize;
-        let room = PAGE_SIZE as usize - off;
-        let n = room.min(MAX_BLOCK * 15);
-        let mut buf = [0u8; MAX_BLOCK * 15];
-        if !self.mem.read((ppage << 12) + off as u64, &mut buf[..n]) {
+        let Some(host) = host else {
             return Err(Trap::Internal(format!(
                 "instruction fetch from non-RAM physical address {:#x} (RIP {la:#x})",
                 (ppage << 12) + off as u64
             )));
+        };
+        let host = host + off;
+        if let Some(b) = self.icache.get(ppage, la) {
+            if b.rip == rip {
+                if b.checked.get() == self.code_epoch {
+                    return Ok(Some(b));
+                }
+                // SAFETY: `host` is `off` bytes into a RAM page the memory
+                // vouched for, and the block's bytes end inside that page.
+                if unsafe { code_unchanged(host, &b.code) } {
+                    b.checked.set(self.code_epoch);
+                    return Ok(Some(b));
+                }
+                // Rewritten behind the emulator's back (by a device, the
+                // VMM or another vCPU): the page's other blocks are likely
+                // stale too.
+                drop(b);
+                self.icache.invalidate_page(ppage);
+            }
         }
+        let room = PAGE_SIZE as usize - off;
+        let n = room.min(MAX_BLOCK * 15);
+        let mut buf = [0u8; MAX_BLOCK * 15];
+        // SAFETY: `n <= room` bytes from `host` stay inside the RAM page;
+        // `buf` is a separate buffer.
+        unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), n) };
         let mut d = Decoder::with_ip(bits, &buf[..n], rip, DecoderOptions::NONE);
         let mut ops = Vec::new();
         while ops.len() < MAX_BLOCK {
@@ -275,9 +360,12 @@ impl Cpu {
                 break;
             }
         }
+        let len = ops.iter().map(|op| op.instr.len()).sum::<usize>();
         let block = Rc::new(Block {
             rip,
             ops: ops.into_boxed_slice(),
+            code: buf[..len].into(),
+            checked: Cell::new(self.code_epoch),
         });
         if self.icache.insert(ppage, la, block.clone()) {
             // Writes to this page must now drop its decoded code.

@@ -76,6 +76,8 @@ impl Cpu {
         kind: EventKind,
     ) -> Option<Exit> {
         let (mut vector, mut error, mut kind) = (vector, error, kind);
+        // Events serialize: the handler sees code other threads wrote.
+        self.code_sync();
         loop {
             let first = class(vector);
             match self.deliver(vector, error, return_rip, kind) {

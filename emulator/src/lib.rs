@@ -19,7 +19,9 @@
 //!   and its fast tables of host page addresses per access kind.
 //! - [`decode`]: iced-x86 decoding (16/32/64-bit) into blocks (runs of
 //!   instructions up to a control transfer, each with its handler chosen
-//!   once) and their per-physical-page cache.
+//!   once) and their per-physical-page cache, kept coherent with code
+//!   written by devices, the VMM and other vCPUs by checking each block's
+//!   bytes against guest memory once per code epoch (no VMM hook needed).
 //! - [`exec`]: instruction semantics, one file per group.
 //! - [`exceptions`]: delivery through the real-mode IVT, the 32-bit IDT and
 //!   the 64-bit IDT, #DF and triple fault.
@@ -121,9 +123,7 @@
 //! (Linux falls back to FXSAVE), SSE3 and later, x2APIC, TF/debug
 //! breakpoints, the TSS I/O permission bitmap, atomicity of LOCKed
 //! accesses that are misaligned or cross pages (plain writes) and of
-//! CMPXCHG16B, cross-vCPU invalidation of decoded code (a vCPU writing
-//! another's code is seen only after INIT/SIPI or a CR0/CR3 change of the
-//! executing vCPU), eventfd-backed interrupt lines, SMIs, the PIT's other
+//! CMPXCHG16B, eventfd-backed interrupt lines, SMIs, the PIT's other
 //! modes' interrupts (only channel 0 modes 0, 2 and 3 interrupt) and the PC
 //! speaker. Speed: about 50 million instructions per second of host CPU
 //! (release build, an interpreter; see `emulator/PERFORMANCE.md` for how
@@ -149,7 +149,9 @@
 //! (serial output, MMIO, #PF/#GP/#DE/#UD frames, triple fault, SYSCALL,
 //! self-modifying code, FXSAVE/FXRSTOR, FNSTENV/FNSAVE/FRSTOR, #NM/#UD/
 //! #GP/#XM/#MF semantics of the FPU and SSE); `tests/robustness.rs` runs
-//! random bytes (`VIREO_FUZZ_RUNS`).
+//! random bytes (`VIREO_FUZZ_RUNS`); `tests/code_coherence.rs` rewrites cached code from
+//! outside the executing vCPU (as a device, another vCPU, a thread during a
+//! long run) and checks the new code runs.
 //!
 //! Guest input is hostile: nothing derived from guest state may panic the
 //! host. Unimplemented instructions raise #UD in the guest and are logged

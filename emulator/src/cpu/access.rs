@@ -27,36 +27,42 @@ impl Cpu {
 
     /// After `la` translated to `pa` for `kind`, remember the host page in
     /// the fast tables if it is RAM (and, for writes, holds no decoded
-    /// code).
-    pub(crate) fn fill_fast(&mut self, la: u64, pa: u64, kind: AccessKind, user: bool) {
+    /// code). Returns the host address of the page if it is RAM.
+    pub(crate) fn fill_fast(
+        &mut self,
+        la: u64,
+        pa: u64,
+        kind: AccessKind,
+        user: bool,
+    ) -> Option<usize> {
         let ppage = pa & !(PAGE_SIZE - 1);
-        let Some(host) = self.mem.host_ptr(ppage, PAGE_SIZE as usize) else {
-            return;
-        };
+        let host = self.mem.host_ptr(ppage, PAGE_SIZE as usize)?.as_ptr() as usize;
         let fast = &mut self.tlb.fast;
         let table = match kind {
             AccessKind::Read => &mut fast.read,
             AccessKind::Fetch => &mut fast.fetch,
             AccessKind::Write => {
                 if self.icache.has_page(ppage >> 12) {
-                    return;
+                    return Some(host);
                 }
                 &mut fast.write
             }
         };
         table[fast_slot(la >> 12)] = FastEntry {
             tag: fast_tag(la, user),
-            host: host.as_ptr() as usize,
+            host,
             ppage,
         };
+        Some(host)
     }
 
-    /// The physical page address of a fetch at `la` from the fast table.
+    /// The physical page address and host page address of a fetch at `la`
+    /// from the fast table.
     #[inline(always)]
-    pub(crate) fn fast_fetch_page(&self, la: u64) -> Option<u64> {
+    pub(crate) fn fast_fetch_page(&self, la: u64) -> Option<(u64, usize)> {
         let user = self.user_access(Privilege::Current);
         let e = &self.tlb.fast.fetch[fast_slot(la >> 12)];
-        (e.tag == fast_tag(la, user)).then_some(e.ppage)
+        (e.tag == fast_tag(la, user)).then_some((e.ppage, e.host))
     }
 
     /// Read `buf.len()` (at most 16) bytes at linear address `la`.

@@ -16,6 +16,10 @@ use crate::memory::GuestMemory;
 use crate::mmu::Tlb;
 use state::{rflags, CpuState};
 
+/// Most instructions a vCPU runs before it checks decoded blocks against
+/// guest memory again (see [`crate::decode`]).
+pub const CODE_SYNC_INSTRS: u64 = 1 << 14;
+
 /// Largest data buffer of one I/O or MMIO exit (an SSE access is 16 bytes).
 pub const MAX_IO_LEN: usize = 16;
 
@@ -128,6 +132,15 @@ pub struct Cpu {
     /// Code size of the last decoded instruction: a change flushes the
     /// decode cache.
     last_bits: u32,
+    /// Decoded blocks checked against guest memory in this epoch run
+    /// without another check (see [`crate::decode`]); bumped by
+    /// [`Cpu::code_sync`].
+    pub(crate) code_epoch: u64,
+    /// Instructions run since the last [`Cpu::code_sync`].
+    since_sync: u64,
+    /// The last run returned an exit the VMM acts on (I/O, MMIO, ...): the
+    /// next run starts a new code epoch.
+    sync_on_run: bool,
     pub(crate) atomic: Option<AtomicOp>,
 }
 
@@ -159,6 +172,9 @@ impl Cpu {
             nmi_blocked: false,
             tsc_offset: 0,
             last_bits: 64,
+            code_epoch: 1,
+            since_sync: 0,
+            sync_on_run: false,
             atomic: None,
         }
     }
@@ -174,8 +190,10 @@ impl Cpu {
     }
 
     /// Forget every cached translation and decoded instruction: call after
-    /// changing `state` control registers or after the VMM wrote guest code
-    /// or page tables directly.
+    /// changing `state` control registers or after the VMM wrote page
+    /// tables directly. (Guest code written behind the emulator's back
+    /// needs no call: decoded blocks are checked against guest memory, see
+    /// [`crate::decode`].)
     pub fn flush_tlb(&mut self) {
         self.tlb.flush_all();
         self.icache.invalidate_all();
@@ -197,8 +215,29 @@ impl Cpu {
         true
     }
 
+    /// Start a new code epoch: every decoded block is checked against
+    /// guest memory again before it next runs, so code written by devices,
+    /// the VMM or other vCPUs is seen from here on.
+    #[inline]
+    pub(crate) fn code_sync(&mut self) {
+        self.code_epoch = self.code_epoch.wrapping_add(1);
+        self.since_sync = 0;
+    }
+
     /// Run at most `budget` instructions.
     pub fn run(&mut self, budget: u64) -> Exit {
+        // After an exit the VMM handled (an I/O or MMIO access, which may
+        // be a device's status read), guest memory may hold code the
+        // device or the VMM wrote.
+        if self.sync_on_run {
+            self.code_sync();
+        }
+        let exit = self.run_budget(budget);
+        self.sync_on_run = exit != Exit::BudgetExhausted;
+        exit
+    }
+
+    fn run_budget(&mut self, budget: u64) -> Exit {
         if let Some(key) = self.awaiting_input.take() {
             self.responses.push(Response {
                 key,
@@ -210,7 +249,15 @@ impl Cpu {
             if let Some(exit) = self.report_mmio_write() {
                 return exit;
             }
-            if let Some(exit) = self.step(&mut left) {
+            let before = left;
+            let exit = self.step(&mut left);
+            // No block goes unchecked for more than CODE_SYNC_INSTRS
+            // instructions (a guest polling for a device's write).
+            self.since_sync += before - left;
+            if self.since_sync >= CODE_SYNC_INSTRS {
+                self.code_sync();
+            }
+            if let Some(exit) = exit {
                 return exit;
             }
         }
