@@ -227,75 +227,60 @@ pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
     let run = specialised(i).unwrap_or(run);
     let clean = !ends
         && !i.has_lock_prefix()
-        && matches!(
-            i.mnemonic(),
-            M::Add
-                | M::Adc
-                | M::Sub
-                | M::Sbb
-                | M::Cmp
-                | M::And
-                | M::Or
-                | M::Xor
-                | M::Test
-                | M::Inc
-                | M::Dec
-                | M::Neg
-                | M::Not
-                | M::Shl
-                | M::Sal
-                | M::Shr
-                | M::Sar
-                | M::Rol
-                | M::Ror
-                | M::Mov
-                | M::Movzx
-                | M::Movsx
-                | M::Movsxd
-                | M::Lea
-                | M::Cmova
-                | M::Cmovae
-                | M::Cmovb
-                | M::Cmovbe
-                | M::Cmove
-                | M::Cmovg
-                | M::Cmovge
-                | M::Cmovl
-                | M::Cmovle
-                | M::Cmovne
-                | M::Cmovs
-                | M::Cmovns
-                | M::Seta
-                | M::Setae
-                | M::Setb
-                | M::Setbe
-                | M::Sete
-                | M::Setg
-                | M::Setge
-                | M::Setl
-                | M::Setle
-                | M::Setne
-                | M::Sets
-                | M::Setns
-                | M::Nop
-                | M::Push
-                | M::Jo
-                | M::Jno
-                | M::Jb
-                | M::Jae
-                | M::Je
-                | M::Jne
-                | M::Jbe
-                | M::Ja
-                | M::Js
-                | M::Jns
-                | M::Jp
-                | M::Jnp
-                | M::Jl
-                | M::Jge
-                | M::Jle
-                | M::Jg
-        )
+        && (is_jcc(i.mnemonic())
+            || matches!(
+                i.mnemonic(),
+                M::Add
+                    | M::Adc
+                    | M::Sub
+                    | M::Sbb
+                    | M::Cmp
+                    | M::And
+                    | M::Or
+                    | M::Xor
+                    | M::Test
+                    | M::Inc
+                    | M::Dec
+                    | M::Neg
+                    | M::Not
+                    | M::Shl
+                    | M::Sal
+                    | M::Shr
+                    | M::Sar
+                    | M::Rol
+                    | M::Ror
+                    | M::Mov
+                    | M::Movzx
+                    | M::Movsx
+                    | M::Movsxd
+                    | M::Lea
+                    | M::Cmova
+                    | M::Cmovae
+                    | M::Cmovb
+                    | M::Cmovbe
+                    | M::Cmove
+                    | M::Cmovg
+                    | M::Cmovge
+                    | M::Cmovl
+                    | M::Cmovle
+                    | M::Cmovne
+                    | M::Cmovs
+                    | M::Cmovns
+                    | M::Seta
+                    | M::Setae
+                    | M::Setb
+                    | M::Setbe
+                    | M::Sete
+                    | M::Setg
+                    | M::Setge
+                    | M::Setl
+                    | M::Setle
+                    | M::Setne
+                    | M::Sets
+                    | M::Setns
+                    | M::Nop
+                    | M::Push
+            ))
         || (!ends
             && !i.has_lock_prefix()
             && i.mnemonic() == M::Pop
@@ -379,12 +364,11 @@ fn specialised(i: &Instruction) -> Option<Handler> {
     })
 }
 
-/// Jcc (not LOOP/JCXZ) specialised for its condition.
-fn jcc(i: &Instruction) -> Option<Handler> {
-    use iced_x86::ConditionCode as C;
+/// The sixteen conditional jumps (not LOOP/JCXZ).
+fn is_jcc(m: Mnemonic) -> bool {
     use Mnemonic as M;
-    if !matches!(
-        i.mnemonic(),
+    matches!(
+        m,
         M::Jo
             | M::Jno
             | M::Jb
@@ -401,7 +385,13 @@ fn jcc(i: &Instruction) -> Option<Handler> {
             | M::Jge
             | M::Jle
             | M::Jg
-    ) {
+    )
+}
+
+/// Jcc (not LOOP/JCXZ) specialised for its condition.
+fn jcc(i: &Instruction) -> Option<Handler> {
+    use iced_x86::ConditionCode as C;
+    if !is_jcc(i.mnemonic()) {
         return None;
     }
     macro_rules! cc {

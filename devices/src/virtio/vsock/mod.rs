@@ -212,7 +212,8 @@ impl VirtioDevice for Vsock {
             }
         }
         let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(ActivateError::MissingQueues { need: 3, got });
+            // The event queue is optional; rx and tx are not.
+            return Err(ActivateError::MissingQueues { need: 2, got });
         };
         let listener = self
             .listener
