@@ -48,6 +48,8 @@ Examples:
   vireo run --kernel vmlinuz --initrd initrd.img --cpus 2 --memory 512
   vireo run --kernel vmlinux --cmdline 'console=ttyS0 panic=-1 reboot=k'
   vireo run --kernel vmlinux --accel emu      # no /dev/kvm: software emulator
+  vireo run --image guest-kit --disk path=disk.qcow2 --net tap=tap0 --rng --balloon
+  vireo run --image guest-kit --vsock cid=3,socket=/tmp/vm.vsock   # host port P: /tmp/vm.vsock_P
 
 The guest's COM1 is this terminal: output to stdout, stdin to the guest
 (raw mode on a terminal; press Ctrl-A then x to quit). vireo exits 0 when the
