@@ -266,44 +266,26 @@ fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error
 
 impl UpdateVm {
     pub fn apply(&self, cfg: &VmConfig) -> VmConfig {
+        /// Replace `field` when the update carries a value for it.
+        fn set<T: Clone>(field: &mut T, update: &Option<T>) {
+            if let Some(v) = update {
+                *field = v.clone();
+            }
+        }
         let mut c = cfg.clone();
-        if let Some(v) = self.vcpus {
-            c.vcpus = v;
-        }
-        if let Some(v) = self.memory_mib {
-            c.memory_mib = v;
-        }
-        if let Some(v) = &self.kernel {
-            c.kernel = v.clone();
-        }
-        if let Some(v) = &self.initrd {
-            c.initrd = v.clone();
-        }
-        if let Some(v) = &self.cmdline {
-            c.cmdline = v.clone();
-        }
-        if let Some(v) = &self.image {
-            c.image = v.clone();
-        }
-        if let Some(v) = self.accel {
-            c.accel = v;
-        }
+        set(&mut c.vcpus, &self.vcpus);
+        set(&mut c.memory_mib, &self.memory_mib);
+        set(&mut c.kernel, &self.kernel);
+        set(&mut c.initrd, &self.initrd);
+        set(&mut c.cmdline, &self.cmdline);
+        set(&mut c.image, &self.image);
+        set(&mut c.accel, &self.accel);
         let d = &mut c.devices;
-        if let Some(v) = &self.disks {
-            d.disks = v.clone();
-        }
-        if let Some(v) = &self.nets {
-            d.nets = v.clone();
-        }
-        if let Some(v) = &self.vsock {
-            d.vsock = v.clone();
-        }
-        if let Some(v) = &self.rng {
-            d.rng = v.clone();
-        }
-        if let Some(v) = &self.balloon {
-            d.balloon = v.clone();
-        }
+        set(&mut d.disks, &self.disks);
+        set(&mut d.nets, &self.nets);
+        set(&mut d.vsock, &self.vsock);
+        set(&mut d.rng, &self.rng);
+        set(&mut d.balloon, &self.balloon);
         c
     }
 }

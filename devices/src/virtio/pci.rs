@@ -516,8 +516,12 @@ impl VirtioPciDevice {
                 0
             }
         };
+        // Accesses wider than 8 bytes (an emulated SSE load) read the
+        // value zero-extended.
         let bytes = v.to_le_bytes();
-        data.copy_from_slice(&bytes[..data.len()]);
+        let n = data.len().min(bytes.len());
+        data.fill(0);
+        data[..n].copy_from_slice(&bytes[..n]);
     }
 
     fn common_write(&mut self, offset: u64, data: &[u8]) {

@@ -296,7 +296,7 @@ fn bar_moves_with_the_guest_and_hostile_accesses_are_harmless() {
     assert_eq!(r.dev.config().bar_range(0), Some((0xd000_0000, BAR_SIZE)));
     // Odd sizes and offsets anywhere in the BAR.
     for off in (0..BAR_SIZE).step_by(0x3ff) {
-        for len in [1usize, 2, 3, 4, 8] {
+        for len in [1usize, 2, 3, 4, 8, 16, 32] {
             let mut b = vec![0u8; len];
             r.dev.bar_read(0, off, &mut b);
             r.dev.bar_write(0, off, &b);
