@@ -1,6 +1,7 @@
 //! `vireo`: the command-line front end. It parses flags, assembles a machine
 //! from the VM core and the devices, and reports one clear line on failure.
 
+mod api_client;
 mod cli;
 mod console;
 mod control_socket;
