@@ -35,25 +35,22 @@ struct Env {
 impl Env {
     fn new(tag: &str) -> Env {
         let dir = TempDir::new(tag);
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let socket = dir.path().join("api.sock");
-        let daemon = Command::new(support::vireo_bin())
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
-            .env("VIREO_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting vireo serve");
+        let daemon = spawn_daemon(&dir);
         let env = Env { dir, daemon };
         env.wait_for("the daemon to listen", || {
             UnixStream::connect(env.socket()).is_ok()
         });
         env
+    }
+
+    /// kill -9 the daemon (VMs keep running) and start another one.
+    fn restart_daemon(&mut self) {
+        self.daemon.kill().unwrap();
+        self.daemon.wait().unwrap();
+        self.daemon = spawn_daemon(&self.dir);
+        self.wait_for("the new daemon to listen", || {
+            UnixStream::connect(self.socket()).is_ok()
+        });
     }
 
     fn socket(&self) -> PathBuf {
@@ -157,6 +154,27 @@ impl Drop for Env {
             }
         }
     }
+}
+
+fn spawn_daemon(dir: &TempDir) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("daemon.log"))
+        .unwrap();
+    let socket = dir.path().join("api.sock");
+    Command::new(support::vireo_bin())
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .env("VIREO_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting vireo serve")
 }
 
 fn processes_mentioning(text: &str) -> Vec<i32> {
@@ -476,4 +494,77 @@ fn vm_edit_sends_what_the_editor_changed() {
     let out = edit("true");
     out.assert_status(2);
     assert!(out.stderr.contains("stop it"), "{out}");
+}
+
+/// A daemon that re-adopts a running VM re-opens its stdin (/proc/PID/fd/0):
+/// typing still reaches the guest, which kept running (its stdin never saw
+/// EOF while no daemon held the pipe).
+#[test]
+fn console_input_works_after_the_daemon_is_restarted() {
+    let mut env = Env::new("console-readopt");
+    let pid = env.start("echo", echo_upper);
+    env.wait_for("the guest's banner", || env.console("echo").contains(READY));
+    env.restart_daemon();
+    assert_eq!(env.vm("echo")["pid"].as_i64(), Some(pid));
+    let mut ws = env.ws("echo");
+    let mut seen = Seen::default();
+    ws.send(Message::text("still typing")).unwrap();
+    read_until(&mut ws, &mut seen, |s| has_text(s, "STILL TYPING"));
+    let (status, _) = env.json("POST", "/v1/vms/echo/kill", None);
+    assert_eq!(status, 200);
+}
+
+/// On a terminal (a pty from `script`): the greeting, keystrokes reach the
+/// guest, Ctrl-] detaches with a message and leaves the VM running.
+#[test]
+fn vm_console_on_a_terminal_detaches_on_ctrl_close_bracket() {
+    if Command::new("script").arg("--version").output().is_err() {
+        return eprintln!("skipping: no `script` (util-linux) to make a terminal");
+    }
+    let env = Env::new("console-tty");
+    env.start("echo", echo_upper);
+    env.wait_for("the guest's banner", || env.console("echo").contains(READY));
+    let command = format!(
+        "{} vm console echo --socket {}",
+        support::vireo_bin(),
+        env.socket().display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = Arc::clone(&out);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    env.wait_for("the greeting", || {
+        text().contains("Connected to echo (Ctrl-] to detach)")
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"on a tty").unwrap();
+    env.wait_for("the guest's answer", || text().contains("ON A TTY"));
+    stdin.write_all(&[0x1d]).unwrap();
+    env.wait_for("the detach", || text().contains("Detached from echo"));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < WAIT, "vm console did not exit after Ctrl-]");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", text());
+    assert_eq!(env.vm("echo")["state"], "running");
 }
