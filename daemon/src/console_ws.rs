@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::{Extensions, StatusCode};
 use axum::response::Response;
 

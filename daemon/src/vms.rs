@@ -159,7 +159,9 @@ impl Daemon {
                 Some(p) if procfs::is_same_process(p.pid, p.start_time) => {
                     tracing::info!("re-adopting VM {} (pid {})", rec.name, p.pid);
                     let console = Console::new();
-                    inner.consoles.insert(rec.name.clone(), Arc::clone(&console));
+                    inner
+                        .consoles
+                        .insert(rec.name.clone(), Arc::clone(&console));
                     inner.procs.insert(rec.name.clone(), Proc::new(p));
                     if let Some(tx) = reattach_input(p.pid) {
                         console.attach_input(tx);
@@ -390,7 +392,11 @@ impl Daemon {
                     tracing::info!(
                         "VM {name} (pid {}): {}; started again (pid {})",
                         id.pid,
-                        if proc.reboot { "rebooted on request" } else { GUEST_RESET },
+                        if proc.reboot {
+                            "rebooted on request"
+                        } else {
+                            GUEST_RESET
+                        },
                         new.pid
                     );
                     return Some(Outcome {
@@ -803,7 +809,9 @@ fn reattach_console(pid: i32) -> Option<tokio::net::unix::pipe::Receiver> {
 fn reattach_input(pid: i32) -> Option<tokio::net::unix::pipe::Sender> {
     let path = PathBuf::from(format!("/proc/{pid}/fd/0"));
     if !procfs::is_pipe(&path) {
-        tracing::info!("VM pid {pid}: its stdin is not a pipe (started by an older daemon?); no console input");
+        tracing::info!(
+            "VM pid {pid}: its stdin is not a pipe (started by an older daemon?); no console input"
+        );
         return None;
     }
     match tokio::net::unix::pipe::OpenOptions::new().open_sender(&path) {
@@ -845,7 +853,13 @@ fn spawn_vm(
     unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CONSOLE_PIPE_SIZE) };
     let (stdin_read, stdin_write) = pipe()?;
     // SAFETY: as above; a bigger buffer lets a paste wait for the guest.
-    unsafe { libc::fcntl(stdin_write.as_raw_fd(), libc::F_SETPIPE_SZ, CONSOLE_PIPE_SIZE) };
+    unsafe {
+        libc::fcntl(
+            stdin_write.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            CONSOLE_PIPE_SIZE,
+        )
+    };
 
     let c = &rec.config;
     let mut cmd = tokio::process::Command::new(vmm);

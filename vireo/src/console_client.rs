@@ -202,7 +202,10 @@ fn read_stdin(tx: mpsc::Sender<Input>, tty: bool) {
     }
 }
 
-fn pump<S: Read + Write>(ws: &mut WebSocket<S>, input: &mpsc::Receiver<Input>) -> Result<End, Failure> {
+fn pump<S: Read + Write>(
+    ws: &mut WebSocket<S>,
+    input: &mpsc::Receiver<Input>,
+) -> Result<End, Failure> {
     let lost = |e: tungstenite::Error| Failure::Vm(format!("the console connection broke: {e}"));
     let mut out = std::io::stdout();
     let mut stdin_open = true;
@@ -223,7 +226,9 @@ fn pump<S: Read + Write>(ws: &mut WebSocket<S>, input: &mpsc::Receiver<Input>) -
                 continue
             }
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                return Err(Failure::Vm("the daemon closed the console connection".into()))
+                return Err(Failure::Vm(
+                    "the daemon closed the console connection".into(),
+                ))
             }
             Err(e) => return Err(lost(e)),
         };

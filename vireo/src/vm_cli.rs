@@ -11,9 +11,9 @@ use vireo_daemon::model::{self, BalloonStatus, CreateVm, SetBalloon, StopVm, Vm,
 use vireo_daemon::paths;
 
 use crate::api_client::{decode, Client, DEFAULT_TIMEOUT};
-use crate::{console_client, vm_edit};
 use crate::cli::Accel;
 use crate::Failure;
+use crate::{console_client, vm_edit};
 
 pub const SERVE_EXAMPLES: &str = "\
 Examples:

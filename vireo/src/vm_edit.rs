@@ -98,10 +98,8 @@ struct TempFile(PathBuf);
 impl TempFile {
     fn create(name: &str, text: &str) -> Result<TempFile, Failure> {
         use std::os::unix::fs::OpenOptionsExt;
-        let path = std::env::temp_dir().join(format!(
-            "vireo-edit-{name}-{}.json",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("vireo-edit-{name}-{}.json", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

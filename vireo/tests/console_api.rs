@@ -75,7 +75,10 @@ impl Env {
         s.read_to_end(&mut raw).unwrap();
         let raw = String::from_utf8_lossy(&raw).into_owned();
         let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        (head.split_whitespace().nth(1).unwrap().parse().unwrap(), body.to_string())
+        (
+            head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+            body.to_string(),
+        )
     }
 
     fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -98,7 +101,9 @@ impl Env {
     /// Define and start an emulator VM running `body`.
     fn start(&self, name: &str, body: impl FnOnce(&mut Guest64) -> guest::AsmResult) -> i64 {
         let code = assemble64(KernelKind::Elf.entry(), body);
-        let kernel = self.dir.write(&format!("{name}.elf"), &KernelKind::Elf.wrap(&code));
+        let kernel = self
+            .dir
+            .write(&format!("{name}.elf"), &KernelKind::Elf.wrap(&code));
         let (status, v) = self.json(
             "POST",
             "/v1/vms",
@@ -280,12 +285,19 @@ fn websocket_clients_share_the_console_and_type_into_it() {
     b.send(Message::binary(b"and b".to_vec())).unwrap();
     read_until(&mut a, &mut sa, |s| has_text(s, "AND B"));
     read_until(&mut b, &mut sb, |s| has_text(s, "AND B"));
-    assert!(!sa.text().contains("hello"), "the guest echoes uppercase only");
+    assert!(
+        !sa.text().contains("hello"),
+        "the guest echoes uppercase only"
+    );
 
     // An oversize frame is refused with an error frame; the socket stays.
     a.send(Message::binary(vec![b'x'; 65 * 1024])).unwrap();
     read_until(&mut a, &mut sa, |s| !s.texts.is_empty());
-    assert_eq!(sa.texts[0]["error"]["code"], "frame_too_large", "{:?}", sa.texts);
+    assert_eq!(
+        sa.texts[0]["error"]["code"], "frame_too_large",
+        "{:?}",
+        sa.texts
+    );
     a.send(Message::text("still here")).unwrap();
     read_until(&mut a, &mut sa, |s| has_text(s, "STILL HERE"));
 
@@ -293,7 +305,9 @@ fn websocket_clients_share_the_console_and_type_into_it() {
     let (status, v) = env.json("POST", "/v1/vms/echo/kill", None);
     assert_eq!(status, 200, "{v}");
     for (ws, seen) in [(&mut a, &mut sa), (&mut b, &mut sb)] {
-        read_until(ws, seen, |s| s.texts.iter().any(|t| t["event"] == "stopped"));
+        read_until(ws, seen, |s| {
+            s.texts.iter().any(|t| t["event"] == "stopped")
+        });
         let stop = seen.texts.iter().find(|t| t["event"] == "stopped").unwrap();
         assert_eq!(stop["reason"], "killed on request (SIGKILL)", "{stop}");
         read_until(ws, seen, |s| s.closed);
@@ -301,7 +315,11 @@ fn websocket_clients_share_the_console_and_type_into_it() {
 
     // A plain GET is not an upgrade; an unknown VM is a 404.
     let (status, v) = env.json("GET", "/v1/vms/echo/console/ws", None);
-    assert_eq!((status, v["error"]["code"].as_str()), (400, Some("websocket_required")), "{v}");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("websocket_required")),
+        "{v}"
+    );
     let (status, _) = env.json("GET", "/v1/vms/nope/console/ws", None);
     assert_eq!(status, 404);
     // Attaching to the stopped VM: its last scrollback, then the stop.
@@ -348,8 +366,15 @@ fn vm_console_forwards_piped_stdin_and_ends_when_the_vm_stops() {
     env.wait_for("the guest's answer on stdout", || {
         text().contains("TYPED THROUGH THE CLI")
     });
-    assert!(text().starts_with(READY), "the scrollback comes first: {}", text());
-    assert!(child.try_wait().unwrap().is_none(), "it quit at stdin's EOF");
+    assert!(
+        text().starts_with(READY),
+        "the scrollback comes first: {}",
+        text()
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "it quit at stdin's EOF"
+    );
 
     let (status, _) = env.json("POST", "/v1/vms/echo/kill", None);
     assert_eq!(status, 200);
@@ -363,12 +388,20 @@ fn vm_console_forwards_piped_stdin_and_ends_when_the_vm_stops() {
     };
     reader.join().unwrap();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success(), "{status}: {err}");
     assert!(err.contains("stopped: killed on request"), "{err}");
 
     // --scrollback (and stdin /dev/null with piped stdout) print and exit.
-    for args in [&["console", "echo", "--scrollback"][..], &["console", "echo"]] {
+    for args in [
+        &["console", "echo", "--scrollback"][..],
+        &["console", "echo"],
+    ] {
         let out = env.cli(args);
         out.assert_status(0);
         assert!(out.stdout.contains("TYPED THROUGH THE CLI"), "{out}");
@@ -392,7 +425,9 @@ fn reboot_starts_a_new_process_and_keeps_the_console() {
     assert_eq!((status, v["state"].as_str()), (200, Some("running")), "{v}");
     let new_pid = v["pid"].as_i64().unwrap();
     assert_ne!(new_pid, pid, "{v}");
-    env.wait_for("the second banner", || env.console("r").matches(READY).count() == 2);
+    env.wait_for("the second banner", || {
+        env.console("r").matches(READY).count() == 2
+    });
     read_until(&mut ws, &mut seen, |s| s.text().matches(READY).count() == 2);
     // Input reaches the new process.
     ws.send(Message::text("after reboot")).unwrap();
@@ -401,13 +436,19 @@ fn reboot_starts_a_new_process_and_keeps_the_console() {
     let out = env.cli(&["reboot", "r"]);
     out.assert_status(0);
     assert!(out.stdout.contains("rebooted r (pid "), "{out}");
-    env.wait_for("the third banner", || env.console("r").matches(READY).count() == 3);
+    env.wait_for("the third banner", || {
+        env.console("r").matches(READY).count() == 3
+    });
     assert!(seen.texts.is_empty(), "{:?}", seen.texts);
 
     let (status, _) = env.json("POST", "/v1/vms/r/kill", None);
     assert_eq!(status, 200);
     let (status, v) = env.json("POST", "/v1/vms/r/reboot", None);
-    assert_eq!((status, v["error"]["code"].as_str()), (409, Some("invalid_state")), "{v}");
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("invalid_state")),
+        "{v}"
+    );
     let out = env.cli(&["reboot", "r"]);
     out.assert_status(2);
 }
@@ -423,13 +464,20 @@ fn a_guest_reset_restarts_the_vm_until_the_boot_loop_guard() {
         g.a.out(i32::from(guest::I8042_CMD), al)?;
         g.halt_forever()
     });
-    env.wait_for("the boot-loop guard", || env.vm("loop")["state"] == "stopped");
+    env.wait_for("the boot-loop guard", || {
+        env.vm("loop")["state"] == "stopped"
+    });
     let v = env.vm("loop");
     assert!(
         v["last_exit"].as_str().unwrap().contains("boot loop"),
         "{v}"
     );
-    assert_eq!(env.console("loop").matches("booted").count(), 6, "{}", env.console("loop"));
+    assert_eq!(
+        env.console("loop").matches("booted").count(),
+        6,
+        "{}",
+        env.console("loop")
+    );
     // A fresh start is allowed again.
     let (status, v) = env.json("POST", "/v1/vms/loop/start", None);
     assert_eq!(status, 200, "{v}");
@@ -466,11 +514,19 @@ fn vm_edit_sends_what_the_editor_changed() {
             elapsed: Duration::ZERO,
         }
     };
-    let out = edit(r#"sed -i -e 's/"memory_mib": 32/"memory_mib": 48/' -e 's/"cmdline": null/"cmdline": "console=ttyS0 quiet"/'"#);
+    let out = edit(
+        r#"sed -i -e 's/"memory_mib": 32/"memory_mib": 48/' -e 's/"cmdline": null/"cmdline": "console=ttyS0 quiet"/'"#,
+    );
     out.assert_status(0);
-    assert!(out.stdout.contains("updated e (cmdline, memory_mib)"), "{out}");
+    assert!(
+        out.stdout.contains("updated e (cmdline, memory_mib)"),
+        "{out}"
+    );
     let v = env.vm("e");
-    assert_eq!((v["memory_mib"].as_u64(), v["cmdline"].as_str()), (Some(48), Some("console=ttyS0 quiet")));
+    assert_eq!(
+        (v["memory_mib"].as_u64(), v["cmdline"].as_str()),
+        (Some(48), Some("console=ttyS0 quiet"))
+    );
 
     let out = edit("true");
     out.assert_status(0);
@@ -562,7 +618,10 @@ fn vm_console_on_a_terminal_detaches_on_ctrl_close_bracket() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < WAIT, "vm console did not exit after Ctrl-]");
+        assert!(
+            start.elapsed() < WAIT,
+            "vm console did not exit after Ctrl-]"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}: {}", text());
