@@ -29,9 +29,24 @@ pub struct Client {
 }
 
 impl Client {
+    /// The `Authorization` header to send on connections from [`connect`]
+    /// (none on the Unix socket, whose clients are trusted by its mode).
+    ///
+    /// [`connect`]: Client::connect_with_timeout
+    pub fn auth_header(&self) -> Option<(&'static str, String)> {
+        None
+    }
+
     /// A connection to the daemon, for protocols beyond one request (the
-    /// console WebSocket).
-    pub fn connect(&self) -> Result<UnixStream, Failure> {
+    /// console WebSocket), with `timeout` for reads and writes.
+    pub fn connect_with_timeout(&self, timeout: Duration) -> Result<UnixStream, Failure> {
+        let stream = self.connect()?;
+        let _ = stream.set_read_timeout(Some(timeout));
+        let _ = stream.set_write_timeout(Some(timeout));
+        Ok(stream)
+    }
+
+    fn connect(&self) -> Result<UnixStream, Failure> {
         let sock = self.socket.display();
         UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Failure::Vm(format!(

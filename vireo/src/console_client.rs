@@ -45,19 +45,19 @@ pub fn split_detach(input: &[u8]) -> (&[u8], bool) {
 }
 
 /// Open the console WebSocket at `path` over `stream` (whose reads should
-/// time out after a short while: the session polls). `auth` is an
-/// `Authorization` header value to send, if any.
+/// time out after a short while: the session polls). `auth` is a header
+/// (name, value) to send, if any.
 pub fn open<S: Read + Write>(
     stream: S,
     path: &str,
-    auth: Option<String>,
+    auth: Option<(&str, String)>,
 ) -> Result<WebSocket<S>, Failure> {
     let uri = format!("ws://localhost{path}")
         .parse()
         .map_err(|e| Failure::Usage(format!("bad console path {path}: {e}")))?;
     let mut builder = ClientRequestBuilder::new(uri);
-    if let Some(a) = auth {
-        builder = builder.with_header("Authorization", a);
+    if let Some((header, value)) = auth {
+        builder = builder.with_header(header, value);
     }
     let request = builder
         .into_client_request()
@@ -202,6 +202,12 @@ fn read_stdin(tx: mpsc::Sender<Input>, tty: bool) {
     }
 }
 
+/// A read or write that timed out: the session polls, so not an error (a
+/// frame whose write timed out stays queued and goes with the next flush).
+fn timed_out(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
+}
+
 fn pump<S: Read + Write>(
     ws: &mut WebSocket<S>,
     input: &mpsc::Receiver<Input>,
@@ -212,7 +218,10 @@ fn pump<S: Read + Write>(
     loop {
         while stdin_open {
             match input.try_recv() {
-                Ok(Input::Bytes(b)) => ws.send(Message::binary(b)).map_err(lost)?,
+                Ok(Input::Bytes(b)) => match ws.send(Message::binary(b)) {
+                    Err(e) if !timed_out(&e) => return Err(lost(e)),
+                    _ => {}
+                },
                 Ok(Input::Detach) => return Ok(End::Detached),
                 Ok(Input::Eof) | Err(mpsc::TryRecvError::Disconnected) => stdin_open = false,
                 Err(mpsc::TryRecvError::Empty) => break,
@@ -220,11 +229,7 @@ fn pump<S: Read + Write>(
         }
         let msg = match ws.read() {
             Ok(m) => m,
-            Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                continue
-            }
+            Err(e) if timed_out(&e) => continue,
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 return Err(Failure::Vm(
                     "the daemon closed the console connection".into(),

@@ -515,12 +515,13 @@ fn console(client: &Client, a: ConsoleArgs) -> Result<(), Failure> {
             .and_then(|_| out.flush())
             .map_err(|e| Failure::Vm(format!("writing the console to stdout: {e}")));
     }
-    let stream = client.connect()?;
     // The session polls: a read returns after a short while without data.
-    stream
-        .set_read_timeout(Some(console_client::POLL))
-        .map_err(|e| Failure::Vm(format!("setting up the console connection: {e}")))?;
-    let ws = console_client::open(stream, &vm_path(&a.name, "/console/ws"), None)?;
+    let stream = client.connect_with_timeout(console_client::POLL)?;
+    let ws = console_client::open(
+        stream,
+        &vm_path(&a.name, "/console/ws"),
+        client.auth_header(),
+    )?;
     console_client::attach(ws, &a.name).map(|_| ())
 }
 
