@@ -515,6 +515,16 @@ fn console(client: &Client, a: ConsoleArgs) -> Result<(), Failure> {
             .and_then(|_| out.flush())
             .map_err(|e| Failure::Vm(format!("writing the console to stdout: {e}")));
     }
+    let vm: Vm = client.call("GET", &vm_path(&a.name, ""), None)?;
+    if !vm.state.is_active() {
+        return Err(Failure::Usage(format!(
+            "VM {} is {}: start it with `vireo vm start {}` (its last output: `vireo vm console {} --scrollback`)",
+            vm.name,
+            describe_state(&vm),
+            vm.name,
+            vm.name
+        )));
+    }
     // The session polls: a read returns after a short while without data.
     let stream = client.connect_with_timeout(console_client::POLL)?;
     let ws = console_client::open(

@@ -408,6 +408,20 @@ fn vm_console_forwards_piped_stdin_and_ends_when_the_vm_stops() {
     }
     let out = env.cli(&["console", "nope", "--scrollback"]);
     out.assert_status(2);
+    // Attaching to a stopped VM is refused with what to do instead.
+    let args: Vec<String> = ["vm", "console", "echo", "--socket"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([env.socket().display().to_string()])
+        .collect();
+    let out = support::run_vireo_with_input(&args, Some(b"x"), WAIT);
+    out.assert_status(2);
+    assert!(out.stderr.contains("vireo vm start echo"), "{out}");
+    for verb in ["console", "reboot", "edit"] {
+        let out = env.cli(&[verb, "--help"]);
+        out.assert_status(0);
+        assert!(out.stdout.contains("Example"), "{out}");
+    }
 }
 
 /// Reboot ends the VM process and starts it again: a new pid, the banner a
