@@ -35,6 +35,8 @@ enum Event {
     Output { offset: u64, data: Bytes },
     /// The VM stopped (for good: not a reboot), with the recorded reason.
     Stopped(String),
+    /// The daemon is shutting down (the VM keeps running).
+    Closing,
 }
 
 struct Shared {
@@ -86,6 +88,8 @@ pub enum Next {
     Output { lost: u64, data: Bytes },
     /// The VM stopped; nothing more will come.
     Stopped(String),
+    /// The daemon is shutting down; the VM goes on without this subscriber.
+    Closing,
 }
 
 /// A live view of a console: the scrollback at the moment of subscribing,
@@ -161,6 +165,11 @@ impl Console {
         }
     }
 
+    /// The daemon is shutting down: let go of the subscribers.
+    pub fn close(&self) {
+        let _ = self.tx.send(Event::Closing);
+    }
+
     /// Whether the VM behind this console has stopped.
     pub fn ended(&self) -> Option<String> {
         lock(&self.shared).ended.clone()
@@ -232,6 +241,7 @@ impl Subscription {
                     };
                 }
                 Ok(Event::Stopped(reason)) => return Next::Stopped(reason),
+                Ok(Event::Closing) => return Next::Closing,
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     if let Some(n) = self.catch_up() {
                         return n;
@@ -291,6 +301,9 @@ mod tests {
         c.end("powered off");
         assert_eq!(a.next().await, Next::Stopped("powered off".into()));
         assert_eq!(b.next().await, Next::Stopped("powered off".into()));
+        let mut c2 = Console::new().subscribe();
+        c2.console.close();
+        assert_eq!(c2.next().await, Next::Closing);
         // Subscribing to a stopped console: its scrollback, then the stop.
         let mut late = c.subscribe();
         assert_eq!(late.scrollback(), b"before after!");

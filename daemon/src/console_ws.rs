@@ -9,7 +9,8 @@
 //! JSON: `{"error":{"code","message"}}` for refused input,
 //! `{"event":"lagged","lost_bytes":N}` when this client fell more than the
 //! scrollback behind, and `{"event":"stopped","reason":...}` as the last
-//! frame when the VM stops (then the server closes).
+//! frame when the VM stops (then the server closes, 1000). A daemon that
+//! shuts down closes with 1001 (going away); the VM keeps running.
 
 use std::sync::Arc;
 
@@ -104,6 +105,36 @@ impl Socket for Axum {
     }
 }
 
+/// Console sessions running now (the server waits for them at shutdown).
+static SESSIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct SessionGuard;
+
+impl SessionGuard {
+    fn new() -> SessionGuard {
+        SESSIONS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        SessionGuard
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        SESSIONS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// At shutdown: tell every console client the daemon is going away (close
+/// 1001) and give the sessions up to `grace` to say so.
+pub async fn close_all(daemon: &Daemon, grace: std::time::Duration) {
+    daemon.close_consoles();
+    let deadline = tokio::time::Instant::now() + grace;
+    while SESSIONS.load(std::sync::atomic::Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 fn json_text(v: serde_json::Value) -> Message {
     Message::Text(v.to_string().into())
 }
@@ -114,6 +145,7 @@ fn error_frame(code: &str, message: &str) -> Message {
 
 /// Serve one client until the VM stops or the client leaves.
 pub async fn session<S: Socket>(mut ws: S, console: Arc<Console>, may_type: bool) {
+    let _live = SessionGuard::new();
     let mut sub = console.subscribe();
     if !ws.send(Message::Binary(sub.scrollback().into())).await {
         return;
@@ -132,6 +164,14 @@ pub async fn session<S: Socket>(mut ws: S, console: Arc<Console>, may_type: bool
                     if !ws.send(Message::Binary(data)).await {
                         return;
                     }
+                }
+                Next::Closing => {
+                    ws.send(Message::Close(Some(CloseFrame {
+                        code: 1001,
+                        reason: "the vireo daemon is shutting down".into(),
+                    })))
+                    .await;
+                    return;
                 }
                 Next::Stopped(reason) => {
                     ws.send(json_text(serde_json::json!({"event": "stopped", "reason": reason})))

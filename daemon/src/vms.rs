@@ -269,6 +269,13 @@ impl Daemon {
             .unwrap_or_default())
     }
 
+    /// The daemon is shutting down: let go of every console's subscribers.
+    pub fn close_consoles(&self) {
+        for c in lock(&self.inner).consoles.values() {
+            c.close();
+        }
+    }
+
     /// The VM's console, for live subscribers: its scrollback and output
     /// from now on (a stopped VM's console reports the stop at once).
     pub fn live_console(&self, name: &str) -> Result<Arc<Console>, ApiError> {

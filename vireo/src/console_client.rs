@@ -249,10 +249,14 @@ fn pump<S: Read + Write>(
                 Notice::Lagged(n) => eprint!("\r\nvireo: {n} bytes of console output skipped (this terminal fell behind)\r\n"),
                 Notice::Other(t) => eprint!("vireo: the daemon said: {t}\r\n"),
             },
-            Message::Close(_) => {
-                return Err(Failure::Vm(
-                    "the daemon closed the console connection".into(),
-                ))
+            Message::Close(frame) => {
+                let why = frame
+                    .map(|f| format!(" ({})", f.reason))
+                    .filter(|w| w != " ()")
+                    .unwrap_or_default();
+                return Err(Failure::Vm(format!(
+                    "the daemon closed the console connection{why}; the VM goes on"
+                )));
             }
             _ => {}
         }

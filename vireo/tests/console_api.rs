@@ -43,10 +43,18 @@ impl Env {
         env
     }
 
-    /// kill -9 the daemon (VMs keep running) and start another one.
-    fn restart_daemon(&mut self) {
-        self.daemon.kill().unwrap();
-        self.daemon.wait().unwrap();
+    /// Stop the daemon with `signal` (VMs keep running) and start another.
+    fn restart_daemon(&mut self, signal: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.daemon.id() as i32, signal) };
+        let start = Instant::now();
+        while self.daemon.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < WAIT,
+                "the daemon did not exit on signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.daemon = spawn_daemon(&self.dir);
         self.wait_for("the new daemon to listen", || {
             UnixStream::connect(self.socket()).is_ok()
@@ -574,7 +582,16 @@ fn console_input_works_after_the_daemon_is_restarted() {
     let mut env = Env::new("console-readopt");
     let pid = env.start("echo", echo_upper);
     env.wait_for("the guest's banner", || env.console("echo").contains(READY));
-    env.restart_daemon();
+    // An attached console does not hold up a graceful shutdown.
+    let mut before = env.ws("echo");
+    let mut seen = Seen::default();
+    read_until(&mut before, &mut seen, |s| has_text(s, READY));
+    env.restart_daemon(libc::SIGTERM);
+    match before.read() {
+        Ok(Message::Close(Some(f))) => assert_eq!(u16::from(f.code), 1001, "{f:?}"),
+        other => panic!("expected a close (going away), got {other:?}"),
+    }
+    env.restart_daemon(libc::SIGKILL);
     assert_eq!(env.vm("echo")["pid"].as_i64(), Some(pid));
     let mut ws = env.ws("echo");
     let mut seen = Seen::default();
