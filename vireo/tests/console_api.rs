@@ -658,3 +658,45 @@ fn vm_console_on_a_terminal_detaches_on_ctrl_close_bracket() {
     assert!(status.success(), "{status}: {}", text());
     assert_eq!(env.vm("echo")["state"], "running");
 }
+
+/// `vireo run` with stdin a pipe (as the daemon runs VMs): the bytes reach
+/// the guest's UART, and the end of the pipe does not end the VM.
+#[test]
+fn vireo_run_takes_piped_stdin_and_outlives_its_eof() {
+    let dir = TempDir::new("console-eof");
+    let code = assemble64(KernelKind::Elf.entry(), |g| {
+        g.print(READY)?;
+        g.print("\n")?;
+        // Echo three bytes uppercased.
+        g.a.mov(ebx, 3u32)?;
+        let mut poll = g.a.create_label();
+        g.a.set_label(&mut poll)?;
+        g.a.mov(edx, u32::from(guest::COM1) + 5)?;
+        g.a.in_(al, dx)?;
+        g.a.test(al, 1)?;
+        g.a.jz(poll)?;
+        g.a.mov(edx, u32::from(guest::COM1))?;
+        g.a.in_(al, dx)?;
+        g.a.sub(al, 0x20)?;
+        g.a.out(dx, al)?;
+        g.a.dec(ebx)?;
+        g.a.jnz(poll)?;
+        // Keep running a while after stdin has ended, then power off.
+        let mut delay = g.a.create_label();
+        g.a.mov(ecx, 3_000_000u32)?;
+        g.a.set_label(&mut delay)?;
+        g.a.dec(ecx)?;
+        g.a.jnz(delay)?;
+        g.print("\nstill running after EOF\n")?;
+        g.power_off()
+    });
+    let kernel = dir.write("eof.elf", &KernelKind::Elf.wrap(&code));
+    let args: Vec<String> = ["run", "--accel", "emu", "--memory", "32", "--kernel"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([kernel.display().to_string()])
+        .collect();
+    let out = support::run_vireo_with_input(&args, Some(b"abc"), Duration::from_secs(60));
+    out.assert_status(0);
+    assert!(out.stdout.contains("ABC\nstill running after EOF"), "{out}");
+}
