@@ -463,6 +463,15 @@ fn reboot_starts_a_new_process_and_keeps_the_console() {
     });
     assert!(seen.texts.is_empty(), "{:?}", seen.texts);
 
+    // A paused VM reboots into a running one.
+    let (status, _) = env.json("POST", "/v1/vms/r/pause", None);
+    assert_eq!(status, 200);
+    let (status, v) = env.json("POST", "/v1/vms/r/reboot", None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("running")), "{v}");
+    env.wait_for("the fourth banner", || {
+        env.console("r").matches(READY).count() == 4
+    });
+
     let (status, _) = env.json("POST", "/v1/vms/r/kill", None);
     assert_eq!(status, 200);
     let (status, v) = env.json("POST", "/v1/vms/r/reboot", None);
@@ -699,4 +708,74 @@ fn vireo_run_takes_piped_stdin_and_outlives_its_eof() {
     let out = support::run_vireo_with_input(&args, Some(b"abc"), Duration::from_secs(60));
     out.assert_status(0);
     assert!(out.stdout.contains("ABC\nstill running after EOF"), "{out}");
+}
+
+/// On a terminal, a refused edit is shown and the editor re-opens on the
+/// edited text (answering the prompt through a pty from `script`).
+#[test]
+fn vm_edit_on_a_terminal_reopens_after_a_refused_change() {
+    if Command::new("script").arg("--version").output().is_err() {
+        return eprintln!("skipping: no `script` (util-linux) to make a terminal");
+    }
+    let env = Env::new("console-edit-tty");
+    let code = assemble64(KernelKind::Elf.entry(), echo_upper);
+    let kernel = env.dir.write("k.elf", &KernelKind::Elf.wrap(&code));
+    let (status, _) = env.json(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "e", "kernel": kernel, "memory_mib": 32, "accel": "emu"})),
+    );
+    assert_eq!(status, 201);
+    // First run: a bad value; second run: fix it in the same text.
+    let count = env.dir.path().join("count");
+    let editor = env.dir.write(
+        "editor.sh",
+        format!(
+            "#!/bin/sh\nn=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}\n\
+             if [ $n = 1 ]; then sed -i 's/\"vcpus\": 1/\"vcpus\": 0/' \"$1\"; \
+             else sed -i 's/\"vcpus\": 0/\"vcpus\": 2/' \"$1\"; fi\n",
+            c = count.display()
+        )
+        .as_bytes(),
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&editor, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let command = format!(
+        "{} vm edit e --socket {}",
+        support::vireo_bin(),
+        env.socket().display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env("EDITOR", &editor)
+        .env_remove("VISUAL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = Arc::clone(&out);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    env.wait_for("the prompt", || text().contains("Edit again? [Y/n]"));
+    assert!(text().contains("vcpus"), "{}", text());
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"y\n").unwrap();
+    env.wait_for("the update", || text().contains("updated e (vcpus)"));
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < WAIT, "vm edit did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(env.vm("e")["vcpus"], 2);
 }
