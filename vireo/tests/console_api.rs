@@ -779,3 +779,51 @@ fn vm_edit_on_a_terminal_reopens_after_a_refused_change() {
     }
     assert_eq!(env.vm("e")["vcpus"], 2);
 }
+
+/// A client that stops reading never holds up the guest or the others: it
+/// falls behind, and when it reads again it is told how much it lost.
+#[test]
+fn a_stalled_client_lags_without_blocking_the_others() {
+    let env = Env::new("console-slow");
+    env.start("flood", |g| {
+        let mut again = g.a.create_label();
+        g.a.set_label(&mut again)?;
+        g.print("0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ\n")?;
+        g.a.jmp(again)
+    });
+    let mut stalled = env.ws("flood");
+    let mut reader = env.ws("flood");
+    let mut seen = Seen::default();
+    let mut total = 0usize;
+    let start = Instant::now();
+    // More than the scrollback (256 KiB) and the socket's buffer (about
+    // 200 KiB) hold for the stalled client.
+    while total < 640 << 10 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the reading client got only {total} bytes"
+        );
+        match reader.read().unwrap() {
+            Message::Binary(b) => total += b.len(),
+            Message::Text(t) => seen.texts.push(serde_json::from_str(&t).unwrap()),
+            _ => {}
+        }
+    }
+    assert!(
+        seen.texts.is_empty(),
+        "the reading client lagged: {:?}",
+        seen.texts
+    );
+    let mut lagged = Seen::default();
+    read_until(&mut stalled, &mut lagged, |s| {
+        s.texts.iter().any(|t| t["event"] == "lagged")
+    });
+    let t = lagged
+        .texts
+        .iter()
+        .find(|t| t["event"] == "lagged")
+        .unwrap();
+    assert!(t["lost_bytes"].as_u64().unwrap() > 0, "{t}");
+    let (status, _) = env.json("POST", "/v1/vms/flood/kill", None);
+    assert_eq!(status, 200);
+}
