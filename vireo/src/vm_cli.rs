@@ -130,7 +130,8 @@ Examples:
   EDITOR=nano vireo vm edit web
 
 The editor gets the fields `vireo vm update` can change, as JSON. Only the
-fields you change are sent; if the daemon refuses them, the message is shown
+fields you change are sent (a field you delete stays as it was; set it to
+null to clear it); if the daemon refuses them, the message is shown
 and (on a terminal) the editor opens again. The VM must be stopped.";
 
 const CREATE_EXAMPLES: &str = "\
