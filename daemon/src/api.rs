@@ -37,6 +37,8 @@ pub const ROUTES: &[&str] = &[
     "/v1/vms/{name}/resume",
     "/v1/vms/{name}/console",
     "/v1/vms/{name}/balloon",
+    "/v1/vms/{name}/reboot",
+    "/v1/vms/{name}/console/ws",
 ];
 
 /// Largest request body accepted.
@@ -157,6 +159,13 @@ async fn resume_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, &rec.to_api()))
 }
 
+async fn reboot_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &d.reboot(&vm_name(name)?).await?.to_api(),
+    ))
+}
+
 async fn console(State(d): Shared, name: Name) -> Result<Response, ApiError> {
     let bytes = d.console(&vm_name(name)?)?;
     Ok((
@@ -223,6 +232,11 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/balloon", get(get_balloon).put(set_balloon))
+        .route("/v1/vms/{name}/reboot", post(reboot_vm))
+        .route(
+            "/v1/vms/{name}/console/ws",
+            get(crate::console_ws::console_ws),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(daemon)

@@ -202,10 +202,11 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             cfg.socket.display(),
             cfg.state_dir.display()
         );
-        let app = crate::api::router(daemon);
+        let app = crate::api::router(daemon.clone());
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await;
+        crate::console_ws::close_all(&daemon, std::time::Duration::from_secs(1)).await;
         let _ = std::fs::remove_file(&cfg.socket);
         served.map_err(|e| ServeError::Failed(format!("serving the API: {e}")))
     })

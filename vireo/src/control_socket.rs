@@ -3,7 +3,7 @@
 //! that runs in another process.
 //!
 //! Protocol: a client connects, writes one command line (`pause`, `resume`,
-//! `power-button` or `status`) and reads one JSON line back: `{"ok":true,"state":"paused"}`
+//! `power-button`, `reset` or `status`) and reads one JSON line back: `{"ok":true,"state":"paused"}`
 //! or `{"ok":false,"error":"..."}`. Commands are carried out on the thread
 //! that owns the running VM.
 
@@ -22,6 +22,8 @@ pub enum Command {
     Resume,
     /// Press the ACPI power button (a graceful shutdown request).
     PowerButton,
+    /// Hard reset: end the VM with "reset" (a supervisor starts it again).
+    Reset,
     Status,
     /// `balloon` reports the balloon; `balloon N` sets its target to N MiB.
     Balloon(Option<u64>),
@@ -33,6 +35,7 @@ impl Command {
             "pause" => Some(Command::Pause),
             "resume" => Some(Command::Resume),
             "power-button" => Some(Command::PowerButton),
+            "reset" => Some(Command::Reset),
             "status" => Some(Command::Status),
             "balloon" => Some(Command::Balloon(None)),
             other => {
@@ -138,7 +141,9 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let read = BufReader::new(stream).take_line(&mut line, 256);
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
-        None => error_reply("unknown command; send one of: pause, resume, power-button, status"),
+        None => error_reply(
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB]",
+        ),
         Some(command) => {
             let (reply_tx, reply_rx) = mpsc::channel();
             in_flight.fetch_add(1, Ordering::AcqRel);
@@ -199,6 +204,7 @@ mod tests {
             Some(Command::Balloon(Some(128)))
         );
         assert_eq!(Command::parse("balloon -1"), None);
+        assert_eq!(Command::parse("reset\n"), Some(Command::Reset));
         let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));
         assert_eq!(
             r,

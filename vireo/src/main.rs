@@ -4,6 +4,7 @@
 mod api_client;
 mod cli;
 mod console;
+mod console_client;
 mod control_socket;
 mod devices;
 mod disk;
@@ -12,6 +13,7 @@ mod machine;
 mod run;
 mod signals;
 mod vm_cli;
+mod vm_edit;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

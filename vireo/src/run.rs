@@ -183,13 +183,20 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         None => console::ConsoleTarget::Serial(input),
     };
     console::spawn_stdin_pump(console_input, Arc::clone(&control), tty);
-    if let Some(socket) = &control_socket {
-        serve_control(&running, &power_button, attached.balloon.as_ref(), socket);
-    }
+    let reset_requested = match &control_socket {
+        Some(socket) => serve_control(&running, &power_button, attached.balloon.as_ref(), socket),
+        None => false,
+    };
     let reason = running.wait();
     drop(control_socket);
     drop(raw);
     match reason {
+        // The daemon tells a guest's own reset (restart it, count it
+        // against boot loops) from one it asked for by this line.
+        ExitReason::Reset if reset_requested => {
+            tracing::info!("the VM was reset on request");
+            Ok(())
+        }
         r if r.is_clean() => {
             tracing::info!("{r}");
             Ok(())
@@ -201,20 +208,22 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
-/// Carry out control-socket commands until the VM exits.
+/// Carry out control-socket commands until the VM exits; whether a
+/// `reset` command ended it.
 fn serve_control(
     running: &RunningVm,
     power_button: &PowerButton,
     balloon: Option<&BalloonHandle>,
     socket: &ControlSocket,
-) {
+) -> bool {
     let control = running.control();
+    let mut reset = false;
     loop {
         if control
             .wait_exit_timeout(Duration::from_millis(20))
             .is_some()
         {
-            return;
+            return reset;
         }
         while let Ok(pending) = socket.commands.try_recv() {
             let result = match pending.command {
@@ -222,6 +231,11 @@ fn serve_control(
                 Command::Resume => running.resume(),
                 Command::PowerButton => {
                     power_button.press();
+                    Ok(())
+                }
+                Command::Reset => {
+                    reset = control.exit_reason().is_none();
+                    control.request_exit(ExitReason::Reset);
                     Ok(())
                 }
                 Command::Status => Ok(()),
