@@ -3,9 +3,13 @@
 //! that runs in another process.
 //!
 //! Protocol: a client connects, writes one command line (`pause`, `resume`,
-//! `power-button` or `status`) and reads one JSON line back: `{"ok":true,"state":"paused"}`
-//! or `{"ok":false,"error":"..."}`. Commands are carried out on the thread
-//! that owns the running VM.
+//! `power-button`, `status`, `balloon [MIB]` or `stats`) and reads one JSON
+//! line back: `{"ok":true,"state":"paused"}` or `{"ok":false,"error":"..."}`.
+//! `stats` adds the VM's counters: `"stats":{"vcpus":[{"exits":N}],
+//! "disks":[{"id","read_bytes","write_bytes","read_ops","write_ops"}],
+//! "nets":[{"id","rx_bytes","tx_bytes","rx_packets","tx_packets"}]}`.
+//! Commands are carried out on the thread that owns the running VM (`stats`
+//! only reads the counters' atomics: it never stops a vCPU or a device).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,6 +29,8 @@ pub enum Command {
     Status,
     /// `balloon` reports the balloon; `balloon N` sets its target to N MiB.
     Balloon(Option<u64>),
+    /// The VM's counters (vCPU exits, disk and network I/O).
+    Stats,
 }
 
 impl Command {
@@ -35,6 +41,7 @@ impl Command {
             "power-button" => Some(Command::PowerButton),
             "status" => Some(Command::Status),
             "balloon" => Some(Command::Balloon(None)),
+            "stats" => Some(Command::Stats),
             other => {
                 let mib = other.strip_prefix("balloon ")?.trim().parse().ok()?;
                 Some(Command::Balloon(Some(mib)))
@@ -138,7 +145,7 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let read = BufReader::new(stream).take_line(&mut line, 256);
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
-        None => error_reply("unknown command; send one of: pause, resume, power-button, status"),
+        None => error_reply("unknown command; send one of: pause, resume, power-button, status, balloon [MIB], stats"),
         Some(command) => {
             let (reply_tx, reply_rx) = mpsc::channel();
             in_flight.fetch_add(1, Ordering::AcqRel);
