@@ -11,6 +11,7 @@ pub mod api;
 pub mod db;
 pub mod error;
 pub mod model;
+pub mod observe;
 pub mod paths;
 pub mod procfs;
 pub mod ring;

@@ -33,6 +33,7 @@ use crate::model::{
     check_config, check_name, pin_macs, Accel, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
     DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
 };
+use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
 use crate::ring::{Ring, CONSOLE_SCROLLBACK};
 
@@ -87,6 +88,8 @@ pub struct Daemon {
     inner: Mutex<Inner>,
     state_dir: PathBuf,
     vmm: PathBuf,
+    /// The event stream and the API counters.
+    pub observe: Observe,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -108,11 +111,17 @@ impl Daemon {
             }),
             state_dir,
             vmm,
+            observe: Observe::default(),
         })
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.state_dir.join("vms").join(name)
+    }
+
+    /// The control socket of the VM's `vireo run` process.
+    pub fn control_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(CONTROL_SOCKET)
     }
 
     /// After a (re)start: adopt VM processes that still run, and mark the
@@ -135,7 +144,8 @@ impl Daemon {
                             requested: None,
                         },
                     );
-                    let console = reattach_console(p.pid).map(|rx| spawn_pump(rx, ring));
+                    let tap = self.observe.console_tap(&rec.name);
+                    let console = reattach_console(p.pid).map(|rx| spawn_pump(rx, ring, tap));
                     let me = Arc::clone(self);
                     let name = rec.name.clone();
                     tokio::spawn(async move {
@@ -152,6 +162,8 @@ impl Daemon {
                     o.reason = format!("{} (found gone when the daemon restarted)", o.reason);
                     tracing::info!("VM {}: {}", rec.name, o.reason);
                     inner.db.set_exited(&rec.name, o.state, &o.reason)?;
+                    self.observe
+                        .vm(&rec.name, exit_change(o.state), Some(o.state), &o.reason);
                 }
             }
         }
@@ -183,7 +195,10 @@ impl Daemon {
         }
         inner.consoles.remove(&req.name);
         tracing::info!("created VM {}", req.name);
-        Ok(inner.db.get(&req.name)?.expect("just created"))
+        let rec = inner.db.get(&req.name)?.expect("just created");
+        self.observe
+            .vm(&req.name, Change::Created, Some(rec.state), "created");
+        Ok(rec)
     }
 
     pub fn update(&self, name: &str, req: &UpdateVm) -> Result<VmRecord, ApiError> {
@@ -222,6 +237,7 @@ impl Daemon {
         drop(inner);
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
         tracing::info!("deleted VM {name}");
+        self.observe.vm(name, Change::Deleted, None, "deleted");
         Ok(())
     }
 
@@ -278,7 +294,13 @@ impl Daemon {
             let ring = Arc::new(Mutex::new(Ring::new(CONSOLE_SCROLLBACK)));
             inner.consoles.insert(name.to_string(), Arc::clone(&ring));
             tracing::info!("started VM {name} (pid {pid})");
-            let pump = spawn_pump(console, ring);
+            self.observe.vm(
+                name,
+                Change::Started,
+                Some(VmState::Running),
+                &format!("started (pid {pid})"),
+            );
+            let pump = spawn_pump(console, ring, self.observe.console_tap(name));
             let me = Arc::clone(self);
             let name = name.to_string();
             tokio::spawn(async move {
@@ -320,6 +342,8 @@ impl Daemon {
         if let Err(e) = inner.db.set_exited(name, o.state, &o.reason) {
             tracing::error!("recording the end of VM {name}: {e}");
         }
+        self.observe
+            .vm(name, exit_change(o.state), Some(o.state), &o.reason);
         Some(o)
     }
 
@@ -477,6 +501,12 @@ impl Daemon {
         }
         lock(&self.inner).db.set_live_state(name, want)?;
         tracing::info!("VM {name} {}", want.as_str());
+        let change = if want == VmState::Paused {
+            Change::Paused
+        } else {
+            Change::Resumed
+        };
+        self.observe.vm(name, change, Some(want), change.as_str());
         self.get(name)
     }
 
@@ -583,23 +613,37 @@ async fn drain(pump: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
+/// The event of a VM process's end recorded as `state`.
+fn exit_change(state: VmState) -> Change {
+    if state == VmState::Crashed {
+        Change::Crashed
+    } else {
+        Change::Stopped
+    }
+}
+
 fn spawn_pump(
     mut rx: tokio::net::unix::pipe::Receiver,
     ring: Arc<Mutex<Ring>>,
+    mut tap: ConsoleTap,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match rx.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => lock_ring(&ring).push(&buf[..n]),
+                Ok(0) => break,
+                Ok(n) => {
+                    lock_ring(&ring).push(&buf[..n]);
+                    tap.output(&buf[..n]);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::warn!("console: {e}");
-                    return;
+                    break;
                 }
             }
         }
+        tap.finish();
     })
 }
 
@@ -822,7 +866,7 @@ fn outcome(exit: Exit, requested: Option<&str>, log: &str) -> Outcome {
 
 /// Send one command line to a `vireo run` control socket and read its one
 /// JSON line of reply.
-async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
+pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut stream = tokio::net::UnixStream::connect(socket).await?;
     stream.write_all(format!("{command}\n").as_bytes()).await?;
