@@ -206,6 +206,8 @@ mod tests {
             Some(Command::Balloon(Some(128)))
         );
         assert_eq!(Command::parse("balloon -1"), None);
+        assert_eq!(Command::parse("stats\n"), Some(Command::Stats));
+        assert_eq!(Command::parse("stats now"), None);
         let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));
         assert_eq!(
             r,

@@ -177,6 +177,12 @@ fn run_loop(vcpu: &mut dyn Vcpu, buses: &Buses, control: &VmControl, stats: &Vcp
     tracing::debug!("vCPU {id} thread done");
 }
 
+impl VcpuThread {
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,11 +195,5 @@ mod tests {
         s.count_exit(0);
         s.count_exit(7);
         assert_eq!(s.exits(), vec![1, 2]);
-    }
-}
-
-impl VcpuThread {
-    pub fn is_finished(&self) -> bool {
-        self.handle.is_finished()
     }
 }
