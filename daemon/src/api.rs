@@ -213,17 +213,24 @@ async fn events(State(d): Shared, RawQuery(query): RawQuery) -> Result<Response,
     let filter = crate::observe::EventFilter::from_query(query.as_deref())
         .map_err(|m| ApiError::bad_request("invalid_value", m))?;
     let rx = d.observe.subscribe();
-    let stream = futures_util::stream::unfold((rx, filter), |(mut rx, filter)| async move {
+    let closing = Box::pin(d.observe.closing());
+    let state = (rx, filter, closing);
+    let stream = futures_util::stream::unfold(state, |(mut rx, filter, mut closing)| async move {
         loop {
-            match rx.recv().await {
+            let received = tokio::select! {
+                r = rx.recv() => r,
+                _ = &mut closing => return None,
+            };
+            match received {
                 Ok(e) if filter.matches(&e) => {
                     let sse = SseEvent::default().event(e.kind()).data(e.data());
-                    return Some((Ok::<_, std::convert::Infallible>(sse), (rx, filter)));
+                    let sse = Ok::<_, std::convert::Infallible>(sse);
+                    return Some((sse, (rx, filter, closing)));
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(n)) => {
                     let sse = SseEvent::default().comment(format!("missed {n} events"));
-                    return Some((Ok(sse), (rx, filter)));
+                    return Some((Ok(sse), (rx, filter, closing)));
                 }
                 Err(RecvError::Closed) => return None,
             }

@@ -184,6 +184,9 @@ pub fn now_rfc3339() -> String {
 /// counters.
 pub struct Observe {
     events: broadcast::Sender<Event>,
+    /// Set when the daemon shuts down: event streams end (an open stream
+    /// would otherwise keep the graceful shutdown waiting forever).
+    closing: tokio::sync::watch::Sender<bool>,
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     total_requests: AtomicU64,
 }
@@ -192,6 +195,7 @@ impl Default for Observe {
     fn default() -> Self {
         Observe {
             events: broadcast::channel(EVENT_BUFFER).0,
+            closing: tokio::sync::watch::channel(false).0,
             requests: Mutex::new(BTreeMap::new()),
             total_requests: AtomicU64::new(0),
         }
@@ -201,6 +205,19 @@ impl Default for Observe {
 impl Observe {
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Tells event streams to end (`closing()` resolves).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Observe::close`] has been called.
+    pub fn closing(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|closed| *closed).await;
+        }
     }
 
     pub fn publish(&self, e: Event) {

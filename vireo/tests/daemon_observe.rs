@@ -28,29 +28,36 @@ struct Env {
 
 impl Env {
     fn new(tag: &str) -> Env {
-        let dir = TempDir::new(tag);
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let socket = dir.path().join("api.sock");
+        let mut env = Env {
+            dir: TempDir::new(tag),
+            daemon: None,
+        };
+        env.start_daemon();
+        env
+    }
+
+    fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
         let child = Command::new(support::vireo_bin())
             .arg("serve")
             .arg("--state-dir")
-            .arg(dir.path().join("state"))
+            .arg(self.dir.path().join("state"))
             .arg("--listen")
-            .arg(format!("unix:{}", socket.display()))
+            .arg(format!("unix:{}", self.socket().display()))
             .env("VIREO_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("starting vireo serve");
-        let mut env = Env {
-            dir,
-            daemon: Some(child),
-        };
-        env.wait_for("the daemon to listen", |e| {
+        self.daemon = Some(child);
+        self.wait_for("the daemon to listen", |e| {
             UnixStream::connect(e.socket()).is_ok()
         });
-        env
     }
 
     fn socket(&self) -> PathBuf {
@@ -456,4 +463,60 @@ fn a_kernel_panic_on_the_console_is_an_event() {
     // The filter held: the next event is p's stop, not other's.
     let e = next_event(&events, "vm", |kind, _| kind == "vm");
     assert_eq!((&e["name"], &e["event"]), (&json!("p"), &json!("stopped")));
+}
+
+#[test]
+fn the_daemon_stops_with_streams_open_and_a_restarted_one_keeps_uptime_and_stats() {
+    let mut env = Env::new("observe-restart");
+    let kernel = env.kernel("vmlinux", ticking);
+    env.ok(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "keep", "kernel": kernel, "memory_mib": 32, "accel": "emu"})),
+        201,
+    );
+    let started_at = env.ok("POST", "/v1/vms/keep/start", None, 200)["started_at"].clone();
+    assert!(started_at.is_string());
+    let events = env.events("?console=1");
+    next_event(&events, "console", |kind, _| kind == "console");
+
+    // SIGTERM: the open event stream ends and the daemon exits.
+    let mut daemon = env.daemon.take().unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while daemon.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < WAIT,
+            "the daemon did not exit on SIGTERM with an event stream open\n{}",
+            env.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    loop {
+        match events.recv_timeout(WAIT) {
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("the event stream did not end: {e}"),
+        }
+    }
+
+    // The next daemon re-adopts the VM: same start time, stats still flow.
+    env.start_daemon();
+    let vm = env.ok("GET", "/v1/vms/keep", None, 200);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["started_at"], started_at);
+    assert!(vm["uptime_secs"].is_u64(), "{vm}");
+    let s = vm_stats(&env, "keep");
+    assert!(s["exits"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["cpu_seconds"].as_f64().unwrap() > 0.0, "{s}");
+    // The re-attached console feeds the event stream.
+    let events = env.events("?vm=keep&console=1");
+    let mut console = String::new();
+    next_event(&events, "console with a tick", |kind, d| {
+        if kind == "console" {
+            console.push_str(d["data"].as_str().unwrap());
+        }
+        console.contains("tick")
+    });
 }
