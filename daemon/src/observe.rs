@@ -149,8 +149,8 @@ impl EventFilter {
                 }
                 "console" => {
                     f.console = match value {
-                        "1" | "true" | "yes" | "on" => true,
-                        "0" | "false" | "no" | "off" => false,
+                        "1" | "true" => true,
+                        "0" | "false" => false,
                         other => {
                             return Err(format!(
                                 "console: {other:?} is not a boolean; use console=1"

@@ -322,3 +322,38 @@ fn state_name(state: RunState) -> &'static str {
         RunState::Exited => "exited",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use vireo_devices::virtio::block::BlockCounters;
+    use vireo_devices::virtio::net::NetCounters;
+
+    #[test]
+    fn stats_reply_has_the_contracts_shape() {
+        let vcpus = VcpuStats::new(2);
+        vcpus.count_exit(0);
+        vcpus.count_exit(1);
+        vcpus.count_exit(1);
+        let disk = Arc::new(BlockCounters::default());
+        disk.read_bytes.store(4096, Ordering::Relaxed);
+        disk.read_ops.store(1, Ordering::Relaxed);
+        let net = Arc::new(NetCounters::default());
+        net.tx_bytes.store(42, Ordering::Relaxed);
+        net.tx_packets.store(1, Ordering::Relaxed);
+        let attached = Attached {
+            disks: vec![("root".into(), disk)],
+            nets: vec![("net0".into(), net)],
+            ..Attached::default()
+        };
+        assert_eq!(
+            stats_json(&vcpus, &attached),
+            serde_json::json!({
+                "vcpus": [{"exits": 1}, {"exits": 2}],
+                "disks": [{"id": "root", "read_bytes": 4096, "write_bytes": 0, "read_ops": 1, "write_ops": 0}],
+                "nets": [{"id": "net0", "rx_bytes": 0, "tx_bytes": 42, "rx_packets": 0, "tx_packets": 1}],
+            })
+        );
+    }
+}
