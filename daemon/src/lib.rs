@@ -14,6 +14,7 @@ pub mod console_ws;
 pub mod db;
 pub mod error;
 pub mod model;
+pub mod observe;
 pub mod paths;
 pub mod procfs;
 pub mod ring;

@@ -46,6 +46,7 @@ use crate::model::{
     check_config, check_name, pin_macs, Accel, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
     DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
 };
+use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
 
 /// How long `start` waits for a VM that fails at once (bad kernel, no
@@ -122,6 +123,8 @@ pub struct Daemon {
     inner: Mutex<Inner>,
     state_dir: PathBuf,
     vmm: PathBuf,
+    /// The event stream and the API counters.
+    pub observe: Observe,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -140,11 +143,17 @@ impl Daemon {
             }),
             state_dir,
             vmm,
+            observe: Observe::default(),
         })
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.state_dir.join("vms").join(name)
+    }
+
+    /// The control socket of the VM's `vireo run` process.
+    pub fn control_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(CONTROL_SOCKET)
     }
 
     /// After a (re)start: adopt VM processes that still run, and mark the
@@ -166,7 +175,8 @@ impl Daemon {
                     if let Some(tx) = reattach_input(p.pid) {
                         console.attach_input(tx);
                     }
-                    let console = reattach_console(p.pid).map(|rx| spawn_pump(rx, console));
+                    let console = reattach_console(p.pid)
+                        .map(|rx| spawn_pump(rx, console, self.observe.console_tap(&rec.name)));
                     let me = Arc::clone(self);
                     let name = rec.name.clone();
                     tokio::spawn(async move {
@@ -183,6 +193,8 @@ impl Daemon {
                     o.reason = format!("{} (found gone when the daemon restarted)", o.reason);
                     tracing::info!("VM {}: {}", rec.name, o.reason);
                     inner.db.set_exited(&rec.name, o.state, &o.reason)?;
+                    self.observe
+                        .vm(&rec.name, exit_change(o.state), Some(o.state), &o.reason);
                 }
             }
         }
@@ -214,7 +226,10 @@ impl Daemon {
         }
         inner.consoles.remove(&req.name);
         tracing::info!("created VM {}", req.name);
-        Ok(inner.db.get(&req.name)?.expect("just created"))
+        let rec = inner.db.get(&req.name)?.expect("just created");
+        self.observe
+            .vm(&req.name, Change::Created, Some(rec.state), "created");
+        Ok(rec)
     }
 
     pub fn update(&self, name: &str, req: &UpdateVm) -> Result<VmRecord, ApiError> {
@@ -253,6 +268,7 @@ impl Daemon {
         drop(inner);
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
         tracing::info!("deleted VM {name}");
+        self.observe.vm(name, Change::Deleted, None, "deleted");
         Ok(())
     }
 
@@ -355,7 +371,13 @@ impl Daemon {
             .insert(name.to_string(), Arc::clone(&console));
         console.attach_input(input);
         tracing::info!("started VM {name} (pid {pid})");
-        let pump = spawn_pump(output, console);
+        self.observe.vm(
+            name,
+            Change::Started,
+            Some(VmState::Running),
+            &format!("started (pid {pid})"),
+        );
+        let pump = spawn_pump(output, console, self.observe.console_tap(name));
         let me = Arc::clone(self);
         let name = name.to_string();
         tokio::spawn(async move {
@@ -429,6 +451,8 @@ impl Daemon {
         if let Some(c) = console {
             c.end(&o.reason);
         }
+        self.observe
+            .vm(name, exit_change(o.state), Some(o.state), &o.reason);
         Some(o)
     }
 
@@ -667,6 +691,12 @@ impl Daemon {
         }
         lock(&self.inner).db.set_live_state(name, want)?;
         tracing::info!("VM {name} {}", want.as_str());
+        let change = if want == VmState::Paused {
+            Change::Paused
+        } else {
+            Change::Resumed
+        };
+        self.observe.vm(name, change, Some(want), change.as_str());
         self.get(name)
     }
 
@@ -773,23 +803,37 @@ async fn drain(pump: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
+/// The event of a VM process's end recorded as `state`.
+fn exit_change(state: VmState) -> Change {
+    if state == VmState::Crashed {
+        Change::Crashed
+    } else {
+        Change::Stopped
+    }
+}
+
 fn spawn_pump(
     mut rx: tokio::net::unix::pipe::Receiver,
     console: Arc<Console>,
+    mut tap: ConsoleTap,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match rx.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => console.push(&buf[..n]),
+                Ok(0) => break,
+                Ok(n) => {
+                    console.push(&buf[..n]);
+                    tap.output(&buf[..n]);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::warn!("console: {e}");
-                    return;
+                    break;
                 }
             }
         }
+        tap.finish();
     })
 }
 
@@ -1066,7 +1110,7 @@ fn outcome(exit: Exit, requested: Option<&str>, log: &str) -> Outcome {
 
 /// Send one command line to a `vireo run` control socket and read its one
 /// JSON line of reply.
-async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
+pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut stream = tokio::net::UnixStream::connect(socket).await?;
     stream.write_all(format!("{command}\n").as_bytes()).await?;

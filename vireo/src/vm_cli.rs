@@ -829,6 +829,10 @@ fn show(client: &Client, a: ShowArgs) -> Result<(), Failure> {
         ["cmdline".into(), opt(&vm.cmdline)],
         ["created".into(), vm.created_at.clone()],
         ["started".into(), opt(&vm.started_at)],
+        [
+            "uptime".into(),
+            opt(&vm.uptime_secs.map(|s| format!("{s} s"))),
+        ],
         ["last exit".into(), opt(&vm.last_exit)],
         ["last exit at".into(), opt(&vm.last_exit_at)],
     ];
