@@ -37,6 +37,9 @@ pub const ROUTES: &[&str] = &[
     "/v1/vms/{name}/resume",
     "/v1/vms/{name}/console",
     "/v1/vms/{name}/balloon",
+    "/v1/whoami",
+    "/v1/tokens",
+    "/v1/tokens/{id}",
 ];
 
 /// Largest request body accepted.
@@ -54,7 +57,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => ApiError::internal(format!("encoding the response: {e}")).into_response(),
@@ -63,7 +66,7 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
 
 /// Parse a JSON body, naming the offending field in the error. An empty
 /// body is `empty` when given (for requests whose body is optional).
-fn parse<T: DeserializeOwned>(body: &[u8], empty: Option<T>) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8], empty: Option<T>) -> Result<T, ApiError> {
     if body.len() > MAX_BODY {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -200,7 +203,7 @@ async fn not_found() -> ApiError {
     )
 }
 
-async fn method_not_allowed() -> ApiError {
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",

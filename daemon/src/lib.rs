@@ -8,6 +8,7 @@
 //! re-adoption), [`api`] (routes), [`server`] (lock, socket, run loop).
 
 pub mod api;
+pub mod auth;
 pub mod db;
 pub mod error;
 pub mod model;
@@ -17,4 +18,4 @@ pub mod ring;
 pub mod server;
 pub mod vms;
 
-pub use server::{parse_listen, serve, ServeConfig, ServeError};
+pub use server::{parse_listen, serve, Listen, ServeConfig, ServeError};
