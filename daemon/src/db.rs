@@ -121,6 +121,11 @@ impl VmRecord {
 
 pub struct Db {
     conn: Connection,
+    /// The last [`Db::list`], and the connection's total_changes() when it
+    /// was read: every INSERT, UPDATE or DELETE through this connection
+    /// (the daemon is the only writer) makes it stale. Listing is the API's
+    /// commonest request; this spares SQLite and the row decoding.
+    list_cache: std::cell::RefCell<Option<(u64, Vec<VmRecord>)>>,
 }
 
 const SELECT: &str = "SELECT d.name, d.vcpus, d.memory_mib, d.kernel, d.initrd, d.cmdline, d.image,
@@ -145,7 +150,10 @@ impl Db {
         // journal_mode returns a row; query it rather than execute.
         let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
-        let mut db = Db { conn };
+        let mut db = Db {
+            conn,
+            list_cache: std::cell::RefCell::new(None),
+        };
         db.migrate(path)?;
         Ok(db)
     }
@@ -213,11 +221,19 @@ impl Db {
     }
 
     pub fn list(&self) -> Result<Vec<VmRecord>, DbError> {
+        let version = self.conn.total_changes();
+        if let Some((v, records)) = &*self.list_cache.borrow() {
+            if *v == version {
+                return Ok(records.clone());
+            }
+        }
         let mut stmt = self
             .conn
             .prepare_cached(&format!("{SELECT} ORDER BY d.name"))?;
         let rows = stmt.query_map([], Self::row)?;
-        rows.map(|r| r?.into_record()).collect()
+        let records: Vec<VmRecord> = rows.map(|r| r?.into_record()).collect::<Result<_, _>>()?;
+        *self.list_cache.borrow_mut() = Some((version, records.clone()));
+        Ok(records)
     }
 
     pub fn get(&self, name: &str) -> Result<Option<VmRecord>, DbError> {
@@ -558,6 +574,39 @@ mod tests {
         assert!(db.delete("a").unwrap());
         assert!(!db.delete("a").unwrap());
         assert!(db.get("a").unwrap().is_none());
+    }
+
+    /// The cached list follows every change.
+    #[test]
+    fn the_list_follows_every_write() {
+        let mut db = Db::open_in_memory().unwrap();
+        assert!(db.list().unwrap().is_empty());
+        db.create("a", &cfg()).unwrap();
+        assert_eq!(db.list().unwrap().len(), 1);
+        assert_eq!(db.list().unwrap()[0].state, VmState::Stopped);
+        let p = ProcessId {
+            pid: 42,
+            start_time: 7,
+        };
+        db.set_running("a", p).unwrap();
+        assert_eq!(db.list().unwrap()[0].process, Some(p));
+        db.set_live_state("a", VmState::Paused).unwrap();
+        assert_eq!(db.list().unwrap()[0].state, VmState::Paused);
+        db.set_exited("a", VmState::Crashed, "boom").unwrap();
+        let r = &db.list().unwrap()[0];
+        assert_eq!(
+            (r.state, r.last_exit.as_deref()),
+            (VmState::Crashed, Some("boom"))
+        );
+        let mut c = cfg();
+        c.vcpus = 3;
+        db.update("a", &c).unwrap();
+        assert_eq!(db.list().unwrap()[0].config.vcpus, 3);
+        db.create("b", &cfg()).unwrap();
+        assert_eq!(db.list().unwrap().len(), 2);
+        db.delete("a").unwrap();
+        let names: Vec<String> = db.list().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["b"]);
     }
 
     #[test]
