@@ -66,7 +66,8 @@ def main():
     ap.add_argument("--vms", type=int, default=100)
     ap.add_argument("--duration", default="10s")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--connections", default="4,16",
+                    help="keep-alive connections for the list runs, comma-separated (one run each)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     if args.build:
@@ -74,6 +75,7 @@ def main():
     for tool in ("wrk", "openssl"):
         if not shutil.which(tool):
             sys.exit(f"bench/api.py needs {tool}: apt-get install {tool}")
+    load_before = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="vireo-api-bench.")
     vireo = os.path.join(tmp, "vireo")
     shutil.copy2(args.vireo, vireo)  # a concurrent cargo build cannot swap it
@@ -115,8 +117,9 @@ def main():
         define_s = time.time() - t0
         auth = f"Authorization: Bearer {token}"
         wrk = ["wrk", "--latency", "-d", args.duration]
-        list_out = run(wrk + ["-t", str(args.threads), "-c", str(args.connections), "-H", auth,
-                              f"{url}/v1/vms"]).stdout
+        conns = [int(c) for c in args.connections.split(",")]
+        list_outs = {c: run(wrk + ["-t", str(min(args.threads, c)), "-c", str(c), "-H", auth,
+                                   f"{url}/v1/vms"]).stdout for c in conns}
         cd_env = dict(env, BENCH_TOKEN=token, BENCH_KERNEL=kernel)
         cd_out = run(wrk + ["-t", str(args.threads), "-c", str(args.threads), "-s",
                             os.path.join(ROOT, "bench/api_create_delete.lua"), url], env=cd_env).stdout
@@ -128,7 +131,7 @@ def main():
             daemon.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lst, cd = parse_wrk(list_out), parse_wrk(cd_out)
+    lists, cd = {c: parse_wrk(o) for c, o in list_outs.items()}, parse_wrk(cd_out)
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
@@ -142,14 +145,15 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": {"head": git, "dirty": dirty},
         "host": {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
-                 "load_before": os.getloadavg()},
+                 "load_before": load_before, "load_after": os.getloadavg()},
         "params": {"vms": args.vms, "duration": args.duration, "threads": args.threads,
                    "connections": args.connections, "define_100_vms_s": round(define_s, 3)},
-        "list_vms": lst,
+        "list_vms": {f"{c}_connections": r for c, r in lists.items()},
         "create_delete": cd,
     }
-    print(f"GET /v1/vms ({args.vms} VMs, {args.connections} connections): "
-          f"{lst['requests_per_sec']:.0f} req/s, p50 {lst['p50_ms']} ms, p99 {lst['p99_ms']} ms, non-2xx {lst['non_2xx']}")
+    for c, lst in lists.items():
+        print(f"GET /v1/vms ({args.vms} VMs, {c} connections): "
+              f"{lst['requests_per_sec']:.0f} req/s, p50 {lst['p50_ms']} ms, p99 {lst['p99_ms']} ms, non-2xx {lst['non_2xx']}")
     print(f"POST+DELETE /v1/vms ({args.threads} connections): "
           f"{cd['requests_per_sec']:.0f} req/s, p50 {cd['p50_ms']} ms, p99 {cd['p99_ms']} ms, non-2xx {cd['non_2xx']}")
     if not args.no_save:

@@ -22,3 +22,9 @@ request = function()
   end
   return wrk.format("DELETE", "/v1/vms/" .. name, auth)
 end
+
+response = function(status, headers, body)
+  if status ~= 201 and status ~= 204 then
+    io.stderr:write("unexpected HTTP " .. status .. " (thread " .. tid .. ", request " .. counter .. "): " .. body .. "\n")
+  end
+end
