@@ -156,8 +156,14 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Serve
         .with_no_client_auth()
         .with_single_cert(certs, key_der)
         .map_err(|e| {
+            let why = match e {
+                rustls::Error::InconsistentKeys(_) => {
+                    "the private key does not belong to the certificate".to_string()
+                }
+                other => other.to_string(),
+            };
             ServeError::Usage(format!(
-                "--tls-cert {} / --tls-key {}: not usable together: {e} (is the key the certificate's?)",
+                "--tls-cert {} / --tls-key {}: {why}",
                 cert.display(),
                 key.display()
             ))

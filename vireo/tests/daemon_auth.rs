@@ -650,4 +650,22 @@ fn serve_refuses_plain_tcp_and_bad_tls_files() {
         err.contains("--tls-key") && err.contains("cert.pem") && err.contains("no PEM private key"),
         "{err}"
     );
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_key = dir
+        .write("other.key", other.signing_key.serialize_pem().as_bytes())
+        .display()
+        .to_string();
+    let (code, err) = run(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &other_key,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("other.key") && err.contains("does not belong to the certificate"),
+        "{err}"
+    );
 }
