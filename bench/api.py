@@ -83,7 +83,8 @@ def main():
     cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
     run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
          "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-addext", "basicConstraints=critical,CA:FALSE"])
     log = open(os.path.join(tmp, "daemon.log"), "w+")
     daemon = subprocess.Popen(
         [vireo, "serve", "--state-dir", os.path.join(tmp, "state"), "--listen", f"unix:{sock}",

@@ -431,6 +431,11 @@ fn tls_failure(url: &str, host: &str, e: std::io::Error) -> Failure {
         | Some(TlsError::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => Failure::Usage(format!(
             "the certificate of the vireo daemon at {url} is not for {host}: connect with a name the certificate lists, or give the daemon a certificate for {host}"
         )),
+        // webpki's CaUsedAsEndEntity (wrapped as Other): `openssl req -x509`
+        // marks its certificate CA:TRUE unless told otherwise.
+        Some(TlsError::InvalidCertificate(c)) if format!("{c:?}").contains("CaUsedAsEndEntity") => Failure::Usage(format!(
+            "the certificate of the vireo daemon at {url} is a CA certificate (basicConstraints CA:TRUE), which TLS clients refuse as a server's: give the daemon a server certificate (with openssl: add -addext basicConstraints=critical,CA:FALSE) and pass its CA (or the self-signed certificate itself) with --ca-cert"
+        )),
         Some(TlsError::InvalidCertificate(c)) => Failure::Usage(format!(
             "the certificate of the vireo daemon at {url} is not accepted ({c:?}): pass --ca-cert FILE with the CA that signed it, or renew it"
         )),
