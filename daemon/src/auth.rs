@@ -791,7 +791,8 @@ mod tests {
                     for code in ["401", "403"] {
                         assert!(
                             op["responses"].get(code).is_some(),
-                            "{method} {path} does not document {code}"
+                            "{method} {path} does not document {code}: add \"{code}\": {{\"$ref\": \"#/components/responses/{}\"}}",
+                            if code == "401" { "Unauthorized" } else { "Forbidden" }
                         );
                     }
                 }
