@@ -9,6 +9,7 @@
 //! [`console_ws`] (the console WebSocket), [`api`] (routes), [`server`] (lock, socket, run loop).
 
 pub mod api;
+pub mod auth;
 pub mod console;
 pub mod console_ws;
 pub mod db;
@@ -21,4 +22,4 @@ pub mod ring;
 pub mod server;
 pub mod vms;
 
-pub use server::{parse_listen, serve, ServeConfig, ServeError};
+pub use server::{parse_listen, serve, Listen, ServeConfig, ServeError};
