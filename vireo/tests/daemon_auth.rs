@@ -669,3 +669,102 @@ fn serve_refuses_plain_tcp_and_bad_tls_files() {
         "{err}"
     );
 }
+
+/// `vireo vm console --url` over TLS: the console streams to every role,
+/// but only an operator's keystrokes reach the guest; a viewer's are
+/// refused with a message.
+#[test]
+fn consoles_over_tls_viewers_watch_operators_type() {
+    use std::sync::Mutex;
+    let env = Env::new("daemon-auth-console");
+    let code = assemble64(KernelKind::Elf.entry(), guest::echo_upper);
+    let kernel = env.dir.write("echo", &KernelKind::Elf.wrap(&code));
+    let kernel = kernel.display().to_string();
+    env.local(&[
+        "vm", "create", "echo", "--kernel", &kernel, "--memory", "32", "--accel", "emu",
+    ])
+    .assert_status(0);
+    env.local(&["vm", "start", "echo"]).assert_status(0);
+    let viewer = env.token("viewer");
+    let operator = env.token("operator");
+
+    // A live `vm console` with piped stdin and stdout, as `role` would run it.
+    let attach = |token: &str| {
+        let mut child = Command::new(support::vireo_bin())
+            .args(["vm", "console", "echo", "--url", &env.url(), "--ca-cert"])
+            .arg(env.path("cert.pem"))
+            .env_remove("VIREO_URL")
+            .env_remove("VIREO_SOCKET")
+            .env("VIREO_TOKEN", token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vireo vm console");
+        let seen = Arc::new(Mutex::new(String::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let sink = Arc::clone(&seen);
+            let mut pipe = pipe;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        (child, stdin, seen)
+    };
+    let wait_for = |seen: &Arc<Mutex<String>>, what: &str| {
+        let start = Instant::now();
+        while !seen.lock().unwrap().contains(what) {
+            assert!(
+                start.elapsed() < WAIT,
+                "no {what:?} in: {}",
+                seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let (mut watcher, mut viewer_in, viewer_seen) = attach(&viewer);
+    let (mut typist, mut operator_in, operator_seen) = attach(&operator);
+    // Both see the scrollback over TLS.
+    wait_for(&viewer_seen, guest::ECHO_READY);
+    wait_for(&operator_seen, guest::ECHO_READY);
+    viewer_in.write_all(b"viewer typed\n").unwrap();
+    wait_for(&viewer_seen, "viewer tokens cannot type");
+    // The operator's line comes back, to both; the viewer's never did
+    // (the guest answers in order, so it would have come first).
+    operator_in.write_all(b"operator typed\n").unwrap();
+    wait_for(&operator_seen, "OPERATOR TYPED");
+    wait_for(&viewer_seen, "OPERATOR TYPED");
+    for seen in [&viewer_seen, &operator_seen] {
+        assert!(
+            !seen.lock().unwrap().contains("VIEWER TYPED"),
+            "a viewer's keystrokes reached the guest: {}",
+            seen.lock().unwrap()
+        );
+    }
+    let audit = env.audit();
+    assert!(
+        !audit.is_empty(),
+        "the audit log has the token and VM changes"
+    );
+    env.local(&["vm", "kill", "echo"]).assert_status(0);
+    for child in [&mut watcher, &mut typist] {
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < WAIT, "vm console did not end with the VM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
