@@ -341,31 +341,6 @@ pub fn wait_for_power_button(g: &mut Guest64) -> AsmResult {
     g.power_off()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guest_routines_assemble() {
-        let code = assemble64(0x10_0000, |g| {
-            g.print("x\n")?;
-            g.print_hex(rbx, 4)?;
-            g.power_off()
-        });
-        assert!(code.len() > 20 && code.len() < 4096, "{} bytes", code.len());
-        // The preamble: cli; cld.
-        assert_eq!(&code[..2], &[0xfa, 0xfc]);
-        assert!(code.windows(3).any(|w| w == b"x\n\0"));
-    }
-
-    #[test]
-    fn trampoline_fits_below_the_lock() {
-        let t = ap_trampoline();
-        assert!(t.len() < (AP_LOCK_ADDR - TRAMPOLINE_ADDR) as usize);
-        assert_eq!(t[0], 0xfa, "starts with cli");
-    }
-}
-
 /// The first line [`echo_upper`] prints.
 pub const ECHO_READY: &str = "echo-ready";
 
@@ -391,4 +366,29 @@ pub fn echo_upper(g: &mut Guest64) -> AsmResult {
     g.a.set_label(&mut send)?;
     g.a.out(dx, al)?;
     g.a.jmp(poll)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_routines_assemble() {
+        let code = assemble64(0x10_0000, |g| {
+            g.print("x\n")?;
+            g.print_hex(rbx, 4)?;
+            g.power_off()
+        });
+        assert!(code.len() > 20 && code.len() < 4096, "{} bytes", code.len());
+        // The preamble: cli; cld.
+        assert_eq!(&code[..2], &[0xfa, 0xfc]);
+        assert!(code.windows(3).any(|w| w == b"x\n\0"));
+    }
+
+    #[test]
+    fn trampoline_fits_below_the_lock() {
+        let t = ap_trampoline();
+        assert!(t.len() < (AP_LOCK_ADDR - TRAMPOLINE_ADDR) as usize);
+        assert_eq!(t[0], 0xfa, "starts with cli");
+    }
 }
