@@ -192,7 +192,7 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -200,7 +200,7 @@ async fn not_found() -> ApiError {
     )
 }
 
-async fn method_not_allowed() -> ApiError {
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -223,7 +223,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/balloon", get(get_balloon).put(set_balloon))
-        .fallback(not_found)
+        // The web UI for every other GET (index.html for its own routes);
+        // the JSON 404 for unknown API paths.
+        .fallback(crate::web::fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(daemon)
 }

@@ -5,7 +5,8 @@
 //! Layout: [`paths`] (default state directory and socket), [`model`] (the
 //! API's types and the checks a definition must pass), [`db`] (SQLite,
 //! migrations), [`vms`] (VM processes, console scrollback, exits and
-//! re-adoption), [`api`] (routes), [`server`] (lock, socket, run loop).
+//! re-adoption), [`api`] (routes), [`web`] (the embedded web UI), [`server`]
+//! (lock, socket, run loop).
 
 pub mod api;
 pub mod db;
@@ -16,5 +17,6 @@ pub mod procfs;
 pub mod ring;
 pub mod server;
 pub mod vms;
+pub mod web;
 
 pub use server::{parse_listen, serve, ServeConfig, ServeError};

@@ -11,6 +11,7 @@ mod image;
 mod machine;
 mod run;
 mod signals;
+mod ui;
 mod vm_cli;
 
 use clap::Parser;
@@ -70,6 +71,7 @@ fn main() {
         Command::Image(ImageCommand::Convert(args)) => disk::convert(args),
         Command::Serve(args) => vm_cli::serve(args),
         Command::Vm(args) => vm_cli::vm(args),
+        Command::Ui(args) => ui::ui(args),
     };
     match result {
         Ok(()) => {}
