@@ -25,6 +25,8 @@ export class ConsoleView {
   private resize: ResizeObserver;
   private closed = false;
   private opened = false;
+  /** The VM stopped (the server said so): no reconnecting until reconnect(). */
+  ended = false;
   private retry: number | null = null;
 
   constructor(private opts: ConsoleOptions) {
@@ -85,6 +87,7 @@ export class ConsoleView {
 
   private connect(): void {
     if (this.closed) return;
+    this.retry = null;
     this.status('connecting…');
     const ws = new WebSocket(streamUrl(vmPath(this.opts.name, '/console/ws'), true));
     ws.binaryType = 'arraybuffer';
@@ -107,7 +110,9 @@ export class ConsoleView {
       this.control(String(ev.data));
     };
     ws.onclose = () => {
-      if (this.closed) return;
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (this.closed || this.ended) return;
       if (!this.opened) {
         // No live console (older daemon, or the VM has no process): show the
         // scrollback the daemon keeps, read-only.
@@ -133,8 +138,17 @@ export class ConsoleView {
       this.status(`VM stopped${msg.reason ? `: ${msg.reason}` : ''}`);
       this.term.write(`\r\n\x1b[2m[vireo: the VM stopped${msg.reason ? ` (${msg.reason})` : ''}]\x1b[0m\r\n`);
       this.opened = false;
-      this.closed = true;
+      this.ended = true;
     }
+  }
+
+  /** Connect again (after the VM stopped and started again). */
+  reconnect(): void {
+    if (this.closed || (this.ws && this.ws.readyState <= WebSocket.OPEN)) return;
+    this.ended = false;
+    if (this.retry !== null) clearTimeout(this.retry);
+    this.retry = null;
+    this.connect();
   }
 
   private async scrollbackOnly(): Promise<void> {
@@ -146,7 +160,7 @@ export class ConsoleView {
     } catch (e) {
       this.status(`console unavailable: ${(e as Error).message}`);
     }
-    this.retry = window.setTimeout(() => this.connect(), 5000);
+    if (!this.closed) this.retry = window.setTimeout(() => this.connect(), 5000);
   }
 
   dispose(): void {

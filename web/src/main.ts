@@ -483,6 +483,8 @@ async function detailPage(name: string): Promise<void> {
   const consoleStatus = h('span', { class: 'console-status', 'aria-live': 'polite', 'data-testid': 'console-status' });
   const paint = (v: Vm): void => {
     vm = v;
+    // Started again after it stopped: its console is a new one.
+    if ((v.state === 'running' || v.state === 'paused') && con.ended) con.reconnect();
     clear(badge);
     badge.append(stateBadge(v.state));
     const focused = document.activeElement as HTMLElement | null;
@@ -781,6 +783,15 @@ async function wallPage(): Promise<void> {
     grid,
   );
   for (const n of chosen) if (vms.some((v) => v.name === n)) add(n);
+  // Reconnect the consoles of VMs that started again.
+  every(3000, () => {
+    if (![...tiles.values()].some((t) => t.con.ended)) return;
+    call<{ vms: Vm[] }>('GET', '/v1/vms')
+      .then((l) => {
+        for (const v of l.vms) if (v.state === 'running' || v.state === 'paused') tiles.get(v.name)?.con.reconnect();
+      })
+      .catch(() => {});
+  });
   teardown.push(() => {
     for (const n of [...tiles.keys()]) remove(n);
   });
