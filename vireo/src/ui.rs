@@ -145,7 +145,7 @@ fn unauthorized() -> Response {
 
 /// Check the session token on API paths and take it off the request.
 /// `Err` is the 401 to send back.
-fn admit(req: &mut Request, token: &str) -> Result<(), Response> {
+fn admit(req: &mut Request, token: &str) -> Result<(), Box<Response>> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -160,7 +160,7 @@ fn admit(req: &mut Request, token: &str) -> Result<(), Response> {
             .flatten()
             .any(|t| same(t, token));
         if !ok {
-            return Err(unauthorized());
+            return Err(Box::new(unauthorized()));
         }
     }
     req.headers_mut().remove(header::AUTHORIZATION);
@@ -170,11 +170,11 @@ fn admit(req: &mut Request, token: &str) -> Result<(), Response> {
         format!("{}?{rest}", req.uri().path())
     };
     *req.uri_mut() = Uri::try_from(path_and_query).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             format!("bad request target: {e}"),
-        )
+        ))
     })?;
     req.headers_mut()
         .insert(header::HOST, HeaderValue::from_static("localhost"));
@@ -183,7 +183,7 @@ fn admit(req: &mut Request, token: &str) -> Result<(), Response> {
 
 async fn forward(State(p): State<Arc<Proxy>>, mut req: Request) -> Response {
     if let Err(res) = admit(&mut req, &p.token) {
-        return res;
+        return *res;
     }
     let unreachable = |e: &dyn std::fmt::Display| {
         error(
@@ -237,7 +237,10 @@ async fn forward(State(p): State<Arc<Proxy>>, mut req: Request) -> Response {
 }
 
 async fn ctrl_c() {
-    let _ = tokio::signal::ctrl_c().await;
+    if tokio::signal::ctrl_c().await.is_err() {
+        // No signal handler: run until killed.
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Start a browser on `url` (xdg-open), without waiting for it.
@@ -300,10 +303,14 @@ pub fn ui(args: UiArgs) -> Result<(), Failure> {
             open_browser(&url);
         }
         let app = Router::new().fallback(forward).with_state(proxy);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(ctrl_c())
-            .await
-            .map_err(|e| Failure::Vm(format!("serving the UI proxy: {e}")))
+        // Ctrl-C ends at once: a graceful shutdown would wait for the
+        // browser's open event streams and consoles, which never end.
+        tokio::select! {
+            served = std::future::IntoFuture::into_future(axum::serve(listener, app)) => {
+                served.map_err(|e| Failure::Vm(format!("serving the UI proxy: {e}")))
+            }
+            _ = ctrl_c() => Ok(()),
+        }
     })
 }
 

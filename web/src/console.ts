@@ -53,6 +53,9 @@ export class ConsoleView {
   /** Put the terminal in the page (the element must be attached) and connect. */
   start(): void {
     this.term.open(this.el);
+    // Tab belongs to the guest's shell; Shift+Tab leaves the console, so the
+    // keyboard is never trapped in it.
+    this.term.attachCustomKeyEventHandler((e) => !(e.key === 'Tab' && e.shiftKey));
     this.term.textarea?.setAttribute('aria-label', `Console input for ${this.opts.name}`);
     this.resize.observe(this.el);
     this.fitNow();

@@ -534,7 +534,7 @@ async function detailPage(name: string): Promise<void> {
         { class: 'panel console-panel', 'aria-labelledby': 'con-h' },
         h('div', { class: 'panel-head' }, h('h2', { id: 'con-h' }, 'Serial console'), consoleStatus),
         con.el,
-        h('p', { class: 'hint' }, canOperate() ? 'Click the console (or Tab to it) and type; what you type goes to the guest\u2019s serial port.' : 'Read-only: your role cannot type into consoles.'),
+        h('p', { class: 'hint' }, canOperate() ? 'Click the console (or Tab to it) and type: it goes to the guest\u2019s serial port. Shift+Tab leaves the console.' : 'Read-only: your role cannot type into consoles.'),
       ),
     ),
   );

@@ -126,12 +126,12 @@ function vireo(args, opts = {}) {
   return execFileSync(bin, args, { encoding: 'utf8', timeout: 120000, ...opts });
 }
 
-/** The secret `vireo token create` prints (the token is the longest word of its output). */
+/** A new token's secret (`vireo token create` prints it alone on stdout). */
 function createToken(role) {
-  const text = vireo(['token', 'create', '--role', role, '--name', `e2e-${role}`, '--socket', sock]);
-  const words = text.split(/\s+/).filter((w) => /^[A-Za-z0-9_\-.]{20,}$/.test(w));
-  if (words.length === 0) fail(`no token in the output of vireo token create: ${text}`);
-  return words.sort((a, b) => b.length - a.length)[0];
+  const text = vireo(['token', 'create', '--role', role, '--name', `e2e-${role}`], { env: { ...process.env, VIREO_SOCKET: sock } });
+  const secret = text.trim().split('\n').pop().trim();
+  if (!secret || /\s/.test(secret)) fail(`no token in the output of vireo token create: ${text}`);
+  return secret;
 }
 
 function guestKit() {
@@ -242,16 +242,17 @@ async function main() {
   // ---- start, pause/resume, and the shell on the console
   await page.getByRole('button', { name: `Start ${VM}` }).click();
   await until('state running', 30000, async () => (await vmState(page)) === 'running');
-  await page.getByRole('button', { name: `Pause ${VM}` }).click();
-  await until('state paused', 30000, async () => (await vmState(page)) === 'paused');
-  await page.getByRole('button', { name: `Resume ${VM}` }).click();
-  await until('state running again', 30000, async () => (await vmState(page)) === 'running');
   log('waiting for the guest shell on the console (boot on the emulator)');
   await until('the shell prompt', BOOT_TIMEOUT, async () => {
     const text = await termText(page, VM);
     return text.includes('vireo-init: ready') && /[#$]\s*$/.test(text.trimEnd() + ' ');
   }, 1000);
   await snap(page, 'console-booted');
+  await page.getByRole('button', { name: `Pause ${VM}` }).click();
+  await until('state paused', 30000, async () => (await vmState(page)) === 'paused');
+  await snap(page, 'paused');
+  await page.getByRole('button', { name: `Resume ${VM}` }).click();
+  await until('state running again', 30000, async () => (await vmState(page)) === 'running');
   await page.locator(`.term[data-vm="${VM}"]`).click();
   await page.keyboard.type('echo $((6*7))');
   await page.keyboard.press('Enter');
