@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -37,6 +37,11 @@ pub const ROUTES: &[&str] = &[
     "/v1/vms/{name}/resume",
     "/v1/vms/{name}/console",
     "/v1/vms/{name}/balloon",
+    "/v1/vms/{name}/reboot",
+    "/v1/vms/{name}/console/ws",
+    "/v1/stats",
+    "/v1/events",
+    "/metrics",
 ];
 
 /// Largest request body accepted.
@@ -157,6 +162,13 @@ async fn resume_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
     Ok(json(StatusCode::OK, &rec.to_api()))
 }
 
+async fn reboot_vm(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &d.reboot(&vm_name(name)?).await?.to_api(),
+    ))
+}
+
 async fn console(State(d): Shared, name: Name) -> Result<Response, ApiError> {
     let bytes = d.console(&vm_name(name)?)?;
     Ok((
@@ -181,6 +193,79 @@ async fn set_balloon(State(d): Shared, name: Name, body: Bytes) -> Result<Respon
         StatusCode::OK,
         &d.balloon(&name, Some(req.target_mib)).await?,
     ))
+}
+
+async fn stats(State(d): Shared) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &crate::observe::sample(&d).await?))
+}
+
+/// The Prometheus text exposition format's content type.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics(State(d): Shared) -> Result<Response, ApiError> {
+    let stats = crate::observe::sample(&d).await?;
+    let text = crate::observe::render_prometheus(&stats, &d.observe.requests());
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+        text,
+    )
+        .into_response())
+}
+
+/// How often an idle event stream carries a `: keepalive` comment.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn events(State(d): Shared, RawQuery(query): RawQuery) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let filter = crate::observe::EventFilter::from_query(query.as_deref())
+        .map_err(|m| ApiError::bad_request("invalid_value", m))?;
+    let rx = d.observe.subscribe();
+    let closing = Box::pin(d.observe.closing());
+    let state = (rx, filter, closing);
+    let stream = futures_util::stream::unfold(state, |(mut rx, filter, mut closing)| async move {
+        loop {
+            let received = tokio::select! {
+                r = rx.recv() => r,
+                _ = &mut closing => return None,
+            };
+            match received {
+                Ok(e) if filter.matches(&e) => {
+                    let sse = SseEvent::default().event(e.kind()).data(e.data());
+                    let sse = Ok::<_, std::convert::Infallible>(sse);
+                    return Some((sse, (rx, filter, closing)));
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    let sse = SseEvent::default().comment(format!("missed {n} events"));
+                    return Some((Ok(sse), (rx, filter, closing)));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    let mut resp = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEPALIVE).text("keepalive"))
+        .into_response();
+    // Proxies (nginx) must not buffer the stream.
+    resp.headers_mut().insert(
+        header::HeaderName::from_static("x-accel-buffering"),
+        header::HeaderValue::from_static("no"),
+    );
+    Ok(resp)
+}
+
+/// Count every answered request for `vireo_api_requests_total`.
+async fn count_requests(
+    State(d): Shared,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().as_str().to_string();
+    let resp = next.run(req).await;
+    d.observe.count_request(&method, resp.status().as_u16());
+    resp
 }
 
 async fn openapi() -> Response {
@@ -223,10 +308,22 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/balloon", get(get_balloon).put(set_balloon))
+        .route("/v1/vms/{name}/reboot", post(reboot_vm))
+        .route(
+            "/v1/vms/{name}/console/ws",
+            get(crate::console_ws::console_ws),
+        )
+        .route("/v1/stats", get(stats))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
         // The web UI for every other GET (index.html for its own routes);
         // the JSON 404 for unknown API paths.
         .fallback(crate::web::fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            daemon.clone(),
+            count_requests,
+        ))
         .with_state(daemon)
 }
 
@@ -299,6 +396,27 @@ mod tests {
             total_mib: None,
         };
         assert_eq!(keys(b), properties("Balloon"));
+        let dev = crate::observe::DeviceStats {
+            vcpus: vec![],
+            disks: vec![Default::default()],
+            nets: vec![Default::default()],
+        };
+        let st = crate::observe::VmStats::new(
+            "a",
+            crate::model::VmState::Running,
+            Some(1),
+            32,
+            None,
+            Some(dev.clone()),
+        );
+        assert_eq!(keys(&st), properties("VmStats"));
+        assert_eq!(keys(&st.disks[0]), properties("DiskStats"));
+        assert_eq!(keys(&st.nets[0]), properties("NetStats"));
+        let list = crate::observe::StatsList {
+            time: 0.0,
+            vms: vec![],
+        };
+        assert_eq!(keys(&list), properties("StatsList"));
     }
 
     #[test]

@@ -85,6 +85,15 @@ pub struct VmRecord {
 }
 
 impl VmRecord {
+    /// Seconds since the VM's process started, while it runs.
+    pub fn uptime_secs(&self) -> Option<u64> {
+        if !self.state.is_active() {
+            return None;
+        }
+        self.started_at
+            .map(|t| now_secs().saturating_sub(t).max(0) as u64)
+    }
+
     pub fn to_api(&self) -> Vm {
         Vm {
             name: self.name.clone(),
@@ -104,6 +113,7 @@ impl VmRecord {
             state: self.state,
             pid: self.process.map(|p| p.pid),
             started_at: self.started_at.map(rfc3339),
+            uptime_secs: self.uptime_secs(),
             last_exit: self.last_exit.clone(),
             last_exit_at: self.last_exit_at.map(rfc3339),
         }

@@ -4,14 +4,18 @@
 //!
 //! Layout: [`paths`] (default state directory and socket), [`model`] (the
 //! API's types and the checks a definition must pass), [`db`] (SQLite,
-//! migrations), [`vms`] (VM processes, console scrollback, exits and
-//! re-adoption), [`api`] (routes), [`web`] (the embedded web UI), [`server`]
-//! (lock, socket, run loop).
+//! migrations), [`vms`] (VM processes, exits, reboots and
+//! re-adoption), [`console`] (scrollback, live output, input),
+//! [`console_ws`] (the console WebSocket), [`api`] (routes), [`web`] (the
+//! embedded web UI), [`server`] (lock, socket, run loop).
 
 pub mod api;
+pub mod console;
+pub mod console_ws;
 pub mod db;
 pub mod error;
 pub mod model;
+pub mod observe;
 pub mod paths;
 pub mod procfs;
 pub mod ring;

@@ -329,7 +329,12 @@ pub struct Vm {
     pub state: VmState,
     /// The VM's `vireo run` process while it is running.
     pub pid: Option<i32>,
+    /// When the VM's process last started (RFC 3339, UTC); kept across
+    /// daemon restarts.
     pub started_at: Option<String>,
+    /// Seconds since then, while the VM runs (null when it does not).
+    #[serde(default)]
+    pub uptime_secs: Option<u64>,
     /// Why the VM's last run ended, e.g. "powered off".
     pub last_exit: Option<String>,
     pub last_exit_at: Option<String>,

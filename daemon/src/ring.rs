@@ -37,6 +37,16 @@ impl Ring {
     pub fn total(&self) -> u64 {
         self.total
     }
+
+    /// The bytes from offset `from` of everything ever pushed to the end,
+    /// as far as the ring still holds them, and how many of them it no
+    /// longer holds.
+    pub fn since(&self, from: u64) -> (u64, Vec<u8>) {
+        let start = self.total - self.buf.len() as u64;
+        let lost = start.saturating_sub(from);
+        let skip = from.saturating_sub(start).min(self.buf.len() as u64) as usize;
+        (lost, self.buf.range(skip..).copied().collect())
+    }
 }
 
 #[cfg(test)]
@@ -53,5 +63,8 @@ mod tests {
         r.push(b"0123456789abc");
         assert_eq!(r.contents(), b"56789abc");
         assert_eq!(r.total(), 24);
+        assert_eq!(r.since(20), (0, b"9abc".to_vec()));
+        assert_eq!(r.since(10), (6, b"56789abc".to_vec()));
+        assert_eq!(r.since(24), (0, Vec::new()));
     }
 }

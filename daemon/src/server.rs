@@ -202,10 +202,17 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
             cfg.socket.display(),
             cfg.state_dir.display()
         );
-        let app = crate::api::router(daemon);
+        let app = crate::api::router(daemon.clone());
+        let observe = daemon.clone();
         let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                // End the event streams, or their connections keep the
+                // graceful shutdown waiting.
+                observe.observe.close();
+            })
             .await;
+        crate::console_ws::close_all(&daemon, std::time::Duration::from_secs(1)).await;
         let _ = std::fs::remove_file(&cfg.socket);
         served.map_err(|e| ServeError::Failed(format!("serving the API: {e}")))
     })

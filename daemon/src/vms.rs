@@ -10,31 +10,44 @@
 //! full, until a daemon re-adopts the VM). A restarted daemon re-attaches to
 //! the console by opening /proc/PID/fd/1.
 //!
+//! The console's input is a second pipe, the child's stdin: the daemon
+//! writes what WebSocket clients type into it (see [`crate::console`]). The
+//! child inherits its write end as fd 4 (and never writes it), so its stdin
+//! never reaches EOF while no daemon runs; a restarted daemon re-opens
+//! /proc/PID/fd/0 for writing.
+//!
+//! A reboot (`POST .../reboot`, or the guest resetting the machine) ends the
+//! VM process with "reset"; the daemon then starts the same definition
+//! again as a new process, keeping the console (scrollback and subscribers).
+//! Guest resets are capped ([`MAX_GUEST_RESETS`] in [`GUEST_RESET_WINDOW`])
+//! so a guest that resets at once on every boot ends stopped.
+//!
 //! Children this daemon started are reaped with wait(), which gives the exit
 //! status; adopted ones (started by an earlier daemon) are polled in /proc
 //! (pid + start time) and their end is read from their log.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
+use crate::console::Console;
 use crate::db::{Db, ProcessId, VmRecord};
 use crate::error::ApiError;
 use crate::model::{
     check_config, check_name, pin_macs, Accel, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
     DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
 };
+use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
-use crate::ring::{Ring, CONSOLE_SCROLLBACK};
 
 /// How long `start` waits for a VM that fails at once (bad kernel, no
 /// /dev/kvm) so it can answer with the reason instead of "running".
@@ -51,18 +64,41 @@ pub const VM_LOG: &str = "vireo.log";
 pub const CONTROL_SOCKET: &str = "control.sock";
 /// How long a pause or resume may take before the API gives up.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Guest-initiated resets allowed in [`GUEST_RESET_WINDOW`]; one more and
+/// the VM is left stopped (a boot loop).
+pub const MAX_GUEST_RESETS: usize = 5;
+pub const GUEST_RESET_WINDOW: Duration = Duration::from_secs(60);
+/// What `vireo run` logs when the guest resets the machine, and the reason
+/// recorded for it.
+const GUEST_RESET: &str = "the guest reset the machine";
+/// What `vireo run` logs when its control socket's `reset` ended the VM.
+const RESET_ON_REQUEST: &str = "the VM was reset on request";
 
 /// A VM process the daemon watches.
 struct Proc {
     id: ProcessId,
     /// Set when the daemon itself signalled the VM: the reason to record.
     requested: Option<String>,
+    /// Set by `reboot`: start the VM again when this process ends.
+    reboot: bool,
+}
+
+impl Proc {
+    fn new(id: ProcessId) -> Proc {
+        Proc {
+            id,
+            requested: None,
+            reboot: false,
+        }
+    }
 }
 
 struct Inner {
     db: Db,
     procs: HashMap<String, Proc>,
-    consoles: HashMap<String, Arc<Mutex<Ring>>>,
+    consoles: HashMap<String, Arc<Console>>,
+    /// When each VM's guest last reset itself (within the window).
+    guest_resets: HashMap<String, VecDeque<Instant>>,
 }
 
 /// How a VM process ended, as far as the daemon can tell.
@@ -87,14 +123,12 @@ pub struct Daemon {
     inner: Mutex<Inner>,
     state_dir: PathBuf,
     vmm: PathBuf,
+    /// The event stream and the API counters.
+    pub observe: Observe,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn lock_ring(r: &Mutex<Ring>) -> MutexGuard<'_, Ring> {
-    r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Daemon {
@@ -105,14 +139,21 @@ impl Daemon {
                 db,
                 procs: HashMap::new(),
                 consoles: HashMap::new(),
+                guest_resets: HashMap::new(),
             }),
             state_dir,
             vmm,
+            observe: Observe::default(),
         })
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.state_dir.join("vms").join(name)
+    }
+
+    /// The control socket of the VM's `vireo run` process.
+    pub fn control_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(CONTROL_SOCKET)
     }
 
     /// After a (re)start: adopt VM processes that still run, and mark the
@@ -126,16 +167,16 @@ impl Daemon {
             match rec.process {
                 Some(p) if procfs::is_same_process(p.pid, p.start_time) => {
                     tracing::info!("re-adopting VM {} (pid {})", rec.name, p.pid);
-                    let ring = Arc::new(Mutex::new(Ring::new(CONSOLE_SCROLLBACK)));
-                    inner.consoles.insert(rec.name.clone(), Arc::clone(&ring));
-                    inner.procs.insert(
-                        rec.name.clone(),
-                        Proc {
-                            id: p,
-                            requested: None,
-                        },
-                    );
-                    let console = reattach_console(p.pid).map(|rx| spawn_pump(rx, ring));
+                    let console = Console::new();
+                    inner
+                        .consoles
+                        .insert(rec.name.clone(), Arc::clone(&console));
+                    inner.procs.insert(rec.name.clone(), Proc::new(p));
+                    if let Some(tx) = reattach_input(p.pid) {
+                        console.attach_input(tx);
+                    }
+                    let console = reattach_console(p.pid)
+                        .map(|rx| spawn_pump(rx, console, self.observe.console_tap(&rec.name)));
                     let me = Arc::clone(self);
                     let name = rec.name.clone();
                     tokio::spawn(async move {
@@ -152,6 +193,8 @@ impl Daemon {
                     o.reason = format!("{} (found gone when the daemon restarted)", o.reason);
                     tracing::info!("VM {}: {}", rec.name, o.reason);
                     inner.db.set_exited(&rec.name, o.state, &o.reason)?;
+                    self.observe
+                        .vm(&rec.name, exit_change(o.state), Some(o.state), &o.reason);
                 }
             }
         }
@@ -183,7 +226,10 @@ impl Daemon {
         }
         inner.consoles.remove(&req.name);
         tracing::info!("created VM {}", req.name);
-        Ok(inner.db.get(&req.name)?.expect("just created"))
+        let rec = inner.db.get(&req.name)?.expect("just created");
+        self.observe
+            .vm(&req.name, Change::Created, Some(rec.state), "created");
+        Ok(rec)
     }
 
     pub fn update(&self, name: &str, req: &UpdateVm) -> Result<VmRecord, ApiError> {
@@ -222,6 +268,7 @@ impl Daemon {
         drop(inner);
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
         tracing::info!("deleted VM {name}");
+        self.observe.vm(name, Change::Deleted, None, "deleted");
         Ok(())
     }
 
@@ -234,8 +281,33 @@ impl Daemon {
         Ok(inner
             .consoles
             .get(name)
-            .map(|r| lock_ring(r).contents())
+            .map(|c| c.contents())
             .unwrap_or_default())
+    }
+
+    /// The daemon is shutting down: let go of every console's subscribers.
+    pub fn close_consoles(&self) {
+        for c in lock(&self.inner).consoles.values() {
+            c.close();
+        }
+    }
+
+    /// The VM's console, for live subscribers: its scrollback and output
+    /// from now on (a stopped VM's console reports the stop at once).
+    pub fn live_console(&self, name: &str) -> Result<Arc<Console>, ApiError> {
+        let mut inner = lock(&self.inner);
+        let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+        let live = rec.state.is_active() && inner.procs.contains_key(name);
+        let console = Arc::clone(
+            inner
+                .consoles
+                .entry(name.to_string())
+                .or_insert_with(Console::new),
+        );
+        if !live {
+            console.end(rec.last_exit.as_deref().unwrap_or("never started"));
+        }
+        Ok(console)
     }
 
     /// Start the VM's `vireo run` process.
@@ -255,44 +327,9 @@ impl Daemon {
                 ));
             }
             check_config(&rec.config, procfs::host_memory_mib())?;
-            let dir = self.vm_dir(name);
-            let (mut child, console) = spawn_vm(&self.vmm, &dir, &rec)
-                .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
-            let pid = child.id().unwrap_or(0) as i32;
-            let id = ProcessId {
-                pid,
-                start_time: procfs::start_time(pid).unwrap_or(0),
-            };
-            if let Err(e) = inner.db.set_running(name, id) {
-                // Never leave a VM running that the database does not know.
-                let _ = child.start_kill();
-                return Err(e.into());
-            }
-            inner.procs.insert(
-                name.to_string(),
-                Proc {
-                    id,
-                    requested: None,
-                },
-            );
-            let ring = Arc::new(Mutex::new(Ring::new(CONSOLE_SCROLLBACK)));
-            inner.consoles.insert(name.to_string(), Arc::clone(&ring));
-            tracing::info!("started VM {name} (pid {pid})");
-            let pump = spawn_pump(console, ring);
-            let me = Arc::clone(self);
-            let name = name.to_string();
-            tokio::spawn(async move {
-                let exit = match child.wait().await {
-                    Ok(status) => Exit::Status(status),
-                    Err(e) => {
-                        tracing::warn!("waiting for VM {name}: {e}");
-                        Exit::Unknown
-                    }
-                };
-                drain(Some(pump)).await;
-                let outcome = me.on_exit(&name, id, exit);
-                let _ = tx.send(outcome);
-            });
+            let console = Console::new();
+            inner.guest_resets.remove(name);
+            self.launch(&mut inner, &rec, console, Some(tx))?;
         }
         if let Ok(Ok(Some(o))) = tokio::time::timeout(EARLY_EXIT_WAIT, rx).await {
             if o.start_failed {
@@ -305,22 +342,198 @@ impl Daemon {
         self.get(name)
     }
 
-    /// Record a VM process's end. Returns what was recorded, or None when
-    /// `id` is no longer the VM's current process.
-    fn on_exit(&self, name: &str, id: ProcessId, exit: Exit) -> Option<Outcome> {
+    /// Spawn `rec`'s `vireo run` with `console`, record it running, and
+    /// watch it; its outcome goes to `early` when given.
+    fn launch(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        rec: &VmRecord,
+        console: Arc<Console>,
+        early: Option<oneshot::Sender<Option<Outcome>>>,
+    ) -> Result<ProcessId, ApiError> {
+        let name = rec.name.as_str();
+        let dir = self.vm_dir(name);
+        let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec)
+            .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
+        let pid = child.id().unwrap_or(0) as i32;
+        let id = ProcessId {
+            pid,
+            start_time: procfs::start_time(pid).unwrap_or(0),
+        };
+        if let Err(e) = inner.db.set_running(name, id) {
+            // Never leave a VM running that the database does not know.
+            let _ = child.start_kill();
+            return Err(e.into());
+        }
+        inner.procs.insert(name.to_string(), Proc::new(id));
+        inner
+            .consoles
+            .insert(name.to_string(), Arc::clone(&console));
+        console.attach_input(input);
+        tracing::info!("started VM {name} (pid {pid})");
+        self.observe.vm(
+            name,
+            Change::Started,
+            Some(VmState::Running),
+            &format!("started (pid {pid})"),
+        );
+        let pump = spawn_pump(output, console, self.observe.console_tap(name));
+        let me = Arc::clone(self);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let exit = match child.wait().await {
+                Ok(status) => Exit::Status(status),
+                Err(e) => {
+                    tracing::warn!("waiting for VM {name}: {e}");
+                    Exit::Unknown
+                }
+            };
+            drain(Some(pump)).await;
+            let outcome = me.on_exit(&name, id, exit);
+            if let Some(tx) = early {
+                let _ = tx.send(outcome);
+            }
+        });
+        Ok(id)
+    }
+
+    /// Record a VM process's end, or start it again after a reboot or a
+    /// reset by the guest. Returns what was recorded, or None when `id` is
+    /// no longer the VM's current process.
+    fn on_exit(self: &Arc<Self>, name: &str, id: ProcessId, exit: Exit) -> Option<Outcome> {
         let mut inner = lock(&self.inner);
         match inner.procs.get(name) {
             Some(p) if p.id == id => {}
             _ => return None,
         }
-        let proc = inner.procs.remove(name).expect("present");
+        let proc = inner.procs.remove(name)?;
+        let console = inner.consoles.get(name).cloned();
+        if let Some(c) = &console {
+            c.detach_input();
+        }
         let log = read_log_tail(&self.vm_dir(name));
-        let o = outcome(exit, proc.requested.as_deref(), &log);
+        let mut o = outcome(exit, proc.requested.as_deref(), &log);
+        let guest_reset =
+            proc.requested.is_none() && o.state == VmState::Stopped && o.reason == GUEST_RESET;
+        if proc.reboot || guest_reset {
+            match self.restart(&mut inner, name, console.clone(), guest_reset) {
+                Ok(new) => {
+                    tracing::info!(
+                        "VM {name} (pid {}): {}; started again (pid {})",
+                        id.pid,
+                        if proc.reboot {
+                            "rebooted on request"
+                        } else {
+                            GUEST_RESET
+                        },
+                        new.pid
+                    );
+                    return Some(Outcome {
+                        state: VmState::Running,
+                        reason: o.reason,
+                        start_failed: false,
+                    });
+                }
+                Err(why) => {
+                    o.state = if guest_reset {
+                        VmState::Stopped
+                    } else {
+                        VmState::Crashed
+                    };
+                    o.reason = why;
+                }
+            }
+        }
         tracing::info!("VM {name} (pid {}): {}", id.pid, o.reason);
         if let Err(e) = inner.db.set_exited(name, o.state, &o.reason) {
             tracing::error!("recording the end of VM {name}: {e}");
         }
+        if let Some(c) = console {
+            c.end(&o.reason);
+        }
+        self.observe
+            .vm(name, exit_change(o.state), Some(o.state), &o.reason);
         Some(o)
+    }
+
+    /// Start the VM again after a reset, with the same console; the reason
+    /// to record instead when it must not or cannot be.
+    fn restart(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        name: &str,
+        console: Option<Arc<Console>>,
+        guest_reset: bool,
+    ) -> Result<ProcessId, String> {
+        if guest_reset {
+            let now = Instant::now();
+            let resets = inner.guest_resets.entry(name.to_string()).or_default();
+            resets.retain(|t| now.duration_since(*t) < GUEST_RESET_WINDOW);
+            resets.push_back(now);
+            if resets.len() > MAX_GUEST_RESETS {
+                resets.clear();
+                return Err(format!(
+                    "the guest reset the machine {} times within {} s; left stopped to break a boot loop",
+                    MAX_GUEST_RESETS + 1,
+                    GUEST_RESET_WINDOW.as_secs()
+                ));
+            }
+        }
+        let rec = inner
+            .db
+            .get(name)
+            .map_err(|e| format!("reboot failed: {e}"))?
+            .ok_or_else(|| "reboot failed: the VM's definition is gone".to_string())?;
+        let console = console.unwrap_or_else(Console::new);
+        self.launch(inner, &rec, console, None)
+            .map_err(|e| format!("reboot failed: {}", e.message))
+    }
+
+    /// Reset the VM: its process ends (through the control socket's
+    /// `reset`, else SIGKILL) and the daemon starts it again. Returns the
+    /// VM as it is once the new process runs.
+    pub async fn reboot(&self, name: &str) -> Result<VmRecord, ApiError> {
+        let id = {
+            let mut inner = lock(&self.inner);
+            let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
+            match inner.procs.get_mut(name) {
+                Some(p) if rec.state.is_active() => {
+                    p.reboot = true;
+                    p.id
+                }
+                _ => {
+                    return Err(ApiError::conflict(
+                        "invalid_state",
+                        format!(
+                            "VM {name} is not running (it is {}); start it instead",
+                            rec.state.as_str()
+                        ),
+                    ))
+                }
+            }
+        };
+        let socket = self.vm_dir(name).join(CONTROL_SOCKET);
+        let reset = match tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, "reset"))
+            .await
+        {
+            Ok(Ok(reply)) if reply.contains("\"ok\":true") => true,
+            other => {
+                tracing::warn!("VM {name}: no reset through the control socket ({other:?}); killing it to reboot");
+                false
+            }
+        };
+        if !reset && procfs::is_same_process(id.pid, id.start_time) {
+            // SAFETY: kill has no memory-safety preconditions; the pid was
+            // just checked to still be the VM's process.
+            unsafe { libc::kill(id.pid, libc::SIGKILL) };
+        }
+        if !self.wait_exit(name, id, CONTROL_TIMEOUT).await {
+            return Err(ApiError::internal(format!(
+                "VM {name} (pid {}) did not end after the reset",
+                id.pid
+            )));
+        }
+        self.get(name)
     }
 
     /// Send `signal` to the VM's process, remembering `reason` for its exit.
@@ -342,6 +555,7 @@ impl Daemon {
             }
         };
         proc.requested = Some(reason);
+        proc.reboot = false;
         let id = proc.id;
         if procfs::is_same_process(id.pid, id.start_time) {
             // SAFETY: kill has no memory-safety preconditions; the pid was
@@ -477,6 +691,12 @@ impl Daemon {
         }
         lock(&self.inner).db.set_live_state(name, want)?;
         tracing::info!("VM {name} {}", want.as_str());
+        let change = if want == VmState::Paused {
+            Change::Paused
+        } else {
+            Change::Resumed
+        };
+        self.observe.vm(name, change, Some(want), change.as_str());
         self.get(name)
     }
 
@@ -583,23 +803,37 @@ async fn drain(pump: Option<tokio::task::JoinHandle<()>>) {
     }
 }
 
+/// The event of a VM process's end recorded as `state`.
+fn exit_change(state: VmState) -> Change {
+    if state == VmState::Crashed {
+        Change::Crashed
+    } else {
+        Change::Stopped
+    }
+}
+
 fn spawn_pump(
     mut rx: tokio::net::unix::pipe::Receiver,
-    ring: Arc<Mutex<Ring>>,
+    console: Arc<Console>,
+    mut tap: ConsoleTap,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match rx.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => lock_ring(&ring).push(&buf[..n]),
+                Ok(0) => break,
+                Ok(n) => {
+                    console.push(&buf[..n]);
+                    tap.output(&buf[..n]);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::warn!("console: {e}");
-                    return;
+                    break;
                 }
             }
         }
+        tap.finish();
     })
 }
 
@@ -622,24 +856,61 @@ fn reattach_console(pid: i32) -> Option<tokio::net::unix::pipe::Receiver> {
     }
 }
 
-/// Start `vireo run` for `rec` in its own session; returns the child and the
-/// read end of its console pipe.
-fn spawn_vm(
-    vmm: &Path,
-    dir: &Path,
-    rec: &VmRecord,
-) -> std::io::Result<(tokio::process::Child, tokio::net::unix::pipe::Receiver)> {
-    std::fs::create_dir_all(dir)?;
-    let log = std::fs::File::create(dir.join(VM_LOG))?;
+/// Open the console input pipe of an adopted VM through /proc/PID/fd/0.
+fn reattach_input(pid: i32) -> Option<tokio::net::unix::pipe::Sender> {
+    let path = PathBuf::from(format!("/proc/{pid}/fd/0"));
+    if !procfs::is_pipe(&path) {
+        tracing::info!(
+            "VM pid {pid}: its stdin is not a pipe (started by an older daemon?); no console input"
+        );
+        return None;
+    }
+    match tokio::net::unix::pipe::OpenOptions::new().open_sender(&path) {
+        Ok(tx) => Some(tx),
+        Err(e) => {
+            tracing::warn!("VM pid {pid}: cannot re-open its console input: {e}");
+            None
+        }
+    }
+}
+
+/// A pipe with both ends close-on-exec: (read, write).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: pipe2 just returned these fds; each is owned once.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Start `vireo run` for `rec` in its own session; returns the child, the
+/// read end of its console pipe and the write end of its stdin pipe.
+fn spawn_vm(
+    vmm: &Path,
+    dir: &Path,
+    rec: &VmRecord,
+) -> std::io::Result<(
+    tokio::process::Child,
+    tokio::net::unix::pipe::Receiver,
+    tokio::net::unix::pipe::Sender,
+)> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::File::create(dir.join(VM_LOG))?;
+    let (read, write) = pipe()?;
     // SAFETY: fcntl on a valid fd; failure (e.g. above pipe-max-size) is harmless.
-    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, CONSOLE_PIPE_SIZE) };
+    unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CONSOLE_PIPE_SIZE) };
+    let (stdin_read, stdin_write) = pipe()?;
+    // SAFETY: as above; a bigger buffer lets a paste wait for the guest.
+    unsafe {
+        libc::fcntl(
+            stdin_write.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            CONSOLE_PIPE_SIZE,
+        )
+    };
 
     let c = &rec.config;
     let mut cmd = tokio::process::Command::new(vmm);
@@ -671,32 +942,46 @@ fn spawn_vm(
         // The exit reason ("the guest powered off") is logged at info level.
         .env("VIREO_LOG", "info")
         .current_dir(dir)
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(stdin_read))
         .stdout(Stdio::from(write))
         .stderr(Stdio::from(log))
         .kill_on_drop(false);
-    let keep = fds[0];
+    let keep = read.as_raw_fd();
+    let keep_in = stdin_write.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and calls only
     // async-signal-safe functions (setsid, dup2, fcntl).
     unsafe {
         cmd.pre_exec(move || {
+            let fail = || Err(std::io::Error::last_os_error());
             if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
+                return fail();
             }
-            // The console pipe's read end as fd 3, open across exec.
-            if keep == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
+            // Move the stdin pipe's write end out of fd 3's way first.
+            let mut keep_in = keep_in;
+            if keep_in == 3 {
+                keep_in = libc::fcntl(3, libc::F_DUPFD_CLOEXEC, 5);
+                if keep_in < 0 {
+                    return fail();
                 }
-            } else if libc::dup2(keep, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
+            }
+            // The console pipe's read end as fd 3 and the stdin pipe's
+            // write end as fd 4, open across exec.
+            for (fd, target) in [(keep, 3), (keep_in, 4)] {
+                if fd == target {
+                    if libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                        return fail();
+                    }
+                } else if libc::dup2(fd, target) < 0 {
+                    return fail();
+                }
             }
             Ok(())
         });
     }
     let child = cmd.spawn()?;
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
-    Ok((child, rx))
+    let tx = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write)?;
+    Ok((child, rx, tx))
 }
 
 /// The last 64 KiB of a VM's log.
@@ -724,8 +1009,11 @@ fn log_verdict(log: &str) -> Option<(VmState, String)> {
         if line.contains("the guest powered off") {
             return Some((VmState::Stopped, "powered off".into()));
         }
-        if line.contains("the guest reset the machine") {
-            return Some((VmState::Stopped, "the guest reset the machine".into()));
+        if line.contains(GUEST_RESET) {
+            return Some((VmState::Stopped, GUEST_RESET.into()));
+        }
+        if line.contains(RESET_ON_REQUEST) {
+            return Some((VmState::Stopped, "reset on request".into()));
         }
         if line.contains("the VM was stopped") {
             return Some((VmState::Stopped, "stopped".into()));
@@ -822,7 +1110,7 @@ fn outcome(exit: Exit, requested: Option<&str>, log: &str) -> Outcome {
 
 /// Send one command line to a `vireo run` control socket and read its one
 /// JSON line of reply.
-async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
+pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut stream = tokio::net::UnixStream::connect(socket).await?;
     stream.write_all(format!("{command}\n").as_bytes()).await?;

@@ -38,8 +38,9 @@ impl EmuHypervisor {
 }
 
 /// MSRs `set_msrs`/`msrs` handle.
-pub const SUPPORTED_MSRS: [u32; 18] = [
+pub const SUPPORTED_MSRS: [u32; 19] = [
     msr::TSC,
+    msr::TSC_ADJUST,
     msr::APIC_BASE,
     msr::SYSENTER_CS,
     msr::SYSENTER_ESP,

@@ -169,7 +169,7 @@ pub mod vcpu;
 
 pub use cpu::state::CpuState;
 pub use cpu::{Cpu, Exit, MAX_IO_LEN};
-pub use exec::system::{filter_cpuid, supported_cpuid};
+pub use exec::system::{filter_cpuid, supported_cpuid, ARCH_CAPABILITIES};
 pub use hv::{EmuHypervisor, EmuVm};
 pub use memory::{GuestMemory, MemoryError, PhysMemory};
 pub use vcpu::{EmuVcpu, Kicker};

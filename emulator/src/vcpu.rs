@@ -44,6 +44,60 @@ pub struct EmuVcpu {
     traced: Instant,
     /// Instructions executed, for the debug log.
     retired: u64,
+    /// Guest RIP samples, when `VIREO_EMU_PROFILE` asks for them.
+    profile: Option<Profile>,
+}
+
+/// A sampling profile of guest code: with `VIREO_EMU_PROFILE=FILE`, each
+/// vCPU notes its RIP at the end of every slice of [`SLICE`] instructions
+/// it ran in full and the instruction there, and writes `RIP COUNT` lines
+/// (hex, decimal) to `FILE.vcpuN` and `MNEMONIC COUNT` lines to
+/// `FILE.vcpuN.ops` when it is dropped. `emulator/bench/guest_profile.py`
+/// maps the RIPs to the guest kernel's symbols.
+struct Profile {
+    path: std::path::PathBuf,
+    samples: std::collections::HashMap<u64, u64>,
+    mnemonics: std::collections::HashMap<iced_x86::Mnemonic, u64>,
+}
+
+impl Profile {
+    fn from_env(id: u32) -> Option<Profile> {
+        let base = std::env::var_os("VIREO_EMU_PROFILE")?;
+        let mut path = std::path::PathBuf::from(base);
+        path.as_mut_os_string().push(format!(".vcpu{id}"));
+        Some(Profile {
+            path,
+            samples: std::collections::HashMap::new(),
+            mnemonics: std::collections::HashMap::new(),
+        })
+    }
+}
+
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        let Some(p) = self.profile.take() else {
+            return;
+        };
+        let mut rows: Vec<(u64, u64)> = p.samples.into_iter().collect();
+        rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.1));
+        let text: String = rows
+            .iter()
+            .map(|(rip, n)| format!("{rip:#x} {n}\n"))
+            .collect();
+        let mut ops: Vec<_> = p.mnemonics.into_iter().collect();
+        ops.sort_unstable_by_key(|r| std::cmp::Reverse(r.1));
+        let ops: String = ops.iter().map(|(m, n)| format!("{m:?} {n}\n")).collect();
+        let mut ops_path = p.path.clone();
+        ops_path.as_mut_os_string().push(".ops");
+        match std::fs::write(&p.path, text).and_then(|()| std::fs::write(&ops_path, ops)) {
+            Ok(()) => tracing::info!(
+                "guest profile of vCPU {} written to {}",
+                self.id,
+                p.path.display()
+            ),
+            Err(e) => tracing::warn!("cannot write the guest profile {}: {e}", p.path.display()),
+        }
+    }
 }
 
 fn emu_error(op: &'static str, what: String) -> HypervisorError {
@@ -62,6 +116,7 @@ impl EmuVcpu {
             lapic: Mutex::new(LapicState::default()),
             traced: Instant::now(),
             retired: 0,
+            profile: Profile::from_env(id),
         }
     }
 
@@ -119,7 +174,14 @@ impl Vcpu for EmuVcpu {
                     left -= n;
                     self.retired += n;
                     match cpu.run(n) {
-                        Exit::BudgetExhausted => {}
+                        Exit::BudgetExhausted => {
+                            if let Some(p) = &mut self.profile {
+                                *p.samples.entry(cpu.state.rip).or_insert(0) += 1;
+                                if let Ok(i) = cpu.fetch_decode() {
+                                    *p.mnemonics.entry(i.mnemonic()).or_insert(0) += 1;
+                                }
+                            }
+                        }
                         // HLT, or an AP waiting for SIPI: sleep until an
                         // interrupt, a timer or the end of this slice.
                         Exit::Halt => cpu.wait_for_event(until),

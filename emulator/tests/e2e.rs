@@ -547,6 +547,80 @@ fn cpuid_advertises_only_implemented_features() {
     assert_ne!(f_edx & (1 << 4), 0, "TSC");
 }
 
+/// IA32_ARCH_CAPABILITIES says "not affected" for the speculation bugs an
+/// interpreter cannot have (so Linux skips page-table isolation), and
+/// IA32_TSC_ADJUST follows writes to the TSC; both are enumerated in CPUID
+/// leaf 7 and #GP once the VMM hides them.
+#[test]
+fn arch_capabilities_and_tsc_adjust() {
+    let mut g = Guest::new();
+    let code = assemble(
+        |a| {
+            a.mov(eax, 7u32)?;
+            a.xor(ecx, ecx)?;
+            a.cpuid()?;
+            a.mov(r8d, ebx)?;
+            a.mov(r9d, edx)?;
+            a.mov(ecx, 0x10au32)?;
+            a.rdmsr()?;
+            a.mov(r10d, eax)?;
+            // TSC := 1<<40, so TSC_ADJUST moves by about that much.
+            a.mov(ecx, 0x10u32)?;
+            a.xor(eax, eax)?;
+            a.mov(edx, 0x100u32)?;
+            a.wrmsr()?;
+            a.mov(ecx, 0x3bu32)?;
+            a.rdmsr()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.mov(r11, rax)?;
+            // TSC_ADJUST := 0 takes the TSC back down by the same amount.
+            a.xor(eax, eax)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.mov(r12, rax)?;
+            a.hlt()?;
+            Ok(())
+        },
+        CODE,
+    );
+    g.identity(0x20_0000);
+    g.write(CODE, &code);
+    let mut cpu = g.cpu();
+    cpu.state.rip = CODE;
+    assert_eq!(cpu.run(100), Exit::Halt);
+    let r = |i: usize| cpu.state.gpr[i];
+    assert_ne!(r(8) & (1 << 1), 0, "CPUID.7:EBX TSC_ADJUST");
+    assert_ne!(r(9) & (1 << 29), 0, "CPUID.7:EDX ARCH_CAPABILITIES");
+    assert_eq!(r(10), vireo_emulator::ARCH_CAPABILITIES & 0xffff_ffff);
+    assert_ne!(r(10) & 1, 0, "RDCL_NO");
+    assert_ne!(r(10) & (1 << 5), 0, "MDS_NO");
+    // Without a platform the TSC counts instructions: a handful passed
+    // between reading it for the write and now.
+    assert!(r(11) > (1 << 40) - 100 && r(11) <= 1 << 40, "{:#x}", r(11));
+    assert!(r(12) < 100, "TSC back near 0: {:#x}", r(12));
+
+    // A VMM that hides leaf 7 hides the MSRs too.
+    let mut hidden = vireo_emulator::supported_cpuid();
+    hidden.retain(|e| e.function != 7);
+    for msr in [0x10au32, 0x3b] {
+        let code = assemble(
+            |a| {
+                a.mov(ecx, msr)?;
+                a.rdmsr()?;
+                a.hlt()?;
+                Ok(())
+            },
+            CODE,
+        );
+        let (vector, _) = run_fpu(&g, &code, |cpu| cpu.set_cpuid(&hidden));
+        assert_eq!(vector, Some(13), "rdmsr {msr:#x} hidden by CPUID must #GP");
+    }
+}
+
 /// Run `code` at CODE until HLT; returns the vector if it faulted into a
 /// handler stub (None for the final `hlt` of the program).
 fn run_fpu(

@@ -29,6 +29,36 @@ pub struct Client {
 }
 
 impl Client {
+    /// The `Authorization` header to send on connections from [`connect`]
+    /// (none on the Unix socket, whose clients are trusted by its mode).
+    ///
+    /// [`connect`]: Client::connect_with_timeout
+    pub fn auth_header(&self) -> Option<(&'static str, String)> {
+        None
+    }
+
+    /// A connection to the daemon, for protocols beyond one request (the
+    /// console WebSocket), with `timeout` for reads and writes.
+    pub fn connect_with_timeout(&self, timeout: Duration) -> Result<UnixStream, Failure> {
+        let stream = self.connect()?;
+        let _ = stream.set_read_timeout(Some(timeout));
+        let _ = stream.set_write_timeout(Some(timeout));
+        Ok(stream)
+    }
+
+    fn connect(&self) -> Result<UnixStream, Failure> {
+        let sock = self.socket.display();
+        UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Failure::Vm(format!(
+                "cannot reach the vireo daemon at {sock} — start it with `vireo serve`"
+            )),
+            std::io::ErrorKind::PermissionDenied => Failure::Usage(format!(
+                "cannot reach the vireo daemon at {sock}: permission denied (the socket is for its owner and the `vireo` group)"
+            )),
+            _ => Failure::Vm(format!("cannot reach the vireo daemon at {sock}: {e}")),
+        })
+    }
+
     pub fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: &str,
@@ -58,15 +88,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<Vec<u8>, Failure> {
         let sock = self.socket.display();
-        let mut stream = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Failure::Vm(format!(
-                "cannot reach the vireo daemon at {sock} — start it with `vireo serve`"
-            )),
-            std::io::ErrorKind::PermissionDenied => Failure::Usage(format!(
-                "cannot reach the vireo daemon at {sock}: permission denied (the socket is for its owner and the `vireo` group)"
-            )),
-            _ => Failure::Vm(format!("cannot reach the vireo daemon at {sock}: {e}")),
-        })?;
+        let mut stream = self.connect()?;
         let _ = stream.set_read_timeout(Some(timeout));
         let body = body.unwrap_or_default();
         let mut req = format!(

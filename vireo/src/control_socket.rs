@@ -3,9 +3,14 @@
 //! that runs in another process.
 //!
 //! Protocol: a client connects, writes one command line (`pause`, `resume`,
-//! `power-button` or `status`) and reads one JSON line back: `{"ok":true,"state":"paused"}`
-//! or `{"ok":false,"error":"..."}`. Commands are carried out on the thread
-//! that owns the running VM.
+//! `power-button`, `reset`, `status`, `balloon [MIB]` or `stats`) and reads
+//! one JSON line back: `{"ok":true,"state":"paused"}` or
+//! `{"ok":false,"error":"..."}`. `stats` adds the VM's counters:
+//! `"stats":{"vcpus":[{"exits":N}],
+//! "disks":[{"id","read_bytes","write_bytes","read_ops","write_ops"}],
+//! "nets":[{"id","rx_bytes","tx_bytes","rx_packets","tx_packets"}]}`.
+//! Commands are carried out on the thread that owns the running VM (`stats`
+//! only reads the counters' atomics: it never stops a vCPU or a device).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,9 +27,13 @@ pub enum Command {
     Resume,
     /// Press the ACPI power button (a graceful shutdown request).
     PowerButton,
+    /// Hard reset: end the VM with "reset" (a supervisor starts it again).
+    Reset,
     Status,
     /// `balloon` reports the balloon; `balloon N` sets its target to N MiB.
     Balloon(Option<u64>),
+    /// The VM's counters (vCPU exits, disk and network I/O).
+    Stats,
 }
 
 impl Command {
@@ -33,8 +42,10 @@ impl Command {
             "pause" => Some(Command::Pause),
             "resume" => Some(Command::Resume),
             "power-button" => Some(Command::PowerButton),
+            "reset" => Some(Command::Reset),
             "status" => Some(Command::Status),
             "balloon" => Some(Command::Balloon(None)),
+            "stats" => Some(Command::Stats),
             other => {
                 let mib = other.strip_prefix("balloon ")?.trim().parse().ok()?;
                 Some(Command::Balloon(Some(mib)))
@@ -138,7 +149,9 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let read = BufReader::new(stream).take_line(&mut line, 256);
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
-        None => error_reply("unknown command; send one of: pause, resume, power-button, status"),
+        None => error_reply(
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats",
+        ),
         Some(command) => {
             let (reply_tx, reply_rx) = mpsc::channel();
             in_flight.fetch_add(1, Ordering::AcqRel);
@@ -199,6 +212,9 @@ mod tests {
             Some(Command::Balloon(Some(128)))
         );
         assert_eq!(Command::parse("balloon -1"), None);
+        assert_eq!(Command::parse("reset\n"), Some(Command::Reset));
+        assert_eq!(Command::parse("stats\n"), Some(Command::Stats));
+        assert_eq!(Command::parse("stats now"), None);
         let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));
         assert_eq!(
             r,

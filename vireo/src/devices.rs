@@ -2,10 +2,12 @@
 //! `--vsock`, `--rng`, `--balloon` and `--virtio-console` flag becomes a
 //! virtio device on the machine's PCI bus.
 
+use std::sync::Arc;
 use vireo_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
-use vireo_devices::virtio::block::{Block, BlockConfig};
+
+use vireo_devices::virtio::block::{Block, BlockConfig, BlockCounters};
 use vireo_devices::virtio::console::{Console, ConsoleConfig, ConsoleInput};
-use vireo_devices::virtio::net::{Net, NetConfig};
+use vireo_devices::virtio::net::{Net, NetConfig, NetCounters};
 use vireo_devices::virtio::rng::{Rng, RngConfig};
 use vireo_devices::virtio::vsock::{Vsock, VsockConfig};
 use vireo_devices::virtio::VirtioDevice;
@@ -21,6 +23,11 @@ pub struct Attached {
     /// Where stdin goes when the guest console is virtio-console (hvc0).
     pub virtio_console: Option<ConsoleInput>,
     pub balloon: Option<BalloonHandle>,
+    /// Each disk's id and I/O counters, in flag order.
+    pub disks: Vec<(String, Arc<BlockCounters>)>,
+    /// Each network device's id (its `id=`, else the TAP name) and
+    /// traffic counters, in flag order.
+    pub nets: Vec<(String, Arc<NetCounters>)>,
 }
 
 /// Parse every device flag first (so a typo fails before anything is
@@ -82,15 +89,17 @@ pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure
     }
     // Disks in flag order: the first --disk is vda.
     for cfg in disks {
-        devices.push(Box::new(
-            Block::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?,
-        ));
+        let b = Block::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?;
+        attached.disks.push((b.config().id.clone(), b.counters()));
+        devices.push(Box::new(b));
     }
     for cfg in nets {
         let tap = cfg.tap.clone();
         let mac = cfg.mac;
         let n = Net::new(cfg).map_err(|e| Failure::Usage(format!("--net tap={tap}: {e}")))?;
         tracing::info!("--net: {tap}, guest MAC {mac}");
+        let id = n.config().id.clone().unwrap_or(tap);
+        attached.nets.push((id, n.counters()));
         devices.push(Box::new(n));
     }
     if let Some(cfg) = rng {

@@ -4,6 +4,7 @@
 mod api_client;
 mod cli;
 mod console;
+mod console_client;
 mod control_socket;
 mod devices;
 mod disk;
@@ -13,6 +14,7 @@ mod run;
 mod signals;
 mod ui;
 mod vm_cli;
+mod vm_edit;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

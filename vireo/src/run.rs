@@ -10,12 +10,13 @@ use vireo_hypervisor::kvm::KvmHypervisor;
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::boot::BootSpec;
 
+use vireo_vmcore::vcpu::VcpuStats;
 use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig};
 
 use crate::cli::{Accel, RunArgs};
 use crate::console::{self, RawTerminal, StdoutWriter};
 use crate::control_socket::{self, Command, ControlSocket};
-use crate::devices;
+use crate::devices::{self, Attached};
 use crate::image::GuestKit;
 use crate::machine::{self, PowerButton};
 use crate::signals;
@@ -174,6 +175,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         None => None,
     };
     let control = vm.control();
+    let vcpu_stats = vm.vcpu_stats();
     if let Err(e) = signals::stop_vm_on_signals(Arc::clone(&control)) {
         tracing::warn!("SIGTERM will not stop the VM cleanly: {e}");
     }
@@ -183,13 +185,20 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         None => console::ConsoleTarget::Serial(input),
     };
     console::spawn_stdin_pump(console_input, Arc::clone(&control), tty);
-    if let Some(socket) = &control_socket {
-        serve_control(&running, &power_button, attached.balloon.as_ref(), socket);
-    }
+    let reset_requested = match &control_socket {
+        Some(socket) => serve_control(&running, &power_button, &attached, &vcpu_stats, socket),
+        None => false,
+    };
     let reason = running.wait();
     drop(control_socket);
     drop(raw);
     match reason {
+        // The daemon tells a guest's own reset (restart it, count it
+        // against boot loops) from one it asked for by this line.
+        ExitReason::Reset if reset_requested => {
+            tracing::info!("the VM was reset on request");
+            Ok(())
+        }
         r if r.is_clean() => {
             tracing::info!("{r}");
             Ok(())
@@ -201,20 +210,24 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     }
 }
 
-/// Carry out control-socket commands until the VM exits.
+/// Carry out control-socket commands until the VM exits; whether a
+/// `reset` command ended it.
 fn serve_control(
     running: &RunningVm,
     power_button: &PowerButton,
-    balloon: Option<&BalloonHandle>,
+    attached: &Attached,
+    vcpu_stats: &VcpuStats,
     socket: &ControlSocket,
-) {
+) -> bool {
+    let balloon = attached.balloon.as_ref();
     let control = running.control();
+    let mut reset = false;
     loop {
         if control
             .wait_exit_timeout(Duration::from_millis(20))
             .is_some()
         {
-            return;
+            return reset;
         }
         while let Ok(pending) = socket.commands.try_recv() {
             let result = match pending.command {
@@ -224,9 +237,22 @@ fn serve_control(
                     power_button.press();
                     Ok(())
                 }
+                Command::Reset => {
+                    reset = control.exit_reason().is_none();
+                    control.request_exit(ExitReason::Reset);
+                    Ok(())
+                }
                 Command::Status => Ok(()),
                 Command::Balloon(target) => {
                     let reply = balloon_command(balloon, target, state_name(control.state()));
+                    let _ = pending.reply.send(reply);
+                    continue;
+                }
+                Command::Stats => {
+                    let reply = control_socket::ok_reply_with(
+                        state_name(control.state()),
+                        serde_json::json!({ "stats": stats_json(vcpu_stats, attached) }),
+                    );
                     let _ = pending.reply.send(reply);
                     continue;
                 }
@@ -238,6 +264,44 @@ fn serve_control(
             let _ = pending.reply.send(reply);
         }
     }
+}
+
+/// The `stats` reply's counters: vCPU exits, disk and network I/O.
+fn stats_json(vcpus: &VcpuStats, attached: &Attached) -> serde_json::Value {
+    let vcpus: Vec<_> = vcpus
+        .exits()
+        .into_iter()
+        .map(|exits| serde_json::json!({ "exits": exits }))
+        .collect();
+    let disks: Vec<_> = attached
+        .disks
+        .iter()
+        .map(|(id, c)| {
+            let s = c.snapshot();
+            serde_json::json!({
+                "id": id,
+                "read_bytes": s.read_bytes,
+                "write_bytes": s.write_bytes,
+                "read_ops": s.read_ops,
+                "write_ops": s.write_ops,
+            })
+        })
+        .collect();
+    let nets: Vec<_> = attached
+        .nets
+        .iter()
+        .map(|(id, c)| {
+            let s = c.snapshot();
+            serde_json::json!({
+                "id": id,
+                "rx_bytes": s.rx_bytes,
+                "tx_bytes": s.tx_bytes,
+                "rx_packets": s.rx_packets,
+                "tx_packets": s.tx_packets,
+            })
+        })
+        .collect();
+    serde_json::json!({ "vcpus": vcpus, "disks": disks, "nets": nets })
 }
 
 /// `balloon [MIB]`: set the target if given, and report the balloon.
@@ -270,5 +334,40 @@ fn state_name(state: RunState) -> &'static str {
         RunState::Running => "running",
         RunState::Paused => "paused",
         RunState::Exited => "exited",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use vireo_devices::virtio::block::BlockCounters;
+    use vireo_devices::virtio::net::NetCounters;
+
+    #[test]
+    fn stats_reply_has_the_contracts_shape() {
+        let vcpus = VcpuStats::new(2);
+        vcpus.count_exit(0);
+        vcpus.count_exit(1);
+        vcpus.count_exit(1);
+        let disk = Arc::new(BlockCounters::default());
+        disk.read_bytes.store(4096, Ordering::Relaxed);
+        disk.read_ops.store(1, Ordering::Relaxed);
+        let net = Arc::new(NetCounters::default());
+        net.tx_bytes.store(42, Ordering::Relaxed);
+        net.tx_packets.store(1, Ordering::Relaxed);
+        let attached = Attached {
+            disks: vec![("root".into(), disk)],
+            nets: vec![("net0".into(), net)],
+            ..Attached::default()
+        };
+        assert_eq!(
+            stats_json(&vcpus, &attached),
+            serde_json::json!({
+                "vcpus": [{"exits": 1}, {"exits": 2}],
+                "disks": [{"id": "root", "read_bytes": 4096, "write_bytes": 0, "read_ops": 1, "write_ops": 0}],
+                "nets": [{"id": "net0", "rx_bytes": 0, "tx_bytes": 42, "rx_packets": 0, "tx_packets": 1}],
+            })
+        );
     }
 }

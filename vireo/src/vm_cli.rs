@@ -13,6 +13,7 @@ use vireo_daemon::paths;
 use crate::api_client::{decode, Client, DEFAULT_TIMEOUT};
 use crate::cli::Accel;
 use crate::Failure;
+use crate::{console_client, vm_edit};
 
 pub const SERVE_EXAMPLES: &str = "\
 Examples:
@@ -92,9 +93,17 @@ pub enum VmCommand {
     /// Delete a stopped VM's definition.
     #[command(after_help = "Example:\n  vireo vm delete web")]
     Delete(NameArgs),
-    /// Print the VM's serial console scrollback (the last 256 KiB).
-    #[command(after_help = "Example:\n  vireo vm console web | tail -20")]
-    Console(NameArgs),
+    /// Attach to the VM's serial console (Ctrl-] detaches), or print its
+    /// scrollback (the last 256 KiB) with --scrollback.
+    #[command(after_help = CONSOLE_EXAMPLES)]
+    Console(ConsoleArgs),
+    /// Reset a running VM and start it again (new process, same definition).
+    #[command(after_help = "Example:\n  vireo vm reboot web")]
+    Reboot(NameArgs),
+    /// Edit a stopped VM's definition in $VISUAL/$EDITOR (else vi); what
+    /// changed is sent to the daemon.
+    #[command(after_help = EDIT_EXAMPLES)]
+    Edit(NameArgs),
     /// Show a running VM's balloon, or set how much memory it takes from
     /// the guest (the VM needs a balloon device: create it with --balloon).
     #[command(
@@ -102,6 +111,28 @@ pub enum VmCommand {
     )]
     Balloon(BalloonArgs),
 }
+
+const CONSOLE_EXAMPLES: &str = "\
+Examples:
+  vireo vm console web                      # live; Ctrl-] detaches
+  vireo vm console web --scrollback | tail -20
+  printf 'root\\n' | vireo vm console web   # type, then watch until it stops
+
+On a terminal the console is live: keystrokes go to the guest (raw mode),
+Ctrl-] detaches and leaves the VM running. With stdin a pipe or file, its
+bytes go to the guest, then the output is printed until the VM stops (or
+Ctrl-C). With --scrollback, or when neither stdin nor stdout is a terminal
+and stdin has nothing to send (e.g. /dev/null), the scrollback is printed.";
+
+const EDIT_EXAMPLES: &str = "\
+Examples:
+  vireo vm edit web
+  EDITOR=nano vireo vm edit web
+
+The editor gets the fields `vireo vm update` can change, as JSON. Only the
+fields you change are sent (a field you delete stays as it was; set it to
+null to clear it); if the daemon refuses them, the message is shown
+and (on a terminal) the editor opens again. The VM must be stopped.";
 
 const CREATE_EXAMPLES: &str = "\
 Examples:
@@ -331,6 +362,16 @@ pub struct ShowArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// Print the scrollback (the last 256 KiB) and exit instead of attaching.
+    #[arg(long)]
+    pub scrollback: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct NameArgs {
     #[arg(value_name = "NAME")]
     pub name: String,
@@ -428,15 +469,97 @@ pub fn vm(args: VmArgs) -> Result<(), Failure> {
             println!("deleted {}", a.name);
             Ok(())
         }
-        VmCommand::Console(a) => {
-            let bytes =
-                client.request("GET", &vm_path(&a.name, "/console"), None, DEFAULT_TIMEOUT)?;
-            let mut out = std::io::stdout().lock();
-            out.write_all(&bytes)
-                .and_then(|_| out.flush())
-                .map_err(|e| Failure::Vm(format!("writing the console to stdout: {e}")))
+        VmCommand::Console(a) => console(&client, a),
+        VmCommand::Reboot(a) => {
+            let vm: Vm = client.call("POST", &vm_path(&a.name, "/reboot"), None)?;
+            match (vm.state.is_active(), vm.pid) {
+                (true, Some(pid)) => println!("rebooted {} (pid {pid})", vm.name),
+                _ => {
+                    return Err(Failure::Vm(format!(
+                        "{} did not come back: {}",
+                        vm.name,
+                        describe_state(&vm)
+                    )))
+                }
+            }
+            Ok(())
         }
+        VmCommand::Edit(a) => edit(&client, a),
     }
+}
+
+/// Whether stdin has bytes to send (a pipe, socket or file), as opposed to
+/// a terminal, /dev/null or nothing.
+fn stdin_has_input() -> bool {
+    // SAFETY: fstat fills a plain struct for fd 0 (or fails).
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(libc::STDIN_FILENO, &mut st) != 0 {
+            return false;
+        }
+        matches!(
+            st.st_mode & libc::S_IFMT,
+            libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFREG
+        )
+    }
+}
+
+fn console(client: &Client, a: ConsoleArgs) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let live = !a.scrollback
+        && (std::io::stdin().is_terminal() || std::io::stdout().is_terminal() || stdin_has_input());
+    if !live {
+        let bytes = client.request("GET", &vm_path(&a.name, "/console"), None, DEFAULT_TIMEOUT)?;
+        let mut out = std::io::stdout().lock();
+        return out
+            .write_all(&bytes)
+            .and_then(|_| out.flush())
+            .map_err(|e| Failure::Vm(format!("writing the console to stdout: {e}")));
+    }
+    let vm: Vm = client.call("GET", &vm_path(&a.name, ""), None)?;
+    if !vm.state.is_active() {
+        return Err(Failure::Usage(format!(
+            "VM {} is {}: start it with `vireo vm start {}` (its last output: `vireo vm console {} --scrollback`)",
+            vm.name,
+            describe_state(&vm),
+            vm.name,
+            vm.name
+        )));
+    }
+    // The session polls: a read returns after a short while without data.
+    let stream = client.connect_with_timeout(console_client::POLL)?;
+    let ws = console_client::open(
+        stream,
+        &vm_path(&a.name, "/console/ws"),
+        client.auth_header(),
+    )?;
+    console_client::attach(ws, &a.name).map(|_| ())
+}
+
+fn edit(client: &Client, a: NameArgs) -> Result<(), Failure> {
+    let vm: Vm = client.call("GET", &vm_path(&a.name, ""), None)?;
+    if vm.state.is_active() {
+        return Err(Failure::Usage(format!(
+            "VM {} is {}: stop it before editing its definition (`vireo vm stop {}`)",
+            vm.name,
+            vm.state.as_str(),
+            vm.name
+        )));
+    }
+    let path = vm_path(&a.name, "");
+    match vm_edit::edit(&vm, |body| client.call("PATCH", &path, Some(body)))? {
+        None => println!("no changes"),
+        Some((vm, fields)) => println!(
+            "updated {} ({}): {} vCPU, {} MiB, {}{}",
+            vm.name,
+            fields.join(", "),
+            vm.vcpus,
+            vm.memory_mib,
+            vm.accel.as_str(),
+            device_summary(&vm)
+        ),
+    }
+    Ok(())
 }
 
 /// The API path of a VM, with its name percent-encoded where needed.
@@ -706,6 +829,10 @@ fn show(client: &Client, a: ShowArgs) -> Result<(), Failure> {
         ["cmdline".into(), opt(&vm.cmdline)],
         ["created".into(), vm.created_at.clone()],
         ["started".into(), opt(&vm.started_at)],
+        [
+            "uptime".into(),
+            opt(&vm.uptime_secs.map(|s| format!("{s} s"))),
+        ],
         ["last exit".into(), opt(&vm.last_exit)],
         ["last exit at".into(), opt(&vm.last_exit_at)],
     ];

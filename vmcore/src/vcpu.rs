@@ -2,6 +2,7 @@
 //! exits to the buses until the VM exits.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 
@@ -38,6 +39,36 @@ pub struct Buses {
     pub mmio: Arc<Bus>,
 }
 
+/// Per-vCPU exit counters, written by the vCPU threads with relaxed atomic
+/// adds (one per exit, no lock) and read by whoever reports them.
+#[derive(Debug)]
+pub struct VcpuStats {
+    exits: Box<[AtomicU64]>,
+}
+
+impl VcpuStats {
+    pub fn new(vcpus: usize) -> VcpuStats {
+        VcpuStats {
+            exits: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Count one exit of vCPU `id` (ids past the end are ignored).
+    pub fn count_exit(&self, id: u32) {
+        if let Some(c) = self.exits.get(id as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The exits of each vCPU so far, in vCPU order.
+    pub fn exits(&self) -> Vec<u64> {
+        self.exits
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
 /// A running vCPU thread.
 pub struct VcpuThread {
     pub id: u32,
@@ -61,11 +92,12 @@ pub fn spawn(
     mut vcpu: Box<dyn Vcpu>,
     buses: Buses,
     control: Arc<VmControl>,
+    stats: Arc<VcpuStats>,
 ) -> std::io::Result<VcpuThread> {
     let id = vcpu.id();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run_loop(vcpu.as_mut(), &buses, &control))?;
+        .spawn(move || run_loop(vcpu.as_mut(), &buses, &control, &stats))?;
     Ok(VcpuThread { id, handle })
 }
 
@@ -85,7 +117,7 @@ impl UnknownAccessLog {
     }
 }
 
-fn run_loop(vcpu: &mut dyn Vcpu, buses: &Buses, control: &VmControl) {
+fn run_loop(vcpu: &mut dyn Vcpu, buses: &Buses, control: &VmControl, stats: &VcpuStats) {
     let id = vcpu.id();
     let mut unknown = UnknownAccessLog::default();
     while control.checkpoint() {
@@ -96,6 +128,7 @@ fn run_loop(vcpu: &mut dyn Vcpu, buses: &Buses, control: &VmControl) {
                 break;
             }
         };
+        stats.count_exit(id);
         match exit {
             VcpuExit::IoIn(port, data) => {
                 if !buses.io.read(u64::from(port), data) {
@@ -147,5 +180,20 @@ fn run_loop(vcpu: &mut dyn Vcpu, buses: &Buses, control: &VmControl) {
 impl VcpuThread {
     pub fn is_finished(&self) -> bool {
         self.handle.is_finished()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_counted_per_vcpu() {
+        let s = VcpuStats::new(2);
+        s.count_exit(1);
+        s.count_exit(1);
+        s.count_exit(0);
+        s.count_exit(7);
+        assert_eq!(s.exits(), vec![1, 2]);
     }
 }

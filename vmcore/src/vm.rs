@@ -9,7 +9,7 @@ use crate::boot::{self, BootError, BootInfo, BootSpec};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::control::{ExitReason, StateError, VmControl};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::vcpu::{self, Buses, VcpuThread};
+use crate::vcpu::{self, Buses, VcpuStats, VcpuThread};
 
 /// The smallest guest vireo will create: room for the boot structures, a
 /// small kernel and its page tables.
@@ -105,6 +105,7 @@ pub struct Vm {
     io_bus: Bus,
     mmio_bus: Bus,
     control: Arc<VmControl>,
+    stats: Arc<VcpuStats>,
     boot: BootInfo,
 }
 
@@ -147,6 +148,7 @@ impl Vm {
             io_bus: Bus::new(),
             mmio_bus: Bus::new(),
             control: Arc::new(VmControl::default()),
+            stats: Arc::new(VcpuStats::new(cfg.vcpus as usize)),
             boot,
         })
     }
@@ -161,6 +163,11 @@ impl Vm {
 
     pub fn control(&self) -> Arc<VmControl> {
         self.control.clone()
+    }
+
+    /// The vCPUs' exit counters (live once the VM runs).
+    pub fn vcpu_stats(&self) -> Arc<VcpuStats> {
+        self.stats.clone()
     }
 
     /// The hypervisor's VM, for devices that signal MSIs.
@@ -199,7 +206,7 @@ impl Vm {
         };
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for v in self.vcpus {
-            match vcpu::spawn(v, buses.clone(), self.control.clone()) {
+            match vcpu::spawn(v, buses.clone(), self.control.clone(), self.stats.clone()) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     self.control.request_exit(ExitReason::Failed(e.to_string()));
@@ -348,6 +355,7 @@ mod tests {
         let count = Arc::new(AtomicU64::new(0));
         vm.add_io_device(0x500, 1, Arc::new(Mutex::new(Counter(count.clone()))))
             .unwrap();
+        let stats = vm.vcpu_stats();
         let running = vm.start().unwrap();
         let wait_for_progress = |from: u64| {
             for _ in 0..2000 {
@@ -359,6 +367,12 @@ mod tests {
             false
         };
         assert!(wait_for_progress(0), "guest never wrote its port");
+        let exits = stats.exits();
+        assert_eq!(exits.len(), 2);
+        assert!(
+            exits.iter().sum::<u64>() > 0,
+            "port writes are exits, but none was counted: {exits:?}"
+        );
 
         running.pause().unwrap();
         assert_eq!(running.control().state(), crate::RunState::Paused);

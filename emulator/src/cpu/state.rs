@@ -73,6 +73,8 @@ pub mod efer {
 pub mod msr {
     pub const TSC: u32 = 0x10;
     pub const TSC_DEADLINE: u32 = 0x6e0;
+    pub const TSC_ADJUST: u32 = 0x3b;
+    pub const ARCH_CAPABILITIES: u32 = 0x10a;
     pub const APIC_BASE: u32 = 0x1b;
     pub const MTRRCAP: u32 = 0xfe;
     pub const SYSENTER_CS: u32 = 0x174;
@@ -132,6 +134,8 @@ pub struct Msrs {
     pub mtrr_def_type: u64,
     pub tsc_aux: u64,
     pub apic_base: u64,
+    /// IA32_TSC_ADJUST: what software added to the TSC by writing it.
+    pub tsc_adjust: u64,
 }
 
 /// The whole architectural state of one CPU.

@@ -40,6 +40,36 @@ const HV_SIGNATURE: &[u8; 12] = b"VireoEmuCPU\0";
 const EXT1_EDX: u32 = (1 << 11) | (1 << 20) | (1 << 26) | (1 << 27) | (1 << 29);
 /// CPUID.80000001:ECX: LAHF/SAHF in 64-bit mode.
 const EXT1_ECX: u32 = 1;
+/// CPUID.7.0:EBX: the IA32_TSC_ADJUST MSR.
+const LEAF7_EBX: u32 = 1 << 1;
+/// CPUID.7.0:EDX: the IA32_ARCH_CAPABILITIES MSR.
+const LEAF7_EDX: u32 = 1 << 29;
+/// CPUID.80000007:EDX: invariant TSC (with a platform, where the TSC runs
+/// on host time at a constant rate, in every power state).
+const EXT7_EDX_INVARIANT_TSC: u32 = 1 << 8;
+
+/// IA32_ARCH_CAPABILITIES: an interpreter executes nothing speculatively
+/// and has no fill buffers, store buffers or L1D for a guest to sample, so
+/// it is not affected by Meltdown/L1TF (RDCL_NO), speculative store bypass
+/// (SSB_NO), MDS/TAA (MDS_NO, TAA_NO), MMIO stale data (SBDR_SSDP_NO,
+/// FBSDP_NO, PSDP_NO), page-size-change machine checks (PSCHANGE_MC_NO),
+/// branch history injection (BHI_NO), post-barrier RSB predictions
+/// (PBRSB_NO), GDS (GDS_NO) or RFDS (RFDS_NO). Saying so spares the guest
+/// kernel page-table isolation (a CR3 switch on every kernel entry) and
+/// buffer clearing on every return to user space. Spectre v1/v2 have no
+/// such bit; Linux keeps its retpolines on an unknown vendor.
+pub const ARCH_CAPABILITIES: u64 = (1 << 0)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 8)
+    | (1 << 13)
+    | (1 << 14)
+    | (1 << 15)
+    | (1 << 20)
+    | (1 << 24)
+    | (1 << 26)
+    | (1 << 27);
 
 fn entry(function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> CpuidEntry {
     CpuidEntry {
@@ -65,9 +95,14 @@ pub fn supported_cpuid() -> Vec<CpuidEntry> {
     let name = b"vireo software x86-64 CPU";
     brand[..name.len()].copy_from_slice(name);
     let mut v = vec![
-        entry(0, 1, b, c, d),
+        entry(0, 7, b, c, d),
         // Family 6, model 2, stepping 3; CLFLUSH line 8 qwords, 1 logical CPU.
         entry(1, 0x0000_0623, (1 << 16) | (8 << 8), LEAF1_ECX, LEAF1_EDX),
+        // Sub-leaf 0 only (EAX = 0).
+        CpuidEntry {
+            flags: CpuidEntry::FLAG_SIGNIFICANT_INDEX,
+            ..entry(7, 0, LEAF7_EBX, 0, LEAF7_EDX)
+        },
         entry(0x8000_0000, 0x8000_0008, 0, 0, 0),
         entry(0x8000_0001, 0, 0, EXT1_ECX, EXT1_EDX),
         entry(0x8000_0008, PHYS_ADDR_BITS | (VIRT_ADDR_BITS << 8), 0, 0, 0),
@@ -81,7 +116,8 @@ pub fn supported_cpuid() -> Vec<CpuidEntry> {
 
 /// The CPUID leaves of a CPU in an [`crate::EmuVm`]: those of
 /// [`supported_cpuid`] plus the local APIC, the TSC-deadline timer, the
-/// leaf 0xB topology (filled in by the VMM) and the hypervisor leaf.
+/// invariant TSC, the leaf 0xB topology (filled in by the VMM) and the
+/// hypervisor leaf.
 pub fn platform_cpuid() -> Vec<CpuidEntry> {
     let mut v = supported_cpuid();
     for e in &mut v {
@@ -102,6 +138,7 @@ pub fn platform_cpuid() -> Vec<CpuidEntry> {
             ..CpuidEntry::default()
         });
     }
+    v.push(entry(0x8000_0007, 0, 0, 0, EXT7_EDX_INVARIANT_TSC));
     let (b, c, d) = str_regs(HV_SIGNATURE);
     v.push(entry(0x4000_0000, 0x4000_0000, b, c, d));
     v
@@ -116,13 +153,14 @@ pub fn filter_cpuid(entries: &[CpuidEntry]) -> Vec<CpuidEntry> {
 
 /// [`filter_cpuid`] for a CPU with (`apic`) or without a local APIC.
 pub fn filter_cpuid_with(entries: &[CpuidEntry], apic: bool) -> Vec<CpuidEntry> {
-    let (edx1, ecx1) = if apic {
+    let (edx1, ecx1, ext7_edx) = if apic {
         (
             LEAF1_EDX | LEAF1_EDX_APIC,
             LEAF1_ECX | LEAF1_ECX_TSC_DEADLINE,
+            EXT7_EDX_INVARIANT_TSC,
         )
     } else {
-        (LEAF1_EDX, LEAF1_ECX)
+        (LEAF1_EDX, LEAF1_ECX, 0)
     };
     entries
         .iter()
@@ -136,18 +174,25 @@ pub fn filter_cpuid_with(entries: &[CpuidEntry], apic: bool) -> Vec<CpuidEntry> 
                 }
                 0x4000_0000 => e.eax = 0x4000_0000,
                 2 | 4 | 0xb => {}
-                7 => {
+                7 if e.index == 0 => {
                     e.eax = 0;
-                    e.ebx = 0;
+                    e.ebx &= LEAF7_EBX;
                     e.ecx = 0;
-                    e.edx = 0;
+                    e.edx &= LEAF7_EDX;
                 }
+                7 => return None,
                 0x8000_0000 => e.eax = e.eax.min(0x8000_0008),
                 0x8000_0001 => {
                     e.ecx &= EXT1_ECX;
                     e.edx &= EXT1_EDX;
                 }
                 0x8000_0002..=0x8000_0004 | 0x8000_0006 => {}
+                0x8000_0007 => {
+                    e.eax = 0;
+                    e.ebx = 0;
+                    e.ecx = 0;
+                    e.edx &= ext7_edx;
+                }
                 0x8000_0008 => e.eax = PHYS_ADDR_BITS | (VIRT_ADDR_BITS << 8),
                 _ => return None,
             }
@@ -368,15 +413,34 @@ impl Cpu {
             msr::GS_BASE => s.seg(SegReg::Gs).base,
             msr::KERNEL_GS_BASE => m.kernel_gs_base,
             msr::TSC_AUX => m.tsc_aux,
+            msr::TSC_ADJUST if self.has_feature(7, LEAF7_EBX, 0) => m.tsc_adjust,
+            msr::ARCH_CAPABILITIES if self.has_feature(7, 0, LEAF7_EDX) => ARCH_CAPABILITIES,
             _ => return Err(gp0()),
         })
+    }
+
+    /// Does CPUID leaf `function` (sub-leaf 0) as presented to the guest set
+    /// all of `ebx` and `edx`? (MSRs enumerated by CPUID #GP when hidden.)
+    fn has_feature(&self, function: u32, ebx: u32, edx: u32) -> bool {
+        let (_, b, _, d) = self.cpuid(function, 0);
+        b & ebx == ebx && d & edx == edx
     }
 
     /// WRMSR semantics (also used by the `Vcpu::set_msrs` path).
     pub(crate) fn wrmsr(&mut self, index: u32, v: u64) -> Flow {
         let canonical = |v: u64| if is_canonical(v) { Ok(v) } else { Err(gp0()) };
         match index {
-            msr::TSC => self.set_tsc(v),
+            msr::TSC => {
+                // Writing the TSC moves IA32_TSC_ADJUST by the same amount.
+                let delta = v.wrapping_sub(self.tsc());
+                self.state.msr.tsc_adjust = self.state.msr.tsc_adjust.wrapping_add(delta);
+                self.set_tsc(v);
+            }
+            msr::TSC_ADJUST if self.has_feature(7, LEAF7_EBX, 0) => {
+                let delta = v.wrapping_sub(self.state.msr.tsc_adjust);
+                self.set_tsc(self.tsc().wrapping_add(delta));
+                self.state.msr.tsc_adjust = v;
+            }
             msr::TSC_DEADLINE => {
                 if !self.set_tsc_deadline(v) {
                     return Err(gp0());

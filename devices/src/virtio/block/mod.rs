@@ -16,6 +16,7 @@ pub mod request;
 use std::mem::{offset_of, size_of};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vireo_block::{DiskImage, Format, OpenOptions};
@@ -147,6 +148,50 @@ pub struct BlockState {
     pub read_only: bool,
 }
 
+/// I/O counters, shared with whoever reports them: the device thread adds
+/// to them with relaxed atomics after each request it carries out. Reads
+/// and writes count the requests that passed the checks (an I/O error
+/// included, as /proc/diskstats counts completions); flushes, discards and
+/// the like are not reads or writes.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub read_ops: AtomicU64,
+    pub write_ops: AtomicU64,
+}
+
+/// A copy of [`BlockCounters`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub read_ops: u64,
+    pub write_ops: u64,
+}
+
+impl BlockCounters {
+    pub fn snapshot(&self) -> BlockStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockStats {
+            read_bytes: l(&self.read_bytes),
+            write_bytes: l(&self.write_bytes),
+            read_ops: l(&self.read_ops),
+            write_ops: l(&self.write_ops),
+        }
+    }
+
+    fn record(&self, kind: request::RequestKind, bytes: u64) {
+        let (ops, total) = match kind {
+            request::RequestKind::In => (&self.read_ops, &self.read_bytes),
+            request::RequestKind::Out => (&self.write_ops, &self.write_bytes),
+            _ => return,
+        };
+        ops.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
 /// The image, shared with the device thread while it runs.
 type SharedImage = Arc<Mutex<Box<dyn DiskImage>>>;
 
@@ -163,6 +208,7 @@ pub struct Block {
     config_space: Vec<u8>,
     avail_features: u64,
     acked_features: u64,
+    counters: Arc<BlockCounters>,
     worker: Option<Worker>,
 }
 
@@ -283,8 +329,14 @@ impl Block {
             config_space: c,
             avail_features,
             acked_features: 0,
+            counters: Arc::new(BlockCounters::default()),
             worker: None,
         }
+    }
+
+    /// The live I/O counters (they keep counting across resets).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
     }
 
     /// The configuration the device was made from.
@@ -358,6 +410,7 @@ impl VirtioDevice for Block {
             info: self.info.clone(),
             limiter,
             bounce: Vec::new(),
+            counters: self.counters.clone(),
         };
         let worker = Worker::spawn(&format!("blk-{}", self.cfg.id), &fds, handler)
             .map_err(ActivateError::Thread)?;
@@ -389,6 +442,7 @@ struct BlockWorker {
     info: DiskInfo,
     limiter: Option<RateLimiter>,
     bounce: Vec<u8>,
+    counters: Arc<BlockCounters>,
 }
 
 impl BlockWorker {
@@ -428,6 +482,7 @@ impl BlockWorker {
                     }
                 }
                 popped += 1;
+                let io = parsed.as_ref().ok().map(|r| (r.kind, r.data_len));
                 let len = {
                     let mut image = lock(&self.image);
                     request::serve(
@@ -439,6 +494,9 @@ impl BlockWorker {
                         &mut self.bounce,
                     )
                 };
+                if let Some((kind, bytes)) = io {
+                    self.counters.record(kind, bytes);
+                }
                 if let Err(e) = self.queue.add_used(&self.mem, head, len) {
                     tracing::warn!("{}: cannot return a request: {e}", self.name);
                     return false;

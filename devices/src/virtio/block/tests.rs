@@ -474,6 +474,31 @@ fn raw_read_write_roundtrip_reaches_the_file() {
 }
 
 #[test]
+fn reads_and_writes_are_counted() {
+    let dir = TempDir::new("counters");
+    let p = raw_disk(&dir, 4 << 20);
+    let dev = Block::new(cfg(&p, "")).unwrap();
+    let counters = dev.counters();
+    let mut h = Harness::new(dev);
+    assert_eq!(counters.snapshot(), BlockStats::default());
+    assert_eq!(h.write(8, &pattern(4096, 1)).0, OK);
+    assert_eq!(h.write(0, &pattern(512, 2)).0, OK);
+    assert_eq!(h.read(0, 1024).0, OK);
+    // Neither a flush nor a request refused by the checks moves data.
+    assert_eq!(h.simple(VIRTIO_BLK_T_FLUSH).0, OK);
+    assert_eq!(h.read(1 << 20, 512).0, IOERR);
+    assert_eq!(
+        counters.snapshot(),
+        BlockStats {
+            read_bytes: 1024,
+            write_bytes: 4096 + 512,
+            read_ops: 1,
+            write_ops: 2,
+        }
+    );
+}
+
+#[test]
 fn qcow2_roundtrip_flush_and_reuse_after_reset() {
     let dir = TempDir::new("qcow2");
     let p = dir.join("disk.qcow2");
