@@ -40,7 +40,7 @@ const SVG = 'http://www.w3.org/2000/svg';
 
 /** A sparkline of the last values (null = no sample), scaled to its maximum. */
 export function sparkline(values: (number | null)[], label: string, max?: number): SVGSVGElement {
-  const w = 96;
+  const w = 64;
   const hgt = 24;
   const svg = document.createElementNS(SVG, 'svg');
   svg.setAttribute('viewBox', `0 0 ${w} ${hgt}`);

@@ -318,8 +318,12 @@ async function main() {
   if (denied.status !== 403) fail(`viewer kill: expected 403, got ${denied.status}`);
   await vpage.context().close();
 
-  // ---- admin again: force stop and delete, each confirmed in a dialog
+  // ---- admin again: reboot (returns once the new process runs), then
+  // force stop and delete, each confirmed in a dialog
   await page.goto(`/vms/${VM}`);
+  await page.getByRole('button', { name: `Reboot ${VM}` }).click();
+  await page.locator('#status', { hasText: `Reboot ${VM}: done` }).waitFor({ timeout: 60000 });
+  await until('state running after the reboot', 30000, async () => (await vmState(page)) === 'running');
   await page.getByRole('button', { name: `Force stop ${VM}` }).click();
   await snap(page, 'confirm-force-stop');
   await confirm(page, `Force stop ${VM}`);
