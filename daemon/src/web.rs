@@ -67,9 +67,14 @@ pub fn content_type(path: &str) -> &'static str {
     }
 }
 
-/// True for the paths that belong to the API, never to the UI.
+/// True for the paths that belong to the API, never to the UI: `/metrics`,
+/// and `/v1/...` or any other version (`/v2/...` is the API's JSON 404).
 pub fn is_api_path(path: &str) -> bool {
-    path == "/v1" || path.starts_with("/v1/") || path == "/metrics"
+    if path == "/metrics" {
+        return true;
+    }
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    first.len() > 1 && first.starts_with('v') && first[1..].bytes().all(|b| b.is_ascii_digit())
 }
 
 fn page(
@@ -239,13 +244,17 @@ mod tests {
 
     #[test]
     fn the_api_and_other_methods_are_never_the_ui() {
-        for path in ["/v1", "/v1/", "/v1/vms", "/v1/nope", "/metrics"] {
+        for path in [
+            "/v1", "/v1/", "/v1/vms", "/v1/nope", "/v2/vms", "/v10", "/metrics",
+        ] {
             assert!(respond(UI, &Method::GET, path).is_none(), "{path}");
         }
         assert!(respond(UI, &Method::POST, "/").is_none());
         assert!(respond(UI, &Method::DELETE, "/vms/web").is_none());
         assert!(respond(UI, &Method::HEAD, "/").is_some());
         assert!(!is_api_path("/v1x"));
+        assert!(!is_api_path("/vms/v1"));
+        assert!(!is_api_path("/v"));
         assert!(!is_api_path("/metricsx"));
     }
 
