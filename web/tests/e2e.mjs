@@ -69,7 +69,7 @@ async function snap(page, name) {
 /** One HTTP request; resolves { status, headers, body }. */
 function request(opts, body) {
   return new Promise((resolve, reject) => {
-    const mod = opts.socketPath ? http : https;
+    const mod = opts.socketPath || opts.protocol === 'http:' ? http : https;
     const req = mod.request({ timeout: 60000, ...opts }, (res) => {
       const chunks = [];
       res.on('data', (c) => chunks.push(c));
@@ -358,7 +358,7 @@ async function proxyCheck() {
   });
   const u = new URL(url);
   const secret = u.hash.slice('#token='.length);
-  const get = (p, headers = {}) => request({ host: '127.0.0.1', port: Number(u.port), path: p, headers }).catch((e) => fail(e.message));
+  const get = (p, headers = {}) => request({ protocol: 'http:', host: '127.0.0.1', port: Number(u.port), path: p, headers });
   const wrong = await get('/v1/vms', { authorization: 'Bearer 0000' });
   if (wrong.status !== 401) fail(`vireo ui with a wrong token: expected 401, got ${wrong.status}`);
   if ((await get('/v1/vms')).status !== 401) fail('vireo ui without a token must answer 401');
