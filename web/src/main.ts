@@ -175,7 +175,9 @@ async function route(): Promise<void> {
   else {
     append(main, heading('Page not found'), h('p', {}, 'There is nothing at ', h('code', {}, p), '. ', h('a', { href: '/', 'data-nav': '' }, 'Back to the VM list')));
   }
-  main.querySelector<HTMLElement>('h1')?.focus({ preventScroll: true });
+  const h1 = main.querySelector<HTMLElement>('h1');
+  document.title = h1?.textContent ? `${h1.textContent.trim()} · vireo` : 'vireo';
+  h1?.focus({ preventScroll: true });
 }
 
 function every(ms: number, f: () => void): void {
