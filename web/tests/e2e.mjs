@@ -7,7 +7,8 @@
 // Environment: VIREO_BIN (the vireo binary), VIREO_TEST_KIT (a guest kit;
 // else target/tmp/guest-kit, built when missing), WEB_E2E_OUT (screenshots;
 // default target/web-e2e), CHROMIUM (default /usr/bin/chromium),
-// VIREO_E2E_ACCEL (default emu).
+// VIREO_E2E_ACCEL (default emu). Every main page is also checked with
+// axe-core's WCAG 2.1 A/AA rules.
 
 import { spawn, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -57,6 +58,19 @@ async function until(what, ms, f, every = 250) {
     if (Date.now() > end) fail(`timed out after ${ms / 1000} s waiting for ${what}${last ? ` (last error: ${last.message})` : ''}`);
     await new Promise((r) => setTimeout(r, every));
   }
+}
+
+const AXE = fs.readFileSync(path.join(root, 'web', 'node_modules', 'axe-core', 'axe.min.js'), 'utf8');
+
+/** axe-core's WCAG 2.1 A/AA rules on the page as it is now: no violations. */
+async function a11y(page, where) {
+  // Evaluated through the debugging protocol, so the page's CSP allows it.
+  await page.evaluate(AXE);
+  const violations = await page.evaluate(async () => {
+    const r = await window.axe.run(document, { runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] });
+    return r.violations.map((v) => `${v.id} (${v.impact}): ${v.help} — ${v.nodes.map((n) => n.html.slice(0, 120)).join(' | ')}`);
+  });
+  if (violations.length) fail(`accessibility problems on ${where}:\n  ${violations.join('\n  ')}`);
 }
 
 async function snap(page, name) {
@@ -216,6 +230,7 @@ async function main() {
   await page.goto('/');
   await page.getByLabel('API token').waitFor();
   await snap(page, 'login');
+  await a11y(page, 'the login page');
   await page.getByLabel('API token').fill('not-a-token');
   await page.getByRole('button', { name: 'Log in' }).click();
   await page.locator('#login-error', { hasText: 'refused' }).waitFor();
@@ -233,6 +248,7 @@ async function main() {
   await page.locator('#err-vcpus', { hasText: 'vcpus' }).waitFor();
   if ((await page.getByLabel('vCPUs').getAttribute('aria-invalid')) !== 'true') fail('vcpus not marked invalid');
   await snap(page, 'create-error');
+  await a11y(page, 'the create form with an error');
   await page.getByLabel('vCPUs').fill('1');
   await page.getByLabel('Memory (MiB)').fill('256');
   await page.getByRole('button', { name: 'Create VM' }).click();
@@ -258,6 +274,7 @@ async function main() {
   await page.keyboard.press('Enter');
   await until('42 on the console', 60000, async () => has42(await termText(page, VM)));
   await snap(page, 'console-42');
+  await a11y(page, 'the VM page');
 
   // ---- the list: state, resources, charts
   await page.getByRole('link', { name: 'Virtual machines' }).click();
@@ -265,6 +282,7 @@ async function main() {
   await row.waitFor();
   await until('the CPU chart to have a value', 20000, async () => /\d+%/.test(await row.locator('td[data-chart=cpu] .num').innerText()));
   await snap(page, 'list-running');
+  await a11y(page, 'the VM list');
 
   // ---- console wall with the VM: the scrollback (with 42) arrives first
   await row.getByRole('checkbox').check();
@@ -272,6 +290,7 @@ async function main() {
   await page.waitForURL('**/wall?vms=*');
   await until('42 on the wall', 30000, async () => has42(await termText(page.locator('[data-testid=wall]'), VM)));
   await snap(page, 'wall');
+  await a11y(page, 'the console wall');
 
   // ---- through `vireo ui`: the page loads with #token, the console streams, a wrong token is refused
   await proxyCheck();
@@ -285,6 +304,7 @@ async function main() {
   await checkAllDisabled(vpage, 'the list');
   if (!(await vpage.getByRole('button', { name: 'New VM' }).isDisabled())) fail('New VM is enabled for a viewer');
   await snap(vpage, 'viewer-list');
+  await a11y(vpage, 'the VM list (viewer)');
   await vrow.getByRole('link', { name: VM }).click();
   await until('the viewer console to show 42', 30000, async () => has42(await termText(vpage, VM)));
   await checkAllDisabled(vpage, 'the VM page');
