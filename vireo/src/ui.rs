@@ -236,6 +236,12 @@ async fn forward(State(p): State<Arc<Proxy>>, mut req: Request) -> Response {
     res.map(Body::new)
 }
 
+/// Serve the proxy on `listener` until it fails.
+async fn run_proxy(listener: tokio::net::TcpListener, proxy: Arc<Proxy>) -> std::io::Result<()> {
+    let app = Router::new().fallback(forward).with_state(proxy);
+    axum::serve(listener, app).await
+}
+
 async fn ctrl_c() {
     if tokio::signal::ctrl_c().await.is_err() {
         // No signal handler: run until killed.
@@ -302,11 +308,10 @@ pub fn ui(args: UiArgs) -> Result<(), Failure> {
         if !args.no_open {
             open_browser(&url);
         }
-        let app = Router::new().fallback(forward).with_state(proxy);
         // Ctrl-C ends at once: a graceful shutdown would wait for the
         // browser's open event streams and consoles, which never end.
         tokio::select! {
-            served = std::future::IntoFuture::into_future(axum::serve(listener, app)) => {
+            served = run_proxy(listener, proxy) => {
                 served.map_err(|e| Failure::Vm(format!("serving the UI proxy: {e}")))
             }
             _ = ctrl_c() => Ok(()),
@@ -364,6 +369,93 @@ mod tests {
         assert!(admit(&mut r, "t").is_ok());
         assert_eq!(r.uri().to_string(), "/");
         assert!(r.headers().get(header::AUTHORIZATION).is_none());
+    }
+
+    /// A GET over a fresh connection; the whole response as text.
+    async fn http_get(port: u16, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn requests_and_websockets_reach_the_socket_without_the_token() {
+        use axum::extract::ws::{Message, WebSocketUpgrade};
+        use axum::routing::get;
+        let dir = std::env::temp_dir().join(format!("vireo-ui-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("daemon.sock");
+        // A stand-in daemon: echoes what reached it, and a WebSocket echo.
+        let daemon = Router::new()
+            .route(
+                "/v1/echo",
+                get(|req: Request| async move {
+                    format!(
+                        "uri={} auth={:?} host={:?}",
+                        req.uri(),
+                        req.headers().get(header::AUTHORIZATION),
+                        req.headers().get(header::HOST)
+                    )
+                }),
+            )
+            .route(
+                "/v1/ws",
+                get(|ws: WebSocketUpgrade| async move {
+                    ws.on_upgrade(|mut s| async move {
+                        while let Some(Ok(Message::Text(t))) = s.recv().await {
+                            let reply = format!("echo:{}", t.as_str());
+                            if s.send(Message::Text(reply.into())).await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                }),
+            );
+        let unix = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move { axum::serve(unix, daemon).await });
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let proxy = Arc::new(Proxy {
+            socket: sock,
+            token: "sesame".into(),
+        });
+        tokio::spawn(run_proxy(tcp, proxy));
+
+        let res = http_get(port, "/v1/echo?a=1&access_token=sesame").await;
+        assert!(res.starts_with("HTTP/1.1 200"), "{res}");
+        assert!(
+            res.contains(r#"uri=/v1/echo?a=1 auth=None host=Some("localhost")"#),
+            "{res}"
+        );
+        let res = http_get(port, "/v1/echo?access_token=wrong").await;
+        assert!(res.starts_with("HTTP/1.1 401"), "{res}");
+
+        let reply = tokio::task::spawn_blocking(move || {
+            let url = format!("ws://127.0.0.1:{port}/v1/ws?access_token=sesame");
+            let (mut ws, _) = tungstenite::connect(url).unwrap();
+            ws.send(tungstenite::Message::Text("hi".into())).unwrap();
+            ws.read().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(reply.into_text().unwrap().as_str(), "echo:hi");
+        let refused = tokio::task::spawn_blocking(move || {
+            tungstenite::connect(format!("ws://127.0.0.1:{port}/v1/ws")).map(|_| ())
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(&refused, Err(tungstenite::Error::Http(r)) if r.status() == StatusCode::UNAUTHORIZED),
+            "{refused:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
