@@ -42,6 +42,9 @@ pub const ROUTES: &[&str] = &[
     "/v1/stats",
     "/v1/events",
     "/metrics",
+    "/v1/whoami",
+    "/v1/tokens",
+    "/v1/tokens/{id}",
 ];
 
 /// Largest request body accepted.
@@ -59,7 +62,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => ApiError::internal(format!("encoding the response: {e}")).into_response(),
@@ -68,7 +71,7 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
 
 /// Parse a JSON body, naming the offending field in the error. An empty
 /// body is `empty` when given (for requests whose body is optional).
-fn parse<T: DeserializeOwned>(body: &[u8], empty: Option<T>) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8], empty: Option<T>) -> Result<T, ApiError> {
     if body.len() > MAX_BODY {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

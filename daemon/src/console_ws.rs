@@ -37,11 +37,10 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 ///
 /// The auth middleware puts a `crate::auth::Caller` into the request's
 /// extensions; without one (the Unix socket, trusted by file permissions)
-/// the caller is an admin. MERGE(auth): with `auth` merged this becomes
-/// `ext.get::<crate::auth::Caller>().map_or(true, |c| c.role >= crate::auth::Role::Operator)`.
+/// the caller is an admin.
 pub fn may_type(ext: &Extensions) -> bool {
-    let _ = ext;
-    true
+    ext.get::<crate::auth::Caller>()
+        .is_none_or(|c| c.role >= crate::auth::Role::Operator)
 }
 
 pub async fn console_ws(

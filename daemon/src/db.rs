@@ -61,6 +61,15 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vm_definitions ADD COLUMN vsock TEXT;
     ALTER TABLE vm_definitions ADD COLUMN rng TEXT;
     ALTER TABLE vm_definitions ADD COLUMN balloon TEXT;",
+    // 3: API tokens for TCP clients. Only the SHA-256 of each token's secret
+    // is kept; a revoked token's row is deleted.
+    "CREATE TABLE api_tokens (
+        id             TEXT PRIMARY KEY NOT NULL,
+        name           TEXT NOT NULL,
+        role           TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+        secret_sha256  BLOB NOT NULL CHECK (length(secret_sha256) = 32),
+        created_at     INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 /// What the daemon knows about a VM process it started (or adopted).
@@ -122,6 +131,11 @@ impl VmRecord {
 
 pub struct Db {
     conn: Connection,
+    /// The last [`Db::list`], and the connection's total_changes() when it
+    /// was read: every INSERT, UPDATE or DELETE through this connection
+    /// (the daemon is the only writer) makes it stale. Listing is the API's
+    /// commonest request; this spares SQLite and the row decoding.
+    list_cache: std::cell::RefCell<Option<(u64, Vec<VmRecord>)>>,
 }
 
 const SELECT: &str = "SELECT d.name, d.vcpus, d.memory_mib, d.kernel, d.initrd, d.cmdline, d.image,
@@ -146,7 +160,10 @@ impl Db {
         // journal_mode returns a row; query it rather than execute.
         let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
-        let mut db = Db { conn };
+        let mut db = Db {
+            conn,
+            list_cache: std::cell::RefCell::new(None),
+        };
         db.migrate(path)?;
         Ok(db)
     }
@@ -214,11 +231,19 @@ impl Db {
     }
 
     pub fn list(&self) -> Result<Vec<VmRecord>, DbError> {
+        let version = self.conn.total_changes();
+        if let Some((v, records)) = &*self.list_cache.borrow() {
+            if *v == version {
+                return Ok(records.clone());
+            }
+        }
         let mut stmt = self
             .conn
             .prepare_cached(&format!("{SELECT} ORDER BY d.name"))?;
         let rows = stmt.query_map([], Self::row)?;
-        rows.map(|r| r?.into_record()).collect()
+        let records: Vec<VmRecord> = rows.map(|r| r?.into_record()).collect::<Result<_, _>>()?;
+        *self.list_cache.borrow_mut() = Some((version, records.clone()));
+        Ok(records)
     }
 
     pub fn get(&self, name: &str) -> Result<Option<VmRecord>, DbError> {
@@ -345,6 +370,68 @@ impl Db {
         )?;
         tx.commit()?;
         Ok(())
+    }
+}
+
+impl Db {
+    /// Store a new API token (its secret's hash only).
+    pub fn create_token(&mut self, t: &crate::auth::StoredToken) -> Result<(), DbError> {
+        self.conn.execute(
+            "INSERT INTO api_tokens (id, name, role, secret_sha256, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                t.id,
+                t.name,
+                t.role.as_str(),
+                &t.secret_sha256[..],
+                t.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_tokens(&self) -> Result<Vec<crate::auth::StoredToken>, DbError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, name, role, secret_sha256, created_at FROM api_tokens ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        rows.map(|r| {
+            let (id, name, role, hash, created_at) = r?;
+            let corrupt = |what: String| DbError::Corrupt {
+                name: format!("(token {id})"),
+                what,
+            };
+            let role =
+                crate::auth::Role::parse(&role).ok_or_else(|| corrupt(format!("role {role:?}")))?;
+            let secret_sha256: [u8; 32] = hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt(format!("hash of {} bytes", hash.len())))?;
+            Ok(crate::auth::StoredToken {
+                id,
+                name,
+                role,
+                created_at,
+                secret_sha256,
+            })
+        })
+        .collect()
+    }
+
+    /// Delete a token. False if there was none.
+    pub fn delete_token(&mut self, id: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM api_tokens WHERE id = ?1", [id])?
+            == 1)
     }
 }
 
@@ -499,6 +586,63 @@ mod tests {
         assert!(db.get("a").unwrap().is_none());
     }
 
+    /// The cached list follows every change.
+    #[test]
+    fn the_list_follows_every_write() {
+        let mut db = Db::open_in_memory().unwrap();
+        assert!(db.list().unwrap().is_empty());
+        db.create("a", &cfg()).unwrap();
+        assert_eq!(db.list().unwrap().len(), 1);
+        assert_eq!(db.list().unwrap()[0].state, VmState::Stopped);
+        let p = ProcessId {
+            pid: 42,
+            start_time: 7,
+        };
+        db.set_running("a", p).unwrap();
+        assert_eq!(db.list().unwrap()[0].process, Some(p));
+        db.set_live_state("a", VmState::Paused).unwrap();
+        assert_eq!(db.list().unwrap()[0].state, VmState::Paused);
+        db.set_exited("a", VmState::Crashed, "boom").unwrap();
+        let r = &db.list().unwrap()[0];
+        assert_eq!(
+            (r.state, r.last_exit.as_deref()),
+            (VmState::Crashed, Some("boom"))
+        );
+        let mut c = cfg();
+        c.vcpus = 3;
+        db.update("a", &c).unwrap();
+        assert_eq!(db.list().unwrap()[0].config.vcpus, 3);
+        db.create("b", &cfg()).unwrap();
+        assert_eq!(db.list().unwrap().len(), 2);
+        db.delete("a").unwrap();
+        let names: Vec<String> = db.list().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["b"]);
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        let mut db = Db::open_in_memory().unwrap();
+        let t = crate::auth::StoredToken {
+            id: "0123456789abcdef".into(),
+            name: "ci".into(),
+            role: crate::auth::Role::Operator,
+            created_at: 7,
+            secret_sha256: [9; 32],
+        };
+        db.create_token(&t).unwrap();
+        assert!(db.create_token(&t).is_err(), "duplicate id");
+        let got = db.list_tokens().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].id.as_str(), got[0].name.as_str(), got[0].role),
+            ("0123456789abcdef", "ci", crate::auth::Role::Operator)
+        );
+        assert_eq!((got[0].created_at, got[0].secret_sha256), (7, [9; 32]));
+        assert!(db.delete_token(&t.id).unwrap());
+        assert!(!db.delete_token(&t.id).unwrap());
+        assert!(db.list_tokens().unwrap().is_empty());
+    }
+
     #[test]
     fn devices_round_trip() {
         let mut db = Db::open_in_memory().unwrap();
@@ -542,7 +686,8 @@ mod tests {
             .unwrap();
         }
         let mut db = Db::open(&path).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 2);
+        assert_eq!(db.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert!(db.list_tokens().unwrap().is_empty());
         let r = db.get("old").unwrap().unwrap();
         assert_eq!(r.config.devices, Devices::default());
         assert_eq!(

@@ -10,6 +10,7 @@
 //! embedded web UI), [`server`] (lock, socket, run loop).
 
 pub mod api;
+pub mod auth;
 pub mod console;
 pub mod console_ws;
 pub mod db;
@@ -23,4 +24,4 @@ pub mod server;
 pub mod vms;
 pub mod web;
 
-pub use server::{parse_listen, serve, ServeConfig, ServeError};
+pub use server::{parse_listen, serve, Listen, ServeConfig, ServeError};

@@ -39,6 +39,9 @@ pub enum Command {
     /// Manage VMs through the daemon: create, list, show, start, stop, console.
     #[command(long_about = crate::vm_cli::VM_ABOUT)]
     Vm(crate::vm_cli::VmArgs),
+    /// Manage the API tokens of TCP (TLS) clients: create, list, revoke.
+    #[command(long_about = crate::token_cli::TOKEN_ABOUT)]
+    Token(crate::token_cli::TokenArgs),
     /// Open the daemon's web UI through a local port (127.0.0.1) for a
     /// daemon that listens only on its Unix socket.
     #[command(after_help = crate::ui::UI_EXAMPLES)]

@@ -12,6 +12,7 @@ mod image;
 mod machine;
 mod run;
 mod signals;
+mod token_cli;
 mod ui;
 mod vm_cli;
 mod vm_edit;
@@ -73,6 +74,7 @@ fn main() {
         Command::Image(ImageCommand::Convert(args)) => disk::convert(args),
         Command::Serve(args) => vm_cli::serve(args),
         Command::Vm(args) => vm_cli::vm(args),
+        Command::Token(args) => token_cli::token(args),
         Command::Ui(args) => ui::ui(args),
     };
     match result {

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use vireo_daemon::model::{self, BalloonStatus, CreateVm, SetBalloon, StopVm, Vm, VmList};
 use vireo_daemon::paths;
 
-use crate::api_client::{decode, Client, DEFAULT_TIMEOUT};
+use crate::api_client::{decode, Client, ConnArgs, DEFAULT_TIMEOUT};
 use crate::cli::Accel;
 use crate::Failure;
 use crate::{console_client, vm_edit};
@@ -19,6 +19,8 @@ pub const SERVE_EXAMPLES: &str = "\
 Examples:
   vireo serve                                   # per-user defaults
   vireo serve --state-dir /srv/vireo --listen unix:/run/vireo.sock
+  vireo serve --listen unix:/run/vireo.sock --listen tcp:0.0.0.0:8443 \\
+      --tls-cert /etc/vireo/cert.pem --tls-key /etc/vireo/key.pem
 
 Defaults: as root, state in /var/lib/vireo and the socket /run/vireo.sock;
 as a user, state in $XDG_STATE_HOME/vireo (else ~/.local/state/vireo) and the
@@ -26,7 +28,12 @@ socket $XDG_RUNTIME_DIR/vireo.sock (else vireo.sock in the state directory).
 The socket is mode 0660 (owner, and the `vireo` group if it exists). One
 daemon per state directory (a lock file refuses a second). VMs keep running
 when the daemon stops; the next daemon on the same state directory re-adopts
-them. The API is JSON over HTTP/1.1 under /v1, described at /v1/openapi.json.";
+them. The API is JSON over HTTP/1.1 under /v1, described at /v1/openapi.json.
+
+Unix-socket clients act as admin. TCP is served only over TLS, and its
+clients need a token (`vireo token create --role viewer|operator|admin`),
+sent as `Authorization: Bearer TOKEN`. Every changing or refused request is
+a JSON line in STATE_DIR/audit.log.";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -34,23 +41,33 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// Where the API listens: unix:PATH (see the defaults below).
+    /// Where the API listens, repeatable: unix:PATH, or tcp:HOST:PORT with
+    /// --tls-cert and --tls-key [default: the default socket, below].
     #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
+    pub listen: Vec<String>,
+
+    /// The TLS certificate chain (PEM) for tcp: listeners.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TLS private key (PEM: PKCS#8, RSA or EC) for tcp: listeners.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
 }
 
 pub const VM_ABOUT: &str = "\
 Manage VMs through the vireo daemon (`vireo serve`): define, start, stop,
 inspect. The daemon is found at --socket PATH, else $VIREO_SOCKET, else the
 default socket ($XDG_RUNTIME_DIR/vireo.sock for users, /run/vireo.sock for
-root). Exit status: 0 on success, 2 when the request is wrong (unknown VM,
+root); a remote daemon's TLS listener with --url https://HOST:PORT (or
+$VIREO_URL), a token in $VIREO_TOKEN (or --token-file) and its CA with
+--ca-cert (or $VIREO_CA_CERT). Exit status: 0 on success, 2 when the request is wrong (unknown VM,
 bad value, wrong state), 1 when the daemon or the VM fails.";
 
 #[derive(Debug, Args)]
 pub struct VmArgs {
-    /// The daemon's Unix socket [default: $VIREO_SOCKET, else the default socket].
-    #[arg(long, value_name = "PATH", global = true)]
-    pub socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 
     #[command(subcommand)]
     pub command: VmCommand,
@@ -395,15 +412,26 @@ pub struct StopArgs {
 /// `vireo serve`.
 pub fn serve(args: ServeArgs) -> Result<(), Failure> {
     let state_dir = args.state_dir.unwrap_or_else(paths::default_state_dir);
-    let socket = match &args.listen {
-        Some(l) => vireo_daemon::parse_listen(l).map_err(Failure::Usage)?,
-        None => paths::default_socket(),
-    };
+    let mut listen = args
+        .listen
+        .iter()
+        .map(|l| vireo_daemon::parse_listen(l).map_err(Failure::Usage))
+        .collect::<Result<Vec<_>, _>>()?;
+    if listen.is_empty() {
+        listen.push(vireo_daemon::Listen::Unix(paths::default_socket()));
+    }
+    for l in &mut listen {
+        if let vireo_daemon::Listen::Unix(p) = l {
+            *p = absolute(p);
+        }
+    }
     let vmm = std::env::current_exe()
         .map_err(|e| Failure::Vm(format!("cannot find the vireo binary to run VMs with: {e}")))?;
     let cfg = vireo_daemon::ServeConfig {
         state_dir: absolute(&state_dir),
-        socket: absolute(&socket),
+        listen,
+        tls_cert: args.tls_cert.as_deref().map(absolute),
+        tls_key: args.tls_key.as_deref().map(absolute),
         vmm,
     };
     vireo_daemon::serve(cfg).map_err(|e| match e {
@@ -425,9 +453,7 @@ fn action(client: &Client, name: &str, path: &str) -> Result<(), Failure> {
 }
 
 pub fn vm(args: VmArgs) -> Result<(), Failure> {
-    let client = Client {
-        socket: paths::client_socket(args.socket),
-    };
+    let client = Client::from_args(args.conn)?;
     match args.command {
         VmCommand::Create(a) => create(&client, a),
         VmCommand::Update(a) => update(&client, a),
@@ -527,7 +553,11 @@ fn console(client: &Client, a: ConsoleArgs) -> Result<(), Failure> {
         )));
     }
     // The session polls: a read returns after a short while without data.
-    let stream = client.connect_with_timeout(console_client::POLL)?;
+    // Connect (and shake hands) with the default timeout, then poll.
+    let stream = client.connect()?;
+    stream
+        .set_timeouts(console_client::POLL)
+        .map_err(|e| Failure::Vm(format!("console connection to {}: {e}", client.describe())))?;
     let ws = console_client::open(
         stream,
         &vm_path(&a.name, "/console/ws"),

@@ -23,7 +23,7 @@ use support::guest::{self, assemble64, Guest64};
 use support::{run_vireo_args, KernelKind, Outcome, TempDir};
 
 const WAIT: Duration = Duration::from_secs(20);
-const READY: &str = "echo-ready";
+use support::guest::{echo_upper, ECHO_READY as READY};
 
 /// One daemon with its state directory and socket; kills every process
 /// naming its directory when dropped.
@@ -201,30 +201,6 @@ fn processes_mentioning(text: &str) -> Vec<i32> {
                 .unwrap_or(false)
         })
         .collect()
-}
-
-/// Prints [`READY`], then echoes what it reads from COM1 with a-z
-/// uppercased, forever.
-fn echo_upper(g: &mut Guest64) -> guest::AsmResult {
-    g.print(READY)?;
-    g.print("\n")?;
-    let mut poll = g.a.create_label();
-    let mut send = g.a.create_label();
-    g.a.set_label(&mut poll)?;
-    g.a.mov(edx, u32::from(guest::COM1) + 5)?; // line status register
-    g.a.in_(al, dx)?;
-    g.a.test(al, 1)?; // data ready
-    g.a.jz(poll)?;
-    g.a.mov(edx, u32::from(guest::COM1))?;
-    g.a.in_(al, dx)?;
-    g.a.cmp(al, b'a' as i32)?;
-    g.a.jb(send)?;
-    g.a.cmp(al, b'z' as i32)?;
-    g.a.ja(send)?;
-    g.a.sub(al, 0x20)?;
-    g.a.set_label(&mut send)?;
-    g.a.out(dx, al)?;
-    g.a.jmp(poll)
 }
 
 /// What a WebSocket client has seen: output bytes and text frames.

@@ -341,6 +341,33 @@ pub fn wait_for_power_button(g: &mut Guest64) -> AsmResult {
     g.power_off()
 }
 
+/// The first line [`echo_upper`] prints.
+pub const ECHO_READY: &str = "echo-ready";
+
+/// Prints [`ECHO_READY`], then echoes what it reads from COM1 with a-z
+/// uppercased, forever.
+pub fn echo_upper(g: &mut Guest64) -> AsmResult {
+    g.print(ECHO_READY)?;
+    g.print("\n")?;
+    let mut poll = g.a.create_label();
+    let mut send = g.a.create_label();
+    g.a.set_label(&mut poll)?;
+    g.a.mov(edx, u32::from(COM1) + 5)?; // line status register
+    g.a.in_(al, dx)?;
+    g.a.test(al, 1)?; // data ready
+    g.a.jz(poll)?;
+    g.a.mov(edx, u32::from(COM1))?;
+    g.a.in_(al, dx)?;
+    g.a.cmp(al, b'a' as i32)?;
+    g.a.jb(send)?;
+    g.a.cmp(al, b'z' as i32)?;
+    g.a.ja(send)?;
+    g.a.sub(al, 0x20)?;
+    g.a.set_label(&mut send)?;
+    g.a.out(dx, al)?;
+    g.a.jmp(poll)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,770 @@
+//! Who may do what, end to end: a real `vireo serve` with a Unix socket AND
+//! a TLS listener on 127.0.0.1 (a self-signed certificate made here), tokens
+//! of each role created with `vireo token create` over the socket, then raw
+//! HTTPS and the CLI (`--url`, `VIREO_TOKEN`, `--ca-cert`) with each of them;
+//! the audit log, and that the state directory holds no token in clear.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use support::guest::{self, assemble64, Guest64};
+use support::{KernelKind, Outcome, TempDir};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Env {
+    dir: TempDir,
+    daemon: Option<Child>,
+    port: u16,
+}
+
+fn spin(g: &mut Guest64) -> guest::AsmResult {
+    g.print("auth test guest\n")?;
+    g.halt_forever()
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let dir = TempDir::new(tag);
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("a self-signed certificate");
+        dir.write("cert.pem", ck.cert.pem().as_bytes());
+        dir.write("key.pem", ck.signing_key.serialize_pem().as_bytes());
+        let mut env = Env {
+            dir,
+            daemon: None,
+            port: 0,
+        };
+        env.start_daemon();
+        env
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path("api.sock")
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    fn start_daemon(&mut self) {
+        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
+        let child = Command::new(support::vireo_bin())
+            .args(["serve", "--state-dir"])
+            .arg(self.state())
+            .arg("--listen")
+            .arg(format!("unix:{}", self.socket().display()))
+            .args(["--listen", "tcp:127.0.0.1:0", "--tls-cert"])
+            .arg(self.path("cert.pem"))
+            .arg("--tls-key")
+            .arg(self.path("key.pem"))
+            .env("VIREO_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting vireo serve");
+        self.daemon = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited with {status}:\n{}", self.daemon_log());
+            }
+            let log = self.daemon_log();
+            let port = log
+                .split("serving the API on https://127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|p| p.parse().ok());
+            if let (Some(port), true) = (port, UnixStream::connect(self.socket()).is_ok()) {
+                self.port = port;
+                return;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "the daemon did not listen in time:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `vireo ARGS...` with `envs` (and no VIREO_* from the test's own
+    /// environment).
+    fn vireo(&self, args: &[&str], envs: &[(&str, &str)]) -> Outcome {
+        let start = Instant::now();
+        let mut cmd = Command::new(support::vireo_bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for v in ["VIREO_URL", "VIREO_TOKEN", "VIREO_CA_CERT", "VIREO_SOCKET"] {
+            cmd.env_remove(v);
+        }
+        cmd.envs(envs.iter().copied());
+        let mut child = cmd.spawn().expect("running vireo");
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if start.elapsed() > WAIT {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        Outcome {
+            status: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            timed_out: start.elapsed() > WAIT,
+            command: format!("vireo {}", args.join(" ")),
+            elapsed: start.elapsed(),
+        }
+    }
+
+    /// `vireo ARGS... --socket SOCKET` (admin, no token).
+    fn local(&self, args: &[&str]) -> Outcome {
+        let sock = self.socket().display().to_string();
+        let mut full = args.to_vec();
+        full.extend(["--socket", &sock]);
+        self.vireo(&full, &[])
+    }
+
+    /// `vireo ARGS... --url URL --ca-cert CERT` with VIREO_TOKEN=token.
+    fn remote(&self, token: &str, args: &[&str]) -> Outcome {
+        let url = self.url();
+        let ca = self.path("cert.pem").display().to_string();
+        let mut full = args.to_vec();
+        full.extend(["--url", &url, "--ca-cert", &ca]);
+        self.vireo(&full, &[("VIREO_TOKEN", token)])
+    }
+
+    fn tls_config(&self) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(self.path("cert.pem")).unwrap())
+            .unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+
+    /// A raw HTTPS request: status, head (lower-case) and body.
+    fn https(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, String, String) {
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).expect("connecting over TCP");
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(self.tls_config(), "127.0.0.1".try_into().unwrap())
+                .unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        s.flush().unwrap();
+        let mut raw = Vec::new();
+        if let Err(e) = s.read_to_end(&mut raw) {
+            assert!(
+                e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty(),
+                "reading the reply: {e}"
+            );
+        }
+        let raw = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, head.to_ascii_lowercase(), body.to_string())
+    }
+
+    fn json(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let (status, _, text) = self.https(method, path, token, body);
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+        };
+        (status, v)
+    }
+
+    fn kernel(&self) -> String {
+        let code = assemble64(KernelKind::Elf.entry(), spin);
+        self.dir
+            .write("vmlinux", &KernelKind::Elf.wrap(&code))
+            .display()
+            .to_string()
+    }
+
+    /// A token of `role` made with `vireo token create` over the socket.
+    fn token(&self, role: &str) -> String {
+        let out = self.local(&[
+            "token",
+            "create",
+            "--role",
+            role,
+            "--name",
+            &format!("{role}-test"),
+        ]);
+        out.assert_status(0);
+        let token = out.stdout.trim().to_string();
+        assert!(token.starts_with("vireo_"), "{out}");
+        assert!(out.stderr.contains("shown only now"), "{out}");
+        token
+    }
+
+    fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let tag = self.dir.path().display().to_string();
+        let me = std::process::id() as i32;
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+            let mine = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&tag))
+                .unwrap_or(false);
+            if mine && pid != me {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn id_of(token: &str) -> &str {
+    &token["vireo_".len().."vireo_".len() + 16]
+}
+
+#[test]
+fn roles_tokens_and_the_audit_log_over_tls() {
+    let env = Env::new("daemon-auth");
+    let kernel = env.kernel();
+    env.local(&[
+        "vm", "create", "web", "--kernel", &kernel, "--memory", "32", "--accel", "emu",
+    ])
+    .assert_status(0);
+    let viewer = env.token("viewer");
+    let operator = env.token("operator");
+    let admin = env.token("admin");
+    let out = env.local(&["token", "list"]);
+    out.assert_status(0);
+    for (t, role) in [
+        (&viewer, "viewer"),
+        (&operator, "operator"),
+        (&admin, "admin"),
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l.starts_with(id_of(t))
+                && l.contains(role)
+                && l.contains(&format!("{role}-test"))),
+            "{out}"
+        );
+        assert!(
+            !out.stdout.contains(&t[23..]),
+            "a secret in the list: {out}"
+        );
+    }
+
+    // No token, a bad one, a malformed one: 401 with a Bearer challenge.
+    let forged = format!("{}{}", &viewer[..23], "0".repeat(64));
+    for t in [None, Some(forged.as_str()), Some("nope")] {
+        let (status, head, body) = env.https("GET", "/v1/vms", t, None);
+        assert_eq!(status, 401, "{t:?}: {body}");
+        assert!(head.contains("www-authenticate: bearer"), "{head}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], "unauthorized", "{v}");
+    }
+    // Public without a token: the API document and the web UI's paths.
+    assert_eq!(env.https("GET", "/v1/openapi.json", None, None).0, 200);
+    assert_eq!(env.https("GET", "/index.html", None, None).0, 404);
+
+    // viewer: reads only.
+    let (status, v) = env.json("GET", "/v1/vms", Some(&viewer), None);
+    assert_eq!(
+        (status, v["vms"][0]["name"].as_str()),
+        (200, Some("web")),
+        "{v}"
+    );
+    let (status, v) = env.json("GET", "/v1/whoami", Some(&viewer), None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        v,
+        json!({"role": "viewer", "token": {"id": id_of(&viewer), "name": "viewer-test"}, "transport": "tls"})
+    );
+    let (status, v) = env.json("POST", "/v1/vms/web/start", Some(&viewer), None);
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["error"]["code"], "forbidden");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("this token's role is viewer; operator is needed"),
+        "{v}"
+    );
+    let create = json!({"name": "db", "kernel": kernel, "memory_mib": 32, "accel": "emu"});
+    assert_eq!(
+        env.json("POST", "/v1/vms", Some(&viewer), Some(create.clone()))
+            .0,
+        403
+    );
+    assert_eq!(env.json("GET", "/v1/tokens", Some(&viewer), None).0, 403);
+    // The token in the query string (WebSocket, EventSource).
+    let (status, _, _) = env.https("GET", &format!("/v1/vms?access_token={viewer}"), None, None);
+    assert_eq!(status, 200);
+
+    // operator: start and stop, not create or delete.
+    let (status, v) = env.json("POST", "/v1/vms/web/start", Some(&operator), None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("running")), "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/web/kill", Some(&operator), None);
+    assert_eq!((status, v["state"].as_str()), (200, Some("stopped")), "{v}");
+    assert_eq!(
+        env.json("POST", "/v1/vms", Some(&operator), Some(create.clone()))
+            .0,
+        403
+    );
+    assert_eq!(
+        env.json("DELETE", "/v1/vms/web", Some(&operator), None).0,
+        403
+    );
+    assert_eq!(
+        env.json(
+            "PATCH",
+            "/v1/vms/web",
+            Some(&operator),
+            Some(json!({"vcpus": 2}))
+        )
+        .0,
+        403
+    );
+
+    // admin: everything.
+    let (status, v) = env.json("POST", "/v1/vms", Some(&admin), Some(create));
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(env.json("DELETE", "/v1/vms/db", Some(&admin), None).0, 204);
+    let (status, v) = env.json(
+        "POST",
+        "/v1/tokens",
+        Some(&admin),
+        Some(json!({"name": "spare", "role": "viewer"})),
+    );
+    assert_eq!(status, 201, "{v}");
+    let spare = v["token"].as_str().unwrap().to_string();
+    assert_eq!(env.json("GET", "/v1/whoami", Some(&spare), None).0, 200);
+    let (status, v) = env.json("GET", "/v1/tokens", Some(&admin), None);
+    assert_eq!(
+        (status, v["tokens"].as_array().map(Vec::len)),
+        (200, Some(4)),
+        "{v}"
+    );
+    assert_eq!(
+        env.json(
+            "DELETE",
+            &format!("/v1/tokens/{}", id_of(&spare)),
+            Some(&admin),
+            None
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        env.json("GET", "/v1/whoami", Some(&spare), None).0,
+        401,
+        "revoked"
+    );
+    assert_eq!(
+        env.json(
+            "DELETE",
+            &format!("/v1/tokens/{}", id_of(&spare)),
+            Some(&admin),
+            None
+        )
+        .0,
+        404
+    );
+
+    // The CLI over TLS.
+    let out = env.remote(&viewer, &["vm", "list"]);
+    out.assert_status(0);
+    assert!(out.stdout.lines().any(|l| l.starts_with("web")), "{out}");
+    let out = env.remote(&viewer, &["vm", "start", "web"]);
+    out.assert_status(2);
+    assert!(
+        out.stderr
+            .contains("this token's role is viewer; operator is needed"),
+        "{out}"
+    );
+    let out = env.remote(&operator, &["vm", "start", "web"]);
+    out.assert_status(0);
+    assert!(out.stdout.contains("started web"), "{out}");
+    env.remote(&operator, &["vm", "kill", "web"])
+        .assert_status(0);
+    let out = env.remote(&operator, &["vm", "delete", "web"]);
+    out.assert_status(2);
+    assert!(out.stderr.contains("operator; admin is needed"), "{out}");
+    // admin from a --token-file, via VIREO_URL / VIREO_CA_CERT.
+    let token_file = env
+        .dir
+        .write("admin.token", format!("{admin}\n").as_bytes());
+    let url = env.url();
+    let ca = env.path("cert.pem").display().to_string();
+    let tf = token_file.display().to_string();
+    let out = env.vireo(
+        &[
+            "vm",
+            "create",
+            "db2",
+            "--kernel",
+            &kernel,
+            "--memory",
+            "32",
+            "--accel",
+            "emu",
+            "--token-file",
+            &tf,
+        ],
+        &[("VIREO_URL", &url), ("VIREO_CA_CERT", &ca)],
+    );
+    out.assert_status(0);
+    let out = env.vireo(
+        &["token", "revoke", id_of(&viewer), "--token-file", &tf],
+        &[("VIREO_URL", &url), ("VIREO_CA_CERT", &ca)],
+    );
+    out.assert_status(0);
+    let out = env.remote(&admin, &["vm", "delete", "db2"]);
+    out.assert_status(0);
+    // A revoked token, no token, an untrusted certificate, nobody there.
+    let out = env.remote(&viewer, &["vm", "list"]);
+    out.assert_status(2);
+    assert!(out.stderr.contains("refused the token"), "{out}");
+    let out = env.vireo(&["vm", "list", "--url", &url, "--ca-cert", &ca], &[]);
+    out.assert_status(2);
+    assert!(out.stderr.contains("set VIREO_TOKEN"), "{out}");
+    let out = env.vireo(&["vm", "list", "--url", &url], &[("VIREO_TOKEN", &admin)]);
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains("not trusted") && out.stderr.contains("--ca-cert"),
+        "{out}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("https://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let out = env.vireo(
+        &["vm", "list", "--url", &dead, "--ca-cert", &ca],
+        &[("VIREO_TOKEN", &admin)],
+    );
+    out.assert_status(1);
+    assert!(
+        out.stderr.contains("cannot reach the vireo daemon at"),
+        "{out}"
+    );
+
+    // The audit log: every change and every denial, never a token.
+    let (status, _, _) = env.https("GET", "/v1/vms?x=1&access_token=vireo_bogus", None, None);
+    assert_eq!(status, 401);
+    let audit = env.audit();
+    let find = |method: &str, path: &str, status: u64| {
+        audit
+            .iter()
+            .find(|l| l["method"] == method && l["path"] == path && l["status"] == status)
+            .unwrap_or_else(|| panic!("no audit line for {method} {path} {status}: {audit:#?}"))
+            .clone()
+    };
+    let l = find("POST", "/v1/vms/web/start", 403);
+    assert_eq!(
+        (&l["decision"], &l["role"], &l["token_id"]),
+        (&json!("denied"), &json!("viewer"), &json!(id_of(&viewer))),
+        "{l}"
+    );
+    assert!(l["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{l}");
+    assert!(l["time"].as_str().unwrap().starts_with("20"), "{l}");
+    let l = find("POST", "/v1/vms/web/start", 200);
+    assert_eq!(
+        (&l["decision"], &l["role"]),
+        (&json!("allowed"), &json!("operator")),
+        "{l}"
+    );
+    let l = find("POST", "/v1/tokens", 201);
+    assert_eq!(
+        (&l["peer"], &l["role"], &l["token_id"]),
+        (&json!("unix"), &json!("admin"), &Value::Null),
+        "{l}"
+    );
+    let l = find("GET", "/v1/vms?x=1", 401);
+    assert_eq!(
+        (&l["decision"], &l["role"]),
+        (&json!("denied"), &Value::Null),
+        "{l}"
+    );
+    assert!(
+        !audit
+            .iter()
+            .any(|l| l["method"] == "GET" && l["status"] == 200),
+        "allowed reads are not audited: {audit:#?}"
+    );
+    let text = std::fs::read_to_string(env.state().join("audit.log")).unwrap();
+    assert!(!text.contains("access_token") && !text.contains(&viewer[23..]));
+    assert!(
+        env.daemon_log().contains("API request denied"),
+        "{}",
+        env.daemon_log()
+    );
+
+    // No token in clear anywhere in the state directory (database, WAL, logs).
+    for entry in walk(&env.state()) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        for t in [&viewer, &operator, &admin, &spare] {
+            assert!(
+                !text.contains(&t[23..]),
+                "{} holds a token secret",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn serve_refuses_plain_tcp_and_bad_tls_files() {
+    let dir = TempDir::new("daemon-auth-flags");
+    let state = dir.path().join("state").display().to_string();
+    let run = |args: &[&str]| {
+        let mut full = vec!["serve", "--state-dir", &state];
+        full.extend(args);
+        let out = Command::new(support::vireo_bin())
+            .args(&full)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--listen", "tcp:127.0.0.1:0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--tls-cert") && err.contains("--tls-key"),
+        "{err}"
+    );
+    let garbage = dir.write("garbage.pem", b"hello\n").display().to_string();
+    let (code, err) = run(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--tls-cert",
+        &garbage,
+        "--tls-key",
+        &garbage,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("garbage.pem") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert = dir
+        .write("cert.pem", ck.cert.pem().as_bytes())
+        .display()
+        .to_string();
+    let (code, err) = run(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &cert,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--tls-key") && err.contains("cert.pem") && err.contains("no PEM private key"),
+        "{err}"
+    );
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_key = dir
+        .write("other.key", other.signing_key.serialize_pem().as_bytes())
+        .display()
+        .to_string();
+    let (code, err) = run(&[
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &other_key,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("other.key") && err.contains("does not belong to the certificate"),
+        "{err}"
+    );
+}
+
+/// `vireo vm console --url` over TLS: the console streams to every role,
+/// but only an operator's keystrokes reach the guest; a viewer's are
+/// refused with a message.
+#[test]
+fn consoles_over_tls_viewers_watch_operators_type() {
+    use std::sync::Mutex;
+    let env = Env::new("daemon-auth-console");
+    let code = assemble64(KernelKind::Elf.entry(), guest::echo_upper);
+    let kernel = env.dir.write("echo", &KernelKind::Elf.wrap(&code));
+    let kernel = kernel.display().to_string();
+    env.local(&[
+        "vm", "create", "echo", "--kernel", &kernel, "--memory", "32", "--accel", "emu",
+    ])
+    .assert_status(0);
+    env.local(&["vm", "start", "echo"]).assert_status(0);
+    let viewer = env.token("viewer");
+    let operator = env.token("operator");
+
+    // A live `vm console` with piped stdin and stdout, as `role` would run it.
+    let attach = |token: &str| {
+        let mut child = Command::new(support::vireo_bin())
+            .args(["vm", "console", "echo", "--url", &env.url(), "--ca-cert"])
+            .arg(env.path("cert.pem"))
+            .env_remove("VIREO_URL")
+            .env_remove("VIREO_SOCKET")
+            .env("VIREO_TOKEN", token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vireo vm console");
+        let seen = Arc::new(Mutex::new(String::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let sink = Arc::clone(&seen);
+            let mut pipe = pipe;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        (child, stdin, seen)
+    };
+    let wait_for = |seen: &Arc<Mutex<String>>, what: &str| {
+        let start = Instant::now();
+        while !seen.lock().unwrap().contains(what) {
+            assert!(
+                start.elapsed() < WAIT,
+                "no {what:?} in: {}",
+                seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    let (mut watcher, mut viewer_in, viewer_seen) = attach(&viewer);
+    let (mut typist, mut operator_in, operator_seen) = attach(&operator);
+    // Both see the scrollback over TLS.
+    wait_for(&viewer_seen, guest::ECHO_READY);
+    wait_for(&operator_seen, guest::ECHO_READY);
+    viewer_in.write_all(b"viewer typed\n").unwrap();
+    wait_for(&viewer_seen, "viewer tokens cannot type");
+    // The operator's line comes back, to both; the viewer's never did
+    // (the guest answers in order, so it would have come first).
+    operator_in.write_all(b"operator typed\n").unwrap();
+    wait_for(&operator_seen, "OPERATOR TYPED");
+    wait_for(&viewer_seen, "OPERATOR TYPED");
+    for seen in [&viewer_seen, &operator_seen] {
+        assert!(
+            !seen.lock().unwrap().contains("VIEWER TYPED"),
+            "a viewer's keystrokes reached the guest: {}",
+            seen.lock().unwrap()
+        );
+    }
+    let audit = env.audit();
+    assert!(
+        !audit.is_empty(),
+        "the audit log has the token and VM changes"
+    );
+    env.local(&["vm", "kill", "echo"]).assert_status(0);
+    for child in [&mut watcher, &mut typist] {
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < WAIT, "vm console did not end with the VM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
