@@ -207,7 +207,7 @@ async function main() {
   // A self-signed certificate for 127.0.0.1, and the daemon on TLS + Unix.
   const certFile = path.join(tmp, 'cert.pem');
   const keyFile = path.join(tmp, 'key.pem');
-  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', keyFile, '-out', certFile], { stdio: 'ignore' });
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-addext', 'basicConstraints=critical,CA:FALSE', '-keyout', keyFile, '-out', certFile], { stdio: 'ignore' });
   cert = fs.readFileSync(certFile);
   port = await freePort();
   const daemon = start(bin, ['serve', '--state-dir', path.join(tmp, 'state'), '--listen', `unix:${sock}`, '--listen', `tcp:127.0.0.1:${port}`, '--tls-cert', certFile, '--tls-key', keyFile], 'daemon');
