@@ -90,6 +90,13 @@ export function takeTokenFromHash(): void {
   }
 }
 
+/** Called when a request other than /v1/whoami gets 401 (token revoked). */
+let unauthorized: (() => void) | null = null;
+
+export function onUnauthorized(f: () => void): void {
+  unauthorized = f;
+}
+
 export async function call<T>(method: string, path: string, body?: unknown): Promise<T> {
   const headers: Record<string, string> = { Accept: 'application/json' };
   const t = token();
@@ -114,6 +121,7 @@ export async function call<T>(method: string, path: string, body?: unknown): Pro
   } catch {
     /* not JSON */
   }
+  if (res.status === 401 && path !== '/v1/whoami') unauthorized?.();
   if (!res.ok) {
     const err = (json as { error?: { code?: string; message?: string } } | undefined)?.error;
     throw new ApiError(

@@ -7,6 +7,7 @@ import './style.css';
 import {
   ApiError,
   call,
+  onUnauthorized,
   setToken,
   streamUrl,
   takeTokenFromHash,
@@ -855,6 +856,12 @@ function logout(): void {
 
 async function boot(): Promise<void> {
   takeTokenFromHash();
+  onUnauthorized(() => {
+    if (!document.getElementById('login-h')) {
+      setToken(null);
+      loginPage('The daemon no longer accepts your token (revoked?); log in again.');
+    }
+  });
   try {
     if ((await identify()) === 'unauthorized') {
       const had = token() !== null;
