@@ -281,6 +281,8 @@ async function main() {
   const row = page.locator(`tr[data-vm="${VM}"]`);
   await row.waitFor();
   await until('the CPU chart to have a value', 20000, async () => /\d+%/.test(await row.locator('td[data-chart=cpu] .num').innerText()));
+  // A few 2 s samples, so the screenshot shows lines rather than dots.
+  await until('three samples in the memory chart', 20000, async () => ((await row.locator('td[data-chart=mem] polyline').getAttribute('points')) ?? '').split(' ').length >= 3);
   await snap(page, 'list-running');
   await a11y(page, 'the VM list');
 
