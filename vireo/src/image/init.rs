@@ -29,7 +29,7 @@ pub const APPLETS: &[&str] = &[
     "dmesg", "mknod", "ps", "grep", "sed", "head", "tail", "ln", "cp", "mv", "rm", "true", "false",
     "test", "[", "env", "ip", "ifconfig", "hostname", "date", "df", "free", "stat", "wc", "tr",
     "awk", "find", "hexdump", "dd", "vi", "id", "kill", "chmod", "mkfifo", "uptime", "readlink",
-    "sysctl", "timeout", "time", "nproc", "seq",
+    "sysctl", "timeout", "time", "nproc", "seq", "acpid",
 ];
 
 /// The `/init` script for modules loaded in `module_order` (names; the files
@@ -63,6 +63,18 @@ for m in {modules}; do
     fi
 done
 echo "vireo-init: $loaded modules loaded"
+
+# The ACPI power button (`vireo vm stop`, the control socket's
+# `power-button`): busybox acpid reads it from /dev/input/event* and runs
+# /etc/acpi/PWRF/00000080, which powers the machine off.
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\necho "vireo-init: power button pressed, powering off" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod 755 /etc/acpi/PWRF/00000080
+if ls /dev/input/event* >/dev/null 2>&1; then
+    acpid -c /etc/acpi -l /run/acpid.log -p /run/acpid.pid || echo "vireo-init: acpid did not start; the power button is ignored"
+else
+    echo "vireo-init: no input event devices (button/evdev not loaded); the power button is ignored"
+fi
 
 cmdline=" $(cat /proc/cmdline) "
 run=""

@@ -17,8 +17,10 @@ pub struct Wanted {
     pub config: &'static str,
 }
 
-/// The virtio drivers a vireo guest uses. Their dependencies (virtio_ring,
-/// net_failover, failover, ...) are added by the dependency resolution.
+/// The virtio drivers a vireo guest uses, and the ACPI power button with
+/// the event device busybox acpid reads it from (so `vireo vm stop` shuts
+/// the kit down). Their dependencies (virtio_ring, net_failover, failover,
+/// ...) are added by the dependency resolution.
 pub const WANTED: &[Wanted] = &[
     Wanted {
         name: "virtio",
@@ -79,6 +81,14 @@ pub const WANTED: &[Wanted] = &[
     Wanted {
         name: "virtio_balloon",
         config: "CONFIG_VIRTIO_BALLOON",
+    },
+    Wanted {
+        name: "button",
+        config: "CONFIG_ACPI_BUTTON",
+    },
+    Wanted {
+        name: "evdev",
+        config: "CONFIG_INPUT_EVDEV",
     },
 ];
 

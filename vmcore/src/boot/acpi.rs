@@ -138,7 +138,9 @@ fn fadt(dsdt_addr: u64, facs_addr: u64) -> acpi_tables::fadt::FADT {
         .preferred_pm_profile(PmProfile::EnterpriseServer)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
-        .flag(Flags::PwrButton)
+        // PWR_BUTTON clear: the power button is the fixed-feature one (PM1
+        // PWRBTN_STS/EN, what `power-button` presses), so the guest's ACPI
+        // button driver binds to it; SLP_BUTTON set: there is no sleep button.
         .flag(Flags::SlpButton)
         .flag(Flags::ResetRegSup)
         .flag(Flags::TmrValExt);
@@ -413,6 +415,11 @@ mod tests {
         let pm1a_cnt = u32::from_le_bytes(fadt.bytes[64..68].try_into().unwrap());
         assert_eq!(pm1a_cnt, u32::from(ports::PM1A_CNT));
         assert_eq!(fadt.bytes[89], 2, "PM1_CNT_LEN");
+        // Flags at offset 112: a fixed-feature power button (bit 4 clear),
+        // no sleep button (bit 5 set).
+        let flags = u32::from_le_bytes(fadt.bytes[112..116].try_into().unwrap());
+        assert_eq!(flags & (1 << 4), 0, "PWR_BUTTON: the fixed power button");
+        assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON: no sleep button");
         let dsdt = table(&tables, b"DSDT");
         assert!(dsdt.bytes.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.bytes.windows(4).any(|w| w == b"COM1"));
