@@ -280,7 +280,7 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -319,7 +319,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
-        .fallback(not_found)
+        // The web UI for every other GET (index.html for its own routes);
+        // the JSON 404 for unknown API paths.
+        .fallback(crate::web::fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             daemon.clone(),

@@ -6,7 +6,8 @@
 //! API's types and the checks a definition must pass), [`db`] (SQLite,
 //! migrations), [`vms`] (VM processes, exits, reboots and
 //! re-adoption), [`console`] (scrollback, live output, input),
-//! [`console_ws`] (the console WebSocket), [`api`] (routes), [`server`] (lock, socket, run loop).
+//! [`console_ws`] (the console WebSocket), [`api`] (routes), [`web`] (the
+//! embedded web UI), [`server`] (lock, socket, run loop).
 
 pub mod api;
 pub mod auth;
@@ -21,5 +22,6 @@ pub mod procfs;
 pub mod ring;
 pub mod server;
 pub mod vms;
+pub mod web;
 
 pub use server::{parse_listen, serve, Listen, ServeConfig, ServeError};

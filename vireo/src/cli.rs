@@ -42,6 +42,10 @@ pub enum Command {
     /// Manage the API tokens of TCP (TLS) clients: create, list, revoke.
     #[command(long_about = crate::token_cli::TOKEN_ABOUT)]
     Token(crate::token_cli::TokenArgs),
+    /// Open the daemon's web UI through a local port (127.0.0.1) for a
+    /// daemon that listens only on its Unix socket.
+    #[command(after_help = crate::ui::UI_EXAMPLES)]
+    Ui(crate::ui::UiArgs),
 }
 
 const RUN_EXAMPLES: &str = "\

@@ -13,6 +13,7 @@ mod machine;
 mod run;
 mod signals;
 mod token_cli;
+mod ui;
 mod vm_cli;
 mod vm_edit;
 
@@ -74,6 +75,7 @@ fn main() {
         Command::Serve(args) => vm_cli::serve(args),
         Command::Vm(args) => vm_cli::vm(args),
         Command::Token(args) => token_cli::token(args),
+        Command::Ui(args) => ui::ui(args),
     };
     match result {
         Ok(()) => {}

@@ -335,7 +335,12 @@ fn roles_tokens_and_the_audit_log_over_tls() {
     }
     // Public without a token: the API document and the web UI's paths.
     assert_eq!(env.https("GET", "/v1/openapi.json", None, None).0, 200);
-    assert_eq!(env.https("GET", "/index.html", None, None).0, 404);
+    // (The UI, or the page saying how to build it: HTML either way.)
+    for path in ["/", "/index.html", "/vms/web"] {
+        let (status, head, _) = env.https("GET", path, None, None);
+        assert_eq!(status, 200, "{path}");
+        assert!(head.contains("content-type: text/html"), "{path}: {head}");
+    }
 
     // viewer: reads only.
     let (status, v) = env.json("GET", "/v1/vms", Some(&viewer), None);
