@@ -767,7 +767,25 @@ impl Daemon {
         socket: &Path,
         command: &str,
     ) -> Result<serde_json::Value, ApiError> {
-        let reply = tokio::time::timeout(CONTROL_TIMEOUT, control_request(socket, command))
+        // A VM started a moment ago may not listen yet (`vireo run` binds
+        // its control socket once the machine is built): retry until it
+        // does, within the same time limit.
+        let ask = async {
+            loop {
+                match control_request(socket, command).await {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        ) && self.live_process(name).is_ok() =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        let reply = tokio::time::timeout(CONTROL_TIMEOUT, ask)
             .await
             .map_err(|_| {
                 ApiError::internal(format!("VM {name} did not answer `{command}` in time"))
