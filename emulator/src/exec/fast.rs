@@ -1,8 +1,9 @@
 //! Handlers specialised at decode time for the operand forms that the
 //! guest kit's boot executes most after MOV/ALU/Jcc (see
 //! `emulator/PERFORMANCE.md`): MOVZX/MOVSX/MOVSXD, LEA, shifts and
-//! rotates of a register, INC/DEC, PUSH/POP of a 64-bit register, near
-//! CALL/RET/JMP, SETcc/CMOVcc and the memory-destination ALU forms.
+//! rotates of a register, INC/DEC/NEG/NOT, IMUL with two or three
+//! operands, PUSH/POP of a 64-bit register, near CALL/RET/JMP,
+//! SETcc/CMOVcc and the memory-destination ALU forms.
 //!
 //! Every handler here computes exactly what the generic handler of its
 //! mnemonic computes (the differential tests cover each form), reads and
@@ -309,5 +310,50 @@ pub(crate) fn binary_mem_form<const OP: u8, const IMM: bool, const A64: bool>(
         cpu.write_mem(la, bytes, r)?;
     }
     cpu.state.set_arith(ARITH, f);
+    Ok(())
+}
+
+/// NEG (`NEG` true) / NOT of a register (NOT changes no flags).
+pub(crate) fn negnot_form<const NEG: bool>(cpu: &mut Cpu, i: &Instruction) -> Flow {
+    let dst = i.op0_register();
+    let Some((_, bits, _)) = gpr_info(dst) else {
+        return super::alu::unary(cpu, i);
+    };
+    let a = cpu.reg(dst);
+    if NEG {
+        let (r, f) = flags::sub(bits, 0, a, false);
+        cpu.set_reg(dst, r);
+        cpu.state.set_arith(ARITH, f);
+    } else {
+        cpu.set_reg(dst, !a & mask(bits));
+    }
+    Ok(())
+}
+
+/// IMUL r, r/m (`THREE` false: the destination times the source) and
+/// IMUL r, r/m, imm, with a register (`MEM` false) or memory source.
+pub(crate) fn imul_form<const THREE: bool, const MEM: bool, const A64: bool>(
+    cpu: &mut Cpu,
+    i: &Instruction,
+) -> Flow {
+    let dst = i.op0_register();
+    let Some((_, bits, _)) = gpr_info(dst) else {
+        return super::muldiv::muldiv(cpu, i);
+    };
+    let src = if MEM {
+        let la = cpu.ea_form::<A64>(i);
+        cpu.read_mem(la, (bits / 8) as usize)?
+    } else {
+        cpu.reg(i.op1_register())
+    };
+    let (a, b) = if THREE {
+        (src, i.immediate(2))
+    } else {
+        (cpu.reg(dst), src)
+    };
+    let p = i128::from(sext(bits, a) as i64) * i128::from(sext(bits, b) as i64);
+    let r = p as u64 & mask(bits);
+    cpu.set_reg(dst, r);
+    super::muldiv::set_mul_flags(cpu, bits, r, p != i128::from(sext(bits, r) as i64));
     Ok(())
 }

@@ -225,67 +225,71 @@ pub(crate) type Handler = fn(&mut Cpu, &Instruction) -> Flow;
 pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
     use Mnemonic as M;
     let (run, ends) = handler_parts(i);
-    let run = match specialised(i) {
+    let fast = specialised(i);
+    let run = match fast {
         Some(f) => f,
         None if generic_census::on() => generic_census::counted,
         None => run,
     };
-    let clean = !ends
-        && !i.has_lock_prefix()
-        && (is_jcc(i.mnemonic())
-            || matches!(
-                i.mnemonic(),
-                M::Add
-                    | M::Adc
-                    | M::Sub
-                    | M::Sbb
-                    | M::Cmp
-                    | M::And
-                    | M::Or
-                    | M::Xor
-                    | M::Test
-                    | M::Inc
-                    | M::Dec
-                    | M::Neg
-                    | M::Not
-                    | M::Shl
-                    | M::Sal
-                    | M::Shr
-                    | M::Sar
-                    | M::Rol
-                    | M::Ror
-                    | M::Mov
-                    | M::Movzx
-                    | M::Movsx
-                    | M::Movsxd
-                    | M::Lea
-                    | M::Cmova
-                    | M::Cmovae
-                    | M::Cmovb
-                    | M::Cmovbe
-                    | M::Cmove
-                    | M::Cmovg
-                    | M::Cmovge
-                    | M::Cmovl
-                    | M::Cmovle
-                    | M::Cmovne
-                    | M::Cmovs
-                    | M::Cmovns
-                    | M::Seta
-                    | M::Setae
-                    | M::Setb
-                    | M::Setbe
-                    | M::Sete
-                    | M::Setg
-                    | M::Setge
-                    | M::Setl
-                    | M::Setle
-                    | M::Setne
-                    | M::Sets
-                    | M::Setns
-                    | M::Nop
-                    | M::Push
-            ))
+    // Every specialised handler reads and checks all that may fault
+    // before it writes (near CALL/RET/JMP too, which end blocks).
+    let clean = fast.is_some()
+        || !ends
+            && !i.has_lock_prefix()
+            && (is_jcc(i.mnemonic())
+                || matches!(
+                    i.mnemonic(),
+                    M::Add
+                        | M::Adc
+                        | M::Sub
+                        | M::Sbb
+                        | M::Cmp
+                        | M::And
+                        | M::Or
+                        | M::Xor
+                        | M::Test
+                        | M::Inc
+                        | M::Dec
+                        | M::Neg
+                        | M::Not
+                        | M::Shl
+                        | M::Sal
+                        | M::Shr
+                        | M::Sar
+                        | M::Rol
+                        | M::Ror
+                        | M::Mov
+                        | M::Movzx
+                        | M::Movsx
+                        | M::Movsxd
+                        | M::Lea
+                        | M::Cmova
+                        | M::Cmovae
+                        | M::Cmovb
+                        | M::Cmovbe
+                        | M::Cmove
+                        | M::Cmovg
+                        | M::Cmovge
+                        | M::Cmovl
+                        | M::Cmovle
+                        | M::Cmovne
+                        | M::Cmovs
+                        | M::Cmovns
+                        | M::Seta
+                        | M::Setae
+                        | M::Setb
+                        | M::Setbe
+                        | M::Sete
+                        | M::Setg
+                        | M::Setge
+                        | M::Setl
+                        | M::Setle
+                        | M::Setne
+                        | M::Sets
+                        | M::Setns
+                        | M::Nop
+                        | M::Push
+                ))
         || (!ends
             && !i.has_lock_prefix()
             && i.mnemonic() == M::Pop
@@ -330,6 +334,8 @@ fn specialised(i: &Instruction) -> Option<Handler> {
         return match i.mnemonic() {
             M::Inc => Some(fast::incdec_form::<true>),
             M::Dec => Some(fast::incdec_form::<false>),
+            M::Neg => Some(fast::negnot_form::<true>),
+            M::Not => Some(fast::negnot_form::<false>),
             M::Seta
             | M::Setae
             | M::Setb
@@ -348,9 +354,6 @@ fn specialised(i: &Instruction) -> Option<Handler> {
             | M::Sets => by_cc(i, CcKind::Set),
             _ => None,
         };
-    }
-    if i.op_count() != 2 {
-        return None;
     }
     let imm = |n: u32| {
         matches!(
@@ -377,6 +380,23 @@ fn specialised(i: &Instruction) -> Option<Handler> {
                 $f::<$($p,)* false> as Handler
             }
         };
+    }
+    if i.mnemonic() == M::Imul && gpr(0) && i.op_count() >= 2 {
+        use fast::imul_form;
+        let three = i.op_count() == 3;
+        if three && !imm(2) {
+            return None;
+        }
+        return Some(match () {
+            _ if gpr(1) && three => imul_form::<true, false, false>,
+            _ if gpr(1) => imul_form::<false, false, false>,
+            _ if mem(1) && three => a!(imul_form, true, true),
+            _ if mem(1) => a!(imul_form, false, true),
+            _ => return None,
+        });
+    }
+    if i.op_count() != 2 {
+        return None;
     }
     match i.mnemonic() {
         M::Mov => {
