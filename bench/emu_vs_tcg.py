@@ -3,15 +3,16 @@
 
 Boots the kit's kernel and initrd with the same command line on both, in
 alternating rounds, and times (from spawning the VMM) the first line the
-kit's /init prints and the guest's power-off (the VMM's exit). Prints a
-table with medians and the vireo/QEMU ratios and writes
-bench/results/emu-vs-tcg-<date>.json.
+kit's /init prints and the guest's power-off (the VMM's exit), and the
+VMM's CPU time (user + system, all threads: on a shared host the fairer
+figure). Prints a table with medians and the vireo/QEMU ratios and writes
+bench/results/emu-vs-tcg-<date>-<time>.json.
 
     cargo build --release -p vireo
     vireo image build --out target/tmp/guest-kit    # or KIT=dir
     python3 bench/emu_vs_tcg.py --rounds 3
 """
-import argparse, datetime, json, os, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, datetime, json, os, resource, shutil, statistics, subprocess, sys, tempfile, time
 
 INIT_FIRST_LINE = "vireo guest kit:"     # the first line /init prints
 COMMAND = "echo data-roundtrip > /tmp/f; cat /tmp/f"
@@ -28,7 +29,9 @@ def kit_config(kit):
 
 
 def run(cmd, timeout):
-    """Spawn `cmd`, return (seconds to the /init line, seconds to exit, ok)."""
+    """Spawn `cmd`, return (seconds to the /init line, seconds to exit, ok,
+    CPU seconds)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     first = None
@@ -47,7 +50,10 @@ def run(cmd, timeout):
         p.kill()
         p.wait()
         ok = False
-    return first, time.monotonic() - t0, ok and p.returncode == 0
+    total = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return first, total, ok and p.returncode == 0, cpu
 
 
 def main():
@@ -80,22 +86,23 @@ def main():
     names = list(vmms)
     for r in range(a.rounds):
         for name in names[r % 2:] + names[:r % 2]:
-            first, total, ok = run(vmms[name], a.timeout)
-            results[name].append({"init_line_s": first, "power_off_s": total, "ok": ok})
+            first, total, ok, cpu = run(vmms[name], a.timeout)
+            results[name].append({"init_line_s": first, "power_off_s": total, "cpu_s": cpu, "ok": ok})
             print(f"round {r + 1}: {name:20} /init line {first if first is None else round(first, 2)} s, "
-                  f"power-off {total:.2f} s{'' if ok else '  (FAILED)'}", flush=True)
+                  f"power-off {total:.2f} s, CPU {cpu:.2f} s{'' if ok else '  (FAILED)'}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
     def med(name, key):
         vals = [x[key] for x in results[name] if x["ok"] and x[key] is not None]
         return statistics.median(vals) if vals else None
 
-    print(f"\n{'':22}{'/init line (median)':>22}{'power-off (median)':>22}")
+    print(f"\n{'':22}{'/init line (median)':>22}{'power-off (median)':>22}{'CPU time (median)':>22}")
     for name in names:
-        print(f"{name:22}{med(name, 'init_line_s') or float('nan'):>21.2f}s{med(name, 'power_off_s') or float('nan'):>21.2f}s")
+        print(f"{name:22}{med(name, 'init_line_s') or float('nan'):>21.2f}s{med(name, 'power_off_s') or float('nan'):>21.2f}s"
+              f"{med(name, 'cpu_s') or float('nan'):>21.2f}s")
     v, q = names
     ratios = {}
-    for key in ("init_line_s", "power_off_s"):
+    for key in ("init_line_s", "power_off_s", "cpu_s"):
         if med(v, key) and med(q, key):
             ratios[key] = med(v, key) / med(q, key)
     print("ratio vireo/QEMU: " + ", ".join(f"{k} {r:.2f}" for k, r in ratios.items()))
@@ -108,7 +115,7 @@ def main():
         "load_average": os.getloadavg(),
     }
     os.makedirs("bench/results", exist_ok=True)
-    path = f"bench/results/emu-vs-tcg-{datetime.date.today()}.json"
+    path = f"bench/results/emu-vs-tcg-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {path}")

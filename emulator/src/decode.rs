@@ -32,6 +32,17 @@
 //!   hot loop pays the comparison once per epoch rather than per block.
 //!   As on hardware, a block already running when another thread rewrites
 //!   it runs to its end.
+//!
+//! Chaining: each block remembers the blocks that ran right after it (one
+//! link for its fall-through address, one for any other target), so the
+//! common case of the next block skips the fetch translation and the cache
+//! probe. A link is a cache entry keyed by the linear address of the next
+//! block and is followed only while nothing it depends on changed: the
+//! cache's generation (no block was dropped or replaced, so the pointer is
+//! alive), the TLB's epoch (no flush, so the linear address still
+//! translates to the same page with the same rights), the privilege of
+//! the fetch, and the code epoch (a block not yet checked in this epoch
+//! takes the full path, which compares its bytes).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -97,6 +108,37 @@ pub(crate) struct Block {
     /// The code epoch ([`Cpu::code_sync`]) in which `code` last matched
     /// guest memory.
     pub checked: Cell<u64>,
+    /// The blocks that ran next: \[0\] at the fall-through address, \[1\]
+    /// anywhere else (see the module documentation).
+    links: [Cell<Link>; 2],
+}
+
+/// A chained successor of a block.
+#[derive(Clone, Copy)]
+struct Link {
+    la: u64,
+    generation: u64,
+    tlb_epoch: u64,
+    user: bool,
+    /// Alive while the cache's generation is `generation`: the cache holds
+    /// an `Rc` of every block it links to until it bumps the generation.
+    block: *const Block,
+}
+
+const NO_LINK: Link = Link {
+    la: 0,
+    generation: 0,
+    tlb_epoch: 0,
+    user: false,
+    block: std::ptr::null(),
+};
+
+impl Block {
+    /// The link slot of a successor at `rip`.
+    #[inline(always)]
+    fn slot(&self, rip: u64) -> usize {
+        usize::from(rip != self.rip.wrapping_add(self.code.len() as u64))
+    }
 }
 
 /// True if the `code.len()` bytes of guest RAM at host address `host` are
@@ -155,11 +197,16 @@ pub struct DecodeCache {
     count: usize,
     l0: Vec<L0Entry>,
     pub(crate) generation: u64,
+    /// The block that ran last and completed normally: the next block
+    /// found is linked from it.
+    pub(crate) last: Option<Rc<Block>>,
 }
 
-// SAFETY: the only non-Send parts are the `Rc<Block>`s. Every clone of
-// them is owned by this cache, or is a local of `Cpu::step` (the block
-// being run) dropped before it returns, so all clones of a block always
+// SAFETY: the only non-Send parts are the `Rc<Block>`s and the raw block
+// pointers of their links. Every clone of them is owned by this cache
+// (including `last`), or is a local of `Cpu::step` (the block being run)
+// dropped before it returns; the links point only to blocks of this
+// cache, so all clones of a block always
 // move between threads together with the `Cpu` that owns the cache and are
 // never used from two threads.
 unsafe impl Send for DecodeCache {}
@@ -171,6 +218,7 @@ impl Default for DecodeCache {
             count: 0,
             l0: vec![L0Entry::default(); L0_SIZE],
             generation: 1,
+            last: None,
         }
     }
 }
@@ -219,6 +267,8 @@ impl DecodeCache {
         let n = block.ops.len();
         if let Some(old) = page.insert(la, block.clone()) {
             self.count -= old.ops.len();
+            // Links to the replaced block must not be followed.
+            self.generation += 1;
         }
         self.count += n;
         self.l0[l0_slot(la)] = L0Entry {
@@ -299,10 +349,53 @@ impl Cpu {
     /// The decoded block at CS:RIP of `bits`-bit code, or `None` when the
     /// instruction there crosses into the next page (it is then run alone
     /// through [`Cpu::fetch_decode`], not cached, since a write to either
-    /// page would have to drop it). Invalid encodings raise #UD.
-    pub(crate) fn block_at(&mut self, bits: u32) -> Flow<Option<Rc<Block>>> {
+    /// page would have to drop it). Invalid encodings raise #UD. `prev`,
+    /// the block that ran just before, may link to it (see the module
+    /// documentation).
+    pub(crate) fn block_at(&mut self, bits: u32, prev: Option<&Block>) -> Flow<Option<Rc<Block>>> {
         let rip = self.state.rip;
         let la = self.code_la(bits);
+        let user = self.user_access(crate::mmu::Privilege::Current);
+        let Some(prev) = prev else {
+            return self.block_lookup(bits, rip, la);
+        };
+        let link = &prev.links[prev.slot(rip)];
+        let l = link.get();
+        if l.la == la
+            && l.generation == self.icache.generation
+            && l.tlb_epoch == self.tlb.epoch
+            && l.user == user
+            && !l.block.is_null()
+        {
+            // SAFETY: the generation is unchanged since the link was made,
+            // so the cache still holds an `Rc` of the block (see `Link`).
+            let b = unsafe { &*l.block };
+            if b.rip == rip && b.checked.get() == self.code_epoch {
+                // SAFETY: `l.block` came from `Rc::as_ptr` of a live `Rc`
+                // (above); the new strong count is owned by the `Rc`
+                // returned.
+                return Ok(Some(unsafe {
+                    Rc::increment_strong_count(l.block);
+                    Rc::from_raw(l.block)
+                }));
+            }
+        }
+        let found = self.block_lookup(bits, rip, la)?;
+        if let Some(b) = &found {
+            link.set(Link {
+                la,
+                generation: self.icache.generation,
+                tlb_epoch: self.tlb.epoch,
+                user,
+                block: Rc::as_ptr(b),
+            });
+        }
+        Ok(found)
+    }
+
+    /// [`Cpu::block_at`] without links: through the fetch translation
+    /// and the cache.
+    fn block_lookup(&mut self, bits: u32, rip: u64, la: u64) -> Flow<Option<Rc<Block>>> {
         let (ppage, host) = self.fetch_page(la)?;
         let off = (la & (PAGE_SIZE - 1)) as usize;
         let Some(host) = host else {
@@ -366,6 +459,7 @@ impl Cpu {
             ops: ops.into_boxed_slice(),
             code: buf[..len].into(),
             checked: Cell::new(self.code_epoch),
+            links: [Cell::new(NO_LINK), Cell::new(NO_LINK)],
         });
         if self.icache.insert(ppage, la, block.clone()) {
             // Writes to this page must now drop its decoded code.

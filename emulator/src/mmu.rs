@@ -157,6 +157,9 @@ pub struct Tlb {
     /// everything, since the other pieces of that page are cached too.
     has_large: bool,
     pub(crate) fast: FastTlb,
+    /// Bumped by every flush: a chained block link (see
+    /// [`crate::decode`]) made under an older epoch is not followed.
+    pub(crate) epoch: u64,
 }
 
 impl Default for Tlb {
@@ -171,10 +174,12 @@ impl Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
             has_large: false,
             fast: FastTlb::new(),
+            epoch: 0,
         }
     }
 
     pub fn flush_all(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
         self.entries.fill(EMPTY);
         self.has_large = false;
         self.fast.flush_all();
@@ -186,6 +191,7 @@ impl Tlb {
             self.flush_all();
             return;
         }
+        self.epoch = self.epoch.wrapping_add(1);
         let vpn = la >> 12;
         let e = &mut self.entries[(vpn as usize) % TLB_SIZE];
         if e.vpn == vpn {

@@ -249,3 +249,72 @@ fn device_write_during_a_long_run_is_seen_by_a_polling_loop() {
         0x55
     );
 }
+
+/// Chained blocks (see `decode.rs`) follow a link to the next block only
+/// while the TLB has not been flushed: after the guest remaps the page of
+/// a call target and invalidates it (INVLPG, or a CR3 reload), the same
+/// call site must run the new page's code, with no exit in between that
+/// would start a new code epoch.
+#[test]
+fn chained_call_follows_a_remapped_target() {
+    const FUNC_VA: u64 = 0x40_0000;
+    const P1: u64 = 0x11_0000;
+    const P2: u64 = 0x13_0000;
+    const SUM: u64 = 0x17_0000;
+    for use_cr3 in [false, true] {
+        let mut g = Guest::new();
+        g.identity(0x20_0000);
+        g.map_4k(FUNC_VA, P1, 0x3);
+        let mut t = common::PML4;
+        for level in [39, 30, 21] {
+            t = g.read_u64(t + ((FUNC_VA >> level) & 0x1ff) * 8) & 0x000f_ffff_ffff_f000;
+        }
+        let pte = t + ((FUNC_VA >> 12) & 0x1ff) * 8;
+        let fva = |v: u32| {
+            assemble(
+                |a| {
+                    a.mov(eax, v)?;
+                    a.ret()
+                },
+                FUNC_VA,
+            )
+        };
+        g.write(P1, &fva(0x11));
+        g.write(P2, &fva(0x2200));
+        let code = assemble(
+            |a| {
+                let mut top = a.create_label();
+                let mut skip = a.create_label();
+                a.mov(ecx, 6)?;
+                a.set_label(&mut top)?;
+                a.call(FUNC_VA)?;
+                a.cmp(ecx, 4)?;
+                a.jne(skip)?;
+                a.mov(qword_ptr(rdx), rbx)?;
+                if use_cr3 {
+                    a.mov(r8, cr3)?;
+                    a.mov(cr3, r8)?;
+                } else {
+                    a.invlpg(byte_ptr(FUNC_VA))?;
+                }
+                a.set_label(&mut skip)?;
+                a.add(dword_ptr(rdi), eax)?;
+                a.dec(ecx)?;
+                a.jnz(top)?;
+                a.hlt()
+            },
+            LOOP,
+        );
+        g.write(LOOP, &code);
+        g.write(SUM, &[0; 4]);
+        let mut cpu = g.cpu();
+        cpu.state.rip = LOOP;
+        cpu.state.gpr[4] = STACK;
+        cpu.state.gpr[2] = pte;
+        cpu.state.gpr[3] = P2 | 0x3;
+        cpu.state.gpr[7] = SUM;
+        assert_eq!(cpu.run(1000), Exit::Halt);
+        let sum = u32::from_le_bytes(g.read(SUM, 4).try_into().unwrap());
+        assert_eq!(sum, 3 * 0x11 + 3 * 0x2200, "CR3 reload: {use_cr3}");
+    }
+}

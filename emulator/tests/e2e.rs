@@ -923,3 +923,143 @@ fn odd_sized_frame_below_a_read_only_page_is_delivered() {
     assert_eq!(cpu.state.rip, HANDLERS + 6 + 1, "#UD delivered, not #PF");
     assert_eq!(cpu.state.gpr[4], IST_TOP - 40);
 }
+
+/// The specialised handlers of the common forms (see `exec/fast.rs`) run
+/// without a register snapshot: a fault in any of them must still find
+/// the registers, RFLAGS and memory as they were before the instruction.
+#[test]
+fn faulting_specialised_forms_leave_state_as_before() {
+    use vireo_emulator::cpu::state::rflags::{ARITH, CF, FIXED1, ZF};
+    const RO: u64 = 0x60_0000; // read-only page
+    const GONE: u64 = 0x61_0000; // not mapped
+    type Asm = fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
+    // (what, code, RDX, RSP, expected CR2, expected #PF error code)
+    let cases: [(&str, Asm, u64, u64, u64, u64); 12] = [
+        (
+            "add [ro], reg",
+            |a| a.add(qword_ptr(rdx), rbx),
+            RO + 8,
+            0x1f_0000,
+            RO + 8,
+            0b11,
+        ),
+        (
+            "sub [ro], imm",
+            |a| a.sub(dword_ptr(rdx + 4), 7),
+            RO,
+            0x1f_0000,
+            RO + 4,
+            0b11,
+        ),
+        (
+            "xor [ro], reg8",
+            |a| a.xor(byte_ptr(rdx), bl),
+            RO + 1,
+            0x1f_0000,
+            RO + 1,
+            0b11,
+        ),
+        (
+            "cmp [gone], reg",
+            |a| a.cmp(qword_ptr(rdx), rbx),
+            GONE,
+            0x1f_0000,
+            GONE,
+            0,
+        ),
+        (
+            "movzx r32, [gone]",
+            |a| a.movzx(eax, byte_ptr(rdx)),
+            GONE + 3,
+            0x1f_0000,
+            GONE + 3,
+            0,
+        ),
+        (
+            "movsxd r64, [gone]",
+            |a| a.movsxd(rax, dword_ptr(rdx)),
+            GONE,
+            0x1f_0000,
+            GONE,
+            0,
+        ),
+        (
+            "cmovz r64, [gone]",
+            |a| a.cmovz(rax, qword_ptr(rdx)),
+            GONE,
+            0x1f_0000,
+            GONE,
+            0,
+        ),
+        (
+            "push r64 to ro",
+            |a| a.push(rbx),
+            0,
+            RO + 0x800,
+            RO + 0x7f8,
+            0b11,
+        ),
+        (
+            "pop r64 from gone",
+            |a| a.pop(rbx),
+            0,
+            GONE + 0x10,
+            GONE + 0x10,
+            0,
+        ),
+        (
+            "call to ro stack",
+            |a| a.call(CODE + 0x100),
+            0,
+            RO + 0x100,
+            RO + 0xf8,
+            0b11,
+        ),
+        ("ret from gone", |a| a.ret(), 0, GONE + 0x20, GONE + 0x20, 0),
+        (
+            "ret imm16 from gone",
+            |a| a.ret_1(16),
+            0,
+            GONE + 0x28,
+            GONE + 0x28,
+            0,
+        ),
+    ];
+    let mut g = Guest::new();
+    g.identity(0x20_0000);
+    g.map_4k(RO, 0x30_0000, 0x1);
+    for (what, asm, rdx_v, rsp_v, cr2_v, err) in cases {
+        let code = assemble(
+            |a| {
+                asm(a)?;
+                a.hlt()
+            },
+            CODE,
+        );
+        g.write(CODE, &code);
+        g.write(0x30_0000, &[0x5a; 4096]);
+        let mut cpu = g.cpu();
+        cpu.state.rip = CODE;
+        let mut gpr = [0u64; 16];
+        for (n, r) in gpr.iter_mut().enumerate() {
+            *r = 0x1111_1111_1111_1111u64.wrapping_mul(n as u64 + 1);
+        }
+        gpr[2] = rdx_v;
+        gpr[4] = rsp_v;
+        cpu.state.gpr = gpr;
+        let flags = FIXED1 | CF | ZF;
+        cpu.state.rflags = flags;
+        assert_eq!(cpu.run(10), Exit::Halt, "{what}");
+        assert_eq!(cpu.state.rip, HANDLERS + 14 + 1, "{what}: #PF delivered");
+        assert_eq!(cpu.state.cr2, cr2_v, "{what}: CR2");
+        let frame = |k: u64| g.read_u64(IST_TOP - 48 + 8 * k);
+        assert_eq!(frame(0), err, "{what}: error code");
+        assert_eq!(frame(1), CODE, "{what}: RIP of the faulting instruction");
+        assert_eq!(frame(3) & ARITH, flags & ARITH, "{what}: RFLAGS");
+        assert_eq!(frame(4), rsp_v, "{what}: RSP");
+        for n in (0..16).filter(|&n| n != 4) {
+            assert_eq!(cpu.state.gpr[n], gpr[n], "{what}: register {n}");
+        }
+        assert_eq!(g.read(0x30_0000, 4096), vec![0x5a; 4096], "{what}: memory");
+    }
+}

@@ -300,7 +300,8 @@ impl Cpu {
             self.icache.invalidate_all();
             self.last_bits = bits;
         }
-        let block = match self.block_at(bits) {
+        let prev = self.icache.last.take();
+        let block = match self.block_at(bits, prev.as_deref()) {
             Ok(Some(b)) => b,
             Ok(None) => {
                 // An instruction across a page boundary: decoded alone.
@@ -350,8 +351,12 @@ impl Cpu {
                 // Go on with the next instruction only while it is the
                 // one decoded after this one and nothing needs a look
                 // between instructions.
-                if self.next_rip != next
-                    || self.icache.generation != generation
+                if self.next_rip != next {
+                    // A taken branch: the next block may be chained.
+                    self.icache.last = Some(block);
+                    return None;
+                }
+                if self.icache.generation != generation
                     || self.int_shadow
                     || self.halted
                     || !self.mmio_writes.is_empty()
@@ -369,6 +374,8 @@ impl Cpu {
                 return self.finish(result, snap);
             }
         }
+        // The block ran to its end (or to the budget's).
+        self.icache.last = Some(block);
         None
     }
 

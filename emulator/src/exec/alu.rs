@@ -55,7 +55,10 @@ pub(crate) mod form {
 /// [`binary`] specialised at decode time for one operation and a register
 /// destination (the common forms), so that neither the operation nor the
 /// operand kinds are looked up again on every execution.
-pub(crate) fn binary_form<const OP: u8, const FORM: u8>(cpu: &mut Cpu, i: &Instruction) -> Flow {
+pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool>(
+    cpu: &mut Cpu,
+    i: &Instruction,
+) -> Flow {
     let dst = i.op0_register();
     let Some((_, bits, _)) = super::gpr_info(dst) else {
         return binary(cpu, i);
@@ -65,7 +68,7 @@ pub(crate) fn binary_form<const OP: u8, const FORM: u8>(cpu: &mut Cpu, i: &Instr
         form::REG_REG => cpu.reg(i.op1_register()),
         form::REG_IMM => i.immediate(1) & m,
         _ => {
-            let la = cpu.ea(i);
+            let la = cpu.ea_form::<A64>(i);
             cpu.read_mem(la, (bits / 8) as usize)?
         }
     };

@@ -4,6 +4,7 @@
 pub mod alu;
 pub mod bits;
 pub mod branch;
+pub mod fast;
 pub mod float;
 pub mod mov;
 pub mod muldiv;
@@ -224,63 +225,71 @@ pub(crate) type Handler = fn(&mut Cpu, &Instruction) -> Flow;
 pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
     use Mnemonic as M;
     let (run, ends) = handler_parts(i);
-    let run = specialised(i).unwrap_or(run);
-    let clean = !ends
-        && !i.has_lock_prefix()
-        && (is_jcc(i.mnemonic())
-            || matches!(
-                i.mnemonic(),
-                M::Add
-                    | M::Adc
-                    | M::Sub
-                    | M::Sbb
-                    | M::Cmp
-                    | M::And
-                    | M::Or
-                    | M::Xor
-                    | M::Test
-                    | M::Inc
-                    | M::Dec
-                    | M::Neg
-                    | M::Not
-                    | M::Shl
-                    | M::Sal
-                    | M::Shr
-                    | M::Sar
-                    | M::Rol
-                    | M::Ror
-                    | M::Mov
-                    | M::Movzx
-                    | M::Movsx
-                    | M::Movsxd
-                    | M::Lea
-                    | M::Cmova
-                    | M::Cmovae
-                    | M::Cmovb
-                    | M::Cmovbe
-                    | M::Cmove
-                    | M::Cmovg
-                    | M::Cmovge
-                    | M::Cmovl
-                    | M::Cmovle
-                    | M::Cmovne
-                    | M::Cmovs
-                    | M::Cmovns
-                    | M::Seta
-                    | M::Setae
-                    | M::Setb
-                    | M::Setbe
-                    | M::Sete
-                    | M::Setg
-                    | M::Setge
-                    | M::Setl
-                    | M::Setle
-                    | M::Setne
-                    | M::Sets
-                    | M::Setns
-                    | M::Nop
-                    | M::Push
-            ))
+    let fast = specialised(i);
+    let run = match fast {
+        Some(f) => f,
+        None if generic_census::on() => generic_census::counted,
+        None => run,
+    };
+    // Every specialised handler reads and checks all that may fault
+    // before it writes (near CALL/RET/JMP too, which end blocks).
+    let clean = fast.is_some()
+        || !ends
+            && !i.has_lock_prefix()
+            && (is_jcc(i.mnemonic())
+                || matches!(
+                    i.mnemonic(),
+                    M::Add
+                        | M::Adc
+                        | M::Sub
+                        | M::Sbb
+                        | M::Cmp
+                        | M::And
+                        | M::Or
+                        | M::Xor
+                        | M::Test
+                        | M::Inc
+                        | M::Dec
+                        | M::Neg
+                        | M::Not
+                        | M::Shl
+                        | M::Sal
+                        | M::Shr
+                        | M::Sar
+                        | M::Rol
+                        | M::Ror
+                        | M::Mov
+                        | M::Movzx
+                        | M::Movsx
+                        | M::Movsxd
+                        | M::Lea
+                        | M::Cmova
+                        | M::Cmovae
+                        | M::Cmovb
+                        | M::Cmovbe
+                        | M::Cmove
+                        | M::Cmovg
+                        | M::Cmovge
+                        | M::Cmovl
+                        | M::Cmovle
+                        | M::Cmovne
+                        | M::Cmovs
+                        | M::Cmovns
+                        | M::Seta
+                        | M::Setae
+                        | M::Setb
+                        | M::Setbe
+                        | M::Sete
+                        | M::Setg
+                        | M::Setge
+                        | M::Setl
+                        | M::Setle
+                        | M::Setne
+                        | M::Sets
+                        | M::Setns
+                        | M::Nop
+                        | M::Push
+                ))
         || (!ends
             && !i.has_lock_prefix()
             && i.mnemonic() == M::Pop
@@ -290,25 +299,62 @@ pub(crate) fn handler_info(i: &Instruction) -> (Handler, bool, bool) {
 }
 
 /// A handler specialised for the operand form of the most common
-/// instructions (MOV and the two-operand ALU group with a general purpose
-/// register destination), or `None`.
+/// instructions (MOV, the two-operand ALU group, MOVZX/MOVSX/MOVSXD, LEA,
+/// shifts and rotates, INC/DEC, PUSH/POP, near CALL/RET/JMP, Jcc, SETcc,
+/// CMOVcc), or `None`: the instruction then runs its generic handler.
 fn specialised(i: &Instruction) -> Option<Handler> {
+    use iced_x86::Code as C;
     use Mnemonic as M;
     if i.has_lock_prefix() {
         return None;
     }
+    let code64 = i.code_size() == iced_x86::CodeSize::Code64;
     if i.op_count() == 1
         && matches!(
             i.op0_kind(),
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
         )
     {
-        return jcc(i);
-    }
-    if i.op_count() != 2 {
-        return None;
+        return match i.code() {
+            C::Call_rel32_64 if code64 => Some(fast::call_rel64),
+            C::Jmp_rel32_64 | C::Jmp_rel8_64 if code64 => Some(fast::jmp_rel64),
+            _ => jcc(i),
+        };
     }
     let gpr = |n: u32| i.op_kind(n) == OpKind::Register && gpr_info(i.op_register(n)).is_some();
+    let r64 = |n: u32| gpr(n) && i.op_register(n).size() == 8;
+    match i.code() {
+        C::Retnq if code64 => return Some(fast::ret64::<false>),
+        C::Retnq_imm16 if code64 => return Some(fast::ret64::<true>),
+        C::Push_r64 if code64 && r64(0) => return Some(fast::push64),
+        C::Pop_r64 if code64 && r64(0) => return Some(fast::pop64),
+        _ => {}
+    }
+    if i.op_count() == 1 && gpr(0) {
+        return match i.mnemonic() {
+            M::Inc => Some(fast::incdec_form::<true>),
+            M::Dec => Some(fast::incdec_form::<false>),
+            M::Neg => Some(fast::negnot_form::<true>),
+            M::Not => Some(fast::negnot_form::<false>),
+            M::Seta
+            | M::Setae
+            | M::Setb
+            | M::Setbe
+            | M::Sete
+            | M::Setg
+            | M::Setge
+            | M::Setl
+            | M::Setle
+            | M::Setne
+            | M::Setno
+            | M::Setnp
+            | M::Setns
+            | M::Seto
+            | M::Setp
+            | M::Sets => by_cc(i, CcKind::Set),
+            _ => None,
+        };
+    }
     let imm = |n: u32| {
         matches!(
             i.op_kind(n),
@@ -324,44 +370,254 @@ fn specialised(i: &Instruction) -> Option<Handler> {
     };
     let mem =
         |n: u32| i.op_kind(n) == OpKind::Memory && matches!(i.memory_size().size(), 1 | 2 | 4 | 8);
-    if i.mnemonic() == M::Mov {
-        use mov::form as F;
+    let a64 = (0..2).any(|n| i.op_kind(n) == OpKind::Memory) && fast::addr64(i);
+    // The same form with 64-bit addressing or with the general one.
+    macro_rules! a {
+        ($f:ident, $($p:tt),*) => {
+            if a64 {
+                $f::<$($p,)* true> as Handler
+            } else {
+                $f::<$($p,)* false> as Handler
+            }
+        };
+    }
+    if i.mnemonic() == M::Imul && gpr(0) && i.op_count() >= 2 {
+        use fast::imul_form;
+        let three = i.op_count() == 3;
+        if three && !imm(2) {
+            return None;
+        }
         return Some(match () {
-            _ if gpr(0) && gpr(1) => mov::mov_form::<{ F::REG_REG }>,
-            _ if gpr(0) && mem(1) => mov::mov_form::<{ F::REG_MEM }>,
-            _ if mem(0) && gpr(1) => mov::mov_form::<{ F::MEM_REG }>,
-            _ if gpr(0) && imm(1) => mov::mov_form::<{ F::REG_IMM }>,
-            _ if mem(0) && imm(1) => mov::mov_form::<{ F::MEM_IMM }>,
+            _ if gpr(1) && three => imul_form::<true, false, false>,
+            _ if gpr(1) => imul_form::<false, false, false>,
+            _ if mem(1) && three => a!(imul_form, true, true),
+            _ if mem(1) => a!(imul_form, false, true),
             _ => return None,
         });
     }
-    if !gpr(0) {
+    if i.op_count() != 2 {
         return None;
     }
+    match i.mnemonic() {
+        M::Mov => {
+            use mov::form as F;
+            use mov::mov_form;
+            return Some(match () {
+                _ if gpr(0) && gpr(1) => a!(mov_form, { F::REG_REG }),
+                _ if gpr(0) && mem(1) => a!(mov_form, { F::REG_MEM }),
+                _ if mem(0) && gpr(1) => a!(mov_form, { F::MEM_REG }),
+                _ if gpr(0) && imm(1) => a!(mov_form, { F::REG_IMM }),
+                _ if mem(0) && imm(1) => a!(mov_form, { F::MEM_IMM }),
+                _ => return None,
+            });
+        }
+        M::Movzx | M::Movsx | M::Movsxd if gpr(0) => {
+            use fast::movx_form;
+            let sign = i.mnemonic() != M::Movzx;
+            let src = if gpr(1) {
+                gpr_info(i.op1_register()).map_or(0, |(_, b, _)| b)
+            } else if mem(1) {
+                (i.memory_size().size() * 8) as u32
+            } else {
+                0
+            };
+            let m = i.op1_kind() == OpKind::Memory;
+            return Some(match (sign, src, m) {
+                (false, 8, false) => movx_form::<false, 8, false, false>,
+                (false, 16, false) => movx_form::<false, 16, false, false>,
+                (true, 8, false) => movx_form::<true, 8, false, false>,
+                (true, 16, false) => movx_form::<true, 16, false, false>,
+                (true, 32, false) => movx_form::<true, 32, false, false>,
+                (false, 8, true) => a!(movx_form, false, 8, true),
+                (false, 16, true) => a!(movx_form, false, 16, true),
+                (true, 8, true) => a!(movx_form, true, 8, true),
+                (true, 16, true) => a!(movx_form, true, 16, true),
+                (true, 32, true) => a!(movx_form, true, 32, true),
+                _ => return None,
+            });
+        }
+        M::Lea if gpr(0) && i.op1_kind() == OpKind::Memory && a64 => return Some(fast::lea64),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror if gpr(0) => {
+            use fast::{count as N, sh, shift_form};
+            let cnt = match i.op1_kind() {
+                OpKind::Immediate8 if i.immediate8() == 1 => N::ONE,
+                OpKind::Immediate8 => N::IMM,
+                OpKind::Register if i.op1_register() == Register::CL => N::CL,
+                _ => return None,
+            };
+            macro_rules! sh {
+                ($op:expr) => {
+                    match cnt {
+                        N::ONE => shift_form::<{ $op }, { N::ONE }> as Handler,
+                        N::IMM => shift_form::<{ $op }, { N::IMM }>,
+                        _ => shift_form::<{ $op }, { N::CL }>,
+                    }
+                };
+            }
+            return Some(match i.mnemonic() {
+                M::Shl | M::Sal => sh!(sh::SHL),
+                M::Shr => sh!(sh::SHR),
+                M::Sar => sh!(sh::SAR),
+                M::Rol => sh!(sh::ROL),
+                _ => sh!(sh::ROR),
+            });
+        }
+        M::Cmova
+        | M::Cmovae
+        | M::Cmovb
+        | M::Cmovbe
+        | M::Cmove
+        | M::Cmovg
+        | M::Cmovge
+        | M::Cmovl
+        | M::Cmovle
+        | M::Cmovne
+        | M::Cmovno
+        | M::Cmovnp
+        | M::Cmovns
+        | M::Cmovo
+        | M::Cmovp
+        | M::Cmovs
+            if gpr(0) =>
+        {
+            return match () {
+                _ if gpr(1) => by_cc(i, CcKind::CmovReg),
+                _ if mem(1) && a64 => by_cc(i, CcKind::CmovMem64),
+                _ if mem(1) => by_cc(i, CcKind::CmovMem),
+                _ => None,
+            };
+        }
+        _ => {}
+    }
+    use alu::op as O;
+    let op = match i.mnemonic() {
+        M::Add => O::ADD,
+        M::Adc => O::ADC,
+        M::Sub => O::SUB,
+        M::Sbb => O::SBB,
+        M::Cmp => O::CMP,
+        M::And => O::AND,
+        M::Or => O::OR,
+        M::Xor => O::XOR,
+        M::Test => O::TEST,
+        _ => return None,
+    };
     macro_rules! alu {
         ($op:expr) => {{
+            use alu::binary_form;
             use alu::form as F;
+            use fast::binary_mem_form;
             match () {
-                _ if gpr(1) => alu::binary_form::<{ $op }, { F::REG_REG }> as Handler,
-                _ if imm(1) => alu::binary_form::<{ $op }, { F::REG_IMM }>,
-                _ if mem(1) => alu::binary_form::<{ $op }, { F::REG_MEM }>,
+                _ if gpr(0) && gpr(1) => binary_form::<{ $op }, { F::REG_REG }, false> as Handler,
+                _ if gpr(0) && imm(1) => binary_form::<{ $op }, { F::REG_IMM }, false>,
+                _ if gpr(0) && mem(1) => a!(binary_form, { $op }, { F::REG_MEM }),
+                _ if mem(0) && gpr(1) => a!(binary_mem_form, { $op }, false),
+                _ if mem(0) && imm(1) => a!(binary_mem_form, { $op }, true),
                 _ => return None,
             }
         }};
     }
-    use alu::op as O;
-    Some(match i.mnemonic() {
-        M::Add => alu!(O::ADD),
-        M::Adc => alu!(O::ADC),
-        M::Sub => alu!(O::SUB),
-        M::Sbb => alu!(O::SBB),
-        M::Cmp => alu!(O::CMP),
-        M::And => alu!(O::AND),
-        M::Or => alu!(O::OR),
-        M::Xor => alu!(O::XOR),
-        M::Test => alu!(O::TEST),
-        _ => return None,
+    Some(match op {
+        O::ADD => alu!(O::ADD),
+        O::ADC => alu!(O::ADC),
+        O::SUB => alu!(O::SUB),
+        O::SBB => alu!(O::SBB),
+        O::CMP => alu!(O::CMP),
+        O::AND => alu!(O::AND),
+        O::OR => alu!(O::OR),
+        O::XOR => alu!(O::XOR),
+        _ => alu!(O::TEST),
     })
+}
+
+/// Which condition-code handler [`by_cc`] picks.
+#[derive(Clone, Copy)]
+enum CcKind {
+    Set,
+    CmovReg,
+    CmovMem,
+    CmovMem64,
+}
+
+/// SETcc / CMOVcc specialised for the condition of `i`.
+fn by_cc(i: &Instruction, kind: CcKind) -> Option<Handler> {
+    use iced_x86::ConditionCode as C;
+    macro_rules! cc {
+        ($($c:ident),*) => {
+            match i.condition_code() {
+                $(C::$c => Some(match kind {
+                    CcKind::Set => fast::setcc_form::<{ C::$c as u8 }> as Handler,
+                    CcKind::CmovReg => fast::cmov_form::<{ C::$c as u8 }, false, false>,
+                    CcKind::CmovMem => fast::cmov_form::<{ C::$c as u8 }, true, false>,
+                    CcKind::CmovMem64 => fast::cmov_form::<{ C::$c as u8 }, true, true>,
+                }),)*
+                _ => None,
+            }
+        };
+    }
+    cc!(o, no, b, ae, e, ne, be, a, s, ns, p, np, l, ge, le, g)
+}
+
+/// A census of the instructions that run their generic handler, for
+/// finding the forms worth specialising: with `VIREO_EMU_GENERIC=FILE`,
+/// instructions without a specialised handler are decoded with
+/// [`counted`](generic_census::counted), which counts them by iced `Code`
+/// and whether they have a memory operand, and rewrites FILE (`COUNT CODE
+/// reg|mem` lines, most frequent first) every 2^22 counts. Without the
+/// variable nothing changes: the handler is chosen at decode time.
+mod generic_census {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use iced_x86::{Code, Instruction, OpKind};
+
+    use crate::cpu::{Cpu, Flow};
+
+    struct Census {
+        path: std::path::PathBuf,
+        counts: HashMap<(Code, bool), u64>,
+        total: u64,
+    }
+
+    fn census() -> &'static Option<Mutex<Census>> {
+        static C: OnceLock<Option<Mutex<Census>>> = OnceLock::new();
+        C.get_or_init(|| {
+            std::env::var_os("VIREO_EMU_GENERIC").map(|p| {
+                Mutex::new(Census {
+                    path: p.into(),
+                    counts: HashMap::new(),
+                    total: 0,
+                })
+            })
+        })
+    }
+
+    pub(super) fn on() -> bool {
+        census().is_some()
+    }
+
+    pub(super) fn counted(cpu: &mut Cpu, i: &Instruction) -> Flow {
+        if let Some(c) = census() {
+            let mut c = c.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mem = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory);
+            *c.counts.entry((i.code(), mem)).or_insert(0) += 1;
+            c.total += 1;
+            if c.total % (1 << 22) == 0 {
+                let mut rows: Vec<_> = c.counts.iter().collect();
+                rows.sort_unstable_by_key(|r| std::cmp::Reverse(*r.1));
+                let text: String = rows
+                    .iter()
+                    .map(|((code, mem), n)| {
+                        format!("{n} {code:?} {}\n", if *mem { "mem" } else { "reg" })
+                    })
+                    .collect();
+                if let Err(e) = std::fs::write(&c.path, text) {
+                    tracing::warn!("cannot write {}: {e}", c.path.display());
+                }
+            }
+        }
+        super::handler_parts(i).0(cpu, i)
+    }
 }
 
 /// The sixteen conditional jumps (not LOOP/JCXZ).

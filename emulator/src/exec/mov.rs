@@ -157,7 +157,7 @@ pub(crate) mod form {
 
 /// MOV between general purpose registers, memory and immediates,
 /// specialised at decode time for one operand form.
-pub(crate) fn mov_form<const FORM: u8>(cpu: &mut Cpu, i: &Instruction) -> Flow {
+pub(crate) fn mov_form<const FORM: u8, const A64: bool>(cpu: &mut Cpu, i: &Instruction) -> Flow {
     match FORM {
         form::REG_REG => {
             let v = cpu.reg(i.op1_register());
@@ -165,14 +165,14 @@ pub(crate) fn mov_form<const FORM: u8>(cpu: &mut Cpu, i: &Instruction) -> Flow {
             Ok(())
         }
         form::REG_MEM => {
-            let la = cpu.ea(i);
+            let la = cpu.ea_form::<A64>(i);
             let v = cpu.read_mem(la, i.memory_size().size())?;
             cpu.set_reg(i.op0_register(), v);
             Ok(())
         }
         form::MEM_REG => {
             let v = cpu.reg(i.op1_register());
-            let la = cpu.ea(i);
+            let la = cpu.ea_form::<A64>(i);
             cpu.write_mem(la, i.memory_size().size(), v)
         }
         form::REG_IMM => {
@@ -180,7 +180,7 @@ pub(crate) fn mov_form<const FORM: u8>(cpu: &mut Cpu, i: &Instruction) -> Flow {
             Ok(())
         }
         _ => {
-            let la = cpu.ea(i);
+            let la = cpu.ea_form::<A64>(i);
             cpu.write_mem(la, i.memory_size().size(), i.immediate(1))
         }
     }

@@ -85,7 +85,7 @@ fn acc(bits: u32, idx: usize) -> iced_x86::Register {
 }
 
 /// CF = OF = the result did not fit; SF/ZF/PF (undefined) from the low half.
-fn set_mul_flags(cpu: &mut Cpu, bits: u32, lo: u64, overflow: bool) {
+pub(crate) fn set_mul_flags(cpu: &mut Cpu, bits: u32, lo: u64, overflow: bool) {
     let mut f = szp(bits, lo);
     if overflow {
         f |= CF | OF;

@@ -19,9 +19,7 @@ fn count_mask(bits: u32) -> u64 {
 
 pub(crate) fn shift(cpu: &mut Cpu, i: &Instruction) -> Flow {
     let bits = cpu.width(i, 0)?;
-    let m = mask(bits);
-    let msb = sign_bit(bits);
-    let a = cpu.read_op(i, 0)? & m;
+    let a = cpu.read_op(i, 0)? & mask(bits);
     let count = cpu.read_op(i, 1)? & count_mask(bits);
     if count == 0 {
         // No flags change, but a 32-bit register destination is still
@@ -32,25 +30,53 @@ pub(crate) fn shift(cpu: &mut Cpu, i: &Instruction) -> Flow {
         return Ok(());
     }
     let cf_in = cpu.state.flag(CF);
+    use super::fast::sh;
+    let op = match i.mnemonic() {
+        Mnemonic::Shl | Mnemonic::Sal => sh::SHL,
+        Mnemonic::Shr => sh::SHR,
+        Mnemonic::Sar => sh::SAR,
+        Mnemonic::Rol => sh::ROL,
+        Mnemonic::Ror => sh::ROR,
+        Mnemonic::Rcl => RCL,
+        _ => RCR,
+    };
+    let (r, fmask, f) = compute(op, bits, a, count, cf_in);
+    cpu.write_op(i, 0, r)?;
+    cpu.state.set_arith(fmask, f);
+    Ok(())
+}
+
+const RCL: u8 = 5;
+const RCR: u8 = 6;
+
+/// The result of shift or rotate `op` ([`super::fast::sh`], or RCL/RCR)
+/// of the `bits`-bit value `a` by `count` (already masked, not 0), and the
+/// RFLAGS bits it writes with their values.
+#[inline(always)]
+pub(crate) fn compute(op: u8, bits: u32, a: u64, count: u64, cf_in: bool) -> (u64, u64, u64) {
+    use super::fast::sh;
+    let m = mask(bits);
+    let msb = sign_bit(bits);
+    let a = a & m;
     let bit = |v: u64, n: u64| -> bool { n < 64 && (v >> n) & 1 == 1 };
     // (result, CF, OF, whether SF/ZF/PF/AF are written)
-    let (r, cf, of, szp_written) = match i.mnemonic() {
-        Mnemonic::Shl | Mnemonic::Sal => {
+    let (r, cf, of, szp_written) = match op {
+        sh::SHL => {
             let r = if count >= 64 { 0 } else { (a << count) & m };
             let cf = count <= u64::from(bits) && bit(a, u64::from(bits) - count);
             (r, cf, (r & msb != 0) ^ cf, true)
         }
-        Mnemonic::Shr => {
+        sh::SHR => {
             let r = if count >= 64 { 0 } else { a >> count };
             (r, bit(a, count - 1), a & msb != 0, true)
         }
-        Mnemonic::Sar => {
+        sh::SAR => {
             let sa = sext(bits, a) as i64;
             let r = (sa >> count.min(63)) as u64 & m;
             let cf = (sa >> (count - 1).min(63)) & 1 == 1;
             (r, cf, false, true)
         }
-        Mnemonic::Rol => {
+        sh::ROL => {
             let rc = count % u64::from(bits);
             let r = if rc == 0 {
                 a
@@ -60,7 +86,7 @@ pub(crate) fn shift(cpu: &mut Cpu, i: &Instruction) -> Flow {
             let cf = r & 1 == 1;
             (r, cf, (r & msb != 0) ^ cf, false)
         }
-        Mnemonic::Ror => {
+        sh::ROR => {
             let rc = count % u64::from(bits);
             let r = if rc == 0 {
                 a
@@ -70,7 +96,7 @@ pub(crate) fn shift(cpu: &mut Cpu, i: &Instruction) -> Flow {
             let cf = r & msb != 0;
             (r, cf, cf ^ (r & (msb >> 1) != 0), false)
         }
-        Mnemonic::Rcl => {
+        RCL => {
             let rc = count % (u64::from(bits) + 1);
             let (mut v, mut c) = (a, cf_in);
             for _ in 0..rc {
@@ -93,15 +119,12 @@ pub(crate) fn shift(cpu: &mut Cpu, i: &Instruction) -> Flow {
             (v, c, of, false)
         }
     };
-    cpu.write_op(i, 0, r)?;
-    let mut f = if cf { CF } else { 0 } | if of { OF } else { 0 };
+    let f = if cf { CF } else { 0 } | if of { OF } else { 0 };
     if szp_written {
-        f |= szp(bits, r);
-        cpu.state.set_arith(ARITH, f & !AF);
+        (r, ARITH, (f | szp(bits, r)) & !AF)
     } else {
-        cpu.state.set_arith(CF | OF, f);
+        (r, CF | OF, f)
     }
-    Ok(())
 }
 
 /// SHLD/SHRD.
