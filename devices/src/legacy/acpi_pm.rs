@@ -239,3 +239,43 @@ mod tests {
         d.write(100, &[1, 2, 3, 4, 5]);
     }
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedPm {
+    status: u16,
+    enable: u16,
+    cnt: u16,
+    /// PM timer position, as nanoseconds since it started.
+    timer_ns: u64,
+}
+
+impl vireo_vmcore::snapshot::Snapshottable for AcpiPm {
+    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+        vireo_vmcore::snapshot::to_state(
+            "acpi_pm",
+            &SavedPm {
+                status: self.status,
+                enable: self.enable,
+                cnt: self.cnt,
+                timer_ns: self.start.elapsed().as_nanos() as u64,
+            },
+        )
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
+        let s: SavedPm = vireo_vmcore::snapshot::device_state("acpi_pm", state)?;
+        self.status = s.status;
+        self.enable = s.enable;
+        self.cnt = s.cnt | CNT_SCI_EN;
+        // The PM timer goes on from where it was (it must not jump back).
+        let now = Instant::now();
+        self.start = now
+            .checked_sub(std::time::Duration::from_nanos(s.timer_ns))
+            .unwrap_or(now);
+        self.update_sci();
+        Ok(())
+    }
+}

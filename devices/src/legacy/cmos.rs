@@ -283,3 +283,43 @@ mod tests {
         assert_eq!(c.data[0x5c], 0x40, "1 GiB above 4G = 0x4000 units of 64K");
     }
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCmos {
+    index: u8,
+    data: Vec<u8>,
+    offset: i64,
+}
+
+/// The RTC keeps its offset from the host clock, so a restored guest's
+/// wall clock is the host's plus the offset it had set (time the snapshot
+/// spent on disk passes for the guest too, as after a suspend).
+impl vireo_vmcore::snapshot::Snapshottable for Cmos {
+    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+        vireo_vmcore::snapshot::to_state(
+            "cmos",
+            &SavedCmos {
+                index: self.index,
+                data: self.data.to_vec(),
+                offset: self.offset,
+            },
+        )
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
+        let s: SavedCmos = vireo_vmcore::snapshot::device_state("cmos", state)?;
+        self.data = s
+            .data
+            .try_into()
+            .map_err(|_| vireo_vmcore::snapshot::SnapshotError::Device {
+                id: "cmos".into(),
+                reason: "saved CMOS RAM is not 128 bytes".into(),
+            })?;
+        self.index = s.index & 0x7f;
+        self.offset = s.offset;
+        Ok(())
+    }
+}

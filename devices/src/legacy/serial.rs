@@ -159,3 +159,73 @@ mod tests {
         assert_eq!(input.enqueue(&big), 0, "full FIFO takes nothing");
     }
 }
+
+/// COM1's registers and receive FIFO (vm-superio's `SerialState`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedSerial {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl vireo_vmcore::snapshot::Snapshottable for Serial {
+    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+        let s = self.uart.state();
+        vireo_vmcore::snapshot::to_state(
+            "serial0",
+            &SavedSerial {
+                baud_divisor_low: s.baud_divisor_low,
+                baud_divisor_high: s.baud_divisor_high,
+                interrupt_enable: s.interrupt_enable,
+                interrupt_identification: s.interrupt_identification,
+                line_control: s.line_control,
+                line_status: s.line_status,
+                modem_control: s.modem_control,
+                modem_status: s.modem_status,
+                scratch: s.scratch,
+                in_buffer: s.in_buffer,
+            },
+        )
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
+        let s: SavedSerial = vireo_vmcore::snapshot::device_state("serial0", state)?;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        // vm-superio builds a UART from a state with its trigger and
+        // writer: take both from the current one.
+        let irq = self.uart.interrupt_evt().0.clone();
+        let placeholder: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let old = std::mem::replace(
+            &mut self.uart,
+            vm_superio::Serial::new(IrqTrigger(irq.clone()), placeholder),
+        );
+        let out = old.into_writer();
+        self.uart = vm_superio::Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| vireo_vmcore::snapshot::SnapshotError::Device {
+                id: "serial0".into(),
+                reason: format!("{e:?}"),
+            })?;
+        Ok(())
+    }
+}
