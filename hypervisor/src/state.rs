@@ -117,6 +117,9 @@ pub struct PicState {
     pub init4: u8,
     pub elcr: u8,
     pub elcr_mask: u8,
+    /// ICW1 SNGL (no cascade); KVM does not keep it.
+    #[serde(default)]
+    pub single: u8,
 }
 
 /// The IOAPIC: its registers and 24 redirection entries.

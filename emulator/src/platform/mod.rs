@@ -390,6 +390,26 @@ impl Platform {
         }
     }
 
+    /// The PICs, IOAPIC and PIT (the local APICs are saved with their vCPUs).
+    pub fn save_state(&self) -> vireo_hypervisor::PlatformState {
+        vireo_hypervisor::PlatformState {
+            pic: lock(&self.pic).save(),
+            ioapic: lock(&self.ioapic).save(),
+            pit: lock(&self.pit).save(),
+            clock_ns: None,
+        }
+    }
+
+    pub fn restore_state(&self, s: &vireo_hypervisor::PlatformState) -> Result<(), String> {
+        lock(&self.pic).restore(&s.pic);
+        self.update_pic_output();
+        lock(&self.ioapic).restore(&s.ioapic)?;
+        let mut pit = lock(&self.pit);
+        pit.restore(&s.pit, Instant::now());
+        self.store_pit_next(&pit);
+        Ok(())
+    }
+
     /// When the PIT next interrupts.
     pub(crate) fn pit_next(&self) -> Option<Instant> {
         match self.pit_next_ns.load(Ordering::Acquire) {

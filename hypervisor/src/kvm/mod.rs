@@ -350,7 +350,6 @@ impl Vcpu for KvmVcpu {
         self.run_raw()
     }
 
-
     fn complete_pending_io(&mut self) -> Result<Option<VcpuExit<'_>>> {
         // KVM finishes an I/O or MMIO exit only on the next KVM_RUN; with
         // immediate_exit set it does that and returns EINTR before running

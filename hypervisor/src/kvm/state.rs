@@ -300,6 +300,7 @@ fn pic_from_kvm(p: &kvm_pic_state) -> PicState {
         init4: p.init4,
         elcr: p.elcr,
         elcr_mask: p.elcr_mask,
+        single: 0,
     }
 }
 
