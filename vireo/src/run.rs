@@ -339,7 +339,7 @@ fn snapshot_command(
     let mut last_report = 0u64;
     let mut progress = |done: u64, total: u64| {
         // Big guests: say how far the memory file got, every 256 MiB.
-        if total >= 1 << 30 && done - last_report >= 256 << 20 || done == total && total >= 1 << 30 {
+        if total >= 1 << 30 && (done - last_report >= 256 << 20 || done == total) {
             last_report = done;
             tracing::info!("snapshot: {} of {} MiB written", done >> 20, total >> 20);
         }
