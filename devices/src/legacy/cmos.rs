@@ -311,13 +311,13 @@ impl vireo_vmcore::snapshot::Snapshottable for Cmos {
         state: serde_json::Value,
     ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
         let s: SavedCmos = vireo_vmcore::snapshot::device_state("cmos", state)?;
-        self.data = s
-            .data
-            .try_into()
-            .map_err(|_| vireo_vmcore::snapshot::SnapshotError::Device {
-                id: "cmos".into(),
-                reason: "saved CMOS RAM is not 128 bytes".into(),
-            })?;
+        self.data =
+            s.data
+                .try_into()
+                .map_err(|_| vireo_vmcore::snapshot::SnapshotError::Device {
+                    id: "cmos".into(),
+                    reason: "saved CMOS RAM is not 128 bytes".into(),
+                })?;
         self.index = s.index & 0x7f;
         self.offset = s.offset;
         Ok(())

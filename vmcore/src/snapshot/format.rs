@@ -373,7 +373,9 @@ pub fn write_memory(
 pub fn check_memory_layout(path: &Path, records: &[MemoryRegionRecord]) -> Result<(), FormatError> {
     let len = std::fs::metadata(path).map_err(io_err(path))?.len();
     for r in records {
-        if r.file_offset % PAGE_SIZE != 0 || r.size % PAGE_SIZE != 0 || r.guest_addr % PAGE_SIZE != 0
+        if r.file_offset % PAGE_SIZE != 0
+            || r.size % PAGE_SIZE != 0
+            || r.guest_addr % PAGE_SIZE != 0
         {
             return Err(FormatError::Corrupt(format!(
                 "memory region at {:#x} is not page aligned",
@@ -423,7 +425,8 @@ pub fn read_memory(
                 buf.len()
             )));
         }
-        f.seek(SeekFrom::Start(r.file_offset)).map_err(io_err(path))?;
+        f.seek(SeekFrom::Start(r.file_offset))
+            .map_err(io_err(path))?;
         let mut hasher = crc32fast::Hasher::new();
         for chunk in buf.chunks_mut(CHUNK) {
             f.read_exact(chunk).map_err(io_err(path))?;
@@ -457,17 +460,11 @@ mod tests {
     fn roundtrip() {
         let bytes = sample();
         let s = StateFile::decode(&bytes).unwrap();
-        assert_eq!(
-            s.names().collect::<Vec<_>>(),
-            ["config", "vcpu/0", "empty"]
-        );
+        assert_eq!(s.names().collect::<Vec<_>>(), ["config", "vcpu/0", "empty"]);
         assert_eq!(s.get("vcpu/0").unwrap(), &[7u8; 300][..]);
         assert_eq!(s.json::<Vec<u32>>("empty").unwrap(), Vec::<u32>::new());
         assert_eq!(s.vireo_version, env!("CARGO_PKG_VERSION"));
-        assert!(matches!(
-            s.get("nope"),
-            Err(FormatError::MissingSection(_))
-        ));
+        assert!(matches!(s.get("nope"), Err(FormatError::MissingSection(_))));
     }
 
     #[test]
@@ -478,7 +475,10 @@ mod tests {
                 let mut b = bytes.clone();
                 b[i] ^= bit;
                 let r = StateFile::decode(&b);
-                assert!(r.is_err(), "flipping bit {bit:#x} of byte {i} went unnoticed");
+                assert!(
+                    r.is_err(),
+                    "flipping bit {bit:#x} of byte {i} went unnoticed"
+                );
             }
         }
     }
@@ -511,7 +511,9 @@ mod tests {
         let crc = crc32fast::hash(&bytes[..HEADER_LEN - 4]);
         bytes[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         let e = StateFile::decode(&bytes).unwrap_err();
-        assert!(matches!(e, FormatError::WrongVersion { found, .. } if found == FORMAT_VERSION + 1));
+        assert!(
+            matches!(e, FormatError::WrongVersion { found, .. } if found == FORMAT_VERSION + 1)
+        );
         assert!(e.to_string().contains("version"), "{e}");
     }
 
@@ -543,8 +545,8 @@ mod tests {
         let mut raw = std::fs::read(&path).unwrap();
         raw[5000] ^= 1;
         std::fs::write(&path, &raw).unwrap();
-        let e = read_memory(&path, &recs, &mut [&mut x[..], &mut y[..]], &mut |_, _| {})
-            .unwrap_err();
+        let e =
+            read_memory(&path, &recs, &mut [&mut x[..], &mut y[..]], &mut |_, _| {}).unwrap_err();
         assert!(matches!(e, FormatError::Corrupt(_)), "{e}");
 
         // Truncated.

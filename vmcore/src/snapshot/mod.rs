@@ -202,10 +202,7 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         }
     }
     vcpus.sort_by_key(|v| v.id);
-    let ids_ok = vcpus
-        .iter()
-        .enumerate()
-        .all(|(i, v)| v.id as usize == i);
+    let ids_ok = vcpus.iter().enumerate().all(|(i, v)| v.id as usize == i);
     if vcpus.len() != config.vcpus as usize || !ids_ok || cpuid.len() != vcpus.len() {
         return Err(FormatError::Corrupt(format!(
             "{} vCPUs configured, {} vCPU states and {} CPUID tables saved",
@@ -302,9 +299,10 @@ impl LoadedSnapshot {
                         r.file_offset
                     ))
                 })?;
-            let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(
-                || SnapshotError::Mismatch(format!("memory region at {:#x} wraps", r.guest_addr)),
-            )?;
+            let region =
+                GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                    SnapshotError::Mismatch(format!("memory region at {:#x} wraps", r.guest_addr))
+                })?;
             regions.push(region);
         }
         GuestMemory::from_regions(regions)
