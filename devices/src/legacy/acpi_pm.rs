@@ -143,6 +143,20 @@ impl BusDevice for AcpiPm {
 mod tests {
     use super::*;
 
+    #[test]
+    fn state_roundtrips_and_the_pm_timer_does_not_go_back() {
+        use vireo_vmcore::snapshot::Snapshottable;
+        let (mut pm, _) = dev();
+        pm.write(PM1_EN, &PWRBTN.to_le_bytes());
+        pm.start -= std::time::Duration::from_secs(5);
+        let before = pm.timer();
+        let saved = pm.save().unwrap();
+        let (mut fresh, _) = dev();
+        fresh.restore(saved).unwrap();
+        assert_eq!(fresh.enable, PWRBTN);
+        assert!(fresh.timer() >= before, "PM timer went back");
+    }
+
     fn dev() -> (AcpiPm, Arc<VmControl>) {
         let c = Arc::new(VmControl::default());
         (AcpiPm::new(c.clone(), None), c)

@@ -223,6 +223,23 @@ impl BusDevice for Cmos {
 mod tests {
     use super::*;
 
+    #[test]
+    fn state_roundtrips_through_a_snapshot() {
+        use vireo_vmcore::snapshot::Snapshottable;
+        let mut c = Cmos::with_clock(64 << 20, 0, || FIXED);
+        c.write(0, &[0x40]);
+        c.write(1, &[0x99]); // a byte of CMOS RAM
+        c.offset = 3600;
+        let saved = c.save().unwrap();
+        let mut fresh = Cmos::with_clock(64 << 20, 0, || FIXED);
+        fresh.restore(saved).unwrap();
+        assert_eq!(read(&mut fresh, 0x40), 0x99);
+        assert_eq!(fresh.offset, 3600, "the guest's clock offset is kept");
+        assert!(fresh
+            .restore(serde_json::json!({"index": 0, "data": [1, 2], "offset": 0}))
+            .is_err());
+    }
+
     // 2026-11-23 13:45:07 UTC, a Monday.
     const FIXED: i64 = 1_795_441_507;
 

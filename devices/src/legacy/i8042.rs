@@ -194,6 +194,20 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_roundtrips_through_a_snapshot() {
+        use vireo_vmcore::snapshot::Snapshottable;
+        let (mut a, _c) = dev();
+        a.ctr = 0x47;
+        a.push(0xfa, false);
+        a.push(0x12, true);
+        let saved = a.save().unwrap();
+        let (mut b, _d) = dev();
+        b.restore(saved).unwrap();
+        assert_eq!(b.ctr, 0x47);
+        assert_eq!(b.queue, a.queue);
+    }
     use vireo_hypervisor::EventFd;
 
     struct NoLine;
