@@ -262,6 +262,16 @@ impl Vm for EmuVm {
         self.platform.deliver_msi(address, data);
         Ok(())
     }
+
+    fn save_platform(&self) -> Result<vireo_hypervisor::PlatformState> {
+        Ok(self.platform.save_state())
+    }
+
+    fn restore_platform(&self, state: &vireo_hypervisor::PlatformState) -> Result<()> {
+        self.platform
+            .restore_state(state)
+            .map_err(HypervisorError::BadState)
+    }
 }
 
 /// A level-triggered line into the emulated IOAPIC (and PIC for GSI < 16).

@@ -3,9 +3,10 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use vireo_hypervisor::state::{mp_state, DebugRegs, FpuFull, VcpuEvents};
 use vireo_hypervisor::{
     CpuidEntry, FpuState, HypervisorError, LapicState, MsrEntry, Regs, Result, SpecialRegs, Vcpu,
-    VcpuExit,
+    VcpuExit, VcpuState,
 };
 
 use crate::cpu::state::{efer, SegReg};
@@ -97,6 +98,21 @@ impl Drop for EmuVcpu {
             ),
             Err(e) => tracing::warn!("cannot write the guest profile {}: {e}", p.path.display()),
         }
+    }
+}
+
+/// The hypervisor-level exit for an emulator exit, borrowing `buf` (the
+/// CPU's I/O data buffer).
+fn vcpu_exit(exit: Exit, buf: &mut [u8; crate::cpu::MAX_IO_LEN]) -> VcpuExit<'_> {
+    match exit {
+        Exit::IoIn { port, size } => VcpuExit::IoIn(port, &mut buf[..usize::from(size)]),
+        Exit::IoOut { port, size } => VcpuExit::IoOut(port, &buf[..usize::from(size)]),
+        Exit::MmioRead { gpa, len } => VcpuExit::MmioRead(gpa, &mut buf[..usize::from(len)]),
+        Exit::MmioWrite { gpa, len } => VcpuExit::MmioWrite(gpa, &buf[..usize::from(len)]),
+        Exit::Halt => VcpuExit::Halt,
+        Exit::Shutdown => VcpuExit::Shutdown,
+        Exit::BudgetExhausted => VcpuExit::Interrupted,
+        Exit::InternalError(why) => VcpuExit::InternalError(why),
     }
 }
 
@@ -212,17 +228,108 @@ impl Vcpu for EmuVcpu {
                 "emulated vCPU position"
             );
         }
-        let buf = &mut cpu.io_buf;
-        Ok(match exit {
-            Exit::IoIn { port, size } => VcpuExit::IoIn(port, &mut buf[..usize::from(size)]),
-            Exit::IoOut { port, size } => VcpuExit::IoOut(port, &buf[..usize::from(size)]),
-            Exit::MmioRead { gpa, len } => VcpuExit::MmioRead(gpa, &mut buf[..usize::from(len)]),
-            Exit::MmioWrite { gpa, len } => VcpuExit::MmioWrite(gpa, &buf[..usize::from(len)]),
-            Exit::Halt => VcpuExit::Halt,
-            Exit::Shutdown => VcpuExit::Shutdown,
-            Exit::BudgetExhausted => VcpuExit::Interrupted,
-            Exit::InternalError(why) => VcpuExit::InternalError(why),
+        Ok(vcpu_exit(exit, &mut cpu.io_buf))
+    }
+
+    fn complete_pending_io(&mut self) -> Result<Option<VcpuExit<'_>>> {
+        let cpu = self.cpu.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if !cpu.io_pending() {
+            return Ok(None);
+        }
+        // One instruction: the one that waits for its input.
+        let exit = cpu.run(1);
+        Ok(match vcpu_exit(exit, &mut cpu.io_buf) {
+            VcpuExit::Interrupted => None,
+            other => Some(other),
         })
+    }
+
+    fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState> {
+        let regs = self.regs()?;
+        let sregs = self.special_regs()?;
+        let lapic = self.lapic()?;
+        let c = self.lock();
+        let s = &c.state;
+        let msrs = msr_indices
+            .iter()
+            .filter_map(|&index| c.msr(index).map(|value| MsrEntry { index, value }))
+            .collect();
+        let mp_state = if c.wait_sipi {
+            mp_state::INIT_RECEIVED
+        } else if c.halted {
+            mp_state::HALTED
+        } else {
+            mp_state::RUNNABLE
+        };
+        Ok(VcpuState {
+            id: self.id,
+            regs,
+            sregs,
+            interrupt_bitmap: [0; 4],
+            fpu: FpuFull {
+                fpr: s.fpr.map(u128::to_le_bytes),
+                fcw: s.fcw,
+                fsw: s.fsw,
+                ftwx: s.ftw,
+                last_opcode: 0,
+                last_ip: 0,
+                last_dp: 0,
+                xmm: s.xmm.map(u128::to_le_bytes),
+                mxcsr: s.mxcsr,
+            },
+            xsave: None,
+            xcrs: Vec::new(),
+            debug_regs: DebugRegs {
+                db: [c.dr[0], c.dr[1], c.dr[2], c.dr[3]],
+                dr6: c.dr[6],
+                dr7: c.dr[7],
+            },
+            msrs,
+            lapic,
+            events: VcpuEvents {
+                interrupt_shadow: u8::from(c.int_shadow),
+                nmi_pending: c.nmi_pending,
+                nmi_masked: c.nmi_blocked,
+                ..VcpuEvents::default()
+            },
+            mp_state,
+            tsc_khz: None,
+        })
+    }
+
+    fn restore_state(&self, s: &VcpuState) -> Result<()> {
+        if s.xsave.is_some() || s.events.exception_injected || s.events.interrupt_injected {
+            return Err(HypervisorError::BadState(
+                "this state holds XSAVE data or a half-injected event, which the emulator cannot load (was it saved on KVM?)".into(),
+            ));
+        }
+        self.set_regs(&s.regs)?;
+        self.set_special_regs(&s.sregs)?;
+        {
+            let mut c = self.lock();
+            let st = &mut c.state;
+            st.fpr = s.fpu.fpr.map(u128::from_le_bytes);
+            st.xmm = s.fpu.xmm.map(u128::from_le_bytes);
+            st.fcw = s.fpu.fcw;
+            st.fsw = s.fpu.fsw;
+            st.ftw = s.fpu.ftwx;
+            st.mxcsr = s.fpu.mxcsr;
+            c.dr[..4].copy_from_slice(&s.debug_regs.db);
+            c.dr[6] = s.debug_regs.dr6;
+            c.dr[7] = s.debug_regs.dr7;
+            c.int_shadow = s.events.interrupt_shadow != 0;
+            c.nmi_pending = s.events.nmi_pending;
+            c.nmi_blocked = s.events.nmi_masked;
+            c.halted = s.mp_state == mp_state::HALTED;
+            c.wait_sipi = matches!(
+                s.mp_state,
+                mp_state::INIT_RECEIVED | mp_state::UNINITIALIZED
+            );
+        }
+        // MSRs in the saved order: the TSC before its deadline.
+        self.set_msrs(&s.msrs)?;
+        self.set_lapic(&s.lapic)?;
+        Ok(())
     }
 
     fn regs(&self) -> Result<Regs> {

@@ -1,8 +1,10 @@
 //! Backend-neutral x86-64 CPU state: what the VM core reads and writes, and
 //! what every backend (KVM, emulator) converts to its own form.
 
+use serde::{Deserialize, Serialize};
+
 /// General purpose registers, RIP and RFLAGS.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Regs {
     pub rax: u64,
     pub rbx: u64,
@@ -25,7 +27,7 @@ pub struct Regs {
 }
 
 /// A segment register with its hidden descriptor cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     pub base: u64,
     pub limit: u32,
@@ -74,14 +76,14 @@ impl Segment {
 }
 
 /// GDTR or IDTR.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableRegister {
     pub base: u64,
     pub limit: u16,
 }
 
 /// Segment, control and descriptor-table registers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpecialRegs {
     pub cs: Segment,
     pub ds: Segment,
@@ -124,7 +126,7 @@ impl Default for FpuState {
 }
 
 /// One CPUID leaf/subleaf as presented to the guest.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuidEntry {
     pub function: u32,
     pub index: u32,
@@ -141,15 +143,16 @@ impl CpuidEntry {
 }
 
 /// A model-specific register and its value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrEntry {
     pub index: u32,
     pub value: u64,
 }
 
 /// The local APIC's 1 KiB register page.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LapicState {
+    #[serde(with = "crate::state::byte_array")]
     pub regs: [u8; 1024],
 }
 

@@ -8,12 +8,14 @@
 pub mod arch;
 pub mod host;
 pub mod kvm;
+pub mod state;
 
 use std::sync::Arc;
 
 pub use arch::{
     CpuidEntry, FpuState, LapicState, MsrEntry, Regs, Segment, SpecialRegs, TableRegister,
 };
+pub use state::{PlatformState, VcpuState};
 pub use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of a hypervisor backend. Each names the operation that failed.
@@ -31,6 +33,13 @@ pub enum HypervisorError {
     PlatformMissing(&'static str),
     #[error("KVM lacks the capability {0}, which vireo needs")]
     MissingCapability(&'static str),
+    #[error("the {backend} backend cannot {what} yet")]
+    Unsupported {
+        backend: &'static str,
+        what: &'static str,
+    },
+    #[error("saved state does not fit this VM: {0}")]
+    BadState(String),
     #[error("{op}: {source}")]
     Ioctl {
         op: &'static str,
@@ -106,6 +115,22 @@ pub trait Vm: Send + Sync {
     /// `data` as the guest programmed them into the device (x86: address
     /// 0xFEEx_xxxx names the destination APIC, data the vector and mode).
     fn signal_msi(&self, address: u64, data: u32) -> Result<()>;
+    /// Save the interrupt controllers, timer and clock. Call it while
+    /// every vCPU is paused.
+    fn save_platform(&self) -> Result<PlatformState> {
+        Err(HypervisorError::Unsupported {
+            backend: "this",
+            what: "save its platform state",
+        })
+    }
+    /// Load state saved by [`Vm::save_platform`] (of the same backend kind)
+    /// into a VM whose platform exists and whose vCPUs have not run.
+    fn restore_platform(&self, _state: &PlatformState) -> Result<()> {
+        Err(HypervisorError::Unsupported {
+            backend: "this",
+            what: "restore its platform state",
+        })
+    }
     /// Have guest writes (any size, any value) to MMIO address `addr`
     /// signal `evt` inside the hypervisor, without a vCPU exit to the VMM.
     /// Returns false when the backend has no such fast path; the write then
@@ -175,4 +200,29 @@ pub trait Vcpu: Send {
     fn msrs(&self, indices: &[u32]) -> Result<Vec<MsrEntry>>;
     fn lapic(&self) -> Result<LapicState>;
     fn set_lapic(&self, lapic: &LapicState) -> Result<()>;
+    /// Finish an instruction that waits for data the VMM already supplied
+    /// (an `IN` or MMIO read just answered), without running any further
+    /// guest code, so that the saved state is consistent. Returns an exit
+    /// to dispatch before calling again (a string instruction may need
+    /// more), or `None` when nothing is left pending.
+    fn complete_pending_io(&mut self) -> Result<Option<VcpuExit<'_>>> {
+        Ok(None)
+    }
+    /// Save the whole vCPU (see [`VcpuState`]), reading the MSRs in
+    /// `msr_indices` that the backend has. Call it on a paused vCPU after
+    /// [`Vcpu::complete_pending_io`].
+    fn save_state(&self, _msr_indices: &[u32]) -> Result<VcpuState> {
+        Err(HypervisorError::Unsupported {
+            backend: "this",
+            what: "save vCPU state",
+        })
+    }
+    /// Load a state saved by [`Vcpu::save_state`] into a vCPU whose CPUID
+    /// is already set and that has not run.
+    fn restore_state(&self, _state: &VcpuState) -> Result<()> {
+        Err(HypervisorError::Unsupported {
+            backend: "this",
+            what: "restore vCPU state",
+        })
+    }
 }

@@ -57,6 +57,8 @@ Examples:
   vireo run --kernel vmlinux --accel emu      # no /dev/kvm: software emulator
   vireo run --image guest-kit --disk path=disk.qcow2 --net tap=tap0 --rng --balloon
   vireo run --image guest-kit --vsock cid=3,socket=/tmp/vm.vsock   # host port P: /tmp/vm.vsock_P
+  vireo run --kernel vmlinux --control-socket /tmp/vm.sock   # then: echo 'snapshot /tmp/snap1' | nc -U /tmp/vm.sock
+  vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot
 
 The guest's COM1 is this terminal: output to stdout, stdin to the guest
 (raw mode on a terminal; press Ctrl-A then x to quit). vireo exits 0 when the
@@ -81,8 +83,8 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present = "image",
-        conflicts_with = "image"
+        required_unless_present_any = ["image", "restore"],
+        conflicts_with_all = ["image", "restore"]
     )]
     pub kernel: Option<PathBuf>,
 
@@ -91,8 +93,21 @@ pub struct RunArgs {
     pub initrd: Option<PathBuf>,
 
     /// A guest kit made by `vireo image build`: its kernel, initrd and command line.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
     pub image: Option<PathBuf>,
+
+    /// Start the VM from a snapshot directory (written by the control
+    /// socket's `snapshot DIR`) instead of booting: the machine (backend,
+    /// vCPUs, memory, devices) is the one recorded in the snapshot.
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
+
+    /// With --restore: map the snapshot's memory file copy-on-write
+    /// (MAP_PRIVATE) instead of reading it, so the VM runs in milliseconds
+    /// whatever its size. The memory file's checksum is then not verified
+    /// (its size and layout are), and it must not change while the VM runs.
+    #[arg(long, requires = "restore")]
+    pub restore_lazy: bool,
 
     /// Kernel command line [default: "console=ttyS0 panic=-1 reboot=k", or the kit's].
     #[arg(long, value_name = "STRING")]
@@ -149,8 +164,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "OPTS", num_args = 0..=1, default_missing_value = "")]
     pub virtio_console: Option<String>,
 
-    /// Unix socket on which to accept `pause`, `resume`, `power-button` and
-    /// `status` commands (one line each; a JSON line answers). The daemon uses it.
+    /// Unix socket on which to accept `pause`, `resume`, `power-button`,
+    /// `status`, `snapshot [--paused] DIR` ... commands (one line each; a
+    /// JSON line answers). The daemon uses it.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 }

@@ -9,6 +9,10 @@
 //! `"stats":{"vcpus":[{"exits":N}],
 //! "disks":[{"id","read_bytes","write_bytes","read_ops","write_ops"}],
 //! "nets":[{"id","rx_bytes","tx_bytes","rx_packets","tx_packets"}]}`.
+//! `snapshot [--paused] DIR` pauses the VM, writes a snapshot to DIR
+//! (see `vireo run --restore`) and resumes it unless `--paused` is given
+//! or it was paused before; it answers
+//! `"snapshot":{"dir","memory_bytes","pause_ms"}`.
 //! Commands are carried out on the thread that owns the running VM (`stats`
 //! only reads the counters' atomics: it never stops a vCPU or a device).
 
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A command from a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Pause,
     Resume,
@@ -34,6 +38,12 @@ pub enum Command {
     Balloon(Option<u64>),
     /// The VM's counters (vCPU exits, disk and network I/O).
     Stats,
+    /// `snapshot [--paused] DIR`: pause, write a snapshot to DIR, resume
+    /// (unless `--paused` or the VM was paused already).
+    Snapshot {
+        dir: std::path::PathBuf,
+        stay_paused: bool,
+    },
 }
 
 impl Command {
@@ -47,6 +57,20 @@ impl Command {
             "balloon" => Some(Command::Balloon(None)),
             "stats" => Some(Command::Stats),
             other => {
+                if let Some(rest) = other.strip_prefix("snapshot ") {
+                    let rest = rest.trim();
+                    let (stay_paused, dir) = match rest.strip_prefix("--paused ") {
+                        Some(dir) => (true, dir.trim()),
+                        None => (false, rest),
+                    };
+                    if dir.is_empty() {
+                        return None;
+                    }
+                    return Some(Command::Snapshot {
+                        dir: dir.into(),
+                        stay_paused,
+                    });
+                }
                 let mib = other.strip_prefix("balloon ")?.trim().parse().ok()?;
                 Some(Command::Balloon(Some(mib)))
             }
@@ -150,9 +174,15 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
         None => error_reply(
-            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats",
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] DIR",
         ),
         Some(command) => {
+            // Writing a snapshot of a big guest takes a while.
+            let wait = if matches!(command, Command::Snapshot { .. }) {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_secs(10)
+            };
             let (reply_tx, reply_rx) = mpsc::channel();
             in_flight.fetch_add(1, Ordering::AcqRel);
             counted = true;
@@ -166,7 +196,7 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
                 error_reply("the VM has exited")
             } else {
                 reply_rx
-                    .recv_timeout(Duration::from_secs(10))
+                    .recv_timeout(wait)
                     .unwrap_or_else(|_| error_reply("the VM did not answer in time"))
             }
         }
@@ -215,6 +245,22 @@ mod tests {
         assert_eq!(Command::parse("reset\n"), Some(Command::Reset));
         assert_eq!(Command::parse("stats\n"), Some(Command::Stats));
         assert_eq!(Command::parse("stats now"), None);
+        assert_eq!(
+            Command::parse("snapshot /tmp/a b\n"),
+            Some(Command::Snapshot {
+                dir: "/tmp/a b".into(),
+                stay_paused: false
+            })
+        );
+        assert_eq!(
+            Command::parse("snapshot --paused /s"),
+            Some(Command::Snapshot {
+                dir: "/s".into(),
+                stay_paused: true
+            })
+        );
+        assert_eq!(Command::parse("snapshot"), None);
+        assert_eq!(Command::parse("snapshot   "), None);
         let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));
         assert_eq!(
             r,

@@ -11,6 +11,7 @@ use vireo_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use vireo_devices::virtio::VirtioDevice;
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::layout::{self, ports};
+use vireo_vmcore::snapshot::{LoadedSnapshot, SharedSnapshottable, SnapshotError};
 use vireo_vmcore::{Vm, VmConfig, VmError};
 
 /// A built machine and the handles the front end drives it with.
@@ -20,6 +21,10 @@ pub struct Machine {
     pub input: SerialInput,
     pub power_button: PowerButton,
     pci: SharedPciBus,
+    /// The devices a snapshot saves, by stable id, in machine order.
+    pub snapshot_devices: Vec<(String, SharedSnapshottable)>,
+    /// Devices that cannot be saved yet (the virtio devices), by name.
+    pub unsaveable: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +46,7 @@ impl Machine {
     /// MMIO window, MSI-X through the hypervisor, INTx as the fallback).
     pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), AttachError> {
         let name = device.name();
+        self.unsaveable.push(name.clone());
         let pci_err = |source| AttachError::Pci {
             name: name.clone(),
             source,
@@ -87,24 +93,79 @@ pub fn build(
     cfg: &VmConfig,
     serial_out: Box<dyn Write + Send>,
 ) -> Result<Machine, VmError> {
-    let mut vm = Vm::new(hv, cfg)?;
+    assemble(Vm::new(hv, cfg)?, cfg.memory_mib, serial_out)
+}
+
+/// Build the machine a snapshot describes, in its saved state: vCPUs and
+/// platform from the snapshot, guest memory `memory` (from
+/// [`LoadedSnapshot::memory`]), then each legacy device's state by id.
+pub fn restore(
+    hv: &dyn Hypervisor,
+    loaded: &LoadedSnapshot,
+    memory: vireo_vmcore::memory::GuestMemory,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<Machine, VmError> {
+    let snap = &loaded.snapshot;
+    // Check the devices fit before anything is built.
+    let vm = Vm::from_snapshot(hv, snap, memory)?;
+    let machine = assemble(vm, snap.config.memory_mib, serial_out)?;
+    let ids: Vec<&str> = machine
+        .snapshot_devices
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let saved: Vec<&str> = snap.devices.iter().map(|(id, _)| id.as_str()).collect();
+    if ids != saved {
+        return Err(SnapshotError::Mismatch(format!(
+            "the snapshot holds devices {saved:?}, this vireo builds {ids:?}"
+        ))
+        .into());
+    }
+    for ((id, dev), (_, state)) in machine.snapshot_devices.iter().zip(&snap.devices) {
+        dev.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(state.clone())
+            .map_err(|e| match e {
+                SnapshotError::Device { .. } => e,
+                other => SnapshotError::Device {
+                    id: id.clone(),
+                    reason: other.to_string(),
+                },
+            })?;
+    }
+    Ok(machine)
+}
+
+fn assemble(
+    mut vm: Vm,
+    memory_mib: u64,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<Machine, VmError> {
     let control = vm.control();
+    let mut snapshot_devices: Vec<(String, SharedSnapshottable)> = Vec::new();
 
     let (serial, input) =
         Serial::new(vm.interrupt_line(ports::COM1_IRQ)?, serial_out).into_shared();
-    vm.add_io_device(ports::COM1, 8, serial)?;
+    vm.add_io_device(ports::COM1, 8, serial.clone())?;
+    snapshot_devices.push(("serial0".into(), serial));
 
-    let i8042 = I8042::new(control.clone(), vm.interrupt_line(ports::I8042_IRQ)?);
-    vm.add_io_device(ports::I8042, 5, Arc::new(Mutex::new(i8042)))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        control.clone(),
+        vm.interrupt_line(ports::I8042_IRQ)?,
+    )));
+    vm.add_io_device(ports::I8042, 5, i8042.clone())?;
+    snapshot_devices.push(("i8042".into(), i8042));
 
-    let ram = cfg.memory_mib << 20;
+    let ram = memory_mib << 20;
     let below_4g = ram.min(layout::MMIO_HOLE_START);
-    let cmos = Cmos::new(below_4g, ram - below_4g);
-    vm.add_io_device(ports::CMOS, 2, Arc::new(Mutex::new(cmos)))?;
+    let cmos = Arc::new(Mutex::new(Cmos::new(below_4g, ram - below_4g)));
+    vm.add_io_device(ports::CMOS, 2, cmos.clone())?;
+    snapshot_devices.push(("cmos".into(), cmos));
 
     let sci = vm.level_interrupt_line(ports::ACPI_SCI_IRQ)?;
     let pm = Arc::new(Mutex::new(AcpiPm::new(control.clone(), Some(sci))));
     vm.add_io_device(ports::PM1A_EVT, acpi_pm::LEN, pm.clone())?;
+    snapshot_devices.push(("acpi_pm".into(), pm.clone()));
     // The reset control register (0xCF9) sits inside the PCI configuration
     // ports; the configuration device passes its byte accesses on.
     let reset = Arc::new(Mutex::new(ResetControl::new(control)));
@@ -131,5 +192,7 @@ pub fn build(
         input,
         power_button: PowerButton(pm),
         pci,
+        snapshot_devices,
+        unsaveable: Vec::new(),
     })
 }

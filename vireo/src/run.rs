@@ -22,6 +22,7 @@ use crate::machine::{self, PowerButton};
 use crate::signals;
 use crate::Failure;
 use vireo_devices::virtio::balloon::BalloonHandle;
+use vireo_vmcore::snapshot::SharedSnapshottable;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
 
@@ -109,30 +110,64 @@ fn kernel_is_pvm_guest(kernel: &std::path::Path) -> bool {
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
-    let spec = boot_spec(&args)?;
-    let hv = open_backend(args.accel, &spec.kernel)?;
-    let cfg = VmConfig {
-        vcpus: args.cpus,
-        memory_mib: args.memory,
-        boot: spec,
-    };
-    let mut machine = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(|e| {
+    let vm_failure = |e: vireo_vmcore::VmError| {
         if e.is_user_error() {
             Failure::Usage(e.to_string())
         } else {
             Failure::Vm(e.to_string())
         }
-    })?;
-    let attached = devices::attach(&mut machine, &args)?;
+    };
+    let (hv, machine, attached) = match &args.restore {
+        Some(dir) => {
+            let (hv, machine) = restore_machine(&args, dir)?;
+            (hv, machine, Attached::default())
+        }
+        None => {
+            let spec = boot_spec(&args)?;
+            let hv = open_backend(args.accel, &spec.kernel)?;
+            let cfg = VmConfig {
+                vcpus: args.cpus,
+                memory_mib: args.memory,
+                boot: spec,
+            };
+            let mut machine =
+                machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(vm_failure)?;
+            let attached = devices::attach(&mut machine, &args)?;
+            if let Some(info) = machine.vm.boot_info() {
+                tracing::info!(
+                    "booting {}{} {} at {:#x} on {} with {} vCPU(s), {} MiB",
+                    info.format,
+                    if info.unpacked {
+                        " (payload unpacked on the host)"
+                    } else {
+                        ""
+                    },
+                    cfg.boot.kernel.display(),
+                    info.entry,
+                    hv.name(),
+                    cfg.vcpus,
+                    cfg.memory_mib
+                );
+            }
+            (hv, machine, attached)
+        }
+    };
     let machine::Machine {
         vm,
         input,
         power_button,
+        snapshot_devices,
+        unsaveable,
         ..
     } = machine;
 
     let host = HostVirt::detect();
-    if hv.name() == "kvm" && host.kvm_is_pvm_only() && vm.boot_info().pvm_guest != Some(true) {
+    let pvm_guest = vm.boot_info().and_then(|i| i.pvm_guest);
+    if args.restore.is_none()
+        && hv.name() == "kvm"
+        && host.kvm_is_pvm_only()
+        && pvm_guest != Some(true)
+    {
         eprintln!(
             "vireo: note: /dev/kvm here is PVM (kvm_pvm) on a CPU without VT-x/AMD-V, and this kernel is not PVM-aware: \
              the host emulates each guest instruction (~1 µs), so a stock distro kernel takes many minutes to boot. \
@@ -140,20 +175,6 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
              a PVM guest kernel, or a host with hardware virtualization."
         );
     }
-    tracing::info!(
-        "booting {}{} {} at {:#x} on {} with {} vCPU(s), {} MiB",
-        vm.boot_info().format,
-        if vm.boot_info().unpacked {
-            " (payload unpacked on the host)"
-        } else {
-            ""
-        },
-        cfg.boot.kernel.display(),
-        vm.boot_info().entry,
-        hv.name(),
-        cfg.vcpus,
-        cfg.memory_mib
-    );
 
     let tty = console::stdin_is_tty();
     let raw = if tty {
@@ -186,7 +207,17 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     console::spawn_stdin_pump(console_input, Arc::clone(&control), tty);
     let reset_requested = match &control_socket {
-        Some(socket) => serve_control(&running, &power_button, &attached, &vcpu_stats, socket),
+        Some(socket) => serve_control(
+            &running,
+            &power_button,
+            &attached,
+            &vcpu_stats,
+            &Saveable {
+                devices: &snapshot_devices,
+                unsaveable: &unsaveable,
+            },
+            socket,
+        ),
         None => false,
     };
     let reason = running.wait();
@@ -217,6 +248,7 @@ fn serve_control(
     power_button: &PowerButton,
     attached: &Attached,
     vcpu_stats: &VcpuStats,
+    saveable: &Saveable<'_>,
     socket: &ControlSocket,
 ) -> bool {
     let balloon = attached.balloon.as_ref();
@@ -248,6 +280,11 @@ fn serve_control(
                     let _ = pending.reply.send(reply);
                     continue;
                 }
+                Command::Snapshot { dir, stay_paused } => {
+                    let reply = snapshot_command(running, saveable, &dir, stay_paused);
+                    let _ = pending.reply.send(reply);
+                    continue;
+                }
                 Command::Stats => {
                     let reply = control_socket::ok_reply_with(
                         state_name(control.state()),
@@ -264,6 +301,142 @@ fn serve_control(
             let _ = pending.reply.send(reply);
         }
     }
+}
+
+/// What a snapshot saves: the devices that can be, and the names of
+/// those that cannot (a snapshot is refused while any is attached).
+struct Saveable<'a> {
+    devices: &'a [(String, SharedSnapshottable)],
+    unsaveable: &'a [String],
+}
+
+/// `snapshot [--paused] DIR`: pause, capture, write, resume.
+fn snapshot_command(
+    running: &RunningVm,
+    saveable: &Saveable<'_>,
+    dir: &std::path::Path,
+    stay_paused: bool,
+) -> String {
+    if !saveable.unsaveable.is_empty() {
+        return control_socket::error_reply(&format!(
+            "cannot snapshot this VM: the state of its virtio devices ({}) cannot be saved yet; \
+             snapshots work for VMs with the built-in devices only (no --disk, --net, --vsock, --rng, --balloon, --virtio-console)",
+            saveable.unsaveable.join(", ")
+        ));
+    }
+    let control = running.control();
+    let was_running = control.state() == RunState::Running;
+    let started = std::time::Instant::now();
+    if was_running {
+        if let Err(e) = running.pause() {
+            return control_socket::error_reply(&e.to_string());
+        }
+    }
+    let memory_bytes: u64 = vireo_vmcore::memory::host_mappings(running.memory())
+        .iter()
+        .map(|(_, size, _)| size)
+        .sum();
+    let mut last_report = 0u64;
+    let mut progress = |done: u64, total: u64| {
+        // Big guests: say how far the memory file got, every 256 MiB.
+        if total >= 1 << 30 && (done - last_report >= 256 << 20 || done == total) {
+            last_report = done;
+            tracing::info!("snapshot: {} of {} MiB written", done >> 20, total >> 20);
+        }
+    };
+    let result = running
+        .capture(
+            saveable.devices,
+            serde_json::json!({ "devices": saveable.devices.iter().map(|(id, _)| id).collect::<Vec<_>>() }),
+        )
+        .and_then(|snap| {
+            vireo_vmcore::snapshot::write(dir, &snap, running.memory(), &mut progress)
+                .map_err(Into::into)
+        });
+    let pause_ms = started.elapsed().as_millis() as u64;
+    if was_running && !stay_paused {
+        if let Err(e) = running.resume() {
+            tracing::warn!("resuming after the snapshot: {e}");
+        }
+    }
+    match result {
+        Ok(()) => {
+            tracing::info!("snapshot written to {} in {pause_ms} ms", dir.display());
+            control_socket::ok_reply_with(
+                state_name(control.state()),
+                serde_json::json!({"snapshot": {
+                    "dir": dir.display().to_string(),
+                    "memory_bytes": memory_bytes,
+                    "pause_ms": pause_ms,
+                }}),
+            )
+        }
+        Err(e) => control_socket::error_reply(&format!("snapshot to {}: {e}", dir.display())),
+    }
+}
+
+/// `--restore DIR`: check the snapshot whole, open its backend, load its
+/// memory (or map it with `--restore-lazy`) and build the machine in the
+/// saved state.
+fn restore_machine(
+    args: &RunArgs,
+    dir: &std::path::Path,
+) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
+    let device_flags = !args.disk.is_empty()
+        || !args.net.is_empty()
+        || args.vsock.is_some()
+        || args.rng.is_some()
+        || args.balloon.is_some()
+        || args.virtio_console.is_some()
+        || args.initrd.is_some()
+        || args.cmdline.is_some()
+        || args.append.is_some();
+    if device_flags {
+        return Err(Failure::Usage(
+            "--restore takes the machine from the snapshot: drop --disk, --net, --vsock, --rng, --balloon, --virtio-console, --initrd, --cmdline and --append".into(),
+        ));
+    }
+    let loaded = vireo_vmcore::snapshot::load(dir)
+        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    let backend = loaded.snapshot.config.backend.clone();
+    let hv: Box<dyn Hypervisor> = match (backend.as_str(), args.accel) {
+        ("kvm", Accel::Kvm | Accel::Auto) => Box::new(
+            KvmHypervisor::new().map_err(|e| Failure::Usage(e.to_string()))?,
+        ),
+        ("emu", Accel::Emu | Accel::Auto) => Box::new(EmuHypervisor::new()),
+        (saved, accel) => {
+            return Err(Failure::Usage(format!(
+                "--restore {}: the snapshot was taken on the {saved} backend; it cannot run on --accel {}",
+                dir.display(),
+                format!("{accel:?}").to_lowercase()
+            )))
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut progress = |done: u64, total: u64| {
+        if total >= 1 << 30 && done % (256 << 20) == 0 {
+            tracing::info!("restore: {} of {} MiB read", done >> 20, total >> 20);
+        }
+    };
+    let memory = loaded
+        .memory(args.restore_lazy, &mut progress)
+        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    let machine = machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter))
+        .map_err(|e| Failure::Vm(format!("--restore {}: {e}", dir.display())))?;
+    tracing::info!(
+        "restored {} ({} vCPU(s), {} MiB on {}) in {} ms{}",
+        dir.display(),
+        loaded.snapshot.config.vcpus,
+        loaded.snapshot.config.memory_mib,
+        backend,
+        started.elapsed().as_millis(),
+        if args.restore_lazy {
+            ", memory mapped lazily"
+        } else {
+            ""
+        }
+    );
+    Ok((hv, machine))
 }
 
 /// The `stats` reply's counters: vCPU exits, disk and network I/O.

@@ -151,7 +151,19 @@ impl VmControl {
     /// Called by a vCPU thread before each entry into the guest: parks while
     /// the VM is paused; returns false once the VM is exiting.
     pub fn checkpoint(&self) -> bool {
+        self.checkpoint_with(&mut || {})
+    }
+
+    /// [`VmControl::checkpoint`] that first calls `before_park` (without the
+    /// lock held) when the VM is paused, so a vCPU can bring its state to a
+    /// point where it can be saved before it parks.
+    pub fn checkpoint_with(&self, before_park: &mut dyn FnMut()) -> bool {
         let mut g = self.lock();
+        if g.state == RunState::Paused {
+            drop(g);
+            before_park();
+            g = self.lock();
+        }
         if g.state == RunState::Paused {
             g.parked += 1;
             self.changed.notify_all();

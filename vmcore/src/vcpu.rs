@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 
 use vireo_hypervisor::{Vcpu, VcpuExit};
@@ -88,16 +88,26 @@ impl VcpuThread {
     }
 }
 
+/// A vCPU shared by its thread (which holds the lock while it runs the
+/// guest and handles an exit) and whoever saves its state while the VM is
+/// paused (the thread then waits in [`VmControl::checkpoint_with`] without
+/// the lock).
+pub type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
+
+pub fn lock_vcpu(vcpu: &SharedVcpu) -> MutexGuard<'_, Box<dyn Vcpu>> {
+    vcpu.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub fn spawn(
-    mut vcpu: Box<dyn Vcpu>,
+    vcpu: SharedVcpu,
     buses: Buses,
     control: Arc<VmControl>,
     stats: Arc<VcpuStats>,
 ) -> std::io::Result<VcpuThread> {
-    let id = vcpu.id();
+    let id = lock_vcpu(&vcpu).id();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run_loop(vcpu.as_mut(), &buses, &control, &stats))?;
+        .spawn(move || run_loop(&vcpu, &buses, &control, &stats))?;
     Ok(VcpuThread { id, handle })
 }
 
@@ -117,11 +127,36 @@ impl UnknownAccessLog {
     }
 }
 
-fn run_loop(vcpu: &mut dyn Vcpu, buses: &Buses, control: &VmControl, stats: &VcpuStats) {
-    let id = vcpu.id();
+fn run_loop(vcpu: &SharedVcpu, buses: &Buses, control: &VmControl, stats: &VcpuStats) {
+    let id = lock_vcpu(vcpu).id();
     let mut unknown = UnknownAccessLog::default();
-    while control.checkpoint() {
-        let exit = match vcpu.run() {
+    loop {
+        // Before parking for a pause, finish an instruction that waits on
+        // data we already handed over, so a snapshot sees a whole state.
+        let mut quiesce = || {
+            let mut v = lock_vcpu(vcpu);
+            for _ in 0..64 {
+                match v.complete_pending_io() {
+                    Ok(None) => return,
+                    Ok(Some(exit)) => {
+                        if dispatch(id, exit, buses, control, &mut unknown) {
+                            let rip = v.regs().ok().map(|r| r.rip);
+                            control.request_exit(ExitReason::TripleFault { vcpu: id, rip });
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("vCPU {id}: completing pending I/O before a pause: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        if !control.checkpoint_with(&mut quiesce) {
+            break;
+        }
+        let mut guard = lock_vcpu(vcpu);
+        let exit = match guard.run() {
             Ok(exit) => exit,
             Err(e) => {
                 control.request_exit(ExitReason::Failed(format!("vCPU {id}: {e}")));
@@ -129,52 +164,65 @@ fn run_loop(vcpu: &mut dyn Vcpu, buses: &Buses, control: &VmControl, stats: &Vcp
             }
         };
         stats.count_exit(id);
-        match exit {
-            VcpuExit::IoIn(port, data) => {
-                if !buses.io.read(u64::from(port), data) {
-                    data.fill(0xff);
-                    unknown.note(id, false, u64::from(port), false);
-                }
-            }
-            VcpuExit::IoOut(port, data) => {
-                if !buses.io.write(u64::from(port), data) {
-                    unknown.note(id, false, u64::from(port), true);
-                }
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                if !buses.mmio.read(addr, data) {
-                    data.fill(0xff);
-                    unknown.note(id, true, addr, false);
-                }
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                if !buses.mmio.write(addr, data) {
-                    unknown.note(id, true, addr, true);
-                }
-            }
-            VcpuExit::Interrupted => {}
-            VcpuExit::Shutdown => {
-                let rip = vcpu.regs().ok().map(|r| r.rip);
-                control.request_exit(ExitReason::TripleFault { vcpu: id, rip });
-            }
-            VcpuExit::Reset => control.request_exit(ExitReason::Reset),
-            VcpuExit::PowerOff => control.request_exit(ExitReason::PowerOff),
-            VcpuExit::Halt => {
-                // Only backends without an interrupt controller report HLT;
-                // with nothing to wake the vCPU it would stop forever.
-                control.request_exit(ExitReason::Failed(format!(
-                    "vCPU {id} halted with interrupts it can never receive"
-                )));
-            }
-            VcpuExit::InternalError(why) => {
-                control.request_exit(ExitReason::Failed(format!("vCPU {id}: {why}")));
-            }
-            VcpuExit::Unknown(what) => {
-                tracing::warn!("vCPU {id}: ignoring unexpected exit {what}");
-            }
+        if dispatch(id, exit, buses, control, &mut unknown) {
+            let rip = guard.regs().ok().map(|r| r.rip);
+            control.request_exit(ExitReason::TripleFault { vcpu: id, rip });
         }
     }
     tracing::debug!("vCPU {id} thread done");
+}
+
+/// Carry out one exit; true for a shutdown (triple fault), which the
+/// caller reports with the vCPU's RIP.
+fn dispatch(
+    id: u32,
+    exit: VcpuExit<'_>,
+    buses: &Buses,
+    control: &VmControl,
+    unknown: &mut UnknownAccessLog,
+) -> bool {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !buses.io.read(u64::from(port), data) {
+                data.fill(0xff);
+                unknown.note(id, false, u64::from(port), false);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !buses.io.write(u64::from(port), data) {
+                unknown.note(id, false, u64::from(port), true);
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                data.fill(0xff);
+                unknown.note(id, true, addr, false);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !buses.mmio.write(addr, data) {
+                unknown.note(id, true, addr, true);
+            }
+        }
+        VcpuExit::Interrupted => {}
+        VcpuExit::Shutdown => return true,
+        VcpuExit::Reset => control.request_exit(ExitReason::Reset),
+        VcpuExit::PowerOff => control.request_exit(ExitReason::PowerOff),
+        VcpuExit::Halt => {
+            // Only backends without an interrupt controller report HLT;
+            // with nothing to wake the vCPU it would stop forever.
+            control.request_exit(ExitReason::Failed(format!(
+                "vCPU {id} halted with interrupts it can never receive"
+            )));
+        }
+        VcpuExit::InternalError(why) => {
+            control.request_exit(ExitReason::Failed(format!("vCPU {id}: {why}")));
+        }
+        VcpuExit::Unknown(what) => {
+            tracing::warn!("vCPU {id}: ignoring unexpected exit {what}");
+        }
+    }
+    false
 }
 
 impl VcpuThread {

@@ -3,13 +3,16 @@
 
 use std::sync::Arc;
 
-use vireo_hypervisor::{Hypervisor, HypervisorError, InterruptLine, Vcpu};
+use std::sync::Mutex;
+
+use vireo_hypervisor::{CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
 
 use crate::boot::{self, BootError, BootInfo, BootSpec};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::control::{ExitReason, StateError, VmControl};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::vcpu::{self, Buses, VcpuStats, VcpuThread};
+use crate::snapshot::{MachineConfig, SharedSnapshottable, SnapshotError, VmSnapshot};
+use crate::vcpu::{self, Buses, SharedVcpu, VcpuStats, VcpuThread};
 
 /// The smallest guest vireo will create: room for the boot structures, a
 /// small kernel and its page tables.
@@ -50,6 +53,8 @@ pub enum VmError {
     State(#[from] StateError),
     #[error("device setup: {0}")]
     Device(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("cannot start vCPU threads: {0}")]
     Thread(std::io::Error),
 }
@@ -101,12 +106,24 @@ pub fn validate(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<(), VmError> {
 pub struct Vm {
     hv_vm: Arc<dyn vireo_hypervisor::Vm>,
     memory: GuestMemory,
-    vcpus: Vec<Box<dyn Vcpu>>,
+    vcpus: Vec<SharedVcpu>,
     io_bus: Bus,
     mmio_bus: Bus,
     control: Arc<VmControl>,
     stats: Arc<VcpuStats>,
-    boot: BootInfo,
+    /// None for a VM restored from a snapshot (nothing was booted).
+    boot: Option<BootInfo>,
+    saved: SaveInfo,
+}
+
+/// What a snapshot of this VM needs beyond its live state.
+#[derive(Clone)]
+struct SaveInfo {
+    backend: &'static str,
+    vcpus: u32,
+    memory_mib: u64,
+    cpuid: Vec<Vec<CpuidEntry>>,
+    msr_indices: Vec<u32>,
 }
 
 impl Vm {
@@ -132,14 +149,17 @@ impl Vm {
         let supported_cpuid = hv.supported_cpuid()?;
         let msrs = boot::cpu::boot_msrs(&hv.supported_msrs()?);
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        let mut cpuids = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..cfg.vcpus {
             let vcpu = hv_vm.create_vcpu(id)?;
-            vcpu.set_cpuid(&boot::cpuid::guest_cpuid(&supported_cpuid, id, cfg.vcpus))?;
+            let cpuid = boot::cpuid::guest_cpuid(&supported_cpuid, id, cfg.vcpus);
+            vcpu.set_cpuid(&cpuid)?;
+            cpuids.push(cpuid);
             boot::cpu::setup_common(vcpu.as_ref(), &msrs)?;
             if id == 0 {
                 boot::cpu::setup_bsp(vcpu.as_ref(), boot.entry)?;
             }
-            vcpus.push(vcpu);
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
         }
         Ok(Vm {
             hv_vm,
@@ -149,12 +169,83 @@ impl Vm {
             mmio_bus: Bus::new(),
             control: Arc::new(VmControl::default()),
             stats: Arc::new(VcpuStats::new(cfg.vcpus as usize)),
-            boot,
+            boot: Some(boot),
+            saved: SaveInfo {
+                backend: hv.name(),
+                vcpus: cfg.vcpus,
+                memory_mib: cfg.memory_mib,
+                cpuid: cpuids,
+                msr_indices: hv.supported_msrs()?,
+            },
         })
     }
 
-    pub fn boot_info(&self) -> &BootInfo {
-        &self.boot
+    /// A VM in the state `snap` saved, over `memory` (from
+    /// [`crate::snapshot::LoadedSnapshot::memory`]): platform and vCPUs
+    /// restored, devices still to attach and restore.
+    pub fn from_snapshot(
+        hv: &dyn Hypervisor,
+        snap: &VmSnapshot,
+        memory: GuestMemory,
+    ) -> Result<Vm, VmError> {
+        let cfg = &snap.config;
+        if cfg.backend != hv.name() {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot was taken on the {} backend and cannot be restored on {} (use --accel {})",
+                cfg.backend,
+                hv.name(),
+                cfg.backend
+            ))
+            .into());
+        }
+        let dummy = VmConfig {
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            boot: BootSpec {
+                kernel: Default::default(),
+                initrd: None,
+                cmdline: String::new(),
+                vcpus: cfg.vcpus,
+            },
+        };
+        validate(hv, &dummy)?;
+        let hv_vm = hv.create_vm()?;
+        for (slot, (guest, size, host)) in memory::host_mappings(&memory).into_iter().enumerate() {
+            // SAFETY: as in `Vm::new`: `memory` is owned by this Vm and
+            // outlives the hypervisor VM and its vCPUs.
+            unsafe { hv_vm.map_memory(slot as u32, guest, size, host)? };
+        }
+        hv_vm.create_platform()?;
+        hv_vm.restore_platform(&snap.platform)?;
+        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        for (state, cpuid) in snap.vcpus.iter().zip(&snap.cpuid) {
+            let vcpu = hv_vm.create_vcpu(state.id)?;
+            vcpu.set_cpuid(cpuid)?;
+            vcpu.restore_state(state)?;
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
+        }
+        Ok(Vm {
+            hv_vm,
+            memory,
+            vcpus,
+            io_bus: Bus::new(),
+            mmio_bus: Bus::new(),
+            control: Arc::new(VmControl::default()),
+            stats: Arc::new(VcpuStats::new(cfg.vcpus as usize)),
+            boot: None,
+            saved: SaveInfo {
+                backend: hv.name(),
+                vcpus: cfg.vcpus,
+                memory_mib: cfg.memory_mib,
+                cpuid: snap.cpuid.clone(),
+                msr_indices: hv.supported_msrs()?,
+            },
+        })
+    }
+
+    /// How the kernel was booted; None for a VM restored from a snapshot.
+    pub fn boot_info(&self) -> Option<&BootInfo> {
+        self.boot.as_ref()
     }
 
     pub fn memory(&self) -> &GuestMemory {
@@ -205,16 +296,23 @@ impl Vm {
             mmio: Arc::new(self.mmio_bus),
         };
         let mut threads = Vec::with_capacity(self.vcpus.len());
-        for v in self.vcpus {
-            match vcpu::spawn(v, buses.clone(), self.control.clone(), self.stats.clone()) {
+        for v in &self.vcpus {
+            match vcpu::spawn(
+                v.clone(),
+                buses.clone(),
+                self.control.clone(),
+                self.stats.clone(),
+            ) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     self.control.request_exit(ExitReason::Failed(e.to_string()));
                     let running = RunningVm {
-                        _hv_vm: self.hv_vm,
-                        _memory: self.memory,
+                        hv_vm: self.hv_vm,
+                        memory: self.memory,
+                        vcpus: self.vcpus,
                         threads,
                         control: self.control,
+                        saved: self.saved,
                     };
                     running.stop_and_join();
                     return Err(VmError::Thread(e));
@@ -222,10 +320,12 @@ impl Vm {
             }
         }
         Ok(RunningVm {
-            _hv_vm: self.hv_vm,
-            _memory: self.memory,
+            hv_vm: self.hv_vm,
+            memory: self.memory,
+            vcpus: self.vcpus,
             threads,
             control: self.control,
+            saved: self.saved,
         })
     }
 }
@@ -233,13 +333,58 @@ impl Vm {
 /// A VM whose vCPU threads are running.
 pub struct RunningVm {
     // Kept alive until every vCPU thread has been joined.
-    _hv_vm: Arc<dyn vireo_hypervisor::Vm>,
-    _memory: GuestMemory,
+    hv_vm: Arc<dyn vireo_hypervisor::Vm>,
+    memory: GuestMemory,
+    vcpus: Vec<SharedVcpu>,
     threads: Vec<VcpuThread>,
     control: Arc<VmControl>,
+    saved: SaveInfo,
 }
 
 impl RunningVm {
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Capture the state of the paused VM: every vCPU, the platform and
+    /// each of `devices` (id, device), with `frontend` (the front end's
+    /// description of the machine) recorded in its configuration.
+    pub fn capture(
+        &self,
+        devices: &[(String, SharedSnapshottable)],
+        frontend: serde_json::Value,
+    ) -> Result<VmSnapshot, VmError> {
+        let state = self.control.state();
+        if state != crate::RunState::Paused {
+            return Err(SnapshotError::Mismatch(format!(
+                "the VM must be paused to capture its state (it is {state:?})"
+            ))
+            .into());
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(vcpu::lock_vcpu(v).save_state(&self.saved.msr_indices)?);
+        }
+        let platform = self.hv_vm.save_platform()?;
+        let mut saved = Vec::with_capacity(devices.len());
+        for (id, dev) in devices {
+            let state = dev.lock().unwrap_or_else(|p| p.into_inner()).save()?;
+            saved.push((id.clone(), state));
+        }
+        Ok(VmSnapshot {
+            config: MachineConfig {
+                backend: self.saved.backend.to_string(),
+                vcpus: self.saved.vcpus,
+                memory_mib: self.saved.memory_mib,
+                frontend,
+            },
+            cpuid: self.saved.cpuid.clone(),
+            vcpus,
+            platform,
+            devices: saved,
+        })
+    }
+
     pub fn control(&self) -> Arc<VmControl> {
         self.control.clone()
     }

@@ -143,6 +143,20 @@ impl BusDevice for AcpiPm {
 mod tests {
     use super::*;
 
+    #[test]
+    fn state_roundtrips_and_the_pm_timer_does_not_go_back() {
+        use vireo_vmcore::snapshot::Snapshottable;
+        let (mut pm, _) = dev();
+        pm.write(PM1_EN, &PWRBTN.to_le_bytes());
+        pm.start -= std::time::Duration::from_secs(5);
+        let before = pm.timer();
+        let saved = pm.save().unwrap();
+        let (mut fresh, _) = dev();
+        fresh.restore(saved).unwrap();
+        assert_eq!(fresh.enable, PWRBTN);
+        assert!(fresh.timer() >= before, "PM timer went back");
+    }
+
     fn dev() -> (AcpiPm, Arc<VmControl>) {
         let c = Arc::new(VmControl::default());
         (AcpiPm::new(c.clone(), None), c)
@@ -237,5 +251,45 @@ mod tests {
         d.read(11, &mut big);
         d.write(3, &[]);
         d.write(100, &[1, 2, 3, 4, 5]);
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedPm {
+    status: u16,
+    enable: u16,
+    cnt: u16,
+    /// PM timer position, as nanoseconds since it started.
+    timer_ns: u64,
+}
+
+impl vireo_vmcore::snapshot::Snapshottable for AcpiPm {
+    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+        vireo_vmcore::snapshot::to_state(
+            "acpi_pm",
+            &SavedPm {
+                status: self.status,
+                enable: self.enable,
+                cnt: self.cnt,
+                timer_ns: self.start.elapsed().as_nanos() as u64,
+            },
+        )
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
+        let s: SavedPm = vireo_vmcore::snapshot::device_state("acpi_pm", state)?;
+        self.status = s.status;
+        self.enable = s.enable;
+        self.cnt = s.cnt | CNT_SCI_EN;
+        // The PM timer goes on from where it was (it must not jump back).
+        let now = Instant::now();
+        self.start = now
+            .checked_sub(std::time::Duration::from_nanos(s.timer_ns))
+            .unwrap_or(now);
+        self.update_sci();
+        Ok(())
     }
 }

@@ -223,6 +223,23 @@ impl BusDevice for Cmos {
 mod tests {
     use super::*;
 
+    #[test]
+    fn state_roundtrips_through_a_snapshot() {
+        use vireo_vmcore::snapshot::Snapshottable;
+        let mut c = Cmos::with_clock(64 << 20, 0, || FIXED);
+        c.write(0, &[0x40]);
+        c.write(1, &[0x99]); // a byte of CMOS RAM
+        c.offset = 3600;
+        let saved = c.save().unwrap();
+        let mut fresh = Cmos::with_clock(64 << 20, 0, || FIXED);
+        fresh.restore(saved).unwrap();
+        assert_eq!(read(&mut fresh, 0x40), 0x99);
+        assert_eq!(fresh.offset, 3600, "the guest's clock offset is kept");
+        assert!(fresh
+            .restore(serde_json::json!({"index": 0, "data": [1, 2], "offset": 0}))
+            .is_err());
+    }
+
     // 2026-11-23 13:45:07 UTC, a Monday.
     const FIXED: i64 = 1_795_441_507;
 
@@ -281,5 +298,45 @@ mod tests {
             ((256 - 16) << 20 >> 16) as u16
         );
         assert_eq!(c.data[0x5c], 0x40, "1 GiB above 4G = 0x4000 units of 64K");
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedCmos {
+    index: u8,
+    data: Vec<u8>,
+    offset: i64,
+}
+
+/// The RTC keeps its offset from the host clock, so a restored guest's
+/// wall clock is the host's plus the offset it had set (time the snapshot
+/// spent on disk passes for the guest too, as after a suspend).
+impl vireo_vmcore::snapshot::Snapshottable for Cmos {
+    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+        vireo_vmcore::snapshot::to_state(
+            "cmos",
+            &SavedCmos {
+                index: self.index,
+                data: self.data.to_vec(),
+                offset: self.offset,
+            },
+        )
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
+        let s: SavedCmos = vireo_vmcore::snapshot::device_state("cmos", state)?;
+        self.data =
+            s.data
+                .try_into()
+                .map_err(|_| vireo_vmcore::snapshot::SnapshotError::Device {
+                    id: "cmos".into(),
+                    reason: "saved CMOS RAM is not 128 bytes".into(),
+                })?;
+        self.index = s.index & 0x7f;
+        self.offset = s.offset;
+        Ok(())
     }
 }

@@ -32,7 +32,7 @@ const NO_DEVICE: u8 = 0xfe;
 const QUEUE_LIMIT: usize = 16;
 
 /// What the next write to the data port means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Pending {
     None,
     WriteCtr,
@@ -194,6 +194,20 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_roundtrips_through_a_snapshot() {
+        use vireo_vmcore::snapshot::Snapshottable;
+        let (mut a, _c) = dev();
+        a.ctr = 0x47;
+        a.push(0xfa, false);
+        a.push(0x12, true);
+        let saved = a.save().unwrap();
+        let (mut b, _d) = dev();
+        b.restore(saved).unwrap();
+        assert_eq!(b.ctr, 0x47);
+        assert_eq!(b.queue, a.queue);
+    }
     use vireo_hypervisor::EventFd;
 
     struct NoLine;
@@ -252,5 +266,42 @@ mod tests {
             d.write(4, &[0x20]);
         }
         assert_eq!(d.queue.len(), QUEUE_LIMIT);
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedI8042 {
+    ctr: u8,
+    status: u8,
+    pending: Pending,
+    output_port: u8,
+    queue: Vec<(u8, bool)>,
+}
+
+impl vireo_vmcore::snapshot::Snapshottable for I8042 {
+    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+        vireo_vmcore::snapshot::to_state(
+            "i8042",
+            &SavedI8042 {
+                ctr: self.ctr,
+                status: self.status,
+                pending: self.pending,
+                output_port: self.output_port,
+                queue: self.queue.iter().copied().collect(),
+            },
+        )
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
+        let s: SavedI8042 = vireo_vmcore::snapshot::device_state("i8042", state)?;
+        self.ctr = s.ctr;
+        self.status = s.status;
+        self.pending = s.pending;
+        self.output_port = s.output_port;
+        self.queue = s.queue.into_iter().take(QUEUE_LIMIT).collect();
+        Ok(())
     }
 }

@@ -91,6 +91,37 @@ impl SerialInput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Registers and the receive FIFO survive save + restore into a new
+    /// UART, which keeps writing to its own writer.
+    #[test]
+    fn state_roundtrips_through_a_snapshot() {
+        use vireo_vmcore::snapshot::Snapshottable;
+        let line = Arc::new(CountingLine(AtomicUsize::new(0)));
+        let (dev, input) = Serial::new(line.clone(), Box::new(Sink::default())).into_shared();
+        dev.lock().unwrap().write(3, &[0x03]); // LCR: 8N1
+        dev.lock().unwrap().write(7, &[0x5a]); // scratch
+        assert_eq!(input.enqueue(b"hi"), 2);
+        let saved = dev.lock().unwrap().save().unwrap();
+
+        let out = Sink::default();
+        let mut fresh = Serial::new(line, Box::new(out.clone()));
+        fresh.restore(saved).unwrap();
+        let mut b = [0u8];
+        fresh.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        fresh.read(3, &mut b);
+        assert_eq!(b[0], 0x03);
+        fresh.read(0, &mut b);
+        assert_eq!(b[0], b'h', "the FIFO's bytes come back in order");
+        fresh.read(0, &mut b);
+        assert_eq!(b[0], b'i');
+        fresh.write(0, b"!");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"!");
+        assert!(fresh
+            .restore(serde_json::json!({"scratch": "not a number"}))
+            .is_err());
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
     use vireo_hypervisor::EventFd;
 
@@ -157,5 +188,75 @@ mod tests {
         let taken = input.enqueue(&big);
         assert!(taken > 0 && taken < 1000, "took {taken}");
         assert_eq!(input.enqueue(&big), 0, "full FIFO takes nothing");
+    }
+}
+
+/// COM1's registers and receive FIFO (vm-superio's `SerialState`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedSerial {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl vireo_vmcore::snapshot::Snapshottable for Serial {
+    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+        let s = self.uart.state();
+        vireo_vmcore::snapshot::to_state(
+            "serial0",
+            &SavedSerial {
+                baud_divisor_low: s.baud_divisor_low,
+                baud_divisor_high: s.baud_divisor_high,
+                interrupt_enable: s.interrupt_enable,
+                interrupt_identification: s.interrupt_identification,
+                line_control: s.line_control,
+                line_status: s.line_status,
+                modem_control: s.modem_control,
+                modem_status: s.modem_status,
+                scratch: s.scratch,
+                in_buffer: s.in_buffer,
+            },
+        )
+    }
+
+    fn restore(
+        &mut self,
+        state: serde_json::Value,
+    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
+        let s: SavedSerial = vireo_vmcore::snapshot::device_state("serial0", state)?;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        // vm-superio builds a UART from a state with its trigger and
+        // writer: take both from the current one.
+        let irq = self.uart.interrupt_evt().0.clone();
+        let placeholder: Box<dyn Write + Send> = Box::new(std::io::sink());
+        let old = std::mem::replace(
+            &mut self.uart,
+            vm_superio::Serial::new(IrqTrigger(irq.clone()), placeholder),
+        );
+        let out = old.into_writer();
+        self.uart = vm_superio::Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| vireo_vmcore::snapshot::SnapshotError::Device {
+                id: "serial0".into(),
+                reason: format!("{e:?}"),
+            })?;
+        Ok(())
     }
 }

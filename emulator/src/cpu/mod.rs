@@ -184,6 +184,13 @@ impl Cpu {
         &self.io_buf
     }
 
+    /// The last exit asked for input (IN, MMIO read) that the next `run`
+    /// consumes, or MMIO writes wait to be reported: the instruction is not
+    /// complete yet (see `Vcpu::complete_pending_io`).
+    pub fn io_pending(&self) -> bool {
+        self.awaiting_input.is_some() || !self.mmio_writes.is_empty()
+    }
+
     /// The data buffer to fill after [`Exit::IoIn`] or [`Exit::MmioRead`].
     pub fn io_data_mut(&mut self) -> &mut [u8; MAX_IO_LEN] {
         &mut self.io_buf

@@ -49,6 +49,36 @@ impl IoApic {
         }
     }
 
+    pub fn save(&self) -> vireo_hypervisor::state::IoapicState {
+        vireo_hypervisor::state::IoapicState {
+            base_address: 0xfec0_0000,
+            ioregsel: self.sel,
+            id: self.id,
+            irr: self
+                .line
+                .iter()
+                .enumerate()
+                .fold(0, |acc, (i, &l)| acc | (u32::from(l) << i)),
+            redirtbl: self.redir.to_vec(),
+        }
+    }
+
+    pub fn restore(&mut self, s: &vireo_hypervisor::state::IoapicState) -> Result<(), String> {
+        if s.redirtbl.len() != PINS {
+            return Err(format!(
+                "IOAPIC with {} pins saved, the emulator's has {PINS}",
+                s.redirtbl.len()
+            ));
+        }
+        self.id = s.id;
+        self.sel = s.ioregsel;
+        self.redir.copy_from_slice(&s.redirtbl);
+        for (i, l) in self.line.iter_mut().enumerate() {
+            *l = s.irr & (1 << i) != 0;
+        }
+        Ok(())
+    }
+
     fn message(&self, pin: usize) -> Message {
         let e = self.redir[pin];
         Message {

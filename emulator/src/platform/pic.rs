@@ -182,6 +182,56 @@ impl Pic {
         }
     }
 
+    /// Both chips' state, master first.
+    pub fn save(&self) -> [vireo_hypervisor::state::PicState; 2] {
+        self.chips
+            .clone()
+            .map(|c| vireo_hypervisor::state::PicState {
+                last_irr: c.last_irr,
+                irr: c.irr,
+                imr: c.imr,
+                isr: c.isr,
+                priority_add: c.priority_add,
+                irq_base: c.irq_base,
+                read_reg_select: c.read_isr.into(),
+                poll: c.poll.into(),
+                special_mask: c.special_mask.into(),
+                init_state: c.init_state,
+                auto_eoi: c.auto_eoi.into(),
+                rotate_on_auto_eoi: c.rotate_on_auto_eoi.into(),
+                special_fully_nested_mode: c.special_fully_nested.into(),
+                init4: c.init4.into(),
+                elcr: c.elcr,
+                elcr_mask: c.elcr_mask,
+                single: c.single.into(),
+            })
+    }
+
+    pub fn restore(&mut self, saved: &[vireo_hypervisor::state::PicState; 2]) {
+        for (c, s) in self.chips.iter_mut().zip(saved) {
+            *c = Chip {
+                irr: s.irr,
+                isr: s.isr,
+                imr: s.imr,
+                last_irr: s.last_irr,
+                priority_add: s.priority_add,
+                irq_base: s.irq_base,
+                read_isr: s.read_reg_select != 0,
+                poll: s.poll != 0,
+                special_mask: s.special_mask != 0,
+                init_state: s.init_state,
+                auto_eoi: s.auto_eoi != 0,
+                rotate_on_auto_eoi: s.rotate_on_auto_eoi != 0,
+                special_fully_nested: s.special_fully_nested_mode != 0,
+                init4: s.init4 != 0,
+                single: s.single != 0,
+                elcr: s.elcr & s.elcr_mask,
+                elcr_mask: s.elcr_mask,
+            };
+        }
+        self.update();
+    }
+
     /// Propagate the slave's output to master IRQ 2.
     fn update(&mut self) {
         let slave = self.chips[1].get_irq(false).is_some();

@@ -181,6 +181,54 @@ impl Pit {
         }
     }
 
+    /// The channels' state; the time a count was loaded is not kept (a
+    /// restored counter starts from its count again, as on KVM).
+    pub fn save(&self) -> vireo_hypervisor::state::PitState {
+        vireo_hypervisor::state::PitState {
+            channels: self
+                .ch
+                .clone()
+                .map(|c| vireo_hypervisor::state::PitChannelState {
+                    count: c.count,
+                    latched_count: c.latched_count,
+                    count_latched: c.count_latched,
+                    status_latched: c.status_latched.into(),
+                    status: c.status,
+                    read_state: c.read_state,
+                    write_state: c.write_state,
+                    write_latch: c.write_latch,
+                    rw_mode: c.rw_mode,
+                    mode: c.mode,
+                    bcd: c.bcd.into(),
+                    gate: c.gate.into(),
+                }),
+            // KVM_PIT_FLAGS_SPEAKER_DATA_ON
+            flags: if self.speaker_data { 2 } else { 0 },
+        }
+    }
+
+    /// Load saved channels; channel 0 in a periodic mode (2, 3) interrupts
+    /// again one period from `now`.
+    pub fn restore(&mut self, s: &vireo_hypervisor::state::PitState, now: Instant) {
+        for (i, (c, saved)) in self.ch.iter_mut().zip(&s.channels).enumerate() {
+            c.count = saved.count.clamp(1, 0x10000);
+            c.load = now;
+            c.latched_count = saved.latched_count;
+            c.count_latched = saved.count_latched;
+            c.status_latched = saved.status_latched != 0;
+            c.status = saved.status;
+            c.read_state = saved.read_state;
+            c.write_state = saved.write_state;
+            c.write_latch = saved.write_latch;
+            c.rw_mode = saved.rw_mode;
+            c.mode = saved.mode & 7;
+            c.bcd = saved.bcd != 0;
+            c.gate = saved.gate != 0;
+            c.next_irq = (i == 0 && matches!(c.mode, 2 | 3)).then(|| now + c.period());
+        }
+        self.speaker_data = s.flags & 2 != 0;
+    }
+
     pub fn owns(port: u16) -> bool {
         matches!(port, 0x40..=0x43 | 0x61)
     }

@@ -2,6 +2,7 @@
 //! the in-kernel irqchip (PIC, IOAPIC, LAPIC) and PIT.
 
 mod convert;
+mod state;
 
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -16,8 +17,8 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{
-    CpuidEntry, FpuState, Hypervisor, HypervisorError, InterruptLine, LapicState, MsrEntry, Regs,
-    Result, SpecialRegs, Vcpu, VcpuExit, Vm,
+    CpuidEntry, FpuState, Hypervisor, HypervisorError, InterruptLine, LapicState, MsrEntry,
+    PlatformState, Regs, Result, SpecialRegs, Vcpu, VcpuExit, VcpuState, Vm,
 };
 
 /// Where KVM's VMX backend puts its three-page TSS and the identity-map page:
@@ -183,7 +184,11 @@ impl Vm for KvmVm {
             .fd
             .create_vcpu(u64::from(id))
             .map_err(|e| HypervisorError::ioctl("KVM_CREATE_VCPU", e))?;
-        Ok(Box::new(KvmVcpu { id, fd }))
+        Ok(Box::new(KvmVcpu {
+            id,
+            fd,
+            immediate_exit: false,
+        }))
     }
 
     fn interrupt_line(&self, gsi: u32) -> Result<Arc<dyn InterruptLine>> {
@@ -236,6 +241,16 @@ impl Vm for KvmVm {
             .map(|_| ())
             .map_err(|e| HypervisorError::ioctl("KVM_SIGNAL_MSI", e))
     }
+
+    fn save_platform(&self) -> Result<PlatformState> {
+        self.require_platform()?;
+        state::save_platform(&self.fd)
+    }
+
+    fn restore_platform(&self, s: &PlatformState) -> Result<()> {
+        self.require_platform()?;
+        state::restore_platform(&self.fd, s)
+    }
 }
 
 /// A level-triggered line driven with KVM_IRQ_LINE.
@@ -283,14 +298,13 @@ impl InterruptLine for IrqFdLine {
 pub struct KvmVcpu {
     id: u32,
     fd: VcpuFd,
+    /// `immediate_exit` is set in the run structure (see
+    /// [`Vcpu::complete_pending_io`]).
+    immediate_exit: bool,
 }
 
-impl Vcpu for KvmVcpu {
-    fn id(&self) -> u32 {
-        self.id
-    }
-
-    fn run(&mut self) -> Result<VcpuExit<'_>> {
+impl KvmVcpu {
+    fn run_raw(&mut self) -> Result<VcpuExit<'_>> {
         use kvm_ioctls::VcpuExit as K;
         match self.fd.run() {
             Ok(exit) => Ok(match exit {
@@ -320,6 +334,41 @@ impl Vcpu for KvmVcpu {
             }
             Err(e) => Err(HypervisorError::ioctl("KVM_RUN", e)),
         }
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        if self.immediate_exit {
+            self.fd.set_kvm_immediate_exit(0);
+            self.immediate_exit = false;
+        }
+        self.run_raw()
+    }
+
+    fn complete_pending_io(&mut self) -> Result<Option<VcpuExit<'_>>> {
+        // KVM finishes an I/O or MMIO exit only on the next KVM_RUN; with
+        // immediate_exit set it does that and returns EINTR before running
+        // any guest instruction (Documentation/virt/kvm/api.rst, KVM_RUN).
+        // The next ordinary `run` clears the flag.
+        self.fd.set_kvm_immediate_exit(1);
+        self.immediate_exit = true;
+        match self.run_raw()? {
+            VcpuExit::Interrupted => Ok(None),
+            other => Ok(Some(other)),
+        }
+    }
+
+    fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState> {
+        state::save_vcpu(self.id, &self.fd, msr_indices)
+    }
+
+    fn restore_state(&self, s: &VcpuState) -> Result<()> {
+        state::restore_vcpu(&self.fd, s)
     }
 
     fn regs(&self) -> Result<Regs> {

@@ -477,6 +477,19 @@ impl LiveVm {
         true
     }
 
+    /// Wait up to `wait` for more output: Some(true) when some came,
+    /// Some(false) when none did, None at EOF.
+    pub fn read_chunk(&mut self, wait: Duration) -> Option<bool> {
+        match self.output.recv_timeout(wait) {
+            Ok(chunk) => {
+                self.seen.extend_from_slice(&chunk);
+                Some(true)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Some(false),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
     /// Everything the guest printed so far.
     pub fn output(&self) -> String {
         String::from_utf8_lossy(&self.seen).into_owned()

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Snapshot and restore time of a guest with all of its memory in use.
+
+The guest (a 64-bit ELF written here) fills its RAM above 2 MiB with a
+pattern (so every page is real and must be saved), prints '!' on COM1, then
+prints '.' every 1000 iterations of a delay loop forever. The script:
+
+  1. boots it under `vireo run --control-socket`, waits for '!';
+  2. sends `snapshot DIR` and times it (wall clock, and the VM's own
+     `pause_ms`: how long the guest was stopped);
+  3. kills it and restores the snapshot `--rounds` times, full (memory file
+     read and checksummed) and lazy (`--restore-lazy`: mapped MAP_PRIVATE),
+     timing spawn -> first '.' from the restored guest (restore-to-running),
+     and reading vireo's own "restored ... in N ms" log line.
+
+Results go to bench/results/snapshot-DATE.json. Standard library only.
+
+  python3 bench/snapshot.py [--memory 1024] [--accel kvm|emu] [--rounds 5]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LOAD = 0x100000
+
+
+def guest_code(memory_mib: int) -> bytes:
+    fill_start = 0x200000
+    qwords = ((memory_mib << 20) - fill_start) // 8
+    code = b""
+    code += b"\x48\xbf" + struct.pack("<Q", fill_start)  # mov rdi, fill_start
+    code += b"\x48\xb9" + struct.pack("<Q", qwords)  # mov rcx, qwords
+    code += b"\x48\xb8" + struct.pack("<Q", 0x0123456789ABCDEF)  # mov rax, pattern
+    code += b"\xf3\x48\xab"  # rep stosq
+    code += b"\x66\xba\xf8\x03"  # mov dx, 0x3f8
+    code += b"\xb0\x21\xee"  # mov al, '!'; out dx, al
+    loop = len(code)
+    code += b"\xb0\x2e\xee"  # loop: mov al, '.'; out dx, al
+    code += b"\xb9" + struct.pack("<I", 1000)  # mov ecx, 1000
+    code += b"\xff\xc9"  # l2: dec ecx
+    code += b"\x75\xfc"  # jnz l2
+    rel = loop - (len(code) + 2)
+    code += b"\xeb" + struct.pack("<b", rel)  # jmp loop
+    return code
+
+
+def elf(code: bytes) -> bytes:
+    seg = 0x1000
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, LOAD, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 7, seg, LOAD, LOAD, len(code), len(code), 0x1000)
+    f = ehdr + phdr
+    return f + bytes(seg - len(f)) + code
+
+
+def vireo_bin() -> str:
+    for cand in (os.environ.get("VIREO"), os.path.join(ROOT, "target/release/vireo")):
+        if cand and os.path.exists(cand):
+            return cand
+    sys.exit("build vireo first: cargo build --release -p vireo (or set VIREO=path)")
+
+
+def read_until(proc, marker: bytes, timeout: float) -> float:
+    """Read stdout until `marker`; the time it arrived."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    while marker not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no {marker!r} within {timeout} s")
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"vireo exited before {marker!r}: {proc.stderr.read().decode(errors='replace')}")
+            buf += chunk
+    return time.monotonic()
+
+
+def control(path: str, line: str) -> dict:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(line.encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--memory", type=int, default=1024)
+    ap.add_argument("--accel", default="kvm")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    vireo = vireo_bin()
+    work = tempfile.mkdtemp(prefix="vireo-snapbench-")
+    try:
+        kernel = os.path.join(work, "vmlinux")
+        with open(kernel, "wb") as f:
+            f.write(elf(guest_code(args.memory)))
+        sock = os.path.join(work, "ctl.sock")
+        snap = os.path.join(work, "snap")
+        vm = subprocess.Popen(
+            [vireo, "run", "--kernel", kernel, "--memory", str(args.memory),
+             "--accel", args.accel, "--control-socket", sock],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        t0 = time.monotonic()
+        read_until(vm, b"!", 600)
+        fill_s = time.monotonic() - t0
+        t = time.monotonic()
+        reply = control(sock, f"snapshot {snap}")
+        snapshot_s = time.monotonic() - t
+        vm.kill()
+        vm.wait()
+        if not reply.get("ok"):
+            sys.exit(f"snapshot failed: {reply}")
+        sizes = {n: os.path.getsize(os.path.join(snap, n)) for n in os.listdir(snap)}
+        results = {"memory_mib": args.memory, "accel": args.accel,
+                   "guest_fill_s": round(fill_s, 3),
+                   "snapshot_wall_ms": round(snapshot_s * 1000, 1),
+                   "snapshot_pause_ms": reply["snapshot"]["pause_ms"],
+                   "files": sizes, "restore": {}}
+        for mode, extra in (("full", []), ("lazy", ["--restore-lazy"])):
+            to_running, in_vmm = [], []
+            for _ in range(args.rounds):
+                # Drop the page cache's copy? Not without root everywhere;
+                # rounds after the first read the file from the cache.
+                t = time.monotonic()
+                p = subprocess.Popen([vireo, "-v", "run", "--restore", snap, "--accel", args.accel] + extra,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                first = read_until(p, b".", 600)
+                to_running.append((first - t) * 1000)
+                p.kill()
+                _, err = p.communicate()
+                m = re.search(r"in (\d+) ms", err.decode(errors="replace"))
+                if m:
+                    in_vmm.append(int(m.group(1)))
+            results["restore"][mode] = {
+                "to_running_ms_median": round(statistics.median(to_running), 1),
+                "to_running_ms": [round(x, 1) for x in to_running],
+                "vmm_restore_ms": in_vmm,
+            }
+        print(json.dumps(results, indent=2))
+        out = os.path.join(HERE, "results", f"snapshot-{datetime.date.today()}.json")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"written to {out}", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+//! Snapshots: the state of a paused VM — every vCPU, the platform
+//! (interrupt controllers, timer, clock), every device and guest memory —
+//! written to a directory, and read back into a new VM.
+//!
+//! Devices take part through [`Snapshottable`]: a snapshot is a walk over
+//! the machine's device list, each device giving its state as a JSON value
+//! under a stable id, and a restore hands each id's value back to the
+//! device of the same id in the new machine.
+//!
+//! Everything is verified (format version, checksums, sizes, that the
+//! saved configuration fits this vireo) before the new VM is created, so
+//! a bad snapshot is refused before any guest state is touched. See
+//! [`format`] for the files.
+
+pub mod format;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vireo_hypervisor::{CpuidEntry, PlatformState, VcpuState};
+use vm_memory::{GuestAddress, GuestMemoryRegion};
+
+use crate::memory::{self, GuestMemory, GuestMemoryBackend};
+use format::{FormatError, MemoryRegionRecord, StateFile, MEMORY_FILE, STATE_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("device {id}: {reason}")]
+    Device { id: String, reason: String },
+    #[error("{0}")]
+    Mismatch(String),
+    #[error(transparent)]
+    Hypervisor(#[from] vireo_hypervisor::HypervisorError),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A device whose state can be saved and loaded.
+pub trait Snapshottable: Send {
+    /// The device's state. Called while the VM is paused.
+    fn save(&mut self) -> Result<serde_json::Value, SnapshotError>;
+    /// Load a state [`Snapshottable::save`] returned into a freshly built
+    /// device of the same kind, before the VM runs.
+    fn restore(&mut self, state: serde_json::Value) -> Result<(), SnapshotError>;
+}
+
+pub type SharedSnapshottable = Arc<Mutex<dyn Snapshottable>>;
+
+/// Deserialize a device's saved state, naming the device on failure.
+pub fn device_state<T: for<'de> Deserialize<'de>>(
+    id: &str,
+    value: serde_json::Value,
+) -> Result<T, SnapshotError> {
+    serde_json::from_value(value).map_err(|e| SnapshotError::Device {
+        id: id.to_string(),
+        reason: format!("saved state does not fit: {e}"),
+    })
+}
+
+/// Serialize a device's state (infallible for the plain structs devices
+/// use; an error is reported rather than unwrapped all the same).
+pub fn to_state<T: Serialize>(id: &str, value: &T) -> Result<serde_json::Value, SnapshotError> {
+    serde_json::to_value(value).map_err(|e| SnapshotError::Device {
+        id: id.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// What the machine was: enough to build it again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// The hypervisor backend ("kvm", "emu"): state of one cannot be
+    /// loaded into the other.
+    pub backend: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// The front end's own description of the machine (its devices).
+    #[serde(default)]
+    pub frontend: serde_json::Value,
+}
+
+/// A VM's whole state but its memory.
+#[derive(Debug, Clone)]
+pub struct VmSnapshot {
+    pub config: MachineConfig,
+    /// The CPUID each vCPU was given.
+    pub cpuid: Vec<Vec<CpuidEntry>>,
+    pub vcpus: Vec<VcpuState>,
+    pub platform: PlatformState,
+    /// (device id, state) in machine order.
+    pub devices: Vec<(String, serde_json::Value)>,
+}
+
+const CONFIG: &str = "config";
+const MEMORY: &str = "memory";
+const CPUID: &str = "cpuid";
+const PLATFORM: &str = "platform";
+const VCPU_PREFIX: &str = "vcpu/";
+const DEVICE_PREFIX: &str = "device/";
+
+/// Paths of a snapshot directory's files.
+pub fn state_path(dir: &Path) -> std::path::PathBuf {
+    dir.join(STATE_FILE)
+}
+
+pub fn memory_path(dir: &Path) -> std::path::PathBuf {
+    dir.join(MEMORY_FILE)
+}
+
+/// Write `snap` and the guest memory to `dir` (created if missing; it must
+/// not hold a snapshot already). Memory goes first and the state file last
+/// (written under a temporary name and renamed), so a directory with a
+/// state file always holds a complete snapshot.
+pub fn write(
+    dir: &Path,
+    snap: &VmSnapshot,
+    mem: &GuestMemory,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), SnapshotError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let state = state_path(dir);
+    if state.exists() {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} already holds a snapshot; pick a new directory or delete it first",
+            dir.display()
+        )));
+    }
+    let regions: Vec<(u64, &[u8])> = mem
+        .iter()
+        .map(|r| {
+            // SAFETY: the region is a live mapping of `r.len()` bytes owned
+            // by `mem`; the VM is paused (no vCPU runs) and devices that
+            // write guest memory on their own are refused before a
+            // snapshot, so nothing writes it while we read.
+            let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
+            (r.start_addr().0, bytes)
+        })
+        .collect();
+    let records = format::write_memory(&memory_path(dir), &regions, progress)?;
+    let mut file = StateFile::new();
+    file.add_json(CONFIG, &snap.config)?;
+    file.add_json(MEMORY, &records)?;
+    file.add_json(CPUID, &snap.cpuid)?;
+    file.add_json(PLATFORM, &snap.platform)?;
+    for v in &snap.vcpus {
+        file.add_json(&format!("{VCPU_PREFIX}{}", v.id), v)?;
+    }
+    for (id, state) in &snap.devices {
+        file.add_json(&format!("{DEVICE_PREFIX}{id}"), state)?;
+    }
+    file.write(&state)?;
+    Ok(())
+}
+
+/// A snapshot read and checked, its memory not loaded yet.
+pub struct LoadedSnapshot {
+    pub snapshot: VmSnapshot,
+    pub memory: Vec<MemoryRegionRecord>,
+    memory_path: std::path::PathBuf,
+}
+
+/// Read `dir`'s state file and check it whole (version, checksums, every
+/// section decodes, one state per vCPU, memory regions that match the
+/// configured size and a memory file long enough).
+pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let state = state_path(dir);
+    if !state.exists() {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} holds no snapshot ({} is missing)",
+            dir.display(),
+            STATE_FILE
+        )));
+    }
+    let file = StateFile::read(&state)?;
+    let config: MachineConfig = file.json(CONFIG)?;
+    let records: Vec<MemoryRegionRecord> = file.json(MEMORY)?;
+    let cpuid: Vec<Vec<CpuidEntry>> = file.json(CPUID)?;
+    let platform: PlatformState = file.json(PLATFORM)?;
+    let mut vcpus = Vec::new();
+    let mut devices = Vec::new();
+    for name in file.names() {
+        if name.starts_with(VCPU_PREFIX) {
+            vcpus.push(file.json::<VcpuState>(name)?);
+        } else if let Some(id) = name.strip_prefix(DEVICE_PREFIX) {
+            devices.push((id.to_string(), file.json(name)?));
+        }
+    }
+    vcpus.sort_by_key(|v| v.id);
+    let ids_ok = vcpus.iter().enumerate().all(|(i, v)| v.id as usize == i);
+    if vcpus.len() != config.vcpus as usize || !ids_ok || cpuid.len() != vcpus.len() {
+        return Err(FormatError::Corrupt(format!(
+            "{} vCPUs configured, {} vCPU states and {} CPUID tables saved",
+            config.vcpus,
+            vcpus.len(),
+            cpuid.len()
+        ))
+        .into());
+    }
+    let expected = memory::ram_ranges(config.memory_mib << 20);
+    let layout_ok = expected.len() == records.len()
+        && expected
+            .iter()
+            .zip(&records)
+            .all(|((addr, size), r)| addr.0 == r.guest_addr && *size as u64 == r.size);
+    if !layout_ok {
+        return Err(FormatError::Corrupt(format!(
+            "the memory regions saved do not match {} MiB of RAM",
+            config.memory_mib
+        ))
+        .into());
+    }
+    let memory_path = memory_path(dir);
+    format::check_memory_layout(&memory_path, &records)?;
+    Ok(LoadedSnapshot {
+        snapshot: VmSnapshot {
+            config,
+            cpuid,
+            vcpus,
+            platform,
+            devices,
+        },
+        memory: records,
+        memory_path,
+    })
+}
+
+impl LoadedSnapshot {
+    /// Guest memory with the snapshot's contents.
+    ///
+    /// Full (`lazy` false): anonymous memory filled from the file, each
+    /// region's checksum verified before this returns.
+    ///
+    /// Lazy: each region maps the memory file MAP_PRIVATE, so pages are read
+    /// from the file when the guest first touches them and copied when it
+    /// first writes them; restore takes milliseconds whatever the size, the
+    /// snapshot stays unchanged, and clones share the file's page cache.
+    /// The state file is verified as always and the memory file's size and
+    /// layout are checked, but its contents are NOT checksummed (that would
+    /// read it all). The memory file must not be changed while a VM mapped
+    /// from it runs.
+    pub fn memory(
+        &self,
+        lazy: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<GuestMemory, SnapshotError> {
+        if lazy {
+            return self.map_memory();
+        }
+        let mem = memory::create_guest_memory(self.snapshot.config.memory_mib << 20)
+            .map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+        let mut slices: Vec<&mut [u8]> = mem
+            .iter()
+            .map(|r| {
+                // SAFETY: each region is a fresh anonymous mapping of
+                // `r.len()` bytes owned by `mem`, not shared with any VM
+                // yet; the slices do not overlap.
+                unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) }
+            })
+            .collect();
+        format::read_memory(&self.memory_path, &self.memory, &mut slices, progress)?;
+        Ok(mem)
+    }
+
+    fn map_memory(&self) -> Result<GuestMemory, SnapshotError> {
+        use vm_memory::mmap::MmapRegionBuilder;
+        use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion};
+        let io = |source| SnapshotError::Io {
+            path: self.memory_path.display().to_string(),
+            source,
+        };
+        let file = Arc::new(std::fs::File::open(&self.memory_path).map_err(io)?);
+        let mut regions = Vec::with_capacity(self.memory.len());
+        for r in &self.memory {
+            let region: MmapRegion<()> = MmapRegionBuilder::new(r.size as usize)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+                .build()
+                .map_err(|e| {
+                    SnapshotError::Mismatch(format!(
+                        "cannot map {} at offset {}: {e}",
+                        self.memory_path.display(),
+                        r.file_offset
+                    ))
+                })?;
+            let region =
+                GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                    SnapshotError::Mismatch(format!("memory region at {:#x} wraps", r.guest_addr))
+                })?;
+            regions.push(region);
+        }
+        GuestMemory::from_regions(regions)
+            .map_err(|e| SnapshotError::Mismatch(format!("guest memory layout: {e}")))
+    }
+}
