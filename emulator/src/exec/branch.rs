@@ -230,28 +230,7 @@ pub(crate) fn branch(cpu: &mut Cpu, i: &Instruction) -> Flow {
 /// Jcc with its condition fixed at decode time (`CC` is the iced
 /// `ConditionCode` as u8).
 pub(crate) fn jcc_form<const CC: u8>(cpu: &mut Cpu, i: &Instruction) -> Flow {
-    use crate::cpu::state::rflags::{CF, OF, PF, SF, ZF};
-    use iced_x86::ConditionCode as C;
-    let f = cpu.state.rflags;
-    let set = |b: u64| f & b != 0;
-    let taken = match CC {
-        x if x == C::o as u8 => set(OF),
-        x if x == C::no as u8 => !set(OF),
-        x if x == C::b as u8 => set(CF),
-        x if x == C::ae as u8 => !set(CF),
-        x if x == C::e as u8 => set(ZF),
-        x if x == C::ne as u8 => !set(ZF),
-        x if x == C::be as u8 => set(CF) || set(ZF),
-        x if x == C::a as u8 => !set(CF) && !set(ZF),
-        x if x == C::s as u8 => set(SF),
-        x if x == C::ns as u8 => !set(SF),
-        x if x == C::p as u8 => set(PF),
-        x if x == C::np as u8 => !set(PF),
-        x if x == C::l as u8 => set(SF) != set(OF),
-        x if x == C::ge as u8 => set(SF) == set(OF),
-        x if x == C::le as u8 => set(ZF) || set(SF) != set(OF),
-        _ => !set(ZF) && set(SF) == set(OF),
-    };
+    let taken = super::fast::cond::<CC>(cpu.state.rflags);
     if taken {
         cpu.jump(i.near_branch_target())
     } else {
