@@ -81,38 +81,8 @@ fn select(i: &Instruction) -> (Handler, bool) {
         | M::Xadd
         | M::Cmpxchg8b
         | M::Cmpxchg16b => (mov::mov, false),
-        M::Cmova
-        | M::Cmovae
-        | M::Cmovb
-        | M::Cmovbe
-        | M::Cmove
-        | M::Cmovg
-        | M::Cmovge
-        | M::Cmovl
-        | M::Cmovle
-        | M::Cmovne
-        | M::Cmovno
-        | M::Cmovnp
-        | M::Cmovns
-        | M::Cmovo
-        | M::Cmovp
-        | M::Cmovs => (mov::cmov, false),
-        M::Seta
-        | M::Setae
-        | M::Setb
-        | M::Setbe
-        | M::Sete
-        | M::Setg
-        | M::Setge
-        | M::Setl
-        | M::Setle
-        | M::Setne
-        | M::Setno
-        | M::Setnp
-        | M::Setns
-        | M::Seto
-        | M::Setp
-        | M::Sets => (mov::setcc, false),
+        m if is_cmovcc(m) => (mov::cmov, false),
+        m if is_setcc(m) => (mov::setcc, false),
         M::Push
         | M::Pop
         | M::Pushfq
@@ -336,22 +306,7 @@ fn specialised(i: &Instruction) -> Option<Handler> {
             M::Dec => Some(fast::incdec_form::<false>),
             M::Neg => Some(fast::negnot_form::<true>),
             M::Not => Some(fast::negnot_form::<false>),
-            M::Seta
-            | M::Setae
-            | M::Setb
-            | M::Setbe
-            | M::Sete
-            | M::Setg
-            | M::Setge
-            | M::Setl
-            | M::Setle
-            | M::Setne
-            | M::Setno
-            | M::Setnp
-            | M::Setns
-            | M::Seto
-            | M::Setp
-            | M::Sets => by_cc(i, CcKind::Set),
+            m if is_setcc(m) => by_cc(i, CcKind::Set),
             _ => None,
         };
     }
@@ -462,24 +417,7 @@ fn specialised(i: &Instruction) -> Option<Handler> {
                 _ => sh!(sh::ROR),
             });
         }
-        M::Cmova
-        | M::Cmovae
-        | M::Cmovb
-        | M::Cmovbe
-        | M::Cmove
-        | M::Cmovg
-        | M::Cmovge
-        | M::Cmovl
-        | M::Cmovle
-        | M::Cmovne
-        | M::Cmovno
-        | M::Cmovnp
-        | M::Cmovns
-        | M::Cmovo
-        | M::Cmovp
-        | M::Cmovs
-            if gpr(0) =>
-        {
+        m if is_cmovcc(m) && gpr(0) => {
             return match () {
                 _ if gpr(1) => by_cc(i, CcKind::CmovReg),
                 _ if mem(1) && a64 => by_cc(i, CcKind::CmovMem64),
@@ -641,6 +579,54 @@ fn is_jcc(m: Mnemonic) -> bool {
             | M::Jge
             | M::Jle
             | M::Jg
+    )
+}
+
+/// CMOVcc, any condition.
+fn is_cmovcc(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Cmova
+            | M::Cmovae
+            | M::Cmovb
+            | M::Cmovbe
+            | M::Cmove
+            | M::Cmovg
+            | M::Cmovge
+            | M::Cmovl
+            | M::Cmovle
+            | M::Cmovne
+            | M::Cmovno
+            | M::Cmovnp
+            | M::Cmovns
+            | M::Cmovo
+            | M::Cmovp
+            | M::Cmovs
+    )
+}
+
+/// SETcc, any condition.
+fn is_setcc(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Seta
+            | M::Setae
+            | M::Setb
+            | M::Setbe
+            | M::Sete
+            | M::Setg
+            | M::Setge
+            | M::Setl
+            | M::Setle
+            | M::Setne
+            | M::Setno
+            | M::Setnp
+            | M::Setns
+            | M::Seto
+            | M::Setp
+            | M::Sets
     )
 }
 
