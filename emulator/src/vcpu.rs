@@ -434,7 +434,7 @@ impl Vcpu for EmuVcpu {
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
         let mut c = self.lock();
         for m in msrs {
-            if !c.set_msr(m.index, m.value) {
+            if !c.set_msr_host(m.index, m.value) {
                 return Err(emu_error(
                     "emulator set_msrs",
                     format!(
