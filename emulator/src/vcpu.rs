@@ -326,9 +326,14 @@ impl Vcpu for EmuVcpu {
                 mp_state::INIT_RECEIVED | mp_state::UNINITIALIZED
             );
         }
+        // The local APIC before the MSRs: IA32_TSC_DEADLINE is ignored
+        // unless the LVT timer is in TSC-deadline mode, so loading it into
+        // a fresh APIC would drop an armed deadline and leave a restored
+        // guest waiting for a timer interrupt that never comes (KVM has
+        // the same rule; its restore orders them the same way). Then the
         // MSRs in the saved order: the TSC before its deadline.
-        self.set_msrs(&s.msrs)?;
         self.set_lapic(&s.lapic)?;
+        self.set_msrs(&s.msrs)?;
         Ok(())
     }
 

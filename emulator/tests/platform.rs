@@ -889,10 +889,12 @@ fn random_platform_register_writes_never_break_the_host() {
     assert_ok(&o, "fuzz done");
 }
 
-/// A restore loads the saved TSC and IA32_TSC_ADJUST as they were: the
-/// adjustment a guest WRMSR would apply must not take the restored TSC
-/// back (a Linux guest restored with a TSC seconds behind its clock
-/// stalled its timekeeping and, at times, never woke its shell again).
+/// A restore loads the saved TSC, IA32_TSC_ADJUST and armed TSC deadline
+/// as they were: the adjustment a guest WRMSR would apply must not take
+/// the restored TSC back (a Linux guest restored with a TSC seconds behind
+/// its clock stalled its timekeeping), and the deadline must not be lost
+/// (a restored Linux guest then waited for a timer interrupt that never
+/// came, and its shell never ran the next command).
 #[test]
 fn restored_tsc_and_tsc_adjust_are_the_saved_ones() {
     const TSC: u32 = 0x10;
@@ -900,16 +902,29 @@ fn restored_tsc_and_tsc_adjust_are_the_saved_ones() {
     let hv = EmuHypervisor::new();
     let msrs = hv.supported_msrs().unwrap();
     assert!(msrs.contains(&TSC) && msrs.contains(&TSC_ADJUST));
+    const TSC_DEADLINE: u32 = 0x6e0;
     let vm = hv.create_vm().unwrap();
     vm.create_platform().unwrap();
     let vcpu = vm.create_vcpu(0).unwrap();
-    // The guest moved its TSC 50 s ahead (TSC_ADJUST follows), then the
-    // VMM saved the vCPU.
+    // The guest enabled its APIC with the timer in TSC-deadline mode,
+    // moved its TSC 50 s ahead (TSC_ADJUST follows) and armed a deadline
+    // 10 s later; then the VMM saved the vCPU.
+    let mut lapic = vcpu.lapic().unwrap();
+    lapic.regs[0xf0..0xf4].copy_from_slice(&0x1ffu32.to_le_bytes());
+    lapic.regs[0x320..0x324].copy_from_slice(&((2u32 << 17) | 0xec).to_le_bytes());
+    vcpu.set_lapic(&lapic).unwrap();
     let ahead = 50_000_000_000u64;
-    vcpu.set_msrs(&[vireo_hypervisor::MsrEntry {
-        index: TSC,
-        value: ahead,
-    }])
+    let deadline = ahead + 10_000_000_000;
+    vcpu.set_msrs(&[
+        vireo_hypervisor::MsrEntry {
+            index: TSC,
+            value: ahead,
+        },
+        vireo_hypervisor::MsrEntry {
+            index: TSC_DEADLINE,
+            value: deadline,
+        },
+    ])
     .unwrap();
     let mut saved = vcpu.save_state(&msrs).unwrap();
     let msr = |s: &vireo_hypervisor::VcpuState, i: u32| {
@@ -937,4 +952,10 @@ fn restored_tsc_and_tsc_adjust_are_the_saved_ones() {
         "restored TSC {tsc} is not the saved {saved_tsc} (plus the few ms since)"
     );
     assert_eq!(msr(&now, TSC_ADJUST), 7);
+    assert_eq!(msr(&saved, TSC_DEADLINE), deadline);
+    assert_eq!(
+        msr(&now, TSC_DEADLINE),
+        deadline,
+        "the armed TSC deadline survives the restore"
+    );
 }
