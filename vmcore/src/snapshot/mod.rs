@@ -287,18 +287,21 @@ impl LoadedSnapshot {
         let file = Arc::new(std::fs::File::open(&self.memory_path).map_err(io)?);
         let mut regions = Vec::with_capacity(self.memory.len());
         for r in &self.memory {
-            let region: MmapRegion<()> = MmapRegionBuilder::new(r.size as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-                .build()
-                .map_err(|e| {
-                    SnapshotError::Mismatch(format!(
-                        "cannot map {} at offset {}: {e}",
-                        self.memory_path.display(),
-                        r.file_offset
-                    ))
-                })?;
+            let region: MmapRegion<memory::AtomicBitmap> = MmapRegionBuilder::new_with_bitmap(
+                r.size as usize,
+                vm_memory::bitmap::NewBitmap::with_len(r.size as usize),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .build()
+            .map_err(|e| {
+                SnapshotError::Mismatch(format!(
+                    "cannot map {} at offset {}: {e}",
+                    self.memory_path.display(),
+                    r.file_offset
+                ))
+            })?;
             let region =
                 GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
                     SnapshotError::Mismatch(format!("memory region at {:#x} wraps", r.guest_addr))
