@@ -13,6 +13,11 @@
 //! (see `vireo run --restore`) and resumes it unless `--paused` is given
 //! or it was paused before; it answers
 //! `"snapshot":{"dir","memory_bytes","pause_ms"}`.
+//! `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]` live-migrates
+//! the VM to a `vireo run --migrate-from` target (pre-copy, then a short
+//! pause); on success it answers `"state":"migrated","migration":{"total_ms",
+//! "downtime_ms","bytes_sent","rounds","pages_sent"}` and this process
+//! exits 0; on failure the VM keeps running here and the reply is an error.
 //! Commands are carried out on the thread that owns the running VM (`stats`
 //! only reads the counters' atomics: it never stops a vCPU or a device).
 
@@ -44,6 +49,9 @@ pub enum Command {
         dir: std::path::PathBuf,
         stay_paused: bool,
     },
+    /// `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]`: live
+    /// migration to a `vireo run --migrate-from` (see [`crate::migrate`]).
+    MigrateTo(crate::migrate::MigrateTo),
 }
 
 impl Command {
@@ -57,6 +65,9 @@ impl Command {
             "balloon" => Some(Command::Balloon(None)),
             "stats" => Some(Command::Stats),
             other => {
+                if let Some(rest) = other.strip_prefix("migrate-to ") {
+                    return crate::migrate::MigrateTo::parse(rest).map(Command::MigrateTo);
+                }
                 if let Some(rest) = other.strip_prefix("snapshot ") {
                     let rest = rest.trim();
                     let (stay_paused, dir) = match rest.strip_prefix("--paused ") {
@@ -174,11 +185,11 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
         None => error_reply(
-            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] DIR",
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] DIR, migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]",
         ),
         Some(command) => {
             // Writing a snapshot of a big guest takes a while.
-            let wait = if matches!(command, Command::Snapshot { .. }) {
+            let wait = if matches!(command, Command::Snapshot { .. } | Command::MigrateTo(_)) {
                 Duration::from_secs(3600)
             } else {
                 Duration::from_secs(10)

@@ -1,7 +1,7 @@
 //! Guest physical memory: anonymous host mappings (vm-memory's
 //! `GuestMemoryMmap`) laid out around the 32-bit MMIO hole.
 
-use vm_memory::{GuestAddress, GuestMemoryRegion};
+use vm_memory::GuestAddress;
 
 use crate::layout;
 
@@ -9,7 +9,7 @@ use crate::layout;
 /// through vm-memory (by devices), for dirty page tracking.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 pub use vm_memory::bitmap::AtomicBitmap;
-pub use vm_memory::GuestMemoryBackend;
+pub use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

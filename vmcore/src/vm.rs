@@ -346,6 +346,17 @@ impl RunningVm {
         &self.memory
     }
 
+    /// The machine's configuration (what a target must build before any
+    /// state arrives), with `frontend` as in [`RunningVm::capture`].
+    pub fn machine_config(&self, frontend: serde_json::Value) -> MachineConfig {
+        MachineConfig {
+            backend: self.saved.backend.to_string(),
+            vcpus: self.saved.vcpus,
+            memory_mib: self.saved.memory_mib,
+            frontend,
+        }
+    }
+
     /// Capture the state of the paused VM: every vCPU, the platform and
     /// each of `devices` (id, device), with `frontend` (the front end's
     /// description of the machine) recorded in its configuration.

@@ -153,9 +153,16 @@ pub fn write(
         })
         .collect();
     let records = format::write_memory(&memory_path(dir), &regions, progress)?;
+    let mut file = state_sections(snap)?;
+    file.add_json(MEMORY, &records)?;
+    file.write(&state)?;
+    Ok(())
+}
+
+/// The state file of `snap` without its memory records.
+fn state_sections(snap: &VmSnapshot) -> Result<StateFile, SnapshotError> {
     let mut file = StateFile::new();
     file.add_json(CONFIG, &snap.config)?;
-    file.add_json(MEMORY, &records)?;
     file.add_json(CPUID, &snap.cpuid)?;
     file.add_json(PLATFORM, &snap.platform)?;
     for v in &snap.vcpus {
@@ -164,32 +171,24 @@ pub fn write(
     for (id, state) in &snap.devices {
         file.add_json(&format!("{DEVICE_PREFIX}{id}"), state)?;
     }
-    file.write(&state)?;
-    Ok(())
+    Ok(file)
 }
 
-/// A snapshot read and checked, its memory not loaded yet.
-pub struct LoadedSnapshot {
-    pub snapshot: VmSnapshot,
-    pub memory: Vec<MemoryRegionRecord>,
-    memory_path: std::path::PathBuf,
+/// `snap` in the state file encoding (version, checksums), without
+/// memory: what live migration sends as the final state.
+pub fn encode_state(snap: &VmSnapshot) -> Result<Vec<u8>, SnapshotError> {
+    Ok(state_sections(snap)?.encode())
 }
 
-/// Read `dir`'s state file and check it whole (version, checksums, every
-/// section decodes, one state per vCPU, memory regions that match the
-/// configured size and a memory file long enough).
-pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
-    let state = state_path(dir);
-    if !state.exists() {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} holds no snapshot ({} is missing)",
-            dir.display(),
-            STATE_FILE
-        )));
-    }
-    let file = StateFile::read(&state)?;
+/// Decode and check what [`encode_state`] made (every section, vCPU
+/// count); the memory is the caller's.
+pub fn decode_state(bytes: &[u8]) -> Result<VmSnapshot, SnapshotError> {
+    snapshot_of(&StateFile::decode(bytes)?)
+}
+
+/// The VM state in a decoded state file, checked for consistency.
+fn snapshot_of(file: &StateFile) -> Result<VmSnapshot, SnapshotError> {
     let config: MachineConfig = file.json(CONFIG)?;
-    let records: Vec<MemoryRegionRecord> = file.json(MEMORY)?;
     let cpuid: Vec<Vec<CpuidEntry>> = file.json(CPUID)?;
     let platform: PlatformState = file.json(PLATFORM)?;
     let mut vcpus = Vec::new();
@@ -212,6 +211,38 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         ))
         .into());
     }
+    Ok(VmSnapshot {
+        config,
+        cpuid,
+        vcpus,
+        platform,
+        devices,
+    })
+}
+
+/// A snapshot read and checked, its memory not loaded yet.
+pub struct LoadedSnapshot {
+    pub snapshot: VmSnapshot,
+    pub memory: Vec<MemoryRegionRecord>,
+    memory_path: std::path::PathBuf,
+}
+
+/// Read `dir`'s state file and check it whole (version, checksums, every
+/// section decodes, one state per vCPU, memory regions that match the
+/// configured size and a memory file long enough).
+pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    let state = state_path(dir);
+    if !state.exists() {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} holds no snapshot ({} is missing)",
+            dir.display(),
+            STATE_FILE
+        )));
+    }
+    let file = StateFile::read(&state)?;
+    let snapshot = snapshot_of(&file)?;
+    let config = &snapshot.config;
+    let records: Vec<MemoryRegionRecord> = file.json(MEMORY)?;
     let expected = memory::ram_ranges(config.memory_mib << 20);
     let layout_ok = expected.len() == records.len()
         && expected
@@ -228,19 +259,23 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     let memory_path = memory_path(dir);
     format::check_memory_layout(&memory_path, &records)?;
     Ok(LoadedSnapshot {
-        snapshot: VmSnapshot {
-            config,
-            cpuid,
-            vcpus,
-            platform,
-            devices,
-        },
+        snapshot,
         memory: records,
         memory_path,
     })
 }
 
 impl LoadedSnapshot {
+    /// A snapshot whose memory arrives some other way (live migration):
+    /// [`LoadedSnapshot::memory`] must not be called on it.
+    pub fn without_memory(snapshot: VmSnapshot) -> LoadedSnapshot {
+        LoadedSnapshot {
+            snapshot,
+            memory: Vec::new(),
+            memory_path: std::path::PathBuf::new(),
+        }
+    }
+
     /// Guest memory with the snapshot's contents.
     ///
     /// Full (`lazy` false): anonymous memory filled from the file, each
