@@ -259,6 +259,8 @@ fn serve_control(
     let balloon = attached.balloon.as_ref();
     let control = running.control();
     let mut reset = false;
+    // The last snapshot this process wrote: the parent of a `--diff`.
+    let mut last_snapshot: Option<PathBuf> = None;
     loop {
         if control
             .wait_exit_timeout(Duration::from_millis(20))
@@ -285,8 +287,19 @@ fn serve_control(
                     let _ = pending.reply.send(reply);
                     continue;
                 }
-                Command::Snapshot { dir, stay_paused } => {
-                    let reply = snapshot_command(running, saveable, &dir, stay_paused);
+                Command::Snapshot {
+                    dir,
+                    stay_paused,
+                    diff,
+                } => {
+                    let reply = snapshot_command(
+                        running,
+                        saveable,
+                        &dir,
+                        stay_paused,
+                        diff,
+                        &mut last_snapshot,
+                    );
                     let _ = pending.reply.send(reply);
                     continue;
                 }
@@ -378,13 +391,26 @@ fn migrate_command(
     }
 }
 
-/// `snapshot [--paused] DIR`: pause, capture, write, resume.
+/// `snapshot [--paused] [--diff] DIR`: pause, capture, write, resume.
+/// A full snapshot becomes the base of dirty page tracking; a diff writes
+/// the pages dirtied since `last` (this process's previous snapshot).
 fn snapshot_command(
     running: &RunningVm,
     saveable: &Saveable<'_>,
     dir: &std::path::Path,
     stay_paused: bool,
+    diff: bool,
+    last: &mut Option<PathBuf>,
 ) -> String {
+    let parent = match (diff, last.as_ref()) {
+        (false, _) => None,
+        (true, Some(p)) => Some(p.clone()),
+        (true, None) => {
+            return control_socket::error_reply(
+                "snapshot --diff needs an earlier snapshot (full or diff) taken by this process as its parent; take a full snapshot first",
+            )
+        }
+    };
     if !saveable.unsaveable.is_empty() {
         return control_socket::error_reply(&format!(
             "cannot snapshot this VM: the state of its virtio devices ({}) cannot be saved yet; \
@@ -414,10 +440,39 @@ fn snapshot_command(
     };
     let result = running
         .capture(saveable.devices, frontend(saveable))
-        .and_then(|snap| {
-            vireo_vmcore::snapshot::write(dir, &snap, running.memory(), &mut progress)
-                .map_err(Into::into)
+        .and_then(|snap| match &parent {
+            None => {
+                vireo_vmcore::snapshot::write(dir, &snap, running.memory(), &mut progress)?;
+                running.mark_snapshot_base()?;
+                Ok(None)
+            }
+            Some(parent) => {
+                let dirty = running.take_snapshot_dirty()?.ok_or_else(|| {
+                    vireo_vmcore::VmError::Device(
+                        "dirty page tracking is off; take a full snapshot first".into(),
+                    )
+                })?;
+                let pages = vireo_vmcore::snapshot::write_diff(
+                    dir,
+                    &snap,
+                    running.memory(),
+                    &dirty,
+                    parent,
+                    &mut progress,
+                )?;
+                Ok(Some(pages))
+            }
         });
+    match &result {
+        Ok(_) => *last = Some(dir.to_path_buf()),
+        Err(_) => {
+            // The pages taken for a failed diff are gone: the next diff
+            // would miss them, so it needs a new full snapshot.
+            if last.take().is_some() || parent.is_some() {
+                running.forget_snapshot_base();
+            }
+        }
+    }
     let pause_ms = started.elapsed().as_millis() as u64;
     if was_running && !stay_paused {
         if let Err(e) = running.resume() {
@@ -425,15 +480,31 @@ fn snapshot_command(
         }
     }
     match result {
-        Ok(()) => {
-            tracing::info!("snapshot written to {} in {pause_ms} ms", dir.display());
+        Ok(pages) => {
+            tracing::info!(
+                "{} written to {} in {pause_ms} ms",
+                if pages.is_some() {
+                    "diff snapshot"
+                } else {
+                    "snapshot"
+                },
+                dir.display()
+            );
+            let mut snapshot = serde_json::json!({
+                "dir": dir.display().to_string(),
+                "memory_bytes": memory_bytes,
+                "pause_ms": pause_ms,
+            });
+            if let (Some(pages), Some(parent), Some(obj)) =
+                (pages, &parent, snapshot.as_object_mut())
+            {
+                obj.insert("diff".into(), true.into());
+                obj.insert("parent".into(), parent.display().to_string().into());
+                obj.insert("pages".into(), pages.into());
+            }
             control_socket::ok_reply_with(
                 state_name(control.state()),
-                serde_json::json!({"snapshot": {
-                    "dir": dir.display().to_string(),
-                    "memory_bytes": memory_bytes,
-                    "pause_ms": pause_ms,
-                }}),
+                serde_json::json!({ "snapshot": snapshot }),
             )
         }
         Err(e) => control_socket::error_reply(&format!("snapshot to {}: {e}", dir.display())),

@@ -313,6 +313,7 @@ impl Vm {
                         threads,
                         control: self.control,
                         saved: self.saved,
+                        since_snapshot: Mutex::new(None),
                     };
                     running.stop_and_join();
                     return Err(VmError::Thread(e));
@@ -326,6 +327,7 @@ impl Vm {
             threads,
             control: self.control,
             saved: self.saved,
+            since_snapshot: Mutex::new(None),
         })
     }
 }
@@ -339,6 +341,10 @@ pub struct RunningVm {
     threads: Vec<VcpuThread>,
     control: Arc<VmControl>,
     saved: SaveInfo,
+    /// Pages dirtied since the last snapshot, while snapshots track them
+    /// (every [`RunningVm::take_dirty_log`] adds to it, so a migration
+    /// attempt in between loses nothing).
+    since_snapshot: Mutex<Option<Vec<Vec<u64>>>>,
 }
 
 impl RunningVm {
@@ -405,6 +411,11 @@ impl RunningVm {
     /// before this call are not reported: the caller copies all memory
     /// once after it.
     pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        if self.snapshot_tracking() {
+            // Already on for snapshots: set a new baseline only (what is
+            // taken also goes to the snapshot accumulator).
+            return self.take_dirty_log().map(|_| ());
+        }
         self.with_vcpus_synced(|| {
             self.hv_vm.start_dirty_log()?;
             crate::memory::take_device_dirty(&self.memory);
@@ -416,7 +427,69 @@ impl RunningVm {
 
     /// Stop dirty page tracking.
     pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        if self.snapshot_tracking() {
+            // Diff snapshots still need it.
+            return Ok(());
+        }
         Ok(self.hv_vm.stop_dirty_log()?)
+    }
+
+    fn snapshot_tracking(&self) -> bool {
+        self.since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// A snapshot of all memory was just written: from now on, track the
+    /// pages written for the next diff snapshot (see
+    /// [`RunningVm::take_snapshot_dirty`]).
+    pub fn mark_snapshot_base(&self) -> Result<(), VmError> {
+        if !self.snapshot_tracking() {
+            self.start_dirty_log()?;
+        } else {
+            self.take_dirty_log()?;
+        }
+        let empty = memory::host_mappings(&self.memory)
+            .iter()
+            .map(|(_, size, _)| vec![0u64; vireo_hypervisor::dirty::bitmap_words(*size)])
+            .collect();
+        *self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(empty);
+        Ok(())
+    }
+
+    /// The pages written since the last snapshot (full or diff), per
+    /// region, and start counting again; None when no snapshot was taken
+    /// by this process (a diff then has no base).
+    pub fn take_snapshot_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, VmError> {
+        if !self.snapshot_tracking() {
+            return Ok(None);
+        }
+        self.take_dirty_log()?;
+        let mut acc = self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(acc.as_mut().map(|bits| {
+            bits.iter_mut()
+                .map(|b| std::mem::replace(b, vec![0; b.len()]))
+                .collect()
+        }))
+    }
+
+    /// Stop tracking for snapshots (a diff snapshot failed half-way: the
+    /// next one must be full).
+    pub fn forget_snapshot_base(&self) {
+        *self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        if let Err(e) = self.hv_vm.stop_dirty_log() {
+            tracing::warn!("stopping dirty page tracking: {e}");
+        }
     }
 
     /// The pages written since [`RunningVm::start_dirty_log`] or the last
@@ -437,6 +510,16 @@ impl RunningVm {
             .zip(crate::memory::take_device_dirty(&self.memory))
         {
             vireo_hypervisor::dirty::merge(bits, &dev);
+        }
+        if let Some(acc) = self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            for (a, b) in acc.iter_mut().zip(&out) {
+                vireo_hypervisor::dirty::merge(a, b);
+            }
         }
         Ok(out)
     }
