@@ -8,14 +8,24 @@ prints '.' every 1000 iterations of a delay loop forever. The script:
   1. boots it under `vireo run --control-socket`, waits for '!';
   2. sends `snapshot DIR` and times it (wall clock, and the VM's own
      `pause_ms`: how long the guest was stopped);
-  3. kills it and restores the snapshot `--rounds` times, full (memory file
-     read and checksummed) and lazy (`--restore-lazy`: mapped MAP_PRIVATE),
-     timing spawn -> first '.' from the restored guest (restore-to-running),
-     and reading vireo's own "restored ... in N ms" log line.
+  3. lets it run a little (it writes only its stack and the serial port),
+     then sends `snapshot --diff DIR2` (the pages written since the full
+     snapshot) and times that too, with the pages and disk blocks it took;
+  4. kills it and restores each snapshot `--rounds` times, full (memory
+     file read and checksummed) and lazy (`--restore-lazy`: mapped
+     MAP_PRIVATE), timing spawn -> first '.' from the restored guest
+     (restore-to-running), and reading vireo's own "restored ... in N ms"
+     log line. Restoring the diff reads the full snapshot and the diff.
 
-Results go to bench/results/snapshot-DATE.json. Standard library only.
+With --qemu, the same RAM size in qemu-system-x86_64 (no disk: SeaBIOS
+idles) is saved with QMP `migrate` to a file and loaded with -incoming
+(QEMU's own snapshot to a file; its RAM is mostly zero, which QEMU and
+vireo's memory.raw both store cheaply — vireo's full file is sparse only
+where the filesystem makes it so).
 
-  python3 bench/snapshot.py [--memory 1024] [--accel kvm|emu] [--rounds 5]
+Results go to bench/results/snapshot-MEMORY-DATE.json. Standard library only.
+
+  python3 bench/snapshot.py [--memory 1024] [--accel kvm|emu] [--rounds 5] [--qemu]
 """
 
 import argparse
@@ -105,11 +115,61 @@ def control(path: str, line: str) -> dict:
     return json.loads(data)
 
 
+def qemu_save_load(work: str, args) -> dict:
+    """QEMU: migrate an idle guest of the same RAM size to a file, load it."""
+    import shutil as _sh
+    qemu = _sh.which("qemu-system-x86_64")
+    if not qemu:
+        return {"skipped": "qemu-system-x86_64 not installed"}
+    from migrate import qmp  # noqa: E402
+    state = os.path.join(work, "qemu.state")
+    base = [qemu, "-accel", args.qemu_accel, "-m", str(args.memory), "-display", "none",
+            "-nodefaults", "-serial", "none", "-net", "none"]
+    qs = os.path.join(work, "qs.qmp")
+    src = subprocess.Popen(base + ["-qmp", f"unix:{qs},server=on,wait=off"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        cmd = qmp(qs)
+        time.sleep(2)
+        t = time.monotonic()
+        cmd("migrate", uri=f"exec:cat > {state}")
+        while True:
+            st = cmd("query-migrate")["return"]
+            if st.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.02)
+        save_ms = (time.monotonic() - t) * 1000
+        save_downtime = st.get("downtime")
+    finally:
+        src.kill()
+        src.wait()
+    qd = os.path.join(work, "qd.qmp")
+    t = time.monotonic()
+    dst = subprocess.Popen(base + ["-qmp", f"unix:{qd},server=on,wait=off", "-incoming", f"exec:cat {state}"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        cmd = qmp(qd)
+        while True:
+            st = cmd("query-status")["return"]
+            if st.get("status") != "inmigrate":
+                break
+            time.sleep(0.01)
+        load_ms = (time.monotonic() - t) * 1000
+    finally:
+        dst.kill()
+        dst.wait()
+    return {"accel": args.qemu_accel, "save_ms": round(save_ms, 1),
+            "save_downtime_ms": save_downtime, "load_to_running_ms": round(load_ms, 1),
+            "file_bytes": os.path.getsize(state)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--memory", type=int, default=1024)
     ap.add_argument("--accel", default="kvm")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--qemu", action="store_true", help="also time QEMU's save/load of the same RAM size")
+    ap.add_argument("--qemu-accel", default="tcg")
     args = ap.parse_args()
     vireo = vireo_bin()
     work = tempfile.mkdtemp(prefix="vireo-snapbench-")
@@ -129,23 +189,38 @@ def main() -> None:
         t = time.monotonic()
         reply = control(sock, f"snapshot {snap}")
         snapshot_s = time.monotonic() - t
-        vm.kill()
-        vm.wait()
         if not reply.get("ok"):
             sys.exit(f"snapshot failed: {reply}")
+        read_until(vm, b"..........", 600)
+        diff = os.path.join(work, "diff")
+        t = time.monotonic()
+        dreply = control(sock, f"snapshot --diff {diff}")
+        diff_s = time.monotonic() - t
+        vm.kill()
+        vm.wait()
+        if not dreply.get("ok"):
+            sys.exit(f"diff snapshot failed: {dreply}")
         sizes = {n: os.path.getsize(os.path.join(snap, n)) for n in os.listdir(snap)}
+        allocated = {n: os.stat(os.path.join(diff, n)).st_blocks * 512 for n in os.listdir(diff)}
         results = {"memory_mib": args.memory, "accel": args.accel,
+                   "load_average": os.getloadavg(),
                    "guest_fill_s": round(fill_s, 3),
                    "snapshot_wall_ms": round(snapshot_s * 1000, 1),
                    "snapshot_pause_ms": reply["snapshot"]["pause_ms"],
-                   "files": sizes, "restore": {}}
-        for mode, extra in (("full", []), ("lazy", ["--restore-lazy"])):
+                   "files": sizes,
+                   "diff": {"wall_ms": round(diff_s * 1000, 1),
+                            "pause_ms": dreply["snapshot"]["pause_ms"],
+                            "pages": dreply["snapshot"].get("pages"),
+                            "bytes_on_disk": allocated},
+                   "restore": {}}
+        for mode, extra, src in (("full", [], snap), ("lazy", ["--restore-lazy"], snap),
+                                 ("diff_full", [], diff), ("diff_lazy", ["--restore-lazy"], diff)):
             to_running, in_vmm = [], []
             for _ in range(args.rounds):
                 # Drop the page cache's copy? Not without root everywhere;
                 # rounds after the first read the file from the cache.
                 t = time.monotonic()
-                p = subprocess.Popen([vireo, "-v", "run", "--restore", snap, "--accel", args.accel] + extra,
+                p = subprocess.Popen([vireo, "-v", "run", "--restore", src, "--accel", args.accel] + extra,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 first = read_until(p, b".", 600)
                 to_running.append((first - t) * 1000)
@@ -159,8 +234,11 @@ def main() -> None:
                 "to_running_ms": [round(x, 1) for x in to_running],
                 "vmm_restore_ms": in_vmm,
             }
+        if args.qemu:
+            results["qemu"] = qemu_save_load(work, args)
         print(json.dumps(results, indent=2))
-        out = os.path.join(HERE, "results", f"snapshot-{datetime.date.today()}.json")
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = os.path.join(HERE, "results", f"snapshot-{args.memory}-{stamp}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             json.dump(results, f, indent=2)

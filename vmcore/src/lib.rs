@@ -10,6 +10,7 @@ pub mod control;
 pub mod demand;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
