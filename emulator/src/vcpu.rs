@@ -331,9 +331,14 @@ impl Vcpu for EmuVcpu {
                 mp_state::INIT_RECEIVED | mp_state::UNINITIALIZED
             );
         }
+        // The local APIC before the MSRs: IA32_TSC_DEADLINE is ignored
+        // unless the LVT timer is in TSC-deadline mode, so loading it into
+        // a fresh APIC would drop an armed deadline and leave a restored
+        // guest waiting for a timer interrupt that never comes (KVM has
+        // the same rule; its restore orders them the same way). Then the
         // MSRs in the saved order: the TSC before its deadline.
-        self.set_msrs(&s.msrs)?;
         self.set_lapic(&s.lapic)?;
+        self.set_msrs(&s.msrs)?;
         Ok(())
     }
 
@@ -439,7 +444,7 @@ impl Vcpu for EmuVcpu {
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
         let mut c = self.lock();
         for m in msrs {
-            if !c.set_msr(m.index, m.value) {
+            if !c.set_msr_host(m.index, m.value) {
                 return Err(emu_error(
                     "emulator set_msrs",
                     format!(

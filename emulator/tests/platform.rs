@@ -888,3 +888,74 @@ fn random_platform_register_writes_never_break_the_host() {
     let (o, _) = run(m, Duration::from_secs(30), Some(line));
     assert_ok(&o, "fuzz done");
 }
+
+/// A restore loads the saved TSC, IA32_TSC_ADJUST and armed TSC deadline
+/// as they were: the adjustment a guest WRMSR would apply must not take
+/// the restored TSC back (a Linux guest restored with a TSC seconds behind
+/// its clock stalled its timekeeping), and the deadline must not be lost
+/// (a restored Linux guest then waited for a timer interrupt that never
+/// came, and its shell never ran the next command).
+#[test]
+fn restored_tsc_and_tsc_adjust_are_the_saved_ones() {
+    const TSC: u32 = 0x10;
+    const TSC_ADJUST: u32 = 0x3b;
+    let hv = EmuHypervisor::new();
+    let msrs = hv.supported_msrs().unwrap();
+    assert!(msrs.contains(&TSC) && msrs.contains(&TSC_ADJUST));
+    const TSC_DEADLINE: u32 = 0x6e0;
+    let vm = hv.create_vm().unwrap();
+    vm.create_platform().unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    // The guest enabled its APIC with the timer in TSC-deadline mode,
+    // moved its TSC 50 s ahead (TSC_ADJUST follows) and armed a deadline
+    // 10 s later; then the VMM saved the vCPU.
+    let mut lapic = vcpu.lapic().unwrap();
+    lapic.regs[0xf0..0xf4].copy_from_slice(&0x1ffu32.to_le_bytes());
+    lapic.regs[0x320..0x324].copy_from_slice(&((2u32 << 17) | 0xec).to_le_bytes());
+    vcpu.set_lapic(&lapic).unwrap();
+    let ahead = 50_000_000_000u64;
+    let deadline = ahead + 10_000_000_000;
+    vcpu.set_msrs(&[
+        vireo_hypervisor::MsrEntry {
+            index: TSC,
+            value: ahead,
+        },
+        vireo_hypervisor::MsrEntry {
+            index: TSC_DEADLINE,
+            value: deadline,
+        },
+    ])
+    .unwrap();
+    let mut saved = vcpu.save_state(&msrs).unwrap();
+    let msr = |s: &vireo_hypervisor::VcpuState, i: u32| {
+        s.msrs
+            .iter()
+            .find(|m| m.index == i)
+            .map(|m| m.value)
+            .unwrap()
+    };
+    // A guest-visible adjustment that differs from the TSC's own offset.
+    for m in saved.msrs.iter_mut().filter(|m| m.index == TSC_ADJUST) {
+        m.value = 7;
+    }
+    let saved_tsc = msr(&saved, TSC);
+    assert!(saved_tsc >= ahead);
+
+    let vm2 = hv.create_vm().unwrap();
+    vm2.create_platform().unwrap();
+    let restored = vm2.create_vcpu(0).unwrap();
+    restored.restore_state(&saved).unwrap();
+    let now = restored.save_state(&msrs).unwrap();
+    let tsc = msr(&now, TSC);
+    assert!(
+        tsc >= saved_tsc && tsc - saved_tsc < 5_000_000_000,
+        "restored TSC {tsc} is not the saved {saved_tsc} (plus the few ms since)"
+    );
+    assert_eq!(msr(&now, TSC_ADJUST), 7);
+    assert_eq!(msr(&saved, TSC_DEADLINE), deadline);
+    assert_eq!(
+        msr(&now, TSC_DEADLINE),
+        deadline,
+        "the armed TSC deadline survives the restore"
+    );
+}

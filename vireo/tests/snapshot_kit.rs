@@ -101,7 +101,6 @@ fn control(socket: &Path, command: &str) -> serde_json::Value {
 }
 
 #[test]
-#[ignore = "flaky: in a clean-clone CI run the restored shell echoed the typed line but never ran it (issue #7); run with --ignored"]
 fn a_restored_linux_guest_keeps_its_shell_and_files() {
     if let Some(why) = support::kit::skip_reason() {
         eprintln!("skipping the guest kit snapshot: {why}");

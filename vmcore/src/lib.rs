@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod bus;
 pub mod control;
+pub mod demand;
 pub mod layout;
 pub mod memory;
 pub mod migration;

@@ -509,6 +509,25 @@ impl Cpu {
         self.wrmsr(index, value).is_ok()
     }
 
+    /// Write an MSR on behalf of the VMM (`Vcpu::set_msrs`: loading saved
+    /// state). As KVM does for host-initiated writes, the TSC and
+    /// IA32_TSC_ADJUST are set independently: a guest WRMSR to one moves
+    /// the other, but a restore that loaded the TSC and then the saved
+    /// TSC_ADJUST must not take the TSC back by the adjustment.
+    pub fn set_msr_host(&mut self, index: u32, value: u64) -> bool {
+        match index {
+            msr::TSC => {
+                self.set_tsc(value);
+                true
+            }
+            msr::TSC_ADJUST if self.has_feature(7, LEAF7_EBX, 0) => {
+                self.state.msr.tsc_adjust = value;
+                true
+            }
+            _ => self.set_msr(index, value),
+        }
+    }
+
     /// Software interrupt (INT n, INT3, INT1): delivered now, returning to
     /// the next instruction.
     fn soft_int(&mut self, vector: u8, kind: EventKind) -> Flow {

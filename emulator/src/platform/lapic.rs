@@ -437,7 +437,11 @@ impl Lapic {
         page
     }
 
-    /// Load a register page; the timer restarts from its initial count.
+    /// Load a register page. The count-down timer goes on from the page's
+    /// current count: a one-shot timer that had fired (count 0) stays
+    /// quiet, one half-way through fires after the rest of its count, and
+    /// a periodic one finishes its current period and then runs at its
+    /// initial count.
     pub fn load_page(&mut self, page: &[u8; 1024], now: Instant) {
         for (k, r) in self.regs.iter_mut().enumerate() {
             let b = &page[k * 16..k * 16 + 4];
@@ -446,7 +450,16 @@ impl Lapic {
         self.regs[idx(VERSION)] = VERSION_VALUE;
         self.regs[idx(TIMER_DIV)] &= 0xb;
         self.update_ppr();
+        let current = u64::from(self.regs[idx(TIMER_CUR)]);
         self.start_timer(now);
+        if self.deadline.is_some() {
+            let left = Duration::from_nanos(current * u64::from(self.divisor()));
+            if current != 0 {
+                self.deadline = Some(now + left);
+            } else if self.timer_mode() != TIMER_PERIODIC {
+                self.deadline = None;
+            }
+        }
     }
 
     /// Logical destination match (flat or cluster model).
@@ -493,5 +506,43 @@ mod tests {
         let mut m = Lapic::new(0);
         m.load_page(&page, now);
         assert_eq!(m.to_page(now), page);
+    }
+
+    /// A restored count-down timer resumes mid-count: a one-shot that
+    /// fired stays quiet, one half-way fires after what was left, and a
+    /// periodic one finishes its period, then runs at the full period.
+    #[test]
+    fn restored_timer_resumes_from_the_current_count() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        for (mode, elapsed, want_left) in [
+            (0u32, 4u64, Some(6u64)), // one-shot, 10 ms, 4 ms in: 6 left
+            (0, 12, None),            // one-shot that already fired
+            (TIMER_PERIODIC, 4, Some(6)),
+        ] {
+            let mut l = Lapic::new(0);
+            l.write(SVR, 0x1ff, t0);
+            l.write(TIMER_DIV, 0xb, t0); // divide by 1: 1 ns per count
+            l.write(LVT_TIMER, (mode << 17) | 0x40, t0);
+            l.write(TIMER_INIT, 10_000_000, t0);
+            let at = t0 + ms(elapsed);
+            if elapsed > 10 {
+                assert!(l.poll_timer(at), "the one-shot fires");
+            }
+            let page = l.to_page(at);
+            // Restored much later in another process.
+            let later = t0 + Duration::from_secs(100);
+            let mut m = Lapic::new(0);
+            m.load_page(&page, later);
+            assert_eq!(
+                m.next_deadline(),
+                want_left.map(|left| later + ms(left)),
+                "mode {mode}, {elapsed} ms in"
+            );
+            if mode == TIMER_PERIODIC {
+                assert!(m.poll_timer(later + ms(6)));
+                assert_eq!(m.next_deadline(), Some(later + ms(16)));
+            }
+        }
     }
 }
