@@ -11,6 +11,7 @@ mod disk;
 mod image;
 mod machine;
 mod migrate;
+mod postcopy;
 mod run;
 mod signals;
 mod token_cli;

@@ -45,7 +45,7 @@ pub fn parse_uri(uri: &str) -> Result<(String, u16), String> {
 }
 
 /// A byte stream to the peer: plain TCP or TLS over it.
-trait Conn: Read + Write + Send {}
+pub(crate) trait Conn: Read + Write + Send {}
 impl<T: Read + Write + Send> Conn for T {}
 
 /// What `migrate-to` asks for.
@@ -56,11 +56,18 @@ pub struct MigrateTo {
     /// is used exactly when it is given.
     pub ca: Option<PathBuf>,
     pub downtime_ms: u64,
+    /// Switch to post-copy after the first full copy
+    /// ([`crate::postcopy`]).
+    pub postcopy: bool,
+    /// Post-copy: the most bytes per second the background push may take
+    /// (pages the target asks for are never held back).
+    pub postcopy_bandwidth: Option<u64>,
 }
 
 impl MigrateTo {
-    /// `tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]` (the words after
-    /// `migrate-to`).
+    /// `tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy
+    /// [--postcopy-bandwidth RATE]]` (the words after `migrate-to`; RATE
+    /// in bytes per second with an optional K/M/G suffix).
     pub fn parse(args: &str) -> Option<MigrateTo> {
         let mut words = args.split_whitespace();
         let uri = words.next()?.to_string();
@@ -68,9 +75,16 @@ impl MigrateTo {
             uri,
             ca: None,
             downtime_ms: DEFAULT_DOWNTIME_MS,
+            postcopy: false,
+            postcopy_bandwidth: None,
         };
         while let Some(w) = words.next() {
             match w {
+                "--postcopy" => m.postcopy = true,
+                "--postcopy-bandwidth" => {
+                    m.postcopy_bandwidth =
+                        Some(vireo_devices::rate_limiter::parse_rate(words.next()?).ok()?)
+                }
                 "--ca" => m.ca = Some(words.next()?.into()),
                 "--downtime-ms" => m.downtime_ms = words.next()?.parse().ok()?,
                 _ => return None,
@@ -91,6 +105,9 @@ pub struct Stats {
     /// paused one is not counted).
     pub rounds: u32,
     pub pages_sent: u64,
+    /// The post-copy phase, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::postcopy::PostcopyStats>,
 }
 
 /// Migrate `running` to the target at `req.uri`. On success the target
@@ -105,16 +122,22 @@ pub fn migrate_to(
 ) -> Result<Stats, String> {
     let started = Instant::now();
     let (host, port) = parse_uri(&req.uri)?;
-    let mut conn = connect(&host, port, req.ca.as_deref())?;
+    let (mut conn, tcp) = connect(&host, port, req.ca.as_deref())?;
     let was_running = running.control().state() == RunState::Running;
     let mut source = Source {
         running,
         conn: conn.as_mut(),
+        tcp,
         stats: Stats::default(),
         paused: false,
+        split: false,
     };
-    let result = source.run(devices, frontend, req.downtime_ms, started);
-    if result.is_err() {
+    let result = source.run(devices, frontend, req, started);
+    if result.is_err() && source.split {
+        // Post-copy failed after the target took over: its guest may have
+        // run on, so this copy stays paused (see crate::postcopy).
+        tracing::error!("migration: post-copy failed after the switch; the VM stays paused here");
+    } else if result.is_err() {
         if let Err(e) = running.stop_dirty_log() {
             tracing::warn!("migration: stopping dirty page tracking: {e}");
         }
@@ -129,7 +152,7 @@ pub fn migrate_to(
     Ok(stats)
 }
 
-fn connect(host: &str, port: u16, ca: Option<&Path>) -> Result<Box<dyn Conn>, String> {
+fn connect(host: &str, port: u16, ca: Option<&Path>) -> Result<(Box<dyn Conn>, TcpStream), String> {
     let addrs: Vec<_> = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -155,8 +178,11 @@ fn connect(host: &str, port: u16, ca: Option<&Path>) -> Result<Box<dyn Conn>, St
     tcp.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| tcp.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| format!("migration socket: {e}"))?;
+    let ctl = tcp
+        .try_clone()
+        .map_err(|e| format!("migration socket: {e}"))?;
     let Some(ca) = ca else {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), ctl));
     };
     let roots = load_roots(ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -169,7 +195,7 @@ fn connect(host: &str, port: u16, ca: Option<&Path>) -> Result<Box<dyn Conn>, St
         .map_err(|e| format!("{host}: not a host name TLS can verify: {e}"))?;
     let tls = rustls::ClientConnection::new(Arc::new(config), name)
         .map_err(|e| format!("TLS set-up: {e}"))?;
-    Ok(Box::new(rustls::StreamOwned::new(tls, tcp)))
+    Ok((Box::new(rustls::StreamOwned::new(tls, tcp)), ctl))
 }
 
 fn load_roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
@@ -201,9 +227,14 @@ fn load_roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
 struct Source<'a> {
     running: &'a RunningVm,
     conn: &'a mut dyn Conn,
+    /// The socket under `conn`, for its timeouts.
+    tcp: TcpStream,
     stats: Stats,
     /// Whether this migration paused the VM (and must resume it on failure).
     paused: bool,
+    /// Post-copy: the target acknowledged the state and runs the guest
+    /// (a failure now must not resume it here).
+    split: bool,
 }
 
 impl Source<'_> {
@@ -211,9 +242,10 @@ impl Source<'_> {
         &mut self,
         devices: &[(String, SharedSnapshottable)],
         frontend: serde_json::Value,
-        downtime_ms: u64,
+        req: &MigrateTo,
         started: Instant,
     ) -> Result<Stats, String> {
+        let downtime_ms = req.downtime_ms;
         let config = self.running.machine_config(frontend.clone());
         self.send_raw(&stream::header())?;
         self.send(Kind::Config, &stream::encode_config(&config))?;
@@ -242,9 +274,13 @@ impl Source<'_> {
             t.elapsed().as_millis()
         );
 
+        let mut pending = self.take_dirty()?;
+        if req.postcopy {
+            return self.postcopy(devices, frontend, pending, req, started);
+        }
+
         // Pre-copy: resend what the guest dirtied until the rest fits in
         // the downtime (or the rounds run out).
-        let mut pending = self.take_dirty()?;
         while self.stats.rounds <= MAX_ROUNDS {
             let bytes = count(&pending) * stream::PAGE_SIZE;
             let expect_ms = bytes / rate.max(1);
@@ -317,6 +353,80 @@ impl Source<'_> {
         self.stats.downtime_ms = down.elapsed().as_millis() as u64;
         self.stats.total_ms = started.elapsed().as_millis() as u64;
         Ok(self.stats.clone())
+    }
+
+    /// The switch to post-copy after the first round: stop the guest,
+    /// send the list of pages it dirtied since (the target fetches those)
+    /// and the state, then serve pages until the target has them all.
+    fn postcopy(
+        &mut self,
+        devices: &[(String, SharedSnapshottable)],
+        frontend: serde_json::Value,
+        mut pending: Vec<Vec<u64>>,
+        req: &MigrateTo,
+        started: Instant,
+    ) -> Result<Stats, String> {
+        let down = Instant::now();
+        if self.running.control().state() == RunState::Running {
+            self.running
+                .pause()
+                .map_err(|e| format!("cannot pause the VM: {e}"))?;
+            self.paused = true;
+        }
+        for (p, last) in pending.iter_mut().zip(self.take_dirty()?) {
+            dirty::merge(p, &last);
+        }
+        let missing = crate::postcopy::count(&pending);
+        tracing::info!(
+            "migration: switching to post-copy with {missing} pages ({} MiB) left",
+            (missing * stream::PAGE_SIZE) >> 20
+        );
+        self.send(Kind::Postcopy, &stream::encode_bitmaps(&pending))?;
+        let snap = self
+            .running
+            .capture(devices, frontend)
+            .map_err(|e| format!("cannot capture the VM state: {e}"))?;
+        let state = vireo_vmcore::snapshot::encode_state(&snap)
+            .map_err(|e| format!("cannot encode the VM state: {e}"))?;
+        self.send(Kind::State, &state)?;
+        self.conn
+            .flush()
+            .map_err(|e| self.lost(MigrationError::Io(e)))?;
+        let mut pc = crate::postcopy::PostcopyStats::default();
+        let mut bytes = 0u64;
+        let mut downtime_ms = 0u64;
+        let mut split = false;
+        let result = crate::postcopy::serve(
+            self.conn,
+            &self.tcp,
+            self.running.memory(),
+            pending,
+            req.postcopy_bandwidth,
+            &mut pc,
+            &mut bytes,
+            &mut || {
+                downtime_ms = down.elapsed().as_millis() as u64;
+                split = true;
+            },
+        );
+        self.stats.bytes_sent += bytes;
+        self.stats.pages_sent += pc.pages_requested + pc.pages_pushed;
+        self.split = split;
+        match result {
+            Ok(()) => {
+                self.stats.downtime_ms = downtime_ms;
+                self.stats.total_ms = started.elapsed().as_millis() as u64;
+                self.stats.postcopy = Some(pc);
+                Ok(self.stats.clone())
+            }
+            Err(crate::postcopy::ServeError::BeforeAck(e)) => {
+                self.split = false;
+                Err(format!("{e}; the VM keeps running here"))
+            }
+            Err(crate::postcopy::ServeError::AfterAck(e)) => Err(format!(
+                "post-copy failed after the target took over: {e}; the VM is paused here with                  its memory intact (the target stops its copy): resume it here with `resume`                  only if the target's copy is gone"
+            )),
+        }
     }
 
     fn take_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
@@ -415,10 +525,22 @@ pub struct Listen {
 pub struct Incoming {
     pub loaded: LoadedSnapshot,
     pub memory: GuestMemory,
+    /// Post-copy: the pages (per region) still to come; the machine must
+    /// be built through [`Incoming::start_postcopy`].
+    pub postcopy: Option<Vec<Vec<u64>>>,
     conn: Box<dyn Conn>,
+    tcp: TcpStream,
 }
 
 impl Incoming {
+    /// Post-copy: arm guest memory for the missing pages and hand the
+    /// connection to the post-copy threads; build the machine after this
+    /// and answer through the returned handle.
+    pub fn start_postcopy(self) -> Result<crate::postcopy::Target, String> {
+        let missing = self.postcopy.unwrap_or_default();
+        crate::postcopy::Target::start(&self.memory, &missing, self.conn, self.tcp)
+    }
+
     /// Tell the source the machine is built: it exits, this side runs.
     pub fn ack(mut self) -> Result<(), String> {
         stream::write_message(self.conn.as_mut(), Kind::Ack, &[])
@@ -461,6 +583,9 @@ pub fn receive(
     tcp.set_read_timeout(Some(IO_TIMEOUT))
         .and_then(|()| tcp.set_write_timeout(Some(IO_TIMEOUT)))
         .map_err(|e| format!("migration socket: {e}"))?;
+    let ctl = tcp
+        .try_clone()
+        .map_err(|e| format!("migration socket: {e}"))?;
     let mut conn: Box<dyn Conn> = match tls {
         Some(config) => {
             let tls =
@@ -470,10 +595,12 @@ pub fn receive(
         None => Box::new(tcp),
     };
     match receive_stream(conn.as_mut(), backend) {
-        Ok((loaded, memory)) => Ok(Incoming {
+        Ok((loaded, memory, postcopy)) => Ok(Incoming {
             loaded,
             memory,
+            postcopy,
             conn,
+            tcp: ctl,
         }),
         Err(e) => {
             let msg = e.to_string();
@@ -492,10 +619,13 @@ enum ReceiveError {
     Refused(String),
 }
 
+/// The machine, its memory, and (post-copy) the pages still to come.
+type Received = (LoadedSnapshot, GuestMemory, Option<Vec<Vec<u64>>>);
+
 fn receive_stream(
     conn: &mut dyn Conn,
     backend: &dyn Fn(&MachineConfig) -> Result<(), String>,
-) -> Result<(LoadedSnapshot, GuestMemory), ReceiveError> {
+) -> Result<Received, ReceiveError> {
     let peer_version = stream::read_header(conn)?;
     let (kind, payload) = stream::read_message(conn)?;
     if kind != Kind::Config {
@@ -513,9 +643,13 @@ fn receive_stream(
         config.vcpus,
         config.backend
     );
+    let mut postcopy = None;
     loop {
         let (kind, payload) = stream::read_message(conn)?;
         match kind {
+            Kind::Postcopy if postcopy.is_none() => {
+                postcopy = Some(stream::decode_bitmaps(&payload, &memory)?);
+            }
             Kind::Pages => {
                 let (region, pages, data) = stream::decode_pages(&payload)?;
                 stream::apply_pages(&memory, region, &pages, data)?;
@@ -532,7 +666,7 @@ fn receive_stream(
                     )
                     .into());
                 }
-                return Ok((LoadedSnapshot::without_memory(snap), memory));
+                return Ok((LoadedSnapshot::without_memory(snap), memory, postcopy));
             }
             other => {
                 return Err(MigrationError::Corrupt(format!("unexpected {other:?} message")).into())
@@ -608,15 +742,21 @@ mod tests {
             Some(MigrateTo {
                 uri: "tcp:h:1".into(),
                 ca: None,
-                downtime_ms: DEFAULT_DOWNTIME_MS
+                downtime_ms: DEFAULT_DOWNTIME_MS,
+                postcopy: false,
+                postcopy_bandwidth: None,
             })
         );
         assert_eq!(
-            MigrateTo::parse("tcp:h:1 --ca /c.pem --downtime-ms 50"),
+            MigrateTo::parse(
+                "tcp:h:1 --ca /c.pem --downtime-ms 50 --postcopy --postcopy-bandwidth 8M"
+            ),
             Some(MigrateTo {
                 uri: "tcp:h:1".into(),
                 ca: Some("/c.pem".into()),
-                downtime_ms: 50
+                downtime_ms: 50,
+                postcopy: true,
+                postcopy_bandwidth: Some(8 << 20),
             })
         );
         for bad in [
@@ -624,6 +764,7 @@ mod tests {
             "tcp:h:1 --ca",
             "tcp:h:1 --downtime-ms x",
             "tcp:h:1 --what",
+            "tcp:h:1 --postcopy --postcopy-bandwidth 0",
         ] {
             assert_eq!(MigrateTo::parse(bad), None, "{bad}");
         }

@@ -588,6 +588,34 @@ fn migrate_in(
             return Err(Failure::Usage(format!("--migrate-from {uri}: {e}")));
         }
     };
+    if incoming.postcopy.is_some() {
+        // Post-copy: guest memory is armed before anything (the device
+        // restore included) touches a page that is still at the source.
+        let loaded_config = incoming.loaded.snapshot.clone();
+        let memory = incoming.memory.clone();
+        let loaded = vireo_vmcore::snapshot::LoadedSnapshot::without_memory(loaded_config);
+        let target = incoming
+            .start_postcopy()
+            .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
+        let machine = match machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter)) {
+            Ok(m) => m,
+            Err(e) => {
+                let msg = format!("cannot build the migrated VM: {e}");
+                target.refuse(&msg);
+                return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
+            }
+        };
+        target.ack(machine.vm.control());
+        tracing::info!(
+            "migrated in (post-copy): {} vCPU(s), {} MiB on {} ({} ms after listening); \
+             the rest of memory follows while the guest runs",
+            config.vcpus,
+            config.memory_mib,
+            config.backend,
+            started.elapsed().as_millis()
+        );
+        return Ok((hv, machine));
+    }
     let machine = match machine::restore(
         hv.as_ref(),
         &incoming.loaded,

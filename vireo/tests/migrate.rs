@@ -82,8 +82,13 @@ fn target(port: u16, extra: &[&str]) -> LiveVm {
     LiveVm::start(&[], &args, RUN_TIMEOUT)
 }
 
-fn migrate_and_continue(tls: bool) {
-    let dir = TempDir::new(if tls { "migtls" } else { "mig" });
+fn migrate_and_continue(tls: bool, postcopy: bool) {
+    let dir = TempDir::new(match (tls, postcopy) {
+        (true, true) => "migtlspc",
+        (true, false) => "migtls",
+        (false, true) => "migpc",
+        (false, false) => "mig",
+    });
     let (mut src, socket) = source(&dir);
     let port = free_port();
     let mut extra = Vec::new();
@@ -104,11 +109,17 @@ fn migrate_and_continue(tls: bool) {
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut dst = target(port, &extra);
     let host = if tls { "localhost" } else { "127.0.0.1" };
-    // Over TCP with no downtime allowed: pre-copy goes on until a round
-    // finds nothing dirty (or the rounds run out), exercising the dirty
-    // log round after round.
-    let downtime = if tls { "" } else { " --downtime-ms 0" };
-    let reply = migrate(&socket, &format!("tcp:{host}:{port}{ca}{downtime}"));
+    // Pre-copy over TCP with no downtime allowed: it goes on until a
+    // round finds nothing dirty (or the rounds run out), exercising the
+    // dirty log round after round. Post-copy with the background push
+    // held to 8 pages a second, so the pages the guest touches come on
+    // demand.
+    let mode = match (postcopy, tls) {
+        (true, _) => " --postcopy --postcopy-bandwidth 32K",
+        (false, false) => " --downtime-ms 0",
+        (false, true) => "",
+    };
+    let reply = migrate(&socket, &format!("tcp:{host}:{port}{ca}{mode}"));
     assert_eq!(reply["ok"], true, "migration failed: {reply}");
     assert_eq!(reply["state"], "migrated", "{reply}");
     let m = &reply["migration"];
@@ -122,6 +133,19 @@ fn migrate_and_continue(tls: bool) {
         assert!(m[field].is_u64(), "{field} missing: {reply}");
     }
     assert!(m["rounds"].as_u64() >= Some(1), "{reply}");
+    if postcopy {
+        // The pages the guest dirtied during the first copy came after
+        // the switch; those it touched at once, on demand.
+        eprintln!("post-copy migration: {m}");
+        let pc = &m["postcopy"];
+        assert!(
+            pc["pages_requested"].as_u64() >= Some(3),
+            "the guest asked for fewer pages than it touches at once: {reply}"
+        );
+        assert!(pc["postcopy_ms"].is_u64(), "{reply}");
+    } else {
+        assert!(m.get("postcopy").is_none(), "{reply}");
+    }
     // The guest's code, data and counting pages at least.
     assert!(m["pages_sent"].as_u64() >= Some(3), "{reply}");
     assert!(
@@ -157,13 +181,28 @@ fn migrate_and_continue(tls: bool) {
 #[test]
 fn a_migrated_guest_continues_on_the_target() {
     require_kvm!();
-    migrate_and_continue(false);
+    migrate_and_continue(false, false);
 }
 
 #[test]
 fn migration_over_tls() {
     require_kvm!();
-    migrate_and_continue(true);
+    migrate_and_continue(true, false);
+}
+
+/// Post-copy: the guest runs on the target before the pages it dirtied
+/// during the first copy have arrived; the ones it touches are fetched on
+/// demand (userfaultfd), the rest pushed, and its sums stay right.
+#[test]
+fn postcopy_migration_fetches_what_the_guest_touches() {
+    require_kvm!();
+    migrate_and_continue(false, true);
+}
+
+#[test]
+fn postcopy_migration_over_tls() {
+    require_kvm!();
+    migrate_and_continue(true, true);
 }
 
 /// A target that dies mid-stream (here: the test reads part of the stream

@@ -103,6 +103,74 @@ impl DemandMemory {
         })
     }
 
+    /// Like [`DemandMemory::register`] for memory that holds most of its
+    /// pages already: `missing` (a bitmap of pages per region) names the
+    /// ones to fetch; their current contents are dropped first (stale
+    /// copies must fault), every other page counts as present.
+    pub fn register_missing(
+        mem: &GuestMemory,
+        missing: &[Vec<u64>],
+    ) -> Result<DemandMemory, DemandError> {
+        if missing.len() != mem.num_regions() {
+            return Err(DemandError::Uffd {
+                op: "register",
+                reason: format!(
+                    "{} page lists for {} memory regions",
+                    missing.len(),
+                    mem.num_regions()
+                ),
+            });
+        }
+        for (r, bits) in mem.iter().zip(missing) {
+            let pages = r.len().div_ceil(PAGE);
+            let mut page = 0;
+            while page < pages {
+                if !bit(bits, page) {
+                    page += 1;
+                    continue;
+                }
+                let start = page;
+                while page < pages && bit(bits, page) {
+                    page += 1;
+                }
+                // SAFETY: the range lies inside the region's live private
+                // anonymous mapping (page < pages); MADV_DONTNEED drops
+                // those pages (they read as missing afterwards), which no
+                // one uses yet: the VM has not started.
+                let rc = unsafe {
+                    libc::madvise(
+                        r.as_ptr().add((start * PAGE) as usize).cast(),
+                        ((page - start) * PAGE) as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc != 0 {
+                    return Err(DemandError::Uffd {
+                        op: "madvise",
+                        reason: std::io::Error::last_os_error().to_string(),
+                    });
+                }
+            }
+        }
+        let d = DemandMemory::register(mem)?;
+        let mut missing_pages = 0usize;
+        for (r, bits) in d.regions.iter().zip(missing) {
+            let pages = (r.len / PAGE) as usize;
+            for (w, word) in r.present.iter().enumerate() {
+                let want = bits.get(w).copied().unwrap_or(0);
+                let valid = if (w + 1) * 64 <= pages {
+                    u64::MAX
+                } else {
+                    (1u64 << (pages % 64)) - 1
+                };
+                word.store(!want & valid, Ordering::Release);
+                missing_pages += (want & valid).count_ones() as usize;
+            }
+        }
+        d.missing.store(missing_pages, Ordering::Release);
+        Ok(d)
+    }
+
     fn region_of_host(&self, host: u64) -> Option<&Region> {
         self.regions
             .iter()
@@ -149,10 +217,23 @@ impl DemandMemory {
         };
         let gpa = region.gpa + (host - region.host);
         if self.is_present(gpa) {
-            // Installed between the fault and now: make sure it is awake.
-            self.uffd
-                .wake(host as *mut libc::c_void, PAGE as usize)
-                .map_err(uffd_err("wake"))?;
+            // Either installed between the fault and now, or a page that
+            // counts as present but was never written here (fresh memory
+            // is zero, and zero pages are not sent): map the zero page
+            // where nothing is mapped, and wake the toucher either way.
+            // SAFETY: one page of a registered region (found above);
+            // ZEROPAGE fills only an unmapped page.
+            match unsafe {
+                self.uffd
+                    .zeropage(host as *mut libc::c_void, PAGE as usize, true)
+            } {
+                Ok(_) => {}
+                Err(e) if is_eexist(&e) => self
+                    .uffd
+                    .wake(host as *mut libc::c_void, PAGE as usize)
+                    .map_err(uffd_err("wake"))?,
+                Err(e) => return Err(uffd_err("zeropage")(e)),
+            }
             return Ok(None);
         }
         Ok(Some(gpa))
@@ -271,6 +352,11 @@ impl DemandMemory {
     }
 }
 
+fn bit(bits: &[u64], page: u64) -> bool {
+    bits.get((page / 64) as usize)
+        .is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
 /// The kernel's "a page is there already" (the userfaultfd crate reports
 /// nix's errno enum, whose values are the libc ones).
 fn is_eexist(e: &userfaultfd::Error) -> bool {
@@ -385,6 +471,60 @@ mod tests {
         Arc::try_unwrap(d).ok().unwrap().finish().unwrap();
         let v: u64 = mem.read_obj(GuestAddress(0x30_0000)).unwrap();
         assert_eq!(v, 0);
+    }
+
+    /// Memory filled by pre-copy, then a few pages named stale: those
+    /// (and only those) fault and get the fresh copy.
+    #[test]
+    fn only_the_named_pages_are_fetched_again() {
+        let mem = crate::memory::create_guest_memory(4 << 20).unwrap();
+        for gpa in (0..4u64 << 20).step_by(PAGE as usize) {
+            mem.write_slice(&[0xaa; PAGE as usize], GuestAddress(gpa))
+                .unwrap();
+        }
+        let mut stale = vec![vec![0u64; 16]];
+        for page in [3u64, 64, 65, 1023] {
+            stale[0][(page / 64) as usize] |= 1 << (page % 64);
+        }
+        let d = match DemandMemory::register_missing(&mem, &stale) {
+            Ok(d) => Arc::new(d),
+            Err(DemandError::Unavailable(why)) => {
+                eprintln!("skipping: userfaultfd unavailable here: {why}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(d.missing(), 4);
+        let mem = Arc::new(mem);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = serve(d.clone(), stop.clone());
+        // Never written here and not named: reads as zero, no request.
+        // SAFETY: dropping a page of our own mapping before it is read.
+        unsafe {
+            libc::madvise(
+                mem.get_host_address(GuestAddress(200 * PAGE))
+                    .unwrap()
+                    .cast(),
+                PAGE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        let z: u64 = mem.read_obj(GuestAddress(200 * PAGE)).unwrap();
+        assert_eq!(z, 0);
+        for page in [0u64, 3, 64, 65, 100, 1023] {
+            let v: u8 = mem.read_obj(GuestAddress(page * PAGE + 1)).unwrap();
+            let want = if [3, 64, 65, 1023].contains(&page) {
+                page_of(page * PAGE)[1]
+            } else {
+                0xaa
+            };
+            assert_eq!(v, want, "page {page}");
+        }
+        stop.store(true, Ordering::Release);
+        let mut faults = server.join().unwrap();
+        faults.sort_unstable();
+        assert_eq!(faults, vec![3 * PAGE, 64 * PAGE, 65 * PAGE, 1023 * PAGE]);
+        assert_eq!(d.missing(), 0);
     }
 
     #[test]

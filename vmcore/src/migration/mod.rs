@@ -73,6 +73,15 @@ pub enum Kind {
     State = 3,
     Ack = 4,
     Error = 5,
+    /// Source → target, post-copy only, before `State`: the pages (a
+    /// bitmap per region) the target must fetch on demand; every other
+    /// page it holds is current.
+    Postcopy = 6,
+    /// Target → source, post-copy: send this page now (the guest waits
+    /// for it).
+    PageRequest = 7,
+    /// Target → source, post-copy: every page is in; the source may exit.
+    Complete = 8,
 }
 
 impl Kind {
@@ -83,6 +92,9 @@ impl Kind {
             3 => Kind::State,
             4 => Kind::Ack,
             5 => Kind::Error,
+            6 => Kind::Postcopy,
+            7 => Kind::PageRequest,
+            8 => Kind::Complete,
             _ => return None,
         })
     }
@@ -160,6 +172,144 @@ pub fn write_message(w: &mut dyn Write, kind: Kind, payload: &[u8]) -> Result<u6
     let f = frame(kind, payload);
     w.write_all(&f)?;
     Ok(f.len() as u64)
+}
+
+/// Messages from a peer that is read a little at a time (post-copy: each
+/// side reads only what has arrived, so it can also send): bytes are
+/// buffered until a whole message is there, then checked as
+/// [`read_message`] checks them.
+#[derive(Default)]
+pub struct MessageBuffer {
+    buf: Vec<u8>,
+}
+
+impl MessageBuffer {
+    /// Read what `r` has: reads until one returns less than a full chunk
+    /// (a timeout is not an error). Call it when the socket is readable.
+    pub fn fill(&mut self, r: &mut dyn Read) -> Result<()> {
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            match r.read(&mut chunk) {
+                Ok(0) => return Err(MigrationError::Closed),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        return Ok(());
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(MigrationError::Io(e)),
+            }
+        }
+    }
+
+    /// The next whole message in the buffer.
+    pub fn next_message(&mut self) -> Result<Option<(Kind, Vec<u8>)>> {
+        if self.buf.len() < FRAME_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(MigrationError::Corrupt(format!(
+                "a message claims {len} bytes (at most {MAX_PAYLOAD})"
+            )));
+        }
+        if self.buf.len() < FRAME_LEN + len {
+            return Ok(None);
+        }
+        let rest = self.buf.split_off(FRAME_LEN + len);
+        let whole = std::mem::replace(&mut self.buf, rest);
+        read_message(&mut whole.as_slice()).map(Some)
+    }
+}
+
+/// A `Postcopy` payload: per region, its bitmap length in words u32 and
+/// the words (u64).
+pub fn encode_bitmaps(bitmaps: &[Vec<u64>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(bitmaps.len() as u32).to_le_bytes());
+    for b in bitmaps {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        for w in b {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// Decode a `Postcopy` payload, checking it against the regions of `mem`
+/// (one bitmap per region, of the region's size).
+pub fn decode_bitmaps(payload: &[u8], mem: &GuestMemory) -> Result<Vec<Vec<u64>>> {
+    let bad = |what: &str| MigrationError::Corrupt(format!("post-copy page list: {what}"));
+    let mut at = 0usize;
+    let u32_at = |p: &[u8], at: &mut usize| -> Result<u32> {
+        let b = p.get(*at..*at + 4).ok_or_else(|| bad("truncated"))?;
+        *at += 4;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let regions = u32_at(payload, &mut at)? as usize;
+    if regions != mem.num_regions() {
+        return Err(bad(&format!(
+            "{regions} regions, the machine has {}",
+            mem.num_regions()
+        )));
+    }
+    let mut out = Vec::with_capacity(regions);
+    for r in mem.iter() {
+        let words = u32_at(payload, &mut at)? as usize;
+        if words != r.len().div_ceil(PAGE_SIZE).div_ceil(64) as usize {
+            return Err(bad("a bitmap does not fit its region"));
+        }
+        let bytes = payload
+            .get(at..at + words * 8)
+            .ok_or_else(|| bad("truncated"))?;
+        at += words * 8;
+        out.push(
+            bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(c);
+                    u64::from_le_bytes(a)
+                })
+                .collect(),
+        );
+    }
+    if at != payload.len() {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(out)
+}
+
+/// A `PageRequest` payload: region u32 | page u64.
+pub fn encode_request(region: u32, page: u64) -> Vec<u8> {
+    let mut out = region.to_le_bytes().to_vec();
+    out.extend_from_slice(&page.to_le_bytes());
+    out
+}
+
+pub fn decode_request(payload: &[u8]) -> Result<(u32, u64)> {
+    if payload.len() != 12 {
+        return Err(MigrationError::Corrupt(format!(
+            "page request of {} bytes",
+            payload.len()
+        )));
+    }
+    let mut p = [0u8; 8];
+    p.copy_from_slice(&payload[4..]);
+    Ok((
+        u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]),
+        u64::from_le_bytes(p),
+    ))
 }
 
 /// Read one message and check its length and checksum.
