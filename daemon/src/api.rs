@@ -146,7 +146,10 @@ async fn delete_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiEr
 
 async fn restore_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiError> {
     let (name, tag) = vm_and_tag(p)?;
-    Ok(json(StatusCode::OK, &d.restore(&name, &tag).await?.to_api()))
+    Ok(json(
+        StatusCode::OK,
+        &d.restore(&name, &tag).await?.to_api(),
+    ))
 }
 
 async fn clone_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {

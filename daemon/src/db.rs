@@ -106,7 +106,6 @@ pub struct SnapshotRecord {
     pub size_bytes: u64,
 }
 
-
 /// What the daemon knows about a VM process it started (or adopted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessId {

@@ -766,7 +766,12 @@ mod tests {
 
     #[test]
     fn tags() {
-        for ok in ["a", "20241123-223000", "before.upgrade_2", &"x".repeat(MAX_TAG)] {
+        for ok in [
+            "a",
+            "20241123-223000",
+            "before.upgrade_2",
+            &"x".repeat(MAX_TAG),
+        ] {
             assert!(check_tag("tag", ok).is_ok(), "{ok}");
         }
         for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(MAX_TAG + 1)] {

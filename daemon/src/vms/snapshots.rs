@@ -199,15 +199,13 @@ impl Daemon {
             let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
             let proc = match inner.procs.get(name) {
                 Some(p) if rec.state.is_active() => p,
-                _ => {
-                    return Err(ApiError::conflict(
-                        "invalid_state",
-                        format!(
-                            "VM {name} is {}: a snapshot saves a running or paused VM; start it first",
-                            rec.state.as_str()
-                        ),
-                    ))
-                }
+                _ => return Err(ApiError::conflict(
+                    "invalid_state",
+                    format!(
+                        "VM {name} is {}: a snapshot saves a running or paused VM; start it first",
+                        rec.state.as_str()
+                    ),
+                )),
             };
             let parent = match (&proc.last_snapshot, req.diff) {
                 (_, false) => None,
@@ -299,7 +297,9 @@ impl Daemon {
             .cloned()
             .unwrap_or_else(|| serde_json::json!([]));
         let disks: Vec<SnapshotDisk> = serde_json::from_value(disks_json).map_err(|e| {
-            ApiError::internal(format!("VM {name} answered `snapshot` with a bad disk list: {e}"))
+            ApiError::internal(format!(
+                "VM {name} answered `snapshot` with a bad disk list: {e}"
+            ))
         })?;
         let record = SnapshotRecord {
             vm: name.to_string(),
@@ -438,8 +438,13 @@ impl Daemon {
                 )));
             }
         }
-        self.settle(name, early_rx, "restore_failed", &format!("restoring snapshot {tag}"))
-            .await
+        self.settle(
+            name,
+            early_rx,
+            "restore_failed",
+            &format!("restoring snapshot {tag}"),
+        )
+        .await
     }
 
     /// After a launch: wait the short while a VM that fails at once takes
@@ -559,7 +564,12 @@ impl Daemon {
         };
         tracing::info!("VM {new}: cloned from snapshot {tag} of VM {origin}");
         match self
-            .settle(new, Some(early), "clone_failed", &format!("cloning {origin}@{tag}"))
+            .settle(
+                new,
+                Some(early),
+                "clone_failed",
+                &format!("cloning {origin}@{tag}"),
+            )
             .await
         {
             Ok(rec) => Ok(rec),
@@ -592,8 +602,9 @@ impl Daemon {
         }
         let mut disks = Vec::new();
         for options in &cfg.devices.disks {
-            let disk = BlockConfig::from_options(options)
-                .map_err(|e| invalid(format!("VM {}: disk {options:?}: {}", rec.name, e.message)))?;
+            let disk = BlockConfig::from_options(options).map_err(|e| {
+                invalid(format!("VM {}: disk {options:?}: {}", rec.name, e.message))
+            })?;
             let Some(copy) = snap.disks.iter().find(|d| d.id == disk.id) else {
                 return Err(invalid(format!(
                     "snapshot {} of VM {} holds no copy of disk {:?}; a clone needs every disk captured",
@@ -638,8 +649,9 @@ impl Daemon {
         cfg.devices.nets = nets;
         pin_macs(&mut cfg.devices);
         if let Some(options) = &cfg.devices.vsock {
-            let v = VsockConfig::from_options(options)
-                .map_err(|e| invalid(format!("VM {}: vsock {options:?}: {}", rec.name, e.message)))?;
+            let v = VsockConfig::from_options(options).map_err(|e| {
+                invalid(format!("VM {}: vsock {options:?}: {}", rec.name, e.message))
+            })?;
             let socket = dir.join("vsock.sock");
             let s = format!("cid={},socket={}", v.cid, socket.display());
             overrides.push(format!("--vsock={s}"));
@@ -722,8 +734,8 @@ mod tests {
             "path=/s/vms/c/disks/root.qcow2,id=root,format=qcow2,readonly=on,serial=X"
         );
         // The rewritten options parse and say what they should.
-        let d = BlockConfig::from_options(&rewrite_disk("/img/a.raw,ops=10", "a", p, "qcow2"))
-            .unwrap();
+        let d =
+            BlockConfig::from_options(&rewrite_disk("/img/a.raw,ops=10", "a", p, "qcow2")).unwrap();
         assert_eq!((d.path.as_path(), d.id.as_str()), (p, "a"));
         assert_eq!(
             rewrite_net("tap0,mac=52:54:00:00:00:01,id=net0,mtu=1400", "vcabn0"),
