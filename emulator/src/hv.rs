@@ -3,8 +3,10 @@
 //! platform ([`crate::platform`]) behind `interrupt_line`.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use vireo_hypervisor::dirty::DirtyBitmap;
 
 use vireo_hypervisor::{
     CpuidEntry, EventFd, Hypervisor, HypervisorError, InterruptLine, Result, Vcpu, Vm,
@@ -95,6 +97,10 @@ pub struct VmMemory {
     regions: [[AtomicU64; 3]; MAX_REGIONS],
     count: AtomicUsize,
     add: Mutex<()>,
+    /// Per region: its slot number and the pages written while
+    /// `logging` is on.
+    dirty: [OnceLock<(u32, DirtyBitmap)>; MAX_REGIONS],
+    logging: AtomicBool,
 }
 
 impl Default for VmMemory {
@@ -103,6 +109,8 @@ impl Default for VmMemory {
             regions: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             count: AtomicUsize::new(0),
             add: Mutex::new(()),
+            dirty: std::array::from_fn(|_| OnceLock::new()),
+            logging: AtomicBool::new(false),
         }
     }
 }
@@ -113,7 +121,13 @@ impl VmMemory {
     /// # Safety
     /// `host` must point to `len` readable and writable bytes that stay
     /// mapped for as long as this object (and every vCPU using it) lives.
-    pub unsafe fn add(&self, gpa: u64, len: u64, host: u64) -> std::result::Result<(), String> {
+    pub unsafe fn add(
+        &self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        host: u64,
+    ) -> std::result::Result<(), String> {
         let _g = self.add.lock().unwrap_or_else(PoisonError::into_inner);
         if len == 0 || gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || host == 0 {
             return Err(format!(
@@ -137,8 +151,26 @@ impl VmMemory {
         r[0].store(gpa, Ordering::Relaxed);
         r[1].store(len, Ordering::Relaxed);
         r[2].store(host, Ordering::Relaxed);
+        // A slot of this index was never published (count < n + 1), so
+        // the cell is empty.
+        let _ = self.dirty[n].set((slot, DirtyBitmap::new(len)));
         self.count.store(n + 1, Ordering::Release);
         Ok(())
+    }
+
+    /// Record writes from now on (`true`) or stop.
+    pub fn set_logging(&self, on: bool) {
+        self.logging.store(on, Ordering::SeqCst);
+    }
+
+    /// The pages of `slot` written since the last call, cleared.
+    pub fn take_dirty(&self, slot: u32) -> Option<Vec<u64>> {
+        let n = self.count.load(Ordering::Acquire);
+        self.dirty[..n]
+            .iter()
+            .filter_map(|d| d.get())
+            .find(|(s, _)| *s == slot)
+            .map(|(_, b)| b.take())
     }
 }
 
@@ -158,6 +190,23 @@ impl GuestMemory for VmMemory {
             }
         }
         None
+    }
+
+    fn mark_dirty(&self, gpa: u64, len: usize) {
+        if !self.logging.load(Ordering::Relaxed) {
+            return;
+        }
+        let n = self.count.load(Ordering::Acquire);
+        for (r, d) in self.regions[..n].iter().zip(&self.dirty) {
+            let g = r[0].load(Ordering::Relaxed);
+            let l = r[1].load(Ordering::Relaxed);
+            if gpa >= g && gpa - g < l {
+                if let Some((_, bitmap)) = d.get() {
+                    bitmap.mark(gpa - g, len as u64);
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -218,14 +267,34 @@ impl EmuVm {
 impl Vm for EmuVm {
     unsafe fn map_memory(
         &self,
-        _slot: u32,
+        slot: u32,
         guest_addr: u64,
         size: u64,
         host_addr: u64,
     ) -> Result<()> {
         // SAFETY: the caller guarantees the host range outlives the VM.
-        unsafe { self.memory.add(guest_addr, size, host_addr) }
+        unsafe { self.memory.add(slot, guest_addr, size, host_addr) }
             .map_err(|e| error("emulator map_memory", e))
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        self.memory.set_logging(true);
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) -> Result<()> {
+        self.memory.set_logging(false);
+        Ok(())
+    }
+
+    fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
+        self.memory
+            .take_dirty(slot)
+            .ok_or_else(|| error("emulator dirty_log", format!("no memory slot {slot}")))
+    }
+
+    fn dirty_log_needs_vcpu_sync(&self) -> bool {
+        true
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {

@@ -37,11 +37,18 @@ pub trait GuestMemory: Send + Sync {
         }
     }
 
+    /// Record that `[gpa, gpa + len)` is being written through a host
+    /// pointer (dirty page tracking; a no-op unless the backend tracks).
+    /// Whoever writes guest RAM other than through [`GuestMemory::write`]
+    /// calls this first.
+    fn mark_dirty(&self, _gpa: u64, _len: usize) {}
+
     /// Copy `data` into guest RAM. Returns false (and writes nothing) if any
     /// byte is not RAM in one region.
     fn write(&self, gpa: u64, data: &[u8]) -> bool {
         match self.host_ptr(gpa, data.len()) {
             Some(p) => {
+                self.mark_dirty(gpa, data.len());
                 // SAFETY: as in `read`, with the copy going the other way.
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.as_ptr(), data.len()) };
                 true

@@ -128,6 +128,12 @@ impl FastTlb {
         }
     }
 
+    /// Forget every write translation (dirty tracking: the next write to
+    /// each page goes the slow way and marks it).
+    pub(crate) fn flush_writes(&mut self) {
+        self.write.fill(FAST_EMPTY);
+    }
+
     /// Forget the write translations to physical page `ppage` (it now holds
     /// decoded code).
     pub(crate) fn drop_writes_to(&mut self, ppage: u64) {

@@ -231,6 +231,11 @@ impl Vcpu for EmuVcpu {
         Ok(vcpu_exit(exit, &mut cpu.io_buf))
     }
 
+    fn sync_dirty_log(&mut self) -> Result<()> {
+        self.cpu_mut().drop_fast_writes();
+        Ok(())
+    }
+
     fn complete_pending_io(&mut self) -> Result<Option<VcpuExit<'_>>> {
         let cpu = self.cpu.get_mut().unwrap_or_else(PoisonError::into_inner);
         if !cpu.io_pending() {

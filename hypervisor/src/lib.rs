@@ -6,6 +6,7 @@
 //! core, the devices or any front end.
 
 pub mod arch;
+pub mod dirty;
 pub mod host;
 pub mod kvm;
 pub mod state;
@@ -142,6 +143,35 @@ pub trait Vm: Send + Sync {
     fn unregister_mmio_event(&self, _addr: u64, _evt: &EventFd) -> Result<()> {
         Ok(())
     }
+    /// Start tracking guest writes to every mapped slot (writes made by
+    /// the vCPUs; devices writing through vm-memory are tracked by the
+    /// VMM's own bitmap). The first [`Vm::dirty_log`] after this reports
+    /// what was written since.
+    fn start_dirty_log(&self) -> Result<()> {
+        Err(HypervisorError::Unsupported {
+            backend: "this",
+            what: "track dirty pages",
+        })
+    }
+    /// Stop tracking (the guest runs at full speed again).
+    fn stop_dirty_log(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The pages of memory slot `slot` written since the last call (or
+    /// since [`Vm::start_dirty_log`]), as a bitmap in the layout of
+    /// [`dirty`], and clear them.
+    fn dirty_log(&self, _slot: u32) -> Result<Vec<u64>> {
+        Err(HypervisorError::Unsupported {
+            backend: "this",
+            what: "track dirty pages",
+        })
+    }
+    /// True when [`Vm::dirty_log`] is only complete if every vCPU is
+    /// paused and [`Vcpu::sync_dirty_log`] was called on it first (the
+    /// emulator: a vCPU keeps host pointers to pages it writes).
+    fn dirty_log_needs_vcpu_sync(&self) -> bool {
+        false
+    }
 }
 
 /// An interrupt line a device can pulse.
@@ -216,6 +246,12 @@ pub trait Vcpu: Send {
             backend: "this",
             what: "save vCPU state",
         })
+    }
+    /// Make the vCPU's writes so far visible to [`Vm::dirty_log`] and
+    /// have its next write to each page recorded again. Called on a paused
+    /// vCPU when [`Vm::dirty_log_needs_vcpu_sync`] says so.
+    fn sync_dirty_log(&mut self) -> Result<()> {
+        Ok(())
     }
     /// Load a state saved by [`Vcpu::save_state`] into a vCPU whose CPUID
     /// is already set and that has not run.

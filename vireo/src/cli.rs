@@ -59,6 +59,8 @@ Examples:
   vireo run --image guest-kit --vsock cid=3,socket=/tmp/vm.vsock   # host port P: /tmp/vm.vsock_P
   vireo run --kernel vmlinux --control-socket /tmp/vm.sock   # then: echo 'snapshot /tmp/snap1' | nc -U /tmp/vm.sock
   vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot
+  vireo run --migrate-from tcp:0.0.0.0:4444                  # target of a live migration; then on the
+                                                             # source: echo 'migrate-to tcp:HOST:4444' | nc -U /tmp/vm.sock
 
 The guest's COM1 is this terminal: output to stdout, stdin to the guest
 (raw mode on a terminal; press Ctrl-A then x to quit). vireo exits 0 when the
@@ -83,8 +85,8 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present_any = ["image", "restore"],
-        conflicts_with_all = ["image", "restore"]
+        required_unless_present_any = ["image", "restore", "migrate_from"],
+        conflicts_with_all = ["image", "restore", "migrate_from"]
     )]
     pub kernel: Option<PathBuf>,
 
@@ -93,7 +95,7 @@ pub struct RunArgs {
     pub initrd: Option<PathBuf>,
 
     /// A guest kit made by `vireo image build`: its kernel, initrd and command line.
-    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["restore", "migrate_from"])]
     pub image: Option<PathBuf>,
 
     /// Start the VM from a snapshot directory (written by the control
@@ -108,6 +110,23 @@ pub struct RunArgs {
     /// (its size and layout are), and it must not change while the VM runs.
     #[arg(long, requires = "restore")]
     pub restore_lazy: bool,
+
+    /// Receive a live migration instead of booting: listen on
+    /// tcp:HOST:PORT (port 0: any free port; the address is printed as
+    /// `migration: listening on ADDR`), take one source's stream (sent by
+    /// the source's control-socket command `migrate-to`), then run the VM.
+    /// Exits 2 if the stream fails or is corrupt (the source keeps running).
+    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with = "restore")]
+    pub migrate_from: Option<String>,
+
+    /// With --migrate-from: serve the stream over TLS with this
+    /// certificate (PEM); the source then passes `--ca` to `migrate-to`.
+    #[arg(long, value_name = "PEM", requires_all = ["migrate_from", "migrate_tls_key"])]
+    pub migrate_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --migrate-tls-cert.
+    #[arg(long, value_name = "PEM", requires_all = ["migrate_from", "migrate_tls_cert"])]
+    pub migrate_tls_key: Option<PathBuf>,
 
     /// Kernel command line [default: "console=ttyS0 panic=-1 reboot=k", or the kit's].
     #[arg(long, value_name = "STRING")]

@@ -12,7 +12,15 @@
 //! `snapshot [--paused] DIR` pauses the VM, writes a snapshot to DIR
 //! (see `vireo run --restore`) and resumes it unless `--paused` is given
 //! or it was paused before; it answers
-//! `"snapshot":{"dir","memory_bytes","pause_ms"}`.
+//! `"snapshot":{"dir","memory_bytes","pause_ms"}` (plus `"diff":true,
+//! "parent","pages"` for `snapshot --diff DIR`, which writes only the pages
+//! written since this process's previous snapshot and records it as the
+//! parent; `vireo run --restore` follows the chain).
+//! `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]` live-migrates
+//! the VM to a `vireo run --migrate-from` target (pre-copy, then a short
+//! pause); on success it answers `"state":"migrated","migration":{"total_ms",
+//! "downtime_ms","bytes_sent","rounds","pages_sent"}` and this process
+//! exits 0; on failure the VM keeps running here and the reply is an error.
 //! Commands are carried out on the thread that owns the running VM (`stats`
 //! only reads the counters' atomics: it never stops a vCPU or a device).
 
@@ -43,7 +51,13 @@ pub enum Command {
     Snapshot {
         dir: std::path::PathBuf,
         stay_paused: bool,
+        /// `--diff`: only the pages written since this process's last
+        /// snapshot, with that one recorded as the parent.
+        diff: bool,
     },
+    /// `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]`: live
+    /// migration to a `vireo run --migrate-from` (see [`crate::migrate`]).
+    MigrateTo(crate::migrate::MigrateTo),
 }
 
 impl Command {
@@ -57,18 +71,30 @@ impl Command {
             "balloon" => Some(Command::Balloon(None)),
             "stats" => Some(Command::Stats),
             other => {
+                if let Some(rest) = other.strip_prefix("migrate-to ") {
+                    return crate::migrate::MigrateTo::parse(rest).map(Command::MigrateTo);
+                }
                 if let Some(rest) = other.strip_prefix("snapshot ") {
-                    let rest = rest.trim();
-                    let (stay_paused, dir) = match rest.strip_prefix("--paused ") {
-                        Some(dir) => (true, dir.trim()),
-                        None => (false, rest),
-                    };
-                    if dir.is_empty() {
+                    let mut rest = rest.trim();
+                    let (mut stay_paused, mut diff) = (false, false);
+                    loop {
+                        if let Some(r) = rest.strip_prefix("--paused ") {
+                            stay_paused = true;
+                            rest = r.trim_start();
+                        } else if let Some(r) = rest.strip_prefix("--diff ") {
+                            diff = true;
+                            rest = r.trim_start();
+                        } else {
+                            break;
+                        }
+                    }
+                    if rest.is_empty() || rest.starts_with("--") {
                         return None;
                     }
                     return Some(Command::Snapshot {
-                        dir: dir.into(),
+                        dir: rest.into(),
                         stay_paused,
+                        diff,
                     });
                 }
                 let mib = other.strip_prefix("balloon ")?.trim().parse().ok()?;
@@ -174,11 +200,11 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
         None => error_reply(
-            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] DIR",
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]",
         ),
         Some(command) => {
             // Writing a snapshot of a big guest takes a while.
-            let wait = if matches!(command, Command::Snapshot { .. }) {
+            let wait = if matches!(command, Command::Snapshot { .. } | Command::MigrateTo(_)) {
                 Duration::from_secs(3600)
             } else {
                 Duration::from_secs(10)
@@ -249,16 +275,37 @@ mod tests {
             Command::parse("snapshot /tmp/a b\n"),
             Some(Command::Snapshot {
                 dir: "/tmp/a b".into(),
-                stay_paused: false
+                stay_paused: false,
+                diff: false
             })
         );
         assert_eq!(
             Command::parse("snapshot --paused /s"),
             Some(Command::Snapshot {
                 dir: "/s".into(),
-                stay_paused: true
+                stay_paused: true,
+                diff: false
             })
         );
+        assert_eq!(
+            Command::parse("snapshot --diff --paused /d"),
+            Some(Command::Snapshot {
+                dir: "/d".into(),
+                stay_paused: true,
+                diff: true
+            })
+        );
+        assert_eq!(Command::parse("snapshot --diff"), None);
+        assert_eq!(Command::parse("snapshot --paused --diff"), None);
+        assert_eq!(
+            Command::parse("migrate-to tcp:10.0.0.2:4444 --downtime-ms 100"),
+            Some(Command::MigrateTo(crate::migrate::MigrateTo {
+                uri: "tcp:10.0.0.2:4444".into(),
+                ca: None,
+                downtime_ms: 100
+            }))
+        );
+        assert_eq!(Command::parse("migrate-to"), None);
         assert_eq!(Command::parse("snapshot"), None);
         assert_eq!(Command::parse("snapshot   "), None);
         let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));

@@ -10,6 +10,7 @@ mod devices;
 mod disk;
 mod image;
 mod machine;
+mod migrate;
 mod run;
 mod signals;
 mod token_cli;

@@ -117,12 +117,16 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             Failure::Vm(e.to_string())
         }
     };
-    let (hv, machine, attached) = match &args.restore {
-        Some(dir) => {
+    let (hv, machine, attached) = match (&args.restore, &args.migrate_from) {
+        (_, Some(uri)) => {
+            let (hv, machine) = migrate_in(&args, uri)?;
+            (hv, machine, Attached::default())
+        }
+        (Some(dir), None) => {
             let (hv, machine) = restore_machine(&args, dir)?;
             (hv, machine, Attached::default())
         }
-        None => {
+        (None, None) => {
             let spec = boot_spec(&args)?;
             let hv = open_backend(args.accel, &spec.kernel)?;
             let cfg = VmConfig {
@@ -164,6 +168,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     let host = HostVirt::detect();
     let pvm_guest = vm.boot_info().and_then(|i| i.pvm_guest);
     if args.restore.is_none()
+        && args.migrate_from.is_none()
         && hv.name() == "kvm"
         && host.kvm_is_pvm_only()
         && pvm_guest != Some(true)
@@ -254,6 +259,8 @@ fn serve_control(
     let balloon = attached.balloon.as_ref();
     let control = running.control();
     let mut reset = false;
+    // The last snapshot this process wrote: the parent of a `--diff`.
+    let mut last_snapshot: Option<PathBuf> = None;
     loop {
         if control
             .wait_exit_timeout(Duration::from_millis(20))
@@ -280,9 +287,33 @@ fn serve_control(
                     let _ = pending.reply.send(reply);
                     continue;
                 }
-                Command::Snapshot { dir, stay_paused } => {
-                    let reply = snapshot_command(running, saveable, &dir, stay_paused);
+                Command::Snapshot {
+                    dir,
+                    stay_paused,
+                    diff,
+                } => {
+                    let reply = snapshot_command(
+                        running,
+                        saveable,
+                        &dir,
+                        stay_paused,
+                        diff,
+                        &mut last_snapshot,
+                    );
                     let _ = pending.reply.send(reply);
+                    continue;
+                }
+                Command::MigrateTo(req) => {
+                    let (reply, migrated) = migrate_command(running, saveable, &req);
+                    let _ = pending.reply.send(reply);
+                    if migrated {
+                        // The target runs the guest now; end this process
+                        // (exit 0) once the reply is written.
+                        tracing::info!("migrated to {}", req.uri);
+                        eprintln!("vireo: migrated to {}", req.uri);
+                        control.request_exit(ExitReason::Stopped);
+                        return false;
+                    }
                     continue;
                 }
                 Command::Stats => {
@@ -310,13 +341,76 @@ struct Saveable<'a> {
     unsaveable: &'a [String],
 }
 
-/// `snapshot [--paused] DIR`: pause, capture, write, resume.
+/// The front end's description of the machine recorded with its state.
+fn frontend(saveable: &Saveable<'_>) -> serde_json::Value {
+    serde_json::json!({ "devices": saveable.devices.iter().map(|(id, _)| id).collect::<Vec<_>>() })
+}
+
+/// `migrate-to ...`: the reply, and whether the VM now runs on the target.
+fn migrate_command(
+    running: &RunningVm,
+    saveable: &Saveable<'_>,
+    req: &crate::migrate::MigrateTo,
+) -> (String, bool) {
+    if !saveable.unsaveable.is_empty() {
+        return (
+            control_socket::error_reply(&format!(
+                "cannot migrate this VM: the state of its virtio devices ({}) cannot be saved yet",
+                saveable.unsaveable.join(", ")
+            )),
+            false,
+        );
+    }
+    tracing::info!("migration to {} started", req.uri);
+    match crate::migrate::migrate_to(running, saveable.devices, frontend(saveable), req) {
+        Ok(stats) => {
+            tracing::info!(
+                "migration to {}: {} ms total, {} ms downtime, {} rounds, {} pages, {} bytes",
+                req.uri,
+                stats.total_ms,
+                stats.downtime_ms,
+                stats.rounds,
+                stats.pages_sent,
+                stats.bytes_sent
+            );
+            (
+                control_socket::ok_reply_with(
+                    "migrated",
+                    serde_json::json!({ "migration": stats }),
+                ),
+                true,
+            )
+        }
+        Err(e) => {
+            tracing::warn!("migration to {} failed: {e}", req.uri);
+            (
+                control_socket::error_reply(&format!("migration to {}: {e}", req.uri)),
+                false,
+            )
+        }
+    }
+}
+
+/// `snapshot [--paused] [--diff] DIR`: pause, capture, write, resume.
+/// A full snapshot becomes the base of dirty page tracking; a diff writes
+/// the pages dirtied since `last` (this process's previous snapshot).
 fn snapshot_command(
     running: &RunningVm,
     saveable: &Saveable<'_>,
     dir: &std::path::Path,
     stay_paused: bool,
+    diff: bool,
+    last: &mut Option<PathBuf>,
 ) -> String {
+    let parent = match (diff, last.as_ref()) {
+        (false, _) => None,
+        (true, Some(p)) => Some(p.clone()),
+        (true, None) => {
+            return control_socket::error_reply(
+                "snapshot --diff needs an earlier snapshot (full or diff) taken by this process as its parent; take a full snapshot first",
+            )
+        }
+    };
     if !saveable.unsaveable.is_empty() {
         return control_socket::error_reply(&format!(
             "cannot snapshot this VM: the state of its virtio devices ({}) cannot be saved yet; \
@@ -345,14 +439,40 @@ fn snapshot_command(
         }
     };
     let result = running
-        .capture(
-            saveable.devices,
-            serde_json::json!({ "devices": saveable.devices.iter().map(|(id, _)| id).collect::<Vec<_>>() }),
-        )
-        .and_then(|snap| {
-            vireo_vmcore::snapshot::write(dir, &snap, running.memory(), &mut progress)
-                .map_err(Into::into)
+        .capture(saveable.devices, frontend(saveable))
+        .and_then(|snap| match &parent {
+            None => {
+                vireo_vmcore::snapshot::write(dir, &snap, running.memory(), &mut progress)?;
+                running.mark_snapshot_base()?;
+                Ok(None)
+            }
+            Some(parent) => {
+                let dirty = running.take_snapshot_dirty()?.ok_or_else(|| {
+                    vireo_vmcore::VmError::Device(
+                        "dirty page tracking is off; take a full snapshot first".into(),
+                    )
+                })?;
+                let pages = vireo_vmcore::snapshot::write_diff(
+                    dir,
+                    &snap,
+                    running.memory(),
+                    &dirty,
+                    parent,
+                    &mut progress,
+                )?;
+                Ok(Some(pages))
+            }
         });
+    match &result {
+        Ok(_) => *last = Some(dir.to_path_buf()),
+        Err(_) => {
+            // The pages taken for a failed diff are gone: the next diff
+            // would miss them, so it needs a new full snapshot.
+            if last.take().is_some() || parent.is_some() {
+                running.forget_snapshot_base();
+            }
+        }
+    }
     let pause_ms = started.elapsed().as_millis() as u64;
     if was_running && !stay_paused {
         if let Err(e) = running.resume() {
@@ -360,15 +480,31 @@ fn snapshot_command(
         }
     }
     match result {
-        Ok(()) => {
-            tracing::info!("snapshot written to {} in {pause_ms} ms", dir.display());
+        Ok(pages) => {
+            tracing::info!(
+                "{} written to {} in {pause_ms} ms",
+                if pages.is_some() {
+                    "diff snapshot"
+                } else {
+                    "snapshot"
+                },
+                dir.display()
+            );
+            let mut snapshot = serde_json::json!({
+                "dir": dir.display().to_string(),
+                "memory_bytes": memory_bytes,
+                "pause_ms": pause_ms,
+            });
+            if let (Some(pages), Some(parent), Some(obj)) =
+                (pages, &parent, snapshot.as_object_mut())
+            {
+                obj.insert("diff".into(), true.into());
+                obj.insert("parent".into(), parent.display().to_string().into());
+                obj.insert("pages".into(), pages.into());
+            }
             control_socket::ok_reply_with(
                 state_name(control.state()),
-                serde_json::json!({"snapshot": {
-                    "dir": dir.display().to_string(),
-                    "memory_bytes": memory_bytes,
-                    "pause_ms": pause_ms,
-                }}),
+                serde_json::json!({ "snapshot": snapshot }),
             )
         }
         Err(e) => control_socket::error_reply(&format!("snapshot to {}: {e}", dir.display())),
@@ -382,6 +518,17 @@ fn restore_machine(
     args: &RunArgs,
     dir: &std::path::Path,
 ) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
+    refuse_device_flags(args, "--restore takes the machine from the snapshot")?;
+    let loaded = vireo_vmcore::snapshot::load(dir)
+        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    let backend = loaded.snapshot.config.backend.clone();
+    let hv = backend_for(&backend, args.accel)
+        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    restore_rest(args, dir, hv, loaded, backend)
+}
+
+/// Device flags make no sense where the machine comes from saved state.
+fn refuse_device_flags(args: &RunArgs, why: &str) -> Result<(), Failure> {
     let device_flags = !args.disk.is_empty()
         || !args.net.is_empty()
         || args.vsock.is_some()
@@ -392,26 +539,88 @@ fn restore_machine(
         || args.cmdline.is_some()
         || args.append.is_some();
     if device_flags {
-        return Err(Failure::Usage(
-            "--restore takes the machine from the snapshot: drop --disk, --net, --vsock, --rng, --balloon, --virtio-console, --initrd, --cmdline and --append".into(),
-        ));
+        return Err(Failure::Usage(format!(
+            "{why}: drop --disk, --net, --vsock, --rng, --balloon, --virtio-console, --initrd, --cmdline and --append"
+        )));
     }
-    let loaded = vireo_vmcore::snapshot::load(dir)
-        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
-    let backend = loaded.snapshot.config.backend.clone();
-    let hv: Box<dyn Hypervisor> = match (backend.as_str(), args.accel) {
-        ("kvm", Accel::Kvm | Accel::Auto) => Box::new(
-            KvmHypervisor::new().map_err(|e| Failure::Usage(e.to_string()))?,
-        ),
-        ("emu", Accel::Emu | Accel::Auto) => Box::new(EmuHypervisor::new()),
-        (saved, accel) => {
-            return Err(Failure::Usage(format!(
-                "--restore {}: the snapshot was taken on the {saved} backend; it cannot run on --accel {}",
-                dir.display(),
-                format!("{accel:?}").to_lowercase()
-            )))
+    Ok(())
+}
+
+/// The backend a saved machine of `backend` runs on under `--accel`.
+fn backend_for(backend: &str, accel: Accel) -> Result<Box<dyn Hypervisor>, String> {
+    match (backend, accel) {
+        ("kvm", Accel::Kvm | Accel::Auto) => KvmHypervisor::new()
+            .map(|k| Box::new(k) as Box<dyn Hypervisor>)
+            .map_err(|e| e.to_string()),
+        ("emu", Accel::Emu | Accel::Auto) => Ok(Box::new(EmuHypervisor::new())),
+        (saved, accel) => Err(format!(
+            "the VM ran on the {saved} backend; it cannot run on --accel {}",
+            format!("{accel:?}").to_lowercase()
+        )),
+    }
+}
+
+/// `--migrate-from tcp:HOST:PORT`: receive the machine from a source
+/// process, build it, acknowledge.
+fn migrate_in(
+    args: &RunArgs,
+    uri: &str,
+) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
+    refuse_device_flags(args, "--migrate-from takes the machine from the source")?;
+    let listen = crate::migrate::Listen {
+        uri: uri.to_string(),
+        tls: args
+            .migrate_tls_cert
+            .clone()
+            .zip(args.migrate_tls_key.clone()),
+    };
+    let accel = args.accel;
+    let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
+        backend_for(&config.backend, accel).map(|_| ())
+    };
+    let started = std::time::Instant::now();
+    let incoming = crate::migrate::receive(&listen, &check).map_err(Failure::Usage)?;
+    let config = incoming.loaded.snapshot.config.clone();
+    let hv = match backend_for(&config.backend, accel) {
+        Ok(hv) => hv,
+        Err(e) => {
+            incoming.refuse(&e);
+            return Err(Failure::Usage(format!("--migrate-from {uri}: {e}")));
         }
     };
+    let machine = match machine::restore(
+        hv.as_ref(),
+        &incoming.loaded,
+        incoming.memory.clone(),
+        Box::new(StdoutWriter),
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            let msg = format!("cannot build the migrated VM: {e}");
+            incoming.refuse(&msg);
+            return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
+        }
+    };
+    incoming
+        .ack()
+        .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
+    tracing::info!(
+        "migrated in: {} vCPU(s), {} MiB on {} ({} ms after listening)",
+        config.vcpus,
+        config.memory_mib,
+        config.backend,
+        started.elapsed().as_millis()
+    );
+    Ok((hv, machine))
+}
+
+fn restore_rest(
+    args: &RunArgs,
+    dir: &std::path::Path,
+    hv: Box<dyn Hypervisor>,
+    loaded: vireo_vmcore::snapshot::LoadedSnapshot,
+    backend: String,
+) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
     let started = std::time::Instant::now();
     let mut progress = |done: u64, total: u64| {
         if total >= 1 << 30 && done % (256 << 20) == 0 {

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod control;
 pub mod layout;
 pub mod memory;
+pub mod migration;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -1,12 +1,15 @@
 //! Guest physical memory: anonymous host mappings (vm-memory's
 //! `GuestMemoryMmap`) laid out around the 32-bit MMIO hole.
 
-use vm_memory::{GuestAddress, GuestMemoryRegion};
+use vm_memory::GuestAddress;
 
 use crate::layout;
 
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
-pub use vm_memory::GuestMemoryBackend;
+/// Guest memory; each region's [`AtomicBitmap`] records the pages written
+/// through vm-memory (by devices), for dirty page tracking.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub use vm_memory::bitmap::AtomicBitmap;
+pub use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -48,9 +51,32 @@ pub fn host_mappings(mem: &GuestMemory) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// Per region (in `mem.iter()` order, which is slot order): the pages
+/// written through vm-memory since the last call, cleared.
+pub fn take_device_dirty(mem: &GuestMemory) -> Vec<Vec<u64>> {
+    mem.iter()
+        .map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_writes_are_tracked_per_region() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = create_guest_memory(4 << 20).unwrap();
+        take_device_dirty(&mem);
+        mem.write_obj(0xdead_beefu32, GuestAddress(3 * 4096 + 10))
+            .unwrap();
+        mem.write_slice(&[1u8; 4097], GuestAddress(100 * 4096))
+            .unwrap();
+        let dirty = take_device_dirty(&mem);
+        let pages: Vec<u64> = vireo_hypervisor::dirty::dirty_pages(&dirty[0]).collect();
+        assert_eq!(pages, vec![3, 100, 101]);
+        assert!(take_device_dirty(&mem)[0].iter().all(|w| *w == 0));
+    }
 
     #[test]
     fn small_memory_is_one_range() {

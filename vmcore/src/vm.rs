@@ -313,6 +313,7 @@ impl Vm {
                         threads,
                         control: self.control,
                         saved: self.saved,
+                        since_snapshot: Mutex::new(None),
                     };
                     running.stop_and_join();
                     return Err(VmError::Thread(e));
@@ -326,6 +327,7 @@ impl Vm {
             threads,
             control: self.control,
             saved: self.saved,
+            since_snapshot: Mutex::new(None),
         })
     }
 }
@@ -339,11 +341,26 @@ pub struct RunningVm {
     threads: Vec<VcpuThread>,
     control: Arc<VmControl>,
     saved: SaveInfo,
+    /// Pages dirtied since the last snapshot, while snapshots track them
+    /// (every [`RunningVm::take_dirty_log`] adds to it, so a migration
+    /// attempt in between loses nothing).
+    since_snapshot: Mutex<Option<Vec<Vec<u64>>>>,
 }
 
 impl RunningVm {
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// The machine's configuration (what a target must build before any
+    /// state arrives), with `frontend` as in [`RunningVm::capture`].
+    pub fn machine_config(&self, frontend: serde_json::Value) -> MachineConfig {
+        MachineConfig {
+            backend: self.saved.backend.to_string(),
+            vcpus: self.saved.vcpus,
+            memory_mib: self.saved.memory_mib,
+            frontend,
+        }
     }
 
     /// Capture the state of the paused VM: every vCPU, the platform and
@@ -387,6 +404,151 @@ impl RunningVm {
 
     pub fn control(&self) -> Arc<VmControl> {
         self.control.clone()
+    }
+
+    /// Start dirty page tracking (vCPU writes through the hypervisor's
+    /// log, device writes through guest memory's bitmaps). Pages written
+    /// before this call are not reported: the caller copies all memory
+    /// once after it.
+    pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        if self.snapshot_tracking() {
+            // Already on for snapshots: set a new baseline only (what is
+            // taken also goes to the snapshot accumulator).
+            return self.take_dirty_log().map(|_| ());
+        }
+        self.with_vcpus_synced(|| {
+            self.hv_vm.start_dirty_log()?;
+            crate::memory::take_device_dirty(&self.memory);
+            Ok(())
+        })?;
+        // Drain what the backend recorded before tracking began.
+        self.take_dirty_log().map(|_| ())
+    }
+
+    /// Stop dirty page tracking.
+    pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        if self.snapshot_tracking() {
+            // Diff snapshots still need it.
+            return Ok(());
+        }
+        Ok(self.hv_vm.stop_dirty_log()?)
+    }
+
+    fn snapshot_tracking(&self) -> bool {
+        self.since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// A snapshot of all memory was just written: from now on, track the
+    /// pages written for the next diff snapshot (see
+    /// [`RunningVm::take_snapshot_dirty`]).
+    pub fn mark_snapshot_base(&self) -> Result<(), VmError> {
+        if !self.snapshot_tracking() {
+            self.start_dirty_log()?;
+        } else {
+            self.take_dirty_log()?;
+        }
+        let empty = memory::host_mappings(&self.memory)
+            .iter()
+            .map(|(_, size, _)| vec![0u64; vireo_hypervisor::dirty::bitmap_words(*size)])
+            .collect();
+        *self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(empty);
+        Ok(())
+    }
+
+    /// The pages written since the last snapshot (full or diff), per
+    /// region, and start counting again; None when no snapshot was taken
+    /// by this process (a diff then has no base).
+    pub fn take_snapshot_dirty(&self) -> Result<Option<Vec<Vec<u64>>>, VmError> {
+        if !self.snapshot_tracking() {
+            return Ok(None);
+        }
+        self.take_dirty_log()?;
+        let mut acc = self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ok(acc.as_mut().map(|bits| {
+            bits.iter_mut()
+                .map(|b| std::mem::replace(b, vec![0; b.len()]))
+                .collect()
+        }))
+    }
+
+    /// Stop tracking for snapshots (a diff snapshot failed half-way: the
+    /// next one must be full).
+    pub fn forget_snapshot_base(&self) {
+        *self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        if let Err(e) = self.hv_vm.stop_dirty_log() {
+            tracing::warn!("stopping dirty page tracking: {e}");
+        }
+    }
+
+    /// The pages written since [`RunningVm::start_dirty_log`] or the last
+    /// call, per memory region (in [`GuestMemory`] order), as bitmaps of
+    /// [`vireo_hypervisor::dirty`]'s layout; cleared. Works on a running
+    /// VM (backends that need it are paused for the moment of the take)
+    /// and on a paused one (which stays paused).
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        let mut out = Vec::new();
+        self.with_vcpus_synced(|| {
+            for slot in 0..memory::host_mappings(&self.memory).len() {
+                out.push(self.hv_vm.dirty_log(slot as u32)?);
+            }
+            Ok(())
+        })?;
+        for (bits, dev) in out
+            .iter_mut()
+            .zip(crate::memory::take_device_dirty(&self.memory))
+        {
+            vireo_hypervisor::dirty::merge(bits, &dev);
+        }
+        if let Some(acc) = self
+            .since_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            for (a, b) in acc.iter_mut().zip(&out) {
+                vireo_hypervisor::dirty::merge(a, b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run `f` at a moment when every vCPU has made its writes visible to
+    /// the dirty log (see [`vireo_hypervisor::Vm::dirty_log_needs_vcpu_sync`]):
+    /// for backends that need it, a running VM is paused around it.
+    fn with_vcpus_synced(
+        &self,
+        f: impl FnOnce() -> Result<(), HypervisorError>,
+    ) -> Result<(), VmError> {
+        if !self.hv_vm.dirty_log_needs_vcpu_sync() {
+            return Ok(f()?);
+        }
+        let pause = self.control.state() == crate::RunState::Running;
+        if pause {
+            self.pause()?;
+        }
+        let mut result = Ok(());
+        for v in &self.vcpus {
+            if let Err(e) = vcpu::lock_vcpu(v).sync_dirty_log() {
+                result = Err(e);
+            }
+        }
+        let result = result.and_then(|()| f());
+        if pause {
+            self.resume()?;
+        }
+        Ok(result?)
     }
 
     fn kick_all(&self) {
@@ -591,6 +753,86 @@ mod tests {
             0,
             "the write reached the MMIO bus"
         );
+    }
+
+    /// A guest that increments the dword at 0x20_0000 forever; the page
+    /// shows up in the dirty log each round, a page nobody writes does
+    /// not, and a device write through guest memory does.
+    fn dirty_log_sees_guest_and_device_writes(hv: &dyn Hypervisor) {
+        use vm_memory::{Bytes, GuestAddress};
+        // mov eax, 0x200000; l: inc dword [eax]; jmp l
+        let code = [0xb8, 0x00, 0x00, 0x20, 0x00, 0xff, 0x00, 0xeb, 0xfc];
+        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let kernel =
+            std::env::temp_dir().join(format!("vireo-dirty-{}-{n}.elf", std::process::id()));
+        std::fs::write(&kernel, image).unwrap();
+        let cfg = VmConfig {
+            vcpus: 1,
+            memory_mib: 32,
+            boot: BootSpec {
+                kernel: kernel.clone(),
+                initrd: None,
+                cmdline: String::new(),
+                vcpus: 1,
+            },
+        };
+        let vm = Vm::new(hv, &cfg).unwrap();
+        let running = vm.start().unwrap();
+        running.start_dirty_log().unwrap();
+        let page_set =
+            |bits: &[u64], page: u64| bits[(page / 64) as usize] & (1 << (page % 64)) != 0;
+        for round in 0..3 {
+            let mut seen = false;
+            for _ in 0..2000 {
+                let log = running.take_dirty_log().unwrap();
+                assert!(
+                    !page_set(&log[0], 0x300),
+                    "round {round}: a page nobody writes is dirty"
+                );
+                if page_set(&log[0], 0x200) {
+                    seen = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                seen,
+                "round {round}: the guest's page never showed up dirty"
+            );
+        }
+        running
+            .memory()
+            .write_obj(7u32, GuestAddress(0x30_0000))
+            .unwrap();
+        let log = running.take_dirty_log().unwrap();
+        assert!(page_set(&log[0], 0x300), "a device write was not logged");
+        // Paused: the guest writes nothing, so after one take nothing is dirty.
+        running.pause().unwrap();
+        running.take_dirty_log().unwrap();
+        let log = running.take_dirty_log().unwrap();
+        assert_eq!(
+            vireo_hypervisor::dirty::count(&log[0]),
+            0,
+            "dirty while paused"
+        );
+        assert_eq!(running.control().state(), crate::RunState::Paused);
+        running.resume().unwrap();
+        running.stop_dirty_log().unwrap();
+        assert_eq!(running.stop(), ExitReason::Stopped);
+        let _ = std::fs::remove_file(kernel);
+    }
+
+    #[test]
+    fn dirty_log_on_the_emulator() {
+        dirty_log_sees_guest_and_device_writes(&vireo_emulator::EmuHypervisor::new());
+    }
+
+    #[test]
+    fn dirty_log_on_kvm() {
+        let Some(kvm) = kvm() else { return };
+        dirty_log_sees_guest_and_device_writes(&kvm);
     }
 
     #[test]

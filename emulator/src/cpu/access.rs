@@ -45,6 +45,10 @@ impl Cpu {
                 if self.icache.has_page(ppage >> 12) {
                     return Some(host);
                 }
+                // Dirty tracking: the page is marked when its write entry
+                // is installed; `Cpu::drop_fast_writes` (before each look
+                // at the dirty log) makes the next write install it again.
+                self.mem.mark_dirty(ppage, PAGE_SIZE as usize);
                 &mut fast.write
             }
         };
@@ -250,6 +254,7 @@ impl Cpu {
         let Some(p) = ptr.filter(|p| p.as_ptr() as usize % n == 0) else {
             return self.write_lin(la, &new.to_le_bytes()[..n], Privilege::Current);
         };
+        self.mem.mark_dirty(pa, n);
         let p = p.as_ptr();
         // SAFETY: `host_ptr` vouches for `n` valid bytes at `p`, which is
         // aligned to `n` (checked above); guest RAM is only ever accessed

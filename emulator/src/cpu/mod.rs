@@ -206,6 +206,14 @@ impl Cpu {
         self.icache.invalidate_all();
     }
 
+    /// Drop the host pointers this CPU keeps for writing RAM pages, so
+    /// that its next write to each page marks it dirty again (see
+    /// [`crate::memory::GuestMemory::mark_dirty`]). Call it while the CPU
+    /// does not run, before taking the dirty log.
+    pub fn drop_fast_writes(&mut self) {
+        self.tlb.fast.flush_writes();
+    }
+
     /// Replace the CPUID table. Feature bits the emulator does not implement
     /// are cleared, whatever the caller asks for.
     pub fn set_cpuid(&mut self, entries: &[CpuidEntry]) {

@@ -119,6 +119,7 @@ impl Hypervisor for KvmHypervisor {
         Ok(Arc::new(KvmVm {
             fd: Arc::new(fd),
             platform: OnceLock::new(),
+            slots: std::sync::Mutex::new(Vec::new()),
         }))
     }
 }
@@ -128,6 +129,28 @@ pub struct KvmVm {
     fd: Arc<VmFd>,
     /// Set once the in-kernel irqchip and PIT exist.
     platform: OnceLock<()>,
+    /// Every memory slot as mapped (flags updated when dirty logging is
+    /// turned on or off).
+    slots: std::sync::Mutex<Vec<kvm_userspace_memory_region>>,
+}
+
+impl KvmVm {
+    /// Re-register every slot with `flags` (KVM allows changing
+    /// KVM_MEM_LOG_DIRTY_PAGES on a live slot).
+    fn set_slot_flags(&self, flags: u32) -> Result<()> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for region in slots.iter_mut() {
+            let mut r = *region;
+            r.flags = flags;
+            // SAFETY: the same host range as registered by `map_memory`,
+            // whose caller guaranteed it outlives the VM.
+            unsafe { self.fd.set_user_memory_region(r) }.map_err(|e| {
+                HypervisorError::ioctl("KVM_SET_USER_MEMORY_REGION (dirty logging)", e)
+            })?;
+            *region = r;
+        }
+        Ok(())
+    }
 }
 
 impl KvmVm {
@@ -157,7 +180,42 @@ impl Vm for KvmVm {
         // SAFETY: the caller guarantees the host range stays valid for the
         // life of the VM (see the trait's contract).
         unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(|e| HypervisorError::ioctl("KVM_SET_USER_MEMORY_REGION", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.retain(|r| r.slot != slot);
+        slots.push(region);
+        Ok(())
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        self.set_slot_flags(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)?;
+        // Clear what the kernel may report for the time before.
+        let slots: Vec<u32> = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.iter().map(|r| r.slot).collect()
+        };
+        for slot in slots {
+            self.dirty_log(slot)?;
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&self) -> Result<()> {
+        self.set_slot_flags(0)
+    }
+
+    fn dirty_log(&self, slot: u32) -> Result<Vec<u64>> {
+        let size = {
+            let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots
+                .iter()
+                .find(|r| r.slot == slot)
+                .map(|r| r.memory_size)
+                .ok_or(HypervisorError::BadState(format!("no memory slot {slot}")))?
+        };
+        self.fd
+            .get_dirty_log(slot, size as usize)
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_DIRTY_LOG", e))
     }
 
     fn create_platform(&self) -> Result<()> {

@@ -9,6 +9,7 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod checksum;
 pub mod guest;
 pub mod kit;
 pub mod netns;

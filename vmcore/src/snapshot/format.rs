@@ -36,8 +36,13 @@ pub const MAGIC: &[u8; 8] = b"VIREOSNP";
 pub const TRAILER_MAGIC: &[u8; 8] = b"VSNPEND\0";
 /// Bumped on every incompatible change; other versions are refused.
 pub const FORMAT_VERSION: u32 = 1;
-/// No flag bits are defined yet; a file with unknown ones is refused.
-pub const KNOWN_FLAGS: u32 = 0;
+/// The snapshot is a diff: its memory file holds only the pages written
+/// since its parent (sections `parent` and `memory_pages`). A vireo that
+/// does not know the flag refuses the file rather than restoring a diff
+/// as if it were whole.
+pub const FLAG_DIFF: u32 = 1;
+/// A file with other flags is refused.
+pub const KNOWN_FLAGS: u32 = FLAG_DIFF;
 pub const STATE_FILE: &str = "state.vsnap";
 pub const MEMORY_FILE: &str = "memory.raw";
 pub const PAGE_SIZE: u64 = 4096;
@@ -366,6 +371,124 @@ pub fn write_memory(
     f.set_len(offset).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
     Ok(records)
+}
+
+/// Runs of set bits of a page bitmap: (first page, count).
+pub fn bitmap_runs(bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (w, &word) in bits.iter().enumerate() {
+        let mut rest = word;
+        while rest != 0 {
+            let b = rest.trailing_zeros() as u64;
+            rest &= rest - 1;
+            let page = w as u64 * 64 + b;
+            if page >= pages {
+                break;
+            }
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n == page => *n += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+    }
+    runs
+}
+
+/// Write only the pages in `runs[region]` of each region `(guest address,
+/// bytes)`, at the same offsets as [`write_memory`] (the rest of the file
+/// is a hole); each record's CRC-32 covers the written pages in order.
+pub fn write_memory_pages(
+    path: &Path,
+    regions: &[(u64, &[u8])],
+    runs: &[Vec<(u64, u64)>],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<MemoryRegionRecord>, FormatError> {
+    use std::os::unix::fs::FileExt;
+    let total: u64 = runs.iter().flatten().map(|(_, n)| n * PAGE_SIZE).sum();
+    let f = File::create(path).map_err(io_err(path))?;
+    let mut records = Vec::with_capacity(regions.len());
+    let mut offset = 0u64;
+    let mut done = 0u64;
+    for ((guest_addr, bytes), runs) in regions.iter().zip(runs) {
+        let mut hasher = crc32fast::Hasher::new();
+        for &(start, n) in runs {
+            let from = (start * PAGE_SIZE) as usize;
+            let to = from + (n * PAGE_SIZE) as usize;
+            let chunk = bytes.get(from..to).ok_or_else(|| {
+                FormatError::Corrupt(format!("dirty pages {start}+{n} outside the region"))
+            })?;
+            hasher.update(chunk);
+            f.write_all_at(chunk, offset + from as u64)
+                .map_err(io_err(path))?;
+            done += chunk.len() as u64;
+            progress(done, total);
+        }
+        let size = bytes.len() as u64;
+        records.push(MemoryRegionRecord {
+            guest_addr: *guest_addr,
+            size,
+            file_offset: offset,
+            crc32: hasher.finalize(),
+        });
+        offset = (offset + size).next_multiple_of(PAGE_SIZE);
+    }
+    f.set_len(offset).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(records)
+}
+
+/// Read the pages in `runs[region]` of a diff's memory file into
+/// `dests[region]` and check each region's checksum.
+pub fn read_memory_pages(
+    path: &Path,
+    records: &[MemoryRegionRecord],
+    runs: &[Vec<(u64, u64)>],
+    dests: &mut [&mut [u8]],
+) -> Result<(), FormatError> {
+    use std::os::unix::fs::FileExt;
+    check_memory_layout(path, records)?;
+    if dests.len() != records.len() || runs.len() != records.len() {
+        return Err(FormatError::Corrupt(format!(
+            "{} memory regions recorded, {} page lists, the VM has {}",
+            records.len(),
+            runs.len(),
+            dests.len()
+        )));
+    }
+    let f = File::open(path).map_err(io_err(path))?;
+    for ((r, runs), buf) in records.iter().zip(runs).zip(dests.iter_mut()) {
+        let mut hasher = crc32fast::Hasher::new();
+        for &(start, n) in runs {
+            let from = start.checked_mul(PAGE_SIZE);
+            let len = n.checked_mul(PAGE_SIZE);
+            let (Some(from), Some(len)) = (from, len) else {
+                return Err(FormatError::Corrupt(format!(
+                    "page run {start}+{n} overflows"
+                )));
+            };
+            if from
+                .checked_add(len)
+                .is_none_or(|end| end > r.size || end > buf.len() as u64)
+            {
+                return Err(FormatError::Corrupt(format!(
+                    "page run {start}+{n} lies outside the region at {:#x}",
+                    r.guest_addr
+                )));
+            }
+            let chunk = &mut buf[from as usize..(from + len) as usize];
+            f.read_exact_at(chunk, r.file_offset + from)
+                .map_err(io_err(path))?;
+            hasher.update(chunk);
+        }
+        if hasher.finalize() != r.crc32 {
+            return Err(FormatError::Corrupt(format!(
+                "memory region at guest {:#x} checksum mismatch in {}",
+                r.guest_addr,
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Check that the memory file holds every region in full, at page-aligned

@@ -22,7 +22,7 @@ use vireo_hypervisor::{CpuidEntry, PlatformState, VcpuState};
 use vm_memory::{GuestAddress, GuestMemoryRegion};
 
 use crate::memory::{self, GuestMemory, GuestMemoryBackend};
-use format::{FormatError, MemoryRegionRecord, StateFile, MEMORY_FILE, STATE_FILE};
+use format::{FormatError, MemoryRegionRecord, StateFile, FLAG_DIFF, MEMORY_FILE, STATE_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -106,6 +106,100 @@ const CPUID: &str = "cpuid";
 const PLATFORM: &str = "platform";
 const VCPU_PREFIX: &str = "vcpu/";
 const DEVICE_PREFIX: &str = "device/";
+const PARENT: &str = "parent";
+const MEMORY_PAGES: &str = "memory_pages";
+/// Longest chain of diff snapshots a restore follows.
+pub const MAX_CHAIN: usize = 64;
+
+/// A diff snapshot's parent: where it was and what its state file's
+/// CRC-32 was when the diff was taken (a parent written over since is
+/// refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub dir: String,
+    pub state_crc32: u32,
+}
+
+/// CRC-32 of `dir`'s whole state file: how a diff names its parent's
+/// exact contents.
+pub fn state_checksum(dir: &Path) -> Result<u32, SnapshotError> {
+    let path = state_path(dir);
+    let bytes = std::fs::read(&path).map_err(|source| SnapshotError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(crc32fast::hash(&bytes))
+}
+
+/// Write a diff snapshot of `snap` to `dir`: only the pages set in
+/// `dirty` (per region, from [`crate::RunningVm::take_snapshot_dirty`]),
+/// with `parent` (a snapshot directory) recorded by path and checksum.
+pub fn write_diff(
+    dir: &Path,
+    snap: &VmSnapshot,
+    mem: &GuestMemory,
+    dirty: &[Vec<u64>],
+    parent: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64, SnapshotError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        }
+    };
+    let parent_dir = std::fs::canonicalize(parent).map_err(io(parent))?;
+    let parent_ref = ParentRef {
+        dir: parent_dir.display().to_string(),
+        state_crc32: state_checksum(&parent_dir)?,
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let state = state_path(dir);
+    if state.exists() {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} already holds a snapshot; pick a new directory or delete it first",
+            dir.display()
+        )));
+    }
+    if std::fs::canonicalize(dir).map_err(io(dir))? == parent_dir {
+        return Err(SnapshotError::Mismatch(
+            "a diff snapshot cannot go into its parent's directory".into(),
+        ));
+    }
+    let regions: Vec<(u64, &[u8])> = mem
+        .iter()
+        .map(|r| {
+            // SAFETY: as in `write`: a live mapping owned by `mem`, read
+            // while the VM is paused.
+            let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
+            (r.start_addr().0, bytes)
+        })
+        .collect();
+    let runs: Vec<Vec<(u64, u64)>> = regions
+        .iter()
+        .zip(dirty)
+        .map(|((_, b), bits)| format::bitmap_runs(bits, b.len() as u64 / format::PAGE_SIZE))
+        .collect();
+    let pages: u64 = runs.iter().flatten().map(|(_, n)| n).sum();
+    let records = format::write_memory_pages(&memory_path(dir), &regions, &runs, progress)?;
+    let mut file = state_sections(snap)?;
+    file.flags = FLAG_DIFF;
+    file.add_json(MEMORY, &records)?;
+    file.add_json(MEMORY_PAGES, &runs)?;
+    file.add_json(PARENT, &parent_ref)?;
+    file.write(&state)?;
+    Ok(pages)
+}
+
+/// One diff of a chain: its memory file, records and the pages it holds.
+#[derive(Debug, Clone)]
+pub struct DiffLayer {
+    pub dir: std::path::PathBuf,
+    memory_path: std::path::PathBuf,
+    records: Vec<MemoryRegionRecord>,
+    runs: Vec<Vec<(u64, u64)>>,
+}
 
 /// Paths of a snapshot directory's files.
 pub fn state_path(dir: &Path) -> std::path::PathBuf {
@@ -153,9 +247,16 @@ pub fn write(
         })
         .collect();
     let records = format::write_memory(&memory_path(dir), &regions, progress)?;
+    let mut file = state_sections(snap)?;
+    file.add_json(MEMORY, &records)?;
+    file.write(&state)?;
+    Ok(())
+}
+
+/// The state file of `snap` without its memory records.
+fn state_sections(snap: &VmSnapshot) -> Result<StateFile, SnapshotError> {
     let mut file = StateFile::new();
     file.add_json(CONFIG, &snap.config)?;
-    file.add_json(MEMORY, &records)?;
     file.add_json(CPUID, &snap.cpuid)?;
     file.add_json(PLATFORM, &snap.platform)?;
     for v in &snap.vcpus {
@@ -164,32 +265,24 @@ pub fn write(
     for (id, state) in &snap.devices {
         file.add_json(&format!("{DEVICE_PREFIX}{id}"), state)?;
     }
-    file.write(&state)?;
-    Ok(())
+    Ok(file)
 }
 
-/// A snapshot read and checked, its memory not loaded yet.
-pub struct LoadedSnapshot {
-    pub snapshot: VmSnapshot,
-    pub memory: Vec<MemoryRegionRecord>,
-    memory_path: std::path::PathBuf,
+/// `snap` in the state file encoding (version, checksums), without
+/// memory: what live migration sends as the final state.
+pub fn encode_state(snap: &VmSnapshot) -> Result<Vec<u8>, SnapshotError> {
+    Ok(state_sections(snap)?.encode())
 }
 
-/// Read `dir`'s state file and check it whole (version, checksums, every
-/// section decodes, one state per vCPU, memory regions that match the
-/// configured size and a memory file long enough).
-pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
-    let state = state_path(dir);
-    if !state.exists() {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} holds no snapshot ({} is missing)",
-            dir.display(),
-            STATE_FILE
-        )));
-    }
-    let file = StateFile::read(&state)?;
+/// Decode and check what [`encode_state`] made (every section, vCPU
+/// count); the memory is the caller's.
+pub fn decode_state(bytes: &[u8]) -> Result<VmSnapshot, SnapshotError> {
+    snapshot_of(&StateFile::decode(bytes)?)
+}
+
+/// The VM state in a decoded state file, checked for consistency.
+fn snapshot_of(file: &StateFile) -> Result<VmSnapshot, SnapshotError> {
     let config: MachineConfig = file.json(CONFIG)?;
-    let records: Vec<MemoryRegionRecord> = file.json(MEMORY)?;
     let cpuid: Vec<Vec<CpuidEntry>> = file.json(CPUID)?;
     let platform: PlatformState = file.json(PLATFORM)?;
     let mut vcpus = Vec::new();
@@ -212,6 +305,46 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
         ))
         .into());
     }
+    Ok(VmSnapshot {
+        config,
+        cpuid,
+        vcpus,
+        platform,
+        devices,
+    })
+}
+
+/// A snapshot read and checked, its memory not loaded yet.
+pub struct LoadedSnapshot {
+    pub snapshot: VmSnapshot,
+    /// The memory records of the chain's full snapshot.
+    pub memory: Vec<MemoryRegionRecord>,
+    memory_path: std::path::PathBuf,
+    /// Diff snapshots to apply over it, oldest first (empty for a full
+    /// snapshot).
+    pub diffs: Vec<DiffLayer>,
+}
+
+/// Read `dir`'s state file and check it whole (version, checksums, every
+/// section decodes, one state per vCPU, memory regions that match the
+/// configured size and a memory file long enough).
+pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+    load_chain(dir, 0)
+}
+
+fn load_chain(dir: &Path, depth: usize) -> Result<LoadedSnapshot, SnapshotError> {
+    let state = state_path(dir);
+    if !state.exists() {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} holds no snapshot ({} is missing)",
+            dir.display(),
+            STATE_FILE
+        )));
+    }
+    let file = StateFile::read(&state)?;
+    let snapshot = snapshot_of(&file)?;
+    let config = &snapshot.config;
+    let records: Vec<MemoryRegionRecord> = file.json(MEMORY)?;
     let expected = memory::ram_ranges(config.memory_mib << 20);
     let layout_ok = expected.len() == records.len()
         && expected
@@ -227,20 +360,75 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
     }
     let memory_path = memory_path(dir);
     format::check_memory_layout(&memory_path, &records)?;
-    Ok(LoadedSnapshot {
-        snapshot: VmSnapshot {
-            config,
-            cpuid,
-            vcpus,
-            platform,
-            devices,
-        },
-        memory: records,
+    if file.flags & FLAG_DIFF == 0 {
+        return Ok(LoadedSnapshot {
+            snapshot,
+            memory: records,
+            memory_path,
+            diffs: Vec::new(),
+        });
+    }
+    // A diff: check its parent is there and unchanged, load the chain
+    // below it, and put this diff on top.
+    let parent: ParentRef = file.json(PARENT)?;
+    let runs: Vec<Vec<(u64, u64)>> = file.json(MEMORY_PAGES)?;
+    if depth >= MAX_CHAIN {
+        return Err(SnapshotError::Mismatch(format!(
+            "{}: the chain of diff snapshots is longer than {MAX_CHAIN} (or loops); take a full snapshot",
+            dir.display()
+        )));
+    }
+    let parent_dir = Path::new(&parent.dir);
+    if !state_path(parent_dir).exists() {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} is a diff snapshot of {}, which holds no snapshot any more; restore needs its parent (restore the parent, or take a full snapshot)",
+            dir.display(),
+            parent.dir
+        )));
+    }
+    let crc = state_checksum(parent_dir)?;
+    if crc != parent.state_crc32 {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} is a diff snapshot of {}, but that snapshot changed since (its state checksum is {crc:#010x}, the diff expects {:#010x})",
+            dir.display(),
+            parent.dir,
+            parent.state_crc32
+        )));
+    }
+    let mut base = load_chain(parent_dir, depth + 1)?;
+    let pc = &base.snapshot.config;
+    if pc.backend != config.backend
+        || pc.vcpus != config.vcpus
+        || pc.memory_mib != config.memory_mib
+    {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} is a diff of {}, which describes another machine",
+            dir.display(),
+            parent.dir
+        )));
+    }
+    base.diffs.push(DiffLayer {
+        dir: dir.to_path_buf(),
         memory_path,
-    })
+        records,
+        runs,
+    });
+    base.snapshot = snapshot;
+    Ok(base)
 }
 
 impl LoadedSnapshot {
+    /// A snapshot whose memory arrives some other way (live migration):
+    /// [`LoadedSnapshot::memory`] must not be called on it.
+    pub fn without_memory(snapshot: VmSnapshot) -> LoadedSnapshot {
+        LoadedSnapshot {
+            snapshot,
+            memory: Vec::new(),
+            memory_path: std::path::PathBuf::new(),
+            diffs: Vec::new(),
+        }
+    }
+
     /// Guest memory with the snapshot's contents.
     ///
     /// Full (`lazy` false): anonymous memory filled from the file, each
@@ -255,6 +443,28 @@ impl LoadedSnapshot {
     /// read it all). The memory file must not be changed while a VM mapped
     /// from it runs.
     pub fn memory(
+        &self,
+        lazy: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<GuestMemory, SnapshotError> {
+        let mem = self.base_memory(lazy, progress)?;
+        // Diffs over the base, oldest first (over a lazy mapping their
+        // pages are copied into private memory).
+        for d in &self.diffs {
+            let mut slices: Vec<&mut [u8]> = mem
+                .iter()
+                .map(|r| {
+                    // SAFETY: as in `base_memory`: a mapping owned by
+                    // `mem`, not shared with any VM yet; no overlap.
+                    unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) }
+                })
+                .collect();
+            format::read_memory_pages(&d.memory_path, &d.records, &d.runs, &mut slices)?;
+        }
+        Ok(mem)
+    }
+
+    fn base_memory(
         &self,
         lazy: bool,
         progress: &mut dyn FnMut(u64, u64),
@@ -287,18 +497,21 @@ impl LoadedSnapshot {
         let file = Arc::new(std::fs::File::open(&self.memory_path).map_err(io)?);
         let mut regions = Vec::with_capacity(self.memory.len());
         for r in &self.memory {
-            let region: MmapRegion<()> = MmapRegionBuilder::new(r.size as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-                .build()
-                .map_err(|e| {
-                    SnapshotError::Mismatch(format!(
-                        "cannot map {} at offset {}: {e}",
-                        self.memory_path.display(),
-                        r.file_offset
-                    ))
-                })?;
+            let region: MmapRegion<memory::AtomicBitmap> = MmapRegionBuilder::new_with_bitmap(
+                r.size as usize,
+                vm_memory::bitmap::NewBitmap::with_len(r.size as usize),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .build()
+            .map_err(|e| {
+                SnapshotError::Mismatch(format!(
+                    "cannot map {} at offset {}: {e}",
+                    self.memory_path.display(),
+                    r.file_offset
+                ))
+            })?;
             let region =
                 GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
                     SnapshotError::Mismatch(format!("memory region at {:#x} wraps", r.guest_addr))

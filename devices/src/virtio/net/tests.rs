@@ -8,10 +8,10 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
+use vireo_vmcore::memory::GuestMemory as GuestMemoryMmap;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::GuestMemoryMmap;
 
 use crate::virtio::ActiveQueue;
 

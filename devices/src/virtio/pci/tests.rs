@@ -2,7 +2,7 @@ use super::*;
 use crate::pci::config::{BAR0, COMMAND_MEMORY};
 use crate::virtio::{ActivateError, QueueT};
 use std::sync::Mutex;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 #[derive(Default)]
 struct Seen {
@@ -75,7 +75,8 @@ struct Rig {
 }
 
 fn rig() -> Rig {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem =
+        vireo_vmcore::memory::GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let msi = Arc::new(Recorder::default());
     let intx = Arc::new(Level(Mutex::new(Vec::new())));

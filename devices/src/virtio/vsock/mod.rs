@@ -383,7 +383,11 @@ impl VsockHandler {
     }
 
     /// One packet from the guest.
-    fn tx_packet(&mut self, mut r: Reader<'_>, ctl: &EpollCtl) {
+    fn tx_packet(
+        &mut self,
+        mut r: Reader<'_, vm_memory::bitmap::BS<'_, vireo_vmcore::memory::AtomicBitmap>>,
+        ctl: &EpollCtl,
+    ) {
         let avail = r.available_bytes();
         let mut hb = [0u8; HDR_LEN];
         if avail < HDR_LEN || r.read_exact(&mut hb).is_err() {
@@ -434,15 +438,16 @@ impl VsockHandler {
             };
             rechecked = false;
             let head = chain.head_index();
-            let mut w: Writer<'_> = match Writer::new(&mem, chain) {
-                Ok(w) => w,
-                Err(e) => {
-                    self.warn(format_args!("rx chain {head} refused: {e}"));
-                    self.rx.add_used(&mem, head, 0)?;
-                    used = true;
-                    continue;
-                }
-            };
+            let mut w: Writer<'_, vm_memory::bitmap::BS<'_, vireo_vmcore::memory::AtomicBitmap>> =
+                match Writer::new(&mem, chain) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        self.warn(format_args!("rx chain {head} refused: {e}"));
+                        self.rx.add_used(&mem, head, 0)?;
+                        used = true;
+                        continue;
+                    }
+                };
             let room = w.available_bytes();
             if room < HDR_LEN {
                 self.warn(format_args!(

@@ -1,0 +1,438 @@
+//! The live migration stream: how a running VM's memory and state travel
+//! from one vireo process to another (over TCP, optionally TLS; the
+//! transport is the caller's — this module reads and writes any
+//! `Read`/`Write`).
+//!
+//! All integers little endian.
+//!
+//! ```text
+//! header   magic "VIREOMIG" | format version u32 | vireo version (32 bytes,
+//!          NUL padded) | CRC-32 of the bytes before it u32
+//! message  kind u8 | payload length u32 | CRC-32 of kind, length and
+//!          payload u32 | payload                          (repeated)
+//! ```
+//!
+//! Source → target: the header, one `Config` (the [`MachineConfig`] as
+//! JSON: the target checks it can build that machine and allocates its
+//! memory), any number of `Pages` (pre-copy rounds while the guest runs,
+//! then the last dirty pages with the guest paused), then one `State`
+//! (vCPUs, platform and devices in the snapshot state-file encoding of
+//! [`crate::snapshot::encode_state`]). Target → source: `Ack` once the
+//! machine is built from the state (the source then exits and the target
+//! runs the guest), or `Error` with the reason (the source resumes).
+//!
+//! Every message is checked (length bound, checksum, payload shape)
+//! before it is acted on, and the target builds nothing but guest memory
+//! before the whole state has arrived and decoded, so a corrupt stream or
+//! one of another format version is refused before any guest runs.
+
+use std::io::{Read, Write};
+
+use crate::memory::{GuestMemory, GuestMemoryBackend};
+use crate::snapshot::MachineConfig;
+use vm_memory::GuestMemoryRegion;
+
+pub const MAGIC: &[u8; 8] = b"VIREOMIG";
+/// Bumped on every incompatible change; a peer of another version is
+/// refused at the header.
+pub const FORMAT_VERSION: u32 = 1;
+pub const PAGE_SIZE: u64 = 4096;
+/// Pages per `Pages` message (1 MiB of data).
+pub const PAGES_PER_MESSAGE: usize = 256;
+const VERSION_FIELD: usize = 32;
+pub const HEADER_LEN: usize = 8 + 4 + VERSION_FIELD + 4;
+const FRAME_LEN: usize = 1 + 4 + 4;
+/// No message is bigger (a full `Pages` is ~1 MiB; the state of a VM with
+/// many devices a few MiB at most).
+pub const MAX_PAYLOAD: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("migration stream: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the migration stream")]
+    Closed,
+    #[error("not a vireo migration stream (bad magic number)")]
+    BadMagic,
+    #[error("the migration stream is format version {found} (from vireo {writer}), this vireo speaks only version {FORMAT_VERSION}: migrate between matching vireo versions")]
+    WrongVersion { found: u32, writer: String },
+    #[error("corrupt migration stream: {0}")]
+    Corrupt(String),
+    #[error("the target refused the migration: {0}")]
+    Refused(String),
+}
+
+type Result<T> = std::result::Result<T, MigrationError>;
+
+/// The kinds of message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Config = 1,
+    Pages = 2,
+    State = 3,
+    Ack = 4,
+    Error = 5,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Config,
+            2 => Kind::Pages,
+            3 => Kind::State,
+            4 => Kind::Ack,
+            5 => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// The stream header for this vireo.
+pub fn header() -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let mut version = [0u8; VERSION_FIELD];
+    let v = env!("CARGO_PKG_VERSION").as_bytes();
+    let n = v.len().min(VERSION_FIELD);
+    version[..n].copy_from_slice(&v[..n]);
+    out.extend_from_slice(&version);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Read and check a header; the peer's vireo version.
+pub fn read_header(r: &mut dyn Read) -> Result<String> {
+    let mut h = [0u8; HEADER_LEN];
+    read_exact(r, &mut h)?;
+    if &h[..8] != MAGIC {
+        return Err(MigrationError::BadMagic);
+    }
+    let crc = u32::from_le_bytes([
+        h[HEADER_LEN - 4],
+        h[HEADER_LEN - 3],
+        h[HEADER_LEN - 2],
+        h[HEADER_LEN - 1],
+    ]);
+    if crc32fast::hash(&h[..HEADER_LEN - 4]) != crc {
+        return Err(MigrationError::Corrupt("header checksum mismatch".into()));
+    }
+    let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    let writer = String::from_utf8_lossy(&h[12..12 + VERSION_FIELD])
+        .trim_end_matches('\0')
+        .to_string();
+    if version != FORMAT_VERSION {
+        return Err(MigrationError::WrongVersion {
+            found: version,
+            writer,
+        });
+    }
+    Ok(writer)
+}
+
+fn read_exact(r: &mut dyn Read, buf: &mut [u8]) -> Result<()> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            MigrationError::Closed
+        } else {
+            MigrationError::Io(e)
+        }
+    })
+}
+
+/// One framed message.
+pub fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME_LEN + payload.len());
+    out.push(kind as u8);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&out[..5]);
+    h.update(payload);
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Write one message; the bytes written.
+pub fn write_message(w: &mut dyn Write, kind: Kind, payload: &[u8]) -> Result<u64> {
+    let f = frame(kind, payload);
+    w.write_all(&f)?;
+    Ok(f.len() as u64)
+}
+
+/// Read one message and check its length and checksum.
+pub fn read_message(r: &mut dyn Read) -> Result<(Kind, Vec<u8>)> {
+    let mut h = [0u8; FRAME_LEN];
+    read_exact(r, &mut h)?;
+    let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    let crc = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
+    if len > MAX_PAYLOAD {
+        return Err(MigrationError::Corrupt(format!(
+            "a message claims {len} bytes (at most {MAX_PAYLOAD})"
+        )));
+    }
+    let mut payload = vec![0u8; len];
+    read_exact(r, &mut payload)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&h[..5]);
+    hasher.update(&payload);
+    if hasher.finalize() != crc {
+        return Err(MigrationError::Corrupt("message checksum mismatch".into()));
+    }
+    let kind = Kind::from_u8(h[0])
+        .ok_or_else(|| MigrationError::Corrupt(format!("unknown message kind {}", h[0])))?;
+    Ok((kind, payload))
+}
+
+pub fn encode_config(config: &MachineConfig) -> Vec<u8> {
+    // A struct of strings, numbers and a JSON value: serializing it
+    // cannot fail.
+    serde_json::to_vec(config).unwrap_or_default()
+}
+
+pub fn decode_config(payload: &[u8]) -> Result<MachineConfig> {
+    serde_json::from_slice(payload)
+        .map_err(|e| MigrationError::Corrupt(format!("machine configuration: {e}")))
+}
+
+/// A `Pages` payload: region index u32 | count u32 | count page indices
+/// (u64, within the region) | count × 4096 bytes.
+pub fn encode_pages(region: u32, pages: &[u64], data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + pages.len() * 8 + data.len());
+    out.extend_from_slice(&region.to_le_bytes());
+    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for p in pages {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+/// Decoded `Pages`: (region, page indices, their bytes).
+pub fn decode_pages(payload: &[u8]) -> Result<(u32, Vec<u64>, &[u8])> {
+    let bad = |what: String| MigrationError::Corrupt(format!("page message: {what}"));
+    if payload.len() < 8 {
+        return Err(bad(format!("{} bytes", payload.len())));
+    }
+    let region = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+    let count = u32::from_le_bytes([payload[4], payload[5], payload[6], payload[7]]) as usize;
+    if count > PAGES_PER_MESSAGE {
+        return Err(bad(format!("{count} pages (at most {PAGES_PER_MESSAGE})")));
+    }
+    let want = 8 + count * 8 + count * PAGE_SIZE as usize;
+    if payload.len() != want {
+        return Err(bad(format!(
+            "{} bytes for {count} pages, expected {want}",
+            payload.len()
+        )));
+    }
+    let pages = payload[8..8 + count * 8]
+        .chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            u64::from_le_bytes(a)
+        })
+        .collect();
+    Ok((region, pages, &payload[8 + count * 8..]))
+}
+
+/// Copy received pages into guest memory that no vCPU runs on yet,
+/// refusing pages outside the region.
+pub fn apply_pages(mem: &GuestMemory, region: u32, pages: &[u64], data: &[u8]) -> Result<()> {
+    let r = mem.iter().nth(region as usize).ok_or_else(|| {
+        MigrationError::Corrupt(format!(
+            "pages for memory region {region}, which does not exist"
+        ))
+    })?;
+    let region_pages = r.len() / PAGE_SIZE;
+    for (page, bytes) in pages.iter().zip(data.chunks_exact(PAGE_SIZE as usize)) {
+        if *page >= region_pages {
+            return Err(MigrationError::Corrupt(format!(
+                "page {page} is outside memory region {region} ({region_pages} pages)"
+            )));
+        }
+        // SAFETY: `page < region_pages`, so the 4 KiB at this offset lie
+        // inside the region's live mapping owned by `mem`; no vCPU runs
+        // on this memory yet and `bytes` is a separate buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                r.as_ptr().add((page * PAGE_SIZE) as usize),
+                PAGE_SIZE as usize,
+            )
+        };
+    }
+    Ok(())
+}
+
+/// The bytes of page `page` of `region` (the guest may write it while it
+/// is read: a torn copy is sent again, the page being dirty).
+pub fn page_bytes(
+    region: &vm_memory::GuestRegionMmap<crate::memory::AtomicBitmap>,
+    page: u64,
+) -> &[u8] {
+    // SAFETY: callers pass pages of the region's dirty bitmap, which
+    // covers exactly the region's length, so the 4 KiB lie inside its
+    // live mapping; guest memory is plain bytes that other threads may
+    // change, which a byte copy tolerates (the page is dirty again then).
+    unsafe {
+        std::slice::from_raw_parts(
+            region.as_ptr().add((page * PAGE_SIZE) as usize),
+            PAGE_SIZE as usize,
+        )
+    }
+}
+
+/// True if every byte of `page` is zero (fresh memory on the target is
+/// zero, so the first round skips such pages).
+pub fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: reinterpreting bytes as u64 words is valid for any bit
+        // pattern; align_to puts misaligned bytes in head/tail.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream() -> Vec<u8> {
+        let mut out = header();
+        let cfg = MachineConfig {
+            backend: "emu".into(),
+            vcpus: 1,
+            memory_mib: 16,
+            frontend: serde_json::json!({"devices": []}),
+        };
+        write_message(&mut out, Kind::Config, &encode_config(&cfg)).unwrap();
+        let data = vec![0xabu8; 2 * PAGE_SIZE as usize];
+        write_message(&mut out, Kind::Pages, &encode_pages(0, &[3, 9], &data)).unwrap();
+        write_message(&mut out, Kind::Ack, &[]).unwrap();
+        out
+    }
+
+    #[test]
+    fn roundtrip() {
+        let bytes = stream();
+        let mut r = &bytes[..];
+        assert_eq!(read_header(&mut r).unwrap(), env!("CARGO_PKG_VERSION"));
+        let (k, p) = read_message(&mut r).unwrap();
+        assert_eq!(k, Kind::Config);
+        assert_eq!(decode_config(&p).unwrap().memory_mib, 16);
+        let (k, p) = read_message(&mut r).unwrap();
+        assert_eq!(k, Kind::Pages);
+        let (region, pages, data) = decode_pages(&p).unwrap();
+        assert_eq!((region, pages), (0, vec![3, 9]));
+        assert_eq!(data, &[0xab; 8192][..]);
+        assert_eq!(read_message(&mut r).unwrap(), (Kind::Ack, vec![]));
+        assert!(matches!(read_message(&mut r), Err(MigrationError::Closed)));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_refused() {
+        let bytes = stream();
+        // Flip bits across the header and the first two messages.
+        for i in (0..bytes.len()).step_by(7) {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            let mut r = &b[..];
+            let result = read_header(&mut r).and_then(|_| {
+                for _ in 0..3 {
+                    let (k, p) = read_message(&mut r)?;
+                    match k {
+                        Kind::Config => drop(decode_config(&p)?),
+                        Kind::Pages => drop(decode_pages(&p)?),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            });
+            assert!(result.is_err(), "a flipped bit at byte {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn truncated_streams_are_refused() {
+        let bytes = stream();
+        for len in [0, 5, HEADER_LEN - 1, HEADER_LEN + 3, bytes.len() - 1] {
+            let mut r = &bytes[..len];
+            let result = read_header(&mut r)
+                .and_then(|_| read_message(&mut r))
+                .and_then(|_| read_message(&mut r))
+                .and_then(|_| read_message(&mut r));
+            assert!(result.is_err(), "a stream cut at {len} was accepted");
+        }
+    }
+
+    #[test]
+    fn another_version_is_refused_by_name() {
+        let mut h = header();
+        h[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let crc = crc32fast::hash(&h[..HEADER_LEN - 4]);
+        h[HEADER_LEN - 4..].copy_from_slice(&crc.to_le_bytes());
+        let e = read_header(&mut &h[..]).unwrap_err();
+        assert!(
+            matches!(e, MigrationError::WrongVersion { found, .. } if found == FORMAT_VERSION + 1)
+        );
+        assert!(e.to_string().contains("version"), "{e}");
+        assert!(matches!(
+            read_header(
+                &mut &[b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".as_slice(), &[b'.'; 40]].concat()[..]
+            )
+            .unwrap_err(),
+            MigrationError::BadMagic
+        ));
+    }
+
+    #[test]
+    fn oversized_and_misshapen_messages_are_refused() {
+        let mut f = frame(Kind::State, b"x");
+        f[1..5].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            read_message(&mut &f[..]),
+            Err(MigrationError::Corrupt(_))
+        ));
+        let unknown = frame(Kind::Ack, b"");
+        let mut u = unknown.clone();
+        u[0] = 99;
+        // Re-checksum so only the kind is wrong.
+        let crc = {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&u[..5]);
+            h.finalize()
+        };
+        u[5..9].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            read_message(&mut &u[..]),
+            Err(MigrationError::Corrupt(_))
+        ));
+        assert!(decode_pages(&encode_pages(0, &[1, 2], &[0u8; 4096])).is_err());
+        assert!(decode_pages(&[1, 2, 3]).is_err());
+        let mut too_many = encode_pages(0, &[], &[]);
+        too_many[4..8].copy_from_slice(&(PAGES_PER_MESSAGE as u32 + 1).to_le_bytes());
+        assert!(decode_pages(&too_many).is_err());
+    }
+
+    #[test]
+    fn pages_land_in_memory_and_out_of_range_pages_are_refused() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let data: Vec<u8> = (0..PAGE_SIZE).map(|i| i as u8).collect();
+        apply_pages(&mem, 0, &[5], &data).unwrap();
+        let mut back = vec![0u8; PAGE_SIZE as usize];
+        mem.read_slice(&mut back, GuestAddress(5 * PAGE_SIZE))
+            .unwrap();
+        assert_eq!(back, data);
+        assert!(apply_pages(&mem, 0, &[256], &data).is_err());
+        assert!(apply_pages(&mem, 1, &[0], &data).is_err());
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = [0u8; 4096];
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+    }
+}
