@@ -46,6 +46,8 @@ pub const ROUTES: &[&str] = &[
     "/v1/vms/{name}/snapshots/{tag}",
     "/v1/vms/{name}/snapshots/{tag}/restore",
     "/v1/vms/{name}/clone",
+    "/v1/vms/{name}/migrate",
+    "/v1/vms/{name}/migrate-in",
     "/v1/stats",
     "/v1/events",
     "/metrics",
@@ -150,6 +152,18 @@ async fn restore_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiE
         StatusCode::OK,
         &d.restore(&name, &tag).await?.to_api(),
     ))
+}
+
+async fn migrate_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: crate::vms::Migrate = parse(&body, None)?;
+    Ok(json(StatusCode::OK, &d.migrate(&name, &req).await?))
+}
+
+async fn migrate_in(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: CreateVm = parse(&body, None)?;
+    Ok(json(StatusCode::CREATED, &d.migrate_in(&name, &req).await?))
 }
 
 async fn clone_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
@@ -381,6 +395,8 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             post(restore_snapshot),
         )
         .route("/v1/vms/{name}/clone", post(clone_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/vms/{name}/migrate-in", post(migrate_in))
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -515,6 +531,24 @@ mod tests {
             clones: vec![],
         };
         assert_eq!(keys(&snap), properties("Snapshot"));
+        let m = crate::vms::Migrate {
+            to: "https://a:1".into(),
+            token: Some("t".into()),
+            ca_cert: Some("pem".into()),
+        };
+        assert_eq!(keys(&m), properties("Migrate"));
+        let stats = crate::vms::MigrationStats::default();
+        assert_eq!(keys(&stats), properties("MigrationStats"));
+        let done = crate::vms::Migrated {
+            vm: "a".into(),
+            to: "https://a:1".into(),
+            migration: stats,
+        };
+        assert_eq!(keys(&done), properties("Migrated"));
+        assert_eq!(
+            keys(crate::vms::MigrateInReady { port: 1 }),
+            properties("MigrateInReady")
+        );
         assert_eq!(
             keys(SnapshotList {
                 snapshots: vec![snap]

@@ -118,6 +118,8 @@ pub const RULES: &[(&str, &str, Role)] = &[
     ("POST", "/v1/vms/*/snapshots/*/restore", Role::Operator),
     ("DELETE", "/v1/vms/*/snapshots/*", Role::Admin),
     ("POST", "/v1/vms/*/clone", Role::Admin),
+    ("POST", "/v1/vms/*/migrate", Role::Admin),
+    ("POST", "/v1/vms/*/migrate-in", Role::Admin),
     ("GET", "/v1/tokens", Role::Admin),
     ("POST", "/v1/tokens", Role::Admin),
     ("DELETE", "/v1/tokens/*", Role::Admin),

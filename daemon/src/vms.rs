@@ -74,7 +74,10 @@ const GUEST_RESET: &str = "the guest reset the machine";
 /// What `vireo run` logs when its control socket's `reset` ended the VM.
 const RESET_ON_REQUEST: &str = "the VM was reset on request";
 
+mod migrate;
 mod snapshots;
+
+pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationStats, MigrationTls};
 
 /// How a VM's process starts: booting its definition, or from a snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,6 +90,12 @@ enum Boot {
         dir: PathBuf,
         lazy: bool,
         overrides: Vec<String>,
+    },
+    /// `vireo run --migrate-from LISTEN` with the daemon's TLS identity.
+    MigrateFrom {
+        listen: String,
+        cert: PathBuf,
+        key: PathBuf,
     },
 }
 
@@ -102,6 +111,9 @@ struct Proc {
     /// The tag of the last snapshot this process took (a diff snapshot's
     /// parent).
     last_snapshot: Option<String>,
+    /// Started to receive a migration: if it fails to (exit status 2),
+    /// the VM's record goes.
+    incoming: bool,
 }
 
 impl Proc {
@@ -112,6 +124,7 @@ impl Proc {
             reboot: false,
             then: Boot::Definition,
             last_snapshot: None,
+            incoming: false,
         }
     }
 }
@@ -150,6 +163,9 @@ pub struct Daemon {
     vmm: PathBuf,
     /// The event stream and the API counters.
     pub observe: Observe,
+    /// The TLS identity migrations are received with (set when the
+    /// daemon has a TCP listener).
+    pub migration_tls: std::sync::OnceLock<MigrationTls>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -170,6 +186,7 @@ impl Daemon {
             state_dir,
             vmm,
             observe: Observe::default(),
+            migration_tls: std::sync::OnceLock::new(),
         })
     }
 
@@ -456,6 +473,15 @@ impl Daemon {
         }
         let log = read_log_tail(&self.vm_dir(name));
         let mut o = outcome(exit, proc.requested.as_deref(), &log);
+        if proc.incoming && o.start_failed {
+            // The migration never arrived: the VM still lives on its source.
+            tracing::warn!("VM {name}: the incoming migration failed: {}", o.reason);
+            let _ = inner.db.delete(name);
+            inner.consoles.remove(name);
+            let _ = std::fs::remove_dir_all(self.vm_dir(name));
+            self.observe.vm(name, Change::Deleted, None, &o.reason);
+            return Some(o);
+        }
         let guest_reset =
             proc.requested.is_none() && o.state == VmState::Stopped && o.reason == GUEST_RESET;
         if proc.reboot || guest_reset {
@@ -1068,6 +1094,12 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
         }
         // The machine (vCPUs, memory, devices) is the snapshot's.
         Boot::Restore { dir: snap, .. } => arg("--restore", snap.as_os_str()),
+        // ... or the source's.
+        Boot::MigrateFrom { listen, cert, key } => {
+            arg("--migrate-from", listen.as_ref());
+            arg("--migrate-tls-cert", cert.as_os_str());
+            arg("--migrate-tls-key", key.as_os_str());
+        }
     }
     arg("--control-socket", dir.join(CONTROL_SOCKET).as_os_str());
     arg(
@@ -1089,6 +1121,7 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
             }
             args.extend(overrides.iter().map(Into::into));
         }
+        Boot::MigrateFrom { .. } => {}
     }
     args
 }

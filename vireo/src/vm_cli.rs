@@ -156,6 +156,41 @@ pub enum VmCommand {
         after_help = "Example:\n  vireo vm snapshot-delete web --tag before-upgrade"
     )]
     SnapshotDelete(TagArgs),
+    /// Live-migrate a running VM to another vireo daemon (its TLS API):
+    /// the guest keeps running there, and this daemon forgets it.
+    #[command(after_help = MIGRATE_EXAMPLES)]
+    Migrate(MigrateArgs),
+}
+
+const MIGRATE_EXAMPLES: &str = "\
+Example:
+  vireo vm migrate web --to https://host2:8443 \\
+      --target-token-file ~/.config/vireo/host2.token --target-ca-cert host2-ca.pem
+
+The target daemon needs a TCP listener (--listen tcp:HOST:PORT with --tls-cert
+and --tls-key); the token is one of its admin tokens, the CA the one its
+certificate is checked against (default: the system's CA bundle). The
+migration stream uses the target daemon's certificate too. Disks must be on
+storage both hosts see at the same paths; a VM with snapshots is refused.
+(--token-file and --ca-cert, without `target-`, are for reaching the source
+daemon, as on every `vireo vm` command.)";
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// The target daemon's TLS API, https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+
+    /// A file holding an admin token of the target daemon [default: $VIREO_TARGET_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub target_token_file: Option<PathBuf>,
+
+    /// The CA certificate (PEM) the target daemon's certificate is checked against.
+    #[arg(long, value_name = "PEM")]
+    pub target_ca_cert: Option<PathBuf>,
 }
 
 const SNAPSHOT_EXAMPLES: &str = "\
@@ -656,6 +691,7 @@ pub fn vm(args: VmArgs) -> Result<(), Failure> {
             );
             Ok(())
         }
+        VmCommand::Migrate(a) => migrate(&client, a),
         VmCommand::SnapshotDelete(a) => {
             client.request(
                 "DELETE",
@@ -677,6 +713,48 @@ fn snapshot_path(name: &str, tag: &str, suffix: &str) -> String {
     let tag = vm_path(tag, "");
     let tag = tag.trim_start_matches("/v1/vms/");
     vm_path(name, &format!("/snapshots/{tag}{suffix}"))
+}
+
+fn migrate(client: &Client, a: MigrateArgs) -> Result<(), Failure> {
+    let token = match &a.target_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Failure::Usage(format!("--target-token-file {}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("VIREO_TARGET_TOKEN").ok(),
+    };
+    let ca_cert = match &a.target_ca_cert {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Failure::Usage(format!("--target-ca-cert {}: {e}", f.display())))?,
+        ),
+        None => None,
+    };
+    let body = serde_json::to_vec(&vireo_daemon::vms::Migrate {
+        to: a.to.clone(),
+        token,
+        ca_cert,
+    })
+    .expect("serialisable");
+    let done: vireo_daemon::vms::Migrated = client.call_with_timeout(
+        "POST",
+        &vm_path(&a.name, "/migrate"),
+        Some(&body),
+        SNAPSHOT_TIMEOUT,
+    )?;
+    let m = &done.migration;
+    println!(
+        "migrated {} to {} in {} ms ({} ms paused, {} round(s), {} sent)",
+        done.vm,
+        done.to,
+        m.total_ms,
+        m.downtime_ms,
+        m.rounds,
+        mib(m.bytes_sent)
+    );
+    Ok(())
 }
 
 fn mib(bytes: u64) -> String {

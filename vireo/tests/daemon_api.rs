@@ -1569,3 +1569,164 @@ fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
         assert_eq!(status, 200, "{v}");
     }
 }
+
+// ---- live migration between two daemons ------------------------------------
+
+impl Env {
+    /// Start this Env's daemon with a TLS listener on 127.0.0.1 too (a
+    /// self-signed certificate for 127.0.0.1 in cert.pem/key.pem); returns
+    /// its port.
+    fn start_daemon_tls(&mut self) -> u16 {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
+            .expect("a self-signed certificate");
+        let cert = self.dir.write("cert.pem", ck.cert.pem().as_bytes());
+        let key = self
+            .dir
+            .write("key.pem", ck.signing_key.serialize_pem().as_bytes());
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let mut args = self.serve_args(&self.socket());
+        args.extend([
+            "--listen".into(),
+            "tcp:127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
+        let child = Command::new(support::vireo_bin())
+            .args(&args)
+            .env("VIREO_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting vireo serve");
+        self.daemon = Some(child);
+        let mut port = 0;
+        self.wait_for("the TLS listener", || {
+            let log = self.daemon_log();
+            port = log
+                .split("serving the API on https://127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            port != 0 && UnixStream::connect(self.socket()).is_ok()
+        });
+        port
+    }
+}
+
+/// `vireo vm migrate` moves a running VM from one daemon to another over
+/// the target's TLS API and a TLS migration stream: the guest counts on
+/// there from where it was, the source forgets it. A target that refuses
+/// (the name is taken) leaves the VM running on the source.
+#[test]
+fn a_vm_migrates_live_between_two_daemons() {
+    let src = Env::new("daemon-mig-src");
+    let mut dst = Env::without_daemon("daemon-mig-dst");
+    let port = dst.start_daemon_tls();
+    let to = format!("https://127.0.0.1:{port}");
+    let out = run_vireo_args(
+        &[
+            "token".into(),
+            "create".into(),
+            "--role".into(),
+            "admin".into(),
+            "--name".into(),
+            "mig".into(),
+            "--socket".into(),
+            dst.socket().display().to_string(),
+        ],
+        WAIT,
+    );
+    out.assert_status(0);
+    let token = out.stdout.trim().lines().last().unwrap().trim().to_string();
+    let token_file = src.dir.write("dst.token", token.as_bytes());
+    let ca = dst.dir.path().join("cert.pem");
+
+    let kernel = src.kernel("vmlinux", counting);
+    src.create("m", &kernel);
+    let (status, v) = src.json("POST", "/v1/vms/m/start", None);
+    assert_eq!(status, 200, "{v}");
+    src.wait_count("m", 3);
+
+    // Refusals: a bad URL; the target already has a VM of that name.
+    let (code, msg) = error_of(
+        src.json(
+            "POST",
+            "/v1/vms/m/migrate",
+            Some(json!({"to": "http://x:1"})),
+        ),
+        400,
+    );
+    assert!(
+        code == "invalid_value" && msg.starts_with("to: "),
+        "{code} {msg}"
+    );
+    dst.create("m", &kernel);
+    let out = src.cli(&[
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--target-token-file",
+        &token_file.display().to_string(),
+        "--target-ca-cert",
+        &ca.display().to_string(),
+    ]);
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains("already exists") && out.stderr.contains("refused"),
+        "{out}"
+    );
+    let (status, _) = dst.http("DELETE", "/v1/vms/m", None);
+    assert_eq!(status, 204);
+    assert_eq!(state(&src.vm("m")), "running");
+    // A wrong token: the target says 401, the VM stays.
+    let (code, msg) = error_of(
+        src.json(
+            "POST",
+            "/v1/vms/m/migrate",
+            Some(json!({"to": to, "token": "vireo_0000000000000000_nope",
+                        "ca_cert": std::fs::read_to_string(&ca).unwrap()})),
+        ),
+        409,
+    );
+    assert!(
+        code == "migration_refused" && msg.contains("401"),
+        "{code} {msg}"
+    );
+    assert_eq!(state(&src.vm("m")), "running");
+
+    let before = src.wait_count("m", 5);
+    let out = src.cli(&[
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--target-token-file",
+        &token_file.display().to_string(),
+        "--target-ca-cert",
+        &ca.display().to_string(),
+    ]);
+    out.assert_status(0);
+    assert!(out.stdout.contains(&format!("migrated m to {to}")), "{out}");
+    // Gone here, running there, counting on from where it was.
+    let (status, _) = src.json("GET", "/v1/vms/m", None);
+    assert_eq!(status, 404, "the source still has the VM");
+    assert!(!src.state().join("vms/m").exists());
+    let v = dst.vm("m");
+    assert_eq!(state(&v), "running", "{v}");
+    dst.wait_for("the migrated guest to count", || dst.counts("m").len() >= 3);
+    let c = dst.counts("m");
+    assert!(
+        c[0] >= before,
+        "the migrated guest started over: {c:?} (it had counted to {before})"
+    );
+    for pair in c.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "counts skip: {c:?}");
+    }
+    let (status, v) = dst.json("POST", "/v1/vms/m/kill", None);
+    assert_eq!(status, 200, "{v}");
+}

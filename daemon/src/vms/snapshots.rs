@@ -38,7 +38,7 @@ pub const SNAPSHOTS: &str = "snapshots";
 const STATE_FILE: &str = "state.vsnap";
 
 /// Marks a VM busy with a snapshot operation until dropped.
-struct Busy<'a> {
+pub(super) struct Busy<'a> {
     daemon: &'a Daemon,
     name: String,
 }
@@ -157,7 +157,7 @@ impl Daemon {
     }
 
     /// Mark `name` busy; 409 if it already is.
-    fn claim(&self, inner: &mut super::Inner, name: &str) -> Result<Busy<'_>, ApiError> {
+    pub(super) fn claim(&self, inner: &mut super::Inner, name: &str) -> Result<Busy<'_>, ApiError> {
         if !inner.busy.insert(name.to_string()) {
             return Err(busy(name));
         }
@@ -199,13 +199,15 @@ impl Daemon {
             let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
             let proc = match inner.procs.get(name) {
                 Some(p) if rec.state.is_active() => p,
-                _ => return Err(ApiError::conflict(
-                    "invalid_state",
-                    format!(
+                _ => {
+                    return Err(ApiError::conflict(
+                        "invalid_state",
+                        format!(
                         "VM {name} is {}: a snapshot saves a running or paused VM; start it first",
                         rec.state.as_str()
                     ),
-                )),
+                    ))
+                }
             };
             let parent = match (&proc.last_snapshot, req.diff) {
                 (_, false) => None,
