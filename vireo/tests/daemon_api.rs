@@ -1730,3 +1730,47 @@ fn a_vm_migrates_live_between_two_daemons() {
     let (status, v) = dst.json("POST", "/v1/vms/m/kill", None);
     assert_eq!(status, 200, "{v}");
 }
+
+/// A diff snapshot records its parent (the last snapshot of this run),
+/// keeps it from being deleted, and restores through the chain.
+#[test]
+fn diff_snapshots_chain_to_their_parent() {
+    let env = Env::new("daemon-snap-diff");
+    let kernel = env.kernel("vmlinux", counting);
+    env.create("d", &kernel);
+    let (status, v) = env.json("POST", "/v1/vms/d/start", None);
+    assert_eq!(status, 200, "{v}");
+    env.wait_count("d", 3);
+    let (status, v) = env.json("POST", "/v1/vms/d/snapshots", Some(json!({"tag": "full"})));
+    assert_eq!(status, 201, "{v}");
+    env.wait_count("d", 6);
+    let (diff, lo, hi) = snapshot_window(&env, "d", || {
+        let out = env.cli(&["snapshot", "d", "--tag", "delta", "--diff", "--json"]);
+        out.assert_status(0);
+        serde_json::from_str(&out.stdout).unwrap()
+    });
+    assert_eq!(diff["parent"], "full", "{diff}");
+    let full_size = env.json("GET", "/v1/vms/d/snapshots/full", None).1["size_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        diff["size_bytes"].as_u64().unwrap() < full_size,
+        "the diff ({diff}) is not smaller than the full snapshot ({full_size} bytes)"
+    );
+    let (code, msg) = error_of(env.json("DELETE", "/v1/vms/d/snapshots/full", None), 409);
+    assert!(
+        code == "in_use" && msg.contains("diff snapshot(s) delta"),
+        "{code} {msg}"
+    );
+    env.wait_count("d", hi + 3);
+    let (status, v) = env.json("POST", "/v1/vms/d/snapshots/delta/restore", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let c = env.restored_counts("d", 3);
+    assert_counts_on("restore of a diff snapshot", &c, lo, hi);
+    let (status, v) = env.json("POST", "/v1/vms/d/kill", None);
+    assert_eq!(status, 200, "{v}");
+    for tag in ["delta", "full"] {
+        let (status, _) = env.http("DELETE", &format!("/v1/vms/d/snapshots/{tag}"), None);
+        assert_eq!(status, 204, "{tag}");
+    }
+}
