@@ -78,6 +78,7 @@ mod migrate;
 mod snapshots;
 
 pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationStats, MigrationTls};
+pub use snapshots::clone_disk;
 
 /// How a VM's process starts: booting its definition, or from a snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1774,3 +1774,68 @@ fn diff_snapshots_chain_to_their_parent() {
         assert_eq!(status, 204, "{tag}");
     }
 }
+
+/// Runs today (no vsnap needed): a clone's disk made from a snapshot's
+/// qcow2 copy is a qcow2 overlay backed by that copy (so the snapshot
+/// stays untouched and the clone shares its blocks), of the same size.
+#[test]
+fn a_clone_disk_from_a_qcow2_copy_is_an_overlay_of_it() {
+    let dir = TempDir::new("clone-overlay");
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(snap.join("disks")).unwrap();
+    std::fs::create_dir_all(dir.path().join("clone")).unwrap();
+    let base = snap.join("disks/root.qcow2");
+    let out = run_vireo_args(
+        &[
+            "image".into(),
+            "create".into(),
+            base.display().to_string(),
+            "--size".into(),
+            "8M".into(),
+        ],
+        WAIT,
+    );
+    out.assert_status(0);
+    let copy = vireo_daemon::model::SnapshotDisk {
+        id: "root".into(),
+        path: "disks/root.qcow2".into(),
+        format: "qcow2".into(),
+        bytes: std::fs::metadata(&base).unwrap().len(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (overlay, format) = rt
+        .block_on(vireo_daemon::vms::clone_disk(
+            Path::new(support::vireo_bin()),
+            &copy,
+            &snap,
+            &dir.path().join("clone"),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (overlay.clone(), format),
+        (dir.path().join("clone/root.qcow2"), "qcow2")
+    );
+    let out = run_vireo_args(
+        &[
+            "image".into(),
+            "info".into(),
+            overlay.display().to_string(),
+            "--json".into(),
+        ],
+        WAIT,
+    );
+    out.assert_status(0);
+    let info: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            info["format"].as_str(),
+            info["backing_file"].as_str(),
+            info["virtual_size"].as_u64()
+        ),
+        (Some("qcow2"), Some(base.to_str().unwrap()), Some(8 << 20)),
+        "{info}"
+    );
+}

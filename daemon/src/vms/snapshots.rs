@@ -613,22 +613,7 @@ impl Daemon {
                     snap.tag, rec.name, disk.id
                 )));
             };
-            let mut src = PathBuf::from(&copy.path);
-            if src.is_relative() {
-                src = snap_dir.join(src);
-            }
-            let (path, format) = match copy.format.as_str() {
-                "qcow2" => {
-                    let path = disks_dir.join(format!("{}.qcow2", disk.id));
-                    self.make_overlay(&src, &path).await?;
-                    (path, "qcow2")
-                }
-                _ => {
-                    let path = disks_dir.join(format!("{}.raw", disk.id));
-                    copy_sparse(&src, &path).await?;
-                    (path, "raw")
-                }
-            };
+            let (path, format) = clone_disk(&self.vmm, copy, snap_dir, &disks_dir).await?;
             overrides.push(format!(
                 "--disk=id={},path={},format={format}",
                 disk.id,
@@ -661,28 +646,62 @@ impl Daemon {
         }
         Ok((cfg, overrides))
     }
+}
 
-    /// `vireo image create OVERLAY --backing BASE`.
-    async fn make_overlay(&self, base: &Path, overlay: &Path) -> Result<(), ApiError> {
-        let out = tokio::process::Command::new(&self.vmm)
-            .arg("image")
-            .arg("create")
-            .arg(overlay)
-            .arg("--backing")
-            .arg(base)
-            .output()
-            .await
-            .map_err(|e| ApiError::internal(format!("running vireo image create: {e}")))?;
-        if !out.status.success() {
-            return Err(ApiError::internal(format!(
-                "creating the overlay {} over {}: {}",
-                overlay.display(),
-                base.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+/// A clone's own disk in `disks_dir` from the snapshot's copy `copy`
+/// (its path relative to `snap_dir` unless absolute): a qcow2 overlay
+/// backed by a qcow2 copy (made with `vmm image create --backing`), or a
+/// copy of a raw one. Returns the new file and its format.
+pub async fn clone_disk(
+    vmm: &Path,
+    copy: &SnapshotDisk,
+    snap_dir: &Path,
+    disks_dir: &Path,
+) -> Result<(PathBuf, &'static str), ApiError> {
+    let mut src = PathBuf::from(&copy.path);
+    if src.is_relative() {
+        src = snap_dir.join(src);
     }
+    if copy.id.is_empty() || copy.id.contains(['/', '\0']) || copy.id.starts_with('.') {
+        return Err(ApiError::conflict(
+            "invalid_origin",
+            format!("the snapshot's disk id {:?} cannot name a file", copy.id),
+        ));
+    }
+    match copy.format.as_str() {
+        "qcow2" => {
+            let path = disks_dir.join(format!("{}.qcow2", copy.id));
+            make_overlay(vmm, &src, &path).await?;
+            Ok((path, "qcow2"))
+        }
+        _ => {
+            let path = disks_dir.join(format!("{}.raw", copy.id));
+            copy_sparse(&src, &path).await?;
+            Ok((path, "raw"))
+        }
+    }
+}
+
+/// `vireo image create OVERLAY --backing BASE`.
+async fn make_overlay(vmm: &Path, base: &Path, overlay: &Path) -> Result<(), ApiError> {
+    let out = tokio::process::Command::new(vmm)
+        .arg("image")
+        .arg("create")
+        .arg(overlay)
+        .arg("--backing")
+        .arg(base)
+        .output()
+        .await
+        .map_err(|e| ApiError::internal(format!("running vireo image create: {e}")))?;
+    if !out.status.success() {
+        return Err(ApiError::internal(format!(
+            "creating the overlay {} over {}: {}",
+            overlay.display(),
+            base.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// Copy a raw image, sharing blocks (reflink) where the filesystem can and
@@ -754,6 +773,60 @@ mod tests {
         assert!(a.len() <= 15, "{a}");
         assert_ne!(clone_tap("a", 0), clone_tap("b", 0));
         assert_ne!(clone_tap("a", 0), clone_tap("a", 1));
+    }
+
+    /// A raw disk copy for a clone: the same bytes, holes kept.
+    #[test]
+    fn a_raw_disk_is_copied_sparse() {
+        let dir = std::env::temp_dir().join(format!("vireo-clone-raw-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("snap/disks")).unwrap();
+        std::fs::create_dir_all(dir.join("clone")).unwrap();
+        let src = dir.join("snap/disks/root.raw");
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 1 << 20).unwrap();
+        let copy = SnapshotDisk {
+            id: "root".into(),
+            path: "disks/root.raw".into(),
+            format: "raw".into(),
+            bytes: 64 << 20,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (path, format) = rt
+            .block_on(clone_disk(
+                Path::new("/nonexistent/vireo"),
+                &copy,
+                &dir.join("snap"),
+                &dir.join("clone"),
+            ))
+            .unwrap();
+        assert_eq!((path.clone(), format), (dir.join("clone/root.raw"), "raw"));
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(got.len(), 64 << 20);
+        assert_eq!(&got[1 << 20..(1 << 20) + 5], b"hello");
+        assert!(
+            disk_usage(&dir.join("clone")) < 8 << 20,
+            "the copy of a sparse disk is not sparse"
+        );
+        // A bad id from a damaged record names no file outside the directory.
+        let bad = SnapshotDisk {
+            id: "../x".into(),
+            ..copy
+        };
+        let e = rt
+            .block_on(clone_disk(
+                Path::new("/x"),
+                &bad,
+                &dir.join("snap"),
+                &dir.join("clone"),
+            ))
+            .unwrap_err();
+        assert_eq!(e.code, "invalid_origin");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
