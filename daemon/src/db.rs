@@ -495,7 +495,7 @@ impl Db {
     pub fn list_snapshots(&self, vm: &str) -> Result<Vec<SnapshotRecord>, DbError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT vm, tag, created_at, vm_state, memory_bytes, disks, parent, size_bytes
-             FROM vm_snapshots WHERE vm = ?1 ORDER BY created_at, tag",
+             FROM vm_snapshots WHERE vm = ?1 ORDER BY created_at, rowid",
         )?;
         let rows = stmt.query_map([vm], snapshot_row)?;
         rows.map(|r| r?).collect()
@@ -761,6 +761,57 @@ mod tests {
         db.delete("a").unwrap();
         let names: Vec<String> = db.list().unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["b"]);
+    }
+
+    /// Snapshots list in the order they were taken, even within a second.
+    #[test]
+    fn snapshots_round_trip_in_order() {
+        let mut db = Db::open_in_memory().unwrap();
+        db.create("a", &cfg()).unwrap();
+        let snap = |tag: &str, parent: Option<&str>| SnapshotRecord {
+            vm: "a".into(),
+            tag: tag.into(),
+            created_at: 7,
+            vm_state: VmState::Paused,
+            memory_bytes: 1 << 20,
+            disks: vec![SnapshotDisk {
+                id: "root".into(),
+                path: "disks/root.qcow2".into(),
+                format: "qcow2".into(),
+                bytes: 9,
+            }],
+            parent: parent.map(Into::into),
+            size_bytes: 4096,
+        };
+        assert!(db.create_snapshot(&snap("z", None)).unwrap());
+        assert!(db.create_snapshot(&snap("b", Some("z"))).unwrap());
+        assert!(
+            !db.create_snapshot(&snap("b", None)).unwrap(),
+            "duplicate tag"
+        );
+        let tags: Vec<String> = db
+            .list_snapshots("a")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.tag)
+            .collect();
+        assert_eq!(tags, ["z", "b"]);
+        assert_eq!(
+            db.get_snapshot("a", "b").unwrap(),
+            Some(snap("b", Some("z")))
+        );
+        assert_eq!(db.snapshot_children("a", "z").unwrap(), ["b"]);
+        db.create("c", &cfg()).unwrap();
+        db.set_origin("c", "a", "z").unwrap();
+        assert_eq!(db.clones_of("a", Some("z")).unwrap(), ["c"]);
+        assert_eq!(db.clones_of("a", None).unwrap(), ["c"]);
+        assert!(db.clones_of("a", Some("b")).unwrap().is_empty());
+        assert!(db.delete_snapshot("a", "b").unwrap());
+        assert!(!db.delete_snapshot("a", "b").unwrap());
+        // A VM's snapshots go with it.
+        db.delete("c").unwrap();
+        db.delete("a").unwrap();
+        assert!(db.list_snapshots("a").unwrap().is_empty());
     }
 
     #[test]
