@@ -19,7 +19,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::model::{CreateVm, ErrorBody, ErrorDetail, SetBalloon, StopVm, UpdateVm, VmList};
+use crate::model::{
+    CloneVm, CreateSnapshot, CreateVm, ErrorBody, ErrorDetail, SetBalloon, SnapshotList, StopVm,
+    UpdateVm, VmList,
+};
 use crate::vms::Daemon;
 
 /// The OpenAPI 3 document the daemon serves; the repository keeps it.
@@ -39,6 +42,12 @@ pub const ROUTES: &[&str] = &[
     "/v1/vms/{name}/balloon",
     "/v1/vms/{name}/reboot",
     "/v1/vms/{name}/console/ws",
+    "/v1/vms/{name}/snapshots",
+    "/v1/vms/{name}/snapshots/{tag}",
+    "/v1/vms/{name}/snapshots/{tag}/restore",
+    "/v1/vms/{name}/clone",
+    "/v1/vms/{name}/migrate",
+    "/v1/vms/{name}/migrate-in",
     "/v1/stats",
     "/v1/events",
     "/metrics",
@@ -108,6 +117,63 @@ fn vm_name(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
 
 type Shared = State<Arc<Daemon>>;
 type Name = Result<Path<String>, PathRejection>;
+type NameTag = Result<Path<(String, String)>, PathRejection>;
+
+fn vm_and_tag(p: NameTag) -> Result<(String, String), ApiError> {
+    p.map(|Path(nt)| nt)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))
+}
+
+async fn list_snapshots(State(d): Shared, name: Name) -> Result<Response, ApiError> {
+    let snapshots = d.list_snapshots(&vm_name(name)?)?;
+    Ok(json(StatusCode::OK, &SnapshotList { snapshots }))
+}
+
+async fn create_snapshot(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: CreateSnapshot = parse(&body, Some(CreateSnapshot::default()))?;
+    Ok(json(StatusCode::CREATED, &d.snapshot(&name, &req).await?))
+}
+
+async fn show_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiError> {
+    let (name, tag) = vm_and_tag(p)?;
+    Ok(json(StatusCode::OK, &d.get_snapshot(&name, &tag)?))
+}
+
+async fn delete_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiError> {
+    let (name, tag) = vm_and_tag(p)?;
+    d.delete_snapshot(&name, &tag)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn restore_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiError> {
+    let (name, tag) = vm_and_tag(p)?;
+    Ok(json(
+        StatusCode::OK,
+        &d.restore(&name, &tag).await?.to_api(),
+    ))
+}
+
+async fn migrate_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: crate::vms::Migrate = parse(&body, None)?;
+    Ok(json(StatusCode::OK, &d.migrate(&name, &req).await?))
+}
+
+async fn migrate_in(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: CreateVm = parse(&body, None)?;
+    Ok(json(StatusCode::CREATED, &d.migrate_in(&name, &req).await?))
+}
+
+async fn clone_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
+    let name = vm_name(name)?;
+    let req: CloneVm = parse(&body, None)?;
+    Ok(json(
+        StatusCode::CREATED,
+        &d.clone_vm(&name, &req).await?.to_api(),
+    ))
+}
 
 async fn list_vms(State(d): Shared) -> Result<Response, ApiError> {
     let vms = d.list()?.iter().map(|r| r.to_api()).collect();
@@ -316,6 +382,21 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             "/v1/vms/{name}/console/ws",
             get(crate::console_ws::console_ws),
         )
+        .route(
+            "/v1/vms/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/vms/{name}/snapshots/{tag}",
+            get(show_snapshot).delete(delete_snapshot),
+        )
+        .route(
+            "/v1/vms/{name}/snapshots/{tag}/restore",
+            post(restore_snapshot),
+        )
+        .route("/v1/vms/{name}/clone", post(clone_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/vms/{name}/migrate-in", post(migrate_in))
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -420,6 +501,60 @@ mod tests {
             vms: vec![],
         };
         assert_eq!(keys(&list), properties("StatsList"));
+        let req = CreateSnapshot {
+            tag: Some("t".into()),
+            diff: true,
+        };
+        assert_eq!(keys(&req), properties("CreateSnapshot"));
+        let clone = CloneVm {
+            name: "b".into(),
+            from_snapshot: "t".into(),
+        };
+        assert_eq!(keys(&clone), properties("CloneVm"));
+        let disk = crate::model::SnapshotDisk {
+            id: "root".into(),
+            path: "/s/disks/root.qcow2".into(),
+            format: "qcow2".into(),
+            bytes: 1,
+        };
+        assert_eq!(keys(&disk), properties("SnapshotDisk"));
+        let snap = crate::model::Snapshot {
+            vm: "a".into(),
+            tag: "t".into(),
+            created_at: crate::model::rfc3339(0),
+            vm_state: crate::model::VmState::Running,
+            memory_bytes: 1,
+            disks: vec![disk],
+            parent: None,
+            size_bytes: 1,
+            dir: "/s".into(),
+            clones: vec![],
+        };
+        assert_eq!(keys(&snap), properties("Snapshot"));
+        let m = crate::vms::Migrate {
+            to: "https://a:1".into(),
+            token: Some("t".into()),
+            ca_cert: Some("pem".into()),
+        };
+        assert_eq!(keys(&m), properties("Migrate"));
+        let stats = crate::vms::MigrationStats::default();
+        assert_eq!(keys(&stats), properties("MigrationStats"));
+        let done = crate::vms::Migrated {
+            vm: "a".into(),
+            to: "https://a:1".into(),
+            migration: stats,
+        };
+        assert_eq!(keys(&done), properties("Migrated"));
+        assert_eq!(
+            keys(crate::vms::MigrateInReady { port: 1 }),
+            properties("MigrateInReady")
+        );
+        assert_eq!(
+            keys(SnapshotList {
+                snapshots: vec![snap]
+            }),
+            properties("SnapshotList")
+        );
     }
 
     #[test]

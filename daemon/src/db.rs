@@ -13,7 +13,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::model::{now_secs, rfc3339, Accel, Devices, Vm, VmConfig, VmState};
+use crate::model::{now_secs, rfc3339, Accel, Devices, SnapshotDisk, Vm, VmConfig, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -70,7 +70,41 @@ const MIGRATIONS: &[&str] = &[
         secret_sha256  BLOB NOT NULL CHECK (length(secret_sha256) = 32),
         created_at     INTEGER NOT NULL
     ) STRICT;",
+    // 4: snapshots (their files are in vms/NAME/snapshots/TAG/), and where a
+    // clone came from: a clone's disks are overlays of, and its memory a
+    // copy-on-write mapping of, its origin snapshot's files, so that
+    // snapshot must outlive the clone.
+    "CREATE TABLE vm_snapshots (
+        vm            TEXT NOT NULL REFERENCES vm_definitions(name) ON DELETE CASCADE,
+        tag           TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        vm_state      TEXT NOT NULL,
+        memory_bytes  INTEGER NOT NULL,
+        disks         TEXT NOT NULL DEFAULT '[]',
+        parent        TEXT,
+        size_bytes    INTEGER NOT NULL,
+        PRIMARY KEY (vm, tag)
+    ) STRICT;
+    ALTER TABLE vm_definitions ADD COLUMN origin_vm TEXT;
+    ALTER TABLE vm_definitions ADD COLUMN origin_snapshot TEXT;",
 ];
+
+/// A snapshot as stored: its files are in the VM's `snapshots/TAG/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub vm: String,
+    pub tag: String,
+    pub created_at: i64,
+    /// The VM's state when it was taken (running or paused).
+    pub vm_state: VmState,
+    pub memory_bytes: u64,
+    /// The disks captured, as `vireo run` reported them.
+    pub disks: Vec<SnapshotDisk>,
+    /// The snapshot a diff snapshot is relative to.
+    pub parent: Option<String>,
+    /// Bytes its files take on disk.
+    pub size_bytes: u64,
+}
 
 /// What the daemon knows about a VM process it started (or adopted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,6 +469,116 @@ impl Db {
     }
 }
 
+impl Db {
+    /// Record a new snapshot. False if the VM already has one with its tag.
+    pub fn create_snapshot(&mut self, s: &SnapshotRecord) -> Result<bool, DbError> {
+        let disks = serde_json::to_string(&s.disks).unwrap_or_else(|_| "[]".into());
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO vm_snapshots
+                (vm, tag, created_at, vm_state, memory_bytes, disks, parent, size_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                s.vm,
+                s.tag,
+                s.created_at,
+                s.vm_state.as_str(),
+                s.memory_bytes as i64,
+                disks,
+                s.parent,
+                s.size_bytes as i64
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// A VM's snapshots, oldest first.
+    pub fn list_snapshots(&self, vm: &str) -> Result<Vec<SnapshotRecord>, DbError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT vm, tag, created_at, vm_state, memory_bytes, disks, parent, size_bytes
+             FROM vm_snapshots WHERE vm = ?1 ORDER BY created_at, rowid",
+        )?;
+        let rows = stmt.query_map([vm], snapshot_row)?;
+        rows.map(|r| r?).collect()
+    }
+
+    pub fn get_snapshot(&self, vm: &str, tag: &str) -> Result<Option<SnapshotRecord>, DbError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT vm, tag, created_at, vm_state, memory_bytes, disks, parent, size_bytes
+             FROM vm_snapshots WHERE vm = ?1 AND tag = ?2",
+        )?;
+        match stmt.query_row([vm, tag], snapshot_row).optional()? {
+            Some(r) => Ok(Some(r?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Forget a snapshot. False if there was none.
+    pub fn delete_snapshot(&mut self, vm: &str, tag: &str) -> Result<bool, DbError> {
+        Ok(self.conn.execute(
+            "DELETE FROM vm_snapshots WHERE vm = ?1 AND tag = ?2",
+            [vm, tag],
+        )? == 1)
+    }
+
+    /// The snapshots of `vm` whose parent is `tag` (diff children).
+    pub fn snapshot_children(&self, vm: &str, tag: &str) -> Result<Vec<String>, DbError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT tag FROM vm_snapshots WHERE vm = ?1 AND parent = ?2 ORDER BY tag",
+        )?;
+        let rows = stmt.query_map([vm, tag], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Record that VM `name` is a clone of `vm`'s snapshot `tag`.
+    pub fn set_origin(&mut self, name: &str, vm: &str, tag: &str) -> Result<(), DbError> {
+        self.conn.execute(
+            "UPDATE vm_definitions SET origin_vm = ?2, origin_snapshot = ?3 WHERE name = ?1",
+            [name, vm, tag],
+        )?;
+        Ok(())
+    }
+
+    /// The VMs cloned from `vm`'s snapshot `tag` (every snapshot of `vm`
+    /// when `tag` is None).
+    pub fn clones_of(&self, vm: &str, tag: Option<&str>) -> Result<Vec<String>, DbError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name FROM vm_definitions
+             WHERE origin_vm = ?1 AND (?2 IS NULL OR origin_snapshot = ?2) ORDER BY name",
+        )?;
+        let rows = stmt.query_map(params![vm, tag], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn snapshot_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SnapshotRecord, DbError>> {
+    let vm: String = r.get(0)?;
+    let tag: String = r.get(1)?;
+    let state: String = r.get(3)?;
+    let disks: String = r.get(5)?;
+    let corrupt = |what: String| DbError::Corrupt {
+        name: format!("{vm} (snapshot {tag})"),
+        what,
+    };
+    let vm_state = match VmState::parse(&state) {
+        Some(s) => s,
+        None => return Ok(Err(corrupt(format!("vm_state {state:?}")))),
+    };
+    let disks = match serde_json::from_str(&disks) {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(corrupt(format!("disks {disks:?}: {e}")))),
+    };
+    Ok(Ok(SnapshotRecord {
+        created_at: r.get(2)?,
+        vm_state,
+        memory_bytes: r.get::<_, i64>(4)?.max(0) as u64,
+        disks,
+        parent: r.get(6)?,
+        size_bytes: r.get::<_, i64>(7)?.max(0) as u64,
+        vm,
+        tag,
+    }))
+}
+
 /// The device lists as stored: JSON arrays of strings.
 fn lists(cfg: &VmConfig) -> (String, String) {
     let json = |v: &Vec<String>| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
@@ -617,6 +761,57 @@ mod tests {
         db.delete("a").unwrap();
         let names: Vec<String> = db.list().unwrap().into_iter().map(|r| r.name).collect();
         assert_eq!(names, ["b"]);
+    }
+
+    /// Snapshots list in the order they were taken, even within a second.
+    #[test]
+    fn snapshots_round_trip_in_order() {
+        let mut db = Db::open_in_memory().unwrap();
+        db.create("a", &cfg()).unwrap();
+        let snap = |tag: &str, parent: Option<&str>| SnapshotRecord {
+            vm: "a".into(),
+            tag: tag.into(),
+            created_at: 7,
+            vm_state: VmState::Paused,
+            memory_bytes: 1 << 20,
+            disks: vec![SnapshotDisk {
+                id: "root".into(),
+                path: "disks/root.qcow2".into(),
+                format: "qcow2".into(),
+                bytes: 9,
+            }],
+            parent: parent.map(Into::into),
+            size_bytes: 4096,
+        };
+        assert!(db.create_snapshot(&snap("z", None)).unwrap());
+        assert!(db.create_snapshot(&snap("b", Some("z"))).unwrap());
+        assert!(
+            !db.create_snapshot(&snap("b", None)).unwrap(),
+            "duplicate tag"
+        );
+        let tags: Vec<String> = db
+            .list_snapshots("a")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.tag)
+            .collect();
+        assert_eq!(tags, ["z", "b"]);
+        assert_eq!(
+            db.get_snapshot("a", "b").unwrap(),
+            Some(snap("b", Some("z")))
+        );
+        assert_eq!(db.snapshot_children("a", "z").unwrap(), ["b"]);
+        db.create("c", &cfg()).unwrap();
+        db.set_origin("c", "a", "z").unwrap();
+        assert_eq!(db.clones_of("a", Some("z")).unwrap(), ["c"]);
+        assert_eq!(db.clones_of("a", None).unwrap(), ["c"]);
+        assert!(db.clones_of("a", Some("b")).unwrap().is_empty());
+        assert!(db.delete_snapshot("a", "b").unwrap());
+        assert!(!db.delete_snapshot("a", "b").unwrap());
+        // A VM's snapshots go with it.
+        db.delete("c").unwrap();
+        db.delete("a").unwrap();
+        assert!(db.list_snapshots("a").unwrap().is_empty());
     }
 
     #[test]

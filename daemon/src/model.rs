@@ -361,6 +361,92 @@ pub struct BalloonStatus {
     pub total_mib: Option<u64>,
 }
 
+/// One disk captured in a snapshot (`DIR/disks/<id>.<format>`), as
+/// `vireo run`'s `snapshot` reply gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDisk {
+    /// The disk's id (`--disk ...,id=`, else the image's file stem).
+    pub id: String,
+    /// The copy in the snapshot.
+    pub path: String,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// The copy's size in bytes.
+    pub bytes: u64,
+}
+
+/// Longest snapshot tag.
+pub const MAX_TAG: usize = 64;
+
+/// Check a snapshot tag: 1-64 of `[A-Za-z0-9._-]`, not `.` or `..` (tags
+/// name directories).
+pub fn check_tag(field: &str, tag: &str) -> Result<(), Invalid> {
+    let ok = !tag.is_empty()
+        && tag.len() <= MAX_TAG
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && tag != "."
+        && tag != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{tag:?} must be 1 to {MAX_TAG} of letters, digits, '.', '_' and '-' (and not \".\" or \"..\")"),
+        ))
+    }
+}
+
+/// `POST /v1/vms/{name}/snapshots` (the body is optional).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// The snapshot's name [default: the UTC time, `YYYYmmdd-HHMMSS`].
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Save only the memory changed since this VM process's last snapshot.
+    #[serde(default)]
+    pub diff: bool,
+}
+
+/// A snapshot as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub vm: String,
+    pub tag: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// The VM's state when the snapshot was taken (running or paused).
+    pub vm_state: VmState,
+    pub memory_bytes: u64,
+    pub disks: Vec<SnapshotDisk>,
+    /// The snapshot a diff snapshot holds the changes since.
+    pub parent: Option<String>,
+    /// Bytes its files take on disk.
+    pub size_bytes: u64,
+    /// Its directory in the daemon's state directory.
+    pub dir: String,
+    /// VMs cloned from it (it cannot be deleted while they exist).
+    pub clones: Vec<String>,
+}
+
+/// `{ "snapshots": [...] }` from `GET /v1/vms/{name}/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// `POST /v1/vms/{name}/clone`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVm {
+    /// The new VM's name.
+    pub name: String,
+    /// The snapshot of the origin VM to start the clone from.
+    pub from_snapshot: String,
+}
+
 /// `{ "vms": [...] }` from `GET /v1/vms`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmList {
@@ -675,6 +761,22 @@ mod tests {
             image: None,
             accel: Accel::Emu,
             devices: Devices::default(),
+        }
+    }
+
+    #[test]
+    fn tags() {
+        for ok in [
+            "a",
+            "20241123-223000",
+            "before.upgrade_2",
+            &"x".repeat(MAX_TAG),
+        ] {
+            assert!(check_tag("tag", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(MAX_TAG + 1)] {
+            let e = check_tag("tag", bad).unwrap_err();
+            assert!(e.message.starts_with("tag: "), "{}", e.message);
         }
     }
 

@@ -426,6 +426,13 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                     eprintln!(
                         "vireo: serving the API on https://{local} (TLS; clients need a token, see `vireo token create --help`)"
                     );
+                    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+                        let _ = daemon.migration_tls.set(crate::vms::MigrationTls {
+                            cert: cert.clone(),
+                            key: key.clone(),
+                            ip: local.ip(),
+                        });
+                    }
                     servers.spawn(serve_tls(listener, acceptor, app.clone()));
                 }
             }

@@ -26,7 +26,7 @@
 //! status; adopted ones (started by an earlier daemon) are polled in /proc
 //! (pid + start time) and their end is read from their log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -74,6 +74,32 @@ const GUEST_RESET: &str = "the guest reset the machine";
 /// What `vireo run` logs when its control socket's `reset` ended the VM.
 const RESET_ON_REQUEST: &str = "the VM was reset on request";
 
+mod migrate;
+mod snapshots;
+
+pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationStats, MigrationTls};
+pub use snapshots::clone_disk;
+
+/// How a VM's process starts: booting its definition, or from a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Boot {
+    #[default]
+    Definition,
+    /// `vireo run --restore DIR [--restore-lazy]` plus device overrides
+    /// (`--disk=id=..,path=..`, ... for a clone's own disks, TAPs, vsock).
+    Restore {
+        dir: PathBuf,
+        lazy: bool,
+        overrides: Vec<String>,
+    },
+    /// `vireo run --migrate-from LISTEN` with the daemon's TLS identity.
+    MigrateFrom {
+        listen: String,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
 /// A VM process the daemon watches.
 struct Proc {
     id: ProcessId,
@@ -81,6 +107,14 @@ struct Proc {
     requested: Option<String>,
     /// Set by `reboot`: start the VM again when this process ends.
     reboot: bool,
+    /// With `reboot`: how to start it again (a snapshot restore).
+    then: Boot,
+    /// The tag of the last snapshot this process took (a diff snapshot's
+    /// parent).
+    last_snapshot: Option<String>,
+    /// Started to receive a migration: if it fails to (exit status 2),
+    /// the VM's record goes.
+    incoming: bool,
 }
 
 impl Proc {
@@ -89,6 +123,9 @@ impl Proc {
             id,
             requested: None,
             reboot: false,
+            then: Boot::Definition,
+            last_snapshot: None,
+            incoming: false,
         }
     }
 }
@@ -99,6 +136,8 @@ struct Inner {
     consoles: HashMap<String, Arc<Console>>,
     /// When each VM's guest last reset itself (within the window).
     guest_resets: HashMap<String, VecDeque<Instant>>,
+    /// VMs with a snapshot, restore or clone under way (one at a time).
+    busy: HashSet<String>,
 }
 
 /// How a VM process ended, as far as the daemon can tell.
@@ -125,6 +164,9 @@ pub struct Daemon {
     vmm: PathBuf,
     /// The event stream and the API counters.
     pub observe: Observe,
+    /// The TLS identity migrations are received with (set when the
+    /// daemon has a TCP listener).
+    pub migration_tls: std::sync::OnceLock<MigrationTls>,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -140,10 +182,12 @@ impl Daemon {
                 procs: HashMap::new(),
                 consoles: HashMap::new(),
                 guest_resets: HashMap::new(),
+                busy: HashSet::new(),
             }),
             state_dir,
             vmm,
             observe: Observe::default(),
+            migration_tls: std::sync::OnceLock::new(),
         })
     }
 
@@ -263,6 +307,22 @@ impl Daemon {
                 ),
             ));
         }
+        let clones = inner.db.clones_of(name, None)?;
+        if !clones.is_empty() {
+            return Err(ApiError::conflict(
+                "in_use",
+                format!(
+                    "VM {name} has clones made from its snapshots ({}); delete them first",
+                    clones.join(", ")
+                ),
+            ));
+        }
+        if inner.busy.contains(name) {
+            return Err(ApiError::conflict(
+                "busy",
+                format!("VM {name} has a snapshot operation under way; try again when it is done"),
+            ));
+        }
         inner.db.delete(name)?;
         inner.consoles.remove(name);
         drop(inner);
@@ -329,7 +389,7 @@ impl Daemon {
             check_config(&rec.config, procfs::host_memory_mib())?;
             let console = Console::new();
             inner.guest_resets.remove(name);
-            self.launch(&mut inner, &rec, console, Some(tx))?;
+            self.launch(&mut inner, &rec, console, Some(tx), &Boot::Definition)?;
         }
         if let Ok(Ok(Some(o))) = tokio::time::timeout(EARLY_EXIT_WAIT, rx).await {
             if o.start_failed {
@@ -350,10 +410,11 @@ impl Daemon {
         rec: &VmRecord,
         console: Arc<Console>,
         early: Option<oneshot::Sender<Option<Outcome>>>,
+        boot: &Boot,
     ) -> Result<ProcessId, ApiError> {
         let name = rec.name.as_str();
         let dir = self.vm_dir(name);
-        let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec)
+        let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec, boot)
             .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
         let pid = child.id().unwrap_or(0) as i32;
         let id = ProcessId {
@@ -413,19 +474,33 @@ impl Daemon {
         }
         let log = read_log_tail(&self.vm_dir(name));
         let mut o = outcome(exit, proc.requested.as_deref(), &log);
+        if proc.incoming && o.start_failed {
+            // The migration never arrived: the VM still lives on its source.
+            tracing::warn!("VM {name}: the incoming migration failed: {}", o.reason);
+            let _ = inner.db.delete(name);
+            inner.consoles.remove(name);
+            let _ = std::fs::remove_dir_all(self.vm_dir(name));
+            self.observe.vm(name, Change::Deleted, None, &o.reason);
+            return Some(o);
+        }
         let guest_reset =
             proc.requested.is_none() && o.state == VmState::Stopped && o.reason == GUEST_RESET;
         if proc.reboot || guest_reset {
-            match self.restart(&mut inner, name, console.clone(), guest_reset) {
+            let then = if proc.reboot {
+                proc.then.clone()
+            } else {
+                Boot::Definition
+            };
+            let why = match (&then, proc.reboot) {
+                (Boot::Restore { .. }, _) => "ended to restore a snapshot",
+                (_, true) => "rebooted on request",
+                _ => GUEST_RESET,
+            };
+            match self.restart(&mut inner, name, console.clone(), guest_reset, &then) {
                 Ok(new) => {
                     tracing::info!(
-                        "VM {name} (pid {}): {}; started again (pid {})",
+                        "VM {name} (pid {}): {why}; started again (pid {})",
                         id.pid,
-                        if proc.reboot {
-                            "rebooted on request"
-                        } else {
-                            GUEST_RESET
-                        },
                         new.pid
                     );
                     return Some(Outcome {
@@ -464,6 +539,7 @@ impl Daemon {
         name: &str,
         console: Option<Arc<Console>>,
         guest_reset: bool,
+        boot: &Boot,
     ) -> Result<ProcessId, String> {
         if guest_reset {
             let now = Instant::now();
@@ -485,7 +561,7 @@ impl Daemon {
             .map_err(|e| format!("reboot failed: {e}"))?
             .ok_or_else(|| "reboot failed: the VM's definition is gone".to_string())?;
         let console = console.unwrap_or_else(Console::new);
-        self.launch(inner, &rec, console, None)
+        self.launch(inner, &rec, console, None, boot)
             .map_err(|e| format!("reboot failed: {}", e.message))
     }
 
@@ -767,6 +843,18 @@ impl Daemon {
         socket: &Path,
         command: &str,
     ) -> Result<serde_json::Value, ApiError> {
+        self.control_within(name, socket, command, CONTROL_TIMEOUT)
+            .await
+    }
+
+    /// [`Daemon::control`] with its own time limit (snapshots take longer).
+    async fn control_within(
+        &self,
+        name: &str,
+        socket: &Path,
+        command: &str,
+        limit: Duration,
+    ) -> Result<serde_json::Value, ApiError> {
         // A VM started a moment ago may not listen yet (`vireo run` binds
         // its control socket once the machine is built): retry until it
         // does, within the same time limit.
@@ -785,7 +873,7 @@ impl Daemon {
                 }
             }
         };
-        let reply = tokio::time::timeout(CONTROL_TIMEOUT, ask)
+        let reply = tokio::time::timeout(limit, ask)
             .await
             .map_err(|_| {
                 ApiError::internal(format!("VM {name} did not answer `{command}` in time"))
@@ -909,6 +997,7 @@ fn spawn_vm(
     vmm: &Path,
     dir: &Path,
     rec: &VmRecord,
+    boot: &Boot,
 ) -> std::io::Result<(
     tokio::process::Child,
     tokio::net::unix::pipe::Receiver,
@@ -930,33 +1019,9 @@ fn spawn_vm(
         )
     };
 
-    let c = &rec.config;
     let mut cmd = tokio::process::Command::new(vmm);
-    cmd.arg("run");
-    if let Some(image) = &c.image {
-        cmd.arg("--image").arg(image);
-    }
-    if let Some(kernel) = &c.kernel {
-        cmd.arg("--kernel").arg(kernel);
-    }
-    if let Some(initrd) = &c.initrd {
-        cmd.arg("--initrd").arg(initrd);
-    }
-    if let Some(cmdline) = &c.cmdline {
-        cmd.arg("--cmdline").arg(cmdline);
-    }
-    cmd.arg("--control-socket").arg(dir.join(CONTROL_SOCKET));
-    cmd.arg("--cpus")
-        .arg(c.vcpus.to_string())
-        .arg("--memory")
-        .arg(c.memory_mib.to_string())
-        .arg("--accel")
-        .arg(match c.accel {
-            Accel::Kvm => "kvm",
-            Accel::Auto => "auto",
-            Accel::Emu => "emu",
-        })
-        .args(c.devices.run_args())
+    cmd.arg("run").args(run_args(dir, rec, boot));
+    cmd
         // The exit reason ("the guest powered off") is logged at info level.
         .env("VIREO_LOG", "info")
         .current_dir(dir)
@@ -1000,6 +1065,66 @@ fn spawn_vm(
     let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
     let tx = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write)?;
     Ok((child, rx, tx))
+}
+
+/// `vireo run`'s arguments for `rec` started as `boot`, its control
+/// socket in `dir`.
+fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> {
+    let c = &rec.config;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut arg = |a: &str, v: &std::ffi::OsStr| {
+        args.push(a.into());
+        args.push(v.to_owned());
+    };
+    match boot {
+        Boot::Definition => {
+            if let Some(image) = &c.image {
+                arg("--image", image.as_ref());
+            }
+            if let Some(kernel) = &c.kernel {
+                arg("--kernel", kernel.as_ref());
+            }
+            if let Some(initrd) = &c.initrd {
+                arg("--initrd", initrd.as_ref());
+            }
+            if let Some(cmdline) = &c.cmdline {
+                arg("--cmdline", cmdline.as_ref());
+            }
+            arg("--cpus", c.vcpus.to_string().as_ref());
+            arg("--memory", c.memory_mib.to_string().as_ref());
+        }
+        // The machine (vCPUs, memory, devices) is the snapshot's.
+        Boot::Restore { dir: snap, .. } => arg("--restore", snap.as_os_str()),
+        // ... or the source's.
+        Boot::MigrateFrom { listen, cert, key } => {
+            arg("--migrate-from", listen.as_ref());
+            arg("--migrate-tls-cert", cert.as_os_str());
+            arg("--migrate-tls-key", key.as_os_str());
+        }
+    }
+    arg("--control-socket", dir.join(CONTROL_SOCKET).as_os_str());
+    arg(
+        "--accel",
+        match c.accel {
+            Accel::Kvm => "kvm",
+            Accel::Auto => "auto",
+            Accel::Emu => "emu",
+        }
+        .as_ref(),
+    );
+    match boot {
+        Boot::Definition => args.extend(c.devices.run_args().into_iter().map(Into::into)),
+        Boot::Restore {
+            lazy, overrides, ..
+        } => {
+            if *lazy {
+                args.push("--restore-lazy".into());
+            }
+            args.extend(overrides.iter().map(Into::into));
+        }
+        Boot::MigrateFrom { .. } => {}
+    }
+    args
 }
 
 /// The last 64 KiB of a VM's log.
@@ -1134,7 +1259,7 @@ pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Re
     stream.write_all(format!("{command}\n").as_bytes()).await?;
     let mut line = String::new();
     BufReader::new(stream)
-        .take(4096)
+        .take(64 * 1024)
         .read_line(&mut line)
         .await?;
     Ok(line)

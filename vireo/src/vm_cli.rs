@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use vireo_daemon::model::{self, BalloonStatus, CreateVm, SetBalloon, StopVm, Vm, VmList};
+use vireo_daemon::model::{
+    self, BalloonStatus, CloneVm, CreateSnapshot, CreateVm, SetBalloon, Snapshot, SnapshotList,
+    StopVm, Vm, VmList,
+};
 use vireo_daemon::paths;
 
 use crate::api_client::{decode, Client, ConnArgs, DEFAULT_TIMEOUT};
@@ -127,6 +130,139 @@ pub enum VmCommand {
         after_help = "Examples:\n  vireo vm balloon web\n  vireo vm balloon web --target 256   # take 256 MiB back from the guest\n  vireo vm balloon web --target 0     # give it all back"
     )]
     Balloon(BalloonArgs),
+    /// Take a snapshot of a running or paused VM (vCPUs, devices, memory,
+    /// disks), kept by the daemon under a tag.
+    #[command(after_help = SNAPSHOT_EXAMPLES)]
+    Snapshot(SnapshotArgs),
+    /// List a VM's snapshots.
+    #[command(
+        after_help = "Examples:\n  vireo vm snapshots web\n  vireo vm snapshots web --json | jq '.snapshots[].tag'"
+    )]
+    Snapshots(SnapshotsArgs),
+    /// Start a VM from one of its snapshots: a running VM's process is
+    /// replaced (its console stays) and its disks are rolled back.
+    #[command(
+        after_help = "Example:\n  vireo vm restore web --tag before-upgrade\n\nA later `vireo vm reboot` boots the VM's definition, not the snapshot."
+    )]
+    Restore(TagArgs),
+    /// Make a new VM from a VM's snapshot and start it: its own disks
+    /// (overlays of the snapshot's), TAPs and vsock socket, memory shared
+    /// copy-on-write with the snapshot.
+    #[command(after_help = CLONE_EXAMPLES)]
+    Clone(CloneArgs),
+    /// Delete a snapshot (refused while a clone or a diff snapshot needs it).
+    #[command(
+        name = "snapshot-delete",
+        after_help = "Example:\n  vireo vm snapshot-delete web --tag before-upgrade"
+    )]
+    SnapshotDelete(TagArgs),
+    /// Live-migrate a running VM to another vireo daemon (its TLS API):
+    /// the guest keeps running there, and this daemon forgets it.
+    #[command(after_help = MIGRATE_EXAMPLES)]
+    Migrate(MigrateArgs),
+}
+
+const MIGRATE_EXAMPLES: &str = "\
+Example:
+  vireo vm migrate web --to https://host2:8443 \\
+      --target-token-file ~/.config/vireo/host2.token --target-ca-cert host2-ca.pem
+
+The target daemon needs a TCP listener (--listen tcp:HOST:PORT with --tls-cert
+and --tls-key); the token is one of its admin tokens, the CA the one its
+certificate is checked against (default: the system's CA bundle). The
+migration stream uses the target daemon's certificate too. Disks must be on
+storage both hosts see at the same paths; a VM with snapshots is refused.
+(--token-file and --ca-cert, without `target-`, are for reaching the source
+daemon, as on every `vireo vm` command.)";
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// The target daemon's TLS API, https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+
+    /// A file holding an admin token of the target daemon [default: $VIREO_TARGET_TOKEN].
+    #[arg(long, value_name = "FILE")]
+    pub target_token_file: Option<PathBuf>,
+
+    /// The CA certificate (PEM) the target daemon's certificate is checked against.
+    #[arg(long, value_name = "PEM")]
+    pub target_ca_cert: Option<PathBuf>,
+}
+
+const SNAPSHOT_EXAMPLES: &str = "\
+Examples:
+  vireo vm snapshot web                        # tag: the UTC time, e.g. 20261123-223000
+  vireo vm snapshot web --tag before-upgrade
+  vireo vm snapshot web --tag t2 --diff        # only memory changed since this run's last snapshot
+
+The VM pauses while its state is written to STATE_DIR/vms/NAME/snapshots/TAG/
+and then runs on (a paused VM stays paused). Bring it back with
+`vireo vm restore web --tag before-upgrade`.";
+
+const CLONE_EXAMPLES: &str = "\
+Examples:
+  vireo vm snapshot web --tag golden
+  vireo vm clone web web2 --from-snapshot golden
+  vireo vm clone web web3 --from-snapshot golden
+
+The snapshot cannot be deleted while its clones exist.";
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// The snapshot's name: 1-64 of letters, digits, '.', '_', '-'
+    /// [default: the UTC time, YYYYmmdd-HHMMSS].
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+
+    /// Write only the memory changed since this run's last snapshot.
+    #[arg(long)]
+    pub diff: bool,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// The snapshot's tag (see `vireo vm snapshots NAME`).
+    #[arg(long, value_name = "TAG")]
+    pub tag: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// The VM whose snapshot to clone.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// The new VM's name.
+    #[arg(value_name = "NEW")]
+    pub new: String,
+
+    /// The snapshot to start the clone from.
+    #[arg(long, value_name = "TAG")]
+    pub from_snapshot: String,
 }
 
 const CONSOLE_EXAMPLES: &str = "\
@@ -511,7 +647,199 @@ pub fn vm(args: VmArgs) -> Result<(), Failure> {
             Ok(())
         }
         VmCommand::Edit(a) => edit(&client, a),
+        VmCommand::Snapshot(a) => snapshot(&client, a),
+        VmCommand::Snapshots(a) => snapshots(&client, a),
+        VmCommand::Restore(a) => {
+            let vm: Vm = client.call_with_timeout(
+                "POST",
+                &snapshot_path(&a.name, &a.tag, "/restore"),
+                None,
+                SNAPSHOT_TIMEOUT,
+            )?;
+            println!(
+                "restored {} from snapshot {} ({})",
+                vm.name,
+                a.tag,
+                match vm.pid {
+                    Some(pid) => format!("pid {pid}"),
+                    None => describe_state(&vm),
+                }
+            );
+            Ok(())
+        }
+        VmCommand::Clone(a) => {
+            let body = serde_json::to_vec(&CloneVm {
+                name: a.new.clone(),
+                from_snapshot: a.from_snapshot.clone(),
+            })
+            .expect("serialisable");
+            let vm: Vm = client.call_with_timeout(
+                "POST",
+                &vm_path(&a.name, "/clone"),
+                Some(&body),
+                SNAPSHOT_TIMEOUT,
+            )?;
+            println!(
+                "cloned {} from {}@{} ({})",
+                vm.name,
+                a.name,
+                a.from_snapshot,
+                match vm.pid {
+                    Some(pid) => format!("pid {pid}"),
+                    None => describe_state(&vm),
+                }
+            );
+            Ok(())
+        }
+        VmCommand::Migrate(a) => migrate(&client, a),
+        VmCommand::SnapshotDelete(a) => {
+            client.request(
+                "DELETE",
+                &snapshot_path(&a.name, &a.tag, ""),
+                None,
+                DEFAULT_TIMEOUT,
+            )?;
+            println!("deleted snapshot {} of {}", a.tag, a.name);
+            Ok(())
+        }
     }
+}
+
+/// How long a snapshot, restore or clone may take (a big VM's memory and
+/// disks are written or read).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn snapshot_path(name: &str, tag: &str, suffix: &str) -> String {
+    let tag = vm_path(tag, "");
+    let tag = tag.trim_start_matches("/v1/vms/");
+    vm_path(name, &format!("/snapshots/{tag}{suffix}"))
+}
+
+fn migrate(client: &Client, a: MigrateArgs) -> Result<(), Failure> {
+    let token = match &a.target_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Failure::Usage(format!("--target-token-file {}: {e}", f.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("VIREO_TARGET_TOKEN").ok(),
+    };
+    let ca_cert = match &a.target_ca_cert {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| Failure::Usage(format!("--target-ca-cert {}: {e}", f.display())))?,
+        ),
+        None => None,
+    };
+    let body = serde_json::to_vec(&vireo_daemon::vms::Migrate {
+        to: a.to.clone(),
+        token,
+        ca_cert,
+    })
+    .expect("serialisable");
+    let done: vireo_daemon::vms::Migrated = client.call_with_timeout(
+        "POST",
+        &vm_path(&a.name, "/migrate"),
+        Some(&body),
+        SNAPSHOT_TIMEOUT,
+    )?;
+    let m = &done.migration;
+    println!(
+        "migrated {} to {} in {} ms ({} ms paused, {} round(s), {} sent)",
+        done.vm,
+        done.to,
+        m.total_ms,
+        m.downtime_ms,
+        m.rounds,
+        mib(m.bytes_sent)
+    );
+    Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes.div_ceil(1 << 20))
+}
+
+fn snapshot(client: &Client, a: SnapshotArgs) -> Result<(), Failure> {
+    let body = serde_json::to_vec(&CreateSnapshot {
+        tag: a.tag,
+        diff: a.diff,
+    })
+    .expect("serialisable");
+    let bytes = client.request(
+        "POST",
+        &vm_path(&a.name, "/snapshots"),
+        Some(&body),
+        SNAPSHOT_TIMEOUT,
+    )?;
+    if a.json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(());
+    }
+    let s: Snapshot = decode(&bytes)?;
+    println!(
+        "{}: snapshot {} taken ({} memory, {} disk(s), {} on disk{})",
+        s.vm,
+        s.tag,
+        mib(s.memory_bytes),
+        s.disks.len(),
+        mib(s.size_bytes),
+        s.parent
+            .as_deref()
+            .map(|p| format!(", diff of {p}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn snapshots(client: &Client, a: SnapshotsArgs) -> Result<(), Failure> {
+    let bytes = client.request(
+        "GET",
+        &vm_path(&a.name, "/snapshots"),
+        None,
+        DEFAULT_TIMEOUT,
+    )?;
+    if a.json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(());
+    }
+    let list: SnapshotList = decode(&bytes)?;
+    if list.snapshots.is_empty() {
+        println!(
+            "{} has no snapshots; take one with `vireo vm snapshot {}`",
+            a.name, a.name
+        );
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "TAG".to_string(),
+        "CREATED".into(),
+        "STATE".into(),
+        "MEMORY".into(),
+        "DISKS".into(),
+        "SIZE".into(),
+        "PARENT".into(),
+        "CLONES".into(),
+    ]];
+    for s in &list.snapshots {
+        rows.push([
+            s.tag.clone(),
+            s.created_at.clone(),
+            s.vm_state.as_str().into(),
+            mib(s.memory_bytes),
+            s.disks.len().to_string(),
+            mib(s.size_bytes),
+            s.parent.clone().unwrap_or_else(|| "-".into()),
+            if s.clones.is_empty() {
+                "-".into()
+            } else {
+                s.clones.join(",")
+            },
+        ]);
+    }
+    print!("{}", table(&rows));
+    Ok(())
 }
 
 /// Whether stdin has bytes to send (a pipe, socket or file), as opposed to

@@ -1187,3 +1187,655 @@ fn an_old_state_database_is_migrated() {
         env.console("old").contains(HELLO)
     });
 }
+
+// ---- snapshots, restore, clones ---------------------------------------------
+
+/// TSC ticks between two counts: 50 ms on the emulator's nanosecond TSC.
+const COUNT_DELAY_TICKS: u32 = 50_000_000;
+
+/// Forever { counter += 1 (in guest memory); print `count=XXXXXXXX`; wait }:
+/// a restored guest goes on from the counter the snapshot saved.
+fn counting(g: &mut Guest64) -> guest::AsmResult {
+    let counter = g.data(&[0u8; 8]);
+    let mut top = g.a.create_label();
+    g.a.set_label(&mut top)?;
+    g.a.lea(rdi, ptr(counter))?;
+    g.a.inc(qword_ptr(rdi))?;
+    g.a.mov(rbx, qword_ptr(rdi))?;
+    g.print("count=")?;
+    g.print_hex(rbx, 8)?;
+    g.print("\n")?;
+    let a = &mut g.a;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.lea(r8, qword_ptr(rax + COUNT_DELAY_TICKS as i32))?;
+    let mut wait = a.create_label();
+    a.set_label(&mut wait)?;
+    a.pause()?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.cmp(rax, r8)?;
+    a.jb(wait)?;
+    a.jmp(top)
+}
+
+/// Every whole `count=XXXXXXXX` line's value, in order.
+fn counts(output: &str) -> Vec<u64> {
+    output
+        .split('\n')
+        .filter_map(|line| {
+            let hex = line.trim_end_matches('\r').strip_prefix("count=")?;
+            (hex.len() == 8)
+                .then(|| u64::from_str_radix(hex, 16).ok())
+                .flatten()
+        })
+        .collect()
+}
+
+impl Env {
+    /// The VM's counts so far.
+    fn counts(&self, name: &str) -> Vec<u64> {
+        counts(&self.console(name))
+    }
+
+    /// Wait until the VM has printed a count of at least `n`.
+    fn wait_count(&self, name: &str, n: u64) -> u64 {
+        let mut last = 0;
+        self.wait_for(&format!("{name} to count to {n}"), || {
+            last = self.counts(name).last().copied().unwrap_or(0);
+            last >= n
+        });
+        last
+    }
+
+    /// Wait until a VM whose console holds an older run's counts shows the
+    /// restored guest: after a drop in the counts (the old run counted on,
+    /// the restored one starts over from the snapshot's counter), `n` more
+    /// counts. Returns the restored run's counts.
+    fn restored_counts(&self, name: &str, n: usize) -> Vec<u64> {
+        let mut after = Vec::new();
+        self.wait_for(&format!("{name}'s restored guest to count"), || {
+            let c = self.counts(name);
+            after = match c.windows(2).rposition(|w| w[1] <= w[0]) {
+                Some(i) => c[i + 1..].to_vec(),
+                None => Vec::new(),
+            };
+            after.len() >= n
+        });
+        after
+    }
+}
+
+/// The range the saved counter lies in: what the guest had printed before
+/// the request, to what it printed once the reply had come and two more
+/// counts had passed.
+fn snapshot_window(env: &Env, name: &str, take: impl FnOnce() -> Value) -> (Value, u64, u64) {
+    let before = env.counts(name).last().copied().unwrap_or(0);
+    let snap = take();
+    let after = env.counts(name).last().copied().unwrap_or(0);
+    let upper = env.wait_count(name, after + 2);
+    (snap, before, upper)
+}
+
+fn assert_counts_on(what: &str, c: &[u64], lo: u64, hi: u64) {
+    assert!(
+        !c.is_empty() && (lo..=hi).contains(&c[0]),
+        "{what}: restored guest started at {c:?}, the snapshot was taken between {lo} and {hi}"
+    );
+    for pair in c.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "{what}: counts skip: {c:?}");
+    }
+}
+
+/// Snapshots through the API and the CLI: taken from a running VM, listed,
+/// restored into the running VM (console kept) and into a stopped one,
+/// cloned into a second VM that runs beside the first, and deleted once
+/// nothing depends on them. Errors are 4xx naming the problem.
+#[test]
+fn snapshots_restore_clone_and_delete() {
+    let env = Env::new("daemon-snap");
+    let kernel = env.kernel("vmlinux", counting);
+    env.create("s", &kernel);
+
+    // A stopped VM cannot be snapshotted.
+    let (code, msg) = error_of(
+        env.json("POST", "/v1/vms/s/snapshots", Some(json!({"tag": "x"}))),
+        409,
+    );
+    assert_eq!(code, "invalid_state", "{msg}");
+    assert!(msg.contains("start it first"), "{msg}");
+    let (status, v) = env.json("POST", "/v1/vms/s/start", None);
+    assert_eq!(status, 200, "{v}");
+    env.wait_count("s", 3);
+
+    let (snap, lo, hi) = snapshot_window(&env, "s", || {
+        let (status, v) = env.json("POST", "/v1/vms/s/snapshots", Some(json!({"tag": "one"})));
+        assert_eq!(status, 201, "{v}");
+        v
+    });
+    assert_eq!(
+        (
+            snap["vm"].as_str(),
+            snap["tag"].as_str(),
+            snap["vm_state"].as_str(),
+            snap["memory_bytes"].as_u64(),
+            &snap["parent"],
+            &snap["clones"],
+            &snap["disks"]
+        ),
+        (
+            Some("s"),
+            Some("one"),
+            Some("running"),
+            Some(32 << 20),
+            &Value::Null,
+            &json!([]),
+            &json!([])
+        ),
+        "{snap}"
+    );
+    let dir = PathBuf::from(snap["dir"].as_str().unwrap());
+    assert_eq!(dir, env.state().join("vms/s/snapshots/one"));
+    assert!(dir.join("state.vsnap").is_file(), "{}", dir.display());
+    assert!(snap["size_bytes"].as_u64().unwrap() > 0, "{snap}");
+    // The VM runs on.
+    assert_eq!(state(&env.vm("s")), "running");
+
+    // Refusals: the tag is taken, a bad tag, no such VM, unknown field, a
+    // diff with nothing to diff against (this daemon's process has "one",
+    // so first restore to get a process without a snapshot).
+    let (code, _) = error_of(
+        env.json("POST", "/v1/vms/s/snapshots", Some(json!({"tag": "one"}))),
+        409,
+    );
+    assert_eq!(code, "already_exists");
+    let (code, msg) = error_of(
+        env.json("POST", "/v1/vms/s/snapshots", Some(json!({"tag": "a/b"}))),
+        400,
+    );
+    assert!(
+        code == "invalid_value" && msg.starts_with("tag: "),
+        "{code} {msg}"
+    );
+    let (code, msg) = error_of(
+        env.json("POST", "/v1/vms/s/snapshots", Some(json!({"name": "x"}))),
+        400,
+    );
+    assert!(msg.contains("unknown field `name`"), "{code} {msg}");
+    let (code, _) = error_of(env.json("POST", "/v1/vms/nope/snapshots", None), 404);
+    assert_eq!(code, "not_found");
+    let (code, msg) = error_of(env.json("GET", "/v1/vms/s/snapshots/nope", None), 404);
+    assert!(msg.contains("no snapshot \"nope\""), "{code} {msg}");
+    let (code, _) = error_of(
+        env.json("POST", "/v1/vms/s/snapshots/nope/restore", None),
+        404,
+    );
+    assert_eq!(code, "not_found");
+
+    // The CLI: a snapshot with the default tag (the UTC time), the list.
+    let out = env.cli(&["snapshot", "s"]);
+    out.assert_status(0);
+    assert!(out.stdout.contains("s: snapshot 20"), "{out}");
+    let out = env.cli(&["snapshots", "s"]);
+    out.assert_status(0);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("TAG"), "{out}");
+    assert!(lines[1].starts_with("one "), "{out}");
+    assert!(lines[2].starts_with("20"), "{out}");
+    let (status, list) = env.json("GET", "/v1/vms/s/snapshots", None);
+    assert_eq!(status, 200, "{list}");
+    let auto = list["snapshots"][1]["tag"].as_str().unwrap().to_string();
+    assert_eq!(auto.len(), "YYYYmmdd-HHMMSS".len(), "{auto}");
+
+    // Restore into the running VM: a new process, the console kept, the
+    // guest counting on from the saved counter.
+    let old_pid = env.vm("s")["pid"].as_i64().unwrap();
+    env.wait_count("s", hi + 3);
+    let out = env.cli(&["restore", "s", "--tag", "one"]);
+    out.assert_status(0);
+    assert!(out.stdout.contains("restored s from snapshot one"), "{out}");
+    let v = env.vm("s");
+    assert_eq!(state(&v), "running", "{v}");
+    assert_ne!(v["pid"].as_i64(), Some(old_pid), "{v}");
+    let c = env.restored_counts("s", 3);
+    assert_counts_on("restore of a running VM", &c, lo, hi);
+    assert!(
+        env.console("s").starts_with("count=00000001"),
+        "the console's scrollback was not kept"
+    );
+    // This process took no snapshot yet: no diff.
+    let (code, msg) = error_of(
+        env.json("POST", "/v1/vms/s/snapshots", Some(json!({"diff": true}))),
+        409,
+    );
+    assert!(
+        code == "no_parent" && msg.contains("take a full snapshot first"),
+        "{code} {msg}"
+    );
+
+    // Restore into a stopped VM.
+    let (status, v) = env.json("POST", "/v1/vms/s/kill", None);
+    assert_eq!((status, state(&v)), (200, "stopped"), "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/s/snapshots/one/restore", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    env.wait_for("the restored stopped VM to count", || {
+        env.counts("s").len() >= 3
+    });
+    assert_counts_on("restore of a stopped VM", &env.counts("s"), lo, hi);
+
+    // A clone runs beside its origin, from the same saved state.
+    let out = env.cli(&["clone", "s", "c", "--from-snapshot", "one"]);
+    out.assert_status(0);
+    assert!(out.stdout.contains("cloned c from s@one"), "{out}");
+    let v = env.vm("c");
+    assert_eq!(state(&v), "running", "{v}");
+    env.wait_for("the clone to count", || env.counts("c").len() >= 3);
+    assert_counts_on("clone", &env.counts("c"), lo, hi);
+    assert_eq!(
+        env.counts("c")[0],
+        env.counts("s")[0],
+        "the clone and the restored origin started from different states"
+    );
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", v["pid"])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("--restore-lazy") && cmdline.contains(&dir.display().to_string()),
+        "{cmdline}"
+    );
+    assert_eq!(state(&env.vm("s")), "running");
+    let (status, v) = env.json("GET", "/v1/vms/s/snapshots/one", None);
+    assert_eq!((status, &v["clones"]), (200, &json!(["c"])), "{v}");
+    let (code, _) = error_of(
+        env.json(
+            "POST",
+            "/v1/vms/s/clone",
+            Some(json!({"name": "c", "from_snapshot": "one"})),
+        ),
+        409,
+    );
+    assert_eq!(code, "already_exists");
+    let (code, _) = error_of(
+        env.json(
+            "POST",
+            "/v1/vms/s/clone",
+            Some(json!({"name": "d", "from_snapshot": "nope"})),
+        ),
+        404,
+    );
+    assert_eq!(code, "not_found");
+
+    // What depends on a snapshot keeps it.
+    let (code, msg) = error_of(env.json("DELETE", "/v1/vms/s/snapshots/one", None), 409);
+    assert!(
+        code == "in_use" && msg.contains("clone(s) c"),
+        "{code} {msg}"
+    );
+    let (status, v) = env.json("POST", "/v1/vms/s/kill", None);
+    assert_eq!(status, 200, "{v}");
+    let (code, msg) = error_of(env.json("DELETE", "/v1/vms/s", None), 409);
+    assert!(code == "in_use" && msg.contains("(c)"), "{code} {msg}");
+    let (status, v) = env.json("POST", "/v1/vms/c/kill", None);
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = env.http("DELETE", "/v1/vms/c", None);
+    assert_eq!(status, 204);
+    assert!(!env.state().join("vms/c").exists());
+
+    let out = env.cli(&["snapshot-delete", "s", "--tag", "one"]);
+    out.assert_status(0);
+    assert!(!dir.exists(), "{} is still there", dir.display());
+    let (code, _) = error_of(env.json("DELETE", "/v1/vms/s/snapshots/one", None), 404);
+    assert_eq!(code, "not_found");
+    let (status, list) = env.json("GET", "/v1/vms/s/snapshots", None);
+    assert_eq!(
+        (status, list["snapshots"].as_array().map(Vec::len)),
+        (200, Some(1)),
+        "{list}"
+    );
+    // Deleting the VM takes its snapshots with it.
+    let (status, _) = env.http("DELETE", "/v1/vms/s", None);
+    assert_eq!(status, 204);
+    assert!(!env.state().join("vms/s").exists());
+}
+
+/// NEEDS vsnap (virtio devices in snapshots) merged: until then a VM with
+/// a disk refuses to snapshot ("cannot snapshot this VM: ...") and this
+/// test stops there, saying so. With vsnap: the snapshot lists its disk
+/// copy, a clone gets its own copy of the (raw) disk in its own directory
+/// with the snapshot's content and size, and both run.
+#[test]
+fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
+    let env = Env::new("daemon-snap-disk");
+    let kernel = env.kernel("vmlinux", counting);
+    let disk = env.dir.write("data.raw", &[7u8; 64 * 1024]);
+    let (status, v) = env.json(
+        "POST",
+        "/v1/vms",
+        Some(
+            json!({"name": "d", "kernel": kernel, "memory_mib": 32, "accel": "emu",
+                    "disks": [format!("path={},id=data", disk.display())]}),
+        ),
+    );
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/d/start", None);
+    assert_eq!(status, 200, "{v}");
+    env.wait_count("d", 2);
+    let (status, snap) = env.json("POST", "/v1/vms/d/snapshots", Some(json!({"tag": "t"})));
+    if status == 409
+        && snap["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot snapshot this VM"))
+    {
+        assert_eq!(snap["error"]["code"], "snapshot_failed", "{snap}");
+        // The failed snapshot left nothing behind.
+        assert!(!env.state().join("vms/d/snapshots/t").exists());
+        let (_, list) = env.json("GET", "/v1/vms/d/snapshots", None);
+        assert_eq!(list["snapshots"], json!([]));
+        eprintln!("skipping the rest: this vireo run cannot snapshot virtio devices yet (vsnap)");
+        return;
+    }
+    assert_eq!(status, 201, "{snap}");
+    let disks = snap["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 1, "{snap}");
+    assert_eq!(disks[0]["id"], "data", "{snap}");
+    let copy = PathBuf::from(disks[0]["path"].as_str().unwrap());
+    let copy = if copy.is_relative() {
+        env.state().join("vms/d/snapshots/t").join(copy)
+    } else {
+        copy
+    };
+    assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 64 * 1024]);
+
+    let (status, v) = env.json(
+        "POST",
+        "/v1/vms/d/clone",
+        Some(json!({"name": "dc", "from_snapshot": "t"})),
+    );
+    assert_eq!((status, state(&v)), (201, "running"), "{v}");
+    let own = env.state().join("vms/dc/disks/data.raw");
+    assert_eq!(
+        v["disks"],
+        json!([format!("path={},id=data,format=raw", own.display())]),
+        "{v}"
+    );
+    assert_eq!(std::fs::read(&own).unwrap(), vec![7u8; 64 * 1024]);
+    env.wait_for("the clone to count", || env.counts("dc").len() >= 2);
+    let (status, v) = env.json("POST", "/v1/vms/d/snapshots/t/restore", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    for vm in ["d", "dc"] {
+        let (status, v) = env.json("POST", &format!("/v1/vms/{vm}/kill"), None);
+        assert_eq!(status, 200, "{v}");
+    }
+}
+
+// ---- live migration between two daemons ------------------------------------
+
+impl Env {
+    /// Start this Env's daemon with a TLS listener on 127.0.0.1 too (a
+    /// self-signed certificate for 127.0.0.1 in cert.pem/key.pem); returns
+    /// its port.
+    fn start_daemon_tls(&mut self) -> u16 {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
+            .expect("a self-signed certificate");
+        let cert = self.dir.write("cert.pem", ck.cert.pem().as_bytes());
+        let key = self
+            .dir
+            .write("key.pem", ck.signing_key.serialize_pem().as_bytes());
+        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
+        let mut args = self.serve_args(&self.socket());
+        args.extend([
+            "--listen".into(),
+            "tcp:127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ]);
+        let child = Command::new(support::vireo_bin())
+            .args(&args)
+            .env("VIREO_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting vireo serve");
+        self.daemon = Some(child);
+        let mut port = 0;
+        self.wait_for("the TLS listener", || {
+            let log = self.daemon_log();
+            port = log
+                .split("serving the API on https://127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            port != 0 && UnixStream::connect(self.socket()).is_ok()
+        });
+        port
+    }
+}
+
+/// `vireo vm migrate` moves a running VM from one daemon to another over
+/// the target's TLS API and a TLS migration stream: the guest counts on
+/// there from where it was, the source forgets it. A target that refuses
+/// (the name is taken) leaves the VM running on the source.
+#[test]
+fn a_vm_migrates_live_between_two_daemons() {
+    let src = Env::new("daemon-mig-src");
+    let mut dst = Env::without_daemon("daemon-mig-dst");
+    let port = dst.start_daemon_tls();
+    let to = format!("https://127.0.0.1:{port}");
+    let out = run_vireo_args(
+        &[
+            "token".into(),
+            "create".into(),
+            "--role".into(),
+            "admin".into(),
+            "--name".into(),
+            "mig".into(),
+            "--socket".into(),
+            dst.socket().display().to_string(),
+        ],
+        WAIT,
+    );
+    out.assert_status(0);
+    let token = out.stdout.trim().lines().last().unwrap().trim().to_string();
+    let token_file = src.dir.write("dst.token", token.as_bytes());
+    let ca = dst.dir.path().join("cert.pem");
+
+    let kernel = src.kernel("vmlinux", counting);
+    src.create("m", &kernel);
+    let (status, v) = src.json("POST", "/v1/vms/m/start", None);
+    assert_eq!(status, 200, "{v}");
+    src.wait_count("m", 3);
+
+    // Refusals: a bad URL; the target already has a VM of that name.
+    let (code, msg) = error_of(
+        src.json(
+            "POST",
+            "/v1/vms/m/migrate",
+            Some(json!({"to": "http://x:1"})),
+        ),
+        400,
+    );
+    assert!(
+        code == "invalid_value" && msg.starts_with("to: "),
+        "{code} {msg}"
+    );
+    dst.create("m", &kernel);
+    let out = src.cli(&[
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--target-token-file",
+        &token_file.display().to_string(),
+        "--target-ca-cert",
+        &ca.display().to_string(),
+    ]);
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains("already exists") && out.stderr.contains("refused"),
+        "{out}"
+    );
+    let (status, _) = dst.http("DELETE", "/v1/vms/m", None);
+    assert_eq!(status, 204);
+    assert_eq!(state(&src.vm("m")), "running");
+    // A wrong token: the target says 401, the VM stays.
+    let (code, msg) = error_of(
+        src.json(
+            "POST",
+            "/v1/vms/m/migrate",
+            Some(json!({"to": to, "token": "vireo_0000000000000000_nope",
+                        "ca_cert": std::fs::read_to_string(&ca).unwrap()})),
+        ),
+        409,
+    );
+    assert!(
+        code == "migration_refused" && msg.contains("401"),
+        "{code} {msg}"
+    );
+    assert_eq!(state(&src.vm("m")), "running");
+
+    let before = src.wait_count("m", 5);
+    let out = src.cli(&[
+        "migrate",
+        "m",
+        "--to",
+        &to,
+        "--target-token-file",
+        &token_file.display().to_string(),
+        "--target-ca-cert",
+        &ca.display().to_string(),
+    ]);
+    out.assert_status(0);
+    assert!(out.stdout.contains(&format!("migrated m to {to}")), "{out}");
+    // Gone here, running there, counting on from where it was.
+    let (status, _) = src.json("GET", "/v1/vms/m", None);
+    assert_eq!(status, 404, "the source still has the VM");
+    assert!(!src.state().join("vms/m").exists());
+    let v = dst.vm("m");
+    assert_eq!(state(&v), "running", "{v}");
+    dst.wait_for("the migrated guest to count", || dst.counts("m").len() >= 3);
+    let c = dst.counts("m");
+    assert!(
+        c[0] >= before,
+        "the migrated guest started over: {c:?} (it had counted to {before})"
+    );
+    for pair in c.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "counts skip: {c:?}");
+    }
+    let (status, v) = dst.json("POST", "/v1/vms/m/kill", None);
+    assert_eq!(status, 200, "{v}");
+}
+
+/// A diff snapshot records its parent (the last snapshot of this run),
+/// keeps it from being deleted, and restores through the chain.
+#[test]
+fn diff_snapshots_chain_to_their_parent() {
+    let env = Env::new("daemon-snap-diff");
+    let kernel = env.kernel("vmlinux", counting);
+    env.create("d", &kernel);
+    let (status, v) = env.json("POST", "/v1/vms/d/start", None);
+    assert_eq!(status, 200, "{v}");
+    env.wait_count("d", 3);
+    let (status, v) = env.json("POST", "/v1/vms/d/snapshots", Some(json!({"tag": "full"})));
+    assert_eq!(status, 201, "{v}");
+    env.wait_count("d", 6);
+    let (diff, lo, hi) = snapshot_window(&env, "d", || {
+        let out = env.cli(&["snapshot", "d", "--tag", "delta", "--diff", "--json"]);
+        out.assert_status(0);
+        serde_json::from_str(&out.stdout).unwrap()
+    });
+    assert_eq!(diff["parent"], "full", "{diff}");
+    let full_size = env.json("GET", "/v1/vms/d/snapshots/full", None).1["size_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        diff["size_bytes"].as_u64().unwrap() < full_size,
+        "the diff ({diff}) is not smaller than the full snapshot ({full_size} bytes)"
+    );
+    let (code, msg) = error_of(env.json("DELETE", "/v1/vms/d/snapshots/full", None), 409);
+    assert!(
+        code == "in_use" && msg.contains("diff snapshot(s) delta"),
+        "{code} {msg}"
+    );
+    env.wait_count("d", hi + 3);
+    let (status, v) = env.json("POST", "/v1/vms/d/snapshots/delta/restore", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let c = env.restored_counts("d", 3);
+    assert_counts_on("restore of a diff snapshot", &c, lo, hi);
+    let (status, v) = env.json("POST", "/v1/vms/d/kill", None);
+    assert_eq!(status, 200, "{v}");
+    for tag in ["delta", "full"] {
+        let (status, _) = env.http("DELETE", &format!("/v1/vms/d/snapshots/{tag}"), None);
+        assert_eq!(status, 204, "{tag}");
+    }
+}
+
+/// Runs today (no vsnap needed): a clone's disk made from a snapshot's
+/// qcow2 copy is a qcow2 overlay backed by that copy (so the snapshot
+/// stays untouched and the clone shares its blocks), of the same size.
+#[test]
+fn a_clone_disk_from_a_qcow2_copy_is_an_overlay_of_it() {
+    let dir = TempDir::new("clone-overlay");
+    let snap = dir.path().join("snap");
+    std::fs::create_dir_all(snap.join("disks")).unwrap();
+    std::fs::create_dir_all(dir.path().join("clone")).unwrap();
+    let base = snap.join("disks/root.qcow2");
+    let out = run_vireo_args(
+        &[
+            "image".into(),
+            "create".into(),
+            base.display().to_string(),
+            "--size".into(),
+            "8M".into(),
+        ],
+        WAIT,
+    );
+    out.assert_status(0);
+    let copy = vireo_daemon::model::SnapshotDisk {
+        id: "root".into(),
+        path: "disks/root.qcow2".into(),
+        format: "qcow2".into(),
+        bytes: std::fs::metadata(&base).unwrap().len(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (overlay, format) = rt
+        .block_on(vireo_daemon::vms::clone_disk(
+            Path::new(support::vireo_bin()),
+            &copy,
+            &snap,
+            &dir.path().join("clone"),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (overlay.clone(), format),
+        (dir.path().join("clone/root.qcow2"), "qcow2")
+    );
+    let out = run_vireo_args(
+        &[
+            "image".into(),
+            "info".into(),
+            overlay.display().to_string(),
+            "--json".into(),
+        ],
+        WAIT,
+    );
+    out.assert_status(0);
+    let info: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            info["format"].as_str(),
+            info["backing_file"].as_str(),
+            info["virtual_size"].as_u64()
+        ),
+        (Some("qcow2"), Some(base.to_str().unwrap()), Some(8 << 20)),
+        "{info}"
+    );
+}

@@ -28,6 +28,26 @@ export interface Vm {
   last_exit_at: string | null;
 }
 
+export interface SnapshotDisk {
+  id: string;
+  path: string;
+  format: string;
+  bytes: number;
+}
+
+export interface Snapshot {
+  vm: string;
+  tag: string;
+  created_at: string;
+  vm_state: VmState;
+  memory_bytes: number;
+  disks: SnapshotDisk[];
+  parent: string | null;
+  size_bytes: number;
+  dir: string;
+  clones: string[];
+}
+
 export interface VmStats {
   name: string;
   state: VmState;

@@ -14,6 +14,7 @@ import {
   token,
   vmPath,
   type Role,
+  type Snapshot,
   type Stats,
   type Vm,
   type WhoAmI,
@@ -525,6 +526,7 @@ async function detailPage(name: string): Promise<void> {
     }
   };
   const con = new ConsoleView({ name, readOnly: !canOperate(), onStatus: (t) => (consoleStatus.textContent = t) });
+  const snaps = snapshotsPanel(name, () => vm, () => void reload());
   append(
     main,
     h('div', { class: 'titlebar' }, heading(name, ' ', badge), actions),
@@ -540,12 +542,147 @@ async function detailPage(name: string): Promise<void> {
         h('p', { class: 'hint' }, canOperate() ? 'Click the console (or Tab to it) and type: it goes to the guest\u2019s serial port. Shift+Tab leaves the console.' : 'Read-only: your role cannot type into consoles.'),
       ),
     ),
+    snaps.el,
   );
   paint(vm);
   con.start();
   teardown.push(() => con.dispose());
   every(2000, () => void reload());
+  every(5000, () => void snaps.refresh());
+  void snaps.refresh();
   onVmEvents(() => void reload());
+}
+
+// ---------------------------------------------------------------- snapshots
+
+/** Ask for a new VM's name in a modal dialog; null when cancelled. */
+function promptDialog(title: string, label: string, confirmLabel: string): Promise<string | null> {
+  return new Promise((resolve) => {
+    const input = h('input', { type: 'text', id: 'dlg-input', required: true, autocomplete: 'off', pattern: '[A-Za-z0-9][A-Za-z0-9._-]{0,62}' });
+    const cancel = h('button', { type: 'button' }, 'Cancel');
+    const ok = h('button', { type: 'submit' }, confirmLabel);
+    const form = h('form', { method: 'dialog' }, h('label', { for: 'dlg-input' }, label), input, h('div', { class: 'buttons' }, cancel, ok));
+    const dlg = h('dialog', { class: 'confirm', 'aria-labelledby': 'dlg-title' }, h('h2', { id: 'dlg-title' }, title), form);
+    let answer: string | null = null;
+    cancel.addEventListener('click', () => dlg.close());
+    form.addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      if (!input.reportValidity()) return;
+      answer = input.value.trim();
+      dlg.close();
+    });
+    dlg.addEventListener('close', () => {
+      dlg.remove();
+      resolve(answer);
+    });
+    document.body.append(dlg);
+    dlg.showModal();
+    input.focus();
+  });
+}
+
+/** The VM page's Snapshots panel: list, take, restore, clone, delete. */
+function snapshotsPanel(name: string, current: () => Vm, after: () => void): { el: HTMLElement; refresh: () => Promise<void> } {
+  const tag = h('input', { type: 'text', id: 'snap-tag', autocomplete: 'off', placeholder: 'default: the UTC time', pattern: '[A-Za-z0-9._-]{1,64}', disabled: !canOperate() });
+  const take = h('button', { type: 'button', class: 'small', disabled: !canOperate(), title: canOperate() ? null : `Your role (${role}) cannot take snapshots` }, 'Take snapshot');
+  const tbody = h('tbody', {});
+  const table = h(
+    'table',
+    { class: 'vms snaps', 'aria-labelledby': 'snap-h' },
+    h('thead', {}, h('tr', {}, ...['Tag', 'Taken', 'Memory', 'On disk', 'Clones', 'Actions'].map((t) => h('th', { scope: 'col' }, t)))),
+    tbody,
+  );
+  const empty = h('p', { class: 'hint', hidden: true }, 'No snapshots yet.');
+  const el = h(
+    'section',
+    { class: 'panel snaps-panel', 'aria-labelledby': 'snap-h' },
+    h('h2', { id: 'snap-h' }, 'Snapshots'),
+    h('div', { class: 'snap-take' }, h('label', { for: 'snap-tag' }, 'Tag'), tag, take),
+    h('div', { class: 'table-wrap' }, table),
+    empty,
+  );
+  let key = '';
+  const act = async (label: string, f: () => Promise<unknown>, button?: HTMLButtonElement): Promise<void> => {
+    if (button) {
+      button.disabled = true;
+      button.setAttribute('aria-busy', 'true');
+    }
+    say(`${label}…`);
+    try {
+      await f();
+      say(`${label}: done`, 'ok');
+    } catch (e) {
+      say(`${label} failed: ${errText(e)}`, 'error');
+    } finally {
+      if (button) {
+        button.disabled = false;
+        button.removeAttribute('aria-busy');
+      }
+      await refresh();
+      after();
+    }
+  };
+  const button = (label: string, aria: string, enabled: boolean, why: string, danger = false): HTMLButtonElement =>
+    h('button', { type: 'button', class: danger ? 'danger small' : 'small', 'aria-label': aria, disabled: !enabled, title: enabled ? null : why }, label);
+  const render = (list: Snapshot[]): void => {
+    const k = JSON.stringify(list.map((s) => [s.tag, s.clones, s.size_bytes]));
+    if (k === key) return;
+    key = k;
+    clear(tbody);
+    empty.hidden = list.length > 0;
+    table.hidden = list.length === 0;
+    for (const s of list) {
+      const t = s.tag;
+      const restore = button('Restore', `Restore ${name} from ${t}`, canOperate(), `Your role (${role}) cannot restore snapshots`);
+      const clone = button('Clone', `Clone ${name} from ${t}`, canAdmin(), `Your role (${role}) cannot clone VMs`);
+      const del = button('Delete', `Delete snapshot ${t}`, canAdmin() && s.clones.length === 0, s.clones.length ? `Clones depend on it: ${s.clones.join(', ')}` : `Your role (${role}) cannot delete snapshots`, true);
+      const snapPath = `${vmPath(name)}/snapshots/${encodeURIComponent(t)}`;
+      restore.addEventListener('click', async () => {
+        const running = current().state === 'running' || current().state === 'paused';
+        const text = running
+          ? `${name} is ${current().state}: its process is replaced by the one saved in ${t}, and its disks are rolled back to the snapshot. What happened since is lost.`
+          : `${name} starts from ${t}; its disks are rolled back to the snapshot.`;
+        if (!(await confirmDialog(`Restore ${name} from ${t}?`, text, `Restore ${t}`))) return;
+        await act(`Restore ${name} from ${t}`, () => call('POST', `${snapPath}/restore`), restore);
+      });
+      clone.addEventListener('click', async () => {
+        const n = await promptDialog(`Clone ${name} from ${t}`, 'Name of the new VM', 'Clone');
+        if (!n) return;
+        await act(`Clone ${name} from ${t} as ${n}`, () => call('POST', vmPath(name, '/clone'), { name: n, from_snapshot: t }), clone);
+      });
+      del.addEventListener('click', async () => {
+        if (!(await confirmDialog(`Delete snapshot ${t}?`, `The snapshot ${t} of ${name} and its files are removed.`, `Delete ${t}`))) return;
+        await act(`Delete snapshot ${t}`, () => call('DELETE', snapPath), del);
+      });
+      const clones = s.clones.length ? h('td', {}, ...s.clones.flatMap((c, i) => [i ? ', ' : '', h('a', { href: `/vms/${encodeURIComponent(c)}`, 'data-nav': '' }, c)])) : h('td', {}, '—');
+      tbody.append(
+        h(
+          'tr',
+          { 'data-snapshot': t },
+          h('th', { scope: 'row' }, t, s.parent ? h('span', { class: 'hint' }, ` (diff of ${s.parent})`) : ''),
+          h('td', {}, s.created_at.replace('T', ' ').replace('Z', ' UTC')),
+          h('td', { class: 'n' }, fmtBytes(s.memory_bytes)),
+          h('td', { class: 'n' }, fmtBytes(s.size_bytes)),
+          clones,
+          h('td', {}, h('div', { class: 'actions', role: 'group', 'aria-label': `Actions for snapshot ${t}` }, restore, clone, del)),
+        ),
+      );
+    }
+  };
+  const refresh = async (): Promise<void> => {
+    try {
+      render((await call<{ snapshots: Snapshot[] }>('GET', vmPath(name, '/snapshots'))).snapshots);
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 404)) say(`Cannot list snapshots: ${errText(e)}`, 'error');
+    }
+  };
+  take.addEventListener('click', async () => {
+    if (tag.value && !tag.reportValidity()) return;
+    const body = tag.value.trim() ? { tag: tag.value.trim() } : {};
+    await act(`Snapshot ${name}`, () => call('POST', vmPath(name, '/snapshots'), body), take);
+    tag.value = '';
+  });
+  return { el, refresh };
 }
 
 // ---------------------------------------------------------------- forms

@@ -310,6 +310,7 @@ async function main() {
   await vrow.getByRole('link', { name: VM }).click();
   await until('the viewer console to show 42', 30000, async () => has42(await termText(vpage, VM)));
   await checkAllDisabled(vpage, 'the VM page');
+  if (!(await vpage.getByRole('button', { name: 'Take snapshot' }).isDisabled())) fail('Take snapshot is enabled for a viewer');
   await vpage.locator(`.term[data-vm="${VM}"]`).click();
   await vpage.keyboard.type('echo viewer$((3*3))x');
   await vpage.keyboard.press('Enter');
@@ -346,6 +347,45 @@ async function main() {
   await page.getByRole('button', { name: `Reboot ${VM}` }).click();
   await page.locator('#status', { hasText: `Reboot ${VM}: done` }).waitFor({ timeout: 60000 });
   await until('state running after the reboot', 30000, async () => (await vmState(page)) === 'running');
+
+  // ---- snapshots: take one, clone it (the clone runs beside the VM),
+  // restore it into the running VM, delete it once the clone is gone
+  const TAG = 'e2e-snap';
+  const CLONE = `${VM}-clone`;
+  await page.getByLabel('Tag', { exact: true }).fill(TAG);
+  await page.getByRole('button', { name: 'Take snapshot' }).click();
+  const srow = page.locator(`tr[data-snapshot="${TAG}"]`);
+  await srow.waitFor({ timeout: 120000 });
+  const taken = (await unix('GET', `/v1/vms/${VM}/snapshots/${TAG}`)).json;
+  if (taken?.memory_bytes !== 256 * 1024 * 1024) fail(`unexpected snapshot record: ${JSON.stringify(taken)}`);
+  await snap(page, 'snapshot-taken');
+  await a11y(page, 'the VM page with a snapshot');
+  await srow.getByRole('button', { name: `Clone ${VM} from ${TAG}` }).click();
+  const cdlg = page.getByRole('dialog');
+  await cdlg.getByLabel('Name of the new VM').fill(CLONE);
+  await snap(page, 'clone-dialog');
+  await cdlg.getByRole('button', { name: 'Clone' }).click();
+  await page.locator('#status', { hasText: `Clone ${VM} from ${TAG} as ${CLONE}: done` }).waitFor({ timeout: 120000 });
+  const cloned = (await unix('GET', `/v1/vms/${CLONE}`)).json;
+  if (cloned?.state !== 'running') fail(`the clone is not running: ${JSON.stringify(cloned)}`);
+  await srow.getByRole('link', { name: CLONE }).waitFor();
+  if (!(await srow.getByRole('button', { name: `Delete snapshot ${TAG}` }).isDisabled())) fail('a snapshot with a clone can be deleted');
+  const pidBefore = (await unix('GET', `/v1/vms/${VM}`)).json.pid;
+  await srow.getByRole('button', { name: `Restore ${VM} from ${TAG}` }).click();
+  await confirm(page, `Restore ${TAG}`);
+  await page.locator('#status', { hasText: `Restore ${VM} from ${TAG}: done` }).waitFor({ timeout: 120000 });
+  const restored = (await unix('GET', `/v1/vms/${VM}`)).json;
+  if (restored.state !== 'running' || restored.pid === pidBefore) fail(`the restore did not start a new process: ${JSON.stringify(restored)}`);
+  await snap(page, 'snapshot-restored');
+  for (const [m, p] of [['POST', `/v1/vms/${CLONE}/kill`], ['DELETE', `/v1/vms/${CLONE}`]]) {
+    const r = await unix(m, p);
+    if (r.status >= 300) fail(`${m} ${p}: ${r.status} ${r.body}`);
+  }
+  await until('Delete snapshot to be enabled', 20000, async () => !(await srow.getByRole('button', { name: `Delete snapshot ${TAG}` }).isDisabled()));
+  await srow.getByRole('button', { name: `Delete snapshot ${TAG}` }).click();
+  await confirm(page, `Delete ${TAG}`);
+  await until('the snapshot row to go', 20000, async () => (await srow.count()) === 0);
+  if ((await unix('GET', `/v1/vms/${VM}/snapshots/${TAG}`)).status !== 404) fail('the snapshot is still there');
   await page.getByRole('button', { name: `Force stop ${VM}` }).click();
   await snap(page, 'confirm-force-stop');
   await confirm(page, `Force stop ${VM}`);
