@@ -535,9 +535,15 @@ mod tests {
             to: "https://a:1".into(),
             token: Some("t".into()),
             ca_cert: Some("pem".into()),
+            postcopy: true,
         };
         assert_eq!(keys(&m), properties("Migrate"));
-        let stats = crate::vms::MigrationStats::default();
+        let postcopy = crate::vms::PostcopyStats::default();
+        assert_eq!(keys(&postcopy), properties("PostcopyStats"));
+        let stats = crate::vms::MigrationStats {
+            postcopy: Some(postcopy),
+            ..Default::default()
+        };
         assert_eq!(keys(&stats), properties("MigrationStats"));
         let done = crate::vms::Migrated {
             vm: "a".into(),

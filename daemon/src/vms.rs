@@ -77,7 +77,7 @@ const RESET_ON_REQUEST: &str = "the VM was reset on request";
 mod migrate;
 mod snapshots;
 
-pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationStats, MigrationTls};
+pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationStats, MigrationTls, PostcopyStats};
 pub use snapshots::clone_disk;
 
 /// How a VM's process starts: booting its definition, or from a snapshot.

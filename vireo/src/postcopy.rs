@@ -454,7 +454,9 @@ impl Link {
                     SILENCE.as_secs()
                 ));
             }
-            while let Some((kind, payload)) = buf.next_message().map_err(|e| format!("the source: {e}"))? {
+            while let Some((kind, payload)) =
+                buf.next_message().map_err(|e| format!("the source: {e}"))?
+            {
                 self.handle(kind, &payload)?;
                 heard = Instant::now();
             }

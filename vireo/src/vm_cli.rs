@@ -163,8 +163,10 @@ pub enum VmCommand {
 }
 
 const MIGRATE_EXAMPLES: &str = "\
-Example:
+Examples:
   vireo vm migrate web --to https://host2:8443 \\
+      --target-token-file ~/.config/vireo/host2.token --target-ca-cert host2-ca.pem
+  vireo vm migrate busy-db --to https://host2:8443 --postcopy \\
       --target-token-file ~/.config/vireo/host2.token --target-ca-cert host2-ca.pem
 
 The target daemon needs a TCP listener (--listen tcp:HOST:PORT with --tls-cert
@@ -191,6 +193,13 @@ pub struct MigrateArgs {
     /// The CA certificate (PEM) the target daemon's certificate is checked against.
     #[arg(long, value_name = "PEM")]
     pub target_ca_cert: Option<PathBuf>,
+
+    /// Post-copy: after one full copy the guest runs on the target at once
+    /// and fetches the pages it dirtied since on demand (for guests that
+    /// dirty memory faster than the link carries it; if the link breaks
+    /// during post-copy the VM stops on both hosts).
+    #[arg(long)]
+    pub postcopy: bool,
 }
 
 const SNAPSHOT_EXAMPLES: &str = "\
@@ -736,6 +745,7 @@ fn migrate(client: &Client, a: MigrateArgs) -> Result<(), Failure> {
         to: a.to.clone(),
         token,
         ca_cert,
+        postcopy: a.postcopy,
     })
     .expect("serialisable");
     let done: vireo_daemon::vms::Migrated = client.call_with_timeout(
@@ -754,6 +764,12 @@ fn migrate(client: &Client, a: MigrateArgs) -> Result<(), Failure> {
         m.rounds,
         mib(m.bytes_sent)
     );
+    if let Some(pc) = &m.postcopy {
+        println!(
+            "post-copy: {} page(s) fetched on demand, {} pushed, {} ms until the last",
+            pc.pages_requested, pc.pages_pushed, pc.postcopy_ms
+        );
+    }
     Ok(())
 }
 

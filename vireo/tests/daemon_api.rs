@@ -1729,6 +1729,41 @@ fn a_vm_migrates_live_between_two_daemons() {
     }
     let (status, v) = dst.json("POST", "/v1/vms/m/kill", None);
     assert_eq!(status, 200, "{v}");
+
+    // Post-copy: the guest runs on the target before the pages it dirtied
+    // during the first copy have arrived, and counts on there.
+    src.create("p", &kernel);
+    let (status, v) = src.json("POST", "/v1/vms/p/start", None);
+    assert_eq!(status, 200, "{v}");
+    let before = src.wait_count("p", 3);
+    let out = src.cli(&[
+        "migrate",
+        "p",
+        "--to",
+        &to,
+        "--postcopy",
+        "--target-token-file",
+        &token_file.display().to_string(),
+        "--target-ca-cert",
+        &ca.display().to_string(),
+    ]);
+    out.assert_status(0);
+    assert!(
+        out.stdout.contains(&format!("migrated p to {to}")) && out.stdout.contains("post-copy:"),
+        "{out}"
+    );
+    let (status, _) = src.json("GET", "/v1/vms/p", None);
+    assert_eq!(status, 404, "the source still has the VM");
+    dst.wait_for("the post-copy guest to count", || {
+        dst.counts("p").len() >= 3
+    });
+    let c = dst.counts("p");
+    assert!(c[0] >= before, "the migrated guest started over: {c:?}");
+    for pair in c.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "counts skip: {c:?}");
+    }
+    let (status, v) = dst.json("POST", "/v1/vms/p/kill", None);
+    assert_eq!(status, 200, "{v}");
 }
 
 /// A diff snapshot records its parent (the last snapshot of this run),

@@ -61,6 +61,11 @@ pub struct Migrate {
     /// checked against [default: the system's CA bundle].
     #[serde(default)]
     pub ca_cert: Option<String>,
+    /// Post-copy: after one full copy the guest runs on the target at
+    /// once and fetches the pages it dirtied since on demand (for guests
+    /// that dirty memory faster than pre-copy can send it).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// What `migrate-to` measured.
@@ -71,6 +76,20 @@ pub struct MigrationStats {
     pub bytes_sent: u64,
     pub rounds: u64,
     pub pages_sent: u64,
+    /// The post-copy phase, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyStats>,
+}
+
+/// What the post-copy phase of a migration measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PostcopyStats {
+    /// Pages the guest touched on the target before they arrived.
+    pub pages_requested: u64,
+    /// Pages sent in the background.
+    pub pages_pushed: u64,
+    /// From the target taking over to its last page.
+    pub postcopy_ms: u64,
 }
 
 /// The reply to `POST /v1/vms/{name}/migrate`.
@@ -420,7 +439,8 @@ impl Daemon {
             format!("tcp:{host}:{}", ready.port)
         };
         let socket = dir.join(super::CONTROL_SOCKET);
-        let command = format!("migrate-to {target} --ca {}", ca_file.display());
+        let mode = if req.postcopy { " --postcopy" } else { "" };
+        let command = format!("migrate-to {target} --ca {}{mode}", ca_file.display());
         let reply = self
             .control_within(name, &socket, &command, MIGRATION_TIMEOUT)
             .await;
