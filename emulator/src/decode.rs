@@ -399,10 +399,13 @@ impl Cpu {
         let (ppage, host) = self.fetch_page(la)?;
         let off = (la & (PAGE_SIZE - 1)) as usize;
         let Some(host) = host else {
-            return Err(Trap::Internal(format!(
-                "instruction fetch from non-RAM physical address {:#x} (RIP {la:#x})",
-                (ppage << 12) + off as u64
-            )));
+            return Err(Trap::Internal(
+                format!(
+                    "instruction fetch from non-RAM physical address {:#x} (RIP {la:#x})",
+                    (ppage << 12) + off as u64
+                )
+                .into(),
+            ));
         };
         let host = host + off;
         if let Some(b) = self.icache.get(ppage, la) {

@@ -313,9 +313,10 @@ impl Cpu {
         let room = (PAGE_SIZE - (la & (PAGE_SIZE - 1))) as usize;
         let first = room.min(15);
         if !self.mem.read(pa, &mut buf[..first]) {
-            return Err(Trap::Internal(format!(
-                "instruction fetch from non-RAM physical address {pa:#x} (RIP {la:#x})"
-            )));
+            return Err(Trap::Internal(
+                format!("instruction fetch from non-RAM physical address {pa:#x} (RIP {la:#x})")
+                    .into(),
+            ));
         }
         if first == 15 || !cross {
             return Ok((pa, first));
@@ -323,9 +324,10 @@ impl Cpu {
         let la2 = la.wrapping_add(first as u64);
         let pa2 = self.translate(la2, AccessKind::Fetch, Privilege::Current)?;
         if !self.mem.read(pa2, &mut buf[first..]) {
-            return Err(Trap::Internal(format!(
-                "instruction fetch from non-RAM physical address {pa2:#x} (RIP {la2:#x})"
-            )));
+            return Err(Trap::Internal(
+                format!("instruction fetch from non-RAM physical address {pa2:#x} (RIP {la2:#x})")
+                    .into(),
+            ));
         }
         Ok((pa, 15))
     }

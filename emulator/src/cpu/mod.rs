@@ -57,10 +57,12 @@ pub(crate) enum Trap {
     /// An architectural exception to deliver through the IDT.
     Exception { vector: u8, error: Option<u32> },
     /// The instruction needs data from the VMM (MMIO read, `IN`). Nothing
-    /// was committed; the instruction restarts on the next `run`.
-    NeedInput(Exit),
+    /// was committed; the instruction restarts on the next `run`. Boxed,
+    /// like [`Trap::Internal`]'s message, so that a [`Flow`] is two
+    /// machine words and every handler returns it in registers.
+    NeedInput(Box<Exit>),
     /// Stop with [`Exit::InternalError`].
-    Internal(String),
+    Internal(Msg),
     /// A LOCKed read-modify-write lost a race with another vCPU: nothing
     /// was written; run the instruction again.
     Retry,
@@ -76,6 +78,33 @@ pub(crate) struct AtomicOp {
 }
 
 pub(crate) type Flow<T = ()> = std::result::Result<T, Trap>;
+
+/// The message of [`Trap::Internal`], one pointer wide (see
+/// [`Trap::NeedInput`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Msg(Box<String>);
+
+impl From<&str> for Msg {
+    fn from(s: &str) -> Self {
+        Msg(Box::new(s.to_string()))
+    }
+}
+
+impl From<String> for Msg {
+    fn from(s: String) -> Self {
+        Msg(Box::new(s))
+    }
+}
+
+impl From<Msg> for String {
+    fn from(m: Msg) -> Self {
+        *m.0
+    }
+}
+
+// Every handler returns a `Flow`: two words come back in registers, a
+// larger one through memory.
+const _: () = assert!(std::mem::size_of::<Flow>() <= 16);
 
 /// Registers saved before each instruction, restored when it does not
 /// complete.
@@ -419,8 +448,8 @@ impl Cpu {
                 self.state.rip = start_rip;
                 self.state.rflags = start_flags;
                 self.state.gpr = start_gpr;
-                self.awaiting_input = Some(exit.clone());
-                Some(exit)
+                self.awaiting_input = Some((*exit).clone());
+                Some(*exit)
             }
             Err(Trap::Retry) => {
                 self.state.rip = start_rip;
@@ -445,7 +474,7 @@ impl Cpu {
             }
             Err(Trap::Internal(why)) => {
                 self.state.rip = start_rip;
-                Some(Exit::InternalError(why))
+                Some(Exit::InternalError(why.into()))
             }
         }
     }
@@ -463,7 +492,7 @@ impl Cpu {
         }
         // A restarted instruction asked for something else: drop stale input.
         self.responses.truncate(self.resp_idx);
-        Err(Trap::NeedInput(key))
+        Err(Trap::NeedInput(Box::new(key)))
     }
 
     /// Log an unimplemented instruction once per (RIP, opcode) and raise #UD.
