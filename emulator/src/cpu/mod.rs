@@ -260,6 +260,26 @@ impl Cpu {
         self.since_sync = 0;
     }
 
+    /// A serializing instruction (IRET, CPUID): code other vCPUs wrote is
+    /// seen from here on (the x86 rule for cross-modifying code). A vCPU
+    /// alone in its VM has no other vCPU, so nothing changes: Linux's
+    /// `sync_core()` (an IRET to itself after every kernel text patch, about
+    /// 100,000 times in a boot) then costs no re-check of decoded code.
+    /// Writes by devices and the VMM are covered by the other epoch starts
+    /// (exits, interrupts, [`CODE_SYNC_INSTRS`]). A CPU without a platform
+    /// (used alone or in tests with others sharing its memory) always
+    /// starts a new epoch.
+    #[inline]
+    pub(crate) fn serialize(&mut self) {
+        if self
+            .link
+            .as_ref()
+            .is_none_or(|l| l.platform.cpu_count() != 1)
+        {
+            self.code_sync();
+        }
+    }
+
     /// Run at most `budget` instructions.
     pub fn run(&mut self, budget: u64) -> Exit {
         // After an exit the VMM handled (an I/O or MMIO access, which may
