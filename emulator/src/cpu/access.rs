@@ -65,6 +65,24 @@ impl Cpu {
         (e.tag == fast_tag(la, user)).then_some((e.ppage, e.host))
     }
 
+    /// The host address of `len` bytes at `la` for a plain (not LOCKed)
+    /// read (`write` false) or write at the current privilege, if the fast
+    /// tables hold the page and the bytes stay inside it: RAM and, for a
+    /// write, a page without decoded code. `None`: take the full path.
+    #[inline]
+    pub(crate) fn fast_span(&self, la: u64, len: usize, write: bool) -> Option<usize> {
+        if self.atomic.is_some() {
+            return None;
+        }
+        let user = self.user_access(Privilege::Current);
+        let table = if write {
+            &self.tlb.fast.write
+        } else {
+            &self.tlb.fast.read
+        };
+        fast_host(table, la, len, user)
+    }
+
     /// Read `buf.len()` (at most 16) bytes at linear address `la`.
     pub(crate) fn read_lin(&mut self, la: u64, buf: &mut [u8], who: Privilege) -> Flow {
         let user = self.user_access(who);
