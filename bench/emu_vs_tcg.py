@@ -128,7 +128,7 @@ def main():
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "qemu": None if a.no_qemu else subprocess.run([a.qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
-        "baseline": a.baseline,
+        "vireo": a.vireo, "baseline": a.baseline,
         "kernel": conf.get("kernel_version"), "cmdline": cmdline, "memory_mib": a.memory,
         "results": results, "ratios": ratios,
         "load_average": os.getloadavg(), "load_average_start": load_start,

@@ -25,8 +25,10 @@
 //!   exit the VMM handled (I/O, MMIO: e.g. a device's status read), every
 //!   [`crate::cpu::CODE_SYNC_INSTRS`] instructions, at every
 //!   interrupt or exception delivery and at the serializing CPUID and
-//!   IRET. That covers the x86 rule for cross-modifying code (the
-//!   executing CPU serializes before it runs code another CPU wrote) and
+//!   IRET when another vCPU may have written code ([`Cpu::serialize`]:
+//!   not in a VM with one vCPU). That covers the x86 rule for
+//!   cross-modifying code (the executing CPU serializes before it runs
+//!   code another CPU wrote) and
 //!   device writes (the guest learns of them by an interrupt, or by
 //!   polling, which is seen within CODE_SYNC_INSTRS instructions), while a
 //!   hot loop pays the comparison once per epoch rather than per block.
@@ -42,7 +44,8 @@
 //! alive), the TLB's epoch (no flush, so the linear address still
 //! translates to the same page with the same rights), the privilege of
 //! the fetch, and the code epoch (a block not yet checked in this epoch
-//! takes the full path, which compares its bytes).
+//! is compared with guest memory through the host address the link
+//! keeps, and takes the full path only if its bytes changed).
 
 use std::cell::Cell;
 use std::collections::HashMap;

@@ -58,8 +58,8 @@ pub(crate) enum Trap {
     Exception { vector: u8, error: Option<u32> },
     /// The instruction needs data from the VMM (MMIO read, `IN`). Nothing
     /// was committed; the instruction restarts on the next `run`. Boxed,
-    /// like [`Trap::Internal`]'s message, so that a [`Flow`] is two
-    /// machine words and every handler returns it in registers.
+    /// like [`Trap::Internal`]'s message, so that a [`Flow`] (every
+    /// handler's result) is two machine words, not four.
     NeedInput(Box<Exit>),
     /// Stop with [`Exit::InternalError`].
     Internal(Msg),
@@ -82,6 +82,8 @@ pub(crate) type Flow<T = ()> = std::result::Result<T, Trap>;
 /// The message of [`Trap::Internal`], one pointer wide (see
 /// [`Trap::NeedInput`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+// One pointer: a `String` or `Box<str>` would make `Trap` 24 or 32 bytes.
+#[allow(clippy::box_collection)]
 pub(crate) struct Msg(Box<String>);
 
 impl From<&str> for Msg {
@@ -102,8 +104,7 @@ impl From<Msg> for String {
     }
 }
 
-// Every handler returns a `Flow`: two words come back in registers, a
-// larger one through memory.
+// Every handler returns a `Flow`: keep it small.
 const _: () = assert!(std::mem::size_of::<Flow>() <= 16);
 
 /// Registers saved before each instruction, restored when it does not
