@@ -61,11 +61,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kit", default=os.environ.get("KIT", "target/tmp/guest-kit"))
     ap.add_argument("--vireo", default="target/release/vireo")
+    ap.add_argument("--baseline", metavar="BIN",
+                    help="also run this vireo binary (e.g. the build before a change) in the same rounds, "
+                         "for a side-by-side comparison on the same host load")
+    ap.add_argument("--no-qemu", action="store_true", help="skip QEMU (with --baseline: vireo vs baseline only)")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--timeout", type=int, default=1200)
     a = ap.parse_args()
-    if not shutil.which(a.qemu):
+    if not a.no_qemu and not shutil.which(a.qemu):
         sys.exit(f"{a.qemu} not found: apt-get install qemu-system-x86 (it is only the reference)")
     conf = kit_config(a.kit)
     kernel = os.path.join(a.kit, conf["kernel"])
@@ -75,17 +79,26 @@ def main():
     tmp = tempfile.mkdtemp(prefix="vireo-bench-")
     vireo = os.path.join(tmp, "vireo")
     shutil.copy2(a.vireo, vireo)
+    emu_args = lambda binary: [binary, "run", "--accel", "emu", "--kernel", kernel, "--initrd", initrd,
+                               "--cmdline", cmdline, "--memory", str(a.memory)]
     vmms = {
-        "vireo --accel emu": [vireo, "run", "--accel", "emu", "--kernel", kernel, "--initrd", initrd,
-                              "--cmdline", cmdline, "--memory", str(a.memory)],
+        "vireo --accel emu": emu_args(vireo),
         "qemu -accel tcg": [a.qemu, "-accel", "tcg", "-M", "q35", "-cpu", "max", "-m", str(a.memory),
                             "-kernel", kernel, "-initrd", initrd, "-append", cmdline,
                             "-nographic", "-serial", "stdio", "-monitor", "none", "-no-reboot", "-nodefaults"],
     }
+    if a.no_qemu:
+        del vmms["qemu -accel tcg"]
+    if a.baseline:
+        base = os.path.join(tmp, "vireo-baseline")
+        shutil.copy2(a.baseline, base)
+        vmms["vireo baseline"] = emu_args(base)
+    load_start = os.getloadavg()
     results = {name: [] for name in vmms}
     names = list(vmms)
+    n = len(names)
     for r in range(a.rounds):
-        for name in names[r % 2:] + names[:r % 2]:
+        for name in names[r % n:] + names[:r % n]:
             first, total, ok, cpu = run(vmms[name], a.timeout)
             results[name].append({"init_line_s": first, "power_off_s": total, "cpu_s": cpu, "ok": ok})
             print(f"round {r + 1}: {name:20} /init line {first if first is None else round(first, 2)} s, "
@@ -100,19 +113,25 @@ def main():
     for name in names:
         print(f"{name:22}{med(name, 'init_line_s') or float('nan'):>21.2f}s{med(name, 'power_off_s') or float('nan'):>21.2f}s"
               f"{med(name, 'cpu_s') or float('nan'):>21.2f}s")
-    v, q = names
+    v = names[0]
     ratios = {}
-    for key in ("init_line_s", "power_off_s", "cpu_s"):
-        if med(v, key) and med(q, key):
-            ratios[key] = med(v, key) / med(q, key)
-    print("ratio vireo/QEMU: " + ", ".join(f"{k} {r:.2f}" for k, r in ratios.items()))
+    for other, label in (("qemu -accel tcg", "QEMU"), ("vireo baseline", "baseline")):
+        if other not in results:
+            continue
+        rs = {}
+        for key in ("init_line_s", "power_off_s", "cpu_s"):
+            if med(v, key) and med(other, key):
+                rs[key] = med(v, key) / med(other, key)
+        print(f"ratio vireo/{label}: " + ", ".join(f"{k} {r:.2f}" for k, r in rs.items()))
+        ratios[label] = rs
     out = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "git": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "qemu": subprocess.run([a.qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+        "qemu": None if a.no_qemu else subprocess.run([a.qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+        "vireo": a.vireo, "baseline": a.baseline,
         "kernel": conf.get("kernel_version"), "cmdline": cmdline, "memory_mib": a.memory,
         "results": results, "ratios": ratios,
-        "load_average": os.getloadavg(),
+        "load_average": os.getloadavg(), "load_average_start": load_start,
     }
     os.makedirs("bench/results", exist_ok=True)
     path = f"bench/results/emu-vs-tcg-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"

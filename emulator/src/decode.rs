@@ -25,8 +25,10 @@
 //!   exit the VMM handled (I/O, MMIO: e.g. a device's status read), every
 //!   [`crate::cpu::CODE_SYNC_INSTRS`] instructions, at every
 //!   interrupt or exception delivery and at the serializing CPUID and
-//!   IRET. That covers the x86 rule for cross-modifying code (the
-//!   executing CPU serializes before it runs code another CPU wrote) and
+//!   IRET when another vCPU may have written code ([`Cpu::serialize`]:
+//!   not in a VM with one vCPU). That covers the x86 rule for
+//!   cross-modifying code (the executing CPU serializes before it runs
+//!   code another CPU wrote) and
 //!   device writes (the guest learns of them by an interrupt, or by
 //!   polling, which is seen within CODE_SYNC_INSTRS instructions), while a
 //!   hot loop pays the comparison once per epoch rather than per block.
@@ -42,7 +44,8 @@
 //! alive), the TLB's epoch (no flush, so the linear address still
 //! translates to the same page with the same rights), the privilege of
 //! the fetch, and the code epoch (a block not yet checked in this epoch
-//! takes the full path, which compares its bytes).
+//! is compared with guest memory through the host address the link
+//! keeps, and takes the full path only if its bytes changed).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -123,6 +126,12 @@ struct Link {
     /// Alive while the cache's generation is `generation`: the cache holds
     /// an `Rc` of every block it links to until it bumps the generation.
     block: *const Block,
+    /// The host address of the block's first byte in guest RAM, valid
+    /// while the TLB epoch is `tlb_epoch` (the linear address still maps
+    /// to the same page): a block not yet checked in this code epoch is
+    /// compared with guest memory from here, without the fetch
+    /// translation and the cache probe.
+    host: usize,
 }
 
 const NO_LINK: Link = Link {
@@ -131,6 +140,7 @@ const NO_LINK: Link = Link {
     tlb_epoch: 0,
     user: false,
     block: std::ptr::null(),
+    host: 0,
 };
 
 impl Block {
@@ -357,7 +367,7 @@ impl Cpu {
         let la = self.code_la(bits);
         let user = self.user_access(crate::mmu::Privilege::Current);
         let Some(prev) = prev else {
-            return self.block_lookup(bits, rip, la);
+            return Ok(self.block_lookup(bits, rip, la)?.map(|(b, _)| b));
         };
         let link = &prev.links[prev.slot(rip)];
         let l = link.get();
@@ -370,7 +380,16 @@ impl Cpu {
             // SAFETY: the generation is unchanged since the link was made,
             // so the cache still holds an `Rc` of the block (see `Link`).
             let b = unsafe { &*l.block };
-            if b.rip == rip && b.checked.get() == self.code_epoch {
+            // SAFETY: `l.host` is the host address of the block's bytes in
+            // a RAM page (see `Link::host`), valid while the TLB epoch is
+            // unchanged (checked above).
+            if b.rip == rip
+                && (b.checked.get() == self.code_epoch
+                    || unsafe { code_unchanged(l.host, &b.code) } && {
+                        b.checked.set(self.code_epoch);
+                        true
+                    })
+            {
                 // SAFETY: `l.block` came from `Rc::as_ptr` of a live `Rc`
                 // (above); the new strong count is owned by the `Rc`
                 // returned.
@@ -381,40 +400,44 @@ impl Cpu {
             }
         }
         let found = self.block_lookup(bits, rip, la)?;
-        if let Some(b) = &found {
+        if let Some((b, host)) = &found {
             link.set(Link {
                 la,
                 generation: self.icache.generation,
                 tlb_epoch: self.tlb.epoch,
                 user,
                 block: Rc::as_ptr(b),
+                host: *host,
             });
         }
-        Ok(found)
+        Ok(found.map(|(b, _)| b))
     }
 
     /// [`Cpu::block_at`] without links: through the fetch translation
-    /// and the cache.
-    fn block_lookup(&mut self, bits: u32, rip: u64, la: u64) -> Flow<Option<Rc<Block>>> {
+    /// and the cache. Also returns the host address of the block's bytes.
+    fn block_lookup(&mut self, bits: u32, rip: u64, la: u64) -> Flow<Option<(Rc<Block>, usize)>> {
         let (ppage, host) = self.fetch_page(la)?;
         let off = (la & (PAGE_SIZE - 1)) as usize;
         let Some(host) = host else {
-            return Err(Trap::Internal(format!(
-                "instruction fetch from non-RAM physical address {:#x} (RIP {la:#x})",
-                (ppage << 12) + off as u64
-            )));
+            return Err(Trap::Internal(
+                format!(
+                    "instruction fetch from non-RAM physical address {:#x} (RIP {la:#x})",
+                    (ppage << 12) + off as u64
+                )
+                .into(),
+            ));
         };
         let host = host + off;
         if let Some(b) = self.icache.get(ppage, la) {
             if b.rip == rip {
                 if b.checked.get() == self.code_epoch {
-                    return Ok(Some(b));
+                    return Ok(Some((b, host)));
                 }
                 // SAFETY: `host` is `off` bytes into a RAM page the memory
                 // vouched for, and the block's bytes end inside that page.
                 if unsafe { code_unchanged(host, &b.code) } {
                     b.checked.set(self.code_epoch);
-                    return Ok(Some(b));
+                    return Ok(Some((b, host)));
                 }
                 // Rewritten behind the emulator's back (by a device, the
                 // VMM or another vCPU): the page's other blocks are likely
@@ -465,7 +488,7 @@ impl Cpu {
             // Writes to this page must now drop its decoded code.
             self.tlb.fast.drop_writes_to(ppage << 12);
         }
-        Ok(Some(block))
+        Ok(Some((block, host)))
     }
 
     /// Fetch and decode the instruction at CS:RIP, uncached; invalid

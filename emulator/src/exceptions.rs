@@ -110,7 +110,7 @@ impl Cpu {
                     "delivery of vector {vector} touched MMIO (IDT, GDT, TSS or stack outside RAM)"
                 )))
                 }
-                Err(Trap::Internal(why)) => return Some(Exit::InternalError(why)),
+                Err(Trap::Internal(why)) => return Some(Exit::InternalError(why.into())),
                 Err(Trap::Retry) => {
                     return Some(Exit::InternalError(format!(
                         "delivery of vector {vector} raced with another vCPU"
@@ -245,7 +245,8 @@ impl Cpu {
         if new_cpl != cpl {
             return Err(Trap::Internal(format!(
                 "32-bit protected-mode delivery of vector {vector} to another privilege level is not emulated"
-            )));
+            )
+            .into()));
         }
         let sp = self.state.gpr[4];
         let mut pushed = self

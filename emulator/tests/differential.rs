@@ -1462,10 +1462,20 @@ fn string_instructions_match_host() {
             scratch_va: scratch,
         };
         let mut ctx = g.random_ctx(df);
-        let count = rng.below(24);
+        // Mostly short; one in four long enough to cross the page in the
+        // middle of the scratch area (REP MOVS/STOS copy whole runs inside
+        // a page at once).
+        let count = if rng.chance(4) {
+            rng.below(300)
+        } else {
+            rng.below(24)
+        };
         ctx.gpr[1] = count;
-        ctx.gpr[6] = scratch + 512 + rng.below(SCRATCH_LEN as u64 - 1024);
-        ctx.gpr[7] = scratch + 512 + rng.below(SCRATCH_LEN as u64 - 1024);
+        let span = count * u64::from(size);
+        let lo = scratch + 512 + if df { span } else { 0 };
+        let room = SCRATCH_LEN as u64 - 1024 - span;
+        ctx.gpr[6] = lo + rng.below(room);
+        ctx.gpr[7] = lo + rng.below(room);
         if rng.chance(3) {
             // Make SCAS/CMPS hit equal data sometimes.
             ctx.gpr[0] &= 0xff;

@@ -69,6 +69,24 @@ impl Cpu {
         (e.tag == fast_tag(la, user)).then_some((e.ppage, e.host))
     }
 
+    /// The host address of `len` bytes at `la` for a plain (not LOCKed)
+    /// read (`write` false) or write at the current privilege, if the fast
+    /// tables hold the page and the bytes stay inside it: RAM and, for a
+    /// write, a page without decoded code. `None`: take the full path.
+    #[inline]
+    pub(crate) fn fast_span(&self, la: u64, len: usize, write: bool) -> Option<usize> {
+        if self.atomic.is_some() {
+            return None;
+        }
+        let user = self.user_access(Privilege::Current);
+        let table = if write {
+            &self.tlb.fast.write
+        } else {
+            &self.tlb.fast.read
+        };
+        fast_host(table, la, len, user)
+    }
+
     /// Read `buf.len()` (at most 16) bytes at linear address `la`.
     pub(crate) fn read_lin(&mut self, la: u64, buf: &mut [u8], who: Privilege) -> Flow {
         let user = self.user_access(who);
@@ -318,9 +336,10 @@ impl Cpu {
         let room = (PAGE_SIZE - (la & (PAGE_SIZE - 1))) as usize;
         let first = room.min(15);
         if !self.mem.read(pa, &mut buf[..first]) {
-            return Err(Trap::Internal(format!(
-                "instruction fetch from non-RAM physical address {pa:#x} (RIP {la:#x})"
-            )));
+            return Err(Trap::Internal(
+                format!("instruction fetch from non-RAM physical address {pa:#x} (RIP {la:#x})")
+                    .into(),
+            ));
         }
         if first == 15 || !cross {
             return Ok((pa, first));
@@ -328,9 +347,10 @@ impl Cpu {
         let la2 = la.wrapping_add(first as u64);
         let pa2 = self.translate(la2, AccessKind::Fetch, Privilege::Current)?;
         if !self.mem.read(pa2, &mut buf[first..]) {
-            return Err(Trap::Internal(format!(
-                "instruction fetch from non-RAM physical address {pa2:#x} (RIP {la2:#x})"
-            )));
+            return Err(Trap::Internal(
+                format!("instruction fetch from non-RAM physical address {pa2:#x} (RIP {la2:#x})")
+                    .into(),
+            ));
         }
         Ok((pa, 15))
     }

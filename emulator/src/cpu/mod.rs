@@ -57,10 +57,12 @@ pub(crate) enum Trap {
     /// An architectural exception to deliver through the IDT.
     Exception { vector: u8, error: Option<u32> },
     /// The instruction needs data from the VMM (MMIO read, `IN`). Nothing
-    /// was committed; the instruction restarts on the next `run`.
-    NeedInput(Exit),
+    /// was committed; the instruction restarts on the next `run`. Boxed,
+    /// like [`Trap::Internal`]'s message, so that a [`Flow`] (every
+    /// handler's result) is two machine words, not four.
+    NeedInput(Box<Exit>),
     /// Stop with [`Exit::InternalError`].
-    Internal(String),
+    Internal(Msg),
     /// A LOCKed read-modify-write lost a race with another vCPU: nothing
     /// was written; run the instruction again.
     Retry,
@@ -76,6 +78,34 @@ pub(crate) struct AtomicOp {
 }
 
 pub(crate) type Flow<T = ()> = std::result::Result<T, Trap>;
+
+/// The message of [`Trap::Internal`], one pointer wide (see
+/// [`Trap::NeedInput`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+// One pointer: a `String` or `Box<str>` would make `Trap` 24 or 32 bytes.
+#[allow(clippy::box_collection)]
+pub(crate) struct Msg(Box<String>);
+
+impl From<&str> for Msg {
+    fn from(s: &str) -> Self {
+        Msg(Box::new(s.to_string()))
+    }
+}
+
+impl From<String> for Msg {
+    fn from(s: String) -> Self {
+        Msg(Box::new(s))
+    }
+}
+
+impl From<Msg> for String {
+    fn from(m: Msg) -> Self {
+        *m.0
+    }
+}
+
+// Every handler returns a `Flow`: keep it small.
+const _: () = assert!(std::mem::size_of::<Flow>() <= 16);
 
 /// Registers saved before each instruction, restored when it does not
 /// complete.
@@ -237,6 +267,26 @@ impl Cpu {
     pub(crate) fn code_sync(&mut self) {
         self.code_epoch = self.code_epoch.wrapping_add(1);
         self.since_sync = 0;
+    }
+
+    /// A serializing instruction (IRET, CPUID): code other vCPUs wrote is
+    /// seen from here on (the x86 rule for cross-modifying code). A vCPU
+    /// alone in its VM has no other vCPU, so nothing changes: Linux's
+    /// `sync_core()` (an IRET to itself after every kernel text patch, about
+    /// 100,000 times in a boot) then costs no re-check of decoded code.
+    /// Writes by devices and the VMM are covered by the other epoch starts
+    /// (exits, interrupts, [`CODE_SYNC_INSTRS`]). A CPU without a platform
+    /// (used alone or in tests with others sharing its memory) always
+    /// starts a new epoch.
+    #[inline]
+    pub(crate) fn serialize(&mut self) {
+        if self
+            .link
+            .as_ref()
+            .is_none_or(|l| l.platform.cpu_count() != 1)
+        {
+            self.code_sync();
+        }
     }
 
     /// Run at most `budget` instructions.
@@ -427,8 +477,8 @@ impl Cpu {
                 self.state.rip = start_rip;
                 self.state.rflags = start_flags;
                 self.state.gpr = start_gpr;
-                self.awaiting_input = Some(exit.clone());
-                Some(exit)
+                self.awaiting_input = Some((*exit).clone());
+                Some(*exit)
             }
             Err(Trap::Retry) => {
                 self.state.rip = start_rip;
@@ -453,7 +503,7 @@ impl Cpu {
             }
             Err(Trap::Internal(why)) => {
                 self.state.rip = start_rip;
-                Some(Exit::InternalError(why))
+                Some(Exit::InternalError(why.into()))
             }
         }
     }
@@ -471,7 +521,7 @@ impl Cpu {
         }
         // A restarted instruction asked for something else: drop stale input.
         self.responses.truncate(self.resp_idx);
-        Err(Trap::NeedInput(key))
+        Err(Trap::NeedInput(Box::new(key)))
     }
 
     /// Log an unimplemented instruction once per (RIP, opcode) and raise #UD.

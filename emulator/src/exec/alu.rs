@@ -55,16 +55,26 @@ pub(crate) mod form {
 /// [`binary`] specialised at decode time for one operation and a register
 /// destination (the common forms), so that neither the operation nor the
 /// operand kinds are looked up again on every execution.
-pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool>(
+///
+/// `W` is 32 or 64 when every register operand is known at decode time to
+/// be a 32-bit or 64-bit GPR (see [`super::full_gpr`]): the registers are
+/// then indexed directly and the width is a constant; 0 handles any width.
+pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool, const W: u32>(
     cpu: &mut Cpu,
     i: &Instruction,
 ) -> Flow {
     let dst = i.op0_register();
-    let Some((_, bits, _)) = super::gpr_info(dst) else {
-        return binary(cpu, i);
+    let bits = if W != 0 {
+        W
+    } else {
+        let Some((_, bits, _)) = super::gpr_info(dst) else {
+            return binary(cpu, i);
+        };
+        bits
     };
     let m = mask(bits);
     let b = match FORM {
+        form::REG_REG if W != 0 => cpu.state.gpr[super::full_gpr::<W>(i.op1_register())] & m,
         form::REG_REG => cpu.reg(i.op1_register()),
         form::REG_IMM => i.immediate(1) & m,
         _ => {
@@ -72,7 +82,12 @@ pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool>(
             cpu.read_mem(la, (bits / 8) as usize)?
         }
     };
-    let a = cpu.reg(dst);
+    let d = super::full_gpr::<W>(dst);
+    let a = if W != 0 {
+        cpu.state.gpr[d] & m
+    } else {
+        cpu.reg(dst)
+    };
     let cf = cpu.state.flag(CF);
     let (r, f) = match OP {
         op::ADD => flags::add(bits, a, b, false),
@@ -84,7 +99,12 @@ pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool>(
         _ => (a ^ b, flags::logic(bits, a ^ b)),
     };
     if OP != op::CMP && OP != op::TEST {
-        cpu.set_reg(dst, r);
+        if W != 0 {
+            // A 32-bit destination is zero-extended (`r` is masked).
+            cpu.state.gpr[d] = r;
+        } else {
+            cpu.set_reg(dst, r);
+        }
     }
     cpu.state.set_arith(ARITH, f);
     Ok(())

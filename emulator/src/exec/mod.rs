@@ -336,6 +336,31 @@ fn specialised(i: &Instruction) -> Option<Handler> {
             }
         };
     }
+    // The same form with 32-bit, 64-bit or any-width register operands
+    // (`w`: the width every register operand of `i` has, or 0), and with
+    // 64-bit or general addressing.
+    let w = {
+        let regs: Vec<u32> = (0..i.op_count().min(2))
+            .filter(|&n| i.op_kind(n) == OpKind::Register)
+            .map(|n| gpr_width(i, n))
+            .collect();
+        match regs.first() {
+            Some(&w) if regs.iter().all(|&x| x == w) => w,
+            _ => 0,
+        }
+    };
+    macro_rules! aw {
+        ($f:ident, $($p:tt),*) => {
+            match (a64, w) {
+                (true, 64) => $f::<$($p,)* true, 64> as Handler,
+                (true, 32) => $f::<$($p,)* true, 32> as Handler,
+                (true, _) => $f::<$($p,)* true, 0> as Handler,
+                (false, 64) => $f::<$($p,)* false, 64> as Handler,
+                (false, 32) => $f::<$($p,)* false, 32> as Handler,
+                (false, _) => $f::<$($p,)* false, 0> as Handler,
+            }
+        };
+    }
     if i.mnemonic() == M::Imul && gpr(0) && i.op_count() >= 2 {
         use fast::imul_form;
         let three = i.op_count() == 3;
@@ -358,11 +383,12 @@ fn specialised(i: &Instruction) -> Option<Handler> {
             use mov::form as F;
             use mov::mov_form;
             return Some(match () {
-                _ if gpr(0) && gpr(1) => a!(mov_form, { F::REG_REG }),
-                _ if gpr(0) && mem(1) => a!(mov_form, { F::REG_MEM }),
-                _ if mem(0) && gpr(1) => a!(mov_form, { F::MEM_REG }),
-                _ if gpr(0) && imm(1) => a!(mov_form, { F::REG_IMM }),
-                _ if mem(0) && imm(1) => a!(mov_form, { F::MEM_IMM }),
+                _ if gpr(0) && gpr(1) => aw!(mov_form, { F::REG_REG }),
+                _ if gpr(0) && mem(1) => aw!(mov_form, { F::REG_MEM }),
+                _ if mem(0) && gpr(1) => aw!(mov_form, { F::MEM_REG }),
+                _ if gpr(0) && imm(1) => aw!(mov_form, { F::REG_IMM }),
+                _ if mem(0) && imm(1) && a64 => mov_form::<{ F::MEM_IMM }, true, 0>,
+                _ if mem(0) && imm(1) => mov_form::<{ F::MEM_IMM }, false, 0>,
                 _ => return None,
             });
         }
@@ -446,9 +472,9 @@ fn specialised(i: &Instruction) -> Option<Handler> {
             use alu::form as F;
             use fast::binary_mem_form;
             match () {
-                _ if gpr(0) && gpr(1) => binary_form::<{ $op }, { F::REG_REG }, false> as Handler,
-                _ if gpr(0) && imm(1) => binary_form::<{ $op }, { F::REG_IMM }, false>,
-                _ if gpr(0) && mem(1) => a!(binary_form, { $op }, { F::REG_MEM }),
+                _ if gpr(0) && gpr(1) => aw!(binary_form, { $op }, { F::REG_REG }),
+                _ if gpr(0) && imm(1) => aw!(binary_form, { $op }, { F::REG_IMM }),
+                _ if gpr(0) && mem(1) => aw!(binary_form, { $op }, { F::REG_MEM }),
                 _ if mem(0) && gpr(1) => a!(binary_mem_form, { $op }, false),
                 _ if mem(0) && imm(1) => a!(binary_mem_form, { $op }, true),
                 _ => return None,
@@ -712,6 +738,29 @@ fn lock_allowed(i: &Instruction) -> bool {
             | M::Xchg
     ) && i.op_count() > 0
         && i.op0_kind() == OpKind::Memory
+}
+
+/// The index of `r`, a 32-bit (`W` = 32) or 64-bit GPR, which the decoder
+/// checked with [`gpr_width`]. (`W` = 0: unused, 0.)
+#[inline(always)]
+pub(crate) fn full_gpr<const W: u32>(r: Register) -> usize {
+    let base = match W {
+        32 => Register::EAX,
+        64 => Register::RAX,
+        _ => return 0,
+    };
+    (r as usize).wrapping_sub(base as usize) & 15
+}
+
+/// 32 or 64 if operand `n` of `i` is a 32-bit or 64-bit GPR, else 0.
+fn gpr_width(i: &Instruction, n: u32) -> u32 {
+    if i.op_kind(n) != OpKind::Register {
+        return 0;
+    }
+    match gpr_info(i.op_register(n)) {
+        Some((_, b @ (32 | 64), false)) => b,
+        _ => 0,
+    }
 }
 
 /// GPR_TABLE entry bits: valid, legacy high byte, width code (8 << code

@@ -156,8 +156,39 @@ pub(crate) mod form {
 }
 
 /// MOV between general purpose registers, memory and immediates,
-/// specialised at decode time for one operand form.
-pub(crate) fn mov_form<const FORM: u8, const A64: bool>(cpu: &mut Cpu, i: &Instruction) -> Flow {
+/// specialised at decode time for one operand form. `W` (32 or 64, or 0
+/// for any width) as for [`super::alu::binary_form`].
+pub(crate) fn mov_form<const FORM: u8, const A64: bool, const W: u32>(
+    cpu: &mut Cpu,
+    i: &Instruction,
+) -> Flow {
+    use super::full_gpr;
+    let m = mask(W);
+    if W != 0 {
+        match FORM {
+            form::REG_REG => {
+                let v = cpu.state.gpr[full_gpr::<W>(i.op1_register())] & m;
+                cpu.state.gpr[full_gpr::<W>(i.op0_register())] = v;
+                return Ok(());
+            }
+            form::REG_MEM => {
+                let la = cpu.ea_form::<A64>(i);
+                let v = cpu.read_mem(la, (W / 8) as usize)?;
+                cpu.state.gpr[full_gpr::<W>(i.op0_register())] = v;
+                return Ok(());
+            }
+            form::MEM_REG => {
+                let v = cpu.state.gpr[full_gpr::<W>(i.op1_register())];
+                let la = cpu.ea_form::<A64>(i);
+                return cpu.write_mem(la, (W / 8) as usize, v);
+            }
+            form::REG_IMM => {
+                cpu.state.gpr[full_gpr::<W>(i.op0_register())] = i.immediate(1) & m;
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
     match FORM {
         form::REG_REG => {
             let v = cpu.reg(i.op1_register());

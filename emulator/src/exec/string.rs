@@ -47,6 +47,18 @@ pub(crate) fn string(cpu: &mut Cpu, i: &Instruction) -> Flow {
         cpu.check_io(cpu.state.gpr[RDX] as u16, bytes as usize)?;
     }
     let mut done = 0u64;
+    // REP MOVS/STOS forward in 64-bit code: after each iteration (which
+    // fills the fast tables for its pages), the rest of the pages at once.
+    let fast = rep
+        && !io
+        && !conditional
+        && asize == 64
+        && cpu.state.long_mode_64()
+        && !cpu.state.flag(DF)
+        && matches!(
+            i.mnemonic(),
+            M::Movsb | M::Movsw | M::Movsd | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq
+        );
     loop {
         if rep && cpu.state.gpr[RCX] & amask == 0 {
             return Ok(());
@@ -83,6 +95,74 @@ pub(crate) fn string(cpu: &mut Cpu, i: &Instruction) -> Flow {
             cpu.next_rip = i.ip();
             return Ok(());
         }
+        if fast {
+            rep_fast(cpu, i, bytes, src_base, &mut done);
+        }
+    }
+}
+
+/// REP MOVS / REP STOS with DF clear in 64-bit code: runs of iterations
+/// that stay inside one source and one destination page are done at once
+/// through the fast tables' host pointers (the same checks as one
+/// iteration's [`Cpu::read_mem`] / [`Cpu::write_mem`] fast path: RAM,
+/// translated for this privilege, no decoded code on the destination).
+/// Stops (leaving the rest to the per-iteration loop) at a page that is
+/// not in the fast tables, a run of overlapping MOVS, or [`BATCH`]
+/// iterations; each run commits RSI/RDI/RCX, counted in `done`.
+fn rep_fast(cpu: &mut Cpu, i: &Instruction, bytes: u64, src_base: u64, done: &mut u64) {
+    use crate::memory::PAGE_SIZE;
+    let movs = matches!(i.mnemonic(), M::Movsb | M::Movsw | M::Movsd | M::Movsq);
+    while *done < BATCH {
+        let rcx = cpu.state.gpr[RCX];
+        let rdi = cpu.state.gpr[RDI];
+        let src = src_base.wrapping_add(cpu.state.gpr[RSI]);
+        let mut k = rcx
+            .min((PAGE_SIZE - (rdi & (PAGE_SIZE - 1))) / bytes)
+            .min(BATCH - *done);
+        if movs {
+            k = k.min((PAGE_SIZE - (src & (PAGE_SIZE - 1))) / bytes);
+        }
+        if k == 0 {
+            return;
+        }
+        let len = (k * bytes) as usize;
+        let Some(d) = cpu.fast_span(rdi, len, true) else {
+            return;
+        };
+        if movs {
+            let Some(s) = cpu.fast_span(src, len, false) else {
+                return;
+            };
+            if d < s + len && s < d + len {
+                // Overlapping: element by element, as the loop does.
+                return;
+            }
+            // SAFETY: `len` bytes at `s` and at `d` lie in RAM pages the
+            // fast tables vouch for (valid while `cpu.mem` lives), and the
+            // two ranges do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, len) };
+            cpu.state.gpr[RSI] = cpu.state.gpr[RSI].wrapping_add(len as u64);
+        } else {
+            let v = cpu.state.gpr[RAX];
+            let p = d as *mut u8;
+            // SAFETY: `len` bytes at `d` lie in a RAM page the fast write
+            // table vouches for.
+            unsafe {
+                match bytes {
+                    1 => std::ptr::write_bytes(p, v as u8, len),
+                    2 => (0..k as usize)
+                        .for_each(|n| (p.add(2 * n) as *mut u16).write_unaligned(v as u16)),
+                    4 => (0..k as usize)
+                        .for_each(|n| (p.add(4 * n) as *mut u32).write_unaligned(v as u32)),
+                    _ => {
+                        (0..k as usize).for_each(|n| (p.add(8 * n) as *mut u64).write_unaligned(v))
+                    }
+                }
+            }
+        }
+        cpu.state.gpr[RDI] = rdi.wrapping_add(len as u64);
+        cpu.state.gpr[RCX] = rcx - k;
+        *done += k;
     }
 }
 

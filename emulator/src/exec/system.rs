@@ -544,7 +544,7 @@ impl Cpu {
     /// always pops SS:RSP).
     pub(crate) fn iret(&mut self, b: usize) -> Flow {
         // Serializing (Linux's sync_core after cross-modifying code).
-        self.code_sync();
+        self.serialize();
         let rip = self.stack_slot(0, b)?;
         let cs_sel = self.stack_slot(1, b)? as u16;
         let flags = self.stack_slot(2, b)?;
@@ -852,8 +852,8 @@ pub(crate) fn system(cpu: &mut Cpu, i: &Instruction) -> Flow {
     use Mnemonic as M;
     match i.mnemonic() {
         M::Cpuid => {
-            // Serializing: code other threads wrote is seen after it.
-            cpu.code_sync();
+            // Serializing: code other vCPUs wrote is seen after it.
+            cpu.serialize();
             let s = &cpu.state;
             let (a, b, c, d) = cpu.cpuid(s.gpr[RAX] as u32, s.gpr[RCX] as u32);
             let s = &mut cpu.state;

@@ -110,6 +110,8 @@ pub struct Platform {
     /// Nanoseconds since `epoch` of the next PIT interrupt (u64::MAX: none).
     pit_next_ns: AtomicU64,
     lapics: RwLock<Vec<Arc<LocalApic>>>,
+    /// `lapics.len()`, read without the lock (at every IRET and CPUID).
+    cpu_count: std::sync::atomic::AtomicUsize,
 }
 
 impl Platform {
@@ -123,6 +125,7 @@ impl Platform {
             pit: Mutex::new(Pit::new(epoch)),
             pit_next_ns: AtomicU64::new(u64::MAX),
             lapics: RwLock::new(Vec::new()),
+            cpu_count: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -139,11 +142,16 @@ impl Platform {
     /// Create the local APIC of vCPU `id` (its APIC id is `id`).
     pub fn add_lapic(&self, id: u32) -> Arc<LocalApic> {
         let l = Arc::new(LocalApic::new(id));
-        self.lapics
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(l.clone());
+        let mut lapics = self.lapics.write().unwrap_or_else(PoisonError::into_inner);
+        lapics.push(l.clone());
+        self.cpu_count
+            .store(lapics.len(), std::sync::atomic::Ordering::Release);
         l
+    }
+
+    /// How many vCPUs (local APICs) the platform has.
+    pub fn cpu_count(&self) -> usize {
+        self.cpu_count.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn lapics(&self) -> Vec<Arc<LocalApic>> {
