@@ -4,9 +4,9 @@ total time, rounds and bytes, for an idle and a busy guest; and, side by
 side, QEMU's live migration of an idle guest of the same size.
 
 Guests (64-bit ELF written here, as in bench/snapshot.py):
-  idle  fills its RAM above 2 MiB with a pattern (every page is real and
-        must be sent), prints '!', then only prints '.' now and then;
-  busy  fills the same way, prints '!', then rewrites a 64 MiB working set
+  idle  writes into every page of its RAM above 2 MiB (every page is real
+        and must be sent), prints '!', then only prints '.' now and then;
+  busy  does the same, prints '!', then rewrites a 64 MiB working set
         forever (one qword per page, page after page), printing '.' per pass.
   zero  touches nothing (RAM stays zero: what a fresh guest looks like);
         this is the case comparable with QEMU's idle guest below.
@@ -39,21 +39,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from snapshot import control, elf, read_until, vireo_bin  # noqa: E402
-
-
-def fill(memory_mib: int) -> bytes:
-    fill_start = 0x200000
-    qwords = ((memory_mib << 20) - fill_start) // 8
-    code = b"\x48\xbf" + fill_start.to_bytes(8, "little")  # mov rdi, fill_start
-    code += b"\x48\xb9" + qwords.to_bytes(8, "little")  # mov rcx, qwords
-    code += b"\x48\xb8" + (0x0123456789ABCDEF).to_bytes(8, "little")  # mov rax, pattern
-    code += b"\xf3\x48\xab"  # rep stosq
-    return code
+from snapshot import control, elf, fill_pages, read_until, vireo_bin  # noqa: E402
 
 
 def guest_code(kind: str, memory_mib: int) -> bytes:
-    code = fill(memory_mib) if kind != "zero" else b""
+    code = fill_pages(memory_mib) if kind != "zero" else b""
     code += b"\x66\xba\xf8\x03"  # mov dx, 0x3f8
     code += b"\xb0\x21\xee"  # mov al, '!'; out dx, al
     loop = len(code)
