@@ -69,7 +69,7 @@ impl ConsoleConfig {
 
 /// The host-side state of the console, kept across resets (and what a
 /// snapshot would save).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsoleState {
     /// Input not yet delivered to the guest, oldest first.
     pub pending_input: VecDeque<u8>,
@@ -289,6 +289,35 @@ impl VirtioDevice for Console {
             .interrupt
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &mut self.worker {
+            if let Err(e) = w.resume() {
+                tracing::error!("{}: cannot restart the device thread: {e}", self.name());
+            }
+        }
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        super::encode_state(&*self.shared.state())
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        let saved: ConsoleState = super::decode_state(state)?;
+        let pending = !saved.pending_input.is_empty();
+        *self.shared.state() = saved;
+        if pending {
+            // The worker looks at the input once it starts.
+            let _ = self.shared.input_evt.write(1);
+        }
+        Ok(())
     }
 }
 
