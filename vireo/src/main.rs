@@ -16,6 +16,7 @@ mod token_cli;
 mod ui;
 mod vm_cli;
 mod vm_edit;
+mod vsnap;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

@@ -20,6 +20,7 @@ use crate::devices::{self, Attached};
 use crate::image::GuestKit;
 use crate::machine::{self, PowerButton};
 use crate::signals;
+use crate::vsnap;
 use crate::Failure;
 use vireo_devices::virtio::balloon::BalloonHandle;
 use vireo_vmcore::snapshot::SharedSnapshottable;
@@ -118,10 +119,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     let (hv, machine, attached) = match &args.restore {
-        Some(dir) => {
-            let (hv, machine) = restore_machine(&args, dir)?;
-            (hv, machine, Attached::default())
-        }
+        Some(dir) => restore_machine(&args, dir)?,
         None => {
             let spec = boot_spec(&args)?;
             let hv = open_backend(args.accel, &spec.kernel)?;
@@ -157,7 +155,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         input,
         power_button,
         snapshot_devices,
-        unsaveable,
+        virtio,
         ..
     } = machine;
 
@@ -214,7 +212,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             &vcpu_stats,
             &Saveable {
                 devices: &snapshot_devices,
-                unsaveable: &unsaveable,
+                virtio: &virtio,
+                attached: &attached,
             },
             socket,
         ),
@@ -303,11 +302,12 @@ fn serve_control(
     }
 }
 
-/// What a snapshot saves: the devices that can be, and the names of
-/// those that cannot (a snapshot is refused while any is attached).
+/// What a snapshot saves: every device by id, the virtio functions to
+/// quiesce, and the record of the virtio devices and disks.
 struct Saveable<'a> {
     devices: &'a [(String, SharedSnapshottable)],
-    unsaveable: &'a [String],
+    virtio: &'a machine::VirtioFunctions,
+    attached: &'a Attached,
 }
 
 /// `snapshot [--paused] DIR`: pause, capture, write, resume.
@@ -317,11 +317,10 @@ fn snapshot_command(
     dir: &std::path::Path,
     stay_paused: bool,
 ) -> String {
-    if !saveable.unsaveable.is_empty() {
+    if vireo_vmcore::snapshot::state_path(dir).exists() {
         return control_socket::error_reply(&format!(
-            "cannot snapshot this VM: the state of its virtio devices ({}) cannot be saved yet; \
-             snapshots work for VMs with the built-in devices only (no --disk, --net, --vsock, --rng, --balloon, --virtio-console)",
-            saveable.unsaveable.join(", ")
+            "snapshot to {}: it already holds a snapshot; pick a new directory or delete it first",
+            dir.display()
         ));
     }
     let control = running.control();
@@ -344,15 +343,25 @@ fn snapshot_command(
             tracing::info!("snapshot: {} of {} MiB written", done >> 20, total >> 20);
         }
     };
+    // Device threads stop (requests in flight completed, disks flushed)
+    // until the memory, the state and the disk copies are written.
+    let quiesced = saveable.virtio.quiesce();
+    let mut disks = Vec::new();
     let result = running
-        .capture(
-            saveable.devices,
-            serde_json::json!({ "devices": saveable.devices.iter().map(|(id, _)| id).collect::<Vec<_>>() }),
-        )
-        .and_then(|snap| {
+        .capture(saveable.devices, serde_json::Value::Null)
+        .and_then(|mut snap| {
+            disks = vsnap::copy_disks(dir, &saveable.attached.disk_files)
+                .map_err(vireo_vmcore::snapshot::SnapshotError::Mismatch)?;
+            snap.config.frontend = serde_json::to_value(vsnap::FrontendRecord {
+                devices: saveable.devices.iter().map(|(id, _)| id.clone()).collect(),
+                virtio: saveable.attached.device_set.clone(),
+                disks: disks.clone(),
+            })
+            .unwrap_or_default();
             vireo_vmcore::snapshot::write(dir, &snap, running.memory(), &mut progress)
                 .map_err(Into::into)
         });
+    drop(quiesced);
     let pause_ms = started.elapsed().as_millis() as u64;
     if was_running && !stay_paused {
         if let Err(e) = running.resume() {
@@ -368,6 +377,12 @@ fn snapshot_command(
                     "dir": dir.display().to_string(),
                     "memory_bytes": memory_bytes,
                     "pause_ms": pause_ms,
+                    "disks": disks.iter().map(|d| serde_json::json!({
+                        "id": d.id,
+                        "path": d.path.display().to_string(),
+                        "format": d.format,
+                        "bytes": d.bytes,
+                    })).collect::<Vec<_>>(),
                 }}),
             )
         }
@@ -377,25 +392,12 @@ fn snapshot_command(
 
 /// `--restore DIR`: check the snapshot whole, open its backend, load its
 /// memory (or map it with `--restore-lazy`) and build the machine in the
-/// saved state.
+/// saved state, its virtio devices included (see [`restore_virtio`]).
 fn restore_machine(
     args: &RunArgs,
     dir: &std::path::Path,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
-    let device_flags = !args.disk.is_empty()
-        || !args.net.is_empty()
-        || args.vsock.is_some()
-        || args.rng.is_some()
-        || args.balloon.is_some()
-        || args.virtio_console.is_some()
-        || args.initrd.is_some()
-        || args.cmdline.is_some()
-        || args.append.is_some();
-    if device_flags {
-        return Err(Failure::Usage(
-            "--restore takes the machine from the snapshot: drop --disk, --net, --vsock, --rng, --balloon, --virtio-console, --initrd, --cmdline and --append".into(),
-        ));
-    }
+) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
+    vsnap::check_restore_flags(args)?;
     let loaded = vireo_vmcore::snapshot::load(dir)
         .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
     let backend = loaded.snapshot.config.backend.clone();
@@ -421,8 +423,9 @@ fn restore_machine(
     let memory = loaded
         .memory(args.restore_lazy, &mut progress)
         .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
-    let machine = machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter))
+    let mut machine = machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter))
         .map_err(|e| Failure::Vm(format!("--restore {}: {e}", dir.display())))?;
+    let attached = restore_virtio(&mut machine, &loaded.snapshot, args, dir)?;
     tracing::info!(
         "restored {} ({} vCPU(s), {} MiB on {}) in {} ms{}",
         dir.display(),
@@ -436,7 +439,28 @@ fn restore_machine(
             ""
         }
     );
-    Ok((hv, machine))
+    Ok((hv, machine, attached))
+}
+
+/// Rebuild the virtio devices a snapshot records (disks rolled back, or
+/// the overrides `args` gives) and load every device's saved state.
+fn restore_virtio(
+    machine: &mut machine::Machine,
+    snap: &vireo_vmcore::snapshot::VmSnapshot,
+    args: &RunArgs,
+    dir: &std::path::Path,
+) -> Result<Attached, Failure> {
+    let configs = vsnap::restore_configs(dir, &snap.config.frontend, args)?;
+    let attached = devices::open(machine, configs)?;
+    machine::restore_devices(machine, snap).map_err(|e| {
+        let msg = format!("--restore {}: {e}", dir.display());
+        if e.is_user_error() {
+            Failure::Usage(msg)
+        } else {
+            Failure::Vm(msg)
+        }
+    })?;
+    Ok(attached)
 }
 
 /// The `stats` reply's counters: vCPU exits, disk and network I/O.

@@ -344,6 +344,11 @@ impl Block {
         &self.cfg
     }
 
+    /// The format of the opened image (detected when not given).
+    pub fn format(&self) -> Format {
+        lock(&self.image).format()
+    }
+
     /// The state to save.
     pub fn state(&self) -> BlockState {
         BlockState {
