@@ -452,14 +452,10 @@ fn restore_virtio(
 ) -> Result<Attached, Failure> {
     let configs = vsnap::restore_configs(dir, &snap.config.frontend, args)?;
     let attached = devices::open(machine, configs)?;
-    machine::restore_devices(machine, snap).map_err(|e| {
-        let msg = format!("--restore {}: {e}", dir.display());
-        if e.is_user_error() {
-            Failure::Usage(msg)
-        } else {
-            Failure::Vm(msg)
-        }
-    })?;
+    // A saved state that does not fit the rebuilt devices (a damaged
+    // snapshot, an override of another size) is the caller's to fix.
+    machine::restore_devices(machine, snap)
+        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
     Ok(attached)
 }
 
