@@ -627,6 +627,39 @@ mod tests {
     }
 
     #[test]
+    fn unread_input_and_the_size_survive_a_snapshot() {
+        let (mut a, _, mut drv) = console(ConsoleConfig {
+            cols: 100,
+            rows: 40,
+        });
+        a.activate(drv.activation(a.features())).unwrap();
+        a.pause();
+        // Typed while the device is quiesced: kept for the restored one.
+        a.input().send(b"typed");
+        a.input().resize(120, 50);
+        let saved = a.save_state();
+        a.resume();
+        drop(a);
+
+        let (mut b, _, _) = console(ConsoleConfig {
+            cols: 100,
+            rows: 40,
+        });
+        assert!(b
+            .restore_state(serde_json::json!({"cols": "wide"}))
+            .is_err());
+        b.restore_state(saved).unwrap();
+        let mut d = [0u8; 4];
+        b.read_config(0, &mut d);
+        assert_eq!(d, [120, 0, 50, 0]);
+        b.activate(drv.activation(b.features())).unwrap();
+        let h = drv.add_chain(RECEIVEQ, &[Desc::writable(DATA_START, 16)]);
+        drv.kick(RECEIVEQ);
+        assert_eq!(drv.used(RECEIVEQ), (h, 5));
+        assert_eq!(read(&drv, DATA_START, 5), b"typed");
+    }
+
+    #[test]
     fn input_beyond_the_buffer_drops_the_oldest() {
         let (mut c, _, mut drv) = console(ConsoleConfig::default());
         let input = c.input();
