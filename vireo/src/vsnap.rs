@@ -49,6 +49,14 @@ pub struct NetRecord {
     pub ops: Option<u64>,
 }
 
+/// An rng as recorded (a struct: `Option<Option<_>>` would read back a
+/// `Some(None)` as `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngRecord {
+    /// Bytes per second, if limited.
+    pub bandwidth: Option<u64>,
+}
+
 /// The virtio devices of a machine, as a snapshot records them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceSet {
@@ -58,9 +66,8 @@ pub struct DeviceSet {
     pub disks: Vec<DiskRecord>,
     #[serde(default)]
     pub nets: Vec<NetRecord>,
-    /// Bytes per second, if limited.
     #[serde(default)]
-    pub rng: Option<Option<u64>>,
+    pub rng: Option<RngRecord>,
     /// (cid, socket)
     #[serde(default)]
     pub vsock: Option<(u64, PathBuf)>,
@@ -102,7 +109,9 @@ impl DeviceSet {
                     ops: n.ops,
                 })
                 .collect(),
-            rng: c.rng.as_ref().map(|r| r.bandwidth),
+            rng: c.rng.as_ref().map(|r| RngRecord {
+                bandwidth: r.bandwidth,
+            }),
             vsock: c
                 .vsock
                 .as_ref()
@@ -155,7 +164,9 @@ impl DeviceSet {
                 .map(|(cols, rows)| ConsoleConfig { cols, rows }),
             disks,
             nets,
-            rng: self.rng.map(|bandwidth| RngConfig { bandwidth }),
+            rng: self.rng.map(|r| RngConfig {
+                bandwidth: r.bandwidth,
+            }),
             vsock: self
                 .vsock
                 .clone()
@@ -596,7 +607,9 @@ mod tests {
                 NetConfig::from_options("tap=t1,id=lan").unwrap(),
             ],
             vsock: Some(VsockConfig::from_options("cid=5,socket=/run/a.sock").unwrap()),
-            ..DeviceConfigs::default()
+            rng: Some(RngConfig::default()),
+            console: Some(ConsoleConfig::default()),
+            balloon: Some(BalloonConfig::default()),
         }
     }
 
@@ -650,6 +663,13 @@ mod tests {
         assert_eq!(c2.disks[0].id, "root");
         assert_eq!(c2.nets[0].mac, c.nets[0].mac, "random MAC kept");
         assert_eq!(c2.vsock.unwrap().cid, 5);
+        assert_eq!(
+            c2.rng,
+            Some(RngConfig::default()),
+            "an unlimited rng is kept"
+        );
+        assert_eq!(c2.console, Some(ConsoleConfig::default()));
+        assert_eq!(c2.balloon, Some(BalloonConfig::default()));
         let mut broken = set.clone();
         broken.disks[0].format = Some("vmdk".into());
         assert!(broken.to_configs().is_err());

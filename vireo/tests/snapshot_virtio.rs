@@ -1,7 +1,8 @@
-//! Snapshots of a VM with a virtio-blk disk: a tiny guest drives the disk
-//! through the virtio PCI transport itself (polling, no interrupts) —
-//! each round it writes sector `i % 64` full of the round number `i`,
-//! reads it back, compares, and prints `blk=i`. A snapshot taken over the
+//! Snapshots of a VM with a virtio-blk disk and a virtio-rng: a tiny guest
+//! drives both through the virtio PCI transport itself (polling, no
+//! interrupts) — each round it writes sector `i % 64` full of the round
+//! number `i`, reads it back, compares, takes 16 random bytes from the rng,
+//! and prints `blk=i`. A snapshot taken over the
 //! control socket while it runs copies the disk into the snapshot; a
 //! restore rolls the disk back and the guest goes on from the saved round
 //! through the restored queue (no re-negotiation: the guest never sets the
@@ -36,67 +37,102 @@ const HEADER: u64 = 0x40_3000;
 const WBUF: u64 = 0x40_4000;
 const STATUS: u64 = 0x40_5000;
 const RBUF: u64 = 0x40_6000;
+const RNG_DESC: u64 = 0x41_0000;
+const RNG_AVAIL: u64 = 0x41_1000;
+const RNG_USED: u64 = 0x41_2000;
+const RNG_BUF: u64 = 0x41_3000;
 
-/// Configuration mechanism #1 address of slot 1 (the first virtio
-/// function), register `reg`.
-fn cfg_addr(reg: u32) -> u32 {
-    0x8000_0000 | (1 << 11) | reg
+/// Configuration mechanism #1 address of `slot`, register `reg`.
+fn cfg_addr(slot: u32, reg: u32) -> u32 {
+    0x8000_0000 | (slot << 11) | reg
 }
 
-fn blk_guest(g: &mut Guest64) -> Result<(), iced_x86::IcedError> {
-    let mut request = g.a.create_label();
-    let mut fail = g.a.create_label();
-    let mut bad = g.a.create_label();
-    let mut top = g.a.create_label();
-    let a = &mut g.a;
-    // Vendor/device of slot 1 must be 1af4:1042 (virtio-blk, modern).
+/// Set up the virtio function in `slot` (checking its vendor/device id):
+/// BAR 0 into `bar`, VERSION_1 only, queue 0 with 8 entries at
+/// `rings` (desc, avail, used), DRIVER_OK; anything unexpected jumps to
+/// `fail`.
+fn setup_device(
+    a: &mut CodeAssembler,
+    slot: u32,
+    id: u32,
+    (bar, bar32): (AsmRegister64, AsmRegister32),
+    rings: (u64, u64, u64),
+    fail: CodeLabel,
+) -> Result<(), iced_x86::IcedError> {
+    let (desc, avail, used) = rings;
     a.mov(dx, 0xcf8u32)?;
-    a.mov(eax, cfg_addr(0))?;
+    a.mov(eax, cfg_addr(slot, 0))?;
     a.out(dx, eax)?;
     a.mov(dx, 0xcfcu32)?;
     a.in_(eax, dx)?;
-    a.cmp(eax, 0x1042_1af4)?;
+    a.cmp(eax, id as i32)?;
     a.jne(fail)?;
-    // BAR 0 -> R15; memory decoding + bus mastering on.
+    // BAR 0; memory decoding + bus mastering on.
     a.mov(dx, 0xcf8u32)?;
-    a.mov(eax, cfg_addr(0x10))?;
+    a.mov(eax, cfg_addr(slot, 0x10))?;
     a.out(dx, eax)?;
     a.mov(dx, 0xcfcu32)?;
     a.in_(eax, dx)?;
     a.and(eax, 0xffff_fff0u32 as i32)?;
-    a.mov(r15d, eax)?;
+    a.mov(bar32, eax)?;
     a.mov(dx, 0xcf8u32)?;
-    a.mov(eax, cfg_addr(0x04))?;
+    a.mov(eax, cfg_addr(slot, 0x04))?;
     a.out(dx, eax)?;
     a.mov(dx, 0xcfcu32)?;
     a.mov(ax, 6u32)?;
     a.out(dx, ax)?;
     // Common configuration: reset, ACKNOWLEDGE | DRIVER.
-    a.mov(byte_ptr(r15 + 0x14), 0)?;
-    a.mov(byte_ptr(r15 + 0x14), 3)?;
+    a.mov(byte_ptr(bar + 0x14), 0)?;
+    a.mov(byte_ptr(bar + 0x14), 3)?;
     // Features: VERSION_1 only (bit 32).
-    a.mov(dword_ptr(r15 + 0x08), 0)?;
-    a.mov(dword_ptr(r15 + 0x0c), 0)?;
-    a.mov(dword_ptr(r15 + 0x08), 1)?;
-    a.mov(dword_ptr(r15 + 0x0c), 1)?;
-    a.mov(byte_ptr(r15 + 0x14), 0xb)?;
-    a.mov(al, byte_ptr(r15 + 0x14))?;
+    a.mov(dword_ptr(bar + 0x08), 0)?;
+    a.mov(dword_ptr(bar + 0x0c), 0)?;
+    a.mov(dword_ptr(bar + 0x08), 1)?;
+    a.mov(dword_ptr(bar + 0x0c), 1)?;
+    a.mov(byte_ptr(bar + 0x14), 0xb)?;
+    a.mov(al, byte_ptr(bar + 0x14))?;
     a.test(al, 8)?;
     a.jz(fail)?;
-    // Queue 0: 8 entries at DESC/AVAIL/USED, enabled.
-    a.mov(word_ptr(r15 + 0x16), 0)?;
-    a.mov(word_ptr(r15 + 0x18), 8)?;
-    a.mov(dword_ptr(r15 + 0x20), DESC as u32)?;
-    a.mov(dword_ptr(r15 + 0x24), 0)?;
-    a.mov(dword_ptr(r15 + 0x28), AVAIL as u32)?;
-    a.mov(dword_ptr(r15 + 0x2c), 0)?;
-    a.mov(dword_ptr(r15 + 0x30), USED as u32)?;
-    a.mov(dword_ptr(r15 + 0x34), 0)?;
-    a.mov(word_ptr(r15 + 0x1c), 1)?;
-    a.mov(byte_ptr(r15 + 0x14), 0xf)?;
-    a.mov(al, byte_ptr(r15 + 0x14))?;
+    a.mov(word_ptr(bar + 0x16), 0)?;
+    a.mov(word_ptr(bar + 0x18), 8)?;
+    a.mov(dword_ptr(bar + 0x20), desc as u32)?;
+    a.mov(dword_ptr(bar + 0x24), 0)?;
+    a.mov(dword_ptr(bar + 0x28), avail as u32)?;
+    a.mov(dword_ptr(bar + 0x2c), 0)?;
+    a.mov(dword_ptr(bar + 0x30), used as u32)?;
+    a.mov(dword_ptr(bar + 0x34), 0)?;
+    a.mov(word_ptr(bar + 0x1c), 1)?;
+    a.mov(byte_ptr(bar + 0x14), 0xf)?;
+    a.mov(al, byte_ptr(bar + 0x14))?;
     a.test(al, 0x40)?; // NEEDS_RESET
-    a.jnz(fail)?;
+    a.jnz(fail)
+}
+
+fn blk_guest(g: &mut Guest64) -> Result<(), iced_x86::IcedError> {
+    let mut request = g.a.create_label();
+    let mut rng_request = g.a.create_label();
+    let mut fail = g.a.create_label();
+    let mut bad = g.a.create_label();
+    let mut top = g.a.create_label();
+    // Slot 1: virtio-blk (1af4:1042), BAR in R15; slot 2: virtio-rng
+    // (1af4:1044), BAR in R14.
+    setup_device(
+        &mut g.a,
+        1,
+        0x1042_1af4,
+        (r15, r15d),
+        (DESC, AVAIL, USED),
+        fail,
+    )?;
+    setup_device(
+        &mut g.a,
+        2,
+        0x1044_1af4,
+        (r14, r14d),
+        (RNG_DESC, RNG_AVAIL, RNG_USED),
+        fail,
+    )?;
+    let a = &mut g.a;
 
     // The host's sector reaches the guest.
     a.mov(ebx, 0)?;
@@ -137,6 +173,7 @@ fn blk_guest(g: &mut Guest64) -> Result<(), iced_x86::IcedError> {
     a.mov(ecx, (SECTOR / 8) as u32)?;
     a.repe().cmpsq()?;
     a.jne(bad)?;
+    a.call(rng_request)?;
     g.print("blk=")?;
     g.print_hex(r12, 8)?;
     g.print("\n")?;
@@ -161,8 +198,43 @@ fn blk_guest(g: &mut Guest64) -> Result<(), iced_x86::IcedError> {
     g.print("\n")?;
     g.halt_forever()?;
     g.a.set_label(&mut fail)?;
-    g.print("blk-setup-failed\n")?;
+    g.print("virtio-failed\n")?;
     g.halt_forever()?;
+
+    // rng_request: 16 random bytes into RNG_BUF (cleared first); a used
+    // length other than 16 or bytes still all zero end in `fail`.
+    let a = &mut g.a;
+    a.set_label(&mut rng_request)?;
+    a.mov(qword_ptr(RNG_BUF), 0)?;
+    a.mov(qword_ptr(RNG_BUF + 8), 0)?;
+    a.mov(rax, RNG_BUF)?;
+    a.mov(qword_ptr(RNG_DESC), rax)?;
+    a.mov(dword_ptr(RNG_DESC + 8), 16)?;
+    a.mov(word_ptr(RNG_DESC + 12), 2)?; // WRITE
+    a.mov(word_ptr(RNG_DESC + 14), 0)?;
+    a.movzx(eax, word_ptr(RNG_AVAIL + 2))?;
+    a.mov(ecx, eax)?;
+    a.and(ecx, 7)?;
+    a.mov(word_ptr(rcx * 2 + (RNG_AVAIL + 4)), 0)?;
+    a.inc(eax)?;
+    a.mfence()?;
+    a.mov(word_ptr(RNG_AVAIL + 2), ax)?;
+    a.mfence()?;
+    a.mov(word_ptr(r14 + 0x3000), 0)?;
+    let mut rng_poll = a.create_label();
+    a.set_label(&mut rng_poll)?;
+    a.pause()?;
+    a.cmp(word_ptr(RNG_USED + 2), ax)?;
+    a.jne(rng_poll)?;
+    // used.ring[(idx - 1) % 8].len
+    a.dec(eax)?;
+    a.and(eax, 7)?;
+    a.cmp(dword_ptr(rax * 8 + (RNG_USED + 8)), 16)?;
+    a.jne(fail)?;
+    a.mov(rax, qword_ptr(RNG_BUF))?;
+    a.or(rax, qword_ptr(RNG_BUF + 8))?;
+    a.jz(fail)?;
+    a.ret()?;
 
     // request: EBX = type (0 read, 1 write), RSI = sector, RDI = buffer.
     // One three-descriptor chain (header, data, status), notify, poll the
@@ -318,7 +390,7 @@ fn check_continues(vm: &mut LiveVm, snap_round: u64, what: &str) -> u64 {
     }
     let out = vm.output();
     assert!(
-        !out.contains("blk-mismatch") && !out.contains("blk-setup-failed"),
+        !out.contains("blk-mismatch") && !out.contains("virtio-failed"),
         "{what}:\n{out}"
     );
     assert!(
@@ -359,6 +431,7 @@ fn a_guest_writing_its_virtio_disk_is_snapshotted_restored_and_cloned() {
         &[
             "--disk",
             &format!("path={},id=data", disk.display()),
+            "--rng",
             "--control-socket",
             socket.to_str().expect("utf-8"),
         ],
@@ -460,7 +533,7 @@ fn a_guest_writing_its_virtio_disk_is_snapshotted_restored_and_cloned() {
     );
     refused(
         &snap,
-        &["--rng"],
+        &["--balloon"],
         "--restore takes the machine from the snapshot",
     );
     let mut tampered = copied.clone();
