@@ -519,3 +519,91 @@ fn restore_refuses_state_of_another_device_or_a_corrupt_one() {
     // The good state still loads.
     fresh().restore_state(saved).unwrap();
 }
+
+/// Queue `q` of a test device: 8 entries at 0x20000 + q * 0x10000
+/// (desc), + 0x1000 (avail), + 0x2000 (used).
+fn ring(q: u16) -> (u64, u64, u64) {
+    let base = 0x2_0000 + u64::from(q) * 0x1_0000;
+    (base, base + 0x1000, base + 0x2000)
+}
+
+#[test]
+fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
+    use crate::virtio::balloon::{balloon_features as bf, Balloon, BalloonConfig};
+    use vm_memory::Bytes;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let balloon = |mem: &GuestMemoryMmap<()>| {
+        let b = Balloon::new(BalloonConfig::default()).unwrap();
+        let h = b.handle();
+        let dev = VirtioPciDevice::new(
+            Box::new(b),
+            mem.clone(),
+            0xc000_0000,
+            Arc::new(Recorder::default()),
+            None,
+        )
+        .unwrap();
+        (dev, h)
+    };
+    let (dev, h) = balloon(&mem);
+    let mut r = Rig {
+        dev,
+        seen: Arc::default(),
+        msi: Arc::default(),
+        intx: Arc::new(Level(Mutex::new(Vec::new()))),
+    };
+    r.negotiate(features::VERSION_1 | bf::STATS_VQ);
+    for q in 0..3u16 {
+        let (d, a, u) = ring(q);
+        r.w(0x16, u64::from(q), 2);
+        r.w(0x18, 8, 2);
+        r.w(0x20, d, 8);
+        r.w(0x28, a, 8);
+        r.w(0x30, u, 8);
+        r.w(0x1c, 1, 2);
+    }
+    r.driver_ok();
+    assert_eq!(r.status() & status::NEEDS_RESET, 0);
+    // The driver posts its statistics buffer (free memory = 0x1234) on the
+    // stats queue; the device reads it and keeps the buffer.
+    let (d, a, u) = ring(2);
+    let stats = 0x9_0000u64;
+    mem.write_obj(4u16, GuestAddress(stats)).unwrap(); // VIRTIO_BALLOON_S_MEMFREE
+    mem.write_obj(0x1234u64, GuestAddress(stats + 2)).unwrap();
+    mem.write_obj(stats, GuestAddress(d)).unwrap();
+    mem.write_obj(10u32, GuestAddress(d + 8)).unwrap();
+    mem.write_obj(0u16, GuestAddress(d + 12)).unwrap();
+    mem.write_obj(0u16, GuestAddress(a + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(a + 2)).unwrap();
+    r.w(NOTIFY_OFFSET + 8, 0, 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.stats().and_then(|s| s.free_memory) != Some(0x1234) {
+        assert!(std::time::Instant::now() < deadline, "stats never read");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let used = |mem: &GuestMemoryMmap<()>| mem.read_obj::<u16>(GuestAddress(u + 2)).unwrap();
+    assert_eq!(used(&mem), 0, "the buffer is held, not used");
+    let saved = r.dev.save_state().unwrap();
+    assert_eq!(
+        (saved.queues[2].next_avail, saved.queues[2].next_used),
+        (0, 0),
+        "the held buffer is left in the avail ring"
+    );
+    drop(r);
+
+    // The restored balloon takes the buffer again: asking for statistics
+    // hands it back to the driver.
+    let (mut b, h2) = balloon(&mem);
+    b.restore_state(saved).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while used(&mem) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restored device never returned the buffer"
+        );
+        h2.request_stats();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(used(&mem), 1);
+    assert_eq!(h2.stats().and_then(|s| s.free_memory), Some(0x1234));
+}
