@@ -356,7 +356,8 @@ impl VirtioPciDevice {
     /// request it took completed, and a disk flushes. Guest accesses to
     /// the transport still work (the vCPUs are expected to be paused too).
     pub fn pause(&mut self) {
-        if self.active && !self.paused {
+        if !self.paused {
+            // Also when not active: a disk the driver reset still flushes.
             self.device.pause();
         }
         self.paused = true;
@@ -364,7 +365,7 @@ impl VirtioPciDevice {
 
     /// Carry on after [`VirtioPciDevice::pause`].
     pub fn resume(&mut self) {
-        if self.paused && self.active {
+        if self.paused {
             self.device.resume();
         }
         self.paused = false;
