@@ -509,6 +509,12 @@ fn apply_overrides(configs: &mut DeviceConfigs, args: &RunArgs) -> Result<Vec<bo
             )));
         }
         net_done[i] = true;
+        if s.contains("mac=") && o.mac != configs.nets[i].mac {
+            return Err(Failure::Usage(format!(
+                "--net {s}: the restored guest keeps MAC {} (its driver read it at boot); drop mac=",
+                configs.nets[i].mac
+            )));
+        }
         tracing::info!(
             "restore: network device {i} on TAP {} (instead of {})",
             o.tap,
@@ -643,6 +649,7 @@ mod tests {
             &["--net", "id=nope,tap=x"],
             &["--vsock", "cid=6,socket=/run/c.sock"],
             &["--disk", "id=root,path=/a", "--disk", "id=root,path=/b"],
+            &["--net", "tap=c0,mac=52:54:00:00:00:01"],
         ] {
             assert!(
                 apply_overrides(&mut saved(), &args(bad)).is_err(),
