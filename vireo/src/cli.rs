@@ -58,7 +58,8 @@ Examples:
   vireo run --image guest-kit --disk path=disk.qcow2 --net tap=tap0 --rng --balloon
   vireo run --image guest-kit --vsock cid=3,socket=/tmp/vm.vsock   # host port P: /tmp/vm.vsock_P
   vireo run --kernel vmlinux --control-socket /tmp/vm.sock   # then: echo 'snapshot /tmp/snap1' | nc -U /tmp/vm.sock
-  vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot
+  vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot (disks rolled back)
+  vireo run --restore /tmp/snap1 --restore-lazy --disk id=root,path=clone.qcow2 --net id=net0,tap=tap1   # a clone
   vireo run --migrate-from tcp:0.0.0.0:4444                  # target of a live migration; then on the
                                                              # source: echo 'migrate-to tcp:HOST:4444' | nc -U /tmp/vm.sock
 
@@ -100,7 +101,11 @@ pub struct RunArgs {
 
     /// Start the VM from a snapshot directory (written by the control
     /// socket's `snapshot DIR`) instead of booting: the machine (backend,
-    /// vCPUs, memory, devices) is the one recorded in the snapshot.
+    /// vCPUs, memory, devices) is the one recorded in the snapshot, and
+    /// each writable disk is rolled back to the snapshot's copy. With it,
+    /// `--disk id=ID,path=FILE` opens that disk from FILE instead (no
+    /// rollback), `--net id=ID,tap=NAME` and `--vsock cid=N,socket=PATH`
+    /// replace a saved TAP or socket; other device flags are refused.
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
 

@@ -15,11 +15,28 @@ use vireo_devices::virtio::VirtioDevice;
 use crate::cli::RunArgs;
 use crate::console::StdoutWriter;
 use crate::machine::Machine;
+use crate::vsnap::{DeviceSet, DiskFile};
 use crate::Failure;
+
+/// The virtio devices of a machine, parsed from the flags (or from a
+/// snapshot's record of them), not opened yet.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceConfigs {
+    pub console: Option<ConsoleConfig>,
+    pub disks: Vec<BlockConfig>,
+    pub nets: Vec<NetConfig>,
+    pub rng: Option<RngConfig>,
+    pub vsock: Option<VsockConfig>,
+    pub balloon: Option<BalloonConfig>,
+}
 
 /// Host-side handles of the devices that have them.
 #[derive(Default)]
 pub struct Attached {
+    /// What a snapshot records to rebuild these devices.
+    pub device_set: DeviceSet,
+    /// Each writable disk's file, for a snapshot to copy.
+    pub disk_files: Vec<DiskFile>,
     /// Where stdin goes when the guest console is virtio-console (hvc0).
     pub virtio_console: Option<ConsoleInput>,
     pub balloon: Option<BalloonHandle>,
@@ -33,6 +50,12 @@ pub struct Attached {
 /// Parse every device flag first (so a typo fails before anything is
 /// opened), then open and attach the devices in flag order.
 pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure> {
+    let configs = parse(args)?;
+    open(machine, configs)
+}
+
+/// Parse the device flags.
+pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
     let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
     let disks = args
         .disk
@@ -78,45 +101,81 @@ pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure
         .map(ConsoleConfig::from_options)
         .transpose()
         .map_err(usage)?;
+    Ok(DeviceConfigs {
+        console,
+        disks,
+        nets,
+        rng,
+        vsock,
+        balloon,
+    })
+}
 
-    let mut attached = Attached::default();
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+/// Open the devices and put them on the machine's PCI bus: the console,
+/// disks in flag order (the first is vda), nets, rng, vsock, balloon.
+/// Each gets its stable snapshot id (`virtio/<kind>[/<id>]`).
+pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, Failure> {
+    let mut attached = Attached {
+        device_set: DeviceSet::from_configs(&configs),
+        ..Attached::default()
+    };
+    let DeviceConfigs {
+        console,
+        disks,
+        nets,
+        rng,
+        vsock,
+        balloon,
+    } = configs;
+    let mut devices: Vec<(Box<dyn VirtioDevice>, String)> = Vec::new();
     if let Some(cfg) = console {
         let c = Console::new(cfg, Box::new(StdoutWriter))
             .map_err(|e| Failure::Vm(format!("--virtio-console: {e}")))?;
         attached.virtio_console = Some(c.input());
-        devices.push(Box::new(c));
+        devices.push((Box::new(c), "virtio/console".into()));
     }
     // Disks in flag order: the first --disk is vda.
     for cfg in disks {
         let b = Block::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?;
-        attached.disks.push((b.config().id.clone(), b.counters()));
-        devices.push(Box::new(b));
+        let id = b.config().id.clone();
+        attached.disks.push((id.clone(), b.counters()));
+        if !b.state().read_only {
+            attached.disk_files.push(DiskFile {
+                id: id.clone(),
+                path: b.config().path.clone(),
+                format: b.format(),
+            });
+        }
+        devices.push((Box::new(b), format!("virtio/blk/{id}")));
     }
-    for cfg in nets {
+    for (i, cfg) in nets.into_iter().enumerate() {
         let tap = cfg.tap.clone();
         let mac = cfg.mac;
         let n = Net::new(cfg).map_err(|e| Failure::Usage(format!("--net tap={tap}: {e}")))?;
         tracing::info!("--net: {tap}, guest MAC {mac}");
+        let snapshot_id = format!(
+            "virtio/net/{}",
+            n.config().id.clone().unwrap_or_else(|| format!("net{i}"))
+        );
         let id = n.config().id.clone().unwrap_or(tap);
         attached.nets.push((id, n.counters()));
-        devices.push(Box::new(n));
+        devices.push((Box::new(n), snapshot_id));
     }
     if let Some(cfg) = rng {
-        devices.push(Box::new(Rng::new(cfg)));
+        devices.push((Box::new(Rng::new(cfg)), "virtio/rng".into()));
     }
     if let Some(cfg) = vsock {
         let v = Vsock::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?;
-        devices.push(Box::new(v));
+        devices.push((Box::new(v), "virtio/vsock".into()));
     }
     if let Some(cfg) = balloon {
         let b = Balloon::new(cfg).map_err(|e| Failure::Vm(format!("--balloon: {e}")))?;
         attached.balloon = Some(b.handle());
-        devices.push(Box::new(b));
+        devices.push((Box::new(b), "virtio/balloon".into()));
     }
-    for d in devices {
+    for (d, snapshot_id) in devices {
         machine
-            .add_virtio(d)
+            .add_virtio(d, snapshot_id)
             .map_err(|e| Failure::Vm(e.to_string()))?;
     }
     Ok(attached)

@@ -6,12 +6,16 @@ use std::sync::{Arc, Mutex};
 
 use vireo_devices::legacy::{acpi_pm, AcpiPm, Cmos, ResetControl, Serial, SerialInput, I8042};
 use vireo_devices::pci::bus::SharedPciBus;
-use vireo_devices::pci::{HostBridge, HypervisorLink, PciBus, PciConfigIo, PciMmioWindow};
+use vireo_devices::pci::{
+    HostBridge, HypervisorLink, PciBus, PciConfigIo, PciDevice, PciMmioWindow,
+};
 use vireo_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use vireo_devices::virtio::VirtioDevice;
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::layout::{self, ports};
-use vireo_vmcore::snapshot::{LoadedSnapshot, SharedSnapshottable, SnapshotError};
+use vireo_vmcore::snapshot::{
+    LoadedSnapshot, SharedSnapshottable, SnapshotError, Snapshottable, VmSnapshot,
+};
 use vireo_vmcore::{Vm, VmConfig, VmError};
 
 /// A built machine and the handles the front end drives it with.
@@ -23,8 +27,36 @@ pub struct Machine {
     pci: SharedPciBus,
     /// The devices a snapshot saves, by stable id, in machine order.
     pub snapshot_devices: Vec<(String, SharedSnapshottable)>,
-    /// Devices that cannot be saved yet (the virtio devices), by name.
-    pub unsaveable: Vec<String>,
+    /// The virtio functions, to quiesce around a snapshot.
+    pub virtio: VirtioFunctions,
+}
+
+/// The machine's virtio PCI functions.
+#[derive(Clone, Default)]
+pub struct VirtioFunctions(Vec<Arc<Mutex<VirtioPciDevice>>>);
+
+impl VirtioFunctions {
+    /// Stop every device thread (requests in flight completed, disks
+    /// flushed) until the guard is dropped: while it lives no device
+    /// touches guest memory, its queues or its disk.
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        for d in &self.0 {
+            d.lock().unwrap_or_else(|p| p.into_inner()).pause();
+        }
+        Quiesced(self)
+    }
+}
+
+/// Devices held still by [`VirtioFunctions::quiesce`]; they carry on when
+/// this is dropped.
+pub struct Quiesced<'a>(&'a VirtioFunctions);
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        for d in &self.0 .0 {
+            d.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +75,14 @@ pub enum AttachError {
 
 impl Machine {
     /// Put a virtio device on the PCI bus (next free slot, BAR 0 from the
-    /// MMIO window, MSI-X through the hypervisor, INTx as the fallback).
-    pub fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), AttachError> {
+    /// MMIO window, MSI-X through the hypervisor, INTx as the fallback),
+    /// saved in snapshots as `snapshot_id` (`virtio/<kind>[/<id>]`).
+    pub fn add_virtio(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        snapshot_id: String,
+    ) -> Result<(), AttachError> {
         let name = device.name();
-        self.unsaveable.push(name.clone());
         let pci_err = |source| AttachError::Pci {
             name: name.clone(),
             source,
@@ -66,8 +102,10 @@ impl Machine {
         )?;
         dev.set_ioevent_registrar(link);
         tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}, INTx GSI {gsi}");
-        bus.insert(slot, Arc::new(Mutex::new(dev)))
-            .map_err(pci_err)?;
+        let dev = Arc::new(Mutex::new(dev));
+        bus.insert(slot, dev.clone()).map_err(pci_err)?;
+        self.snapshot_devices.push((snapshot_id, dev.clone()));
+        self.virtio.0.push(dev);
         Ok(())
     }
 }
@@ -96,9 +134,10 @@ pub fn build(
     assemble(Vm::new(hv, cfg)?, cfg.memory_mib, serial_out)
 }
 
-/// Build the machine a snapshot describes, in its saved state: vCPUs and
-/// platform from the snapshot, guest memory `memory` (from
-/// [`LoadedSnapshot::memory`]), then each legacy device's state by id.
+/// Build the machine a snapshot describes: vCPUs and platform from the
+/// snapshot, guest memory `memory` (from [`LoadedSnapshot::memory`]) and
+/// the built-in devices. The front end then attaches the virtio devices
+/// the snapshot records and calls [`restore_devices`].
 pub fn restore(
     hv: &dyn Hypervisor,
     loaded: &LoadedSnapshot,
@@ -106,9 +145,13 @@ pub fn restore(
     serial_out: Box<dyn Write + Send>,
 ) -> Result<Machine, VmError> {
     let snap = &loaded.snapshot;
-    // Check the devices fit before anything is built.
     let vm = Vm::from_snapshot(hv, snap, memory)?;
-    let machine = assemble(vm, snap.config.memory_mib, serial_out)?;
+    assemble(vm, snap.config.memory_mib, serial_out)
+}
+
+/// Load each device's saved state by id (the machine must have exactly
+/// the devices the snapshot holds, in the same order), before the VM runs.
+pub fn restore_devices(machine: &Machine, snap: &VmSnapshot) -> Result<(), VmError> {
     let ids: Vec<&str> = machine
         .snapshot_devices
         .iter()
@@ -133,7 +176,55 @@ pub fn restore(
                 },
             })?;
     }
-    Ok(machine)
+    Ok(())
+}
+
+/// The PCI host side a snapshot saves as `pci`: the configuration
+/// address register and the host bridge's configuration space (the
+/// virtio functions save their own).
+struct PciState {
+    io: Arc<Mutex<PciConfigIo>>,
+    host_bridge: Arc<Mutex<HostBridge>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedPci {
+    config_address: u32,
+    host_bridge: Vec<u8>,
+}
+
+impl Snapshottable for PciState {
+    fn save(&mut self) -> Result<serde_json::Value, SnapshotError> {
+        let saved = SavedPci {
+            config_address: self.io.lock().unwrap_or_else(|p| p.into_inner()).address(),
+            host_bridge: self
+                .host_bridge
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .config()
+                .bytes()
+                .to_vec(),
+        };
+        vireo_vmcore::snapshot::to_state("pci", &saved)
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<(), SnapshotError> {
+        let saved: SavedPci = vireo_vmcore::snapshot::device_state("pci", state)?;
+        self.host_bridge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config_mut()
+            .restore(&saved.host_bridge)
+            .map_err(|reason| SnapshotError::Device {
+                id: "pci".into(),
+                reason,
+            })?;
+        self.io
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_address(saved.config_address);
+        Ok(())
+    }
 }
 
 fn assemble(
@@ -173,15 +264,20 @@ fn assemble(
         layout::PCI_MMIO_START,
         layout::PCI_MMIO_SIZE,
     )));
+    let host_bridge = Arc::new(Mutex::new(HostBridge::new()));
     pci.lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(0, Arc::new(Mutex::new(HostBridge::new())))
+        .insert(0, host_bridge.clone())
         .map_err(|e| VmError::Device(e.to_string()))?;
-    vm.add_io_device(
-        ports::PCI_CONFIG,
-        ports::PCI_CONFIG_LEN,
-        Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), Some(reset)))),
-    )?;
+    let config_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), Some(reset))));
+    vm.add_io_device(ports::PCI_CONFIG, ports::PCI_CONFIG_LEN, config_io.clone())?;
+    snapshot_devices.push((
+        "pci".into(),
+        Arc::new(Mutex::new(PciState {
+            io: config_io,
+            host_bridge,
+        })),
+    ));
     vm.add_mmio_device(
         layout::PCI_MMIO_START,
         layout::PCI_MMIO_SIZE,
@@ -193,6 +289,6 @@ fn assemble(
         power_button: PowerButton(pm),
         pci,
         snapshot_devices,
-        unsaveable: Vec::new(),
+        virtio: VirtioFunctions::default(),
     })
 }

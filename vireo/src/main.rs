@@ -18,6 +18,7 @@ mod token_cli;
 mod ui;
 mod vm_cli;
 mod vm_edit;
+mod vsnap;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -31,6 +32,14 @@ pub enum Failure {
     Usage(String),
     /// The VM or the VMM failed: exit status 1.
     Vm(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Usage(m) | Failure::Vm(m) => f.write_str(m),
+        }
+    }
 }
 
 fn init_logging(verbose: u8) {

@@ -16,6 +16,8 @@ use vireo_vmcore::migration::{self as stream, Kind, MigrationError, PAGES_PER_ME
 use vireo_vmcore::snapshot::{LoadedSnapshot, MachineConfig, SharedSnapshottable};
 use vireo_vmcore::{RunState, RunningVm};
 
+use crate::machine::{Quiesced, VirtioFunctions};
+
 /// The downtime the pre-copy aims for when the command gives none.
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Pre-copy rounds after the first full copy before the source stops the
@@ -117,6 +119,7 @@ pub struct Stats {
 pub fn migrate_to(
     running: &RunningVm,
     devices: &[(String, SharedSnapshottable)],
+    virtio: &VirtioFunctions,
     frontend: serde_json::Value,
     req: &MigrateTo,
 ) -> Result<Stats, String> {
@@ -131,6 +134,8 @@ pub fn migrate_to(
         stats: Stats::default(),
         paused: false,
         split: false,
+        virtio,
+        quiesced: None,
     };
     let result = source.run(devices, frontend, req, started);
     if result.is_err() && source.split {
@@ -138,6 +143,8 @@ pub fn migrate_to(
         // run on, so this copy stays paused (see crate::postcopy).
         tracing::error!("migration: post-copy failed after the switch; the VM stays paused here");
     } else if result.is_err() {
+        // Devices first, then the vCPUs.
+        drop(source.quiesced.take());
         if let Err(e) = running.stop_dirty_log() {
             tracing::warn!("migration: stopping dirty page tracking: {e}");
         }
@@ -235,6 +242,9 @@ struct Source<'a> {
     /// Post-copy: the target acknowledged the state and runs the guest
     /// (a failure now must not resume it here).
     split: bool,
+    virtio: &'a VirtioFunctions,
+    /// The virtio devices, held still from the final pause on.
+    quiesced: Option<Quiesced<'a>>,
 }
 
 impl Source<'_> {
@@ -307,6 +317,9 @@ impl Source<'_> {
                 .map_err(|e| format!("cannot pause the VM: {e}"))?;
             self.paused = true;
         }
+        // Device threads finish what is in flight and hold still (their
+        // writes to guest memory land in the dirty log taken next).
+        self.quiesced = Some(self.virtio.quiesce());
         for (p, last) in pending.iter_mut().zip(self.take_dirty()?) {
             dirty::merge(p, &last);
         }
@@ -373,6 +386,9 @@ impl Source<'_> {
                 .map_err(|e| format!("cannot pause the VM: {e}"))?;
             self.paused = true;
         }
+        // Device threads finish what is in flight and hold still (their
+        // writes to guest memory land in the dirty log taken next).
+        self.quiesced = Some(self.virtio.quiesce());
         for (p, last) in pending.iter_mut().zip(self.take_dirty()?) {
             dirty::merge(p, &last);
         }

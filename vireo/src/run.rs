@@ -20,6 +20,7 @@ use crate::devices::{self, Attached};
 use crate::image::GuestKit;
 use crate::machine::{self, PowerButton};
 use crate::signals;
+use crate::vsnap;
 use crate::Failure;
 use vireo_devices::virtio::balloon::BalloonHandle;
 use vireo_vmcore::snapshot::SharedSnapshottable;
@@ -118,14 +119,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
     };
     let (hv, machine, attached) = match (&args.restore, &args.migrate_from) {
-        (_, Some(uri)) => {
-            let (hv, machine) = migrate_in(&args, uri)?;
-            (hv, machine, Attached::default())
-        }
-        (Some(dir), None) => {
-            let (hv, machine) = restore_machine(&args, dir)?;
-            (hv, machine, Attached::default())
-        }
+        (_, Some(uri)) => migrate_in(&args, uri)?,
+        (Some(dir), None) => restore_machine(&args, dir)?,
         (None, None) => {
             let spec = boot_spec(&args)?;
             let hv = open_backend(args.accel, &spec.kernel)?;
@@ -161,7 +156,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         input,
         power_button,
         snapshot_devices,
-        unsaveable,
+        virtio,
         ..
     } = machine;
 
@@ -219,7 +214,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             &vcpu_stats,
             &Saveable {
                 devices: &snapshot_devices,
-                unsaveable: &unsaveable,
+                virtio: &virtio,
+                attached: &attached,
             },
             socket,
         ),
@@ -334,16 +330,24 @@ fn serve_control(
     }
 }
 
-/// What a snapshot saves: the devices that can be, and the names of
-/// those that cannot (a snapshot is refused while any is attached).
+/// What a snapshot or a migration saves: every device by id, the virtio
+/// functions to quiesce, and the record of the virtio devices and disks.
 struct Saveable<'a> {
     devices: &'a [(String, SharedSnapshottable)],
-    unsaveable: &'a [String],
+    virtio: &'a machine::VirtioFunctions,
+    attached: &'a Attached,
 }
 
-/// The front end's description of the machine recorded with its state.
-fn frontend(saveable: &Saveable<'_>) -> serde_json::Value {
-    serde_json::json!({ "devices": saveable.devices.iter().map(|(id, _)| id).collect::<Vec<_>>() })
+/// The front end's description of the machine recorded with its state:
+/// the device ids, the virtio devices (so a restore or a migration target
+/// rebuilds them with no device flags) and the snapshot's disk copies.
+fn frontend(saveable: &Saveable<'_>, disks: Vec<vsnap::DiskCopy>) -> serde_json::Value {
+    serde_json::to_value(vsnap::FrontendRecord {
+        devices: saveable.devices.iter().map(|(id, _)| id.clone()).collect(),
+        virtio: saveable.attached.device_set.clone(),
+        disks,
+    })
+    .unwrap_or_default()
 }
 
 /// `migrate-to ...`: the reply, and whether the VM now runs on the target.
@@ -352,17 +356,15 @@ fn migrate_command(
     saveable: &Saveable<'_>,
     req: &crate::migrate::MigrateTo,
 ) -> (String, bool) {
-    if !saveable.unsaveable.is_empty() {
-        return (
-            control_socket::error_reply(&format!(
-                "cannot migrate this VM: the state of its virtio devices ({}) cannot be saved yet",
-                saveable.unsaveable.join(", ")
-            )),
-            false,
-        );
-    }
     tracing::info!("migration to {} started", req.uri);
-    match crate::migrate::migrate_to(running, saveable.devices, frontend(saveable), req) {
+    // Disks are shared storage: the target opens the same paths.
+    match crate::migrate::migrate_to(
+        running,
+        saveable.devices,
+        saveable.virtio,
+        frontend(saveable, Vec::new()),
+        req,
+    ) {
         Ok(stats) => {
             tracing::info!(
                 "migration to {}: {} ms total, {} ms downtime, {} rounds, {} pages, {} bytes",
@@ -411,11 +413,10 @@ fn snapshot_command(
             )
         }
     };
-    if !saveable.unsaveable.is_empty() {
+    if vireo_vmcore::snapshot::state_path(dir).exists() {
         return control_socket::error_reply(&format!(
-            "cannot snapshot this VM: the state of its virtio devices ({}) cannot be saved yet; \
-             snapshots work for VMs with the built-in devices only (no --disk, --net, --vsock, --rng, --balloon, --virtio-console)",
-            saveable.unsaveable.join(", ")
+            "snapshot to {}: it already holds a snapshot; pick a new directory or delete it first",
+            dir.display()
         ));
     }
     let control = running.control();
@@ -438,8 +439,18 @@ fn snapshot_command(
             tracing::info!("snapshot: {} of {} MiB written", done >> 20, total >> 20);
         }
     };
+    // Device threads stop (requests in flight completed, disks flushed)
+    // until the memory, the state and the disk copies are written.
+    let quiesced = saveable.virtio.quiesce();
+    let mut disks = Vec::new();
     let result = running
-        .capture(saveable.devices, frontend(saveable))
+        .capture(saveable.devices, serde_json::Value::Null)
+        .and_then(|mut snap| {
+            disks = vsnap::copy_disks(dir, &saveable.attached.disk_files)
+                .map_err(vireo_vmcore::snapshot::SnapshotError::Mismatch)?;
+            snap.config.frontend = frontend(saveable, disks.clone());
+            Ok(snap)
+        })
         .and_then(|snap| match &parent {
             None => {
                 vireo_vmcore::snapshot::write(dir, &snap, running.memory(), &mut progress)?;
@@ -463,6 +474,7 @@ fn snapshot_command(
                 Ok(Some(pages))
             }
         });
+    drop(quiesced);
     match &result {
         Ok(_) => *last = Some(dir.to_path_buf()),
         Err(_) => {
@@ -494,6 +506,12 @@ fn snapshot_command(
                 "dir": dir.display().to_string(),
                 "memory_bytes": memory_bytes,
                 "pause_ms": pause_ms,
+                "disks": disks.iter().map(|d| serde_json::json!({
+                    "id": d.id,
+                    "path": d.path.display().to_string(),
+                    "format": d.format,
+                    "bytes": d.bytes,
+                })).collect::<Vec<_>>(),
             });
             if let (Some(pages), Some(parent), Some(obj)) =
                 (pages, &parent, snapshot.as_object_mut())
@@ -513,37 +531,60 @@ fn snapshot_command(
 
 /// `--restore DIR`: check the snapshot whole, open its backend, load its
 /// memory (or map it with `--restore-lazy`) and build the machine in the
-/// saved state.
+/// saved state, its virtio devices included (see [`restore_virtio`]).
 fn restore_machine(
     args: &RunArgs,
     dir: &std::path::Path,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
-    refuse_device_flags(args, "--restore takes the machine from the snapshot")?;
+) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
+    vsnap::check_restore_flags(args, "--restore takes the machine from the snapshot")?;
     let loaded = vireo_vmcore::snapshot::load(dir)
         .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
     let backend = loaded.snapshot.config.backend.clone();
     let hv = backend_for(&backend, args.accel)
         .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
-    restore_rest(args, dir, hv, loaded, backend)
+    let started = std::time::Instant::now();
+    let mut progress = |done: u64, total: u64| {
+        if total >= 1 << 30 && done % (256 << 20) == 0 {
+            tracing::info!("restore: {} of {} MiB read", done >> 20, total >> 20);
+        }
+    };
+    let memory = loaded
+        .memory(args.restore_lazy, &mut progress)
+        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    let mut machine = machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter))
+        .map_err(|e| Failure::Vm(format!("--restore {}: {e}", dir.display())))?;
+    let attached = restore_virtio(&mut machine, &loaded.snapshot, args, dir)?;
+    tracing::info!(
+        "restored {} ({} vCPU(s), {} MiB on {}) in {} ms{}",
+        dir.display(),
+        loaded.snapshot.config.vcpus,
+        loaded.snapshot.config.memory_mib,
+        backend,
+        started.elapsed().as_millis(),
+        if args.restore_lazy {
+            ", memory mapped lazily"
+        } else {
+            ""
+        }
+    );
+    Ok((hv, machine, attached))
 }
 
-/// Device flags make no sense where the machine comes from saved state.
-fn refuse_device_flags(args: &RunArgs, why: &str) -> Result<(), Failure> {
-    let device_flags = !args.disk.is_empty()
-        || !args.net.is_empty()
-        || args.vsock.is_some()
-        || args.rng.is_some()
-        || args.balloon.is_some()
-        || args.virtio_console.is_some()
-        || args.initrd.is_some()
-        || args.cmdline.is_some()
-        || args.append.is_some();
-    if device_flags {
-        return Err(Failure::Usage(format!(
-            "{why}: drop --disk, --net, --vsock, --rng, --balloon, --virtio-console, --initrd, --cmdline and --append"
-        )));
-    }
-    Ok(())
+/// Rebuild the virtio devices a snapshot records (disks rolled back, or
+/// the overrides `args` gives) and load every device's saved state.
+fn restore_virtio(
+    machine: &mut machine::Machine,
+    snap: &vireo_vmcore::snapshot::VmSnapshot,
+    args: &RunArgs,
+    dir: &std::path::Path,
+) -> Result<Attached, Failure> {
+    let configs = vsnap::restore_configs(dir, &snap.config.frontend, args)?;
+    let attached = devices::open(machine, configs)?;
+    // A saved state that does not fit the rebuilt devices (a damaged
+    // snapshot, an override of another size) is the caller's to fix.
+    machine::restore_devices(machine, snap)
+        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    Ok(attached)
 }
 
 /// The backend a saved machine of `backend` runs on under `--accel`.
@@ -560,13 +601,33 @@ fn backend_for(backend: &str, accel: Accel) -> Result<Box<dyn Hypervisor>, Strin
     }
 }
 
+/// Build a migrated machine from its state and memory: the vCPUs and
+/// platform, then the virtio devices the source recorded (disks on shared
+/// storage at the same paths, or the `--disk`/`--net`/`--vsock`
+/// overrides), then every device's state.
+fn build_migrated(
+    hv: &dyn Hypervisor,
+    loaded: &vireo_vmcore::snapshot::LoadedSnapshot,
+    memory: vireo_vmcore::memory::GuestMemory,
+    args: &RunArgs,
+) -> Result<(machine::Machine, Attached), String> {
+    let mut machine = machine::restore(hv, loaded, memory, Box::new(StdoutWriter))
+        .map_err(|e| format!("cannot build the migrated VM: {e}"))?;
+    let configs = vsnap::migrated_configs(&loaded.snapshot.config.frontend, args)
+        .map_err(|e| e.to_string())?;
+    let attached = devices::open(&mut machine, configs).map_err(|e| e.to_string())?;
+    machine::restore_devices(&machine, &loaded.snapshot)
+        .map_err(|e| format!("the migrated device state does not fit: {e}"))?;
+    Ok((machine, attached))
+}
+
 /// `--migrate-from tcp:HOST:PORT`: receive the machine from a source
 /// process, build it, acknowledge.
 fn migrate_in(
     args: &RunArgs,
     uri: &str,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
-    refuse_device_flags(args, "--migrate-from takes the machine from the source")?;
+) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
+    vsnap::check_restore_flags(args, "--migrate-from takes the machine from the source")?;
     let listen = crate::migrate::Listen {
         uri: uri.to_string(),
         tls: args
@@ -591,16 +652,16 @@ fn migrate_in(
     if incoming.postcopy.is_some() {
         // Post-copy: guest memory is armed before anything (the device
         // restore included) touches a page that is still at the source.
-        let loaded_config = incoming.loaded.snapshot.clone();
+        let loaded = vireo_vmcore::snapshot::LoadedSnapshot::without_memory(
+            incoming.loaded.snapshot.clone(),
+        );
         let memory = incoming.memory.clone();
-        let loaded = vireo_vmcore::snapshot::LoadedSnapshot::without_memory(loaded_config);
         let target = incoming
             .start_postcopy()
             .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
-        let machine = match machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter)) {
+        let (machine, attached) = match build_migrated(hv.as_ref(), &loaded, memory, args) {
             Ok(m) => m,
-            Err(e) => {
-                let msg = format!("cannot build the migrated VM: {e}");
+            Err(msg) => {
                 target.refuse(&msg);
                 return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
             }
@@ -614,21 +675,16 @@ fn migrate_in(
             config.backend,
             started.elapsed().as_millis()
         );
-        return Ok((hv, machine));
+        return Ok((hv, machine, attached));
     }
-    let machine = match machine::restore(
-        hv.as_ref(),
-        &incoming.loaded,
-        incoming.memory.clone(),
-        Box::new(StdoutWriter),
-    ) {
-        Ok(m) => m,
-        Err(e) => {
-            let msg = format!("cannot build the migrated VM: {e}");
-            incoming.refuse(&msg);
-            return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
-        }
-    };
+    let (machine, attached) =
+        match build_migrated(hv.as_ref(), &incoming.loaded, incoming.memory.clone(), args) {
+            Ok(m) => m,
+            Err(msg) => {
+                incoming.refuse(&msg);
+                return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
+            }
+        };
     incoming
         .ack()
         .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
@@ -639,41 +695,7 @@ fn migrate_in(
         config.backend,
         started.elapsed().as_millis()
     );
-    Ok((hv, machine))
-}
-
-fn restore_rest(
-    args: &RunArgs,
-    dir: &std::path::Path,
-    hv: Box<dyn Hypervisor>,
-    loaded: vireo_vmcore::snapshot::LoadedSnapshot,
-    backend: String,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine), Failure> {
-    let started = std::time::Instant::now();
-    let mut progress = |done: u64, total: u64| {
-        if total >= 1 << 30 && done % (256 << 20) == 0 {
-            tracing::info!("restore: {} of {} MiB read", done >> 20, total >> 20);
-        }
-    };
-    let memory = loaded
-        .memory(args.restore_lazy, &mut progress)
-        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
-    let machine = machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter))
-        .map_err(|e| Failure::Vm(format!("--restore {}: {e}", dir.display())))?;
-    tracing::info!(
-        "restored {} ({} vCPU(s), {} MiB on {}) in {} ms{}",
-        dir.display(),
-        loaded.snapshot.config.vcpus,
-        loaded.snapshot.config.memory_mib,
-        backend,
-        started.elapsed().as_millis(),
-        if args.restore_lazy {
-            ", memory mapped lazily"
-        } else {
-            ""
-        }
-    );
-    Ok((hv, machine))
+    Ok((hv, machine, attached))
 }
 
 /// The `stats` reply's counters: vCPU exits, disk and network I/O.

@@ -121,6 +121,16 @@ impl PciConfigIo {
         }
     }
 
+    /// The address register (CONFIG_ADDRESS) as the guest last wrote it.
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    /// Set the address register (a snapshot's restore).
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
+    }
+
     /// The selected (device, register) when the enable bit is set.
     fn target(&self, data_offset: u64) -> Option<(SharedPciDevice, u64)> {
         if self.address & 0x8000_0000 == 0 {

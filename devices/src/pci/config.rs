@@ -208,6 +208,31 @@ impl PciConfig {
         }
     }
 
+    /// Load a space saved with [`PciConfig::bytes`] into this one, built
+    /// the same way. The bits the guest cannot change (ids, class, BAR
+    /// types, capabilities) must match: otherwise the saved space belongs
+    /// to another device and nothing is changed.
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), String> {
+        if saved.len() != CONFIG_SPACE_SIZE {
+            return Err(format!(
+                "saved configuration space is {} bytes, not {CONFIG_SPACE_SIZE}",
+                saved.len()
+            ));
+        }
+        if let Some(o) =
+            (0..CONFIG_SPACE_SIZE).find(|&o| (saved[o] ^ self.bytes[o]) & !self.wmask[o] != 0)
+        {
+            return Err(format!(
+                "saved configuration space differs from this device's at read-only offset {o:#x} \
+                 (vendor {:#06x}, device {:#06x} here)",
+                self.word(VENDOR_ID),
+                self.word(DEVICE_ID)
+            ));
+        }
+        self.bytes.copy_from_slice(saved);
+        Ok(())
+    }
+
     /// A guest read; out-of-range bytes read as all ones.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {

@@ -26,6 +26,15 @@ struct Entry {
     control: u32,
 }
 
+/// What [`Msix::save`] captures: each entry as (address, data, control).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    pub entries: Vec<[u64; 3]>,
+    pub pending: Vec<bool>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
 /// The table, the pending bits and the enable/mask state from the
 /// capability.
 pub struct Msix {
@@ -197,6 +206,44 @@ impl Msix {
                 .filter(|bit| self.pending.get(base + bit).copied().unwrap_or(false))
                 .fold(0u8, |acc, bit| acc | 1 << bit);
         }
+    }
+
+    /// The table, pending bits and enable/mask flags, for a snapshot.
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| [e.address, u64::from(e.data), u64::from(e.control)])
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Load a saved table of the same size; sends nothing (the guest sees
+    /// pending messages once it unmasks, as before the snapshot).
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+        if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
+            return Err(format!(
+                "saved MSI-X table has {} vectors ({} pending bits), this device {}",
+                s.entries.len(),
+                s.pending.len(),
+                self.entries.len()
+            ));
+        }
+        for (e, [address, data, control]) in self.entries.iter_mut().zip(&s.entries) {
+            *e = Entry {
+                address: *address,
+                data: *data as u32,
+                control: *control as u32 & VECTOR_MASKED,
+            };
+        }
+        self.pending.clone_from(&s.pending);
+        self.enabled = s.enabled;
+        self.function_masked = s.function_masked;
+        Ok(())
     }
 
     /// Mask every vector and clear pending bits (function reset).

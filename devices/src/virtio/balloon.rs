@@ -155,7 +155,7 @@ impl BalloonConfig {
 
 /// The guest's memory statistics as last reported; `None` for the ones
 /// the guest did not send. Sizes are in bytes, the rest are counts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonStats {
     pub swap_in: Option<u64>,
     pub swap_out: Option<u64>,
@@ -214,7 +214,7 @@ impl BalloonStats {
 
 /// The host-side state of the balloon (what a snapshot would save). The
 /// target survives device resets; `actual` is the driver's and starts over.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonState {
     /// The host's target, in 4 KiB pages.
     pub num_pages: u32,
@@ -500,6 +500,30 @@ impl VirtioDevice for Balloon {
         // A new driver starts with an empty balloon and inflates it to the
         // target again.
         self.shared.state().actual = 0;
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &mut self.worker {
+            if let Err(e) = w.resume() {
+                tracing::error!("{}: cannot restart the device thread: {e}", self.name());
+            }
+        }
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        super::encode_state(&*self.shared.state())
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        let saved: BalloonState = super::decode_state(state)?;
+        *self.shared.state() = saved;
+        Ok(())
     }
 }
 

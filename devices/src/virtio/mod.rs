@@ -143,6 +143,38 @@ pub trait VirtioDevice: Send {
     /// Stop processing (joining any device thread) and return to the state
     /// before activation; the driver may set the device up again.
     fn reset(&mut self);
+    /// Quiesce an active device for a snapshot: stop its thread without
+    /// losing anything, and make what it wrote durable (a disk flushes).
+    /// Afterwards nothing touches guest memory or the queues until
+    /// [`VirtioDevice::resume`]. Every request taken from a queue was
+    /// completed; buffers the device holds unused (receive buffers) are
+    /// re-read from the avail ring by a restored device.
+    fn pause(&mut self) {}
+    /// Carry on after [`VirtioDevice::pause`].
+    fn resume(&mut self) {}
+    /// The device's own state for a snapshot (beyond its queues, which are
+    /// the transport's, and what its options give). Called while paused
+    /// (or never activated).
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Load what [`VirtioDevice::save_state`] gave into a device built from
+    /// the same options, before it is activated in the restored state.
+    /// An error names what does not fit.
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// Decode a device's saved state.
+pub fn decode_state<T: serde::de::DeserializeOwned>(state: serde_json::Value) -> Result<T, String> {
+    serde_json::from_value(state).map_err(|e| format!("saved device state does not fit: {e}"))
+}
+
+/// Encode a device's state (plain structs: cannot fail in practice).
+pub fn encode_state<T: serde::Serialize>(state: &T) -> serde_json::Value {
+    serde_json::to_value(state).unwrap_or(serde_json::Value::Null)
 }
 
 /// Copy `src` (a configuration structure) into `data` from `offset`,

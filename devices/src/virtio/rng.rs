@@ -127,6 +127,20 @@ impl VirtioDevice for Rng {
             w.stop();
         }
     }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &mut self.worker {
+            if let Err(e) = w.resume() {
+                tracing::error!("{}: cannot restart the device thread: {e}", self.name());
+            }
+        }
+    }
 }
 
 const TOKEN_QUEUE: u64 = 0;

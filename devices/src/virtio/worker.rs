@@ -46,10 +46,23 @@ pub trait EventHandler: Send + 'static {
     fn handle(&mut self, token: u64, events: EventSet, ctl: &EpollCtl) -> bool;
 }
 
+/// What a worker thread hands back when it is stopped: its epoll set
+/// (with every fd the handler added) and the handler, so it can be started
+/// again exactly where it was ([`Worker::pause`] / [`Worker::resume`]).
+struct Parked {
+    epoll: Epoll,
+    handler: Box<dyn EventHandler>,
+    /// The handler ended the loop itself (the device needs a reset): a
+    /// resume leaves it stopped.
+    failed: bool,
+}
+
 /// A running device thread. Dropping it stops and joins the thread.
 pub struct Worker {
+    name: String,
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Parked>>,
+    parked: Option<Parked>,
 }
 
 impl Worker {
@@ -58,7 +71,7 @@ impl Worker {
     pub fn spawn<H: EventHandler>(
         name: &str,
         fds: &[(RawFd, EventSet, u64)],
-        mut handler: H,
+        handler: H,
     ) -> std::io::Result<Worker> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
@@ -71,9 +84,40 @@ impl Worker {
             debug_assert_ne!(token, STOP_TOKEN);
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
         }
-        let thread_name = name.to_string();
-        let thread = std::thread::Builder::new()
-            .name(name.chars().take(15).collect())
+        let mut w = Worker {
+            name: name.to_string(),
+            stop,
+            thread: None,
+            parked: Some(Parked {
+                epoll,
+                handler: Box::new(handler),
+                failed: false,
+            }),
+        };
+        w.start()?;
+        Ok(w)
+    }
+
+    fn start(&mut self) -> std::io::Result<()> {
+        let Some(parked) = self.parked.take() else {
+            return Ok(());
+        };
+        if parked.failed {
+            self.parked = Some(parked);
+            return Ok(());
+        }
+        // A stop request left over from the last pause would end the new
+        // thread at once.
+        let _ = self.stop.read();
+        let thread_name = self.name.clone();
+        let Parked {
+            epoll, mut handler, ..
+        } = parked;
+        // The thread owns the epoll set and the handler while it runs and
+        // hands them back when stopped (if it cannot start, they are lost
+        // and the device stays stopped until the driver resets it).
+        let spawned = std::thread::Builder::new()
+            .name(self.name.chars().take(15).collect())
             .spawn(move || {
                 let mut events = vec![EpollEvent::default(); 32];
                 loop {
@@ -84,37 +128,71 @@ impl Worker {
                             tracing::error!(
                                 "{thread_name}: epoll_wait failed: {e}; device stopped"
                             );
-                            return;
+                            return Parked {
+                                epoll,
+                                handler,
+                                failed: true,
+                            };
                         }
                     };
                     for ev in &events[..n] {
                         if ev.data() == STOP_TOKEN {
-                            return;
+                            // Other ready fds of this batch stay ready
+                            // (level-triggered) for the next start.
+                            return Parked {
+                                epoll,
+                                handler,
+                                failed: false,
+                            };
                         }
                         let ctl = EpollCtl { epoll: &epoll };
                         if !handler.handle(ev.data(), ev.event_set(), &ctl) {
                             tracing::warn!(
                                 "{thread_name}: device stopped until the driver resets it"
                             );
-                            return;
+                            return Parked {
+                                epoll,
+                                handler,
+                                failed: true,
+                            };
                         }
                     }
                 }
-            })?;
-        Ok(Worker {
-            stop,
-            thread: Some(thread),
-        })
+            });
+        self.thread = Some(spawned?);
+        Ok(())
     }
 
-    /// Stop the thread and wait for it to end.
-    pub fn stop(&mut self) {
+    /// Stop the thread and wait for it to end; the handler is kept for
+    /// [`Worker::resume`]. When this returns, the device touches neither
+    /// guest memory nor its queues: every request the handler took from
+    /// a queue was completed (handlers serve a wake-up whole), and
+    /// buffers it holds (receive buffers waiting for data) stay popped
+    /// but unused.
+    pub fn pause(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = self.stop.write(1);
-            if t.join().is_err() {
-                tracing::error!("a virtio device thread panicked");
+            match t.join() {
+                Ok(parked) => self.parked = Some(parked),
+                Err(_) => tracing::error!("{}: the device thread panicked", self.name),
             }
         }
+    }
+
+    /// Start the thread again after [`Worker::pause`] with the same handler
+    /// and fds (a no-op when running, or when the handler had stopped the
+    /// device).
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        if self.thread.is_some() {
+            return Ok(());
+        }
+        self.start()
+    }
+
+    /// Stop the thread and wait for it to end, dropping the handler.
+    pub fn stop(&mut self) {
+        self.pause();
+        self.parked = None;
     }
 }
 
@@ -127,7 +205,8 @@ impl Drop for Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
 
     struct Echo(mpsc::Sender<u64>, EventFd);
     impl EventHandler for Echo {
@@ -154,5 +233,49 @@ mod tests {
         );
         w.stop();
         w.stop(); // idempotent
+    }
+
+    struct Counter(Arc<AtomicUsize>, EventFd);
+    impl EventHandler for Counter {
+        fn handle(&mut self, _: u64, _: EventSet, _: &EpollCtl) -> bool {
+            let _ = self.1.read();
+            self.0.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+    }
+
+    #[test]
+    fn pause_keeps_the_handler_and_resume_sees_what_came_meanwhile() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let mut w = Worker::spawn(
+            "test-pause",
+            &[(evt.as_raw_fd(), EventSet::IN, 1)],
+            Counter(seen.clone(), evt.try_clone().unwrap()),
+        )
+        .unwrap();
+        let wait_for = |n: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while seen.load(Ordering::SeqCst) < n {
+                assert!(std::time::Instant::now() < deadline, "handler never ran");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        evt.write(1).unwrap();
+        wait_for(1);
+        w.pause();
+        w.pause(); // idempotent
+        evt.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            1,
+            "a paused worker runs nothing"
+        );
+        w.resume().unwrap();
+        wait_for(2);
+        w.resume().unwrap(); // no-op while running
+        evt.write(1).unwrap();
+        wait_for(3);
     }
 }

@@ -239,9 +239,9 @@ pub fn write(
         .iter()
         .map(|r| {
             // SAFETY: the region is a live mapping of `r.len()` bytes owned
-            // by `mem`; the VM is paused (no vCPU runs) and devices that
-            // write guest memory on their own are refused before a
-            // snapshot, so nothing writes it while we read.
+            // by `mem`; the VM is paused (no vCPU runs) and the front end
+            // quiesces device threads around a snapshot, so nothing writes
+            // it while we read.
             let bytes = unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) };
             (r.start_addr().0, bytes)
         })

@@ -139,7 +139,7 @@ pub enum BlockError {
 
 /// What could be saved and restored of the device (the queue's state is
 /// the transport's).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlockState {
     /// The features the driver accepted at the last activation.
     pub acked_features: u64,
@@ -344,6 +344,11 @@ impl Block {
         &self.cfg
     }
 
+    /// The format of the opened image (detected when not given).
+    pub fn format(&self) -> Format {
+        lock(&self.image).format()
+    }
+
     /// The state to save.
     pub fn state(&self) -> BlockState {
         BlockState {
@@ -424,6 +429,60 @@ impl VirtioDevice for Block {
             w.stop();
         }
         self.acked_features = 0;
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+        // What the guest wrote reaches the file (qcow2 metadata included)
+        // before a snapshot copies it.
+        if let Err(e) = lock(&self.image).flush() {
+            tracing::warn!("{}: flush before the snapshot: {e}", self.name());
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &mut self.worker {
+            if let Err(e) = w.resume() {
+                tracing::error!("{}: cannot restart the device thread: {e}", self.name());
+            }
+        }
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        super::encode_state(&self.state())
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        let saved: BlockState = super::decode_state(state)?;
+        let now = self.state();
+        if saved.capacity_sectors != now.capacity_sectors {
+            return Err(format!(
+                "--disk id={}: {} is {} bytes, the snapshot's disk was {} bytes; give a disk of the saved size",
+                self.cfg.id,
+                self.cfg.path.display(),
+                now.capacity_sectors * SECTOR_SIZE,
+                saved.capacity_sectors * SECTOR_SIZE
+            ));
+        }
+        if saved.read_only != now.read_only {
+            return Err(format!(
+                "--disk id={}: the snapshot's disk was {}, this one is {}",
+                self.cfg.id,
+                if saved.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                },
+                if now.read_only {
+                    "read-only"
+                } else {
+                    "writable"
+                }
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -355,3 +355,256 @@ fn notify_ioeventfds_follow_bar_0() {
     r.dev.config_write(COMMAND as u64, &0u16.to_le_bytes());
     assert_eq!(reg.0.lock().unwrap().len(), 8, "decoding off: unregistered");
 }
+
+/// A virtio-rng behind the transport with MSI-X on, queue 0 (8 entries)
+/// at 0x10000/0x11000/0x12000 and DRIVER_OK: what a guest driver leaves.
+fn running_rng(mem: &GuestMemoryMmap<()>, msi: Arc<Recorder>) -> VirtioPciDevice {
+    let rng = crate::virtio::rng::Rng::new(Default::default());
+    let dev = VirtioPciDevice::new(Box::new(rng), mem.clone(), 0xc000_0000, msi, None).unwrap();
+    let mut r = Rig {
+        dev,
+        seen: Arc::default(),
+        msi: Arc::default(),
+        intx: Arc::new(Level(Mutex::new(Vec::new()))),
+    };
+    r.dev
+        .config_write(COMMAND as u64, &COMMAND_MEMORY.to_le_bytes());
+    let cap = r.dev.msix_cap_offset as u64;
+    r.dev.config_write(cap + 2, &0x8000u16.to_le_bytes());
+    r.w(MSIX_TABLE_OFFSET, 0xfee0_0000, 8);
+    r.w(MSIX_TABLE_OFFSET + 8, 0x41, 4);
+    r.w(MSIX_TABLE_OFFSET + 12, 0, 4);
+    r.negotiate(features::VERSION_1);
+    r.w(0x16, 0, 2);
+    r.w(0x1a, 0, 2);
+    r.setup_queue(0, 0x10000);
+    r.driver_ok();
+    assert_eq!(r.status() & status::NEEDS_RESET, 0);
+    r.dev
+}
+
+const DESC: u64 = 0x10000;
+const AVAIL: u64 = 0x11000;
+const USED: u64 = 0x12000;
+
+/// Post a 16-byte writable buffer at `buf` as descriptor `n` (and avail
+/// entry `n`).
+fn post(mem: &GuestMemoryMmap<()>, n: u16, buf: u64) {
+    use vm_memory::Bytes;
+    let d = DESC + u64::from(n % 8) * 16;
+    mem.write_obj(buf, GuestAddress(d)).unwrap();
+    mem.write_obj(16u32, GuestAddress(d + 8)).unwrap();
+    mem.write_obj(2u16, GuestAddress(d + 12)).unwrap(); // WRITE
+    mem.write_obj(n % 8, GuestAddress(AVAIL + 4 + u64::from(n % 8) * 2))
+        .unwrap();
+    mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
+}
+
+fn used_idx(mem: &GuestMemoryMmap<()>) -> u16 {
+    use vm_memory::Bytes;
+    mem.read_obj(GuestAddress(USED + 2)).unwrap()
+}
+
+fn wait_used(mem: &GuestMemoryMmap<()>, n: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while used_idx(mem) != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "used index stuck at {} (want {n})",
+            used_idx(mem)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn save_and_restore_carry_a_running_device_over_without_renegotiation() {
+    use vm_memory::Bytes;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let msi = Arc::new(Recorder::default());
+    let mut a = running_rng(&mem, msi.clone());
+    post(&mem, 0, 0x20000);
+    a.bar_write(0, NOTIFY_OFFSET, &[0, 0]);
+    wait_used(&mem, 1);
+    assert!(!msi.0.lock().unwrap().is_empty(), "MSI-X vector 0 fired");
+
+    // Quiesced: a request posted now is not served, and stays in the
+    // avail ring for the restored device.
+    a.pause();
+    post(&mem, 1, 0x20100);
+    a.bar_write(0, NOTIFY_OFFSET, &[0, 0]);
+    let saved = a.save_state().unwrap();
+    assert_eq!(used_idx(&mem), 1, "a paused device served a request");
+    assert!(saved.active);
+    assert_eq!(
+        (saved.queues[0].next_avail, saved.queues[0].next_used),
+        (1, 1)
+    );
+    assert_eq!(saved.queues[0].vector, 0);
+    assert_eq!(saved.msix.entries[0], [0xfee0_0000, 0x41, 0]);
+    // Through JSON, as in the state file.
+    let json = serde_json::to_value(&saved).unwrap();
+    drop(a);
+
+    let msi_b = Arc::new(Recorder::default());
+    let rng = crate::virtio::rng::Rng::new(Default::default());
+    let mut b =
+        VirtioPciDevice::new(Box::new(rng), mem.clone(), 0xc000_0000, msi_b.clone(), None).unwrap();
+    Snapshottable::restore(&mut b, json).unwrap();
+    // The driver's view is unchanged: status, features, queue registers.
+    let mut rb = |off: u64, len: usize| {
+        let mut d = [0u8; 8];
+        b.bar_read(0, off, &mut d[..len]);
+        u64::from_le_bytes(d)
+    };
+    assert_eq!(rb(0x14, 1) as u8 & status::DRIVER_OK, status::DRIVER_OK);
+    assert_eq!(rb(0x20, 8), DESC);
+    assert_eq!(rb(0x1c, 2), 1);
+    assert_eq!(rb(0x1a, 2), 0);
+    // The request posted while paused is served by the restored device,
+    // which raises the same MSI-X message.
+    wait_used(&mem, 2);
+    assert_eq!(msi_b.0.lock().unwrap()[0], (0xfee0_0000, 0x41));
+    // And it keeps working.
+    post(&mem, 2, 0x20200);
+    b.bar_write(0, NOTIFY_OFFSET, &[0, 0]);
+    wait_used(&mem, 3);
+    let head: u32 = mem.read_obj(GuestAddress(USED + 4 + 2 * 8)).unwrap();
+    assert_eq!(head, 2);
+    // A second snapshot of the restored device saves the same layout.
+    let again = b.save_state().unwrap();
+    assert_eq!(again.pci_config, saved.pci_config);
+    assert_eq!(again.queues[0].next_used, 3);
+    b.resume();
+}
+
+#[test]
+fn restore_refuses_state_of_another_device_or_a_corrupt_one() {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mut a = running_rng(&mem, Arc::default());
+    let saved = a.save_state().unwrap();
+    a.resume();
+    drop(a);
+    let fresh = || {
+        let rng = crate::virtio::rng::Rng::new(Default::default());
+        VirtioPciDevice::new(
+            Box::new(rng),
+            mem.clone(),
+            0xc000_0000,
+            Arc::new(Recorder::default()),
+            None,
+        )
+        .unwrap()
+    };
+    // Another device kind (the probe has other features).
+    let mut r = rig();
+    let e = r.dev.restore_state(saved.clone()).unwrap_err();
+    assert!(e.contains("features"), "{e}");
+    // A changed vendor id in configuration space.
+    let mut bad = saved.clone();
+    bad.pci_config[0] ^= 1;
+    let e = fresh().restore_state(bad).unwrap_err();
+    assert!(e.contains("read-only offset 0x0"), "{e}");
+    // A ring outside guest memory.
+    let mut bad = saved.clone();
+    bad.queues[0].used_ring = 0x7fff_0000;
+    let e = fresh().restore_state(bad).unwrap_err();
+    assert!(e.contains("not valid in guest memory"), "{e}");
+    // A vector beyond the table.
+    let mut bad = saved.clone();
+    bad.queues[0].vector = 77;
+    assert!(fresh().restore_state(bad).is_err());
+    // Garbage JSON.
+    let mut dev = fresh();
+    assert!(Snapshottable::restore(&mut dev, serde_json::json!({"status": "x"})).is_err());
+    // The good state still loads.
+    fresh().restore_state(saved).unwrap();
+}
+
+/// Queue `q` of a test device: 8 entries at 0x20000 + q * 0x10000
+/// (desc), + 0x1000 (avail), + 0x2000 (used).
+fn ring(q: u16) -> (u64, u64, u64) {
+    let base = 0x2_0000 + u64::from(q) * 0x1_0000;
+    (base, base + 0x1000, base + 0x2000)
+}
+
+#[test]
+fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
+    use crate::virtio::balloon::{balloon_features as bf, Balloon, BalloonConfig};
+    use vm_memory::Bytes;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let balloon = |mem: &GuestMemoryMmap<()>| {
+        let b = Balloon::new(BalloonConfig::default()).unwrap();
+        let h = b.handle();
+        let dev = VirtioPciDevice::new(
+            Box::new(b),
+            mem.clone(),
+            0xc000_0000,
+            Arc::new(Recorder::default()),
+            None,
+        )
+        .unwrap();
+        (dev, h)
+    };
+    let (dev, h) = balloon(&mem);
+    let mut r = Rig {
+        dev,
+        seen: Arc::default(),
+        msi: Arc::default(),
+        intx: Arc::new(Level(Mutex::new(Vec::new()))),
+    };
+    r.negotiate(features::VERSION_1 | bf::STATS_VQ);
+    for q in 0..3u16 {
+        let (d, a, u) = ring(q);
+        r.w(0x16, u64::from(q), 2);
+        r.w(0x18, 8, 2);
+        r.w(0x20, d, 8);
+        r.w(0x28, a, 8);
+        r.w(0x30, u, 8);
+        r.w(0x1c, 1, 2);
+    }
+    r.driver_ok();
+    assert_eq!(r.status() & status::NEEDS_RESET, 0);
+    // The driver posts its statistics buffer (free memory = 0x1234) on the
+    // stats queue; the device reads it and keeps the buffer.
+    let (d, a, u) = ring(2);
+    let stats = 0x9_0000u64;
+    mem.write_obj(4u16, GuestAddress(stats)).unwrap(); // VIRTIO_BALLOON_S_MEMFREE
+    mem.write_obj(0x1234u64, GuestAddress(stats + 2)).unwrap();
+    mem.write_obj(stats, GuestAddress(d)).unwrap();
+    mem.write_obj(10u32, GuestAddress(d + 8)).unwrap();
+    mem.write_obj(0u16, GuestAddress(d + 12)).unwrap();
+    mem.write_obj(0u16, GuestAddress(a + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(a + 2)).unwrap();
+    r.w(NOTIFY_OFFSET + 8, 0, 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.stats().and_then(|s| s.free_memory) != Some(0x1234) {
+        assert!(std::time::Instant::now() < deadline, "stats never read");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let used = |mem: &GuestMemoryMmap<()>| mem.read_obj::<u16>(GuestAddress(u + 2)).unwrap();
+    assert_eq!(used(&mem), 0, "the buffer is held, not used");
+    let saved = r.dev.save_state().unwrap();
+    assert_eq!(
+        (saved.queues[2].next_avail, saved.queues[2].next_used),
+        (0, 0),
+        "the held buffer is left in the avail ring"
+    );
+    drop(r);
+
+    // The restored balloon takes the buffer again: asking for statistics
+    // hands it back to the driver.
+    let (mut b, h2) = balloon(&mem);
+    b.restore_state(saved).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while used(&mem) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restored device never returned the buffer"
+        );
+        h2.request_stats();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(used(&mem), 1);
+    assert_eq!(h2.stats().and_then(|s| s.free_memory), Some(0x1234));
+}

@@ -116,7 +116,7 @@ pub struct VsockError(String);
 /// What a snapshot of the device would hold. Connections are not part of
 /// it: on restore they are gone and the guest would be told with a
 /// TRANSPORT_RESET event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockState {
     pub guest_cid: u64,
     pub acked_features: u64,
@@ -130,6 +130,9 @@ pub struct Vsock {
     socket_id: Option<(u64, u64)>,
     acked_features: u64,
     worker: Option<Worker>,
+    /// Restored from a snapshot: tell the driver its connections are gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) when the device starts.
+    reset_event: bool,
 }
 
 impl Vsock {
@@ -146,6 +149,7 @@ impl Vsock {
             socket_id,
             acked_features: 0,
             worker: None,
+            reset_event: false,
         })
     }
 
@@ -234,6 +238,12 @@ impl VirtioDevice for Vsock {
         if let Some(e) = &event {
             fds.push((e.notify.as_raw_fd(), EventSet::IN, TOKEN_EVENT));
         }
+        if std::mem::take(&mut self.reset_event) {
+            match event.as_mut() {
+                Some(e) => transport_reset(&name, &memory, &mut e.queue, interrupt.as_ref()),
+                None => tracing::warn!("{name}: restored without an event queue; the guest is not told its connections were reset"),
+            }
+        }
         // Look at the queues once at start: buffers may be there already.
         let _ = rx.notify.write(1);
         let _ = tx.notify.write(1);
@@ -265,6 +275,68 @@ impl VirtioDevice for Vsock {
             w.stop();
         }
         self.acked_features = 0;
+    }
+
+    fn pause(&mut self) {
+        if let Some(w) = &mut self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(w) = &mut self.worker {
+            if let Err(e) = w.resume() {
+                tracing::error!("{}: cannot restart the device thread: {e}", self.name());
+            }
+        }
+    }
+
+    // Live connections are not saved (their host sockets belong to this
+    // process): a restored device starts with none and tells the driver
+    // with a TRANSPORT_RESET event, as Firecracker does.
+    fn save_state(&self) -> serde_json::Value {
+        super::encode_state(&self.state())
+    }
+
+    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
+        let saved: VsockState = super::decode_state(state)?;
+        if saved.guest_cid != self.config.cid {
+            return Err(format!(
+                "--vsock: the snapshot's guest cid is {}, this one is {}; keep cid={}",
+                saved.guest_cid, self.config.cid, saved.guest_cid
+            ));
+        }
+        self.reset_event = true;
+        Ok(())
+    }
+}
+
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio 1.2 §5.10.6.5).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Put a TRANSPORT_RESET event in the driver's first event buffer.
+fn transport_reset(name: &str, mem: &GuestMemory, queue: &mut Queue, interrupt: &dyn Interrupt) {
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        tracing::warn!("{name}: no event buffer; the guest is not told its connections were reset");
+        return;
+    };
+    let head = chain.head_index();
+    let written = match chain.writer(mem) {
+        Ok(mut w) => w
+            .write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+            .map(|()| 4u32)
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
+    if written == 0 {
+        tracing::warn!("{name}: the event buffer is not writable; connection reset not signalled");
+    }
+    if let Err(e) = queue.add_used(mem, head, written) {
+        tracing::warn!("{name}: event queue: {e}");
+        return;
+    }
+    if let Err(e) = interrupt.signal(InterruptKind::Queue(EVENT_QUEUE)) {
+        tracing::warn!("{name}: event interrupt: {e}");
     }
 }
 

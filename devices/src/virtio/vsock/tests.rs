@@ -897,3 +897,75 @@ fn many_connections_interleave() {
         assert_eq!(read_exactly(s, msg.len()), msg.as_bytes());
     }
 }
+
+#[test]
+fn a_restored_device_tells_the_driver_its_connections_were_reset() {
+    let dir = temp_dir();
+    let socket = dir.join("r.sock");
+    let mut dev = Vsock::new(VsockConfig {
+        cid: CID,
+        socket: socket.clone(),
+    })
+    .unwrap();
+    // Another guest's state does not fit.
+    let mut other = dev.state();
+    other.guest_cid = CID + 1;
+    let e = dev
+        .restore_state(crate::virtio::encode_state(&other))
+        .unwrap_err();
+    assert!(e.contains("cid"), "{e}");
+    assert!(dev.restore_state(serde_json::json!("junk")).is_err());
+    dev.restore_state(crate::virtio::encode_state(&dev.state()))
+        .unwrap();
+
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let irq = Arc::new(TestIrq::default());
+    let mut queues = Vec::new();
+    let mut event = None;
+    for i in 0..3u16 {
+        let desc = 0x1000 + 0x4000 * u64::from(i);
+        let avail = desc + 16 * u64::from(QUEUE_SIZE);
+        let used = (avail + 6 + 2 * u64::from(QUEUE_SIZE)).next_multiple_of(4);
+        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+        queue.set_size(QUEUE_SIZE);
+        queue.set_desc_table_address(Some(desc as u32), Some(0));
+        queue.set_avail_ring_address(Some(avail as u32), Some(0));
+        queue.set_used_ring_address(Some(used as u32), Some(0));
+        queue.set_ready(true);
+        let mut dq = DriverQueue {
+            desc,
+            avail,
+            used,
+            size: QUEUE_SIZE,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+            chains: HashMap::new(),
+        };
+        if i == EVENT_QUEUE {
+            mem.write_obj(0xffff_ffffu32, GuestAddress(BUF_BASE))
+                .unwrap();
+            dq.add_chain(&mem, &[(BUF_BASE, 8, true)]);
+            event = Some(dq);
+        }
+        queues.push(ActiveQueue {
+            index: i,
+            queue,
+            notify: EventFd::new(EFD_NONBLOCK).unwrap(),
+        });
+    }
+    dev.activate(Activation {
+        memory: mem.clone(),
+        queues,
+        interrupt: irq.clone(),
+        features: dev.features(),
+    })
+    .unwrap();
+    assert!(irq.wait_for(InterruptKind::Queue(EVENT_QUEUE)));
+    let (_, len, bufs) = event.as_mut().unwrap().take_used(&mem).expect("event used");
+    assert_eq!(len, 4);
+    let id: u32 = mem.read_obj(GuestAddress(bufs[0].0)).unwrap();
+    assert_eq!(id, EVENT_TRANSPORT_RESET);
+    drop(dev);
+    let _ = std::fs::remove_dir_all(dir);
+}
