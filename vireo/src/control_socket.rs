@@ -16,7 +16,7 @@
 //! "parent","pages"` for `snapshot --diff DIR`, which writes only the pages
 //! written since this process's previous snapshot and records it as the
 //! parent; `vireo run --restore` follows the chain).
-//! `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]` live-migrates
+//! `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]` live-migrates
 //! the VM to a `vireo run --migrate-from` target (pre-copy, then a short
 //! pause); on success it answers `"state":"migrated","migration":{"total_ms",
 //! "downtime_ms","bytes_sent","rounds","pages_sent"}` and this process
@@ -55,7 +55,7 @@ pub enum Command {
         /// snapshot, with that one recorded as the parent.
         diff: bool,
     },
-    /// `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]`: live
+    /// `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]`: live
     /// migration to a `vireo run --migrate-from` (see [`crate::migrate`]).
     MigrateTo(crate::migrate::MigrateTo),
 }
@@ -200,7 +200,7 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
         None => error_reply(
-            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N]",
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]",
         ),
         Some(command) => {
             // Writing a snapshot of a big guest takes a while.
@@ -302,7 +302,19 @@ mod tests {
             Some(Command::MigrateTo(crate::migrate::MigrateTo {
                 uri: "tcp:10.0.0.2:4444".into(),
                 ca: None,
-                downtime_ms: 100
+                downtime_ms: 100,
+                postcopy: false,
+                postcopy_bandwidth: None,
+            }))
+        );
+        assert_eq!(
+            Command::parse("migrate-to tcp:h:1 --postcopy --postcopy-bandwidth 64K"),
+            Some(Command::MigrateTo(crate::migrate::MigrateTo {
+                uri: "tcp:h:1".into(),
+                ca: None,
+                downtime_ms: crate::migrate::DEFAULT_DOWNTIME_MS,
+                postcopy: true,
+                postcopy_bandwidth: Some(64 << 10),
             }))
         );
         assert_eq!(Command::parse("migrate-to"), None);

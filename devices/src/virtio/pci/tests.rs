@@ -358,7 +358,7 @@ fn notify_ioeventfds_follow_bar_0() {
 
 /// A virtio-rng behind the transport with MSI-X on, queue 0 (8 entries)
 /// at 0x10000/0x11000/0x12000 and DRIVER_OK: what a guest driver leaves.
-fn running_rng(mem: &GuestMemoryMmap<()>, msi: Arc<Recorder>) -> VirtioPciDevice {
+fn running_rng(mem: &GuestMemory, msi: Arc<Recorder>) -> VirtioPciDevice {
     let rng = crate::virtio::rng::Rng::new(Default::default());
     let dev = VirtioPciDevice::new(Box::new(rng), mem.clone(), 0xc000_0000, msi, None).unwrap();
     let mut r = Rig {
@@ -389,7 +389,7 @@ const USED: u64 = 0x12000;
 
 /// Post a 16-byte writable buffer at `buf` as descriptor `n` (and avail
 /// entry `n`).
-fn post(mem: &GuestMemoryMmap<()>, n: u16, buf: u64) {
+fn post(mem: &GuestMemory, n: u16, buf: u64) {
     use vm_memory::Bytes;
     let d = DESC + u64::from(n % 8) * 16;
     mem.write_obj(buf, GuestAddress(d)).unwrap();
@@ -400,12 +400,12 @@ fn post(mem: &GuestMemoryMmap<()>, n: u16, buf: u64) {
     mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
 }
 
-fn used_idx(mem: &GuestMemoryMmap<()>) -> u16 {
+fn used_idx(mem: &GuestMemory) -> u16 {
     use vm_memory::Bytes;
     mem.read_obj(GuestAddress(USED + 2)).unwrap()
 }
 
-fn wait_used(mem: &GuestMemoryMmap<()>, n: u16) {
+fn wait_used(mem: &GuestMemory, n: u16) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while used_idx(mem) != n {
         assert!(
@@ -420,7 +420,7 @@ fn wait_used(mem: &GuestMemoryMmap<()>, n: u16) {
 #[test]
 fn save_and_restore_carry_a_running_device_over_without_renegotiation() {
     use vm_memory::Bytes;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let msi = Arc::new(Recorder::default());
     let mut a = running_rng(&mem, msi.clone());
     post(&mem, 0, 0x20000);
@@ -480,7 +480,7 @@ fn save_and_restore_carry_a_running_device_over_without_renegotiation() {
 
 #[test]
 fn restore_refuses_state_of_another_device_or_a_corrupt_one() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let mut a = running_rng(&mem, Arc::default());
     let saved = a.save_state().unwrap();
     a.resume();
@@ -532,8 +532,8 @@ fn ring(q: u16) -> (u64, u64, u64) {
 fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
     use crate::virtio::balloon::{balloon_features as bf, Balloon, BalloonConfig};
     use vm_memory::Bytes;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-    let balloon = |mem: &GuestMemoryMmap<()>| {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let balloon = |mem: &GuestMemory| {
         let b = Balloon::new(BalloonConfig::default()).unwrap();
         let h = b.handle();
         let dev = VirtioPciDevice::new(
@@ -582,7 +582,7 @@ fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
         assert!(std::time::Instant::now() < deadline, "stats never read");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let used = |mem: &GuestMemoryMmap<()>| mem.read_obj::<u16>(GuestAddress(u + 2)).unwrap();
+    let used = |mem: &GuestMemory| mem.read_obj::<u16>(GuestAddress(u + 2)).unwrap();
     assert_eq!(used(&mem), 0, "the buffer is held, not used");
     let saved = r.dev.save_state().unwrap();
     assert_eq!(
