@@ -96,7 +96,8 @@ def vireo_case(vireo, work, kind, args) -> dict:
         try:
             reply = None
             for _ in range(500):
-                reply = control(sock, f"migrate-to tcp:127.0.0.1:{port} --downtime-ms {args.downtime_ms}")
+                mode = " --postcopy" if args.postcopy else ""
+                reply = control(sock, f"migrate-to tcp:127.0.0.1:{port} --downtime-ms {args.downtime_ms}{mode}")
                 if reply.get("ok") or "cannot connect" not in reply.get("error", ""):
                     break
                 time.sleep(0.02)
@@ -105,7 +106,7 @@ def vireo_case(vireo, work, kind, args) -> dict:
             read_until(dst, b"..", 600)
             src.wait(30)
             m = reply["migration"]
-            return {"guest": kind, "guest_fill_s": round(fill_s, 1), **m,
+            return {"guest": kind, "mode": "post-copy" if args.postcopy else "pre-copy", "guest_fill_s": round(fill_s, 1), **m,
                     "mib_sent": round(m["bytes_sent"] / (1 << 20), 1),
                     "source_exit": src.returncode}
         finally:
@@ -182,12 +183,15 @@ def main() -> None:
     ap.add_argument("--downtime-ms", type=int, default=300)
     ap.add_argument("--qemu-accel", default="tcg")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--postcopy", action="store_true",
+                    help="migrate post-copy: one full copy, then the guest runs on the target "
+                         "and fetches what it dirtied since on demand")
     args = ap.parse_args()
     vireo = vireo_bin()
     work = tempfile.mkdtemp(prefix="vireo-migbench-")
     try:
         results = {"memory_mib": args.memory, "accel": args.accel,
-                   "downtime_target_ms": args.downtime_ms,
+                   "downtime_target_ms": args.downtime_ms, "postcopy": args.postcopy,
                    "load_average": os.getloadavg(), "vireo": [], "qemu": None}
         for kind in args.guests.split(","):
             r = vireo_case(vireo, work, kind, args)

@@ -15,7 +15,7 @@ use vireo_devices::virtio::VirtioDevice;
 use crate::cli::RunArgs;
 use crate::console::StdoutWriter;
 use crate::machine::Machine;
-use crate::vsnap::{DeviceSet, DiskFile};
+use crate::snapshot_devices::{DeviceSet, DiskFile};
 use crate::Failure;
 
 /// The virtio devices of a machine, parsed from the flags (or from a

@@ -18,7 +18,7 @@ mod token_cli;
 mod ui;
 mod vm_cli;
 mod vm_edit;
-mod vsnap;
+mod snapshot_devices;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

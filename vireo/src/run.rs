@@ -20,7 +20,7 @@ use crate::devices::{self, Attached};
 use crate::image::GuestKit;
 use crate::machine::{self, PowerButton};
 use crate::signals;
-use crate::vsnap;
+use crate::snapshot_devices;
 use crate::Failure;
 use vireo_devices::virtio::balloon::BalloonHandle;
 use vireo_vmcore::snapshot::SharedSnapshottable;
@@ -341,8 +341,8 @@ struct Saveable<'a> {
 /// The front end's description of the machine recorded with its state:
 /// the device ids, the virtio devices (so a restore or a migration target
 /// rebuilds them with no device flags) and the snapshot's disk copies.
-fn frontend(saveable: &Saveable<'_>, disks: Vec<vsnap::DiskCopy>) -> serde_json::Value {
-    serde_json::to_value(vsnap::FrontendRecord {
+fn frontend(saveable: &Saveable<'_>, disks: Vec<snapshot_devices::DiskCopy>) -> serde_json::Value {
+    serde_json::to_value(snapshot_devices::FrontendRecord {
         devices: saveable.devices.iter().map(|(id, _)| id.clone()).collect(),
         virtio: saveable.attached.device_set.clone(),
         disks,
@@ -446,7 +446,7 @@ fn snapshot_command(
     let result = running
         .capture(saveable.devices, serde_json::Value::Null)
         .and_then(|mut snap| {
-            disks = vsnap::copy_disks(dir, &saveable.attached.disk_files)
+            disks = snapshot_devices::copy_disks(dir, &saveable.attached.disk_files)
                 .map_err(vireo_vmcore::snapshot::SnapshotError::Mismatch)?;
             snap.config.frontend = frontend(saveable, disks.clone());
             Ok(snap)
@@ -536,7 +536,7 @@ fn restore_machine(
     args: &RunArgs,
     dir: &std::path::Path,
 ) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
-    vsnap::check_restore_flags(args, "--restore takes the machine from the snapshot")?;
+    snapshot_devices::check_restore_flags(args, "--restore takes the machine from the snapshot")?;
     let loaded = vireo_vmcore::snapshot::load(dir)
         .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
     let backend = loaded.snapshot.config.backend.clone();
@@ -578,7 +578,7 @@ fn restore_virtio(
     args: &RunArgs,
     dir: &std::path::Path,
 ) -> Result<Attached, Failure> {
-    let configs = vsnap::restore_configs(dir, &snap.config.frontend, args)?;
+    let configs = snapshot_devices::restore_configs(dir, &snap.config.frontend, args)?;
     let attached = devices::open(machine, configs)?;
     // A saved state that does not fit the rebuilt devices (a damaged
     // snapshot, an override of another size) is the caller's to fix.
@@ -613,7 +613,7 @@ fn build_migrated(
 ) -> Result<(machine::Machine, Attached), String> {
     let mut machine = machine::restore(hv, loaded, memory, Box::new(StdoutWriter))
         .map_err(|e| format!("cannot build the migrated VM: {e}"))?;
-    let configs = vsnap::migrated_configs(&loaded.snapshot.config.frontend, args)
+    let configs = snapshot_devices::migrated_configs(&loaded.snapshot.config.frontend, args)
         .map_err(|e| e.to_string())?;
     let attached = devices::open(&mut machine, configs).map_err(|e| e.to_string())?;
     machine::restore_devices(&machine, &loaded.snapshot)
@@ -627,7 +627,7 @@ fn migrate_in(
     args: &RunArgs,
     uri: &str,
 ) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
-    vsnap::check_restore_flags(args, "--migrate-from takes the machine from the source")?;
+    snapshot_devices::check_restore_flags(args, "--migrate-from takes the machine from the source")?;
     let listen = crate::migrate::Listen {
         uri: uri.to_string(),
         tls: args

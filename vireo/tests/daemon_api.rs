@@ -1500,11 +1500,9 @@ fn snapshots_restore_clone_and_delete() {
     assert!(!env.state().join("vms/s").exists());
 }
 
-/// NEEDS vsnap (virtio devices in snapshots) merged: until then a VM with
-/// a disk refuses to snapshot ("cannot snapshot this VM: ...") and this
-/// test stops there, saying so. With vsnap: the snapshot lists its disk
-/// copy, a clone gets its own copy of the (raw) disk in its own directory
-/// with the snapshot's content and size, and both run.
+/// A VM with a disk: the snapshot lists its disk copy, a clone gets its
+/// own copy of the (raw) disk in its own directory with the snapshot's
+/// content and size, and both run.
 #[test]
 fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
     let env = Env::new("daemon-snap-disk");
@@ -1523,19 +1521,6 @@ fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
     assert_eq!(status, 200, "{v}");
     env.wait_count("d", 2);
     let (status, snap) = env.json("POST", "/v1/vms/d/snapshots", Some(json!({"tag": "t"})));
-    if status == 409
-        && snap["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("cannot snapshot this VM"))
-    {
-        assert_eq!(snap["error"]["code"], "snapshot_failed", "{snap}");
-        // The failed snapshot left nothing behind.
-        assert!(!env.state().join("vms/d/snapshots/t").exists());
-        let (_, list) = env.json("GET", "/v1/vms/d/snapshots", None);
-        assert_eq!(list["snapshots"], json!([]));
-        eprintln!("skipping the rest: this vireo run cannot snapshot virtio devices yet (vsnap)");
-        return;
-    }
     assert_eq!(status, 201, "{snap}");
     let disks = snap["disks"].as_array().unwrap();
     assert_eq!(disks.len(), 1, "{snap}");
@@ -1810,7 +1795,7 @@ fn diff_snapshots_chain_to_their_parent() {
     }
 }
 
-/// Runs today (no vsnap needed): a clone's disk made from a snapshot's
+/// A clone's disk made from a snapshot's
 /// qcow2 copy is a qcow2 overlay backed by that copy (so the snapshot
 /// stays untouched and the clone shares its blocks), of the same size.
 #[test]
