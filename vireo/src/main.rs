@@ -14,11 +14,11 @@ mod migrate;
 mod postcopy;
 mod run;
 mod signals;
+mod snapshot_devices;
 mod token_cli;
 mod ui;
 mod vm_cli;
 mod vm_edit;
-mod snapshot_devices;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;

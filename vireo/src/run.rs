@@ -627,7 +627,10 @@ fn migrate_in(
     args: &RunArgs,
     uri: &str,
 ) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
-    snapshot_devices::check_restore_flags(args, "--migrate-from takes the machine from the source")?;
+    snapshot_devices::check_restore_flags(
+        args,
+        "--migrate-from takes the machine from the source",
+    )?;
     let listen = crate::migrate::Listen {
         uri: uri.to_string(),
         tls: args

@@ -292,17 +292,12 @@ impl VirtioDevice for Console {
     }
 
     fn pause(&mut self) {
-        if let Some(w) = &mut self.worker {
-            w.pause();
-        }
+        crate::virtio::worker::pause(&mut self.worker);
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &mut self.worker {
-            if let Err(e) = w.resume() {
-                tracing::error!("{}: cannot restart the device thread: {e}", self.name());
-            }
-        }
+        let name = self.name();
+        crate::virtio::worker::resume(&mut self.worker, &name);
     }
 
     fn save_state(&self) -> serde_json::Value {

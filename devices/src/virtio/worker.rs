@@ -202,6 +202,23 @@ impl Drop for Worker {
     }
 }
 
+/// Hold a device's thread still, if it has one (see [`Worker::pause`]).
+pub fn pause(worker: &mut Option<Worker>) {
+    if let Some(w) = worker {
+        w.pause();
+    }
+}
+
+/// Let a device's thread carry on after [`pause`]; `name` names the
+/// device in the log line if it cannot.
+pub fn resume(worker: &mut Option<Worker>, name: &str) {
+    if let Some(w) = worker {
+        if let Err(e) = w.resume() {
+            tracing::error!("{name}: cannot restart the device thread: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

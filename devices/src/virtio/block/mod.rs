@@ -432,9 +432,7 @@ impl VirtioDevice for Block {
     }
 
     fn pause(&mut self) {
-        if let Some(w) = &mut self.worker {
-            w.pause();
-        }
+        crate::virtio::worker::pause(&mut self.worker);
         // What the guest wrote reaches the file (qcow2 metadata included)
         // before a snapshot copies it.
         if let Err(e) = lock(&self.image).flush() {
@@ -443,11 +441,8 @@ impl VirtioDevice for Block {
     }
 
     fn resume(&mut self) {
-        if let Some(w) = &mut self.worker {
-            if let Err(e) = w.resume() {
-                tracing::error!("{}: cannot restart the device thread: {e}", self.name());
-            }
-        }
+        let name = self.name();
+        crate::virtio::worker::resume(&mut self.worker, &name);
     }
 
     fn save_state(&self) -> serde_json::Value {
