@@ -114,6 +114,9 @@ pub(crate) struct Block {
     /// The blocks that ran next: \[0\] at the fall-through address, \[1\]
     /// anywhere else (see the module documentation).
     links: [Cell<Link>; 2],
+    /// Runs so far, or the block's host code (see [`crate::jit`]).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) jit: Cell<crate::jit::Jitted>,
 }
 
 /// A chained successor of a block.
@@ -483,6 +486,8 @@ impl Cpu {
             code: buf[..len].into(),
             checked: Cell::new(self.code_epoch),
             links: [Cell::new(NO_LINK), Cell::new(NO_LINK)],
+            #[cfg(target_arch = "x86_64")]
+            jit: Cell::new(crate::jit::Jitted::Cold(0)),
         });
         if self.icache.insert(ppage, la, block.clone()) {
             // Writes to this page must now drop its decoded code.

@@ -23,6 +23,9 @@
 //!   written by devices, the VMM and other vCPUs by checking each block's
 //!   bytes against guest memory once per code epoch (no VMM hook needed).
 //! - [`exec`]: instruction semantics, one file per group.
+//! - `jit` (x86-64 hosts): hot blocks translated to host code, the
+//!   guest's integer instructions re-encoded to run natively with glue for
+//!   registers, the software TLB and flags; the interpreter runs the rest.
 //! - [`exceptions`]: delivery through the real-mode IVT, the 32-bit IDT and
 //!   the 64-bit IDT, #DF and triple fault.
 //! - [`vcpu`]: [`vireo_hypervisor::Vcpu`] for an emulated CPU.
@@ -162,6 +165,8 @@ pub mod decode;
 pub mod exceptions;
 pub mod exec;
 pub mod hv;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod jit;
 pub mod memory;
 pub mod mmu;
 pub mod platform;

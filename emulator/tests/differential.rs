@@ -316,7 +316,18 @@ struct Emu {
     guest: Guest,
     test_va: u64,
     code_off: u64,
+    scratch_va: u64,
+    /// Run the case through the translator of hot blocks (translated at
+    /// once, with the software TLB already holding the scratch pages, so
+    /// memory operands take the translated code's own path), not one
+    /// instruction at a time through the interpreter.
+    translated: bool,
+    /// Cases whose instruction under test ran as translated code.
+    ran_translated: usize,
 }
+
+/// Where the translated mode's warm-up code sits in the code page.
+const WARM_OFF: u64 = 0xf00;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
@@ -340,13 +351,47 @@ impl Emu {
             guest,
             test_va: native.test_va(),
             code_off: native.test_va() - native.code_va(),
+            scratch_va: native.scratch_va(),
+            translated: false,
+            ran_translated: 0,
         }
+    }
+
+    /// Read and write 8 bytes of each scratch page (rewriting what is
+    /// there), so the CPU's fast tables hold both pages for reads and
+    /// writes.
+    fn warm_up(&mut self, cpu: &mut Cpu) {
+        let code_va = self.test_va - self.code_off;
+        let mut code = Vec::new();
+        for page in [0, PAGE as u64] {
+            let addr = self.scratch_va + page;
+            for c in [Code::Mov_RAX_moffs64, Code::Mov_moffs64_RAX] {
+                let va = code_va + WARM_OFF + code.len() as u64;
+                code.extend(encode(&moffs(c, addr), va).unwrap());
+            }
+        }
+        self.guest.write(CODE_GPA + WARM_OFF, &code);
+        cpu.state.rip = code_va + WARM_OFF;
+        let exit = cpu.run(4);
+        assert!(
+            matches!(exit, Exit::BudgetExhausted)
+                && cpu.state.rip == code_va + WARM_OFF + code.len() as u64,
+            "warm-up stopped with {exit:?} at {:#x}",
+            cpu.state.rip
+        );
     }
 
     fn run(&mut self, test: &[u8], ctx: &mut Ctx, scratch: &mut [u8]) -> Outcome {
         self.guest.write(CODE_GPA + self.code_off, test);
         self.guest.write(SCRATCH_GPA, scratch);
         let mut cpu: Cpu = self.guest.cpu();
+        if self.translated {
+            // HLT after the case ends its block (and the run).
+            self.guest
+                .write(CODE_GPA + self.code_off + test.len() as u64, &[0xf4]);
+            cpu.set_jit(Some(0));
+            self.warm_up(&mut cpu);
+        }
         cpu.state.gpr = ctx.gpr;
         // IF is set as in the user-mode host process.
         cpu.state.rflags = (ctx.rflags & (ARITH | DF)) | 0x202;
@@ -356,11 +401,12 @@ impl Emu {
         let end = self.test_va + test.len() as u64;
         let mut outcome = Outcome::Done;
         for _ in 0..100_000 {
-            let exit = cpu.run(1);
-            if cpu.state.rip == end {
+            let exit = cpu.run(if self.translated { 10_000 } else { 1 });
+            if !self.translated && cpu.state.rip == end {
                 break;
             }
             match exit {
+                Exit::Halt if self.translated && cpu.state.rip == end + 1 => break,
                 Exit::BudgetExhausted => {}
                 Exit::Halt if (HANDLERS + 1..=HANDLERS + 256).contains(&cpu.state.rip) => {
                     outcome = Outcome::Exception(cpu.state.rip - HANDLERS - 1);
@@ -371,6 +417,9 @@ impl Emu {
                     break;
                 }
             }
+        }
+        if cpu.translated_instructions() > 0 {
+            self.ran_translated += 1;
         }
         ctx.gpr = cpu.state.gpr;
         ctx.rflags = cpu.state.rflags;
@@ -1359,6 +1408,20 @@ impl Harness {
 
     fn finish(self, name: &str, seed: u64, min_cases: usize) {
         let total: usize = self.stats.values().sum();
+        if self.emu.translated {
+            eprintln!(
+                "{name}: {} of {total} cases ran as translated code",
+                self.emu.ran_translated
+            );
+            // Most integer instructions and many stack/branch ones are
+            // translated (x86-64 hosts only: elsewhere all is interpreted).
+            #[cfg(target_arch = "x86_64")]
+            assert!(
+                self.emu.ran_translated * 4 > total,
+                "{name}: only {} of {total} cases ran as translated code",
+                self.emu.ran_translated
+            );
+        }
         eprintln!(
             "{name}: {total} cases, seed {seed}, per mnemonic: {:?}",
             self.stats
@@ -1379,12 +1442,13 @@ impl Harness {
     }
 }
 
-fn run_random(name: &str, group: Group, n: usize) {
+fn run_random(name: &str, group: Group, n: usize, translated: bool) {
     let seed = seed();
     let mut rng = Rng(seed);
     let list = codes(group);
     assert!(!list.is_empty());
     let mut h = Harness::new();
+    h.emu.translated = translated;
     let scratch_va = h.native.scratch_va();
     let mut done = 0;
     let mut attempts = 0;
@@ -1406,17 +1470,23 @@ fn run_random(name: &str, group: Group, n: usize) {
 
 #[test]
 fn integer_instructions_match_host() {
-    run_random("integer", Group::Integer, cases());
+    run_random("integer", Group::Integer, cases(), false);
+}
+
+/// The same cases through the translator of hot blocks (x86-64 hosts).
+#[test]
+fn translated_integer_instructions_match_host() {
+    run_random("integer (translated)", Group::Integer, cases() / 2, true);
 }
 
 #[test]
 fn sse_instructions_match_host() {
-    run_random("sse", Group::Sse, cases() / 2);
+    run_random("sse", Group::Sse, cases() / 2, false);
 }
 
 #[test]
 fn x87_instructions_match_host() {
-    run_random("x87", Group::X87, cases() / 2);
+    run_random("x87", Group::X87, cases() / 2, false);
 }
 
 #[test]
@@ -1724,9 +1794,19 @@ fn control_case(rng: &mut Rng, scratch_va: u64, test_va: u64) -> Option<Case> {
 
 #[test]
 fn stack_and_branch_instructions_match_host() {
+    stack_and_branch("stack/branch", false);
+}
+
+#[test]
+fn translated_stack_and_branch_instructions_match_host() {
+    stack_and_branch("stack/branch (translated)", true);
+}
+
+fn stack_and_branch(name: &str, translated: bool) {
     let seed = seed();
     let mut rng = Rng(seed ^ 0xc0de);
     let mut h = Harness::new();
+    h.emu.translated = translated;
     let (scratch, test_va) = (h.native.scratch_va(), h.native.test_va());
     let mut done = 0;
     while done < cases() / 4 {
@@ -1735,5 +1815,5 @@ fn stack_and_branch_instructions_match_host() {
             done += 1;
         }
     }
-    h.finish("stack/branch", seed, cases() / 8);
+    h.finish(name, seed, cases() / 8);
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use vireo_hypervisor::CpuidEntry;
 
-use crate::decode::DecodeCache;
+use crate::decode::{Block, DecodeCache};
 use crate::memory::GuestMemory;
 use crate::mmu::Tlb;
 use state::{rflags, CpuState};
@@ -107,6 +107,23 @@ impl From<Msg> for String {
 // Every handler returns a `Flow`: keep it small.
 const _: () = assert!(std::mem::size_of::<Flow>() <= 16);
 
+/// The translator, unless `VIREO_EMU_JIT=off`; `VIREO_EMU_JIT=N` sets
+/// how often a block runs before it is translated.
+#[cfg(target_arch = "x86_64")]
+fn jit_wanted() -> Option<Box<crate::jit::Jit>> {
+    let mut jit = crate::jit::Jit::new();
+    match std::env::var("VIREO_EMU_JIT").as_deref() {
+        Ok("off" | "no" | "false") => return None,
+        Ok(n) => {
+            if let Ok(n) = n.parse() {
+                jit.hot = n;
+            }
+        }
+        Err(_) => {}
+    }
+    Some(Box::new(jit))
+}
+
 /// Registers saved before each instruction, restored when it does not
 /// complete.
 struct Snapshot {
@@ -172,6 +189,9 @@ pub struct Cpu {
     /// next run starts a new code epoch.
     sync_on_run: bool,
     pub(crate) atomic: Option<AtomicOp>,
+    /// The translator of hot blocks (`None`: interpret everything).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) jit: Option<Box<crate::jit::Jit>>,
 }
 
 impl Cpu {
@@ -206,7 +226,38 @@ impl Cpu {
             since_sync: 0,
             sync_on_run: false,
             atomic: None,
+            #[cfg(target_arch = "x86_64")]
+            jit: jit_wanted(),
         }
+    }
+
+    /// Translate blocks to host code after they ran `hot` times (`None`:
+    /// never, the interpreter alone). The default is on, after
+    /// [`crate::jit::HOT`] runs, unless `VIREO_EMU_JIT=off`; tests use 0 to
+    /// translate everything at once. Without effect on hosts other than
+    /// x86-64, which always interpret.
+    pub fn set_jit(&mut self, hot: Option<u32>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.jit = hot.map(|n| {
+                let mut j = crate::jit::Jit::new();
+                j.hot = n;
+                Box::new(j)
+            });
+            self.icache.invalidate_all();
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = hot;
+    }
+
+    /// Instructions retired by translated code so far.
+    pub fn translated_instructions(&self) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.jit.as_ref().map_or(0, |j| j.stats.retired)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        0
     }
 
     /// The data buffer of the last I/O or MMIO exit.
@@ -390,7 +441,18 @@ impl Cpu {
         } else {
             0xffff_ffff
         };
-        for op in block.ops.iter() {
+        #[cfg(target_arch = "x86_64")]
+        let start = match self.run_translated(&block, bits, left) {
+            Some(None) => {
+                self.icache.last = Some(block);
+                return None;
+            }
+            Some(Some(k)) => k,
+            None => 0,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let start = 0;
+        for op in block.ops[start..].iter() {
             if *left == 0 {
                 break;
             }
@@ -442,6 +504,57 @@ impl Cpu {
         // The block ran to its end (or to the budget's).
         self.icache.last = Some(block);
         None
+    }
+
+    /// Run the host code of `block` if it has (or now gets) some:
+    /// `None` if not, `Some(None)` if it ran the block to its end or out
+    /// through a branch (RIP written), `Some(Some(k))` if the interpreter
+    /// must go on at instruction `k` of the block.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    fn run_translated(
+        &mut self,
+        block: &Block,
+        bits: u32,
+        left: &mut u64,
+    ) -> Option<Option<usize>> {
+        if bits != 64
+            || (*left as usize) < block.ops.len()
+            || self.state.rflags & rflags::TF != 0
+            || self.atomic.is_some()
+        {
+            return None;
+        }
+        let user = self.user_access(crate::mmu::Privilege::Current);
+        let jit = self.jit.as_mut()?;
+        let entry = jit.code(block, user)?;
+        jit.stats.runs += 1;
+        // SAFETY: `entry` is this CPU's translation of `block`, current and
+        // for this privilege (`Jit::code`), run with this CPU's state and
+        // fast tables.
+        let r = unsafe {
+            crate::jit::Jit::run(
+                entry,
+                &mut self.state,
+                self.tlb.fast.read.as_ptr(),
+                self.tlb.fast.write.as_ptr(),
+            )
+        };
+        let done = (r & 0xffff_ffff) as usize;
+        if let Some(j) = self.jit.as_mut() {
+            j.stats.retired += done as u64;
+            j.stats.finished += r >> 32;
+        }
+        *left -= done as u64;
+        self.state.tsc = self.state.tsc.wrapping_add(done as u64);
+        if r & crate::jit::FINISHED != 0 {
+            return Some(None);
+        }
+        // The translation stops before an instruction of the block.
+        if let Some(op) = block.ops.get(done) {
+            self.state.rip = op.instr.ip();
+        }
+        Some(Some(done))
     }
 
     /// The registers an instruction that does not complete restores.

@@ -585,7 +585,7 @@ mod generic_census {
 }
 
 /// The sixteen conditional jumps (not LOOP/JCXZ).
-fn is_jcc(m: Mnemonic) -> bool {
+pub(crate) fn is_jcc(m: Mnemonic) -> bool {
     use Mnemonic as M;
     matches!(
         m,
