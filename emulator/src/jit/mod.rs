@@ -47,12 +47,11 @@
 //! comparisons and as a way out.
 
 mod arena;
+mod asm;
 
-use iced_x86::code_asm::registers::gpr64::get_gpr64;
-use iced_x86::code_asm::*;
 use iced_x86::{
-    Code, CodeSize, ConditionCode, Encoder, Instruction, InstructionInfoFactory, MemoryOperand,
-    Mnemonic, OpAccess, OpKind, Register,
+    Code, CodeSize, ConditionCode, Encoder, Instruction, InstructionInfoFactory, Mnemonic,
+    OpAccess, OpKind, Register,
 };
 use std::mem::offset_of;
 
@@ -60,9 +59,10 @@ use crate::cpu::state::CpuState;
 use crate::decode::Block;
 use crate::mmu::{FastEntry, FAST_SIZE};
 use arena::Arena;
+use asm::{Asm, Label, Mem, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDX};
 
 /// Runs of a block before it is translated.
-pub(crate) const HOT: u32 = 400;
+pub(crate) const HOT: u32 = 64;
 /// Bytes of translated code before the region is recycled.
 const ARENA_SIZE: usize = 64 << 20;
 
@@ -113,6 +113,9 @@ pub(crate) struct Jit {
     /// Runs before translation ([`HOT`] unless a test asks otherwise).
     pub hot: u32,
     info: InstructionInfoFactory,
+    encoder: Encoder,
+    asm: Asm,
+    plans: Vec<Plan>,
     pub stats: JitStats,
 }
 
@@ -131,11 +134,6 @@ fn in_pool(h: usize) -> bool {
 /// Host (or guest) 64-bit register number `n`.
 fn r64(n: usize) -> Register {
     Register::try_from(Register::RAX as usize + (n & 15)).unwrap_or(Register::RAX)
-}
-
-fn asm64(n: usize) -> AsmRegister64 {
-    // Every `r64` is a 64-bit GPR.
-    get_gpr64(r64(n)).unwrap_or(rax)
 }
 
 /// Number (0-15) of the 64-bit register holding GPR `r`.
@@ -280,9 +278,9 @@ fn shift(m: Mnemonic) -> bool {
 struct Access {
     /// Effective address: base and index host registers, scale, and a
     /// displacement, or an absolute address (RIP-relative).
-    base: Option<usize>,
-    index: Option<usize>,
-    scale: u32,
+    base: Option<u8>,
+    index: Option<u8>,
+    scale: u8,
     displ: i64,
     absolute: Option<u64>,
     /// FS or GS: add its base.
@@ -291,16 +289,20 @@ struct Access {
     write: bool,
     /// Free host registers for the lookup; the rewritten operand is
     /// `[a + b]`.
-    a: usize,
-    b: usize,
+    a: u8,
+    b: u8,
 }
 
 /// One native instruction, ready to emit.
 struct NativeOp {
-    instr: Instruction,
+    /// The guest instruction with host registers, encoded.
+    code: [u8; 15],
+    len: u8,
     /// (guest, host) registers to load before and store after.
-    load: Vec<(usize, usize)>,
-    store: Vec<(usize, usize)>,
+    load: [(u8, u8); 16],
+    loads: u8,
+    store: [(u8, u8); 16],
+    stores: u8,
     access: Option<Access>,
     /// Needs the guest flags in the host RFLAGS before it runs.
     needs_flags: bool,
@@ -308,27 +310,29 @@ struct NativeOp {
     sets_flags: bool,
 }
 
+#[allow(clippy::large_enum_variant)] // kept in one reused Vec
 enum Plan {
-    Native(Box<NativeOp>),
+    Native(NativeOp),
     /// Does nothing (NOP, ENDBR64, PAUSE).
     Nothing,
     Jcc {
-        cc: ConditionCode,
+        /// The condition's encoding (0 O .. 15 G).
+        cc: u8,
         target: u64,
     },
     Jmp {
         target: u64,
     },
     /// PUSH/POP of a 64-bit register.
-    Push(usize),
-    Pop(usize),
+    Push(u8),
+    Pop(u8),
     /// Near CALL to an address or to a register's value; `ret` is pushed.
     Call {
         target: Target,
         ret: u64,
     },
     /// JMP to a register's value.
-    JmpReg(usize),
+    JmpReg(u8),
     /// Near RET without an immediate.
     Ret,
 }
@@ -336,7 +340,7 @@ enum Plan {
 #[derive(Clone, Copy)]
 enum Target {
     Direct(u64),
-    Reg(usize),
+    Reg(u8),
 }
 
 impl Plan {
@@ -351,9 +355,9 @@ impl Plan {
 
 /// The lookup registers of the stack templates (no guest register is held
 /// in a host register there): page in RAX, offset in RCX, value in RDX.
-const STACK_A: usize = 0;
-const STACK_B: usize = 1;
-const RSP: usize = 4;
+const STACK_A: u8 = RAX;
+const STACK_B: u8 = RCX;
+const RSP: u8 = 4;
 
 fn stack_access(write: bool) -> Access {
     Access {
@@ -406,6 +410,9 @@ impl Jit {
             broken: false,
             hot: HOT,
             info: InstructionInfoFactory::new(),
+            encoder: Encoder::new(64),
+            asm: Asm::default(),
+            plans: Vec::new(),
             stats: JitStats::default(),
         }
     }
@@ -432,12 +439,13 @@ impl Jit {
             return None;
         }
         let t0 = std::time::Instant::now();
-        let tr = self.translate(block, user);
+        let ok = self.translate(block, user);
         self.stats.translate_ns += t0.elapsed().as_nanos() as u64;
-        let Some(bytes) = tr else {
+        if !ok {
             block.jit.set(Jitted::Never);
             return None;
-        };
+        }
+        let bytes = &self.asm.buf;
         let arena = match &mut self.arena {
             Some(a) => a,
             None => match Arena::new(ARENA_SIZE) {
@@ -451,14 +459,14 @@ impl Jit {
                 }
             },
         };
-        let entry = match arena.alloc(&bytes) {
+        let entry = match arena.alloc(bytes) {
             Some(p) => p,
             None => {
                 // Full: forget every translation (their blocks see the new
                 // epoch) and start over.
                 arena.reset();
                 self.stats.resets += 1;
-                arena.alloc(&bytes)?
+                arena.alloc(bytes)?
             }
         };
         self.stats.blocks += 1;
@@ -509,16 +517,17 @@ impl Jit {
                 && i.op0_kind() == OpKind::NearBranch64
                 && i.condition_code() != ConditionCode::None =>
             {
+                // iced numbers the conditions from 1 in encoding order.
                 return Some(Plan::Jcc {
-                    cc: i.condition_code(),
+                    cc: i.condition_code() as u8 - 1,
                     target: i.near_branch_target(),
-                })
+                });
             }
             M::Push if i.code() == Code::Push_r64 => {
-                return Some(Plan::Push(gpr_number(i.op0_register())?))
+                return Some(Plan::Push(gpr_number(i.op0_register())? as u8))
             }
             M::Pop if i.code() == Code::Pop_r64 => {
-                return Some(Plan::Pop(gpr_number(i.op0_register())?))
+                return Some(Plan::Pop(gpr_number(i.op0_register())? as u8))
             }
             M::Call if i.code() == Code::Call_rel32_64 => {
                 let target = i.near_branch_target();
@@ -529,12 +538,12 @@ impl Jit {
             }
             M::Call if i.code() == Code::Call_rm64 && i.op0_kind() == OpKind::Register => {
                 return Some(Plan::Call {
-                    target: Target::Reg(gpr_number(i.op0_register())?),
+                    target: Target::Reg(gpr_number(i.op0_register())? as u8),
                     ret: i.next_ip(),
                 });
             }
             M::Jmp if i.code() == Code::Jmp_rm64 && i.op0_kind() == OpKind::Register => {
-                return Some(Plan::JmpReg(gpr_number(i.op0_register())?))
+                return Some(Plan::JmpReg(gpr_number(i.op0_register())? as u8))
             }
             M::Ret if i.code() == Code::Retnq => return Some(Plan::Ret),
             m if native(m) => {}
@@ -618,6 +627,7 @@ impl Jit {
         if has_mem {
             let base = gpr_number(i.memory_base()).map(|g| host[g]);
             let index = gpr_number(i.memory_index()).map(|g| host[g]);
+            let (base8, index8) = (base.map(|h| h as u8), index.map(|h| h as u8));
             let displ = i.memory_displacement64() as i64;
             let absolute = (i.memory_base() == Register::RIP).then(|| i.memory_displacement64());
             if absolute.is_none() && i32::try_from(displ).is_err() {
@@ -667,47 +677,61 @@ impl Jit {
                     instr.set_memory_displ_size(0);
                     instr.set_segment_prefix(Register::None);
                     access = Some(Access {
-                        base,
-                        index,
-                        scale: i.memory_index_scale(),
+                        base: base8,
+                        index: index8,
+                        scale: i.memory_index_scale() as u8,
                         displ,
                         absolute,
                         seg,
                         len,
                         write,
-                        a,
-                        b,
+                        a: a as u8,
+                        b: b as u8,
                     });
                 }
             }
         }
         // The host must be able to encode it (AH..BH next to a REX
         // register cannot be).
-        Encoder::new(64).encode(&instr, 0).ok()?;
-        let mut load = Vec::new();
-        let mut store = Vec::new();
-        for g in 0..16 {
-            if let Some(acc) = used[g] {
-                load.push((g, host[g]));
-                if !matches!(acc, OpAccess::Read | OpAccess::CondRead | OpAccess::None) {
-                    store.push((g, host[g]));
-                }
-            }
-        }
-        Some(Plan::Native(Box::new(NativeOp {
-            instr,
-            load,
-            store,
+        let len = self.encoder.encode(&instr, 0).ok()?;
+        let mut bytes = self.encoder.take_buffer();
+        let mut code = [0u8; 15];
+        let copied = bytes
+            .get(..len)
+            .zip(code.get_mut(..len))
+            .map(|(from, to)| to.copy_from_slice(from));
+        bytes.clear();
+        self.encoder.set_buffer(bytes);
+        copied?;
+        let mut op = NativeOp {
+            code,
+            len: len as u8,
+            load: [(0, 0); 16],
+            loads: 0,
+            store: [(0, 0); 16],
+            stores: 0,
             access,
             needs_flags: flags_read || (modified != 0 && modified != ARITH) || shift(i.mnemonic()),
             sets_flags: modified != 0,
-        })))
+        };
+        for g in 0..16 {
+            if let Some(acc) = used[g] {
+                op.load[op.loads as usize] = (g as u8, host[g] as u8);
+                op.loads += 1;
+                if !matches!(acc, OpAccess::Read | OpAccess::CondRead | OpAccess::None) {
+                    op.store[op.stores as usize] = (g as u8, host[g] as u8);
+                    op.stores += 1;
+                }
+            }
+        }
+        Some(Plan::Native(op))
     }
 
-    /// Host code for the longest translatable start of `block` (`None` if
-    /// its first instruction is not).
-    fn translate(&mut self, block: &Block, user: bool) -> Option<Vec<u8>> {
-        let mut plans = Vec::new();
+    /// Host code for the longest translatable start of `block`, into `self.asm`; `false` if not even the first instruction can be
+    /// translated.
+    fn translate(&mut self, block: &Block, user: bool) -> bool {
+        let mut plans = std::mem::take(&mut self.plans);
+        plans.clear();
         for op in block.ops.iter() {
             match self.plan(&op.instr) {
                 Some(p) => {
@@ -720,293 +744,265 @@ impl Jit {
                 None => break,
             }
         }
-        if plans.is_empty() || plans.iter().all(|p| matches!(p, Plan::Nothing)) {
-            return None;
-        }
         let fallthrough = block
             .ops
             .get(plans.len())
             .map(|op| op.instr.ip())
-            .or_else(|| block.ops.last().map(|op| op.instr.next_ip()))?;
-        let finished_all = plans.len() == block.ops.len();
-        emit(&plans, user, finished_all, fallthrough).ok()
+            .or_else(|| block.ops.last().map(|op| op.instr.next_ip()));
+        let ok = match fallthrough {
+            Some(next) if plans.iter().any(|p| !matches!(p, Plan::Nothing)) => {
+                let all = plans.len() == block.ops.len();
+                emit(&mut self.asm, &plans, user, all, next)
+            }
+            _ => false,
+        };
+        self.plans = plans;
+        ok
     }
 }
 
-/// Emit the function for `plans` (the first instructions of a block);
-/// `all` if they are the whole block, whose next instruction is then at
-/// `next`; otherwise the interpreter resumes at instruction `plans.len()`.
-fn emit(plans: &[Plan], user: bool, all: bool, next: u64) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut out = a.create_label();
-    // Exits jumped to from the body: (label, result, new RIP).
-    let mut stubs: Vec<(CodeLabel, u64, Option<u64>, bool)> = Vec::new();
-    for r in [rbx, rbp, r12, r13, r14, r15] {
-        a.push(r)?;
+/// Emit the function for `plans` (the first instructions of a block) into
+/// `a`; `all` if they are the whole block, whose next instruction is then
+/// at `next`; otherwise the interpreter resumes at instruction
+/// `plans.len()`. `false` if it could not be assembled.
+fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
+    a.clear();
+    let out = a.label();
+    // Exits jumped to from the body: (label, result, new RIP, flags in host).
+    let mut stubs: Vec<(Label, u64, Option<u64>, bool)> = Vec::new();
+    for r in [RBX, RBP, R12, R13, R14, R15] {
+        a.push(r);
     }
-    a.mov(r12, rdi)?;
-    a.mov(r13, rsi)?;
-    a.mov(r14, rdx)?;
+    a.mov(R12, 7); // RDI: the guest state
+    a.mov(R13, 6); // RSI: the fast read table
+    a.mov(R14, RDX); // the fast write table
     let mut in_host = false;
     for (k, plan) in plans.iter().enumerate() {
+        let k = k as u64;
         match plan {
             Plan::Nothing => {}
             Plan::Jmp { target } => {
-                spill(&mut a, &mut in_host)?;
-                finish(&mut a, *target, k as u64 + 1)?;
-                a.jmp(out)?;
+                spill(a, &mut in_host);
+                finish(a, *target, k + 1);
+                a.jmp(out);
             }
             Plan::Jcc { cc, target } => {
                 if !in_host {
-                    fill(&mut a)?;
+                    fill(a);
                     in_host = true;
                 }
-                let taken = a.create_label();
-                jcc(&mut a, *cc, taken)?;
-                stubs.push((taken, FINISHED | (k as u64 + 1), Some(*target), true));
+                let taken = a.label();
+                a.jcc(*cc, taken);
+                stubs.push((taken, FINISHED | (k + 1), Some(*target), true));
             }
             Plan::Push(g) => {
-                spill(&mut a, &mut in_host)?;
-                a.mov(r15, qword_ptr(r12 + off_gpr(RSP)))?;
-                a.sub(r15, 8)?;
-                let miss = a.create_label();
-                lookup(&mut a, &stack_access(true), user, miss)?;
-                stubs.push((miss, k as u64, None, false));
-                a.mov(rdx, qword_ptr(r12 + off_gpr(*g)))?;
-                a.mov(qword_ptr(rax + rcx), rdx)?;
-                a.mov(qword_ptr(r12 + off_gpr(RSP)), r15)?;
+                spill(a, &mut in_host);
+                a.load(R15, gpr(RSP));
+                a.alu_imm(true, SUB, R15, 8);
+                let miss = a.label();
+                lookup(a, &stack_access(true), user, miss);
+                stubs.push((miss, k, None, false));
+                a.load(RDX, gpr(*g));
+                a.store(Mem::Sib(STACK_A, STACK_B, 1, 0), RDX);
+                a.store(gpr(RSP), R15);
             }
             Plan::Pop(g) => {
-                spill(&mut a, &mut in_host)?;
-                a.mov(r15, qword_ptr(r12 + off_gpr(RSP)))?;
-                let miss = a.create_label();
-                lookup(&mut a, &stack_access(false), user, miss)?;
-                stubs.push((miss, k as u64, None, false));
-                a.mov(rdx, qword_ptr(rax + rcx))?;
-                a.add(r15, 8)?;
+                spill(a, &mut in_host);
+                a.load(R15, gpr(RSP));
+                let miss = a.label();
+                lookup(a, &stack_access(false), user, miss);
+                stubs.push((miss, k, None, false));
+                a.load(RDX, Mem::Sib(STACK_A, STACK_B, 1, 0));
+                a.alu_imm(true, ADD, R15, 8);
                 // RSP first: POP RSP loads the popped value.
-                a.mov(qword_ptr(r12 + off_gpr(RSP)), r15)?;
-                a.mov(qword_ptr(r12 + off_gpr(*g)), rdx)?;
+                a.store(gpr(RSP), R15);
+                a.store(gpr(*g), RDX);
             }
             Plan::Call { target, ret } => {
-                spill(&mut a, &mut in_host)?;
-                let miss = a.create_label();
-                stubs.push((miss, k as u64, None, false));
+                spill(a, &mut in_host);
+                let miss = a.label();
+                stubs.push((miss, k, None, false));
                 if let Target::Reg(g) = target {
-                    a.mov(rbp, qword_ptr(r12 + off_gpr(*g)))?;
-                    canonical_or(&mut a, rbp, miss)?;
+                    a.load(RBP, gpr(*g));
+                    canonical_or(a, RBP, miss);
                 }
-                a.mov(r15, qword_ptr(r12 + off_gpr(RSP)))?;
-                a.sub(r15, 8)?;
-                lookup(&mut a, &stack_access(true), user, miss)?;
-                a.mov(rdx, *ret)?;
-                a.mov(qword_ptr(rax + rcx), rdx)?;
-                a.mov(qword_ptr(r12 + off_gpr(RSP)), r15)?;
+                a.load(R15, gpr(RSP));
+                a.alu_imm(true, SUB, R15, 8);
+                lookup(a, &stack_access(true), user, miss);
+                a.mov_imm(RDX, *ret);
+                a.store(Mem::Sib(STACK_A, STACK_B, 1, 0), RDX);
+                a.store(gpr(RSP), R15);
                 match target {
-                    Target::Direct(t) => finish(&mut a, *t, k as u64 + 1)?,
-                    Target::Reg(_) => finish_to_rbp(&mut a, k as u64 + 1)?,
+                    Target::Direct(t) => finish(a, *t, k + 1),
+                    Target::Reg(_) => finish_to_rbp(a, k + 1),
                 }
-                a.jmp(out)?;
+                a.jmp(out);
             }
             Plan::JmpReg(g) => {
-                spill(&mut a, &mut in_host)?;
-                let miss = a.create_label();
-                stubs.push((miss, k as u64, None, false));
-                a.mov(rbp, qword_ptr(r12 + off_gpr(*g)))?;
-                canonical_or(&mut a, rbp, miss)?;
-                finish_to_rbp(&mut a, k as u64 + 1)?;
-                a.jmp(out)?;
+                spill(a, &mut in_host);
+                let miss = a.label();
+                stubs.push((miss, k, None, false));
+                a.load(RBP, gpr(*g));
+                canonical_or(a, RBP, miss);
+                finish_to_rbp(a, k + 1);
+                a.jmp(out);
             }
             Plan::Ret => {
-                spill(&mut a, &mut in_host)?;
-                a.mov(r15, qword_ptr(r12 + off_gpr(RSP)))?;
-                let miss = a.create_label();
-                stubs.push((miss, k as u64, None, false));
-                lookup(&mut a, &stack_access(false), user, miss)?;
-                a.mov(rbp, qword_ptr(rax + rcx))?;
-                canonical_or(&mut a, rbp, miss)?;
-                a.add(r15, 8)?;
-                a.mov(qword_ptr(r12 + off_gpr(RSP)), r15)?;
-                finish_to_rbp(&mut a, k as u64 + 1)?;
-                a.jmp(out)?;
+                spill(a, &mut in_host);
+                a.load(R15, gpr(RSP));
+                let miss = a.label();
+                stubs.push((miss, k, None, false));
+                lookup(a, &stack_access(false), user, miss);
+                a.load(RBP, Mem::Sib(STACK_A, STACK_B, 1, 0));
+                canonical_or(a, RBP, miss);
+                a.alu_imm(true, ADD, R15, 8);
+                a.store(gpr(RSP), R15);
+                finish_to_rbp(a, k + 1);
+                a.jmp(out);
             }
             Plan::Native(op) => {
-                for &(g, h) in &op.load {
-                    a.mov(asm64(h), qword_ptr(r12 + off_gpr(g)))?;
+                for &(g, h) in &op.load[..op.loads as usize] {
+                    a.load(h, gpr(g));
                 }
                 if let Some(m) = &op.access {
                     // The lookup clobbers the host flags.
-                    spill(&mut a, &mut in_host)?;
-                    effective_address(&mut a, m)?;
-                    let miss = a.create_label();
-                    lookup(&mut a, m, user, miss)?;
-                    stubs.push((miss, k as u64, None, false));
+                    spill(a, &mut in_host);
+                    effective_address(a, m);
+                    let miss = a.label();
+                    lookup(a, m, user, miss);
+                    stubs.push((miss, k, None, false));
                 }
                 if op.needs_flags && !in_host {
-                    fill(&mut a)?;
+                    fill(a);
                 }
-                a.add_instruction(op.instr)?;
+                a.bytes(&op.code[..op.len as usize]);
                 if op.sets_flags || op.needs_flags {
                     in_host = true;
                 }
-                for &(g, h) in &op.store {
-                    a.mov(qword_ptr(r12 + off_gpr(g)), asm64(h))?;
+                for &(g, h) in &op.store[..op.stores as usize] {
+                    a.store(gpr(g), h);
                 }
             }
         }
     }
     if !plans.last().is_some_and(Plan::ends) {
-        spill(&mut a, &mut in_host)?;
+        spill(a, &mut in_host);
         if all {
-            finish(&mut a, next, plans.len() as u64)?;
+            finish(a, next, plans.len() as u64);
         } else {
-            a.mov(rax, plans.len() as u64)?;
+            a.mov_imm(RAX, plans.len() as u64);
         }
-        a.jmp(out)?;
+        a.jmp(out);
     }
-    for (mut label, result, rip, flags_in_host) in stubs {
-        a.set_label(&mut label)?;
+    for (label, result, rip, flags_in_host) in stubs {
+        a.bind(label);
         let mut f = flags_in_host;
-        spill(&mut a, &mut f)?;
+        spill(a, &mut f);
         match rip {
-            Some(rip) => finish(&mut a, rip, result & !FINISHED)?,
-            None => a.mov(rax, result)?,
+            Some(rip) => finish(a, rip, result & !FINISHED),
+            None => a.mov_imm(RAX, result),
         }
-        a.jmp(out)?;
+        a.jmp(out);
     }
-    a.set_label(&mut out)?;
-    for r in [r15, r14, r13, r12, rbp, rbx] {
-        a.pop(r)?;
+    a.bind(out);
+    for r in [R15, R14, R13, R12, RBP, RBX] {
+        a.pop(r);
     }
-    a.ret()?;
-    a.assemble(0)
+    a.ret();
+    a.finish()
+}
+
+const ADD: u8 = 0;
+const OR: u8 = 1;
+const AND: u8 = 4;
+const SUB: u8 = 5;
+const CMP: u8 = 7;
+const SHR: u8 = 5;
+const SAR: u8 = 7;
+
+/// Guest register `g` in the state R12 points to.
+fn gpr(g: u8) -> Mem {
+    Mem::Base(R12, off_gpr(g as usize))
 }
 
 /// Store the guest flags held in the host RFLAGS.
-fn spill(a: &mut CodeAssembler, in_host: &mut bool) -> Result<(), IcedError> {
+fn spill(a: &mut Asm, in_host: &mut bool) {
     if *in_host {
-        a.pushfq()?;
-        a.pop(rbp)?;
-        a.and(ebp, GUEST_ARITH)?;
-        a.and(qword_ptr(r12 + off_rflags()), !GUEST_ARITH)?;
-        a.or(qword_ptr(r12 + off_rflags()), rbp)?;
+        a.pushfq();
+        a.pop(RBP);
+        a.alu_imm(false, AND, RBP, GUEST_ARITH);
+        a.and_mem_imm(Mem::Base(R12, off_rflags()), !GUEST_ARITH);
+        a.or_mem(Mem::Base(R12, off_rflags()), RBP);
         *in_host = false;
     }
-    Ok(())
 }
 
 /// Load the guest's arithmetic flags into the host RFLAGS (IF set as in
 /// any user process; DF, TF, AC clear).
-fn fill(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.mov(rbp, qword_ptr(r12 + off_rflags()))?;
-    a.and(ebp, GUEST_ARITH)?;
-    a.or(ebp, 0x202)?;
-    a.push(rbp)?;
-    a.popfq()?;
-    Ok(())
+fn fill(a: &mut Asm) {
+    a.load(RBP, Mem::Base(R12, off_rflags()));
+    a.alu_imm(false, AND, RBP, GUEST_ARITH);
+    a.alu_imm(false, OR, RBP, 0x202);
+    a.push(RBP);
+    a.popfq();
 }
 
 /// Write RIP and return `FINISHED | retired`.
-fn finish(a: &mut CodeAssembler, rip: u64, retired: u64) -> Result<(), IcedError> {
-    a.mov(rbp, rip)?;
-    a.mov(qword_ptr(r12 + off_rip()), rbp)?;
-    a.mov(rax, FINISHED | retired)?;
-    Ok(())
+fn finish(a: &mut Asm, rip: u64, retired: u64) {
+    a.mov_imm(RBP, rip);
+    finish_to_rbp(a, retired);
 }
 
 /// Write RIP from RBP and return `FINISHED | retired`.
-fn finish_to_rbp(a: &mut CodeAssembler, retired: u64) -> Result<(), IcedError> {
-    a.mov(qword_ptr(r12 + off_rip()), rbp)?;
-    a.mov(rax, FINISHED | retired)?;
-    Ok(())
+fn finish_to_rbp(a: &mut Asm, retired: u64) {
+    a.store(Mem::Base(R12, off_rip()), RBP);
+    a.mov_imm(RAX, FINISHED | retired);
 }
 
 /// Jump to `bad` unless `r` is a canonical address (the interpreter then
 /// raises the #GP). Uses RDX and the flags.
-fn canonical_or(a: &mut CodeAssembler, r: AsmRegister64, bad: CodeLabel) -> Result<(), IcedError> {
-    a.mov(rdx, r)?;
-    a.sar(rdx, 47)?;
-    a.add(rdx, 1)?;
-    a.cmp(rdx, 1)?;
-    a.ja(bad)?;
-    Ok(())
+fn canonical_or(a: &mut Asm, r: u8, bad: Label) {
+    a.mov(RDX, r);
+    a.shift_imm(SAR, RDX, 47);
+    a.alu_imm(true, ADD, RDX, 1);
+    a.alu_imm(true, CMP, RDX, 1);
+    a.jcc(7, bad); // ja
 }
 
 /// R15 = the guest linear address of `m`.
-fn effective_address(a: &mut CodeAssembler, m: &Access) -> Result<(), IcedError> {
-    if let Some(abs) = m.absolute {
-        a.mov(r15, abs)?;
-    } else {
-        let base = m.base.map_or(Register::None, r64);
-        let index = m.index.map_or(Register::None, r64);
-        if base == Register::None && index == Register::None {
-            a.mov(r15, m.displ as u64)?;
-        } else {
-            let mem = MemoryOperand::with_base_index_scale_displ_size(
-                base,
-                index,
-                if index == Register::None { 1 } else { m.scale },
-                m.displ,
-                if m.displ == 0 && base != Register::None {
-                    0
-                } else {
-                    8
-                },
-            );
-            a.add_instruction(Instruction::with2(Code::Lea_r64_m, Register::R15, mem)?)?;
-        }
+fn effective_address(a: &mut Asm, m: &Access) {
+    match (m.absolute, m.base, m.index) {
+        (Some(abs), _, _) => a.mov_imm(R15, abs),
+        (None, None, None) => a.mov_imm(R15, m.displ as u64),
+        (None, Some(b), None) => a.lea(R15, Mem::Base(b, m.displ as i32)),
+        (None, Some(b), Some(i)) => a.lea(R15, Mem::Sib(b, i, m.scale, m.displ as i32)),
+        (None, None, Some(i)) => a.lea(R15, Mem::Index(i, m.scale, m.displ as i32)),
     }
     if let Some(seg) = m.seg {
-        a.add(r15, qword_ptr(r12 + off_seg_base(seg)))?;
+        a.add_load(R15, Mem::Base(R12, off_seg_base(seg)));
     }
-    Ok(())
 }
 
 /// Look R15 up in the fast table for `m` and leave the host page in `a`
 /// and the offset in `b`; jump to `miss` when the page is not there (or
 /// the access leaves it).
-fn lookup(a: &mut CodeAssembler, m: &Access, user: bool, miss: CodeLabel) -> Result<(), IcedError> {
-    let (ra, rb) = (asm64(m.a), asm64(m.b));
-    let table = if m.write { r14 } else { r13 };
+fn lookup(a: &mut Asm, m: &Access, user: bool, miss: Label) {
+    let (ra, rb) = (m.a, m.b);
+    let table = if m.write { R14 } else { R13 };
     // The tag of the access's last byte: an access that leaves the page
     // does not match the entry of its first byte.
-    a.lea(ra, qword_ptr(r15 + (m.len as i32 - 1)))?;
-    a.shr(ra, 12)?;
-    a.lea(ra, qword_ptr(ra + ra * 1 + i32::from(user)))?;
-    a.mov(rb, r15)?;
-    a.shr(rb, 12)?;
-    a.and(rb, (FAST_SIZE - 1) as i32)?;
-    a.lea(rb, qword_ptr(rb + rb * 2))?;
-    a.cmp(qword_ptr(table + rb * 8), ra)?;
-    a.jne(miss)?;
-    a.mov(ra, qword_ptr(table + rb * 8 + 8))?;
-    a.mov(rb, r15)?;
-    a.and(rb, 0xfff)?;
-    Ok(())
-}
-
-fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> Result<(), IcedError> {
-    use ConditionCode as C;
-    match cc {
-        C::o => a.jo(l),
-        C::no => a.jno(l),
-        C::b => a.jb(l),
-        C::ae => a.jae(l),
-        C::e => a.je(l),
-        C::ne => a.jne(l),
-        C::be => a.jbe(l),
-        C::a => a.ja(l),
-        C::s => a.js(l),
-        C::ns => a.jns(l),
-        C::p => a.jp(l),
-        C::np => a.jnp(l),
-        C::l => a.jl(l),
-        C::ge => a.jge(l),
-        C::le => a.jle(l),
-        C::g => a.jg(l),
-        // `Jit::plan` makes no Jcc without a condition.
-        C::None => Ok(()),
-    }
+    a.lea(ra, Mem::Base(R15, m.len as i32 - 1));
+    a.shift_imm(SHR, ra, 12);
+    a.lea(ra, Mem::Sib(ra, ra, 1, i32::from(user)));
+    a.mov(rb, R15);
+    a.shift_imm(SHR, rb, 12);
+    a.alu_imm(true, AND, rb, (FAST_SIZE - 1) as i32);
+    a.lea(rb, Mem::Sib(rb, rb, 2, 0));
+    a.cmp_mem(Mem::Sib(table, rb, 8, 0), ra);
+    a.jcc(5, miss); // jne
+    a.load(ra, Mem::Sib(table, rb, 8, 8));
+    a.mov(rb, R15);
+    a.alu_imm(true, AND, rb, 0xfff);
 }
 
 #[cfg(test)]
