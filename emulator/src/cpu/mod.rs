@@ -7,6 +7,7 @@ mod access;
 mod events;
 
 use std::collections::{HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use vireo_hypervisor::CpuidEntry;
@@ -122,6 +123,18 @@ fn jit_wanted() -> Option<Box<crate::jit::Jit>> {
         Err(_) => {}
     }
     Some(Box::new(jit))
+}
+
+/// What [`Cpu::run_translated`] did.
+#[cfg(target_arch = "x86_64")]
+enum Translated {
+    /// Nothing: interpret the block.
+    NotRun,
+    /// Ran to the end of this block (chained from the one asked for, or
+    /// that one), RIP written.
+    Done(Rc<Block>),
+    /// Go on interpreting this block from this instruction.
+    Resume(Rc<Block>, usize),
 }
 
 /// Registers saved before each instruction, restored when it does not
@@ -442,13 +455,13 @@ impl Cpu {
             0xffff_ffff
         };
         #[cfg(target_arch = "x86_64")]
-        let start = match self.run_translated(&block, bits, left) {
-            Some(None) => {
-                self.icache.last = Some(block);
+        let (block, start) = match self.run_translated(&block, bits, left) {
+            Translated::Done(last) => {
+                self.icache.last = Some(last);
                 return None;
             }
-            Some(Some(k)) => k,
-            None => 0,
+            Translated::Resume(last, k) => (last, k),
+            Translated::NotRun => (block, 0),
         };
         #[cfg(not(target_arch = "x86_64"))]
         let start = 0;
@@ -506,55 +519,65 @@ impl Cpu {
         None
     }
 
-    /// Run the host code of `block` if it has (or now gets) some:
-    /// `None` if not, `Some(None)` if it ran the block to its end or out
-    /// through a branch (RIP written), `Some(Some(k))` if the interpreter
-    /// must go on at instruction `k` of the block.
+    /// Run the host code of `block` (and of blocks chained to it) if it
+    /// has or now gets some.
     #[cfg(target_arch = "x86_64")]
     #[inline]
-    fn run_translated(
-        &mut self,
-        block: &Block,
-        bits: u32,
-        left: &mut u64,
-    ) -> Option<Option<usize>> {
-        if bits != 64
+    fn run_translated(&mut self, block: &Rc<Block>, bits: u32, left: &mut u64) -> Translated {
+        let Some(jit) = self.jit.as_mut() else {
+            return Translated::NotRun;
+        };
+        let user = self.state.seg[state::SegReg::Cs as usize].dpl == 3;
+        let entry = if bits != 64
             || (*left as usize) < block.ops.len()
             || self.state.rflags & rflags::TF != 0
             || self.atomic.is_some()
         {
-            return None;
-        }
-        let user = self.user_access(crate::mmu::Privilege::Current);
-        let jit = self.jit.as_mut()?;
-        let entry = jit.code(block, user)?;
-        jit.stats.runs += 1;
+            None
+        } else {
+            jit.code(block, user)
+        };
+        let generation = self.icache.generation;
+        let Some(entry) = entry else {
+            jit.forget_pending();
+            return Translated::NotRun;
+        };
+        jit.chain(block, entry, self.state.rip, generation);
         // SAFETY: `entry` is this CPU's translation of `block`, current and
         // for this privilege (`Jit::code`), run with this CPU's state and
-        // fast tables.
-        let r = unsafe {
-            crate::jit::Jit::run(
+        // fast tables; `block` is alive (held here).
+        let (last, retired, resume) = unsafe {
+            jit.run(
                 entry,
+                block,
                 &mut self.state,
-                self.tlb.fast.read.as_ptr(),
-                self.tlb.fast.write.as_ptr(),
+                [self.tlb.fast.read.as_ptr(), self.tlb.fast.write.as_ptr()],
+                *left,
+                generation,
             )
         };
-        let done = (r & 0xffff_ffff) as usize;
-        if let Some(j) = self.jit.as_mut() {
-            j.stats.retired += done as u64;
-            j.stats.finished += r >> 32;
+        *left -= retired;
+        self.state.tsc = self.state.tsc.wrapping_add(retired);
+        let last = if std::ptr::eq(last, Rc::as_ptr(block)) {
+            block.clone()
+        } else {
+            // SAFETY: `last` is a block chained from `block`, on its page:
+            // the decode cache holds an `Rc` of it (see `Jit::chain`); the
+            // new strong count is owned by the `Rc` made here.
+            unsafe {
+                Rc::increment_strong_count(last);
+                Rc::from_raw(last)
+            }
+        };
+        match resume {
+            None => Translated::Done(last),
+            Some(k) => {
+                if let Some(op) = last.ops.get(k) {
+                    self.state.rip = op.instr.ip();
+                }
+                Translated::Resume(last, k)
+            }
         }
-        *left -= done as u64;
-        self.state.tsc = self.state.tsc.wrapping_add(done as u64);
-        if r & crate::jit::FINISHED != 0 {
-            return Some(None);
-        }
-        // The translation stops before an instruction of the block.
-        if let Some(op) = block.ops.get(done) {
-            self.state.rip = op.instr.ip();
-        }
-        Some(Some(done))
     }
 
     /// The registers an instruction that does not complete restores.

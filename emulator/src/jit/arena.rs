@@ -86,6 +86,38 @@ impl Arena {
         Some(self.rx as usize + start)
     }
 
+    /// The address the next allocation gets, if there is any room.
+    pub fn next_addr(&self) -> Option<usize> {
+        let start = self.used.next_multiple_of(16);
+        (start + 256 <= self.size).then_some(self.rx as usize + start)
+    }
+
+    /// The offset into the mapping of executable address `at`, if `at..at
+    /// + 4` is allocated.
+    fn offset(&self, at: usize) -> Option<usize> {
+        let off = at.checked_sub(self.rx as usize)?;
+        (off + 4 <= self.used).then_some(off)
+    }
+
+    /// Read the 32-bit value at executable address `at`.
+    pub fn read_rel32(&self, at: usize) -> Option<i32> {
+        let off = self.offset(at)?;
+        let mut b = [0u8; 4];
+        // SAFETY: `off + 4 <= used <= size` bytes of the writable mapping.
+        unsafe { std::ptr::copy_nonoverlapping(self.rw.add(off), b.as_mut_ptr(), 4) };
+        Some(i32::from_le_bytes(b))
+    }
+
+    /// Write the 32-bit value at executable address `at` (a jump's
+    /// displacement; no code runs while the vCPU that owns the arena
+    /// patches it).
+    pub fn write_rel32(&mut self, at: usize, v: i32) {
+        if let Some(off) = self.offset(at) {
+            // SAFETY: as in `read_rel32`.
+            unsafe { std::ptr::copy_nonoverlapping(v.to_le_bytes().as_ptr(), self.rw.add(off), 4) };
+        }
+    }
+
     /// Forget every allocation.
     pub fn reset(&mut self) {
         self.used = 0;

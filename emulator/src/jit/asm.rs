@@ -31,6 +31,7 @@ pub(crate) const RAX: u8 = 0;
 pub(crate) const RCX: u8 = 1;
 pub(crate) const RDX: u8 = 2;
 pub(crate) const RBX: u8 = 3;
+pub(crate) const RSP: u8 = 4;
 pub(crate) const RBP: u8 = 5;
 pub(crate) const R12: u8 = 12;
 pub(crate) const R13: u8 = 13;
@@ -173,6 +174,34 @@ impl Asm {
             self.bytes(&v.to_le_bytes());
         }
     }
+    /// `mov r64, imm64` in its 10-byte form (when the length must be known
+    /// before the value).
+    pub fn mov_imm64(&mut self, r: u8, v: u64) {
+        self.rex(true, 0, 0, r, false);
+        self.buf.push(0xb8 | (r & 7));
+        self.bytes(&v.to_le_bytes());
+    }
+    /// Group-1 operation (`/ext`) of a qword in memory with an immediate.
+    pub fn alu_mem_imm(&mut self, ext: u8, m: Mem, imm: i32) {
+        if let Ok(b) = i8::try_from(imm) {
+            self.op_mem(true, &[0x83], ext, m);
+            self.buf.push(b as u8);
+        } else {
+            self.op_mem(true, &[0x81], ext, m);
+            self.bytes(&imm.to_le_bytes());
+        }
+    }
+    /// `push 0`
+    pub fn push_zero(&mut self) {
+        self.bytes(&[0x6a, 0]);
+    }
+    /// `jmp rel32` to the absolute address `to`, the code being placed at
+    /// `base`.
+    pub fn jmp_abs(&mut self, base: usize, to: usize) {
+        self.buf.push(0xe9);
+        let from = base + self.buf.len() + 4;
+        self.bytes(&((to as i64 - from as i64) as i32).to_le_bytes());
+    }
     /// Group-1 operation (`/ext`: 0 add, 1 or, 4 and, 5 sub, 7 cmp) of a
     /// register with an immediate; 64-bit if `w`.
     pub fn alu_imm(&mut self, w: bool, ext: u8, r: u8, imm: i32) {
@@ -250,7 +279,7 @@ mod tests {
         a.cmp_mem(Mem::Sib(R14, RCX, 8, 0), RAX);
         a.and_mem_imm(Mem::Base(R12, 0x88), !0x8d5);
         a.or_mem(Mem::Base(R12, 0x88), RBP);
-        a.mov(R15, RSP_FOR_TEST);
+        a.mov(R15, RSP);
         a.mov_imm(RDX, 0xffff_ffff_8100_0000);
         a.mov_imm(RAX, 0x1_0000_0003);
         a.mov_imm(8, 7);
@@ -284,8 +313,6 @@ mod tests {
             ]
         );
     }
-
-    const RSP_FOR_TEST: u8 = 4;
 
     #[test]
     fn labels_patch_both_ways() {

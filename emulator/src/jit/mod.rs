@@ -59,7 +59,7 @@ use crate::cpu::state::CpuState;
 use crate::decode::Block;
 use crate::mmu::{FastEntry, FAST_SIZE};
 use arena::Arena;
-use asm::{Asm, Label, Mem, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDX};
+use asm::{Asm, Label, Mem, R12, R13, R14, R15, RAX, RBP, RBX, RCX, RDX, RSP as HOST_RSP};
 
 /// Runs of a block before it is translated.
 pub(crate) const HOT: u32 = 64;
@@ -71,8 +71,39 @@ const ARENA_SIZE: usize = 64 << 20;
 /// at the instruction whose index is the low half.
 pub(crate) const FINISHED: u64 = 1 << 32;
 
-/// `extern "sysv64" fn(state, read table, write table) -> result`.
-type Entry = unsafe extern "sysv64" fn(*mut CpuState, *const FastEntry, *const FastEntry) -> u64;
+/// `extern "sysv64" fn(state, read table, write table, budget, block,
+/// out) -> result`.
+type Entry = unsafe extern "sysv64" fn(
+    *mut CpuState,
+    *const FastEntry,
+    *const FastEntry,
+    u64,
+    *const Block,
+    *mut ChainOut,
+) -> u64;
+
+/// Where a run of translated code ended when blocks were chained.
+#[repr(C)]
+pub(crate) struct ChainOut {
+    /// The block whose code returned.
+    pub block: *const Block,
+    /// Instructions the blocks chained before it retired.
+    pub before: u64,
+}
+
+/// The result's bits 40-63: the offset in the returning block's code of a
+/// jump to its exit that may be patched to lead straight to the next
+/// block (0: none).
+const SITE_SHIFT: u32 = 40;
+
+/// The frame every translated block shares (chained blocks run in the
+/// frame of the first): `[rsp]` instructions retired by earlier chained
+/// blocks, `[rsp+8]` the budget left at the current block's start,
+/// `[rsp+16]` the current block, `[rsp+24]` the `ChainOut`.
+const SLOT_BEFORE: i32 = 0;
+const SLOT_BUDGET: i32 = 8;
+const SLOT_BLOCK: i32 = 16;
+const SLOT_OUT: i32 = 24;
 
 /// Translation state of one decoded block.
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +121,21 @@ pub(crate) enum Jitted {
     Never,
 }
 
+/// A chainable exit the last run took (see [`Jit::chain`]).
+#[derive(Clone, Copy)]
+struct Pending {
+    /// The executable address of the jump's displacement.
+    site: usize,
+    /// The block it belongs to and its instructions on that path.
+    from: *const Block,
+    from_len: u64,
+    /// The RIP it left for.
+    rip: u64,
+    /// The arena's epoch and the decode cache's generation then.
+    epoch: u64,
+    generation: u64,
+}
+
 /// Counters for the performance notes.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct JitStats {
@@ -103,6 +149,8 @@ pub struct JitStats {
     pub runs: u64,
     pub finished: u64,
     pub retired: u64,
+    /// Jumps patched to lead straight to the next block.
+    pub chained: u64,
 }
 
 /// The translator of one vCPU.
@@ -112,10 +160,19 @@ pub(crate) struct Jit {
     broken: bool,
     /// Runs before translation ([`HOT`] unless a test asks otherwise).
     pub hot: u32,
+    /// Chain blocks of a page (off: every block returns to the
+    /// dispatcher).
+    pub chaining: bool,
     info: InstructionInfoFactory,
     encoder: Encoder,
     asm: Asm,
     plans: Vec<Plan>,
+    /// The last run ended at a chainable site: (its absolute address, the
+    /// block it belongs to, that block's instructions on this path, the
+    /// RIP it left for, the arena epoch).
+    pending: Option<Pending>,
+    /// Bytes into a block's code where a chained jump enters it.
+    body: usize,
     pub stats: JitStats,
 }
 
@@ -397,6 +454,12 @@ const _: () = assert!(offset_of!(FastEntry, tag) == 0);
 const _: () = assert!(offset_of!(FastEntry, host) == 8);
 const _: () = assert!(FAST_SIZE.is_power_of_two());
 
+// SAFETY: the only non-Send part is the block pointer of `pending`, a
+// block of the decode cache of the CPU that owns this `Jit`; it is only
+// dereferenced by that CPU (see `Jit::chain`), and moves between threads
+// with it, like the cache (see `DecodeCache`).
+unsafe impl Send for Jit {}
+
 impl Drop for Jit {
     fn drop(&mut self) {
         tracing::debug!(stats = ?self.stats, "emulator: translated code");
@@ -409,10 +472,13 @@ impl Jit {
             arena: None,
             broken: false,
             hot: HOT,
+            chaining: true,
             info: InstructionInfoFactory::new(),
             encoder: Encoder::new(64),
             asm: Asm::default(),
             plans: Vec::new(),
+            pending: None,
+            body: prologue_len(),
             stats: JitStats::default(),
         }
     }
@@ -479,25 +545,148 @@ impl Jit {
         Some(entry)
     }
 
-    /// Run translated code.
+    /// Run translated code from `block` (at `entry`, from [`Jit::code`]),
+    /// chained blocks included, for at most `budget` instructions.
+    /// Returns the block whose code returned, the instructions retired,
+    /// and where to go on: `None` if RIP was written (the last block ran to
+    /// its end or took a branch), else the index of the instruction of the
+    /// returned block the interpreter resumes at.
     ///
     /// # Safety
-    /// `entry` must come from [`Jit::code`] of this `Jit` for a block of
-    /// the CPU owning `state` and the tables, in the current arena epoch,
-    /// with the privilege the code was made for; the tables must be the
-    /// CPU's fast read and write tables.
+    /// `entry` must come from [`Jit::code`] of this `Jit` for `block`, a
+    /// block of the CPU owning `state` and the tables, in the current arena
+    /// epoch, with the privilege the code was made for; the tables must be
+    /// the CPU's fast read and write tables; `block` must be alive (the
+    /// blocks it is chained to live as long as it, see [`Jit::chain`]).
     pub unsafe fn run(
+        &mut self,
         entry: usize,
+        block: &Block,
         state: &mut CpuState,
-        read: *const FastEntry,
-        write: *const FastEntry,
-    ) -> u64 {
+        [read, write]: [*const FastEntry; 2],
+        budget: u64,
+        generation: u64,
+    ) -> (*const Block, u64, Option<usize>) {
         // SAFETY: `entry` is the start of a function with this signature
         // (the caller's promise), emitted by `translate`.
         let f: Entry = unsafe { std::mem::transmute::<usize, Entry>(entry) };
-        // SAFETY: the code reads and writes `state` and RAM pages the
-        // tables map (valid while the CPU's memory lives), nothing else.
-        unsafe { f(state, read, write) }
+        let mut out = ChainOut { block, before: 0 };
+        // SAFETY: the code reads and writes `state`, RAM pages the tables
+        // map (valid while the CPU's memory lives), its own frame and
+        // `out`, and reads the `checked` cells of live blocks it chains.
+        let r = unsafe { f(state, read, write, budget, block, &mut out) };
+        let own = r & 0xffff_ffff;
+        let retired = out.before + own;
+        self.stats.runs += 1;
+        self.stats.retired += retired;
+        if r & FINISHED == 0 {
+            self.pending = None;
+            return (out.block, retired, Some(own as usize));
+        }
+        self.stats.finished += 1;
+        let site = (r >> SITE_SHIFT) as usize;
+        // The code of the block that returned: the entry of the block run
+        // first, or of a chained one (read from its translation state).
+        // SAFETY: `out.block` is `block` or a block chained from it, alive
+        // (see above).
+        let last = unsafe { &*out.block };
+        self.pending = match (site, last.jit.get(), &self.arena) {
+            (1.., Jitted::Code { entry, epoch, .. }, Some(a)) if epoch == a.epoch => {
+                Some(Pending {
+                    site: entry + site,
+                    from: out.block,
+                    from_len: own,
+                    rip: state.rip,
+                    epoch,
+                    generation,
+                })
+            }
+            _ => None,
+        };
+        (out.block, retired, None)
+    }
+
+    /// Something else than a translated block runs next: the last run's
+    /// exit is not chained.
+    pub fn forget_pending(&mut self) {
+        self.pending = None;
+    }
+
+    /// The block at RIP is about to run from `entry`: if the last run
+    /// left through a chainable site of a block on the same page, for this
+    /// RIP, point that site at a stub that enters `next` directly while
+    /// the budget lasts and `next` was checked against guest memory in the
+    /// same code epoch as the block it comes from.
+    ///
+    /// Why only within a page: both blocks are then decoded from the same
+    /// physical page through the same translation, so whatever drops or
+    /// replaces `next` in the decode cache (a write to the page, a new
+    /// epoch of the whole cache) drops the block holding the jump too,
+    /// and a block the cache no longer holds is never entered.
+    ///
+    /// `generation` is the decode cache's: a block dropped since the last
+    /// run bumped it, and the pending site is forgotten.
+    pub fn chain(&mut self, next: &Block, entry: usize, rip: u64, generation: u64) {
+        let Some(Pending {
+            site,
+            from,
+            from_len,
+            rip: to_rip,
+            epoch,
+            generation: then,
+        }) = self.pending.take()
+        else {
+            return;
+        };
+        if then != generation {
+            return;
+        }
+        let body = self.body;
+        let Some(arena) = self.arena.as_mut() else {
+            return;
+        };
+        if !self.chaining || to_rip != rip || epoch != arena.epoch || next.rip != rip {
+            return;
+        }
+        // SAFETY: `from` returned in the last run, and the decode cache has
+        // dropped no block since (same generation): it still holds `from`.
+        let from = unsafe { &*from };
+        if from.rip >> 12 != rip >> 12 {
+            return;
+        }
+        let Some(old) = arena.read_rel32(site) else {
+            return;
+        };
+        let out = (site as i64 + 4 + i64::from(old)) as usize;
+        let Some(at) = arena.next_addr() else {
+            return;
+        };
+        let mut a = std::mem::take(&mut self.asm);
+        a.clear();
+        let fail = a.label();
+        let total = from_len + next.ops.len() as u64;
+        a.alu_mem_imm(CMP, Mem::Base(HOST_RSP, SLOT_BUDGET), total as i32);
+        a.jcc(2, fail); // jb
+        a.mov_imm64(RDX, next.checked.as_ptr() as u64);
+        a.load(RDX, Mem::Base(RDX, 0));
+        a.mov_imm64(RCX, from.checked.as_ptr() as u64);
+        a.cmp_mem(Mem::Base(RCX, 0), RDX);
+        a.jcc(5, fail); // jne
+        a.alu_mem_imm(ADD, Mem::Base(HOST_RSP, SLOT_BEFORE), from_len as i32);
+        a.alu_mem_imm(SUB, Mem::Base(HOST_RSP, SLOT_BUDGET), from_len as i32);
+        a.mov_imm64(RDX, next as *const Block as u64);
+        a.store(Mem::Base(HOST_RSP, SLOT_BLOCK), RDX);
+        a.jmp_abs(at, entry + body);
+        a.bind(fail);
+        // Leave as the site would have, without asking to chain again.
+        a.shift_imm(SHL, RAX, 64 - SITE_SHIFT as u8);
+        a.shift_imm(SHR, RAX, 64 - SITE_SHIFT as u8);
+        a.jmp_abs(at, out);
+        if a.finish() && arena.alloc(&a.buf) == Some(at) {
+            arena.write_rel32(site, (at as i64 - (site as i64 + 4)) as i32);
+            self.stats.chained += 1;
+        }
+        self.asm = a;
     }
 
     /// Plan one instruction, or `None` if it must be interpreted.
@@ -616,6 +805,23 @@ impl Jit {
             }
         }
         let mut instr = *i;
+        // MOV's moffs forms address memory by an absolute address with no
+        // ModRM byte, so they cannot take the host address: use the ModRM
+        // forms, same operands.
+        let modrm = match i.code() {
+            Code::Mov_AL_moffs8 => Some(Code::Mov_r8_rm8),
+            Code::Mov_AX_moffs16 => Some(Code::Mov_r16_rm16),
+            Code::Mov_EAX_moffs32 => Some(Code::Mov_r32_rm32),
+            Code::Mov_RAX_moffs64 => Some(Code::Mov_r64_rm64),
+            Code::Mov_moffs8_AL => Some(Code::Mov_rm8_r8),
+            Code::Mov_moffs16_AX => Some(Code::Mov_rm16_r16),
+            Code::Mov_moffs32_EAX => Some(Code::Mov_rm32_r32),
+            Code::Mov_moffs64_RAX => Some(Code::Mov_rm64_r64),
+            _ => None,
+        };
+        if let Some(code) = modrm {
+            instr.set_code(code);
+        }
         for n in 0..i.op_count() {
             if i.op_kind(n) == OpKind::Register {
                 let r = i.op_register(n);
@@ -694,6 +900,28 @@ impl Jit {
         // The host must be able to encode it (AH..BH next to a REX
         // register cannot be).
         let len = self.encoder.encode(&instr, 0).ok()?;
+        // What the encoder wrote must be what was meant: decode it back
+        // (a form that cannot take the rewritten operands would otherwise
+        // address something else on the host).
+        let check = {
+            let buf = self.encoder.take_buffer();
+            let back =
+                iced_x86::Decoder::with_ip(64, &buf, 0, iced_x86::DecoderOptions::NONE).decode();
+            self.encoder.set_buffer(buf);
+            back
+        };
+        if check.code() != instr.code()
+            || check.len() != len
+            || (has_mem
+                && (check.memory_base() != instr.memory_base()
+                    || check.memory_index() != instr.memory_index()
+                    || check.memory_displacement64() != instr.memory_displacement64()))
+        {
+            let mut buf = self.encoder.take_buffer();
+            buf.clear();
+            self.encoder.set_buffer(buf);
+            return None;
+        }
         let mut bytes = self.encoder.take_buffer();
         let mut code = [0u8; 15];
         let copied = bytes
@@ -752,7 +980,7 @@ impl Jit {
         let ok = match fallthrough {
             Some(next) if plans.iter().any(|p| !matches!(p, Plan::Nothing)) => {
                 let all = plans.len() == block.ops.len();
-                emit(&mut self.asm, &plans, user, all, next)
+                emit(&mut self.asm, &plans, block.rip, user, all, next)
             }
             _ => false,
         };
@@ -765,17 +993,13 @@ impl Jit {
 /// `a`; `all` if they are the whole block, whose next instruction is then
 /// at `next`; otherwise the interpreter resumes at instruction
 /// `plans.len()`. `false` if it could not be assembled.
-fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
+fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next: u64) -> bool {
     a.clear();
     let out = a.label();
     // Exits jumped to from the body: (label, result, new RIP, flags in host).
     let mut stubs: Vec<(Label, u64, Option<u64>, bool)> = Vec::new();
-    for r in [RBX, RBP, R12, R13, R14, R15] {
-        a.push(r);
-    }
-    a.mov(R12, 7); // RDI: the guest state
-    a.mov(R13, 6); // RSI: the fast read table
-    a.mov(R14, RDX); // the fast write table
+    prologue(a);
+    let page = block_rip >> 12;
     let mut in_host = false;
     for (k, plan) in plans.iter().enumerate() {
         let k = k as u64;
@@ -783,8 +1007,7 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
             Plan::Nothing => {}
             Plan::Jmp { target } => {
                 spill(a, &mut in_host);
-                finish(a, *target, k + 1);
-                a.jmp(out);
+                exit_to(a, *target, k + 1, page, out);
             }
             Plan::Jcc { cc, target } => {
                 if !in_host {
@@ -833,10 +1056,12 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
                 a.store(Mem::Sib(STACK_A, STACK_B, 1, 0), RDX);
                 a.store(gpr(RSP), R15);
                 match target {
-                    Target::Direct(t) => finish(a, *t, k + 1),
-                    Target::Reg(_) => finish_to_rbp(a, k + 1),
+                    Target::Direct(t) => exit_to(a, *t, k + 1, page, out),
+                    Target::Reg(_) => {
+                        finish_to_rbp(a, k + 1);
+                        a.jmp(out);
+                    }
                 }
-                a.jmp(out);
             }
             Plan::JmpReg(g) => {
                 spill(a, &mut in_host);
@@ -888,28 +1113,81 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
     if !plans.last().is_some_and(Plan::ends) {
         spill(a, &mut in_host);
         if all {
-            finish(a, next, plans.len() as u64);
+            exit_to(a, next, plans.len() as u64, page, out);
         } else {
             a.mov_imm(RAX, plans.len() as u64);
+            a.jmp(out);
         }
-        a.jmp(out);
     }
     for (label, result, rip, flags_in_host) in stubs {
         a.bind(label);
         let mut f = flags_in_host;
         spill(a, &mut f);
         match rip {
-            Some(rip) => finish(a, rip, result & !FINISHED),
-            None => a.mov_imm(RAX, result),
+            Some(rip) => exit_to(a, rip, result & !FINISHED, page, out),
+            None => {
+                a.mov_imm(RAX, result);
+                a.jmp(out);
+            }
         }
-        a.jmp(out);
     }
     a.bind(out);
+    epilogue(a);
+    a.finish()
+}
+
+/// Save the host's callee-saved registers, build the frame (see
+/// [`SLOT_BEFORE`]) and load R12-R14 from the arguments.
+fn prologue(a: &mut Asm) {
+    for r in [RBX, RBP, R12, R13, R14, R15] {
+        a.push(r);
+    }
+    a.push(9); // R9: the ChainOut
+    a.push(8); // R8: the block
+    a.push(RCX); // the budget
+    a.push_zero(); // retired before
+    a.mov(R12, 7); // RDI: the guest state
+    a.mov(R13, 6); // RSI: the fast read table
+    a.mov(R14, RDX); // the fast write table
+}
+
+/// Bytes of [`prologue`]: a chained jump enters a block this far in.
+fn prologue_len() -> usize {
+    let mut a = Asm::default();
+    prologue(&mut a);
+    a.buf.len()
+}
+
+/// Report the current block and the count before it, drop the frame and
+/// return RAX.
+fn epilogue(a: &mut Asm) {
+    a.load(RDX, Mem::Base(HOST_RSP, SLOT_OUT));
+    a.load(RCX, Mem::Base(HOST_RSP, SLOT_BLOCK));
+    a.store(Mem::Base(RDX, 0), RCX);
+    a.load(RCX, Mem::Base(HOST_RSP, SLOT_BEFORE));
+    a.store(Mem::Base(RDX, 8), RCX);
+    a.alu_imm(true, ADD, HOST_RSP, 32);
     for r in [R15, R14, R13, R12, RBP, RBX] {
         a.pop(r);
     }
     a.ret();
-    a.finish()
+}
+
+/// Leave for `rip` after `retired` instructions of the block (flags
+/// spilled). If `rip` is on the block's own page the jump to `out` is a
+/// site the dispatcher may later point at the next block (see
+/// [`Jit::chain`]); its offset goes into the result.
+fn exit_to(a: &mut Asm, rip: u64, retired: u64, page: u64, out: Label) {
+    a.mov_imm(RBP, rip);
+    a.store(Mem::Base(R12, off_rip()), RBP);
+    if rip >> 12 == page {
+        // mov rax, imm64 (10 bytes), then the jump's opcode byte.
+        let site = (a.buf.len() + 11) as u64;
+        a.mov_imm64(RAX, FINISHED | retired | (site << SITE_SHIFT));
+    } else {
+        a.mov_imm(RAX, FINISHED | retired);
+    }
+    a.jmp(out);
 }
 
 const ADD: u8 = 0;
@@ -917,6 +1195,7 @@ const OR: u8 = 1;
 const AND: u8 = 4;
 const SUB: u8 = 5;
 const CMP: u8 = 7;
+const SHL: u8 = 4;
 const SHR: u8 = 5;
 const SAR: u8 = 7;
 
@@ -945,12 +1224,6 @@ fn fill(a: &mut Asm) {
     a.alu_imm(false, OR, RBP, 0x202);
     a.push(RBP);
     a.popfq();
-}
-
-/// Write RIP and return `FINISHED | retired`.
-fn finish(a: &mut Asm, rip: u64, retired: u64) {
-    a.mov_imm(RBP, rip);
-    finish_to_rbp(a, retired);
 }
 
 /// Write RIP from RBP and return `FINISHED | retired`.
@@ -1008,6 +1281,48 @@ fn lookup(a: &mut Asm, m: &Access, user: bool, miss: Label) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan_bytes(bytes: &[u8]) -> Option<Instruction> {
+        let i = iced_x86::Decoder::with_ip(64, bytes, 0x10_0000, iced_x86::DecoderOptions::NONE)
+            .decode();
+        match Jit::new().plan(&i)? {
+            Plan::Native(op) => Some(
+                iced_x86::Decoder::with_ip(
+                    64,
+                    &op.code[..op.len as usize],
+                    0,
+                    iced_x86::DecoderOptions::NONE,
+                )
+                .decode(),
+            ),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn memory_operands_become_host_addresses() {
+        // mov [0x100000], rax (moffs: no ModRM byte) -> mov [a+b], rax
+        let i = plan_bytes(&[0x48, 0xa3, 0, 0, 0x10, 0, 0, 0, 0, 0]).expect("translated");
+        assert_eq!(i.code(), Code::Mov_rm64_r64);
+        assert_eq!(i.op1_register(), Register::RAX);
+        assert_ne!(i.memory_base(), Register::None);
+        assert_eq!(i.memory_displacement64(), 0);
+        // add r12d, [rsp+rbx*4+8]: R12 and RSP move to free host registers.
+        let i = plan_bytes(&[0x44, 0x03, 0x64, 0x9c, 0x08]).expect("translated");
+        assert_eq!(i.code(), Code::Add_r32_rm32);
+        assert!(!matches!(i.op0_register(), Register::R12D | Register::ESP));
+        assert_eq!(i.memory_index_scale(), 1);
+        // lea rax, [rip+0x10] -> an absolute address
+        let i = plan_bytes(&[0x48, 0x8d, 0x05, 0x10, 0, 0, 0]).expect("translated");
+        assert_eq!(i.memory_base(), Register::None);
+        assert_eq!(i.memory_displacement64(), 0x10_0017);
+        // mov ah, [rbx]: AH stays in RAX, the lookup registers need no REX.
+        assert!(plan_bytes(&[0x8a, 0x27]).is_some());
+        // div rcx: may fault (#DE), interpreted.
+        assert!(plan_bytes(&[0x48, 0xf7, 0xf1]).is_none());
+        // mov rax, [0xffffffff_00000000] (moffs beyond 32 bits): interpreted.
+        assert!(plan_bytes(&[0x48, 0xa1, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_none());
+    }
 
     #[test]
     fn registers_move_between_widths() {
