@@ -80,7 +80,7 @@ impl Hasher for AddrHasher {
     }
 }
 
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<AddrHasher>>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<AddrHasher>>;
 
 /// Entries of the direct-mapped first level.
 const L0_SIZE: usize = 4096;

@@ -542,7 +542,16 @@ impl Cpu {
             jit.forget_pending();
             return Translated::NotRun;
         };
-        jit.chain(block, entry, self.state.rip, generation);
+        let epochs = (generation, self.tlb.epoch);
+        jit.chain(block, entry, self.state.rip, epochs);
+        // Chained blocks run without the dispatcher: still come back for a
+        // new code epoch every CODE_SYNC_INSTRS instructions (see
+        // `crate::decode`).
+        let budget = (*left).min(
+            CODE_SYNC_INSTRS
+                .saturating_sub(self.since_sync)
+                .max(block.ops.len() as u64),
+        );
         // SAFETY: `entry` is this CPU's translation of `block`, current and
         // for this privilege (`Jit::code`), run with this CPU's state and
         // fast tables; `block` is alive (held here).
@@ -552,8 +561,8 @@ impl Cpu {
                 block,
                 &mut self.state,
                 [self.tlb.fast.read.as_ptr(), self.tlb.fast.write.as_ptr()],
-                *left,
-                generation,
+                budget,
+                epochs,
             )
         };
         *left -= retired;

@@ -118,6 +118,19 @@ impl Arena {
         }
     }
 
+    /// Overwrite allocated bytes at executable address `at` (a stub
+    /// being pointed elsewhere; no code runs while its vCPU patches it).
+    pub fn write_bytes(&mut self, at: usize, bytes: &[u8]) {
+        let Some(off) = at.checked_sub(self.rx as usize) else {
+            return;
+        };
+        if off + bytes.len() <= self.used {
+            // SAFETY: `off + len <= used <= size` bytes of the writable
+            // mapping; `bytes` is a separate buffer.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.rw.add(off), bytes.len()) };
+        }
+    }
+
     /// Forget every allocation.
     pub fn reset(&mut self) {
         self.used = 0;

@@ -181,15 +181,15 @@ impl Asm {
         self.buf.push(0xb8 | (r & 7));
         self.bytes(&v.to_le_bytes());
     }
-    /// Group-1 operation (`/ext`) of a qword in memory with an immediate.
-    pub fn alu_mem_imm(&mut self, ext: u8, m: Mem, imm: i32) {
-        if let Ok(b) = i8::try_from(imm) {
-            self.op_mem(true, &[0x83], ext, m);
-            self.buf.push(b as u8);
-        } else {
-            self.op_mem(true, &[0x81], ext, m);
-            self.bytes(&imm.to_le_bytes());
-        }
+    /// Group-1 operation (`/ext`) of a qword in memory with a 32-bit
+    /// immediate (always that long).
+    pub fn alu_mem_imm32(&mut self, ext: u8, m: Mem, imm: i32) {
+        self.op_mem(true, &[0x81], ext, m);
+        self.bytes(&imm.to_le_bytes());
+    }
+    /// `cmp a, b` (64-bit registers)
+    pub fn cmp_reg(&mut self, a: u8, b: u8) {
+        self.op_reg(true, &[0x39], b, a);
     }
     /// `push 0`
     pub fn push_zero(&mut self) {

@@ -89,12 +89,18 @@ pub(crate) struct ChainOut {
     pub block: *const Block,
     /// Instructions the blocks chained before it retired.
     pub before: u64,
+    /// The decode cache's generation and the TLB's epoch during the run
+    /// (read by the stubs of chains that leave their page).
+    pub generation: u64,
+    pub tlb_epoch: u64,
 }
 
 /// The result's bits 40-63: the offset in the returning block's code of a
 /// jump to its exit that may be patched to lead straight to the next
 /// block (0: none).
 const SITE_SHIFT: u32 = 40;
+/// Set with a site whose target is computed (RET, indirect JMP/CALL).
+const DYNAMIC: u64 = 1 << 33;
 
 /// The frame every translated block shares (chained blocks run in the
 /// frame of the first): `[rsp]` instructions retired by earlier chained
@@ -126,15 +132,39 @@ pub(crate) enum Jitted {
 struct Pending {
     /// The executable address of the jump's displacement.
     site: usize,
-    /// The block it belongs to and its instructions on that path.
+    /// Its target is computed (RET, indirect JMP/CALL).
+    dynamic: bool,
+    /// The block it belongs to, its instructions on that path, and the
+    /// privilege its code was made for.
     from: *const Block,
     from_len: u64,
+    user: bool,
     /// The RIP it left for.
     rip: u64,
-    /// The arena's epoch and the decode cache's generation then.
+    /// The arena's epoch, the decode cache's generation and the TLB's
+    /// epoch then.
     epoch: u64,
     generation: u64,
+    tlb_epoch: u64,
 }
+
+/// A stub a site was pointed at (see [`Jit::chain`]).
+struct Stub {
+    at: usize,
+    len: usize,
+    /// Where its failure path leaves: the site's original target.
+    out: usize,
+    /// The block it enters and the epochs it checks for.
+    next: *const Block,
+    generation: u64,
+    tlb_epoch: u64,
+    /// Times it was rewritten for another block.
+    retargets: u32,
+}
+
+/// Rewrites of a stub for another block (a RET returning to many
+/// callers) before the site is left to the dispatcher.
+const MAX_RETARGETS: u32 = 4;
 
 /// Counters for the performance notes.
 #[derive(Debug, Default, Clone, Copy)]
@@ -173,6 +203,8 @@ pub(crate) struct Jit {
     pending: Option<Pending>,
     /// Bytes into a block's code where a chained jump enters it.
     body: usize,
+    /// The stub each patched site jumps to.
+    stubs: crate::decode::FastMap<usize, Stub>,
     pub stats: JitStats,
 }
 
@@ -479,6 +511,7 @@ impl Jit {
             plans: Vec::new(),
             pending: None,
             body: prologue_len(),
+            stubs: Default::default(),
             stats: JitStats::default(),
         }
     }
@@ -531,6 +564,7 @@ impl Jit {
                 // Full: forget every translation (their blocks see the new
                 // epoch) and start over.
                 arena.reset();
+                self.stubs.clear();
                 self.stats.resets += 1;
                 arena.alloc(bytes)?
             }
@@ -565,12 +599,17 @@ impl Jit {
         state: &mut CpuState,
         [read, write]: [*const FastEntry; 2],
         budget: u64,
-        generation: u64,
+        (generation, tlb_epoch): (u64, u64),
     ) -> (*const Block, u64, Option<usize>) {
         // SAFETY: `entry` is the start of a function with this signature
         // (the caller's promise), emitted by `translate`.
         let f: Entry = unsafe { std::mem::transmute::<usize, Entry>(entry) };
-        let mut out = ChainOut { block, before: 0 };
+        let mut out = ChainOut {
+            block,
+            before: 0,
+            generation,
+            tlb_epoch,
+        };
         // SAFETY: the code reads and writes `state`, RAM pages the tables
         // map (valid while the CPU's memory lives), its own frame and
         // `out`, and reads the `checked` cells of live blocks it chains.
@@ -591,14 +630,17 @@ impl Jit {
         // (see above).
         let last = unsafe { &*out.block };
         self.pending = match (site, last.jit.get(), &self.arena) {
-            (1.., Jitted::Code { entry, epoch, .. }, Some(a)) if epoch == a.epoch => {
+            (1.., Jitted::Code { entry, epoch, user }, Some(a)) if epoch == a.epoch => {
                 Some(Pending {
                     site: entry + site,
+                    dynamic: r & DYNAMIC != 0,
                     from: out.block,
                     from_len: own,
+                    user,
                     rip: state.rip,
                     epoch,
                     generation,
+                    tlb_epoch,
                 })
             }
             _ => None,
@@ -612,79 +654,144 @@ impl Jit {
         self.pending = None;
     }
 
-    /// The block at RIP is about to run from `entry`: if the last run
-    /// left through a chainable site of a block on the same page, for this
-    /// RIP, point that site at a stub that enters `next` directly while
-    /// the budget lasts and `next` was checked against guest memory in the
-    /// same code epoch as the block it comes from.
+    /// The block `next` at RIP is about to run from `entry`: if the last
+    /// run left through a site (see [`exit_to`]) for this RIP, point that
+    /// site at a stub that enters `next` directly, while the budget lasts
+    /// and `next` was checked against guest memory in the same code epoch
+    /// as the block it comes from; for a computed target (RET) while the
+    /// RIP is the same; and, unless both blocks are on one page, while
+    /// the decode cache dropped no block (so `next` is alive) and the TLB
+    /// was not flushed (so the RIP still leads to it). A site already
+    /// pointing at a stub gets it rewritten for the new target.
     ///
-    /// Why only within a page: both blocks are then decoded from the same
-    /// physical page through the same translation, so whatever drops or
-    /// replaces `next` in the decode cache (a write to the page, a new
-    /// epoch of the whole cache) drops the block holding the jump too,
-    /// and a block the cache no longer holds is never entered.
-    ///
-    /// `generation` is the decode cache's: a block dropped since the last
-    /// run bumped it, and the pending site is forgotten.
-    pub fn chain(&mut self, next: &Block, entry: usize, rip: u64, generation: u64) {
-        let Some(Pending {
-            site,
-            from,
-            from_len,
-            rip: to_rip,
-            epoch,
-            generation: then,
-        }) = self.pending.take()
-        else {
+    /// Why a page needs no more: both blocks are then decoded from the
+    /// same physical page through the same translation, so whatever drops
+    /// `next` from the decode cache (a write to the page, a new epoch of
+    /// the whole cache) drops the block holding the jump too, and a block
+    /// the cache no longer holds is never entered.
+    pub fn chain(
+        &mut self,
+        next: &Block,
+        entry: usize,
+        rip: u64,
+        (generation, tlb_epoch): (u64, u64),
+    ) {
+        let Some(p) = self.pending.take() else {
             return;
         };
-        if then != generation {
-            return;
-        }
         let body = self.body;
         let Some(arena) = self.arena.as_mut() else {
             return;
         };
-        if !self.chaining || to_rip != rip || epoch != arena.epoch || next.rip != rip {
+        if !self.chaining
+            || p.generation != generation
+            || p.tlb_epoch != tlb_epoch
+            || p.rip != rip
+            || p.epoch != arena.epoch
+            || next.rip != rip
+            || !matches!(next.jit.get(), Jitted::Code { user, .. } if user == p.user)
+        {
             return;
         }
         // SAFETY: `from` returned in the last run, and the decode cache has
         // dropped no block since (same generation): it still holds `from`.
-        let from = unsafe { &*from };
-        if from.rip >> 12 != rip >> 12 {
-            return;
+        let from = unsafe { &*p.from };
+        let guarded = p.dynamic || from.rip >> 12 != rip >> 12;
+        let existing = self.stubs.get(&p.site);
+        if let Some(st) = existing {
+            let same = std::ptr::eq(st.next, next);
+            if same && (!guarded || st.generation == generation && st.tlb_epoch == tlb_epoch) {
+                // It failed for the budget (or a new code epoch): as meant.
+                return;
+            }
+            if !same && st.retargets >= MAX_RETARGETS {
+                return;
+            }
         }
-        let Some(old) = arena.read_rel32(site) else {
-            return;
-        };
-        let out = (site as i64 + 4 + i64::from(old)) as usize;
-        let Some(at) = arena.next_addr() else {
-            return;
+        let (out, at, retargets) = match existing {
+            Some(st) => (
+                st.out,
+                st.at,
+                st.retargets + u32::from(!std::ptr::eq(st.next, next)),
+            ),
+            None => match (arena.read_rel32(p.site), arena.next_addr()) {
+                (Some(old), Some(at)) => ((p.site as i64 + 4 + i64::from(old)) as usize, at, 0),
+                _ => return,
+            },
         };
         let mut a = std::mem::take(&mut self.asm);
         a.clear();
+        // Failures for another target or new epochs leave asking to be
+        // chained again (the stub may be rewritten); for the budget or a
+        // new code epoch, not.
         let fail = a.label();
-        let total = from_len + next.ops.len() as u64;
-        a.alu_mem_imm(CMP, Mem::Base(HOST_RSP, SLOT_BUDGET), total as i32);
-        a.jcc(2, fail); // jb
+        let done = a.label();
+        if p.dynamic {
+            a.mov_imm64(RCX, rip);
+            a.cmp_reg(RBP, RCX);
+            a.jcc(5, fail); // jne
+        }
+        let total = p.from_len + next.ops.len() as u64;
+        a.alu_mem_imm32(CMP, Mem::Base(HOST_RSP, SLOT_BUDGET), total as i32);
+        a.jcc(2, done); // jb
+        if guarded {
+            a.load(RDX, Mem::Base(HOST_RSP, SLOT_OUT));
+            a.mov_imm64(RCX, generation);
+            a.cmp_mem(Mem::Base(RDX, 16), RCX);
+            a.jcc(5, fail);
+            a.mov_imm64(RCX, tlb_epoch);
+            a.cmp_mem(Mem::Base(RDX, 24), RCX);
+            a.jcc(5, fail);
+        }
         a.mov_imm64(RDX, next.checked.as_ptr() as u64);
         a.load(RDX, Mem::Base(RDX, 0));
         a.mov_imm64(RCX, from.checked.as_ptr() as u64);
         a.cmp_mem(Mem::Base(RCX, 0), RDX);
-        a.jcc(5, fail); // jne
-        a.alu_mem_imm(ADD, Mem::Base(HOST_RSP, SLOT_BEFORE), from_len as i32);
-        a.alu_mem_imm(SUB, Mem::Base(HOST_RSP, SLOT_BUDGET), from_len as i32);
+        a.jcc(5, done);
+        a.alu_mem_imm32(ADD, Mem::Base(HOST_RSP, SLOT_BEFORE), p.from_len as i32);
+        a.alu_mem_imm32(SUB, Mem::Base(HOST_RSP, SLOT_BUDGET), p.from_len as i32);
         a.mov_imm64(RDX, next as *const Block as u64);
         a.store(Mem::Base(HOST_RSP, SLOT_BLOCK), RDX);
         a.jmp_abs(at, entry + body);
-        a.bind(fail);
-        // Leave as the site would have, without asking to chain again.
+        a.bind(done);
         a.shift_imm(SHL, RAX, 64 - SITE_SHIFT as u8);
         a.shift_imm(SHR, RAX, 64 - SITE_SHIFT as u8);
+        a.bind(fail);
         a.jmp_abs(at, out);
-        if a.finish() && arena.alloc(&a.buf) == Some(at) {
-            arena.write_rel32(site, (at as i64 - (site as i64 + 4)) as i32);
-            self.stats.chained += 1;
+        let fresh = existing.is_none();
+        if a.finish() {
+            let placed = if fresh {
+                let ok = arena.alloc(&a.buf) == Some(at);
+                if ok {
+                    arena.write_rel32(p.site, (at as i64 - (p.site as i64 + 4)) as i32);
+                }
+                ok
+            } else {
+                // Same site, same kind of stub: the same length.
+                let ok = self
+                    .stubs
+                    .get(&p.site)
+                    .is_some_and(|st| st.len == a.buf.len());
+                if ok {
+                    arena.write_bytes(at, &a.buf);
+                }
+                ok
+            };
+            if placed {
+                self.stubs.insert(
+                    p.site,
+                    Stub {
+                        at,
+                        len: a.buf.len(),
+                        out,
+                        next,
+                        generation,
+                        tlb_epoch,
+                        retargets,
+                    },
+                );
+                self.stats.chained += 1;
+            }
         }
         self.asm = a;
     }
@@ -980,7 +1087,7 @@ impl Jit {
         let ok = match fallthrough {
             Some(next) if plans.iter().any(|p| !matches!(p, Plan::Nothing)) => {
                 let all = plans.len() == block.ops.len();
-                emit(&mut self.asm, &plans, block.rip, user, all, next)
+                emit(&mut self.asm, &plans, user, all, next)
             }
             _ => false,
         };
@@ -993,13 +1100,12 @@ impl Jit {
 /// `a`; `all` if they are the whole block, whose next instruction is then
 /// at `next`; otherwise the interpreter resumes at instruction
 /// `plans.len()`. `false` if it could not be assembled.
-fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next: u64) -> bool {
+fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
     a.clear();
     let out = a.label();
     // Exits jumped to from the body: (label, result, new RIP, flags in host).
     let mut stubs: Vec<(Label, u64, Option<u64>, bool)> = Vec::new();
     prologue(a);
-    let page = block_rip >> 12;
     let mut in_host = false;
     for (k, plan) in plans.iter().enumerate() {
         let k = k as u64;
@@ -1007,7 +1113,7 @@ fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next
             Plan::Nothing => {}
             Plan::Jmp { target } => {
                 spill(a, &mut in_host);
-                exit_to(a, *target, k + 1, page, out);
+                exit_to(a, *target, k + 1, out);
             }
             Plan::Jcc { cc, target } => {
                 if !in_host {
@@ -1056,11 +1162,8 @@ fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next
                 a.store(Mem::Sib(STACK_A, STACK_B, 1, 0), RDX);
                 a.store(gpr(RSP), R15);
                 match target {
-                    Target::Direct(t) => exit_to(a, *t, k + 1, page, out),
-                    Target::Reg(_) => {
-                        finish_to_rbp(a, k + 1);
-                        a.jmp(out);
-                    }
+                    Target::Direct(t) => exit_to(a, *t, k + 1, out),
+                    Target::Reg(_) => exit_to_rbp(a, k + 1, out),
                 }
             }
             Plan::JmpReg(g) => {
@@ -1069,8 +1172,7 @@ fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next
                 stubs.push((miss, k, None, false));
                 a.load(RBP, gpr(*g));
                 canonical_or(a, RBP, miss);
-                finish_to_rbp(a, k + 1);
-                a.jmp(out);
+                exit_to_rbp(a, k + 1, out);
             }
             Plan::Ret => {
                 spill(a, &mut in_host);
@@ -1082,8 +1184,7 @@ fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next
                 canonical_or(a, RBP, miss);
                 a.alu_imm(true, ADD, R15, 8);
                 a.store(gpr(RSP), R15);
-                finish_to_rbp(a, k + 1);
-                a.jmp(out);
+                exit_to_rbp(a, k + 1, out);
             }
             Plan::Native(op) => {
                 for &(g, h) in &op.load[..op.loads as usize] {
@@ -1113,7 +1214,7 @@ fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next
     if !plans.last().is_some_and(Plan::ends) {
         spill(a, &mut in_host);
         if all {
-            exit_to(a, next, plans.len() as u64, page, out);
+            exit_to(a, next, plans.len() as u64, out);
         } else {
             a.mov_imm(RAX, plans.len() as u64);
             a.jmp(out);
@@ -1124,7 +1225,7 @@ fn emit(a: &mut Asm, plans: &[Plan], block_rip: u64, user: bool, all: bool, next
         let mut f = flags_in_host;
         spill(a, &mut f);
         match rip {
-            Some(rip) => exit_to(a, rip, result & !FINISHED, page, out),
+            Some(rip) => exit_to(a, rip, result & !FINISHED, out),
             None => {
                 a.mov_imm(RAX, result);
                 a.jmp(out);
@@ -1174,19 +1275,24 @@ fn epilogue(a: &mut Asm) {
 }
 
 /// Leave for `rip` after `retired` instructions of the block (flags
-/// spilled). If `rip` is on the block's own page the jump to `out` is a
-/// site the dispatcher may later point at the next block (see
-/// [`Jit::chain`]); its offset goes into the result.
-fn exit_to(a: &mut Asm, rip: u64, retired: u64, page: u64, out: Label) {
+/// spilled), through a site the dispatcher may later point at the next
+/// block (see [`Jit::chain`]); its offset goes into the result.
+fn exit_to(a: &mut Asm, rip: u64, retired: u64, out: Label) {
     a.mov_imm(RBP, rip);
+    exit_via_site(a, retired, 0, out);
+}
+
+/// Leave for the RIP in RBP (RET, indirect JMP/CALL) through a site, like
+/// [`exit_to`]; a stub there also compares the RIP.
+fn exit_to_rbp(a: &mut Asm, retired: u64, out: Label) {
+    exit_via_site(a, retired, DYNAMIC, out);
+}
+
+fn exit_via_site(a: &mut Asm, retired: u64, kind: u64, out: Label) {
     a.store(Mem::Base(R12, off_rip()), RBP);
-    if rip >> 12 == page {
-        // mov rax, imm64 (10 bytes), then the jump's opcode byte.
-        let site = (a.buf.len() + 11) as u64;
-        a.mov_imm64(RAX, FINISHED | retired | (site << SITE_SHIFT));
-    } else {
-        a.mov_imm(RAX, FINISHED | retired);
-    }
+    // mov rax, imm64 (10 bytes), then the jump's opcode byte.
+    let site = (a.buf.len() + 11) as u64;
+    a.mov_imm64(RAX, FINISHED | kind | retired | (site << SITE_SHIFT));
     a.jmp(out);
 }
 
@@ -1224,12 +1330,6 @@ fn fill(a: &mut Asm) {
     a.alu_imm(false, OR, RBP, 0x202);
     a.push(RBP);
     a.popfq();
-}
-
-/// Write RIP from RBP and return `FINISHED | retired`.
-fn finish_to_rbp(a: &mut Asm, retired: u64) {
-    a.store(Mem::Base(R12, off_rip()), RBP);
-    a.mov_imm(RAX, FINISHED | retired);
 }
 
 /// Jump to `bad` unless `r` is a canonical address (the interpreter then
