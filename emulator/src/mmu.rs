@@ -128,6 +128,18 @@ impl FastTlb {
         }
     }
 
+    /// Forget the translations of every page of 2 MiB region `region`
+    /// (linear address >> 21).
+    fn flush_region(&mut self, region: u64) {
+        for t in [&mut self.read, &mut self.write, &mut self.fetch] {
+            for e in t.iter_mut() {
+                if e.tag != NO_TAG && e.tag >> 10 == region {
+                    *e = FAST_EMPTY;
+                }
+            }
+        }
+    }
+
     /// Forget every write translation (dirty tracking: the next write to
     /// each page goes the slow way and marks it).
     pub(crate) fn flush_writes(&mut self) {
@@ -159,13 +171,27 @@ pub(crate) fn fast_tag(la: u64, user: bool) -> u64 {
 /// cached one 4 KiB piece at a time).
 pub struct Tlb {
     entries: Box<[TlbEntry; TLB_SIZE]>,
-    /// Some entry came from a 2 MiB or 1 GiB page: INVLPG must then flush
-    /// everything, since the other pieces of that page are cached too.
-    has_large: bool,
+    /// 2 MiB regions (hashed into bits) with cached pieces of a large page:
+    /// INVLPG anywhere in one must drop all its pieces.
+    large_2m: Box<[u64; REGION_WORDS]>,
+    /// A 1 GiB page is cached: INVLPG flushes everything.
+    has_1g: bool,
+    /// Pages (hashed into bits) that code was fetched from since the last
+    /// full flush: only INVLPG of one of them starts a new epoch.
+    code_pages: Box<[u64; REGION_WORDS]>,
     pub(crate) fast: FastTlb,
-    /// Bumped by every flush: a chained block link (see
-    /// [`crate::decode`]) made under an older epoch is not followed.
+    /// Bumped by every flush that may change a translation code was
+    /// fetched through: a chained block link (see [`crate::decode`]) or a
+    /// chained translated block made under an older epoch is not followed.
     pub(crate) epoch: u64,
+}
+
+/// Words of the hashed bit sets (64 Ki bits each).
+const REGION_WORDS: usize = 1024;
+
+fn bit(key: u64) -> (usize, u64) {
+    let h = (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 48) as usize;
+    (h / 64 % REGION_WORDS, 1u64 << (h % 64))
 }
 
 impl Default for Tlb {
@@ -178,7 +204,9 @@ impl Tlb {
     pub fn new() -> Self {
         Tlb {
             entries: Box::new([EMPTY; TLB_SIZE]),
-            has_large: false,
+            large_2m: Box::new([0; REGION_WORDS]),
+            has_1g: false,
+            code_pages: Box::new([0; REGION_WORDS]),
             fast: FastTlb::new(),
             epoch: 0,
         }
@@ -187,18 +215,43 @@ impl Tlb {
     pub fn flush_all(&mut self) {
         self.epoch = self.epoch.wrapping_add(1);
         self.entries.fill(EMPTY);
-        self.has_large = false;
+        self.large_2m.fill(0);
+        self.has_1g = false;
+        self.code_pages.fill(0);
         self.fast.flush_all();
     }
 
-    /// INVLPG.
+    /// Code is fetched through the translation of page `vpn`.
+    pub(crate) fn mark_code(&mut self, vpn: u64) {
+        let (w, b) = bit(vpn);
+        self.code_pages[w] |= b;
+    }
+
+    /// INVLPG: drop the translations of the page of `la`, and of every
+    /// piece of a large page it belongs to.
     pub fn flush_page(&mut self, la: u64) {
-        if self.has_large {
+        if self.has_1g {
             self.flush_all();
             return;
         }
-        self.epoch = self.epoch.wrapping_add(1);
         let vpn = la >> 12;
+        let region = vpn >> 9;
+        let (w, b) = bit(region);
+        if self.large_2m[w] & b != 0 {
+            // The pieces of a 2 MiB page (or of a region sharing its bit).
+            self.epoch = self.epoch.wrapping_add(1);
+            for e in self.entries.iter_mut() {
+                if e.vpn >> 9 == region {
+                    *e = EMPTY;
+                }
+            }
+            self.fast.flush_region(region);
+            return;
+        }
+        let (cw, cb) = bit(vpn);
+        if self.code_pages[cw] & cb != 0 {
+            self.epoch = self.epoch.wrapping_add(1);
+        }
         let e = &mut self.entries[(vpn as usize) % TLB_SIZE];
         if e.vpn == vpn {
             *e = EMPTY;
@@ -334,8 +387,11 @@ impl Cpu {
             nx,
             dirty,
         };
-        if page_size_shift > 12 {
-            self.tlb.has_large = true;
+        if page_size_shift > 21 {
+            self.tlb.has_1g = true;
+        } else if page_size_shift > 12 {
+            let (w, b) = bit(vpn >> 9);
+            self.tlb.large_2m[w] |= b;
         }
         Ok(pa_page | (la & (PAGE_SIZE - 1)))
     }

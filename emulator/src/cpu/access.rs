@@ -40,7 +40,10 @@ impl Cpu {
         let fast = &mut self.tlb.fast;
         let table = match kind {
             AccessKind::Read => &mut fast.read,
-            AccessKind::Fetch => &mut fast.fetch,
+            AccessKind::Fetch => {
+                self.tlb.mark_code(la >> 12);
+                &mut self.tlb.fast.fetch
+            }
             AccessKind::Write => {
                 if self.icache.has_page(ppage >> 12) {
                     return Some(host);
