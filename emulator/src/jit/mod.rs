@@ -1103,16 +1103,19 @@ impl Jit {
 fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
     a.clear();
     let out = a.label();
-    // Exits jumped to from the body: (label, result, new RIP, flags in host).
-    let mut stubs: Vec<(Label, u64, Option<u64>, bool)> = Vec::new();
+    // Exits jumped to from the body: (label, result, new RIP, flags in
+    // host, guest registers to write back).
+    let mut stubs: Vec<(Label, u64, Option<u64>, bool, u16)> = Vec::new();
     prologue(a);
     let mut in_host = false;
+    let mut c = Cache::default();
     for (k, plan) in plans.iter().enumerate() {
         let k = k as u64;
         match plan {
             Plan::Nothing => {}
             Plan::Jmp { target } => {
                 spill(a, &mut in_host);
+                c.write_back(a);
                 exit_to(a, *target, k + 1, out);
             }
             Plan::Jcc { cc, target } => {
@@ -1122,35 +1125,39 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
                 }
                 let taken = a.label();
                 a.jcc(*cc, taken);
-                stubs.push((taken, FINISHED | (k + 1), Some(*target), true));
+                stubs.push((taken, FINISHED | (k + 1), Some(*target), true, c.dirty));
             }
             Plan::Push(g) => {
                 spill(a, &mut in_host);
+                c.flush_all_of(a, &[STACK_A, STACK_B, RDX, *g]);
                 a.load(R15, gpr(RSP));
                 a.alu_imm(true, SUB, R15, 8);
                 let miss = a.label();
                 lookup(a, &stack_access(true), user, miss);
-                stubs.push((miss, k, None, false));
+                stubs.push((miss, k, None, false, c.dirty));
                 a.load(RDX, gpr(*g));
                 a.store(Mem::Sib(STACK_A, STACK_B, 1, 0), RDX);
                 a.store(gpr(RSP), R15);
             }
             Plan::Pop(g) => {
                 spill(a, &mut in_host);
+                c.flush_all_of(a, &[STACK_A, STACK_B, RDX]);
                 a.load(R15, gpr(RSP));
                 let miss = a.label();
                 lookup(a, &stack_access(false), user, miss);
-                stubs.push((miss, k, None, false));
+                stubs.push((miss, k, None, false, c.dirty));
                 a.load(RDX, Mem::Sib(STACK_A, STACK_B, 1, 0));
                 a.alu_imm(true, ADD, R15, 8);
                 // RSP first: POP RSP loads the popped value.
                 a.store(gpr(RSP), R15);
                 a.store(gpr(*g), RDX);
+                c.forget(*g);
             }
             Plan::Call { target, ret } => {
                 spill(a, &mut in_host);
+                c.write_back(a);
                 let miss = a.label();
-                stubs.push((miss, k, None, false));
+                stubs.push((miss, k, None, false, 0));
                 if let Target::Reg(g) = target {
                     a.load(RBP, gpr(*g));
                     canonical_or(a, RBP, miss);
@@ -1168,17 +1175,19 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
             }
             Plan::JmpReg(g) => {
                 spill(a, &mut in_host);
+                c.write_back(a);
                 let miss = a.label();
-                stubs.push((miss, k, None, false));
+                stubs.push((miss, k, None, false, 0));
                 a.load(RBP, gpr(*g));
                 canonical_or(a, RBP, miss);
                 exit_to_rbp(a, k + 1, out);
             }
             Plan::Ret => {
                 spill(a, &mut in_host);
+                c.write_back(a);
                 a.load(R15, gpr(RSP));
                 let miss = a.label();
-                stubs.push((miss, k, None, false));
+                stubs.push((miss, k, None, false, 0));
                 lookup(a, &stack_access(false), user, miss);
                 a.load(RBP, Mem::Sib(STACK_A, STACK_B, 1, 0));
                 canonical_or(a, RBP, miss);
@@ -1187,8 +1196,24 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
                 exit_to_rbp(a, k + 1, out);
             }
             Plan::Native(op) => {
+                // Host registers this instruction takes for something else
+                // than their own guest register give up what they cache.
                 for &(g, h) in &op.load[..op.loads as usize] {
-                    a.load(h, gpr(g));
+                    if g != h {
+                        c.flush(a, h);
+                    }
+                }
+                if let Some(m) = &op.access {
+                    c.flush(a, m.a);
+                    c.flush(a, m.b);
+                }
+                for &(g, h) in &op.load[..op.loads as usize] {
+                    if g != h {
+                        a.load(h, gpr(g));
+                    } else if !c.has(g) {
+                        a.load(h, gpr(g));
+                        c.valid |= 1 << g;
+                    }
                 }
                 if let Some(m) = &op.access {
                     // The lookup clobbers the host flags.
@@ -1196,7 +1221,7 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
                     effective_address(a, m);
                     let miss = a.label();
                     lookup(a, m, user, miss);
-                    stubs.push((miss, k, None, false));
+                    stubs.push((miss, k, None, false, c.dirty));
                 }
                 if op.needs_flags && !in_host {
                     fill(a);
@@ -1206,13 +1231,18 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
                     in_host = true;
                 }
                 for &(g, h) in &op.store[..op.stores as usize] {
-                    a.store(gpr(g), h);
+                    if g != h {
+                        a.store(gpr(g), h);
+                    } else {
+                        c.dirty |= 1 << g;
+                    }
                 }
             }
         }
     }
     if !plans.last().is_some_and(Plan::ends) {
         spill(a, &mut in_host);
+        c.write_back(a);
         if all {
             exit_to(a, next, plans.len() as u64, out);
         } else {
@@ -1220,10 +1250,15 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
             a.jmp(out);
         }
     }
-    for (label, result, rip, flags_in_host) in stubs {
+    for (label, result, rip, flags_in_host, dirty) in stubs {
         a.bind(label);
         let mut f = flags_in_host;
         spill(a, &mut f);
+        Cache {
+            valid: dirty,
+            dirty,
+        }
+        .write_back(a);
         match rip {
             Some(rip) => exit_to(a, rip, result & !FINISHED, out),
             None => {
@@ -1235,6 +1270,53 @@ fn emit(a: &mut Asm, plans: &[Plan], user: bool, all: bool, next: u64) -> bool {
     a.bind(out);
     epilogue(a);
     a.finish()
+}
+
+/// Guest registers of the pool held in their own host register across the
+/// instructions of a block (bit n: guest register n in host register n).
+#[derive(Default, Clone, Copy)]
+struct Cache {
+    /// The host register holds the guest register's value.
+    valid: u16,
+    /// ... which is newer than the guest state in memory.
+    dirty: u16,
+}
+
+impl Cache {
+    fn has(&self, g: u8) -> bool {
+        self.valid & (1 << g) != 0
+    }
+
+    /// Host register `h` is needed for something else: write its guest
+    /// register back if changed, and forget it.
+    fn flush(&mut self, a: &mut Asm, h: u8) {
+        if self.dirty & (1 << h) != 0 {
+            a.store(gpr(h), h);
+        }
+        self.forget(h);
+    }
+
+    fn flush_all_of(&mut self, a: &mut Asm, hs: &[u8]) {
+        for &h in hs {
+            self.flush(a, h);
+        }
+    }
+
+    /// The guest register changed in memory: the host copy is stale.
+    fn forget(&mut self, g: u8) {
+        self.valid &= !(1 << g);
+        self.dirty &= !(1 << g);
+    }
+
+    /// Store every changed register (before leaving the block).
+    fn write_back(&mut self, a: &mut Asm) {
+        for h in 0..16u8 {
+            if self.dirty & (1 << h) != 0 {
+                a.store(gpr(h), h);
+            }
+        }
+        self.dirty = 0;
+    }
 }
 
 /// Save the host's callee-saved registers, build the frame (see
