@@ -115,10 +115,10 @@
 //!
 //! **Linux**: Debian 12's stock 6.1 kernel boots to user space on one
 //! vCPU: `vireo run --accel emu --image <kit> --append 'vireo.run=uname
-//! -a'` decompresses the XZ bzImage (over a minute), boots (FPU "will
-//! use FXSAVE"), runs the busybox initramfs, loads its 16 modules, prints
-//! `uname -a` and powers off through ACPI S5 — about 2 minutes of host CPU
-//! time in a release build (`emulator/PERFORMANCE.md`).
+//! -a'` boots the vmlinux the VMM unpacked from the bzImage (FPU "will
+//! use FXSAVE"), runs the busybox initramfs, loads its 18 modules, prints
+//! `uname -a` and powers off through ACPI S5, in about 7 s of host CPU in
+//! a release build (`emulator/PERFORMANCE.md`).
 //!
 //! **Not yet here**: legacy (32-bit and PAE) paging, 32-bit
 //! protected-mode interrupts to another privilege level, task switches,
@@ -129,9 +129,9 @@
 //! CMPXCHG16B, eventfd-backed interrupt lines, SMIs, the PIT's other
 //! modes' interrupts (only channel 0 modes 0, 2 and 3 interrupt) and the PC
 //! speaker. Speed: about 50 million instructions per second of host CPU
-//! (release build, an interpreter; see `emulator/PERFORMANCE.md` for how
-//! it was measured and what is next), so a stock kernel's bzImage
-//! decompression alone takes about a minute.
+//! interpreted (release build), several times that for translated blocks
+//! on x86-64 hosts (see `emulator/PERFORMANCE.md` for how it was measured
+//! and what is next).
 //! `VIREO_LOG=vireo_emulator=debug` logs each vCPU's RIP once a second.
 //!
 //! # Testing
