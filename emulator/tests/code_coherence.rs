@@ -9,7 +9,7 @@ use std::time::Duration;
 use iced_x86::code_asm::*;
 use vireo_emulator::{Cpu, Exit, GuestMemory};
 
-use common::Guest;
+use common::{assemble, Guest};
 
 /// The loop: `call FUNC; out 0x80, eax; jmp loop`.
 const LOOP: u64 = 0x10_0000;
@@ -18,15 +18,6 @@ const FUNC: u64 = 0x11_0000;
 /// Code another vCPU runs.
 const WRITER: u64 = 0x12_0000;
 const STACK: u64 = 0x18_0000;
-
-fn assemble(
-    f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
-    ip: u64,
-) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(ip).unwrap()
-}
 
 /// `mov eax, value; ret`.
 fn func(value: u32) -> Vec<u8> {

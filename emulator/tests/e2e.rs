@@ -8,18 +8,9 @@ use vireo_emulator::cpu::state::SegReg;
 use vireo_emulator::{EmuVcpu, Exit};
 use vireo_hypervisor::{Vcpu, VcpuExit};
 
-use common::{Guest, HANDLERS, IDT, IST_TOP, PML4};
+use common::{assemble, Guest, HANDLERS, IDT, IST_TOP, PML4};
 
 const CODE: u64 = 0x10_0000;
-
-fn assemble(
-    f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
-    ip: u64,
-) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(ip).unwrap()
-}
 
 /// Identity map of the low 4 GiB with 2 MiB pages, laid out as vireo's VM
 /// core does it: PML4 at 0x9000, PDPT at 0xa000, page directories at

@@ -7,22 +7,13 @@ mod common;
 use iced_x86::code_asm::*;
 use vireo_emulator::{Cpu, Exit, GuestMemory};
 
-use common::Guest;
+use common::{assemble, Guest};
 
 const CODE: u64 = 0x10_0000;
 /// A function on the same page as the loop that calls it.
 const FUNC: u64 = 0x10_0800;
 const DATA: u64 = 0x14_0000;
 const STACK: u64 = 0x18_0000;
-
-fn assemble(
-    f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
-    ip: u64,
-) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(ip).unwrap()
-}
 
 fn cpu(g: &Guest, hot: Option<u32>) -> Cpu {
     let mut cpu = g.cpu();

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use iced_x86::code_asm::CodeAssembler;
+
 use vireo_emulator::cpu::state::{cr0, cr4, efer, rflags, SegReg};
 use vireo_emulator::{Cpu, GuestMemory, PhysMemory};
 use vireo_hypervisor::{Segment, TableRegister};
@@ -147,4 +149,14 @@ impl Guest {
         cpu.flush_tlb();
         cpu
     }
+}
+
+/// 64-bit code assembled at `ip`.
+pub fn assemble(
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
+    ip: u64,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    f(&mut a).unwrap();
+    a.assemble(ip).unwrap()
 }
