@@ -46,7 +46,7 @@ def main():
             continue
         i = bisect.bisect_right(addrs, rip) - 1
         per_fn[syms[i][1] if i >= 0 else "(unknown)"] += n
-    print(f"{total} samples ({total * 256 / 1e6:.0f} M instructions), user space {100 * user / max(total, 1):.1f}%")
+    print(f"{total} samples ({total * 2048 / 1e6:.0f} M instructions), user space {100 * user / max(total, 1):.1f}%")
     for name, n in per_fn.most_common(a.top):
         print(f"{100 * n / total:6.2f}%  {n:8}  {name}")
 

@@ -36,7 +36,7 @@
 //! IOAPIC page (0xFEC00000) and ports 0x20/0x21, 0xA0/0xA1, 0x4D0/0x4D1,
 //! 0x40-0x43 and 0x61 themselves; they never reach the VMM. vCPU i has
 //! APIC id i; vCPU 0 starts runnable, the others wait for INIT/SIPI.
-//! `Vcpu::run` executes in slices of 256 instructions and returns
+//! `Vcpu::run` executes in slices of 2048 instructions and returns
 //! `VcpuExit::Interrupted` at least every millisecond
 //! ([`vcpu::RUN_SLICE_TIME`]) — also while halted or waiting for SIPI, and
 //! at once after [`Kicker::kick`] (from [`EmuVcpu::kicker`]) — so a VMM's

@@ -19,7 +19,7 @@ pub const DEFAULT_BUDGET: u64 = 1 << 20;
 /// often (also while halted), so that a VMM's pause/stop is seen promptly.
 pub const RUN_SLICE_TIME: Duration = Duration::from_millis(1);
 /// Instructions between checks of the clock, the timers and the kick flag.
-const SLICE: u64 = 256;
+const SLICE: u64 = 2048;
 
 /// Makes a vCPU's [`Vcpu::run`] return [`VcpuExit::Interrupted`] soon
 /// (within one slice, or at once if it is halted). Cheap to clone and

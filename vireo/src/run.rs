@@ -171,7 +171,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         eprintln!(
             "vireo: note: /dev/kvm here is PVM (kvm_pvm) on a CPU without VT-x/AMD-V, and this kernel is not PVM-aware: \
              the host emulates each guest instruction (~1 µs), so a stock distro kernel takes many minutes to boot. \
-             Small guests are fine; for a stock kernel use --accel emu (vireo's emulator, minutes), \
+             Small guests are fine; for a stock kernel use --accel emu (vireo's emulator: seconds for the guest kit), \
              a PVM guest kernel, or a host with hardware virtualization."
         );
     }
