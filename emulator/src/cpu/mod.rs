@@ -524,10 +524,10 @@ impl Cpu {
     #[cfg(target_arch = "x86_64")]
     #[inline]
     fn run_translated(&mut self, block: &Rc<Block>, bits: u32, left: &mut u64) -> Translated {
+        let user = self.user_access(crate::mmu::Privilege::Current);
         let Some(jit) = self.jit.as_mut() else {
             return Translated::NotRun;
         };
-        let user = self.state.seg[state::SegReg::Cs as usize].dpl == 3;
         let entry = if bits != 64
             || (*left as usize) < block.ops.len()
             || self.state.rflags & rflags::TF != 0

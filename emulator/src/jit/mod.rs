@@ -190,9 +190,6 @@ pub(crate) struct Jit {
     broken: bool,
     /// Runs before translation ([`HOT`] unless a test asks otherwise).
     pub hot: u32,
-    /// Chain blocks of a page (off: every block returns to the
-    /// dispatcher).
-    pub chaining: bool,
     info: InstructionInfoFactory,
     encoder: Encoder,
     asm: Asm,
@@ -504,7 +501,6 @@ impl Jit {
             arena: None,
             broken: false,
             hot: HOT,
-            chaining: true,
             info: InstructionInfoFactory::new(),
             encoder: Encoder::new(64),
             asm: Asm::default(),
@@ -683,8 +679,7 @@ impl Jit {
         let Some(arena) = self.arena.as_mut() else {
             return;
         };
-        if !self.chaining
-            || p.generation != generation
+        if p.generation != generation
             || p.tlb_epoch != tlb_epoch
             || p.rip != rip
             || p.epoch != arena.epoch
@@ -804,14 +799,20 @@ impl Jit {
         }
         match i.mnemonic() {
             M::Nop | M::Endbr64 | M::Pause => return Some(Plan::Nothing),
-            M::Jmp if i.op0_kind() == OpKind::NearBranch64 => {
+            // A branch to a non-canonical address raises #GP at the
+            // branch: the interpreter does that.
+            M::Jmp
+                if i.op0_kind() == OpKind::NearBranch64
+                    && crate::mmu::is_canonical(i.near_branch_target()) =>
+            {
                 return Some(Plan::Jmp {
                     target: i.near_branch_target(),
                 })
             }
             m if crate::exec::is_jcc(m)
                 && i.op0_kind() == OpKind::NearBranch64
-                && i.condition_code() != ConditionCode::None =>
+                && i.condition_code() != ConditionCode::None
+                && crate::mmu::is_canonical(i.near_branch_target()) =>
             {
                 // iced numbers the conditions from 1 in encoding order.
                 return Some(Plan::Jcc {
@@ -1500,6 +1501,15 @@ mod tests {
         assert_eq!(i.memory_displacement64(), 0x10_0017);
         // mov ah, [rbx]: AH stays in RAX, the lookup registers need no REX.
         assert!(plan_bytes(&[0x8a, 0x27]).is_some());
+        // jmp to a non-canonical address (#GP at the jmp): interpreted.
+        let i = iced_x86::Decoder::with_ip(
+            64,
+            &[0xe9, 0, 0, 0, 0],
+            0x7fff_ffff_fffb,
+            iced_x86::DecoderOptions::NONE,
+        )
+        .decode();
+        assert!(Jit::new().plan(&i).is_none());
         // div rcx: may fault (#DE), interpreted.
         assert!(plan_bytes(&[0x48, 0xf7, 0xf1]).is_none());
         // mov rax, [0xffffffff_00000000] (moffs beyond 32 bits): interpreted.
