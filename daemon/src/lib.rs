@@ -21,6 +21,7 @@ pub mod paths;
 pub mod procfs;
 pub mod ring;
 pub mod server;
+pub mod storage;
 pub mod vms;
 pub mod web;
 
