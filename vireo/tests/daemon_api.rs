@@ -1665,7 +1665,13 @@ fn a_vm_migrates_live_between_two_daemons() {
         code == "invalid_value" && msg.starts_with("to: "),
         "{code} {msg}"
     );
-    dst.create("m", &kernel);
+    // (Each daemon takes host files only from its own storage directory.)
+    let dst_kernel = dst
+        .dir
+        .write("vmlinux", &std::fs::read(&kernel).unwrap())
+        .display()
+        .to_string();
+    dst.create("m", &dst_kernel);
     let out = src.cli(&[
         "migrate",
         "m",
