@@ -328,8 +328,10 @@ Examples:
       --net tap=tap0 --rng --balloon
 
 Relative paths (also --disk path= and --vsock socket=) are made absolute
-here (the daemon has its own working directory); the files must exist and be
-readable by the daemon. The device options are `vireo run`'s (see
+here (the daemon has its own working directory); the files must exist and
+lie beneath one of the daemon's storage directories (`vireo serve --storage`,
+default STATE_DIR/storage; no symlinks, no device nodes). A disk without
+format= gets the format its first bytes show now, recorded once. The device options are `vireo run`'s (see
 `vireo run --help`); a --net without mac= gets a fixed random MAC.";
 
 const UPDATE_EXAMPLES: &str = "\
