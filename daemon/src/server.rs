@@ -410,8 +410,15 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     } else {
         cfg.storage.clone()
     };
-    let storage =
+    let mut storage =
         crate::storage::Storage::new(&storage_dirs, &cfg.state_dir).map_err(ServeError::Usage)?;
+    // Its TLS key and certificate are the daemon's own too.
+    let tls_files: Vec<&Path> = [&cfg.tls_cert, &cfg.tls_key]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    storage.protect(&tls_files);
     eprintln!(
         "vireo: storage directories (disk images, kernels, initrds and guest kits named through the API must be beneath one): {}",
         storage_dirs

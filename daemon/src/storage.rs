@@ -58,6 +58,9 @@ pub struct Storage {
     dirs: Vec<(PathBuf, PathBuf)>,
     /// The state directory, canonical.
     state_dir: PathBuf,
+    /// (device, inode) of other files of the daemon's (its TLS key and
+    /// certificate), wherever they are.
+    own: Vec<(u64, u64)>,
 }
 
 /// A path that passed: where it is, and the file opened there.
@@ -119,7 +122,18 @@ impl Storage {
         Ok(Storage {
             dirs: out,
             state_dir,
+            own: Vec::new(),
         })
+    }
+
+    /// Refuse `files` too (e.g. the TLS key), by identity: a hard link or
+    /// any path to them in a storage directory is refused.
+    pub fn protect(&mut self, files: &[&Path]) {
+        for f in files {
+            if let Ok(m) = std::fs::metadata(f) {
+                self.own.push((m.dev(), m.ino()));
+            }
+        }
     }
 
     /// The storage directories as configured.
@@ -233,7 +247,11 @@ impl Storage {
         }
         let real = canon_root.join(&rel);
         if self.is_state(&real, &canon_root, &meta) {
-            return Err(self.not_allowed(field, path, "is one of the daemon's own state files"));
+            return Err(self.not_allowed(
+                field,
+                path,
+                "is one of the daemon's own state files (or its TLS key or certificate)",
+            ));
         }
         if kind == Kind::Kit {
             let manifest = open_beneath(&canon_root, &rel.join(KIT_MANIFEST));
@@ -252,8 +270,69 @@ impl Storage {
                     ),
                 });
             }
+            // The files the manifest names are read by `vireo run`: they
+            // must be in the kit (a `kernel=/etc/shadow` line would load a
+            // host file into the guest).
+            if let Ok(m) = manifest {
+                self.check_kit_files(field, path, &canon_root, &rel, &shown, &m)?;
+            }
         }
         Ok(Opened { path: shown, fd })
+    }
+
+    /// Each `kernel=` and `initrd=` file of a kit's manifest (read through
+    /// `manifest`) must be a regular file beneath the kit directory.
+    fn check_kit_files(
+        &self,
+        field: &str,
+        path: &str,
+        root: &Path,
+        kit: &Path,
+        shown: &Path,
+        manifest: &OwnedFd,
+    ) -> Result<(), Invalid> {
+        let mut text = String::new();
+        reopen_readable(manifest)
+            .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+            .map_err(|e| Invalid {
+                code: "missing_file",
+                message: format!("{field}: {}/{KIT_MANIFEST}: {e}", shown.display()),
+            })?;
+        for line in text.lines() {
+            let Some((key, value)) = line.trim().split_once('=') else {
+                continue;
+            };
+            let key = key.trim();
+            if key != "kernel" && key != "initrd" {
+                continue;
+            }
+            let value = value.trim();
+            let name = Path::new(value);
+            if value.is_empty()
+                || name.is_absolute()
+                || name
+                    .components()
+                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+            {
+                return Err(self.not_allowed(
+                    field,
+                    path,
+                    &format!("names {key}={value} in its {KIT_MANIFEST}, which is not a file inside the kit"),
+                ));
+            }
+            let ok = open_beneath(root, &kit.join(name))
+                .ok()
+                .and_then(|f| fstat(&f).ok())
+                .is_some_and(|m| m.is_file());
+            if !ok {
+                return Err(self.not_allowed(
+                    field,
+                    path,
+                    &format!("names {key}={value} in its {KIT_MANIFEST}, which is missing, a symlink or not a regular file"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `real` (found beneath `root`) is the daemon's own: beneath
@@ -261,6 +340,9 @@ impl Storage {
     /// link to one of the state directory's files.
     fn is_state(&self, real: &Path, root: &Path, meta: &std::fs::Metadata) -> bool {
         if real.starts_with(&self.state_dir) && !root.starts_with(&self.state_dir) {
+            return true;
+        }
+        if self.own.contains(&(meta.dev(), meta.ino())) {
             return true;
         }
         let Ok(entries) = std::fs::read_dir(&self.state_dir) else {
@@ -656,6 +738,11 @@ mod tests {
         );
         std::fs::hard_link(t.0.join("state/state.db"), t.0.join("db-link")).unwrap();
         refused(&wide, &mut cfg("db-link", &[]), "state files");
+        // Its TLS key, wherever it is.
+        let mut s = s;
+        std::fs::write(images.join("key.pem"), b"secret").unwrap();
+        s.protect(&[&images.join("key.pem")]);
+        refused(&s, &mut cfg("key.pem", &[]), "state files");
         assert!(Storage::new(&[t.0.join("state")], &t.0.join("state")).is_err());
     }
 
@@ -679,6 +766,42 @@ mod tests {
             .unwrap_err()
             .message
             .contains("no format="));
+    }
+
+    #[test]
+    fn kits_must_hold_the_files_their_manifest_names() {
+        let t = Tmp::new("kit");
+        let s = setup(&t);
+        let kit = t.0.join("images/kit");
+        std::fs::create_dir_all(&kit).unwrap();
+        std::fs::write(kit.join("vmlinuz"), b"k").unwrap();
+        std::fs::write(kit.join("initrd.img"), b"i").unwrap();
+        let manifest = |kernel: &str| {
+            std::fs::write(
+                kit.join(KIT_MANIFEST),
+                format!("kernel={kernel}\ninitrd=initrd.img\ncmdline=x\nkernel_version=1\n"),
+            )
+            .unwrap()
+        };
+        let with_image = || {
+            let mut c = cfg("x", &[]);
+            c.kernel = None;
+            c.image = Some("kit".into());
+            c
+        };
+        manifest("vmlinuz");
+        let mut c = with_image();
+        s.confine(&mut c, None).unwrap();
+        assert_eq!(c.image.as_deref(), Some(&*kit.display().to_string()));
+        for bad in ["/etc/shadow", "../vmlinux", "missing"] {
+            manifest(bad);
+            let e = s.confine(&mut with_image(), None).unwrap_err();
+            assert_eq!(e.code, PATH_NOT_ALLOWED, "{bad}: {e:?}");
+            assert!(e.message.contains(&format!("kernel={bad}")), "{e:?}");
+        }
+        std::os::unix::fs::symlink("/etc/passwd", kit.join("link")).unwrap();
+        manifest("link");
+        assert!(s.confine(&mut with_image(), None).is_err());
     }
 
     #[test]
