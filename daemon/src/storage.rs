@@ -174,15 +174,23 @@ impl Storage {
         if path.is_empty() || path.contains('\0') {
             return Err(self.not_allowed(field, &format!("{path:?}"), "is not a file name"));
         }
-        let extra = extra.map(|e| (e.to_path_buf(), e.to_path_buf()));
+        let extra = extra.map(|e| {
+            let canon = std::fs::canonicalize(e).unwrap_or_else(|_| e.to_path_buf());
+            (e.to_path_buf(), canon)
+        });
         let roots = self.dirs.iter().chain(extra.iter());
         let (root, canon_root, rel) = if p.is_absolute() {
-            let found = roots.clone().find_map(|(d, c)| {
-                p.strip_prefix(d)
-                    .ok()
-                    .map(|r| (d, c, r))
-                    .or_else(|| p.strip_prefix(c).ok().map(|r| (d, c, r)))
-            });
+            // The most specific root that holds it (a clone's own disks
+            // directory may lie inside a storage directory).
+            let found = roots
+                .clone()
+                .filter_map(|(d, c)| {
+                    p.strip_prefix(d)
+                        .ok()
+                        .map(|r| (d, c, r))
+                        .or_else(|| p.strip_prefix(c).ok().map(|r| (d, c, r)))
+                })
+                .min_by_key(|(_, _, r)| r.components().count());
             match found {
                 Some((d, c, r)) => (d.clone(), c.clone(), r.to_path_buf()),
                 None => {
@@ -422,7 +430,25 @@ impl Storage {
         }
         let mut copy = cfg.clone();
         let opened = self.confine(&mut copy, extra)?;
-        if copy != *cfg {
+        // The same files, named the same way, with the same formats (the
+        // option strings' order may differ: a clone's are written by the
+        // daemon).
+        let disk = |s: &str| {
+            BlockConfig::from_options(s)
+                .ok()
+                .map(|d| (d.path, d.format.map(|f| f.name())))
+        };
+        let same = copy.kernel == cfg.kernel
+            && copy.initrd == cfg.initrd
+            && copy.image == cfg.image
+            && copy.devices.disks.len() == cfg.devices.disks.len()
+            && copy
+                .devices
+                .disks
+                .iter()
+                .zip(&cfg.devices.disks)
+                .all(|(a, b)| disk(a).is_some() && disk(a) == disk(b));
+        if !same {
             return Err(Invalid {
                 code: PATH_NOT_ALLOWED,
                 message: "the VM's host paths no longer resolve to what was defined; update its definition".into(),
@@ -678,6 +704,12 @@ mod tests {
         std::fs::write(images.join("disk.raw"), q).unwrap();
         let again = c.clone();
         s.recheck(&again, None).unwrap();
+        // Options in another order (as the daemon writes a clone's) are the
+        // same definition.
+        let mut reordered = c.clone();
+        reordered.devices.disks[0] =
+            format!("path={}/disk.raw,format=raw,readonly=on", images.display());
+        s.recheck(&reordered, None).unwrap();
         assert!(again.devices.disks[0].ends_with("format=raw"));
         // A given format is kept; qcow2 claimed for a file without the magic is refused.
         std::fs::write(images.join("plain.img"), vec![0u8; 512]).unwrap();

@@ -1569,6 +1569,21 @@ fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
         let (status, v) = env.json("POST", &format!("/v1/vms/{vm}/kill"), None);
         assert_eq!(status, 200, "{v}");
     }
+    // The clone boots its own definition too: its disk, which the daemon
+    // made in the state directory, is allowed for it (and only for it).
+    let (status, v) = env.json("POST", "/v1/vms/dc/start", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/dc/kill", None);
+    assert_eq!(status, 200, "{v}");
+    let (code, msg) = error_of(
+        env.json(
+            "PATCH",
+            "/v1/vms/d",
+            Some(json!({"disks": [format!("path={},id=data", own.display())]})),
+        ),
+        400,
+    );
+    assert_eq!(code, "path_not_allowed", "{msg}");
 }
 
 // ---- live migration between two daemons ------------------------------------
