@@ -32,6 +32,7 @@ use std::path::{Component, Path, PathBuf};
 
 use vireo_devices::options::Options;
 use vireo_devices::virtio::block::BlockConfig;
+use vireo_devices::virtio::vsock::VsockConfig;
 
 use crate::model::{Invalid, VmConfig, KIT_MANIFEST};
 
@@ -49,6 +50,8 @@ pub enum Kind {
     File,
     /// A guest kit: a directory holding [`KIT_MANIFEST`].
     Kit,
+    /// A directory (where a vsock socket is made).
+    Dir,
 }
 
 /// The storage directories and the state directory they must not expose.
@@ -242,6 +245,9 @@ impl Storage {
                 };
                 return Err(self.not_allowed(field, path, what));
             }
+            Kind::Dir if !ft.is_dir() => {
+                return Err(self.not_allowed(field, path, "is not a directory"));
+            }
             Kind::Kit if !ft.is_dir() => {
                 return Err(Invalid {
                     code: "missing_file",
@@ -410,6 +416,20 @@ impl Storage {
             };
             *s = rewrite_disk(s, &o.path, format);
             opened.push(o);
+        }
+        // The vsock socket is made by `vireo run` (and the guest's
+        // connections go to `SOCKET_PORT` next to it): its directory must
+        // be a storage directory's, or the VM's own (a clone's socket).
+        if let Some(s) = &cfg.devices.vsock {
+            if let Ok(v) = VsockConfig::from_options(s) {
+                let own = extra.and_then(Path::parent);
+                if let (Some(dir), Some(_)) = (v.socket.parent(), v.socket.file_name()) {
+                    if v.socket.is_absolute() && Some(dir) != own {
+                        let o = self.open("vsock", &dir.display().to_string(), Kind::Dir, None)?;
+                        opened.push(o);
+                    }
+                }
+            }
         }
         Ok(opened)
     }
@@ -759,6 +779,15 @@ mod tests {
         }
         let e = s.confine(&mut cfg("missing", &[]), None).unwrap_err();
         assert_eq!(e.code, "missing_file");
+        // A vsock socket outside the storage directories (the guest's
+        // connections would go to sockets next to it).
+        let mut c = cfg("vmlinux", &[]);
+        c.devices.vsock = Some("cid=3,socket=/run/x.sock".into());
+        refused(&s, &mut c, "vsock: /run");
+        c.devices.vsock = Some(format!("cid=3,socket={}/sub/x.sock", images.display()));
+        s.confine(&mut c, None).unwrap();
+        c.devices.vsock = Some(format!("cid=3,socket={}/etc/x.sock", images.display()));
+        refused(&s, &mut c, "symlink");
         // The state directory inside a storage directory stays off limits,
         // hard links to its files too.
         let wide = Storage::new(std::slice::from_ref(&t.0), &t.0.join("state")).unwrap();
