@@ -963,6 +963,51 @@ mod tests {
     }
 
     #[test]
+    fn query_tokens_count_only_on_the_browser_streams() {
+        let get = Method::GET;
+        assert!(query_token_allowed(&get, "/v1/vms/web/console/ws"));
+        assert!(query_token_allowed(&get, "/v1/events"));
+        for p in [
+            "/v1/vms",
+            "/v1/whoami",
+            "/v1/tokens",
+            "/metrics",
+            "/v1/vms/web/console",
+        ] {
+            assert!(!query_token_allowed(&get, p), "{p}");
+        }
+        assert!(!query_token_allowed(&Method::POST, "/v1/events"));
+    }
+
+    #[test]
+    fn invalid_tokens_block_an_address_for_a_while() {
+        let mut l = Limiter::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 1..MAX_AUTH_FAILURES {
+            assert!(!l.failed(ip, t0), "failure {i}");
+            assert_eq!(l.blocked(ip, t0), None);
+        }
+        assert!(l.failed(ip, t0), "the limit starts a block");
+        assert_eq!(l.blocked(ip, t0), Some(AUTH_BLOCK));
+        assert_eq!(l.blocked(other, t0), None, "only that address");
+        assert_eq!(l.blocked(ip, t0 + AUTH_BLOCK), None, "the block ends");
+        // Failures spread over more than the window never add up to a block.
+        let mut l = Limiter::default();
+        for i in 0..3 * MAX_AUTH_FAILURES {
+            let t = t0 + AUTH_FAILURE_WINDOW / MAX_AUTH_FAILURES * (i + 1) * 2;
+            assert!(!l.failed(ip, t), "failure {i}");
+        }
+        // The table stays bounded.
+        let mut l = Limiter::default();
+        for i in 0..(MAX_TRACKED as u32 + 10) {
+            l.failed(IpAddr::from((i + 1).to_be_bytes()), t0);
+        }
+        assert!(l.by_ip.len() <= MAX_TRACKED);
+    }
+
+    #[test]
     fn audit_paths_drop_the_token() {
         assert_eq!(audit_path("/v1/events", None), "/v1/events");
         assert_eq!(

@@ -467,13 +467,14 @@ impl Daemon {
     ) -> Result<ProcessId, ApiError> {
         let name = rec.name.as_str();
         let dir = self.vm_dir(name);
-        // Every host path again, at each start: a symlink swapped in since
-        // the VM was defined is refused here.
+        // Every host path again, at each start (a restore runs the same
+        // disks): a symlink swapped in since the VM was defined is refused
+        // here. (A migration's definition is the source's.)
         let _opened = match boot {
-            Boot::Definition => self
+            Boot::Definition | Boot::Restore { .. } => self
                 .storage
                 .recheck(&rec.config, Some(&self.own_disks(name)))?,
-            _ => Vec::new(),
+            Boot::MigrateFrom { .. } => Vec::new(),
         };
         let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec, boot)
             .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
