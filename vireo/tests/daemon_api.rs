@@ -2039,3 +2039,41 @@ fn disk_formats_are_fixed_when_defined() {
         env.daemon_log()
     );
 }
+
+/// The control socket of a VM the daemon runs is mode 0600, and its
+/// `snapshot DIR` writes only beneath the VM's snapshots directory.
+#[test]
+fn a_vm_control_socket_is_private_and_snapshots_stay_in_the_vm_directory() {
+    let env = Env::new("daemon-ctl");
+    let kernel = env.kernel("vmlinux", hello_halt);
+    env.create("c", &kernel);
+    let (status, v) = env.json("POST", "/v1/vms/c/start", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let socket = env.state().join("vms/c/control.sock");
+    env.wait_for("the control socket", || socket.exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let ask = |line: &str| {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let elsewhere = env.dir.path().join("elsewhere");
+    let reply = ask(&format!("snapshot {}", elsewhere.display()));
+    assert!(
+        reply.contains("\"ok\":false") && reply.contains("--snapshot-dir-root"),
+        "{reply}"
+    );
+    assert!(!elsewhere.exists());
+    let reply = ask("snapshot /etc/vireo-snap");
+    assert!(reply.contains("\"ok\":false"), "{reply}");
+    // The daemon's own snapshots still work.
+    let (status, snap) = env.json("POST", "/v1/vms/c/snapshots", Some(json!({"tag": "t"})));
+    assert_eq!(status, 201, "{snap}");
+    let (status, v) = env.json("POST", "/v1/vms/c/kill", None);
+    assert_eq!(status, 200, "{v}");
+}
