@@ -88,7 +88,10 @@ def main():
     log = open(os.path.join(tmp, "daemon.log"), "w+")
     daemon = subprocess.Popen(
         [vireo, "serve", "--state-dir", os.path.join(tmp, "state"), "--listen", f"unix:{sock}",
-         "--listen", "tcp:127.0.0.1:0", "--tls-cert", cert, "--tls-key", key],
+         "--listen", "tcp:127.0.0.1:0", "--tls-cert", cert, "--tls-key", key,
+         # the kernel below is in tmp; room for every wrk connection
+         "--storage", tmp, "--max-connections",
+         str(max([256] + [int(c) + 16 for c in args.connections.split(",")]))],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
         url = None

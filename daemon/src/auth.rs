@@ -2,8 +2,14 @@
 //! checks every request against [`RULES`], and the audit log.
 //!
 //! - Unix-socket clients are trusted by the socket's file permissions and act
-//!   as `admin`. TCP (TLS) clients send `Authorization: Bearer TOKEN` or
-//!   `?access_token=TOKEN`.
+//!   as `admin` (whoever may connect to the socket, its group included, is
+//!   an admin); the audit log names their uid (SO_PEERCRED). TCP (TLS)
+//!   clients send `Authorization: Bearer TOKEN`; `?access_token=TOKEN` only
+//!   on the two GET streams a browser cannot set headers for (the console
+//!   WebSocket and the event stream), so tokens stay out of other URLs.
+//! - A TLS client address that presents [`MAX_AUTH_FAILURES`] invalid tokens
+//!   within [`AUTH_FAILURE_WINDOW`] gets 429 (with `Retry-After`) for
+//!   [`AUTH_BLOCK`], whatever it sends; the block is audited.
 //! - A token is `vireo_<id>_<secret>`: `id` is 16 hex digits (public, the
 //!   database key), `secret` 64 hex digits (256 random bits). The database
 //!   keeps only SHA-256(secret); a request's token is found by its id and its
@@ -19,10 +25,11 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
@@ -79,23 +86,104 @@ pub struct Caller {
 /// for every connection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    Unix,
+    /// The Unix socket; the caller's uid when the kernel told it.
+    Unix {
+        uid: Option<u32>,
+    },
     Tls(SocketAddr),
 }
 
 impl Transport {
     fn peer(&self) -> String {
         match self {
-            Transport::Unix => "unix".into(),
+            Transport::Unix { uid: Some(uid) } => format!("unix:uid={uid}"),
+            Transport::Unix { uid: None } => "unix:uid=unknown".into(),
             Transport::Tls(a) => a.to_string(),
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
-            Transport::Unix => "unix",
+            Transport::Unix { .. } => "unix",
             Transport::Tls(_) => "tls",
         }
+    }
+}
+
+/// Invalid tokens from one address within [`AUTH_FAILURE_WINDOW`] before it
+/// is refused for [`AUTH_BLOCK`].
+pub const MAX_AUTH_FAILURES: u32 = 10;
+pub const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+pub const AUTH_BLOCK: Duration = Duration::from_secs(60);
+/// Addresses tracked at most; beyond, stale entries are dropped first.
+const MAX_TRACKED: usize = 4096;
+
+/// Failed authentications of one client address.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    since: Instant,
+    count: u32,
+    blocked_until: Option<Instant>,
+}
+
+/// Per-address counts of invalid tokens, and the blocks they earn.
+#[derive(Debug, Default)]
+struct Limiter {
+    by_ip: HashMap<IpAddr, Failures>,
+}
+
+impl Limiter {
+    /// How long `ip` is still refused, if it is.
+    fn blocked(&mut self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let f = self.by_ip.get_mut(&ip)?;
+        match f.blocked_until {
+            Some(t) if t > now => Some(t - now),
+            Some(_) => {
+                self.by_ip.remove(&ip);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Count a failure; true when it starts a block.
+    fn failed(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.by_ip.len() >= MAX_TRACKED && !self.by_ip.contains_key(&ip) {
+            self.by_ip.retain(|_, f| match f.blocked_until {
+                Some(t) => t > now,
+                None => now.duration_since(f.since) < AUTH_FAILURE_WINDOW,
+            });
+            if self.by_ip.len() >= MAX_TRACKED {
+                // Still full of live entries: forget the oldest window.
+                if let Some(oldest) = self
+                    .by_ip
+                    .iter()
+                    .filter(|(_, f)| f.blocked_until.is_none())
+                    .min_by_key(|(_, f)| f.since)
+                    .map(|(ip, _)| *ip)
+                {
+                    self.by_ip.remove(&oldest);
+                }
+            }
+        }
+        let f = self.by_ip.entry(ip).or_insert(Failures {
+            since: now,
+            count: 0,
+            blocked_until: None,
+        });
+        if now.duration_since(f.since) >= AUTH_FAILURE_WINDOW {
+            *f = Failures {
+                since: now,
+                count: 0,
+                blocked_until: None,
+            };
+        }
+        f.count += 1;
+        if f.count >= MAX_AUTH_FAILURES && f.blocked_until.is_none() {
+            f.blocked_until = Some(now + AUTH_BLOCK);
+            return true;
+        }
+        false
     }
 }
 
@@ -287,6 +375,7 @@ pub struct Auth {
     db: Mutex<Db>,
     tokens: RwLock<HashMap<String, StoredToken>>,
     audit: Option<Mutex<File>>,
+    limiter: Mutex<Limiter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -320,6 +409,7 @@ impl Auth {
             db: Mutex::new(db),
             tokens: RwLock::new(tokens),
             audit,
+            limiter: Mutex::new(Limiter::default()),
         }))
     }
 
@@ -428,7 +518,17 @@ fn audit_path(path: &str, query: Option<&str>) -> String {
     }
 }
 
-/// The token a request presents: the Bearer header, else `access_token`.
+/// The GET streams that take `?access_token=` (browsers cannot set headers
+/// on a WebSocket or an EventSource); everywhere else it is ignored.
+const QUERY_TOKEN_ROUTES: &[&str] = &["/v1/vms/*/console/ws", "/v1/events"];
+
+/// Whether `?access_token=` counts for `method path`.
+pub fn query_token_allowed(method: &Method, path: &str) -> bool {
+    method == Method::GET && QUERY_TOKEN_ROUTES.iter().any(|p| pattern_matches(p, path))
+}
+
+/// The token a request presents: the Bearer header, else `access_token` on
+/// the routes that take it.
 fn presented_token(req: &Request) -> Option<String> {
     if let Some(v) = req.headers().get(header::AUTHORIZATION) {
         let v = v.to_str().ok()?.trim();
@@ -436,6 +536,9 @@ fn presented_token(req: &Request) -> Option<String> {
         return scheme
             .eq_ignore_ascii_case("bearer")
             .then(|| rest.trim().to_string());
+    }
+    if !query_token_allowed(req.method(), req.uri().path()) {
+        return None;
     }
     req.uri()
         .query()?
@@ -469,14 +572,70 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
     let shown_path = audit_path(&path, req.uri().query());
     let required = required_role(&method, &path);
 
+    let peer = transport
+        .map(|t| t.peer())
+        .unwrap_or_else(|| "unknown".into());
+    let ip = match transport {
+        Some(Transport::Tls(a)) => Some(a.ip()),
+        _ => None,
+    };
+    let now = Instant::now();
+    if let Some(left) = ip.and_then(|ip| lock(&auth.limiter).blocked(ip, now)) {
+        let secs = left.as_secs().max(1);
+        tracing::warn!(
+            "API request refused (429): {method} {shown_path} from {peer}: too many invalid tokens, blocked for {secs} s more"
+        );
+        let mut r = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_failures",
+            format!(
+                "too many invalid tokens from {}; try again in {secs} s",
+                ip.map(|i| i.to_string()).unwrap_or_default()
+            ),
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        auth.audit(&AuditLine {
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            peer,
+            token_id: None,
+            role: None,
+            method: method.as_str(),
+            path: &shown_path,
+            status: 429,
+            decision: "rate_limited",
+        });
+        return r;
+    }
     let presented = presented_token(&req);
     let caller = match transport {
-        Some(Transport::Unix) => Some(Caller {
+        Some(Transport::Unix { .. }) => Some(Caller {
             role: Role::Admin,
             token_id: None,
         }),
         _ => presented.as_deref().and_then(|t| auth.check(t)),
     };
+    if let (Some(ip), Some(_), None) = (ip, &presented, &caller) {
+        if lock(&auth.limiter).failed(ip, now) {
+            tracing::warn!(
+                "{MAX_AUTH_FAILURES} invalid tokens from {ip} within {} s: refusing it for {} s",
+                AUTH_FAILURE_WINDOW.as_secs(),
+                AUTH_BLOCK.as_secs()
+            );
+            auth.audit(&AuditLine {
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                peer: peer.clone(),
+                token_id: None,
+                role: None,
+                method: method.as_str(),
+                path: &shown_path,
+                status: 429,
+                decision: "blocked",
+            });
+        }
+    }
     let denial = match (required, &caller) {
         (None, _) => None,
         (Some(need), Some(c)) if c.role >= need => None,
@@ -501,9 +660,6 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
             false,
         )),
     };
-    let peer = transport
-        .map(|t| t.peer())
-        .unwrap_or_else(|| "unknown".into());
     let response = match denial {
         Some(r) => {
             tracing::warn!(
@@ -804,6 +960,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn query_tokens_count_only_on_the_browser_streams() {
+        let get = Method::GET;
+        assert!(query_token_allowed(&get, "/v1/vms/web/console/ws"));
+        assert!(query_token_allowed(&get, "/v1/events"));
+        for p in [
+            "/v1/vms",
+            "/v1/whoami",
+            "/v1/tokens",
+            "/metrics",
+            "/v1/vms/web/console",
+        ] {
+            assert!(!query_token_allowed(&get, p), "{p}");
+        }
+        assert!(!query_token_allowed(&Method::POST, "/v1/events"));
+    }
+
+    #[test]
+    fn invalid_tokens_block_an_address_for_a_while() {
+        let mut l = Limiter::default();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 1..MAX_AUTH_FAILURES {
+            assert!(!l.failed(ip, t0), "failure {i}");
+            assert_eq!(l.blocked(ip, t0), None);
+        }
+        assert!(l.failed(ip, t0), "the limit starts a block");
+        assert_eq!(l.blocked(ip, t0), Some(AUTH_BLOCK));
+        assert_eq!(l.blocked(other, t0), None, "only that address");
+        assert_eq!(l.blocked(ip, t0 + AUTH_BLOCK), None, "the block ends");
+        // Failures spread over more than the window never add up to a block.
+        let mut l = Limiter::default();
+        for i in 0..3 * MAX_AUTH_FAILURES {
+            let t = t0 + AUTH_FAILURE_WINDOW / MAX_AUTH_FAILURES * (i + 1) * 2;
+            assert!(!l.failed(ip, t), "failure {i}");
+        }
+        // The table stays bounded.
+        let mut l = Limiter::default();
+        for i in 0..(MAX_TRACKED as u32 + 10) {
+            l.failed(IpAddr::from((i + 1).to_be_bytes()), t0);
+        }
+        assert!(l.by_ip.len() <= MAX_TRACKED);
     }
 
     #[test]

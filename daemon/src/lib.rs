@@ -7,7 +7,8 @@
 //! migrations), [`vms`] (VM processes, exits, reboots and
 //! re-adoption), [`console`] (scrollback, live output, input),
 //! [`console_ws`] (the console WebSocket), [`api`] (routes), [`web`] (the
-//! embedded web UI), [`server`] (lock, socket, run loop).
+//! embedded web UI), [`storage`] (which host files a definition may
+//! name), [`server`] (lock, socket, run loop).
 
 pub mod api;
 pub mod auth;
@@ -21,6 +22,7 @@ pub mod paths;
 pub mod procfs;
 pub mod ring;
 pub mod server;
+pub mod storage;
 pub mod vms;
 pub mod web;
 

@@ -30,7 +30,15 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     /// The `vireo` binary that runs each VM (`vireo run`).
     pub vmm: PathBuf,
+    /// Storage directories (`--storage`, repeatable): the only places host
+    /// files named through the API may come from. Empty: `STATE_DIR/storage`.
+    pub storage: Vec<PathBuf>,
+    /// Most connections the TLS listeners hold at once (`--max-connections`).
+    pub max_connections: usize,
 }
+
+/// The default of `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// One `--listen` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,7 +340,13 @@ async fn serve_unix(listener: tokio::net::UnixListener, app: Router) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, Transport::Unix, app.clone()));
+                // Who connected, for the audit log (SO_PEERCRED).
+                let uid = stream.peer_cred().ok().map(|c| c.uid());
+                tokio::spawn(serve_connection(
+                    stream,
+                    Transport::Unix { uid },
+                    app.clone(),
+                ));
             }
             Err(e) => accept_failed("the Unix socket", e).await,
         }
@@ -343,14 +357,26 @@ async fn serve_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     app: Router,
+    slots: Arc<tokio::sync::Semaphore>,
 ) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
+                // At the cap, a new connection is closed at once: idle or
+                // slow clients cannot hold more than the cap of the
+                // daemon's descriptors and memory.
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    tracing::warn!(
+                        "closing a connection from {peer} at once: the TLS listeners hold --max-connections connections already"
+                    );
+                    drop(tcp);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let app = app.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     match tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => serve_connection(tls, Transport::Tls(peer), app).await,
                         Ok(Err(e)) => tracing::info!("TLS handshake with {peer} failed: {e}"),
@@ -379,6 +405,28 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
     })?;
     let _ = std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o750));
     let _lock = take_lock(&cfg.state_dir)?;
+    let storage_dirs = if cfg.storage.is_empty() {
+        vec![cfg.state_dir.join(crate::storage::DEFAULT_STORAGE)]
+    } else {
+        cfg.storage.clone()
+    };
+    let mut storage =
+        crate::storage::Storage::new(&storage_dirs, &cfg.state_dir).map_err(ServeError::Usage)?;
+    // Its TLS key and certificate are the daemon's own too.
+    let tls_files: Vec<&Path> = [&cfg.tls_cert, &cfg.tls_key]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    storage.protect(&tls_files);
+    eprintln!(
+        "vireo: storage directories (disk images, kernels, initrds and guest kits named through the API must be beneath one): {}",
+        storage_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let db_path = cfg.state_dir.join(DB_FILE);
     let db = Db::open(&db_path).map_err(|e| ServeError::Failed(e.to_string()))?;
     // The tokens have their own connection to the same database (WAL), so
@@ -394,12 +442,17 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .build()
         .map_err(|e| ServeError::Failed(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
-        let daemon = Daemon::new(db, cfg.state_dir.clone(), cfg.vmm.clone());
+        let daemon = Daemon::new(db, cfg.state_dir.clone(), cfg.vmm.clone(), storage);
+        daemon
+            .pin_formats()
+            .map_err(|e| ServeError::Failed(format!("recording disk formats: {}", e.message)))?;
         daemon
             .recover()
             .map_err(|e| ServeError::Failed(format!("re-adopting VMs: {}", e.message)))?;
         let app = crate::auth::protect(crate::api::router(daemon.clone()), auth);
         let mut servers = tokio::task::JoinSet::new();
+        // One cap for all TLS listeners together.
+        let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections.max(1)));
         let mut sockets = Vec::new();
         for l in &cfg.listen {
             match l {
@@ -433,7 +486,7 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
                             ip: local.ip(),
                         });
                     }
-                    servers.spawn(serve_tls(listener, acceptor, app.clone()));
+                    servers.spawn(serve_tls(listener, acceptor, app.clone(), Arc::clone(&slots)));
                 }
             }
         }
@@ -495,6 +548,8 @@ mod tests {
             tls_cert: cert.then(|| PathBuf::from("c.pem")),
             tls_key: key.then(|| PathBuf::from("k.pem")),
             vmm: PathBuf::from("vireo"),
+            storage: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 

@@ -48,6 +48,7 @@ use crate::model::{
 };
 use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
+use crate::storage::Storage;
 
 /// How long `start` waits for a VM that fails at once (bad kernel, no
 /// /dev/kvm) so it can answer with the reason instead of "running".
@@ -162,6 +163,8 @@ pub struct Daemon {
     inner: Mutex<Inner>,
     state_dir: PathBuf,
     vmm: PathBuf,
+    /// Where host files named through the API may come from.
+    pub storage: Storage,
     /// The event stream and the API counters.
     pub observe: Observe,
     /// The TLS identity migrations are received with (set when the
@@ -174,8 +177,9 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 }
 
 impl Daemon {
-    /// `vmm` is the `vireo` binary that runs VMs (`vireo run`).
-    pub fn new(db: Db, state_dir: PathBuf, vmm: PathBuf) -> Arc<Daemon> {
+    /// `vmm` is the `vireo` binary that runs VMs (`vireo run`); host files
+    /// named through the API must be in `storage`.
+    pub fn new(db: Db, state_dir: PathBuf, vmm: PathBuf, storage: Storage) -> Arc<Daemon> {
         Arc::new(Daemon {
             inner: Mutex::new(Inner {
                 db,
@@ -186,6 +190,7 @@ impl Daemon {
             }),
             state_dir,
             vmm,
+            storage,
             observe: Observe::default(),
             migration_tls: std::sync::OnceLock::new(),
         })
@@ -193,6 +198,51 @@ impl Daemon {
 
     fn vm_dir(&self, name: &str) -> PathBuf {
         self.state_dir.join("vms").join(name)
+    }
+
+    /// The daemon-made disks of a VM (a clone's), allowed besides the
+    /// storage directories for that VM only.
+    fn own_disks(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("disks")
+    }
+
+    /// Give every stored disk without `format=` (records from before
+    /// formats were fixed at define time) the format its first bytes show
+    /// now, once, and log it. Runs at start, before any VM is started.
+    pub fn pin_formats(&self) -> Result<(), ApiError> {
+        let mut inner = lock(&self.inner);
+        for rec in inner.db.list()? {
+            let mut cfg = rec.config.clone();
+            let mut changed = Vec::new();
+            for s in &mut cfg.devices.disks {
+                if crate::storage::disk_format(s).is_some() {
+                    continue;
+                }
+                let Ok(disk) = vireo_devices::virtio::block::BlockConfig::from_options(s) else {
+                    continue;
+                };
+                match crate::storage::probe_path(&disk.path) {
+                    Ok(format) => {
+                        *s = crate::storage::rewrite_disk(s, &disk.path, format);
+                        changed.push(format!("{} as {}", disk.path.display(), format.name()));
+                    }
+                    Err(e) => tracing::warn!(
+                        "VM {}: cannot probe disk {} to record its format: {e}; the VM will not start until its disks say format=",
+                        rec.name,
+                        disk.path.display()
+                    ),
+                }
+            }
+            if !changed.is_empty() {
+                inner.db.update(&rec.name, &cfg)?;
+                tracing::info!(
+                    "VM {}: recorded disk formats once (the record had none): {}",
+                    rec.name,
+                    changed.join(", ")
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The control socket of the VM's `vireo run` process.
@@ -259,6 +309,7 @@ impl Daemon {
     pub fn create(&self, req: &CreateVm) -> Result<VmRecord, ApiError> {
         check_name(&req.name)?;
         let mut cfg = req.config();
+        self.storage.confine(&mut cfg, None)?;
         check_config(&cfg, procfs::host_memory_mib())?;
         pin_macs(&mut cfg.devices);
         let mut inner = lock(&self.inner);
@@ -289,6 +340,8 @@ impl Daemon {
             ));
         }
         let mut cfg = req.apply(&rec.config);
+        self.storage
+            .confine(&mut cfg, Some(&self.own_disks(name)))?;
         check_config(&cfg, procfs::host_memory_mib())?;
         pin_macs(&mut cfg.devices);
         inner.db.update(name, &cfg)?;
@@ -414,6 +467,15 @@ impl Daemon {
     ) -> Result<ProcessId, ApiError> {
         let name = rec.name.as_str();
         let dir = self.vm_dir(name);
+        // Every host path again, at each start (a restore runs the same
+        // disks): a symlink swapped in since the VM was defined is refused
+        // here. (A migration's definition is the source's.)
+        let _opened = match boot {
+            Boot::Definition | Boot::Restore { .. } => self
+                .storage
+                .recheck(&rec.config, Some(&self.own_disks(name)))?,
+            Boot::MigrateFrom { .. } => Vec::new(),
+        };
         let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec, boot)
             .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
         let pid = child.id().unwrap_or(0) as i32;
@@ -1103,6 +1165,11 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
         }
     }
     arg("--control-socket", dir.join(CONTROL_SOCKET).as_os_str());
+    // Its snapshots go only to the VM's own snapshots directory.
+    arg(
+        "--snapshot-dir-root",
+        dir.join(snapshots::SNAPSHOTS).as_os_str(),
+    );
     arg(
         "--accel",
         match c.accel {

@@ -193,6 +193,13 @@ pub struct RunArgs {
     /// JSON line answers). The daemon uses it.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// The control socket's `snapshot DIR` writes only beneath this
+    /// directory (the daemon passes its VM's snapshots directory). Without
+    /// it DIR may be any new directory outside /proc, /sys, /dev, /etc,
+    /// /boot and /usr whose parent is not reached through a symlink.
+    #[arg(long, value_name = "DIR", requires = "control_socket")]
+    pub snapshot_dir_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

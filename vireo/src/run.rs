@@ -190,7 +190,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     };
     let control_socket = match &args.control_socket {
         Some(path) => Some(
-            control_socket::listen(path)
+            control_socket::listen(path, args.snapshot_dir_root.as_deref())
                 .map_err(|e| Failure::Usage(format!("--control-socket {}: {e}", path.display())))?,
         ),
         None => None,

@@ -28,15 +28,28 @@ Examples:
 Defaults: as root, state in /var/lib/vireo and the socket /run/vireo.sock;
 as a user, state in $XDG_STATE_HOME/vireo (else ~/.local/state/vireo) and the
 socket $XDG_RUNTIME_DIR/vireo.sock (else vireo.sock in the state directory).
-The socket is mode 0660 (owner, and the `vireo` group if it exists). One
+The socket is mode 0660 (owner, and the `vireo` group if it exists):
+anyone who can connect to it is an admin of the daemon, so membership of
+the `vireo` group equals admin (it may define VMs over any image in the
+storage directories and read every console). One
 daemon per state directory (a lock file refuses a second). VMs keep running
 when the daemon stops; the next daemon on the same state directory re-adopts
 them. The API is JSON over HTTP/1.1 under /v1, described at /v1/openapi.json.
 
-Unix-socket clients act as admin. TCP is served only over TLS, and its
-clients need a token (`vireo token create --role viewer|operator|admin`),
-sent as `Authorization: Bearer TOKEN`. Every changing or refused request is
-a JSON line in STATE_DIR/audit.log.";
+Host files named through the API (disks, kernels, initrds, guest kits)
+must lie beneath a storage directory: --storage DIR (repeatable), default
+STATE_DIR/storage (created 0700). Absolute paths must be beneath one;
+relative paths are taken in the first. Symlinks, `..`, device nodes and the
+daemon's own files are refused. Each disk's format is fixed when it is
+defined (format=raw|qcow2, else probed once then), never guessed later.
+
+Unix-socket clients act as admin (audited with their uid). TCP is served
+only over TLS, and its clients need a token (`vireo token create --role
+viewer|operator|admin`), sent as `Authorization: Bearer TOKEN`
+(`?access_token=` only on the console WebSocket and the event stream). A
+client address with 10 invalid tokens in a minute gets 429 for a minute;
+at most --max-connections TLS connections are held. Every changing or
+refused request is a JSON line in STATE_DIR/audit.log.";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -56,6 +69,17 @@ pub struct ServeArgs {
     /// The TLS private key (PEM: PKCS#8, RSA or EC) for tcp: listeners.
     #[arg(long, value_name = "PEM")]
     pub tls_key: Option<PathBuf>,
+
+    /// A storage directory, repeatable: disk images, kernels, initrds and
+    /// guest kits named through the API must lie beneath one (relative
+    /// paths are taken in the first) [default: STATE_DIR/storage].
+    #[arg(long, value_name = "DIR")]
+    pub storage: Vec<PathBuf>,
+
+    /// Most connections the TLS listeners hold at once; more are closed at
+    /// once.
+    #[arg(long, value_name = "N", default_value_t = vireo_daemon::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 pub const VM_ABOUT: &str = "\
@@ -304,8 +328,10 @@ Examples:
       --net tap=tap0 --rng --balloon
 
 Relative paths (also --disk path= and --vsock socket=) are made absolute
-here (the daemon has its own working directory); the files must exist and be
-readable by the daemon. The device options are `vireo run`'s (see
+here (the daemon has its own working directory); the files must exist and
+lie beneath one of the daemon's storage directories (`vireo serve --storage`,
+default STATE_DIR/storage; no symlinks, no device nodes). A disk without
+format= gets the format its first bytes show now, recorded once. The device options are `vireo run`'s (see
 `vireo run --help`); a --net without mac= gets a fixed random MAC.";
 
 const UPDATE_EXAMPLES: &str = "\
@@ -578,6 +604,8 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         tls_cert: args.tls_cert.as_deref().map(absolute),
         tls_key: args.tls_key.as_deref().map(absolute),
         vmm,
+        storage: args.storage.iter().map(|d| absolute(d)).collect(),
+        max_connections: args.max_connections,
     };
     vireo_daemon::serve(cfg).map_err(|e| match e {
         vireo_daemon::ServeError::Usage(m) => Failure::Usage(m),

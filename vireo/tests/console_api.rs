@@ -182,6 +182,8 @@ fn spawn_daemon(dir: &TempDir) -> Child {
         .arg(dir.path().join("state"))
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
+        .arg("--storage")
+        .arg(dir.path())
         .env("VIREO_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())

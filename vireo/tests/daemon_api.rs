@@ -59,6 +59,9 @@ impl Env {
             self.state().display().to_string(),
             "--listen".into(),
             format!("unix:{}", socket.display()),
+            // The test's files (kernels, disks) are in its directory.
+            "--storage".into(),
+            self.dir.path().display().to_string(),
         ]
     }
 
@@ -431,16 +434,17 @@ fn bad_input_gets_4xx_naming_the_field() {
         "/v1/vms",
         &json!({"name": "b", "kernel": "/nonexistent/vmlinux"}).to_string(),
         400,
-        "missing_file",
-        "kernel",
+        "path_not_allowed",
+        "kernel: /nonexistent/vmlinux is not beneath a storage directory",
     );
+    // Relative paths are taken in the (first) storage directory.
     check(
         "POST",
         "/v1/vms",
-        &json!({"name": "b", "kernel": "vmlinux"}).to_string(),
+        &json!({"name": "b", "kernel": "nope/vmlinux"}).to_string(),
         400,
-        "invalid_value",
-        "absolute",
+        "missing_file",
+        "nope/vmlinux",
     );
     check(
         "POST",
@@ -455,7 +459,7 @@ fn bad_input_gets_4xx_naming_the_field() {
         "/v1/vms",
         &json!({"name": "b", "kernel": k, "image": "/"}).to_string(),
         400,
-        "invalid_value",
+        "path_not_allowed",
         "image",
     );
     check(
@@ -875,12 +879,22 @@ fn devices_are_checked_stored_and_passed_to_the_vm() {
         "invalid_value",
         "disks[0]: unknown option \"speed\"",
     );
+    let missing = env
+        .dir
+        .path()
+        .join("nonexistent.qcow2")
+        .display()
+        .to_string();
+    bad(
+        json!({"disks": [missing]}),
+        "missing_file",
+        &format!("disks[0]: path={missing}: no such file"),
+    );
     bad(
         json!({"disks": ["/nonexistent/d.qcow2"]}),
-        "missing_file",
-        "disks[0]: path=/nonexistent/d.qcow2",
+        "path_not_allowed",
+        "disks[0]: /nonexistent/d.qcow2 is not beneath a storage directory",
     );
-    bad(json!({"disks": ["root.raw"]}), "invalid_value", "absolute");
     bad(
         json!({"nets": ["tap0", "tap=tap0"]}),
         "invalid_value",
@@ -933,12 +947,14 @@ fn devices_are_checked_stored_and_passed_to_the_vm() {
         out.stdout.contains("2 disks, 2 nets, vsock, rng, balloon"),
         "{out}"
     );
+    // Stored with their paths as found and their formats fixed (probed
+    // now, once, since none was given).
     let v = env.vm("full");
     assert_eq!(
         v["disks"],
         json!([
-            format!("path={disk},id=root,serial=S1,bw=10M,ops=1000"),
-            format!("{data},readonly=on")
+            format!("path={disk},id=root,serial=S1,bw=10M,ops=1000,format=raw"),
+            format!("path={data},readonly=on,format=raw")
         ])
     );
     let net0 = v["nets"][0].as_str().unwrap().to_string();
@@ -956,7 +972,7 @@ fn devices_are_checked_stored_and_passed_to_the_vm() {
     out.assert_status(0);
     for line in [
         format!("disk:         path={disk},id=root"),
-        format!("disk:         {data},readonly=on"),
+        format!("disk:         path={data},readonly=on,format=raw"),
         format!("net:          {net0}"),
         format!("vsock:        cid=3,socket={vsock}"),
         "rng:          (defaults)".to_string(),
@@ -1553,6 +1569,21 @@ fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
         let (status, v) = env.json("POST", &format!("/v1/vms/{vm}/kill"), None);
         assert_eq!(status, 200, "{v}");
     }
+    // The clone boots its own definition too: its disk, which the daemon
+    // made in the state directory, is allowed for it (and only for it).
+    let (status, v) = env.json("POST", "/v1/vms/dc/start", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let (status, v) = env.json("POST", "/v1/vms/dc/kill", None);
+    assert_eq!(status, 200, "{v}");
+    let (code, msg) = error_of(
+        env.json(
+            "PATCH",
+            "/v1/vms/d",
+            Some(json!({"disks": [format!("path={},id=data", own.display())]})),
+        ),
+        400,
+    );
+    assert_eq!(code, "path_not_allowed", "{msg}");
 }
 
 // ---- live migration between two daemons ------------------------------------
@@ -1649,7 +1680,13 @@ fn a_vm_migrates_live_between_two_daemons() {
         code == "invalid_value" && msg.starts_with("to: "),
         "{code} {msg}"
     );
-    dst.create("m", &kernel);
+    // (Each daemon takes host files only from its own storage directory.)
+    let dst_kernel = dst
+        .dir
+        .write("vmlinux", &std::fs::read(&kernel).unwrap())
+        .display()
+        .to_string();
+    dst.create("m", &dst_kernel);
     let out = src.cli(&[
         "migrate",
         "m",
@@ -1858,4 +1895,185 @@ fn a_clone_disk_from_a_qcow2_copy_is_an_overlay_of_it() {
         (Some("qcow2"), Some(base.to_str().unwrap()), Some(8 << 20)),
         "{info}"
     );
+}
+
+// ---- host paths and disk formats ---------------------------------------------
+
+/// Host files named through the API must lie beneath a storage directory
+/// (the test's directory here): other paths, symlinks, device nodes and the
+/// daemon's own files are refused with `path_not_allowed`, naming the fix;
+/// a symlink swapped in after the VM was defined is refused at its start.
+#[test]
+fn host_paths_must_be_beneath_a_storage_directory() {
+    let env = Env::new("daemon-paths");
+    let kernel = env.kernel("vmlinux", hello_halt);
+    let storage = env.dir.path().display().to_string();
+    let create = |body: Value| env.json("POST", "/v1/vms", Some(body));
+    let refused = |body: Value, needle: &str| {
+        let (code, msg) = error_of(create(body.clone()), 400);
+        assert_eq!(code, "path_not_allowed", "{body}: {msg}");
+        assert!(msg.contains(needle), "{body}: {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains(&storage) && msg.contains("--storage DIR"),
+            "{msg:?} should name the storage directory and the fix"
+        );
+    };
+    let vm = |extra: Value| {
+        let mut body = json!({"name": "p", "kernel": kernel, "memory_mib": 32, "accel": "emu"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    // What the review was shown: /etc/shadow and a block device as disks.
+    refused(
+        vm(json!({"disks": ["/etc/shadow"]})),
+        "disks[0]: /etc/shadow",
+    );
+    refused(vm(json!({"disks": ["/dev/loop0"]})), "disks[0]: /dev/loop0");
+    refused(vm(json!({"initrd": "/etc/passwd"})), "initrd: /etc/passwd");
+    refused(
+        json!({"name": "p", "kernel": "/etc/passwd", "memory_mib": 32}),
+        "kernel: /etc/passwd",
+    );
+    // Ways out of the storage directory from inside it.
+    std::os::unix::fs::symlink("/etc/passwd", env.dir.path().join("link.raw")).unwrap();
+    refused(vm(json!({"disks": ["link.raw"]})), "symlink");
+    refused(
+        vm(json!({"disks": [format!("{storage}/../../etc/passwd")]})),
+        "..",
+    );
+    // The daemon's own files, though beneath the storage directory here.
+    refused(vm(json!({"disks": ["state/state.db"]})), "state files");
+    let (_, v) = env.json("GET", "/v1/vms", None);
+    assert_eq!(v["vms"], json!([]), "a refused definition was stored");
+
+    // Relative paths are taken in the storage directory and stored whole.
+    let second = env.kernel("k2", hello_halt);
+    let (status, v) =
+        create(json!({"name": "p", "kernel": "k2", "memory_mib": 32, "accel": "emu"}));
+    assert_eq!(
+        (status, v["kernel"].as_str()),
+        (201, Some(second.as_str())),
+        "{v}"
+    );
+    // k2 swapped for a symlink (to a file in storage, even) after the
+    // definition: the start refuses it and starts nothing.
+    std::fs::remove_file(&second).unwrap();
+    std::os::unix::fs::symlink(&kernel, &second).unwrap();
+    let (code, msg) = error_of(env.json("POST", "/v1/vms/p/start", None), 400);
+    assert_eq!(code, "path_not_allowed", "{msg}");
+    assert!(msg.contains("symlink"), "{msg}");
+    assert_eq!(state(&env.vm("p")), "stopped");
+}
+
+/// A disk's format is fixed when it is defined (probed then, once, when
+/// not given) and `vireo run` always gets it: a guest that writes a qcow2
+/// header onto its raw disk does not make the next run read it as qcow2.
+/// A record from before formats were recorded gets one at daemon start.
+#[test]
+fn disk_formats_are_fixed_when_defined() {
+    let mut env = Env::new("daemon-formats");
+    let kernel = env.kernel("vmlinux", hello_halt);
+    let disk = env.dir.write("root.raw", &[0u8; 64 * 1024]);
+    let (status, v) = env.json(
+        "POST",
+        "/v1/vms",
+        Some(
+            json!({"name": "f", "kernel": kernel, "memory_mib": 32, "accel": "emu",
+                    "disks": [format!("{},id=root", disk.display())]}),
+        ),
+    );
+    assert_eq!(status, 201, "{v}");
+    let pinned = format!("path={},id=root,format=raw", disk.display());
+    assert_eq!(v["disks"], json!([pinned]), "{v}");
+
+    // What a guest could write onto its raw disk: a qcow2 header (naming a
+    // host file as its backing file).
+    let mut header = vec![0u8; 512];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    header[4..8].copy_from_slice(&3u32.to_be_bytes());
+    let mut f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.write_all(&header).unwrap();
+    drop(f);
+
+    let (status, v) = env.json("POST", "/v1/vms/f/start", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let pid = v["pid"].as_i64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let flag = format!("--disk={pinned}");
+    assert!(args.contains(&flag), "{flag} not in {args:?}");
+    assert_eq!(env.vm("f")["disks"], json!([pinned]));
+    let (status, v) = env.json("POST", "/v1/vms/f/kill", None);
+    assert_eq!(status, 200, "{v}");
+
+    // An old record without a format: probed once when the daemon starts
+    // (the file holds the qcow2 header now, so that is what it records),
+    // and logged.
+    env.kill_daemon();
+    let bare = format!("[\"{},id=root\"]", disk.display());
+    let out = Command::new("sqlite3")
+        .arg(env.state().join("state.db"))
+        .arg(format!(
+            "UPDATE vm_definitions SET disks = '{bare}' WHERE name = 'f';"
+        ))
+        .output()
+        .expect("this test needs the sqlite3 command");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.start_daemon();
+    assert_eq!(
+        env.vm("f")["disks"],
+        json!([format!("path={},id=root,format=qcow2", disk.display())])
+    );
+    assert!(
+        env.daemon_log().contains("recorded disk formats once"),
+        "{}",
+        env.daemon_log()
+    );
+}
+
+/// The control socket of a VM the daemon runs is mode 0600, and its
+/// `snapshot DIR` writes only beneath the VM's snapshots directory.
+#[test]
+fn a_vm_control_socket_is_private_and_snapshots_stay_in_the_vm_directory() {
+    let env = Env::new("daemon-ctl");
+    let kernel = env.kernel("vmlinux", hello_halt);
+    env.create("c", &kernel);
+    let (status, v) = env.json("POST", "/v1/vms/c/start", None);
+    assert_eq!((status, state(&v)), (200, "running"), "{v}");
+    let socket = env.state().join("vms/c/control.sock");
+    env.wait_for("the control socket", || socket.exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let ask = |line: &str| {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let elsewhere = env.dir.path().join("elsewhere");
+    let reply = ask(&format!("snapshot {}", elsewhere.display()));
+    assert!(
+        reply.contains("\"ok\":false") && reply.contains("--snapshot-dir-root"),
+        "{reply}"
+    );
+    assert!(!elsewhere.exists());
+    let reply = ask("snapshot /etc/vireo-snap");
+    assert!(reply.contains("\"ok\":false"), "{reply}");
+    // The daemon's own snapshots still work.
+    let (status, snap) = env.json("POST", "/v1/vms/c/snapshots", Some(json!({"tag": "t"})));
+    assert_eq!(status, 201, "{snap}");
+    let (status, v) = env.json("POST", "/v1/vms/c/kill", None);
+    assert_eq!(status, 200, "{v}");
 }

@@ -25,6 +25,8 @@ struct Env {
     dir: TempDir,
     daemon: Option<Child>,
     port: u16,
+    /// More `vireo serve` arguments.
+    extra: Vec<String>,
 }
 
 fn spin(g: &mut Guest64) -> guest::AsmResult {
@@ -34,6 +36,10 @@ fn spin(g: &mut Guest64) -> guest::AsmResult {
 
 impl Env {
     fn new(tag: &str) -> Env {
+        Env::with_args(tag, &[])
+    }
+
+    fn with_args(tag: &str, extra: &[&str]) -> Env {
         let dir = TempDir::new(tag);
         let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
             .expect("a self-signed certificate");
@@ -43,6 +49,7 @@ impl Env {
             dir,
             daemon: None,
             port: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         env.start_daemon();
         env
@@ -79,6 +86,9 @@ impl Env {
             .arg(self.path("cert.pem"))
             .arg("--tls-key")
             .arg(self.path("key.pem"))
+            .arg("--storage")
+            .arg(self.dir.path())
+            .args(&self.extra)
             .env("VIREO_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -372,9 +382,29 @@ fn roles_tokens_and_the_audit_log_over_tls() {
         403
     );
     assert_eq!(env.json("GET", "/v1/tokens", Some(&viewer), None).0, 403);
-    // The token in the query string (WebSocket, EventSource).
-    let (status, _, _) = env.https("GET", &format!("/v1/vms?access_token={viewer}"), None, None);
-    assert_eq!(status, 200);
+    // The token in the query string counts only on the console WebSocket
+    // (and the event stream): browsers cannot set headers there. Anywhere
+    // else it is ignored, so the request has no token.
+    let (status, _, body) = env.https("GET", &format!("/v1/vms?access_token={viewer}"), None, None);
+    assert_eq!(status, 401, "{body}");
+    let (status, _, body) = env.https(
+        "GET",
+        &format!("/v1/whoami?access_token={viewer}"),
+        None,
+        None,
+    );
+    assert_eq!(status, 401, "{body}");
+    let (status, _, body) = env.https(
+        "GET",
+        &format!("/v1/vms/web/console/ws?access_token={viewer}"),
+        None,
+        None,
+    );
+    // Authenticated (not 401/403); the handler then wants a WebSocket upgrade.
+    assert!(
+        status != 401 && status != 403 && status < 500,
+        "{status} {body}"
+    );
 
     // operator: start and stop, not create or delete.
     let (status, v) = env.json("POST", "/v1/vms/web/start", Some(&operator), None);
@@ -547,10 +577,17 @@ fn roles_tokens_and_the_audit_log_over_tls() {
         (&json!("allowed"), &json!("operator")),
         "{l}"
     );
+    // Unix-socket callers are named by their uid (SO_PEERCRED).
     let l = find("POST", "/v1/tokens", 201);
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
     assert_eq!(
         (&l["peer"], &l["role"], &l["token_id"]),
-        (&json!("unix"), &json!("admin"), &Value::Null),
+        (
+            &json!(format!("unix:uid={uid}")),
+            &json!("admin"),
+            &Value::Null
+        ),
         "{l}"
     );
     let l = find("GET", "/v1/vms?x=1", 401);
@@ -772,4 +809,78 @@ fn consoles_over_tls_viewers_watch_operators_type() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Many invalid tokens from one address: 429 with Retry-After for that
+/// address, whatever it sends next (a valid token too), and audit lines.
+#[test]
+fn repeated_invalid_tokens_get_429() {
+    let env = Env::new("daemon-auth-ratelimit");
+    let admin = env.token("admin");
+    assert_eq!(env.https("GET", "/v1/vms", Some(&admin), None).0, 200);
+    let bogus = format!("vireo_{}_{}", "0".repeat(16), "1".repeat(64));
+    for i in 0..10 {
+        let (status, _, body) = env.https("GET", "/v1/vms", Some(&bogus), None);
+        assert_eq!(status, 401, "attempt {i}: {body}");
+    }
+    let (status, head, body) = env.https("GET", "/v1/vms", Some(&bogus), None);
+    assert_eq!(status, 429, "{body}");
+    let retry: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no Retry-After: {head}"));
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert!(body.contains("too_many_failures"), "{body}");
+    let (status, _, _) = env.https("GET", "/v1/vms", Some(&admin), None);
+    assert_eq!(status, 429, "the address is blocked, not the token");
+    // The Unix socket is not affected.
+    assert!(env.local(&["vm", "list"]).status == Some(0));
+    let audit = env.audit();
+    assert!(
+        audit.iter().any(|l| l["decision"] == "blocked"),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|l| l["decision"] == "rate_limited" && l["status"] == 429),
+        "{audit:#?}"
+    );
+}
+
+/// With --max-connections 3, three idle (never handshaking) connections
+/// fill the TLS listener; a fourth is closed at once, and once the idle
+/// ones go a client gets in again.
+#[test]
+fn connections_beyond_the_cap_are_closed() {
+    let env = Env::with_args("daemon-auth-conncap", &["--max-connections", "3"]);
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", env.port)).unwrap())
+        .collect();
+    // Let the daemon accept them.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = TcpStream::connect(("127.0.0.1", env.port)).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    match extra.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection over the cap was not closed: {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        env.daemon_log().contains("--max-connections"),
+        "{}",
+        env.daemon_log()
+    );
+    drop(idle);
+    // The daemon sees the idle ones end (their handshakes fail) and frees
+    // their places.
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, _, _) = env.https("GET", "/v1/openapi.json", None, None);
+    assert_eq!(status, 200);
 }

@@ -48,6 +48,8 @@ impl Env {
             .arg(self.dir.path().join("state"))
             .arg("--listen")
             .arg(format!("unix:{}", self.socket().display()))
+            .arg("--storage")
+            .arg(self.dir.path())
             .env("VIREO_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
