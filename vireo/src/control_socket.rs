@@ -16,9 +16,10 @@
 //! "parent","pages"` for `snapshot --diff DIR`, which writes only the pages
 //! written since this process's previous snapshot and records it as the
 //! parent; `vireo run --restore` follows the chain).
-//! `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]` live-migrates
+//! `migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]` live-migrates
 //! the VM to a `vireo run --migrate-from` target (pre-copy, then a short
-//! pause); on success it answers `"state":"migrated","migration":{"total_ms",
+//! pause; `tcp:` is always TLS and needs `--ca`; `--secret-file` sends the
+//! target's one-time secret, `--cert`/`--key` a client certificate); on success it answers `"state":"migrated","migration":{"total_ms",
 //! "downtime_ms","bytes_sent","rounds","pages_sent"}` and this process
 //! exits 0; on failure the VM keeps running here and the reply is an error.
 //! Commands are carried out on the thread that owns the running VM (`stats`
@@ -55,7 +56,7 @@ pub enum Command {
         /// snapshot, with that one recorded as the parent.
         diff: bool,
     },
-    /// `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]`: live
+    /// `migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]`: live
     /// migration to a `vireo run --migrate-from` (see [`crate::migrate`]).
     MigrateTo(crate::migrate::MigrateTo),
 }
@@ -200,7 +201,7 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
         None => error_reply(
-            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]",
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]",
         ),
         Some(command) => {
             // Writing a snapshot of a big guest takes a while.
@@ -302,6 +303,9 @@ mod tests {
             Some(Command::MigrateTo(crate::migrate::MigrateTo {
                 uri: "tcp:10.0.0.2:4444".into(),
                 ca: None,
+                secret_file: None,
+                cert: None,
+                key: None,
                 downtime_ms: 100,
                 postcopy: false,
                 postcopy_bandwidth: None,
@@ -312,6 +316,9 @@ mod tests {
             Some(Command::MigrateTo(crate::migrate::MigrateTo {
                 uri: "tcp:h:1".into(),
                 ca: None,
+                secret_file: None,
+                cert: None,
+                key: None,
                 downtime_ms: crate::migrate::DEFAULT_DOWNTIME_MS,
                 postcopy: true,
                 postcopy_bandwidth: Some(64 << 10),
