@@ -188,6 +188,10 @@ pub fn listen(path: &Path) -> std::io::Result<ControlSocket> {
     })
 }
 
+/// The longest command line: `migrate-to` names up to four files (CA,
+/// secret, client certificate and key), each a path.
+const MAX_LINE: u64 = 4096;
+
 /// One client, one command. Bounded line length and a read timeout, so a
 /// client that sends nothing or too much cannot wedge the socket.
 fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize) {
@@ -197,7 +201,7 @@ fn serve(stream: UnixStream, commands: &Sender<Pending>, in_flight: &AtomicUsize
         Err(_) => return,
     };
     let mut line = String::new();
-    let read = BufReader::new(stream).take_line(&mut line, 256);
+    let read = BufReader::new(stream).take_line(&mut line, MAX_LINE);
     let mut counted = false;
     let reply = match read.ok().and_then(|_| Command::parse(&line)) {
         None => error_reply(

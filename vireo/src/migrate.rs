@@ -358,7 +358,7 @@ fn connect(req: &MigrateTo) -> Result<(Box<dyn Conn>, Sock), String> {
     // the VM: a target that does not take it learns nothing more.
     conn.write_all(&stream::auth_message(&secret))
         .and_then(|()| conn.flush())
-        .map_err(|e| format!("cannot connect to the migration target {addr}: {e}"))?;
+        .map_err(|e| format!("the migration target {addr} did not take the connection: {e}"))?;
     Ok((conn, sock))
 }
 
@@ -997,7 +997,6 @@ pub fn receive(
                 tracing::warn!(
                     "migration: refused a source from {peer}: {why} ({failures} of {MAX_AUTH_FAILURES} failed attempts)"
                 );
-                eprintln!("migration: refused a source from {peer}: {why}");
                 if failures >= MAX_AUTH_FAILURES {
                     return Err(format!(
                         "--migrate-from {}: gave up after {failures} sources failed to authenticate (the last, from {peer}: {why})",
