@@ -67,7 +67,7 @@ the source's machine against it. On one host, over a Unix socket:
   vireo run --migrate-from unix:/tmp/mig.sock --cpus 2 --memory 512 --disk path=disk.raw,format=raw
   echo 'migrate-to unix:/tmp/mig.sock' | nc -U /tmp/vm.sock  # on the source's control socket
 Between hosts, over TLS with a one-time secret (the file travels out of band):
-  head -c 32 /dev/urandom | xxd -p -c 64 > secret; chmod 600 secret
+  (umask 077; openssl rand -hex 32 > secret)
   vireo run --migrate-from tcp:0.0.0.0:4444 --migrate-tls-cert cert.pem --migrate-tls-key key.pem \\
       --migrate-secret-file secret --cpus 2 --memory 512 --disk path=/shared/disk.raw,format=raw
   echo 'migrate-to tcp:target.example:4444 --ca ca.pem --secret-file secret' | nc -U /tmp/vm.sock

@@ -152,7 +152,7 @@ pub fn read_secret(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
     let secret = bytes.trim_ascii().to_vec();
     if secret.len() < 16 {
         return Err(format!(
-            "{flag} {}: a migration secret must be at least 16 characters (e.g. `head -c 32 /dev/urandom | xxd -p -c 64 > FILE`)",
+            "{flag} {}: a migration secret must be at least 16 characters (e.g. `openssl rand -hex 32 > FILE`)",
             path.display()
         ));
     }

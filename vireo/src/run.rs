@@ -339,8 +339,9 @@ struct Saveable<'a> {
 }
 
 /// The front end's description of the machine recorded with its state:
-/// the device ids, the virtio devices (so a restore or a migration target
-/// rebuilds them with no device flags) and the snapshot's disk copies.
+/// the device ids, the virtio devices (so a restore rebuilds them with no
+/// device flags, and a migration target checks its own against them) and
+/// the snapshot's disk copies.
 fn frontend(saveable: &Saveable<'_>, disks: Vec<snapshot_devices::DiskCopy>) -> serde_json::Value {
     serde_json::to_value(snapshot_devices::FrontendRecord {
         devices: saveable.devices.iter().map(|(id, _)| id.clone()).collect(),
@@ -357,7 +358,8 @@ fn migrate_command(
     req: &crate::migrate::MigrateTo,
 ) -> (String, bool) {
     tracing::info!("migration to {} started", req.uri);
-    // Disks are shared storage: the target opens the same paths.
+    // Disks are shared storage: the target's own --disk names the same
+    // images (it never opens the paths recorded here).
     match crate::migrate::migrate_to(
         running,
         saveable.devices,
