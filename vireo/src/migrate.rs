@@ -127,6 +127,14 @@ impl Sock {
         r.map_err(|e| format!("migration socket: {e}"))
     }
 
+    /// End the connection both ways (a blocked read returns).
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     fn try_clone(&self) -> Result<Sock, String> {
         match self {
             Sock::Tcp(s) => s.try_clone().map(Sock::Tcp),
@@ -951,10 +959,32 @@ fn accept_one(
             (Box::new(s), ctl, peer)
         }
     };
+    // The whole authentication has one deadline, however the peer trickles
+    // its bytes: past it a watchdog shuts the socket, failing the reads.
+    let (done, watched) = std::sync::mpsc::channel::<()>();
+    if let Ok(watch) = sock.try_clone() {
+        let _ = std::thread::Builder::new()
+            .name("migration-auth-deadline".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    watched.recv_timeout(AUTH_TIMEOUT)
+                {
+                    watch.shutdown();
+                }
+            });
+    }
     // The TLS handshake (client certificate included) happens here, on
     // the first read.
-    let given = match stream::read_auth(conn.as_mut()) {
+    let result = stream::read_auth(conn.as_mut());
+    let _ = done.send(());
+    // Refusals are answered with a short write timeout: a peer that does
+    // not read does not hold the listener.
+    let _ = sock.set_timeouts(Duration::from_secs(1));
+    let given = match result {
         Ok(g) => g,
+        // An I/O error is the link or TLS failing (no handshake, no or a
+        // bad client certificate): nothing can be said over it.
+        Err(MigrationError::Io(e)) => return Err((peer, format!("TLS or I/O: {e}"))),
         Err(e) => {
             let _ = stream::write_message(conn.as_mut(), Kind::Error, e.to_string().as_bytes());
             let _ = conn.flush();

@@ -165,6 +165,28 @@ fn migrate_and_continue(tls: bool, postcopy: bool) {
                 &secret_arg,
             ],
         );
+        // A peer speaking plain TCP gets a TLS alert (record type 21) or
+        // nothing, never the stream; the target keeps waiting.
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        let mut plain = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("the target never listened: {e}"),
+            }
+        };
+        plain
+            .write_all(&[auth(b"0123456789abcdef0123"), header(FORMAT)].concat())
+            .expect("send");
+        plain.set_read_timeout(Some(RUN_TIMEOUT)).expect("timeout");
+        let mut back = Vec::new();
+        let _ = plain.read_to_end(&mut back);
+        assert!(
+            back.is_empty() || back[0] == 21,
+            "a plain TCP peer got an answer that is not a TLS alert: {back:?}"
+        );
         // A source without a client certificate does not get past TLS
         // (and keeps running); the target keeps waiting.
         let addr = format!("tcp:localhost:{port}");
@@ -702,5 +724,65 @@ fn a_source_without_the_secret_is_refused_and_the_target_keeps_waiting() {
         err.matches("migration: refused a source from pid").count(),
         5,
         "each failure is logged with its peer: {err}"
+    );
+}
+
+/// A peer that trickles its authentication a byte at a time (each read
+/// well within a socket timeout) is cut off at the deadline for the whole
+/// authentication, so it cannot hold the target's only listener.
+#[test]
+fn a_peer_that_trickles_is_cut_off_at_the_auth_deadline() {
+    let dir = TempDir::new("migtrickle");
+    let secret = secret(&dir, "secret");
+    let path = dir.path().join("t.sock");
+    let mut child = Command::new(vireo_bin())
+        .args([
+            "run",
+            "--migrate-from",
+            &format!("unix:{}", path.display()),
+            "--migrate-secret-file",
+            secret.to_str().expect("utf-8"),
+            "--cpus",
+            "1",
+            "--memory",
+            "32",
+            "--accel",
+            "emu",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start vireo");
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let mut conn = loop {
+        match UnixStream::connect(&path) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the target never listened: {e}"),
+        }
+    };
+    let started = Instant::now();
+    let first = auth(&[b'a'; 32]);
+    let mut cut = None;
+    for b in first.iter().cycle().take(40) {
+        if conn.write_all(&[*b]).is_err() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        conn.set_read_timeout(Some(Duration::from_millis(900)))
+            .expect("timeout");
+        let mut one = [0u8; 1];
+        if let Ok(0) = conn.read(&mut one) {
+            cut = Some(started.elapsed());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let cut = cut.expect("the trickling peer was never cut off (30 s)");
+    assert!(
+        cut >= Duration::from_secs(9) && cut <= Duration::from_secs(13),
+        "cut off after {cut:?}, the deadline is 10 s"
     );
 }
