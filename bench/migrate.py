@@ -12,7 +12,8 @@ Guests (64-bit ELF written here, as in bench/snapshot.py):
         this is the case comparable with QEMU's idle guest below.
 
 For each: boot under `vireo run --control-socket`, wait for '!', start
-`vireo run --migrate-from tcp:127.0.0.1:PORT`, send `migrate-to` and read
+`vireo run --migrate-from unix:PATH --cpus 1 --memory N` (the target's own
+definition; plain TCP is refused, TCP is TLS-only), send `migrate-to` and read
 the reply's figures (total_ms, downtime_ms, bytes_sent, rounds,
 pages_sent), check the target keeps printing '.'.
 
@@ -89,15 +90,16 @@ def vireo_case(vireo, work, kind, args) -> dict:
         read_until(src, b"!", 1800)
         fill_s = time.monotonic() - t0
         read_until(src, b"..", 600)
-        port = free_port()
+        target = os.path.join(work, f"{kind}.mig.sock")
         dst = subprocess.Popen(
-            [vireo, "run", "--migrate-from", f"tcp:127.0.0.1:{port}", "--accel", args.accel],
+            [vireo, "run", "--migrate-from", f"unix:{target}", "--cpus", "1",
+             "--memory", str(args.memory), "--accel", args.accel],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             reply = None
             for _ in range(500):
                 mode = " --postcopy" if args.postcopy else ""
-                reply = control(sock, f"migrate-to tcp:127.0.0.1:{port} --downtime-ms {args.downtime_ms}{mode}")
+                reply = control(sock, f"migrate-to unix:{target} --downtime-ms {args.downtime_ms}{mode}")
                 if reply.get("ok") or "cannot connect" not in reply.get("error", ""):
                     break
                 time.sleep(0.02)

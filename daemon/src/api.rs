@@ -552,7 +552,10 @@ mod tests {
         };
         assert_eq!(keys(&done), properties("Migrated"));
         assert_eq!(
-            keys(crate::vms::MigrateInReady { port: 1 }),
+            keys(crate::vms::MigrateInReady {
+                port: 1,
+                secret: "00".into()
+            }),
             properties("MigrateInReady")
         );
         assert_eq!(

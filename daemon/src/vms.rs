@@ -93,11 +93,15 @@ enum Boot {
         lazy: bool,
         overrides: Vec<String>,
     },
-    /// `vireo run --migrate-from LISTEN` with the daemon's TLS identity.
+    /// `vireo run --migrate-from LISTEN` with the daemon's TLS identity,
+    /// the one-time secret the source must send, and the VM's own
+    /// definition (vCPUs, memory, devices): the target builds that
+    /// machine and refuses a source whose machine differs.
     MigrateFrom {
         listen: String,
         cert: PathBuf,
         key: PathBuf,
+        secret_file: PathBuf,
     },
 }
 
@@ -469,13 +473,11 @@ impl Daemon {
         let dir = self.vm_dir(name);
         // Every host path again, at each start (a restore runs the same
         // disks): a symlink swapped in since the VM was defined is refused
-        // here. (A migration's definition is the source's.)
-        let _opened = match boot {
-            Boot::Definition | Boot::Restore { .. } => self
-                .storage
-                .recheck(&rec.config, Some(&self.own_disks(name)))?,
-            Boot::MigrateFrom { .. } => Vec::new(),
-        };
+        // here; an incoming migration runs this host's definition, checked
+        // the same way.
+        let _opened = self
+            .storage
+            .recheck(&rec.config, Some(&self.own_disks(name)))?;
         let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec, boot)
             .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
         let pid = child.id().unwrap_or(0) as i32;
@@ -1157,11 +1159,19 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
         }
         // The machine (vCPUs, memory, devices) is the snapshot's.
         Boot::Restore { dir: snap, .. } => arg("--restore", snap.as_os_str()),
-        // ... or the source's.
-        Boot::MigrateFrom { listen, cert, key } => {
+        // The VM's own definition, which the source's machine must match.
+        Boot::MigrateFrom {
+            listen,
+            cert,
+            key,
+            secret_file,
+        } => {
             arg("--migrate-from", listen.as_ref());
             arg("--migrate-tls-cert", cert.as_os_str());
             arg("--migrate-tls-key", key.as_os_str());
+            arg("--migrate-secret-file", secret_file.as_os_str());
+            arg("--cpus", c.vcpus.to_string().as_ref());
+            arg("--memory", c.memory_mib.to_string().as_ref());
         }
     }
     arg("--control-socket", dir.join(CONTROL_SOCKET).as_os_str());
@@ -1180,7 +1190,9 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
         .as_ref(),
     );
     match boot {
-        Boot::Definition => args.extend(c.devices.run_args().into_iter().map(Into::into)),
+        Boot::Definition | Boot::MigrateFrom { .. } => {
+            args.extend(c.devices.run_args().into_iter().map(Into::into))
+        }
         Boot::Restore {
             lazy, overrides, ..
         } => {
@@ -1189,7 +1201,6 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
             }
             args.extend(overrides.iter().map(Into::into));
         }
-        Boot::MigrateFrom { .. } => {}
     }
     args
 }
@@ -1335,6 +1346,61 @@ pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The target of a migration runs the VM's own definition: vCPUs,
+    /// memory and every device flag (as a boot does), plus the secret;
+    /// no kernel (it is in the source's memory).
+    #[test]
+    fn a_migration_target_gets_the_vms_own_definition_and_the_secret() {
+        let rec = VmRecord {
+            name: "m".into(),
+            config: crate::model::VmConfig {
+                vcpus: 2,
+                memory_mib: 512,
+                kernel: Some("/k".into()),
+                initrd: None,
+                cmdline: None,
+                image: None,
+                accel: Accel::Emu,
+                devices: crate::model::Devices {
+                    disks: vec!["path=/srv/m.raw,format=raw".into()],
+                    nets: vec!["tap=t0,mac=52:54:00:00:00:01".into()],
+                    vsock: None,
+                    rng: Some(String::new()),
+                    balloon: None,
+                },
+            },
+            created_at: 0,
+            state: VmState::Stopped,
+            process: None,
+            started_at: None,
+            last_exit: None,
+            last_exit_at: None,
+        };
+        let boot = Boot::MigrateFrom {
+            listen: "tcp:10.0.0.1:0".into(),
+            cert: "/c.pem".into(),
+            key: "/k.pem".into(),
+            secret_file: "/vms/m/migrate-secret".into(),
+        };
+        let args: Vec<String> = run_args(Path::new("/vms/m"), &rec, &boot)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = args.join(" ");
+        for want in [
+            "--migrate-from tcp:10.0.0.1:0",
+            "--migrate-secret-file /vms/m/migrate-secret",
+            "--cpus 2",
+            "--memory 512",
+            "--disk=path=/srv/m.raw,format=raw",
+            "--net=tap=t0,mac=52:54:00:00:00:01",
+            "--rng",
+        ] {
+            assert!(line.contains(want), "{want:?} missing: {line}");
+        }
+        assert!(!line.contains("--kernel"), "{line}");
+    }
 
     fn status(raw: i32) -> Exit {
         Exit::Status(ExitStatus::from_raw(raw))

@@ -60,8 +60,17 @@ Examples:
   vireo run --kernel vmlinux --control-socket /tmp/vm.sock   # then: echo 'snapshot /tmp/snap1' | nc -U /tmp/vm.sock
   vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot (disks rolled back)
   vireo run --restore /tmp/snap1 --restore-lazy --disk id=root,path=clone.qcow2 --net id=net0,tap=tap1   # a clone
-  vireo run --migrate-from tcp:0.0.0.0:4444                  # target of a live migration; then on the
-                                                             # source: echo 'migrate-to tcp:HOST:4444' | nc -U /tmp/vm.sock
+
+Live migration: the target runs with its own definition (the same --cpus,
+--memory and device flags as the source; disks on shared storage) and checks
+the source's machine against it. On one host, over a Unix socket:
+  vireo run --migrate-from unix:/tmp/mig.sock --cpus 2 --memory 512 --disk path=disk.raw,format=raw
+  echo 'migrate-to unix:/tmp/mig.sock' | nc -U /tmp/vm.sock  # on the source's control socket
+Between hosts, over TLS with a one-time secret (the file travels out of band):
+  (umask 077; openssl rand -hex 32 > secret)
+  vireo run --migrate-from tcp:0.0.0.0:4444 --migrate-tls-cert cert.pem --migrate-tls-key key.pem \\
+      --migrate-secret-file secret --cpus 2 --memory 512 --disk path=/shared/disk.raw,format=raw
+  echo 'migrate-to tcp:target.example:4444 --ca ca.pem --secret-file secret' | nc -U /tmp/vm.sock
 
 The guest's COM1 is this terminal: output to stdout, stdin to the guest
 (raw mode on a terminal; press Ctrl-A then x to quit). vireo exits 0 when the
@@ -79,6 +88,11 @@ pub enum Accel {
     /// stock Linux kernels, but slowly (minutes) until it gets a JIT.
     Emu,
 }
+
+/// `--cpus` when not given.
+pub const DEFAULT_CPUS: u32 = 1;
+/// `--memory` when not given.
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -116,15 +130,25 @@ pub struct RunArgs {
     #[arg(long, requires = "restore")]
     pub restore_lazy: bool,
 
-    /// Receive a live migration instead of booting: listen on
-    /// tcp:HOST:PORT (port 0: any free port; the address is printed as
-    /// `migration: listening on ADDR`), take one source's stream (sent by
-    /// the source's control-socket command `migrate-to`), then run the VM.
-    /// Exits 2 if the stream fails or is corrupt (the source keeps running).
-    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with = "restore")]
+    /// Receive a live migration instead of booting: listen on unix:PATH
+    /// (a socket on this host, made 0600) or tcp:HOST:PORT (port 0: any
+    /// free port; TLS and source authentication required), printing
+    /// `migration: listening on ADDR`; take one source's stream (sent by
+    /// its control-socket command `migrate-to`), then run the VM. The
+    /// target builds its machine from its OWN flags, which are required:
+    /// --cpus, --memory and the device flags (--disk, --net, --vsock,
+    /// --rng, --balloon, --virtio-console) as the source was started;
+    /// a source whose machine differs (vCPUs, memory, device kinds, ids,
+    /// count, disk formats, read-only flags) is refused and keeps running.
+    /// Exits 2 if the stream fails or is corrupt.
+    #[arg(
+        long,
+        value_name = "unix:PATH|tcp:HOST:PORT",
+        conflicts_with = "restore"
+    )]
     pub migrate_from: Option<String>,
 
-    /// With --migrate-from: serve the stream over TLS with this
+    /// With --migrate-from tcp:...: serve the stream over TLS with this
     /// certificate (PEM); the source then passes `--ca` to `migrate-to`.
     #[arg(long, value_name = "PEM", requires_all = ["migrate_from", "migrate_tls_key"])]
     pub migrate_tls_cert: Option<PathBuf>,
@@ -132,6 +156,19 @@ pub struct RunArgs {
     /// The private key (PEM) of --migrate-tls-cert.
     #[arg(long, value_name = "PEM", requires_all = ["migrate_from", "migrate_tls_cert"])]
     pub migrate_tls_key: Option<PathBuf>,
+
+    /// With --migrate-from: a file holding the one-time secret the source
+    /// must send first (`migrate-to ... --secret-file FILE`; at least 16
+    /// characters, e.g. from /dev/urandom). A source without it is refused
+    /// and the target keeps waiting (at most 5 failures, 1 s apart).
+    #[arg(long, value_name = "FILE", requires = "migrate_from")]
+    pub migrate_secret_file: Option<PathBuf>,
+
+    /// With --migrate-from tcp:...: sources must present a TLS client
+    /// certificate issued by this CA (PEM); the source gives `--cert` and
+    /// `--key` to `migrate-to`.
+    #[arg(long, value_name = "PEM", requires_all = ["migrate_from", "migrate_tls_cert"])]
+    pub migrate_client_ca: Option<PathBuf>,
 
     /// Kernel command line [default: "console=ttyS0 panic=-1 reboot=k", or the kit's].
     #[arg(long, value_name = "STRING")]
@@ -141,13 +178,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "STRING")]
     pub append: Option<String>,
 
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub cpus: u32,
+    /// Number of vCPUs [default: 1; required with --migrate-from].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
 
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
-    pub memory: u64,
+    /// Guest memory in MiB [default: 256; required with --migrate-from].
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
 
     /// Which backend runs the guest.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
@@ -200,6 +237,18 @@ pub struct RunArgs {
     /// /boot and /usr whose parent is not reached through a symlink.
     #[arg(long, value_name = "DIR", requires = "control_socket")]
     pub snapshot_dir_root: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The vCPUs to run.
+    pub fn cpus(&self) -> u32 {
+        self.cpus.unwrap_or(DEFAULT_CPUS)
+    }
+
+    /// The guest memory in MiB.
+    pub fn memory(&self) -> u64 {
+        self.memory.unwrap_or(DEFAULT_MEMORY_MIB)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -365,7 +414,7 @@ mod tests {
         assert!(Cli::try_parse_from(["vireo", "run", "--kernel", "k", "--image", "d"]).is_err());
         let c = Cli::try_parse_from(["vireo", "run", "--kernel", "k", "--cpus", "2"]).unwrap();
         match c.command {
-            Command::Run(r) => assert_eq!((r.cpus, r.memory, r.accel), (2, 256, Accel::Auto)),
+            Command::Run(r) => assert_eq!((r.cpus(), r.memory(), r.accel), (2, 256, Accel::Auto)),
             _ => panic!("not run"),
         }
     }

@@ -16,9 +16,10 @@
 //! "parent","pages"` for `snapshot --diff DIR`, which writes only the pages
 //! written since this process's previous snapshot and records it as the
 //! parent; `vireo run --restore` follows the chain).
-//! `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]` live-migrates
+//! `migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]` live-migrates
 //! the VM to a `vireo run --migrate-from` target (pre-copy, then a short
-//! pause); on success it answers `"state":"migrated","migration":{"total_ms",
+//! pause; `tcp:` is always TLS and needs `--ca`; `--secret-file` sends the
+//! target's one-time secret, `--cert`/`--key` a client certificate); on success it answers `"state":"migrated","migration":{"total_ms",
 //! "downtime_ms","bytes_sent","rounds","pages_sent"}` and this process
 //! exits 0; on failure the VM keeps running here and the reply is an error.
 //! Commands are carried out on the thread that owns the running VM (`stats`
@@ -63,7 +64,7 @@ pub enum Command {
         /// snapshot, with that one recorded as the parent.
         diff: bool,
     },
-    /// `migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]`: live
+    /// `migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]`: live
     /// migration to a `vireo run --migrate-from` (see [`crate::migrate`]).
     MigrateTo(crate::migrate::MigrateTo),
 }
@@ -321,6 +322,10 @@ pub fn listen(path: &Path, snapshot_root: Option<&Path>) -> std::io::Result<Cont
     })
 }
 
+/// The longest command line: `migrate-to` names up to four files (CA,
+/// secret, client certificate and key), each a path.
+const MAX_LINE: u64 = 4096;
+
 /// One client, one command. Bounded line length and a read timeout, so a
 /// client that sends nothing or too much cannot wedge the socket.
 fn serve(
@@ -335,7 +340,7 @@ fn serve(
         Err(_) => return,
     };
     let mut line = String::new();
-    let read = BufReader::new(stream).take_line(&mut line, 256);
+    let read = BufReader::new(stream).take_line(&mut line, MAX_LINE);
     let mut counted = false;
     let mut command = read.ok().and_then(|_| Command::parse(&line));
     // Where a snapshot may go is checked here, before the VM pauses.
@@ -352,7 +357,7 @@ fn serve(
     let reply = match (refused, command) {
         (Some(r), _) => r,
         (None, None) => error_reply(
-            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to tcp:HOST:PORT [--ca CA.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]",
+            "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]",
         ),
         (None, Some(command)) => {
             // Writing a snapshot of a big guest takes a while.
@@ -454,6 +459,9 @@ mod tests {
             Some(Command::MigrateTo(crate::migrate::MigrateTo {
                 uri: "tcp:10.0.0.2:4444".into(),
                 ca: None,
+                secret_file: None,
+                cert: None,
+                key: None,
                 downtime_ms: 100,
                 postcopy: false,
                 postcopy_bandwidth: None,
@@ -464,6 +472,9 @@ mod tests {
             Some(Command::MigrateTo(crate::migrate::MigrateTo {
                 uri: "tcp:h:1".into(),
                 ca: None,
+                secret_file: None,
+                cert: None,
+                key: None,
                 downtime_ms: crate::migrate::DEFAULT_DOWNTIME_MS,
                 postcopy: true,
                 postcopy_bandwidth: Some(64 << 10),

@@ -17,7 +17,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
-use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -31,7 +30,7 @@ use vireo_vmcore::migration::{self as stream, Kind, MessageBuffer, MigrationErro
 use vireo_vmcore::{ExitReason, VmControl};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::migrate::Conn;
+use crate::migrate::{Conn, Sock};
 
 /// How long a side waits for a read before going back to sending.
 const POLL: Duration = Duration::from_millis(2);
@@ -69,7 +68,7 @@ pub enum ServeError {
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     conn: &mut dyn Conn,
-    tcp: &TcpStream,
+    tcp: &Sock,
     mem: &GuestMemory,
     mut pending: Vec<Vec<u64>>,
     push_bytes_per_sec: Option<u64>,
@@ -78,7 +77,7 @@ pub fn serve(
     ack_seen: &mut dyn FnMut(),
 ) -> Result<(), ServeError> {
     let _ = tcp.set_read_timeout(Some(POLL));
-    let mut buf = MessageBuffer::default();
+    let mut buf = MessageBuffer::new(stream::MAX_PAGES_PAYLOAD);
     let mut requests: VecDeque<(u32, u64)> = VecDeque::new();
     let mut acked_at: Option<Instant> = None;
     let mut heard = Instant::now();
@@ -154,7 +153,7 @@ pub fn serve(
                     format!("the target asked for a page of region {region}, which does not exist"),
                 ));
             };
-            if page >= r.len() / stream::PAGE_SIZE {
+            if stream::page_offset(r.len(), page).is_none() {
                 return Err(fail(
                     acked_at.is_some(),
                     format!("the target asked for page {page} outside region {region}"),
@@ -289,7 +288,7 @@ impl Target {
         memory: &GuestMemory,
         missing: &[Vec<u64>],
         conn: Box<dyn Conn>,
-        tcp: TcpStream,
+        tcp: Sock,
     ) -> Result<Target, String> {
         let demand =
             Arc::new(DemandMemory::register_missing(memory, missing).map_err(|e| e.to_string())?);
@@ -393,7 +392,7 @@ struct Link {
     /// Signalled with each fault and command, so they are answered at
     /// once rather than after the next read.
     wake: Arc<EventFd>,
-    tcp: TcpStream,
+    tcp: Sock,
     demand: Arc<DemandMemory>,
     regions: Vec<(u64, u64)>,
     faults: Receiver<u64>,
@@ -407,7 +406,7 @@ struct Link {
 impl Link {
     fn run(&mut self) -> Result<(), String> {
         let _ = self.tcp.set_read_timeout(Some(POLL));
-        let mut buf = MessageBuffer::default();
+        let mut buf = MessageBuffer::new(stream::MAX_PAGES_PAYLOAD);
         let mut heard = Instant::now();
         loop {
             while let Ok(cmd) = self.commands.try_recv() {
@@ -476,12 +475,12 @@ impl Link {
                     .iter()
                     .zip(data.chunks_exact(stream::PAGE_SIZE as usize))
                 {
-                    if page * stream::PAGE_SIZE >= len {
-                        return Err(format!(
-                            "the source sent page {page} outside region {region}"
-                        ));
-                    }
-                    let gpa = base + page * stream::PAGE_SIZE;
+                    // A page number from the peer: checked, no overflow.
+                    let gpa = stream::page_offset(len, *page)
+                        .and_then(|off| base.checked_add(off as u64))
+                        .ok_or_else(|| {
+                            format!("the source sent page {page} outside region {region}")
+                        })?;
                     if self.requested.remove(&gpa) {
                         self.fetched += 1;
                     }

@@ -57,7 +57,7 @@ fn boot_spec(args: &RunArgs) -> Result<BootSpec, Failure> {
         kernel,
         initrd,
         cmdline,
-        vcpus: args.cpus,
+        vcpus: args.cpus(),
     })
 }
 
@@ -125,8 +125,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             let spec = boot_spec(&args)?;
             let hv = open_backend(args.accel, &spec.kernel)?;
             let cfg = VmConfig {
-                vcpus: args.cpus,
-                memory_mib: args.memory,
+                vcpus: args.cpus(),
+                memory_mib: args.memory(),
                 boot: spec,
             };
             let mut machine =
@@ -339,8 +339,9 @@ struct Saveable<'a> {
 }
 
 /// The front end's description of the machine recorded with its state:
-/// the device ids, the virtio devices (so a restore or a migration target
-/// rebuilds them with no device flags) and the snapshot's disk copies.
+/// the device ids, the virtio devices (so a restore rebuilds them with no
+/// device flags, and a migration target checks its own against them) and
+/// the snapshot's disk copies.
 fn frontend(saveable: &Saveable<'_>, disks: Vec<snapshot_devices::DiskCopy>) -> serde_json::Value {
     serde_json::to_value(snapshot_devices::FrontendRecord {
         devices: saveable.devices.iter().map(|(id, _)| id.clone()).collect(),
@@ -357,7 +358,8 @@ fn migrate_command(
     req: &crate::migrate::MigrateTo,
 ) -> (String, bool) {
     tracing::info!("migration to {} started", req.uri);
-    // Disks are shared storage: the target opens the same paths.
+    // Disks are shared storage: the target's own --disk names the same
+    // images (it never opens the paths recorded here).
     match crate::migrate::migrate_to(
         running,
         saveable.devices,
@@ -602,45 +604,125 @@ fn backend_for(backend: &str, accel: Accel) -> Result<Box<dyn Hypervisor>, Strin
 }
 
 /// Build a migrated machine from its state and memory: the vCPUs and
-/// platform, then the virtio devices the source recorded (disks on shared
-/// storage at the same paths, or the `--disk`/`--net`/`--vsock`
-/// overrides), then every device's state.
+/// platform, then the virtio devices of this target's own definition
+/// (checked against the source's record again: the state's record is
+/// the one the configuration carried), then every device's state.
 fn build_migrated(
     hv: &dyn Hypervisor,
     loaded: &vireo_vmcore::snapshot::LoadedSnapshot,
     memory: vireo_vmcore::memory::GuestMemory,
-    args: &RunArgs,
+    own: &crate::devices::DeviceConfigs,
+    mac_given: &[bool],
 ) -> Result<(machine::Machine, Attached), String> {
+    let configs = snapshot_devices::migrated_configs(
+        &loaded.snapshot.config.frontend,
+        own.clone(),
+        mac_given,
+    )?;
     let mut machine = machine::restore(hv, loaded, memory, Box::new(StdoutWriter))
         .map_err(|e| format!("cannot build the migrated VM: {e}"))?;
-    let configs = snapshot_devices::migrated_configs(&loaded.snapshot.config.frontend, args)
-        .map_err(|e| e.to_string())?;
     let attached = devices::open(&mut machine, configs).map_err(|e| e.to_string())?;
     machine::restore_devices(&machine, &loaded.snapshot)
         .map_err(|e| format!("the migrated device state does not fit: {e}"))?;
     Ok((machine, attached))
 }
 
-/// `--migrate-from tcp:HOST:PORT`: receive the machine from a source
-/// process, build it, acknowledge.
+/// The machine a source offers, checked against this target's own
+/// definition (`--cpus`, `--memory`) and the host before any memory is
+/// allocated: equal vCPUs and memory, within the backend's vCPU limit and
+/// the host's memory (RAM plus swap).
+pub(crate) fn check_offered_machine(
+    config: &vireo_vmcore::snapshot::MachineConfig,
+    cpus: u32,
+    memory_mib: u64,
+    max_vcpus: u32,
+    host_memory_mib: Option<u64>,
+) -> Result<(), String> {
+    if config.vcpus != cpus {
+        return Err(format!(
+            "the source's VM has {} vCPU(s), this target's definition {cpus} (--cpus)",
+            config.vcpus
+        ));
+    }
+    if config.memory_mib != memory_mib {
+        return Err(format!(
+            "the source's VM has {} MiB of memory, this target's definition {memory_mib} MiB (--memory)",
+            config.memory_mib
+        ));
+    }
+    check_fits_host(cpus, memory_mib, max_vcpus, host_memory_mib)
+}
+
+/// vCPUs within the backend's limit, memory within the host's.
+fn check_fits_host(
+    cpus: u32,
+    memory_mib: u64,
+    max_vcpus: u32,
+    host_memory_mib: Option<u64>,
+) -> Result<(), String> {
+    if cpus == 0 || cpus > max_vcpus {
+        return Err(format!(
+            "--cpus {cpus}: this backend runs 1 to {max_vcpus} vCPUs"
+        ));
+    }
+    if memory_mib < vireo_vmcore::vm::MIN_MEMORY_MIB {
+        return Err(format!(
+            "--memory {memory_mib}: at least {} MiB",
+            vireo_vmcore::vm::MIN_MEMORY_MIB
+        ));
+    }
+    if let Some(host) = host_memory_mib {
+        if memory_mib > host {
+            return Err(format!(
+                "--memory {memory_mib}: more than this host's {host} MiB of RAM and swap"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `--migrate-from ADDR`: check this target's own definition, receive the
+/// machine from a source (refused unless it is that machine), build it
+/// from the target's own devices, acknowledge.
 fn migrate_in(
     args: &RunArgs,
     uri: &str,
 ) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
-    snapshot_devices::check_restore_flags(
-        args,
-        "--migrate-from takes the machine from the source",
-    )?;
+    snapshot_devices::check_migrate_flags(args)?;
+    let own = devices::parse(args)?;
+    let own_set = snapshot_devices::DeviceSet::from_configs(&own);
+    let mac_given = snapshot_devices::macs_given(args);
+    let (cpus, memory_mib) = (args.cpus(), args.memory());
+    let host_mib = vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20);
+    check_fits_host(
+        cpus,
+        memory_mib,
+        vireo_vmcore::vm::MAX_VCPUS_XAPIC,
+        host_mib,
+    )
+    .map_err(Failure::Usage)?;
+    let secret = args
+        .migrate_secret_file
+        .as_deref()
+        .map(|f| crate::migrate::read_secret("--migrate-secret-file", f))
+        .transpose()
+        .map_err(Failure::Usage)?;
     let listen = crate::migrate::Listen {
         uri: uri.to_string(),
         tls: args
             .migrate_tls_cert
             .clone()
             .zip(args.migrate_tls_key.clone()),
+        client_ca: args.migrate_client_ca.clone(),
+        secret,
     };
+    crate::migrate::check_listen(&listen).map_err(Failure::Usage)?;
     let accel = args.accel;
     let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
-        backend_for(&config.backend, accel).map(|_| ())
+        let hv = backend_for(&config.backend, accel)?;
+        let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
+        check_offered_machine(config, cpus, memory_mib, max, host_mib)?;
+        snapshot_devices::check_peer_record(&config.frontend, &own_set, &mac_given)
     };
     let started = std::time::Instant::now();
     let incoming = crate::migrate::receive(&listen, &check).map_err(Failure::Usage)?;
@@ -662,13 +744,14 @@ fn migrate_in(
         let target = incoming
             .start_postcopy()
             .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
-        let (machine, attached) = match build_migrated(hv.as_ref(), &loaded, memory, args) {
-            Ok(m) => m,
-            Err(msg) => {
-                target.refuse(&msg);
-                return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
-            }
-        };
+        let (machine, attached) =
+            match build_migrated(hv.as_ref(), &loaded, memory, &own, &mac_given) {
+                Ok(m) => m,
+                Err(msg) => {
+                    target.refuse(&msg);
+                    return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
+                }
+            };
         target.ack(machine.vm.control());
         tracing::info!(
             "migrated in (post-copy): {} vCPU(s), {} MiB on {} ({} ms after listening); \
@@ -680,14 +763,19 @@ fn migrate_in(
         );
         return Ok((hv, machine, attached));
     }
-    let (machine, attached) =
-        match build_migrated(hv.as_ref(), &incoming.loaded, incoming.memory.clone(), args) {
-            Ok(m) => m,
-            Err(msg) => {
-                incoming.refuse(&msg);
-                return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
-            }
-        };
+    let (machine, attached) = match build_migrated(
+        hv.as_ref(),
+        &incoming.loaded,
+        incoming.memory.clone(),
+        &own,
+        &mac_given,
+    ) {
+        Ok(m) => m,
+        Err(msg) => {
+            incoming.refuse(&msg);
+            return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
+        }
+    };
     incoming
         .ack()
         .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
@@ -804,5 +892,32 @@ mod tests {
                 "nets": [{"id": "net0", "rx_bytes": 0, "tx_bytes": 42, "rx_packets": 0, "tx_packets": 1}],
             })
         );
+    }
+
+    fn offered(vcpus: u32, memory_mib: u64) -> vireo_vmcore::snapshot::MachineConfig {
+        vireo_vmcore::snapshot::MachineConfig {
+            backend: "emu".into(),
+            vcpus,
+            memory_mib,
+            frontend: serde_json::Value::Null,
+        }
+    }
+
+    /// A forged configuration of 4 TiB (or other vCPUs) is refused by the
+    /// check that runs before guest memory is allocated.
+    #[test]
+    fn the_offered_machine_must_be_the_targets_own_and_fit_the_host() {
+        let four_tib = 4 << 20;
+        let e = check_offered_machine(&offered(1, four_tib), 1, 64, 64, Some(8192)).unwrap_err();
+        assert!(e.contains("4194304 MiB") && e.contains("--memory"), "{e}");
+        let e = check_offered_machine(&offered(4, 64), 1, 64, 64, Some(8192)).unwrap_err();
+        assert!(e.contains("4 vCPU(s)") && e.contains("--cpus"), "{e}");
+        // Even a target defined that big is refused by the host check.
+        let e =
+            check_offered_machine(&offered(1, four_tib), 1, four_tib, 64, Some(8192)).unwrap_err();
+        assert!(e.contains("more than this host"), "{e}");
+        let e = check_offered_machine(&offered(300, 64), 300, 64, 254, Some(8192)).unwrap_err();
+        assert!(e.contains("1 to 254"), "{e}");
+        assert!(check_offered_machine(&offered(2, 64), 2, 64, 64, Some(8192)).is_ok());
     }
 }

@@ -456,26 +456,223 @@ pub fn restore_configs(
     Ok(configs)
 }
 
-/// The devices to rebuild for `--migrate-from`: the source's, with the
-/// caller's overrides; disks are shared storage, opened where the source
-/// had them (nothing is copied).
+/// The flags `--migrate-from` needs and refuses: the target's own
+/// machine (`--cpus`, `--memory`, the device flags) is required, the boot
+/// flags are refused (the kernel is in the source's memory).
+pub fn check_migrate_flags(args: &RunArgs) -> Result<(), Failure> {
+    if args.initrd.is_some() || args.cmdline.is_some() || args.append.is_some() {
+        return Err(Failure::Usage(
+            "--migrate-from takes the running kernel from the source: drop --initrd, --cmdline and --append"
+                .into(),
+        ));
+    }
+    if args.cpus.is_none() || args.memory.is_none() {
+        return Err(Failure::Usage(
+            "--migrate-from: the target needs its own definition of the machine: give --cpus and --memory \
+             and the device flags (--disk, --net, --vsock, --rng, --balloon, --virtio-console) the source \
+             was started with; the source's machine is checked against them, never taken from it"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The source's device record from its machine configuration.
+fn peer_record(frontend: &serde_json::Value) -> Result<FrontendRecord, String> {
+    if frontend.is_null() {
+        return Ok(FrontendRecord::default());
+    }
+    serde_json::from_value(frontend.clone())
+        .map_err(|e| format!("the source's device record does not parse: {e}"))
+}
+
+/// Check the source's record of its virtio devices against this target's
+/// own: the same kinds, count and ids; disks of the same formats,
+/// read-only flags and serials; network devices with the same MACs (a
+/// target `--net` without `mac=` takes the source's: the guest's driver
+/// read it at boot) and MTUs; vsock with the same cid. Every difference
+/// is named. Only the target's own paths, TAPs and sockets are used;
+/// nothing in the record is opened.
+pub fn check_peer_devices(
+    peer: &DeviceSet,
+    own: &DeviceSet,
+    mac_given: &[bool],
+) -> Result<(), String> {
+    let mut diffs: Vec<String> = Vec::new();
+    let presence = |what: &str, p: bool, o: bool, flag: &str, diffs: &mut Vec<String>| {
+        if p != o {
+            diffs.push(format!(
+                "the source has {} {what}, this target {} (--{flag})",
+                if p { "a" } else { "no" },
+                if o { "has one" } else { "has none" }
+            ));
+        }
+    };
+    presence(
+        "virtio-console",
+        peer.console.is_some(),
+        own.console.is_some(),
+        "virtio-console",
+        &mut diffs,
+    );
+    presence(
+        "rng",
+        peer.rng.is_some(),
+        own.rng.is_some(),
+        "rng",
+        &mut diffs,
+    );
+    presence(
+        "balloon",
+        peer.balloon.is_some(),
+        own.balloon.is_some(),
+        "balloon",
+        &mut diffs,
+    );
+    presence(
+        "vsock device",
+        peer.vsock.is_some(),
+        own.vsock.is_some(),
+        "vsock",
+        &mut diffs,
+    );
+    if let (Some((pc, _)), Some((oc, _))) = (&peer.vsock, &own.vsock) {
+        if pc != oc {
+            diffs.push(format!(
+                "vsock: the source's guest has cid={pc}, this target cid={oc}"
+            ));
+        }
+    }
+    if peer.disks.len() != own.disks.len() {
+        diffs.push(format!(
+            "the source has {} disk(s) ({}), this target {} ({}) (--disk)",
+            peer.disks.len(),
+            ids(peer.disks.iter().map(|d| d.id.as_str())),
+            own.disks.len(),
+            ids(own.disks.iter().map(|d| d.id.as_str())),
+        ));
+    } else {
+        for (i, (p, o)) in peer.disks.iter().zip(&own.disks).enumerate() {
+            if p.id != o.id {
+                diffs.push(format!(
+                    "disk {i}: the source's has id={}, this target's id={}",
+                    p.id, o.id
+                ));
+                continue;
+            }
+            let name = |f: &Option<String>| f.clone().unwrap_or_else(|| "none given".into());
+            if p.format != o.format {
+                diffs.push(format!(
+                    "disk {}: format {} at the source, {} here (format=)",
+                    o.id,
+                    name(&p.format),
+                    name(&o.format)
+                ));
+            }
+            if p.read_only != o.read_only {
+                let ro = |r: bool| if r { "read-only" } else { "writable" };
+                diffs.push(format!(
+                    "disk {}: {} at the source, {} here (readonly=)",
+                    o.id,
+                    ro(p.read_only),
+                    ro(o.read_only)
+                ));
+            }
+            if p.serial != o.serial {
+                diffs.push(format!(
+                    "disk {}: serial {:?} at the source, {:?} here (serial=)",
+                    o.id, p.serial, o.serial
+                ));
+            }
+        }
+    }
+    if peer.nets.len() != own.nets.len() {
+        diffs.push(format!(
+            "the source has {} network device(s), this target {} (--net)",
+            peer.nets.len(),
+            own.nets.len()
+        ));
+    } else {
+        for (i, (p, o)) in peer.nets.iter().zip(&own.nets).enumerate() {
+            if p.id != o.id {
+                diffs.push(format!(
+                    "network device {i}: id={} at the source, id={} here",
+                    p.id.as_deref().unwrap_or("(none)"),
+                    o.id.as_deref().unwrap_or("(none)")
+                ));
+            }
+            if mac_given.get(i).copied().unwrap_or(true) && !p.mac.eq_ignore_ascii_case(&o.mac) {
+                diffs.push(format!(
+                    "network device {i}: MAC {} at the source, {} here (the guest keeps its MAC; drop mac= or give the source's)",
+                    p.mac, o.mac
+                ));
+            }
+            if p.mtu != o.mtu {
+                diffs.push(format!(
+                    "network device {i}: MTU {:?} at the source, {:?} here (mtu=)",
+                    p.mtu, o.mtu
+                ));
+            }
+        }
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the source's devices differ from this target's definition: {}",
+            diffs.join("; ")
+        ))
+    }
+}
+
+fn ids<'a>(it: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = it.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Which `--net` flags name their MAC.
+pub fn macs_given(args: &RunArgs) -> Vec<bool> {
+    args.net
+        .iter()
+        .map(|n| n.split(',').any(|kv| kv.trim_start().starts_with("mac=")))
+        .collect()
+}
+
+/// The devices to build for `--migrate-from`: this target's own (`own`,
+/// from its flags), after [`check_peer_devices`] against the source's
+/// record in `frontend`; a network device without `mac=` takes the
+/// source's MAC. Disks are shared storage: the target's `--disk` names
+/// the same image the source runs on.
 pub fn migrated_configs(
     frontend: &serde_json::Value,
-    args: &RunArgs,
-) -> Result<DeviceConfigs, Failure> {
-    let record: FrontendRecord = if frontend.is_null() {
-        FrontendRecord::default()
-    } else {
-        serde_json::from_value(frontend.clone()).map_err(|e| {
-            Failure::Usage(format!("the source's device record does not parse: {e}"))
-        })?
-    };
-    let mut configs = record
-        .virtio
-        .to_configs()
-        .map_err(|e| Failure::Usage(format!("the source's devices: {e}")))?;
-    apply_overrides(&mut configs, args)?;
-    Ok(configs)
+    mut own: DeviceConfigs,
+    mac_given: &[bool],
+) -> Result<DeviceConfigs, String> {
+    let record = peer_record(frontend)?;
+    let own_set = DeviceSet::from_configs(&own);
+    check_peer_devices(&record.virtio, &own_set, mac_given)?;
+    for (i, (n, p)) in own.nets.iter_mut().zip(&record.virtio.nets).enumerate() {
+        if !mac_given.get(i).copied().unwrap_or(true) {
+            n.mac = p
+                .mac
+                .parse()
+                .map_err(|e| format!("the source's network device {i}: MAC {}: {e}", p.mac))?;
+        }
+    }
+    Ok(own)
+}
+
+/// [`check_peer_devices`] for a machine configuration's `frontend`.
+pub fn check_peer_record(
+    frontend: &serde_json::Value,
+    own: &DeviceSet,
+    mac_given: &[bool],
+) -> Result<(), String> {
+    check_peer_devices(&peer_record(frontend)?.virtio, own, mac_given)
 }
 
 /// Apply `--disk`, `--net` and `--vsock` given with `--restore`; returns
@@ -752,5 +949,183 @@ mod tests {
         let e = restore_configs(&snap, &fe, &args(&[])).err().unwrap();
         assert!(matches!(e, Failure::Usage(m) if m.contains("was changed")));
         assert_eq!(std::fs::read(&disk).unwrap(), b"later");
+    }
+
+    /// The source's record of its devices, as a (possibly hostile) peer
+    /// sends it: paths anywhere, and the fields to vary.
+    fn peer(disks: &[(&str, &str, Option<&str>, bool)]) -> serde_json::Value {
+        let set = DeviceSet {
+            disks: disks
+                .iter()
+                .map(|(id, path, format, ro)| DiskRecord {
+                    id: id.to_string(),
+                    path: PathBuf::from(path),
+                    format: format.map(String::from),
+                    read_only: *ro,
+                    serial: id.to_string(),
+                    bandwidth: None,
+                    ops: None,
+                })
+                .collect(),
+            nets: vec![NetRecord {
+                tap: "victim-tap".into(),
+                mac: "52:54:00:aa:bb:cc".into(),
+                id: None,
+                mtu: None,
+                bandwidth: None,
+                ops: None,
+            }],
+            rng: Some(RngRecord { bandwidth: None }),
+            vsock: Some((7, PathBuf::from("/etc/peer.sock"))),
+            ..DeviceSet::default()
+        };
+        serde_json::to_value(FrontendRecord {
+            devices: vec![],
+            virtio: set,
+            disks: vec![],
+        })
+        .unwrap()
+    }
+
+    fn own(flags: &[&str]) -> (DeviceConfigs, Vec<bool>) {
+        let a = args_migrate(flags);
+        (crate::devices::parse(&a).unwrap(), macs_given(&a))
+    }
+
+    fn args_migrate(extra: &[&str]) -> RunArgs {
+        let mut v = vec![
+            "run",
+            "--migrate-from",
+            "unix:/x",
+            "--cpus",
+            "1",
+            "--memory",
+            "64",
+        ];
+        v.extend_from_slice(extra);
+        match crate::cli::Cli::try_parse_from(std::iter::once("vireo").chain(v)) {
+            Ok(crate::cli::Cli {
+                command: crate::cli::Command::Run(a),
+                ..
+            }) => a,
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    const OWN: &[&str] = &[
+        "--disk",
+        "path=/srv/vm/root.raw,id=root,format=raw",
+        "--net",
+        "tap=tap-own",
+        "--rng",
+        "--vsock",
+        "cid=7,socket=/run/own.sock",
+    ];
+
+    #[test]
+    fn a_migration_target_builds_only_its_own_devices() {
+        // The source names /etc/shadow as its disk, another TAP and
+        // socket: the target's own paths are what it opens.
+        let (mine, macs) = own(OWN);
+        let fe = peer(&[("root", "/etc/shadow", Some("raw"), false)]);
+        let c = migrated_configs(&fe, mine, &macs).unwrap();
+        assert_eq!(c.disks[0].path, PathBuf::from("/srv/vm/root.raw"));
+        assert_eq!(c.nets[0].tap, "tap-own");
+        assert_eq!(
+            c.vsock.as_ref().unwrap().socket,
+            PathBuf::from("/run/own.sock")
+        );
+        // No mac= here: the guest keeps the source's.
+        assert_eq!(c.nets[0].mac.to_string(), "52:54:00:aa:bb:cc");
+    }
+
+    #[test]
+    fn a_source_whose_devices_differ_is_refused_by_name() {
+        for (record, flags, says) in [
+            // Another disk id, format, read-only flag, count.
+            (peer(&[("data", "/x", Some("raw"), false)]), OWN, "id=data"),
+            (
+                peer(&[("root", "/x", Some("qcow2"), false)]),
+                OWN,
+                "format qcow2",
+            ),
+            (
+                peer(&[("root", "/x", Some("raw"), true)]),
+                OWN,
+                "read-only at the source",
+            ),
+            (
+                peer(&[
+                    ("root", "/x", Some("raw"), false),
+                    ("two", "/etc/passwd", None, false),
+                ]),
+                OWN,
+                "2 disk(s)",
+            ),
+            // A device kind the target does not define.
+            (
+                peer(&[("root", "/x", Some("raw"), false)]),
+                &OWN[..5],
+                "vsock",
+            ),
+            (
+                peer(&[("root", "/x", Some("raw"), false)]),
+                &[
+                    "--disk",
+                    "path=/srv/vm/root.raw,id=root,format=raw",
+                    "--net",
+                    "tap=tap-own,mac=52:54:00:00:00:01",
+                    "--rng",
+                    "--vsock",
+                    "cid=7,socket=/run/own.sock",
+                ][..],
+                "MAC 52:54:00:aa:bb:cc",
+            ),
+            (
+                peer(&[("root", "/x", Some("raw"), false)]),
+                &[
+                    "--disk",
+                    "path=/srv/vm/root.raw,id=root,format=raw",
+                    "--net",
+                    "tap=tap-own",
+                    "--rng",
+                    "--vsock",
+                    "cid=8,socket=/run/own.sock",
+                ][..],
+                "cid=7",
+            ),
+        ] {
+            let (mine, macs) = own(flags);
+            let e = migrated_configs(&record, mine, &macs).unwrap_err();
+            assert!(e.contains(says), "expected {says:?} in: {e}");
+            assert!(e.contains("differ from this target's definition"), "{e}");
+        }
+        // No device flags at all against a source with devices.
+        let (mine, macs) = own(&[]);
+        let e = migrated_configs(&peer(&[("root", "/x", Some("raw"), false)]), mine, &macs)
+            .unwrap_err();
+        assert!(e.contains("1 disk(s) (root), this target 0 (none)"), "{e}");
+        // A record that does not parse.
+        let (mine, macs) = own(OWN);
+        assert!(migrated_configs(&serde_json::json!({"virtio": 5}), mine, &macs).is_err());
+    }
+
+    #[test]
+    fn migrate_from_needs_the_targets_own_definition() {
+        let bare =
+            match crate::cli::Cli::try_parse_from(["vireo", "run", "--migrate-from", "unix:/x"]) {
+                Ok(crate::cli::Cli {
+                    command: crate::cli::Command::Run(a),
+                    ..
+                }) => a,
+                other => panic!("{:?}", other.err()),
+            };
+        let e = check_migrate_flags(&bare).err().unwrap();
+        assert!(
+            matches!(&e, Failure::Usage(m) if m.contains("needs its own definition")),
+            "{e:?}"
+        );
+        assert!(check_migrate_flags(&args_migrate(OWN)).is_ok());
+        assert!(check_migrate_flags(&args_migrate(&["--append", "x"])).is_err());
     }
 }

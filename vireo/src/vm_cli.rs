@@ -196,8 +196,11 @@ Examples:
 The target daemon needs a TCP listener (--listen tcp:HOST:PORT with --tls-cert
 and --tls-key); the token is one of its admin tokens, the CA the one its
 certificate is checked against (default: the system's CA bundle). The
-migration stream uses the target daemon's certificate too. Disks must be on
-storage both hosts see at the same paths; a VM with snapshots is refused.
+migration stream uses the target daemon's certificate too, and a one-time
+secret the target hands out for this migration (its receiving process refuses
+any other peer); the target runs the VM's definition as sent and refuses a
+machine that differs from it. Disks must be on storage both hosts see at the
+same paths; a VM with snapshots is refused.
 (--token-file and --ca-cert, without `target-`, are for reaching the source
 daemon, as on every `vireo vm` command.)";
 

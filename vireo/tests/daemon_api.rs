@@ -1752,6 +1752,27 @@ fn a_vm_migrates_live_between_two_daemons() {
     let (status, v) = dst.json("POST", "/v1/vms/m/kill", None);
     assert_eq!(status, 200, "{v}");
 
+    // migrate-in hands the source a one-time secret (and keeps no copy on
+    // disk once its process has read it); a peer that reaches the
+    // receiving process through TLS but without the secret is refused.
+    let (status, ready) = dst.json(
+        "POST",
+        "/v1/vms/x/migrate-in",
+        Some(json!({"name": "x", "kernel": kernel, "memory_mib": 32, "accel": "emu"})),
+    );
+    assert_eq!(status, 201, "{ready}");
+    let secret = ready["secret"].as_str().unwrap_or_default();
+    assert!(
+        secret.len() == 64 && secret.chars().all(|c| c.is_ascii_hexdigit()),
+        "{ready}"
+    );
+    assert!(!dst.state().join("vms/x/migrate-secret").exists());
+    let port = ready["port"].as_u64().expect("port") as u16;
+    let answer = tls_knock(&ca, port, &[b'0'; 64]);
+    assert!(answer.contains("wrong migration secret"), "{answer:?}");
+    let (status, v) = dst.json("POST", "/v1/vms/x/kill", None);
+    assert_eq!(status, 200, "{v}");
+
     // Post-copy: the guest runs on the target before the pages it dirtied
     // during the first copy have arrived, and counts on there.
     src.create("p", &kernel);
@@ -1786,6 +1807,51 @@ fn a_vm_migrates_live_between_two_daemons() {
     }
     let (status, v) = dst.json("POST", "/v1/vms/p/kill", None);
     assert_eq!(status, 200, "{v}");
+}
+
+/// Reach a migration target on `port` over TLS (its certificate checked
+/// against `ca`), send an `Auth` message with `secret` and return what it
+/// answers before closing.
+fn tls_knock(ca: &Path, port: u16, secret: &[u8]) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).expect("CA") {
+        roots.add(c.expect("a certificate")).expect("a root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("TLS");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // kind 9 (Auth) | length | CRC-32 of both and the payload | payload
+    let mut head = vec![9u8];
+    head.extend_from_slice(&(secret.len() as u32).to_le_bytes());
+    let mut crc = !0u32;
+    for &b in head.iter().chain(secret) {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    head.extend_from_slice(&(!crc).to_le_bytes());
+    tls.write_all(&head).expect("send");
+    tls.write_all(secret).expect("send");
+    tls.flush().expect("flush");
+    let mut back = Vec::new();
+    let _ = tls.read_to_end(&mut back);
+    String::from_utf8_lossy(&back).into_owned()
 }
 
 /// A diff snapshot records its parent (the last snapshot of this run),

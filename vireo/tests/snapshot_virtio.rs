@@ -558,9 +558,11 @@ fn migrate_to(socket: &Path, args: &str) -> serde_json::Value {
 }
 
 /// Live migration of the disk-writing guest to another process (disk on
-/// shared storage), pre-copy and post-copy: the target rebuilds the
-/// virtio devices from the source's record and the guest goes on through
-/// its queues without setting them up again; the disk holds every round.
+/// shared storage), pre-copy and post-copy: the target builds the virtio
+/// devices from its OWN flags (a target whose devices differ from the
+/// source's is refused first, and the source keeps running), and the
+/// guest goes on through its queues without setting them up again; the
+/// disk holds every round.
 fn migrate_disk_guest(postcopy: bool) {
     let dir = TempDir::new(if postcopy { "migblkpc" } else { "migblk" });
     let mut image = vec![0u8; DISK_BYTES];
@@ -572,7 +574,7 @@ fn migrate_disk_guest(postcopy: bool) {
         &kernel,
         &[
             "--disk",
-            &format!("path={},id=data", disk.display()),
+            &format!("path={},id=data,format=raw", disk.display()),
             "--rng",
             "--control-socket",
             socket.to_str().expect("utf-8"),
@@ -584,21 +586,71 @@ fn migrate_disk_guest(postcopy: bool) {
         src.output()
     );
     wait_for_socket(&socket);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let mode = if postcopy { " --postcopy" } else { "" };
+    let own_disk = format!("path={},id=data,format=raw", disk.display());
+    // Targets whose own definition differs: no disk (the old target
+    // opened the source's disk path from its record), another disk id, a
+    // read-only disk. Each is refused before it allocates anything, names
+    // the difference, and the source keeps running.
+    for (i, (devices, says)) in [
+        (vec!["--rng"], "1 disk(s) (data), this target 0"),
+        (
+            vec!["--disk", "path=/dev/null,id=other,format=raw", "--rng"],
+            "id=other",
+        ),
+        (
+            vec!["--disk", &format!("{own_disk},readonly=on"), "--rng"],
+            "writable at the source, read-only here",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = dir.path().join(format!("refuse{i}.sock"));
+        let mut args = vec![
+            "run".to_string(),
+            "--migrate-from".into(),
+            format!("unix:{}", path.display()),
+            "--cpus".into(),
+            "1".into(),
+            "--memory".into(),
+            "256".into(),
+        ];
+        args.extend(devices.iter().map(|s| s.to_string()));
+        let mut refusing = LiveVm::start(&[], &args, RUN_TIMEOUT);
+        let reply = migrate_to(&socket, &format!("unix:{}{mode}", path.display()));
+        assert_eq!(reply["ok"], false, "{reply}");
+        let e = reply["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains(says) && e.contains("differ from this target's definition"),
+            "expected {says:?}: {reply}"
+        );
+        let status = refusing.wait("the refusing target to exit");
+        assert_eq!(status.code(), Some(2));
+        assert!(
+            refusing.output().is_empty(),
+            "the guest ran on the refusing target"
+        );
+        assert_eq!(control(&socket, "status")["state"], "running");
+    }
+    let path = dir.path().join("mig.sock");
     let mut dst = LiveVm::start(
         &[],
         &[
             "run".to_string(),
             "--migrate-from".into(),
-            format!("tcp:127.0.0.1:{port}"),
+            format!("unix:{}", path.display()),
+            "--cpus".into(),
+            "1".into(),
+            "--memory".into(),
+            "256".into(),
+            "--disk".into(),
+            own_disk.clone(),
+            "--rng".into(),
         ],
         RUN_TIMEOUT,
     );
-    let mode = if postcopy { " --postcopy" } else { "" };
-    let reply = migrate_to(&socket, &format!("tcp:127.0.0.1:{port}{mode}"));
+    let reply = migrate_to(&socket, &format!("unix:{}{mode}", path.display()));
     assert_eq!(reply["ok"], true, "migration failed: {reply}");
     let status = src.wait("the source to exit after migrating");
     assert_eq!(status.code(), Some(0), "source: {}", src.output());

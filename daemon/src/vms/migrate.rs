@@ -3,10 +3,14 @@
 //! The source daemon (`POST /v1/vms/{name}/migrate {"to": "https://HOST:PORT",
 //! "token", "ca_cert"}`) sends the VM's definition to the target daemon's
 //! `POST /v1/vms/{name}/migrate-in` over its TLS API (with the token). The
-//! target records the VM, starts `vireo run --migrate-from tcp:IP:0` with the
-//! daemon's own TLS certificate and key, and answers the port its process
-//! listens on. The source then sends `migrate-to tcp:HOST:PORT --ca CA` to
-//! its VM's process, which copies the memory while the guest runs, pauses it
+//! target checks and records the VM, makes a one-time secret (256 random
+//! bits, written 0600 into the VM's directory), starts `vireo run
+//! --migrate-from tcp:IP:0` with the daemon's own TLS certificate and key,
+//! that secret and the VM's own definition (vCPUs, memory, devices: the
+//! target builds that machine and refuses a source whose machine differs),
+//! and answers the port its process listens on and the secret. The source
+//! then sends `migrate-to tcp:HOST:PORT --ca CA --secret-file FILE` to its
+//! VM's process, which copies the memory while the guest runs, pauses it
 //! for the last pages and the device state, and exits once the target has
 //! acknowledged; the source daemon then forgets the VM. If anything fails
 //! before that, the VM keeps running on the source and the target's process
@@ -106,6 +110,38 @@ pub struct MigrateInReady {
     /// The TCP port the target's `vireo run --migrate-from` listens on
     /// (TLS, with the target daemon's certificate).
     pub port: u16,
+    /// The one-time secret the source must send first (64 hex digits);
+    /// anyone else who connects to the port is refused.
+    pub secret: String,
+}
+
+/// Where a VM's directory keeps the one-time migration secret (on the
+/// target: what its `vireo run` expects; on the source: what its VM sends).
+const SECRET_FILE: &str = "migrate-secret";
+
+/// A one-time migration secret: 256 random bits as hex.
+fn new_secret() -> Result<String, ApiError> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ApiError::internal("the system's random number generator failed"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Write `secret` to `path`, readable by this user only (created 0600,
+/// never through a link left there).
+fn write_secret(path: &Path, secret: &str) -> Result<(), ApiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(|e| ApiError::internal(format!("writing {}: {e}", path.display())))
 }
 
 /// `https://HOST:PORT` -> (HOST, PORT); `[v6]` keeps its brackets off.
@@ -260,10 +296,14 @@ impl Daemon {
                 "this daemon has no TLS listener (--listen tcp:HOST:PORT with --tls-cert and --tls-key): it cannot receive migrations",
             ));
         };
-        let cfg = req.config();
+        // The source's definition, held to this host's rules: its host
+        // paths must lie beneath this daemon's storage directories (shared
+        // storage mounted there), and its formats are fixed here too.
+        let mut cfg = req.config();
+        self.storage.confine(&mut cfg, None)?;
         check_config(&cfg, crate::procfs::host_memory_mib())?;
         let dir = self.vm_dir(name);
-        {
+        let secret = {
             let mut inner = lock(&self.inner);
             if !inner.db.create(name, &cfg)? {
                 return Err(ApiError::conflict(
@@ -276,12 +316,27 @@ impl Daemon {
                 .db
                 .get(name)?
                 .ok_or_else(|| ApiError::internal(format!("VM {name} vanished")))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            let secret_file = dir.join(SECRET_FILE);
+            let prepared = new_secret().and_then(|s| {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+                write_secret(&secret_file, &s)?;
+                Ok(s)
+            });
+            let secret = match prepared {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = inner.db.delete(name);
+                    return Err(e);
+                }
+            };
             let boot = Boot::MigrateFrom {
                 listen: format!("tcp:{}:0", tls.ip),
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
+                secret_file,
             };
-            let _ = std::fs::remove_dir_all(&dir);
             if let Err(e) = self.launch(&mut inner, &rec, Console::new(), None, &boot) {
                 let _ = inner.db.delete(name);
                 return Err(e);
@@ -289,7 +344,8 @@ impl Daemon {
             if let Some(p) = inner.procs.get_mut(name) {
                 p.incoming = true;
             }
-        }
+            secret
+        };
         self.observe.vm(
             name,
             Change::Created,
@@ -301,7 +357,9 @@ impl Daemon {
             let log = std::fs::read_to_string(dir.join(VM_LOG)).unwrap_or_default();
             if let Some(port) = listening_port(&log) {
                 tracing::info!("VM {name}: waiting for its migration on port {port}");
-                return Ok(MigrateInReady { port });
+                // The process has read its secret; the reply carries it on.
+                let _ = std::fs::remove_file(dir.join(SECRET_FILE));
+                return Ok(MigrateInReady { port, secret });
             }
             let gone = !lock(&self.inner).procs.contains_key(name);
             if gone || tokio::time::Instant::now() >= deadline {
@@ -440,10 +498,19 @@ impl Daemon {
         };
         let socket = dir.join(super::CONTROL_SOCKET);
         let mode = if req.postcopy { " --postcopy" } else { "" };
-        let command = format!("migrate-to {target} --ca {}{mode}", ca_file.display());
+        // The target's secret goes to the VM's process as a file (0600 in
+        // the VM's directory), never on a command line.
+        let secret_file = dir.join(SECRET_FILE);
+        write_secret(&secret_file, &ready.secret)?;
+        let command = format!(
+            "migrate-to {target} --ca {} --secret-file {}{mode}",
+            ca_file.display(),
+            secret_file.display()
+        );
         let reply = self
             .control_within(name, &socket, &command, MIGRATION_TIMEOUT)
             .await;
+        let _ = std::fs::remove_file(&secret_file);
         let reply = match reply {
             Ok(r) if r.get("ok") == Some(&serde_json::Value::Bool(true)) => r,
             other => {

@@ -1,11 +1,14 @@
 //! The live migration stream: how a running VM's memory and state travel
-//! from one vireo process to another (over TCP, optionally TLS; the
-//! transport is the caller's — this module reads and writes any
+//! from one vireo process to another (over a Unix socket, or TCP with
+//! TLS; the transport is the caller's — this module reads and writes any
 //! `Read`/`Write`).
 //!
 //! All integers little endian.
 //!
 //! ```text
+//! auth     one `Auth` message (framed as below): the one-time secret the
+//!          target expects (empty when it expects none), sent first so
+//!          the target reads nothing else from an unauthenticated peer
 //! header   magic "VIREOMIG" | format version u32 | vireo version (32 bytes,
 //!          NUL padded) | CRC-32 of the bytes before it u32
 //! message  kind u8 | payload length u32 | CRC-32 of kind, length and
@@ -35,7 +38,8 @@ use vm_memory::GuestMemoryRegion;
 pub const MAGIC: &[u8; 8] = b"VIREOMIG";
 /// Bumped on every incompatible change; a peer of another version is
 /// refused at the header.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: the `Auth` message comes before the header.
+pub const FORMAT_VERSION: u32 = 2;
 pub const PAGE_SIZE: u64 = 4096;
 /// Pages per `Pages` message (1 MiB of data).
 pub const PAGES_PER_MESSAGE: usize = 256;
@@ -45,6 +49,12 @@ const FRAME_LEN: usize = 1 + 4 + 4;
 /// No message is bigger (a full `Pages` is ~1 MiB; the state of a VM with
 /// many devices a few MiB at most).
 pub const MAX_PAYLOAD: usize = 64 << 20;
+/// The largest `Pages` payload (a full message of [`PAGES_PER_MESSAGE`]
+/// pages): the bound of what post-copy reads, where nothing bigger comes.
+pub const MAX_PAGES_PAYLOAD: usize =
+    8 + PAGES_PER_MESSAGE * 8 + PAGES_PER_MESSAGE * PAGE_SIZE as usize;
+/// The longest one-time secret an `Auth` message may carry.
+pub const MAX_SECRET: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -82,6 +92,8 @@ pub enum Kind {
     PageRequest = 7,
     /// Target → source, post-copy: every page is in; the source may exit.
     Complete = 8,
+    /// Source → target, first of all: the one-time secret.
+    Auth = 9,
 }
 
 impl Kind {
@@ -95,6 +107,7 @@ impl Kind {
             6 => Kind::Postcopy,
             7 => Kind::PageRequest,
             8 => Kind::Complete,
+            9 => Kind::Auth,
             _ => return None,
         })
     }
@@ -178,23 +191,73 @@ pub fn write_message(w: &mut dyn Write, kind: Kind, payload: &[u8]) -> Result<u6
 /// side reads only what has arrived, so it can also send): bytes are
 /// buffered until a whole message is there, then checked as
 /// [`read_message`] checks them.
-#[derive(Default)]
+///
+/// The buffer never holds more than one largest message (its frame and
+/// `max_payload` bytes) plus one read chunk: a peer that streams without
+/// end, or announces a message above the bound, gets an error, not a
+/// host that buffers without limit.
 pub struct MessageBuffer {
     buf: Vec<u8>,
+    max_payload: usize,
 }
 
+impl Default for MessageBuffer {
+    fn default() -> Self {
+        MessageBuffer::new(MAX_PAYLOAD)
+    }
+}
+
+/// Bytes a [`MessageBuffer::fill`] reads at a time.
+const FILL_CHUNK: usize = 64 << 10;
+
 impl MessageBuffer {
+    /// A buffer for messages of at most `max_payload` bytes (at most
+    /// [`MAX_PAYLOAD`]).
+    pub fn new(max_payload: usize) -> MessageBuffer {
+        MessageBuffer {
+            buf: Vec::new(),
+            max_payload: max_payload.min(MAX_PAYLOAD),
+        }
+    }
+
+    /// Bytes buffered (whole messages not taken yet and a partial one).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The frame header at the front claims more than the bound.
+    fn check_front(&self) -> Result<()> {
+        if self.buf.len() >= FRAME_LEN {
+            let len =
+                u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+            if len > self.max_payload {
+                return Err(MigrationError::Corrupt(format!(
+                    "a message claims {len} bytes (at most {} here)",
+                    self.max_payload
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Read what `r` has: reads until one returns less than a full chunk
-    /// (a timeout is not an error). Call it when the socket is readable.
+    /// (a timeout is not an error) or a whole largest message is
+    /// buffered. Call it when the socket is readable.
     pub fn fill(&mut self, r: &mut dyn Read) -> Result<()> {
-        let mut chunk = vec![0u8; 64 << 10];
+        let mut chunk = vec![0u8; FILL_CHUNK];
         loop {
+            self.check_front()?;
+            if self.buf.len() >= FRAME_LEN + self.max_payload {
+                // At least one whole message is here: let the caller
+                // take it before reading more.
+                return Ok(());
+            }
             match r.read(&mut chunk) {
                 Ok(0) => return Err(MigrationError::Closed),
                 Ok(n) => {
                     self.buf.extend_from_slice(&chunk[..n]);
                     if n < chunk.len() {
-                        return Ok(());
+                        return self.check_front();
                     }
                 }
                 Err(e)
@@ -217,18 +280,14 @@ impl MessageBuffer {
         if self.buf.len() < FRAME_LEN {
             return Ok(None);
         }
+        self.check_front()?;
         let len = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(MigrationError::Corrupt(format!(
-                "a message claims {len} bytes (at most {MAX_PAYLOAD})"
-            )));
-        }
         if self.buf.len() < FRAME_LEN + len {
             return Ok(None);
         }
         let rest = self.buf.split_off(FRAME_LEN + len);
         let whole = std::mem::replace(&mut self.buf, rest);
-        read_message(&mut whole.as_slice()).map(Some)
+        read_message_limited(&mut whole.as_slice(), self.max_payload).map(Some)
     }
 }
 
@@ -252,7 +311,9 @@ pub fn decode_bitmaps(payload: &[u8], mem: &GuestMemory) -> Result<Vec<Vec<u64>>
     let bad = |what: &str| MigrationError::Corrupt(format!("post-copy page list: {what}"));
     let mut at = 0usize;
     let u32_at = |p: &[u8], at: &mut usize| -> Result<u32> {
-        let b = p.get(*at..*at + 4).ok_or_else(|| bad("truncated"))?;
+        let b = p
+            .get(*at..at.saturating_add(4))
+            .ok_or_else(|| bad("truncated"))?;
         *at += 4;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
@@ -269,10 +330,12 @@ pub fn decode_bitmaps(payload: &[u8], mem: &GuestMemory) -> Result<Vec<Vec<u64>>
         if words != r.len().div_ceil(PAGE_SIZE).div_ceil(64) as usize {
             return Err(bad("a bitmap does not fit its region"));
         }
-        let bytes = payload
-            .get(at..at + words * 8)
-            .ok_or_else(|| bad("truncated"))?;
-        at += words * 8;
+        let end = words
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(at))
+            .ok_or_else(|| bad("a bitmap length overflows"))?;
+        let bytes = payload.get(at..end).ok_or_else(|| bad("truncated"))?;
+        at = end;
         out.push(
             bytes
                 .chunks_exact(8)
@@ -314,17 +377,27 @@ pub fn decode_request(payload: &[u8]) -> Result<(u32, u64)> {
 
 /// Read one message and check its length and checksum.
 pub fn read_message(r: &mut dyn Read) -> Result<(Kind, Vec<u8>)> {
+    read_message_limited(r, MAX_PAYLOAD)
+}
+
+/// [`read_message`] refusing payloads above `max` bytes. The payload
+/// buffer grows with what arrives, not with what the length claims.
+pub fn read_message_limited(r: &mut dyn Read, max: usize) -> Result<(Kind, Vec<u8>)> {
     let mut h = [0u8; FRAME_LEN];
     read_exact(r, &mut h)?;
     let len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize;
     let crc = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
-    if len > MAX_PAYLOAD {
+    let max = max.min(MAX_PAYLOAD);
+    if len > max {
         return Err(MigrationError::Corrupt(format!(
-            "a message claims {len} bytes (at most {MAX_PAYLOAD})"
+            "a message claims {len} bytes (at most {max})"
         )));
     }
-    let mut payload = vec![0u8; len];
-    read_exact(r, &mut payload)?;
+    let mut payload = Vec::with_capacity(len.min(1 << 20));
+    r.take(len as u64).read_to_end(&mut payload)?;
+    if payload.len() != len {
+        return Err(MigrationError::Closed);
+    }
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&h[..5]);
     hasher.update(&payload);
@@ -371,7 +444,8 @@ pub fn decode_pages(payload: &[u8]) -> Result<(u32, Vec<u64>, &[u8])> {
     if count > PAGES_PER_MESSAGE {
         return Err(bad(format!("{count} pages (at most {PAGES_PER_MESSAGE})")));
     }
-    let want = 8 + count * 8 + count * PAGE_SIZE as usize;
+    // count <= PAGES_PER_MESSAGE, so this cannot overflow.
+    let want = 8 + count * (8 + PAGE_SIZE as usize);
     if payload.len() != want {
         return Err(bad(format!(
             "{} bytes for {count} pages, expected {want}",
@@ -397,25 +471,84 @@ pub fn apply_pages(mem: &GuestMemory, region: u32, pages: &[u64], data: &[u8]) -
             "pages for memory region {region}, which does not exist"
         ))
     })?;
-    let region_pages = r.len() / PAGE_SIZE;
+    if data.len() != pages.len().saturating_mul(PAGE_SIZE as usize) {
+        return Err(MigrationError::Corrupt(format!(
+            "{} bytes for {} pages",
+            data.len(),
+            pages.len()
+        )));
+    }
     for (page, bytes) in pages.iter().zip(data.chunks_exact(PAGE_SIZE as usize)) {
-        if *page >= region_pages {
-            return Err(MigrationError::Corrupt(format!(
-                "page {page} is outside memory region {region} ({region_pages} pages)"
-            )));
-        }
-        // SAFETY: `page < region_pages`, so the 4 KiB at this offset lie
+        let offset = page_offset(r.len(), *page).ok_or_else(|| {
+            MigrationError::Corrupt(format!(
+                "page {page} is outside memory region {region} ({} pages)",
+                r.len() / PAGE_SIZE
+            ))
+        })?;
+        // SAFETY: `page_offset` checked that the 4 KiB at `offset` lie
         // inside the region's live mapping owned by `mem`; no vCPU runs
         // on this memory yet and `bytes` is a separate buffer.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
-                r.as_ptr().add((page * PAGE_SIZE) as usize),
+                r.as_ptr().add(offset),
                 PAGE_SIZE as usize,
             )
         };
     }
     Ok(())
+}
+
+/// The byte offset of page `page` in a region of `region_len` bytes, if
+/// the whole page lies inside it (a page number from a peer may be
+/// anything: no overflow, no page past the end).
+pub fn page_offset(region_len: u64, page: u64) -> Option<usize> {
+    let start = page.checked_mul(PAGE_SIZE)?;
+    let end = start.checked_add(PAGE_SIZE)?;
+    if end > region_len {
+        return None;
+    }
+    usize::try_from(start).ok()
+}
+
+/// Compare a secret the peer sent with the expected one in time that
+/// depends only on their lengths (not on where they first differ), so a
+/// peer learns nothing from how fast it is refused.
+pub fn secrets_equal(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    let diff = given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    std::hint::black_box(diff) == 0
+}
+
+/// The `Auth` message a source sends first: its secret (empty for none).
+pub fn auth_message(secret: &[u8]) -> Vec<u8> {
+    frame(Kind::Auth, secret)
+}
+
+/// Read the first message of a connection, which must be `Auth`, and
+/// return the secret it carries. A peer that starts with the stream
+/// header instead (a vireo from before authentication) is told so.
+pub fn read_auth(r: &mut dyn Read) -> Result<Vec<u8>> {
+    let mut h = [0u8; FRAME_LEN];
+    read_exact(r, &mut h)?;
+    if h[..8] == MAGIC[..] {
+        return Err(MigrationError::Corrupt(
+            "the source sent no authentication (a vireo older than this one?): migrate between matching vireo versions".into(),
+        ));
+    }
+    let mut chained = (&h[..]).chain(r);
+    let (kind, payload) = read_message_limited(&mut chained, MAX_SECRET)?;
+    if kind != Kind::Auth {
+        return Err(MigrationError::Corrupt(format!(
+            "expected the authentication first, got {kind:?}"
+        )));
+    }
+    Ok(payload)
 }
 
 /// The bytes of page `page` of `region` (the guest may write it while it
@@ -445,6 +578,81 @@ pub fn is_zero(page: &[u8]) -> bool {
         unsafe { page.align_to::<u64>() }
     };
     head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+/// Run every decoder of the stream over arbitrary bytes, as a fuzz
+/// target does (`cargo fuzz run migration_stream`): the bytes as a whole
+/// target-side stream (auth, header, messages, each payload decoded and
+/// pages applied to a small guest memory), as each payload alone, as one
+/// message of the kind the first byte names with a valid checksum (so the
+/// payload decoders are reached past the CRC), and through a
+/// [`MessageBuffer`] fed in pieces. Nothing here may panic, hang or
+/// allocate much beyond the input; errors are the expected outcome.
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) {
+    thread_local! {
+        // Two small regions, so region indices and per-region bitmaps
+        // are exercised; made once per thread (fuzzers call this often).
+        static MEM: Option<GuestMemory> = GuestMemory::from_ranges(&[
+            (vm_memory::GuestAddress(0), 64 << 10),
+            (vm_memory::GuestAddress(1 << 20), 32 << 10),
+        ])
+        .ok();
+    }
+    MEM.with(|mem| {
+        let Some(mem) = mem.as_ref() else { return };
+        let payload = |kind: Kind, p: &[u8]| -> Result<()> {
+            match kind {
+                Kind::Config => drop(decode_config(p)?),
+                Kind::Pages => {
+                    let (region, pages, bytes) = decode_pages(p)?;
+                    apply_pages(mem, region, &pages, bytes)?;
+                }
+                Kind::Postcopy => drop(decode_bitmaps(p, mem)?),
+                Kind::PageRequest => drop(decode_request(p)?),
+                Kind::State | Kind::Ack | Kind::Error | Kind::Complete | Kind::Auth => {}
+            }
+            Ok(())
+        };
+        // As a stream.
+        let mut r = data;
+        let _ = (|| -> Result<()> {
+            read_auth(&mut r)?;
+            read_header(&mut r)?;
+            for _ in 0..64 {
+                let (kind, p) = read_message_limited(&mut r, MAX_PAGES_PAYLOAD)?;
+                payload(kind, &p)?;
+            }
+            Ok(())
+        })();
+        // Each payload decoder alone.
+        for kind in [Kind::Config, Kind::Pages, Kind::Postcopy, Kind::PageRequest] {
+            let _ = payload(kind, data);
+        }
+        let _ = read_header(&mut &data[..]);
+        let _ = read_auth(&mut &data[..]);
+        // One well-framed message of the kind the first byte names.
+        if let Some((&k, rest)) = data.split_first() {
+            if let Some(kind) = Kind::from_u8(k % 10) {
+                let f = frame(kind, rest);
+                if let Ok((kind, p)) = read_message(&mut &f[..]) {
+                    let _ = payload(kind, &p);
+                }
+            }
+        }
+        // Through a message buffer, in pieces of a size the input picks.
+        let piece = usize::from(data.first().copied().unwrap_or(1)).max(1);
+        let mut buf = MessageBuffer::new(MAX_PAGES_PAYLOAD);
+        for part in data.chunks(piece) {
+            if buf.fill(&mut &part[..]).is_err() {
+                break;
+            }
+            while let Ok(Some((kind, p))) = buf.next_message() {
+                let _ = payload(kind, &p);
+            }
+            assert!(buf.buffered() <= FRAME_LEN + MAX_PAGES_PAYLOAD + FILL_CHUNK);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -584,5 +792,218 @@ mod tests {
         let mut p = [0u8; 4096];
         p[4095] = 1;
         assert!(!is_zero(&p));
+    }
+
+    /// A reader that hands out `left` bytes of `byte`, then would block.
+    struct Flood {
+        left: usize,
+        reads: usize,
+    }
+    impl Read for Flood {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.reads += 1;
+            if self.left == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.left);
+            buf[..n].fill(0);
+            // A frame header of kind 2 claiming a small payload, then
+            // zeros: an endless run of (bad-checksum) messages.
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_message_buffer_stays_bounded_whatever_the_peer_sends() {
+        // A peer that announces a message above the bound is refused as
+        // soon as the frame header is in, before its payload is read.
+        let mut f = frame(Kind::Pages, b"");
+        f[1..5].copy_from_slice(&(MAX_PAGES_PAYLOAD as u32 + 1).to_le_bytes());
+        let mut buf = MessageBuffer::new(MAX_PAGES_PAYLOAD);
+        let e = buf.fill(&mut &f[..]).unwrap_err();
+        assert!(e.to_string().contains("claims"), "{e}");
+        // A peer that streams without end: each fill stops once a largest
+        // message is buffered, however much more is there to read (the
+        // old buffer read all 1 GiB in one call).
+        let mut flood = Flood {
+            left: 1 << 30,
+            reads: 0,
+        };
+        let mut buf = MessageBuffer::new(MAX_PAGES_PAYLOAD);
+        buf.fill(&mut flood).unwrap();
+        assert!(
+            buf.buffered() <= FRAME_LEN + MAX_PAGES_PAYLOAD + FILL_CHUNK,
+            "{} bytes buffered",
+            buf.buffered()
+        );
+        assert!(flood.left > 0);
+        // Zeros are a message of kind 0: refused, not buffered on.
+        assert!(buf.next_message().is_err());
+        // read_message_limited refuses above its bound too.
+        let big = frame(Kind::Error, &[b'x'; 2000]);
+        assert!(matches!(
+            read_message_limited(&mut &big[..], 1000),
+            Err(MigrationError::Corrupt(_))
+        ));
+        assert!(read_message_limited(&mut &big[..], 2000).is_ok());
+    }
+
+    #[test]
+    fn a_length_claimed_but_not_sent_allocates_nothing_big() {
+        // 64 MiB claimed, 3 bytes sent: the peer closed, and the payload
+        // buffer grew with the 3 bytes only (no 64 MiB zeroed up front).
+        let mut f = frame(Kind::State, b"abc");
+        f[1..5].copy_from_slice(&(MAX_PAYLOAD as u32).to_le_bytes());
+        assert!(matches!(
+            read_message(&mut &f[..]),
+            Err(MigrationError::Closed)
+        ));
+    }
+
+    #[test]
+    fn forged_page_numbers_and_regions_get_errors_not_panics() {
+        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let page = vec![7u8; PAGE_SIZE as usize];
+        for (region, p) in [
+            (0u32, 256u64),            // one past the end
+            (0, u64::MAX),             // page * 4096 overflows
+            (0, u64::MAX / PAGE_SIZE), // start fits, end overflows
+            (0, 1 << 52),              // wraps to 0 in 64 bits
+            (u32::MAX, 0),             // no such region
+        ] {
+            let msg = encode_pages(region, &[p], &page);
+            let (r, pages, data) = decode_pages(&msg).unwrap();
+            assert!(
+                apply_pages(&mem, r, &pages, data).is_err(),
+                "region {region} page {p} was applied"
+            );
+        }
+        assert_eq!(page_offset(1 << 20, 255), Some(255 << 12));
+        assert_eq!(page_offset(1 << 20, 256), None);
+        assert_eq!(page_offset(u64::MAX, u64::MAX), None);
+        // Data that does not match the page list.
+        assert!(apply_pages(&mem, 0, &[1, 2], &page).is_err());
+        // Bitmaps: wrong region count, a word count that would overflow,
+        // truncation, trailing bytes.
+        let good = encode_bitmaps(&[vec![0u64; 4]]);
+        assert!(decode_bitmaps(&good, &mem).is_ok());
+        let mut huge = 1u32.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_bitmaps(&huge, &mem).is_err());
+        assert!(decode_bitmaps(&encode_bitmaps(&[vec![0u64; 4], vec![]]), &mem).is_err());
+        assert!(decode_bitmaps(&good[..good.len() - 1], &mem).is_err());
+        assert!(decode_bitmaps(&[good.clone(), vec![0]].concat(), &mem).is_err());
+        assert!(decode_bitmaps(&[1, 0], &mem).is_err());
+        assert!(decode_request(&[0; 11]).is_err());
+    }
+
+    #[test]
+    fn the_secret_comes_first_and_is_compared_whole() {
+        let m = auth_message(b"s3cret");
+        assert_eq!(read_auth(&mut &m[..]).unwrap(), b"s3cret");
+        assert!(secrets_equal(b"s3cret", b"s3cret"));
+        for other in [&b"s3creT"[..], b"s3cre", b"s3crets", b""] {
+            assert!(!secrets_equal(other, b"s3cret"), "{other:?}");
+        }
+        // An old source starts with the header: told why.
+        let e = read_auth(&mut &header()[..]).unwrap_err();
+        assert!(e.to_string().contains("no authentication"), "{e}");
+        // Another message first, an oversize secret, nothing at all.
+        let ack = frame(Kind::Ack, b"");
+        assert!(read_auth(&mut &ack[..]).is_err());
+        let long = auth_message(&vec![b'a'; MAX_SECRET + 1]);
+        assert!(read_auth(&mut &long[..]).is_err());
+        assert!(matches!(
+            read_auth(&mut &[][..]),
+            Err(MigrationError::Closed)
+        ));
+    }
+
+    /// A stream a real source could send, auth included.
+    fn valid_stream() -> Vec<u8> {
+        let mut out = auth_message(b"0123456789abcdef");
+        out.extend_from_slice(&stream());
+        let mut bitmaps = Vec::new();
+        write_message(
+            &mut bitmaps,
+            Kind::Postcopy,
+            &encode_bitmaps(&[vec![1u64; 1], vec![3u64; 1]]),
+        )
+        .unwrap();
+        out.extend_from_slice(&bitmaps);
+        out
+    }
+
+    /// xorshift64*: a deterministic stream of pseudo-random numbers.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed.max(1);
+        move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    /// The fuzz target's body over a few thousand seeded inputs: random
+    /// bytes, random framed messages, and mutations of a valid stream
+    /// (bit flips, truncation, spliced lengths). Any panic fails the test.
+    #[test]
+    fn fuzz_decode_survives_seeded_inputs() {
+        let valid = valid_stream();
+        let mut next = rng(0x5eed);
+        fuzz_decode(&valid);
+        fuzz_decode(&[]);
+        for i in 0..3000u64 {
+            let input: Vec<u8> = match i % 4 {
+                0 => {
+                    let len = (next() % 512) as usize;
+                    (0..len).map(|_| next() as u8).collect()
+                }
+                1 => {
+                    // A message of a random kind with a random payload,
+                    // framed with a right checksum.
+                    let kind = (next() % 10) as u8;
+                    let len = (next() % 64) as usize;
+                    let mut p: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                    if kind == 2 && next() % 2 == 0 {
+                        // A page message with a plausible shape.
+                        let count = (next() % 3) as u32;
+                        p = encode_pages(
+                            (next() % 3) as u32,
+                            &(0..count).map(|_| next() % 40).collect::<Vec<_>>(),
+                            &vec![0u8; count as usize * PAGE_SIZE as usize],
+                        );
+                    }
+                    [vec![kind], p].concat()
+                }
+                _ => {
+                    let mut b = valid.clone();
+                    for _ in 0..1 + next() % 4 {
+                        let at = (next() as usize) % b.len();
+                        match next() % 3 {
+                            0 => b[at] ^= 1 << (next() % 8),
+                            1 => b[at] = next() as u8,
+                            _ => {
+                                // A length field overwritten with an
+                                // extreme value.
+                                let v =
+                                    [u32::MAX, MAX_PAYLOAD as u32 + 1, 0][(next() % 3) as usize];
+                                let end = (at + 4).min(b.len());
+                                let n = end - at;
+                                b[at..end].copy_from_slice(&v.to_le_bytes()[..n]);
+                            }
+                        }
+                    }
+                    if next() % 4 == 0 {
+                        let keep = (next() as usize) % b.len();
+                        b.truncate(keep);
+                    }
+                    b
+                }
+            };
+            fuzz_decode(&input);
+        }
     }
 }
