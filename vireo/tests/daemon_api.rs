@@ -1592,7 +1592,9 @@ impl Env {
     /// Start this Env's daemon with a TLS listener on 127.0.0.1 too (a
     /// self-signed certificate for 127.0.0.1 in cert.pem/key.pem); returns
     /// its port.
-    fn start_daemon_tls(&mut self) -> u16 {
+    /// A daemon on TLS whose storage directories are its own and
+    /// `shared` (the source's, as shared storage mounted at the same path).
+    fn start_daemon_tls(&mut self, shared: &Path) -> u16 {
         let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
             .expect("a self-signed certificate");
         let cert = self.dir.write("cert.pem", ck.cert.pem().as_bytes());
@@ -1602,6 +1604,8 @@ impl Env {
         let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
         let mut args = self.serve_args(&self.socket());
         args.extend([
+            "--storage".into(),
+            shared.display().to_string(),
             "--listen".into(),
             "tcp:127.0.0.1:0".into(),
             "--tls-cert".into(),
@@ -1636,12 +1640,14 @@ impl Env {
 /// `vireo vm migrate` moves a running VM from one daemon to another over
 /// the target's TLS API and a TLS migration stream: the guest counts on
 /// there from where it was, the source forgets it. A target that refuses
-/// (the name is taken) leaves the VM running on the source.
+/// (the name is taken) leaves the VM running on the source. The VM's files
+/// are on storage both daemons have (the source's directory); a target
+/// without it refuses the VM by path.
 #[test]
 fn a_vm_migrates_live_between_two_daemons() {
     let src = Env::new("daemon-mig-src");
     let mut dst = Env::without_daemon("daemon-mig-dst");
-    let port = dst.start_daemon_tls();
+    let port = dst.start_daemon_tls(src.dir.path());
     let to = format!("https://127.0.0.1:{port}");
     let out = run_vireo_args(
         &[
