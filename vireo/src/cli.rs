@@ -55,11 +55,11 @@ Examples:
   vireo run --kernel vmlinuz --initrd initrd.img --cpus 2 --memory 512
   vireo run --kernel vmlinux --cmdline 'console=ttyS0 panic=-1 reboot=k'
   vireo run --kernel vmlinux --accel emu      # no /dev/kvm: software emulator
-  vireo run --image guest-kit --disk path=disk.qcow2 --net tap=tap0 --rng --balloon
+  vireo run --image guest-kit --disk path=disk.qcow2,format=qcow2 --net tap=tap0 --rng --balloon
   vireo run --image guest-kit --vsock cid=3,socket=/tmp/vm.vsock   # host port P: /tmp/vm.vsock_P
   vireo run --kernel vmlinux --control-socket /tmp/vm.sock   # then: echo 'snapshot /tmp/snap1' | nc -U /tmp/vm.sock
   vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot (disks rolled back)
-  vireo run --restore /tmp/snap1 --restore-lazy --disk id=root,path=clone.qcow2 --net id=net0,tap=tap1   # a clone
+  vireo run --restore /tmp/snap1 --restore-lazy --disk id=root,path=clone.qcow2,format=qcow2 --net id=net0,tap=tap1   # a clone
   vireo run --migrate-from tcp:0.0.0.0:4444                  # target of a live migration; then on the
                                                              # source: echo 'migrate-to tcp:HOST:4444' | nc -U /tmp/vm.sock
 

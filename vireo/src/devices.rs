@@ -63,6 +63,10 @@ pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         .map(|s| BlockConfig::from_options(s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(usage)?;
+    for d in &disks {
+        d.check_format_given()
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+    }
     let nets = args
         .net
         .iter()

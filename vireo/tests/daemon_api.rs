@@ -1513,7 +1513,7 @@ fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
         "/v1/vms",
         Some(
             json!({"name": "d", "kernel": kernel, "memory_mib": 32, "accel": "emu",
-                    "disks": [format!("path={},id=data", disk.display())]}),
+                    "disks": [format!("path={},id=data,format=raw", disk.display())]}),
         ),
     );
     assert_eq!(status, 201, "{v}");

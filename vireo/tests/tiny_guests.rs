@@ -617,3 +617,45 @@ fn acpi_power_button_reaches_the_guest_as_an_sci() {
     let status = vm.wait("the guest to power off");
     assert_eq!(status.code(), Some(0), "{}", vm.output());
 }
+
+/// A raw disk onto which a guest wrote a qcow2 header whose backing file
+/// is a host file: vireo never reads it as qcow2 for a writable disk.
+#[test]
+fn a_writable_disk_without_format_is_refused_and_never_probed() {
+    require_kvm!();
+    let dir = TempDir::new("noformat");
+    let kernel = good_kernel(&dir);
+    let scratch = dir.path().join("scratch.qcow2");
+    vireo_block::create_qcow2(
+        &scratch,
+        1 << 20,
+        64 << 10,
+        Some(("/etc/hostname", vireo_block::Format::Raw)),
+    )
+    .expect("create");
+    let mut bytes = std::fs::read(&scratch).expect("read");
+    bytes.resize(1 << 20, 0);
+    let disk = dir.write("vda.raw", &bytes);
+    let disk = disk.display().to_string();
+
+    let out = run_vireo(&kernel, &["--disk", &format!("path={disk}")], RUN_TIMEOUT);
+    assert_bad_input(
+        &out,
+        &[&format!("--disk path={disk}"), "format=raw", "guess"],
+    );
+    // Asked to read it as qcow2, the backing name outside the disk's
+    // directory is refused.
+    let out = run_vireo(
+        &kernel,
+        &["--disk", &format!("path={disk},format=qcow2,readonly=on")],
+        RUN_TIMEOUT,
+    );
+    assert_bad_input(&out, &["/etc/hostname", "is refused", "outside"]);
+    // As raw it is just the guest's bytes: the VM runs.
+    let out = run_vireo(
+        &kernel,
+        &["--disk", &format!("path={disk},format=raw")],
+        RUN_TIMEOUT,
+    );
+    out.assert_status(0);
+}
