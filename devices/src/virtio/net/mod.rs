@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use vireo_vmcore::memory::GuestMemory;
 use virtio_bindings::virtio_net as vn;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -575,6 +576,27 @@ impl Bufs {
     }
 }
 
+/// Marks the first `n` bytes of `chains`' buffers dirty in guest memory's
+/// bitmap: readv wrote them through host pointers, which neither
+/// vm-memory's bitmap nor the hypervisor's dirty log sees, and a migration
+/// or diff snapshot that missed them would carry stale frame data.
+fn mark_read_dirty<'a>(mem: &GuestMemory, chains: impl Iterator<Item = &'a RxChain>, mut n: usize) {
+    for c in chains {
+        for &(addr, len) in &c.bufs.guest {
+            if n == 0 {
+                return;
+            }
+            let k = len.min(n);
+            // The buffers were translated when popped and the mapping is
+            // kept alive, so every slice is found again.
+            for s in GuestMemoryBackend::get_slices(mem, addr, k).flatten() {
+                s.bitmap().mark_dirty(0, s.len());
+            }
+            n -= k;
+        }
+    }
+}
+
 /// Write `data` at byte `offset` of the buffer `descs` describe.
 fn write_chain_at(
     mem: &GuestMemory,
@@ -883,7 +905,15 @@ impl NetWorker {
                 iov_base: self.rx.overflow.as_mut_ptr().cast(),
                 iov_len: self.rx.overflow.len(),
             });
-            match self.tap.readv(&iovs) {
+            let read = self.tap.readv(&iovs);
+            if let Ok(n) = read {
+                mark_read_dirty(
+                    &self.mem,
+                    self.rx.chains.iter().take(take),
+                    n.min(guest_cap),
+                );
+            }
+            match read {
                 Ok(n)
                     if !(VNET_HDR_LEN..=MAX_FRAME).contains(&n)
                         || (!self.mrg_rxbuf && n > guest_cap) =>

@@ -4,6 +4,7 @@
 //! the TAP) vanish with the test's thread.
 
 use super::*;
+use std::collections::BTreeSet;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
@@ -652,6 +653,34 @@ fn rx_frame_lands_in_guest_buffer_with_header() {
         let s = r.stats();
         assert_eq!((s.rx_packets, s.rx_bytes, s.rx_dropped), (1, 1000, 0));
         assert!(r.irq.rx.load(Ordering::SeqCst) >= 1, "no rx interrupt");
+    });
+}
+
+#[test]
+fn rx_frames_read_from_the_tap_are_marked_dirty() {
+    with_rig("", bit(vn::VIRTIO_NET_F_MRG_RXBUF), |r| {
+        let page = 4096u64;
+        // The header alone on one page; the data buffer from the middle
+        // of a page over the next, pages the device touches with nothing
+        // but readv.
+        let data = RX_BUFS + 0x2f00;
+        r.add_chain(false, &[(RX_BUFS, 12, true), (data, 2048, true)]);
+        let f = frame(1400, 3);
+        let _ = vireo_vmcore::memory::take_device_dirty(r.mem);
+        r.kick_rx();
+        r.pkt.send(&f);
+        r.wait_used(false, 1);
+        assert_eq!(r.read(data, 1400), f);
+        let dirty = vireo_vmcore::memory::take_device_dirty(r.mem);
+        let pages: BTreeSet<u64> = vireo_hypervisor::dirty::dirty_pages(&dirty[0]).collect();
+        for p in [RX_BUFS / page, data / page, (data + 1399) / page] {
+            assert!(pages.contains(&p), "page {p:#x} not dirty: {pages:x?}");
+        }
+        // Only what was written: the buffer's unused tail page is clean.
+        let tail = (data + 2047) / page;
+        if tail != (data + 1399) / page {
+            assert!(!pages.contains(&tail), "page {tail:#x} dirty: {pages:x?}");
+        }
     });
 }
 
