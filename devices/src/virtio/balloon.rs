@@ -36,7 +36,7 @@ use vm_memory::{GuestAddress, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::worker::{EpollCtl, EventHandler, Worker};
+use super::worker::{rekick, EpollCtl, EventHandler, Worker, CHAINS_PER_WAKEUP};
 use super::{
     device_type, features, read_config_bytes, ActivateError, Activation, ActiveQueue, Interrupt,
     InterruptKind, Queue, VirtioDevice,
@@ -701,15 +701,24 @@ impl BalloonWorker {
     fn process_pfns(&mut self, inflate: bool) -> bool {
         let memory = self.memory.clone();
         let mut used_any = false;
+        let mut served = 0usize;
         loop {
             let role = if inflate {
                 &mut self.inflate
             } else {
                 &mut self.deflate
             };
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&role.notify, "virtio-balloon") {
+                    return false;
+                }
+                break;
+            }
             let Some(chain) = role.queue.pop_descriptor_chain(&memory) else {
                 break;
             };
+            served += 1;
             let head = chain.head_index();
             if chain.clone().writable().next().is_some() {
                 Self::warn_once(
@@ -813,7 +822,19 @@ impl BalloonWorker {
             return true;
         };
         let mut returned = false;
-        while let Some(chain) = role.queue.pop_descriptor_chain(&memory) {
+        let mut served = 0usize;
+        loop {
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&role.notify, "virtio-balloon") {
+                    return false;
+                }
+                break;
+            }
+            let Some(chain) = role.queue.pop_descriptor_chain(&memory) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             // Each report stands alone: a statistic the guest stopped
             // sending is gone.
@@ -873,13 +894,22 @@ impl BalloonWorker {
     fn process_reports(&mut self) -> bool {
         let memory = self.memory.clone();
         let mut used_any = false;
+        let mut served = 0usize;
         loop {
             let Some(role) = self.reporting.as_mut() else {
                 return true;
             };
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&role.notify, "virtio-balloon") {
+                    return false;
+                }
+                break;
+            }
             let Some(chain) = role.queue.pop_descriptor_chain(&memory) else {
                 break;
             };
+            served += 1;
             let head = chain.head_index();
             let mut reported = 0u64;
             for desc in chain {
@@ -1016,6 +1046,33 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn page_lists_and_reports_beyond_the_budget_are_served_on_later_wakeups() {
+        // ALL has no EVENT_IDX: each wakeup that used chains interrupts.
+        let (_b, mut drv) = started_all();
+        // Page lists naming a frame outside guest RAM: returned, ignored.
+        let outside = (MEM as u64 / PAGE) as u32 + 10;
+        let len = page_list(&drv, LIST, &[outside]);
+        for q in [0u16, 1] {
+            drv.served_over_wakeups(
+                q,
+                200,
+                CHAINS_PER_WAKEUP,
+                |_| Desc::readable(LIST, len),
+                |_| 0,
+            );
+        }
+        // Free page reports smaller than a page: nothing to discard.
+        drv.served_over_wakeups(
+            3,
+            200,
+            CHAINS_PER_WAKEUP,
+            |i| Desc::writable(TOUCHED + u64::from(i) * PAGE + 1, 16),
+            |_| 0,
+        );
+        assert!(resident(&drv, TOUCHED, 200 * PAGE).iter().all(|r| *r));
     }
 
     #[test]
