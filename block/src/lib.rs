@@ -205,13 +205,22 @@ pub fn open_probed(path: &Path, options: OpenOptions<'_>) -> Result<Box<dyn Disk
 /// Describes an image and its whole backing chain, top first. The top's
 /// format is `format` or, when `None`, detected by its magic number (an
 /// operator's look at a file, as `qemu-img info` does); the backing files
-/// are confined as for [`open_as`].
-pub fn info(path: &Path, format: Option<Format>) -> Result<Vec<LayerInfo>> {
+/// are confined as for [`open_as`] (to their overlay's directory and
+/// `backing_dirs`).
+pub fn info(
+    path: &Path,
+    format: Option<Format>,
+    backing_dirs: &[PathBuf],
+) -> Result<Vec<LayerInfo>> {
     let format = match format {
         Some(f) => f,
         None => probe(path)?,
     };
-    let mut image = open_as(path, format, OpenOptions::read_only())?;
+    let options = OpenOptions {
+        read_only: true,
+        backing_dirs,
+    };
+    let mut image = open_as(path, format, options)?;
     let mut layers = Vec::new();
     let mut current: Option<&mut dyn DiskImage> = Some(image.as_mut());
     while let Some(layer) = current {
@@ -560,7 +569,7 @@ mod tests {
             create_qcow2(&p(n), 1 << 20, 65536, Some((&below, Format::Qcow2))).expect("create");
         }
         // base.raw + l0..l15 = 17 files: the top has 16 below it.
-        let chain = info(&p(MAX_BACKING_DEPTH - 1), Some(Format::Qcow2))
+        let chain = info(&p(MAX_BACKING_DEPTH - 1), Some(Format::Qcow2), &[])
             .expect("a chain at the limit opens");
         assert_eq!(chain.len(), MAX_BACKING_DEPTH + 1);
         assert_eq!(chain.last().map(|l| l.format), Some(Format::Raw));
@@ -744,7 +753,7 @@ mod tests {
             Some(("../sub/inner.raw", Format::Raw)),
         )
         .expect("create");
-        let layers = info(&top, Some(Format::Qcow2)).expect("inside the directory");
+        let layers = info(&top, Some(Format::Qcow2), &[]).expect("inside the directory");
         assert_eq!(layers.len(), 2);
     }
 
@@ -763,7 +772,7 @@ mod tests {
             .expect("a backing format extension");
         bytes[ext..ext + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
         std::fs::write(&top, &bytes).expect("write");
-        let layers = info(&top, Some(Format::Qcow2)).expect("open");
+        let layers = info(&top, Some(Format::Qcow2), &[]).expect("open");
         assert_eq!(layers[0].backing_format, None);
         assert_eq!(layers[1].format, Format::Raw, "never probed");
     }

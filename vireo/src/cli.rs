@@ -158,6 +158,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "OPTS")]
     pub disk: Vec<String>,
 
+    /// A directory backing files of --disk images may also live in
+    /// (repeatable; a daemon's storage directories). Without it a qcow2
+    /// image's backing file must be in the image's own directory.
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
+
     /// A virtio-net device on a TAP (repeatable):
     /// `tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,bw=100M][,ops=20000]`.
     /// The TAP is opened or created (that needs CAP_NET_ADMIN, or a TAP made
@@ -287,6 +293,11 @@ pub struct ImageCreateArgs {
     /// qcow2 cluster size: a power of two from 512 to 2M.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
     pub cluster_size: u64,
+
+    /// A directory the backing image's own backing files may also live in
+    /// (repeatable).
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -298,6 +309,11 @@ pub struct ImageInfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// A directory backing files may also live in (repeatable); without
+    /// it each backing file must be in its overlay's directory.
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -317,6 +333,11 @@ pub struct ImageConvertArgs {
     /// qcow2 cluster size of DST: a power of two from 512 to 2M.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
     pub cluster_size: u64,
+
+    /// A directory SRC's backing files may also live in (repeatable);
+    /// without it each backing file must be in its overlay's directory.
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
 }
 
 /// Parses a size: bytes, or a number with a K, M, G, T or P suffix

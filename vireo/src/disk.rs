@@ -44,8 +44,12 @@ pub fn create(args: ImageCreateArgs) -> Result<(), Failure> {
             // The operator names this file: detecting its format is what
             // qemu-img does too, and the format found is recorded in the
             // overlay so nothing guesses it again.
+            let options = OpenOptions {
+                read_only: true,
+                backing_dirs: &args.backing_dir,
+            };
             let image = vireo_block::probe(&resolved)
-                .and_then(|f| vireo_block::open_as(&resolved, f, OpenOptions::read_only()))
+                .and_then(|f| vireo_block::open_as(&resolved, f, options))
                 .map_err(|e| {
                     Failure::Usage(format!(
                         "backing file: {e}{}",
@@ -88,7 +92,7 @@ pub fn create(args: ImageCreateArgs) -> Result<(), Failure> {
 
 /// `vireo image info`.
 pub fn info(args: ImageInfoArgs) -> Result<(), Failure> {
-    let layers = vireo_block::info(&args.file, None).map_err(usage)?;
+    let layers = vireo_block::info(&args.file, None, &args.backing_dir).map_err(usage)?;
     let mut out = String::new();
     if args.json {
         let rest: Vec<String> = layers[1..]
@@ -272,7 +276,13 @@ pub fn convert(args: ImageConvertArgs) -> Result<(), Failure> {
     // The operator names the source, as with qemu-img its format is
     // detected; its backing files stay confined to their directories.
     let mut src = vireo_block::probe(&args.src)
-        .and_then(|f| vireo_block::open_as(&args.src, f, OpenOptions::read_only()))
+        .and_then(|f| {
+            let options = OpenOptions {
+                read_only: true,
+                backing_dirs: &args.backing_dir,
+            };
+            vireo_block::open_as(&args.src, f, options)
+        })
         .map_err(usage)?;
     let size = src.size();
     match format {

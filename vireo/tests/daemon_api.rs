@@ -1844,6 +1844,10 @@ fn a_clone_disk_from_a_qcow2_copy_is_an_overlay_of_it() {
             "info".into(),
             overlay.display().to_string(),
             "--json".into(),
+            // The clone's overlay is backed by the snapshot's copy, in
+            // another directory.
+            "--backing-dir".into(),
+            snap.display().to_string(),
         ],
         WAIT,
     );

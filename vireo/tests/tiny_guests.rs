@@ -659,3 +659,36 @@ fn a_writable_disk_without_format_is_refused_and_never_probed() {
     );
     out.assert_status(0);
 }
+
+/// A qcow2 overlay whose backing file is in another directory opens only
+/// when that directory is allowed with --backing-dir.
+#[test]
+fn backing_files_outside_the_image_directory_need_backing_dir() {
+    require_kvm!();
+    let dir = TempDir::new("backing-dir");
+    let kernel = good_kernel(&dir);
+    let (base_dir, top_dir) = (dir.path().join("base"), dir.path().join("vm"));
+    std::fs::create_dir_all(&base_dir).expect("mkdir");
+    std::fs::create_dir_all(&top_dir).expect("mkdir");
+    let base = base_dir.join("base.raw");
+    vireo_block::create_raw(&base, 1 << 20).expect("create");
+    let top = top_dir.join("top.qcow2");
+    let base_name = base.display().to_string();
+    vireo_block::create_qcow2(
+        &top,
+        1 << 20,
+        64 << 10,
+        Some((&base_name, vireo_block::Format::Raw)),
+    )
+    .expect("create");
+    let disk = format!("path={},format=qcow2", top.display());
+    let out = run_vireo(&kernel, &["--disk", &disk], RUN_TIMEOUT);
+    assert_bad_input(&out, &[&base_name, "is refused", "outside"]);
+    let base_dir = base_dir.display().to_string();
+    let out = run_vireo(
+        &kernel,
+        &["--disk", &disk, "--backing-dir", &base_dir],
+        RUN_TIMEOUT,
+    );
+    out.assert_status(0);
+}
