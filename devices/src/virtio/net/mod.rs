@@ -123,6 +123,12 @@ pub fn check_tx_header(
     if flags & !vn::VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
         return Err(format!("a header with flags {flags:#x}"));
     }
+    // The kernel copies hdr_len bytes as the packet's headers.
+    if hdr_len > frame_len {
+        return Err(format!(
+            "a header length of {hdr_len} in a {frame_len}-byte frame"
+        ));
+    }
     if needs_csum {
         if !offloads.csum {
             return Err("a partial checksum (NEEDS_CSUM) without VIRTIO_NET_F_CSUM".into());
@@ -154,11 +160,6 @@ pub fn check_tx_header(
     }
     if gso_size == 0 {
         return Err("a GSO frame with a segment size of 0".into());
-    }
-    if hdr_len > frame_len {
-        return Err(format!(
-            "a GSO header length of {hdr_len} in a {frame_len}-byte frame"
-        ));
     }
     Ok(())
 }

@@ -1062,7 +1062,17 @@ fn transmit_headers_are_checked_before_the_tap_sees_them() {
         (set(&|h| h[0] = 0), 3054, all, "without a partial checksum"),
         (set(&|h| le(h, 4, 0)), 3054, all, "segment size of 0"),
         // Positions past the frame.
-        (set(&|h| le(h, 2, 4000)), 3054, all, "GSO header length"),
+        (set(&|h| le(h, 2, 4000)), 3054, all, "header length of 4000"),
+        (
+            {
+                let mut h = PLAIN_HDR;
+                h[2..4].copy_from_slice(&61u16.to_le_bytes());
+                h
+            },
+            60,
+            TxOffloads::default(),
+            "header length of 61",
+        ),
         (
             set(&|h| le(h, 6, 3040)),
             3054,
