@@ -1164,3 +1164,24 @@ fn a_ring_of_bad_transmit_chains_is_served_across_wakeups() {
         );
     });
 }
+
+#[test]
+fn a_transmit_avail_index_far_ahead_does_not_hold_the_thread() {
+    with_rig("", 0, |r| {
+        // An avail index 0x8000 ahead of the device: nothing can be popped,
+        // yet "more is available" stays true. The worker must give up on
+        // the queue (not spin) and still serve receive. (A worker that
+        // spins fails the wait below, then holds the test joining it.)
+        let idx = r.txq.avail_addr().unchecked_add(2);
+        r.mem.write_obj(0x8000u16, idx).unwrap();
+        r.kick_tx();
+        std::thread::sleep(Duration::from_millis(50));
+        let head = r.add_chain(false, &[(RX_BUFS, 2048, true)]);
+        r.kick_rx();
+        let f = frame(100, 1);
+        r.pkt.send(&f);
+        r.wait_used(false, 1);
+        assert_eq!(r.used(false, 0), (head as u32, 112));
+        assert_eq!(r.read(RX_BUFS + 12, 100), f);
+    });
+}
