@@ -979,7 +979,22 @@ impl NetWorker {
     /// meanwhile (try again).
     fn rx_wait_for_buffers(&mut self) -> Result<bool, Fatal> {
         if self.rx.queue.enable_notification(&self.mem)? {
-            return Ok(true);
+            // An avail index further ahead than the ring is long says
+            // "more" forever while nothing can be popped: wait for the
+            // driver's next kick instead of retrying on every TAP wakeup.
+            let avail = self.rx.queue.avail_idx(&self.mem, Ordering::Acquire)?;
+            if avail.0.wrapping_sub(self.rx.queue.next_avail()) <= self.rx.queue.size() {
+                return Ok(true);
+            }
+            if !self.warned.bad_rx {
+                self.warned.bad_rx = true;
+                tracing::warn!(
+                    "{}: the receive queue's avail index is {} entries ahead of the device; \
+                     waiting for the driver to fix or reset it (not logged again)",
+                    self.name,
+                    avail.0.wrapping_sub(self.rx.queue.next_avail())
+                );
+            }
         }
         self.rx.waiting = true;
         Ok(false)
