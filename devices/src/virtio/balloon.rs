@@ -84,6 +84,10 @@ const PAGES_PER_MIB: u64 = (1 << 20) / BALLOON_PAGE_SIZE;
 const STAT_SIZE: usize = 10;
 /// The most statistics bytes read from one buffer (Linux sends 16 × 10).
 const MAX_STATS_BYTES: usize = 4096;
+/// The most page frame numbers taken from one page list (Linux sends at
+/// most 256): one chain may not keep the device thread for long (one
+/// madvise per run of pages).
+pub const MAX_PAGES_PER_LIST: usize = 4096;
 
 /// Queue indices that never move.
 const INFLATEQ: u16 = 0;
@@ -541,6 +545,7 @@ struct Warned {
     odd_length: bool,
     outside_ram: bool,
     madvise: bool,
+    long_list: bool,
 }
 
 struct BalloonWorker {
@@ -739,10 +744,22 @@ impl BalloonWorker {
                             ),
                         );
                     }
+                    if reader.available_bytes() > MAX_PAGES_PER_LIST * 4 {
+                        Self::warn_once(
+                            &mut self.warned.long_list,
+                            format_args!(
+                                "a page list of {} page numbers; only the first \
+                                 {MAX_PAGES_PER_LIST} are taken",
+                                reader.available_bytes() / 4
+                            ),
+                        );
+                    }
+                    let mut left = MAX_PAGES_PER_LIST * 4;
                     let mut run: Option<Run> = None;
                     let mut buf = [0u8; 4096];
                     loop {
-                        let n = reader.available_bytes().min(buf.len()) & !3;
+                        let n = reader.available_bytes().min(buf.len()).min(left) & !3;
+                        left -= n;
                         if n == 0 || reader.read_exact(&mut buf[..n]).is_err() {
                             break;
                         }
@@ -1218,6 +1235,25 @@ mod tests {
         assert_eq!(h.state().inflated_pages, 3);
         // The last page of RAM is intact.
         assert_eq!(bytes(&drv, MEM as u64 - 16, 16), vec![0xab; 16]);
+    }
+
+    #[test]
+    fn a_page_list_is_taken_up_to_its_limit() {
+        let (b, mut drv) = started_all();
+        let h = b.handle();
+        // Twice the limit, all inside RAM: only the first half counts.
+        let base = ((16 << 20) / PAGE) as u32;
+        let pfns: Vec<u32> = (0..2 * MAX_PAGES_PER_LIST as u32)
+            .map(|i| base + i)
+            .collect();
+        let l = page_list(&drv, LIST, &pfns);
+        let head = drv.add_chain(INFLATEQ, &[Desc::readable(LIST, l)]);
+        drv.kick(INFLATEQ);
+        assert_eq!(drv.used(INFLATEQ), (head, 0));
+        assert_eq!(h.state().inflated_pages, MAX_PAGES_PER_LIST as u64);
+        let limit = u64::from(base) * PAGE + MAX_PAGES_PER_LIST as u64 * PAGE;
+        assert!(!resident(&drv, limit - PAGE, PAGE)[0]);
+        assert!(resident(&drv, limit, PAGE)[0]);
     }
 
     #[test]
