@@ -384,7 +384,7 @@ def vmm_argv(name, args, kernel, initrd, cmdline, image, tap):
         return [
             args.vireo_copy, "run", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline,
             "--accel", args.accel, "--memory", str(args.memory), "--cpus", str(args.cpus),
-            "--disk", f"path={image}", "--net", f"tap={tap},mac={MAC}",
+            "--disk", f"path={image},format=raw", "--net", f"tap={tap},mac={MAC}",
         ]
     accel = "kvm" if args.accel == "kvm" else "tcg"
     cpu = args.qemu_cpu or ("host" if accel == "kvm" else None)

@@ -55,11 +55,11 @@ Examples:
   vireo run --kernel vmlinuz --initrd initrd.img --cpus 2 --memory 512
   vireo run --kernel vmlinux --cmdline 'console=ttyS0 panic=-1 reboot=k'
   vireo run --kernel vmlinux --accel emu      # no /dev/kvm: software emulator
-  vireo run --image guest-kit --disk path=disk.qcow2 --net tap=tap0 --rng --balloon
+  vireo run --image guest-kit --disk path=disk.qcow2,format=qcow2 --net tap=tap0 --rng --balloon
   vireo run --image guest-kit --vsock cid=3,socket=/tmp/vm.vsock   # host port P: /tmp/vm.vsock_P
   vireo run --kernel vmlinux --control-socket /tmp/vm.sock   # then: echo 'snapshot /tmp/snap1' | nc -U /tmp/vm.sock
   vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot (disks rolled back)
-  vireo run --restore /tmp/snap1 --restore-lazy --disk id=root,path=clone.qcow2 --net id=net0,tap=tap1   # a clone
+  vireo run --restore /tmp/snap1 --restore-lazy --disk id=root,path=clone.qcow2,format=qcow2 --net id=net0,tap=tap1   # a clone
 
 Live migration: the target runs with its own definition (the same --cpus,
 --memory and device flags as the source; disks on shared storage) and checks
@@ -194,6 +194,12 @@ pub struct RunArgs {
     /// `path=FILE[,readonly=on][,id=NAME][,serial=S][,format=raw|qcow2][,bw=10M][,ops=1000]`.
     #[arg(long, value_name = "OPTS")]
     pub disk: Vec<String>,
+
+    /// A directory backing files of --disk images may also live in
+    /// (repeatable; a daemon's storage directories). Without it a qcow2
+    /// image's backing file must be in the image's own directory.
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
 
     /// A virtio-net device on a TAP (repeatable):
     /// `tap=NAME[,mac=52:54:00:12:34:56][,mtu=N][,bw=100M][,ops=20000]`.
@@ -343,6 +349,11 @@ pub struct ImageCreateArgs {
     /// qcow2 cluster size: a power of two from 512 to 2M.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
     pub cluster_size: u64,
+
+    /// A directory the backing image's own backing files may also live in
+    /// (repeatable).
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -354,6 +365,11 @@ pub struct ImageInfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// A directory backing files may also live in (repeatable); without
+    /// it each backing file must be in its overlay's directory.
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -373,6 +389,11 @@ pub struct ImageConvertArgs {
     /// qcow2 cluster size of DST: a power of two from 512 to 2M.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64K")]
     pub cluster_size: u64,
+
+    /// A directory SRC's backing files may also live in (repeatable);
+    /// without it each backing file must be in its overlay's directory.
+    #[arg(long, value_name = "DIR")]
+    pub backing_dir: Vec<PathBuf>,
 }
 
 /// Parses a size: bytes, or a number with a K, M, G, T or P suffix

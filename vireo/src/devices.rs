@@ -2,6 +2,7 @@
 //! `--vsock`, `--rng`, `--balloon` and `--virtio-console` flag becomes a
 //! virtio device on the machine's PCI bus.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use vireo_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
 
@@ -28,6 +29,9 @@ pub struct DeviceConfigs {
     pub rng: Option<RngConfig>,
     pub vsock: Option<VsockConfig>,
     pub balloon: Option<BalloonConfig>,
+    /// Directories besides each image's own that its backing files may be
+    /// in (`--backing-dir`).
+    pub backing_dirs: Vec<PathBuf>,
 }
 
 /// Host-side handles of the devices that have them.
@@ -63,6 +67,10 @@ pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         .map(|s| BlockConfig::from_options(s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(usage)?;
+    for d in &disks {
+        d.check_format_given()
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+    }
     let nets = args
         .net
         .iter()
@@ -108,6 +116,7 @@ pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         rng,
         vsock,
         balloon,
+        backing_dirs: args.backing_dir.clone(),
     })
 }
 
@@ -126,6 +135,7 @@ pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, F
         rng,
         vsock,
         balloon,
+        backing_dirs,
     } = configs;
     let mut devices: Vec<(Box<dyn VirtioDevice>, String)> = Vec::new();
     if let Some(cfg) = console {
@@ -136,7 +146,7 @@ pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, F
     }
     // Disks in flag order: the first --disk is vda.
     for cfg in disks {
-        let b = Block::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?;
+        let b = Block::open(cfg, &backing_dirs).map_err(|e| Failure::Usage(e.to_string()))?;
         let id = b.config().id.clone();
         attached.disks.push((id.clone(), b.counters()));
         if !b.state().read_only {

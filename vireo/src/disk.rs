@@ -41,8 +41,16 @@ pub fn create(args: ImageCreateArgs) -> Result<(), Failure> {
             // Like qemu-img: a relative name is relative to the new image's directory.
             let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
             let resolved = dir.join(b);
-            let image =
-                vireo_block::open(&resolved, OpenOptions { read_only: true }).map_err(|e| {
+            // The operator names this file: detecting its format is what
+            // qemu-img does too, and the format found is recorded in the
+            // overlay so nothing guesses it again.
+            let options = OpenOptions {
+                read_only: true,
+                backing_dirs: &args.backing_dir,
+            };
+            let image = vireo_block::probe(&resolved)
+                .and_then(|f| vireo_block::open_as(&resolved, f, options))
+                .map_err(|e| {
                     Failure::Usage(format!(
                         "backing file: {e}{}",
                         if b.is_relative() && !dir.as_os_str().is_empty() {
@@ -84,7 +92,7 @@ pub fn create(args: ImageCreateArgs) -> Result<(), Failure> {
 
 /// `vireo image info`.
 pub fn info(args: ImageInfoArgs) -> Result<(), Failure> {
-    let layers = vireo_block::info(&args.file).map_err(usage)?;
+    let layers = vireo_block::info(&args.file, None, &args.backing_dir).map_err(usage)?;
     let mut out = String::new();
     if args.json {
         let rest: Vec<String> = layers[1..]
@@ -132,7 +140,7 @@ fn layer_text(l: &LayerInfo, indent: &str) -> String {
     row("allocated:", bytes(l.allocated_bytes));
     row("file size:", bytes(l.file_size));
     if let Some(b) = &l.backing_file {
-        let f = l.backing_format.as_deref().unwrap_or("probed");
+        let f = l.backing_format.as_deref().unwrap_or("raw, not recorded");
         row("backing file:", format!("{b} (format: {f})"));
     }
     s
@@ -265,7 +273,17 @@ pub fn convert(args: ImageConvertArgs) -> Result<(), Failure> {
             args.dst.display()
         )));
     }
-    let mut src = vireo_block::open(&args.src, OpenOptions { read_only: true }).map_err(usage)?;
+    // The operator names the source, as with qemu-img its format is
+    // detected; its backing files stay confined to their directories.
+    let mut src = vireo_block::probe(&args.src)
+        .and_then(|f| {
+            let options = OpenOptions {
+                read_only: true,
+                backing_dirs: &args.backing_dir,
+            };
+            vireo_block::open_as(&args.src, f, options)
+        })
+        .map_err(usage)?;
     let size = src.size();
     match format {
         Format::Raw => vireo_block::create_raw(&args.dst, size).map_err(usage)?,
@@ -275,7 +293,7 @@ pub fn convert(args: ImageConvertArgs) -> Result<(), Failure> {
     }
     let mut guard = RemoveOnError(Some(args.dst.clone()));
     let mut dst =
-        vireo_block::open_as(&args.dst, format, OpenOptions { read_only: false }).map_err(usage)?;
+        vireo_block::open_as(&args.dst, format, OpenOptions::writable()).map_err(usage)?;
     let chunk = args.cluster_size.clamp(1 << 20, 4 << 20) as usize;
     let mut buf = vec![0u8; chunk];
     let mut progress = Progress::new(format!("converting {}", args.src.display()));

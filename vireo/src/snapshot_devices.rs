@@ -180,6 +180,7 @@ impl DeviceSet {
                         free_page_reporting,
                     },
                 ),
+            backing_dirs: Vec::new(),
         })
     }
 }
@@ -407,6 +408,7 @@ pub fn restore_configs(
             .map_err(|e| usage(format!("the snapshot's device record does not parse: {e}")))?
     };
     let mut configs = record.virtio.to_configs().map_err(usage)?;
+    configs.backing_dirs = args.backing_dir.clone();
     let overridden = apply_overrides(&mut configs, args)?;
     // Check every disk to roll back has its copy before writing any.
     let mut rollbacks = Vec::new();
@@ -834,6 +836,7 @@ mod tests {
             rng: Some(RngConfig::default()),
             console: Some(ConsoleConfig::default()),
             balloon: Some(BalloonConfig::default()),
+            backing_dirs: Vec::new(),
         }
     }
 

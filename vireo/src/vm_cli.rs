@@ -327,7 +327,7 @@ const CREATE_EXAMPLES: &str = "\
 Examples:
   vireo vm create web --image guest-kit --cpus 2 --memory 512
   vireo vm create tiny --kernel ./vmlinux --cmdline 'console=ttyS0' --accel emu
-  vireo vm create db --image guest-kit --disk path=db.qcow2,id=data \\
+  vireo vm create db --image guest-kit --disk path=db.qcow2,format=qcow2,id=data \\
       --net tap=tap0 --rng --balloon
 
 Relative paths (also --disk path= and --vsock socket=) are made absolute
@@ -340,7 +340,7 @@ format= gets the format its first bytes show now, recorded once. The device opti
 const UPDATE_EXAMPLES: &str = "\
 Examples:
   vireo vm update web --memory 1024 --cpus 4
-  vireo vm update web --disk root.qcow2 --disk path=data.qcow2,readonly=on
+  vireo vm update web --disk root.qcow2,format=qcow2 --disk path=data.qcow2,readonly=on
   vireo vm update web --balloon target=128 --no-rng
   vireo vm update web --no-disks --no-nets
 

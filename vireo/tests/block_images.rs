@@ -125,13 +125,20 @@ impl Rng {
     }
 }
 
+/// Opens an image this test made, in the format its magic says (the test
+/// knows what it made; vireo itself never guesses for a writable disk).
+fn open_known(path: &Path, options: OpenOptions<'_>) -> Box<dyn DiskImage> {
+    vireo_block::probe(path)
+        .and_then(|f| vireo_block::open_as(path, f, options))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn open_rw(path: &Path) -> Box<dyn DiskImage> {
-    vireo_block::open(path, OpenOptions { read_only: false }).unwrap_or_else(|e| panic!("{e}"))
+    open_known(path, OpenOptions::writable())
 }
 
 fn read_all(path: &Path) -> Vec<u8> {
-    let mut img =
-        vireo_block::open(path, OpenOptions { read_only: true }).unwrap_or_else(|e| panic!("{e}"));
+    let mut img = open_known(path, OpenOptions::read_only());
     let mut buf = vec![0u8; img.size() as usize];
     img.read_at(&mut buf, 0).unwrap_or_else(|e| panic!("{e}"));
     buf
@@ -578,7 +585,7 @@ fn corrupt_images_are_refused_with_exit_2() {
     write_at(&p, 72, &1u64.to_be_bytes());
     let out = vireo(&["image", "info"], &[&p]);
     assert!(out.status.success(), "{}", text(&out));
-    let err = match vireo_block::open(&p, OpenOptions { read_only: false }) {
+    let err = match vireo_block::open_as(&p, vireo_block::Format::Qcow2, OpenOptions::writable()) {
         Ok(_) => panic!("a dirty image opens writable"),
         Err(e) => e.to_string(),
     };

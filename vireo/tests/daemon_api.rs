@@ -1529,7 +1529,7 @@ fn snapshots_of_a_vm_with_a_disk_give_clones_their_own_disks() {
         "/v1/vms",
         Some(
             json!({"name": "d", "kernel": kernel, "memory_mib": 32, "accel": "emu",
-                    "disks": [format!("path={},id=data", disk.display())]}),
+                    "disks": [format!("path={},id=data,format=raw", disk.display())]}),
         ),
     );
     assert_eq!(status, 201, "{v}");
@@ -1953,6 +1953,10 @@ fn a_clone_disk_from_a_qcow2_copy_is_an_overlay_of_it() {
             "info".into(),
             overlay.display().to_string(),
             "--json".into(),
+            // The clone's overlay is backed by the snapshot's copy, in
+            // another directory.
+            "--backing-dir".into(),
+            snap.display().to_string(),
         ],
         WAIT,
     );

@@ -335,7 +335,7 @@ fn events_stats_and_metrics_follow_a_vm() {
         "/v1/vms",
         Some(json!({
             "name": "obs", "kernel": kernel, "memory_mib": 32, "accel": "emu",
-            "disks": [format!("path={},id=data", disk.display())],
+            "disks": [format!("path={},id=data,format=raw", disk.display())],
         })),
         201,
     );

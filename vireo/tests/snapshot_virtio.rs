@@ -430,7 +430,7 @@ fn a_guest_writing_its_virtio_disk_is_snapshotted_restored_and_cloned() {
         &kernel,
         &[
             "--disk",
-            &format!("path={},id=data", disk.display()),
+            &format!("path={},id=data,format=raw", disk.display()),
             "--rng",
             "--control-socket",
             socket.to_str().expect("utf-8"),
@@ -501,7 +501,7 @@ fn a_guest_writing_its_virtio_disk_is_snapshotted_restored_and_cloned() {
         &snap,
         &[
             "--disk",
-            &format!("id=data,path={}", clone_disk.display()),
+            &format!("id=data,path={},format=raw", clone_disk.display()),
             "--restore-lazy",
         ],
     );
@@ -523,7 +523,10 @@ fn a_guest_writing_its_virtio_disk_is_snapshotted_restored_and_cloned() {
     let small = dir.write("small.raw", &vec![0u8; DISK_BYTES / 2]);
     refused(
         &snap,
-        &["--disk", &format!("id=data,path={}", small.display())],
+        &[
+            "--disk",
+            &format!("id=data,path={},format=raw", small.display()),
+        ],
         "saved size",
     );
     refused(

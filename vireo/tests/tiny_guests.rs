@@ -617,3 +617,78 @@ fn acpi_power_button_reaches_the_guest_as_an_sci() {
     let status = vm.wait("the guest to power off");
     assert_eq!(status.code(), Some(0), "{}", vm.output());
 }
+
+/// A raw disk onto which a guest wrote a qcow2 header whose backing file
+/// is a host file: vireo never reads it as qcow2 for a writable disk.
+#[test]
+fn a_writable_disk_without_format_is_refused_and_never_probed() {
+    require_kvm!();
+    let dir = TempDir::new("noformat");
+    let kernel = good_kernel(&dir);
+    let scratch = dir.path().join("scratch.qcow2");
+    vireo_block::create_qcow2(
+        &scratch,
+        1 << 20,
+        64 << 10,
+        Some(("/etc/hostname", vireo_block::Format::Raw)),
+    )
+    .expect("create");
+    let mut bytes = std::fs::read(&scratch).expect("read");
+    bytes.resize(1 << 20, 0);
+    let disk = dir.write("vda.raw", &bytes);
+    let disk = disk.display().to_string();
+
+    let out = run_vireo(&kernel, &["--disk", &format!("path={disk}")], RUN_TIMEOUT);
+    assert_bad_input(
+        &out,
+        &[&format!("--disk path={disk}"), "format=raw", "guess"],
+    );
+    // Asked to read it as qcow2, the backing name outside the disk's
+    // directory is refused.
+    let out = run_vireo(
+        &kernel,
+        &["--disk", &format!("path={disk},format=qcow2,readonly=on")],
+        RUN_TIMEOUT,
+    );
+    assert_bad_input(&out, &["/etc/hostname", "is refused", "outside"]);
+    // As raw it is just the guest's bytes: the VM runs.
+    let out = run_vireo(
+        &kernel,
+        &["--disk", &format!("path={disk},format=raw")],
+        RUN_TIMEOUT,
+    );
+    out.assert_status(0);
+}
+
+/// A qcow2 overlay whose backing file is in another directory opens only
+/// when that directory is allowed with --backing-dir.
+#[test]
+fn backing_files_outside_the_image_directory_need_backing_dir() {
+    require_kvm!();
+    let dir = TempDir::new("backing-dir");
+    let kernel = good_kernel(&dir);
+    let (base_dir, top_dir) = (dir.path().join("base"), dir.path().join("vm"));
+    std::fs::create_dir_all(&base_dir).expect("mkdir");
+    std::fs::create_dir_all(&top_dir).expect("mkdir");
+    let base = base_dir.join("base.raw");
+    vireo_block::create_raw(&base, 1 << 20).expect("create");
+    let top = top_dir.join("top.qcow2");
+    let base_name = base.display().to_string();
+    vireo_block::create_qcow2(
+        &top,
+        1 << 20,
+        64 << 10,
+        Some((&base_name, vireo_block::Format::Raw)),
+    )
+    .expect("create");
+    let disk = format!("path={},format=qcow2", top.display());
+    let out = run_vireo(&kernel, &["--disk", &disk], RUN_TIMEOUT);
+    assert_bad_input(&out, &[&base_name, "is refused", "outside"]);
+    let base_dir = base_dir.display().to_string();
+    let out = run_vireo(
+        &kernel,
+        &["--disk", &disk, "--backing-dir", &base_dir],
+        RUN_TIMEOUT,
+    );
+    out.assert_status(0);
+}

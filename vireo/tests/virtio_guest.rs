@@ -174,8 +174,8 @@ fn a_stock_linux_guest_uses_every_virtio_device() {
     let script = script_disk(&dir, FIRST_BOOT);
     let disks = vec![
         format!("path={script},readonly=on"),
-        format!("path={},serial=vireo-data-1", p("data.img")),
-        format!("path={}", p("overlay.qcow2")),
+        format!("path={},format=raw,serial=vireo-data-1", p("data.img")),
+        format!("path={},format=qcow2", p("overlay.qcow2")),
         format!("path={},readonly=on", p("ro.img")),
     ];
 
@@ -309,8 +309,8 @@ fn a_stock_linux_guest_uses_every_virtio_device() {
     let script = script_disk(&dir, SECOND_BOOT);
     let disks = vec![
         format!("path={script},readonly=on"),
-        format!("path={}", p("data.img")),
-        format!("path={}", p("overlay.qcow2")),
+        format!("path={},format=raw", p("data.img")),
+        format!("path={},format=qcow2", p("overlay.qcow2")),
     ];
     let mut vm = LiveVm::start(&[], &boot_args(&kit, &disks, &[]), timeout);
     let status = vm.wait("the second boot");

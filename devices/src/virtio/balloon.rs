@@ -36,7 +36,7 @@ use vm_memory::{GuestAddress, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::worker::{EpollCtl, EventHandler, Worker};
+use super::worker::{rekick, EpollCtl, EventHandler, Worker, CHAINS_PER_WAKEUP};
 use super::{
     device_type, features, read_config_bytes, ActivateError, Activation, ActiveQueue, Interrupt,
     InterruptKind, Queue, VirtioDevice,
@@ -84,6 +84,10 @@ const PAGES_PER_MIB: u64 = (1 << 20) / BALLOON_PAGE_SIZE;
 const STAT_SIZE: usize = 10;
 /// The most statistics bytes read from one buffer (Linux sends 16 × 10).
 const MAX_STATS_BYTES: usize = 4096;
+/// The most page frame numbers taken from one page list (Linux sends at
+/// most 256): one chain may not keep the device thread for long (one
+/// madvise per run of pages).
+pub const MAX_PAGES_PER_LIST: usize = 4096;
 
 /// Queue indices that never move.
 const INFLATEQ: u16 = 0;
@@ -541,6 +545,7 @@ struct Warned {
     odd_length: bool,
     outside_ram: bool,
     madvise: bool,
+    long_list: bool,
 }
 
 struct BalloonWorker {
@@ -701,15 +706,24 @@ impl BalloonWorker {
     fn process_pfns(&mut self, inflate: bool) -> bool {
         let memory = self.memory.clone();
         let mut used_any = false;
+        let mut served = 0usize;
         loop {
             let role = if inflate {
                 &mut self.inflate
             } else {
                 &mut self.deflate
             };
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&role.notify, "virtio-balloon") {
+                    return false;
+                }
+                break;
+            }
             let Some(chain) = role.queue.pop_descriptor_chain(&memory) else {
                 break;
             };
+            served += 1;
             let head = chain.head_index();
             if chain.clone().writable().next().is_some() {
                 Self::warn_once(
@@ -730,10 +744,22 @@ impl BalloonWorker {
                             ),
                         );
                     }
+                    if reader.available_bytes() > MAX_PAGES_PER_LIST * 4 {
+                        Self::warn_once(
+                            &mut self.warned.long_list,
+                            format_args!(
+                                "a page list of {} page numbers; only the first \
+                                 {MAX_PAGES_PER_LIST} are taken",
+                                reader.available_bytes() / 4
+                            ),
+                        );
+                    }
+                    let mut left = MAX_PAGES_PER_LIST * 4;
                     let mut run: Option<Run> = None;
                     let mut buf = [0u8; 4096];
                     loop {
-                        let n = reader.available_bytes().min(buf.len()) & !3;
+                        let n = reader.available_bytes().min(buf.len()).min(left) & !3;
+                        left -= n;
                         if n == 0 || reader.read_exact(&mut buf[..n]).is_err() {
                             break;
                         }
@@ -813,7 +839,19 @@ impl BalloonWorker {
             return true;
         };
         let mut returned = false;
-        while let Some(chain) = role.queue.pop_descriptor_chain(&memory) {
+        let mut served = 0usize;
+        loop {
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&role.notify, "virtio-balloon") {
+                    return false;
+                }
+                break;
+            }
+            let Some(chain) = role.queue.pop_descriptor_chain(&memory) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             // Each report stands alone: a statistic the guest stopped
             // sending is gone.
@@ -873,13 +911,22 @@ impl BalloonWorker {
     fn process_reports(&mut self) -> bool {
         let memory = self.memory.clone();
         let mut used_any = false;
+        let mut served = 0usize;
         loop {
             let Some(role) = self.reporting.as_mut() else {
                 return true;
             };
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&role.notify, "virtio-balloon") {
+                    return false;
+                }
+                break;
+            }
             let Some(chain) = role.queue.pop_descriptor_chain(&memory) else {
                 break;
             };
+            served += 1;
             let head = chain.head_index();
             let mut reported = 0u64;
             for desc in chain {
@@ -1016,6 +1063,33 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn page_lists_and_reports_beyond_the_budget_are_served_on_later_wakeups() {
+        // ALL has no EVENT_IDX: each wakeup that used chains interrupts.
+        let (_b, mut drv) = started_all();
+        // Page lists naming a frame outside guest RAM: returned, ignored.
+        let outside = (MEM as u64 / PAGE) as u32 + 10;
+        let len = page_list(&drv, LIST, &[outside]);
+        for q in [0u16, 1] {
+            drv.served_over_wakeups(
+                q,
+                200,
+                CHAINS_PER_WAKEUP,
+                |_| Desc::readable(LIST, len),
+                |_| 0,
+            );
+        }
+        // Free page reports smaller than a page: nothing to discard.
+        drv.served_over_wakeups(
+            3,
+            200,
+            CHAINS_PER_WAKEUP,
+            |i| Desc::writable(TOUCHED + u64::from(i) * PAGE + 1, 16),
+            |_| 0,
+        );
+        assert!(resident(&drv, TOUCHED, 200 * PAGE).iter().all(|r| *r));
     }
 
     #[test]
@@ -1161,6 +1235,25 @@ mod tests {
         assert_eq!(h.state().inflated_pages, 3);
         // The last page of RAM is intact.
         assert_eq!(bytes(&drv, MEM as u64 - 16, 16), vec![0xab; 16]);
+    }
+
+    #[test]
+    fn a_page_list_is_taken_up_to_its_limit() {
+        let (b, mut drv) = started_all();
+        let h = b.handle();
+        // Twice the limit, all inside RAM: only the first half counts.
+        let base = ((16 << 20) / PAGE) as u32;
+        let pfns: Vec<u32> = (0..2 * MAX_PAGES_PER_LIST as u32)
+            .map(|i| base + i)
+            .collect();
+        let l = page_list(&drv, LIST, &pfns);
+        let head = drv.add_chain(INFLATEQ, &[Desc::readable(LIST, l)]);
+        drv.kick(INFLATEQ);
+        assert_eq!(drv.used(INFLATEQ), (head, 0));
+        assert_eq!(h.state().inflated_pages, MAX_PAGES_PER_LIST as u64);
+        let limit = u64::from(base) * PAGE + MAX_PAGES_PER_LIST as u64 * PAGE;
+        assert!(!resident(&drv, limit - PAGE, PAGE)[0]);
+        assert!(resident(&drv, limit, PAGE)[0]);
     }
 
     #[test]

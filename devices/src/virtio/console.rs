@@ -21,7 +21,7 @@ use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::worker::{EpollCtl, EventHandler, Worker};
+use super::worker::{rekick, EpollCtl, EventHandler, Worker, CHAINS_PER_WAKEUP};
 use super::{
     device_type, features, read_config_bytes, take_queues, ActivateError, Activation, Interrupt,
     InterruptKind, Queue, VirtioDevice,
@@ -371,10 +371,19 @@ impl ConsoleWorker {
         let mut used_any = false;
         let shared = self.shared.clone();
         let mut st = shared.state();
+        let mut served = 0usize;
         while !st.pending_input.is_empty() {
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&self.rx_notify, "virtio-console") {
+                    return false;
+                }
+                break;
+            }
             let Some(chain) = self.rx.pop_descriptor_chain(&self.memory) else {
                 break;
             };
+            served += 1;
             let head = chain.head_index();
             if !self.warned.rx_direction && chain.clone().readable().next().is_some() {
                 self.warned.rx_direction = true;
@@ -426,7 +435,19 @@ impl ConsoleWorker {
         let mut used_any = false;
         let output = self.output.clone();
         let mut out = output.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(chain) = self.tx.pop_descriptor_chain(&self.memory) {
+        let mut served = 0usize;
+        loop {
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                if !rekick(&self.tx_notify, "virtio-console") {
+                    return false;
+                }
+                break;
+            }
+            let Some(chain) = self.tx.pop_descriptor_chain(&self.memory) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             if !self.warned.tx_direction && chain.clone().writable().next().is_some() {
                 self.warned.tx_direction = true;
@@ -671,6 +692,35 @@ mod tests {
         drv.kick(RECEIVEQ);
         assert_eq!(drv.used(RECEIVEQ), (h, INPUT_BUFFER as u32));
         assert_eq!(read(&drv, DATA_START, INPUT_BUFFER), data[1000..].to_vec());
+    }
+
+    #[test]
+    fn chains_beyond_the_budget_are_served_on_later_wakeups() {
+        let (mut c, out, mut drv) = console(ConsoleConfig::default());
+        let input = c.input();
+        // No EVENT_IDX: each wakeup that used chains interrupts.
+        c.activate(drv.activation(features::VERSION_1)).unwrap();
+        // 200 one-byte transmit buffers: the output in order, each once.
+        let text: Vec<u8> = (0..200u16).map(|i| b'a' + (i % 26) as u8).collect();
+        write(&drv, DATA_START, &text);
+        drv.served_over_wakeups(
+            TRANSMITQ,
+            200,
+            CHAINS_PER_WAKEUP,
+            |i| Desc::readable(DATA_START + u64::from(i), 1),
+            |_| 0,
+        );
+        assert_eq!(out.take(), text);
+        // 200 bytes of input into 200 one-byte receive buffers.
+        input.send(&text);
+        drv.served_over_wakeups(
+            RECEIVEQ,
+            200,
+            CHAINS_PER_WAKEUP,
+            |i| Desc::writable(DATA_START + 0x1000 + u64::from(i), 1),
+            |_| 1,
+        );
+        assert_eq!(read(&drv, DATA_START + 0x1000, 200), text);
     }
 
     #[test]

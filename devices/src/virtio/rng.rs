@@ -17,7 +17,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{EpollCtl, EventHandler, Worker};
+use super::worker::{rekick, EpollCtl, EventHandler, Worker, CHAINS_PER_WAKEUP};
 use super::{
     device_type, features, take_queues, ActivateError, Activation, Interrupt, InterruptKind, Queue,
     VirtioDevice,
@@ -178,7 +178,17 @@ impl RngWorker {
             return true;
         }
         let mut used_any = false;
+        let mut served = 0usize;
         while let Some(chain) = self.queue.pop_descriptor_chain(&self.memory) {
+            if served == CHAINS_PER_WAKEUP {
+                // The rest on the next wakeup, after the other fds.
+                self.queue.go_to_previous_position();
+                if !rekick(&self.notify, "virtio-rng") {
+                    return false;
+                }
+                break;
+            }
+            served += 1;
             let head = chain.head_index();
             if !self.warned_readable && chain.clone().readable().next().is_some() {
                 self.warned_readable = true;
@@ -328,6 +338,27 @@ mod tests {
         drv.kick(0);
         assert_eq!(drv.used(0), (head, MAX_REQUEST as u32));
         assert_eq!(read(&drv, DATA_START + MAX_REQUEST as u64, 64), vec![0; 64]);
+    }
+
+    #[test]
+    fn chains_beyond_the_budget_are_served_on_later_wakeups() {
+        let mut drv = TestDriver::new(MEM, &[QUEUE_SIZE]);
+        let mut rng = Rng::new(RngConfig::default());
+        rng.activate(drv.activation(features::VERSION_1)).unwrap();
+        // Every other chain outside guest memory: each returned once.
+        drv.served_over_wakeups(
+            0,
+            200,
+            CHAINS_PER_WAKEUP,
+            |i| {
+                if i % 2 == 0 {
+                    Desc::writable(DATA_START + u64::from(i) * 64, 16)
+                } else {
+                    Desc::writable(MEM as u64 + 0x1000, 16)
+                }
+            },
+            |i| if i % 2 == 0 { 16 } else { 0 },
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Activation, ActiveQueue, Interrupt, InterruptKind, Queue};
+use virtio_queue::QueueT;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -20,6 +21,9 @@ const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// buffers are expected from [`DATA_START`] on.
 const QUEUE_STRIDE: u64 = 0x1_0000;
 pub const DATA_START: u64 = 0x10_0000;
+/// Where each queue's used ring is, from the queue's base: past a
+/// 256-entry descriptor table (4 KiB) and avail ring.
+const USED_OFFSET: u64 = 0x2000;
 
 /// One descriptor as the test driver posts it.
 #[derive(Debug, Clone, Copy)]
@@ -145,11 +149,21 @@ impl TestDriver {
             );
             q.desc = mock.desc_table_addr().0;
             q.avail = mock.avail_addr().0;
-            q.used = mock.used_addr().0;
+            // The mock lays its used ring inside the second half of a
+            // 256-entry avail ring (it counts the avail ring in entries,
+            // not bytes): put it past both, empty.
+            q.used = u64::from(i) * QUEUE_STRIDE + USED_OFFSET;
+            self.mem
+                .write_slice(
+                    &vec![0u8; 6 + 8 * usize::from(q.size)],
+                    GuestAddress(q.used),
+                )
+                .unwrap();
             q.next_desc = 0;
             q.avail_idx = 0;
             q.used_seen = 0;
-            let queue: Queue = mock.create_queue().unwrap();
+            let mut queue: Queue = mock.create_queue().unwrap();
+            queue.set_used_ring_address(Some(q.used as u32), Some((q.used >> 32) as u32));
             queues.push(ActiveQueue {
                 index: i,
                 queue,
@@ -238,5 +252,40 @@ impl TestDriver {
     pub fn used(&mut self, q: u16) -> (u16, u32) {
         self.wait_used(q, Duration::from_secs(10))
             .unwrap_or_else(|| panic!("queue {q}: the device used no buffer within 10 s"))
+    }
+
+    /// Post `n` one-descriptor chains `desc(i)` on queue `q`, kick once,
+    /// and check the device returns each exactly once, in order, with
+    /// used length `len(i)`, and nothing more; and that it did so over at
+    /// least `n / budget` wakeups (one interrupt each: the activation must
+    /// not have negotiated EVENT_IDX).
+    pub fn served_over_wakeups(
+        &mut self,
+        q: u16,
+        n: u16,
+        budget: usize,
+        desc: impl Fn(u16) -> Desc,
+        len: impl Fn(u16) -> u32,
+    ) {
+        // Counted from before the chains are posted: a device with other
+        // wakeups (console input) may serve some of them early.
+        let before = self.interrupt.count(InterruptKind::Queue(q));
+        let heads: Vec<u16> = (0..n).map(|i| self.add_chain(q, &[desc(i)])).collect();
+        self.kick(q);
+        for (i, h) in heads.iter().enumerate() {
+            assert_eq!(self.used(q), (*h, len(i as u16)), "chain {i}");
+        }
+        assert_eq!(
+            self.wait_used(q, Duration::from_millis(100)),
+            None,
+            "a chain was returned twice"
+        );
+        let wakeups = usize::from(n).div_ceil(budget);
+        assert!(
+            self.interrupt
+                .raised(InterruptKind::Queue(q), before + wakeups),
+            "{n} chains in {} interrupts, not spread over {wakeups} wakeups",
+            self.interrupt.count(InterruptKind::Queue(q)) - before
+        );
     }
 }

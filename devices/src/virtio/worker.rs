@@ -13,6 +13,27 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// differ from it.
 pub const STOP_TOKEN: u64 = u64::MAX;
 
+/// Chains a device serves from one queue per wakeup before it goes back
+/// to its epoll loop, having kicked itself ([`rekick`]) to serve the rest
+/// on the next wakeup: a driver that keeps a ring full, or lays its used
+/// ring over the avail ring so it never empties, cannot keep the thread
+/// from a pause or stop request or from its other queues. (virtio-blk and
+/// virtio-net have their own budgets.)
+pub const CHAINS_PER_WAKEUP: usize = 64;
+
+/// Kick a queue's own notify eventfd after a wakeup spent its budget, so
+/// the worker comes back to the rest. False (the device stops until a
+/// reset) when the kick fails: the rest would otherwise wait forever.
+pub fn rekick(notify: &EventFd, name: &str) -> bool {
+    match notify.write(1) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("{name}: cannot requeue the rest of the work: {e}");
+            false
+        }
+    }
+}
+
 /// Lets a handler add and remove fds while it runs (a vsock connection
 /// that opens or closes).
 pub struct EpollCtl<'a> {

@@ -7,8 +7,9 @@
 //! limits leave requests on the queue until the rate limiter's timer says
 //! they may go.
 //!
-//! The flag: `--disk path=disk.qcow2[,readonly=on][,id=root][,serial=ABC]
-//! [,format=raw|qcow2][,bw=10M][,ops=1000]` (a bare first word is the path).
+//! The flag: `--disk path=disk.qcow2,format=raw|qcow2[,readonly=on][,id=root]
+//! [,serial=ABC][,bw=10M][,ops=1000]` (a bare first word is the path);
+//! `format=` may be left out only with `readonly=on`.
 
 pub mod fuzzing;
 pub mod request;
@@ -57,7 +58,10 @@ pub struct BlockConfig {
     /// The serial number the guest reads (GET_ID), at most 20 bytes;
     /// defaults to the id (cut to 20 bytes).
     pub serial: String,
-    /// The image format; `None` detects it from the file.
+    /// The image format. `None` is accepted only for a read-only disk
+    /// (its format is then detected); a writable disk without one is
+    /// refused when opened, since a guest could write a qcow2 header onto a
+    /// raw disk and have it read as qcow2 after its next boot.
     pub format: Option<Format>,
     /// Bandwidth limit in bytes per second.
     pub bandwidth: Option<u64>,
@@ -135,6 +139,25 @@ pub enum BlockError {
         #[source]
         source: vireo_block::Error,
     },
+    #[error(
+        "--disk path={path}: give format=raw or format=qcow2 — vireo never guesses the format \
+         of a writable disk, since a guest could write a qcow2 header onto a raw disk (or add \
+         readonly=on)"
+    )]
+    NoFormat { path: String },
+}
+
+impl BlockConfig {
+    /// Refuses a writable disk without `format=`: checked when the flags
+    /// are parsed and again when the image is opened.
+    pub fn check_format_given(&self) -> Result<(), BlockError> {
+        if self.format.is_none() && !self.read_only {
+            return Err(BlockError::NoFormat {
+                path: self.path.display().to_string(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What could be saved and restored of the device (the queue's state is
@@ -217,14 +240,23 @@ fn put(buf: &mut [u8], offset: usize, bytes: &[u8]) {
 }
 
 impl Block {
-    /// Open the image `cfg` names.
+    /// Open the image `cfg` names; backing files only beside their overlay.
     pub fn new(cfg: BlockConfig) -> Result<Block, BlockError> {
+        Block::open(cfg, &[])
+    }
+
+    /// Open the image `cfg` names; its backing files may also live in
+    /// `backing_dirs` (a daemon's storage directories). A writable disk
+    /// must have its format given.
+    pub fn open(cfg: BlockConfig, backing_dirs: &[PathBuf]) -> Result<Block, BlockError> {
+        cfg.check_format_given()?;
         let options = OpenOptions {
             read_only: cfg.read_only,
+            backing_dirs,
         };
         let opened = match cfg.format {
             Some(f) => vireo_block::open_as(&cfg.path, f, options),
-            None => vireo_block::open(&cfg.path, options),
+            None => vireo_block::open_probed(&cfg.path, options),
         };
         let image = opened.map_err(|source| BlockError::Open {
             id: cfg.id.clone(),
@@ -527,7 +559,7 @@ impl BlockWorker {
                 let head = chain.head_index();
                 let parsed = request::parse(&self.mem, chain, &self.info);
                 if let Some(l) = self.limiter.as_mut() {
-                    let bytes = parsed.as_ref().map_or(0, |r| r.data_len);
+                    let bytes = parsed.as_ref().map_or(0, |r| r.charged_bytes());
                     if !l.consume(bytes) {
                         // Leave it on the queue until the timer fires.
                         self.queue.go_to_previous_position();

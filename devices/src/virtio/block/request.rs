@@ -33,12 +33,17 @@ pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 /// The most data one read or write may move (`seg_max` × `size_max`): a
 /// bigger one is refused rather than tying up the device thread.
 pub const MAX_DATA_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
-/// Sectors one discard segment may cover (`max_discard_sectors`).
+/// Sectors one discard request may cover, all its segments together
+/// (`max_discard_sectors`; Linux treats it as the per-request limit): 1 GiB.
+/// A discard only punches holes, but each request is charged its length
+/// against `bw=`.
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
 /// Segments one discard request may carry (`max_discard_seg`).
 pub const MAX_DISCARD_SEG: u32 = 32;
-/// Sectors one write-zeroes segment may cover (`max_write_zeroes_sectors`).
-pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 21;
+/// Sectors one write-zeroes request may cover, all its segments together
+/// (`max_write_zeroes_sectors`): 64 MiB, since a raw image on a host that
+/// cannot punch holes writes the zeros, on the device thread.
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 17;
 /// Segments one write-zeroes request may carry (`max_write_zeroes_seg`).
 pub const MAX_WRITE_ZEROES_SEG: u32 = 32;
 
@@ -93,6 +98,22 @@ pub struct Request {
     pub segments: Vec<Segment>,
     /// Where the status byte goes.
     pub status: GuestAddress,
+}
+
+impl Request {
+    /// The bytes a rate limiter charges: the data moved, or for DISCARD
+    /// and WRITE_ZEROES the disk range they touch (they move no data, yet
+    /// a write-zeroes can write that much to the host).
+    pub fn charged_bytes(&self) -> u64 {
+        match self.kind {
+            RequestKind::Discard | RequestKind::WriteZeroes => self
+                .segments
+                .iter()
+                .map(|s| u64::from(s.num_sectors) * SECTOR_SIZE)
+                .sum(),
+            _ => self.data_len,
+        }
+    }
 }
 
 /// A chain that is answered without doing what it asks.
@@ -417,6 +438,7 @@ pub fn parse(
             if let Err(e) = gather(mem, &data, &mut raw) {
                 return ioerr(format!("{what}: {e}"));
             }
+            let mut total_sectors = 0u64;
             let known_flags = if discard {
                 0
             } else {
@@ -444,10 +466,11 @@ pub fn parse(
                         warn: true,
                     });
                 }
-                if seg.num_sectors > max_sectors {
+                total_sectors += u64::from(seg.num_sectors);
+                if total_sectors > u64::from(max_sectors) {
                     return ioerr(format!(
-                        "{what} of {} sectors, more than the {max_sectors} allowed",
-                        seg.num_sectors
+                        "{what} of {total_sectors} sectors in one request, more than the \
+                         {max_sectors} allowed"
                     ));
                 }
                 if let Err(e) =

@@ -116,8 +116,15 @@ struct Harness {
     heap: u64,
 }
 
+/// A `--disk` for `path`: raw unless `extra` gives the format or makes
+/// the disk read-only (a writable disk needs its format given).
 fn cfg(path: &Path, extra: &str) -> BlockConfig {
-    BlockConfig::from_options(&format!("path={}{extra}", path.display())).unwrap()
+    let format = if extra.contains("format=") || extra.contains("readonly=on") {
+        ""
+    } else {
+        ",format=raw"
+    };
+    BlockConfig::from_options(&format!("path={}{extra}{format}", path.display())).unwrap()
 }
 
 impl Harness {
@@ -379,6 +386,40 @@ fn open_errors_name_the_file_and_the_fix() {
 }
 
 #[test]
+fn a_writable_disk_needs_its_format_given() {
+    let dir = TempDir::new("noformat");
+    let p = dir.join("vda.raw");
+    // The guest wrote a qcow2 header naming a host file onto its raw disk.
+    let q = dir.join("scratch.qcow2");
+    vireo_block::create_qcow2(&q, 1 << 20, 64 << 10, Some(("/etc/hostname", Format::Raw))).unwrap();
+    let mut bytes = std::fs::read(&q).unwrap();
+    bytes.resize(1 << 20, 0);
+    std::fs::write(&p, &bytes).unwrap();
+
+    let no_format = BlockConfig::from_options(&format!("path={}", p.display())).unwrap();
+    let Err(e) = Block::new(no_format) else {
+        panic!("a writable disk opened without format=");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains(&format!("--disk path={}", p.display()))
+            && e.contains("give format=raw or format=qcow2")
+            && e.contains("never guesses"),
+        "{e}"
+    );
+    // Read-only without format=: the probe finds qcow2, and a guessed
+    // image may not reach a backing file.
+    let Err(e) = Block::new(cfg(&p, ",readonly=on")) else {
+        panic!("a probed qcow2 opened its backing file");
+    };
+    assert!(e.to_string().contains("give format=qcow2"), "{e}");
+    // format=raw: the guest reads back exactly the bytes it wrote.
+    let mut h = Harness::new(Block::new(cfg(&p, ",format=raw")).unwrap());
+    assert_eq!(h.dev.format(), Format::Raw);
+    assert_eq!(h.read(0, 4096).2, &bytes[..4096]);
+}
+
+#[test]
 fn features_and_config_space() {
     let dir = TempDir::new("config");
     let p = raw_disk(&dir, 1 << 20);
@@ -509,7 +550,7 @@ fn qcow2_roundtrip_flush_and_reuse_after_reset() {
     assert_eq!(h.read(200, 4096).2, data);
     assert_eq!(h.simple(VIRTIO_BLK_T_FLUSH), (OK, 1));
     // After the flush another reader of the file sees the data.
-    let mut other = vireo_block::open(&p, OpenOptions { read_only: true }).unwrap();
+    let mut other = vireo_block::open_as(&p, Format::Qcow2, OpenOptions::read_only()).unwrap();
     let mut buf = vec![0u8; 4096];
     other.read_at(&mut buf, 200 * 512).unwrap();
     assert_eq!(buf, data);
@@ -529,7 +570,7 @@ fn flush_reaches_the_image() {
     let p = raw_disk(&dir, 1 << 20);
     let flushes = Arc::new(AtomicUsize::new(0));
     let image = Box::new(Counting {
-        inner: vireo_block::open(&p, OpenOptions::default()).unwrap(),
+        inner: vireo_block::open_as(&p, Format::Raw, OpenOptions::writable()).unwrap(),
         flushes: flushes.clone(),
     });
     let mut h = Harness::new(Block::from_image(cfg(&p, ""), image));
@@ -609,6 +650,7 @@ fn discard_and_write_zeroes_read_back_zeros() {
     assert_eq!(h.ranges(VIRTIO_BLK_T_DISCARD, &[(u64::MAX, 1, 0)]).0, IOERR);
     let segs = vec![(0, 1, 0); 33];
     assert_eq!(h.ranges(VIRTIO_BLK_T_DISCARD, &segs).0, IOERR);
+
     let hd = h.header(VIRTIO_BLK_T_DISCARD, 0);
     let d = h.alloc(20, 0);
     let s = h.alloc(1, 0xff);
@@ -622,7 +664,7 @@ fn qcow2_write_zeroes_reads_back_zeros() {
     let dir = TempDir::new("qzeroes");
     let p = dir.join("disk.qcow2");
     vireo_block::create_qcow2(&p, 4 << 20, 64 << 10, None).unwrap();
-    let mut h = Harness::new(Block::new(cfg(&p, "")).unwrap());
+    let mut h = Harness::new(Block::new(cfg(&p, ",format=qcow2")).unwrap());
     let data = pattern(256 * 512, 1);
     assert_eq!(h.write(0, &data).0, OK);
     assert_eq!(h.ranges(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 128, 1)]), (OK, 1));
@@ -930,4 +972,64 @@ fn rate_limits_slow_requests_but_complete_them() {
     }
     let took = start.elapsed();
     assert!(took >= Duration::from_millis(350), "not limited: {took:?}");
+}
+
+#[test]
+fn write_zeroes_and_discard_are_charged_their_length() {
+    let dir = TempDir::new("rate-zeroes");
+    let p = raw_disk(&dir, 1 << 20);
+    // 256 KiB/s: three write-zeroes of 128 KiB each move no data, yet the
+    // third waits about 0.5 s for the bucket, as three 128 KiB writes would.
+    let mut h = Harness::new(Block::new(cfg(&p, ",bw=256K")).unwrap());
+    let start = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(h.ranges(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 256, 0)]).0, OK);
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(350), "not limited: {took:?}");
+    // Discards too: two segments of 128 KiB charge 256 KiB.
+    let mut h = Harness::new(Block::new(cfg(&p, ",bw=256K")).unwrap());
+    let start = Instant::now();
+    for _ in 0..2 {
+        assert_eq!(
+            h.ranges(VIRTIO_BLK_T_DISCARD, &[(0, 256, 0), (512, 256, 0)])
+                .0,
+            OK
+        );
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(700), "not limited: {took:?}");
+}
+
+#[test]
+fn one_request_zeroes_at_most_the_advertised_sectors() {
+    let dir = TempDir::new("zero-cap");
+    let max = request::MAX_WRITE_ZEROES_SECTORS;
+    let p = raw_disk(&dir, 2 * u64::from(max) * 512);
+    let dev = Block::new(cfg(&p, "")).unwrap();
+    let mut cfgspace = [0u8; 4];
+    dev.read_config(
+        offset_of!(virtio_blk_config, max_write_zeroes_sectors) as u64,
+        &mut cfgspace,
+    );
+    assert_eq!(u32::from_le_bytes(cfgspace), max);
+    let mut h = Harness::new(dev);
+    // Segments that each fit but add up to more than the limit: refused.
+    let half = max / 2 + 1;
+    assert_eq!(
+        h.ranges(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            &[(0, half, 0), (u64::from(half), half, 0)]
+        )
+        .0,
+        IOERR
+    );
+    assert_eq!(
+        h.ranges(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            &[(0, max / 2, 0), (u64::from(max / 2), max / 2, 0)]
+        )
+        .0,
+        OK
+    );
 }

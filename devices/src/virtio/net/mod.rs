@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use vireo_vmcore::memory::GuestMemory;
 use virtio_bindings::virtio_net as vn;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -76,6 +77,91 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 
 const fn bit(b: u32) -> u64 {
     1u64 << b
+}
+
+/// The transmit offloads the driver accepted: what a transmit header may
+/// ask of the host kernel's offload code.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxOffloads {
+    /// VIRTIO_NET_F_CSUM: partial checksums (NEEDS_CSUM).
+    pub csum: bool,
+    /// VIRTIO_NET_F_HOST_TSO4.
+    pub tso4: bool,
+    /// VIRTIO_NET_F_HOST_TSO6.
+    pub tso6: bool,
+    /// VIRTIO_NET_F_HOST_ECN.
+    pub ecn: bool,
+}
+
+impl TxOffloads {
+    /// The offloads in an accepted feature set.
+    pub fn from_features(acked: u64) -> TxOffloads {
+        let has = |b: u32| acked & bit(b) != 0;
+        TxOffloads {
+            csum: has(vn::VIRTIO_NET_F_CSUM),
+            tso4: has(vn::VIRTIO_NET_F_HOST_TSO4),
+            tso6: has(vn::VIRTIO_NET_F_HOST_TSO6),
+            ecn: has(vn::VIRTIO_NET_F_HOST_ECN),
+        }
+    }
+}
+
+/// Checks a transmit chain's `virtio_net_hdr_v1` against the frame after it
+/// (`frame_len` bytes) and the accepted offloads, before the TAP hands it
+/// to the host kernel's GSO and checksum code: only known flags, GSO types
+/// the driver negotiated (with a partial checksum and a segment size),
+/// checksum and header positions inside the frame.
+pub fn check_tx_header(
+    hdr: &[u8; VNET_HDR_LEN],
+    frame_len: usize,
+    offloads: TxOffloads,
+) -> Result<(), String> {
+    let le16 = |i: usize| usize::from(u16::from_le_bytes([hdr[i], hdr[i + 1]]));
+    let (flags, gso_type) = (u32::from(hdr[0]), u32::from(hdr[1]));
+    let (hdr_len, gso_size, csum_start, csum_offset) = (le16(2), le16(4), le16(6), le16(8));
+    let needs_csum = flags & vn::VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+    if flags & !vn::VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        return Err(format!("a header with flags {flags:#x}"));
+    }
+    // The kernel copies hdr_len bytes as the packet's headers.
+    if hdr_len > frame_len {
+        return Err(format!(
+            "a header length of {hdr_len} in a {frame_len}-byte frame"
+        ));
+    }
+    if needs_csum {
+        if !offloads.csum {
+            return Err("a partial checksum (NEEDS_CSUM) without VIRTIO_NET_F_CSUM".into());
+        }
+        // The 2-byte checksum field lies inside the frame.
+        if csum_start + csum_offset + 2 > frame_len {
+            return Err(format!(
+                "a checksum at {csum_start}+{csum_offset} outside the {frame_len}-byte frame"
+            ));
+        }
+    }
+    let ecn = gso_type & vn::VIRTIO_NET_HDR_GSO_ECN != 0;
+    let allowed = match gso_type & !vn::VIRTIO_NET_HDR_GSO_ECN {
+        vn::VIRTIO_NET_HDR_GSO_NONE => {
+            if ecn {
+                return Err("the GSO ECN bit without a GSO type".into());
+            }
+            return Ok(());
+        }
+        vn::VIRTIO_NET_HDR_GSO_TCPV4 => offloads.tso4,
+        vn::VIRTIO_NET_HDR_GSO_TCPV6 => offloads.tso6,
+        _ => false,
+    };
+    if !allowed || (ecn && !offloads.ecn) {
+        return Err(format!("GSO type {gso_type:#x}, not negotiated"));
+    }
+    if !needs_csum {
+        return Err("a GSO frame without a partial checksum".into());
+    }
+    if gso_size == 0 {
+        return Err("a GSO frame with a segment size of 0".into());
+    }
+    Ok(())
 }
 
 /// The options of `--net`: `tap=NAME[,mac=MAC][,id=ID][,mtu=N][,bw=RATE][,ops=RATE]`.
@@ -364,6 +450,7 @@ impl VirtioDevice for Net {
             counters: self.counters.clone(),
             mrg_rxbuf: acked & bit(vn::VIRTIO_NET_F_MRG_RXBUF) != 0,
             guest_csum: acked & bit(vn::VIRTIO_NET_F_GUEST_CSUM) != 0,
+            tx_offloads: TxOffloads::from_features(acked),
             tap_events: EventSet::IN,
             rx: RxState {
                 queue: rx_queue,
@@ -522,6 +609,8 @@ struct NetWorker {
     mrg_rxbuf: bool,
     /// The driver accepted VIRTIO_NET_F_GUEST_CSUM.
     guest_csum: bool,
+    /// What transmit headers may ask for.
+    tx_offloads: TxOffloads,
     /// What the TAP is watched for now.
     tap_events: EventSet,
     rx: RxState,
@@ -575,6 +664,44 @@ impl Bufs {
     }
 }
 
+/// Marks the first `n` bytes of `chains`' buffers dirty in guest memory's
+/// bitmap: readv wrote them through host pointers, which neither
+/// vm-memory's bitmap nor the hypervisor's dirty log sees, and a migration
+/// or diff snapshot that missed them would carry stale frame data.
+fn mark_read_dirty<'a>(mem: &GuestMemory, chains: impl Iterator<Item = &'a RxChain>, mut n: usize) {
+    for c in chains {
+        for &(addr, len) in &c.bufs.guest {
+            if n == 0 {
+                return;
+            }
+            let k = len.min(n);
+            // The buffers were translated when popped and the mapping is
+            // kept alive, so every slice is found again.
+            for s in GuestMemoryBackend::get_slices(mem, addr, k).flatten() {
+                s.bitmap().mark_dirty(0, s.len());
+            }
+            n -= k;
+        }
+    }
+}
+
+/// Fill `out` from the start of the buffer `descs` describe.
+fn read_chain_at(
+    mem: &GuestMemory,
+    descs: &[(GuestAddress, usize)],
+    mut out: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    for &(addr, len) in descs {
+        if out.is_empty() {
+            break;
+        }
+        let n = len.min(out.len());
+        mem.read_slice(&mut out[..n], addr)?;
+        out = &mut out[n..];
+    }
+    Ok(())
+}
+
 /// Write `data` at byte `offset` of the buffer `descs` describe.
 fn write_chain_at(
     mem: &GuestMemory,
@@ -619,6 +746,7 @@ impl NetWorker {
     fn check_tx(
         mem: &GuestMemory,
         chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        offloads: TxOffloads,
     ) -> Result<TxChain, String> {
         let head = chain.head_index();
         let mut bufs = Bufs::default();
@@ -652,6 +780,10 @@ impl NetWorker {
                 "a frame of {len} bytes, shorter than the virtio and Ethernet headers ({MIN_TX_FRAME})"
             ));
         }
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        read_chain_at(mem, &bufs.guest, &mut hdr)
+            .map_err(|e| format!("a header that cannot be read: {e}"))?;
+        check_tx_header(&hdr, len - VNET_HDR_LEN, offloads)?;
         Ok(TxChain {
             head,
             bufs,
@@ -674,18 +806,35 @@ impl NetWorker {
         Ok(())
     }
 
-    fn pop_tx(&mut self, used: &mut bool) -> Result<Option<TxChain>, Fatal> {
+    /// The next good transmit chain, dropping bad ones; each dropped chain
+    /// takes one of `budget`. None when the queue is empty, its avail ring
+    /// is broken, or the budget ran out (then the worker kicks itself to
+    /// come back after its other fds).
+    fn pop_tx(&mut self, used: &mut bool, budget: &mut usize) -> Result<Option<TxChain>, Fatal> {
+        let mut popped_since_enable = true;
         loop {
             let Some(chain) = self.tx.queue.pop_descriptor_chain(&self.mem) else {
-                if self.tx.queue.enable_notification(&self.mem)? {
+                // More may have come while notifications were off; an
+                // index that says more yet yields nothing twice running
+                // is a broken ring: stop rather than spin.
+                if self.tx.queue.enable_notification(&self.mem)? && popped_since_enable {
+                    popped_since_enable = false;
                     continue;
                 }
                 return Ok(None);
             };
+            popped_since_enable = true;
             let head = chain.head_index();
-            match Self::check_tx(&self.mem, chain) {
+            match Self::check_tx(&self.mem, chain, self.tx_offloads) {
                 Ok(c) => return Ok(Some(c)),
-                Err(why) => self.drop_tx(head, &why, used)?,
+                Err(why) => {
+                    self.drop_tx(head, &why, used)?;
+                    *budget = budget.saturating_sub(1);
+                    if *budget == 0 {
+                        let _ = self.tx.notify.write(1);
+                        return Ok(None);
+                    }
+                }
             }
         }
     }
@@ -711,7 +860,7 @@ impl NetWorker {
             budget -= 1;
             let mut chain = match self.tx.pending.take() {
                 Some(c) => c,
-                None => match self.pop_tx(used)? {
+                None => match self.pop_tx(used, &mut budget)? {
                     Some(c) => c,
                     None => break,
                 },
@@ -796,7 +945,10 @@ impl NetWorker {
     /// Pop receive buffers until they hold `need` bytes or the queue is
     /// empty.
     fn fill_rx(&mut self, need: usize, used: &mut bool) -> Result<(), Fatal> {
-        while self.rx.avail < need {
+        // Bad chains returned per call: a ring that keeps offering them
+        // (a used ring laid over the avail ring) cannot hold the thread.
+        let mut bad_left = BUDGET;
+        while self.rx.avail < need && bad_left > 0 {
             let Some(chain) = self.rx.queue.pop_descriptor_chain(&self.mem) else {
                 break;
             };
@@ -816,6 +968,7 @@ impl NetWorker {
                     }
                     self.rx.queue.add_used(&self.mem, head, 0)?;
                     *used = true;
+                    bad_left -= 1;
                 }
             }
         }
@@ -826,7 +979,22 @@ impl NetWorker {
     /// meanwhile (try again).
     fn rx_wait_for_buffers(&mut self) -> Result<bool, Fatal> {
         if self.rx.queue.enable_notification(&self.mem)? {
-            return Ok(true);
+            // An avail index further ahead than the ring is long says
+            // "more" forever while nothing can be popped: wait for the
+            // driver's next kick instead of retrying on every TAP wakeup.
+            let avail = self.rx.queue.avail_idx(&self.mem, Ordering::Acquire)?;
+            if avail.0.wrapping_sub(self.rx.queue.next_avail()) <= self.rx.queue.size() {
+                return Ok(true);
+            }
+            if !self.warned.bad_rx {
+                self.warned.bad_rx = true;
+                tracing::warn!(
+                    "{}: the receive queue's avail index is {} entries ahead of the device; \
+                     waiting for the driver to fix or reset it (not logged again)",
+                    self.name,
+                    avail.0.wrapping_sub(self.rx.queue.next_avail())
+                );
+            }
         }
         self.rx.waiting = true;
         Ok(false)
@@ -883,7 +1051,15 @@ impl NetWorker {
                 iov_base: self.rx.overflow.as_mut_ptr().cast(),
                 iov_len: self.rx.overflow.len(),
             });
-            match self.tap.readv(&iovs) {
+            let read = self.tap.readv(&iovs);
+            if let Ok(n) = read {
+                mark_read_dirty(
+                    &self.mem,
+                    self.rx.chains.iter().take(take),
+                    n.min(guest_cap),
+                );
+            }
+            match read {
                 Ok(n)
                     if !(VNET_HDR_LEN..=MAX_FRAME).contains(&n)
                         || (!self.mrg_rxbuf && n > guest_cap) =>
