@@ -1,1 +1,638 @@
-//! See the crate documentation.
+//! The jail of a VM process, in the manner of Firecracker's jailer, in two
+//! steps inside the VM's own `vireo run` (no separate jailer binary, so
+//! the daemon starts and watches one process as before):
+//!
+//! 1. [`enter`] at the very start, while the process is single-threaded:
+//!    close inherited descriptors (but the ones kept on purpose), clear the
+//!    environment, join the VM's cgroup, `unshare` PID, mount, IPC and UTS
+//!    namespaces and fork. The parent becomes a small supervisor (the
+//!    process the daemon started, kills, waits for and re-adopts): it drops
+//!    to the jail ids at once, forwards SIGTERM/SIGINT/SIGHUP to the child
+//!    and exits as the child did. The child — PID 1 of the new PID
+//!    namespace, killed when the supervisor dies — returns and becomes the
+//!    VMM, still root and still seeing the host's files, with no
+//!    capabilities left in its bounding set and `no_new_privs` set (so
+//!    every thread it starts inherits both).
+//! 2. [`lock_down`] once the VMM opened everything it needs (/dev/kvm,
+//!    disks, TAPs, kernel and initrd read, migration listener bound) and
+//!    before any guest code runs: a network namespace of its own unless the
+//!    VM needs the host's, a tmpfs root holding only the bound paths and
+//!    /dev/null + /dev/urandom, `pivot_root` into it, the old root gone,
+//!    then the jail uid/gid with no supplementary groups (which clears
+//!    every capability), rlimits and `PR_SET_DUMPABLE` 0.
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::cgroup::{CgroupError, CgroupName, Layout, Limits};
+
+/// The ids the VM process runs as after [`lock_down`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl JailIds {
+    /// `nobody`: the ids of a direct `vireo run --jail` given no others.
+    pub const NOBODY: JailIds = JailIds {
+        uid: 65534,
+        gid: 65534,
+    };
+}
+
+/// Whose network the VM process sees after [`lock_down`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JailNet {
+    /// An empty network namespace of its own (TAPs opened before keep
+    /// working: they stay attached to the host's interfaces).
+    Own,
+    /// The host's: for a VM that connects out over TCP (an outgoing live
+    /// migration).
+    Host,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("{0}")]
+    Host(String),
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError::Sys { what, source }
+}
+
+fn check(rc: libc::c_int, what: &str) -> Result<(), JailError> {
+    if rc < 0 {
+        Err(sys(what)(std::io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
+}
+
+fn cstr(path: &Path) -> Result<CString, JailError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| JailError::Host(format!("{}: a path with a NUL byte", path.display())))
+}
+
+/// What the jail needs from the host, checked before anything changes:
+/// root (or its capabilities) and a single thread. One line each, naming
+/// the fix.
+pub fn check_host() -> Result<(), JailError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(JailError::Host(
+            "--jail needs root (to create namespaces and a cgroup, pivot_root and drop to the jail's uid): \
+             run it as root (sudo), or pass --no-jail to debug without the jail"
+                .into(),
+        ));
+    }
+    let threads = thread_count();
+    if threads != 1 {
+        return Err(JailError::Host(format!(
+            "the jail must be entered while the process is single-threaded, and it has {threads} threads"
+        )));
+    }
+    Ok(())
+}
+
+/// The process's thread count, from /proc/self/task (0 if unreadable).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// What [`enter`] does before the fork.
+#[derive(Debug, Clone)]
+pub struct Enter {
+    /// Descriptors above 2 that stay open (the daemon's console pipes).
+    pub keep_fds: Vec<RawFd>,
+    /// Environment variables that stay; all others go.
+    pub keep_env: Vec<String>,
+    /// The VM's cgroup: created with these limits and joined.
+    pub cgroup: Option<(Layout, CgroupName, Limits)>,
+    /// The supervisor's ids (the same as the VMM's).
+    pub ids: JailIds,
+}
+
+/// Step 1 (see the module documentation). Returns in the VMM child only;
+/// the supervisor never returns (it exits as the child did).
+pub fn enter(e: &Enter) -> Result<(), JailError> {
+    check_host()?;
+    close_inherited_fds(&e.keep_fds)?;
+    let drop_env: Vec<_> = std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            !e.keep_env
+                .iter()
+                .any(|keep| k.as_bytes() == keep.as_bytes())
+        })
+        .collect();
+    for k in drop_env {
+        std::env::remove_var(k);
+    }
+    if let Some((layout, name, limits)) = &e.cgroup {
+        sweep_empty_cgroups(layout);
+        let cg = layout.create(name, limits)?;
+        cg.join(0)?;
+    }
+    // SAFETY: unshare takes flags only; the process is single-threaded
+    // (checked above), as CLONE_NEWPID's fork below wants.
+    let rc = unsafe {
+        libc::unshare(
+            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+        )
+    };
+    if rc < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(JailError::Host(format!(
+            "unshare(CLONE_NEWPID|CLONE_NEWNS|CLONE_NEWIPC|CLONE_NEWUTS) was refused ({err}): the kernel needs \
+             PID, mount, IPC and UTS namespaces (CONFIG_PID_NS, ...) and a container runtime must allow \
+             unshare (seccomp profile, CAP_SYS_ADMIN); see `vireo doctor`"
+        )));
+    }
+    // Nothing this mount namespace does reaches the host's, and nothing
+    // mounted on the host later shows up in it.
+    let root = c"/";
+    // SAFETY: mount with a valid C string target and null source/type/data.
+    check(
+        unsafe {
+            libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        },
+        "making / private in the jail's mount namespace",
+    )?;
+
+    // Signals the supervisor forwards are blocked across the fork, so none
+    // is lost before it waits for them; the child unblocks them.
+    let forwarded = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD];
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to local sigsets.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in forwarded {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+    }
+    // SAFETY: the process is single-threaded, so the child owns a
+    // consistent copy of every lock and allocation.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(sys("fork into the jail's PID namespace")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if child == 0 {
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        die_with_parent()?;
+        // Every thread the VMM starts inherits both: no capability can be
+        // gained by exec, and seccomp filters need no privilege.
+        drop_bounding_set()?;
+        set_no_new_privs()?;
+        return Ok(());
+    }
+    supervise(child, &set, e.ids)
+}
+
+/// The supervisor: drop privileges, forward signals, exit as the child.
+fn supervise(child: libc::pid_t, set: &libc::sigset_t, ids: JailIds) -> ! {
+    if let Err(e) = drop_bounding_set()
+        .and_then(|()| set_ids(ids))
+        .and_then(|()| set_no_new_privs())
+    {
+        eprintln!("vireo: error: jail supervisor: {e}");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+        std::process::exit(1);
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    loop {
+        // SAFETY: siginfo_t is plain data that sigwaitinfo fills.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers to the blocked set and the siginfo.
+        let sig = unsafe { libc::sigwaitinfo(set, &mut info) };
+        if sig < 0 {
+            continue; // EINTR
+        }
+        if sig != libc::SIGCHLD {
+            // SAFETY: as above.
+            unsafe { libc::kill(child, sig) };
+            continue;
+        }
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a local.
+        let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+        if r != child {
+            continue;
+        }
+        if libc::WIFEXITED(status) {
+            std::process::exit(libc::WEXITSTATUS(status));
+        }
+        if libc::WIFSIGNALED(status) {
+            let s = libc::WTERMSIG(status);
+            // The daemon reads "killed by SIGKILL/SIGSYS" from the status:
+            // end the same way; 128+signal if the signal does not kill.
+            // SAFETY: plain signal calls on this single-threaded process.
+            unsafe {
+                libc::signal(s, libc::SIG_DFL);
+                let mut one: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut one);
+                libc::sigaddset(&mut one, s);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &one, std::ptr::null_mut());
+                libc::raise(s);
+            }
+            std::process::exit(128 + s);
+        }
+    }
+}
+
+/// Remove leftover empty cgroups of earlier direct runs (`run-PID`); one
+/// still holding processes refuses (EBUSY) and stays.
+fn sweep_empty_cgroups(layout: &Layout) {
+    for parent in layout.parents() {
+        let Ok(entries) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().as_bytes().starts_with(b"run-") && e.path().is_dir() {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+}
+
+fn close_inherited_fds(keep: &[RawFd]) -> Result<(), JailError> {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map_err(sys("listing /proc/self/fd"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: closing a descriptor this process holds and no Rust
+            // object owns yet (the process just started); the read_dir's
+            // own descriptor is already closed (EBADF is harmless).
+            unsafe { libc::close(fd) };
+        }
+    }
+    Ok(())
+}
+
+fn die_with_parent() -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
+        "PR_SET_PDEATHSIG",
+    )
+}
+
+fn set_no_new_privs() -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+        "PR_SET_NO_NEW_PRIVS",
+    )
+}
+
+/// The highest capability number the kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+fn drop_bounding_set() -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        },
+        "clearing the ambient capabilities",
+    )?;
+    for cap in 0..=last_cap() {
+        // SAFETY: prctl with integer arguments.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            // A capability this kernel does not have.
+            if err.raw_os_error() != Some(libc::EINVAL) {
+                return Err(sys(format!("PR_CAPBSET_DROP {cap}"))(err));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// No supplementary groups, then the jail's gid and uid (real, effective,
+/// saved), which clears the permitted, effective and ambient capabilities
+/// of every thread (glibc applies set*id to all threads).
+fn set_ids(ids: JailIds) -> Result<(), JailError> {
+    // SAFETY: setgroups with an empty list.
+    check(
+        unsafe { libc::setgroups(0, std::ptr::null()) },
+        "setgroups(0)",
+    )?;
+    // SAFETY: integer arguments.
+    check(
+        unsafe { libc::setresgid(ids.gid, ids.gid, ids.gid) },
+        &format!("setresgid({})", ids.gid),
+    )?;
+    // SAFETY: integer arguments.
+    check(
+        unsafe { libc::setresuid(ids.uid, ids.uid, ids.uid) },
+        &format!("setresuid({})", ids.uid),
+    )?;
+    Ok(())
+}
+
+/// A host path visible at the same path inside the jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub path: PathBuf,
+    pub writable: bool,
+}
+
+/// What [`lock_down`] builds and drops to.
+#[derive(Debug, Clone)]
+pub struct LockDown {
+    /// Where the new root (a tmpfs) is mounted before `pivot_root`: an
+    /// empty host directory (the tmpfs exists only in the jail's private
+    /// mount namespace).
+    pub root: PathBuf,
+    pub binds: Vec<Bind>,
+    pub net: JailNet,
+    pub ids: JailIds,
+    /// RLIMIT_NOFILE.
+    pub max_files: u64,
+    /// RLIMIT_FSIZE: the largest file the VM may write (disks grow).
+    pub max_file_size: u64,
+}
+
+/// Device nodes the VMM may still open inside the jail.
+const DEV_NODES: [&str; 2] = ["/dev/null", "/dev/urandom"];
+
+/// Step 2 (see the module documentation).
+pub fn lock_down(l: &LockDown) -> Result<(), JailError> {
+    if l.net == JailNet::Own {
+        // A namespace is per thread: one already running would keep the
+        // host's network.
+        let threads = thread_count();
+        if threads != 1 {
+            return Err(JailError::Host(format!(
+                "a network namespace of its own needs the VMM single-threaded when it enters the jail, and it runs {threads} threads \
+                 (a post-copy migration target, a restore with running devices): pass --jail-net host for this VM"
+            )));
+        }
+        // SAFETY: flags only.
+        check(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            "unshare(CLONE_NEWNET)",
+        )?;
+    }
+    build_root(l)?;
+    pivot_into(&l.root)?;
+    set_ids(l.ids)?;
+    // The kernel clears the parent-death signal when the ids change.
+    die_with_parent()?;
+    clear_capabilities()?;
+    set_no_new_privs()?;
+    set_rlimit(libc::RLIMIT_NOFILE, l.max_files, "RLIMIT_NOFILE")?;
+    set_rlimit(libc::RLIMIT_FSIZE, l.max_file_size, "RLIMIT_FSIZE")?;
+    set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) },
+        "PR_SET_DUMPABLE",
+    )?;
+    Ok(())
+}
+
+fn mount(
+    src: Option<&Path>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), JailError> {
+    let what = format!(
+        "mount {} on {}",
+        src.map(|s| s.display().to_string())
+            .or(fstype.map(str::to_string))
+            .unwrap_or_default(),
+        dst.display()
+    );
+    let src = src.map(cstr).transpose()?;
+    let dst_c = cstr(dst)?;
+    let fstype = fstype
+        .map(|t| CString::new(t).map_err(|_| JailError::Host("fstype".into())))
+        .transpose()?;
+    let data = data
+        .map(|d| CString::new(d).map_err(|_| JailError::Host("mount data".into())))
+        .transpose()?;
+    let p = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is a valid C string or null, alive for the call.
+    let rc = unsafe { libc::mount(p(&src), dst_c.as_ptr(), p(&fstype), flags, p(&data).cast()) };
+    check(rc, &what)
+}
+
+fn build_root(l: &LockDown) -> Result<(), JailError> {
+    let root = &l.root;
+    std::fs::create_dir_all(root).map_err(sys(format!("creating {}", root.display())))?;
+    let hard = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(
+        None,
+        root,
+        Some("tmpfs"),
+        hard,
+        Some("mode=0755,size=1m,nr_inodes=4096"),
+    )?;
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let mut binds: Vec<Bind> = DEV_NODES
+        .iter()
+        .map(|d| Bind {
+            path: d.into(),
+            writable: true,
+        })
+        .collect();
+    binds.extend(l.binds.iter().cloned());
+    for b in &binds {
+        if !b.path.is_absolute() {
+            return Err(JailError::Host(format!(
+                "jail bind {}: not an absolute path",
+                b.path.display()
+            )));
+        }
+        let meta =
+            std::fs::metadata(&b.path).map_err(sys(format!("jail bind {}", b.path.display())))?;
+        let target = inside(&b.path);
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            target
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::File::create(&target).map(drop))
+        }
+        .map_err(sys(format!("creating {}", target.display())))?;
+        mount(Some(&b.path), &target, None, libc::MS_BIND, None)?;
+        // Bind mounts take their own flags only on a remount.
+        let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
+        if !DEV_NODES.iter().any(|d| Path::new(d) == b.path) {
+            flags |= libc::MS_NODEV | libc::MS_NOEXEC;
+        }
+        if !b.writable {
+            flags |= libc::MS_RDONLY;
+        }
+        mount(None, &target, None, flags, None)?;
+    }
+    Ok(())
+}
+
+fn pivot_into(root: &Path) -> Result<(), JailError> {
+    let root_c = cstr(root)?;
+    let dot = c".";
+    // SAFETY: valid C strings; pivot_root(".", ".") stacks the old root
+    // on the new one, which the umount below then detaches.
+    unsafe {
+        check(libc::chdir(root_c.as_ptr()), "chdir into the jail")?;
+        check(
+            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) as libc::c_int,
+            "pivot_root into the jail",
+        )?;
+        check(
+            libc::umount2(dot.as_ptr(), libc::MNT_DETACH),
+            "detaching the host's root",
+        )?;
+        check(libc::chdir(c"/".as_ptr()), "chdir /")?;
+    }
+    // The root itself (its directories and mount points) read-only.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_BIND
+            | libc::MS_REMOUNT
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
+            | libc::MS_NOEXEC,
+        None,
+    )
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Empty every capability set of this thread (set*id already emptied the
+/// permitted and effective ones; the inheritable set is kept otherwise).
+fn clear_capabilities() -> Result<(), JailError> {
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads a v3 header and two data structs.
+    check(
+        unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) as libc::c_int },
+        "capset (clearing every capability)",
+    )?;
+    // SAFETY: prctl with integer arguments.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        },
+        "clearing the ambient capabilities",
+    )
+}
+
+fn set_rlimit(
+    resource: libc::__rlimit_resource_t,
+    value: u64,
+    what: &str,
+) -> Result<(), JailError> {
+    let lim = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: setrlimit reads one rlimit struct.
+    check(unsafe { libc::setrlimit(resource, &lim) }, what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capability_count_is_read_from_the_kernel() {
+        let n = last_cap();
+        // CAP_CHECKPOINT_RESTORE (40) exists on every kernel vireo supports.
+        assert!((40..64).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn lock_down_refuses_a_network_namespace_with_threads_running() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = rx.recv();
+        });
+        let err = lock_down(&LockDown {
+            root: PathBuf::from("/nonexistent"),
+            binds: Vec::new(),
+            net: JailNet::Own,
+            ids: JailIds::NOBODY,
+            max_files: 64,
+            max_file_size: 1 << 20,
+        })
+        .unwrap_err();
+        drop(tx);
+        let _ = t.join();
+        assert!(err.to_string().contains("--jail-net host"), "{err}");
+    }
+}

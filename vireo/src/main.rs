@@ -9,6 +9,7 @@ mod control_socket;
 mod devices;
 mod disk;
 mod image;
+mod jail_run;
 mod machine;
 mod migrate;
 mod postcopy;

@@ -1,0 +1,157 @@
+//! `vireo run --jail`: the two steps of [`vireo_sandbox::jail`] with what
+//! `vireo run`'s flags say (ids, cgroup and limits, the new root, which
+//! paths the jailed VMM still needs).
+
+use std::path::{Path, PathBuf};
+
+use vireo_sandbox::cgroup::{self, CgroupName, CpuQuota, Limits};
+use vireo_sandbox::jail::{self, Bind, Enter, JailIds, JailNet, LockDown};
+
+use crate::cli::{JailNetArg, RunArgs};
+use crate::devices::Attached;
+use crate::Failure;
+
+/// Where a direct `vireo run --jail` mounts its new root: one empty
+/// directory serves every VM, as each mounts its tmpfs there in its own
+/// private mount namespace.
+pub const DEFAULT_JAIL_DIR: &str = "/run/vireo/jail";
+/// What the VMM itself may use beyond guest memory (its threads, the
+/// emulator's translation caches, device buffers) before the memory
+/// cgroup limit: the default limit is guest memory plus this.
+pub const VMM_OVERHEAD_MIB: u64 = 256;
+/// Default pids.max: vCPU and device threads with room to spare.
+pub const DEFAULT_PIDS: u64 = 256;
+/// Default RLIMIT_NOFILE inside the jail.
+pub const MAX_FILES: u64 = 4096;
+/// Default RLIMIT_FSIZE (MiB): disks grow, so large.
+pub const DEFAULT_MAX_FILE_SIZE_MIB: u64 = 16 << 20;
+/// The environment kept across the jail (the log filter).
+const KEEP_ENV: [&str; 2] = ["VIREO_LOG", "RUST_BACKTRACE"];
+
+fn usage(e: impl std::fmt::Display) -> Failure {
+    Failure::Usage(format!("--jail: {e}"))
+}
+
+fn ids(args: &RunArgs) -> JailIds {
+    let uid = args.jail_uid.unwrap_or(JailIds::NOBODY.uid);
+    JailIds {
+        uid,
+        gid: args.jail_gid.unwrap_or(if args.jail_uid.is_some() {
+            uid
+        } else {
+            JailIds::NOBODY.gid
+        }),
+    }
+}
+
+/// The cgroup limits `args` ask for; guest-sized defaults when booting a
+/// definition (a restore or a migration learns its size later, so only
+/// explicit limits apply there).
+pub fn limits(args: &RunArgs) -> Limits {
+    let booting = args.restore.is_none() && args.migrate_from.is_none();
+    let cpus = args
+        .cgroup_cpus
+        .or(booting.then(|| f64::from(args.cpus) + 1.0));
+    let memory = args
+        .cgroup_memory
+        .or(booting.then(|| args.memory + VMM_OVERHEAD_MIB));
+    Limits {
+        cpu: cpus.map(|c| CpuQuota {
+            quota_us: (c * 100_000.0).round().max(1000.0) as u64,
+            period_us: 100_000,
+        }),
+        memory_bytes: memory.map(|m| m << 20),
+        pids: Some(args.cgroup_pids.unwrap_or(DEFAULT_PIDS)),
+    }
+}
+
+/// Step 1, at the very start of `vireo run --jail` (single-threaded).
+/// Returns in the VMM process; the supervisor exits from inside.
+pub fn enter(args: &RunArgs) -> Result<(), Failure> {
+    if !args.jail {
+        return Ok(());
+    }
+    jail::check_host().map_err(usage)?;
+    let name = match &args.cgroup {
+        Some(n) => n.clone(),
+        None => format!("run-{}", std::process::id()),
+    };
+    let name = CgroupName::new(&name).map_err(|e| Failure::Usage(format!("--cgroup {e}")))?;
+    let layout = cgroup::detect().map_err(usage)?;
+    jail::enter(&Enter {
+        keep_fds: args.jail_keep_fd.clone(),
+        keep_env: KEEP_ENV.iter().map(|s| s.to_string()).collect(),
+        cgroup: Some((layout, name, limits(args))),
+        ids: ids(args),
+    })
+    .map_err(usage)
+}
+
+/// The host paths the jailed VMM still uses, at the same paths: the
+/// directories of its control and vsock sockets (it binds the control
+/// socket and connects to `vsock_PORT` sockets there), each writable
+/// disk read-only (a snapshot copies it by path; the VMM writes through
+/// the descriptor it opened before), and `--jail-bind` paths.
+pub fn binds(args: &RunArgs, attached: &Attached) -> Vec<Bind> {
+    let mut out: Vec<Bind> = Vec::new();
+    let mut add = |path: &Path, writable: bool| {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if !out.iter().any(|b| b.path == path) {
+            out.push(Bind { path, writable });
+        }
+    };
+    let parent = |p: &Path| -> PathBuf {
+        let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        abs.parent().map(Path::to_path_buf).unwrap_or(abs)
+    };
+    for p in &args.jail_bind {
+        add(p, true);
+    }
+    if let Some(sock) = &args.control_socket {
+        add(&parent(sock), true);
+    }
+    if let Some((_, sock)) = &attached.device_set.vsock {
+        add(&parent(sock), true);
+    }
+    for d in &attached.disk_files {
+        add(&d.path, false);
+    }
+    out
+}
+
+/// Step 2, once the machine is built and before anything else starts.
+pub fn lock_down(args: &RunArgs, attached: &Attached) -> Result<(), Failure> {
+    if !args.jail {
+        return Ok(());
+    }
+    let l = LockDown {
+        root: args
+            .jail_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_JAIL_DIR)),
+        binds: binds(args, attached),
+        net: match args.jail_net {
+            JailNetArg::Own => JailNet::Own,
+            JailNetArg::Host => JailNet::Host,
+        },
+        ids: ids(args),
+        max_files: MAX_FILES,
+        max_file_size: args
+            .jail_max_file_size
+            .unwrap_or(DEFAULT_MAX_FILE_SIZE_MIB)
+            .saturating_mul(1 << 20),
+    };
+    jail::lock_down(&l).map_err(usage)?;
+    tracing::info!(
+        "jailed: uid {} gid {}, root {} with {} bound path(s), {} network",
+        l.ids.uid,
+        l.ids.gid,
+        l.root.display(),
+        l.binds.len(),
+        match l.net {
+            JailNet::Own => "its own",
+            JailNet::Host => "the host's",
+        }
+    );
+    Ok(())
+}

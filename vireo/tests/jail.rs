@@ -1,0 +1,379 @@
+//! `vireo run --jail` end to end: a tiny guest runs jailed, and the host
+//! sees the VMM process (the supervisor's child) unprivileged, without
+//! capabilities, in its own namespaces, under a private root and in its
+//! cgroup with the limits asked for. Needs root and a backend (KVM, or the
+//! emulator with VIREO_TEST_ACCEL=emu); skips with a message otherwise.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::guest::{self, assemble64};
+use support::{KernelKind, LiveVm, TempDir};
+
+/// A uid/gid no account uses, as the daemon's per-VM ids are.
+const JAIL_UID: u32 = 10_999_001;
+
+macro_rules! require_root_and_backend {
+    () => {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: the jail needs root");
+            return;
+        }
+        if let Some(why) = support::backend_unavailable_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+}
+
+/// One field of /proc/PID/status.
+pub fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
+}
+
+/// The children of `pid` (its main thread's).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn wait_for_child(pid: u32) -> u32 {
+    let start = Instant::now();
+    loop {
+        if let Some(c) = children(pid).first() {
+            return *c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no VMM child of {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ns(pid: u32, kind: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+/// The path of `pid`'s cgroup in the v1 hierarchy holding `controller`, or
+/// the v2 one.
+fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in cg.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        let v2 = ctrls.is_empty();
+        if !v2 && !ctrls.split(',').any(|c| c == controller) {
+            continue;
+        }
+        for m in mountinfo.lines() {
+            let (left, right) = m.split_once(" - ").unwrap();
+            let mount_point = left.split(' ').nth(4).unwrap();
+            let mut r = right.split(' ');
+            let fstype = r.next().unwrap();
+            let opts = r.nth(1).unwrap_or("");
+            let hit = if v2 {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup" && opts.split(',').any(|o| o == controller)
+            };
+            if hit {
+                let dir = Path::new(mount_point).join(path.trim_start_matches('/'));
+                if v2 && !dir.join("cpu.max").exists() {
+                    continue;
+                }
+                return dir;
+            }
+        }
+    }
+    panic!("no cgroup of {pid} has {controller}:\n{cg}");
+}
+
+/// What every jailed VMM shows on the host (shared with the daemon test).
+pub fn assert_jailed(vmm: u32, supervisor: u32, uid: u32) {
+    let me = std::process::id();
+    assert_eq!(
+        status_field(vmm, "Uid")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        vec![uid.to_string(); 4],
+        "uid"
+    );
+    assert_eq!(
+        status_field(vmm, "Gid").split_whitespace().next(),
+        Some(uid.to_string().as_str())
+    );
+    assert_eq!(status_field(vmm, "Groups"), "");
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(vmm, cap), "0000000000000000", "{cap}");
+    }
+    assert_eq!(status_field(vmm, "NoNewPrivs"), "1");
+    // Its own PID namespace, where it is PID 1.
+    assert_ne!(ns(vmm, "pid"), ns(me, "pid"));
+    assert_eq!(
+        status_field(vmm, "NSpid").split_whitespace().last(),
+        Some("1")
+    );
+    for kind in ["mnt", "ipc", "uts"] {
+        assert_ne!(ns(vmm, kind), ns(me, kind), "{kind} namespace");
+    }
+    // Its root is not the host's: the host's /etc is not there.
+    assert!(Path::new("/etc/passwd").exists());
+    assert!(
+        !Path::new(&format!("/proc/{vmm}/root/etc/passwd")).exists(),
+        "the VMM sees the host's /etc"
+    );
+    // The supervisor dropped its privileges too.
+    assert_eq!(status_field(supervisor, "CapEff"), "0000000000000000");
+    assert_eq!(
+        status_field(supervisor, "Uid").split_whitespace().next(),
+        Some(uid.to_string().as_str())
+    );
+    // Not dumpable: /proc/PID/ files belong to root, not the jail uid.
+    let meta = std::fs::metadata(format!("/proc/{vmm}/mem")).unwrap();
+    assert_eq!(meta.uid(), 0, "the VMM is dumpable");
+}
+
+/// The cgroup limits of `vmm`: (cpu quota, period, memory bytes, pids).
+pub fn cgroup_limits(vmm: u32) -> (String, String, String, String) {
+    let cpu = cgroup_dir(vmm, "cpu");
+    let mem = cgroup_dir(vmm, "memory");
+    let pids = cgroup_dir(vmm, "pids");
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_string()
+    };
+    for d in [&cpu, &mem, &pids] {
+        assert!(
+            d.parent().and_then(|p| p.file_name()) == Some("vireo".as_ref()),
+            "{} is not a vireo/NAME cgroup",
+            d.display()
+        );
+    }
+    if cpu.join("cpu.max").exists() {
+        let max = read(cpu.join("cpu.max"));
+        let (q, p) = max.split_once(' ').unwrap();
+        (
+            q.to_string(),
+            p.to_string(),
+            read(mem.join("memory.max")),
+            read(pids.join("pids.max")),
+        )
+    } else {
+        (
+            read(cpu.join("cpu.cfs_quota_us")),
+            read(cpu.join("cpu.cfs_period_us")),
+            read(mem.join("memory.limit_in_bytes")),
+            read(pids.join("pids.max")),
+        )
+    }
+}
+
+fn power_button_kernel(dir: &TempDir) -> PathBuf {
+    let code = assemble64(KernelKind::Elf.entry(), guest::wait_for_power_button);
+    dir.write("vmlinux", &KernelKind::Elf.wrap(&code))
+}
+
+fn control(socket: &Path, command: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    writeln!(s, "{command}").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    reply
+}
+
+#[test]
+fn a_jailed_vm_runs_unprivileged_in_its_namespaces_root_and_cgroup() {
+    require_root_and_backend!();
+    let dir = TempDir::new("jail-direct");
+    let kernel = power_button_kernel(&dir);
+    // The VM's own directory: its control socket, owned by the jail uid.
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir(&vm_dir).unwrap();
+    std::os::unix::fs::chown(&vm_dir, Some(JAIL_UID), Some(JAIL_UID)).unwrap();
+    let jail_root = dir.path().join("root");
+    let socket = vm_dir.join("ctl.sock");
+    let cgroup = format!("jailtest-{}", std::process::id());
+    let mut vm = LiveVm::start_kernel(
+        &kernel,
+        &[
+            "--jail",
+            "--jail-uid",
+            &JAIL_UID.to_string(),
+            "--jail-dir",
+            jail_root.to_str().unwrap(),
+            "--control-socket",
+            socket.to_str().unwrap(),
+            "--cgroup",
+            &cgroup,
+            "--cgroup-cpus",
+            "1.5",
+            "--cgroup-memory",
+            "300",
+            "--cgroup-pids",
+            "64",
+        ],
+    );
+    assert!(
+        vm.read_until("waiting for the power button"),
+        "no guest output: {}",
+        vm.output()
+    );
+    let supervisor = vm.pid();
+    let vmm = wait_for_child(supervisor);
+    assert_jailed(vmm, supervisor, JAIL_UID);
+    // Its own network namespace (--jail-net own, the default).
+    assert_ne!(ns(vmm, "net"), ns(std::process::id(), "net"));
+    let (quota, period, memory, pids) = cgroup_limits(vmm);
+    assert_eq!((quota.as_str(), period.as_str()), ("150000", "100000"));
+    assert_eq!(memory, (300u64 << 20).to_string());
+    assert_eq!(pids, "64");
+    let cg_dir = cgroup_dir(vmm, "pids");
+    assert!(
+        cg_dir.ends_with(format!("vireo/{cgroup}")),
+        "{}",
+        cg_dir.display()
+    );
+    // The jail's root holds the bound socket directory at the same path,
+    // and /dev/null; nothing of the host's /tmp else.
+    let root = PathBuf::from(format!("/proc/{vmm}/root"));
+    assert!(root
+        .join(vm_dir.strip_prefix("/").unwrap())
+        .join("ctl.sock")
+        .exists());
+    assert!(!root.join(kernel.strip_prefix("/").unwrap()).exists());
+    assert!(root.join("dev/null").exists());
+    // The control socket works through the jail; the guest powers off.
+    let reply = control(&socket, "power-button");
+    assert!(reply.contains("\"ok\":true"), "{reply}");
+    let status = vm.wait("the jailed VM to power off");
+    assert_eq!(status.code(), Some(0), "{}", vm.output());
+    assert!(vm.output().contains("power button pressed"));
+    remove_cgroups(&[cgroup]);
+}
+
+/// Where `vireo/NAME` of this process's `controller` hierarchy is.
+fn cgroup_dir_of_name(controller: &str, name: &str) -> PathBuf {
+    cgroup_dir(std::process::id(), controller)
+        .join("vireo")
+        .join(name)
+}
+
+#[test]
+fn the_supervisor_forwards_sigterm_and_ends_as_the_vmm_did() {
+    require_root_and_backend!();
+    let dir = TempDir::new("jail-signals");
+    let kernel = power_button_kernel(&dir);
+    let names: Vec<String> = ["term", "kill", "parent"]
+        .iter()
+        .map(|t| format!("jailtest-{t}-{}", std::process::id()))
+        .collect();
+    let start = |tag: usize| {
+        let mut vm = LiveVm::start_kernel(
+            &kernel,
+            &[
+                "--jail",
+                "--jail-dir",
+                dir.path().join("root").to_str().unwrap(),
+                "--cgroup",
+                &names[tag],
+            ],
+        );
+        assert!(
+            vm.read_until("waiting for the power button"),
+            "{}",
+            vm.output()
+        );
+        let vmm = wait_for_child(vm.pid());
+        (vm, vmm)
+    };
+    // SIGTERM to the supervisor reaches the VMM, which stops the VM
+    // cleanly (as without the jail).
+    let (mut vm, vmm) = start(0);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    let status = vm.wait("the VM to stop on SIGTERM");
+    assert!(!Path::new(&format!("/proc/{vmm}")).exists());
+    assert!(status.code().is_some(), "{status:?}");
+    // A VMM killed by a signal: the supervisor ends by the same signal.
+    let (mut vm, vmm) = start(1);
+    // SAFETY: as above.
+    unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+    let status = vm.wait("the supervisor to follow its VMM");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+    // Killing the supervisor takes the VMM with it.
+    let (mut vm, vmm) = start(2);
+    // SAFETY: as above.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
+    vm.wait("the supervisor to die");
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{vmm}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the VMM outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    remove_cgroups(&names);
+}
+
+/// The test's cgroups (a direct run leaves its empty cgroup; the next
+/// direct run removes empty `run-*` ones, the daemon its VMs').
+fn remove_cgroups(names: &[String]) {
+    for n in names {
+        for c in ["cpu", "memory", "pids"] {
+            let _ = std::fs::remove_dir(cgroup_dir_of_name(c, n));
+        }
+    }
+}
+
+#[test]
+fn without_root_the_jail_is_a_clear_error() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root to start vireo as another user");
+        return;
+    }
+    let dir = TempDir::new("jail-noroot");
+    let kernel = dir.write("vmlinux", b"not a kernel");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = Command::new(support::vireo_bin())
+        .args(["run", "--jail", "--kernel", kernel.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("Permission denied") && out.status.code() != Some(2) {
+        eprintln!("skipping: nobody cannot execute the test binary here: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--jail needs root"), "{stderr}");
+    assert!(stderr.contains("--no-jail"), "{stderr}");
+}
