@@ -30,6 +30,8 @@ pub struct ServeConfig {
     pub tls_key: Option<PathBuf>,
     /// The `vireo` binary that runs each VM (`vireo run`).
     pub vmm: PathBuf,
+    /// `--no-jail`: start VMs without the jail (debugging; audit-logged).
+    pub no_jail: bool,
 }
 
 /// One `--listen` address.
@@ -395,6 +397,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         .map_err(|e| ServeError::Failed(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async move {
         let daemon = Daemon::new(db, cfg.state_dir.clone(), cfg.vmm.clone());
+        daemon.set_no_jail(cfg.no_jail);
+        if cfg.no_jail {
+            tracing::warn!("--no-jail: VMs run unconfined, with the daemon's privileges");
+        }
         daemon
             .recover()
             .map_err(|e| ServeError::Failed(format!("re-adopting VMs: {}", e.message)))?;
@@ -495,6 +501,7 @@ mod tests {
             tls_cert: cert.then(|| PathBuf::from("c.pem")),
             tls_key: key.then(|| PathBuf::from("k.pem")),
             vmm: PathBuf::from("vireo"),
+            no_jail: false,
         }
     }
 

@@ -18,7 +18,7 @@ pub const PARENT: &str = "vireo";
 pub enum CgroupError {
     #[error("no usable cgroup hierarchy: {0}")]
     NoHierarchy(String),
-    #[error("cgroup name {0:?}: use letters, digits, '-', '_' and '.' (not starting with '.'), at most 64")]
+    #[error("cgroup name {0:?}: use letters, digits, '-', '_' and '.' (not starting with '.'), at most 128")]
     BadName(String),
     #[error("{path}: {source}")]
     Io {
@@ -42,7 +42,7 @@ pub struct CgroupName(String);
 impl CgroupName {
     pub fn new(name: &str) -> Result<CgroupName, CgroupError> {
         let ok = !name.is_empty()
-            && name.len() <= 64
+            && name.len() <= 128
             && !name.starts_with('.')
             && name
                 .bytes()
@@ -525,7 +525,7 @@ mod tests {
 
     #[test]
     fn names_cannot_climb_out() {
-        for bad in ["", "..", "../x", "a/b", ".hidden", &"x".repeat(65)] {
+        for bad in ["", "..", "../x", "a/b", ".hidden", &"x".repeat(129)] {
             assert!(CgroupName::new(bad).is_err(), "{bad:?}");
         }
         assert!(CgroupName::new("vm_1.test-2").is_ok());

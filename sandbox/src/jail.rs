@@ -483,7 +483,15 @@ fn build_root(l: &LockDown) -> Result<(), JailError> {
         })
         .collect();
     binds.extend(l.binds.iter().cloned());
+    // Parents before what lies beneath them; a path inside a directory
+    // already bound is seen through it (binding it again would create its
+    // mount point through the bind, on the host).
+    binds.sort_by_key(|b| b.path.components().count());
+    let mut bound: Vec<PathBuf> = Vec::new();
     for b in &binds {
+        if bound.iter().any(|p| b.path.starts_with(p)) {
+            continue;
+        }
         if !b.path.is_absolute() {
             return Err(JailError::Host(format!(
                 "jail bind {}: not an absolute path",
@@ -496,13 +504,24 @@ fn build_root(l: &LockDown) -> Result<(), JailError> {
         if meta.is_dir() {
             std::fs::create_dir_all(&target)
         } else {
+            // An empty file in the tmpfs to mount on (never truncating).
             target
                 .parent()
                 .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::File::create(&target).map(drop))
+                .and_then(|()| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&target)
+                        .map(drop)
+                })
         }
         .map_err(sys(format!("creating {}", target.display())))?;
         mount(Some(&b.path), &target, None, libc::MS_BIND, None)?;
+        if meta.is_dir() {
+            bound.push(b.path.clone());
+        }
         // Bind mounts take their own flags only on a remount.
         let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
         if !DEV_NODES.iter().any(|d| Path::new(d) == b.path) {
@@ -603,6 +622,72 @@ fn set_rlimit(
     };
     // SAFETY: setrlimit reads one rlimit struct.
     check(unsafe { libc::setrlimit(resource, &lim) }, what)
+}
+
+/// Try, in a throw-away child, the namespaces the jail creates (PID,
+/// mount, IPC, UTS, network); the error of the first refused.
+pub fn probe_namespaces() -> Result<(), String> {
+    let flags = [
+        (libc::CLONE_NEWPID, "PID"),
+        (libc::CLONE_NEWNS, "mount"),
+        (libc::CLONE_NEWIPC, "IPC"),
+        (libc::CLONE_NEWUTS, "UTS"),
+        (libc::CLONE_NEWNET, "network"),
+    ];
+    // SAFETY: the child only calls unshare and _exit (async-signal-safe).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        for (i, (flag, _)) in flags.iter().enumerate() {
+            // SAFETY: flags only; then _exit without running destructors.
+            unsafe {
+                if libc::unshare(*flag) < 0 {
+                    libc::_exit(10 + i as libc::c_int);
+                }
+            }
+        }
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    match libc::WEXITSTATUS(status) {
+        0 if libc::WIFEXITED(status) => Ok(()),
+        n if (10..10 + flags.len() as i32).contains(&n) => Err(format!(
+            "unshare of a {} namespace refused",
+            flags[(n - 10) as usize].1
+        )),
+        _ => Err(format!("the probe ended with status {status:#x}")),
+    }
+}
+
+/// The Landlock ABI version, or why there is none.
+pub fn landlock_abi() -> Result<u32, String> {
+    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_long = 1;
+    // SAFETY: landlock_create_ruleset(NULL, 0, VERSION) only returns a number.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if abi > 0 {
+        return Ok(abi as u32);
+    }
+    let err = std::io::Error::last_os_error();
+    Err(if lsms.is_empty() {
+        format!("not available ({err}; /sys/kernel/security/lsm unreadable)")
+    } else if !lsms.split(',').any(|l| l.trim() == "landlock") {
+        format!("not available (not among the active LSMs: {})", lsms.trim())
+    } else {
+        format!("not available ({err})")
+    })
 }
 
 #[cfg(test)]

@@ -48,6 +48,10 @@ pub enum Command {
     /// daemon that listens only on its Unix socket.
     #[command(after_help = crate::ui::UI_EXAMPLES)]
     Ui(crate::ui::UiArgs),
+    /// Check this host for VMs and their jail: /dev/kvm, VT-x/AMD-V or PVM,
+    /// cgroups, namespaces, seccomp, Landlock, userfaultfd.
+    #[command(after_help = crate::doctor::DOCTOR_EXAMPLES)]
+    Doctor,
 }
 
 const RUN_EXAMPLES: &str = "\

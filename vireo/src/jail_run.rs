@@ -119,6 +119,29 @@ pub fn binds(args: &RunArgs, attached: &Attached) -> Vec<Bind> {
     out
 }
 
+/// A bound directory above another (the vsock socket's directory holding
+/// the VM's own) would show the VM the host's directories in between,
+/// with their permissions: refuse it, naming the fix.
+fn check_nesting(binds: &[Bind]) -> Result<(), Failure> {
+    for outer in binds {
+        for inner in binds {
+            if inner.path != outer.path
+                && inner.path.starts_with(&outer.path)
+                && std::fs::metadata(&inner.path).is_ok_and(|m| m.is_dir())
+            {
+                return Err(Failure::Usage(format!(
+                    "--jail: {} (the directory of a socket) holds {}, which the jail also binds: \
+                     the VM would see everything in between; put each socket in a directory of its own \
+                     (or both in the VM's directory)",
+                    outer.path.display(),
+                    inner.path.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Step 2, once the machine is built and before anything else starts.
 pub fn lock_down(args: &RunArgs, attached: &Attached) -> Result<(), Failure> {
     if !args.jail {
@@ -129,7 +152,11 @@ pub fn lock_down(args: &RunArgs, attached: &Attached) -> Result<(), Failure> {
             .jail_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_JAIL_DIR)),
-        binds: binds(args, attached),
+        binds: {
+            let b = binds(args, attached);
+            check_nesting(&b)?;
+            b
+        },
         net: match args.jail_net {
             JailNetArg::Own => JailNet::Own,
             JailNetArg::Host => JailNet::Host,
