@@ -138,7 +138,7 @@ pub fn checks() -> Vec<Check> {
         Ok(abi) => check(
             "Landlock",
             Verdict::Info,
-            format!("ABI {abi} available (vireo does not use it yet)"),
+            format!("ABI {abi}: a jailed VM's file access is limited to its bound paths"),
         ),
         Err(why) => check("Landlock", Verdict::Info, why),
     });

@@ -168,9 +168,9 @@ pub fn lock_down(args: &RunArgs, attached: &Attached) -> Result<(), Failure> {
             .unwrap_or(DEFAULT_MAX_FILE_SIZE_MIB)
             .saturating_mul(1 << 20),
     };
-    jail::lock_down(&l).map_err(usage)?;
+    let landlock = jail::lock_down(&l).map_err(usage)?;
     tracing::info!(
-        "jailed: uid {} gid {}, root {} with {} bound path(s), {} network",
+        "jailed: uid {} gid {}, root {} with {} bound path(s), {} network, Landlock {}",
         l.ids.uid,
         l.ids.gid,
         l.root.display(),
@@ -178,6 +178,10 @@ pub fn lock_down(args: &RunArgs, attached: &Attached) -> Result<(), Failure> {
         match l.net {
             JailNet::Own => "its own",
             JailNet::Host => "the host's",
+        },
+        match landlock {
+            jail::LandlockOutcome::Enforced { abi } => format!("enforced (ABI {abi})"),
+            jail::LandlockOutcome::Skipped(why) => format!("skipped: {why}"),
         }
     );
     Ok(())

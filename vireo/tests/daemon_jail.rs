@@ -215,6 +215,16 @@ fn daemon_vms_are_jailed_and_still_managed_after_a_daemon_restart() {
     assert_eq!(memory, ((32u64 + 256) << 20).to_string());
     assert_eq!(pids, "256");
     let cgroup = cgroup_dir(vmm, "pids");
+    // Landlock where the kernel has it: on, as the VM's log says.
+    let log = std::fs::read_to_string(vm_dir.join("vireo.log")).unwrap();
+    let jailed = log
+        .lines()
+        .find(|l| l.contains("jailed: uid"))
+        .unwrap_or_else(|| panic!("no jail line in the VM's log:\n{log}"));
+    assert!(
+        jailed.contains("Landlock enforced") || jailed.contains("Landlock skipped: not available"),
+        "{jailed}"
+    );
 
     // Stats are the VMM's (the supervisor's RSS is a few MiB at most).
     let (status, stats) = d.json("GET", "/v1/stats", None);
