@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -208,4 +209,68 @@ fn without_root_the_jail_is_a_clear_error() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--jail needs root"), "{stderr}");
     assert!(stderr.contains("--no-jail"), "{stderr}");
+}
+
+/// A TAP opened before the jail's network namespace keeps its host end:
+/// the VMM sits in an empty namespace of its own while the TAP (in the
+/// test's namespace) has a reader attached (carrier up) — the guest's
+/// frames still flow through the descriptor.
+#[test]
+fn a_tap_keeps_working_from_the_jails_own_network_namespace() {
+    require_root_and_backend!();
+    if let Some(why) = support::netns::unavailable_reason() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    if Command::new("nsenter").arg("--version").output().is_err() {
+        eprintln!("skipping: nsenter (util-linux) is not installed");
+        return;
+    }
+    let dir = TempDir::new("jail-tap");
+    let kernel = power_button_kernel(&dir);
+    let netns = support::netns::NetNs::new("jailtap");
+    netns.add_tap("tap0", "10.0.9.1/24");
+    let ns_path = format!("/var/run/netns/{}", netns.name);
+    let carrier = || {
+        let out = Command::new("ip")
+            .args(["-n", &netns.name, "-o", "link", "show", "tap0"])
+            .output()
+            .unwrap();
+        !String::from_utf8_lossy(&out.stdout).contains("NO-CARRIER")
+    };
+    assert!(!carrier(), "no VM yet, yet the TAP has a carrier");
+    // nsenter, not `ip netns exec`: that one remounts /sys, taking the
+    // cgroup hierarchies with it.
+    let net_arg = format!("--net={ns_path}");
+    let mut vm = LiveVm::start(
+        &["nsenter", &net_arg, "--"],
+        &[
+            "run".into(),
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--net".into(),
+            "tap=tap0".into(),
+            "--jail".into(),
+            "--jail-dir".into(),
+            dir.path().join("root").display().to_string(),
+            "--cgroup".into(),
+            format!("jailtest-tap-{}", std::process::id()),
+        ],
+        support::RUN_TIMEOUT,
+    );
+    assert!(
+        vm.read_until("waiting for the power button"),
+        "{}",
+        vm.output()
+    );
+    let vmm = wait_for_child(vm.pid());
+    let vmm_net = ns(vmm, "net");
+    let tap_ns_ino = std::fs::metadata(&ns_path).unwrap().ino();
+    assert_ne!(vmm_net, PathBuf::from(format!("net:[{tap_ns_ino}]")));
+    assert_ne!(vmm_net, ns(std::process::id(), "net"));
+    assert!(carrier(), "the jailed VMM let go of its TAP");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    vm.wait("the VM to stop");
+    remove_cgroups(&[format!("jailtest-tap-{}", std::process::id())]);
 }
