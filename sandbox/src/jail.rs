@@ -144,8 +144,21 @@ pub fn enter(e: &Enter) -> Result<(), JailError> {
     }
     if let Some((layout, name, limits)) = &e.cgroup {
         sweep_empty_cgroups(layout);
-        let cg = layout.create(name, limits)?;
-        cg.join(0)?;
+        // Another start's sweep may remove the new cgroup before this
+        // process is in it (it is empty until then): make it again.
+        let mut tries = 0;
+        loop {
+            let cg = layout.create(name, limits)?;
+            match cg.join(0) {
+                Ok(()) => break,
+                Err(CgroupError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound && tries < 3 =>
+                {
+                    tries += 1
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
     // SAFETY: unshare takes flags only; the process is single-threaded
     // (checked above), as CLONE_NEWPID's fork below wants.
@@ -267,15 +280,15 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t, ids: JailIds) -> ! {
     }
 }
 
-/// Remove leftover empty cgroups of earlier direct runs (`run-PID`); one
-/// still holding processes refuses (EBUSY) and stays.
+/// Remove leftover empty VM cgroups (of direct runs, of VMs whose daemon
+/// was killed); one holding processes refuses (EBUSY) and stays.
 fn sweep_empty_cgroups(layout: &Layout) {
     for parent in layout.parents() {
         let Ok(entries) = std::fs::read_dir(&parent) else {
             continue;
         };
         for e in entries.flatten() {
-            if e.file_name().as_bytes().starts_with(b"run-") && e.path().is_dir() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
                 let _ = std::fs::remove_dir(e.path());
             }
         }
