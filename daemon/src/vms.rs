@@ -365,6 +365,7 @@ impl Daemon {
         inner.consoles.remove(name);
         drop(inner);
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        jail::forget(&self.state_dir, name);
         tracing::info!("deleted VM {name}");
         self.observe.vm(name, Change::Deleted, None, "deleted");
         Ok(())

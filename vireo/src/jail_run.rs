@@ -142,10 +142,38 @@ fn check_nesting(binds: &[Bind]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Can `ids` create a file in `dir` (by its owner, group and mode)?
+fn can_create_in(dir: &Path, ids: JailIds) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(dir) else {
+        return false;
+    };
+    let mode = m.mode();
+    let wx = |shift: u32| mode >> shift & 0o3 == 0o3;
+    (m.uid() == ids.uid && wx(6)) || (m.gid() == ids.gid && wx(3)) || wx(0)
+}
+
 /// Step 2, once the machine is built and before anything else starts.
 pub fn lock_down(args: &RunArgs, attached: &Attached) -> Result<(), Failure> {
     if !args.jail {
         return Ok(());
+    }
+    if let Some(sock) = &args.control_socket {
+        let abs = std::path::absolute(sock).unwrap_or_else(|_| sock.clone());
+        let dir = abs.parent().unwrap_or(Path::new("/"));
+        let ids = ids(args);
+        if !can_create_in(dir, ids) {
+            return Err(Failure::Usage(format!(
+                "--control-socket {}: the jail's uid {} cannot create it in {}: \
+                 chown {}:{} {} (the daemon does so for its VMs), or use a directory of the VM's own",
+                sock.display(),
+                ids.uid,
+                dir.display(),
+                ids.uid,
+                ids.gid,
+                dir.display()
+            )));
+        }
     }
     let l = LockDown {
         root: args

@@ -274,3 +274,30 @@ fn a_tap_keeps_working_from_the_jails_own_network_namespace() {
     vm.wait("the VM to stop");
     remove_cgroups(&[format!("jailtest-tap-{}", std::process::id())]);
 }
+
+#[test]
+fn a_control_socket_the_jail_cannot_create_is_a_clear_error() {
+    require_root_and_backend!();
+    let dir = TempDir::new("jail-ctl");
+    let kernel = power_button_kernel(&dir);
+    // Root's 0755 directory: nobody (the default jail uid) cannot write it.
+    let vm_dir = dir.path().join("vm");
+    std::fs::create_dir(&vm_dir).unwrap();
+    let socket = vm_dir.join("ctl.sock");
+    let out = support::run_vireo(
+        &kernel,
+        &[
+            "--jail",
+            "--jail-dir",
+            dir.path().join("root").to_str().unwrap(),
+            "--control-socket",
+            socket.to_str().unwrap(),
+        ],
+        support::RUN_TIMEOUT,
+    );
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains("cannot create it in") && out.stderr.contains("chown 65534:65534"),
+        "{out}"
+    );
+}

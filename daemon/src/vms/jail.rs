@@ -127,6 +127,13 @@ pub fn remove_cgroup(state_dir: &Path, vm: &str) {
     }
 }
 
+/// A deleted VM's jail: its cgroup and the directory its root was
+/// mounted on.
+pub fn forget(state_dir: &Path, vm: &str) {
+    remove_cgroup(state_dir, vm);
+    let _ = std::fs::remove_dir(jail_dir(state_dir, vm));
+}
+
 /// The audit log line of a VM started without the jail (`vireo serve
 /// --no-jail`).
 pub fn audit_no_jail(state_dir: &Path, vm: &str, pid: i32) {
