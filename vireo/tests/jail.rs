@@ -301,3 +301,33 @@ fn a_control_socket_the_jail_cannot_create_is_a_clear_error() {
         "{out}"
     );
 }
+
+#[test]
+fn doctor_reports_every_check_and_whether_the_jail_can_run() {
+    let out = support::run_vireo_args(&["doctor".to_string()], support::RUN_TIMEOUT);
+    for check in [
+        "root",
+        "/dev/kvm",
+        "virtualization",
+        "cgroups",
+        "namespaces",
+        "seccomp",
+        "Landlock",
+        "userfaultfd",
+    ] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(check)),
+            "no {check} line\n{out}"
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && !out.stdout.contains("FAIL") {
+        out.assert_status(0);
+        assert!(out.stdout.contains("jail: ready"), "{out}");
+    } else {
+        out.assert_status(1);
+        assert!(out.stdout.contains("jail: cannot run here"), "{out}");
+    }
+}
