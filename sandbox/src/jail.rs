@@ -229,6 +229,11 @@ pub fn enter(e: &Enter) -> Result<(), JailError> {
 
 /// The supervisor: drop privileges, forward signals, exit as the child.
 fn supervise(child: libc::pid_t, set: &libc::sigset_t, ids: JailIds) -> ! {
+    // Its root and working directory move into the jail with the child's
+    // pivot_root only if they are the old root: a working directory left
+    // elsewhere would keep the host's tree reachable.
+    // SAFETY: chdir with a valid C string.
+    unsafe { libc::chdir(c"/".as_ptr()) };
     if let Err(e) = drop_bounding_set()
         .and_then(|()| set_ids(ids))
         .and_then(|()| set_no_new_privs())

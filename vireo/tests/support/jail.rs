@@ -112,6 +112,24 @@ pub fn assert_jailed(vmm: u32, supervisor: u32, uid: u32) {
         !Path::new(&format!("/proc/{vmm}/root/etc/passwd")).exists(),
         "the VMM sees the host's /etc"
     );
+    // The supervisor's root and working directory are the jail's root
+    // (a working directory left on the host's tree would keep it reachable).
+    let id = |p: String| {
+        let m = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{p}: {e}"));
+        (m.dev(), m.ino())
+    };
+    let jail_root = id(format!("/proc/{vmm}/root"));
+    assert_eq!(
+        id(format!("/proc/{supervisor}/root")),
+        jail_root,
+        "supervisor root"
+    );
+    assert_eq!(
+        id(format!("/proc/{supervisor}/cwd")),
+        jail_root,
+        "supervisor cwd"
+    );
+    assert_eq!(id(format!("/proc/{vmm}/cwd")), jail_root, "VMM cwd");
     // The supervisor dropped its privileges too.
     assert_eq!(status_field(supervisor, "CapEff"), "0000000000000000");
     assert_eq!(
