@@ -183,3 +183,63 @@ mod tests {
         assert!(CgroupName::new(&cgroup_name(Path::new("/"), "web-1")).is_ok());
     }
 }
+
+/// Make `path` belong to the uid process `pid` runs as, when that is a
+/// jail uid (an unjailed VM runs as the daemon's user: nothing to do).
+pub fn give_to_process(path: &Path, pid: i32) -> std::io::Result<()> {
+    match uid_of(pid) {
+        Some(uid) if (UID_BASE..UID_BASE + UID_SLOTS).contains(&uid) => {
+            std::os::unix::fs::chown(path, Some(uid), Some(uid))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl super::Daemon {
+    /// Give a file the daemon wrote for a running VM's process to read at
+    /// run time (a migration's one-time secret, a CA certificate; both in
+    /// the VM's directory, which the jail shows at the same path) to the
+    /// VM's jail uid: a 0600 root file is unreadable inside the jail.
+    pub fn hand_to_vm(&self, name: &str, path: &Path) -> std::io::Result<()> {
+        let pid = super::lock(&self.inner).procs.get(name).map(|p| p.id.pid);
+        match pid {
+            Some(pid) => give_to_process(path, pid),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod give_tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn files_go_to_jail_uids_only() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: chown needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("vireo-give-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("secret");
+        std::fs::write(&f, b"s").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        // This process runs as root, not a jail uid: unchanged.
+        give_to_process(&f, std::process::id() as i32).unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().uid(), 0);
+        // A process running as a jail uid gets it.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .uid(UID_BASE + 7)
+            .gid(UID_BASE + 7)
+            .spawn()
+            .unwrap();
+        give_to_process(&f, child.id() as i32).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().uid(), UID_BASE + 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
