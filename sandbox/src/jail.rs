@@ -11,15 +11,17 @@
 //!    and exits as the child did. The child — PID 1 of the new PID
 //!    namespace, killed when the supervisor dies — returns and becomes the
 //!    VMM, still root and still seeing the host's files, with no
-//!    capabilities left in its bounding set and `no_new_privs` set (so
-//!    every thread it starts inherits both).
+//!    capabilities left in its bounding set and `no_new_privs` set, and
+//!    (unless the VM needs the host's) in an empty network namespace, so
+//!    every thread it starts inherits all three. [`NetNamespaces`] keeps
+//!    its way back to the host's network for what must be made there.
 //! 2. [`lock_down`] once the VMM opened everything it needs (/dev/kvm,
 //!    disks, TAPs, kernel and initrd read, migration listener bound) and
-//!    before any guest code runs: a network namespace of its own unless the
-//!    VM needs the host's, a tmpfs root holding only the bound paths and
-//!    /dev/null + /dev/urandom, `pivot_root` into it, the old root gone,
-//!    then the jail uid/gid with no supplementary groups (which clears
-//!    every capability), rlimits and `PR_SET_DUMPABLE` 0.
+//!    before any guest code runs: a tmpfs root holding only the bound paths
+//!    and /dev/null + /dev/urandom, `pivot_root` into it, the old root
+//!    gone, then the jail uid/gid with no supplementary groups (which
+//!    clears every capability), rlimits, `PR_SET_DUMPABLE` 0 and Landlock
+//!    where the kernel has it.
 
 use std::ffi::CString;
 use std::os::fd::RawFd;
@@ -124,11 +126,70 @@ pub struct Enter {
     pub cgroup: Option<(Layout, CgroupName, Limits)>,
     /// The supervisor's ids (the same as the VMM's).
     pub ids: JailIds,
+    /// [`JailNet::Own`]: the VMM enters an empty network namespace at once,
+    /// so every thread it ever starts is in it.
+    pub net: JailNet,
 }
 
-/// Step 1 (see the module documentation). Returns in the VMM child only;
-/// the supervisor never returns (it exits as the child did).
-pub fn enter(e: &Enter) -> Result<(), JailError> {
+/// The VMM's way back to the host's network namespace until
+/// [`lock_down`]: for what must be made there (TAPs looked up by name, a
+/// migration listener, sockets kept for an outgoing migration). Dropping
+/// it closes both namespace descriptors.
+#[derive(Debug)]
+pub struct NetNamespaces {
+    host: std::os::fd::OwnedFd,
+    jail: std::os::fd::OwnedFd,
+}
+
+fn open_netns() -> Result<std::os::fd::OwnedFd, JailError> {
+    std::fs::File::open("/proc/thread-self/ns/net")
+        .map(std::os::fd::OwnedFd::from)
+        .map_err(sys("opening /proc/thread-self/ns/net"))
+}
+
+fn setns(fd: &std::os::fd::OwnedFd, which: &str) -> Result<(), JailError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a namespace descriptor this struct owns; it moves
+    // only the calling thread.
+    check(
+        unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
+        &format!("setns into the {which} network namespace"),
+    )
+}
+
+impl NetNamespaces {
+    /// Move this thread into an empty network namespace of its own,
+    /// remembering the one it leaves.
+    pub fn unshare() -> Result<NetNamespaces, JailError> {
+        let host = open_netns()?;
+        // SAFETY: flags only.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        if rc < 0 {
+            return Err(JailError::Host(format!(
+                "unshare(CLONE_NEWNET) was refused ({}): the kernel needs network namespaces \
+                 (CONFIG_NET_NS); see `vireo doctor`",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let jail = open_netns()?;
+        Ok(NetNamespaces { host, jail })
+    }
+
+    /// Run `f` on this thread in the host's network namespace, then come
+    /// back. A thread `f` starts would stay in the host's: `f` must not
+    /// start any.
+    pub fn in_host<T>(&self, f: impl FnOnce() -> T) -> Result<T, JailError> {
+        setns(&self.host, "host's")?;
+        let out = f();
+        setns(&self.jail, "jail's")?;
+        Ok(out)
+    }
+}
+
+/// Step 1 (see the module documentation). Returns in the VMM child only
+/// (with its way back to the host's network for [`JailNet::Own`]); the
+/// supervisor never returns (it exits as the child did).
+pub fn enter(e: &Enter) -> Result<Option<NetNamespaces>, JailError> {
     check_host()?;
     close_inherited_fds(&e.keep_fds)?;
     let drop_env: Vec<_> = std::env::vars_os()
@@ -148,11 +209,10 @@ pub fn enter(e: &Enter) -> Result<(), JailError> {
         // process is in it (it is empty until then): make it again.
         let mut tries = 0;
         loop {
-            let cg = layout.create(name, limits)?;
-            match cg.join(0) {
+            match layout.create(name, limits).and_then(|cg| cg.join(0)) {
                 Ok(()) => break,
                 Err(CgroupError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound && tries < 3 =>
+                    if source.kind() == std::io::ErrorKind::NotFound && tries < 5 =>
                 {
                     tries += 1
                 }
@@ -222,7 +282,11 @@ pub fn enter(e: &Enter) -> Result<(), JailError> {
         // gained by exec, and seccomp filters need no privilege.
         drop_bounding_set()?;
         set_no_new_privs()?;
-        return Ok(());
+        // Still single-threaded: every thread the VMM starts is in it.
+        return match e.net {
+            JailNet::Own => NetNamespaces::unshare().map(Some),
+            JailNet::Host => Ok(None),
+        };
     }
     supervise(child, &set, e.ids)
 }
@@ -406,7 +470,6 @@ pub struct LockDown {
     /// mount namespace).
     pub root: PathBuf,
     pub binds: Vec<Bind>,
-    pub net: JailNet,
     pub ids: JailIds,
     /// RLIMIT_NOFILE.
     pub max_files: u64,
@@ -419,22 +482,8 @@ const DEV_NODES: [&str; 2] = ["/dev/null", "/dev/urandom"];
 
 /// Step 2 (see the module documentation). Says what Landlock did.
 pub fn lock_down(l: &LockDown) -> Result<LandlockOutcome, JailError> {
+    // Counted before the pivot: the jail has no /proc.
     let threads = thread_count();
-    if l.net == JailNet::Own {
-        // A namespace is per thread: one already running would keep the
-        // host's network.
-        if threads != 1 {
-            return Err(JailError::Host(format!(
-                "a network namespace of its own needs the VMM single-threaded when it enters the jail, and it runs {threads} threads \
-                 (a post-copy migration target, a restore with running devices): pass --jail-net host for this VM"
-            )));
-        }
-        // SAFETY: flags only.
-        check(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            "unshare(CLONE_NEWNET)",
-        )?;
-    }
     build_root(l)?;
     pivot_into(&l.root)?;
     set_ids(l.ids)?;
@@ -940,23 +989,75 @@ mod tests {
         assert_eq!(landlock_fs_rights(7), (1 << 16) - 1);
     }
 
+    /// In a forked child: after unshare the host's loopback listener is
+    /// out of reach, through `in_host` it is not, and a socket made there
+    /// connects from the jail's namespace.
     #[test]
-    fn lock_down_refuses_a_network_namespace_with_threads_running() {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            let _ = rx.recv();
-        });
-        let err = lock_down(&LockDown {
-            root: PathBuf::from("/nonexistent"),
-            binds: Vec::new(),
-            net: JailNet::Own,
-            ids: JailIds::NOBODY,
-            max_files: 64,
-            max_file_size: 1 << 20,
-        })
-        .unwrap_err();
-        drop(tx);
-        let _ = t.join();
-        assert!(err.to_string().contains("--jail-net host"), "{err}");
+    fn in_host_reaches_the_host_network_from_the_jails() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: network namespaces need root");
+            return;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // SAFETY: the child makes syscalls and allocates (glibc resets its
+        // allocator locks across fork), then _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = (|| {
+                let ns = NetNamespaces::unshare().ok()?;
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return Some(3);
+                }
+                let kept = ns.in_host(socket_v4).ok()?.ok()?;
+                // Back in the jail's namespace: a socket made in the host's
+                // still connects there.
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return Some(4);
+                }
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: addr.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                use std::os::fd::AsRawFd;
+                // SAFETY: connect with a valid sockaddr_in and its size.
+                let rc = unsafe {
+                    libc::connect(
+                        kept.as_raw_fd(),
+                        &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    )
+                };
+                Some(if rc == 0 { 0 } else { 5 })
+            })()
+            .unwrap_or(2);
+            // SAFETY: ends the forked child without unwinding.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        drop(listener);
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "see the exit codes in the child"
+        );
+    }
+
+    fn socket_v4() -> std::io::Result<std::os::fd::OwnedFd> {
+        // SAFETY: socket takes integers; the descriptor is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned once.
+        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
     }
 }

@@ -229,8 +229,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", requires = "jail", help_heading = "Jail")]
     pub jail_dir: Option<PathBuf>,
 
-    /// With --jail: `own` (an empty network namespace; TAPs keep working)
-    /// or `host` (needed to send a live migration over TCP).
+    /// With --jail: `own` (an empty network namespace from the start: TAPs
+    /// and a --migrate-from listener are opened in the host's before the
+    /// jail locks, an outgoing migration uses TCP sockets kept from it) or
+    /// `host`.
     #[arg(long, value_enum, default_value_t = JailNetArg::Own, help_heading = "Jail")]
     pub jail_net: JailNetArg,
 

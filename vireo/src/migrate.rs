@@ -167,7 +167,8 @@ fn connect(host: &str, port: u16, ca: Option<&Path>) -> Result<(Box<dyn Conn>, T
     let mut last = None;
     let mut tcp = None;
     for a in addrs {
-        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+        // From a jail with a network of its own: a socket kept from the host's.
+        match crate::jail_run::connect_tcp(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 tcp = Some(s);
                 break;
@@ -584,7 +585,9 @@ pub fn receive(
         Some((cert, key)) => Some(Arc::new(server_config(cert, key)?)),
         None => None,
     };
-    let listener = TcpListener::bind((host.as_str(), port))
+    // In the host's network, also from a jail with a network of its own.
+    let listener = crate::jail_run::in_host_net(|| TcpListener::bind((host.as_str(), port)))
+        .map_err(|e| e.to_string())?
         .map_err(|e| format!("--migrate-from {}: cannot listen: {e}", listen.uri))?;
     let addr = listener
         .local_addr()

@@ -194,6 +194,9 @@ fn daemon_vms_are_jailed_and_still_managed_after_a_daemon_restart() {
         .unwrap();
     assert!((UID_BASE..UID_BASE + 65_536).contains(&uid), "uid {uid}");
     assert_jailed(vmm, supervisor, uid);
+    // A network namespace of its own (an outgoing migration uses sockets
+    // kept from the host's; daemon_api's migration test runs through them).
+    assert_ne!(ns(vmm, "net"), ns(std::process::id(), "net"));
     // The VM's directory is the VM's: its control socket lives there.
     let vm_dir = d.state().join("vms/jailed");
     assert_eq!(std::fs::metadata(&vm_dir).unwrap().uid(), uid);

@@ -29,11 +29,10 @@ pub const VM_PIDS: u64 = 256;
 const JAILS: &str = "jail";
 /// The descriptors `spawn_vm` passes on purpose (the console pipes).
 const KEPT_FDS: [&str; 2] = ["3", "4"];
-/// The network a daemon VM sees. The host's, because a live migration's
-/// source connects to its target over TCP from inside the VM process;
-/// once the daemon hands the VM a connected socket instead, this becomes
-/// "own" (an empty namespace; TAPs keep working, they are opened before).
-const JAIL_NET: &str = "host";
+/// The network a daemon VM sees: an empty namespace of its own. Its TAPs
+/// are opened, a migration target's listener bound, and sockets for an
+/// outgoing migration made in the host's network before the jail locks.
+const JAIL_NET: &str = "own";
 
 /// The uid a process runs as (from /proc/PID/status).
 pub fn uid_of(pid: i32) -> Option<u32> {
