@@ -179,8 +179,8 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         );
     }
 
-    // Everything is open and no guest code ran: into the jail, before
-    // any thread starts (the control socket's is the first).
+    // Everything is open and no guest code ran: into the jail, before the
+    // control socket and the vCPUs start.
     crate::jail_run::lock_down(&args, &attached)?;
 
     let tty = console::stdin_is_tty();
