@@ -530,7 +530,8 @@ pub async fn sample(d: &crate::vms::Daemon) -> Result<StatsList, crate::error::A
             Some(p)
                 if r.state.is_active() && crate::procfs::is_same_process(p.pid, p.start_time) =>
             {
-                process_stats(p.pid)
+                // A jailed VM's VMM is its supervisor's child.
+                process_stats(crate::procfs::vmm_pid(p.pid))
             }
             _ => None,
         };

@@ -31,6 +31,16 @@ pub fn is_same_process(pid: i32, start: u64) -> bool {
     pid > 0 && start_time(pid) == Some(start)
 }
 
+/// The process that runs the VM of process `pid`: a jailed VM's
+/// `vireo run` is a supervisor whose one child is the VMM (PID 1 of the
+/// jail's PID namespace); an unjailed one has no child and is the VMM.
+pub fn vmm_pid(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+        .unwrap_or(pid)
+}
+
 /// The host's RAM in MiB (MemTotal), if /proc/meminfo says.
 pub fn host_memory_mib() -> Option<u64> {
     vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20)
@@ -65,5 +75,34 @@ mod tests {
         assert!(is_same_process(me, start));
         assert!(!is_same_process(me, start + 1));
         assert!(!is_same_process(0, start));
+    }
+
+    #[test]
+    fn the_vmm_is_the_only_child_or_the_process_itself() {
+        // A shell waiting for its one child, as a supervisor does.
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 5 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = sh.id() as i32;
+        let start = std::time::Instant::now();
+        while vmm_pid(pid) == pid && start.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let child = vmm_pid(pid);
+        assert_ne!(child, pid);
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap();
+        let ppid: i32 = stat[stat.rfind(')').unwrap() + 2..]
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(ppid, pid);
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+        sh.wait().unwrap();
+        // A process without children is its own VMM.
+        assert_eq!(vmm_pid(child), child);
     }
 }

@@ -35,6 +35,8 @@ pub struct ServeConfig {
     pub storage: Vec<PathBuf>,
     /// Most connections the TLS listeners hold at once (`--max-connections`).
     pub max_connections: usize,
+    /// `--no-jail`: start VMs without the jail (debugging; audit-logged).
+    pub no_jail: bool,
 }
 
 /// The default of `--max-connections`.
@@ -446,6 +448,10 @@ pub fn serve(cfg: ServeConfig) -> Result<(), ServeError> {
         daemon
             .pin_formats()
             .map_err(|e| ServeError::Failed(format!("recording disk formats: {}", e.message)))?;
+        daemon.set_no_jail(cfg.no_jail);
+        if cfg.no_jail {
+            tracing::warn!("--no-jail: VMs run unconfined, with the daemon's privileges");
+        }
         daemon
             .recover()
             .map_err(|e| ServeError::Failed(format!("re-adopting VMs: {}", e.message)))?;
@@ -550,6 +556,7 @@ mod tests {
             vmm: PathBuf::from("vireo"),
             storage: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            no_jail: false,
         }
     }
 

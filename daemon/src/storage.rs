@@ -426,6 +426,17 @@ impl Storage {
                 if let (Some(dir), Some(_)) = (v.socket.parent(), v.socket.file_name()) {
                     if v.socket.is_absolute() && Some(dir) != own {
                         let o = self.open("vsock", &dir.display().to_string(), Kind::Dir, None)?;
+                        // A jailed VM sees its socket's directory writable:
+                        // a storage directory itself would show it every
+                        // other image there.
+                        let canon = std::fs::canonicalize(dir).ok();
+                        if self.dirs.iter().any(|(_, c)| canon.as_deref() == Some(c.as_path())) {
+                            return Err(self.not_allowed(
+                                "vsock",
+                                &v.socket.display().to_string(),
+                                "is directly in a storage directory, which its VM would see whole; put the socket in a subdirectory of its own (e.g. STORAGE/vsock-VM/)",
+                            ));
+                        }
                         opened.push(o);
                     }
                 }
@@ -786,6 +797,9 @@ mod tests {
         refused(&s, &mut c, "vsock: /run");
         c.devices.vsock = Some(format!("cid=3,socket={}/sub/x.sock", images.display()));
         s.confine(&mut c, None).unwrap();
+        // ... and not directly in one: a jailed VM would see every image.
+        c.devices.vsock = Some(format!("cid=3,socket={}/x.sock", images.display()));
+        refused(&s, &mut c, "subdirectory of its own");
         c.devices.vsock = Some(format!("cid=3,socket={}/etc/x.sock", images.display()));
         refused(&s, &mut c, "symlink");
         // The state directory inside a storage directory stays off limits,

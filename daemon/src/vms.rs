@@ -49,6 +49,7 @@ use crate::model::{
 use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
 use crate::storage::Storage;
+use vireo_sandbox::jail::JailIds;
 
 /// How long `start` waits for a VM that fails at once (bad kernel, no
 /// /dev/kvm) so it can answer with the reason instead of "running".
@@ -75,6 +76,7 @@ const GUEST_RESET: &str = "the guest reset the machine";
 /// What `vireo run` logs when its control socket's `reset` ended the VM.
 const RESET_ON_REQUEST: &str = "the VM was reset on request";
 
+mod jail;
 mod migrate;
 mod snapshots;
 
@@ -174,6 +176,8 @@ pub struct Daemon {
     /// The TLS identity migrations are received with (set when the
     /// daemon has a TCP listener).
     pub migration_tls: std::sync::OnceLock<MigrationTls>,
+    /// `vireo serve --no-jail`: VMs run unjailed, as root (debugging).
+    no_jail: std::sync::atomic::AtomicBool,
 }
 
 fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -197,7 +201,41 @@ impl Daemon {
             storage,
             observe: Observe::default(),
             migration_tls: std::sync::OnceLock::new(),
+            no_jail: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// `vireo serve --no-jail`: start VMs without the jail (each start
+    /// logs a warning and an audit line).
+    pub fn set_no_jail(&self, no_jail: bool) {
+        self.no_jail
+            .store(no_jail, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The jail ids for a VM about to start (None: no jail), its directory
+    /// made theirs.
+    fn jail_ids(&self, inner: &Inner, name: &str) -> Result<Option<JailIds>, ApiError> {
+        if self.no_jail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let used: Vec<u32> = inner
+            .procs
+            .values()
+            .filter_map(|p| jail::uid_of(p.id.pid))
+            .collect();
+        let ids = jail::pick_ids(&used).ok_or_else(|| {
+            ApiError::conflict(
+                "no_jail_ids",
+                format!(
+                    "cannot start VM {name}: all {} jail uids are in use",
+                    jail::UID_SLOTS
+                ),
+            )
+        })?;
+        jail::prepare(&self.state_dir, &self.vm_dir(name), name, ids).map_err(|e| {
+            ApiError::internal(format!("cannot prepare the jail of VM {name}: {e}"))
+        })?;
+        Ok(Some(ids))
     }
 
     fn vm_dir(&self, name: &str) -> PathBuf {
@@ -384,6 +422,7 @@ impl Daemon {
         inner.consoles.remove(name);
         drop(inner);
         let _ = std::fs::remove_dir_all(self.vm_dir(name));
+        jail::forget(&self.state_dir, name);
         tracing::info!("deleted VM {name}");
         self.observe.vm(name, Change::Deleted, None, "deleted");
         Ok(())
@@ -478,9 +517,18 @@ impl Daemon {
         let _opened = self
             .storage
             .recheck(&rec.config, Some(&self.own_disks(name)))?;
-        let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec, boot)
+        let ids = self.jail_ids(inner, name)?;
+        let jail_args = match ids {
+            Some(ids) => jail::run_args(&self.state_dir, rec, ids),
+            None => vec!["--no-jail".into()],
+        };
+        let (mut child, output, input) = spawn_vm(&self.vmm, &dir, rec, boot, &jail_args)
             .map_err(|e| ApiError::internal(format!("cannot start VM {name}: {e}")))?;
         let pid = child.id().unwrap_or(0) as i32;
+        if ids.is_none() {
+            tracing::warn!("VM {name} (pid {pid}) runs without the jail (vireo serve --no-jail)");
+            jail::audit_no_jail(&self.state_dir, name, pid);
+        }
         let id = ProcessId {
             pid,
             start_time: procfs::start_time(pid).unwrap_or(0),
@@ -532,6 +580,8 @@ impl Daemon {
             _ => return None,
         }
         let proc = inner.procs.remove(name)?;
+        // The process is gone: so goes its cgroup (a restart makes it anew).
+        jail::remove_cgroup(&self.state_dir, name);
         let console = inner.consoles.get(name).cloned();
         if let Some(c) = &console {
             c.detach_input();
@@ -1062,6 +1112,7 @@ fn spawn_vm(
     dir: &Path,
     rec: &VmRecord,
     boot: &Boot,
+    jail_args: &[std::ffi::OsString],
 ) -> std::io::Result<(
     tokio::process::Child,
     tokio::net::unix::pipe::Receiver,
@@ -1084,7 +1135,9 @@ fn spawn_vm(
     };
 
     let mut cmd = tokio::process::Command::new(vmm);
-    cmd.arg("run").args(run_args(dir, rec, boot));
+    cmd.arg("run")
+        .args(run_args(dir, rec, boot))
+        .args(jail_args);
     cmd
         // The exit reason ("the guest powered off") is logged at info level.
         .env("VIREO_LOG", "info")
@@ -1180,6 +1233,12 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
         "--snapshot-dir-root",
         dir.join(snapshots::SNAPSHOTS).as_os_str(),
     );
+    // A clone's qcow2 disk is backed by a snapshot's copy in another VM's
+    // directory; backing files may come from the daemon's VM directories
+    // (the headers naming them are the daemon's, never a guest's).
+    if let Some(vms) = dir.parent() {
+        arg("--backing-dir", vms.as_os_str());
+    }
     arg(
         "--accel",
         match c.accel {

@@ -25,6 +25,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start-up: the size of `run`'s many flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a Linux guest in this process, its serial console on this terminal.
@@ -46,6 +48,10 @@ pub enum Command {
     /// daemon that listens only on its Unix socket.
     #[command(after_help = crate::ui::UI_EXAMPLES)]
     Ui(crate::ui::UiArgs),
+    /// Check this host for VMs and their jail: /dev/kvm, VT-x/AMD-V or PVM,
+    /// cgroups, namespaces, seccomp, Landlock, userfaultfd.
+    #[command(after_help = crate::doctor::DOCTOR_EXAMPLES)]
+    Doctor,
 }
 
 const RUN_EXAMPLES: &str = "\
@@ -60,6 +66,7 @@ Examples:
   vireo run --kernel vmlinux --control-socket /tmp/vm.sock   # then: echo 'snapshot /tmp/snap1' | nc -U /tmp/vm.sock
   vireo run --restore /tmp/snap1 [--restore-lazy]            # continue from the snapshot (disks rolled back)
   vireo run --restore /tmp/snap1 --restore-lazy --disk id=root,path=clone.qcow2,format=qcow2 --net id=net0,tap=tap1   # a clone
+  sudo vireo run --jail --kernel vmlinux --control-socket /run/vm1/ctl.sock --cgroup vm1   # jailed, as the daemon runs VMs
 
 Live migration: the target runs with its own definition (the same --cpus,
 --memory and device flags as the source; disks on shared storage) and checks
@@ -243,6 +250,81 @@ pub struct RunArgs {
     /// /boot and /usr whose parent is not reached through a symlink.
     #[arg(long, value_name = "DIR", requires = "control_socket")]
     pub snapshot_dir_root: Option<PathBuf>,
+
+    /// Run the VM jailed (needs root), as the daemon runs every VM: its own
+    /// cgroup (cpu, memory, pids limits), PID, mount, IPC, UTS and network
+    /// namespaces, a tmpfs root holding only the control and vsock socket
+    /// directories and the disks (read-only, for snapshots), an unprivileged
+    /// uid/gid, no capabilities, no_new_privs, rlimits. The process started
+    /// stays as a small supervisor (signals forwarded, the VM's exit status
+    /// returned); the VMM is its child. See `vireo doctor`.
+    #[arg(long, conflicts_with = "no_jail", help_heading = "Jail")]
+    pub jail: bool,
+
+    /// Run without the jail (the default for a direct `vireo run`; the
+    /// daemon passes it only when started with `vireo serve --no-jail`).
+    #[arg(long, help_heading = "Jail")]
+    pub no_jail: bool,
+
+    /// With --jail: the uid the VM runs as [default: 65534, nobody].
+    #[arg(long, value_name = "UID", requires = "jail", help_heading = "Jail")]
+    pub jail_uid: Option<u32>,
+
+    /// With --jail: the gid the VM runs as [default: the uid given, else 65534].
+    #[arg(long, value_name = "GID", requires = "jail", help_heading = "Jail")]
+    pub jail_gid: Option<u32>,
+
+    /// With --jail: an empty directory the jail's root (a tmpfs, seen only
+    /// by the VM) is mounted on [default: /run/vireo/jail].
+    #[arg(long, value_name = "DIR", requires = "jail", help_heading = "Jail")]
+    pub jail_dir: Option<PathBuf>,
+
+    /// With --jail: `own` (an empty network namespace from the start: TAPs
+    /// and a --migrate-from listener are opened in the host's before the
+    /// jail locks, an outgoing migration uses TCP sockets kept from it) or
+    /// `host`.
+    #[arg(long, value_enum, default_value_t = JailNetArg::Own, help_heading = "Jail")]
+    pub jail_net: JailNetArg,
+
+    /// With --jail: a host path (file or directory) the VM also sees, at
+    /// the same path, writable (repeatable).
+    #[arg(long, value_name = "PATH", requires = "jail", help_heading = "Jail")]
+    pub jail_bind: Vec<PathBuf>,
+
+    /// With --jail: an inherited descriptor to keep open (all but 0-2 are
+    /// closed; repeatable). The daemon keeps its console pipes, 3 and 4.
+    #[arg(long, value_name = "FD", requires = "jail", help_heading = "Jail")]
+    pub jail_keep_fd: Vec<i32>,
+
+    /// With --jail: the VM's cgroup, `vireo/NAME` beneath this process's
+    /// own (v2, or v1's cpu, memory and pids hierarchies) [default: run-PID].
+    #[arg(long, value_name = "NAME", requires = "jail", help_heading = "Jail")]
+    pub cgroup: Option<String>,
+
+    /// With --jail: CPU time limit in CPUs (1.5 = one and a half) [default: vCPUs + 1].
+    #[arg(long, value_name = "CPUS", requires = "jail", help_heading = "Jail")]
+    pub cgroup_cpus: Option<f64>,
+
+    /// With --jail: memory limit in MiB [default: --memory + 256 for the VMM].
+    #[arg(long, value_name = "MIB", requires = "jail", help_heading = "Jail")]
+    pub cgroup_memory: Option<u64>,
+
+    /// With --jail: pids.max (threads count) [default: 256].
+    #[arg(long, value_name = "N", requires = "jail", help_heading = "Jail")]
+    pub cgroup_pids: Option<u64>,
+
+    /// With --jail: the largest file the VM may write, in MiB (RLIMIT_FSIZE) [default: 16 TiB].
+    #[arg(long, value_name = "MIB", requires = "jail", help_heading = "Jail")]
+    pub jail_max_file_size: Option<u64>,
+}
+
+/// `--jail-net`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JailNetArg {
+    /// A network namespace of its own, empty.
+    Own,
+    /// The host's network namespace.
+    Host,
 }
 
 impl RunArgs {

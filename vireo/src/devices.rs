@@ -161,7 +161,10 @@ pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, F
     for (i, cfg) in nets.into_iter().enumerate() {
         let tap = cfg.tap.clone();
         let mac = cfg.mac;
-        let n = Net::new(cfg).map_err(|e| Failure::Usage(format!("--net tap={tap}: {e}")))?;
+        // The TAP is found (or made) by name in the host's network, also
+        // from a jail with a network of its own (see jail_run).
+        let n = crate::jail_run::in_host_net(|| Net::new(cfg))?
+            .map_err(|e| Failure::Usage(format!("--net tap={tap}: {e}")))?;
         tracing::info!("--net: {tap}, guest MAC {mac}");
         let snapshot_id = format!(
             "virtio/net/{}",

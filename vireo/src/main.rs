@@ -8,7 +8,9 @@ mod console_client;
 mod control_socket;
 mod devices;
 mod disk;
+mod doctor;
 mod image;
+mod jail_run;
 mod machine;
 mod migrate;
 mod postcopy;
@@ -87,6 +89,7 @@ fn main() {
         Command::Vm(args) => vm_cli::vm(args),
         Command::Token(args) => token_cli::token(args),
         Command::Ui(args) => ui::ui(args),
+        Command::Doctor => doctor::doctor(),
     };
     match result {
         Ok(()) => {}

@@ -377,7 +377,8 @@ fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
         .collect();
     let mut last = None;
     for a in addrs {
-        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+        // From a jail with a network of its own: a socket kept from the host's.
+        match crate::jail_run::connect_tcp(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -859,7 +860,9 @@ fn bind(listen: &Listen, addr: &Addr) -> Result<(Listener, String), String> {
                 return Err(format!("--migrate-from {uri}: TLS is required for tcp:"));
             };
             let config = Arc::new(server_config(cert, key, listen.client_ca.as_deref())?);
-            let l = TcpListener::bind((host.as_str(), *port))
+            // In the host's network, also from a jail with a network of its own.
+            let l = crate::jail_run::in_host_net(|| TcpListener::bind((host.as_str(), *port)))
+                .map_err(|e| e.to_string())?
                 .map_err(|e| format!("--migrate-from {uri}: cannot listen: {e}"))?;
             let local = l
                 .local_addr()

@@ -111,6 +111,9 @@ fn kernel_is_pvm_guest(kernel: &std::path::Path) -> bool {
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
+    // First, while single-threaded: the jail's cgroup, namespaces and
+    // supervisor (only the VMM child returns).
+    crate::jail_run::enter(&args)?;
     let vm_failure = |e: vireo_vmcore::VmError| {
         if e.is_user_error() {
             Failure::Usage(e.to_string())
@@ -175,6 +178,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
              a PVM guest kernel, or a host with hardware virtualization."
         );
     }
+
+    // Everything is open and no guest code ran: into the jail, before the
+    // control socket and the vCPUs start.
+    crate::jail_run::lock_down(&args, &attached)?;
 
     let tty = console::stdin_is_tty();
     let raw = if tty {

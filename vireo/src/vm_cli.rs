@@ -24,6 +24,7 @@ Examples:
   vireo serve --state-dir /srv/vireo --listen unix:/run/vireo.sock
   vireo serve --listen unix:/run/vireo.sock --listen tcp:0.0.0.0:8443 \\
       --tls-cert /etc/vireo/cert.pem --tls-key /etc/vireo/key.pem
+  vireo serve --no-jail                         # debugging: VMs unconfined (audit-logged)
 
 Defaults: as root, state in /var/lib/vireo and the socket /run/vireo.sock;
 as a user, state in $XDG_STATE_HOME/vireo (else ~/.local/state/vireo) and the
@@ -80,6 +81,13 @@ pub struct ServeArgs {
     /// once.
     #[arg(long, value_name = "N", default_value_t = vireo_daemon::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Start VMs without the jail (for debugging only): each VM process
+    /// then runs as the daemon's user with its privileges, and each start
+    /// writes a warning to the audit log. By default every VM is jailed
+    /// (`vireo run --jail`: own uid, cgroup, namespaces and root), which
+    /// needs the daemon to run as root; see `vireo doctor`.
+    #[arg(long)]
+    pub no_jail: bool,
 }
 
 pub const VM_ABOUT: &str = "\
@@ -601,6 +609,22 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
     let vmm = std::env::current_exe()
         .map_err(|e| Failure::Vm(format!("cannot find the vireo binary to run VMs with: {e}")))?;
+    if !args.no_jail {
+        // Refuse at once what would make every VM start fail.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(Failure::Usage(
+                "vireo serve runs every VM jailed, which needs root: run the daemon as root, \
+                 or pass --no-jail to run VMs unconfined as your user (debugging only)"
+                    .into(),
+            ));
+        }
+        vireo_sandbox::cgroup::detect().map_err(|e| {
+            Failure::Usage(format!(
+                "vireo serve runs every VM in a cgroup, and {e} (or pass --no-jail, debugging only)"
+            ))
+        })?;
+    }
     let cfg = vireo_daemon::ServeConfig {
         state_dir: absolute(&state_dir),
         listen,
@@ -609,6 +633,7 @@ pub fn serve(args: ServeArgs) -> Result<(), Failure> {
         vmm,
         storage: args.storage.iter().map(|d| absolute(d)).collect(),
         max_connections: args.max_connections,
+        no_jail: args.no_jail,
     };
     vireo_daemon::serve(cfg).map_err(|e| match e {
         vireo_daemon::ServeError::Usage(m) => Failure::Usage(m),

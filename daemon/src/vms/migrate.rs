@@ -435,15 +435,20 @@ impl Daemon {
             (rec, id, b)
         };
         let dir = self.vm_dir(name);
-        let ca_file = match &req.ca_cert {
-            Some(pem) => {
-                let f = dir.join("migrate-ca.pem");
-                std::fs::write(&f, pem)
-                    .map_err(|e| ApiError::internal(format!("writing {}: {e}", f.display())))?;
-                f
-            }
-            None => PathBuf::from(SYSTEM_CA),
+        // The CA goes into the VM's directory, the one place a jailed VM
+        // process sees at the same path (the system bundle is not in its
+        // root), readable by the VM's uid.
+        let pem = match &req.ca_cert {
+            Some(pem) => pem.clone().into_bytes(),
+            None => std::fs::read(SYSTEM_CA)
+                .map_err(|e| ApiError::internal(format!("reading {SYSTEM_CA}: {e}")))?,
         };
+        let ca_file = dir.join("migrate-ca.pem");
+        std::fs::write(&ca_file, pem)
+            .map_err(|e| ApiError::internal(format!("writing {}: {e}", ca_file.display())))?;
+        self.hand_to_vm(name, &ca_file).map_err(|e| {
+            ApiError::internal(format!("handing {} to VM {name}: {e}", ca_file.display()))
+        })?;
         let roots = roots(&ca_file)?;
         tracing::info!("VM {name}: migrating to {}", req.to);
         let body = serde_json::to_vec(&definition(name, &rec.config))
@@ -502,6 +507,9 @@ impl Daemon {
         // the VM's directory), never on a command line.
         let secret_file = dir.join(SECRET_FILE);
         write_secret(&secret_file, &ready.secret)?;
+        self.hand_to_vm(name, &secret_file).map_err(|e| {
+            ApiError::internal(format!("handing {} to VM {name}: {e}", secret_file.display()))
+        })?;
         let command = format!(
             "migrate-to {target} --ca {} --secret-file {}{mode}",
             ca_file.display(),
