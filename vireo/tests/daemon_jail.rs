@@ -66,6 +66,9 @@ impl Daemon {
             .arg(self.state())
             .arg("--listen")
             .arg(format!("unix:{}", self.socket().display()))
+            // The test's kernels are in its directory.
+            .arg("--storage")
+            .arg(self.dir.path())
             .args(&self.extra)
             .env("VIREO_LOG", "info")
             .stdin(Stdio::null())
