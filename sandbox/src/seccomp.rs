@@ -1,1 +1,463 @@
-//! See the crate documentation.
+//! Per-thread seccomp filters for a `vireo run` process.
+//!
+//! Every thread of the VM process runs under a filter made for its kind
+//! ([`ThreadKind`]): a vCPU may run KVM but not open files, a disk's
+//! thread may read and write its image but not make sockets, and so on.
+//! The allowed syscalls and their argument conditions are data, in one
+//! reviewed place ([`tables`]); they are compiled to BPF once, by
+//! [`enable`]. A syscall outside a thread's filter kills the whole process
+//! (`SECCOMP_RET_KILL_PROCESS`): a VM whose thread misbehaves dies, it never
+//! limps on with one thread gone.
+//!
+//! How it is used:
+//! - the binary calls [`enable`] early, before it starts any thread;
+//! - each thread calls [`apply`] with its kind as its first action, or is
+//!   started by [`spawn`], which does that (and, once the calling thread is
+//!   filtered, starts the thread from the launcher: see below);
+//! - the main thread calls [`apply`]`(ThreadKind::Main)` last, once set-up
+//!   is done.
+//!
+//! [`apply`] and [`spawn`] do nothing special until [`enable`] is called,
+//! so library users and in-process unit tests run unfiltered.
+//!
+//! Why a launcher: the kernel copies a thread's filter into the threads it
+//! creates, and filters stack (a syscall must pass every one). A virtio
+//! device thread started from a vCPU (the guest's driver activates the
+//! device with an MMIO write) would run under the vCPU's filter *and* its
+//! own: it could do only what both allow. So threads started after their
+//! parent is filtered are created by one launcher thread, whose filter is
+//! exactly the union of the kinds it may start plus thread creation, and
+//! which runs nothing but that.
+//!
+//! Filters are installed per thread (no TSYNC), after
+//! `PR_SET_NO_NEW_PRIVS`. Development aid: `VIREO_SECCOMP_LOG=1` makes
+//! violations logged by the kernel (`dmesg | grep type=1326`) instead of
+//! fatal. Tests: `VIREO_TEST_FORBIDDEN_SYSCALL=KIND` (a
+//! [`ThreadKind::label`]) makes the first thread of that kind issue a
+//! syscall no filter allows right after installing its filter.
+
+pub mod tables;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use tables::{Allow, Args};
+
+/// The virtio device a worker thread serves (their syscalls differ: a
+/// disk reads and writes its image, a vsock device makes Unix sockets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Device {
+    Block,
+    Net,
+    Vsock,
+    Balloon,
+    Rng,
+    Console,
+}
+
+/// What a thread of a `vireo run` process does, which decides its filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ThreadKind {
+    /// A KVM vCPU.
+    Vcpu,
+    /// A vCPU of vireo's emulator (its translator maps executable code).
+    EmulatorVcpu,
+    /// A virtio device's worker thread.
+    Device(Device),
+    /// The control socket's accept/read/reply thread.
+    Control,
+    /// Post-copy migration target threads (userfaultfd, the link).
+    Migration,
+    /// The stdin pump and the stop-signal watcher.
+    Console,
+    /// The main thread once set-up is done (control commands: snapshots,
+    /// migration source; exit).
+    Main,
+    /// The thread that starts threads once their parent is filtered.
+    Launcher,
+}
+
+impl ThreadKind {
+    /// Every kind, for compiling and checking them all.
+    pub const ALL: [ThreadKind; 13] = [
+        ThreadKind::Vcpu,
+        ThreadKind::EmulatorVcpu,
+        ThreadKind::Device(Device::Block),
+        ThreadKind::Device(Device::Net),
+        ThreadKind::Device(Device::Vsock),
+        ThreadKind::Device(Device::Balloon),
+        ThreadKind::Device(Device::Rng),
+        ThreadKind::Device(Device::Console),
+        ThreadKind::Control,
+        ThreadKind::Migration,
+        ThreadKind::Console,
+        ThreadKind::Main,
+        ThreadKind::Launcher,
+    ];
+
+    /// A short name (logs, `VIREO_TEST_FORBIDDEN_SYSCALL`).
+    pub fn label(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::EmulatorVcpu => "emulator-vcpu",
+            ThreadKind::Device(Device::Block) => "block",
+            ThreadKind::Device(Device::Net) => "net",
+            ThreadKind::Device(Device::Vsock) => "vsock",
+            ThreadKind::Device(Device::Balloon) => "balloon",
+            ThreadKind::Device(Device::Rng) => "rng",
+            ThreadKind::Device(Device::Console) => "virtio-console",
+            ThreadKind::Control => "control",
+            ThreadKind::Migration => "migration",
+            ThreadKind::Console => "console",
+            ThreadKind::Main => "main",
+            ThreadKind::Launcher => "launcher",
+        }
+    }
+
+    /// Kinds the launcher may start (threads that begin after their parent
+    /// is filtered: device threads activated by a vCPU or restarted by the
+    /// main thread, the stdin pump).
+    pub fn launchable(self) -> bool {
+        matches!(self, ThreadKind::Device(_) | ThreadKind::Console)
+    }
+
+    /// This kind's allowed syscalls: the common ones and its own table.
+    pub fn allowed(self) -> Vec<Allow> {
+        let mut v: Vec<Allow> = tables::COMMON.to_vec();
+        match self {
+            ThreadKind::Vcpu => v.extend_from_slice(tables::VCPU),
+            ThreadKind::EmulatorVcpu => {
+                v.extend_from_slice(tables::VCPU);
+                v.extend_from_slice(tables::EMULATOR_VCPU_EXTRA);
+            }
+            ThreadKind::Device(d) => {
+                v.extend_from_slice(tables::DEVICE_COMMON);
+                v.extend_from_slice(match d {
+                    Device::Block => tables::BLOCK,
+                    Device::Net => tables::NET,
+                    Device::Vsock => tables::VSOCK,
+                    Device::Balloon => tables::BALLOON,
+                    Device::Rng => tables::RNG,
+                    Device::Console => tables::VIRTIO_CONSOLE,
+                });
+            }
+            ThreadKind::Control => v.extend_from_slice(tables::CONTROL),
+            ThreadKind::Migration => v.extend_from_slice(tables::MIGRATION),
+            ThreadKind::Console => v.extend_from_slice(tables::CONSOLE),
+            ThreadKind::Main => v.extend_from_slice(tables::MAIN),
+            ThreadKind::Launcher => {
+                for k in ThreadKind::ALL.into_iter().filter(|k| k.launchable()) {
+                    v.extend(k.allowed());
+                }
+                v.extend_from_slice(tables::LAUNCHER_EXTRA);
+            }
+        }
+        v
+    }
+
+    /// The distinct syscalls this kind may make.
+    pub fn syscall_count(self) -> usize {
+        let mut nrs: Vec<_> = self.allowed().iter().map(|a| a.nr).collect();
+        nrs.sort_unstable();
+        nrs.dedup();
+        nrs.len()
+    }
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// What a violation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnViolation {
+    /// Kill the whole process with SIGSYS (the default).
+    KillProcess,
+    /// Let the call through and have the kernel log it (development: finding
+    /// what a new feature needs).
+    Log,
+}
+
+/// The process-wide choice [`enable`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub on_violation: OnViolation,
+}
+
+impl Policy {
+    /// Kill on violation, or log with `VIREO_SECCOMP_LOG=1` (development).
+    pub fn from_env() -> Policy {
+        let log = std::env::var_os("VIREO_SECCOMP_LOG").is_some_and(|v| v != "0" && !v.is_empty());
+        Policy {
+            on_violation: if log {
+                OnViolation::Log
+            } else {
+                OnViolation::KillProcess
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("seccomp filter for {kind} threads does not compile: {why}")]
+    Compile { kind: ThreadKind, why: String },
+    #[error("cannot install the seccomp filter of a {kind} thread: {why}")]
+    Install { kind: ThreadKind, why: String },
+    #[error("seccomp filters were already enabled with another policy")]
+    AlreadyEnabled,
+    #[error("a {kind} thread cannot be started once its parent is filtered (the launcher does not cover it)")]
+    NotLaunchable { kind: ThreadKind },
+    #[error("the seccomp launcher thread is gone")]
+    LauncherGone,
+    #[error("cannot start the seccomp launcher thread: {0}")]
+    Launcher(io::Error),
+}
+
+/// A boxed thread start, run on the launcher.
+type Launch = Box<dyn FnOnce() + Send>;
+
+struct Enabled {
+    policy: Policy,
+    programs: BTreeMap<ThreadKind, BpfProgram>,
+    launcher: Mutex<Sender<Launch>>,
+    /// `VIREO_TEST_FORBIDDEN_SYSCALL`: the kind that misbehaves on purpose.
+    forbidden_test: Option<String>,
+}
+
+static ENABLED: OnceLock<Enabled> = OnceLock::new();
+
+thread_local! {
+    /// Whether this thread has installed its filter.
+    static FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether [`enable`] was called in this process.
+pub fn is_enabled() -> bool {
+    ENABLED.get().is_some()
+}
+
+/// Compile every kind's filter and start the launcher: from now on
+/// [`apply`] installs filters. Call once, early, from the thread that
+/// starts the others, before it starts any.
+pub fn enable(policy: Policy) -> Result<(), SeccompError> {
+    if let Some(e) = ENABLED.get() {
+        return if e.policy == policy {
+            Ok(())
+        } else {
+            Err(SeccompError::AlreadyEnabled)
+        };
+    }
+    let mut programs = BTreeMap::new();
+    for kind in ThreadKind::ALL {
+        programs.insert(kind, compile(kind, policy.on_violation)?);
+    }
+    let (tx, rx) = mpsc::channel::<Launch>();
+    let forbidden_test = std::env::var("VIREO_TEST_FORBIDDEN_SYSCALL").ok();
+    if ENABLED
+        .set(Enabled {
+            policy,
+            programs,
+            launcher: Mutex::new(tx),
+            forbidden_test,
+        })
+        .is_err()
+    {
+        return Err(SeccompError::AlreadyEnabled);
+    }
+    std::thread::Builder::new()
+        .name("launcher".into())
+        .spawn(move || {
+            apply_or_die(ThreadKind::Launcher);
+            for launch in rx {
+                launch();
+            }
+        })
+        .map_err(SeccompError::Launcher)?;
+    if policy.on_violation == OnViolation::Log {
+        tracing::warn!("seccomp: violations are only logged (VIREO_SECCOMP_LOG); see dmesg");
+    }
+    Ok(())
+}
+
+/// Install the filter of `kind` on the calling thread (a no-op unless
+/// [`enable`] was called, or when this thread is filtered already).
+pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
+    let Some(enabled) = ENABLED.get() else {
+        return Ok(());
+    };
+    if FILTERED.with(|f| f.get()) {
+        return Ok(());
+    }
+    let program = enabled
+        .programs
+        .get(&kind)
+        .ok_or_else(|| SeccompError::Install {
+            kind,
+            why: "no compiled filter".into(),
+        })?;
+    seccompiler::apply_filter(program).map_err(|e| SeccompError::Install {
+        kind,
+        why: e.to_string(),
+    })?;
+    FILTERED.with(|f| f.set(true));
+    tracing::debug!("seccomp: {kind} filter installed");
+    if enabled.forbidden_test.as_deref() == Some(kind.label()) {
+        forbidden_syscall();
+    }
+    Ok(())
+}
+
+/// [`apply`] at a thread's start: a thread that cannot be filtered must not
+/// run at all (it would be the hole in the sandbox), so the process ends.
+pub fn apply_or_die(kind: ThreadKind) {
+    if let Err(e) = apply(kind) {
+        tracing::error!("{e}; stopping the VM process");
+        eprintln!("vireo: error: {e}; stopping the VM process");
+        std::process::abort();
+    }
+}
+
+/// The test hook's misbehaviour: `execve` of a path that does not exist
+/// (no thread may exec; harmless if a broken filter let it through).
+fn forbidden_syscall() {
+    tracing::warn!("seccomp: VIREO_TEST_FORBIDDEN_SYSCALL: this thread now calls execve");
+    // SAFETY: execve of a NUL-terminated path with empty argv/envp; it
+    // fails with ENOENT if it runs at all.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execve,
+            c"/nonexistent/vireo-seccomp-test".as_ptr(),
+            std::ptr::null::<*const libc::c_char>(),
+            std::ptr::null::<*const libc::c_char>(),
+        );
+    }
+}
+
+/// Start a thread of `kind` that installs its filter before running `f`.
+/// Once the calling thread is filtered the launcher starts it (see the
+/// module documentation); without [`enable`] this is `builder.spawn(f)`.
+pub fn spawn<F, T>(
+    kind: ThreadKind,
+    builder: std::thread::Builder,
+    f: F,
+) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let Some(enabled) = ENABLED.get() else {
+        return builder.spawn(f);
+    };
+    let body = move || {
+        apply_or_die(kind);
+        f()
+    };
+    if !FILTERED.with(|c| c.get()) {
+        return builder.spawn(body);
+    }
+    if !kind.launchable() {
+        return Err(io::Error::other(SeccompError::NotLaunchable { kind }));
+    }
+    let (tx, rx) = mpsc::channel();
+    let launch: Launch = Box::new(move || {
+        let _ = tx.send(builder.spawn(body));
+    });
+    let sent = enabled
+        .launcher
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(launch);
+    if sent.is_err() {
+        return Err(io::Error::other(SeccompError::LauncherGone));
+    }
+    rx.recv()
+        .map_err(|_| io::Error::other(SeccompError::LauncherGone))?
+}
+
+/// Compile `kind`'s table to BPF.
+pub fn compile(kind: ThreadKind, on_violation: OnViolation) -> Result<BpfProgram, SeccompError> {
+    let err = |why: String| SeccompError::Compile { kind, why };
+    let mut rules: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for allow in kind.allowed() {
+        let new = rules_for(&allow).map_err(|e| err(format!("{}: {e}", allow.name)))?;
+        let entry = rules.entry(allow.nr).or_insert_with(|| Some(Vec::new()));
+        match (entry.as_mut(), new) {
+            // Unconditional somewhere: unconditional.
+            (_, None) => *entry = None,
+            (None, Some(_)) => {}
+            (Some(existing), Some(more)) => existing.extend(more),
+        }
+    }
+    let rules = rules
+        .into_iter()
+        .map(|(nr, r)| (nr, r.unwrap_or_default()))
+        .collect();
+    let mismatch = match on_violation {
+        OnViolation::KillProcess => SeccompAction::KillProcess,
+        OnViolation::Log => SeccompAction::Log,
+    };
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|e| err(e.to_string()))?;
+    BpfProgram::try_from(filter).map_err(|e| err(e.to_string()))
+}
+
+/// The rules (OR'ed) of one table entry; `None` for "any arguments".
+fn rules_for(allow: &Allow) -> Result<Option<Vec<SeccompRule>>, seccompiler::BackendError> {
+    let cond = |arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, v: u64| {
+        SeccompCondition::new(arg, len, op, v)
+    };
+    Ok(match allow.args {
+        Args::Any => None,
+        Args::Ioctl(reqs) => Some(
+            reqs.iter()
+                .map(|r| {
+                    SeccompRule::new(vec![cond(
+                        1,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        r.0,
+                    )?])
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Args::OneOf { arg, values } => Some(
+            values
+                .iter()
+                .map(|&v| {
+                    SeccompRule::new(vec![cond(
+                        arg,
+                        SeccompCmpArgLen::Dword,
+                        SeccompCmpOp::Eq,
+                        v,
+                    )?])
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Args::NoExec => Some(vec![SeccompRule::new(vec![cond(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])?]),
+        Args::ThreadOnly => Some(vec![SeccompRule::new(vec![cond(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )?])?]),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -193,6 +193,13 @@ pub struct RunArgs {
     /// JSON line answers). The daemon uses it.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// Run without the per-thread seccomp filters (they are on by default:
+    /// each vCPU, device, control and migration thread may make only the
+    /// syscalls its job needs, and any other kills the VM). For debugging
+    /// only: a guest that escapes into a thread then has every syscall.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -32,6 +32,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use vireo_sandbox::seccomp::{self, ThreadKind};
+
 /// A command from a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -170,16 +172,18 @@ pub fn listen(path: &Path) -> std::io::Result<ControlSocket> {
     let (tx, rx) = mpsc::channel();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let counter = in_flight.clone();
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
+    seccomp::spawn(
+        ThreadKind::Control,
+        std::thread::Builder::new().name("control".into()),
+        move || {
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => serve(s, &tx, &counter),
                     Err(e) => tracing::warn!("control socket: accept failed: {e}"),
                 }
             }
-        })?;
+        },
+    )?;
     Ok(ControlSocket {
         path: path.to_path_buf(),
         commands: rx,

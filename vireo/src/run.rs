@@ -111,6 +111,9 @@ fn kernel_is_pvm_guest(kernel: &std::path::Path) -> bool {
 }
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
+    // Before any thread starts (restores and migrations start device and
+    // post-copy threads): every thread then installs its kind's filter.
+    install_seccomp_policy(args.no_seccomp)?;
     let vm_failure = |e: vireo_vmcore::VmError| {
         if e.is_user_error() {
             Failure::Usage(e.to_string())
@@ -206,6 +209,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         None => console::ConsoleTarget::Serial(input),
     };
     console::spawn_stdin_pump(console_input, Arc::clone(&control), tty);
+    // Set-up is done: the main thread only carries out control commands now.
+    vireo_sandbox::seccomp::apply(vireo_sandbox::seccomp::ThreadKind::Main)
+        .map_err(|e| Failure::Vm(e.to_string()))?;
     let reset_requested = match &control_socket {
         Some(socket) => serve_control(
             &running,
@@ -240,6 +246,24 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
         other => Err(Failure::Vm(other.to_string())),
     }
+}
+
+/// Turn the per-thread seccomp filters on (the default) or, with
+/// `--no-seccomp`, say what is lost.
+fn install_seccomp_policy(disabled: bool) -> Result<(), Failure> {
+    use vireo_sandbox::seccomp;
+    if disabled {
+        tracing::warn!(
+            "--no-seccomp: the VM's threads run without seccomp filters; a guest that takes over a vCPU \
+             or device thread can make any syscall (open host files, exec programs, make sockets)"
+        );
+        return Ok(());
+    }
+    seccomp::enable(seccomp::Policy::from_env()).map_err(|e| {
+        Failure::Vm(format!(
+            "{e} (--no-seccomp runs without filters, for debugging)"
+        ))
+    })
 }
 
 /// Carry out control-socket commands until the VM exits; whether a
