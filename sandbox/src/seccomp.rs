@@ -258,10 +258,16 @@ pub fn enable(policy: Policy) -> Result<(), SeccompError> {
             Err(SeccompError::AlreadyEnabled)
         };
     }
+    let started = std::time::Instant::now();
     let mut programs = BTreeMap::new();
     for kind in ThreadKind::ALL {
         programs.insert(kind, compile(kind, policy.on_violation)?);
     }
+    tracing::debug!(
+        "seccomp: {} filters compiled in {} µs",
+        programs.len(),
+        started.elapsed().as_micros()
+    );
     let (tx, rx) = mpsc::channel::<Launch>();
     let forbidden_test = std::env::var("VIREO_TEST_FORBIDDEN_SYSCALL").ok();
     if ENABLED

@@ -185,6 +185,7 @@ pub const VCPU: &[Allow] = &[
     any(SYS_eventfd2, "eventfd2", "a virtio device activated: its stop and notify events"),
     any(SYS_epoll_create1, "epoll_create1", "a virtio device activated: its worker's epoll set"),
     any(SYS_epoll_ctl, "epoll_ctl", "a virtio device activated: its fds into the epoll set"),
+    any(SYS_timerfd_create, "timerfd_create", "a virtio device activated: its rate limiter's timer (bw=, ops=)"),
     with(SYS_fcntl, "fcntl", Args::OneOf { arg: 1, values: &[F_DUPFD_CLOEXEC as u64] }, "a virtio device activated: EventFd::try_clone of its events"),
     any(SYS_tgkill, "tgkill", "kicking another vCPU (INIT/SIPI; an interrupt for an emulator vCPU)"),
 ];
@@ -209,6 +210,7 @@ pub const DEVICE_COMMON: &[Allow] = &[
     any(SYS_read, "read", "queue-notify and stop eventfds; TAP frames; vsock connection data"),
     with(SYS_ioctl, "ioctl", Args::Ioctl(DEVICE_IOCTLS), "interrupts through the VM fd"),
     any(SYS_tgkill, "tgkill", "kicking an emulator vCPU for an interrupt"),
+    any(SYS_timerfd_settime, "timerfd_settime", "rate limits (bw=, ops=): arming and clearing the wake-up timer"),
 ];
 
 /// virtio-blk: raw and qcow2 images (reads and writes at offsets; qcow2

@@ -110,7 +110,7 @@ fn ioctl_and_socket_are_always_narrowed() {
 }
 
 #[test]
-fn only_the_emulators_vcpu_and_its_launcher_may_map_executable_memory() {
+fn only_the_emulators_vcpu_may_map_executable_memory() {
     for kind in ThreadKind::ALL {
         let exec = kind.allowed().iter().any(|a| {
             (a.nr == libc::SYS_mmap || a.nr == libc::SYS_mprotect) && matches!(a.args, Args::Any)
