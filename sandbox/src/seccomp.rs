@@ -268,6 +268,7 @@ pub fn enable(policy: Policy) -> Result<(), SeccompError> {
         programs.len(),
         started.elapsed().as_micros()
     );
+    fix_malloc_arena_limit();
     let (tx, rx) = mpsc::channel::<Launch>();
     let forbidden_test = std::env::var("VIREO_TEST_FORBIDDEN_SYSCALL").ok();
     if ENABLED
@@ -294,6 +295,28 @@ pub fn enable(policy: Policy) -> Result<(), SeccompError> {
         tracing::warn!("seccomp: violations are only logged (VIREO_SECCOMP_LOG); see dmesg");
     }
     Ok(())
+}
+
+/// glibc's malloc works out how many arenas it may make the first time a
+/// thread needs a new one past the 8th, by reading
+/// /sys/devices/system/cpu/online: an `openat` from whichever thread that
+/// is (a vCPU, a device thread), which its filter must refuse. Setting the
+/// limit now, to the value glibc would compute (8 per CPU), means it never
+/// looks.
+fn fix_malloc_arena_limit() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: sysconf reads the online CPU count (glibc's get_nprocs,
+        // the file above); mallopt only sets a malloc parameter. Both run
+        // before any filter exists.
+        let set = unsafe {
+            let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 16) as libc::c_int;
+            libc::mallopt(libc::M_ARENA_MAX, cpus.saturating_mul(8))
+        };
+        if set != 1 {
+            tracing::warn!("seccomp: cannot fix malloc's arena limit; a thread may be killed for reading the CPU count");
+        }
+    }
 }
 
 /// Install the filter of `kind` on the calling thread (a no-op unless
