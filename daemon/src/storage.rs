@@ -430,7 +430,11 @@ impl Storage {
                         // a storage directory itself would show it every
                         // other image there.
                         let canon = std::fs::canonicalize(dir).ok();
-                        if self.dirs.iter().any(|(_, c)| canon.as_deref() == Some(c.as_path())) {
+                        if self
+                            .dirs
+                            .iter()
+                            .any(|(_, c)| canon.as_deref() == Some(c.as_path()))
+                        {
                             return Err(self.not_allowed(
                                 "vsock",
                                 &v.socket.display().to_string(),

@@ -164,6 +164,11 @@ impl Vcpu for EmuVcpu {
         self.id
     }
 
+    /// The translator maps its code arena executable on this thread.
+    fn generates_host_code(&self) -> bool {
+        true
+    }
+
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         let budget = self.budget;
         let cpu = self.cpu.get_mut().unwrap_or_else(PoisonError::into_inner);

@@ -219,6 +219,12 @@ pub enum VcpuExit<'a> {
 /// One virtual CPU. Owned by exactly one thread at a time.
 pub trait Vcpu: Send {
     fn id(&self) -> u32;
+    /// Whether running this vCPU writes and executes host machine code (a
+    /// translator's code arena): its thread then needs executable
+    /// mappings, which other vCPU threads' seccomp filters refuse.
+    fn generates_host_code(&self) -> bool {
+        false
+    }
     fn run(&mut self) -> Result<VcpuExit<'_>>;
     fn regs(&self) -> Result<Regs>;
     fn set_regs(&self, regs: &Regs) -> Result<()>;

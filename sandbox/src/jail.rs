@@ -309,6 +309,22 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t, ids: JailIds) -> ! {
     }
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Its own filter: it only waits, forwards signals and reaps.
+    let filter = crate::seccomp::compile(
+        crate::seccomp::ThreadKind::Supervisor,
+        crate::seccomp::OnViolation::KillProcess,
+    );
+    if let Err(e) = filter.and_then(|f| {
+        seccompiler::apply_filter(&f).map_err(|e| crate::seccomp::SeccompError::Compile {
+            kind: crate::seccomp::ThreadKind::Supervisor,
+            why: e.to_string(),
+        })
+    }) {
+        eprintln!("vireo: error: jail supervisor: seccomp: {e}");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+        std::process::exit(1);
+    }
     loop {
         // SAFETY: siginfo_t is plain data that sigwaitinfo fills.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };

@@ -251,6 +251,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", requires = "control_socket")]
     pub snapshot_dir_root: Option<PathBuf>,
 
+    /// Run without the per-thread seccomp filters (they are on by default:
+    /// each vCPU, device, control and migration thread may make only the
+    /// syscalls its job needs, and any other kills the VM). For debugging
+    /// only: a guest that escapes into a thread then has every syscall.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Run the VM jailed (needs root), as the daemon runs every VM: its own
     /// cgroup (cpu, memory, pids limits), PID, mount, IPC, UTS and network
     /// namespaces, a tmpfs root holding only the control and vsock socket

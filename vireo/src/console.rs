@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
+use vireo_sandbox::seccomp::{self, ThreadKind};
 
 use vireo_devices::legacy::SerialInput;
 use vireo_devices::virtio::console::ConsoleInput;
@@ -114,9 +115,10 @@ pub enum ConsoleTarget {
 
 /// Forward stdin to the guest on a background thread until EOF or the VM ends.
 pub fn spawn_stdin_pump(input: ConsoleTarget, control: Arc<VmControl>, escape: bool) {
-    let spawned = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
+    let spawned = seccomp::spawn(
+        ThreadKind::Console,
+        std::thread::Builder::new().name("stdin".into()),
+        move || {
             let mut stdin = std::io::stdin().lock();
             let mut filter = EscapeFilter::default();
             let mut buf = [0u8; 256];
@@ -146,7 +148,8 @@ pub fn spawn_stdin_pump(input: ConsoleTarget, control: Arc<VmControl>, escape: b
                     return;
                 }
             }
-        });
+        },
+    );
     if let Err(e) = spawned {
         tracing::warn!("console: no input thread ({e}); the guest gets no keyboard input");
     }

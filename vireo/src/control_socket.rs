@@ -41,6 +41,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use vireo_sandbox::seccomp::{self, ThreadKind};
+
 /// A command from a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -305,16 +307,18 @@ pub fn listen(path: &Path, snapshot_root: Option<&Path>) -> std::io::Result<Cont
     let (tx, rx) = mpsc::channel();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let counter = in_flight.clone();
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
+    seccomp::spawn(
+        ThreadKind::Control,
+        std::thread::Builder::new().name("control".into()),
+        move || {
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => serve(s, &tx, &counter, snapshot_root.as_deref()),
                     Err(e) => tracing::warn!("control socket: accept failed: {e}"),
                 }
             }
-        })?;
+        },
+    )?;
     Ok(ControlSocket {
         path: path.to_path_buf(),
         commands: rx,

@@ -36,7 +36,7 @@ fn usage(e: impl std::fmt::Display) -> Failure {
     Failure::Usage(format!("--jail: {e}"))
 }
 
-fn ids(args: &RunArgs) -> JailIds {
+pub fn ids(args: &RunArgs) -> JailIds {
     let uid = args.jail_uid.unwrap_or(JailIds::NOBODY.uid);
     JailIds {
         uid,

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vireo_hypervisor::dirty;
+use vireo_sandbox::seccomp::{self, ThreadKind};
 use vireo_vmcore::demand::DemandMemory;
 use vireo_vmcore::memory::{GuestMemory, GuestMemoryBackend, GuestMemoryRegion};
 use vireo_vmcore::migration::{self as stream, Kind, MessageBuffer, MigrationError};
@@ -307,9 +308,10 @@ impl Target {
             let demand = demand.clone();
             let done = done.clone();
             let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("postcopy-faults".into())
-                .spawn(move || {
+            seccomp::spawn(
+                ThreadKind::Migration,
+                std::thread::Builder::new().name("postcopy-faults".into()),
+                move || {
                     while !done.load(Ordering::Acquire) {
                         match demand.next_fault(Duration::from_millis(50)) {
                             Ok(Some(gpa)) => {
@@ -325,15 +327,17 @@ impl Target {
                             }
                         }
                     }
-                })
-                .map_err(|e| format!("cannot start the post-copy fault thread: {e}"))?;
+                },
+            )
+            .map_err(|e| format!("cannot start the post-copy fault thread: {e}"))?;
         }
         {
             let done = done.clone();
             let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("postcopy-link".into())
-                .spawn(move || {
+            seccomp::spawn(
+                ThreadKind::Migration,
+                std::thread::Builder::new().name("postcopy-link".into()),
+                move || {
                     let mut link = Link {
                         conn,
                         wake,
@@ -357,8 +361,9 @@ impl Target {
                             )));
                         }
                     }
-                })
-                .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
+                },
+            )
+            .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
         }
         Ok(Target {
             commands,

@@ -114,6 +114,10 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     // First, while single-threaded: the jail's cgroup, namespaces and
     // supervisor (only the VMM child returns).
     crate::jail_run::enter(&args)?;
+    // Then, before any other thread starts (restores and migrations start
+    // device and post-copy threads; enabling starts the launcher thread):
+    // every thread installs its kind's filter.
+    install_seccomp_policy(&args)?;
     let vm_failure = |e: vireo_vmcore::VmError| {
         if e.is_user_error() {
             Failure::Usage(e.to_string())
@@ -182,6 +186,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     // Everything is open and no guest code ran: into the jail, before the
     // control socket and the vCPUs start.
     crate::jail_run::lock_down(&args, &attached)?;
+    // Then the thread that starts threads for filtered ones (a device the
+    // guest activates from a vCPU), before any vCPU runs.
+    vireo_sandbox::seccomp::start_launcher().map_err(|e| Failure::Vm(e.to_string()))?;
 
     let tty = console::stdin_is_tty();
     let raw = if tty {
@@ -213,6 +220,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         None => console::ConsoleTarget::Serial(input),
     };
     console::spawn_stdin_pump(console_input, Arc::clone(&control), tty);
+    // Set-up is done: the main thread only carries out control commands now.
+    vireo_sandbox::seccomp::apply(vireo_sandbox::seccomp::ThreadKind::Main)
+        .map_err(|e| Failure::Vm(e.to_string()))?;
     let reset_requested = match &control_socket {
         Some(socket) => serve_control(
             &running,
@@ -247,6 +257,33 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         }
         other => Err(Failure::Vm(other.to_string())),
     }
+}
+
+/// Turn the per-thread seccomp filters on (the default) or, with
+/// `--no-seccomp`, say what is lost.
+fn install_seccomp_policy(args: &RunArgs) -> Result<(), Failure> {
+    use vireo_sandbox::seccomp;
+    if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: the VM's threads run without seccomp filters; a guest that takes over a vCPU \
+             or device thread can make any syscall (open host files, exec programs, make sockets)"
+        );
+        return Ok(());
+    }
+    let mut policy = seccomp::Policy::from_env();
+    // The jail drops the whole process to its ids after threads run.
+    if args.jail {
+        let ids = crate::jail_run::ids(args);
+        policy.drop_to = Some(seccomp::DropTo {
+            uid: ids.uid,
+            gid: ids.gid,
+        });
+    }
+    seccomp::enable(policy).map_err(|e| {
+        Failure::Vm(format!(
+            "{e} (--no-seccomp runs without filters, for debugging)"
+        ))
+    })
 }
 
 /// Carry out control-socket commands until the VM exits; whether a

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use vireo_sandbox::seccomp::{self, ThreadKind};
 use vireo_vmcore::{ExitReason, VmControl};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
@@ -30,9 +31,10 @@ pub fn stop_vm_on_signals(control: Arc<VmControl>) -> std::io::Result<()> {
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         register_signal_handler(signal, on_stop_signal).map_err(std::io::Error::from)?;
     }
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
+    seccomp::spawn(
+        ThreadKind::Console,
+        std::thread::Builder::new().name("signals".into()),
+        move || loop {
             match event.read() {
                 Ok(_) => {
                     tracing::info!("stop signal received: stopping the VM");
@@ -45,6 +47,7 @@ pub fn stop_vm_on_signals(control: Arc<VmControl>) -> std::io::Result<()> {
                     return;
                 }
             }
-        })?;
+        },
+    )?;
     Ok(())
 }

@@ -447,6 +447,12 @@ fn a_guest_writing_its_virtio_disk_is_snapshotted_restored_and_cloned() {
         vm.output()
     );
     wait_for_socket(&socket);
+    // The sandbox: the device threads the guest's driver started from a
+    // vCPU are filtered like every other thread.
+    support::assert_every_thread_filtered(
+        vm.pid(),
+        &["vcpu0", "blk-data", "virtio-rng", "control", "launcher"],
+    );
     let reply = control(&socket, &format!("snapshot {}", snap.display()));
     assert_eq!(reply["ok"], true, "snapshot failed: {reply}");
     assert_eq!(reply["state"], "running", "{reply}");
@@ -692,4 +698,50 @@ fn a_guest_writing_its_virtio_disk_migrates_live() {
 fn a_guest_writing_its_virtio_disk_migrates_post_copy() {
     require_kvm!();
     migrate_disk_guest(true);
+}
+
+/// A device thread (started from the vCPU when the guest's driver sets the
+/// device up, so through the seccomp launcher) that makes a syscall outside
+/// its filter kills the whole VM process
+/// (`VIREO_TEST_FORBIDDEN_SYSCALL`, see tests/seccomp.rs).
+#[test]
+fn a_forbidden_syscall_on_a_device_thread_kills_the_vm() {
+    require_kvm!();
+    use std::os::unix::process::ExitStatusExt;
+    for kind in ["block", "rng"] {
+        let dir = TempDir::new("seccomp-dev");
+        let disk = dir.write("data.raw", &vec![0u8; DISK_BYTES]);
+        let kernel = kernel(&dir);
+        let args: Vec<String> = [
+            "run",
+            "--kernel",
+            kernel.to_str().expect("utf-8"),
+            "--disk",
+            &format!("path={},id=data", disk.display()),
+            "--rng",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut vm = LiveVm::start_env(
+            &[],
+            &args,
+            &[("VIREO_TEST_FORBIDDEN_SYSCALL", kind)],
+            RUN_TIMEOUT,
+        );
+        let status = vm.wait(&format!(
+            "the {kind} thread's forbidden syscall to kill vireo"
+        ));
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGSYS),
+            "{kind}: status {status:?}, output {}",
+            vm.output()
+        );
+        assert!(
+            blks(&vm.output()).is_empty(),
+            "{kind}: no round completes without the device: {}",
+            vm.output()
+        );
+    }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 
 use vireo_hypervisor::{Vcpu, VcpuExit};
+use vireo_sandbox::seccomp::{self, ThreadKind};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
@@ -104,10 +105,21 @@ pub fn spawn(
     control: Arc<VmControl>,
     stats: Arc<VcpuStats>,
 ) -> std::io::Result<VcpuThread> {
-    let id = lock_vcpu(&vcpu).id();
-    let handle = std::thread::Builder::new()
-        .name(format!("vcpu{id}"))
-        .spawn(move || run_loop(&vcpu, &buses, &control, &stats))?;
+    let (id, kind) = {
+        let v = lock_vcpu(&vcpu);
+        let kind = if v.generates_host_code() {
+            ThreadKind::EmulatorVcpu
+        } else {
+            ThreadKind::Vcpu
+        };
+        (v.id(), kind)
+    };
+    // The filter is installed before the thread's first guest instruction.
+    let handle = seccomp::spawn(
+        kind,
+        std::thread::Builder::new().name(format!("vcpu{id}")),
+        move || run_loop(&vcpu, &buses, &control, &stats),
+    )?;
     Ok(VcpuThread { id, handle })
 }
 

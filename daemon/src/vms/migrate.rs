@@ -508,7 +508,10 @@ impl Daemon {
         let secret_file = dir.join(SECRET_FILE);
         write_secret(&secret_file, &ready.secret)?;
         self.hand_to_vm(name, &secret_file).map_err(|e| {
-            ApiError::internal(format!("handing {} to VM {name}: {e}", secret_file.display()))
+            ApiError::internal(format!(
+                "handing {} to VM {name}: {e}",
+                secret_file.display()
+            ))
         })?;
         let command = format!(
             "migrate-to {target} --ca {} --secret-file {}{mode}",

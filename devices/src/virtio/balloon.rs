@@ -29,6 +29,7 @@
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use vireo_sandbox::seccomp::Device;
 
 use vireo_vmcore::memory::{GuestMemory, GuestMemoryBackend};
 use virtio_queue::QueueT;
@@ -487,7 +488,7 @@ impl VirtioDevice for Balloon {
             warned: Warned::default(),
         };
         *self.shared.interrupt() = Some(interrupt);
-        match Worker::spawn("virtio-balloon", &fds, handler) {
+        match Worker::spawn("virtio-balloon", Device::Balloon, &fds, handler) {
             Ok(w) => {
                 self.worker = Some(w);
                 Ok(())

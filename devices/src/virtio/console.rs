@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use vireo_sandbox::seccomp::Device;
 
 use vireo_vmcore::memory::GuestMemory;
 use virtio_queue::QueueT;
@@ -268,14 +269,15 @@ impl VirtioDevice for Console {
             warned: Warned::default(),
             buf: vec![0; 4096],
         };
-        let worker = Worker::spawn("virtio-console", &fds, handler).map_err(|e| {
-            *self
-                .shared
-                .interrupt
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = None;
-            ActivateError::Thread(e)
-        })?;
+        let worker =
+            Worker::spawn("virtio-console", Device::Console, &fds, handler).map_err(|e| {
+                *self
+                    .shared
+                    .interrupt
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                ActivateError::Thread(e)
+            })?;
         self.worker = Some(worker);
         Ok(())
     }

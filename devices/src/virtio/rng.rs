@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use vireo_sandbox::seccomp::Device;
 
 use vireo_vmcore::memory::GuestMemory;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -117,7 +118,8 @@ impl VirtioDevice for Rng {
             warned_range: false,
             buf: vec![0; MAX_REQUEST],
         };
-        let worker = Worker::spawn("virtio-rng", &fds, handler).map_err(ActivateError::Thread)?;
+        let worker = Worker::spawn("virtio-rng", Device::Rng, &fds, handler)
+            .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         Ok(())
     }

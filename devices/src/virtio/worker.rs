@@ -6,6 +6,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use vireo_sandbox::seccomp::{self, Device, ThreadKind};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -81,16 +82,19 @@ struct Parked {
 /// A running device thread. Dropping it stops and joins the thread.
 pub struct Worker {
     name: String,
+    /// Which seccomp filter the thread runs under.
+    device: Device,
     stop: EventFd,
     thread: Option<JoinHandle<Parked>>,
     parked: Option<Parked>,
 }
 
 impl Worker {
-    /// Start thread `name` watching `fds` (fd, events, token) and calling
-    /// `handler` for each ready one.
+    /// Start thread `name` (under `device`'s seccomp filter) watching `fds`
+    /// (fd, events, token) and calling `handler` for each ready one.
     pub fn spawn<H: EventHandler>(
         name: &str,
+        device: Device,
         fds: &[(RawFd, EventSet, u64)],
         handler: H,
     ) -> std::io::Result<Worker> {
@@ -107,6 +111,7 @@ impl Worker {
         }
         let mut w = Worker {
             name: name.to_string(),
+            device,
             stop,
             thread: None,
             parked: Some(Parked {
@@ -137,9 +142,10 @@ impl Worker {
         // The thread owns the epoll set and the handler while it runs and
         // hands them back when stopped (if it cannot start, they are lost
         // and the device stays stopped until the driver resets it).
-        let spawned = std::thread::Builder::new()
-            .name(self.name.chars().take(15).collect())
-            .spawn(move || {
+        let spawned = seccomp::spawn(
+            ThreadKind::Device(self.device),
+            std::thread::Builder::new().name(self.name.chars().take(15).collect()),
+            move || {
                 let mut events = vec![EpollEvent::default(); 32];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
@@ -179,7 +185,8 @@ impl Worker {
                         }
                     }
                 }
-            });
+            },
+        );
         self.thread = Some(spawned?);
         Ok(())
     }
@@ -260,6 +267,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let mut w = Worker::spawn(
             "test-worker",
+            Device::Rng,
             &[(evt.as_raw_fd(), EventSet::IN, 7)],
             Echo(tx, evt.try_clone().unwrap()),
         )
@@ -288,6 +296,7 @@ mod tests {
         let seen = Arc::new(AtomicUsize::new(0));
         let mut w = Worker::spawn(
             "test-pause",
+            Device::Rng,
             &[(evt.as_raw_fd(), EventSet::IN, 1)],
             Counter(seen.clone(), evt.try_clone().unwrap()),
         )

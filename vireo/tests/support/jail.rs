@@ -97,6 +97,41 @@ pub fn assert_jailed(vmm: u32, supervisor: u32, uid: u32) {
         assert_eq!(status_field(vmm, cap), "0000000000000000", "{cap}");
     }
     assert_eq!(status_field(vmm, "NoNewPrivs"), "1");
+    // Every thread of both processes: filtered, and dropped to the jail's
+    // ids (Linux keeps ids and capabilities per thread: a thread that kept
+    // root would undo the jail).
+    for pid in [vmm, supervisor] {
+        crate::support::assert_every_thread_filtered(pid, &[]);
+        for t in crate::support::threads_of(pid) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/task/{}/status", t.tid))
+                .unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default()
+            };
+            if status.is_empty() {
+                continue; // the thread ended meanwhile
+            }
+            let u = uid.to_string();
+            assert_eq!(
+                field("Uid:"),
+                [u.as_str(); 4].join(" "),
+                "thread {} ({}) uid",
+                t.tid,
+                t.name
+            );
+            assert_eq!(
+                field("CapEff:"),
+                "0000000000000000",
+                "thread {} ({}) CapEff",
+                t.tid,
+                t.name
+            );
+        }
+    }
     // Its own PID namespace, where it is PID 1.
     assert_ne!(ns(vmm, "pid"), ns(me, "pid"));
     assert_eq!(

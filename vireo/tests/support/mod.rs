@@ -422,6 +422,16 @@ impl LiveVm {
     /// `PREFIX... vireo ARGS...` (a prefix such as `ip netns exec NS`), with
     /// `--accel` of the test backend added to `run`; `timeout` bounds each wait.
     pub fn start(prefix: &[&str], args: &[String], timeout: Duration) -> LiveVm {
+        LiveVm::start_env(prefix, args, &[], timeout)
+    }
+
+    /// [`LiveVm::start`] with extra environment variables for vireo.
+    pub fn start_env(
+        prefix: &[&str],
+        args: &[String],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> LiveVm {
         let mut args = args.to_vec();
         if args.first().map(String::as_str) == Some("run") && !args.iter().any(|a| a == "--accel") {
             args.push("--accel".into());
@@ -437,6 +447,7 @@ impl LiveVm {
         };
         let mut child = command
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -526,6 +537,72 @@ impl Drop for LiveVm {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// One thread of a process as /proc/PID/task/TID/status shows it.
+#[derive(Debug, Clone)]
+pub struct ThreadStatus {
+    pub tid: u32,
+    pub name: String,
+    /// `Seccomp:` 0 none, 1 strict, 2 filter.
+    pub seccomp: Option<u32>,
+    pub no_new_privs: Option<u32>,
+}
+
+/// Every thread of process `pid` (threads that end while we read are
+/// skipped).
+pub fn threads_of(pid: u32) -> Vec<ThreadStatus> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        out.push(ThreadStatus {
+            tid: entry.file_name().to_string_lossy().parse().unwrap_or(0),
+            name: field("Name:").unwrap_or_default(),
+            seccomp: field("Seccomp:").and_then(|v| v.parse().ok()),
+            no_new_privs: field("NoNewPrivs:").and_then(|v| v.parse().ok()),
+        });
+    }
+    out.sort_by_key(|t| t.tid);
+    out
+}
+
+/// Wait (up to 10 s: the main thread filters itself once set-up is done)
+/// until every thread of `pid` has a seccomp filter and no_new_privs and
+/// the threads named `expected` exist; return the threads, or panic with
+/// the ones that are not filtered.
+pub fn assert_every_thread_filtered(pid: u32, expected: &[&str]) -> Vec<ThreadStatus> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let threads = threads_of(pid);
+        let all_filtered = !threads.is_empty()
+            && threads
+                .iter()
+                .all(|t| t.seccomp == Some(2) && t.no_new_privs == Some(1));
+        let all_there = expected
+            .iter()
+            .all(|name| threads.iter().any(|t| t.name == *name));
+        if all_filtered && all_there {
+            return threads;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "every thread of vireo (pid {pid}) should show Seccomp: 2 and NoNewPrivs: 1, \
+                 and threads {expected:?} should exist; saw {threads:#?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

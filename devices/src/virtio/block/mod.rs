@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use vireo_sandbox::seccomp::Device;
 
 use vireo_block::{DiskImage, Format, OpenOptions};
 use vireo_vmcore::memory::GuestMemory;
@@ -449,8 +450,13 @@ impl VirtioDevice for Block {
             bounce: Vec::new(),
             counters: self.counters.clone(),
         };
-        let worker = Worker::spawn(&format!("blk-{}", self.cfg.id), &fds, handler)
-            .map_err(ActivateError::Thread)?;
+        let worker = Worker::spawn(
+            &format!("blk-{}", self.cfg.id),
+            Device::Block,
+            &fds,
+            handler,
+        )
+        .map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         self.acked_features = acked;
         Ok(())

@@ -36,6 +36,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use vireo_sandbox::seccomp::Device;
 
 use vireo_vmcore::memory::GuestMemory;
 use virtio_bindings::virtio_net as vn;
@@ -484,7 +485,8 @@ impl VirtioDevice for Net {
             "net-{}",
             self.config.id.as_deref().unwrap_or(&self.config.tap)
         );
-        let worker = Worker::spawn(&thread, &fds, handler).map_err(ActivateError::Thread)?;
+        let worker =
+            Worker::spawn(&thread, Device::Net, &fds, handler).map_err(ActivateError::Thread)?;
         // Chains the driver made available before DRIVER_OK are served now.
         let _ = kick_rx.write(1);
         let _ = kick_tx.write(1);

@@ -24,6 +24,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use vireo_sandbox::seccomp::Device;
 
 use virtio_queue::{Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
@@ -263,7 +264,8 @@ impl VirtioDevice for Vsock {
             tx_pending: true,
             warnings: 0,
         };
-        let worker = Worker::spawn(&name, &fds, handler).map_err(ActivateError::Thread)?;
+        let worker =
+            Worker::spawn(&name, Device::Vsock, &fds, handler).map_err(ActivateError::Thread)?;
         self.worker = Some(worker);
         self.acked_features = features;
         Ok(())
