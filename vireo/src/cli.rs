@@ -15,7 +15,7 @@ Quick start (builds a guest from Debian's packages, then boots it):
   vireo run --image guest-kit";
 
 #[derive(Debug, Parser)]
-#[command(name = "vireo", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(name = "vireo", version = vireo_daemon::version::LONG, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
     /// More log output on stderr (-v: info, -vv: debug). VIREO_LOG=filter overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
