@@ -46,6 +46,20 @@ pub enum Command {
     /// daemon that listens only on its Unix socket.
     #[command(after_help = crate::ui::UI_EXAMPLES)]
     Ui(crate::ui::UiArgs),
+    /// Print the shell completion script for SHELL on stdout (packaging;
+    /// hidden from help).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vireo.1 and one per subcommand, vireo-run.1,
+    /// ...) into DIR (packaging; hidden from help).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 const RUN_EXAMPLES: &str = "\

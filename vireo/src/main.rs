@@ -8,6 +8,7 @@ mod console_client;
 mod control_socket;
 mod devices;
 mod disk;
+mod gen_docs;
 mod image;
 mod machine;
 mod migrate;
@@ -87,6 +88,8 @@ fn main() {
         Command::Vm(args) => vm_cli::vm(args),
         Command::Token(args) => token_cli::token(args),
         Command::Ui(args) => ui::ui(args),
+        Command::Completions { shell } => gen_docs::completions(shell, &mut std::io::stdout()),
+        Command::Manpages { dir } => gen_docs::manpages(&dir).map(|_| ()),
     };
     match result {
         Ok(()) => {}
