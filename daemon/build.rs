@@ -5,6 +5,11 @@
 //! a page saying how to build it: the Rust build never needs node.
 //!
 //! `VIREO_WEB_DIST=DIR` embeds another directory instead.
+//!
+//! It also records the git commit the binary is built from, for
+//! `vireo --version` and `GET /v1/version`: `VIREO_GIT_COMMIT` when set
+//! (packagers building from a tarball), else `git rev-parse --short HEAD`
+//! when the source tree is a git checkout, else "unknown".
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -26,10 +31,63 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> std::io
     Ok(())
 }
 
+fn git(root: &Path, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(args)
+        .output()
+        .ok()?;
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !s.is_empty()).then_some(s)
+}
+
+/// The commit to report, and rerun-if-changed lines that rebuild when HEAD
+/// moves (a new commit, a checkout).
+/// Also says where it came from: "env", "git" or "none".
+fn git_commit(root: &Path) -> (String, &'static str) {
+    println!("cargo:rerun-if-env-changed=VIREO_GIT_COMMIT");
+    if let Some(c) = std::env::var("VIREO_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+    {
+        return (c.trim().to_string(), "env");
+    }
+    // .git is a directory in a clone, a file in a worktree.
+    if !root.join(".git").exists() {
+        return ("unknown".into(), "none");
+    }
+    if let Some(dir) = git(root, &["rev-parse", "--absolute-git-dir"]) {
+        let dir = PathBuf::from(dir);
+        println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
+        if let Some(common) = git(root, &["rev-parse", "--git-common-dir"]) {
+            let common = root.join(common);
+            if let Some(head_ref) = git(root, &["symbolic-ref", "-q", "HEAD"]) {
+                let r = common.join(head_ref);
+                if r.exists() {
+                    println!("cargo:rerun-if-changed={}", r.display());
+                }
+            }
+            let packed = common.join("packed-refs");
+            if packed.exists() {
+                println!("cargo:rerun-if-changed={}", packed.display());
+            }
+        }
+    }
+    match git(root, &["rev-parse", "--short=12", "HEAD"]) {
+        Some(c) => (c, "git"),
+        None => ("unknown".into(), "none"),
+    }
+}
+
 fn main() {
     let manifest = PathBuf::from(
         std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
     );
+    let root = manifest.join("..");
+    let (commit, source) = git_commit(&root);
+    println!("cargo:rustc-env=VIREO_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=VIREO_GIT_COMMIT_SOURCE={source}");
     let web = manifest.join("..").join("web");
     println!("cargo:rerun-if-env-changed=VIREO_WEB_DIST");
     let dist = std::env::var_os("VIREO_WEB_DIST")

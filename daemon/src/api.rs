@@ -31,6 +31,7 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 /// Every route, as OpenAPI paths (checked against [`OPENAPI`] in a test).
 pub const ROUTES: &[&str] = &[
     "/v1/openapi.json",
+    "/v1/version",
     "/v1/vms",
     "/v1/vms/{name}",
     "/v1/vms/{name}/start",
@@ -337,6 +338,11 @@ async fn count_requests(
     resp
 }
 
+/// `GET /v1/version`: this build's version, git commit and API version.
+async fn version() -> Response {
+    json(StatusCode::OK, &crate::version::info())
+}
+
 async fn openapi() -> Response {
     (
         StatusCode::OK,
@@ -365,6 +371,7 @@ pub(crate) async fn method_not_allowed() -> ApiError {
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/version", get(version))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route(
             "/v1/vms/{name}",

@@ -23,6 +23,7 @@ pub mod procfs;
 pub mod ring;
 pub mod server;
 pub mod storage;
+pub mod version;
 pub mod vms;
 pub mod web;
 

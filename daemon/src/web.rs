@@ -16,7 +16,8 @@ pub fn files() -> &'static [(&'static str, &'static [u8])] {
     assets::FILES
 }
 
-/// True when the build embedded a UI (`scripts/build-web` ran before cargo).
+/// True when the build embedded a UI (always, from the committed web/dist,
+/// unless `VIREO_WEB_DIST` named a directory without one).
 pub fn built() -> bool {
     files().iter().any(|(p, _)| *p == "index.html")
 }
@@ -35,7 +36,7 @@ const NOT_BUILT: &str = r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vireo: web UI not built</title>
 <style>body{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#1f2328;line-height:1.5}code,pre{background:#eaeef2;padding:.1em .3em;border-radius:4px}</style></head>
 <body><h1>The web UI is not in this build</h1>
-<p>This <code>vireo</code> binary was compiled before the web UI was built, so it has no UI to serve.
+<p>This <code>vireo</code> binary was compiled from a source tree without <code>web/dist</code> (or with <code>VIREO_WEB_DIST</code> naming an empty directory), so it has no UI to serve.
 The REST API works (it is under <code>/v1/</code>, described at <a href="/v1/openapi.json">/v1/openapi.json</a>).</p>
 <p>To get the UI, build it (needs Node.js and npm), then rebuild vireo:</p>
 <pre>scripts/build-web
@@ -267,6 +268,46 @@ mod tests {
             let text = String::from_utf8(body(res).await).unwrap();
             assert!(text.contains("scripts/build-web"), "{text}");
         }
+    }
+
+    /// A plain `cargo build` embeds the committed web/dist, byte for byte
+    /// (web/dist used to be built only by scripts/build-web, so a build
+    /// from a clean clone served the "not built" page).
+    #[test]
+    fn a_plain_build_embeds_the_committed_ui() {
+        if option_env!("VIREO_WEB_DIST").is_some() {
+            eprintln!("skipping: VIREO_WEB_DIST chose another directory");
+            return;
+        }
+        assert!(built(), "web/dist/index.html was not embedded");
+        let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web/dist");
+        let mut on_disk = Vec::new();
+        let mut dirs = vec![dist.clone()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    let rel = p.strip_prefix(&dist).unwrap().to_str().unwrap().to_string();
+                    on_disk.push((rel, std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        on_disk.sort();
+        let embedded: Vec<(String, Vec<u8>)> = files()
+            .iter()
+            .map(|(n, b)| (n.to_string(), b.to_vec()))
+            .collect();
+        assert_eq!(embedded.len(), on_disk.len());
+        for ((en, eb), (dn, db)) in embedded.iter().zip(&on_disk) {
+            assert_eq!(en, dn);
+            assert!(eb == db, "{en}: embedded bytes differ from web/dist");
+        }
+        let index =
+            String::from_utf8_lossy(&on_disk.iter().find(|(n, _)| n == "index.html").unwrap().1)
+                .to_string();
+        assert!(index.contains("/assets/"), "{index}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ Quick start (builds a guest from Debian's packages, then boots it):
   vireo run --image guest-kit";
 
 #[derive(Debug, Parser)]
-#[command(name = "vireo", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(name = "vireo", version = vireo_daemon::version::LONG, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
     /// More log output on stderr (-v: info, -vv: debug). VIREO_LOG=filter overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -52,6 +52,20 @@ pub enum Command {
     /// cgroups, namespaces, seccomp, Landlock, userfaultfd.
     #[command(after_help = crate::doctor::DOCTOR_EXAMPLES)]
     Doctor,
+    /// Print the shell completion script for SHELL on stdout (packaging;
+    /// hidden from help).
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vireo.1 and one per subcommand, vireo-run.1,
+    /// ...) into DIR (packaging; hidden from help).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 const RUN_EXAMPLES: &str = "\

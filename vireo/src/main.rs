@@ -9,6 +9,7 @@ mod control_socket;
 mod devices;
 mod disk;
 mod doctor;
+mod gen_docs;
 mod image;
 mod jail_run;
 mod machine;
@@ -90,6 +91,8 @@ fn main() {
         Command::Token(args) => token_cli::token(args),
         Command::Ui(args) => ui::ui(args),
         Command::Doctor => doctor::doctor(),
+        Command::Completions { shell } => gen_docs::completions(shell, &mut std::io::stdout()),
+        Command::Manpages { dir } => gen_docs::manpages(&dir).map(|_| ()),
     };
     match result {
         Ok(()) => {}

@@ -94,7 +94,8 @@ pub const VM_ABOUT: &str = "\
 Manage VMs through the vireo daemon (`vireo serve`): define, start, stop,
 inspect. The daemon is found at --socket PATH, else $VIREO_SOCKET, else the
 default socket ($XDG_RUNTIME_DIR/vireo.sock for users, /run/vireo.sock for
-root); a remote daemon's TLS listener with --url https://HOST:PORT (or
+root, and for users with no daemon of their own when the system daemon runs,
+e.g. the packaged vireo.service); a remote daemon's TLS listener with --url https://HOST:PORT (or
 $VIREO_URL), a token in $VIREO_TOKEN (or --token-file) and its CA with
 --ca-cert (or $VIREO_CA_CERT). Exit status: 0 on success, 2 when the request is wrong (unknown VM,
 bad value, wrong state), 1 when the daemon or the VM fails.";

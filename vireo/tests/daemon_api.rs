@@ -723,6 +723,33 @@ fn kill_9_of_the_daemon_loses_nothing_and_running_vms_are_readopted() {
     assert!(!alive(keep_pid), "the re-adopted VM still runs after stop");
 }
 
+/// `GET /v1/version` names the same build `vireo --version` prints: the
+/// package version, the git commit and the API version.
+#[test]
+fn version_endpoint_matches_the_cli() {
+    let env = Env::new("daemon-version");
+    let (status, v) = env.json("GET", "/v1/version", None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert_eq!(v["api_version"], "1", "{v}");
+    let commit = v["commit"].as_str().unwrap_or_default();
+    assert!(
+        commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{v}"
+    );
+    assert_eq!(v.as_object().map(|o| o.len()), Some(3), "{v}");
+    let out = run_vireo_args(&["--version".to_string()], WAIT);
+    out.assert_status(0);
+    assert_eq!(
+        out.stdout.trim(),
+        format!(
+            "vireo {} (commit {commit}, API v1)",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let env = Env::new("daemon-twice");

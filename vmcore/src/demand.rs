@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use userfaultfd::{Event, Uffd, UffdBuilder};
+use crate::uffd::{self, Event, Uffd, UffdBuilder};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
@@ -45,7 +45,7 @@ pub enum DemandError {
     BadRange(u64, usize),
 }
 
-fn uffd_err(op: &'static str) -> impl Fn(userfaultfd::Error) -> DemandError {
+fn uffd_err(op: &'static str) -> impl Fn(uffd::Error) -> DemandError {
     move |e| DemandError::Uffd {
         op,
         reason: e.to_string(),
@@ -275,14 +275,14 @@ impl DemandMemory {
             let r2 = unsafe { self.uffd.copy(data[done..].as_ptr().cast(), dst, len, true) };
             match r2 {
                 Ok(n) if n > 0 => done += n,
-                Err(userfaultfd::Error::PartiallyCopied(n)) if n > 0 => done += n,
+                Err(uffd::Error::PartiallyCopied(n)) if n > 0 => done += n,
                 Err(e) if is_eexist(&e) => {
                     // Some page of the range is there already: go page
                     // by page past it.
                     self.install_each(r, at, &data[done..])?;
                     done = data.len();
                 }
-                Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
+                Ok(_) | Err(uffd::Error::PartiallyCopied(_)) => {
                     return Err(DemandError::Uffd {
                         op: "copy",
                         reason: format!("no progress at guest address {at:#x}"),
@@ -357,15 +357,9 @@ fn bit(bits: &[u64], page: u64) -> bool {
         .is_some_and(|w| w & (1 << (page % 64)) != 0)
 }
 
-/// The kernel's "a page is there already" (the userfaultfd crate reports
-/// nix's errno enum, whose values are the libc ones).
-fn is_eexist(e: &userfaultfd::Error) -> bool {
-    match e {
-        userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno) => {
-            *errno as i32 == libc::EEXIST
-        }
-        _ => false,
-    }
+/// The kernel's "a page is there already".
+fn is_eexist(e: &uffd::Error) -> bool {
+    e.is_eexist()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod snapshot;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 
