@@ -146,44 +146,54 @@ def main():
                     "--marker", MARKER.decode(), "--then", "halt"], check=True)
     base = [vireo, "run", "--kernel", kernel, "--memory", str(args.memory), "--accel", args.accel]
     jail = base + ["--jail", "--jail-dir", os.path.join(work, "root"), "--jail-net", args.jail_net]
+    # Three kinds: no sandbox at all, the default (seccomp filters), and
+    # the daemon's (seccomp and the jail).
+    kinds = [("bare", base + ["--no-seccomp"], False), ("plain", base, False), ("jailed", jail, True)]
     samples = []
     # One unrecorded round each (page cache, first-use costs).
-    run_once(base, False, args)
-    run_once(jail, True, args)
+    for _, argv, jailed in kinds:
+        run_once(argv, jailed, args)
     for i in range(args.rounds):
-        order = [(base, False), (jail, True)] if i % 2 == 0 else [(jail, True), (base, False)]
-        for argv, jailed in order:
+        order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
+        for name, argv, jailed in order:
             s = run_once(argv, jailed, args)
             s["round"] = i
+            s["kind"] = name
             samples.append(s)
             time.sleep(0.05)
     shutil.rmtree(work, ignore_errors=True)
 
     errors = [s for s in samples if "error" in s]
-    plain = [s for s in samples if not s["jailed"] and "error" not in s]
-    jailed = [s for s in samples if s["jailed"] and "error" not in s]
     summary = {}
-    for name, group in (("plain", plain), ("jailed", jailed)):
+    for name, _, _ in kinds:
+        group = [s for s in samples if s["kind"] == name and "error" not in s]
         summary[name] = {k: median(group, k) for k in
                          ("first_byte_ms", "vmm_rss_kib", "supervisor_rss_kib", "total_rss_kib", "total_pss_kib")}
         summary[name]["runs"] = len(group)
+    keys = ("first_byte_ms", "vmm_rss_kib", "total_rss_kib", "total_pss_kib")
     ratio = {k: (summary["jailed"][k] / summary["plain"][k]) if summary["plain"][k] and summary["jailed"][k] else None
-             for k in ("first_byte_ms", "vmm_rss_kib", "total_rss_kib", "total_pss_kib")}
+             for k in keys}
+    ratio_bare = {n: {k: (summary[n][k] / summary["bare"][k]) if summary["bare"][k] and summary[n][k] else None
+                      for k in keys} for n in ("plain", "jailed")}
 
-    print(f"vireo run vs vireo run --jail ({args.rounds} runs each, medians; {args.accel}, {args.memory} MiB guest)")
+    print(f"vireo run --no-seccomp (bare) vs vireo run (seccomp, plain) vs vireo run --jail (seccomp + jail) "
+          f"({args.rounds} runs each, medians; {args.accel}, {args.memory} MiB guest)")
     print(f"{'':10} {'first byte ms':>14} {'VMM RSS MiB':>12} {'supervisor MiB':>15} {'RSS sum MiB':>12} {'PSS sum MiB':>12}")
-    for name in ("plain", "jailed"):
+    for name, _, _ in kinds:
         s = summary[name]
         sup = f"{s['supervisor_rss_kib'] / 1024:.1f}" if s["supervisor_rss_kib"] else "-"
         print(f"{name:10} {s['first_byte_ms']:>14.2f} {s['vmm_rss_kib'] / 1024:>12.1f} {sup:>15} {s['total_rss_kib'] / 1024:>12.1f} {s['total_pss_kib'] / 1024:>12.1f}")
-    print(f"{'ratio':10} {ratio['first_byte_ms']:>14.2f} {ratio['vmm_rss_kib']:>12.2f} {'':>15} {ratio['total_rss_kib']:>12.2f} {ratio['total_pss_kib']:>12.2f}")
+    fmt = lambda r: " ".join(f"{(r[k] or 0):>12.2f}" for k in keys)
+    print(f"{'jailed/plain':14} {fmt(ratio)}")
+    for n in ("plain", "jailed"):
+        print(f"{n + '/bare':14} {fmt(ratio_bare[n])}")
     if errors:
         print(f"{len(errors)} failed run(s): {errors[0].get('error', '')[:200]}")
 
     out = args.out or os.path.join(HERE, "results", time.strftime("jail-%Y%m%d-%H%M%S.json"))
     git = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     with open(out, "w") as f:
-        json.dump({"args": vars(args), "git": git, "summary": summary, "ratio": ratio, "samples": samples}, f, indent=1)
+        json.dump({"args": vars(args), "git": git, "summary": summary, "ratio": ratio, "ratio_vs_bare": ratio_bare, "samples": samples}, f, indent=1)
     print(f"written {out}")
 
 

@@ -717,7 +717,7 @@ fn a_forbidden_syscall_on_a_device_thread_kills_the_vm() {
             "--kernel",
             kernel.to_str().expect("utf-8"),
             "--disk",
-            &format!("path={},id=data", disk.display()),
+            &format!("path={},id=data,format=raw", disk.display()),
             "--rng",
         ]
         .iter()

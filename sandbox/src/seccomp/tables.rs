@@ -280,6 +280,13 @@ pub const CONTROL: &[Allow] = &[
     any(SYS_sendto, "sendto", "the reply"),
     with(SYS_fcntl, "fcntl", Args::OneOf { arg: 1, values: &[F_DUPFD_CLOEXEC as u64] }, "try_clone of the connection"),
     any(SYS_setsockopt, "setsockopt", "the connection's read timeout"),
+    // `snapshot DIR` is checked here, before the VM pauses (looking only,
+    // never opening: the main thread writes the snapshot).
+    any(SYS_statx, "statx", "snapshot DIR: must be new, its parent a real directory"),
+    any(SYS_newfstatat, "newfstatat", "snapshot DIR: the same check (older glibc)"),
+    any(SYS_readlink, "readlink", "snapshot DIR: realpath of its parent"),
+    any(SYS_readlinkat, "readlinkat", "snapshot DIR: realpath of its parent"),
+    any(SYS_getcwd, "getcwd", "snapshot DIR: a relative DIR made absolute"),
 ];
 
 /// Post-copy migration target threads: the fault reader (userfaultfd) and
