@@ -106,6 +106,10 @@ impl Worker {
             self.parked = Some(parked);
             return Ok(());
         }
+        if INLINE.with(|i| i.get()) {
+            self.parked = Some(run_until_idle(parked));
+            return Ok(());
+        }
         // A stop request left over from the last pause would end the new
         // thread at once.
         let _ = self.stop.read();
@@ -200,6 +204,65 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+thread_local! {
+    /// Set by [`inline_workers`]: workers started on this thread run on it,
+    /// until idle, instead of on their own thread.
+    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The most events one inline run handles: a device that keeps itself
+/// busy (re-arming its own eventfd past its budget) still returns.
+const INLINE_MAX_EVENTS: usize = 4096;
+
+/// Handle what is ready now, on the calling thread, until nothing is
+/// ready (epoll with no wait) or the handler stops the device.
+fn run_until_idle(mut parked: Parked) -> Parked {
+    let mut events = vec![EpollEvent::default(); 32];
+    let mut handled = 0;
+    while handled < INLINE_MAX_EVENTS {
+        let n = match parked.epoll.wait(0, &mut events) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                parked.failed = true;
+                break;
+            }
+        };
+        for ev in &events[..n] {
+            handled += 1;
+            if ev.data() == STOP_TOKEN {
+                continue;
+            }
+            let ctl = EpollCtl {
+                epoll: &parked.epoll,
+            };
+            if !parked.handler.handle(ev.data(), ev.event_set(), &ctl) {
+                parked.failed = true;
+                return parked;
+            }
+        }
+    }
+    parked
+}
+
+/// Run `f` with the device workers it starts (activation, resume) working
+/// on the calling thread: each start handles every ready event until none
+/// is left and returns, so a fuzz target or test drives a device
+/// deterministically: post buffers, notify, `resume`. Not for a VM.
+#[doc(hidden)]
+pub fn inline_workers<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let old = self.0;
+            INLINE.with(|i| i.set(old));
+        }
+    }
+    let _reset = Reset(INLINE.with(|i| i.replace(true)));
+    f()
 }
 
 /// Hold a device's thread still, if it has one (see [`Worker::pause`]).
