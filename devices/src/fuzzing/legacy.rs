@@ -153,7 +153,7 @@ mod tests {
     /// block (enable, status, timer, S5), PCI config probing.
     fn valid_inputs() -> Vec<Vec<u8>> {
         let mut e = Enc::default();
-        let mut w = |e: &mut Enc, sel: u8, off: u8, v: u64, sz: u8| {
+        let w = |e: &mut Enc, sel: u8, off: u8, v: u64, sz: u8| {
             e.u8(ops::WRITE).u8(sel).u8(off).u8(sz).u64(v);
         };
         let r = |e: &mut Enc, sel: u8, off: u8, sz: u8| {
