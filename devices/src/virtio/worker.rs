@@ -315,6 +315,64 @@ mod tests {
         w.stop(); // idempotent
     }
 
+    /// Handles on the thread that started it, re-arming its eventfd
+    /// `rearm` times (a device that stops at its budget and kicks itself).
+    struct Inline {
+        seen: Arc<AtomicUsize>,
+        thread: std::thread::ThreadId,
+        evt: EventFd,
+        rearm: usize,
+    }
+    impl EventHandler for Inline {
+        fn handle(&mut self, _: u64, _: EventSet, _: &EpollCtl) -> bool {
+            assert_eq!(std::thread::current().id(), self.thread);
+            let _ = self.evt.read();
+            self.seen.fetch_add(1, Ordering::SeqCst);
+            if self.rearm > 0 {
+                self.rearm -= 1;
+                let _ = self.evt.write(1);
+            }
+            true
+        }
+    }
+
+    #[test]
+    fn inline_workers_run_on_the_caller_until_idle_and_bounded() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let handler = |rearm| Inline {
+            seen: seen.clone(),
+            thread: std::thread::current().id(),
+            evt: evt.try_clone().unwrap(),
+            rearm,
+        };
+        inline_workers(|| {
+            evt.write(1).unwrap();
+            let mut w =
+                Worker::spawn("inline", &[(evt.as_raw_fd(), EventSet::IN, 1)], handler(3)).unwrap();
+            // Handled before spawn returned: the event and three re-arms.
+            assert_eq!(seen.load(Ordering::SeqCst), 4);
+            evt.write(1).unwrap();
+            w.pause();
+            w.resume().unwrap();
+            assert_eq!(seen.load(Ordering::SeqCst), 5);
+            w.stop();
+            // One that never goes idle still returns.
+            seen.store(0, Ordering::SeqCst);
+            evt.write(1).unwrap();
+            let _w = Worker::spawn(
+                "busy",
+                &[(evt.as_raw_fd(), EventSet::IN, 1)],
+                handler(usize::MAX),
+            )
+            .unwrap();
+            assert_eq!(seen.load(Ordering::SeqCst), INLINE_MAX_EVENTS);
+        });
+        // Outside, workers have their own thread again.
+        let _ = evt.read();
+        assert!(!INLINE.with(|i| i.get()));
+    }
+
     struct Counter(Arc<AtomicUsize>, EventFd);
     impl EventHandler for Counter {
         fn handle(&mut self, _: u64, _: EventSet, _: &EpollCtl) -> bool {
