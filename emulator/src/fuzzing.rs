@@ -277,6 +277,21 @@ pub fn jit_differential_up_to(data: &[u8], max: u64) -> bool {
     );
 }
 
+/// With `VIREO_FUZZ_SEEDS=DIR` set, the tests write their valid inputs to
+/// `DIR/<target>/seed-N`: a starting corpus for `cargo fuzz run <target>
+/// DIR/<target>`.
+pub fn save_seeds(target: &str, inputs: &[&[u8]]) {
+    let Some(dir) = std::env::var_os("VIREO_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir).join(target);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        for (i, input) in inputs.iter().enumerate() {
+            let _ = std::fs::write(dir.join(format!("seed-{i}")), input);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,6 +361,8 @@ mod tests {
     #[test]
     fn emulate_survives_random_and_mutated_code() {
         let valid = valid_program();
+        save_seeds("emulate", &[&valid]);
+        save_seeds("jit_differential", &[&valid]);
         let exits = emulate(&valid);
         assert!(exits.iter().any(|e| e.contains("IoOut")), "{exits:?}");
         let mut rng = XorShift(0x5eed_0501);

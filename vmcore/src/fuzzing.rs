@@ -81,6 +81,21 @@ pub fn kernel_image(data: &[u8]) -> bool {
     }
 }
 
+/// With `VIREO_FUZZ_SEEDS=DIR` set, the tests write their valid inputs to
+/// `DIR/<target>/seed-N`: a starting corpus for `cargo fuzz run <target>
+/// DIR/<target>`.
+pub fn save_seeds(target: &str, inputs: &[&[u8]]) {
+    let Some(dir) = std::env::var_os("VIREO_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir).join(target);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        for (i, input) in inputs.iter().enumerate() {
+            let _ = std::fs::write(dir.join(format!("seed-{i}")), input);
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -143,6 +158,7 @@ pub(crate) mod tests {
     #[test]
     fn snapshot_state_survives_random_and_mutated_files() {
         let valid = valid_state();
+        save_seeds("snapshot_state", &[&valid]);
         assert!(snapshot_state(&valid));
         let mut rng = XorShift(0x5eed_0301);
         let mut decoded = 0;
@@ -182,6 +198,7 @@ pub(crate) mod tests {
             assert!(kernel_image(v));
         }
         let valid = [elf, bz, packed];
+        save_seeds("kernel_image", &[&valid[0], &valid[1], &valid[2]]);
         let mut rng = XorShift(0x5eed_0302);
         for i in 0..1500 {
             kernel_image(&rng.mutate(&valid[i % 3]));

@@ -199,6 +199,7 @@ mod tests {
     #[test]
     fn legacy_io_survives_random_and_mutated_port_io() {
         let valid = valid_inputs();
+        crate::fuzzing::save_seeds("legacy_io", &valid);
         assert!(legacy_io(&valid[0]) > 40);
         let mut rng = XorShift(0x5eed_0201);
         for _ in 0..3000 {

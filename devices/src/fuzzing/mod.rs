@@ -100,3 +100,18 @@ pub fn mutate(rng: &mut XorShift, valid: &[u8]) -> Vec<u8> {
     }
     v
 }
+
+/// With `VIREO_FUZZ_SEEDS=DIR` set, the tests write their valid inputs to
+/// `DIR/<target>/seed-N`: a starting corpus for `cargo fuzz run <target>
+/// DIR/<target>` (e.g. DIR = devices/fuzz/corpus).
+pub fn save_seeds(target: &str, inputs: &[Vec<u8>]) {
+    let Some(dir) = std::env::var_os("VIREO_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir).join(target);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        for (i, input) in inputs.iter().enumerate() {
+            let _ = std::fs::write(dir.join(format!("seed-{i}")), input);
+        }
+    }
+}

@@ -342,6 +342,7 @@ mod tests {
     #[test]
     fn pci_transport_survives_random_and_mutated_accesses() {
         let valid = valid_inputs();
+        crate::fuzzing::save_seeds("pci_transport", &valid);
         for v in &valid {
             let nq = QUEUES[usize::from(v[0])] as usize;
             assert_eq!(pci_transport(v), 17 + 7 * nq);
@@ -386,6 +387,7 @@ mod tests {
                 dev.lock().unwrap().resume();
             });
         }
+        crate::fuzzing::save_seeds("virtio_device_state", &valid);
         for v in &valid {
             assert!(device_state(v), "a real saved state did not restore");
         }

@@ -545,6 +545,7 @@ mod tests {
     #[test]
     fn net_survives_random_and_mutated_chains() {
         let valid = net_valid();
+        crate::fuzzing::save_seeds("virtio_net", &valid);
         let o = net(&valid[0]);
         assert!(o.activated);
         assert_eq!(o.published, 3);
@@ -592,6 +593,7 @@ mod tests {
     #[test]
     fn vsock_survives_random_and_mutated_packets() {
         let valid = vsock_valid();
+        crate::fuzzing::save_seeds("virtio_vsock", &valid);
         let o = vsock(&valid[0]);
         assert!(o.activated);
         // Every TX packet is returned; the REQUEST got a RESPONSE.
@@ -627,6 +629,7 @@ mod tests {
     #[test]
     fn balloon_survives_random_and_mutated_page_lists() {
         let valid = balloon_valid();
+        crate::fuzzing::save_seeds("virtio_balloon", &valid);
         let o = balloon(&valid[0]);
         assert!(o.activated);
         assert!(o.used >= 2, "{o:?}");
@@ -650,6 +653,7 @@ mod tests {
     #[test]
     fn rng_survives_random_and_mutated_requests() {
         let valid = rng_console_valid(1);
+        crate::fuzzing::save_seeds("virtio_rng", &valid);
         let o = rng(&valid[0]);
         assert!(o.activated);
         assert_eq!(o.used, 2, "{o:?}");
@@ -660,6 +664,7 @@ mod tests {
     #[test]
     fn console_survives_random_and_mutated_chains() {
         let valid = rng_console_valid(2);
+        crate::fuzzing::save_seeds("virtio_console", &valid);
         let o = console(&valid[0]);
         assert!(o.activated);
         assert!(o.used >= 3, "{o:?}");

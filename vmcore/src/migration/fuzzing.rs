@@ -180,6 +180,7 @@ mod tests {
             assert_eq!(migration_stream(v), 5);
         }
         let valid = [raw, big_pieces, st];
+        crate::fuzzing::save_seeds("migration_stream", &[&valid[0], &valid[1], &valid[2]]);
         let mut rng = XorShift(0x5eed_0401);
         for i in 0..3000 {
             migration_stream(&rng.mutate(&valid[i % 3]));
