@@ -1,6 +1,6 @@
 //! The bodies of the fuzz targets in `emulator/fuzz/` (cargo-fuzz,
 //! nightly): fuzzed bytes run as guest code in a small sandboxed guest
-//! (64-bit long mode with paging, or real mode) for a bounded number of
+//! (64-bit long mode with paging, or real mode) for at most 1024
 //! instructions, by the interpreter alone ([`emulate`]) and by the
 //! interpreter against the translator of hot blocks ([`jit_differential`],
 //! x86-64 hosts), whose architectural state, exits and memory must agree.
@@ -33,7 +33,7 @@ const STACK: u64 = 0x18_0000;
 const CODE64: u64 = 0x00af_9b00_0000_ffff;
 const DATA64: u64 = 0x00cf_9300_0000_ffff;
 /// Instructions one input may run, in slices of [`SLICE`].
-const MAX_INSTRUCTIONS: u64 = 4096;
+const MAX_INSTRUCTIONS: u64 = 1024;
 const SLICE: u64 = 256;
 const MAX_CODE: usize = 4096;
 
