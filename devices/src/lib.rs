@@ -6,6 +6,8 @@
 //! treat everything the guest writes as hostile. This crate never depends on
 //! a front end.
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod legacy;
 pub mod options;
 pub mod pci;

@@ -164,6 +164,8 @@ pub mod cpu;
 pub mod decode;
 pub mod exceptions;
 pub mod exec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hv;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod jit;

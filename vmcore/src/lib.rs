@@ -8,6 +8,8 @@ pub mod boot;
 pub mod bus;
 pub mod control;
 pub mod demand;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layout;
 pub mod memory;
 pub mod migration;

@@ -945,7 +945,11 @@ impl BalloonWorker {
                 let Some(end) = gpa.checked_add(u64::from(desc.len())) else {
                     continue;
                 };
-                let start = gpa.div_ceil(page) * page;
+                // (A range at the top of the address space has no page
+                // boundary to round up to.)
+                let Some(start) = gpa.div_ceil(page).checked_mul(page) else {
+                    continue;
+                };
                 let end = end / page * page;
                 if end > start && self.discard_logged(start, end - start) {
                     reported += end - start;

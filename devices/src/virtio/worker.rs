@@ -132,6 +132,10 @@ impl Worker {
             self.parked = Some(parked);
             return Ok(());
         }
+        if INLINE.with(|i| i.get()) {
+            self.parked = Some(run_until_idle(parked));
+            return Ok(());
+        }
         // A stop request left over from the last pause would end the new
         // thread at once.
         let _ = self.stop.read();
@@ -230,6 +234,65 @@ impl Drop for Worker {
     }
 }
 
+thread_local! {
+    /// Set by [`inline_workers`]: workers started on this thread run on it,
+    /// until idle, instead of on their own thread.
+    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The most events one inline run handles: a device that keeps itself
+/// busy (re-arming its own eventfd past its budget) still returns.
+const INLINE_MAX_EVENTS: usize = 4096;
+
+/// Handle what is ready now, on the calling thread, until nothing is
+/// ready (epoll with no wait) or the handler stops the device.
+fn run_until_idle(mut parked: Parked) -> Parked {
+    let mut events = vec![EpollEvent::default(); 32];
+    let mut handled = 0;
+    while handled < INLINE_MAX_EVENTS {
+        let n = match parked.epoll.wait(0, &mut events) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                parked.failed = true;
+                break;
+            }
+        };
+        for ev in &events[..n] {
+            handled += 1;
+            if ev.data() == STOP_TOKEN {
+                continue;
+            }
+            let ctl = EpollCtl {
+                epoll: &parked.epoll,
+            };
+            if !parked.handler.handle(ev.data(), ev.event_set(), &ctl) {
+                parked.failed = true;
+                return parked;
+            }
+        }
+    }
+    parked
+}
+
+/// Run `f` with the device workers it starts (activation, resume) working
+/// on the calling thread: each start handles every ready event until none
+/// is left and returns, so a fuzz target or test drives a device
+/// deterministically: post buffers, notify, `resume`. Not for a VM.
+#[doc(hidden)]
+pub fn inline_workers<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let old = self.0;
+            INLINE.with(|i| i.set(old));
+        }
+    }
+    let _reset = Reset(INLINE.with(|i| i.replace(true)));
+    f()
+}
+
 /// Hold a device's thread still, if it has one (see [`Worker::pause`]).
 pub fn pause(worker: &mut Option<Worker>) {
     if let Some(w) = worker {
@@ -279,6 +342,64 @@ mod tests {
         );
         w.stop();
         w.stop(); // idempotent
+    }
+
+    /// Handles on the thread that started it, re-arming its eventfd
+    /// `rearm` times (a device that stops at its budget and kicks itself).
+    struct Inline {
+        seen: Arc<AtomicUsize>,
+        thread: std::thread::ThreadId,
+        evt: EventFd,
+        rearm: usize,
+    }
+    impl EventHandler for Inline {
+        fn handle(&mut self, _: u64, _: EventSet, _: &EpollCtl) -> bool {
+            assert_eq!(std::thread::current().id(), self.thread);
+            let _ = self.evt.read();
+            self.seen.fetch_add(1, Ordering::SeqCst);
+            if self.rearm > 0 {
+                self.rearm -= 1;
+                let _ = self.evt.write(1);
+            }
+            true
+        }
+    }
+
+    #[test]
+    fn inline_workers_run_on_the_caller_until_idle_and_bounded() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let handler = |rearm| Inline {
+            seen: seen.clone(),
+            thread: std::thread::current().id(),
+            evt: evt.try_clone().unwrap(),
+            rearm,
+        };
+        inline_workers(|| {
+            evt.write(1).unwrap();
+            let mut w =
+                Worker::spawn("inline", &[(evt.as_raw_fd(), EventSet::IN, 1)], handler(3)).unwrap();
+            // Handled before spawn returned: the event and three re-arms.
+            assert_eq!(seen.load(Ordering::SeqCst), 4);
+            evt.write(1).unwrap();
+            w.pause();
+            w.resume().unwrap();
+            assert_eq!(seen.load(Ordering::SeqCst), 5);
+            w.stop();
+            // One that never goes idle still returns.
+            seen.store(0, Ordering::SeqCst);
+            evt.write(1).unwrap();
+            let _w = Worker::spawn(
+                "busy",
+                &[(evt.as_raw_fd(), EventSet::IN, 1)],
+                handler(usize::MAX),
+            )
+            .unwrap();
+            assert_eq!(seen.load(Ordering::SeqCst), INLINE_MAX_EVENTS);
+        });
+        // Outside, workers have their own thread again.
+        let _ = evt.read();
+        assert!(!INLINE.with(|i| i.get()));
     }
 
     struct Counter(Arc<AtomicUsize>, EventFd);

@@ -70,6 +70,20 @@ const MAX_UNPACKED_KERNEL: u64 = 1 << 30;
 /// unpack (the kernel's own decompressor then runs in the guest); an error
 /// for a recognised payload that is corrupt.
 pub fn unpack_bzimage(image: &[u8], hdr: &setup_header) -> Result<Option<Vec<u8>>, String> {
+    unpack_bzimage_limited(image, hdr, MAX_UNPACKED_KERNEL)
+}
+
+/// The most memory reserved up front for an unpacked kernel: the size the
+/// trailer claims is only believed as far as the decompressed bytes go.
+const MAX_UNPACK_RESERVE: u64 = 64 << 20;
+
+/// [`unpack_bzimage`] accepting at most `max` unpacked bytes (the fuzz
+/// target keeps each run small).
+pub fn unpack_bzimage_limited(
+    image: &[u8],
+    hdr: &setup_header,
+    max: u64,
+) -> Result<Option<Vec<u8>>, String> {
     use std::io::Read;
     let setup_sects = match hdr.setup_sects {
         0 => 4,
@@ -93,7 +107,7 @@ pub fn unpack_bzimage(image: &[u8], hdr: &setup_header) -> Result<Option<Vec<u8>
     // The build appends the unpacked size as a little-endian u32.
     let (stream, size) = payload.split_at(payload.len() - 4);
     let size = u64::from(u32::from_le_bytes([size[0], size[1], size[2], size[3]]));
-    if size > MAX_UNPACKED_KERNEL {
+    if size > max {
         return Err(format!(
             "the payload claims {size} bytes unpacked, more than vireo accepts"
         ));
@@ -107,7 +121,7 @@ pub fn unpack_bzimage(image: &[u8], hdr: &setup_header) -> Result<Option<Vec<u8>
         ),
         _ => return Ok(None),
     };
-    let mut out = Vec::with_capacity(size as usize);
+    let mut out = Vec::with_capacity(size.min(MAX_UNPACK_RESERVE) as usize);
     reader
         .take(size + 1)
         .read_to_end(&mut out)
@@ -235,7 +249,7 @@ fn check_elf_header(path: &str, image: &[u8]) -> Result<(), BootError> {
     Ok(())
 }
 
-fn read_setup_header(image: &[u8]) -> Option<setup_header> {
+pub(crate) fn read_setup_header(image: &[u8]) -> Option<setup_header> {
     let size = std::mem::size_of::<setup_header>();
     let bytes = image.get(0x1f1..0x1f1 + size)?;
     let mut hdr = setup_header::default();

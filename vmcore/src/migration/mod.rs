@@ -35,6 +35,9 @@ use crate::memory::{GuestMemory, GuestMemoryBackend};
 use crate::snapshot::MachineConfig;
 use vm_memory::GuestMemoryRegion;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub const MAGIC: &[u8; 8] = b"VIREOMIG";
 /// Bumped on every incompatible change; a peer of another version is
 /// refused at the header.
