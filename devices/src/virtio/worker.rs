@@ -378,7 +378,12 @@ mod tests {
         inline_workers(|| {
             evt.write(1).unwrap();
             let mut w =
-                Worker::spawn("inline", &[(evt.as_raw_fd(), EventSet::IN, 1)], handler(3)).unwrap();
+                Worker::spawn(
+                "inline",
+                Device::Rng,
+                &[(evt.as_raw_fd(), EventSet::IN, 1)],
+                handler(3),
+            ).unwrap();
             // Handled before spawn returned: the event and three re-arms.
             assert_eq!(seen.load(Ordering::SeqCst), 4);
             evt.write(1).unwrap();
@@ -391,6 +396,7 @@ mod tests {
             evt.write(1).unwrap();
             let _w = Worker::spawn(
                 "busy",
+                Device::Rng,
                 &[(evt.as_raw_fd(), EventSet::IN, 1)],
                 handler(usize::MAX),
             )

@@ -21,6 +21,9 @@ const MAX_MESSAGES: usize = 256;
 /// framed here with good checksums so the payload decoders see them.
 /// Returns the messages decoded.
 pub fn migration_stream(data: &[u8]) -> usize {
+    // The authentication message, the bounded reader and each decoder
+    // alone, as the hardened receive path runs them.
+    super::fuzz_decode(data);
     let Some((&mode, rest)) = data.split_first() else {
         return 0;
     };
@@ -115,7 +118,7 @@ fn decode(kind: Kind, payload: &[u8], mem: &GuestMemory) {
         Kind::PageRequest => {
             let _ = decode_request(payload);
         }
-        Kind::Ack | Kind::Error | Kind::Complete => {
+        Kind::Ack | Kind::Error | Kind::Complete | Kind::Auth => {
             let _ = String::from_utf8_lossy(payload);
         }
     }
