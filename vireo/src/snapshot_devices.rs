@@ -510,34 +510,29 @@ pub fn check_peer_devices(
             ));
         }
     };
-    presence(
-        "virtio-console",
-        peer.console.is_some(),
-        own.console.is_some(),
-        "virtio-console",
-        &mut diffs,
-    );
-    presence(
-        "rng",
-        peer.rng.is_some(),
-        own.rng.is_some(),
-        "rng",
-        &mut diffs,
-    );
-    presence(
-        "balloon",
-        peer.balloon.is_some(),
-        own.balloon.is_some(),
-        "balloon",
-        &mut diffs,
-    );
-    presence(
-        "vsock device",
-        peer.vsock.is_some(),
-        own.vsock.is_some(),
-        "vsock",
-        &mut diffs,
-    );
+    for (what, p, o, flag) in [
+        (
+            "virtio-console",
+            peer.console.is_some(),
+            own.console.is_some(),
+            "virtio-console",
+        ),
+        ("rng", peer.rng.is_some(), own.rng.is_some(), "rng"),
+        (
+            "balloon",
+            peer.balloon.is_some(),
+            own.balloon.is_some(),
+            "balloon",
+        ),
+        (
+            "vsock device",
+            peer.vsock.is_some(),
+            own.vsock.is_some(),
+            "vsock",
+        ),
+    ] {
+        presence(what, p, o, flag, &mut diffs);
+    }
     if let (Some((pc, _)), Some((oc, _))) = (&peer.vsock, &own.vsock) {
         if pc != oc {
             diffs.push(format!(

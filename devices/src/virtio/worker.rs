@@ -377,13 +377,13 @@ mod tests {
         };
         inline_workers(|| {
             evt.write(1).unwrap();
-            let mut w =
-                Worker::spawn(
+            let mut w = Worker::spawn(
                 "inline",
                 Device::Rng,
                 &[(evt.as_raw_fd(), EventSet::IN, 1)],
                 handler(3),
-            ).unwrap();
+            )
+            .unwrap();
             // Handled before spawn returned: the event and three re-arms.
             assert_eq!(seen.load(Ordering::SeqCst), 4);
             evt.write(1).unwrap();
