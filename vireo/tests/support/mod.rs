@@ -531,6 +531,18 @@ impl LiveVm {
     }
 }
 
+impl LiveVm {
+    /// Kill vireo now and read what it printed up to EOF (what a guest
+    /// printed just before the kill is still in the pipe).
+    pub fn kill_and_drain(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(chunk) = self.output.recv_timeout(Duration::from_secs(5)) {
+            self.seen.extend_from_slice(&chunk);
+        }
+    }
+}
+
 impl Drop for LiveVm {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
