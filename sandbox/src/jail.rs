@@ -310,10 +310,7 @@ fn supervise(child: libc::pid_t, set: &libc::sigset_t, ids: JailIds) -> ! {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     // Its own filter: it only waits, forwards signals and reaps.
-    let filter = crate::seccomp::compile(
-        crate::seccomp::ThreadKind::Supervisor,
-        crate::seccomp::OnViolation::KillProcess,
-    );
+    let filter = crate::seccomp::compile_supervisor(child);
     if let Err(e) = filter.and_then(|f| {
         seccompiler::apply_filter(&f).map_err(|e| crate::seccomp::SeccompError::Compile {
             kind: crate::seccomp::ThreadKind::Supervisor,

@@ -485,9 +485,46 @@ fn drop_rules(ids: DropTo) -> Result<Vec<(i64, SeccompRule)>, seccompiler::Backe
 
 /// Compile `kind`'s table to BPF under `policy`.
 pub fn compile_with(kind: ThreadKind, policy: &Policy) -> Result<BpfProgram, SeccompError> {
+    compile_extra(kind, policy, Vec::new())
+}
+
+/// The jail supervisor's filter: [`ThreadKind::Supervisor`]'s table plus
+/// `kill` of its one child (the VMM) and nothing else.
+pub fn compile_supervisor(child: libc::pid_t) -> Result<BpfProgram, SeccompError> {
+    let kind = ThreadKind::Supervisor;
+    let pid = u64::try_from(child).map_err(|_| SeccompError::Compile {
+        kind,
+        why: format!("not a child's pid: {child}"),
+    })?;
+    let rule = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, pid)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| SeccompError::Compile {
+            kind,
+            why: format!("kill: {e}"),
+        })?;
+    compile_extra(
+        kind,
+        &Policy {
+            on_violation: OnViolation::KillProcess,
+            drop_to: None,
+        },
+        vec![(libc::SYS_kill, rule)],
+    )
+}
+
+fn compile_extra(
+    kind: ThreadKind,
+    policy: &Policy,
+    extra: Vec<(i64, SeccompRule)>,
+) -> Result<BpfProgram, SeccompError> {
     let on_violation = policy.on_violation;
     let err = |why: String| SeccompError::Compile { kind, why };
     let mut rules: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for (nr, rule) in extra {
+        if let Some(v) = rules.entry(nr).or_insert_with(|| Some(Vec::new())) {
+            v.push(rule);
+        }
+    }
     if let Some(ids) = policy.drop_to {
         if ids.uid == 0 || ids.gid == 0 {
             return Err(err("the jail's ids must not be root's".into()));

@@ -179,7 +179,8 @@ pub const COMMON: &[Allow] = &[
 #[rustfmt::skip]
 pub const SUPERVISOR: &[Allow] = &[
     any(SYS_rt_sigtimedwait, "rt_sigtimedwait", "sigwaitinfo: the signals to forward, SIGCHLD"),
-    any(SYS_kill, "kill", "forwarding a signal to the VMM"),
+    // kill: only of the VMM, its one child (added with its pid by
+    // `compile_supervisor`).
     any(SYS_wait4, "wait4", "reaping the VMM"),
     any(SYS_rt_sigaction, "rt_sigaction", "ending by the VMM's signal (SIG_DFL first)"),
     any(SYS_tgkill, "tgkill", "raise(): ending by the VMM's signal"),
