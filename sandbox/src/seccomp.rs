@@ -341,7 +341,10 @@ pub fn start_launcher() -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// glibc's malloc works out how many arenas it may make the first time a
+/// Two files glibc's malloc reads lazily, from whichever thread gets
+/// there first, which its filter must refuse; both reads are avoided here.
+///
+/// It works out how many arenas it may make the first time a
 /// thread needs a new one past the 8th, by reading
 /// /sys/devices/system/cpu/online: an `openat` from whichever thread that
 /// is (a vCPU, a device thread), which its filter must refuse. Setting the
@@ -359,6 +362,16 @@ fn fix_malloc_arena_limit() {
         };
         if set != 1 {
             tracing::warn!("seccomp: cannot fix malloc's arena limit; a thread may be killed for reading the CPU count");
+        }
+        // glibc also reads /proc/sys/vm/overcommit_memory the first time
+        // it would give the top of a thread's arena back to the kernel
+        // (shrink_heap): a restored guest on the emulator made a vCPU do
+        // that. A trim threshold no heap reaches means it never shrinks
+        // one (the memory stays with the arena for the next allocation;
+        // big blocks are mmap'ed and unmapped as before).
+        // SAFETY: mallopt only sets a malloc parameter.
+        if unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) } != 1 {
+            tracing::warn!("seccomp: cannot set malloc's trim threshold; a thread may be killed for reading overcommit_memory");
         }
     }
 }

@@ -182,3 +182,31 @@ fn the_hook_for_an_absent_kind_changes_nothing() {
     assert_eq!(status.code(), Some(0), "{status:?} {}", vm.output());
     assert!(vm.output().contains("running"), "{}", vm.output());
 }
+
+/// A filtered VM stopped and continued (`kill -STOP`, `kill -CONT`, a
+/// debugger's stop) goes on: the kernel resumes interrupted sleeps with
+/// restart_syscall, which every thread's filter allows.
+#[test]
+fn a_vm_stopped_and_continued_runs_on() {
+    require_kvm!();
+    let dir = TempDir::new("seccomp-stop");
+    let kernel = idle_kernel(&dir);
+    let mut vm = LiveVm::start_kernel(&kernel, &[]);
+    assert!(vm.read_until("running\n"), "{}", vm.output());
+    assert_every_thread_filtered(vm.pid(), &["vcpu0", "signals"]);
+    let pid = vm.pid() as libc::pid_t;
+    for _ in 0..3 {
+        // SAFETY: signals to the child this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let threads = threads_of(vm.pid());
+    assert!(
+        threads.iter().any(|t| t.name == "vcpu0"),
+        "the VM died after SIGSTOP/SIGCONT: {threads:#?}\n{}",
+        vm.output()
+    );
+}

@@ -210,7 +210,7 @@ async function main() {
   execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-addext', 'basicConstraints=critical,CA:FALSE', '-keyout', keyFile, '-out', certFile], { stdio: 'ignore' });
   cert = fs.readFileSync(certFile);
   port = await freePort();
-  const daemon = start(bin, ['serve', '--state-dir', path.join(tmp, 'state'), '--storage', tmp, '--listen', `unix:${sock}`, '--listen', `tcp:127.0.0.1:${port}`, '--tls-cert', certFile, '--tls-key', keyFile], 'daemon');
+  const daemon = start(bin, ['serve', '--state-dir', path.join(tmp, 'state'), '--storage', tmp, '--storage', path.dirname(kit), '--listen', `unix:${sock}`, '--listen', `tcp:127.0.0.1:${port}`, '--tls-cert', certFile, '--tls-key', keyFile], 'daemon');
   await until('the daemon', 30000, async () => {
     if (daemon.exitCode !== null) fail(`vireo serve exited: ${fs.readFileSync(daemon.logFile, 'utf8')}`);
     return (await tls('GET', '/v1/openapi.json')).status === 200;

@@ -172,6 +172,7 @@ pub const COMMON: &[Allow] = &[
     any(SYS_nanosleep, "nanosleep", "std::thread::sleep"),
     any(SYS_getrandom, "getrandom", "HashMap keys (per thread), rustls, ring"),
     any(SYS_exit, "exit", "a thread ends"),
+    any(SYS_restart_syscall, "restart_syscall", "a sleep or wait resumed after SIGSTOP/SIGCONT or a ptrace stop"),
 ];
 
 /// The jail's supervisor: wait for signals, forward them to the VMM, reap
