@@ -239,8 +239,7 @@ fn accel_auto(kvm: Result<(), impl std::fmt::Display>, virt: HostVirt) -> Check 
             "accel-auto",
             Verdict::Info,
             format!(
-                "emu: KVM is not usable ({e}); a stock kernel runs on vireo's emulator, much slower \
-                 — load kvm_intel/kvm_amd and give this user /dev/kvm (the kvm group)"
+                "emu: every kernel runs on vireo's emulator, much slower than KVM; KVM is not usable: {e}"
             ),
         ),
         Ok(()) if virt.kvm_is_pvm_only() => check(
