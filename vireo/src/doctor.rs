@@ -394,7 +394,9 @@ fn user_namespaces() -> Check {
 /// or its nearest existing ancestor when `dir` is not made yet.
 fn free_bytes(dir: &Path) -> std::io::Result<(PathBuf, u64)> {
     use std::os::unix::ffi::OsStrExt;
-    let mut at = dir;
+    // A relative --state-dir is the daemon's too: beneath the working directory.
+    let dir = &std::path::absolute(dir)?;
+    let mut at = dir.as_path();
     while !at.exists() {
         at = match at.parent() {
             Some(p) => p,
@@ -661,6 +663,9 @@ mod tests {
         );
         let (at, _) = free_bytes(Path::new("/tmp/vireo-doctor-never/made/here")).expect("statvfs");
         assert_eq!(at, Path::new("/tmp"));
+        // A relative path that does not exist: its filesystem is the working directory's.
+        let (at, _) = free_bytes(Path::new("vireo-doctor-never-made")).expect("statvfs");
+        assert_eq!(at, std::env::current_dir().expect("cwd"));
     }
 
     #[test]
