@@ -49,9 +49,10 @@ pub enum Command {
     #[command(after_help = crate::ui::UI_EXAMPLES)]
     Ui(crate::ui::UiArgs),
     /// Check this host for VMs and their jail: /dev/kvm, VT-x/AMD-V or PVM,
-    /// cgroups, namespaces, seccomp, Landlock, userfaultfd.
+    /// what --accel auto picks, cgroups, namespaces, seccomp, Landlock,
+    /// userfaultfd, TAP, nftables, free space, the daemon's socket, the web UI.
     #[command(after_help = crate::doctor::DOCTOR_EXAMPLES)]
-    Doctor,
+    Doctor(crate::doctor::DoctorArgs),
     /// Print the shell completion script for SHELL on stdout (packaging;
     /// hidden from help).
     #[command(hide = true)]

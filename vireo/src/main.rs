@@ -90,7 +90,7 @@ fn main() {
         Command::Vm(args) => vm_cli::vm(args),
         Command::Token(args) => token_cli::token(args),
         Command::Ui(args) => ui::ui(args),
-        Command::Doctor => doctor::doctor(),
+        Command::Doctor(args) => doctor::doctor(args),
         Command::Completions { shell } => gen_docs::completions(shell, &mut std::io::stdout()),
         Command::Manpages { dir } => gen_docs::manpages(&dir).map(|_| ()),
     };

@@ -331,3 +331,36 @@ fn doctor_reports_every_check_and_whether_the_jail_can_run() {
         assert!(out.stdout.contains("jail: cannot run here"), "{out}");
     }
 }
+
+#[test]
+fn doctor_json_lists_the_same_checks_and_exits_by_the_same_rule() {
+    let text = support::run_vireo_args(&["doctor".to_string()], support::RUN_TIMEOUT);
+    let out = support::run_vireo_args(
+        &["doctor".to_string(), "--json".to_string()],
+        support::RUN_TIMEOUT,
+    );
+    let checks: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON: {e}\n{out}"));
+    let checks = checks.as_array().expect("a JSON array");
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    let text_names: Vec<&str> = text
+        .stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .take(names.len())
+        .collect();
+    assert_eq!(names, text_names, "{out}\n{text}");
+    for want in [
+        "accel-auto",
+        "/dev/net/tun",
+        "state-dir",
+        "socket",
+        "web-ui",
+        "build",
+    ] {
+        assert!(names.contains(&want), "no {want}: {names:?}");
+    }
+    let failed = checks.iter().any(|c| c["verdict"] == "fail");
+    out.assert_status(i32::from(failed));
+}
