@@ -211,10 +211,16 @@ pub fn enter(e: &Enter) -> Result<Option<NetNamespaces>, JailError> {
         loop {
             match layout.create(name, limits).and_then(|cg| cg.join(0)) {
                 Ok(()) => break,
+                // NotFound: the directory went; ENODEV: writing into one
+                // the kernel is removing.
                 Err(CgroupError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound && tries < 5 =>
+                    if (source.kind() == std::io::ErrorKind::NotFound
+                        || source.raw_os_error() == Some(libc::ENODEV))
+                        && tries < 10 =>
                 {
-                    tries += 1
+                    tries += 1;
+                    // A removal in progress finishes first.
+                    std::thread::sleep(std::time::Duration::from_millis(10 * tries));
                 }
                 Err(e) => return Err(e.into()),
             }
