@@ -88,31 +88,8 @@ fn cpu(mem: Arc<PhysMemory>, real: bool, regs: &[u64; 16]) -> Cpu {
         cpu.flush_tlb();
         return cpu;
     }
+    long_mode_cpl0(&mut cpu.state);
     let s = &mut cpu.state;
-    s.cr0 = cr0::PE | cr0::PG | cr0::ET | cr0::NE | cr0::WP;
-    s.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
-    s.cr3 = PML4;
-    s.efer = efer::LME | efer::LMA | efer::NXE | efer::SCE;
-    let data = Segment::from_descriptor(0x18, DATA64);
-    s.seg = [data; 6];
-    s.seg[SegReg::Cs as usize] = Segment::from_descriptor(0x10, CODE64);
-    s.gdt = TableRegister {
-        base: GDT,
-        limit: 0x1f,
-    };
-    s.idt = TableRegister {
-        base: IDT,
-        limit: 0xfff,
-    };
-    s.tr = Segment {
-        base: TSS,
-        limit: 0x67,
-        selector: 0x20,
-        type_: 0xb,
-        present: 1,
-        ..Segment::default()
-    };
-    s.rflags = rflags::FIXED1;
     s.gpr = *regs;
     s.gpr[4] = STACK;
     s.rip = CODE;
@@ -290,6 +267,36 @@ pub fn save_seeds(target: &str, inputs: &[&[u8]]) {
             let _ = std::fs::write(dir.join(format!("seed-{i}")), input);
         }
     }
+}
+
+/// 64-bit mode at CPL 0 with paging from [`PML4`] and the GDT, IDT and
+/// TSS at their places in this layout (which `emulator/tests/common` shares):
+/// the CPU state of the fuzz guest and of the emulator's own tests.
+pub fn long_mode_cpl0(s: &mut crate::cpu::state::CpuState) {
+    s.cr0 = cr0::PE | cr0::PG | cr0::ET | cr0::NE | cr0::WP;
+    s.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
+    s.cr3 = PML4;
+    s.efer = efer::LME | efer::LMA | efer::NXE | efer::SCE;
+    let data = Segment::from_descriptor(0x18, DATA64);
+    s.seg = [data; 6];
+    s.seg[SegReg::Cs as usize] = Segment::from_descriptor(0x10, CODE64);
+    s.gdt = TableRegister {
+        base: GDT,
+        limit: 0x1f,
+    };
+    s.idt = TableRegister {
+        base: IDT,
+        limit: 0xfff,
+    };
+    s.tr = Segment {
+        base: TSS,
+        limit: 0x67,
+        selector: 0x20,
+        type_: 0xb,
+        present: 1,
+        ..Segment::default()
+    };
+    s.rflags = rflags::FIXED1;
 }
 
 #[cfg(test)]

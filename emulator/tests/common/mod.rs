@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use iced_x86::code_asm::CodeAssembler;
 
-use vireo_emulator::cpu::state::{cr0, cr4, efer, rflags, SegReg};
 use vireo_emulator::{Cpu, GuestMemory, PhysMemory};
-use vireo_hypervisor::{Segment, TableRegister};
 
 pub const GDT: u64 = 0x500;
 pub const IDT: u64 = 0x1000;
@@ -121,31 +119,8 @@ impl Guest {
     /// A CPU in 64-bit mode at CPL 0 with this guest's GDT, IDT and TSS.
     pub fn cpu(&self) -> Cpu {
         let mut cpu = Cpu::new(self.mem.clone());
-        let s = &mut cpu.state;
-        s.cr0 = cr0::PE | cr0::PG | cr0::ET | cr0::NE | cr0::WP;
-        s.cr4 = cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT;
-        s.cr3 = PML4;
-        s.efer = efer::LME | efer::LMA | efer::NXE | efer::SCE;
-        let data = Segment::from_descriptor(0x18, DATA);
-        s.seg = [data; 6];
-        s.seg[SegReg::Cs as usize] = Segment::from_descriptor(0x10, CODE64);
-        s.gdt = TableRegister {
-            base: GDT,
-            limit: 0x1f,
-        };
-        s.idt = TableRegister {
-            base: IDT,
-            limit: 0xfff,
-        };
-        s.tr = Segment {
-            base: TSS,
-            limit: 0x67,
-            selector: 0x20,
-            type_: 0xb,
-            present: 1,
-            ..Segment::default()
-        };
-        s.rflags = rflags::FIXED1;
+        // The layout (PML4, GDT, IDT, TSS) is the fuzz guest's too.
+        vireo_emulator::fuzzing::long_mode_cpl0(&mut cpu.state);
         cpu.flush_tlb();
         cpu
     }
