@@ -247,7 +247,6 @@ impl MessageBuffer {
     /// (a timeout is not an error) or a whole largest message is
     /// buffered. Call it when the socket is readable.
     pub fn fill(&mut self, r: &mut dyn Read) -> Result<()> {
-        let mut chunk = vec![0u8; FILL_CHUNK];
         loop {
             self.check_front()?;
             if self.buf.len() >= FRAME_LEN + self.max_payload {
@@ -255,11 +254,16 @@ impl MessageBuffer {
                 // take it before reading more.
                 return Ok(());
             }
-            match r.read(&mut chunk) {
+            // Read into the buffer's own tail (its capacity is kept from
+            // call to call: no allocation per read).
+            let len = self.buf.len();
+            self.buf.resize(len + FILL_CHUNK, 0);
+            let read = r.read(&mut self.buf[len..]);
+            self.buf.truncate(len + *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) => return Err(MigrationError::Closed),
                 Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    if n < chunk.len() {
+                    if n < FILL_CHUNK {
                         return self.check_front();
                     }
                 }
