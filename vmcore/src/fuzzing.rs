@@ -144,7 +144,7 @@ pub(crate) mod tests {
             config: MachineConfig {
                 backend: "emu".into(),
                 vcpus: 1,
-                memory_mib: 16,
+                memory: vireo_api::units::MemorySize::mib_const(16),
                 frontend: serde_json::json!({"devices": []}),
             },
             cpuid: vec![vec![CpuidEntry::default(); 2]],

@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use std::sync::Mutex;
 
+use vireo_api::units::MemorySize;
 use vireo_hypervisor::{CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
 
 use crate::boot::{self, BootError, BootInfo, BootSpec};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::control::{ExitReason, StateError, VmControl};
-use crate::memory::{self, GuestMemory, MemoryError};
+use crate::memory::{self, GuestMemory, MemoryError, RamLayout};
 use crate::snapshot::{MachineConfig, SharedSnapshottable, SnapshotError, VmSnapshot};
 use crate::vcpu::{self, Buses, SharedVcpu, VcpuStats, VcpuThread};
 
@@ -23,7 +24,7 @@ pub const MAX_VCPUS_XAPIC: u32 = 254;
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub vcpus: u32,
-    pub memory_mib: u64,
+    pub memory: MemorySize,
     pub boot: BootSpec,
 }
 
@@ -31,16 +32,21 @@ pub struct VmConfig {
 /// configuration mistakes (the user can fix them) from VMM failures.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("--cpus {requested}: must be between 1 and {max} (the most {backend} allows here)")]
+    #[error(
+        "{requested} vCPUs: there must be between 1 and {max} (the most {backend} allows here)"
+    )]
     BadVcpuCount {
         requested: u32,
         max: u32,
         backend: &'static str,
     },
-    #[error("--memory {requested}: must be at least {MIN_MEMORY_MIB} MiB")]
-    MemoryTooSmall { requested: u64 },
-    #[error("--memory {requested}: more than this host can give ({host} MiB of RAM and swap)")]
-    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("{requested} of guest memory: there must be at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall { requested: MemorySize },
+    #[error("{requested} of guest memory: more than this host can give ({host_mib} MiB of RAM and swap)")]
+    MemoryTooLarge {
+        requested: MemorySize,
+        host_mib: u64,
+    },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -85,16 +91,16 @@ pub fn validate(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<(), VmError> {
             backend: hv.name(),
         });
     }
-    if cfg.memory_mib < MIN_MEMORY_MIB {
+    if cfg.memory.mib() < MIN_MEMORY_MIB {
         return Err(VmError::MemoryTooSmall {
-            requested: cfg.memory_mib,
+            requested: cfg.memory,
         });
     }
     if let Some(host) = vireo_hypervisor::host::host_memory_bytes() {
-        if cfg.memory_mib > host >> 20 {
+        if cfg.memory.bytes() > host {
             return Err(VmError::MemoryTooLarge {
-                requested: cfg.memory_mib,
-                host: host >> 20,
+                requested: cfg.memory,
+                host_mib: host >> 20,
             });
         }
     }
@@ -121,7 +127,7 @@ pub struct Vm {
 struct SaveInfo {
     backend: &'static str,
     vcpus: u32,
-    memory_mib: u64,
+    ram: RamLayout,
     cpuid: Vec<Vec<CpuidEntry>>,
     msr_indices: Vec<u32>,
 }
@@ -129,9 +135,11 @@ struct SaveInfo {
 impl Vm {
     pub fn new(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<Vm, VmError> {
         validate(hv, cfg)?;
-        let memory = memory::create_guest_memory(cfg.memory_mib << 20)?;
+        let ram = RamLayout::new(cfg.memory);
+        let memory = memory::create_guest_memory(&ram)?;
         let boot = boot::prepare(
             &memory,
+            &ram,
             &BootSpec {
                 vcpus: cfg.vcpus,
                 ..cfg.boot.clone()
@@ -173,7 +181,7 @@ impl Vm {
             saved: SaveInfo {
                 backend: hv.name(),
                 vcpus: cfg.vcpus,
-                memory_mib: cfg.memory_mib,
+                ram,
                 cpuid: cpuids,
                 msr_indices: hv.supported_msrs()?,
             },
@@ -191,16 +199,15 @@ impl Vm {
         let cfg = &snap.config;
         if cfg.backend != hv.name() {
             return Err(SnapshotError::Mismatch(format!(
-                "the snapshot was taken on the {} backend and cannot be restored on {} (use --accel {})",
+                "the snapshot was taken on the {} backend and cannot be restored on {}",
                 cfg.backend,
                 hv.name(),
-                cfg.backend
             ))
             .into());
         }
         let dummy = VmConfig {
             vcpus: cfg.vcpus,
-            memory_mib: cfg.memory_mib,
+            memory: cfg.memory,
             boot: BootSpec {
                 kernel: Default::default(),
                 initrd: None,
@@ -236,7 +243,7 @@ impl Vm {
             saved: SaveInfo {
                 backend: hv.name(),
                 vcpus: cfg.vcpus,
-                memory_mib: cfg.memory_mib,
+                ram: cfg.ram_layout(),
                 cpuid: snap.cpuid.clone(),
                 msr_indices: hv.supported_msrs()?,
             },
@@ -250,6 +257,11 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Where the guest's RAM is (what the CMOS and the E820 table report).
+    pub fn ram_layout(&self) -> RamLayout {
+        self.saved.ram
     }
 
     pub fn control(&self) -> Arc<VmControl> {
@@ -358,7 +370,7 @@ impl RunningVm {
         MachineConfig {
             backend: self.saved.backend.to_string(),
             vcpus: self.saved.vcpus,
-            memory_mib: self.saved.memory_mib,
+            memory: self.saved.ram.size(),
             frontend,
         }
     }
@@ -392,7 +404,7 @@ impl RunningVm {
             config: MachineConfig {
                 backend: self.saved.backend.to_string(),
                 vcpus: self.saved.vcpus,
-                memory_mib: self.saved.memory_mib,
+                memory: self.saved.ram.size(),
                 frontend,
             },
             cpuid: self.saved.cpuid.clone(),
@@ -650,7 +662,7 @@ mod tests {
         let kernel = spinning_guest();
         let cfg = VmConfig {
             vcpus: 2,
-            memory_mib: 32,
+            memory: MemorySize::mib_const(32),
             boot: BootSpec {
                 kernel: kernel.clone(),
                 initrd: None,
@@ -715,7 +727,7 @@ mod tests {
         std::fs::write(&kernel, image).unwrap();
         let cfg = VmConfig {
             vcpus: 1,
-            memory_mib: 32,
+            memory: MemorySize::mib_const(32),
             boot: BootSpec {
                 kernel: kernel.clone(),
                 initrd: None,
@@ -770,7 +782,7 @@ mod tests {
         std::fs::write(&kernel, image).unwrap();
         let cfg = VmConfig {
             vcpus: 1,
-            memory_mib: 32,
+            memory: MemorySize::mib_const(32),
             boot: BootSpec {
                 kernel: kernel.clone(),
                 initrd: None,
@@ -847,7 +859,7 @@ mod tests {
         for (vcpus, mib) in [(0, 64), (100_000, 64), (1, 1), (1, u64::MAX >> 21)] {
             let cfg = VmConfig {
                 vcpus,
-                memory_mib: mib,
+                memory: MemorySize::from_mib(mib).unwrap(),
                 boot: spec.clone(),
             };
             let e = Vm::new(&kvm, &cfg).err().expect("refused");

@@ -272,7 +272,6 @@ pub fn mentions_pvm_guest(image: &[u8]) -> Option<bool> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::memory::create_guest_memory;
     use vm_memory::Bytes;
 
     /// A minimal valid ELF64 x86-64 executable with one PT_LOAD at `paddr`.
@@ -355,7 +354,7 @@ pub(crate) mod tests {
             ("gzip", packed_bzimage(&vmlinux, gzip)),
             ("xz", packed_bzimage(&vmlinux, xz)),
         ] {
-            let mem = create_guest_memory(32 << 20).unwrap();
+            let mem = crate::memory::test_memory(32);
             let k = load_kernel(&mem, name, &image, true).unwrap();
             assert!(k.unpacked, "{name}");
             assert_eq!(k.format, KernelFormat::BzImage);
@@ -374,7 +373,7 @@ pub(crate) mod tests {
     #[test]
     fn corrupt_or_unknown_payloads() {
         let vmlinux = elf_image(0x20_0000, &[0xf4]);
-        let mem = create_guest_memory(32 << 20).unwrap();
+        let mem = crate::memory::test_memory(32);
         // A flipped byte inside the xz stream: refused, naming the problem.
         let mut image = packed_bzimage(&vmlinux, xz);
         let mid = 5 * 512 + 0x100 + 40;
@@ -411,7 +410,7 @@ pub(crate) mod tests {
 
     #[test]
     fn loads_elf_at_paddr_and_enters_at_e_entry() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::test_memory(16);
         let image = elf_image(0x20_0000, &[0xf4, 0x90, 0x90]);
         let k = load_kernel(&mem, "vmlinux", &image, false).unwrap();
         assert_eq!(k.format, KernelFormat::Elf);
@@ -422,7 +421,7 @@ pub(crate) mod tests {
 
     #[test]
     fn loads_bzimage_with_64bit_entry_and_init_size() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::test_memory(16);
         let mut payload = vec![0u8; 0x200];
         payload.push(0xf4);
         let k = load_kernel(&mem, "bzImage", &bzimage(0x20f, 1, &payload), false).unwrap();
@@ -435,7 +434,7 @@ pub(crate) mod tests {
 
     #[test]
     fn refuses_old_or_32bit_bzimage() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::test_memory(16);
         let e = load_kernel(&mem, "old", &bzimage(0x205, 1, &[0; 0x300]), false).unwrap_err();
         assert!(e.to_string().contains("2.05"), "{e}");
         let e = load_kernel(&mem, "32", &bzimage(0x20f, 0, &[0; 0x300]), false).unwrap_err();
@@ -444,7 +443,7 @@ pub(crate) mod tests {
 
     #[test]
     fn refuses_non_kernels_truncated_and_corrupt_files() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::test_memory(16);
         let e = load_kernel(&mem, "junk.bin", b"hello world, not a kernel", false).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel(_)));
         assert!(e.to_string().contains("junk.bin"));
