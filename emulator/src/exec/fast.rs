@@ -26,7 +26,7 @@ use crate::cpu::{Cpu, Flow};
 use crate::exceptions::gp0;
 use crate::mmu::is_canonical;
 
-use super::gpr_info;
+use super::operand::gpr_info;
 
 impl Cpu {
     /// The linear address of the memory operand of 64-bit code with 64-bit

@@ -259,7 +259,7 @@ impl Jit {
                     target: i.near_branch_target(),
                 })
             }
-            m if crate::exec::is_jcc(m)
+            m if crate::exec::dispatch::is_jcc(m)
                 && i.op0_kind() == OpKind::NearBranch64
                 && i.condition_code() != ConditionCode::None
                 && crate::mmu::is_canonical(i.near_branch_target()) =>
