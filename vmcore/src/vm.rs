@@ -639,7 +639,7 @@ mod tests {
     /// A guest that writes port 0x500 forever: `mov dx, 0x500; l: out dx, al; jmp l`.
     fn spinning_guest() -> std::path::PathBuf {
         let code = [0x66, 0xba, 0x00, 0x05, 0xee, 0xeb, 0xfd];
-        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
+        let image = vireo_testkit::kernel::elf_vmlinux(0x10_0000, &code);
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
         let path = std::env::temp_dir().join(format!("vireo-spin-{}-{n}.elf", std::process::id()));
@@ -722,7 +722,7 @@ mod tests {
         let code = [
             0xb8, 0x00, 0x30, 0x00, 0xd0, 0x66, 0xc7, 0x00, 0x01, 0x00, 0xeb, 0xfe,
         ];
-        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
+        let image = vireo_testkit::kernel::elf_vmlinux(0x10_0000, &code);
         let kernel = std::env::temp_dir().join(format!("vireo-ioevent-{}.elf", std::process::id()));
         std::fs::write(&kernel, image).unwrap();
         let cfg = VmConfig {
@@ -774,7 +774,7 @@ mod tests {
         use vm_memory::{Bytes, GuestAddress};
         // mov eax, 0x200000; l: inc dword [eax]; jmp l
         let code = [0xb8, 0x00, 0x00, 0x20, 0x00, 0xff, 0x00, 0xeb, 0xfc];
-        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
+        let image = vireo_testkit::kernel::elf_vmlinux(0x10_0000, &code);
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
         let kernel =

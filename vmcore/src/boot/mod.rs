@@ -190,19 +190,16 @@ fn load_initrd(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("vireo-boot-{}-{name}", std::process::id()));
-        std::fs::write(&p, bytes).unwrap();
-        p
-    }
+    use vireo_testkit::kernel::elf_vmlinux;
+    use vireo_testkit::TempDir;
 
     #[test]
     fn prepares_elf_kernel_with_initrd_and_cmdline() {
         let ram = RamLayout::new(vireo_api::units::MemorySize::mib_const(32));
         let mem = crate::memory::create_guest_memory(&ram).unwrap();
-        let k = temp_file("k.elf", &kernel::tests::elf_image(0x10_0000, &[0xf4; 32]));
-        let i = temp_file("initrd", &[0xab; 5000]);
+        let dir = TempDir::new("boot");
+        let k = dir.write("k.elf", &elf_vmlinux(0x10_0000, &[0xf4; 32]));
+        let i = dir.write("initrd", &[0xab; 5000]);
         let info = prepare(
             &mem,
             &ram,
@@ -228,16 +225,15 @@ mod tests {
         mem.read_slice(&mut cmd, GuestAddress(layout::CMDLINE_START))
             .unwrap();
         assert_eq!(&cmd, b"console=ttyS0 panic=-1\0");
-        let _ = std::fs::remove_file(k);
-        let _ = std::fs::remove_file(i);
     }
 
     #[test]
     fn initrd_that_does_not_fit_is_refused() {
         let ram = RamLayout::new(vireo_api::units::MemorySize::mib_const(16));
         let mem = crate::memory::create_guest_memory(&ram).unwrap();
-        let k = temp_file("k2.elf", &kernel::tests::elf_image(0x10_0000, &[0xf4; 32]));
-        let i = temp_file("big-initrd", &vec![0u8; 17 << 20]);
+        let dir = TempDir::new("boot");
+        let k = dir.write("k2.elf", &elf_vmlinux(0x10_0000, &[0xf4; 32]));
+        let i = dir.write("big-initrd", &vec![0u8; 17 << 20]);
         let e = prepare(
             &mem,
             &ram,
@@ -252,8 +248,6 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
         assert!(e.to_string().contains("more memory"), "{e}");
-        let _ = std::fs::remove_file(k);
-        let _ = std::fs::remove_file(i);
     }
 
     #[test]
