@@ -615,6 +615,8 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
     use vireo_hypervisor::kvm::KvmHypervisor;
+    use vireo_testkit::kernel::elf_vmlinux;
+    use vireo_testkit::TempDir;
 
     struct Counter(Arc<AtomicU64>);
     impl BusDevice for Counter {
@@ -637,14 +639,9 @@ mod tests {
     }
 
     /// A guest that writes port 0x500 forever: `mov dx, 0x500; l: out dx, al; jmp l`.
-    fn spinning_guest() -> std::path::PathBuf {
+    fn spinning_guest(dir: &TempDir) -> std::path::PathBuf {
         let code = [0x66, 0xba, 0x00, 0x05, 0xee, 0xeb, 0xfd];
-        let image = vireo_testkit::kernel::elf_vmlinux(0x10_0000, &code);
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("vireo-spin-{}-{n}.elf", std::process::id()));
-        std::fs::write(&path, image).unwrap();
-        path
+        dir.write("spin.elf", &elf_vmlinux(0x10_0000, &code))
     }
 
     #[test]
@@ -659,7 +656,8 @@ mod tests {
     }
 
     fn pause_and_resume(hv: &dyn Hypervisor) {
-        let kernel = spinning_guest();
+        let dir = TempDir::new("vm-spin");
+        let kernel = spinning_guest(&dir);
         let cfg = VmConfig {
             vcpus: 2,
             memory: MemorySize::mib_const(32),
@@ -710,7 +708,6 @@ mod tests {
             "guest did not continue after resume"
         );
         assert_eq!(running.stop(), ExitReason::Stopped);
-        let _ = std::fs::remove_file(kernel);
     }
 
     /// A guest write to an address registered as an MMIO event signals the
@@ -722,9 +719,8 @@ mod tests {
         let code = [
             0xb8, 0x00, 0x30, 0x00, 0xd0, 0x66, 0xc7, 0x00, 0x01, 0x00, 0xeb, 0xfe,
         ];
-        let image = vireo_testkit::kernel::elf_vmlinux(0x10_0000, &code);
-        let kernel = std::env::temp_dir().join(format!("vireo-ioevent-{}.elf", std::process::id()));
-        std::fs::write(&kernel, image).unwrap();
+        let dir = TempDir::new("vm-ioevent");
+        let kernel = dir.write("ioevent.elf", &elf_vmlinux(0x10_0000, &code));
         let cfg = VmConfig {
             vcpus: 1,
             memory: MemorySize::mib_const(32),
@@ -758,7 +754,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(running.stop(), ExitReason::Stopped);
-        let _ = std::fs::remove_file(kernel);
         assert!(signalled, "the eventfd was not signalled");
         assert_eq!(
             exits.load(Ordering::SeqCst),
@@ -774,12 +769,8 @@ mod tests {
         use vm_memory::{Bytes, GuestAddress};
         // mov eax, 0x200000; l: inc dword [eax]; jmp l
         let code = [0xb8, 0x00, 0x00, 0x20, 0x00, 0xff, 0x00, 0xeb, 0xfc];
-        let image = vireo_testkit::kernel::elf_vmlinux(0x10_0000, &code);
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let kernel =
-            std::env::temp_dir().join(format!("vireo-dirty-{}-{n}.elf", std::process::id()));
-        std::fs::write(&kernel, image).unwrap();
+        let dir = TempDir::new("vm-dirty");
+        let kernel = dir.write("dirty.elf", &elf_vmlinux(0x10_0000, &code));
         let cfg = VmConfig {
             vcpus: 1,
             memory: MemorySize::mib_const(32),
@@ -833,7 +824,6 @@ mod tests {
         running.resume().unwrap();
         running.stop_dirty_log().unwrap();
         assert_eq!(running.stop(), ExitReason::Stopped);
-        let _ = std::fs::remove_file(kernel);
     }
 
     #[test]
