@@ -3,7 +3,7 @@
 //!
 //! A block is a run of instructions of one page up to the first control
 //! transfer or system instruction, each with its semantics
-//! ([`crate::exec::handler`]) chosen once. The cache is keyed by the
+//! ([`crate::exec::dispatch::handler_info`]) chosen once. The cache is keyed by the
 //! physical page of the block and, within it, by the linear RIP of its
 //! first instruction (iced resolves branch targets and RIP-relative
 //! operands against the RIP, and one physical page may be mapped at
