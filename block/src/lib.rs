@@ -473,24 +473,7 @@ pub(crate) fn host_allocated_bytes(path: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let dir = std::env::temp_dir()
-                .join(format!("vireo-block-unit-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("creating the test directory");
-            TempDir(dir)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use vireo_testkit::TempDir;
 
     fn open_err(path: &Path) -> String {
         match open_as(path, Format::Qcow2, OpenOptions::read_only()) {
@@ -502,9 +485,9 @@ mod tests {
     #[test]
     fn format_is_probed_by_magic() {
         let dir = TempDir::new("probe");
-        let q = dir.0.join("a.qcow2");
+        let q = dir.path().join("a.qcow2");
         create_qcow2(&q, 1 << 20, 65536, None).expect("create");
-        let r = dir.0.join("a.img");
+        let r = dir.path().join("a.img");
         create_raw(&r, 3).expect("create");
         assert_eq!(probe(&q).expect("probe"), Format::Qcow2);
         assert_eq!(probe(&r).expect("probe"), Format::Raw);
@@ -530,7 +513,7 @@ mod tests {
     #[test]
     fn raw_images_are_bounds_checked_and_never_grow() {
         let dir = TempDir::new("raw");
-        let r = dir.0.join("disk.raw");
+        let r = dir.path().join("disk.raw");
         create_raw(&r, 8192).expect("create");
         let mut img = open_as(&r, Format::Raw, OpenOptions::writable()).expect("open");
         img.write_at(&[7; 100], 8000).expect("write");
@@ -561,8 +544,8 @@ mod tests {
     #[test]
     fn backing_chains_loops_and_depth() {
         let dir = TempDir::new("chain");
-        let p = |n: usize| dir.0.join(format!("l{n}.qcow2"));
-        create_raw(&dir.0.join("base.raw"), 1 << 20).expect("create");
+        let p = |n: usize| dir.path().join(format!("l{n}.qcow2"));
+        create_raw(&dir.path().join("base.raw"), 1 << 20).expect("create");
         create_qcow2(&p(0), 1 << 20, 65536, Some(("base.raw", Format::Raw))).expect("create");
         for n in 1..=MAX_BACKING_DEPTH {
             let below = format!("l{}.qcow2", n - 1);
@@ -585,39 +568,39 @@ mod tests {
 
         // a -> b -> a, and a -> a.
         create_qcow2(
-            &dir.0.join("a.qcow2"),
+            &dir.path().join("a.qcow2"),
             1 << 20,
             65536,
             Some(("b.qcow2", Format::Qcow2)),
         )
         .expect("create");
         create_qcow2(
-            &dir.0.join("b.qcow2"),
+            &dir.path().join("b.qcow2"),
             1 << 20,
             65536,
             Some(("a.qcow2", Format::Qcow2)),
         )
         .expect("create");
         create_qcow2(
-            &dir.0.join("self.qcow2"),
+            &dir.path().join("self.qcow2"),
             1 << 20,
             512,
             Some(("self.qcow2", Format::Qcow2)),
         )
         .expect("create");
         for name in ["a.qcow2", "self.qcow2"] {
-            let text = open_err(&dir.0.join(name));
+            let text = open_err(&dir.path().join(name));
             assert!(text.contains("the backing chain loops"), "{text}");
         }
         // A missing backing file names the overlay and the name it stores.
         create_qcow2(
-            &dir.0.join("orphan.qcow2"),
+            &dir.path().join("orphan.qcow2"),
             1 << 20,
             65536,
             Some(("gone.raw", Format::Raw)),
         )
         .expect("create");
-        let text = open_err(&dir.0.join("orphan.qcow2"));
+        let text = open_err(&dir.path().join("orphan.qcow2"));
         assert!(
             text.contains("orphan.qcow2: its backing file gone.raw: ")
                 && text.contains("No such file"),
@@ -629,7 +612,7 @@ mod tests {
     /// the bytes of a qcow2 image (made by `create_qcow2`) with the given
     /// backing name, copied into `path`.
     fn hostile_raw_disk(dir: &TempDir, path: &Path, backing: &str) {
-        let scratch = dir.0.join("scratch.qcow2");
+        let scratch = dir.path().join("scratch.qcow2");
         let _ = std::fs::remove_file(&scratch);
         create_qcow2(&scratch, 1 << 20, 65536, Some((backing, Format::Raw))).expect("create");
         let header = std::fs::read(&scratch).expect("read");
@@ -643,9 +626,9 @@ mod tests {
     fn a_raw_disk_holding_a_qcow2_header_is_never_read_through() {
         let dir = TempDir::new("hostile");
         let outside = TempDir::new("hostile-outside");
-        let secret = outside.0.join("secret");
+        let secret = outside.path().join("secret");
         std::fs::write(&secret, b"host secret bytes").expect("write");
-        let disk = dir.0.join("vda.raw");
+        let disk = dir.path().join("vda.raw");
         hostile_raw_disk(&dir, &disk, &secret.display().to_string());
         let on_disk = std::fs::read(&disk).expect("read");
 
@@ -684,7 +667,7 @@ mod tests {
             "{text}"
         );
         // ... unless that directory is one the caller allows.
-        let allowed = [outside.0.clone()];
+        let allowed = [outside.path().to_path_buf()];
         let opts = OpenOptions {
             read_only: true,
             backing_dirs: &allowed,
@@ -699,15 +682,15 @@ mod tests {
     fn backing_names_that_escape_are_refused() {
         let dir = TempDir::new("escape");
         let outside = TempDir::new("escape-outside");
-        std::fs::write(outside.0.join("base.raw"), vec![0u8; 4096]).expect("write");
-        std::os::unix::fs::symlink(outside.0.join("base.raw"), dir.0.join("link.raw"))
+        std::fs::write(outside.path().join("base.raw"), vec![0u8; 4096]).expect("write");
+        std::os::unix::fs::symlink(outside.path().join("base.raw"), dir.path().join("link.raw"))
             .expect("symlink");
-        std::fs::create_dir(dir.0.join("sub")).expect("mkdir");
-        std::fs::write(dir.0.join("sub/inner.raw"), vec![0u8; 4096]).expect("write");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        std::fs::write(dir.path().join("sub/inner.raw"), vec![0u8; 4096]).expect("write");
         let escape = format!(
             "../{}/base.raw",
             outside
-                .0
+                .path()
                 .file_name()
                 .and_then(|n| n.to_str())
                 .expect("name")
@@ -723,7 +706,7 @@ mod tests {
             ("", "No such file"),
         ];
         for (i, (name, why)) in cases.iter().enumerate() {
-            let top = dir.0.join(format!("top{i}.qcow2"));
+            let top = dir.path().join(format!("top{i}.qcow2"));
             if name.is_empty() {
                 create_qcow2(&top, 1 << 20, 65536, Some(("gone", Format::Raw))).expect("create");
             } else {
@@ -736,16 +719,16 @@ mod tests {
             );
         }
         // A FIFO in the directory is not a backing file either.
-        let fifo = dir.0.join("fifo");
+        let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("cstr");
         // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let top = dir.0.join("fifo.qcow2");
+        let top = dir.path().join("fifo.qcow2");
         create_qcow2(&top, 1 << 20, 65536, Some(("fifo", Format::Raw))).expect("create");
         let text = open_err(&top);
         assert!(text.contains("not a regular file"), "{text}");
         // `..` that stays inside, and a subdirectory, are fine.
-        let top = dir.0.join("sub/ok.qcow2");
+        let top = dir.path().join("sub/ok.qcow2");
         create_qcow2(
             &top,
             1 << 20,
@@ -760,9 +743,9 @@ mod tests {
     #[test]
     fn a_backing_file_without_a_recorded_format_is_raw() {
         let dir = TempDir::new("unrecorded");
-        let base = dir.0.join("base.qcow2");
+        let base = dir.path().join("base.qcow2");
         create_qcow2(&base, 1 << 20, 65536, None).expect("create");
-        let top = dir.0.join("top.qcow2");
+        let top = dir.path().join("top.qcow2");
         create_qcow2(&top, 1 << 20, 65536, Some(("base.qcow2", Format::Qcow2))).expect("create");
         // Drop the backing format extension by zeroing its type (the
         // header's extensions start after the fixed part).

@@ -3,7 +3,7 @@
 //!
 //! A block is a run of instructions of one page up to the first control
 //! transfer or system instruction, each with its semantics
-//! ([`crate::exec::handler`]) chosen once. The cache is keyed by the
+//! ([`crate::exec::dispatch::handler_info`]) chosen once. The cache is keyed by the
 //! physical page of the block and, within it, by the linear RIP of its
 //! first instruction (iced resolves branch targets and RIP-relative
 //! operands against the RIP, and one physical page may be mapped at
@@ -90,10 +90,10 @@ pub(crate) const MAX_BLOCK: usize = 32;
 /// An instruction with its semantics chosen once, at decode time.
 pub(crate) struct Op {
     pub instr: Instruction,
-    pub run: crate::exec::Handler,
+    pub run: crate::exec::dispatch::Handler,
     /// The registers must be saved before the instruction, since its
     /// handler may write some and then fault (see
-    /// [`crate::exec::handler_info`]).
+    /// [`crate::exec::dispatch::handler_info`]).
     pub save: bool,
 }
 
@@ -473,7 +473,7 @@ impl Cpu {
                 // Stop before it; it raises #UD (or is run alone) when reached.
                 _ => break,
             }
-            let (run, ends, save) = crate::exec::handler_info(&instr);
+            let (run, ends, save) = crate::exec::dispatch::handler_info(&instr);
             ops.push(Op { instr, run, save });
             if ends {
                 break;

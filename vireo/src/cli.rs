@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use vireo_api::units::MemorySize;
 
 const ABOUT: &str = "vireo: a virtual machine monitor for Linux KVM";
 
@@ -114,7 +115,7 @@ pub enum Accel {
 /// `--cpus` when not given.
 pub const DEFAULT_CPUS: u32 = 1;
 /// `--memory` when not given.
-pub const DEFAULT_MEMORY_MIB: u64 = 256;
+pub const DEFAULT_MEMORY: MemorySize = MemorySize::mib_const(256);
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -204,9 +205,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
 
-    /// Guest memory in MiB [default: 256; required with --migrate-from].
+    /// Guest memory in MiB (or with an M or G suffix) [default: 256;
+    /// required with --migrate-from].
     #[arg(long, value_name = "MIB")]
-    pub memory: Option<u64>,
+    pub memory: Option<MemorySize>,
 
     /// Which backend runs the guest.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
@@ -355,9 +357,9 @@ impl RunArgs {
         self.cpus.unwrap_or(DEFAULT_CPUS)
     }
 
-    /// The guest memory in MiB.
-    pub fn memory(&self) -> u64 {
-        self.memory.unwrap_or(DEFAULT_MEMORY_MIB)
+    /// The guest memory.
+    pub fn memory(&self) -> MemorySize {
+        self.memory.unwrap_or(DEFAULT_MEMORY)
     }
 }
 
@@ -539,7 +541,9 @@ mod tests {
         assert!(Cli::try_parse_from(["vireo", "run", "--kernel", "k", "--image", "d"]).is_err());
         let c = Cli::try_parse_from(["vireo", "run", "--kernel", "k", "--cpus", "2"]).unwrap();
         match c.command {
-            Command::Run(r) => assert_eq!((r.cpus(), r.memory(), r.accel), (2, 256, Accel::Auto)),
+            Command::Run(r) => {
+                assert_eq!((r.cpus(), r.memory().mib(), r.accel), (2, 256, Accel::Auto))
+            }
             _ => panic!("not run"),
         }
     }

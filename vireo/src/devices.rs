@@ -96,10 +96,11 @@ pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         .transpose()
         .map_err(usage)?;
     if let Some(b) = &balloon {
-        if b.target_mib >= args.memory() {
+        if b.target_mib >= args.memory().mib() {
             return Err(Failure::Usage(format!(
                 "--balloon target={}: must be less than --memory {} (the balloon takes that much from the guest)",
-                b.target_mib, args.memory()
+                b.target_mib,
+                args.memory().mib()
             )));
         }
     }

@@ -59,7 +59,7 @@ pub fn limits(args: &RunArgs) -> Limits {
         .or(sized.then(|| f64::from(args.cpus()) + 1.0));
     let memory = args
         .cgroup_memory
-        .or(sized.then(|| args.memory() + VMM_OVERHEAD_MIB));
+        .or(sized.then(|| args.memory().mib() + VMM_OVERHEAD_MIB));
     Limits {
         cpu: cpus.map(|c| CpuQuota {
             quota_us: (c * 100_000.0).round().max(1000.0) as u64,

@@ -131,7 +131,7 @@ pub fn build(
     cfg: &VmConfig,
     serial_out: Box<dyn Write + Send>,
 ) -> Result<Machine, VmError> {
-    assemble(Vm::new(hv, cfg)?, cfg.memory_mib, serial_out)
+    assemble(Vm::new(hv, cfg)?, serial_out)
 }
 
 /// Build the machine a snapshot describes: vCPUs and platform from the
@@ -146,7 +146,7 @@ pub fn restore(
 ) -> Result<Machine, VmError> {
     let snap = &loaded.snapshot;
     let vm = Vm::from_snapshot(hv, snap, memory)?;
-    assemble(vm, snap.config.memory_mib, serial_out)
+    assemble(vm, serial_out)
 }
 
 /// Load each device's saved state by id (the machine must have exactly
@@ -227,11 +227,7 @@ impl Snapshottable for PciState {
     }
 }
 
-fn assemble(
-    mut vm: Vm,
-    memory_mib: u64,
-    serial_out: Box<dyn Write + Send>,
-) -> Result<Machine, VmError> {
+fn assemble(mut vm: Vm, serial_out: Box<dyn Write + Send>) -> Result<Machine, VmError> {
     let control = vm.control();
     let mut snapshot_devices: Vec<(String, SharedSnapshottable)> = Vec::new();
 
@@ -247,9 +243,8 @@ fn assemble(
     vm.add_io_device(ports::I8042, 5, i8042.clone())?;
     snapshot_devices.push(("i8042".into(), i8042));
 
-    let ram = memory_mib << 20;
-    let below_4g = ram.min(layout::MMIO_HOLE_START);
-    let cmos = Arc::new(Mutex::new(Cmos::new(below_4g, ram - below_4g)));
+    let ram = vm.ram_layout();
+    let cmos = Arc::new(Mutex::new(Cmos::new(ram.below_hole(), ram.above_4g())));
     vm.add_io_device(ports::CMOS, 2, cmos.clone())?;
     snapshot_devices.push(("cmos".into(), cmos));
 

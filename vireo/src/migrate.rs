@@ -1086,15 +1086,11 @@ fn receive_stream(
     // The target's own definition and the host decide; nothing is
     // allocated for a machine they refuse.
     check(&config).map_err(ReceiveError::Refused)?;
-    let bytes = config
-        .memory_mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| ReceiveError::Refused(format!("{} MiB of memory", config.memory_mib)))?;
-    let memory = vireo_vmcore::memory::create_guest_memory(bytes)
+    let memory = vireo_vmcore::memory::create_guest_memory(&config.ram_layout())
         .map_err(|e| ReceiveError::Refused(e.to_string()))?;
     tracing::info!(
-        "migration: receiving a {} MiB, {} vCPU VM on {} from vireo {peer_version}",
-        config.memory_mib,
+        "migration: receiving a {}, {} vCPU VM on {} from vireo {peer_version}",
+        config.memory,
         config.vcpus,
         config.backend
     );
@@ -1116,7 +1112,7 @@ fn receive_stream(
                 // the state must not describe anything else.
                 if snap.config.backend != config.backend
                     || snap.config.vcpus != config.vcpus
-                    || snap.config.memory_mib != config.memory_mib
+                    || snap.config.memory != config.memory
                     || snap.config.frontend != config.frontend
                 {
                     return Err(MigrationError::Corrupt(

@@ -4,14 +4,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use std::time::Duration;
+use vireo_api::units::MemorySize;
 use vireo_emulator::EmuHypervisor;
 use vireo_hypervisor::host::HostVirt;
 use vireo_hypervisor::kvm::KvmHypervisor;
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::boot::BootSpec;
 
+use vireo_vmcore::boot::BootError;
 use vireo_vmcore::vcpu::VcpuStats;
-use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig};
+use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig, VmError};
 
 use crate::cli::{Accel, RunArgs};
 use crate::console::{self, RawTerminal, StdoutWriter};
@@ -101,6 +103,32 @@ fn open_backend(accel: Accel, kernel: &std::path::Path) -> Result<Box<dyn Hyperv
     }
 }
 
+/// A VM core error as `vireo run` reports it: the core names the
+/// quantity, this adds the flag the user gave it with.
+fn vm_failure(e: VmError) -> Failure {
+    let flag = match &e {
+        VmError::BadVcpuCount { .. } => Some("--cpus"),
+        VmError::MemoryTooSmall { .. }
+        | VmError::MemoryTooLarge { .. }
+        | VmError::Boot(BootError::InitrdTooLarge { .. } | BootError::GuestMemoryTooSmall(_)) => {
+            Some("--memory")
+        }
+        VmError::Boot(BootError::CmdlineTooLong { .. } | BootError::BadCmdline(_)) => {
+            Some("--cmdline/--append")
+        }
+        _ => None,
+    };
+    let msg = match flag {
+        Some(flag) => format!("{e} ({flag})"),
+        None => e.to_string(),
+    };
+    if e.is_user_error() {
+        Failure::Usage(msg)
+    } else {
+        Failure::Vm(msg)
+    }
+}
+
 /// Does the kernel image say it is PVM-aware? (Only uncompressed images
 /// can tell; a bzImage counts as not.)
 fn kernel_is_pvm_guest(kernel: &std::path::Path) -> bool {
@@ -118,13 +146,6 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     // device and post-copy threads; enabling starts the launcher thread):
     // every thread installs its kind's filter.
     install_seccomp_policy(&args)?;
-    let vm_failure = |e: vireo_vmcore::VmError| {
-        if e.is_user_error() {
-            Failure::Usage(e.to_string())
-        } else {
-            Failure::Vm(e.to_string())
-        }
-    };
     let (hv, machine, attached) = match (&args.restore, &args.migrate_from) {
         (_, Some(uri)) => migrate_in(&args, uri)?,
         (Some(dir), None) => restore_machine(&args, dir)?,
@@ -133,7 +154,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             let hv = open_backend(args.accel, &spec.kernel)?;
             let cfg = VmConfig {
                 vcpus: args.cpus(),
-                memory_mib: args.memory(),
+                memory: args.memory(),
                 boot: spec,
             };
             let mut machine =
@@ -141,7 +162,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             let attached = devices::attach(&mut machine, &args)?;
             if let Some(info) = machine.vm.boot_info() {
                 tracing::info!(
-                    "booting {}{} {} at {:#x} on {} with {} vCPU(s), {} MiB",
+                    "booting {}{} {} at {:#x} on {} with {} vCPU(s), {}",
                     info.format,
                     if info.unpacked {
                         " (payload unpacked on the host)"
@@ -152,7 +173,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
                     info.entry,
                     hv.name(),
                     cfg.vcpus,
-                    cfg.memory_mib
+                    cfg.memory
                 );
             }
             (hv, machine, attached)
@@ -601,10 +622,10 @@ fn restore_machine(
         .map_err(|e| Failure::Vm(format!("--restore {}: {e}", dir.display())))?;
     let attached = restore_virtio(&mut machine, &loaded.snapshot, args, dir)?;
     tracing::info!(
-        "restored {} ({} vCPU(s), {} MiB on {}) in {} ms{}",
+        "restored {} ({} vCPU(s), {} on {}) in {} ms{}",
         dir.display(),
         loaded.snapshot.config.vcpus,
-        loaded.snapshot.config.memory_mib,
+        loaded.snapshot.config.memory,
         backend,
         started.elapsed().as_millis(),
         if args.restore_lazy {
@@ -678,7 +699,7 @@ fn build_migrated(
 pub(crate) fn check_offered_machine(
     config: &vireo_vmcore::snapshot::MachineConfig,
     cpus: u32,
-    memory_mib: u64,
+    memory: MemorySize,
     max_vcpus: u32,
     host_memory_mib: Option<u64>,
 ) -> Result<(), String> {
@@ -688,22 +709,23 @@ pub(crate) fn check_offered_machine(
             config.vcpus
         ));
     }
-    if config.memory_mib != memory_mib {
+    if config.memory != memory {
         return Err(format!(
-            "the source's VM has {} MiB of memory, this target's definition {memory_mib} MiB (--memory)",
-            config.memory_mib
+            "the source's VM has {} of memory, this target's definition {memory} (--memory)",
+            config.memory
         ));
     }
-    check_fits_host(cpus, memory_mib, max_vcpus, host_memory_mib)
+    check_fits_host(cpus, memory, max_vcpus, host_memory_mib)
 }
 
 /// vCPUs within the backend's limit, memory within the host's.
 fn check_fits_host(
     cpus: u32,
-    memory_mib: u64,
+    memory: MemorySize,
     max_vcpus: u32,
     host_memory_mib: Option<u64>,
 ) -> Result<(), String> {
+    let memory_mib = memory.mib();
     if cpus == 0 || cpus > max_vcpus {
         return Err(format!(
             "--cpus {cpus}: this backend runs 1 to {max_vcpus} vCPUs"
@@ -736,15 +758,10 @@ fn migrate_in(
     let own = devices::parse(args)?;
     let own_set = snapshot_devices::DeviceSet::from_configs(&own);
     let mac_given = snapshot_devices::macs_given(args);
-    let (cpus, memory_mib) = (args.cpus(), args.memory());
+    let (cpus, memory) = (args.cpus(), args.memory());
     let host_mib = vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20);
-    check_fits_host(
-        cpus,
-        memory_mib,
-        vireo_vmcore::vm::MAX_VCPUS_XAPIC,
-        host_mib,
-    )
-    .map_err(Failure::Usage)?;
+    check_fits_host(cpus, memory, vireo_vmcore::vm::MAX_VCPUS_XAPIC, host_mib)
+        .map_err(Failure::Usage)?;
     let secret = args
         .migrate_secret_file
         .as_deref()
@@ -765,7 +782,7 @@ fn migrate_in(
     let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
         let hv = backend_for(&config.backend, accel)?;
         let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
-        check_offered_machine(config, cpus, memory_mib, max, host_mib)?;
+        check_offered_machine(config, cpus, memory, max, host_mib)?;
         snapshot_devices::check_peer_record(&config.frontend, &own_set, &mac_given)
     };
     let started = std::time::Instant::now();
@@ -798,10 +815,10 @@ fn migrate_in(
             };
         target.ack(machine.vm.control());
         tracing::info!(
-            "migrated in (post-copy): {} vCPU(s), {} MiB on {} ({} ms after listening); \
+            "migrated in (post-copy): {} vCPU(s), {} on {} ({} ms after listening); \
              the rest of memory follows while the guest runs",
             config.vcpus,
-            config.memory_mib,
+            config.memory,
             config.backend,
             started.elapsed().as_millis()
         );
@@ -824,9 +841,9 @@ fn migrate_in(
         .ack()
         .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
     tracing::info!(
-        "migrated in: {} vCPU(s), {} MiB on {} ({} ms after listening)",
+        "migrated in: {} vCPU(s), {} on {} ({} ms after listening)",
         config.vcpus,
-        config.memory_mib,
+        config.memory,
         config.backend,
         started.elapsed().as_millis()
     );
@@ -938,11 +955,15 @@ mod tests {
         );
     }
 
+    fn mib(n: u64) -> MemorySize {
+        MemorySize::from_mib(n).unwrap()
+    }
+
     fn offered(vcpus: u32, memory_mib: u64) -> vireo_vmcore::snapshot::MachineConfig {
         vireo_vmcore::snapshot::MachineConfig {
             backend: "emu".into(),
             vcpus,
-            memory_mib,
+            memory: mib(memory_mib),
             frontend: serde_json::Value::Null,
         }
     }
@@ -952,16 +973,18 @@ mod tests {
     #[test]
     fn the_offered_machine_must_be_the_targets_own_and_fit_the_host() {
         let four_tib = 4 << 20;
-        let e = check_offered_machine(&offered(1, four_tib), 1, 64, 64, Some(8192)).unwrap_err();
+        let e =
+            check_offered_machine(&offered(1, four_tib), 1, mib(64), 64, Some(8192)).unwrap_err();
         assert!(e.contains("4194304 MiB") && e.contains("--memory"), "{e}");
-        let e = check_offered_machine(&offered(4, 64), 1, 64, 64, Some(8192)).unwrap_err();
+        let e = check_offered_machine(&offered(4, 64), 1, mib(64), 64, Some(8192)).unwrap_err();
         assert!(e.contains("4 vCPU(s)") && e.contains("--cpus"), "{e}");
         // Even a target defined that big is refused by the host check.
-        let e =
-            check_offered_machine(&offered(1, four_tib), 1, four_tib, 64, Some(8192)).unwrap_err();
+        let e = check_offered_machine(&offered(1, four_tib), 1, mib(four_tib), 64, Some(8192))
+            .unwrap_err();
         assert!(e.contains("more than this host"), "{e}");
-        let e = check_offered_machine(&offered(300, 64), 300, 64, 254, Some(8192)).unwrap_err();
+        let e =
+            check_offered_machine(&offered(300, 64), 300, mib(64), 254, Some(8192)).unwrap_err();
         assert!(e.contains("1 to 254"), "{e}");
-        assert!(check_offered_machine(&offered(2, 64), 2, 64, 64, Some(8192)).is_ok());
+        assert!(check_offered_machine(&offered(2, 64), 2, mib(64), 64, Some(8192)).is_ok());
     }
 }

@@ -11,27 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use vireo_block::{DiskImage, OpenOptions};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("vireo-block-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the test directory");
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use vireo_testkit::TempDir;
 
 fn tool_available(name: &str) -> bool {
     Command::new(name)
@@ -151,7 +131,7 @@ fn vireo_images_written_through_the_library_pass_qemu_img_check() {
     }
     let dir = TempDir::new("create");
     for cluster in ["512", "4K", "64K", "2M"] {
-        let image = dir.path(&format!("disk-{cluster}.qcow2"));
+        let image = dir.path().join(format!("disk-{cluster}.qcow2"));
         let out = vireo(
             &[
                 "image",
@@ -187,7 +167,7 @@ fn vireo_images_written_through_the_library_pass_qemu_img_check() {
         }
         img.flush().expect("flush");
         drop(img);
-        let raw = dir.path(&format!("model-{cluster}.raw"));
+        let raw = dir.path().join(format!("model-{cluster}.raw"));
         std::fs::write(&raw, &model).expect("writing the model");
         let report = assert_qemu_check_clean(&image);
         eprintln!("qemu-img check of a vireo image with {cluster} clusters:\n{report}");
@@ -204,14 +184,14 @@ fn qemu_overlays_and_chains_read_correctly_in_vireo() {
         return;
     }
     let dir = TempDir::new("overlay");
-    let base = dir.path("base.raw");
+    let base = dir.path().join("base.raw");
     let mut model = vec![0u8; 4 << 20];
     Rng(9).fill(&mut model[..3 << 20]);
     std::fs::write(&base, &model).expect("writing base");
 
     // raw <- qcow2 (mid, written by qemu) <- qcow2 (top, written by qemu).
-    let mid = dir.path("mid.qcow2");
-    let top = dir.path("top.qcow2");
+    let mid = dir.path().join("mid.qcow2");
+    let top = dir.path().join("top.qcow2");
     qemu_img(
         &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw"],
         &[&mid],
@@ -284,7 +264,7 @@ fn qemu_overlays_and_chains_read_correctly_in_vireo() {
     img.flush().expect("flush");
     drop(img);
     assert_qemu_check_clean(&top);
-    let raw = dir.path("model.raw");
+    let raw = dir.path().join("model.raw");
     std::fs::write(&raw, &model).expect("writing the model");
     assert_same_as_raw(&top, &raw);
     assert_eq!(std::fs::read(&base).expect("base"), {
@@ -294,7 +274,7 @@ fn qemu_overlays_and_chains_read_correctly_in_vireo() {
     });
 
     // An overlay made by vireo over qemu's chain.
-    let ours = dir.path("ours.qcow2");
+    let ours = dir.path().join("ours.qcow2");
     let out = vireo(&["image", "create", "--backing", "top.qcow2"], &[&ours]);
     assert!(out.status.success(), "{}", text(&out));
     assert_qemu_check_clean(&ours);
@@ -312,7 +292,7 @@ fn convert_round_trips_are_byte_identical() {
         return;
     }
     let dir = TempDir::new("convert");
-    let src = dir.path("src.raw");
+    let src = dir.path().join("src.raw");
     // Data with holes, and a size that is not a multiple of the chunk.
     let mut data = vec![0u8; (5 << 20) + 4096];
     let mut rng = Rng(5);
@@ -322,7 +302,7 @@ fn convert_round_trips_are_byte_identical() {
         }
     }
     std::fs::write(&src, &data).expect("writing the source");
-    let q = dir.path("a.qcow2");
+    let q = dir.path().join("a.qcow2");
     let out = vireo(
         &[
             "image",
@@ -337,7 +317,7 @@ fn convert_round_trips_are_byte_identical() {
     assert!(out.status.success(), "{}", text(&out));
     assert_qemu_check_clean(&q);
     assert_same_as_raw(&q, &src);
-    let back = dir.path("back.raw");
+    let back = dir.path().join("back.raw");
     let out = vireo(&["image", "convert", "--format", "raw"], &[&q, &back]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -346,9 +326,9 @@ fn convert_round_trips_are_byte_identical() {
     );
 
     // Compressed clusters written by qemu-img convert -c read correctly.
-    let c = dir.path("c.qcow2");
+    let c = dir.path().join("c.qcow2");
     qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2"], &[&src, &c]);
-    let back2 = dir.path("back2.raw");
+    let back2 = dir.path().join("back2.raw");
     let out = vireo(&["image", "convert", "--format", "raw"], &[&c, &back2]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -363,7 +343,7 @@ fn convert_round_trips_are_byte_identical() {
     drop(img);
     data[70_000..75_000].fill(0xcd);
     assert_qemu_check_clean(&c);
-    let model = dir.path("model.raw");
+    let model = dir.path().join("model.raw");
     std::fs::write(&model, &data).expect("writing the model");
     assert_same_as_raw(&c, &model);
 
@@ -387,7 +367,7 @@ fn images_in_other_qemu_layouts_are_written_correctly() {
         "preallocation=metadata,cluster_size=4096",
     ];
     for (i, o) in opts.iter().enumerate() {
-        let image = dir.path(&format!("l{i}.qcow2"));
+        let image = dir.path().join(format!("l{i}.qcow2"));
         qemu_img(
             &["create", "-q", "-f", "qcow2", "-o", o],
             &[&image, Path::new("3M")],
@@ -407,7 +387,7 @@ fn images_in_other_qemu_layouts_are_written_correctly() {
         img.flush().expect("flush");
         drop(img);
         assert_qemu_check_clean(&image);
-        let raw = dir.path(&format!("l{i}.raw"));
+        let raw = dir.path().join(format!("l{i}.raw"));
         std::fs::write(&raw, &model).expect("writing the model");
         assert_same_as_raw(&image, &raw);
         assert!(
@@ -423,18 +403,18 @@ fn random_io_against_a_model_passes_qemu_img_check() {
         return;
     }
     let dir = TempDir::new("random");
-    let base = dir.path("base.qcow2");
+    let base = dir.path().join("base.qcow2");
     let size: u64 = 6 << 20;
     let mut model = vec![0u8; size as usize];
     let mut rng = Rng(0xdecaf);
     rng.fill(&mut model[..2 << 20]);
-    let base_raw = dir.path("base.raw");
+    let base_raw = dir.path().join("base.raw");
     std::fs::write(&base_raw, &model).expect("writing the base");
     qemu_img(
         &["convert", "-q", "-f", "raw", "-O", "qcow2"],
         &[&base_raw, &base],
     );
-    let image = dir.path("top.qcow2");
+    let image = dir.path().join("top.qcow2");
     let out = vireo(
         &[
             "image",
@@ -485,7 +465,7 @@ fn random_io_against_a_model_passes_qemu_img_check() {
     drop(img);
     let report = assert_qemu_check_clean(&image);
     eprintln!("qemu-img check after 1500 random operations:\n{report}");
-    let raw = dir.path("model.raw");
+    let raw = dir.path().join("model.raw");
     std::fs::write(&raw, &model).expect("writing the model");
     assert_same_as_raw(&image, &raw);
 }
@@ -513,7 +493,7 @@ fn corrupt_images_are_refused_with_exit_2() {
     }
     let dir = TempDir::new("corrupt");
     let make = |name: &str| -> PathBuf {
-        let p = dir.path(name);
+        let p = dir.path().join(name);
         qemu_img(
             &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"],
             &[&p, Path::new("1M")],
@@ -561,7 +541,7 @@ fn corrupt_images_are_refused_with_exit_2() {
             &["image", "info"][..],
             &["image", "convert", "--format", "raw"][..],
         ] {
-            let out_raw = dir.path("out.raw");
+            let out_raw = dir.path().join("out.raw");
             let mut paths: Vec<&Path> = vec![p];
             if verb.len() > 2 {
                 paths.push(&out_raw);
@@ -598,7 +578,7 @@ fn corrupt_images_are_refused_with_exit_2() {
 #[test]
 fn create_errors_and_help() {
     let dir = TempDir::new("errors");
-    let image = dir.path("a.qcow2");
+    let image = dir.path().join("a.qcow2");
     let out = vireo(&["image", "create", "--size", "1M"], &[&image]);
     assert!(out.status.success(), "{}", text(&out));
     let cases: Vec<(Vec<&str>, PathBuf, &str)> = vec![
@@ -609,32 +589,32 @@ fn create_errors_and_help() {
         ),
         (
             vec!["image", "create", "--size", "ten"],
-            dir.path("b"),
+            dir.path().join("b"),
             "is not a size",
         ),
         (
             vec!["image", "create", "--size", "1M", "--cluster-size", "3K"],
-            dir.path("c"),
+            dir.path().join("c"),
             "not a power of two",
         ),
         (
             vec!["image", "create", "--backing", "missing.raw"],
-            dir.path("d"),
+            dir.path().join("d"),
             "missing.raw",
         ),
         (
             vec!["image", "create", "--format", "raw", "--backing", "a.qcow2"],
-            dir.path("e"),
+            dir.path().join("e"),
             "--backing needs --format qcow2",
         ),
         (
             vec!["image", "info"],
-            dir.path("nothing"),
+            dir.path().join("nothing"),
             "nothing: opening failed",
         ),
         (
             vec!["image", "convert", "--format", "raw", "/nonexistent"],
-            dir.path("f"),
+            dir.path().join("f"),
             "/nonexistent",
         ),
     ];
@@ -657,7 +637,7 @@ fn create_errors_and_help() {
         );
     }
     // A raw image is a sparse file of the size asked for.
-    let raw = dir.path("r.raw");
+    let raw = dir.path().join("r.raw");
     let out = vireo(
         &["image", "create", "--format", "raw", "--size", "3G"],
         &[&raw],
@@ -674,7 +654,7 @@ fn refcount_table_growth_passes_qemu_img_check() {
     // 512-byte clusters: one refcount table cluster covers 8 MiB of file,
     // so writing 12 MiB moves the table to bigger, new clusters.
     let dir = TempDir::new("growth");
-    let image = dir.path("g.qcow2");
+    let image = dir.path().join("g.qcow2");
     let out = vireo(
         &["image", "create", "--size", "12M", "--cluster-size", "512"],
         &[&image],
@@ -696,7 +676,7 @@ fn refcount_table_growth_passes_qemu_img_check() {
     );
     let report = assert_qemu_check_clean(&image);
     eprintln!("qemu-img check after the refcount table grew:\n{report}");
-    let raw = dir.path("g.raw");
+    let raw = dir.path().join("g.raw");
     std::fs::write(&raw, &data).expect("writing the model");
     assert_same_as_raw(&image, &raw);
 }

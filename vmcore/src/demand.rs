@@ -374,7 +374,7 @@ mod tests {
     }
 
     fn armed(mib: u64) -> Option<(Arc<GuestMemory>, Arc<DemandMemory>)> {
-        let mem = Arc::new(crate::memory::create_guest_memory(mib << 20).unwrap());
+        let mem = Arc::new(crate::memory::test_memory(mib));
         match DemandMemory::register(&mem) {
             Ok(d) => Some((mem, Arc::new(d))),
             Err(DemandError::Unavailable(why)) => {
@@ -471,7 +471,7 @@ mod tests {
     /// (and only those) fault and get the fresh copy.
     #[test]
     fn only_the_named_pages_are_fetched_again() {
-        let mem = crate::memory::create_guest_memory(4 << 20).unwrap();
+        let mem = crate::memory::test_memory(4);
         for gpa in (0..4u64 << 20).step_by(PAGE as usize) {
             mem.write_slice(&[0xaa; PAGE as usize], GuestAddress(gpa))
                 .unwrap();

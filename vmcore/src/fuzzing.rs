@@ -99,9 +99,10 @@ pub fn save_seeds(target: &str, inputs: &[&[u8]]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::boot::kernel::tests::{bzimage, elf_image};
+    use crate::boot::kernel::tests::INIT_SIZE;
     use crate::snapshot::{MachineConfig, VmSnapshot};
     use vireo_hypervisor::{CpuidEntry, Hypervisor};
+    use vireo_testkit::kernel::{bzimage_with, elf_vmlinux};
 
     pub(crate) struct XorShift(pub u64);
     impl XorShift {
@@ -144,7 +145,7 @@ pub(crate) mod tests {
             config: MachineConfig {
                 backend: "emu".into(),
                 vcpus: 1,
-                memory_mib: 16,
+                memory: vireo_api::units::MemorySize::mib_const(16),
                 frontend: serde_json::json!({"devices": []}),
             },
             cpuid: vec![vec![CpuidEntry::default(); 2]],
@@ -177,8 +178,8 @@ pub(crate) mod tests {
     #[test]
     fn kernel_image_survives_random_and_mutated_images() {
         let code = [0x90u8; 64];
-        let elf = elf_image(0x10_0000, &code);
-        let bz = bzimage(0x20f, 1, &[0xcc; 0x400]);
+        let elf = elf_vmlinux(0x10_0000, &code);
+        let bz = bzimage_with(0x20f, 1, INIT_SIZE, &[0xcc; 0x400]);
         // A bzImage with a gzip payload holding an ELF (as a real build
         // lays it out).
         let packed = {
@@ -189,7 +190,7 @@ pub(crate) mod tests {
             payload.extend_from_slice(&(elf.len() as u32).to_le_bytes());
             let mut pm = vec![0xccu8; 0x100];
             pm.extend_from_slice(&payload);
-            let mut f = bzimage(0x20f, 1, &pm);
+            let mut f = bzimage_with(0x20f, 1, INIT_SIZE, &pm);
             f[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes());
             f[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
             f
@@ -223,7 +224,7 @@ pub(crate) mod tests {
         let mut pm = vec![0xccu8; 0x100];
         let payload = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f];
         pm.extend_from_slice(&payload);
-        let mut f = bzimage(0x20f, 1, &pm);
+        let mut f = bzimage_with(0x20f, 1, INIT_SIZE, &pm);
         f[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes());
         f[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         let hdr = kernel::read_setup_header(&f).unwrap();

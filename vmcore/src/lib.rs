@@ -1,8 +1,11 @@
 //! The vireo VM core: guest memory, Linux boot, vCPU threads, the I/O buses
 //! and the run loop, over any backend of `vireo-hypervisor`.
 //!
-//! It depends only on the hypervisor layer; device models, the CLI and the
-//! control plane build on it, never the other way round.
+//! It depends on the hypervisor layer (and the sandbox's thread filters)
+//! and on `vireo-api` for the units it shares with every layer
+//! ([`vireo_api::units::MemorySize`]); device models, the VMM, the CLI and
+//! the control plane build on it, never the other way round. Where guest
+//! RAM is, is [`memory::RamLayout`]: read it, do not re-derive it.
 
 pub mod boot;
 pub mod bus;

@@ -1,6 +1,7 @@
 //! Guest physical memory: anonymous host mappings (vm-memory's
 //! `GuestMemoryMmap`) laid out around the 32-bit MMIO hole.
 
+use vireo_api::units::MemorySize;
 use vm_memory::GuestAddress;
 
 use crate::layout;
@@ -13,35 +14,70 @@ pub use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("cannot map {mib} MiB of guest memory: {reason}")]
-    Map { mib: u64, reason: String },
+    #[error("cannot map {size} of guest memory: {reason}")]
+    Map { size: MemorySize, reason: String },
 }
 
-/// The guest RAM ranges for `size` bytes: below the MMIO hole, then above 4 GiB.
-pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
-    let low = size.min(layout::MMIO_HOLE_START);
-    let mut ranges = vec![(GuestAddress(0), low as usize)];
-    if size > low {
-        ranges.push((GuestAddress(layout::MMIO_HOLE_END), (size - low) as usize));
+/// Where a guest's RAM is: from 0 up to the 32-bit MMIO hole, and the rest
+/// from 4 GiB. Guest memory, the E820 table, the CMOS, snapshots and
+/// migration all read it from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamLayout {
+    size: MemorySize,
+}
+
+impl RamLayout {
+    pub const fn new(size: MemorySize) -> RamLayout {
+        RamLayout { size }
     }
-    ranges
+
+    /// The RAM the guest has.
+    pub const fn size(&self) -> MemorySize {
+        self.size
+    }
+
+    /// Bytes of RAM below the MMIO hole (from address 0): also where low
+    /// RAM ends.
+    pub fn below_hole(&self) -> u64 {
+        self.size.bytes().min(layout::MMIO_HOLE_START)
+    }
+
+    /// Bytes of RAM from 4 GiB up (0 for a guest that fits below the hole).
+    pub fn above_4g(&self) -> u64 {
+        self.size.bytes() - self.below_hole()
+    }
+
+    /// The guest physical address just past the highest byte of RAM.
+    pub fn top(&self) -> u64 {
+        match self.above_4g() {
+            0 => self.below_hole(),
+            above => layout::MMIO_HOLE_END + above,
+        }
+    }
+
+    /// The RAM ranges, (start, length) in address order: below the hole,
+    /// then above 4 GiB if there is more.
+    pub fn ranges(&self) -> Vec<(GuestAddress, u64)> {
+        let mut ranges = vec![(GuestAddress(0), self.below_hole())];
+        if self.above_4g() > 0 {
+            ranges.push((GuestAddress(layout::MMIO_HOLE_END), self.above_4g()));
+        }
+        ranges
+    }
 }
 
-/// Map `size` bytes of guest RAM (lazily backed: pages are only allocated
-/// when the guest touches them).
-pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
-    GuestMemory::from_ranges(&ram_ranges(size)).map_err(|e| MemoryError::Map {
-        mib: size >> 20,
+/// Map the guest RAM `ram` lays out (lazily backed: pages are only
+/// allocated when the guest touches them).
+pub fn create_guest_memory(ram: &RamLayout) -> Result<GuestMemory, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> = ram
+        .ranges()
+        .into_iter()
+        .map(|(start, len)| (start, len as usize))
+        .collect();
+    GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError::Map {
+        size: ram.size(),
         reason: e.to_string(),
     })
-}
-
-/// End of RAM below the MMIO hole.
-pub fn low_ram_end(mem: &GuestMemory) -> u64 {
-    mem.iter()
-        .find(|r| r.start_addr().0 == 0)
-        .map(|r| r.len())
-        .unwrap_or(0)
 }
 
 /// Host mapping of each region, for the hypervisor: (guest address, size, host address).
@@ -59,6 +95,12 @@ pub fn take_device_dirty(mem: &GuestMemory) -> Vec<Vec<u64>> {
         .collect()
 }
 
+/// `mib` MiB of guest memory, for tests.
+#[cfg(test)]
+pub(crate) fn test_memory(mib: u64) -> GuestMemory {
+    create_guest_memory(&RamLayout::new(MemorySize::mib_const(mib))).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,7 +108,7 @@ mod tests {
     #[test]
     fn device_writes_are_tracked_per_region() {
         use vm_memory::{Bytes, GuestAddress};
-        let mem = create_guest_memory(4 << 20).unwrap();
+        let mem = test_memory(4);
         take_device_dirty(&mem);
         mem.write_obj(0xdead_beefu32, GuestAddress(3 * 4096 + 10))
             .unwrap();
@@ -80,13 +122,19 @@ mod tests {
 
     #[test]
     fn small_memory_is_one_range() {
-        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        let ram = RamLayout::new(MemorySize::mib_const(256));
+        assert_eq!(ram.ranges(), vec![(GuestAddress(0), 256 << 20)]);
+        assert_eq!((ram.below_hole(), ram.above_4g()), (256 << 20, 0));
+        assert_eq!(ram.top(), 256 << 20);
     }
 
     #[test]
     fn large_memory_skips_the_mmio_hole() {
-        let r = ram_ranges(4 << 30);
+        let ram = RamLayout::new(MemorySize::mib_const(4 << 10));
+        let r = ram.ranges();
         assert_eq!(r[0], (GuestAddress(0), 3 << 30));
         assert_eq!(r[1], (GuestAddress(4 << 30), 1 << 30));
+        assert_eq!((ram.below_hole(), ram.above_4g()), (3 << 30, 1 << 30));
+        assert_eq!(ram.top(), 5 << 30);
     }
 }

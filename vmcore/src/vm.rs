@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use std::sync::Mutex;
 
+use vireo_api::units::MemorySize;
 use vireo_hypervisor::{CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
 
 use crate::boot::{self, BootError, BootInfo, BootSpec};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::control::{ExitReason, StateError, VmControl};
-use crate::memory::{self, GuestMemory, MemoryError};
+use crate::memory::{self, GuestMemory, MemoryError, RamLayout};
 use crate::snapshot::{MachineConfig, SharedSnapshottable, SnapshotError, VmSnapshot};
 use crate::vcpu::{self, Buses, SharedVcpu, VcpuStats, VcpuThread};
 
@@ -23,7 +24,7 @@ pub const MAX_VCPUS_XAPIC: u32 = 254;
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub vcpus: u32,
-    pub memory_mib: u64,
+    pub memory: MemorySize,
     pub boot: BootSpec,
 }
 
@@ -31,16 +32,21 @@ pub struct VmConfig {
 /// configuration mistakes (the user can fix them) from VMM failures.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("--cpus {requested}: must be between 1 and {max} (the most {backend} allows here)")]
+    #[error(
+        "{requested} vCPUs: there must be between 1 and {max} (the most {backend} allows here)"
+    )]
     BadVcpuCount {
         requested: u32,
         max: u32,
         backend: &'static str,
     },
-    #[error("--memory {requested}: must be at least {MIN_MEMORY_MIB} MiB")]
-    MemoryTooSmall { requested: u64 },
-    #[error("--memory {requested}: more than this host can give ({host} MiB of RAM and swap)")]
-    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("{requested} of guest memory: there must be at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall { requested: MemorySize },
+    #[error("{requested} of guest memory: more than this host can give ({host_mib} MiB of RAM and swap)")]
+    MemoryTooLarge {
+        requested: MemorySize,
+        host_mib: u64,
+    },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -85,16 +91,16 @@ pub fn validate(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<(), VmError> {
             backend: hv.name(),
         });
     }
-    if cfg.memory_mib < MIN_MEMORY_MIB {
+    if cfg.memory.mib() < MIN_MEMORY_MIB {
         return Err(VmError::MemoryTooSmall {
-            requested: cfg.memory_mib,
+            requested: cfg.memory,
         });
     }
     if let Some(host) = vireo_hypervisor::host::host_memory_bytes() {
-        if cfg.memory_mib > host >> 20 {
+        if cfg.memory.bytes() > host {
             return Err(VmError::MemoryTooLarge {
-                requested: cfg.memory_mib,
-                host: host >> 20,
+                requested: cfg.memory,
+                host_mib: host >> 20,
             });
         }
     }
@@ -121,7 +127,7 @@ pub struct Vm {
 struct SaveInfo {
     backend: &'static str,
     vcpus: u32,
-    memory_mib: u64,
+    ram: RamLayout,
     cpuid: Vec<Vec<CpuidEntry>>,
     msr_indices: Vec<u32>,
 }
@@ -129,9 +135,11 @@ struct SaveInfo {
 impl Vm {
     pub fn new(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<Vm, VmError> {
         validate(hv, cfg)?;
-        let memory = memory::create_guest_memory(cfg.memory_mib << 20)?;
+        let ram = RamLayout::new(cfg.memory);
+        let memory = memory::create_guest_memory(&ram)?;
         let boot = boot::prepare(
             &memory,
+            &ram,
             &BootSpec {
                 vcpus: cfg.vcpus,
                 ..cfg.boot.clone()
@@ -173,7 +181,7 @@ impl Vm {
             saved: SaveInfo {
                 backend: hv.name(),
                 vcpus: cfg.vcpus,
-                memory_mib: cfg.memory_mib,
+                ram,
                 cpuid: cpuids,
                 msr_indices: hv.supported_msrs()?,
             },
@@ -191,16 +199,15 @@ impl Vm {
         let cfg = &snap.config;
         if cfg.backend != hv.name() {
             return Err(SnapshotError::Mismatch(format!(
-                "the snapshot was taken on the {} backend and cannot be restored on {} (use --accel {})",
+                "the snapshot was taken on the {} backend and cannot be restored on {}",
                 cfg.backend,
                 hv.name(),
-                cfg.backend
             ))
             .into());
         }
         let dummy = VmConfig {
             vcpus: cfg.vcpus,
-            memory_mib: cfg.memory_mib,
+            memory: cfg.memory,
             boot: BootSpec {
                 kernel: Default::default(),
                 initrd: None,
@@ -236,7 +243,7 @@ impl Vm {
             saved: SaveInfo {
                 backend: hv.name(),
                 vcpus: cfg.vcpus,
-                memory_mib: cfg.memory_mib,
+                ram: cfg.ram_layout(),
                 cpuid: snap.cpuid.clone(),
                 msr_indices: hv.supported_msrs()?,
             },
@@ -250,6 +257,11 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Where the guest's RAM is (what the CMOS and the E820 table report).
+    pub fn ram_layout(&self) -> RamLayout {
+        self.saved.ram
     }
 
     pub fn control(&self) -> Arc<VmControl> {
@@ -358,7 +370,7 @@ impl RunningVm {
         MachineConfig {
             backend: self.saved.backend.to_string(),
             vcpus: self.saved.vcpus,
-            memory_mib: self.saved.memory_mib,
+            memory: self.saved.ram.size(),
             frontend,
         }
     }
@@ -392,7 +404,7 @@ impl RunningVm {
             config: MachineConfig {
                 backend: self.saved.backend.to_string(),
                 vcpus: self.saved.vcpus,
-                memory_mib: self.saved.memory_mib,
+                memory: self.saved.ram.size(),
                 frontend,
             },
             cpuid: self.saved.cpuid.clone(),
@@ -603,6 +615,8 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
     use vireo_hypervisor::kvm::KvmHypervisor;
+    use vireo_testkit::kernel::elf_vmlinux;
+    use vireo_testkit::TempDir;
 
     struct Counter(Arc<AtomicU64>);
     impl BusDevice for Counter {
@@ -625,14 +639,9 @@ mod tests {
     }
 
     /// A guest that writes port 0x500 forever: `mov dx, 0x500; l: out dx, al; jmp l`.
-    fn spinning_guest() -> std::path::PathBuf {
+    fn spinning_guest(dir: &TempDir) -> std::path::PathBuf {
         let code = [0x66, 0xba, 0x00, 0x05, 0xee, 0xeb, 0xfd];
-        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("vireo-spin-{}-{n}.elf", std::process::id()));
-        std::fs::write(&path, image).unwrap();
-        path
+        dir.write("spin.elf", &elf_vmlinux(0x10_0000, &code))
     }
 
     #[test]
@@ -647,10 +656,11 @@ mod tests {
     }
 
     fn pause_and_resume(hv: &dyn Hypervisor) {
-        let kernel = spinning_guest();
+        let dir = TempDir::new("vm-spin");
+        let kernel = spinning_guest(&dir);
         let cfg = VmConfig {
             vcpus: 2,
-            memory_mib: 32,
+            memory: MemorySize::mib_const(32),
             boot: BootSpec {
                 kernel: kernel.clone(),
                 initrd: None,
@@ -698,7 +708,6 @@ mod tests {
             "guest did not continue after resume"
         );
         assert_eq!(running.stop(), ExitReason::Stopped);
-        let _ = std::fs::remove_file(kernel);
     }
 
     /// A guest write to an address registered as an MMIO event signals the
@@ -710,12 +719,11 @@ mod tests {
         let code = [
             0xb8, 0x00, 0x30, 0x00, 0xd0, 0x66, 0xc7, 0x00, 0x01, 0x00, 0xeb, 0xfe,
         ];
-        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
-        let kernel = std::env::temp_dir().join(format!("vireo-ioevent-{}.elf", std::process::id()));
-        std::fs::write(&kernel, image).unwrap();
+        let dir = TempDir::new("vm-ioevent");
+        let kernel = dir.write("ioevent.elf", &elf_vmlinux(0x10_0000, &code));
         let cfg = VmConfig {
             vcpus: 1,
-            memory_mib: 32,
+            memory: MemorySize::mib_const(32),
             boot: BootSpec {
                 kernel: kernel.clone(),
                 initrd: None,
@@ -746,7 +754,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(running.stop(), ExitReason::Stopped);
-        let _ = std::fs::remove_file(kernel);
         assert!(signalled, "the eventfd was not signalled");
         assert_eq!(
             exits.load(Ordering::SeqCst),
@@ -762,15 +769,11 @@ mod tests {
         use vm_memory::{Bytes, GuestAddress};
         // mov eax, 0x200000; l: inc dword [eax]; jmp l
         let code = [0xb8, 0x00, 0x00, 0x20, 0x00, 0xff, 0x00, 0xeb, 0xfc];
-        let image = crate::boot::kernel::tests::elf_image(0x10_0000, &code);
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let kernel =
-            std::env::temp_dir().join(format!("vireo-dirty-{}-{n}.elf", std::process::id()));
-        std::fs::write(&kernel, image).unwrap();
+        let dir = TempDir::new("vm-dirty");
+        let kernel = dir.write("dirty.elf", &elf_vmlinux(0x10_0000, &code));
         let cfg = VmConfig {
             vcpus: 1,
-            memory_mib: 32,
+            memory: MemorySize::mib_const(32),
             boot: BootSpec {
                 kernel: kernel.clone(),
                 initrd: None,
@@ -821,7 +824,6 @@ mod tests {
         running.resume().unwrap();
         running.stop_dirty_log().unwrap();
         assert_eq!(running.stop(), ExitReason::Stopped);
-        let _ = std::fs::remove_file(kernel);
     }
 
     #[test]
@@ -847,7 +849,7 @@ mod tests {
         for (vcpus, mib) in [(0, 64), (100_000, 64), (1, 1), (1, u64::MAX >> 21)] {
             let cfg = VmConfig {
                 vcpus,
-                memory_mib: mib,
+                memory: MemorySize::from_mib(mib).unwrap(),
                 boot: spec.clone(),
             };
             let e = Vm::new(&kvm, &cfg).err().expect("refused");

@@ -4,6 +4,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::create::new_image_bytes;
+use super::mapping::{Cluster, OFFSET_MASK};
+use super::refcount::{refcount_get, refcount_set};
 use super::*;
 use crate::raw::Raw;
 

@@ -438,7 +438,7 @@ impl Cpu {
                 let snap = self.snapshot();
                 let result = self.fetch_decode().and_then(|instr| {
                     self.next_rip = instr.next_ip();
-                    crate::exec::execute(self, &instr)
+                    crate::exec::dispatch::execute(self, &instr)
                 });
                 return self.finish(result, snap);
             }

@@ -57,7 +57,7 @@ pub(crate) mod form {
 /// operand kinds are looked up again on every execution.
 ///
 /// `W` is 32 or 64 when every register operand is known at decode time to
-/// be a 32-bit or 64-bit GPR (see [`super::full_gpr`]): the registers are
+/// be a 32-bit or 64-bit GPR (see [`super::operand::full_gpr`]): the registers are
 /// then indexed directly and the width is a constant; 0 handles any width.
 pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool, const W: u32>(
     cpu: &mut Cpu,
@@ -67,14 +67,16 @@ pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool, const W
     let bits = if W != 0 {
         W
     } else {
-        let Some((_, bits, _)) = super::gpr_info(dst) else {
+        let Some((_, bits, _)) = super::operand::gpr_info(dst) else {
             return binary(cpu, i);
         };
         bits
     };
     let m = mask(bits);
     let b = match FORM {
-        form::REG_REG if W != 0 => cpu.state.gpr[super::full_gpr::<W>(i.op1_register())] & m,
+        form::REG_REG if W != 0 => {
+            cpu.state.gpr[super::operand::full_gpr::<W>(i.op1_register())] & m
+        }
         form::REG_REG => cpu.reg(i.op1_register()),
         form::REG_IMM => i.immediate(1) & m,
         _ => {
@@ -82,7 +84,7 @@ pub(crate) fn binary_form<const OP: u8, const FORM: u8, const A64: bool, const W
             cpu.read_mem(la, (bits / 8) as usize)?
         }
     };
-    let d = super::full_gpr::<W>(dst);
+    let d = super::operand::full_gpr::<W>(dst);
     let a = if W != 0 {
         cpu.state.gpr[d] & m
     } else {

@@ -8,7 +8,7 @@
 //! Every handler here computes exactly what the generic handler of its
 //! mnemonic computes (the differential tests cover each form), reads and
 //! checks everything that may fault before it writes a register, and so
-//! needs no register snapshot (see [`super::handler_info`]).
+//! needs no register snapshot (see [`super::dispatch::handler_info`]).
 //!
 //! `A64` handlers are chosen only for 64-bit code whose memory operand uses
 //! 64-bit addressing (base and index absent, RIP or 64-bit GPRs): their
@@ -26,7 +26,7 @@ use crate::cpu::{Cpu, Flow};
 use crate::exceptions::gp0;
 use crate::mmu::is_canonical;
 
-use super::gpr_info;
+use super::operand::gpr_info;
 
 impl Cpu {
     /// The linear address of the memory operand of 64-bit code with 64-bit

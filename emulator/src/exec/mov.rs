@@ -162,7 +162,7 @@ pub(crate) fn mov_form<const FORM: u8, const A64: bool, const W: u32>(
     cpu: &mut Cpu,
     i: &Instruction,
 ) -> Flow {
-    use super::full_gpr;
+    use super::operand::full_gpr;
     let m = mask(W);
     if W != 0 {
         match FORM {

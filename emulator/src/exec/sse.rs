@@ -8,7 +8,7 @@
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 use super::float::{self, Ctl, Fmt, Op};
-use super::{gpr_info, xmm_index};
+use super::operand::{gpr_info, xmm_index};
 use crate::cpu::state::{cr0, cr4};
 use crate::cpu::{Cpu, Flow};
 use crate::exceptions::{exc, gp0, ud, NM};

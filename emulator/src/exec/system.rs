@@ -813,7 +813,7 @@ pub(crate) fn mov_cr_dr(cpu: &mut Cpu, i: &Instruction) -> Flow {
 }
 
 fn gpr_of(r: Register) -> bool {
-    super::gpr_info(r).is_some()
+    super::operand::gpr_info(r).is_some()
 }
 
 fn seg_of(r: Register) -> Option<SegReg> {

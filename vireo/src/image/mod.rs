@@ -475,17 +475,12 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn FnMut(&str)) -> Result<Gues
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vireo-image-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
+    use vireo_testkit::TempDir;
 
     #[test]
     fn open_reads_the_manifest() {
-        let dir = temp_dir("open");
+        let tmp = TempDir::new("image-open");
+        let dir = tmp.path().to_path_buf();
         fs::write(dir.join("vmlinuz"), b"k").unwrap();
         fs::write(dir.join("initrd.img"), b"i").unwrap();
         fs::write(
@@ -509,12 +504,12 @@ mod tests {
             GuestKit::open(&dir),
             Err(ImageError::KitInvalid { .. })
         ));
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn open_without_a_kit_names_the_fix() {
-        let dir = temp_dir("missing");
+        let tmp = TempDir::new("image-missing");
+        let dir = tmp.path().to_path_buf();
         let e = GuestKit::open(&dir).unwrap_err();
         assert!(matches!(e, ImageError::KitMissing { .. }));
         let msg = e.to_string();
@@ -523,7 +518,6 @@ mod tests {
                 && msg.contains("run `vireo image build --out"),
             "{msg}"
         );
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -579,12 +573,12 @@ mod tests {
         if std::env::var_os("VIREO_IMAGE_BUILD_TEST").is_none() {
             return;
         }
-        let dir = temp_dir("build");
+        let tmp = TempDir::new("image-build");
+        let dir = tmp.path().to_path_buf();
         let kit = build(&BuildOptions { out: dir.clone() }, &mut |l| {
             eprintln!("{l}")
         })
         .unwrap();
         assert!(kit.kernel.is_file() && kit.initrd.is_file());
-        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -172,11 +172,10 @@ pub fn setup_bsp(vcpu: &dyn Vcpu, entry: u64) -> Result<(), BootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::create_guest_memory;
 
     #[test]
     fn identity_map_covers_the_first_4gib() {
-        let mem = create_guest_memory(64 << 20).unwrap();
+        let mem = crate::memory::test_memory(64);
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(layout::PML4_START)).unwrap();
         assert_eq!(pml4 & !0xfff, layout::PDPT_START);

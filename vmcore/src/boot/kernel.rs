@@ -272,52 +272,11 @@ pub fn mentions_pvm_guest(image: &[u8]) -> Option<bool> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::memory::create_guest_memory;
+    use vireo_testkit::kernel::{bzimage_with, elf_vmlinux};
     use vm_memory::Bytes;
 
-    /// A minimal valid ELF64 x86-64 executable with one PT_LOAD at `paddr`.
-    pub fn elf_image(paddr: u64, code: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; 0x1000];
-        f[..4].copy_from_slice(ELF_MAGIC);
-        f[4] = 2; // ELFCLASS64
-        f[5] = 1; // little endian
-        f[6] = 1; // EV_CURRENT
-        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
-        f[20..24].copy_from_slice(&1u32.to_le_bytes());
-        f[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
-        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
-        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
-        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
-        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
-        let ph = 64;
-        f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
-        f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
-        f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
-        f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
-        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        f[ph + 40..ph + 48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-        f[ph + 48..ph + 56].copy_from_slice(&0x1000u64.to_le_bytes());
-        f.extend_from_slice(code);
-        f
-    }
-
-    /// A bzImage with 4 setup sectors and `payload` as its protected-mode part.
-    pub fn bzimage(version: u16, xloadflags: u16, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![0u8; 5 * 512];
-        f[0x1f1] = 4;
-        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
-        f[0x202..0x206].copy_from_slice(HDRS_MAGIC);
-        f[0x206..0x208].copy_from_slice(&version.to_le_bytes());
-        f[0x211] = 1; // LOADED_HIGH
-        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
-        f[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
-        f[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
-        f[0x260..0x264].copy_from_slice(&(0x40_0000u32).to_le_bytes()); // init_size
-        f.extend_from_slice(payload);
-        f
-    }
+    /// What the loader tests' bzImages decompress into (4 MiB).
+    pub(crate) const INIT_SIZE: u32 = 0x40_0000;
 
     /// A bzImage whose payload is `vmlinux` compressed by `compress`, with
     /// the size trailer and payload fields a real build writes.
@@ -327,7 +286,7 @@ pub(crate) mod tests {
         // 0x100 bytes of "decompressor" before the payload.
         let mut pm = vec![0xccu8; 0x100];
         pm.extend_from_slice(&payload);
-        let mut f = bzimage(0x20f, 1, &pm);
+        let mut f = bzimage_with(0x20f, 1, INIT_SIZE, &pm);
         f[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes());
         f[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         f[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
@@ -350,12 +309,12 @@ pub(crate) mod tests {
 
     #[test]
     fn unpacks_gzip_and_xz_payloads_on_the_host() {
-        let vmlinux = elf_image(0x20_0000, &[0xf4, 0x90, 0x90, 0x0f, 0x0b]);
+        let vmlinux = elf_vmlinux(0x20_0000, &[0xf4, 0x90, 0x90, 0x0f, 0x0b]);
         for (name, image) in [
             ("gzip", packed_bzimage(&vmlinux, gzip)),
             ("xz", packed_bzimage(&vmlinux, xz)),
         ] {
-            let mem = create_guest_memory(32 << 20).unwrap();
+            let mem = crate::memory::test_memory(32);
             let k = load_kernel(&mem, name, &image, true).unwrap();
             assert!(k.unpacked, "{name}");
             assert_eq!(k.format, KernelFormat::BzImage);
@@ -373,8 +332,8 @@ pub(crate) mod tests {
 
     #[test]
     fn corrupt_or_unknown_payloads() {
-        let vmlinux = elf_image(0x20_0000, &[0xf4]);
-        let mem = create_guest_memory(32 << 20).unwrap();
+        let vmlinux = elf_vmlinux(0x20_0000, &[0xf4]);
+        let mem = crate::memory::test_memory(32);
         // A flipped byte inside the xz stream: refused, naming the problem.
         let mut image = packed_bzimage(&vmlinux, xz);
         let mid = 5 * 512 + 0x100 + 40;
@@ -404,15 +363,21 @@ pub(crate) mod tests {
         assert!(!load_kernel(&mem, "past", &image, true).unwrap().unpacked);
         let mut payload = vec![0u8; 0x200];
         payload.push(0xf4);
-        let k = load_kernel(&mem, "nopayload", &bzimage(0x20f, 1, &payload), true).unwrap();
+        let k = load_kernel(
+            &mem,
+            "nopayload",
+            &bzimage_with(0x20f, 1, INIT_SIZE, &payload),
+            true,
+        )
+        .unwrap();
         assert!(!k.unpacked);
         assert_eq!(k.entry, 0x10_0200);
     }
 
     #[test]
     fn loads_elf_at_paddr_and_enters_at_e_entry() {
-        let mem = create_guest_memory(16 << 20).unwrap();
-        let image = elf_image(0x20_0000, &[0xf4, 0x90, 0x90]);
+        let mem = crate::memory::test_memory(16);
+        let image = elf_vmlinux(0x20_0000, &[0xf4, 0x90, 0x90]);
         let k = load_kernel(&mem, "vmlinux", &image, false).unwrap();
         assert_eq!(k.format, KernelFormat::Elf);
         assert_eq!(k.entry, 0x20_0000);
@@ -422,10 +387,16 @@ pub(crate) mod tests {
 
     #[test]
     fn loads_bzimage_with_64bit_entry_and_init_size() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::test_memory(16);
         let mut payload = vec![0u8; 0x200];
         payload.push(0xf4);
-        let k = load_kernel(&mem, "bzImage", &bzimage(0x20f, 1, &payload), false).unwrap();
+        let k = load_kernel(
+            &mem,
+            "bzImage",
+            &bzimage_with(0x20f, 1, INIT_SIZE, &payload),
+            false,
+        )
+        .unwrap();
         assert_eq!(k.format, KernelFormat::BzImage);
         assert_eq!(k.entry, 0x10_0200);
         assert_eq!(k.end, 0x10_0000 + 0x40_0000);
@@ -435,21 +406,33 @@ pub(crate) mod tests {
 
     #[test]
     fn refuses_old_or_32bit_bzimage() {
-        let mem = create_guest_memory(16 << 20).unwrap();
-        let e = load_kernel(&mem, "old", &bzimage(0x205, 1, &[0; 0x300]), false).unwrap_err();
+        let mem = crate::memory::test_memory(16);
+        let e = load_kernel(
+            &mem,
+            "old",
+            &bzimage_with(0x205, 1, INIT_SIZE, &[0; 0x300]),
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("2.05"), "{e}");
-        let e = load_kernel(&mem, "32", &bzimage(0x20f, 0, &[0; 0x300]), false).unwrap_err();
+        let e = load_kernel(
+            &mem,
+            "32",
+            &bzimage_with(0x20f, 0, INIT_SIZE, &[0; 0x300]),
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("64-bit"), "{e}");
     }
 
     #[test]
     fn refuses_non_kernels_truncated_and_corrupt_files() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::test_memory(16);
         let e = load_kernel(&mem, "junk.bin", b"hello world, not a kernel", false).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel(_)));
         assert!(e.to_string().contains("junk.bin"));
 
-        let elf = elf_image(0x20_0000, &[0x90; 64]);
+        let elf = elf_vmlinux(0x20_0000, &[0x90; 64]);
         for cut in [10, 63, 100, 0x1010] {
             assert!(
                 load_kernel(&mem, "cut", &elf[..cut], false).is_err(),
@@ -467,23 +450,26 @@ pub(crate) mod tests {
         bad_ph[64 + 8..64 + 16].copy_from_slice(&0xffff_ffffu64.to_le_bytes());
         assert!(load_kernel(&mem, "x", &bad_ph, false).is_err());
         // Segment outside guest memory.
-        let far = elf_image(0x4000_0000, &[0x90; 16]);
+        let far = elf_vmlinux(0x4000_0000, &[0x90; 16]);
         assert!(load_kernel(&mem, "x", &far, false).is_err());
 
-        let bz = bzimage(0x20f, 1, &[0u8; 0x300]);
+        let bz = bzimage_with(0x20f, 1, INIT_SIZE, &[0u8; 0x300]);
         assert!(load_kernel(&mem, "cut", &bz[..0x210], false).is_err());
         assert!(load_kernel(&mem, "cut", &bz[..0x300], false).is_err());
     }
 
     #[test]
     fn pvm_marker_only_checked_in_uncompressed_images() {
-        let mut with = elf_image(0x20_0000, &[0x90; 16]);
+        let mut with = elf_vmlinux(0x20_0000, &[0x90; 16]);
         with.extend_from_slice(b"..pvm-guest: ..");
         assert_eq!(mentions_pvm_guest(&with), Some(true));
         assert_eq!(
-            mentions_pvm_guest(&elf_image(0x20_0000, &[0; 4])),
+            mentions_pvm_guest(&elf_vmlinux(0x20_0000, &[0; 4])),
             Some(false)
         );
-        assert_eq!(mentions_pvm_guest(&bzimage(0x20f, 1, &[0; 4])), None);
+        assert_eq!(
+            mentions_pvm_guest(&bzimage_with(0x20f, 1, INIT_SIZE, &[0; 4])),
+            None
+        );
     }
 }

@@ -12,10 +12,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use linux_loader::configurator::{linux::LinuxBootConfigurator, BootConfigurator, BootParams};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout;
-use crate::memory::{low_ram_end, GuestMemory};
+use crate::memory::{GuestMemory, RamLayout};
 pub use kernel::KernelFormat;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,20 +32,18 @@ pub enum BootError {
     },
     #[error("initrd {0}: cannot read it: {1}")]
     ReadInitrd(PathBuf, std::io::Error),
-    #[error("initrd {path}: {size_mib} MiB does not fit in guest memory between the kernel (ends at {kernel_end_mib} MiB) and {top_mib} MiB — raise --memory")]
+    #[error("initrd {path}: {size_mib} MiB does not fit in guest memory between the kernel (ends at {kernel_end_mib} MiB) and {top_mib} MiB — give the guest more memory")]
     InitrdTooLarge {
         path: PathBuf,
         size_mib: u64,
         kernel_end_mib: u64,
         top_mib: u64,
     },
-    #[error(
-        "kernel command line is {len} bytes; this kernel accepts at most {max} — shorten --cmdline"
-    )]
+    #[error("kernel command line is {len} bytes; this kernel accepts at most {max} — shorten it")]
     CmdlineTooLong { len: usize, max: usize },
     #[error("kernel command line is not valid: {0}")]
     BadCmdline(String),
-    #[error("guest memory is too small to hold the {0} — raise --memory")]
+    #[error("guest memory is too small to hold the {0} — give the guest more memory")]
     GuestMemoryTooSmall(&'static str),
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
@@ -73,9 +71,15 @@ pub struct BootInfo {
     pub pvm_guest: Option<bool>,
 }
 
-/// Load everything the kernel needs into `mem`. With `unpack`, a bzImage
-/// whose payload vireo can decompress is booted as the vmlinux inside it.
-pub fn prepare(mem: &GuestMemory, spec: &BootSpec, unpack: bool) -> Result<BootInfo, BootError> {
+/// Load everything the kernel needs into `mem`, whose RAM `ram` lays out.
+/// With `unpack`, a bzImage whose payload vireo can decompress is booted as
+/// the vmlinux inside it.
+pub fn prepare(
+    mem: &GuestMemory,
+    ram: &RamLayout,
+    spec: &BootSpec,
+    unpack: bool,
+) -> Result<BootInfo, BootError> {
     let image =
         std::fs::read(&spec.kernel).map_err(|e| BootError::ReadKernel(spec.kernel.clone(), e))?;
     let path = spec.kernel.display().to_string();
@@ -92,7 +96,7 @@ pub fn prepare(mem: &GuestMemory, spec: &BootSpec, unpack: bool) -> Result<BootI
     let cmdline_len = write_cmdline(mem, &spec.cmdline, cmdline_max)?;
 
     let initrd = match &spec.initrd {
-        Some(p) => Some(load_initrd(mem, p, &loaded)?),
+        Some(p) => Some(load_initrd(mem, ram, p, &loaded)?),
         None => None,
     };
 
@@ -104,14 +108,14 @@ pub fn prepare(mem: &GuestMemory, spec: &BootSpec, unpack: bool) -> Result<BootI
     }
     cpu::write_boot_tables(mem)?;
 
-    let ram: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let ranges: Vec<(u64, u64)> = ram.ranges().iter().map(|(a, len)| (a.0, *len)).collect();
     let zero_page = params::zero_page(&params::ZeroPageInputs {
         setup_header: loaded.setup_header,
         cmdline_addr: layout::CMDLINE_START,
         cmdline_len,
         initrd,
         rsdp_addr,
-        e820: params::e820_map(&ram),
+        e820: params::e820_map(&ranges),
     });
     LinuxBootConfigurator::write_bootparams::<GuestMemory>(
         &BootParams::new(&zero_page, GuestAddress(layout::ZERO_PAGE_START)),
@@ -153,6 +157,7 @@ fn write_cmdline(mem: &GuestMemory, cmdline: &str, max: usize) -> Result<usize, 
 /// above everything the kernel occupies.
 fn load_initrd(
     mem: &GuestMemory,
+    ram: &RamLayout,
     path: &Path,
     kernel: &kernel::LoadedKernel,
 ) -> Result<(u64, u64), BootError> {
@@ -161,7 +166,7 @@ fn load_initrd(
         .metadata()
         .map_err(|e| BootError::ReadInitrd(path.into(), e))?
         .len();
-    let mut top = low_ram_end(mem);
+    let mut top = ram.below_hole();
     if let Some(h) = kernel.setup_header {
         if h.initrd_addr_max != 0 {
             top = top.min(u64::from(h.initrd_addr_max) + 1);
@@ -185,21 +190,19 @@ fn load_initrd(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::create_guest_memory;
-
-    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("vireo-boot-{}-{name}", std::process::id()));
-        std::fs::write(&p, bytes).unwrap();
-        p
-    }
+    use vireo_testkit::kernel::elf_vmlinux;
+    use vireo_testkit::TempDir;
 
     #[test]
     fn prepares_elf_kernel_with_initrd_and_cmdline() {
-        let mem = create_guest_memory(32 << 20).unwrap();
-        let k = temp_file("k.elf", &kernel::tests::elf_image(0x10_0000, &[0xf4; 32]));
-        let i = temp_file("initrd", &[0xab; 5000]);
+        let ram = RamLayout::new(vireo_api::units::MemorySize::mib_const(32));
+        let mem = crate::memory::create_guest_memory(&ram).unwrap();
+        let dir = TempDir::new("boot");
+        let k = dir.write("k.elf", &elf_vmlinux(0x10_0000, &[0xf4; 32]));
+        let i = dir.write("initrd", &[0xab; 5000]);
         let info = prepare(
             &mem,
+            &ram,
             &BootSpec {
                 kernel: k.clone(),
                 initrd: Some(i.clone()),
@@ -222,17 +225,18 @@ mod tests {
         mem.read_slice(&mut cmd, GuestAddress(layout::CMDLINE_START))
             .unwrap();
         assert_eq!(&cmd, b"console=ttyS0 panic=-1\0");
-        let _ = std::fs::remove_file(k);
-        let _ = std::fs::remove_file(i);
     }
 
     #[test]
     fn initrd_that_does_not_fit_is_refused() {
-        let mem = create_guest_memory(16 << 20).unwrap();
-        let k = temp_file("k2.elf", &kernel::tests::elf_image(0x10_0000, &[0xf4; 32]));
-        let i = temp_file("big-initrd", &vec![0u8; 17 << 20]);
+        let ram = RamLayout::new(vireo_api::units::MemorySize::mib_const(16));
+        let mem = crate::memory::create_guest_memory(&ram).unwrap();
+        let dir = TempDir::new("boot");
+        let k = dir.write("k2.elf", &elf_vmlinux(0x10_0000, &[0xf4; 32]));
+        let i = dir.write("big-initrd", &vec![0u8; 17 << 20]);
         let e = prepare(
             &mem,
+            &ram,
             &BootSpec {
                 kernel: k.clone(),
                 initrd: Some(i.clone()),
@@ -243,14 +247,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, BootError::InitrdTooLarge { .. }), "{e}");
-        assert!(e.to_string().contains("--memory"));
-        let _ = std::fs::remove_file(k);
-        let _ = std::fs::remove_file(i);
+        assert!(e.to_string().contains("more memory"), "{e}");
     }
 
     #[test]
     fn cmdline_limits() {
-        let mem = create_guest_memory(16 << 20).unwrap();
+        let mem = crate::memory::test_memory(16);
         assert!(write_cmdline(&mem, &"a".repeat(2047), 2047).is_ok());
         let e = write_cmdline(&mem, &"a".repeat(2048), 2047).unwrap_err();
         assert!(matches!(

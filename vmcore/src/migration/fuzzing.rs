@@ -137,7 +137,7 @@ mod tests {
         let cfg = MachineConfig {
             backend: "emu".into(),
             vcpus: 1,
-            memory_mib: 16,
+            memory: vireo_api::units::MemorySize::mib_const(16),
             frontend: serde_json::json!({"devices": []}),
         };
         write_message(&mut out, Kind::Config, &encode_config(&cfg)).unwrap();

@@ -671,7 +671,7 @@ mod tests {
         let cfg = MachineConfig {
             backend: "emu".into(),
             vcpus: 1,
-            memory_mib: 16,
+            memory: vireo_api::units::MemorySize::mib_const(16),
             frontend: serde_json::json!({"devices": []}),
         };
         write_message(&mut out, Kind::Config, &encode_config(&cfg)).unwrap();
@@ -688,7 +688,7 @@ mod tests {
         assert_eq!(read_header(&mut r).unwrap(), env!("CARGO_PKG_VERSION"));
         let (k, p) = read_message(&mut r).unwrap();
         assert_eq!(k, Kind::Config);
-        assert_eq!(decode_config(&p).unwrap().memory_mib, 16);
+        assert_eq!(decode_config(&p).unwrap().memory.mib(), 16);
         let (k, p) = read_message(&mut r).unwrap();
         assert_eq!(k, Kind::Pages);
         let (region, pages, data) = decode_pages(&p).unwrap();
@@ -786,7 +786,7 @@ mod tests {
     #[test]
     fn pages_land_in_memory_and_out_of_range_pages_are_refused() {
         use vm_memory::{Bytes, GuestAddress};
-        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let mem = crate::memory::test_memory(1);
         let data: Vec<u8> = (0..PAGE_SIZE).map(|i| i as u8).collect();
         apply_pages(&mem, 0, &[5], &data).unwrap();
         let mut back = vec![0u8; PAGE_SIZE as usize];
@@ -870,7 +870,7 @@ mod tests {
 
     #[test]
     fn forged_page_numbers_and_regions_get_errors_not_panics() {
-        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let mem = crate::memory::test_memory(1);
         let page = vec![7u8; PAGE_SIZE as usize];
         for (region, p) in [
             (0u32, 256u64),            // one past the end

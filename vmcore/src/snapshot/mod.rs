@@ -18,10 +18,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use vireo_api::units::MemorySize;
 use vireo_hypervisor::{CpuidEntry, PlatformState, VcpuState};
 use vm_memory::{GuestAddress, GuestMemoryRegion};
 
-use crate::memory::{self, GuestMemory, GuestMemoryBackend};
+use crate::memory::{self, GuestMemory, GuestMemoryBackend, RamLayout};
 use format::{FormatError, MemoryRegionRecord, StateFile, FLAG_DIFF, MEMORY_FILE, STATE_FILE};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,10 +83,20 @@ pub struct MachineConfig {
     /// loaded into the other.
     pub backend: String,
     pub vcpus: u32,
-    pub memory_mib: u64,
+    /// On the wire as `memory_mib`, a number of MiB (the format's field
+    /// name since version 1).
+    #[serde(rename = "memory_mib")]
+    pub memory: MemorySize,
     /// The front end's own description of the machine (its devices).
     #[serde(default)]
     pub frontend: serde_json::Value,
+}
+
+impl MachineConfig {
+    /// Where the machine's RAM is.
+    pub fn ram_layout(&self) -> RamLayout {
+        RamLayout::new(self.memory)
+    }
 }
 
 /// A VM's whole state but its memory.
@@ -345,16 +356,16 @@ fn load_chain(dir: &Path, depth: usize) -> Result<LoadedSnapshot, SnapshotError>
     let snapshot = snapshot_of(&file)?;
     let config = &snapshot.config;
     let records: Vec<MemoryRegionRecord> = file.json(MEMORY)?;
-    let expected = memory::ram_ranges(config.memory_mib << 20);
+    let expected = config.ram_layout().ranges();
     let layout_ok = expected.len() == records.len()
         && expected
             .iter()
             .zip(&records)
-            .all(|((addr, size), r)| addr.0 == r.guest_addr && *size as u64 == r.size);
+            .all(|((addr, size), r)| addr.0 == r.guest_addr && *size == r.size);
     if !layout_ok {
         return Err(FormatError::Corrupt(format!(
-            "the memory regions saved do not match {} MiB of RAM",
-            config.memory_mib
+            "the memory regions saved do not match {} of RAM",
+            config.memory
         ))
         .into());
     }
@@ -397,10 +408,7 @@ fn load_chain(dir: &Path, depth: usize) -> Result<LoadedSnapshot, SnapshotError>
     }
     let mut base = load_chain(parent_dir, depth + 1)?;
     let pc = &base.snapshot.config;
-    if pc.backend != config.backend
-        || pc.vcpus != config.vcpus
-        || pc.memory_mib != config.memory_mib
-    {
+    if pc.backend != config.backend || pc.vcpus != config.vcpus || pc.memory != config.memory {
         return Err(SnapshotError::Mismatch(format!(
             "{} is a diff of {}, which describes another machine",
             dir.display(),
@@ -472,7 +480,7 @@ impl LoadedSnapshot {
         if lazy {
             return self.map_memory();
         }
-        let mem = memory::create_guest_memory(self.snapshot.config.memory_mib << 20)
+        let mem = memory::create_guest_memory(&self.snapshot.config.ram_layout())
             .map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
         let mut slices: Vec<&mut [u8]> = mem
             .iter()
