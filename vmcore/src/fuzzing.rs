@@ -142,7 +142,7 @@ pub(crate) mod tests {
         let vcpu = vm.create_vcpu(0).unwrap();
         let snap = VmSnapshot {
             config: MachineConfig {
-                backend: "emu".into(),
+                backend: vireo_hypervisor::BackendKind::Emu,
                 vcpus: 1,
                 memory_mib: 16,
                 frontend: serde_json::json!({"devices": []}),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use std::sync::Mutex;
 
-use vireo_hypervisor::{CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
+use vireo_hypervisor::{BackendKind, CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
 
 use crate::boot::{self, BootError, BootInfo, BootSpec};
 use crate::bus::{Bus, BusError, SharedDevice};
@@ -119,7 +119,7 @@ pub struct Vm {
 /// What a snapshot of this VM needs beyond its live state.
 #[derive(Clone)]
 struct SaveInfo {
-    backend: &'static str,
+    backend: BackendKind,
     vcpus: u32,
     memory_mib: u64,
     cpuid: Vec<Vec<CpuidEntry>>,
@@ -171,7 +171,7 @@ impl Vm {
             stats: Arc::new(VcpuStats::new(cfg.vcpus as usize)),
             boot: Some(boot),
             saved: SaveInfo {
-                backend: hv.name(),
+                backend: hv.kind(),
                 vcpus: cfg.vcpus,
                 memory_mib: cfg.memory_mib,
                 cpuid: cpuids,
@@ -189,7 +189,7 @@ impl Vm {
         memory: GuestMemory,
     ) -> Result<Vm, VmError> {
         let cfg = &snap.config;
-        if cfg.backend != hv.name() {
+        if cfg.backend != hv.kind() {
             return Err(SnapshotError::Mismatch(format!(
                 "the snapshot was taken on the {} backend and cannot be restored on {} (use --accel {})",
                 cfg.backend,
@@ -234,7 +234,7 @@ impl Vm {
             stats: Arc::new(VcpuStats::new(cfg.vcpus as usize)),
             boot: None,
             saved: SaveInfo {
-                backend: hv.name(),
+                backend: hv.kind(),
                 vcpus: cfg.vcpus,
                 memory_mib: cfg.memory_mib,
                 cpuid: snap.cpuid.clone(),
@@ -356,7 +356,7 @@ impl RunningVm {
     /// state arrives), with `frontend` as in [`RunningVm::capture`].
     pub fn machine_config(&self, frontend: serde_json::Value) -> MachineConfig {
         MachineConfig {
-            backend: self.saved.backend.to_string(),
+            backend: self.saved.backend,
             vcpus: self.saved.vcpus,
             memory_mib: self.saved.memory_mib,
             frontend,
@@ -390,7 +390,7 @@ impl RunningVm {
         }
         Ok(VmSnapshot {
             config: MachineConfig {
-                backend: self.saved.backend.to_string(),
+                backend: self.saved.backend,
                 vcpus: self.saved.vcpus,
                 memory_mib: self.saved.memory_mib,
                 frontend,

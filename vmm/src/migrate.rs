@@ -378,7 +378,7 @@ fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
     let mut last = None;
     for a in addrs {
         // From a jail with a network of its own: a socket kept from the host's.
-        match crate::jail_run::connect_tcp(&a, CONNECT_TIMEOUT) {
+        match crate::host_net::connect_tcp(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -861,7 +861,7 @@ fn bind(listen: &Listen, addr: &Addr) -> Result<(Listener, String), String> {
             };
             let config = Arc::new(server_config(cert, key, listen.client_ca.as_deref())?);
             // In the host's network, also from a jail with a network of its own.
-            let l = crate::jail_run::in_host_net(|| TcpListener::bind((host.as_str(), *port)))
+            let l = crate::host_net::in_host_net(|| TcpListener::bind((host.as_str(), *port)))
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("--migrate-from {uri}: cannot listen: {e}"))?;
             let local = l
