@@ -448,7 +448,7 @@ mod tests {
             o.nets.iter().map(|(_, mac)| *mac).collect::<Vec<_>>(),
             [true, false]
         );
-        assert!(restore_overrides(&restore(&["--disk", "nonsense"])).is_err());
+        assert!(restore_overrides(&restore(&["--disk", "path=/a,bogus=1"])).is_err());
     }
 
     #[test]
