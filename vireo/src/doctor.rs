@@ -230,7 +230,7 @@ pub fn checks(args: &DoctorArgs) -> Vec<Check> {
     out
 }
 
-/// What `--accel auto` (run.rs `open_backend`) picks for a stock kernel —
+/// What `--accel auto` (`vireo_vmm::backend::open`) picks for a stock kernel —
 /// one that is not a PVM guest: KVM when it opens and is not PVM-only,
 /// the emulator otherwise.
 fn accel_auto(kvm: Result<(), impl std::fmt::Display>, virt: HostVirt) -> Check {
