@@ -663,7 +663,7 @@ fn apply_overrides(
         let ids: Vec<&str> = configs.disks.iter().map(|d| d.id.as_str()).collect();
         let Some(i) = configs.disks.iter().position(|d| d.id == o.id) else {
             return Err(refused(format!(
-                "disk id={}: the snapshot has no disk with that id (its disks: {}); a disk given with a restore replaces a saved disk",
+                "the snapshot has no disk with id={} (its disks: {}); a disk given with a restore replaces the saved disk of its id",
                 o.id,
                 if ids.is_empty() { "none".to_string() } else { ids.join(", ") }
             )));
