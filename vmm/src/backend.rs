@@ -52,23 +52,36 @@ pub fn open(
         Accel::Kvm => Ok(Box::new(KvmHypervisor::new()?)),
         Accel::Emu => Ok(Box::new(EmuHypervisor::new())),
         Accel::Auto => {
-            let kvm = match KvmHypervisor::new() {
-                Ok(kvm) => kvm,
-                Err(e) => {
-                    notice(&format!("KVM is not usable ({e}); running on the emulator (--accel emu), which is much slower"));
-                    return Ok(Box::new(EmuHypervisor::new()));
+            let kvm = KvmHypervisor::new();
+            let pvm_only = HostVirt::detect().kvm_is_pvm_only();
+            let pvm_guest = pvm_only && kernel_is_pvm_guest(kernel);
+            match (auto_backend(kvm.is_ok(), pvm_only, pvm_guest), kvm) {
+                (BackendKind::Kvm, Ok(kvm)) => Ok(Box::new(kvm)),
+                (_, Err(e)) => {
+                    notice(&format!("KVM is not usable ({e}); running on the emulator (accel emu), which is much slower"));
+                    Ok(Box::new(EmuHypervisor::new()))
                 }
-            };
-            if HostVirt::detect().kvm_is_pvm_only() && !kernel_is_pvm_guest(kernel) {
-                notice(
-                    "/dev/kvm here is PVM (kvm_pvm) without VT-x/AMD-V and this kernel is not a PVM guest, \
-                     so KVM would emulate every instruction in the host kernel; running on vireo's emulator instead \
-                     (--accel kvm forces KVM)",
-                );
-                return Ok(Box::new(EmuHypervisor::new()));
+                (_, Ok(_)) => {
+                    notice(
+                        "/dev/kvm here is PVM (kvm_pvm) without VT-x/AMD-V and this kernel is not a PVM guest, \
+                         so KVM would emulate every instruction in the host kernel; running on vireo's emulator instead \
+                         (accel kvm forces KVM)",
+                    );
+                    Ok(Box::new(EmuHypervisor::new()))
+                }
             }
-            Ok(Box::new(kvm))
         }
+    }
+}
+
+/// What [`Accel::Auto`] runs a kernel on: KVM when it opens and runs the
+/// kernel at hardware speed (the CPU has VT-x/AMD-V, or KVM is PVM-only
+/// and the kernel a PVM guest), the emulator otherwise.
+pub fn auto_backend(kvm_opens: bool, kvm_pvm_only: bool, pvm_guest: bool) -> BackendKind {
+    if kvm_opens && (!kvm_pvm_only || pvm_guest) {
+        BackendKind::Kvm
+    } else {
+        BackendKind::Emu
     }
 }
 
@@ -94,6 +107,14 @@ fn kernel_is_pvm_guest(kernel: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_takes_kvm_only_where_it_runs_the_kernel_at_hardware_speed() {
+        assert_eq!(auto_backend(true, false, false), BackendKind::Kvm);
+        assert_eq!(auto_backend(true, true, true), BackendKind::Kvm);
+        assert_eq!(auto_backend(true, true, false), BackendKind::Emu);
+        assert_eq!(auto_backend(false, false, true), BackendKind::Emu);
+    }
 
     #[test]
     fn a_saved_machine_runs_only_on_its_own_backend() {
