@@ -16,6 +16,7 @@ use vireo_vmcore::boot::BootSpec;
 use vireo_vmcore::VmControl;
 use vireo_vmm::backend::{Accel as Backend, BackendError};
 use vireo_vmm::devices::{DeviceConfigs, DeviceError};
+use vireo_vmm::migrate::ListenError;
 use vireo_vmm::run::{Error, MachineMismatch, RestoreError};
 use vireo_vmm::snapshot_devices::RestoreOverrides;
 use vireo_vmm::{Frontend, GuestConsole, Start, VmSpec, Vmm};
@@ -139,6 +140,7 @@ fn failure(e: Error) -> Failure {
             format!("--restore {}: {reason}", dir.display())
         }
         Error::Machine(m) => machine_message(m),
+        Error::Listen(e) => listen_message(e),
         Error::MigrateIn { uri, reason } => format!("--migrate-from {uri}: {reason}"),
         Error::ControlSocket { path, source } => {
             format!("--control-socket {}: {source}", path.display())
@@ -169,6 +171,25 @@ fn device_message(e: &DeviceError) -> String {
         DeviceError::HostNet(e) => format!("--jail: {e}"),
         DeviceError::Balloon(e) => format!("--balloon: {e}"),
         other => other.to_string(),
+    }
+}
+
+/// How `--migrate-from` listens, by the flags that set it.
+fn listen_message(e: &ListenError) -> String {
+    match e {
+        ListenError::Address(m) => format!("--migrate-from {m}"),
+        ListenError::Unencrypted(addr) => format!(
+            "--migrate-from {addr}: a TCP migration must be encrypted: give --migrate-tls-cert and --migrate-tls-key \
+             (or use unix:PATH for a migration on this host)"
+        ),
+        ListenError::Unauthenticated(addr) => format!(
+            "--migrate-from {addr}: the target must know its source: give --migrate-secret-file FILE \
+             (the source sends the same file with `migrate-to ... --secret-file FILE`) \
+             and/or --migrate-client-ca CA.pem (the source gives --cert and --key)"
+        ),
+        ListenError::TlsOnUnix(addr) => format!(
+            "--migrate-from {addr}: a Unix socket needs no TLS; drop --migrate-tls-cert, --migrate-tls-key and --migrate-client-ca"
+        ),
     }
 }
 

@@ -112,10 +112,10 @@ pub enum Error {
     /// The target's own definition does not fit this host.
     #[error(transparent)]
     Machine(#[from] MachineMismatch),
-    /// The listener or the incoming migration failed (the message names
-    /// its address).
-    #[error("{0}")]
-    Migration(String),
+    /// The target cannot listen as asked.
+    #[error(transparent)]
+    Listen(#[from] crate::migrate::ListenError),
+    /// The listener or the incoming migration failed.
     #[error("migration from {uri}: {reason}")]
     MigrateIn { uri: String, reason: String },
     #[error("control socket {}: {source}", .path.display())]
@@ -138,7 +138,7 @@ impl Error {
         match self {
             Error::Backend(_)
             | Error::Machine(_)
-            | Error::Migration(_)
+            | Error::Listen(_)
             | Error::MigrateIn { .. }
             | Error::ControlSocket { .. } => true,
             Error::Boot(e) => e.is_user_error(),
@@ -811,7 +811,7 @@ fn migrate_in(
         vireo_vmcore::vm::MAX_VCPUS_XAPIC,
         host_mib,
     )?;
-    crate::migrate::check_listen(listen).map_err(Error::Migration)?;
+    crate::migrate::check_listen(listen)?;
     let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
         let hv = backend::for_saved(config.backend, accel).map_err(|e| e.to_string())?;
         let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
@@ -819,13 +819,13 @@ fn migrate_in(
             .map_err(|e| e.to_string())?;
         snapshot_devices::check_peer_record(&config.frontend, &own_set, mac_given)
     };
-    let started = std::time::Instant::now();
-    let incoming = crate::migrate::receive(listen, &check).map_err(Error::Migration)?;
-    let config = incoming.loaded.snapshot.config.clone();
     let refused = |reason: String| Error::MigrateIn {
         uri: uri.to_string(),
         reason,
     };
+    let started = std::time::Instant::now();
+    let incoming = crate::migrate::receive(listen, &check).map_err(refused)?;
+    let config = incoming.loaded.snapshot.config.clone();
     let hv = match backend::for_saved(config.backend, accel) {
         Ok(hv) => hv,
         Err(e) => {
