@@ -278,6 +278,7 @@ impl Vmm {
     /// Start the VM and carry out control commands until it exits: `Ok`
     /// when it ended cleanly (or was reset on request).
     pub fn run(self, frontend: &mut dyn Frontend) -> Result<(), Error> {
+        // The backend outlives the VM built on it.
         let Vmm {
             hv: _hv,
             machine,
