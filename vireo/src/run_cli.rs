@@ -224,6 +224,12 @@ impl Frontend for Terminal {
         eprintln!("vireo: {message}");
     }
 
+    /// The daemon reads this line from the VM's stderr (the port of
+    /// `tcp:HOST:0`).
+    fn migration_listening(&mut self, addr: &str) {
+        eprintln!("migration: listening on {addr}");
+    }
+
     fn take_terminal(&mut self) {
         self.tty = console::stdin_is_tty();
         if self.tty {

@@ -1006,18 +1006,19 @@ fn accept_one(
     Ok((conn, sock, peer))
 }
 
-/// Bind, announce the address on stderr (`migration: listening on
-/// ADDR`), wait for the source (refusing, with a pause each, up to
+/// Bind, announce the address (`listening`: a supervisor waits for it
+/// to start the source), wait for the source (refusing, with a pause each, up to
 /// [`MAX_AUTH_FAILURES`] peers that do not authenticate) and receive the
 /// whole stream. `check` checks the machine configuration against this
 /// target's own definition and host before any memory is allocated.
 pub fn receive(
     listen: &Listen,
     check: &dyn Fn(&MachineConfig) -> Result<(), String>,
+    listening: &mut dyn FnMut(&str),
 ) -> Result<Incoming, String> {
     let addr = check_listen(listen).map_err(|e| e.to_string())?;
     let (listener, shown) = bind(listen, &addr)?;
-    eprintln!("migration: listening on {shown}");
+    listening(&shown);
     let mut failures = 0u32;
     let (mut conn, ctl, peer) = loop {
         match accept_one(&listener, listen.secret.as_deref()) {

@@ -80,6 +80,9 @@ pub enum GuestConsole {
 pub trait Frontend {
     /// Tell the user something about how the VM runs (a slower backend).
     fn notice(&mut self, message: &str);
+    /// An incoming migration listens on `addr` (a supervisor waits for
+    /// this to start the source).
+    fn migration_listening(&mut self, addr: &str);
     /// The VM is confined and about to start: take the terminal (raw
     /// mode) for the guest console, until the front end is dropped.
     fn take_terminal(&mut self);
@@ -204,6 +207,7 @@ impl Vmm {
                 devices,
                 mac_given,
             } => migrate_in(
+                frontend,
                 &listen,
                 devices,
                 &mac_given,
@@ -796,6 +800,7 @@ fn check_fits_host(
 /// the machine from a source (refused unless it is that machine), build
 /// it from the target's own devices, acknowledge.
 fn migrate_in(
+    frontend: &mut dyn Frontend,
     listen: &crate::migrate::Listen,
     own: DeviceConfigs,
     mac_given: &[bool],
@@ -825,7 +830,10 @@ fn migrate_in(
         reason,
     };
     let started = std::time::Instant::now();
-    let incoming = crate::migrate::receive(listen, &check).map_err(refused)?;
+    let incoming = crate::migrate::receive(listen, &check, &mut |addr| {
+        frontend.migration_listening(addr)
+    })
+    .map_err(refused)?;
     let config = incoming.loaded.snapshot.config.clone();
     let hv = match backend::for_saved(config.backend, accel) {
         Ok(hv) => hv,
