@@ -116,6 +116,20 @@ mod tests {
         assert_eq!(auto_backend(false, false, true), BackendKind::Emu);
     }
 
+    /// Snapshots and migration streams record the backend by its old
+    /// string; they still load.
+    #[test]
+    fn a_saved_backend_keeps_its_short_name_on_disk() {
+        let config: vireo_vmcore::snapshot::MachineConfig =
+            serde_json::from_str(r#"{"backend":"kvm","vcpus":1,"memory_mib":64,"frontend":null}"#)
+                .unwrap();
+        assert_eq!(config.backend, BackendKind::Kvm);
+        assert_eq!(
+            serde_json::to_string(&BackendKind::Emu).unwrap(),
+            r#""emu""#
+        );
+    }
+
     #[test]
     fn a_saved_machine_runs_only_on_its_own_backend() {
         let e = for_saved(BackendKind::Kvm, Accel::Emu)
