@@ -27,7 +27,7 @@ use crate::image::GuestKit;
 use crate::signals;
 use crate::Failure;
 
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
+const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
 
 pub fn run(args: RunArgs) -> Result<(), Failure> {
     // First, while single-threaded: the jail's cgroup, namespaces and
@@ -298,7 +298,7 @@ fn check_readable(flag: &str, path: &PathBuf) -> Result<(), Failure> {
 
 /// Parse the device flags (every one, so a typo fails before anything is
 /// opened).
-pub fn parse_devices(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
+fn parse_devices(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
     let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
     let disks = args
         .disk
