@@ -68,8 +68,8 @@ impl Hypervisor for EmuHypervisor {
         true
     }
 
-    fn name(&self) -> &'static str {
-        "emu"
+    fn kind(&self) -> vireo_hypervisor::BackendKind {
+        vireo_hypervisor::BackendKind::Emu
     }
 
     fn max_vcpus(&self) -> usize {

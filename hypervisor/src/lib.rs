@@ -60,10 +60,42 @@ impl HypervisorError {
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
+/// Which backend a hypervisor is. Saved machines record it (state of one
+/// cannot be loaded into the other) under its short name, `"kvm"` or
+/// `"emu"`, which is also how logs and `--accel` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Linux KVM (`/dev/kvm`).
+    Kvm,
+    /// vireo's own x86-64 emulator.
+    Emu,
+}
+
+impl BackendKind {
+    /// The short name: `"kvm"` or `"emu"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Kvm => "kvm",
+            BackendKind::Emu => "emu",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A hypervisor: something that can create VMs.
 pub trait Hypervisor: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
     /// A short name for logs and `--accel` ("kvm").
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &'static str {
+        self.kind().name()
+    }
     /// The largest number of vCPUs one VM may have.
     fn max_vcpus(&self) -> usize;
     /// The CPUID leaves this backend can present to a guest, before any

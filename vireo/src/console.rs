@@ -1,32 +1,14 @@
-//! The serial console on the terminal: guest output to stdout, stdin to the
-//! guest. On a terminal, stdin goes to raw mode (restored on exit) and
+//! The guest console on the terminal: stdin to the guest (its output goes
+//! to stdout from the VMM). On a terminal, stdin goes to raw mode (restored on exit) and
 //! Ctrl-A x quits; on a pipe, bytes pass through untouched.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 use vireo_sandbox::seccomp::{self, ThreadKind};
 
-use vireo_devices::legacy::SerialInput;
-use vireo_devices::virtio::console::ConsoleInput;
 use vireo_vmcore::{ExitReason, VmControl};
-
-/// Guest output goes straight to stdout, flushed per write so a console
-/// prompt shows up without waiting for a newline.
-pub struct StdoutWriter;
-
-impl Write for StdoutWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
-    }
-}
+use vireo_vmm::GuestConsole;
 
 pub fn stdin_is_tty() -> bool {
     // SAFETY: isatty only inspects the descriptor.
@@ -105,16 +87,8 @@ impl EscapeFilter {
     }
 }
 
-/// The device the terminal's keystrokes go to.
-pub enum ConsoleTarget {
-    /// COM1 (ttyS0).
-    Serial(SerialInput),
-    /// virtio-console (hvc0).
-    Virtio(ConsoleInput),
-}
-
 /// Forward stdin to the guest on a background thread until EOF or the VM ends.
-pub fn spawn_stdin_pump(input: ConsoleTarget, control: Arc<VmControl>, escape: bool) {
+pub fn spawn_stdin_pump(input: GuestConsole, control: Arc<VmControl>, escape: bool) {
     let spawned = seccomp::spawn(
         ThreadKind::Console,
         std::thread::Builder::new().name("stdin".into()),
@@ -161,18 +135,18 @@ const VIRTIO_CONSOLE_BACKLOG: usize = 16 << 10;
 
 /// Push bytes into the UART as its FIFO drains (or into virtio-console as
 /// the guest takes them); false once the VM is gone.
-fn deliver(input: &ConsoleTarget, control: &VmControl, mut bytes: &[u8]) -> bool {
+fn deliver(input: &GuestConsole, control: &VmControl, mut bytes: &[u8]) -> bool {
     while !bytes.is_empty() {
         if control.exit_reason().is_some() {
             return false;
         }
         let n = match input {
-            ConsoleTarget::Serial(s) => s.enqueue(bytes),
-            ConsoleTarget::Virtio(v) if v.pending() < VIRTIO_CONSOLE_BACKLOG => {
+            GuestConsole::Serial(s) => s.enqueue(bytes),
+            GuestConsole::Virtio(v) if v.pending() < VIRTIO_CONSOLE_BACKLOG => {
                 v.send(bytes);
                 bytes.len()
             }
-            ConsoleTarget::Virtio(_) => 0,
+            GuestConsole::Virtio(_) => 0,
         };
         bytes = &bytes[n..];
         if n == 0 {

@@ -7,7 +7,9 @@ use clap::Args;
 use serde::Serialize;
 use vireo_hypervisor::host::HostVirt;
 use vireo_hypervisor::kvm::KvmHypervisor;
+use vireo_hypervisor::BackendKind;
 use vireo_sandbox::{cgroup, jail};
+use vireo_vmm::backend::auto_backend;
 
 use crate::Failure;
 
@@ -230,28 +232,28 @@ pub fn checks(args: &DoctorArgs) -> Vec<Check> {
     out
 }
 
-/// What `--accel auto` (run.rs `open_backend`) picks for a stock kernel —
-/// one that is not a PVM guest: KVM when it opens and is not PVM-only,
-/// the emulator otherwise.
+/// What `--accel auto` ([`vireo_vmm::backend::auto_backend`]) picks for
+/// a stock kernel, one that is not a PVM guest.
 fn accel_auto(kvm: Result<(), impl std::fmt::Display>, virt: HostVirt) -> Check {
-    match kvm {
-        Err(e) => check(
+    let pvm_only = virt.kvm_is_pvm_only();
+    match (auto_backend(kvm.is_ok(), pvm_only, false), kvm) {
+        (BackendKind::Kvm, _) => check(
+            "accel-auto",
+            Verdict::Ok,
+            "kvm: a stock kernel runs at hardware speed",
+        ),
+        (BackendKind::Emu, Err(e)) => check(
             "accel-auto",
             Verdict::Info,
             format!(
                 "emu: every kernel runs on vireo's emulator, much slower than KVM; KVM is not usable: {e}"
             ),
         ),
-        Ok(()) if virt.kvm_is_pvm_only() => check(
+        (BackendKind::Emu, Ok(())) => check(
             "accel-auto",
             Verdict::Info,
             "emu for a stock kernel (KVM here is PVM-only and would emulate it in the host kernel); \
              kvm for a PVM guest kernel — a host with VT-x/AMD-V runs any kernel on KVM",
-        ),
-        Ok(()) => check(
-            "accel-auto",
-            Verdict::Ok,
-            "kvm: a stock kernel runs at hardware speed",
         ),
     }
 }
@@ -683,7 +685,7 @@ mod tests {
     }
 
     #[test]
-    fn accel_auto_mirrors_open_backend() {
+    fn accel_auto_is_the_backend_factorys_choice() {
         let pvm_only = HostVirt::from_sources("flags\t: fpu\n", true);
         let vtx = HostVirt::from_sources("flags\t: fpu vmx\n", false);
         let ok: Result<(), &str> = Ok(());

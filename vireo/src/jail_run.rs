@@ -2,18 +2,14 @@
 //! `vireo run`'s flags say (ids, cgroup and limits, the new root, which
 //! paths the jailed VMM still needs).
 
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
 
 use vireo_sandbox::cgroup::{self, CgroupName, CpuQuota, Limits};
-use vireo_sandbox::jail::{self, Bind, Enter, JailIds, JailNet, LockDown, NetNamespaces};
+use vireo_sandbox::jail::{self, Bind, Enter, JailIds, JailNet, LockDown};
 
 use crate::cli::{JailNetArg, RunArgs};
-use crate::devices::Attached;
 use crate::Failure;
+use vireo_vmm::devices::Attached;
 
 /// Where a direct `vireo run --jail` mounts its new root: one empty
 /// directory serves every VM, as each mounts its tmpfs there in its own
@@ -91,7 +87,7 @@ pub fn enter(args: &RunArgs) -> Result<(), Failure> {
         net: net(args),
     })
     .map_err(usage)?;
-    *lock(&HOST_NET) = netns;
+    vireo_vmm::host_net::set_host_namespaces(netns);
     Ok(())
 }
 
@@ -100,89 +96,6 @@ fn net(args: &RunArgs) -> JailNet {
         JailNetArg::Own => JailNet::Own,
         JailNetArg::Host => JailNet::Host,
     }
-}
-
-/// The way back to the host's network namespace, from [`enter`] (own
-/// network) until [`lock_down`].
-static HOST_NET: Mutex<Option<NetNamespaces>> = Mutex::new(None);
-/// Whether the VMM runs in a network namespace of its own (set by
-/// [`enter`]): then TCP connections out use [`RESERVED`].
-static OWN_NET: AtomicBool = AtomicBool::new(false);
-/// TCP sockets made in the host's network namespace before the jail was
-/// locked, for outgoing live migrations (a socket stays in the namespace
-/// it was made in).
-static RESERVED: Mutex<Vec<(socket2::Domain, socket2::Socket)>> = Mutex::new(Vec::new());
-/// How many sockets of each family are kept: one migration each, and
-/// retries.
-const RESERVED_PER_FAMILY: usize = 4;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Run `f` in the host's network namespace when the VMM is in its own
-/// and the jail not locked yet (opening a TAP by name, binding a
-/// migration listener); else just run it. `f` must start no thread.
-pub fn in_host_net<T>(f: impl FnOnce() -> T) -> Result<T, Failure> {
-    match lock(&HOST_NET).as_ref() {
-        Some(ns) => ns
-            .in_host(f)
-            .map_err(|e| Failure::Vm(format!("--jail: {e}"))),
-        None => Ok(f()),
-    }
-}
-
-/// A TCP connection to `addr`: from a socket reserved in the host's
-/// network when the jail has a network of its own (its namespace is
-/// empty), else a plain connect.
-pub fn connect_tcp(addr: &SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
-    if !OWN_NET.load(Ordering::Acquire) {
-        return TcpStream::connect_timeout(addr, timeout);
-    }
-    let domain = socket2::Domain::for_address(*addr);
-    let socket = {
-        let mut reserved = lock(&RESERVED);
-        let at = reserved.iter().position(|(d, _)| *d == domain);
-        at.map(|i| reserved.remove(i).1)
-    };
-    let Some(socket) = socket else {
-        return Err(std::io::Error::other(format!(
-            "the jail's network namespace is empty and the {RESERVED_PER_FAMILY} sockets kept for \
-             connections to {} addresses are used up: restart the VM (or run it with --jail-net host)",
-            if addr.is_ipv4() { "IPv4" } else { "IPv6" }
-        )));
-    };
-    socket.connect_timeout(&(*addr).into(), timeout)?;
-    Ok(socket.into())
-}
-
-/// Make the reserved sockets (in the host's network) and close the way
-/// back: after this the VMM cannot enter the host's network again.
-fn reserve_host_sockets() -> Result<(), Failure> {
-    let Some(ns) = lock(&HOST_NET).take() else {
-        return Ok(());
-    };
-    let made = ns
-        .in_host(|| {
-            let mut v = Vec::new();
-            for domain in [socket2::Domain::IPV4, socket2::Domain::IPV6] {
-                for _ in 0..RESERVED_PER_FAMILY {
-                    // A host without IPv6 has no IPv6 sockets to keep.
-                    if let Ok(s) = socket2::Socket::new(
-                        domain,
-                        socket2::Type::STREAM,
-                        Some(socket2::Protocol::TCP),
-                    ) {
-                        v.push((domain, s));
-                    }
-                }
-            }
-            v
-        })
-        .map_err(|e| Failure::Vm(format!("--jail: {e}")))?;
-    *lock(&RESERVED) = made;
-    OWN_NET.store(true, Ordering::Release);
-    Ok(())
 }
 
 /// The host paths the jailed VMM still uses, at the same paths: the
@@ -290,7 +203,7 @@ pub fn lock_down(args: &RunArgs, attached: &Attached) -> Result<(), Failure> {
             .unwrap_or(DEFAULT_MAX_FILE_SIZE_MIB)
             .saturating_mul(1 << 20),
     };
-    reserve_host_sockets()?;
+    vireo_vmm::host_net::reserve_sockets().map_err(|e| Failure::Vm(format!("--jail: {e}")))?;
     let landlock = jail::lock_down(&l).map_err(usage)?;
     tracing::info!(
         "jailed: uid {} gid {}, root {} with {} bound path(s), {} network, Landlock {}",

@@ -1,23 +1,19 @@
-//! `vireo`: the command-line front end. It parses flags, assembles a machine
-//! from the VM core and the devices, and reports one clear line on failure.
+//! `vireo`: the command-line front end. It parses flags, turns `vireo run`'s
+//! into a VM spec for the VMM library (`vireo-vmm`, which builds and runs
+//! the machine), drives the terminal and the jail, talks to the daemon, and
+//! reports one clear line on failure. VMM logic belongs in `vireo-vmm`.
 
 mod api_client;
 mod cli;
 mod console;
 mod console_client;
-mod control_socket;
-mod devices;
 mod disk;
 mod doctor;
 mod gen_docs;
 mod image;
 mod jail_run;
-mod machine;
-mod migrate;
-mod postcopy;
-mod run;
+mod run_cli;
 mod signals;
-mod snapshot_devices;
 mod token_cli;
 mod ui;
 mod vm_cli;
@@ -81,7 +77,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run_cli::run(args),
         Command::Image(ImageCommand::Build(args)) => image_build(args),
         Command::Image(ImageCommand::Create(args)) => disk::create(args),
         Command::Image(ImageCommand::Info(args)) => disk::info(args),

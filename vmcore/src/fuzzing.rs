@@ -143,7 +143,7 @@ pub(crate) mod tests {
         let vcpu = vm.create_vcpu(0).unwrap();
         let snap = VmSnapshot {
             config: MachineConfig {
-                backend: "emu".into(),
+                backend: vireo_hypervisor::BackendKind::Emu,
                 vcpus: 1,
                 memory: vireo_api::units::MemorySize::mib_const(16),
                 frontend: serde_json::json!({"devices": []}),

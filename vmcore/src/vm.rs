@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use vireo_api::units::MemorySize;
-use vireo_hypervisor::{CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
+use vireo_hypervisor::{BackendKind, CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
 
 use crate::boot::{self, BootError, BootInfo, BootSpec};
 use crate::bus::{Bus, BusError, SharedDevice};
@@ -125,7 +125,7 @@ pub struct Vm {
 /// What a snapshot of this VM needs beyond its live state.
 #[derive(Clone)]
 struct SaveInfo {
-    backend: &'static str,
+    backend: BackendKind,
     vcpus: u32,
     ram: RamLayout,
     cpuid: Vec<Vec<CpuidEntry>>,
@@ -179,7 +179,7 @@ impl Vm {
             stats: Arc::new(VcpuStats::new(cfg.vcpus as usize)),
             boot: Some(boot),
             saved: SaveInfo {
-                backend: hv.name(),
+                backend: hv.kind(),
                 vcpus: cfg.vcpus,
                 ram,
                 cpuid: cpuids,
@@ -197,7 +197,7 @@ impl Vm {
         memory: GuestMemory,
     ) -> Result<Vm, VmError> {
         let cfg = &snap.config;
-        if cfg.backend != hv.name() {
+        if cfg.backend != hv.kind() {
             return Err(SnapshotError::Mismatch(format!(
                 "the snapshot was taken on the {} backend and cannot be restored on {}",
                 cfg.backend,
@@ -241,7 +241,7 @@ impl Vm {
             stats: Arc::new(VcpuStats::new(cfg.vcpus as usize)),
             boot: None,
             saved: SaveInfo {
-                backend: hv.name(),
+                backend: hv.kind(),
                 vcpus: cfg.vcpus,
                 ram: cfg.ram_layout(),
                 cpuid: snap.cpuid.clone(),
@@ -368,7 +368,7 @@ impl RunningVm {
     /// state arrives), with `frontend` as in [`RunningVm::capture`].
     pub fn machine_config(&self, frontend: serde_json::Value) -> MachineConfig {
         MachineConfig {
-            backend: self.saved.backend.to_string(),
+            backend: self.saved.backend,
             vcpus: self.saved.vcpus,
             memory: self.saved.ram.size(),
             frontend,
@@ -402,7 +402,7 @@ impl RunningVm {
         }
         Ok(VmSnapshot {
             config: MachineConfig {
-                backend: self.saved.backend.to_string(),
+                backend: self.saved.backend,
                 vcpus: self.saved.vcpus,
                 memory: self.saved.ram.size(),
                 frontend,

@@ -66,8 +66,8 @@ impl KvmHypervisor {
 }
 
 impl Hypervisor for KvmHypervisor {
-    fn name(&self) -> &'static str {
-        "kvm"
+    fn kind(&self) -> crate::BackendKind {
+        crate::BackendKind::Kvm
     }
 
     fn max_vcpus(&self) -> usize {

@@ -669,7 +669,7 @@ mod tests {
     fn stream() -> Vec<u8> {
         let mut out = header();
         let cfg = MachineConfig {
-            backend: "emu".into(),
+            backend: vireo_hypervisor::BackendKind::Emu,
             vcpus: 1,
             memory: vireo_api::units::MemorySize::mib_const(16),
             frontend: serde_json::json!({"devices": []}),

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use vireo_api::units::MemorySize;
-use vireo_hypervisor::{CpuidEntry, PlatformState, VcpuState};
+use vireo_hypervisor::{BackendKind, CpuidEntry, PlatformState, VcpuState};
 use vm_memory::{GuestAddress, GuestMemoryRegion};
 
 use crate::memory::{self, GuestMemory, GuestMemoryBackend, RamLayout};
@@ -79,9 +79,9 @@ pub fn to_state<T: Serialize>(id: &str, value: &T) -> Result<serde_json::Value, 
 /// What the machine was: enough to build it again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MachineConfig {
-    /// The hypervisor backend ("kvm", "emu"): state of one cannot be
-    /// loaded into the other.
-    pub backend: String,
+    /// The hypervisor backend (recorded as "kvm" or "emu"): state of one
+    /// cannot be loaded into the other.
+    pub backend: BackendKind,
     pub vcpus: u32,
     /// On the wire as `memory_mib`, a number of MiB (the format's field
     /// name since version 1).

@@ -285,7 +285,7 @@ pub struct Target {
 impl Target {
     /// Arm `memory` (the pages set in `missing` are fetched on demand) and
     /// start serving faults; call before anything touches guest memory.
-    pub fn start(
+    pub(crate) fn start(
         memory: &GuestMemory,
         missing: &[Vec<u64>],
         conn: Box<dyn Conn>,

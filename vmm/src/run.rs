@@ -1,310 +1,362 @@
-//! `vireo run`: boot one guest in this process.
+//! Running one machine in this process: build it (boot, restore or
+//! migrate in), start it in a fixed order (confinement before any guest
+//! code, the Main thread's filter once set-up is done), carry out
+//! control-socket commands until it exits; and the snapshot, restore and
+//! migration orchestration those commands and starts need.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use std::time::Duration;
 use vireo_api::units::MemorySize;
-use vireo_emulator::EmuHypervisor;
 use vireo_hypervisor::host::HostVirt;
-use vireo_hypervisor::kvm::KvmHypervisor;
-use vireo_hypervisor::Hypervisor;
+use vireo_hypervisor::{BackendKind, Hypervisor};
 use vireo_vmcore::boot::BootSpec;
 
-use vireo_vmcore::boot::BootError;
 use vireo_vmcore::vcpu::VcpuStats;
-use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig, VmError};
+use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig, VmControl, VmError};
 
-use crate::cli::{Accel, RunArgs};
-use crate::console::{self, RawTerminal, StdoutWriter};
+use crate::backend::{self, Accel, BackendError};
 use crate::control_socket::{self, Command, ControlSocket};
-use crate::devices::{self, Attached};
-use crate::image::GuestKit;
+use crate::devices::{self, Attached, DeviceConfigs, DeviceError};
 use crate::machine::{self, PowerButton};
-use crate::signals;
-use crate::snapshot_devices;
-use crate::Failure;
+use crate::snapshot_devices::{self, RestoreDevicesError, RestoreOverrides};
+use crate::stdout::StdoutWriter;
+use vireo_devices::legacy::SerialInput;
 use vireo_devices::virtio::balloon::BalloonHandle;
-use vireo_vmcore::snapshot::SharedSnapshottable;
+use vireo_devices::virtio::console::ConsoleInput;
+use vireo_sandbox::seccomp::{self, SeccompError};
+use vireo_vmcore::snapshot::{SharedSnapshottable, SnapshotError};
 
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
-
-/// Resolve kernel, initrd and command line from the flags and the kit.
-fn boot_spec(args: &RunArgs) -> Result<BootSpec, Failure> {
-    let (kernel, initrd, cmdline) = match (&args.image, &args.kernel) {
-        (Some(dir), _) => {
-            let kit = GuestKit::open(dir).map_err(|e| Failure::Usage(e.to_string()))?;
-            (kit.kernel, args.initrd.clone().or(Some(kit.initrd)), kit.cmdline)
-        }
-        (None, Some(kernel)) => (kernel.clone(), args.initrd.clone(), DEFAULT_CMDLINE.to_string()),
-        (None, None) => {
-            return Err(Failure::Usage(
-                "nothing to boot — pass --kernel PATH or --image DIR (make one with `vireo image build`)".into(),
-            ))
-        }
-    };
-    let mut cmdline = args.cmdline.clone().unwrap_or(cmdline);
-    if let Some(extra) = &args.append {
-        if !cmdline.is_empty() {
-            cmdline.push(' ');
-        }
-        cmdline.push_str(extra);
-    }
-    for (flag, path) in [("--kernel", Some(&kernel)), ("--initrd", initrd.as_ref())] {
-        if let Some(p) = path {
-            check_readable(flag, p)?;
-        }
-    }
-    Ok(BootSpec {
-        kernel,
-        initrd,
-        cmdline,
-        vcpus: args.cpus(),
-    })
+/// The machine to run and how it starts.
+pub struct VmSpec {
+    /// The machine's vCPUs and memory: a boot's, or a migration target's
+    /// own definition the source's machine must match (a restore takes
+    /// the snapshot's).
+    pub vcpus: u32,
+    pub memory: MemorySize,
+    pub accel: Accel,
+    pub start: Start,
+    /// The per-thread seccomp filters; `None` runs without any.
+    pub seccomp: Option<seccomp::Policy>,
+    /// Where to listen for control commands.
+    pub control_socket: Option<PathBuf>,
+    /// Where `snapshot DIR` may write: beneath this directory only.
+    pub snapshot_dir_root: Option<PathBuf>,
 }
 
-fn check_readable(flag: &str, path: &PathBuf) -> Result<(), Failure> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Failure::Usage(format!(
-            "{flag} {}: not a regular file",
-            path.display()
-        ))),
-        Err(e) => Err(Failure::Usage(format!("{flag} {}: {e}", path.display()))),
+/// How the machine comes to be.
+pub enum Start {
+    /// Boot a kernel with these virtio devices.
+    Boot {
+        boot: BootSpec,
+        devices: DeviceConfigs,
+    },
+    /// Restore the snapshot in `dir` (its memory mapped lazily if `lazy`),
+    /// its virtio devices rebuilt from the snapshot's record.
+    Restore {
+        dir: PathBuf,
+        lazy: bool,
+        overrides: RestoreOverrides,
+    },
+    /// Receive a running machine from a source, refused unless it is this
+    /// target's own definition: its `devices`, and which network devices
+    /// name their MAC (the others take the source's).
+    MigrateIn {
+        listen: crate::migrate::Listen,
+        devices: DeviceConfigs,
+        mac_given: Vec<bool>,
+    },
+}
+
+/// Where the guest's console input comes from.
+pub enum GuestConsole {
+    /// COM1 (ttyS0).
+    Serial(SerialInput),
+    /// virtio-console (hvc0).
+    Virtio(ConsoleInput),
+}
+
+/// What the front end does at fixed points of the start sequence.
+pub trait Frontend {
+    /// Tell the user something about how the VM runs (a slower backend).
+    fn notice(&mut self, message: &str);
+    /// An incoming migration listens on `addr` (a supervisor waits for
+    /// this to start the source).
+    fn migration_listening(&mut self, addr: &str);
+    /// The VM is confined and about to start: take the terminal (raw
+    /// mode) for the guest console, until the front end is dropped.
+    fn take_terminal(&mut self);
+    /// Stop the VM cleanly on the signals the front end handles.
+    fn stop_on_signals(&mut self, control: Arc<VmControl>);
+    /// The vCPUs run: feed the guest console from the user.
+    fn started(&mut self, console: GuestConsole, control: Arc<VmControl>);
+}
+
+/// Why a VM could not be built or run, or how it ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The seccomp filters could not be turned on.
+    #[error("{0}")]
+    SeccompPolicy(#[source] SeccompError),
+    #[error("{0}")]
+    Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Boot(VmError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error("snapshot {}: {source}", .dir.display())]
+    Restore {
+        dir: PathBuf,
+        #[source]
+        source: RestoreError,
+    },
+    /// The target's own definition does not fit this host.
+    #[error(transparent)]
+    Machine(#[from] MachineMismatch),
+    /// The target cannot listen as asked.
+    #[error(transparent)]
+    Listen(#[from] crate::migrate::ListenError),
+    /// The listener or the incoming migration failed.
+    #[error("migration from {uri}: {reason}")]
+    MigrateIn { uri: String, reason: String },
+    #[error("control socket {}: {source}", .path.display())]
+    ControlSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Start(VmError),
+    /// The VM ended with a fault or a failure.
+    #[error("{0}")]
+    Exit(ExitReason),
+}
+
+impl Error {
+    /// Whether the caller's input is at fault (a file, a definition, a
+    /// snapshot), not the VMM or the guest.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            Error::Backend(_)
+            | Error::Machine(_)
+            | Error::Listen(_)
+            | Error::MigrateIn { .. }
+            | Error::ControlSocket { .. } => true,
+            Error::Boot(e) => e.is_user_error(),
+            Error::Devices(e) => e.is_user_error(),
+            Error::Restore { source, .. } => source.is_user_error(),
+            Error::SeccompPolicy(_) | Error::Seccomp(_) | Error::Start(_) | Error::Exit(_) => false,
+        }
     }
 }
 
-/// Open the backend `--accel` asks for. `auto` takes KVM when it can run
-/// this kernel at hardware speed and the emulator otherwise, and says so.
-fn open_backend(accel: Accel, kernel: &std::path::Path) -> Result<Box<dyn Hypervisor>, Failure> {
-    match accel {
-        Accel::Kvm => KvmHypervisor::new()
-            .map(|kvm| Box::new(kvm) as Box<dyn Hypervisor>)
-            .map_err(|e| Failure::Usage(e.to_string())),
-        Accel::Emu => Ok(Box::new(EmuHypervisor::new())),
-        Accel::Auto => {
-            let kvm = match KvmHypervisor::new() {
-                Ok(kvm) => kvm,
-                Err(e) => {
-                    eprintln!("vireo: KVM is not usable ({e}); running on the emulator (--accel emu), which is much slower");
-                    return Ok(Box::new(EmuHypervisor::new()));
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Load(SnapshotError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Build(VmError),
+    #[error(transparent)]
+    Devices(#[from] RestoreDevicesError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A saved state does not fit the rebuilt devices.
+    #[error(transparent)]
+    State(VmError),
+}
+
+impl RestoreError {
+    fn is_user_error(&self) -> bool {
+        match self {
+            RestoreError::Load(_) | RestoreError::Backend(_) | RestoreError::State(_) => true,
+            RestoreError::Devices(e) => matches!(e, RestoreDevicesError::Refused(_)),
+            RestoreError::Device(e) => e.is_user_error(),
+            RestoreError::Build(_) => false,
+        }
+    }
+}
+
+/// A built machine, not started yet.
+pub struct Vmm {
+    hv: Box<dyn Hypervisor>,
+    machine: machine::Machine,
+    attached: Attached,
+    control_socket: Option<PathBuf>,
+    snapshot_dir_root: Option<PathBuf>,
+}
+
+impl Vmm {
+    /// Turn the seccomp filters on (before any other thread starts:
+    /// restores and migrations start device and post-copy threads), then
+    /// build the machine the spec describes. Nothing has run in the guest
+    /// yet: the caller confines the process now (the jail), then calls
+    /// [`Vmm::run`].
+    pub fn build(spec: VmSpec, frontend: &mut dyn Frontend) -> Result<Vmm, Error> {
+        if let Some(policy) = spec.seccomp {
+            seccomp::enable(policy).map_err(Error::SeccompPolicy)?;
+        }
+        let fresh_boot = matches!(spec.start, Start::Boot { .. });
+        let (hv, machine, attached) = match spec.start {
+            Start::MigrateIn {
+                listen,
+                devices,
+                mac_given,
+            } => migrate_in(
+                frontend,
+                &listen,
+                devices,
+                &mac_given,
+                spec.vcpus,
+                spec.memory,
+                spec.accel,
+            )?,
+            Start::Restore {
+                dir,
+                lazy,
+                overrides,
+            } => restore_machine(&dir, lazy, &overrides, spec.accel)
+                .map_err(|source| Error::Restore { dir, source })?,
+            Start::Boot { boot, devices } => {
+                let hv = backend::open(spec.accel, &boot.kernel, &mut |m| frontend.notice(m))?;
+                let cfg = VmConfig {
+                    vcpus: spec.vcpus,
+                    memory: spec.memory,
+                    boot,
+                };
+                let mut machine = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter))
+                    .map_err(Error::Boot)?;
+                let attached = devices::open(&mut machine, devices)?;
+                if let Some(info) = machine.vm.boot_info() {
+                    tracing::info!(
+                        "booting {}{} {} at {:#x} on {} with {} vCPU(s), {}",
+                        info.format,
+                        if info.unpacked {
+                            " (payload unpacked on the host)"
+                        } else {
+                            ""
+                        },
+                        cfg.boot.kernel.display(),
+                        info.entry,
+                        hv.name(),
+                        cfg.vcpus,
+                        cfg.memory
+                    );
                 }
-            };
-            if HostVirt::detect().kvm_is_pvm_only() && !kernel_is_pvm_guest(kernel) {
-                eprintln!(
-                    "vireo: /dev/kvm here is PVM (kvm_pvm) without VT-x/AMD-V and this kernel is not a PVM guest, \
-                     so KVM would emulate every instruction in the host kernel; running on vireo's emulator instead \
-                     (--accel kvm forces KVM)"
-                );
-                return Ok(Box::new(EmuHypervisor::new()));
+                (hv, machine, attached)
             }
-            Ok(Box::new(kvm))
+        };
+        let host = HostVirt::detect();
+        let pvm_guest = machine.vm.boot_info().and_then(|i| i.pvm_guest);
+        if fresh_boot
+            && hv.kind() == BackendKind::Kvm
+            && host.kvm_is_pvm_only()
+            && pvm_guest != Some(true)
+        {
+            frontend.notice(
+                "note: /dev/kvm here is PVM (kvm_pvm) on a CPU without VT-x/AMD-V, and this kernel is not PVM-aware: \
+                 the host emulates each guest instruction (~1 µs), so a stock distro kernel takes many minutes to boot. \
+                 Small guests are fine; for a stock kernel use accel emu (vireo's emulator: seconds for the guest kit), \
+                 a PVM guest kernel, or a host with hardware virtualization.",
+            );
         }
+        Ok(Vmm {
+            hv,
+            machine,
+            attached,
+            control_socket: spec.control_socket,
+            snapshot_dir_root: spec.snapshot_dir_root,
+        })
     }
-}
 
-/// A VM core error as `vireo run` reports it: the core names the
-/// quantity, this adds the flag the user gave it with.
-fn vm_failure(e: VmError) -> Failure {
-    let flag = match &e {
-        VmError::BadVcpuCount { .. } => Some("--cpus"),
-        VmError::MemoryTooSmall { .. }
-        | VmError::MemoryTooLarge { .. }
-        | VmError::Boot(BootError::InitrdTooLarge { .. } | BootError::GuestMemoryTooSmall(_)) => {
-            Some("--memory")
-        }
-        VmError::Boot(BootError::CmdlineTooLong { .. } | BootError::BadCmdline(_)) => {
-            Some("--cmdline/--append")
-        }
-        _ => None,
-    };
-    let msg = match flag {
-        Some(flag) => format!("{e} ({flag})"),
-        None => e.to_string(),
-    };
-    if e.is_user_error() {
-        Failure::Usage(msg)
-    } else {
-        Failure::Vm(msg)
+    /// The host-side handles of the virtio devices (what a jail must keep
+    /// reachable).
+    pub fn attached(&self) -> &Attached {
+        &self.attached
     }
-}
 
-/// Does the kernel image say it is PVM-aware? (Only uncompressed images
-/// can tell; a bzImage counts as not.)
-fn kernel_is_pvm_guest(kernel: &std::path::Path) -> bool {
-    std::fs::read(kernel)
-        .ok()
-        .and_then(|image| vireo_vmcore::boot::kernel::mentions_pvm_guest(&image))
-        .unwrap_or(false)
-}
-
-pub fn run(args: RunArgs) -> Result<(), Failure> {
-    // First, while single-threaded: the jail's cgroup, namespaces and
-    // supervisor (only the VMM child returns).
-    crate::jail_run::enter(&args)?;
-    // Then, before any other thread starts (restores and migrations start
-    // device and post-copy threads; enabling starts the launcher thread):
-    // every thread installs its kind's filter.
-    install_seccomp_policy(&args)?;
-    let (hv, machine, attached) = match (&args.restore, &args.migrate_from) {
-        (_, Some(uri)) => migrate_in(&args, uri)?,
-        (Some(dir), None) => restore_machine(&args, dir)?,
-        (None, None) => {
-            let spec = boot_spec(&args)?;
-            let hv = open_backend(args.accel, &spec.kernel)?;
-            let cfg = VmConfig {
-                vcpus: args.cpus(),
-                memory: args.memory(),
-                boot: spec,
-            };
-            let mut machine =
-                machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter)).map_err(vm_failure)?;
-            let attached = devices::attach(&mut machine, &args)?;
-            if let Some(info) = machine.vm.boot_info() {
-                tracing::info!(
-                    "booting {}{} {} at {:#x} on {} with {} vCPU(s), {}",
-                    info.format,
-                    if info.unpacked {
-                        " (payload unpacked on the host)"
-                    } else {
-                        ""
-                    },
-                    cfg.boot.kernel.display(),
-                    info.entry,
-                    hv.name(),
-                    cfg.vcpus,
-                    cfg.memory
-                );
+    /// Start the VM and carry out control commands until it exits: `Ok`
+    /// when it ended cleanly (or was reset on request).
+    pub fn run(self, frontend: &mut dyn Frontend) -> Result<(), Error> {
+        // The backend outlives the VM built on it.
+        let Vmm {
+            hv: _hv,
+            machine,
+            attached,
+            control_socket,
+            snapshot_dir_root,
+        } = self;
+        let machine::Machine {
+            vm,
+            input,
+            power_button,
+            snapshot_devices,
+            virtio,
+            ..
+        } = machine;
+        // The thread that starts threads for filtered ones (a device the
+        // guest activates from a vCPU), before any vCPU runs.
+        seccomp::start_launcher()?;
+        frontend.take_terminal();
+        let control_socket = match &control_socket {
+            Some(path) => Some(
+                control_socket::listen(path, snapshot_dir_root.as_deref()).map_err(|source| {
+                    Error::ControlSocket {
+                        path: path.clone(),
+                        source,
+                    }
+                })?,
+            ),
+            None => None,
+        };
+        let control = vm.control();
+        let vcpu_stats = vm.vcpu_stats();
+        frontend.stop_on_signals(Arc::clone(&control));
+        let running = vm.start().map_err(Error::Start)?;
+        let console_input = match attached.virtio_console.clone() {
+            Some(hvc) => GuestConsole::Virtio(hvc),
+            None => GuestConsole::Serial(input),
+        };
+        frontend.started(console_input, Arc::clone(&control));
+        // Set-up is done: the main thread only carries out control commands now.
+        seccomp::apply(seccomp::ThreadKind::Main)?;
+        let reset_requested = match &control_socket {
+            Some(socket) => serve_control(
+                &running,
+                &power_button,
+                &attached,
+                &vcpu_stats,
+                &Saveable {
+                    devices: &snapshot_devices,
+                    virtio: &virtio,
+                    attached: &attached,
+                },
+                socket,
+                frontend,
+            ),
+            None => false,
+        };
+        let reason = running.wait();
+        drop(control_socket);
+        match reason {
+            // The daemon tells a guest's own reset (restart it, count it
+            // against boot loops) from one it asked for by this line.
+            ExitReason::Reset if reset_requested => {
+                tracing::info!("the VM was reset on request");
+                Ok(())
             }
-            (hv, machine, attached)
-        }
-    };
-    let machine::Machine {
-        vm,
-        input,
-        power_button,
-        snapshot_devices,
-        virtio,
-        ..
-    } = machine;
-
-    let host = HostVirt::detect();
-    let pvm_guest = vm.boot_info().and_then(|i| i.pvm_guest);
-    if args.restore.is_none()
-        && args.migrate_from.is_none()
-        && hv.name() == "kvm"
-        && host.kvm_is_pvm_only()
-        && pvm_guest != Some(true)
-    {
-        eprintln!(
-            "vireo: note: /dev/kvm here is PVM (kvm_pvm) on a CPU without VT-x/AMD-V, and this kernel is not PVM-aware: \
-             the host emulates each guest instruction (~1 µs), so a stock distro kernel takes many minutes to boot. \
-             Small guests are fine; for a stock kernel use --accel emu (vireo's emulator: seconds for the guest kit), \
-             a PVM guest kernel, or a host with hardware virtualization."
-        );
-    }
-
-    // Everything is open and no guest code ran: into the jail, before the
-    // control socket and the vCPUs start.
-    crate::jail_run::lock_down(&args, &attached)?;
-    // Then the thread that starts threads for filtered ones (a device the
-    // guest activates from a vCPU), before any vCPU runs.
-    vireo_sandbox::seccomp::start_launcher().map_err(|e| Failure::Vm(e.to_string()))?;
-
-    let tty = console::stdin_is_tty();
-    let raw = if tty {
-        match RawTerminal::enable() {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!("console: cannot put the terminal in raw mode: {e}");
-                None
+            r if r.is_clean() => {
+                tracing::info!("{r}");
+                Ok(())
             }
+            other => Err(Error::Exit(other)),
         }
-    } else {
-        None
-    };
-    let control_socket = match &args.control_socket {
-        Some(path) => Some(
-            control_socket::listen(path, args.snapshot_dir_root.as_deref())
-                .map_err(|e| Failure::Usage(format!("--control-socket {}: {e}", path.display())))?,
-        ),
-        None => None,
-    };
-    let control = vm.control();
-    let vcpu_stats = vm.vcpu_stats();
-    if let Err(e) = signals::stop_vm_on_signals(Arc::clone(&control)) {
-        tracing::warn!("SIGTERM will not stop the VM cleanly: {e}");
     }
-    let running = vm.start().map_err(|e| Failure::Vm(e.to_string()))?;
-    let console_input = match attached.virtio_console.clone() {
-        Some(hvc) => console::ConsoleTarget::Virtio(hvc),
-        None => console::ConsoleTarget::Serial(input),
-    };
-    console::spawn_stdin_pump(console_input, Arc::clone(&control), tty);
-    // Set-up is done: the main thread only carries out control commands now.
-    vireo_sandbox::seccomp::apply(vireo_sandbox::seccomp::ThreadKind::Main)
-        .map_err(|e| Failure::Vm(e.to_string()))?;
-    let reset_requested = match &control_socket {
-        Some(socket) => serve_control(
-            &running,
-            &power_button,
-            &attached,
-            &vcpu_stats,
-            &Saveable {
-                devices: &snapshot_devices,
-                virtio: &virtio,
-                attached: &attached,
-            },
-            socket,
-        ),
-        None => false,
-    };
-    let reason = running.wait();
-    drop(control_socket);
-    drop(raw);
-    match reason {
-        // The daemon tells a guest's own reset (restart it, count it
-        // against boot loops) from one it asked for by this line.
-        ExitReason::Reset if reset_requested => {
-            tracing::info!("the VM was reset on request");
-            Ok(())
-        }
-        r if r.is_clean() => {
-            tracing::info!("{r}");
-            Ok(())
-        }
-        ExitReason::TripleFault { .. } | ExitReason::Failed(_) => {
-            Err(Failure::Vm(reason.to_string()))
-        }
-        other => Err(Failure::Vm(other.to_string())),
-    }
-}
-
-/// Turn the per-thread seccomp filters on (the default) or, with
-/// `--no-seccomp`, say what is lost.
-fn install_seccomp_policy(args: &RunArgs) -> Result<(), Failure> {
-    use vireo_sandbox::seccomp;
-    if args.no_seccomp {
-        tracing::warn!(
-            "--no-seccomp: the VM's threads run without seccomp filters; a guest that takes over a vCPU \
-             or device thread can make any syscall (open host files, exec programs, make sockets)"
-        );
-        return Ok(());
-    }
-    let mut policy = seccomp::Policy::from_env();
-    // The jail drops the whole process to its ids after threads run.
-    if args.jail {
-        let ids = crate::jail_run::ids(args);
-        policy.drop_to = Some(seccomp::DropTo {
-            uid: ids.uid,
-            gid: ids.gid,
-        });
-    }
-    seccomp::enable(policy).map_err(|e| {
-        Failure::Vm(format!(
-            "{e} (--no-seccomp runs without filters, for debugging)"
-        ))
-    })
 }
 
 /// Carry out control-socket commands until the VM exits; whether a
@@ -316,6 +368,7 @@ fn serve_control(
     vcpu_stats: &VcpuStats,
     saveable: &Saveable<'_>,
     socket: &ControlSocket,
+    frontend: &mut dyn Frontend,
 ) -> bool {
     let balloon = attached.balloon.as_ref();
     let control = running.control();
@@ -371,7 +424,7 @@ fn serve_control(
                         // The target runs the guest now; end this process
                         // (exit 0) once the reply is written.
                         tracing::info!("migrated to {}", req.uri);
-                        eprintln!("vireo: migrated to {}", req.uri);
+                        frontend.notice(&format!("migrated to {}", req.uri));
                         control.request_exit(ExitReason::Stopped);
                         return false;
                     }
@@ -596,19 +649,18 @@ fn snapshot_command(
     }
 }
 
-/// `--restore DIR`: check the snapshot whole, open its backend, load its
-/// memory (or map it with `--restore-lazy`) and build the machine in the
-/// saved state, its virtio devices included (see [`restore_virtio`]).
+/// A restore: check the snapshot in `dir` whole, open its backend, load
+/// its memory (or map it, `lazy`) and build the machine in the saved
+/// state, its virtio devices included (see [`restore_virtio`]).
 fn restore_machine(
-    args: &RunArgs,
-    dir: &std::path::Path,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
-    snapshot_devices::check_restore_flags(args, "--restore takes the machine from the snapshot")?;
-    let loaded = vireo_vmcore::snapshot::load(dir)
-        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
-    let backend = loaded.snapshot.config.backend.clone();
-    let hv = backend_for(&backend, args.accel)
-        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    dir: &Path,
+    lazy: bool,
+    overrides: &RestoreOverrides,
+    accel: Accel,
+) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), RestoreError> {
+    let loaded = vireo_vmcore::snapshot::load(dir).map_err(RestoreError::Load)?;
+    let backend = loaded.snapshot.config.backend;
+    let hv = backend::for_saved(backend, accel)?;
     let started = std::time::Instant::now();
     let mut progress = |done: u64, total: u64| {
         if total >= 1 << 30 && done % (256 << 20) == 0 {
@@ -616,11 +668,11 @@ fn restore_machine(
         }
     };
     let memory = loaded
-        .memory(args.restore_lazy, &mut progress)
-        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+        .memory(lazy, &mut progress)
+        .map_err(RestoreError::Load)?;
     let mut machine = machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter))
-        .map_err(|e| Failure::Vm(format!("--restore {}: {e}", dir.display())))?;
-    let attached = restore_virtio(&mut machine, &loaded.snapshot, args, dir)?;
+        .map_err(RestoreError::Build)?;
+    let attached = restore_virtio(&mut machine, &loaded.snapshot, overrides, dir)?;
     tracing::info!(
         "restored {} ({} vCPU(s), {} on {}) in {} ms{}",
         dir.display(),
@@ -628,44 +680,25 @@ fn restore_machine(
         loaded.snapshot.config.memory,
         backend,
         started.elapsed().as_millis(),
-        if args.restore_lazy {
-            ", memory mapped lazily"
-        } else {
-            ""
-        }
+        if lazy { ", memory mapped lazily" } else { "" }
     );
     Ok((hv, machine, attached))
 }
 
 /// Rebuild the virtio devices a snapshot records (disks rolled back, or
-/// the overrides `args` gives) and load every device's saved state.
+/// the `overrides`) and load every device's saved state.
 fn restore_virtio(
     machine: &mut machine::Machine,
     snap: &vireo_vmcore::snapshot::VmSnapshot,
-    args: &RunArgs,
-    dir: &std::path::Path,
-) -> Result<Attached, Failure> {
-    let configs = snapshot_devices::restore_configs(dir, &snap.config.frontend, args)?;
+    overrides: &RestoreOverrides,
+    dir: &Path,
+) -> Result<Attached, RestoreError> {
+    let configs = snapshot_devices::restore_configs(dir, &snap.config.frontend, overrides)?;
     let attached = devices::open(machine, configs)?;
     // A saved state that does not fit the rebuilt devices (a damaged
     // snapshot, an override of another size) is the caller's to fix.
-    machine::restore_devices(machine, snap)
-        .map_err(|e| Failure::Usage(format!("--restore {}: {e}", dir.display())))?;
+    machine::restore_devices(machine, snap).map_err(RestoreError::State)?;
     Ok(attached)
-}
-
-/// The backend a saved machine of `backend` runs on under `--accel`.
-fn backend_for(backend: &str, accel: Accel) -> Result<Box<dyn Hypervisor>, String> {
-    match (backend, accel) {
-        ("kvm", Accel::Kvm | Accel::Auto) => KvmHypervisor::new()
-            .map(|k| Box::new(k) as Box<dyn Hypervisor>)
-            .map_err(|e| e.to_string()),
-        ("emu", Accel::Emu | Accel::Auto) => Ok(Box::new(EmuHypervisor::new())),
-        (saved, accel) => Err(format!(
-            "the VM ran on the {saved} backend; it cannot run on --accel {}",
-            format!("{accel:?}").to_lowercase()
-        )),
-    }
 }
 
 /// Build a migrated machine from its state and memory: the vCPUs and
@@ -676,7 +709,7 @@ fn build_migrated(
     hv: &dyn Hypervisor,
     loaded: &vireo_vmcore::snapshot::LoadedSnapshot,
     memory: vireo_vmcore::memory::GuestMemory,
-    own: &crate::devices::DeviceConfigs,
+    own: &DeviceConfigs,
     mac_given: &[bool],
 ) -> Result<(machine::Machine, Attached), String> {
     let configs = snapshot_devices::migrated_configs(
@@ -692,28 +725,47 @@ fn build_migrated(
     Ok((machine, attached))
 }
 
+/// How a machine differs from this target's definition or does not fit
+/// this host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MachineMismatch {
+    #[error("the source's VM has {source_vcpus} vCPU(s), this target's definition {own}")]
+    Vcpus { source_vcpus: u32, own: u32 },
+    #[error("the source's VM has {source_memory} of memory, this target's definition {own}")]
+    Memory {
+        source_memory: MemorySize,
+        own: MemorySize,
+    },
+    #[error("{vcpus} vCPUs: this backend runs 1 to {max} vCPUs")]
+    VcpusOutOfRange { vcpus: u32, max: u32 },
+    #[error("{memory} of memory: at least {min} MiB")]
+    TooLittleMemory { memory: MemorySize, min: u64 },
+    #[error("{memory} of memory: more than this host's {host} MiB of RAM and swap")]
+    MoreThanHost { memory: MemorySize, host: u64 },
+}
+
 /// The machine a source offers, checked against this target's own
-/// definition (`--cpus`, `--memory`) and the host before any memory is
+/// definition (its vCPUs and memory) and the host before any memory is
 /// allocated: equal vCPUs and memory, within the backend's vCPU limit and
 /// the host's memory (RAM plus swap).
-pub(crate) fn check_offered_machine(
+fn check_offered_machine(
     config: &vireo_vmcore::snapshot::MachineConfig,
     cpus: u32,
     memory: MemorySize,
     max_vcpus: u32,
     host_memory_mib: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), MachineMismatch> {
     if config.vcpus != cpus {
-        return Err(format!(
-            "the source's VM has {} vCPU(s), this target's definition {cpus} (--cpus)",
-            config.vcpus
-        ));
+        return Err(MachineMismatch::Vcpus {
+            source_vcpus: config.vcpus,
+            own: cpus,
+        });
     }
     if config.memory != memory {
-        return Err(format!(
-            "the source's VM has {} of memory, this target's definition {memory} (--memory)",
-            config.memory
-        ));
+        return Err(MachineMismatch::Memory {
+            source_memory: config.memory,
+            own: memory,
+        });
     }
     check_fits_host(cpus, memory, max_vcpus, host_memory_mib)
 }
@@ -724,75 +776,66 @@ fn check_fits_host(
     memory: MemorySize,
     max_vcpus: u32,
     host_memory_mib: Option<u64>,
-) -> Result<(), String> {
-    let memory_mib = memory.mib();
+) -> Result<(), MachineMismatch> {
     if cpus == 0 || cpus > max_vcpus {
-        return Err(format!(
-            "--cpus {cpus}: this backend runs 1 to {max_vcpus} vCPUs"
-        ));
+        return Err(MachineMismatch::VcpusOutOfRange {
+            vcpus: cpus,
+            max: max_vcpus,
+        });
     }
-    if memory_mib < vireo_vmcore::vm::MIN_MEMORY_MIB {
-        return Err(format!(
-            "--memory {memory_mib}: at least {} MiB",
-            vireo_vmcore::vm::MIN_MEMORY_MIB
-        ));
+    if memory.mib() < vireo_vmcore::vm::MIN_MEMORY_MIB {
+        return Err(MachineMismatch::TooLittleMemory {
+            memory,
+            min: vireo_vmcore::vm::MIN_MEMORY_MIB,
+        });
     }
     if let Some(host) = host_memory_mib {
-        if memory_mib > host {
-            return Err(format!(
-                "--memory {memory_mib}: more than this host's {host} MiB of RAM and swap"
-            ));
+        if memory.mib() > host {
+            return Err(MachineMismatch::MoreThanHost { memory, host });
         }
     }
     Ok(())
 }
 
-/// `--migrate-from ADDR`: check this target's own definition, receive the
-/// machine from a source (refused unless it is that machine), build it
-/// from the target's own devices, acknowledge.
+/// An incoming migration: check this target's own definition, receive
+/// the machine from a source (refused unless it is that machine), build
+/// it from the target's own devices, acknowledge.
 fn migrate_in(
-    args: &RunArgs,
-    uri: &str,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Failure> {
-    snapshot_devices::check_migrate_flags(args)?;
-    let own = devices::parse(args)?;
+    frontend: &mut dyn Frontend,
+    listen: &crate::migrate::Listen,
+    own: DeviceConfigs,
+    mac_given: &[bool],
+    cpus: u32,
+    memory: MemorySize,
+    accel: Accel,
+) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Error> {
+    let uri = listen.uri.as_str();
     let own_set = snapshot_devices::DeviceSet::from_configs(&own);
-    let mac_given = snapshot_devices::macs_given(args);
-    let (cpus, memory) = (args.cpus(), args.memory());
     let host_mib = vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20);
-    check_fits_host(cpus, memory, vireo_vmcore::vm::MAX_VCPUS_XAPIC, host_mib)
-        .map_err(Failure::Usage)?;
-    let secret = args
-        .migrate_secret_file
-        .as_deref()
-        .map(|f| crate::migrate::read_secret("--migrate-secret-file", f))
-        .transpose()
-        .map_err(Failure::Usage)?;
-    let listen = crate::migrate::Listen {
-        uri: uri.to_string(),
-        tls: args
-            .migrate_tls_cert
-            .clone()
-            .zip(args.migrate_tls_key.clone()),
-        client_ca: args.migrate_client_ca.clone(),
-        secret,
-    };
-    crate::migrate::check_listen(&listen).map_err(Failure::Usage)?;
-    let accel = args.accel;
+    check_fits_host(cpus, memory, vireo_vmcore::vm::MAX_VCPUS_XAPIC, host_mib)?;
+    crate::migrate::check_listen(listen)?;
     let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
-        let hv = backend_for(&config.backend, accel)?;
+        let hv = backend::for_saved(config.backend, accel).map_err(|e| e.to_string())?;
         let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
-        check_offered_machine(config, cpus, memory, max, host_mib)?;
-        snapshot_devices::check_peer_record(&config.frontend, &own_set, &mac_given)
+        check_offered_machine(config, cpus, memory, max, host_mib).map_err(|e| e.to_string())?;
+        snapshot_devices::check_peer_record(&config.frontend, &own_set, mac_given)
+    };
+    let refused = |reason: String| Error::MigrateIn {
+        uri: uri.to_string(),
+        reason,
     };
     let started = std::time::Instant::now();
-    let incoming = crate::migrate::receive(&listen, &check).map_err(Failure::Usage)?;
+    let incoming = crate::migrate::receive(listen, &check, &mut |addr| {
+        frontend.migration_listening(addr)
+    })
+    .map_err(refused)?;
     let config = incoming.loaded.snapshot.config.clone();
-    let hv = match backend_for(&config.backend, accel) {
+    let hv = match backend::for_saved(config.backend, accel) {
         Ok(hv) => hv,
         Err(e) => {
+            let e = e.to_string();
             incoming.refuse(&e);
-            return Err(Failure::Usage(format!("--migrate-from {uri}: {e}")));
+            return Err(refused(e));
         }
     };
     if incoming.postcopy.is_some() {
@@ -802,15 +845,13 @@ fn migrate_in(
             incoming.loaded.snapshot.clone(),
         );
         let memory = incoming.memory.clone();
-        let target = incoming
-            .start_postcopy()
-            .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
+        let target = incoming.start_postcopy().map_err(refused)?;
         let (machine, attached) =
-            match build_migrated(hv.as_ref(), &loaded, memory, &own, &mac_given) {
+            match build_migrated(hv.as_ref(), &loaded, memory, &own, mac_given) {
                 Ok(m) => m,
                 Err(msg) => {
                     target.refuse(&msg);
-                    return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
+                    return Err(refused(msg));
                 }
             };
         target.ack(machine.vm.control());
@@ -829,17 +870,15 @@ fn migrate_in(
         &incoming.loaded,
         incoming.memory.clone(),
         &own,
-        &mac_given,
+        mac_given,
     ) {
         Ok(m) => m,
         Err(msg) => {
             incoming.refuse(&msg);
-            return Err(Failure::Usage(format!("--migrate-from {uri}: {msg}")));
+            return Err(refused(msg));
         }
     };
-    incoming
-        .ack()
-        .map_err(|e| Failure::Usage(format!("--migrate-from {uri}: {e}")))?;
+    incoming.ack().map_err(refused)?;
     tracing::info!(
         "migrated in: {} vCPU(s), {} on {} ({} ms after listening)",
         config.vcpus,
@@ -961,7 +1000,7 @@ mod tests {
 
     fn offered(vcpus: u32, memory_mib: u64) -> vireo_vmcore::snapshot::MachineConfig {
         vireo_vmcore::snapshot::MachineConfig {
-            backend: "emu".into(),
+            backend: BackendKind::Emu,
             vcpus,
             memory: mib(memory_mib),
             frontend: serde_json::Value::Null,
@@ -975,16 +1014,23 @@ mod tests {
         let four_tib = 4 << 20;
         let e =
             check_offered_machine(&offered(1, four_tib), 1, mib(64), 64, Some(8192)).unwrap_err();
-        assert!(e.contains("4194304 MiB") && e.contains("--memory"), "{e}");
+        assert_eq!(
+            e,
+            MachineMismatch::Memory {
+                source_memory: mib(four_tib),
+                own: mib(64)
+            }
+        );
+        assert!(e.to_string().contains("4194304 MiB"), "{e}");
         let e = check_offered_machine(&offered(4, 64), 1, mib(64), 64, Some(8192)).unwrap_err();
-        assert!(e.contains("4 vCPU(s)") && e.contains("--cpus"), "{e}");
+        assert!(e.to_string().contains("4 vCPU(s)"), "{e}");
         // Even a target defined that big is refused by the host check.
         let e = check_offered_machine(&offered(1, four_tib), 1, mib(four_tib), 64, Some(8192))
             .unwrap_err();
-        assert!(e.contains("more than this host"), "{e}");
+        assert!(e.to_string().contains("more than this host"), "{e}");
         let e =
             check_offered_machine(&offered(300, 64), 300, mib(64), 254, Some(8192)).unwrap_err();
-        assert!(e.contains("1 to 254"), "{e}");
+        assert!(e.to_string().contains("1 to 254"), "{e}");
         assert!(check_offered_machine(&offered(2, 64), 2, mib(64), 64, Some(8192)).is_ok());
     }
 }

@@ -1,10 +1,9 @@
-//! Virtio devices in snapshots, the front end's part: what `vireo run`
-//! records of its devices in a snapshot (so `--restore` rebuilds them with
-//! no device flags), the copies of its disks a snapshot holds
-//! (`DIR/disks/<id>.<format>`), and how `--restore` puts the disks back
-//! (rolls each one back to the copy) or takes the caller's own disk, TAP
-//! or vsock socket instead (`--disk id=ID,path=P`, `--net id=ID,tap=T`,
-//! `--vsock cid=N,socket=S`).
+//! Virtio devices in snapshots: what a machine records of its devices in
+//! a snapshot (so a restore rebuilds them with no device configuration),
+//! the copies of its disks a snapshot holds (`DIR/disks/<id>.<format>`),
+//! and how a restore puts the disks back (rolls each one back to the copy)
+//! or takes the caller's own disk, TAP or vsock socket instead
+//! ([`RestoreOverrides`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -19,9 +18,7 @@ use vireo_devices::virtio::net::NetConfig;
 use vireo_devices::virtio::rng::RngConfig;
 use vireo_devices::virtio::vsock::VsockConfig;
 
-use crate::cli::RunArgs;
 use crate::devices::DeviceConfigs;
-use crate::Failure;
 
 /// Where a snapshot keeps its disk copies.
 pub const DISKS_DIR: &str = "disks";
@@ -373,34 +370,46 @@ fn sparse_copy(from: &File, to: &File, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The device flags `--restore` accepts (as overrides); any other device
-/// or boot flag is refused.
-pub fn check_restore_flags(args: &RunArgs, why: &str) -> Result<(), Failure> {
-    let refused = args.rng.is_some()
-        || args.balloon.is_some()
-        || args.virtio_console.is_some()
-        || args.initrd.is_some()
-        || args.cmdline.is_some()
-        || args.append.is_some();
-    if refused {
-        return Err(Failure::Usage(format!(
-            "{why}: drop --rng, --balloon, --virtio-console, --initrd, --cmdline and --append \
-             (--disk id=ID,path=P, --net id=ID,tap=NAME and --vsock cid=N,socket=PATH may replace a saved disk, TAP or socket)"
-        )));
-    }
-    Ok(())
+/// What the caller gives instead of a snapshot's saved disks, TAPs and
+/// vsock socket, matched by id (network devices without one by position).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOverrides {
+    pub disks: Vec<BlockConfig>,
+    /// Each network device, with whether its MAC was given (a restored
+    /// guest keeps its own: its driver read it at boot).
+    pub nets: Vec<(NetConfig, bool)>,
+    pub vsock: Option<VsockConfig>,
+    /// Directories besides each image's own that its backing files may be in.
+    pub backing_dirs: Vec<PathBuf>,
 }
 
-/// The devices to rebuild for `--restore DIR`: the snapshot's, with the
-/// caller's overrides, and every disk not overridden rolled back to the
+/// Why a snapshot's virtio devices cannot be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreDevicesError {
+    /// The snapshot's record, its disk copies or the overrides do not fit
+    /// (the caller's to fix).
+    #[error("{0}")]
+    Refused(String),
+    #[error("rolling disk {id} back ({} over {}): {source}", .from.display(), .to.display())]
+    Rollback {
+        id: String,
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The devices to rebuild for a restore from `dir`: the snapshot's, with
+/// the caller's overrides, and every disk not overridden rolled back to the
 /// snapshot's copy (copied over its recorded path). Everything is checked
 /// before any disk is written.
 pub fn restore_configs(
     dir: &Path,
     frontend: &serde_json::Value,
-    args: &RunArgs,
-) -> Result<DeviceConfigs, Failure> {
-    let usage = |m: String| Failure::Usage(format!("--restore {}: {m}", dir.display()));
+    overrides: &RestoreOverrides,
+) -> Result<DeviceConfigs, RestoreDevicesError> {
+    let usage = RestoreDevicesError::Refused;
     let record: FrontendRecord = if frontend.is_null() {
         FrontendRecord::default()
     } else {
@@ -408,8 +417,8 @@ pub fn restore_configs(
             .map_err(|e| usage(format!("the snapshot's device record does not parse: {e}")))?
     };
     let mut configs = record.virtio.to_configs().map_err(usage)?;
-    configs.backing_dirs = args.backing_dir.clone();
-    let overridden = apply_overrides(&mut configs, args)?;
+    configs.backing_dirs = overrides.backing_dirs.clone();
+    let overridden = apply_overrides(&mut configs, overrides)?;
     // Check every disk to roll back has its copy before writing any.
     let mut rollbacks = Vec::new();
     for (i, d) in configs.disks.iter_mut().enumerate() {
@@ -418,7 +427,7 @@ pub fn restore_configs(
         }
         let Some(copy) = record.disks.iter().find(|c| c.id == d.id) else {
             return Err(usage(format!(
-                "the snapshot holds no copy of disk {}; give it with --disk id={},path=FILE",
+                "the snapshot holds no copy of disk {}; give that disk (id={}) in its place",
                 d.id, d.id
             )));
         };
@@ -439,14 +448,13 @@ pub fn restore_configs(
     }
     for (id, src, dst) in rollbacks {
         let started = std::time::Instant::now();
-        let (bytes, how) = copy_file(&src, &dst, true).map_err(|e| {
-            Failure::Vm(format!(
-                "--restore {}: rolling disk {id} back ({} over {}): {e}",
-                dir.display(),
-                src.display(),
-                dst.display()
-            ))
-        })?;
+        let (bytes, how) =
+            copy_file(&src, &dst, true).map_err(|source| RestoreDevicesError::Rollback {
+                id: id.clone(),
+                from: src.clone(),
+                to: dst.clone(),
+                source,
+            })?;
         tracing::info!(
             "restore: disk {id} rolled back to the snapshot: {} copied over {} ({how}, {} MiB, {} ms)",
             src.display(),
@@ -456,27 +464,6 @@ pub fn restore_configs(
         );
     }
     Ok(configs)
-}
-
-/// The flags `--migrate-from` needs and refuses: the target's own
-/// machine (`--cpus`, `--memory`, the device flags) is required, the boot
-/// flags are refused (the kernel is in the source's memory).
-pub fn check_migrate_flags(args: &RunArgs) -> Result<(), Failure> {
-    if args.initrd.is_some() || args.cmdline.is_some() || args.append.is_some() {
-        return Err(Failure::Usage(
-            "--migrate-from takes the running kernel from the source: drop --initrd, --cmdline and --append"
-                .into(),
-        ));
-    }
-    if args.cpus.is_none() || args.memory.is_none() {
-        return Err(Failure::Usage(
-            "--migrate-from: the target needs its own definition of the machine: give --cpus and --memory \
-             and the device flags (--disk, --net, --vsock, --rng, --balloon, --virtio-console) the source \
-             was started with; the source's machine is checked against them, never taken from it"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 /// The source's device record from its machine configuration.
@@ -631,19 +618,11 @@ fn ids<'a>(it: impl Iterator<Item = &'a str>) -> String {
     }
 }
 
-/// Which `--net` flags name their MAC.
-pub fn macs_given(args: &RunArgs) -> Vec<bool> {
-    args.net
-        .iter()
-        .map(|n| n.split(',').any(|kv| kv.trim_start().starts_with("mac=")))
-        .collect()
-}
-
-/// The devices to build for `--migrate-from`: this target's own (`own`,
-/// from its flags), after [`check_peer_devices`] against the source's
+/// The devices to build for an incoming migration: this target's own
+/// (`own`), after [`check_peer_devices`] against the source's
 /// record in `frontend`; a network device without `mac=` takes the
-/// source's MAC. Disks are shared storage: the target's `--disk` names
-/// the same image the source runs on.
+/// source's MAC. Disks are shared storage: the target's disks name the
+/// same images the source runs on.
 pub fn migrated_configs(
     frontend: &serde_json::Value,
     mut own: DeviceConfigs,
@@ -672,23 +651,25 @@ pub fn check_peer_record(
     check_peer_devices(&peer_record(frontend)?.virtio, own, mac_given)
 }
 
-/// Apply `--disk`, `--net` and `--vsock` given with `--restore`; returns
-/// which disks were overridden.
-fn apply_overrides(configs: &mut DeviceConfigs, args: &RunArgs) -> Result<Vec<bool>, Failure> {
-    let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
+/// Apply the disks, network devices and vsock given with a restore;
+/// returns which disks were overridden.
+fn apply_overrides(
+    configs: &mut DeviceConfigs,
+    overrides: &RestoreOverrides,
+) -> Result<Vec<bool>, RestoreDevicesError> {
+    let refused = RestoreDevicesError::Refused;
     let mut overridden = vec![false; configs.disks.len()];
-    for s in &args.disk {
-        let o = BlockConfig::from_options(s).map_err(usage)?;
+    for o in &overrides.disks {
         let ids: Vec<&str> = configs.disks.iter().map(|d| d.id.as_str()).collect();
         let Some(i) = configs.disks.iter().position(|d| d.id == o.id) else {
-            return Err(Failure::Usage(format!(
-                "--disk {s}: the snapshot has no disk with id={} (its disks: {}); with --restore, --disk id=ID,path=FILE replaces a saved disk",
+            return Err(refused(format!(
+                "the snapshot has no disk with id={} (its disks: {}); a disk given with a restore replaces the saved disk of its id",
                 o.id,
                 if ids.is_empty() { "none".to_string() } else { ids.join(", ") }
             )));
         };
         if overridden[i] {
-            return Err(Failure::Usage(format!("--disk id={}: given twice", o.id)));
+            return Err(refused(format!("disk id={}: given twice", o.id)));
         }
         let d = &mut configs.disks[i];
         tracing::info!(
@@ -697,14 +678,13 @@ fn apply_overrides(configs: &mut DeviceConfigs, args: &RunArgs) -> Result<Vec<bo
             o.path.display(),
             d.path.display()
         );
-        d.path = o.path;
+        d.path = o.path.clone();
         d.format = o.format;
         overridden[i] = true;
     }
     let mut by_position = 0usize;
     let mut net_done = vec![false; configs.nets.len()];
-    for s in &args.net {
-        let o = NetConfig::from_options(s).map_err(usage)?;
+    for (o, mac_given) in &overrides.nets {
         let i = match &o.id {
             Some(id) => configs.nets.iter().position(|n| n.id.as_ref() == Some(id)),
             None => {
@@ -713,21 +693,23 @@ fn apply_overrides(configs: &mut DeviceConfigs, args: &RunArgs) -> Result<Vec<bo
             }
         };
         let Some(i) = i else {
-            return Err(Failure::Usage(format!(
-                "--net {s}: the snapshot has no such network device ({} saved); with --restore, --net id=ID,tap=NAME (or tap=NAME in order) replaces a saved TAP",
+            return Err(refused(format!(
+                "network device tap={}: the snapshot has no such network device ({} saved); a network device given with a restore (by id, or in order) replaces a saved TAP",
+                o.tap,
                 configs.nets.len()
             )));
         };
         if net_done[i] {
-            return Err(Failure::Usage(format!(
-                "--net {s}: that device is given twice"
+            return Err(refused(format!(
+                "network device tap={}: that device is given twice",
+                o.tap
             )));
         }
         net_done[i] = true;
-        if s.contains("mac=") && o.mac != configs.nets[i].mac {
-            return Err(Failure::Usage(format!(
-                "--net {s}: the restored guest keeps MAC {} (its driver read it at boot); drop mac=",
-                configs.nets[i].mac
+        if *mac_given && o.mac != configs.nets[i].mac {
+            return Err(refused(format!(
+                "network device tap={}: the restored guest keeps MAC {} (its driver read it at boot); drop mac=",
+                o.tap, configs.nets[i].mac
             )));
         }
         tracing::info!(
@@ -735,22 +717,22 @@ fn apply_overrides(configs: &mut DeviceConfigs, args: &RunArgs) -> Result<Vec<bo
             o.tap,
             configs.nets[i].tap
         );
-        configs.nets[i].tap = o.tap;
+        configs.nets[i].tap = o.tap.clone();
     }
-    if let Some(s) = &args.vsock {
-        let o = VsockConfig::from_options(s).map_err(usage)?;
+    if let Some(o) = &overrides.vsock {
         let Some(v) = configs.vsock.as_mut() else {
-            return Err(Failure::Usage(format!(
-                "--vsock {s}: the snapshot has no vsock device"
+            return Err(refused(format!(
+                "vsock cid={}: the snapshot has no vsock device",
+                o.cid
             )));
         };
         if o.cid != v.cid {
-            return Err(Failure::Usage(format!(
-                "--vsock {s}: the snapshot's guest has cid={}; keep it (only socket= may change)",
-                v.cid
+            return Err(refused(format!(
+                "vsock cid={}: the snapshot's guest has cid={}; keep it (only socket= may change)",
+                o.cid, v.cid
             )));
         }
-        v.socket = o.socket;
+        v.socket = o.socket.clone();
     }
     Ok(overridden)
 }
@@ -758,8 +740,22 @@ fn apply_overrides(configs: &mut DeviceConfigs, args: &RunArgs) -> Result<Vec<bo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
     use std::io::{Seek, SeekFrom, Write};
+
+    /// `vireo run`-style device flags as (flag, options) pairs; a flag
+    /// without options (`--rng`) has empty ones.
+    fn pairs<'a>(flags: &[&'a str]) -> Vec<(&'a str, &'a str)> {
+        let mut out = Vec::new();
+        let mut it = flags.iter().peekable();
+        while let Some(flag) = it.next() {
+            let value = match it.peek() {
+                Some(v) if !v.starts_with("--") => it.next().copied().unwrap_or(""),
+                _ => "",
+            };
+            out.push((*flag, value));
+        }
+        out
+    }
 
     /// A scratch directory removed when dropped.
     struct TempDir(PathBuf);
@@ -805,16 +801,21 @@ mod tests {
         assert!(!dir.path().join("b.raw.vireo-restore.tmp").exists());
     }
 
-    fn args(extra: &[&str]) -> RunArgs {
-        let mut v = vec!["run", "--restore", "/x"];
-        v.extend_from_slice(extra);
-        match crate::cli::Cli::try_parse_from(std::iter::once("vireo").chain(v)) {
-            Ok(crate::cli::Cli {
-                command: crate::cli::Command::Run(a),
-                ..
-            }) => a,
-            other => panic!("{:?}", other.err()),
+    /// The overrides of a restore given these flags.
+    fn args(flags: &[&str]) -> RestoreOverrides {
+        let mut o = RestoreOverrides::default();
+        for (flag, value) in pairs(flags) {
+            match flag {
+                "--disk" => o.disks.push(BlockConfig::from_options(value).unwrap()),
+                "--net" => o.nets.push((
+                    NetConfig::from_options(value).unwrap(),
+                    value.contains("mac="),
+                )),
+                "--vsock" => o.vsock = Some(VsockConfig::from_options(value).unwrap()),
+                other => panic!("{other}"),
+            }
         }
+        o
     }
 
     fn saved() -> DeviceConfigs {
@@ -872,8 +873,6 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(check_restore_flags(&args(&["--rng"]), "--restore").is_err());
-        assert!(check_restore_flags(&args(&["--disk", "id=a,path=b"]), "--restore").is_ok());
     }
 
     #[test]
@@ -945,7 +944,7 @@ mod tests {
         // A copy that changed size is refused before anything is written.
         std::fs::write(snap.join("disks/root.raw"), b"tampered!").unwrap();
         let e = restore_configs(&snap, &fe, &args(&[])).err().unwrap();
-        assert!(matches!(e, Failure::Usage(m) if m.contains("was changed")));
+        assert!(matches!(e, RestoreDevicesError::Refused(m) if m.contains("was changed")));
         assert_eq!(std::fs::read(&disk).unwrap(), b"later");
     }
 
@@ -985,29 +984,30 @@ mod tests {
         .unwrap()
     }
 
+    /// A migration target's own devices given these flags, and which
+    /// network devices name their MAC.
     fn own(flags: &[&str]) -> (DeviceConfigs, Vec<bool>) {
-        let a = args_migrate(flags);
-        (crate::devices::parse(&a).unwrap(), macs_given(&a))
-    }
-
-    fn args_migrate(extra: &[&str]) -> RunArgs {
-        let mut v = vec![
-            "run",
-            "--migrate-from",
-            "unix:/x",
-            "--cpus",
-            "1",
-            "--memory",
-            "64",
-        ];
-        v.extend_from_slice(extra);
-        match crate::cli::Cli::try_parse_from(std::iter::once("vireo").chain(v)) {
-            Ok(crate::cli::Cli {
-                command: crate::cli::Command::Run(a),
-                ..
-            }) => a,
-            other => panic!("{:?}", other.err()),
+        let mut c = DeviceConfigs::default();
+        let mut macs = Vec::new();
+        for (flag, value) in pairs(flags) {
+            match flag {
+                "--disk" => c.disks.push(BlockConfig::from_options(value).unwrap()),
+                "--net" => {
+                    c.nets.push(NetConfig::from_options(value).unwrap());
+                    macs.push(
+                        value
+                            .split(',')
+                            .any(|kv| kv.trim_start().starts_with("mac=")),
+                    );
+                }
+                "--vsock" => c.vsock = Some(VsockConfig::from_options(value).unwrap()),
+                "--rng" => c.rng = Some(RngConfig::from_options(value).unwrap()),
+                "--balloon" => c.balloon = Some(BalloonConfig::from_options(value).unwrap()),
+                "--virtio-console" => c.console = Some(ConsoleConfig::from_options(value).unwrap()),
+                other => panic!("{other}"),
+            }
         }
+        (c, macs)
     }
 
     const OWN: &[&str] = &[
@@ -1106,24 +1106,5 @@ mod tests {
         // A record that does not parse.
         let (mine, macs) = own(OWN);
         assert!(migrated_configs(&serde_json::json!({"virtio": 5}), mine, &macs).is_err());
-    }
-
-    #[test]
-    fn migrate_from_needs_the_targets_own_definition() {
-        let bare =
-            match crate::cli::Cli::try_parse_from(["vireo", "run", "--migrate-from", "unix:/x"]) {
-                Ok(crate::cli::Cli {
-                    command: crate::cli::Command::Run(a),
-                    ..
-                }) => a,
-                other => panic!("{:?}", other.err()),
-            };
-        let e = check_migrate_flags(&bare).err().unwrap();
-        assert!(
-            matches!(&e, Failure::Usage(m) if m.contains("needs its own definition")),
-            "{e:?}"
-        );
-        assert!(check_migrate_flags(&args_migrate(OWN)).is_ok());
-        assert!(check_migrate_flags(&args_migrate(&["--append", "x"])).is_err());
     }
 }

@@ -1,6 +1,6 @@
-//! The paravirtual devices of `vireo run`: each `--disk`, `--net`,
-//! `--vsock`, `--rng`, `--balloon` and `--virtio-console` flag becomes a
-//! virtio device on the machine's PCI bus.
+//! The paravirtual devices of a machine: each configured disk, network
+//! device, vsock, rng, balloon and virtio console becomes a virtio device
+//! on the machine's PCI bus.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,14 +13,12 @@ use vireo_devices::virtio::rng::{Rng, RngConfig};
 use vireo_devices::virtio::vsock::{Vsock, VsockConfig};
 use vireo_devices::virtio::VirtioDevice;
 
-use crate::cli::RunArgs;
-use crate::console::StdoutWriter;
-use crate::machine::Machine;
+use crate::machine::{AttachError, Machine};
 use crate::snapshot_devices::{DeviceSet, DiskFile};
-use crate::Failure;
+use crate::stdout::StdoutWriter;
 
-/// The virtio devices of a machine, parsed from the flags (or from a
-/// snapshot's record of them), not opened yet.
+/// The virtio devices of a machine, as configured (or from a snapshot's
+/// record of them), not opened yet.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceConfigs {
     pub console: Option<ConsoleConfig>,
@@ -30,7 +28,7 @@ pub struct DeviceConfigs {
     pub vsock: Option<VsockConfig>,
     pub balloon: Option<BalloonConfig>,
     /// Directories besides each image's own that its backing files may be
-    /// in (`--backing-dir`).
+    /// in.
     pub backing_dirs: Vec<PathBuf>,
 }
 
@@ -51,80 +49,45 @@ pub struct Attached {
     pub nets: Vec<(String, Arc<NetCounters>)>,
 }
 
-/// Parse every device flag first (so a typo fails before anything is
-/// opened), then open and attach the devices in flag order.
-pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure> {
-    let configs = parse(args)?;
-    open(machine, configs)
+/// Why a virtio device could not be opened or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("virtio-console: {0}")]
+    Console(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] vireo_devices::virtio::block::BlockError),
+    #[error("net tap={tap}: {source}")]
+    Net {
+        tap: String,
+        #[source]
+        source: vireo_devices::virtio::net::TapError,
+    },
+    /// The host's network could not be entered from the jail.
+    #[error("jail: {0}")]
+    HostNet(#[from] vireo_sandbox::jail::JailError),
+    #[error(transparent)]
+    Vsock(#[from] vireo_devices::virtio::vsock::VsockError),
+    #[error("balloon: {0}")]
+    Balloon(#[source] std::io::Error),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
 }
 
-/// Parse the device flags.
-pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
-    let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
-    let disks = args
-        .disk
-        .iter()
-        .map(|s| BlockConfig::from_options(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(usage)?;
-    for d in &disks {
-        d.check_format_given()
-            .map_err(|e| Failure::Usage(e.to_string()))?;
+impl DeviceError {
+    /// Whether the configuration is at fault (a missing image, TAP or
+    /// socket), not the VMM.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            DeviceError::Disk(_) | DeviceError::Net { .. } | DeviceError::Vsock(_)
+        )
     }
-    let nets = args
-        .net
-        .iter()
-        .map(|s| NetConfig::from_options(s))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(usage)?;
-    let vsock = args
-        .vsock
-        .as_deref()
-        .map(VsockConfig::from_options)
-        .transpose()
-        .map_err(usage)?;
-    let rng = args
-        .rng
-        .as_deref()
-        .map(RngConfig::from_options)
-        .transpose()
-        .map_err(usage)?;
-    let balloon = args
-        .balloon
-        .as_deref()
-        .map(BalloonConfig::from_options)
-        .transpose()
-        .map_err(usage)?;
-    if let Some(b) = &balloon {
-        if b.target_mib >= args.memory().mib() {
-            return Err(Failure::Usage(format!(
-                "--balloon target={}: must be less than --memory {} (the balloon takes that much from the guest)",
-                b.target_mib,
-                args.memory().mib()
-            )));
-        }
-    }
-    let console = args
-        .virtio_console
-        .as_deref()
-        .map(ConsoleConfig::from_options)
-        .transpose()
-        .map_err(usage)?;
-    Ok(DeviceConfigs {
-        console,
-        disks,
-        nets,
-        rng,
-        vsock,
-        balloon,
-        backing_dirs: args.backing_dir.clone(),
-    })
 }
 
 /// Open the devices and put them on the machine's PCI bus: the console,
-/// disks in flag order (the first is vda), nets, rng, vsock, balloon.
+/// disks in order (the first is vda), nets, rng, vsock, balloon.
 /// Each gets its stable snapshot id (`virtio/<kind>[/<id>]`).
-pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, Failure> {
+pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, DeviceError> {
     let mut attached = Attached {
         device_set: DeviceSet::from_configs(&configs),
         ..Attached::default()
@@ -140,14 +103,13 @@ pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, F
     } = configs;
     let mut devices: Vec<(Box<dyn VirtioDevice>, String)> = Vec::new();
     if let Some(cfg) = console {
-        let c = Console::new(cfg, Box::new(StdoutWriter))
-            .map_err(|e| Failure::Vm(format!("--virtio-console: {e}")))?;
+        let c = Console::new(cfg, Box::new(StdoutWriter)).map_err(DeviceError::Console)?;
         attached.virtio_console = Some(c.input());
         devices.push((Box::new(c), "virtio/console".into()));
     }
-    // Disks in flag order: the first --disk is vda.
+    // Disks in order: the first is vda.
     for cfg in disks {
-        let b = Block::open(cfg, &backing_dirs).map_err(|e| Failure::Usage(e.to_string()))?;
+        let b = Block::open(cfg, &backing_dirs)?;
         let id = b.config().id.clone();
         attached.disks.push((id.clone(), b.counters()));
         if !b.state().read_only {
@@ -163,10 +125,13 @@ pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, F
         let tap = cfg.tap.clone();
         let mac = cfg.mac;
         // The TAP is found (or made) by name in the host's network, also
-        // from a jail with a network of its own (see jail_run).
-        let n = crate::jail_run::in_host_net(|| Net::new(cfg))?
-            .map_err(|e| Failure::Usage(format!("--net tap={tap}: {e}")))?;
-        tracing::info!("--net: {tap}, guest MAC {mac}");
+        // from a jail with a network of its own (see host_net).
+        let n =
+            crate::host_net::in_host_net(|| Net::new(cfg))?.map_err(|source| DeviceError::Net {
+                tap: tap.clone(),
+                source,
+            })?;
+        tracing::info!("net: {tap}, guest MAC {mac}");
         let snapshot_id = format!(
             "virtio/net/{}",
             n.config().id.clone().unwrap_or_else(|| format!("net{i}"))
@@ -179,18 +144,16 @@ pub fn open(machine: &mut Machine, configs: DeviceConfigs) -> Result<Attached, F
         devices.push((Box::new(Rng::new(cfg)), "virtio/rng".into()));
     }
     if let Some(cfg) = vsock {
-        let v = Vsock::new(cfg).map_err(|e| Failure::Usage(e.to_string()))?;
+        let v = Vsock::new(cfg)?;
         devices.push((Box::new(v), "virtio/vsock".into()));
     }
     if let Some(cfg) = balloon {
-        let b = Balloon::new(cfg).map_err(|e| Failure::Vm(format!("--balloon: {e}")))?;
+        let b = Balloon::new(cfg).map_err(DeviceError::Balloon)?;
         attached.balloon = Some(b.handle());
         devices.push((Box::new(b), "virtio/balloon".into()));
     }
     for (d, snapshot_id) in devices {
-        machine
-            .add_virtio(d, snapshot_id)
-            .map_err(|e| Failure::Vm(e.to_string()))?;
+        machine.add_virtio(d, snapshot_id)?;
     }
     Ok(attached)
 }

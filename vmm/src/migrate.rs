@@ -378,7 +378,7 @@ fn tcp_connect(host: &str, port: u16) -> Result<TcpStream, String> {
     let mut last = None;
     for a in addrs {
         // From a jail with a network of its own: a socket kept from the host's.
-        match crate::jail_run::connect_tcp(&a, CONNECT_TIMEOUT) {
+        match crate::host_net::connect_tcp(&a, CONNECT_TIMEOUT) {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -820,32 +820,36 @@ impl Drop for Listener {
     }
 }
 
-/// Check the flags of `--migrate-from` against its address: TCP only
-/// with TLS and a way to authenticate the source; a Unix socket without
-/// TLS.
-pub fn check_listen(listen: &Listen) -> Result<Addr, String> {
-    let addr = parse_addr(&listen.uri)?;
+/// Why a target cannot listen as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListenError {
+    /// The address does not parse.
+    #[error("{0}")]
+    Address(String),
+    #[error("{0}: a TCP migration must be encrypted: the target needs a TLS certificate and key (or use unix:PATH for a migration on this host)")]
+    Unencrypted(Addr),
+    #[error("{0}: the target must know its source: give it a one-time secret (the source sends the same file with `migrate-to ... --secret-file FILE`) and/or a CA for client certificates (the source gives --cert and --key)")]
+    Unauthenticated(Addr),
+    #[error("{0}: a Unix socket needs no TLS; drop the TLS certificate, key and client CA")]
+    TlsOnUnix(Addr),
+}
+
+/// Check how a target listens against its address: TCP only with TLS
+/// and a way to authenticate the source; a Unix socket without TLS.
+pub fn check_listen(listen: &Listen) -> Result<Addr, ListenError> {
+    let addr = parse_addr(&listen.uri).map_err(ListenError::Address)?;
     match &addr {
         Addr::Tcp { .. } => {
             if listen.tls.is_none() {
-                return Err(format!(
-                    "--migrate-from {addr}: a TCP migration must be encrypted: give --migrate-tls-cert and --migrate-tls-key \
-                     (or use unix:PATH for a migration on this host)"
-                ));
+                return Err(ListenError::Unencrypted(addr));
             }
             if listen.secret.is_none() && listen.client_ca.is_none() {
-                return Err(format!(
-                    "--migrate-from {addr}: the target must know its source: give --migrate-secret-file FILE \
-                     (the source sends the same file with `migrate-to ... --secret-file FILE`) \
-                     and/or --migrate-client-ca CA.pem (the source gives --cert and --key)"
-                ));
+                return Err(ListenError::Unauthenticated(addr));
             }
         }
         Addr::Unix(_) => {
             if listen.tls.is_some() || listen.client_ca.is_some() {
-                return Err(format!(
-                    "--migrate-from {addr}: a Unix socket needs no TLS; drop --migrate-tls-cert, --migrate-tls-key and --migrate-client-ca"
-                ));
+                return Err(ListenError::TlsOnUnix(addr));
             }
         }
     }
@@ -853,20 +857,17 @@ pub fn check_listen(listen: &Listen) -> Result<Addr, String> {
 }
 
 fn bind(listen: &Listen, addr: &Addr) -> Result<(Listener, String), String> {
-    let uri = &listen.uri;
     match addr {
         Addr::Tcp { host, port } => {
             let Some((cert, key)) = &listen.tls else {
-                return Err(format!("--migrate-from {uri}: TLS is required for tcp:"));
+                return Err("TLS is required for tcp:".to_string());
             };
             let config = Arc::new(server_config(cert, key, listen.client_ca.as_deref())?);
             // In the host's network, also from a jail with a network of its own.
-            let l = crate::jail_run::in_host_net(|| TcpListener::bind((host.as_str(), *port)))
+            let l = crate::host_net::in_host_net(|| TcpListener::bind((host.as_str(), *port)))
                 .map_err(|e| e.to_string())?
-                .map_err(|e| format!("--migrate-from {uri}: cannot listen: {e}"))?;
-            let local = l
-                .local_addr()
-                .map_err(|e| format!("--migrate-from {uri}: {e}"))?;
+                .map_err(|e| format!("cannot listen: {e}"))?;
+            let local = l.local_addr().map_err(|e| e.to_string())?;
             Ok((Listener::Tcp(l, config), local.to_string()))
         }
         Addr::Unix(path) => {
@@ -874,20 +875,16 @@ fn bind(listen: &Listen, addr: &Addr) -> Result<(Listener, String), String> {
             if let Ok(m) = std::fs::symlink_metadata(path) {
                 use std::os::unix::fs::FileTypeExt;
                 if !m.file_type().is_socket() {
-                    return Err(format!(
-                        "--migrate-from {uri}: {} exists and is not a socket",
-                        path.display()
-                    ));
+                    return Err(format!("{} exists and is not a socket", path.display()));
                 }
                 let _ = std::fs::remove_file(path);
             }
-            let l = UnixListener::bind(path)
-                .map_err(|e| format!("--migrate-from {uri}: cannot listen: {e}"))?;
+            let l = UnixListener::bind(path).map_err(|e| format!("cannot listen: {e}"))?;
             let listener = Listener::Unix(l, path.clone());
             // Only this user may connect (the secret is the second lock).
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("--migrate-from {uri}: {e}"))?;
+                .map_err(|e| e.to_string())?;
             Ok((listener, path.display().to_string()))
         }
     }
@@ -1009,18 +1006,19 @@ fn accept_one(
     Ok((conn, sock, peer))
 }
 
-/// Bind, announce the address on stderr (`migration: listening on
-/// ADDR`), wait for the source (refusing, with a pause each, up to
+/// Bind, announce the address (`listening`: a supervisor waits for it
+/// to start the source), wait for the source (refusing, with a pause each, up to
 /// [`MAX_AUTH_FAILURES`] peers that do not authenticate) and receive the
 /// whole stream. `check` checks the machine configuration against this
 /// target's own definition and host before any memory is allocated.
 pub fn receive(
     listen: &Listen,
     check: &dyn Fn(&MachineConfig) -> Result<(), String>,
+    listening: &mut dyn FnMut(&str),
 ) -> Result<Incoming, String> {
-    let addr = check_listen(listen)?;
+    let addr = check_listen(listen).map_err(|e| e.to_string())?;
     let (listener, shown) = bind(listen, &addr)?;
-    eprintln!("migration: listening on {shown}");
+    listening(&shown);
     let mut failures = 0u32;
     let (mut conn, ctl, peer) = loop {
         match accept_one(&listener, listen.secret.as_deref()) {
@@ -1032,8 +1030,7 @@ pub fn receive(
                 );
                 if failures >= MAX_AUTH_FAILURES {
                     return Err(format!(
-                        "--migrate-from {}: gave up after {failures} sources failed to authenticate (the last, from {peer}: {why})",
-                        listen.uri
+                        "gave up after {failures} sources failed to authenticate (the last, from {peer}: {why})"
                     ));
                 }
                 std::thread::sleep(AUTH_RETRY_DELAY);
@@ -1134,27 +1131,27 @@ fn server_config(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<rustls::ServerConfig, String> {
-    let (certs, key_der) = load_identity("--migrate-tls-cert", cert, "--migrate-tls-key", key)?;
+    let (certs, key_der) = load_identity("TLS certificate", cert, "TLS key", key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up: {e}"))?;
     let builder = match client_ca {
         Some(ca) => {
-            let roots = load_roots_for("--migrate-client-ca", ca)?;
+            let roots = load_roots_for("client CA", ca)?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             )
             .build()
-            .map_err(|e| format!("--migrate-client-ca {}: {e}", ca.display()))?;
+            .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     builder.with_single_cert(certs, key_der).map_err(|e| {
         format!(
-            "--migrate-tls-cert {} / --migrate-tls-key {}: {e}",
+            "TLS certificate {} / TLS key {}: {e}",
             cert.display(),
             key.display()
         )
@@ -1208,15 +1205,13 @@ mod tests {
         let mut l = listen("tcp:127.0.0.1:0");
         l.secret = Some(b"0123456789abcdef".to_vec());
         let e = check_listen(&l).unwrap_err();
-        assert!(
-            e.contains("must be encrypted") && e.contains("--migrate-tls-cert"),
-            "{e}"
-        );
+        assert!(matches!(e, ListenError::Unencrypted(_)), "{e}");
+        assert!(e.to_string().contains("must be encrypted"), "{e}");
         // TLS but nothing to know the source by.
         let mut l = listen("tcp:127.0.0.1:0");
         l.tls = Some(("c.pem".into(), "k.pem".into()));
         let e = check_listen(&l).unwrap_err();
-        assert!(e.contains("--migrate-secret-file"), "{e}");
+        assert!(matches!(e, ListenError::Unauthenticated(_)), "{e}");
         l.secret = Some(b"0123456789abcdef".to_vec());
         assert!(check_listen(&l).is_ok());
         l.secret = None;
@@ -1226,7 +1221,7 @@ mod tests {
         assert!(check_listen(&listen("unix:/tmp/x.sock")).is_ok());
         let mut l = listen("unix:/tmp/x.sock");
         l.tls = Some(("c.pem".into(), "k.pem".into()));
-        assert!(check_listen(&l).unwrap_err().contains("needs no TLS"));
+        assert!(matches!(check_listen(&l), Err(ListenError::TlsOnUnix(_))));
     }
 
     #[test]
