@@ -23,7 +23,7 @@ use crate::signals;
 use crate::snapshot_devices;
 use crate::Failure;
 use vireo_devices::virtio::balloon::BalloonHandle;
-use vireo_vmcore::snapshot::SharedSnapshottable;
+use vireo_vmcore::snapshot::device::DeviceList;
 
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
 
@@ -162,8 +162,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
         vm,
         input,
         power_button,
-        snapshot_devices,
-        virtio,
+        devices,
         ..
     } = machine;
 
@@ -230,8 +229,7 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
             &attached,
             &vcpu_stats,
             &Saveable {
-                devices: &snapshot_devices,
-                virtio: &virtio,
+                devices: &devices,
                 attached: &attached,
             },
             socket,
@@ -374,11 +372,10 @@ fn serve_control(
     }
 }
 
-/// What a snapshot or a migration saves: every device by id, the virtio
-/// functions to quiesce, and the record of the virtio devices and disks.
+/// What a snapshot or a migration saves: every device by id (paused
+/// around it), and the record of the virtio devices and disks.
 struct Saveable<'a> {
-    devices: &'a [(String, SharedSnapshottable)],
-    virtio: &'a machine::VirtioFunctions,
+    devices: &'a DeviceList,
     attached: &'a Attached,
 }
 
@@ -388,7 +385,7 @@ struct Saveable<'a> {
 /// the snapshot's disk copies.
 fn frontend(saveable: &Saveable<'_>, disks: Vec<snapshot_devices::DiskCopy>) -> serde_json::Value {
     serde_json::to_value(snapshot_devices::FrontendRecord {
-        devices: saveable.devices.iter().map(|(id, _)| id.clone()).collect(),
+        devices: saveable.devices.ids(),
         virtio: saveable.attached.device_set.clone(),
         disks,
     })
@@ -407,7 +404,6 @@ fn migrate_command(
     match crate::migrate::migrate_to(
         running,
         saveable.devices,
-        saveable.virtio,
         frontend(saveable, Vec::new()),
         req,
     ) {
@@ -487,7 +483,7 @@ fn snapshot_command(
     };
     // Device threads stop (requests in flight completed, disks flushed)
     // until the memory, the state and the disk copies are written.
-    let quiesced = saveable.virtio.quiesce();
+    let quiesced = saveable.devices.quiesce();
     let mut disks = Vec::new();
     let result = running
         .capture(saveable.devices, serde_json::Value::Null)

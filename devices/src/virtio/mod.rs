@@ -27,6 +27,7 @@ pub mod worker;
 use std::sync::Arc;
 
 use vireo_vmcore::memory::GuestMemory;
+use vireo_vmcore::snapshot::device::{DynSnapshottable, Pausable};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use virtio_queue::{Queue, QueueT};
@@ -116,7 +117,21 @@ pub fn take_queues<const N: usize>(
 }
 
 /// A virtio device model, independent of the transport.
-pub trait VirtioDevice: Send {
+///
+/// It joins snapshots and migration through its supertraits:
+/// [`Pausable`] (stop its thread without losing a request; a disk also
+/// flushes, so that what the guest wrote is durable) and
+/// [`Snapshottable`](vireo_vmcore::snapshot::device::Snapshottable)
+/// (its own typed state, beyond its queues and features, which the
+/// transport saves, and beyond what its options give). The transport
+/// pauses, saves and restores it; nothing else is needed.
+///
+/// When paused, every request taken from a queue was completed; buffers
+/// the device holds unused (receive buffers) are re-read from the avail
+/// ring by a restored device. Its state is saved while paused (or never
+/// activated) and restored into a device built from the same options,
+/// before it is activated in the restored state.
+pub trait VirtioDevice: Send + Pausable + DynSnapshottable {
     /// The virtio device id ([`device_type`]).
     fn device_type(&self) -> u32;
     /// A short name for log lines ("virtio-blk root").
@@ -143,38 +158,6 @@ pub trait VirtioDevice: Send {
     /// Stop processing (joining any device thread) and return to the state
     /// before activation; the driver may set the device up again.
     fn reset(&mut self);
-    /// Quiesce an active device for a snapshot: stop its thread without
-    /// losing anything, and make what it wrote durable (a disk flushes).
-    /// Afterwards nothing touches guest memory or the queues until
-    /// [`VirtioDevice::resume`]. Every request taken from a queue was
-    /// completed; buffers the device holds unused (receive buffers) are
-    /// re-read from the avail ring by a restored device.
-    fn pause(&mut self) {}
-    /// Carry on after [`VirtioDevice::pause`].
-    fn resume(&mut self) {}
-    /// The device's own state for a snapshot (beyond its queues, which are
-    /// the transport's, and what its options give). Called while paused
-    /// (or never activated).
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-    /// Load what [`VirtioDevice::save_state`] gave into a device built from
-    /// the same options, before it is activated in the restored state.
-    /// An error names what does not fit.
-    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
-        let _ = state;
-        Ok(())
-    }
-}
-
-/// Decode a device's saved state.
-pub fn decode_state<T: serde::de::DeserializeOwned>(state: serde_json::Value) -> Result<T, String> {
-    serde_json::from_value(state).map_err(|e| format!("saved device state does not fit: {e}"))
-}
-
-/// Encode a device's state (plain structs: cannot fail in practice).
-pub fn encode_state<T: serde::Serialize>(state: &T) -> serde_json::Value {
-    serde_json::to_value(state).unwrap_or(serde_json::Value::Null)
 }
 
 /// Copy `src` (a configuration structure) into `data` from `offset`,

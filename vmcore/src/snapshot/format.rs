@@ -35,7 +35,9 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: &[u8; 8] = b"VIREOSNP";
 pub const TRAILER_MAGIC: &[u8; 8] = b"VSNPEND\0";
 /// Bumped on every incompatible change; other versions are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: each device's state carries its own version
+/// ([`super::device::SavedState`]).
+pub const FORMAT_VERSION: u32 = 2;
 /// The snapshot is a diff: its memory file holds only the pages written
 /// since its parent (sections `parent` and `memory_pages`). A vireo that
 /// does not know the flag refuses the file rather than restoring a diff

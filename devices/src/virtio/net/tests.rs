@@ -14,7 +14,10 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 
-use crate::virtio::ActiveQueue;
+use crate::virtio::{ActiveQueue, Interrupt, InterruptKind, Queue};
+use std::sync::atomic::Ordering;
+use vm_memory::{Address, Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
 
 const TAP: &str = "vtap0";
 const ETHERTYPE: u16 = 0x88b5; // IEEE local experimental

@@ -13,16 +13,14 @@
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use serde::{Deserialize, Serialize};
 use vireo_hypervisor::InterruptLine;
 use vireo_vmcore::memory::GuestMemory;
-use vireo_vmcore::snapshot::{SnapshotError, Snapshottable};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{features, Activation, ActiveQueue, Interrupt, InterruptKind, VirtioDevice};
 use crate::pci::config::{ClassCode, PciConfig, PciIdentity, COMMAND, COMMAND_INTX_DISABLE};
-use crate::pci::msix::{MsiSender, Msix, MsixState};
+use crate::pci::msix::{MsiSender, Msix};
 use crate::pci::{IoEventRegistrar, PciDevice};
 
 const VIRTIO_VENDOR: u16 = 0x1af4;
@@ -52,6 +50,9 @@ const CFG_TYPE_PCI: u8 = 5;
 pub const NO_VECTOR: u16 = 0xffff;
 
 /// Device status bits (§2.1).
+mod persist;
+pub use persist::{QueueSnapshot, TransportState, TransportStateError};
+
 pub mod status {
     pub const ACKNOWLEDGE: u8 = 1;
     pub const DRIVER: u8 = 2;
@@ -157,7 +158,7 @@ pub struct VirtioPciDevice {
     status: u8,
     config_generation: u8,
     active: bool,
-    /// The device thread is stopped for a snapshot ([`VirtioPciDevice::pause`]).
+    /// The device thread is stopped for a snapshot (see [`persist`]).
     paused: bool,
     ioevents: Option<Arc<dyn IoEventRegistrar>>,
     /// BAR 0 base the notify eventfds are registered at.
@@ -182,6 +183,22 @@ pub enum VirtioPciError {
     EventFd(std::io::Error),
     #[error("PCI configuration: {0}")]
     Config(#[from] crate::pci::config::ConfigError),
+    #[error("queue {index} is invalid (size {size}, rings at {desc:#x}/{avail:#x}/{used:#x} outside guest memory or misaligned)")]
+    InvalidQueue {
+        index: usize,
+        size: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+    },
+    #[error("queue {index}: {source}")]
+    Queue {
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error(transparent)]
+    Activate(#[from] super::ActivateError),
 }
 
 impl VirtioPciDevice {
@@ -352,200 +369,6 @@ impl VirtioPciDevice {
         self.device.as_ref()
     }
 
-    /// Quiesce the device for a snapshot: its thread stops with every
-    /// request it took completed, and a disk flushes. Guest accesses to
-    /// the transport still work (the vCPUs are expected to be paused too).
-    pub fn pause(&mut self) {
-        if !self.paused {
-            // Also when not active: a disk the driver reset still flushes.
-            self.device.pause();
-        }
-        self.paused = true;
-    }
-
-    /// Carry on after [`VirtioPciDevice::pause`].
-    pub fn resume(&mut self) {
-        if self.paused {
-            self.device.resume();
-        }
-        self.paused = false;
-    }
-
-    /// The transport's and the device's state. Pauses the device first if
-    /// it is running (it stays paused until [`VirtioPciDevice::resume`]).
-    ///
-    /// An active queue is saved with `next_avail` = `next_used` = the used
-    /// ring's index in guest memory: requests the device completed are
-    /// behind it, and chains it took but holds unused (receive buffers)
-    /// are ahead of it, so a restored device reads them from the avail
-    /// ring again and none is lost. (Every device completes the chains of
-    /// a queue in the order it took them.)
-    pub fn save_state(&mut self) -> Result<TransportState, String> {
-        self.pause();
-        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, slot) in self.queues.iter().enumerate() {
-            let st = slot.queue.state();
-            let (next_avail, next_used) = if self.active && st.ready {
-                let used = slot
-                    .queue
-                    .used_idx(&self.memory, Ordering::Acquire)
-                    .map_err(|e| format!("queue {i}: cannot read the used ring: {e}"))?;
-                (used.0, used.0)
-            } else {
-                (st.next_avail, st.next_used)
-            };
-            queues.push(QueueSnapshot {
-                size: st.size,
-                ready: st.ready,
-                desc_table: st.desc_table,
-                avail_ring: st.avail_ring,
-                used_ring: st.used_ring,
-                next_avail,
-                next_used,
-                event_idx: self.active && event_idx,
-                vector: self.interrupts.queue_vectors[i].load(Ordering::Acquire),
-            });
-        }
-        Ok(TransportState {
-            device_type: self.device.device_type(),
-            device_features: self.device.features(),
-            pci_config: self.config.bytes().to_vec(),
-            status: self.status,
-            driver_features: self.driver_features,
-            device_feature_select: self.device_feature_select,
-            driver_feature_select: self.driver_feature_select,
-            queue_select: self.queue_select,
-            config_generation: self.config_generation,
-            active: self.active,
-            config_vector: self.interrupts.config_vector.load(Ordering::Acquire),
-            isr: self.interrupts.isr.load(Ordering::Acquire),
-            msix: lock(&self.interrupts.msix).save(),
-            queues,
-            device: self.device.save_state(),
-        })
-    }
-
-    /// Put a freshly built transport (same device kind and options, guest
-    /// memory already restored) in the saved state and, if the driver had
-    /// the device running, start it there: no re-negotiation, the queues
-    /// carry on from the saved ring positions, and ioeventfds follow the
-    /// restored BAR. Everything is checked against this device first; an
-    /// error says what does not fit.
-    pub fn restore_state(&mut self, s: TransportState) -> Result<(), String> {
-        let name = self.device.name();
-        if self.active || self.status != 0 {
-            return Err(format!(
-                "{name}: restore into a device the driver already set up"
-            ));
-        }
-        if s.device_type != self.device.device_type() {
-            return Err(format!(
-                "saved virtio device type {} is not this {name} (type {})",
-                s.device_type,
-                self.device.device_type()
-            ));
-        }
-        let offered = self.device.features();
-        if s.device_features != offered {
-            return Err(format!(
-                "{name}: the saved device offered features {:#x}, this one offers {offered:#x} \
-                 (was it started with other options?)",
-                s.device_features
-            ));
-        }
-        if s.driver_features & !offered != 0 {
-            return Err(format!(
-                "{name}: saved driver features {:#x} were never offered",
-                s.driver_features
-            ));
-        }
-        if s.queues.len() != self.queues.len() {
-            return Err(format!(
-                "{name}: {} queues saved, the device has {}",
-                s.queues.len(),
-                self.queues.len()
-            ));
-        }
-        let vectors = lock(&self.interrupts.msix).vectors();
-        let vector_ok = |v: u16| v == NO_VECTOR || v < vectors;
-        if !vector_ok(s.config_vector) || !s.queues.iter().all(|q| vector_ok(q.vector)) {
-            return Err(format!(
-                "{name}: a saved MSI-X vector is beyond the {vectors}-entry table"
-            ));
-        }
-        let mut restored = Vec::with_capacity(self.queues.len());
-        for (i, (slot, q)) in self.queues.iter().zip(&s.queues).enumerate() {
-            let queue = Queue::try_from(QueueState {
-                max_size: slot.queue.max_size(),
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx_enabled: q.event_idx,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-            })
-            .map_err(|e| format!("{name}: saved queue {i}: {e}"))?;
-            if q.ready && s.active && !queue.is_valid(&self.memory) {
-                return Err(format!(
-                    "{name}: saved queue {i} (size {}, rings at {:#x}/{:#x}/{:#x}) is not valid in guest memory",
-                    q.size, q.desc_table, q.avail_ring, q.used_ring
-                ));
-            }
-            restored.push(queue);
-        }
-        self.config
-            .restore(&s.pci_config)
-            .map_err(|e| format!("{name}: {e}"))?;
-        lock(&self.interrupts.msix)
-            .restore(&s.msix)
-            .map_err(|e| format!("{name}: {e}"))?;
-        self.device
-            .restore_state(s.device)
-            .map_err(|e| format!("{name}: {e}"))?;
-        for (slot, queue) in self.queues.iter_mut().zip(restored) {
-            slot.queue = queue;
-            let _ = slot.notify.read();
-        }
-        for (v, q) in self.interrupts.queue_vectors.iter().zip(&s.queues) {
-            v.store(q.vector, Ordering::Release);
-        }
-        self.interrupts
-            .config_vector
-            .store(s.config_vector, Ordering::Release);
-        self.interrupts.isr.store(s.isr, Ordering::Release);
-        self.device_feature_select = s.device_feature_select;
-        self.driver_feature_select = s.driver_feature_select;
-        self.driver_features = s.driver_features;
-        self.queue_select = s.queue_select;
-        self.config_generation = s.config_generation;
-        self.update_ioevents();
-        if s.active {
-            if s.status & status::DRIVER_OK == 0 {
-                return Err(format!("{name}: saved as running without DRIVER_OK"));
-            }
-            self.activate()
-                .map_err(|e| format!("{name}: cannot start in the saved state: {e}"))?;
-            // Requests the driver posted before the snapshot (and chains
-            // the old device held) are waiting in the avail rings.
-            for slot in self.queues.iter().filter(|q| q.queue.ready()) {
-                let _ = slot.notify.write(1);
-            }
-        }
-        self.status = s.status;
-        // A level-triggered INTx the driver had not acknowledged yet.
-        let msix_on = lock(&self.interrupts.msix).enabled();
-        if s.isr != 0 && !msix_on && self.config.command() & COMMAND_INTX_DISABLE == 0 {
-            if let Some(line) = &self.interrupts.intx {
-                line.set_level(true)
-                    .map_err(|e| format!("{name}: INTx: {e}"))?;
-            }
-        }
-        Ok(())
-    }
-
     /// The eventfd signalled when the driver notifies queue `index` (for
     /// registering as a KVM ioeventfd).
     pub fn notify_eventfd(&self, index: usize) -> Option<&EventFd> {
@@ -621,7 +444,7 @@ impl VirtioPciDevice {
         self.status = new;
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), VirtioPciError> {
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
         let mut queues = Vec::new();
         for (index, slot) in self.queues.iter_mut().enumerate() {
@@ -629,35 +452,30 @@ impl VirtioPciDevice {
                 continue;
             }
             if !slot.queue.is_valid(&self.memory) {
-                return Err(format!(
-                    "queue {index} is invalid (size {}, rings at {:#x}/{:#x}/{:#x} outside guest memory or misaligned)",
-                    slot.queue.size(),
-                    slot.queue.desc_table(),
-                    slot.queue.avail_ring(),
-                    slot.queue.used_ring()
-                ));
+                return Err(VirtioPciError::InvalidQueue {
+                    index,
+                    size: slot.queue.size(),
+                    desc: slot.queue.desc_table(),
+                    avail: slot.queue.avail_ring(),
+                    used: slot.queue.used_ring(),
+                });
             }
             slot.queue.set_event_idx(event_idx);
-            let notify = slot
-                .notify
-                .try_clone()
-                .map_err(|e| format!("eventfd: {e}"))?;
-            let queue =
-                Queue::try_from(slot.queue.state()).map_err(|e| format!("queue {index}: {e}"))?;
+            let notify = slot.notify.try_clone().map_err(VirtioPciError::EventFd)?;
+            let queue = Queue::try_from(slot.queue.state())
+                .map_err(|source| VirtioPciError::Queue { index, source })?;
             queues.push(ActiveQueue {
                 index: index as u16,
                 queue,
                 notify,
             });
         }
-        self.device
-            .activate(Activation {
-                memory: self.memory.clone(),
-                queues,
-                interrupt: self.interrupts.clone(),
-                features: self.driver_features,
-            })
-            .map_err(|e| e.to_string())?;
+        self.device.activate(Activation {
+            memory: self.memory.clone(),
+            queues,
+            interrupt: self.interrupts.clone(),
+            features: self.driver_features,
+        })?;
         self.active = true;
         Ok(())
     }
@@ -836,61 +654,6 @@ impl VirtioPciDevice {
         let offset = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
         let length = u32::from_le_bytes([c[12], c[13], c[14], c[15]]);
         (bar, u64::from(offset), length as usize)
-    }
-}
-
-/// One queue as a snapshot saves it (see [`VirtioPciDevice::save_state`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSnapshot {
-    pub size: u16,
-    pub ready: bool,
-    pub desc_table: u64,
-    pub avail_ring: u64,
-    pub used_ring: u64,
-    pub next_avail: u16,
-    pub next_used: u16,
-    pub event_idx: bool,
-    /// MSI-X vector (0xffff: none).
-    pub vector: u16,
-}
-
-/// A virtio PCI function's saved state: transport, PCI configuration
-/// space, MSI-X and the device model's own state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TransportState {
-    pub device_type: u32,
-    /// The features the device offered (must match on restore).
-    pub device_features: u64,
-    /// The 256-byte PCI configuration space (BARs, command, capabilities).
-    pub pci_config: Vec<u8>,
-    pub status: u8,
-    pub driver_features: u64,
-    pub device_feature_select: u32,
-    pub driver_feature_select: u32,
-    pub queue_select: u16,
-    pub config_generation: u8,
-    /// The device was running (DRIVER_OK and activated).
-    pub active: bool,
-    pub config_vector: u16,
-    pub isr: u8,
-    pub msix: MsixState,
-    pub queues: Vec<QueueSnapshot>,
-    /// [`VirtioDevice::save_state`].
-    pub device: serde_json::Value,
-}
-
-impl Snapshottable for VirtioPciDevice {
-    /// Pauses the device (if running) and saves it; the caller resumes it
-    /// with [`VirtioPciDevice::resume`] once the snapshot is written.
-    fn save(&mut self) -> Result<serde_json::Value, SnapshotError> {
-        let state = self.save_state().map_err(SnapshotError::Mismatch)?;
-        serde_json::to_value(state).map_err(|e| SnapshotError::Mismatch(e.to_string()))
-    }
-
-    fn restore(&mut self, state: serde_json::Value) -> Result<(), SnapshotError> {
-        let state: TransportState = serde_json::from_value(state)
-            .map_err(|e| SnapshotError::Mismatch(format!("saved state does not fit: {e}")))?;
-        self.restore_state(state).map_err(SnapshotError::Mismatch)
     }
 }
 

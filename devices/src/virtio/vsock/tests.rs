@@ -16,6 +16,7 @@ use super::connection::BUF_ALLOC;
 use super::packet::{op, shutdown, HOST_CID, TYPE_STREAM};
 use super::*;
 use crate::virtio::ActiveQueue;
+use vireo_vmcore::snapshot::device::{DynSnapshottable, SavedState};
 
 const CID: u64 = 3;
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -910,13 +911,15 @@ fn a_restored_device_tells_the_driver_its_connections_were_reset() {
     // Another guest's state does not fit.
     let mut other = dev.state();
     other.guest_cid = CID + 1;
-    let e = dev
-        .restore_state(crate::virtio::encode_state(&other))
-        .unwrap_err();
+    let e = dev.restore(other).unwrap_err().to_string();
     assert!(e.contains("cid"), "{e}");
-    assert!(dev.restore_state(serde_json::json!("junk")).is_err());
-    dev.restore_state(crate::virtio::encode_state(&dev.state()))
-        .unwrap();
+    assert!(dev
+        .restore_dyn(SavedState {
+            version: 1,
+            state: serde_json::json!("junk"),
+        })
+        .is_err());
+    dev.restore(dev.state()).unwrap();
 
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let irq = Arc::new(TestIrq::default());
