@@ -67,6 +67,13 @@ impl Interrupt for TestInterrupt {
 }
 
 impl TestInterrupt {
+    /// Forget what was raised so far.
+    pub fn clear(&self) {
+        if let Ok(mut s) = self.seen.lock() {
+            s.clear();
+        }
+    }
+
     /// How many times `kind` was raised so far.
     pub fn count(&self, kind: InterruptKind) -> usize {
         self.seen

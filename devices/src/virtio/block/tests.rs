@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::*;
+use crate::virtio::test_driver::TestInterrupt;
 use crate::virtio::ActiveQueue;
 
 const MEM_SIZE: usize = 32 << 20;
@@ -44,23 +45,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[derive(Default)]
-struct Irq {
-    count: AtomicUsize,
-    wrong: AtomicUsize,
-}
-
-impl Interrupt for Irq {
-    fn signal(&self, kind: InterruptKind) -> std::io::Result<()> {
-        if kind == InterruptKind::Queue(0) {
-            self.count.fetch_add(1, Ordering::SeqCst);
-        } else {
-            self.wrong.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(())
     }
 }
 
@@ -109,7 +93,7 @@ struct Harness {
     mem: GuestMemory,
     dev: Block,
     notify: EventFd,
-    irq: Arc<Irq>,
+    irq: Arc<TestInterrupt>,
     next_desc: u16,
     avail_idx: u16,
     used_seen: u16,
@@ -139,7 +123,7 @@ impl Harness {
             mem,
             dev,
             notify: EventFd::new(EFD_NONBLOCK).unwrap(),
-            irq: Arc::new(Irq::default()),
+            irq: Arc::new(TestInterrupt::default()),
             next_desc: 0,
             avail_idx: 0,
             used_seen: 0,
@@ -511,7 +495,7 @@ fn raw_read_write_roundtrip_reaches_the_file() {
     let (st, used, back) = h.read(100, big.len());
     assert_eq!((st, used as usize), (OK, big.len() + 1));
     assert!(back == big);
-    assert_eq!(h.irq.wrong.load(Ordering::SeqCst), 0);
+    assert_eq!(h.irq.count(InterruptKind::Config), 0);
 }
 
 #[test]
@@ -913,7 +897,7 @@ fn event_idx_coalesces_interrupts() {
         h.wait_used();
     }
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(h.irq.count.load(Ordering::SeqCst), 1);
+    assert_eq!(h.irq.count(InterruptKind::Queue(0)), 1);
     for s in statuses {
         assert_eq!(h.status_byte(s), OK);
     }
@@ -924,7 +908,7 @@ fn event_idx_coalesces_interrupts() {
     h.mem.write_obj(100u16, used_event).unwrap();
     assert_eq!(h.simple(VIRTIO_BLK_T_FLUSH).0, OK);
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(h.irq.count.load(Ordering::SeqCst), 1);
+    assert_eq!(h.irq.count(InterruptKind::Queue(0)), 1);
 
     // Without EVENT_IDX every batch interrupts.
     let dev = Block::new(cfg(&p, "")).unwrap();
@@ -933,7 +917,7 @@ fn event_idx_coalesces_interrupts() {
     for n in 1..=3 {
         assert_eq!(h.simple(VIRTIO_BLK_T_FLUSH).0, OK);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while h.irq.count.load(Ordering::SeqCst) < n {
+        while h.irq.count(InterruptKind::Queue(0)) < n {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(1));
         }

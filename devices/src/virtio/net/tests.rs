@@ -6,7 +6,6 @@
 use super::*;
 use std::collections::BTreeSet;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use vireo_vmcore::memory::GuestMemory as GuestMemoryMmap;
@@ -14,8 +13,8 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 
-use crate::virtio::{ActiveQueue, Interrupt, InterruptKind, Queue};
-use std::sync::atomic::Ordering;
+use crate::virtio::test_driver::TestInterrupt;
+use crate::virtio::{ActiveQueue, InterruptKind, Queue};
 use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -274,23 +273,6 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
     f
 }
 
-#[derive(Default)]
-struct CountingInterrupt {
-    rx: AtomicU32,
-    tx: AtomicU32,
-}
-
-impl Interrupt for CountingInterrupt {
-    fn signal(&self, kind: InterruptKind) -> io::Result<()> {
-        match kind {
-            InterruptKind::Queue(RX_QUEUE) => self.rx.fetch_add(1, Ordering::SeqCst),
-            InterruptKind::Queue(_) => self.tx.fetch_add(1, Ordering::SeqCst),
-            InterruptKind::Config => 0,
-        };
-        Ok(())
-    }
-}
-
 /// One device on a TAP, its guest memory and queues.
 struct Rig<'a> {
     mem: &'a GuestMemoryMmap,
@@ -301,7 +283,7 @@ struct Rig<'a> {
     rx_next_desc: u16,
     tx_next_desc: u16,
     net: Net,
-    irq: Arc<CountingInterrupt>,
+    irq: Arc<TestInterrupt>,
     pkt: PacketSocket,
 }
 
@@ -336,7 +318,7 @@ fn with_rig(
             rx_next_desc: 0,
             tx_next_desc: 0,
             net,
-            irq: Arc::new(CountingInterrupt::default()),
+            irq: Arc::new(TestInterrupt::default()),
             pkt,
         };
         rig.activate(features);
@@ -526,7 +508,10 @@ fn tx_frames_reach_the_tap_and_reset_keeps_it_open() {
         r.wait_used(true, 1);
         assert_eq!(r.used(true, 0), (head as u32, 0));
         assert_eq!(r.pkt.recv(WAIT).as_deref(), Some(&f1[..]));
-        assert!(r.irq.tx.load(Ordering::SeqCst) >= 1, "no tx interrupt");
+        assert!(
+            r.irq.count(InterruptKind::Queue(TX_QUEUE)) >= 1,
+            "no tx interrupt"
+        );
 
         // A larger frame in three pieces, the header split across two.
         let f2 = frame(1500, 2);
@@ -656,7 +641,10 @@ fn rx_frame_lands_in_guest_buffer_with_header() {
         assert_eq!(r.read(RX_BUFS + 0x100 + 1000, 16), vec![0xaa; 16]);
         let s = r.stats();
         assert_eq!((s.rx_packets, s.rx_bytes, s.rx_dropped), (1, 1000, 0));
-        assert!(r.irq.rx.load(Ordering::SeqCst) >= 1, "no rx interrupt");
+        assert!(
+            r.irq.count(InterruptKind::Queue(RX_QUEUE)) >= 1,
+            "no rx interrupt"
+        );
     });
 }
 
@@ -943,7 +931,7 @@ fn missing_queue_is_refused() {
                     queue: q.create_queue().unwrap(),
                     notify: EventFd::new(0).unwrap(),
                 }],
-                interrupt: Arc::new(CountingInterrupt::default()),
+                interrupt: Arc::new(TestInterrupt::default()),
                 features: features::VERSION_1,
             })
             .unwrap_err();
@@ -1160,7 +1148,7 @@ fn a_ring_of_bad_transmit_chains_is_served_across_wakeups() {
         assert_eq!(r.pkt.recv(WAIT).as_deref(), Some(&good[..]));
         let s = r.stats();
         assert_eq!((s.tx_packets, s.tx_dropped), (1, n_bad as u64));
-        let wakeups = r.irq.tx.load(Ordering::SeqCst) as usize;
+        let wakeups = r.irq.count(InterruptKind::Queue(TX_QUEUE));
         assert!(
             wakeups > usize::from(n_bad) / BUDGET,
             "{wakeups} interrupts: the bad chains were not spread over wakeups"

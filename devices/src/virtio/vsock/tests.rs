@@ -6,7 +6,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -15,6 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::connection::BUF_ALLOC;
 use super::packet::{op, shutdown, HOST_CID, TYPE_STREAM};
 use super::*;
+use crate::virtio::test_driver::TestInterrupt;
 use crate::virtio::ActiveQueue;
 use vireo_vmcore::snapshot::device::{DynSnapshottable, SavedState};
 
@@ -85,30 +85,6 @@ impl DriverQueue {
     }
 }
 
-#[derive(Default)]
-struct TestIrq(Mutex<Vec<InterruptKind>>);
-impl Interrupt for TestIrq {
-    fn signal(&self, kind: InterruptKind) -> std::io::Result<()> {
-        self.0.lock().unwrap().push(kind);
-        Ok(())
-    }
-}
-
-impl TestIrq {
-    /// Whether `kind` was signalled (waiting for the device thread, which
-    /// signals after publishing a batch).
-    fn wait_for(&self, kind: InterruptKind) -> bool {
-        let deadline = Instant::now() + TIMEOUT;
-        while Instant::now() < deadline {
-            if self.0.lock().unwrap().contains(&kind) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        false
-    }
-}
-
 fn temp_dir() -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
     let d = std::env::temp_dir().join(format!(
@@ -130,7 +106,7 @@ struct Harness {
     tx: DriverQueue,
     rx_kick: EventFd,
     tx_kick: EventFd,
-    irq: Arc<TestIrq>,
+    irq: Arc<TestInterrupt>,
     next_buf: u64,
     /// The guest's receive counter (payload bytes it consumed).
     fwd_cnt: u32,
@@ -159,7 +135,7 @@ impl Harness {
         features: Option<u64>,
     ) -> Harness {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-        let irq = Arc::new(TestIrq::default());
+        let irq = Arc::new(TestInterrupt::default());
         let mut queues = Vec::new();
         let mut drivers = Vec::new();
         let mut kicks = Vec::new();
@@ -456,12 +432,12 @@ fn without_event_idx_every_rx_batch_interrupts() {
     let mut h = Harness::with_device(dir, socket, dev, Some(features::VERSION_1));
     h.give_rx(4, 4096);
     for i in 0..3 {
-        h.irq.0.lock().unwrap().clear();
+        h.irq.clear();
         let hdr = h.hdr(op::REQUEST, 7000 + i, 4000, 0);
         h.send(hdr, &[]);
         assert_eq!(h.recv().0.op, op::RST);
-        assert!(h.irq.wait_for(InterruptKind::Queue(0)));
-        assert!(h.irq.wait_for(InterruptKind::Queue(1)));
+        assert!(h.irq.raised(InterruptKind::Queue(0), 1));
+        assert!(h.irq.raised(InterruptKind::Queue(1), 1));
     }
     guest_connect_echo(h);
 }
@@ -487,7 +463,7 @@ fn guest_connect_echo(mut h: Harness) {
     assert_eq!((r.src_port, r.dst_port), (1234, 5000));
     assert_eq!(data, b"world");
     assert_eq!(r.fwd_cnt, 8, "the device forwarded 8 bytes to the host");
-    assert!(h.irq.wait_for(InterruptKind::Queue(0)));
+    assert!(h.irq.raised(InterruptKind::Queue(0), 1));
 
     // Host shuts its sending side: the guest gets SHUTDOWN(SEND) but can
     // still send.
@@ -922,7 +898,7 @@ fn a_restored_device_tells_the_driver_its_connections_were_reset() {
     dev.restore(dev.state()).unwrap();
 
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let irq = Arc::new(TestIrq::default());
+    let irq = Arc::new(TestInterrupt::default());
     let mut queues = Vec::new();
     let mut event = None;
     for i in 0..3u16 {
@@ -964,7 +940,7 @@ fn a_restored_device_tells_the_driver_its_connections_were_reset() {
         features: dev.features(),
     })
     .unwrap();
-    assert!(irq.wait_for(InterruptKind::Queue(EVENT_QUEUE)));
+    assert!(irq.raised(InterruptKind::Queue(EVENT_QUEUE), 1));
     let (_, len, bufs) = event.as_mut().unwrap().take_used(&mem).expect("event used");
     assert_eq!(len, 4);
     let id: u32 = mem.read_obj(GuestAddress(bufs[0].0)).unwrap();
