@@ -8,6 +8,28 @@
 //! work on their own thread ([`worker::Worker`]), woken by the queue-notify
 //! eventfds the transport signals.
 //!
+//! A device joins snapshots and migration by implementing the VM core's
+//! [`Pausable`] and [`Snapshottable`](vireo_vmcore::snapshot::device::Snapshottable)
+//! (see [`VirtioDevice`]); the transport pauses it with the machine, saves
+//! the common virtio state (status, features, queues, MSI-X) and puts the
+//! device's own typed state inside. The tests' probe device in
+//! `pci/tests.rs` is the smallest example:
+//!
+//! ```ignore
+//! impl Pausable for Probe {} // no thread to stop
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct ProbeState { resets: usize }
+//!
+//! impl Snapshottable for Probe {
+//!     type State = ProbeState;
+//!     type Error = std::convert::Infallible;
+//!     const STATE_VERSION: u32 = 1;
+//!     fn save(&self) -> Result<ProbeState, Self::Error> { /* ... */ }
+//!     fn restore(&mut self, state: ProbeState) -> Result<(), Self::Error> { /* ... */ }
+//! }
+//! ```
+//!
 //! Everything in a descriptor chain comes from the guest and is hostile: a
 //! device checks every length, direction and address and answers a bad
 //! request with the virtio error status (or marks itself as needing a
