@@ -250,6 +250,23 @@ impl TestDriver {
         (l.desc, l.avail, l.used)
     }
 
+    /// How many buffers the device has used on queue `q` so far (the used
+    /// ring's index), without taking any.
+    pub fn used_idx(&self, q: u16) -> u16 {
+        let l = &self.queues[usize::from(q)];
+        u16::from_le(self.mem.read_obj(GuestAddress(l.used + 2)).unwrap())
+    }
+
+    /// Used element `i` of queue `q` as (head, len), read in place (for
+    /// tests that look at the ring out of order).
+    pub fn used_elem(&self, q: u16, i: u16) -> (u16, u32) {
+        let l = &self.queues[usize::from(q)];
+        let at = l.used + 4 + u64::from(i % l.size) * 8;
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (u32::from_le(id) as u16, u32::from_le(len))
+    }
+
     /// The avail index the driver last published on queue `q`.
     pub fn avail_idx(&self, q: u16) -> u16 {
         self.queues[usize::from(q)].avail_idx
