@@ -112,8 +112,16 @@ pub enum ActivateError {
     MissingQueues { need: usize, got: usize },
     #[error("cannot start the device thread: {0}")]
     Thread(std::io::Error),
-    #[error("{0}")]
-    Device(String),
+    #[error("cannot create the rate limiter's timer: {0}")]
+    RateTimer(#[source] std::io::Error),
+    #[error("TAP offloads: {0}")]
+    Tap(#[source] net::TapError),
+    #[error("{path}: {source}")]
+    Socket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Take the queues with `indices`, in that order, from an activation's

@@ -99,9 +99,8 @@ impl VirtioDevice for Rng {
         let [q] = take_queues(queues, [0])?;
         let limiter = match self.config.bandwidth {
             Some(bw) => Some(
-                RateLimiter::new(Some(Limit::per_second(bw)), None).map_err(|e| {
-                    ActivateError::Device(format!("virtio-rng: cannot create its rate timer: {e}"))
-                })?,
+                RateLimiter::new(Some(Limit::per_second(bw)), None)
+                    .map_err(ActivateError::RateTimer)?,
             ),
             None => None,
         };

@@ -426,9 +426,8 @@ impl VirtioDevice for Block {
         let limiter = match (self.cfg.bandwidth, self.cfg.ops) {
             (None, None) => None,
             (bw, ops) => Some(
-                RateLimiter::new(bw.map(Limit::per_second), ops.map(Limit::per_second)).map_err(
-                    |e| ActivateError::Device(format!("{}: rate limiter timer: {e}", self.name())),
-                )?,
+                RateLimiter::new(bw.map(Limit::per_second), ops.map(Limit::per_second))
+                    .map_err(ActivateError::RateTimer)?,
             ),
         };
         let mut queue = active.queue;

@@ -384,17 +384,13 @@ impl VirtioDevice for Net {
         let [rx, tx] = take_queues(queues, [RX_QUEUE, TX_QUEUE])?;
         self.tap
             .set_offload(tap_offload(acked))
-            .map_err(|e| ActivateError::Device(e.to_string()))?;
+            .map_err(ActivateError::Tap)?;
         let event_idx = acked & features::RING_EVENT_IDX != 0;
         let mut rx_queue = rx.queue;
         let mut tx_queue = tx.queue;
         rx_queue.set_event_idx(event_idx);
         tx_queue.set_event_idx(event_idx);
-        let limiter = || {
-            self.config
-                .limiter()
-                .map_err(|e| ActivateError::Device(format!("rate limiter timer: {e}")))
-        };
+        let limiter = || self.config.limiter().map_err(ActivateError::RateTimer);
         let kick_rx = rx.notify.try_clone().map_err(ActivateError::Thread)?;
         let kick_tx = tx.notify.try_clone().map_err(ActivateError::Thread)?;
         let handler = NetWorker {

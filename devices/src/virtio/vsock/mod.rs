@@ -224,7 +224,10 @@ impl VirtioDevice for Vsock {
         let listener = self
             .listener
             .try_clone()
-            .map_err(|e| ActivateError::Device(format!("{}: {e}", self.config.socket.display())))?;
+            .map_err(|source| ActivateError::Socket {
+                path: self.config.socket.clone(),
+                source,
+            })?;
         let name = self.name();
         let muxer = Muxer::new(
             name.clone(),
