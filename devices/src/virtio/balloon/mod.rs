@@ -26,11 +26,9 @@
 //! one guest RAM region, or it is ignored with a warning; nothing outside
 //! guest RAM is ever touched.
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vireo_sandbox::seccomp::Device;
 
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::Worker;
@@ -39,10 +37,7 @@ use super::{
     InterruptKind, VirtioDevice,
 };
 use crate::options::{Options, OptionsError};
-use worker::{
-    BalloonWorker, Role, Warned, TOKEN_DEFLATE, TOKEN_INFLATE, TOKEN_REPORTING, TOKEN_STATS,
-    TOKEN_STATS_REQUEST,
-};
+use worker::{BalloonQueues, BalloonWorker};
 
 mod persist;
 mod stats;
@@ -386,34 +381,19 @@ impl VirtioDevice for Balloon {
         // A request made before activation has nothing to act on.
         let _ = stats_request.read();
 
-        let to_role = |q: ActiveQueue| Role {
-            index: q.index,
-            queue: q.queue,
-            notify: q.notify,
-        };
-        let mut fds = vec![
-            (inflate.notify.as_raw_fd(), EventSet::IN, TOKEN_INFLATE),
-            (deflate.notify.as_raw_fd(), EventSet::IN, TOKEN_DEFLATE),
-            (stats_request.as_raw_fd(), EventSet::IN, TOKEN_STATS_REQUEST),
-        ];
-        if let Some(q) = &stats {
-            fds.push((q.notify.as_raw_fd(), EventSet::IN, TOKEN_STATS));
-        }
-        if let Some(q) = &reporting {
-            fds.push((q.notify.as_raw_fd(), EventSet::IN, TOKEN_REPORTING));
-        }
-        let handler = BalloonWorker {
+        let handler = BalloonWorker::new(
             memory,
-            inflate: to_role(inflate),
-            deflate: to_role(deflate),
-            stats: stats.map(to_role),
-            reporting: reporting.map(to_role),
+            BalloonQueues {
+                inflate,
+                deflate,
+                stats,
+                reporting,
+            },
             stats_request,
-            held_stats: None,
-            interrupt: interrupt.clone(),
-            shared: self.shared.clone(),
-            warned: Warned::default(),
-        };
+            interrupt.clone(),
+            self.shared.clone(),
+        );
+        let fds = handler.fds();
         *self.shared.interrupt() = Some(interrupt);
         match Worker::spawn("virtio-balloon", Device::Balloon, &fds, handler) {
             Ok(w) => {

@@ -3,6 +3,7 @@
 //! before any page is discarded.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, OnceLock};
 
 use vireo_vmcore::memory::{GuestMemory, GuestMemoryBackend};
@@ -15,42 +16,103 @@ use super::{
     BalloonStats, Shared, BALLOON_PAGE_SIZE, MAX_PAGES_PER_LIST, MAX_STATS_BYTES, STAT_SIZE,
 };
 use crate::virtio::worker::{rekick, EpollCtl, EventHandler, CHAINS_PER_WAKEUP};
-use crate::virtio::{Interrupt, InterruptKind, Queue};
+use crate::virtio::{ActiveQueue, Interrupt, InterruptKind, Queue};
 
-pub(super) const TOKEN_INFLATE: u64 = 0;
-pub(super) const TOKEN_DEFLATE: u64 = 1;
-pub(super) const TOKEN_STATS: u64 = 2;
-pub(super) const TOKEN_REPORTING: u64 = 3;
-pub(super) const TOKEN_STATS_REQUEST: u64 = 4;
+const TOKEN_INFLATE: u64 = 0;
+const TOKEN_DEFLATE: u64 = 1;
+const TOKEN_STATS: u64 = 2;
+const TOKEN_REPORTING: u64 = 3;
+const TOKEN_STATS_REQUEST: u64 = 4;
 
-pub(super) struct Role {
-    pub(super) index: u16,
-    pub(super) queue: Queue,
-    pub(super) notify: EventFd,
+struct Role {
+    index: u16,
+    queue: Queue,
+    notify: EventFd,
 }
 
 /// Complaints logged once per activation.
 #[derive(Default)]
-pub(super) struct Warned {
-    pub(super) direction: bool,
-    pub(super) odd_length: bool,
-    pub(super) outside_ram: bool,
-    pub(super) madvise: bool,
-    pub(super) long_list: bool,
+struct Warned {
+    direction: bool,
+    odd_length: bool,
+    outside_ram: bool,
+    madvise: bool,
+    long_list: bool,
 }
 
 pub(super) struct BalloonWorker {
-    pub(super) memory: GuestMemory,
-    pub(super) inflate: Role,
-    pub(super) deflate: Role,
-    pub(super) stats: Option<Role>,
-    pub(super) reporting: Option<Role>,
-    pub(super) stats_request: EventFd,
+    memory: GuestMemory,
+    inflate: Role,
+    deflate: Role,
+    stats: Option<Role>,
+    reporting: Option<Role>,
+    stats_request: EventFd,
     /// The statistics buffer the device holds until it wants new numbers.
-    pub(super) held_stats: Option<u16>,
-    pub(super) interrupt: Arc<dyn Interrupt>,
-    pub(super) shared: Arc<Shared>,
-    pub(super) warned: Warned,
+    held_stats: Option<u16>,
+    interrupt: Arc<dyn Interrupt>,
+    shared: Arc<Shared>,
+    warned: Warned,
+}
+
+/// The queues the driver enabled, by role.
+pub(super) struct BalloonQueues {
+    pub(super) inflate: ActiveQueue,
+    pub(super) deflate: ActiveQueue,
+    pub(super) stats: Option<ActiveQueue>,
+    pub(super) reporting: Option<ActiveQueue>,
+}
+
+fn role(q: ActiveQueue) -> Role {
+    Role {
+        index: q.index,
+        queue: q.queue,
+        notify: q.notify,
+    }
+}
+
+impl BalloonWorker {
+    /// The thread's state: the queues, the host's statistics requests and
+    /// the state it shares with the device.
+    pub(super) fn new(
+        memory: GuestMemory,
+        queues: BalloonQueues,
+        stats_request: EventFd,
+        interrupt: Arc<dyn Interrupt>,
+        shared: Arc<Shared>,
+    ) -> BalloonWorker {
+        BalloonWorker {
+            memory,
+            inflate: role(queues.inflate),
+            deflate: role(queues.deflate),
+            stats: queues.stats.map(role),
+            reporting: queues.reporting.map(role),
+            stats_request,
+            held_stats: None,
+            interrupt,
+            shared,
+            warned: Warned::default(),
+        }
+    }
+
+    /// What the thread waits on, with the tokens its handler expects.
+    pub(super) fn fds(&self) -> Vec<(RawFd, EventSet, u64)> {
+        let mut fds = vec![
+            (self.inflate.notify.as_raw_fd(), EventSet::IN, TOKEN_INFLATE),
+            (self.deflate.notify.as_raw_fd(), EventSet::IN, TOKEN_DEFLATE),
+            (
+                self.stats_request.as_raw_fd(),
+                EventSet::IN,
+                TOKEN_STATS_REQUEST,
+            ),
+        ];
+        if let Some(q) = &self.stats {
+            fds.push((q.notify.as_raw_fd(), EventSet::IN, TOKEN_STATS));
+        }
+        if let Some(q) = &self.reporting {
+            fds.push((q.notify.as_raw_fd(), EventSet::IN, TOKEN_REPORTING));
+        }
+        fds
+    }
 }
 
 impl EventHandler for BalloonWorker {

@@ -34,14 +34,11 @@ mod worker;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use vireo_sandbox::seccomp::Device;
 
 use virtio_bindings::virtio_net as vn;
-use vmm_sys_util::epoll::EventSet;
 
 use super::worker::Worker;
 use super::{
@@ -50,10 +47,7 @@ use super::{
 };
 use crate::options::{Options, OptionsError};
 use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
-use worker::{
-    NetWorker, RxState, TxState, Warned, TOKEN_RX_QUEUE, TOKEN_RX_TIMER, TOKEN_TAP, TOKEN_TX_QUEUE,
-    TOKEN_TX_TIMER,
-};
+use worker::{NetWorker, WorkerQueue};
 
 pub use mac::Mac;
 pub use metrics::{NetCounters, NetStats};
@@ -393,44 +387,23 @@ impl VirtioDevice for Net {
         let limiter = || self.config.limiter().map_err(ActivateError::RateTimer);
         let kick_rx = rx.notify.try_clone().map_err(ActivateError::Thread)?;
         let kick_tx = tx.notify.try_clone().map_err(ActivateError::Thread)?;
-        let handler = NetWorker {
-            name: self.name(),
-            mem: memory,
+        let handler = NetWorker::new(
+            self,
+            memory,
             interrupt,
-            tap: self.tap.clone(),
-            counters: self.counters.clone(),
-            mrg_rxbuf: acked & bit(vn::VIRTIO_NET_F_MRG_RXBUF) != 0,
-            guest_csum: acked & bit(vn::VIRTIO_NET_F_GUEST_CSUM) != 0,
-            tx_offloads: TxOffloads::from_features(acked),
-            tap_events: EventSet::IN,
-            rx: RxState {
+            acked,
+            WorkerQueue {
                 queue: rx_queue,
-                index: RX_QUEUE,
                 notify: rx.notify,
                 limiter: limiter()?,
-                chains: VecDeque::new(),
-                avail: 0,
-                pending: None,
-                overflow: vec![0u8; MAX_FRAME + 1],
-                waiting: false,
             },
-            tx: TxState {
+            WorkerQueue {
                 queue: tx_queue,
-                index: TX_QUEUE,
                 notify: tx.notify,
                 limiter: limiter()?,
-                pending: None,
-                blocked_on_tap: false,
             },
-            warned: Warned::default(),
-        };
-        let fds: [(RawFd, EventSet, u64); 5] = [
-            (handler.rx.notify.as_raw_fd(), EventSet::IN, TOKEN_RX_QUEUE),
-            (handler.tx.notify.as_raw_fd(), EventSet::IN, TOKEN_TX_QUEUE),
-            (self.tap.as_raw_fd(), EventSet::IN, TOKEN_TAP),
-            (handler.rx.limiter.timer_fd(), EventSet::IN, TOKEN_RX_TIMER),
-            (handler.tx.limiter.timer_fd(), EventSet::IN, TOKEN_TX_TIMER),
-        ];
+        );
+        let fds = handler.fds();
         let thread = format!(
             "net-{}",
             self.config.id.as_deref().unwrap_or(&self.config.tap)

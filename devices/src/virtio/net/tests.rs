@@ -5,7 +5,7 @@
 
 use super::*;
 use std::collections::BTreeSet;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::virtio::test_driver::{Desc, TestDriver, DATA_START};

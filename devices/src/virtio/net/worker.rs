@@ -5,11 +5,12 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vireo_vmcore::memory::GuestMemory;
+use virtio_bindings::virtio_net as vn;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
@@ -17,78 +18,85 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::inc;
 use super::{
-    check_tx_header, NetCounters, Tap, TxOffloads, BUDGET, MAX_FRAME, MAX_IOVS, MIN_TX_FRAME,
-    NUM_BUFFERS_OFFSET, RX_QUEUE, VNET_HDR_LEN,
+    bit, check_tx_header, Net, NetCounters, Tap, TxOffloads, BUDGET, MAX_FRAME, MAX_IOVS,
+    MIN_TX_FRAME, NUM_BUFFERS_OFFSET, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN,
 };
 
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::worker::{EpollCtl, EventHandler};
-use crate::virtio::{Interrupt, InterruptKind, Queue, QueueT};
+use crate::virtio::{Interrupt, InterruptKind, Queue, QueueT, VirtioDevice};
 
-pub(super) const TOKEN_RX_QUEUE: u64 = 0;
-pub(super) const TOKEN_TX_QUEUE: u64 = 1;
-pub(super) const TOKEN_TAP: u64 = 2;
-pub(super) const TOKEN_RX_TIMER: u64 = 3;
-pub(super) const TOKEN_TX_TIMER: u64 = 4;
+const TOKEN_RX_QUEUE: u64 = 0;
+const TOKEN_TX_QUEUE: u64 = 1;
+const TOKEN_TAP: u64 = 2;
+const TOKEN_RX_TIMER: u64 = 3;
+const TOKEN_TX_TIMER: u64 = 4;
+
+/// A queue the device hands its thread, with its rate limiter.
+pub(super) struct WorkerQueue {
+    pub(super) queue: Queue,
+    pub(super) notify: EventFd,
+    pub(super) limiter: RateLimiter,
+}
 
 /// A receive buffer popped from the queue, checked: writable, inside
 /// guest memory, capped at [`MAX_FRAME`] bytes.
-pub(super) struct RxChain {
-    pub(super) head: u16,
-    pub(super) bufs: Bufs,
-    pub(super) cap: usize,
+struct RxChain {
+    head: u16,
+    bufs: Bufs,
+    cap: usize,
 }
 
 /// A frame read from the TAP, not yet handed to the guest: its first
 /// `in_chains` bytes are in the first chains of `RxState::chains`, the rest
 /// at the start of the overflow buffer (waiting for more guest buffers).
-pub(super) struct PendingRx {
-    pub(super) len: usize,
-    pub(super) in_chains: usize,
+struct PendingRx {
+    len: usize,
+    in_chains: usize,
 }
 
-pub(super) struct RxState {
-    pub(super) queue: Queue,
-    pub(super) index: u16,
-    pub(super) notify: EventFd,
-    pub(super) limiter: RateLimiter,
-    pub(super) chains: VecDeque<RxChain>,
+struct RxState {
+    queue: Queue,
+    index: u16,
+    notify: EventFd,
+    limiter: RateLimiter,
+    chains: VecDeque<RxChain>,
     /// Sum of `chains`' capacities.
-    pub(super) avail: usize,
-    pub(super) pending: Option<PendingRx>,
+    avail: usize,
+    pending: Option<PendingRx>,
     /// Where a read puts what the guest's buffers cannot hold (one byte
     /// more than the largest frame, to see a frame that is too large).
-    pub(super) overflow: Vec<u8>,
+    overflow: Vec<u8>,
     /// Out of buffers; waiting for the driver's notification.
-    pub(super) waiting: bool,
+    waiting: bool,
 }
 
 /// A transmit chain, checked: readable, inside guest memory, of a sane
 /// length.
-pub(super) struct TxChain {
-    pub(super) head: u16,
-    pub(super) bufs: Bufs,
-    pub(super) len: usize,
-    pub(super) charged: bool,
+struct TxChain {
+    head: u16,
+    bufs: Bufs,
+    len: usize,
+    charged: bool,
 }
 
-pub(super) struct TxState {
-    pub(super) queue: Queue,
-    pub(super) index: u16,
-    pub(super) notify: EventFd,
-    pub(super) limiter: RateLimiter,
+struct TxState {
+    queue: Queue,
+    index: u16,
+    notify: EventFd,
+    limiter: RateLimiter,
     /// A chain that waits for the TAP or the rate limiter.
-    pub(super) pending: Option<TxChain>,
-    pub(super) blocked_on_tap: bool,
+    pending: Option<TxChain>,
+    blocked_on_tap: bool,
 }
 
 /// One log line per kind of trouble, not one per frame.
 #[derive(Default)]
-pub(super) struct Warned {
-    pub(super) bad_tx: bool,
-    pub(super) bad_rx: bool,
-    pub(super) rx_too_big: bool,
-    pub(super) tap_write: bool,
+struct Warned {
+    bad_tx: bool,
+    bad_rx: bool,
+    rx_too_big: bool,
+    tap_write: bool,
 }
 
 /// The reason the worker stops.
@@ -101,28 +109,28 @@ impl From<virtio_queue::Error> for Fatal {
 }
 
 pub(super) struct NetWorker {
-    pub(super) name: String,
-    pub(super) mem: GuestMemory,
-    pub(super) interrupt: Arc<dyn Interrupt>,
-    pub(super) tap: Arc<Tap>,
-    pub(super) counters: Arc<NetCounters>,
-    pub(super) mrg_rxbuf: bool,
+    name: String,
+    mem: GuestMemory,
+    interrupt: Arc<dyn Interrupt>,
+    tap: Arc<Tap>,
+    counters: Arc<NetCounters>,
+    mrg_rxbuf: bool,
     /// The driver accepted VIRTIO_NET_F_GUEST_CSUM.
-    pub(super) guest_csum: bool,
+    guest_csum: bool,
     /// What transmit headers may ask for.
-    pub(super) tx_offloads: TxOffloads,
+    tx_offloads: TxOffloads,
     /// What the TAP is watched for now.
-    pub(super) tap_events: EventSet,
-    pub(super) rx: RxState,
-    pub(super) tx: TxState,
-    pub(super) warned: Warned,
+    tap_events: EventSet,
+    rx: RxState,
+    tx: TxState,
+    warned: Warned,
 }
 
 /// A chain's buffers, translated once when the chain is popped: guest
 /// addresses for the device's own small writes, host addresses (in the
 /// guest memory mapping the worker keeps alive) for readv/writev.
 #[derive(Default)]
-pub(super) struct Bufs {
+struct Bufs {
     guest: Vec<(GuestAddress, usize)>,
     host: Vec<(usize, usize)>,
 }
@@ -226,6 +234,59 @@ fn write_chain_at(
 }
 
 impl NetWorker {
+    /// The thread's state for `net` activated with `acked` features.
+    pub(super) fn new(
+        net: &Net,
+        mem: GuestMemory,
+        interrupt: Arc<dyn Interrupt>,
+        acked: u64,
+        rx: WorkerQueue,
+        tx: WorkerQueue,
+    ) -> NetWorker {
+        NetWorker {
+            name: net.name(),
+            mem,
+            interrupt,
+            tap: net.tap.clone(),
+            counters: net.counters.clone(),
+            mrg_rxbuf: acked & bit(vn::VIRTIO_NET_F_MRG_RXBUF) != 0,
+            guest_csum: acked & bit(vn::VIRTIO_NET_F_GUEST_CSUM) != 0,
+            tx_offloads: TxOffloads::from_features(acked),
+            tap_events: EventSet::IN,
+            rx: RxState {
+                queue: rx.queue,
+                index: RX_QUEUE,
+                notify: rx.notify,
+                limiter: rx.limiter,
+                chains: VecDeque::new(),
+                avail: 0,
+                pending: None,
+                overflow: vec![0u8; MAX_FRAME + 1],
+                waiting: false,
+            },
+            tx: TxState {
+                queue: tx.queue,
+                index: TX_QUEUE,
+                notify: tx.notify,
+                limiter: tx.limiter,
+                pending: None,
+                blocked_on_tap: false,
+            },
+            warned: Warned::default(),
+        }
+    }
+
+    /// What the thread waits on, with the tokens its handler expects.
+    pub(super) fn fds(&self) -> [(RawFd, EventSet, u64); 5] {
+        [
+            (self.rx.notify.as_raw_fd(), EventSet::IN, TOKEN_RX_QUEUE),
+            (self.tx.notify.as_raw_fd(), EventSet::IN, TOKEN_TX_QUEUE),
+            (self.tap.as_raw_fd(), EventSet::IN, TOKEN_TAP),
+            (self.rx.limiter.timer_fd(), EventSet::IN, TOKEN_RX_TIMER),
+            (self.tx.limiter.timer_fd(), EventSet::IN, TOKEN_TX_TIMER),
+        ]
+    }
+
     fn signal(&mut self, index: u16) -> Result<(), Fatal> {
         let q = if index == RX_QUEUE {
             &mut self.rx.queue
