@@ -435,7 +435,7 @@ fn crc32(data: &[u8]) -> u32 {
 }
 
 /// The stream's format version.
-const FORMAT: u32 = 2;
+const FORMAT: u32 = 3;
 
 /// An `Auth` message (kind 9) with `secret`: what comes first.
 fn auth(secret: &[u8]) -> Vec<u8> {

@@ -151,7 +151,13 @@ pub(crate) mod tests {
             cpuid: vec![vec![CpuidEntry::default(); 2]],
             vcpus: vec![vcpu.save_state(&[]).unwrap()],
             platform: vm.save_platform().unwrap(),
-            devices: vec![("cmos".into(), serde_json::json!({"index": 3}))],
+            devices: vec![(
+                "cmos".into(),
+                crate::snapshot::device::SavedState {
+                    version: 1,
+                    state: serde_json::json!({"index": 3}),
+                },
+            )],
         };
         snapshot::encode_state(&snap).unwrap()
     }

@@ -1,5 +1,8 @@
 //! The vireo VM core: guest memory, Linux boot, vCPU threads, the I/O buses
-//! and the run loop, over any backend of `vireo-hypervisor`.
+//! and the run loop, over any backend of `vireo-hypervisor`; snapshots, and
+//! the device lifecycle seam every device implements
+//! ([`snapshot::device`]: `Pausable`, `Snapshottable` with a typed,
+//! versioned state, and the machine's ordered `DeviceList`).
 //!
 //! It depends on the hypervisor layer (and the sandbox's thread filters)
 //! and on `vireo-api` for the units it shares with every layer

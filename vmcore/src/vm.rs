@@ -12,7 +12,8 @@ use crate::boot::{self, BootError, BootInfo, BootSpec};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::control::{ExitReason, StateError, VmControl};
 use crate::memory::{self, GuestMemory, MemoryError, RamLayout};
-use crate::snapshot::{MachineConfig, SharedSnapshottable, SnapshotError, VmSnapshot};
+use crate::snapshot::device::DeviceList;
+use crate::snapshot::{MachineConfig, SnapshotError, VmSnapshot};
 use crate::vcpu::{self, Buses, SharedVcpu, VcpuStats, VcpuThread};
 
 /// The smallest guest vireo will create: room for the boot structures, a
@@ -380,7 +381,7 @@ impl RunningVm {
     /// description of the machine) recorded in its configuration.
     pub fn capture(
         &self,
-        devices: &[(String, SharedSnapshottable)],
+        devices: &DeviceList,
         frontend: serde_json::Value,
     ) -> Result<VmSnapshot, VmError> {
         let state = self.control.state();
@@ -395,11 +396,7 @@ impl RunningVm {
             vcpus.push(vcpu::lock_vcpu(v).save_state(&self.saved.msr_indices)?);
         }
         let platform = self.hv_vm.save_platform()?;
-        let mut saved = Vec::with_capacity(devices.len());
-        for (id, dev) in devices {
-            let state = dev.lock().unwrap_or_else(|p| p.into_inner()).save()?;
-            saved.push((id.clone(), state));
-        }
+        let saved = devices.save().map_err(SnapshotError::from)?;
         Ok(VmSnapshot {
             config: MachineConfig {
                 backend: self.saved.backend,

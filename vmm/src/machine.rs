@@ -6,16 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use vireo_devices::legacy::{acpi_pm, AcpiPm, Cmos, ResetControl, Serial, SerialInput, I8042};
 use vireo_devices::pci::bus::SharedPciBus;
-use vireo_devices::pci::{
-    HostBridge, HypervisorLink, PciBus, PciConfigIo, PciDevice, PciMmioWindow,
-};
+use vireo_devices::pci::{HostBridge, HypervisorLink, PciBus, PciConfigIo, PciHost, PciMmioWindow};
 use vireo_devices::virtio::pci::{VirtioPciDevice, BAR_SIZE};
 use vireo_devices::virtio::VirtioDevice;
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::layout::{self, ports};
-use vireo_vmcore::snapshot::{
-    LoadedSnapshot, SharedSnapshottable, SnapshotError, Snapshottable, VmSnapshot,
-};
+use vireo_vmcore::snapshot::device::DeviceList;
+use vireo_vmcore::snapshot::{LoadedSnapshot, SnapshotError, VmSnapshot};
 use vireo_vmcore::{Vm, VmConfig, VmError};
 
 /// A built machine and the handles the front end drives it with.
@@ -25,38 +22,9 @@ pub struct Machine {
     pub input: SerialInput,
     pub power_button: PowerButton,
     pci: SharedPciBus,
-    /// The devices a snapshot saves, by stable id, in machine order.
-    pub snapshot_devices: Vec<(String, SharedSnapshottable)>,
-    /// The virtio functions, to quiesce around a snapshot.
-    pub virtio: VirtioFunctions,
-}
-
-/// The machine's virtio PCI functions.
-#[derive(Clone, Default)]
-pub struct VirtioFunctions(Vec<Arc<Mutex<VirtioPciDevice>>>);
-
-impl VirtioFunctions {
-    /// Stop every device thread (requests in flight completed, disks
-    /// flushed) until the guard is dropped: while it lives no device
-    /// touches guest memory, its queues or its disk.
-    pub fn quiesce(&self) -> Quiesced<'_> {
-        for d in &self.0 {
-            d.lock().unwrap_or_else(|p| p.into_inner()).pause();
-        }
-        Quiesced(self)
-    }
-}
-
-/// Devices held still by [`VirtioFunctions::quiesce`]; they carry on when
-/// this is dropped.
-pub struct Quiesced<'a>(&'a VirtioFunctions);
-
-impl Drop for Quiesced<'_> {
-    fn drop(&mut self) {
-        for d in &self.0 .0 {
-            d.lock().unwrap_or_else(|p| p.into_inner()).resume();
-        }
-    }
+    /// Every device, by stable id, in machine order: what a snapshot
+    /// pauses, saves and restores.
+    pub devices: DeviceList,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +72,7 @@ impl Machine {
         tracing::debug!("{name}: PCI 00:{slot:02x}.0, BAR 0 at {bar:#x}, INTx GSI {gsi}");
         let dev = Arc::new(Mutex::new(dev));
         bus.insert(slot, dev.clone()).map_err(pci_err)?;
-        self.snapshot_devices.push((snapshot_id, dev.clone()));
-        self.virtio.0.push(dev);
+        self.devices.push(snapshot_id, dev);
         Ok(())
     }
 }
@@ -152,106 +119,37 @@ pub fn restore(
 /// Load each device's saved state by id (the machine must have exactly
 /// the devices the snapshot holds, in the same order), before the VM runs.
 pub fn restore_devices(machine: &Machine, snap: &VmSnapshot) -> Result<(), VmError> {
-    let ids: Vec<&str> = machine
-        .snapshot_devices
-        .iter()
-        .map(|(id, _)| id.as_str())
-        .collect();
-    let saved: Vec<&str> = snap.devices.iter().map(|(id, _)| id.as_str()).collect();
-    if ids != saved {
-        return Err(SnapshotError::Mismatch(format!(
-            "the snapshot holds devices {saved:?}, this vireo builds {ids:?}"
-        ))
-        .into());
-    }
-    for ((id, dev), (_, state)) in machine.snapshot_devices.iter().zip(&snap.devices) {
-        dev.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .restore(state.clone())
-            .map_err(|e| match e {
-                SnapshotError::Device { .. } => e,
-                other => SnapshotError::Device {
-                    id: id.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
-    }
-    Ok(())
-}
-
-/// The PCI host side a snapshot saves as `pci`: the configuration
-/// address register and the host bridge's configuration space (the
-/// virtio functions save their own).
-struct PciState {
-    io: Arc<Mutex<PciConfigIo>>,
-    host_bridge: Arc<Mutex<HostBridge>>,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SavedPci {
-    config_address: u32,
-    host_bridge: Vec<u8>,
-}
-
-impl Snapshottable for PciState {
-    fn save(&mut self) -> Result<serde_json::Value, SnapshotError> {
-        let saved = SavedPci {
-            config_address: self.io.lock().unwrap_or_else(|p| p.into_inner()).address(),
-            host_bridge: self
-                .host_bridge
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .config()
-                .bytes()
-                .to_vec(),
-        };
-        vireo_vmcore::snapshot::to_state("pci", &saved)
-    }
-
-    fn restore(&mut self, state: serde_json::Value) -> Result<(), SnapshotError> {
-        let saved: SavedPci = vireo_vmcore::snapshot::device_state("pci", state)?;
-        self.host_bridge
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .config_mut()
-            .restore(&saved.host_bridge)
-            .map_err(|reason| SnapshotError::Device {
-                id: "pci".into(),
-                reason,
-            })?;
-        self.io
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_address(saved.config_address);
-        Ok(())
-    }
+    machine
+        .devices
+        .restore(&snap.devices)
+        .map_err(|e| SnapshotError::from(e).into())
 }
 
 fn assemble(mut vm: Vm, serial_out: Box<dyn Write + Send>) -> Result<Machine, VmError> {
     let control = vm.control();
-    let mut snapshot_devices: Vec<(String, SharedSnapshottable)> = Vec::new();
+    let mut devices = DeviceList::default();
 
     let (serial, input) =
         Serial::new(vm.interrupt_line(ports::COM1_IRQ)?, serial_out).into_shared();
     vm.add_io_device(ports::COM1, 8, serial.clone())?;
-    snapshot_devices.push(("serial0".into(), serial));
+    devices.push("serial0", serial);
 
     let i8042 = Arc::new(Mutex::new(I8042::new(
         control.clone(),
         vm.interrupt_line(ports::I8042_IRQ)?,
     )));
     vm.add_io_device(ports::I8042, 5, i8042.clone())?;
-    snapshot_devices.push(("i8042".into(), i8042));
+    devices.push("i8042", i8042);
 
     let ram = vm.ram_layout();
     let cmos = Arc::new(Mutex::new(Cmos::new(ram.below_hole(), ram.above_4g())));
     vm.add_io_device(ports::CMOS, 2, cmos.clone())?;
-    snapshot_devices.push(("cmos".into(), cmos));
+    devices.push("cmos", cmos);
 
     let sci = vm.level_interrupt_line(ports::ACPI_SCI_IRQ)?;
     let pm = Arc::new(Mutex::new(AcpiPm::new(control.clone(), Some(sci))));
     vm.add_io_device(ports::PM1A_EVT, acpi_pm::LEN, pm.clone())?;
-    snapshot_devices.push(("acpi_pm".into(), pm.clone()));
+    devices.push("acpi_pm", pm.clone());
     // The reset control register (0xCF9) sits inside the PCI configuration
     // ports; the configuration device passes its byte accesses on.
     let reset = Arc::new(Mutex::new(ResetControl::new(control)));
@@ -266,13 +164,10 @@ fn assemble(mut vm: Vm, serial_out: Box<dyn Write + Send>) -> Result<Machine, Vm
         .map_err(|e| VmError::Device(e.to_string()))?;
     let config_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), Some(reset))));
     vm.add_io_device(ports::PCI_CONFIG, ports::PCI_CONFIG_LEN, config_io.clone())?;
-    snapshot_devices.push((
-        "pci".into(),
-        Arc::new(Mutex::new(PciState {
-            io: config_io,
-            host_bridge,
-        })),
-    ));
+    devices.push(
+        "pci",
+        Arc::new(Mutex::new(PciHost::new(config_io, host_bridge))),
+    );
     vm.add_mmio_device(
         layout::PCI_MMIO_START,
         layout::PCI_MMIO_SIZE,
@@ -283,7 +178,6 @@ fn assemble(mut vm: Vm, serial_out: Box<dyn Write + Send>) -> Result<Machine, Vm
         input,
         power_button: PowerButton(pm),
         pci,
-        snapshot_devices,
-        virtio: VirtioFunctions::default(),
+        devices,
     })
 }

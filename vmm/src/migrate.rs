@@ -25,10 +25,9 @@ use std::time::{Duration, Instant};
 use vireo_hypervisor::dirty;
 use vireo_vmcore::memory::{GuestMemory, GuestMemoryBackend};
 use vireo_vmcore::migration::{self as stream, Kind, MigrationError, PAGES_PER_MESSAGE};
-use vireo_vmcore::snapshot::{LoadedSnapshot, MachineConfig, SharedSnapshottable};
+use vireo_vmcore::snapshot::device::{DeviceList, Quiesced};
+use vireo_vmcore::snapshot::{LoadedSnapshot, MachineConfig};
 use vireo_vmcore::{RunState, RunningVm};
-
-use crate::machine::{Quiesced, VirtioFunctions};
 
 /// The downtime the pre-copy aims for when the command gives none.
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
@@ -256,8 +255,7 @@ pub struct Stats {
 /// before) and the error says why.
 pub fn migrate_to(
     running: &RunningVm,
-    devices: &[(String, SharedSnapshottable)],
-    virtio: &VirtioFunctions,
+    devices: &DeviceList,
     frontend: serde_json::Value,
     req: &MigrateTo,
 ) -> Result<Stats, String> {
@@ -271,10 +269,10 @@ pub fn migrate_to(
         stats: Stats::default(),
         paused: false,
         split: false,
-        virtio,
+        devices,
         quiesced: None,
     };
-    let result = source.run(devices, frontend, req, started);
+    let result = source.run(frontend, req, started);
     if result.is_err() && source.split {
         // Post-copy failed after the target took over: its guest may have
         // run on, so this copy stays paused (see crate::postcopy).
@@ -471,15 +469,14 @@ struct Source<'a> {
     /// Post-copy: the target acknowledged the state and runs the guest
     /// (a failure now must not resume it here).
     split: bool,
-    virtio: &'a VirtioFunctions,
-    /// The virtio devices, held still from the final pause on.
+    devices: &'a DeviceList,
+    /// The devices, held still from the final pause on.
     quiesced: Option<Quiesced<'a>>,
 }
 
 impl Source<'_> {
     fn run(
         &mut self,
-        devices: &[(String, SharedSnapshottable)],
         frontend: serde_json::Value,
         req: &MigrateTo,
         started: Instant,
@@ -515,7 +512,7 @@ impl Source<'_> {
 
         let mut pending = self.take_dirty()?;
         if req.postcopy {
-            return self.postcopy(devices, frontend, pending, req, started);
+            return self.postcopy(frontend, pending, req, started);
         }
 
         // Pre-copy: resend what the guest dirtied until the rest fits in
@@ -548,14 +545,14 @@ impl Source<'_> {
         }
         // Device threads finish what is in flight and hold still (their
         // writes to guest memory land in the dirty log taken next).
-        self.quiesced = Some(self.virtio.quiesce());
+        self.quiesced = Some(self.devices.quiesce());
         for (p, last) in pending.iter_mut().zip(self.take_dirty()?) {
             dirty::merge(p, &last);
         }
         self.send_pages(&pending, false)?;
         let snap = self
             .running
-            .capture(devices, frontend)
+            .capture(self.devices, frontend)
             .map_err(|e| format!("cannot capture the VM state: {e}"))?;
         let state = vireo_vmcore::snapshot::encode_state(&snap)
             .map_err(|e| format!("cannot encode the VM state: {e}"))?;
@@ -602,7 +599,6 @@ impl Source<'_> {
     /// and the state, then serve pages until the target has them all.
     fn postcopy(
         &mut self,
-        devices: &[(String, SharedSnapshottable)],
         frontend: serde_json::Value,
         mut pending: Vec<Vec<u64>>,
         req: &MigrateTo,
@@ -617,7 +613,7 @@ impl Source<'_> {
         }
         // Device threads finish what is in flight and hold still (their
         // writes to guest memory land in the dirty log taken next).
-        self.quiesced = Some(self.virtio.quiesce());
+        self.quiesced = Some(self.devices.quiesce());
         for (p, last) in pending.iter_mut().zip(self.take_dirty()?) {
             dirty::merge(p, &last);
         }
@@ -629,7 +625,7 @@ impl Source<'_> {
         self.send(Kind::Postcopy, &stream::encode_bitmaps(&pending))?;
         let snap = self
             .running
-            .capture(devices, frontend)
+            .capture(self.devices, frontend)
             .map_err(|e| format!("cannot capture the VM state: {e}"))?;
         let state = vireo_vmcore::snapshot::encode_state(&snap)
             .map_err(|e| format!("cannot encode the VM state: {e}"))?;

@@ -26,7 +26,8 @@ use vireo_devices::legacy::SerialInput;
 use vireo_devices::virtio::balloon::BalloonHandle;
 use vireo_devices::virtio::console::ConsoleInput;
 use vireo_sandbox::seccomp::{self, SeccompError};
-use vireo_vmcore::snapshot::{SharedSnapshottable, SnapshotError};
+use vireo_vmcore::snapshot::device::DeviceList;
+use vireo_vmcore::snapshot::SnapshotError;
 
 /// The machine to run and how it starts.
 pub struct VmSpec {
@@ -295,8 +296,7 @@ impl Vmm {
             vm,
             input,
             power_button,
-            snapshot_devices,
-            virtio,
+            devices,
             ..
         } = machine;
         // The thread that starts threads for filtered ones (a device the
@@ -332,8 +332,7 @@ impl Vmm {
                 &attached,
                 &vcpu_stats,
                 &Saveable {
-                    devices: &snapshot_devices,
-                    virtio: &virtio,
+                    devices: &devices,
                     attached: &attached,
                 },
                 socket,
@@ -448,11 +447,10 @@ fn serve_control(
     }
 }
 
-/// What a snapshot or a migration saves: every device by id, the virtio
-/// functions to quiesce, and the record of the virtio devices and disks.
+/// What a snapshot or a migration saves: every device by id (paused
+/// around it), and the record of the virtio devices and disks.
 struct Saveable<'a> {
-    devices: &'a [(String, SharedSnapshottable)],
-    virtio: &'a machine::VirtioFunctions,
+    devices: &'a DeviceList,
     attached: &'a Attached,
 }
 
@@ -462,7 +460,7 @@ struct Saveable<'a> {
 /// the snapshot's disk copies.
 fn frontend(saveable: &Saveable<'_>, disks: Vec<snapshot_devices::DiskCopy>) -> serde_json::Value {
     serde_json::to_value(snapshot_devices::FrontendRecord {
-        devices: saveable.devices.iter().map(|(id, _)| id.clone()).collect(),
+        devices: saveable.devices.ids(),
         virtio: saveable.attached.device_set.clone(),
         disks,
     })
@@ -481,7 +479,6 @@ fn migrate_command(
     match crate::migrate::migrate_to(
         running,
         saveable.devices,
-        saveable.virtio,
         frontend(saveable, Vec::new()),
         req,
     ) {
@@ -561,7 +558,7 @@ fn snapshot_command(
     };
     // Device threads stop (requests in flight completed, disks flushed)
     // until the memory, the state and the disk copies are written.
-    let quiesced = saveable.virtio.quiesce();
+    let quiesced = saveable.devices.quiesce();
     let mut disks = Vec::new();
     let result = running
         .capture(saveable.devices, serde_json::Value::Null)

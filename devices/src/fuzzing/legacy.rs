@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use vireo_vmcore::bus::{Bus, SharedDevice};
 use vireo_vmcore::layout::ports;
-use vireo_vmcore::snapshot::Snapshottable;
+use vireo_vmcore::snapshot::device::DynSnapshottable;
 use vireo_vmcore::VmControl;
 
 use super::pci::Line;
@@ -116,13 +116,13 @@ pub fn legacy_io(data: &[u8]) -> usize {
     }
 
     // What a device saves, a fresh device of its kind restores.
-    fn round_trip(name: &str, from: &Mutex<dyn Snapshottable>, to: &mut dyn Snapshottable) {
-        let saved = from.lock().unwrap_or_else(|p| p.into_inner()).save();
+    fn round_trip(name: &str, from: &Mutex<dyn DynSnapshottable>, to: &mut dyn DynSnapshottable) {
+        let saved = from.lock().unwrap_or_else(|p| p.into_inner()).save_dyn();
         let saved = match saved {
             Ok(s) => s,
             Err(e) => panic!("{name}: save failed: {e}"),
         };
-        if let Err(e) = to.restore(saved) {
+        if let Err(e) = to.restore_dyn(saved) {
             panic!("{name}: its own saved state does not restore: {e}");
         }
     }

@@ -14,6 +14,7 @@ use vireo_hypervisor::InterruptLine;
 use vireo_vmcore::bus::BusDevice;
 use vireo_vmcore::control::VmControl;
 use vireo_vmcore::memory::GuestMemory;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -224,10 +225,12 @@ pub fn pci_transport(data: &[u8]) -> usize {
                 _ => {
                     // A snapshot of the transport restores into a fresh one.
                     let mut d = lock(&dev);
-                    if let Ok(saved) = d.save_state() {
-                        d.resume();
+                    d.pause();
+                    let saved = d.save();
+                    d.resume();
+                    if let Ok(saved) = saved {
                         if let Some(mut fresh) = transport(kind, mem.clone(), bar) {
-                            let _ = fresh.restore_state(saved);
+                            let _ = fresh.restore(saved);
                         }
                     }
                 }
@@ -257,7 +260,7 @@ pub fn device_state(data: &[u8]) -> bool {
         let Some(mut dev) = transport(kind, mem, WINDOW.0 as u32) else {
             return false;
         };
-        let ok = dev.restore_state(state).is_ok();
+        let ok = dev.restore(state).is_ok();
         if ok {
             dev.pause();
             dev.resume();
@@ -379,7 +382,8 @@ mod tests {
                     let buf: [u8; 8] = input.bytes();
                     dev.lock().unwrap().bar_write(0, off, &buf[..len]);
                 }
-                let saved = dev.lock().unwrap().save_state().unwrap();
+                dev.lock().unwrap().pause();
+                let saved = dev.lock().unwrap().save().unwrap();
                 assert!(saved.active);
                 let mut v = vec![kind];
                 v.extend_from_slice(&serde_json::to_vec(&saved).unwrap());

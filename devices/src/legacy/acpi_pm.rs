@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use vireo_hypervisor::InterruptLine;
 use vireo_vmcore::boot::acpi::SLP_TYP_S5;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use vireo_vmcore::{BusDevice, ExitReason, VmControl};
 
 pub const LEN: u16 = 12;
@@ -145,7 +146,6 @@ mod tests {
 
     #[test]
     fn state_roundtrips_and_the_pm_timer_does_not_go_back() {
-        use vireo_vmcore::snapshot::Snapshottable;
         let (mut pm, _) = dev();
         pm.write(PM1_EN, &PWRBTN.to_le_bytes());
         pm.start -= std::time::Duration::from_secs(5);
@@ -254,8 +254,9 @@ mod tests {
     }
 }
 
+/// The PM1 registers and the PM timer's position.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct SavedPm {
+pub struct AcpiPmState {
     status: u16,
     enable: u16,
     cnt: u16,
@@ -263,24 +264,23 @@ struct SavedPm {
     timer_ns: u64,
 }
 
-impl vireo_vmcore::snapshot::Snapshottable for AcpiPm {
-    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
-        vireo_vmcore::snapshot::to_state(
-            "acpi_pm",
-            &SavedPm {
-                status: self.status,
-                enable: self.enable,
-                cnt: self.cnt,
-                timer_ns: self.start.elapsed().as_nanos() as u64,
-            },
-        )
+impl Pausable for AcpiPm {}
+
+impl Snapshottable for AcpiPm {
+    type State = AcpiPmState;
+    type Error = std::convert::Infallible;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<AcpiPmState, Self::Error> {
+        Ok(AcpiPmState {
+            status: self.status,
+            enable: self.enable,
+            cnt: self.cnt,
+            timer_ns: self.start.elapsed().as_nanos() as u64,
+        })
     }
 
-    fn restore(
-        &mut self,
-        state: serde_json::Value,
-    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
-        let s: SavedPm = vireo_vmcore::snapshot::device_state("acpi_pm", state)?;
+    fn restore(&mut self, s: AcpiPmState) -> Result<(), Self::Error> {
         self.status = s.status;
         self.enable = s.enable;
         self.cnt = s.cnt | CNT_SCI_EN;

@@ -4,6 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use vireo_vmcore::BusDevice;
 
 const REG_SECONDS: u8 = 0x00;
@@ -225,7 +226,7 @@ mod tests {
 
     #[test]
     fn state_roundtrips_through_a_snapshot() {
-        use vireo_vmcore::snapshot::Snapshottable;
+        use vireo_vmcore::snapshot::device::{DynSnapshottable, SavedState};
         let mut c = Cmos::with_clock(64 << 20, 0, || FIXED);
         c.write(0, &[0x40]);
         c.write(1, &[0x99]); // a byte of CMOS RAM
@@ -236,7 +237,10 @@ mod tests {
         assert_eq!(read(&mut fresh, 0x40), 0x99);
         assert_eq!(fresh.offset, 3600, "the guest's clock offset is kept");
         assert!(fresh
-            .restore(serde_json::json!({"index": 0, "data": [1, 2], "offset": 0}))
+            .restore_dyn(SavedState {
+                version: 1,
+                state: serde_json::json!({"index": 0, "data": [1, 2], "offset": 0}),
+            })
             .is_err());
     }
 
@@ -301,40 +305,44 @@ mod tests {
     }
 }
 
+/// The CMOS index register, RAM and the guest's clock offset.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct SavedCmos {
+pub struct CmosState {
     index: u8,
     data: Vec<u8>,
     offset: i64,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum CmosStateError {
+    #[error("saved CMOS RAM is {0} bytes, not 128")]
+    RamSize(usize),
+}
+
+impl Pausable for Cmos {}
+
 /// The RTC keeps its offset from the host clock, so a restored guest's
 /// wall clock is the host's plus the offset it had set (time the snapshot
 /// spent on disk passes for the guest too, as after a suspend).
-impl vireo_vmcore::snapshot::Snapshottable for Cmos {
-    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
-        vireo_vmcore::snapshot::to_state(
-            "cmos",
-            &SavedCmos {
-                index: self.index,
-                data: self.data.to_vec(),
-                offset: self.offset,
-            },
-        )
+impl Snapshottable for Cmos {
+    type State = CmosState;
+    type Error = CmosStateError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<CmosState, CmosStateError> {
+        Ok(CmosState {
+            index: self.index,
+            data: self.data.to_vec(),
+            offset: self.offset,
+        })
     }
 
-    fn restore(
-        &mut self,
-        state: serde_json::Value,
-    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
-        let s: SavedCmos = vireo_vmcore::snapshot::device_state("cmos", state)?;
-        self.data =
-            s.data
-                .try_into()
-                .map_err(|_| vireo_vmcore::snapshot::SnapshotError::Device {
-                    id: "cmos".into(),
-                    reason: "saved CMOS RAM is not 128 bytes".into(),
-                })?;
+    fn restore(&mut self, s: CmosState) -> Result<(), CmosStateError> {
+        let len = s.data.len();
+        self.data = s
+            .data
+            .try_into()
+            .map_err(|_| CmosStateError::RamSize(len))?;
         self.index = s.index & 0x7f;
         self.offset = s.offset;
         Ok(())

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use vireo_hypervisor::InterruptLine;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use vireo_vmcore::{BusDevice, ExitReason, VmControl};
 
 const STATUS_OBF: u8 = 1 << 0;
@@ -197,7 +198,6 @@ mod tests {
 
     #[test]
     fn state_roundtrips_through_a_snapshot() {
-        use vireo_vmcore::snapshot::Snapshottable;
         let (mut a, _c) = dev();
         a.ctr = 0x47;
         a.push(0xfa, false);
@@ -269,8 +269,9 @@ mod tests {
     }
 }
 
+/// The controller's registers and its output queue.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct SavedI8042 {
+pub struct I8042State {
     ctr: u8,
     status: u8,
     pending: Pending,
@@ -278,25 +279,24 @@ struct SavedI8042 {
     queue: Vec<(u8, bool)>,
 }
 
-impl vireo_vmcore::snapshot::Snapshottable for I8042 {
-    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
-        vireo_vmcore::snapshot::to_state(
-            "i8042",
-            &SavedI8042 {
-                ctr: self.ctr,
-                status: self.status,
-                pending: self.pending,
-                output_port: self.output_port,
-                queue: self.queue.iter().copied().collect(),
-            },
-        )
+impl Pausable for I8042 {}
+
+impl Snapshottable for I8042 {
+    type State = I8042State;
+    type Error = std::convert::Infallible;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<I8042State, Self::Error> {
+        Ok(I8042State {
+            ctr: self.ctr,
+            status: self.status,
+            pending: self.pending,
+            output_port: self.output_port,
+            queue: self.queue.iter().copied().collect(),
+        })
     }
 
-    fn restore(
-        &mut self,
-        state: serde_json::Value,
-    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
-        let s: SavedI8042 = vireo_vmcore::snapshot::device_state("i8042", state)?;
+    fn restore(&mut self, s: I8042State) -> Result<(), Self::Error> {
         self.ctr = s.ctr;
         self.status = s.status;
         self.pending = s.pending;

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use vireo_hypervisor::InterruptLine;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use vireo_vmcore::BusDevice;
 use vm_superio::{serial::NoEvents, Trigger};
 
@@ -96,7 +97,7 @@ mod tests {
     /// UART, which keeps writing to its own writer.
     #[test]
     fn state_roundtrips_through_a_snapshot() {
-        use vireo_vmcore::snapshot::Snapshottable;
+        use vireo_vmcore::snapshot::device::{DynSnapshottable, SavedState};
         let line = Arc::new(CountingLine(AtomicUsize::new(0)));
         let (dev, input) = Serial::new(line.clone(), Box::new(Sink::default())).into_shared();
         dev.lock().unwrap().write(3, &[0x03]); // LCR: 8N1
@@ -119,7 +120,10 @@ mod tests {
         fresh.write(0, b"!");
         assert_eq!(out.0.lock().unwrap().as_slice(), b"!");
         assert!(fresh
-            .restore(serde_json::json!({"scratch": "not a number"}))
+            .restore_dyn(SavedState {
+                version: 1,
+                state: serde_json::json!({"scratch": "not a number"}),
+            })
             .is_err());
     }
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -193,7 +197,7 @@ mod tests {
 
 /// COM1's registers and receive FIFO (vm-superio's `SerialState`).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct SavedSerial {
+pub struct SerialState {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
     interrupt_enable: u8,
@@ -206,31 +210,37 @@ struct SavedSerial {
     in_buffer: Vec<u8>,
 }
 
-impl vireo_vmcore::snapshot::Snapshottable for Serial {
-    fn save(&mut self) -> Result<serde_json::Value, vireo_vmcore::snapshot::SnapshotError> {
+/// Why a saved UART state does not load.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    #[error("the saved UART state does not load: {0}")]
+    Uart(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
+impl Pausable for Serial {}
+
+impl Snapshottable for Serial {
+    type State = SerialState;
+    type Error = SerialStateError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<SerialState, SerialStateError> {
         let s = self.uart.state();
-        vireo_vmcore::snapshot::to_state(
-            "serial0",
-            &SavedSerial {
-                baud_divisor_low: s.baud_divisor_low,
-                baud_divisor_high: s.baud_divisor_high,
-                interrupt_enable: s.interrupt_enable,
-                interrupt_identification: s.interrupt_identification,
-                line_control: s.line_control,
-                line_status: s.line_status,
-                modem_control: s.modem_control,
-                modem_status: s.modem_status,
-                scratch: s.scratch,
-                in_buffer: s.in_buffer,
-            },
-        )
+        Ok(SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
     }
 
-    fn restore(
-        &mut self,
-        state: serde_json::Value,
-    ) -> Result<(), vireo_vmcore::snapshot::SnapshotError> {
-        let s: SavedSerial = vireo_vmcore::snapshot::device_state("serial0", state)?;
+    fn restore(&mut self, s: SerialState) -> Result<(), SerialStateError> {
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -253,10 +263,7 @@ impl vireo_vmcore::snapshot::Snapshottable for Serial {
         );
         let out = old.into_writer();
         self.uart = vm_superio::Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| vireo_vmcore::snapshot::SnapshotError::Device {
-                id: "serial0".into(),
-                reason: format!("{e:?}"),
-            })?;
+            .map_err(SerialStateError::Uart)?;
         Ok(())
     }
 }

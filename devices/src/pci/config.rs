@@ -54,6 +54,14 @@ pub enum ConfigError {
     BadBarSize(u64),
     #[error("capability of {0} bytes does not fit in the configuration space")]
     NoRoomForCapability(usize),
+    #[error("saved configuration space is {0} bytes, not {CONFIG_SPACE_SIZE}")]
+    SavedSize(usize),
+    #[error("saved configuration space differs from this device's at read-only offset {offset:#x} (vendor {vendor:#06x}, device {device:#06x} here)")]
+    SavedReadOnly {
+        offset: usize,
+        vendor: u16,
+        device: u16,
+    },
 }
 
 /// One 32-bit memory BAR.
@@ -212,22 +220,18 @@ impl PciConfig {
     /// the same way. The bits the guest cannot change (ids, class, BAR
     /// types, capabilities) must match: otherwise the saved space belongs
     /// to another device and nothing is changed.
-    pub fn restore(&mut self, saved: &[u8]) -> Result<(), String> {
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), ConfigError> {
         if saved.len() != CONFIG_SPACE_SIZE {
-            return Err(format!(
-                "saved configuration space is {} bytes, not {CONFIG_SPACE_SIZE}",
-                saved.len()
-            ));
+            return Err(ConfigError::SavedSize(saved.len()));
         }
-        if let Some(o) =
+        if let Some(offset) =
             (0..CONFIG_SPACE_SIZE).find(|&o| (saved[o] ^ self.bytes[o]) & !self.wmask[o] != 0)
         {
-            return Err(format!(
-                "saved configuration space differs from this device's at read-only offset {o:#x} \
-                 (vendor {:#06x}, device {:#06x} here)",
-                self.word(VENDOR_ID),
-                self.word(DEVICE_ID)
-            ));
+            return Err(ConfigError::SavedReadOnly {
+                offset,
+                vendor: self.word(VENDOR_ID),
+                device: self.word(DEVICE_ID),
+            });
         }
         self.bytes.copy_from_slice(saved);
         Ok(())

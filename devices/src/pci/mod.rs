@@ -8,8 +8,9 @@ pub mod bus;
 pub mod config;
 pub mod msix;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use bus::{PciBus, PciConfigIo, PciMmioWindow};
@@ -114,4 +115,52 @@ impl PciDevice for HostBridge {
         data.fill(0xff);
     }
     fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+}
+
+/// The PCI host side as a snapshot saves it (as `pci`): the configuration
+/// address register and the host bridge's configuration space. Each
+/// function behind the bridge saves its own.
+pub struct PciHost {
+    io: Arc<Mutex<PciConfigIo>>,
+    host_bridge: Arc<Mutex<HostBridge>>,
+}
+
+impl PciHost {
+    pub fn new(io: Arc<Mutex<PciConfigIo>>, host_bridge: Arc<Mutex<HostBridge>>) -> PciHost {
+        PciHost { io, host_bridge }
+    }
+}
+
+/// [`PciHost`]'s saved state.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct PciHostState {
+    config_address: u32,
+    host_bridge: Vec<u8>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Pausable for PciHost {}
+
+impl Snapshottable for PciHost {
+    type State = PciHostState;
+    type Error = config::ConfigError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<PciHostState, config::ConfigError> {
+        Ok(PciHostState {
+            config_address: lock(&self.io).address(),
+            host_bridge: lock(&self.host_bridge).config().bytes().to_vec(),
+        })
+    }
+
+    fn restore(&mut self, s: PciHostState) -> Result<(), config::ConfigError> {
+        lock(&self.host_bridge)
+            .config_mut()
+            .restore(&s.host_bridge)?;
+        lock(&self.io).set_address(s.config_address);
+        Ok(())
+    }
 }

@@ -26,6 +26,18 @@ struct Entry {
     control: u32,
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MsixError {
+    #[error(
+        "saved MSI-X table has {vectors} vectors ({pending} pending bits), this device {here}"
+    )]
+    SavedSize {
+        vectors: usize,
+        pending: usize,
+        here: usize,
+    },
+}
+
 /// What [`Msix::save`] captures: each entry as (address, data, control).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsixState {
@@ -224,14 +236,13 @@ impl Msix {
 
     /// Load a saved table of the same size; sends nothing (the guest sees
     /// pending messages once it unmasks, as before the snapshot).
-    pub fn restore(&mut self, s: &MsixState) -> Result<(), String> {
+    pub fn restore(&mut self, s: &MsixState) -> Result<(), MsixError> {
         if s.entries.len() != self.entries.len() || s.pending.len() != self.pending.len() {
-            return Err(format!(
-                "saved MSI-X table has {} vectors ({} pending bits), this device {}",
-                s.entries.len(),
-                s.pending.len(),
-                self.entries.len()
-            ));
+            return Err(MsixError::SavedSize {
+                vectors: s.entries.len(),
+                pending: s.pending.len(),
+                here: self.entries.len(),
+            });
         }
         for (e, [address, data, control]) in self.entries.iter_mut().zip(&s.entries) {
             *e = Entry {

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vireo_sandbox::seccomp::Device;
 
 use vireo_vmcore::memory::GuestMemory;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -292,7 +293,9 @@ impl VirtioDevice for Console {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
     }
+}
 
+impl Pausable for Console {
     fn pause(&mut self) {
         crate::virtio::worker::pause(&mut self.worker);
     }
@@ -301,13 +304,18 @@ impl VirtioDevice for Console {
         let name = self.name();
         crate::virtio::worker::resume(&mut self.worker, &name);
     }
+}
 
-    fn save_state(&self) -> serde_json::Value {
-        super::encode_state(&*self.shared.state())
+impl Snapshottable for Console {
+    type State = ConsoleState;
+    type Error = std::convert::Infallible;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<ConsoleState, Self::Error> {
+        Ok(self.shared.state().clone())
     }
 
-    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
-        let saved: ConsoleState = super::decode_state(state)?;
+    fn restore(&mut self, saved: ConsoleState) -> Result<(), Self::Error> {
         let pending = !saved.pending_input.is_empty();
         *self.shared.state() = saved;
         if pending {
@@ -646,6 +654,7 @@ mod tests {
 
     #[test]
     fn unread_input_and_the_size_survive_a_snapshot() {
+        use vireo_vmcore::snapshot::device::{DynSnapshottable, SavedState};
         let (mut a, _, mut drv) = console(ConsoleConfig {
             cols: 100,
             rows: 40,
@@ -655,7 +664,7 @@ mod tests {
         // Typed while the device is quiesced: kept for the restored one.
         a.input().send(b"typed");
         a.input().resize(120, 50);
-        let saved = a.save_state();
+        let saved = a.save_dyn().unwrap();
         a.resume();
         drop(a);
 
@@ -664,9 +673,12 @@ mod tests {
             rows: 40,
         });
         assert!(b
-            .restore_state(serde_json::json!({"cols": "wide"}))
+            .restore_dyn(SavedState {
+                version: 1,
+                state: serde_json::json!({"cols": "wide"}),
+            })
             .is_err());
-        b.restore_state(saved).unwrap();
+        b.restore_dyn(saved).unwrap();
         let mut d = [0u8; 4];
         b.read_config(0, &mut d);
         assert_eq!(d, [120, 0, 50, 0]);

@@ -8,6 +8,28 @@
 //! work on their own thread ([`worker::Worker`]), woken by the queue-notify
 //! eventfds the transport signals.
 //!
+//! A device joins snapshots and migration by implementing the VM core's
+//! [`Pausable`] and [`Snapshottable`](vireo_vmcore::snapshot::device::Snapshottable)
+//! (see [`VirtioDevice`]); the transport pauses it with the machine, saves
+//! the common virtio state (status, features, queues, MSI-X) and puts the
+//! device's own typed state inside. The tests' probe device in
+//! `pci/tests.rs` is the smallest example:
+//!
+//! ```ignore
+//! impl Pausable for Probe {} // no thread to stop
+//!
+//! #[derive(serde::Serialize, serde::Deserialize)]
+//! struct ProbeState { resets: usize }
+//!
+//! impl Snapshottable for Probe {
+//!     type State = ProbeState;
+//!     type Error = std::convert::Infallible;
+//!     const STATE_VERSION: u32 = 1;
+//!     fn save(&self) -> Result<ProbeState, Self::Error> { /* ... */ }
+//!     fn restore(&mut self, state: ProbeState) -> Result<(), Self::Error> { /* ... */ }
+//! }
+//! ```
+//!
 //! Everything in a descriptor chain comes from the guest and is hostile: a
 //! device checks every length, direction and address and answers a bad
 //! request with the virtio error status (or marks itself as needing a
@@ -27,6 +49,7 @@ pub mod worker;
 use std::sync::Arc;
 
 use vireo_vmcore::memory::GuestMemory;
+use vireo_vmcore::snapshot::device::{DynSnapshottable, Pausable};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use virtio_queue::{Queue, QueueT};
@@ -89,8 +112,16 @@ pub enum ActivateError {
     MissingQueues { need: usize, got: usize },
     #[error("cannot start the device thread: {0}")]
     Thread(std::io::Error),
-    #[error("{0}")]
-    Device(String),
+    #[error("cannot create the rate limiter's timer: {0}")]
+    RateTimer(#[source] std::io::Error),
+    #[error("TAP offloads: {0}")]
+    Tap(#[source] net::TapError),
+    #[error("{path}: {source}")]
+    Socket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Take the queues with `indices`, in that order, from an activation's
@@ -116,7 +147,21 @@ pub fn take_queues<const N: usize>(
 }
 
 /// A virtio device model, independent of the transport.
-pub trait VirtioDevice: Send {
+///
+/// It joins snapshots and migration through its supertraits:
+/// [`Pausable`] (stop its thread without losing a request; a disk also
+/// flushes, so that what the guest wrote is durable) and
+/// [`Snapshottable`](vireo_vmcore::snapshot::device::Snapshottable)
+/// (its own typed state, beyond its queues and features, which the
+/// transport saves, and beyond what its options give). The transport
+/// pauses, saves and restores it; nothing else is needed.
+///
+/// When paused, every request taken from a queue was completed; buffers
+/// the device holds unused (receive buffers) are re-read from the avail
+/// ring by a restored device. Its state is saved while paused (or never
+/// activated) and restored into a device built from the same options,
+/// before it is activated in the restored state.
+pub trait VirtioDevice: Send + Pausable + DynSnapshottable {
     /// The virtio device id ([`device_type`]).
     fn device_type(&self) -> u32;
     /// A short name for log lines ("virtio-blk root").
@@ -143,38 +188,6 @@ pub trait VirtioDevice: Send {
     /// Stop processing (joining any device thread) and return to the state
     /// before activation; the driver may set the device up again.
     fn reset(&mut self);
-    /// Quiesce an active device for a snapshot: stop its thread without
-    /// losing anything, and make what it wrote durable (a disk flushes).
-    /// Afterwards nothing touches guest memory or the queues until
-    /// [`VirtioDevice::resume`]. Every request taken from a queue was
-    /// completed; buffers the device holds unused (receive buffers) are
-    /// re-read from the avail ring by a restored device.
-    fn pause(&mut self) {}
-    /// Carry on after [`VirtioDevice::pause`].
-    fn resume(&mut self) {}
-    /// The device's own state for a snapshot (beyond its queues, which are
-    /// the transport's, and what its options give). Called while paused
-    /// (or never activated).
-    fn save_state(&self) -> serde_json::Value {
-        serde_json::Value::Null
-    }
-    /// Load what [`VirtioDevice::save_state`] gave into a device built from
-    /// the same options, before it is activated in the restored state.
-    /// An error names what does not fit.
-    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
-        let _ = state;
-        Ok(())
-    }
-}
-
-/// Decode a device's saved state.
-pub fn decode_state<T: serde::de::DeserializeOwned>(state: serde_json::Value) -> Result<T, String> {
-    serde_json::from_value(state).map_err(|e| format!("saved device state does not fit: {e}"))
-}
-
-/// Encode a device's state (plain structs: cannot fail in practice).
-pub fn encode_state<T: serde::Serialize>(state: &T) -> serde_json::Value {
-    serde_json::to_value(state).unwrap_or(serde_json::Value::Null)
 }
 
 /// Copy `src` (a configuration structure) into `data` from `offset`,

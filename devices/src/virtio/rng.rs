@@ -14,6 +14,7 @@ use std::sync::Arc;
 use vireo_sandbox::seccomp::Device;
 
 use vireo_vmcore::memory::GuestMemory;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -98,9 +99,8 @@ impl VirtioDevice for Rng {
         let [q] = take_queues(queues, [0])?;
         let limiter = match self.config.bandwidth {
             Some(bw) => Some(
-                RateLimiter::new(Some(Limit::per_second(bw)), None).map_err(|e| {
-                    ActivateError::Device(format!("virtio-rng: cannot create its rate timer: {e}"))
-                })?,
+                RateLimiter::new(Some(Limit::per_second(bw)), None)
+                    .map_err(ActivateError::RateTimer)?,
             ),
             None => None,
         };
@@ -129,7 +129,9 @@ impl VirtioDevice for Rng {
             w.stop();
         }
     }
+}
 
+impl Pausable for Rng {
     fn pause(&mut self) {
         crate::virtio::worker::pause(&mut self.worker);
     }
@@ -137,6 +139,21 @@ impl VirtioDevice for Rng {
     fn resume(&mut self) {
         let name = self.name();
         crate::virtio::worker::resume(&mut self.worker, &name);
+    }
+}
+
+/// An rng has nothing of its own to save: its queue is the transport's.
+impl Snapshottable for Rng {
+    type State = ();
+    type Error = std::convert::Infallible;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn restore(&mut self, (): ()) -> Result<(), Self::Error> {
+        Ok(())
     }
 }
 

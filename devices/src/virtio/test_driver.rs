@@ -16,6 +16,7 @@ use virtio_queue::QueueT;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 
 /// Where each queue's rings live: queue `i` at `i * QUEUE_STRIDE`, data
 /// buffers are expected from [`DATA_START`] on.
@@ -32,6 +33,8 @@ pub struct Desc {
     pub len: u32,
     /// Device-writable.
     pub write: bool,
+    /// Points at an indirect descriptor table of `len` bytes.
+    pub indirect: bool,
 }
 
 impl Desc {
@@ -40,14 +43,24 @@ impl Desc {
             addr,
             len,
             write: false,
+            indirect: false,
         }
     }
     pub fn writable(addr: u64, len: u32) -> Desc {
         Desc {
-            addr,
-            len,
             write: true,
+            ..Desc::readable(addr, len)
         }
+    }
+    fn flags(&self) -> u16 {
+        let mut f = 0;
+        if self.write {
+            f |= VIRTQ_DESC_F_WRITE;
+        }
+        if self.indirect {
+            f |= VIRTQ_DESC_F_INDIRECT;
+        }
+        f
     }
 }
 
@@ -67,6 +80,13 @@ impl Interrupt for TestInterrupt {
 }
 
 impl TestInterrupt {
+    /// Forget what was raised so far.
+    pub fn clear(&self) {
+        if let Ok(mut s) = self.seen.lock() {
+            s.clear();
+        }
+    }
+
     /// How many times `kind` was raised so far.
     pub fn count(&self, kind: InterruptKind) -> usize {
         self.seen
@@ -186,25 +206,70 @@ impl TestDriver {
 
     /// Post a chain on queue `q` (without notifying); returns its head.
     pub fn add_chain(&mut self, q: u16, descs: &[Desc]) -> u16 {
-        let mem = &self.mem;
-        let l = &mut self.queues[usize::from(q)];
-        let head = l.next_desc;
-        for (n, d) in descs.iter().enumerate() {
-            let idx = (head + n as u16) % l.size;
-            let next = (idx + 1) % l.size;
-            let mut flags = if d.write { VIRTQ_DESC_F_WRITE } else { 0 };
-            if n + 1 < descs.len() {
-                flags |= VIRTQ_DESC_F_NEXT;
-            }
-            let at = l.desc + u64::from(idx) * 16;
-            mem.write_obj(d.addr.to_le(), GuestAddress(at)).unwrap();
-            mem.write_obj(d.len.to_le(), GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
-            mem.write_obj(next.to_le(), GuestAddress(at + 14)).unwrap();
+        let n = descs.len() as u16;
+        let head = self.reserve(q, n);
+        let (table, size) = {
+            let l = &self.queues[usize::from(q)];
+            (l.desc, l.size)
+        };
+        for (k, d) in descs.iter().enumerate() {
+            let idx = (head + k as u16) % size;
+            let next = (k + 1 < descs.len()).then_some((idx + 1) % size);
+            self.write_desc(table, idx, *d, next);
         }
-        l.next_desc = (head + descs.len() as u16) % l.size;
         self.publish(q, head);
         head
+    }
+
+    /// Take the next `n` entries of queue `q`'s descriptor table for the
+    /// caller to fill with [`TestDriver::write_desc`]; returns the first.
+    pub fn reserve(&mut self, q: u16, n: u16) -> u16 {
+        let l = &mut self.queues[usize::from(q)];
+        let first = l.next_desc;
+        l.next_desc = (first + n) % l.size;
+        first
+    }
+
+    /// Write descriptor `i` of the table at `table` (a queue's, or an
+    /// indirect one in guest memory), chained to `next` if given. Any
+    /// values: a hostile driver may loop or point anywhere.
+    pub fn write_desc(&self, table: u64, i: u16, d: Desc, next: Option<u16>) {
+        let flags = d.flags() | if next.is_some() { VIRTQ_DESC_F_NEXT } else { 0 };
+        let at = table + u64::from(i) * 16;
+        let mem = &self.mem;
+        mem.write_obj(d.addr.to_le(), GuestAddress(at)).unwrap();
+        mem.write_obj(d.len.to_le(), GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags.to_le(), GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next.unwrap_or(0).to_le(), GuestAddress(at + 14))
+            .unwrap();
+    }
+
+    /// Where queue `q`'s descriptor table, avail ring and used ring are.
+    pub fn rings(&self, q: u16) -> (u64, u64, u64) {
+        let l = &self.queues[usize::from(q)];
+        (l.desc, l.avail, l.used)
+    }
+
+    /// How many buffers the device has used on queue `q` so far (the used
+    /// ring's index), without taking any.
+    pub fn used_idx(&self, q: u16) -> u16 {
+        let l = &self.queues[usize::from(q)];
+        u16::from_le(self.mem.read_obj(GuestAddress(l.used + 2)).unwrap())
+    }
+
+    /// Used element `i` of queue `q` as (head, len), read in place (for
+    /// tests that look at the ring out of order).
+    pub fn used_elem(&self, q: u16, i: u16) -> (u16, u32) {
+        let l = &self.queues[usize::from(q)];
+        let at = l.used + 4 + u64::from(i % l.size) * 8;
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (u32::from_le(id) as u16, u32::from_le(len))
+    }
+
+    /// The avail index the driver last published on queue `q`.
+    pub fn avail_idx(&self, q: u16) -> u16 {
+        self.queues[usize::from(q)].avail_idx
     }
 
     /// Put `head` on the available ring of queue `q`, whatever it is (a

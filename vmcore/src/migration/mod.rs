@@ -42,7 +42,8 @@ pub const MAGIC: &[u8; 8] = b"VIREOMIG";
 /// Bumped on every incompatible change; a peer of another version is
 /// refused at the header.
 /// Version 2: the `Auth` message comes before the header.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3: the state is snapshot format 2 (versioned device states).
+pub const FORMAT_VERSION: u32 = 3;
 pub const PAGE_SIZE: u64 = 4096;
 /// Pages per `Pages` message (1 MiB of data).
 pub const PAGES_PER_MESSAGE: usize = 256;

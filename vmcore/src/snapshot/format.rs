@@ -35,7 +35,9 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: &[u8; 8] = b"VIREOSNP";
 pub const TRAILER_MAGIC: &[u8; 8] = b"VSNPEND\0";
 /// Bumped on every incompatible change; other versions are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: each device's state carries its own version
+/// ([`super::device::SavedState`]).
+pub const FORMAT_VERSION: u32 = 2;
 /// The snapshot is a diff: its memory file holds only the pages written
 /// since its parent (sections `parent` and `memory_pages`). A vireo that
 /// does not know the flag refuses the file rather than restoring a diff
@@ -626,18 +628,34 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn another_format_version_is_refused_by_name() {
-        let mut bytes = sample();
-        bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
-        // A writer of that version computes its own header checksum.
+    /// `bytes` as a writer of format `version` makes it (its own header
+    /// checksum).
+    fn as_version(mut bytes: Vec<u8>, version: u32) -> Vec<u8> {
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
         let crc = crc32fast::hash(&bytes[..HEADER_LEN - 4]);
         bytes[HEADER_LEN - 4..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn another_format_version_is_refused_by_name() {
+        let bytes = as_version(sample(), FORMAT_VERSION + 1);
         let e = StateFile::decode(&bytes).unwrap_err();
         assert!(
             matches!(e, FormatError::WrongVersion { found, .. } if found == FORMAT_VERSION + 1)
         );
         assert!(e.to_string().contains("version"), "{e}");
+    }
+
+    /// Version 1 files hold untyped device states: refused, by number.
+    #[test]
+    fn a_version_1_file_is_refused_by_name() {
+        let e = StateFile::decode(&as_version(sample(), 1)).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("snapshot format version 1, but this vireo reads only version 2"),
+            "{e}"
+        );
     }
 
     #[test]

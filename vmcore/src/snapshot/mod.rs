@@ -2,20 +2,22 @@
 //! (interrupt controllers, timer, clock), every device and guest memory —
 //! written to a directory, and read back into a new VM.
 //!
-//! Devices take part through [`Snapshottable`]: a snapshot is a walk over
-//! the machine's device list, each device giving its state as a JSON value
-//! under a stable id, and a restore hands each id's value back to the
-//! device of the same id in the new machine.
+//! Devices take part through [`device::Pausable`] and
+//! [`device::Snapshottable`] (see [`device`]): a snapshot is a walk over
+//! the machine's one [`device::DeviceList`], each device giving its typed,
+//! versioned state under a stable id, and a restore hands each id's state
+//! back to the device of the same id in the new machine.
 //!
 //! Everything is verified (format version, checksums, sizes, that the
 //! saved configuration fits this vireo) before the new VM is created, so
 //! a bad snapshot is refused before any guest state is touched. See
 //! [`format`] for the files.
 
+pub mod device;
 pub mod format;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vireo_api::units::MemorySize;
@@ -23,6 +25,7 @@ use vireo_hypervisor::{BackendKind, CpuidEntry, PlatformState, VcpuState};
 use vm_memory::{GuestAddress, GuestMemoryRegion};
 
 use crate::memory::{self, GuestMemory, GuestMemoryBackend, RamLayout};
+use device::{DeviceListError, SavedState};
 use format::{FormatError, MemoryRegionRecord, StateFile, FLAG_DIFF, MEMORY_FILE, STATE_FILE};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +34,8 @@ pub enum SnapshotError {
     Format(#[from] FormatError),
     #[error("{0}")]
     Unsupported(String),
-    #[error("device {id}: {reason}")]
-    Device { id: String, reason: String },
+    #[error(transparent)]
+    Devices(#[from] DeviceListError),
     #[error("{0}")]
     Mismatch(String),
     #[error(transparent)]
@@ -43,37 +46,6 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// A device whose state can be saved and loaded.
-pub trait Snapshottable: Send {
-    /// The device's state. Called while the VM is paused.
-    fn save(&mut self) -> Result<serde_json::Value, SnapshotError>;
-    /// Load a state [`Snapshottable::save`] returned into a freshly built
-    /// device of the same kind, before the VM runs.
-    fn restore(&mut self, state: serde_json::Value) -> Result<(), SnapshotError>;
-}
-
-pub type SharedSnapshottable = Arc<Mutex<dyn Snapshottable>>;
-
-/// Deserialize a device's saved state, naming the device on failure.
-pub fn device_state<T: for<'de> Deserialize<'de>>(
-    id: &str,
-    value: serde_json::Value,
-) -> Result<T, SnapshotError> {
-    serde_json::from_value(value).map_err(|e| SnapshotError::Device {
-        id: id.to_string(),
-        reason: format!("saved state does not fit: {e}"),
-    })
-}
-
-/// Serialize a device's state (infallible for the plain structs devices
-/// use; an error is reported rather than unwrapped all the same).
-pub fn to_state<T: Serialize>(id: &str, value: &T) -> Result<serde_json::Value, SnapshotError> {
-    serde_json::to_value(value).map_err(|e| SnapshotError::Device {
-        id: id.to_string(),
-        reason: e.to_string(),
-    })
 }
 
 /// What the machine was: enough to build it again.
@@ -108,7 +80,7 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub platform: PlatformState,
     /// (device id, state) in machine order.
-    pub devices: Vec<(String, serde_json::Value)>,
+    pub devices: Vec<(String, SavedState)>,
 }
 
 const CONFIG: &str = "config";

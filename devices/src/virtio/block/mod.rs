@@ -23,6 +23,7 @@ use vireo_sandbox::seccomp::Device;
 
 use vireo_block::{DiskImage, Format, OpenOptions};
 use vireo_vmcore::memory::GuestMemory;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -425,9 +426,8 @@ impl VirtioDevice for Block {
         let limiter = match (self.cfg.bandwidth, self.cfg.ops) {
             (None, None) => None,
             (bw, ops) => Some(
-                RateLimiter::new(bw.map(Limit::per_second), ops.map(Limit::per_second)).map_err(
-                    |e| ActivateError::Device(format!("{}: rate limiter timer: {e}", self.name())),
-                )?,
+                RateLimiter::new(bw.map(Limit::per_second), ops.map(Limit::per_second))
+                    .map_err(ActivateError::RateTimer)?,
             ),
         };
         let mut queue = active.queue;
@@ -468,7 +468,9 @@ impl VirtioDevice for Block {
         }
         self.acked_features = 0;
     }
+}
 
+impl Pausable for Block {
     fn pause(&mut self) {
         crate::virtio::worker::pause(&mut self.worker);
         // What the guest wrote reaches the file (qcow2 metadata included)
@@ -482,38 +484,61 @@ impl VirtioDevice for Block {
         let name = self.name();
         crate::virtio::worker::resume(&mut self.worker, &name);
     }
+}
 
-    fn save_state(&self) -> serde_json::Value {
-        super::encode_state(&self.state())
+/// Why a saved disk state does not fit this disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockStateError {
+    #[error("disk {id}: {path} is {bytes} bytes, the snapshot's disk was {saved_bytes} bytes; give a disk of the saved size")]
+    Size {
+        id: String,
+        path: PathBuf,
+        bytes: u64,
+        saved_bytes: u64,
+    },
+    #[error("disk {id}: the snapshot's disk was {}, this one is {}", access(*.saved_read_only), access(*.read_only))]
+    ReadOnly {
+        id: String,
+        saved_read_only: bool,
+        read_only: bool,
+    },
+}
+
+fn access(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "writable"
+    }
+}
+
+/// A disk saves what the guest was told about it, to check the disk it is
+/// restored onto; its data is the image's.
+impl Snapshottable for Block {
+    type State = BlockState;
+    type Error = BlockStateError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<BlockState, BlockStateError> {
+        Ok(self.state())
     }
 
-    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
-        let saved: BlockState = super::decode_state(state)?;
+    fn restore(&mut self, saved: BlockState) -> Result<(), BlockStateError> {
         let now = self.state();
         if saved.capacity_sectors != now.capacity_sectors {
-            return Err(format!(
-                "--disk id={}: {} is {} bytes, the snapshot's disk was {} bytes; give a disk of the saved size",
-                self.cfg.id,
-                self.cfg.path.display(),
-                now.capacity_sectors * SECTOR_SIZE,
-                saved.capacity_sectors * SECTOR_SIZE
-            ));
+            return Err(BlockStateError::Size {
+                id: self.cfg.id.clone(),
+                path: self.cfg.path.clone(),
+                bytes: now.capacity_sectors * SECTOR_SIZE,
+                saved_bytes: saved.capacity_sectors * SECTOR_SIZE,
+            });
         }
         if saved.read_only != now.read_only {
-            return Err(format!(
-                "--disk id={}: the snapshot's disk was {}, this one is {}",
-                self.cfg.id,
-                if saved.read_only {
-                    "read-only"
-                } else {
-                    "writable"
-                },
-                if now.read_only {
-                    "read-only"
-                } else {
-                    "writable"
-                }
-            ));
+            return Err(BlockStateError::ReadOnly {
+                id: self.cfg.id.clone(),
+                saved_read_only: saved.read_only,
+                read_only: now.read_only,
+            });
         }
         Ok(())
     }

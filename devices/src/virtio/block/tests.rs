@@ -7,21 +7,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::*;
-use crate::virtio::ActiveQueue;
+use crate::virtio::test_driver::{Desc, TestDriver, DATA_START};
 
 const MEM_SIZE: usize = 32 << 20;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const HEAP: u64 = 0x10_0000;
 const R: u16 = 0;
 const W: u16 = VRING_DESC_F_WRITE as u16;
+const IND: u16 = VRING_DESC_F_INDIRECT as u16;
 const OK: u8 = VIRTIO_BLK_S_OK as u8;
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
@@ -44,23 +39,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[derive(Default)]
-struct Irq {
-    count: AtomicUsize,
-    wrong: AtomicUsize,
-}
-
-impl Interrupt for Irq {
-    fn signal(&self, kind: InterruptKind) -> std::io::Result<()> {
-        if kind == InterruptKind::Queue(0) {
-            self.count.fetch_add(1, Ordering::SeqCst);
-        } else {
-            self.wrong.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(())
     }
 }
 
@@ -104,16 +82,22 @@ impl DiskImage for Counting {
     }
 }
 
-/// A test driver for one device.
+/// One device on the shared test driver, with a bump allocator for the
+/// requests' buffers.
 struct Harness {
-    mem: GuestMemory,
+    drv: TestDriver,
     dev: Block,
-    notify: EventFd,
-    irq: Arc<Irq>,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
     heap: u64,
+}
+
+/// A descriptor as the tests write it: (address, length, R/W/IND flags).
+fn desc((addr, len, flags): (u64, u32, u16)) -> Desc {
+    Desc {
+        addr,
+        len,
+        write: flags & W != 0,
+        indirect: flags & IND != 0,
+    }
 }
 
 /// A `--disk` for `path`: raw unless `extra` gives the format or makes
@@ -134,48 +118,19 @@ impl Harness {
     }
 
     fn with_features(dev: Block, features: u64) -> Harness {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mut h = Harness {
-            mem,
+            drv: TestDriver::new(MEM_SIZE, &[QUEUE_SIZE]),
             dev,
-            notify: EventFd::new(EFD_NONBLOCK).unwrap(),
-            irq: Arc::new(Irq::default()),
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-            heap: HEAP,
+            heap: DATA_START,
         };
         h.activate(features);
         h
     }
 
-    /// Set the rings up afresh (as a driver does after a reset) and activate.
+    /// Set the ring up afresh (as a driver does after a reset) and activate.
     fn activate(&mut self, features: u64) {
-        self.mem
-            .write_slice(&vec![0u8; (USED + 0x1000) as usize], GuestAddress(0))
-            .unwrap();
-        self.next_desc = 0;
-        self.avail_idx = 0;
-        self.used_seen = 0;
-        let mut q = Queue::new(QUEUE_SIZE).unwrap();
-        q.set_size(QUEUE_SIZE);
-        q.set_desc_table_address(Some(DESC as u32), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(USED as u32), Some(0));
-        q.set_ready(true);
-        assert!(q.is_valid(&self.mem));
-        self.dev
-            .activate(Activation {
-                memory: self.mem.clone(),
-                queues: vec![ActiveQueue {
-                    index: 0,
-                    queue: q,
-                    notify: self.notify.try_clone().unwrap(),
-                }],
-                interrupt: self.irq.clone(),
-                features,
-            })
-            .unwrap();
+        let activation = self.drv.activation(features);
+        self.dev.activate(activation).unwrap();
     }
 
     /// Guest memory for a buffer, filled with `fill`.
@@ -183,92 +138,44 @@ impl Harness {
         let a = self.heap;
         self.heap = (self.heap + len as u64 + 15) & !15;
         assert!(self.heap < MEM_SIZE as u64, "test heap exhausted");
-        self.mem
+        self.drv
+            .mem
             .write_slice(&vec![fill; len], GuestAddress(a))
             .unwrap();
         a
     }
 
-    fn write_desc(&self, table: u64, i: u16, d: Descriptor) {
-        self.mem
-            .write_obj(
-                RawDescriptor::from(d),
-                GuestAddress(table + u64::from(i) * 16),
-            )
-            .unwrap();
+    /// Write descriptor `i` of an indirect table (or of the queue's own).
+    fn write_desc(&self, table: u64, i: u16, d: (u64, u32, u16), next: Option<u16>) {
+        self.drv.write_desc(table, i, desc(d), next);
     }
 
-    /// Put a chain (addr, len, flags) in the descriptor table and make it
-    /// available (without kicking). Returns its head.
+    /// Post a chain and make it available (without kicking). Returns its
+    /// head.
     fn submit(&mut self, descs: &[(u64, u32, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (k, &(addr, len, flags)) in descs.iter().enumerate() {
-            let i = (self.next_desc + k as u16) % QUEUE_SIZE;
-            let last = k + 1 == descs.len();
-            let flags = if last {
-                flags
-            } else {
-                flags | VRING_DESC_F_NEXT as u16
-            };
-            self.write_desc(
-                DESC,
-                i,
-                Descriptor::new(addr, len, flags, (i + 1) % QUEUE_SIZE),
-            );
-        }
-        self.next_desc = (self.next_desc + descs.len() as u16) % QUEUE_SIZE;
-        self.push_avail(head);
-        head
-    }
-
-    fn push_avail(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-        self.mem
-            .write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
-            .unwrap();
+        let descs: Vec<Desc> = descs.iter().copied().map(desc).collect();
+        self.drv.add_chain(0, &descs)
     }
 
     fn kick(&self) {
-        self.notify.write(1).unwrap();
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        self.drv.kick(0);
     }
 
     /// Wait for the next used element: (id, len).
     fn wait_used(&mut self) -> (u32, u32) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.used_idx() == self.used_seen {
-            assert!(Instant::now() < deadline, "the device never used the chain");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let slot = u64::from(self.used_seen % QUEUE_SIZE);
-        let id: u32 = self
-            .mem
-            .read_obj(GuestAddress(USED + 4 + slot * 8))
-            .unwrap();
-        let len: u32 = self
-            .mem
-            .read_obj(GuestAddress(USED + 8 + slot * 8))
-            .unwrap();
-        self.used_seen = self.used_seen.wrapping_add(1);
-        (id, len)
+        let (head, len) = self.drv.used(0);
+        (u32::from(head), len)
     }
 
     fn header(&mut self, ty: u32, sector: u64) -> u64 {
         let a = self.alloc(16, 0);
-        self.mem.write_obj(ty, GuestAddress(a)).unwrap();
-        self.mem.write_obj(sector, GuestAddress(a + 8)).unwrap();
+        self.drv.mem.write_obj(ty, GuestAddress(a)).unwrap();
+        self.drv.mem.write_obj(sector, GuestAddress(a + 8)).unwrap();
         a
     }
 
     fn status_byte(&self, a: u64) -> u8 {
-        self.mem.read_obj(GuestAddress(a)).unwrap()
+        self.drv.mem.read_obj(GuestAddress(a)).unwrap()
     }
 
     /// Submit a chain, kick, wait: (status byte, used length).
@@ -286,14 +193,14 @@ impl Harness {
         let s = self.alloc(1, 0xff);
         let (st, used) = self.run(&[(h, 16, R), (d, len as u32, W), (s, 1, W)], s);
         let mut buf = vec![0u8; len];
-        self.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
+        self.drv.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
         (st, used, buf)
     }
 
     fn write(&mut self, sector: u64, data: &[u8]) -> (u8, u32) {
         let h = self.header(VIRTIO_BLK_T_OUT, sector);
         let d = self.alloc(data.len(), 0);
-        self.mem.write_slice(data, GuestAddress(d)).unwrap();
+        self.drv.mem.write_slice(data, GuestAddress(d)).unwrap();
         let s = self.alloc(1, 0xff);
         self.run(&[(h, 16, R), (d, data.len() as u32, R), (s, 1, W)], s)
     }
@@ -310,9 +217,9 @@ impl Harness {
         let d = self.alloc(16 * segs.len().max(1), 0);
         for (i, &(sector, n, flags)) in segs.iter().enumerate() {
             let a = d + 16 * i as u64;
-            self.mem.write_obj(sector, GuestAddress(a)).unwrap();
-            self.mem.write_obj(n, GuestAddress(a + 8)).unwrap();
-            self.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+            self.drv.mem.write_obj(sector, GuestAddress(a)).unwrap();
+            self.drv.mem.write_obj(n, GuestAddress(a + 8)).unwrap();
+            self.drv.mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
         }
         let s = self.alloc(1, 0xff);
         self.run(&[(h, 16, R), (d, 16 * segs.len() as u32, R), (s, 1, W)], s)
@@ -490,8 +397,14 @@ fn raw_read_write_roundtrip_reaches_the_file() {
     let hd = h.header(VIRTIO_BLK_T_OUT, 3);
     let d1 = h.alloc(512, 0);
     let d2 = h.alloc(1024, 0);
-    h.mem.write_slice(&data[..512], GuestAddress(d1)).unwrap();
-    h.mem.write_slice(&data[512..], GuestAddress(d2)).unwrap();
+    h.drv
+        .mem
+        .write_slice(&data[..512], GuestAddress(d1))
+        .unwrap();
+    h.drv
+        .mem
+        .write_slice(&data[512..], GuestAddress(d2))
+        .unwrap();
     let s = h.alloc(1, 0xff);
     let (st, used) = h.run(&[(hd, 16, R), (d1, 512, R), (d2, 1024, R), (s, 1, W)], s);
     assert_eq!((st, used), (OK, 1));
@@ -511,7 +424,7 @@ fn raw_read_write_roundtrip_reaches_the_file() {
     let (st, used, back) = h.read(100, big.len());
     assert_eq!((st, used as usize), (OK, big.len() + 1));
     assert!(back == big);
-    assert_eq!(h.irq.wrong.load(Ordering::SeqCst), 0);
+    assert_eq!(h.drv.interrupt.count(InterruptKind::Config), 0);
 }
 
 #[test]
@@ -595,7 +508,7 @@ fn get_id_returns_the_serial() {
     let s = h.alloc(1, 0xff);
     assert_eq!(h.run(&[(hd, 16, R), (d, 20, W), (s, 1, W)], s), (OK, 21));
     let mut id = [0u8; 20];
-    h.mem.read_slice(&mut id, GuestAddress(d)).unwrap();
+    h.drv.mem.read_slice(&mut id, GuestAddress(d)).unwrap();
     assert_eq!(&id[..10], b"VIREO-SN-1");
     assert_eq!(&id[10..], &[0u8; 10]);
     // A shorter buffer gets the start of it; the status may share the
@@ -604,7 +517,7 @@ fn get_id_returns_the_serial() {
     let d = h.alloc(6, 0xaa);
     assert_eq!(h.run(&[(hd, 16, R), (d, 6, W)], d + 5), (OK, 6));
     let mut id = [0u8; 5];
-    h.mem.read_slice(&mut id, GuestAddress(d)).unwrap();
+    h.drv.mem.read_slice(&mut id, GuestAddress(d)).unwrap();
     assert_eq!(&id, b"VIREO");
 }
 
@@ -747,7 +660,7 @@ fn missing_or_unusable_status_gets_used_length_zero() {
     let (st, len) = h.run(&[(hd, 16, R), (d, 512, W), (1 << 40, 1, W)], s);
     assert_eq!((st, len), (0xff, 0));
     let mut buf = [0u8; 512];
-    h.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
+    h.drv.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
     assert_eq!(buf, [0xee; 512]);
     // The device still works.
     assert_eq!(h.simple(VIRTIO_BLK_T_FLUSH), (OK, 1));
@@ -767,7 +680,7 @@ fn wrong_directions_and_bad_addresses_are_io_errors() {
     let s = h.alloc(1, 0xff);
     assert_eq!(h.run(&[(hd, 16, R), (d, 512, R), (s, 1, W)], s), (IOERR, 1));
     let mut buf = [0u8; 512];
-    h.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
+    h.drv.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
     assert_eq!(buf, [0x55; 512]);
     // A write whose data buffer is device-writable.
     let hd = h.header(VIRTIO_BLK_T_OUT, 0);
@@ -789,7 +702,7 @@ fn wrong_directions_and_bad_addresses_are_io_errors() {
         h.run(&[(hd, 4, R), (hd + 4, 12, R), (d, 512, W), (s, 1, W)], s),
         (OK, 513)
     );
-    h.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
+    h.drv.mem.read_slice(&mut buf, GuestAddress(d)).unwrap();
     assert_eq!(&buf[..], &before[512..1024]);
     // Data outside guest memory, straddling its end, and the header
     // outside it.
@@ -820,38 +733,35 @@ fn indirect_tables_loops_and_long_chains_do_not_hang() {
     let hd = h.header(VIRTIO_BLK_T_OUT, 4);
     let d = h.alloc(512, 0x77);
     let s = h.alloc(1, 0xff);
-    let nx = VRING_DESC_F_NEXT as u16;
-    h.write_desc(table, 0, Descriptor::new(hd, 16, nx, 1));
-    h.write_desc(table, 1, Descriptor::new(d, 512, nx, 2));
-    h.write_desc(table, 2, Descriptor::new(s, 1, W, 0));
-    let ind = VRING_DESC_F_INDIRECT as u16;
-    assert_eq!(h.run(&[(table, 48, ind)], s), (OK, 1));
+    h.write_desc(table, 0, (hd, 16, R), Some(1));
+    h.write_desc(table, 1, (d, 512, R), Some(2));
+    h.write_desc(table, 2, (s, 1, W), None);
+    assert_eq!(h.run(&[(table, 48, IND)], s), (OK, 1));
     assert_eq!(h.read(4, 512).2, vec![0x77; 512]);
 
     // An indirect table whose descriptors loop (0 -> 1 -> 0 ...).
     let table = h.alloc(2 * 16, 0);
     let hd = h.header(VIRTIO_BLK_T_IN, 0);
-    h.write_desc(table, 0, Descriptor::new(hd, 16, nx, 1));
-    h.write_desc(table, 1, Descriptor::new(s, 1, W | nx, 0));
-    h.mem.write_obj(0xffu8, GuestAddress(s)).unwrap();
-    let head = h.submit(&[(table, 32, ind)]);
+    h.write_desc(table, 0, (hd, 16, R), Some(1));
+    h.write_desc(table, 1, (s, 1, W), Some(0));
+    h.drv.mem.write_obj(0xffu8, GuestAddress(s)).unwrap();
+    let head = h.submit(&[(table, 32, IND)]);
     h.kick();
     assert_eq!(h.wait_used().0, u32::from(head));
 
     // A loop in the main table: descriptor i points at itself.
     let hd = h.header(VIRTIO_BLK_T_IN, 0);
-    let i = h.next_desc;
-    h.write_desc(DESC, i, Descriptor::new(hd, 16, nx, i));
-    h.next_desc += 1;
-    h.push_avail(i);
+    let i = h.drv.reserve(0, 1);
+    h.write_desc(h.drv.rings(0).0, i, (hd, 16, R), Some(i));
+    h.drv.publish(0, i);
     h.kick();
     assert_eq!(h.wait_used(), (u32::from(i), 0));
 
     // An indirect descriptor inside an indirect table (forbidden).
     let inner = h.alloc(16, 0);
     let table = h.alloc(16, 0);
-    h.write_desc(table, 0, Descriptor::new(inner, 16, ind, 0));
-    let head = h.submit(&[(table, 16, ind)]);
+    h.write_desc(table, 0, (inner, 16, IND), None);
+    let head = h.submit(&[(table, 16, IND)]);
     h.kick();
     assert_eq!(h.wait_used(), (u32::from(head), 0));
 
@@ -862,21 +772,21 @@ fn indirect_tables_loops_and_long_chains_do_not_hang() {
     let hd = h.header(VIRTIO_BLK_T_IN, 0);
     let d = h.alloc(512 * 298, 0);
     let s = h.alloc(1, 0xff);
-    h.write_desc(table, 0, Descriptor::new(hd, 16, nx, 1));
+    h.write_desc(table, 0, (hd, 16, R), Some(1));
     for k in 1..n - 1 {
-        h.write_desc(
-            table,
-            k,
-            Descriptor::new(d + u64::from(k - 1) * 512, 512, W | nx, k + 1),
-        );
+        h.write_desc(table, k, (d + u64::from(k - 1) * 512, 512, W), Some(k + 1));
     }
-    h.write_desc(table, n - 1, Descriptor::new(s, 1, W, 0));
-    assert_eq!(h.run(&[(table, u32::from(n) * 16, ind)], s), (IOERR, 1));
+    h.write_desc(table, n - 1, (s, 1, W), None);
+    assert_eq!(h.run(&[(table, u32::from(n) * 16, IND)], s), (IOERR, 1));
 
     // An avail index far ahead of the ring: nothing can be popped, and the
     // device thread must not spin (reset joins it).
-    h.mem
-        .write_obj(h.avail_idx.wrapping_add(1000), GuestAddress(AVAIL + 2))
+    h.drv
+        .mem
+        .write_obj(
+            h.drv.avail_idx(0).wrapping_add(1000),
+            GuestAddress(h.drv.rings(0).1 + 2),
+        )
         .unwrap();
     h.kick();
     std::thread::sleep(Duration::from_millis(50));
@@ -897,10 +807,11 @@ fn event_idx_coalesces_interrupts() {
     let dev = Block::new(cfg(&p, "")).unwrap();
     let f = dev.features();
     let mut h = Harness::with_features(dev, f);
-    let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(QUEUE_SIZE));
-    let avail_event = GuestAddress(USED + 4 + 8 * u64::from(QUEUE_SIZE));
+    let (_, avail, used) = h.drv.rings(0);
+    let used_event = GuestAddress(avail + 4 + 2 * u64::from(QUEUE_SIZE));
+    let avail_event = GuestAddress(used + 4 + 8 * u64::from(QUEUE_SIZE));
     // The driver wants an interrupt once the third buffer is used.
-    h.mem.write_obj(2u16, used_event).unwrap();
+    h.drv.mem.write_obj(2u16, used_event).unwrap();
     let mut statuses = Vec::new();
     for _ in 0..5 {
         let hd = h.header(VIRTIO_BLK_T_FLUSH, 0);
@@ -913,18 +824,18 @@ fn event_idx_coalesces_interrupts() {
         h.wait_used();
     }
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(h.irq.count.load(Ordering::SeqCst), 1);
+    assert_eq!(h.drv.interrupt.count(InterruptKind::Queue(0)), 1);
     for s in statuses {
         assert_eq!(h.status_byte(s), OK);
     }
     // The device asked to be notified of the next buffer.
-    let ae: u16 = h.mem.read_obj(avail_event).unwrap();
+    let ae: u16 = h.drv.mem.read_obj(avail_event).unwrap();
     assert_eq!(ae, 5);
     // used_event far ahead: no interrupt for the next request.
-    h.mem.write_obj(100u16, used_event).unwrap();
+    h.drv.mem.write_obj(100u16, used_event).unwrap();
     assert_eq!(h.simple(VIRTIO_BLK_T_FLUSH).0, OK);
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(h.irq.count.load(Ordering::SeqCst), 1);
+    assert_eq!(h.drv.interrupt.count(InterruptKind::Queue(0)), 1);
 
     // Without EVENT_IDX every batch interrupts.
     let dev = Block::new(cfg(&p, "")).unwrap();
@@ -933,7 +844,7 @@ fn event_idx_coalesces_interrupts() {
     for n in 1..=3 {
         assert_eq!(h.simple(VIRTIO_BLK_T_FLUSH).0, OK);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while h.irq.count.load(Ordering::SeqCst) < n {
+        while h.drv.interrupt.count(InterruptKind::Queue(0)) < n {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(1));
         }

@@ -5,47 +5,19 @@
 
 use super::*;
 use std::collections::BTreeSet;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::AtomicU32;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use vireo_vmcore::memory::GuestMemory as GuestMemoryMmap;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-
-use crate::virtio::ActiveQueue;
+use crate::virtio::test_driver::{Desc, TestDriver, DATA_START};
+use crate::virtio::InterruptKind;
+use vm_memory::{Bytes, GuestAddress};
 
 const TAP: &str = "vtap0";
 const ETHERTYPE: u16 = 0x88b5; // IEEE local experimental
-const RXQ_ADDR: u64 = 0;
-const TXQ_ADDR: u64 = 0x1_0000;
-const RX_BUFS: u64 = 0x10_0000;
+const RX_BUFS: u64 = DATA_START;
 const TX_BUFS: u64 = 0x80_0000;
 const MEM_SIZE: usize = 0x100_0000;
 const WAIT: Duration = Duration::from_secs(5);
-/// Where the used rings go, from each queue's base. MockSplitQueue puts
-/// its used ring inside the second half of a 256-entry avail ring (it
-/// counts the avail ring's length in entries, not bytes), so the rig lays
-/// the used ring out itself, past the descriptor table and avail ring.
-const USED_OFFSET: u64 = 0x2000;
-
-/// A queue on the mock's descriptor table and avail ring, with the used
-/// ring at `used`.
-fn queue_for(mock: &MockSplitQueue<'_, GuestMemoryMmap>, used: u64) -> Queue {
-    let mut q = Queue::new(QUEUE_SIZE).unwrap();
-    q.set_size(QUEUE_SIZE);
-    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
-    let (lo, hi) = split(mock.desc_table_addr());
-    q.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(mock.avail_addr());
-    q.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(GuestAddress(used));
-    q.set_used_ring_address(lo, hi);
-    q.set_ready(true);
-    q
-}
-
 #[test]
 fn config_from_options() {
     let c = NetConfig::from_options(
@@ -271,45 +243,17 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
     f
 }
 
-#[derive(Default)]
-struct CountingInterrupt {
-    rx: AtomicU32,
-    tx: AtomicU32,
-}
-
-impl Interrupt for CountingInterrupt {
-    fn signal(&self, kind: InterruptKind) -> io::Result<()> {
-        match kind {
-            InterruptKind::Queue(RX_QUEUE) => self.rx.fetch_add(1, Ordering::SeqCst),
-            InterruptKind::Queue(_) => self.tx.fetch_add(1, Ordering::SeqCst),
-            InterruptKind::Config => 0,
-        };
-        Ok(())
-    }
-}
-
-/// One device on a TAP, its guest memory and queues.
-struct Rig<'a> {
-    mem: &'a GuestMemoryMmap,
-    rxq: MockSplitQueue<'a, GuestMemoryMmap>,
-    txq: MockSplitQueue<'a, GuestMemoryMmap>,
-    rx_kick: EventFd,
-    tx_kick: EventFd,
-    rx_next_desc: u16,
-    tx_next_desc: u16,
+/// One device on a TAP, driven through the shared test driver.
+struct Rig {
+    drv: TestDriver,
     net: Net,
-    irq: Arc<CountingInterrupt>,
     pkt: PacketSocket,
 }
 
 /// In a fresh namespace: create the TAP, bring it up, build the device
 /// from `options` (the TAP name is added), activate it with `features`
 /// (VERSION_1 is added) and run `body`.
-fn with_rig(
-    options: &str,
-    features: u64,
-    body: impl for<'a> FnOnce(&mut Rig<'a>) + Send + 'static,
-) {
+fn with_rig(options: &str, features: u64, body: impl FnOnce(&mut Rig) + Send + 'static) {
     let options = options.to_string();
     in_netns(move || {
         let opts = if options.is_empty() {
@@ -321,19 +265,9 @@ fn with_rig(
         let net = Net::new(config).unwrap();
         link_up(TAP);
         let pkt = PacketSocket::bind(TAP);
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let rxq = MockSplitQueue::create(&mem, GuestAddress(RXQ_ADDR), QUEUE_SIZE);
-        let txq = MockSplitQueue::create(&mem, GuestAddress(TXQ_ADDR), QUEUE_SIZE);
         let mut rig = Rig {
-            mem: &mem,
-            rx_kick: EventFd::new(0).unwrap(),
-            tx_kick: EventFd::new(0).unwrap(),
-            rxq,
-            txq,
-            rx_next_desc: 0,
-            tx_next_desc: 0,
+            drv: TestDriver::new(MEM_SIZE, &[QUEUE_SIZE, QUEUE_SIZE]),
             net,
-            irq: Arc::new(CountingInterrupt::default()),
             pkt,
         };
         rig.activate(features);
@@ -342,98 +276,56 @@ fn with_rig(
     });
 }
 
-impl Rig<'_> {
+impl Rig {
+    /// Set the rings up afresh (after a reset too) and activate.
     fn activate(&mut self, features: u64) {
-        // A fresh used ring for each activation (after a reset too).
-        for base in [RXQ_ADDR, TXQ_ADDR] {
-            self.mem
-                .write_slice(&[0u8; 0x806], GuestAddress(base + USED_OFFSET))
-                .unwrap();
+        let activation = self.drv.activation(features | features::VERSION_1);
+        self.net.activate(activation).unwrap();
+    }
+
+    fn queue(tx: bool) -> u16 {
+        if tx {
+            TX_QUEUE
+        } else {
+            RX_QUEUE
         }
-        self.rx_kick = EventFd::new(0).unwrap();
-        self.tx_kick = EventFd::new(0).unwrap();
-        let queues = vec![
-            ActiveQueue {
-                index: RX_QUEUE,
-                queue: queue_for(&self.rxq, RXQ_ADDR + USED_OFFSET),
-                notify: self.rx_kick.try_clone().unwrap(),
-            },
-            ActiveQueue {
-                index: TX_QUEUE,
-                queue: queue_for(&self.txq, TXQ_ADDR + USED_OFFSET),
-                notify: self.tx_kick.try_clone().unwrap(),
-            },
-        ];
-        self.net
-            .activate(Activation {
-                memory: self.mem.clone(),
-                queues,
-                interrupt: self.irq.clone(),
-                features: features | features::VERSION_1,
-            })
-            .unwrap();
     }
 
     /// Add one chain of (address, length, device-writable) buffers and
     /// return its head index.
     fn add_chain(&mut self, tx: bool, bufs: &[(u64, u32, bool)]) -> u16 {
-        let next = if tx {
-            &mut self.tx_next_desc
-        } else {
-            &mut self.rx_next_desc
-        };
-        let first = *next;
-        let descs: Vec<RawDescriptor> = bufs
+        let descs: Vec<Desc> = bufs
             .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let last = i + 1 == bufs.len();
-                let flags = (if w { VRING_DESC_F_WRITE } else { 0 })
-                    | (if last { 0 } else { VRING_DESC_F_NEXT });
-                RawDescriptor::from(SplitDescriptor::new(
-                    addr,
-                    len,
-                    flags as u16,
-                    first + i as u16 + 1,
-                ))
+            .map(|&(addr, len, w)| {
+                if w {
+                    Desc::writable(addr, len)
+                } else {
+                    Desc::readable(addr, len)
+                }
             })
             .collect();
-        *next += bufs.len() as u16;
-        assert!(*next <= QUEUE_SIZE, "test ran out of descriptors");
-        let q = if tx { &self.txq } else { &self.rxq };
-        q.add_desc_chains(&descs, first).unwrap();
-        first
+        self.drv.add_chain(Self::queue(tx), &descs)
     }
 
     /// A transmit chain: header (readable) then the frame, in `split`
     /// pieces.
     fn add_tx_frame(&mut self, at: u64, hdr: [u8; 12], frame: &[u8]) -> u16 {
-        self.mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+        self.drv.mem.write_slice(&hdr, GuestAddress(at)).unwrap();
         let data = at + 0x100;
-        self.mem.write_slice(frame, GuestAddress(data)).unwrap();
+        self.drv.mem.write_slice(frame, GuestAddress(data)).unwrap();
         self.add_chain(true, &[(at, 12, false), (data, frame.len() as u32, false)])
     }
 
     fn kick_tx(&self) {
-        self.tx_kick.write(1).unwrap();
+        self.drv.kick(TX_QUEUE);
     }
 
     fn kick_rx(&self) {
-        self.rx_kick.write(1).unwrap();
-    }
-
-    fn used_ring(tx: bool) -> u64 {
-        if tx {
-            TXQ_ADDR + USED_OFFSET
-        } else {
-            RXQ_ADDR + USED_OFFSET
-        }
+        self.drv.kick(RX_QUEUE);
     }
 
     fn used_idx(&self, tx: bool) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(Self::used_ring(tx) + 2))
-            .unwrap()
+        self.drv.used_idx(Self::queue(tx))
     }
 
     /// Wait until the used ring has `n` entries.
@@ -452,15 +344,13 @@ impl Rig<'_> {
 
     /// (id, len) of used entry `i`.
     fn used(&self, tx: bool, i: u16) -> (u32, u32) {
-        let at = Self::used_ring(tx) + 4 + 8 * u64::from(i % QUEUE_SIZE);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id, len)
+        let (id, len) = self.drv.used_elem(Self::queue(tx), i);
+        (u32::from(id), len)
     }
 
     fn read(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        self.drv.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
     }
 
@@ -523,11 +413,15 @@ fn tx_frames_reach_the_tap_and_reset_keeps_it_open() {
         r.wait_used(true, 1);
         assert_eq!(r.used(true, 0), (head as u32, 0));
         assert_eq!(r.pkt.recv(WAIT).as_deref(), Some(&f1[..]));
-        assert!(r.irq.tx.load(Ordering::SeqCst) >= 1, "no tx interrupt");
+        assert!(
+            r.drv.interrupt.count(InterruptKind::Queue(TX_QUEUE)) >= 1,
+            "no tx interrupt"
+        );
 
         // A larger frame in three pieces, the header split across two.
         let f2 = frame(1500, 2);
-        r.mem
+        r.drv
+            .mem
             .write_slice(&f2, GuestAddress(TX_BUFS + 0x2000))
             .unwrap();
         r.add_chain(
@@ -539,7 +433,8 @@ fn tx_frames_reach_the_tap_and_reset_keeps_it_open() {
                 (TX_BUFS + 0x2000 + 700, 800, false),
             ],
         );
-        r.mem
+        r.drv
+            .mem
             .write_slice(&[0u8; 12], GuestAddress(TX_BUFS + 0x1000))
             .unwrap();
         r.kick_tx();
@@ -550,10 +445,6 @@ fn tx_frames_reach_the_tap_and_reset_keeps_it_open() {
 
         // The driver resets and sets the device up again: same TAP.
         r.net.reset();
-        r.txq = MockSplitQueue::create(r.mem, GuestAddress(TXQ_ADDR), QUEUE_SIZE);
-        r.rxq = MockSplitQueue::create(r.mem, GuestAddress(RXQ_ADDR), QUEUE_SIZE);
-        r.tx_next_desc = 0;
-        r.rx_next_desc = 0;
         r.activate(0);
         let f3 = frame(100, 3);
         r.add_tx_frame(TX_BUFS, PLAIN_HDR, &f3);
@@ -635,7 +526,8 @@ fn tso_frame_passes_to_the_tap_whole() {
 fn rx_frame_lands_in_guest_buffer_with_header() {
     with_rig("", 0, |r| {
         // Header and data in separate descriptors, memory pre-filled.
-        r.mem
+        r.drv
+            .mem
             .write_slice(&[0xaa; 4096], GuestAddress(RX_BUFS))
             .unwrap();
         let head = r.add_chain(false, &[(RX_BUFS, 12, true), (RX_BUFS + 0x100, 2048, true)]);
@@ -653,7 +545,10 @@ fn rx_frame_lands_in_guest_buffer_with_header() {
         assert_eq!(r.read(RX_BUFS + 0x100 + 1000, 16), vec![0xaa; 16]);
         let s = r.stats();
         assert_eq!((s.rx_packets, s.rx_bytes, s.rx_dropped), (1, 1000, 0));
-        assert!(r.irq.rx.load(Ordering::SeqCst) >= 1, "no rx interrupt");
+        assert!(
+            r.drv.interrupt.count(InterruptKind::Queue(RX_QUEUE)) >= 1,
+            "no rx interrupt"
+        );
     });
 }
 
@@ -667,12 +562,12 @@ fn rx_frames_read_from_the_tap_are_marked_dirty() {
         let data = RX_BUFS + 0x2f00;
         r.add_chain(false, &[(RX_BUFS, 12, true), (data, 2048, true)]);
         let f = frame(1400, 3);
-        let _ = vireo_vmcore::memory::take_device_dirty(r.mem);
+        let _ = vireo_vmcore::memory::take_device_dirty(&r.drv.mem);
         r.kick_rx();
         r.pkt.send(&f);
         r.wait_used(false, 1);
         assert_eq!(r.read(data, 1400), f);
-        let dirty = vireo_vmcore::memory::take_device_dirty(r.mem);
+        let dirty = vireo_vmcore::memory::take_device_dirty(&r.drv.mem);
         let pages: BTreeSet<u64> = vireo_hypervisor::dirty::dirty_pages(&dirty[0]).collect();
         for p in [RX_BUFS / page, data / page, (data + 1399) / page] {
             assert!(pages.contains(&p), "page {p:#x} not dirty: {pages:x?}");
@@ -804,7 +699,8 @@ fn rx_frame_too_big_without_mergeable_is_dropped_and_buffer_reused() {
 fn hostile_tx_chains_are_dropped_without_harm() {
     with_rig("", 0, |r| {
         let good = frame(80, 10);
-        r.mem
+        r.drv
+            .mem
             .write_slice(&good, GuestAddress(TX_BUFS + 0x100))
             .unwrap();
         let chains: Vec<Vec<(u64, u32, bool)>> = vec![
@@ -833,6 +729,7 @@ fn hostile_tx_chains_are_dropped_without_harm() {
         }
         // The good frame behind them still goes out, and only it.
         let _ = r
+            .drv
             .mem
             .write_slice(&[0u8; 12], GuestAddress(TX_BUFS + 0x8000));
         let got = r.pkt.recv(WAIT);
@@ -930,19 +827,9 @@ fn offloads_are_accepted_by_the_tap() {
 fn missing_queue_is_refused() {
     in_netns(|| {
         let mut net = Net::new(NetConfig::new(TAP)).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let q = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut drv = TestDriver::new(0x10_0000, &[16, 16]);
         let e = net
-            .activate(Activation {
-                memory: mem.clone(),
-                queues: vec![ActiveQueue {
-                    index: RX_QUEUE,
-                    queue: q.create_queue().unwrap(),
-                    notify: EventFd::new(0).unwrap(),
-                }],
-                interrupt: Arc::new(CountingInterrupt::default()),
-                features: features::VERSION_1,
-            })
+            .activate(drv.activation_of(features::VERSION_1, &[RX_QUEUE]))
             .unwrap_err();
         assert!(
             matches!(e, ActivateError::MissingQueues { need: 2, got: 1 }),
@@ -969,8 +856,9 @@ fn bursts_longer_than_the_budget_complete_both_ways() {
         let n_tx = 150u16;
         for i in 0..n_tx as u64 {
             let at = TX_BUFS + i * 0x200;
-            r.mem.write_slice(&PLAIN_HDR, GuestAddress(at)).unwrap();
-            r.mem
+            r.drv.mem.write_slice(&PLAIN_HDR, GuestAddress(at)).unwrap();
+            r.drv
+                .mem
                 .write_slice(&frame(60, i as u8), GuestAddress(at + 12))
                 .unwrap();
             r.add_chain(true, &[(at, 72, false)]);
@@ -1157,7 +1045,7 @@ fn a_ring_of_bad_transmit_chains_is_served_across_wakeups() {
         assert_eq!(r.pkt.recv(WAIT).as_deref(), Some(&good[..]));
         let s = r.stats();
         assert_eq!((s.tx_packets, s.tx_dropped), (1, n_bad as u64));
-        let wakeups = r.irq.tx.load(Ordering::SeqCst) as usize;
+        let wakeups = r.drv.interrupt.count(InterruptKind::Queue(TX_QUEUE));
         assert!(
             wakeups > usize::from(n_bad) / BUDGET,
             "{wakeups} interrupts: the bad chains were not spread over wakeups"
@@ -1172,8 +1060,8 @@ fn a_transmit_avail_index_far_ahead_does_not_hold_the_thread() {
         // yet "more is available" stays true. The worker must give up on
         // the queue (not spin) and still serve receive. (A worker that
         // spins fails the wait below, then holds the test joining it.)
-        let idx = r.txq.avail_addr().unchecked_add(2);
-        r.mem.write_obj(0x8000u16, idx).unwrap();
+        let idx = GuestAddress(r.drv.rings(TX_QUEUE).1 + 2);
+        r.drv.mem.write_obj(0x8000u16, idx).unwrap();
         r.kick_tx();
         std::thread::sleep(Duration::from_millis(50));
         let head = r.add_chain(false, &[(RX_BUFS, 2048, true)]);
@@ -1212,8 +1100,8 @@ fn a_receive_avail_index_far_ahead_does_not_spin_on_tap_wakeups() {
         // A frame waits in the TAP while the receive avail index is 0x8000
         // ahead: nothing can be popped. The worker must wait for a kick,
         // not wake for the readable TAP over and over.
-        let idx = r.rxq.avail_addr().unchecked_add(2);
-        r.mem.write_obj(0x8000u16, idx).unwrap();
+        let idx = GuestAddress(r.drv.rings(RX_QUEUE).1 + 2);
+        r.drv.mem.write_obj(0x8000u16, idx).unwrap();
         r.pkt.send(&frame(100, 2));
         r.kick_rx();
         std::thread::sleep(Duration::from_millis(100));

@@ -2,12 +2,14 @@ use super::*;
 use crate::pci::config::{BAR0, COMMAND_MEMORY};
 use crate::virtio::{ActivateError, QueueT};
 use std::sync::Mutex;
+use vireo_vmcore::snapshot::device::{Pausable, SavedState, Snapshottable};
 use vm_memory::GuestAddress;
 
 #[derive(Default)]
 struct Seen {
     activations: Vec<(Vec<u16>, u64)>,
     resets: usize,
+    pauses: usize,
     interrupt: Option<Arc<dyn Interrupt>>,
     notifies: Vec<EventFd>,
 }
@@ -41,6 +43,35 @@ impl VirtioDevice for Probe {
     }
     fn reset(&mut self) {
         self.0.lock().unwrap().resets += 1;
+    }
+}
+
+/// The probe takes part in snapshots like any virtio device: the two
+/// lifecycle traits and nothing else. Its own state is how often it was
+/// reset; the transport saves the queues and features around it.
+impl Pausable for Probe {
+    fn pause(&mut self) {
+        self.0.lock().unwrap().pauses += 1;
+    }
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct ProbeState {
+    resets: usize,
+}
+
+impl Snapshottable for Probe {
+    type State = ProbeState;
+    type Error = std::convert::Infallible;
+    const STATE_VERSION: u32 = 1;
+    fn save(&self) -> Result<ProbeState, Self::Error> {
+        Ok(ProbeState {
+            resets: self.0.lock().unwrap().resets,
+        })
+    }
+    fn restore(&mut self, state: ProbeState) -> Result<(), Self::Error> {
+        self.0.lock().unwrap().resets = state.resets;
+        Ok(())
     }
 }
 
@@ -433,7 +464,7 @@ fn save_and_restore_carry_a_running_device_over_without_renegotiation() {
     a.pause();
     post(&mem, 1, 0x20100);
     a.bar_write(0, NOTIFY_OFFSET, &[0, 0]);
-    let saved = a.save_state().unwrap();
+    let saved = a.save().unwrap();
     assert_eq!(used_idx(&mem), 1, "a paused device served a request");
     assert!(saved.active);
     assert_eq!(
@@ -450,7 +481,7 @@ fn save_and_restore_carry_a_running_device_over_without_renegotiation() {
     let rng = crate::virtio::rng::Rng::new(Default::default());
     let mut b =
         VirtioPciDevice::new(Box::new(rng), mem.clone(), 0xc000_0000, msi_b.clone(), None).unwrap();
-    Snapshottable::restore(&mut b, json).unwrap();
+    b.restore(serde_json::from_value(json).unwrap()).unwrap();
     // The driver's view is unchanged: status, features, queue registers.
     let mut rb = |off: u64, len: usize| {
         let mut d = [0u8; 8];
@@ -472,7 +503,8 @@ fn save_and_restore_carry_a_running_device_over_without_renegotiation() {
     let head: u32 = mem.read_obj(GuestAddress(USED + 4 + 2 * 8)).unwrap();
     assert_eq!(head, 2);
     // A second snapshot of the restored device saves the same layout.
-    let again = b.save_state().unwrap();
+    b.pause();
+    let again = b.save().unwrap();
     assert_eq!(again.pci_config, saved.pci_config);
     assert_eq!(again.queues[0].next_used, 3);
     b.resume();
@@ -482,7 +514,11 @@ fn save_and_restore_carry_a_running_device_over_without_renegotiation() {
 fn restore_refuses_state_of_another_device_or_a_corrupt_one() {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let mut a = running_rng(&mem, Arc::default());
-    let saved = a.save_state().unwrap();
+    // A running device is saved only once paused.
+    let e = a.save().unwrap_err();
+    assert!(e.to_string().contains("pause it first"), "{e}");
+    a.pause();
+    let saved = a.save().unwrap();
     a.resume();
     drop(a);
     let fresh = || {
@@ -498,27 +534,35 @@ fn restore_refuses_state_of_another_device_or_a_corrupt_one() {
     };
     // Another device kind (the probe has other features).
     let mut r = rig();
-    let e = r.dev.restore_state(saved.clone()).unwrap_err();
+    let e = r.dev.restore(saved.clone()).unwrap_err().to_string();
     assert!(e.contains("features"), "{e}");
     // A changed vendor id in configuration space.
     let mut bad = saved.clone();
     bad.pci_config[0] ^= 1;
-    let e = fresh().restore_state(bad).unwrap_err();
+    let e = fresh().restore(bad).unwrap_err().to_string();
     assert!(e.contains("read-only offset 0x0"), "{e}");
     // A ring outside guest memory.
     let mut bad = saved.clone();
     bad.queues[0].used_ring = 0x7fff_0000;
-    let e = fresh().restore_state(bad).unwrap_err();
+    let e = fresh().restore(bad).unwrap_err().to_string();
     assert!(e.contains("not valid in guest memory"), "{e}");
     // A vector beyond the table.
     let mut bad = saved.clone();
     bad.queues[0].vector = 77;
-    assert!(fresh().restore_state(bad).is_err());
-    // Garbage JSON.
-    let mut dev = fresh();
-    assert!(Snapshottable::restore(&mut dev, serde_json::json!({"status": "x"})).is_err());
+    assert!(fresh().restore(bad).is_err());
+    // The device's own state of another version, or garbage.
+    let mut bad = saved.clone();
+    bad.device.version = 2;
+    let e = fresh().restore(bad).unwrap_err().to_string();
+    assert!(e.contains("version 2"), "{e}");
+    let mut bad = saved.clone();
+    bad.device = SavedState {
+        version: 1,
+        state: serde_json::json!({"status": "x"}),
+    };
+    assert!(fresh().restore(bad).is_err());
     // The good state still loads.
-    fresh().restore_state(saved).unwrap();
+    fresh().restore(saved).unwrap();
 }
 
 /// Queue `q` of a test device: 8 entries at 0x20000 + q * 0x10000
@@ -584,7 +628,8 @@ fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
     }
     let used = |mem: &GuestMemory| mem.read_obj::<u16>(GuestAddress(u + 2)).unwrap();
     assert_eq!(used(&mem), 0, "the buffer is held, not used");
-    let saved = r.dev.save_state().unwrap();
+    r.dev.pause();
+    let saved = r.dev.save().unwrap();
     assert_eq!(
         (saved.queues[2].next_avail, saved.queues[2].next_used),
         (0, 0),
@@ -595,7 +640,7 @@ fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
     // The restored balloon takes the buffer again: asking for statistics
     // hands it back to the driver.
     let (mut b, h2) = balloon(&mem);
-    b.restore_state(saved).unwrap();
+    b.restore(saved).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while used(&mem) == 0 {
         assert!(
@@ -607,4 +652,27 @@ fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
     }
     assert_eq!(used(&mem), 1);
     assert_eq!(h2.stats().and_then(|s| s.free_memory), Some(0x1234));
+}
+
+#[test]
+fn a_device_joins_snapshots_through_its_two_lifecycle_traits() {
+    let mut a = rig();
+    a.negotiate(features::VERSION_1);
+    a.setup_queue(0, 0x20000);
+    a.driver_ok();
+    a.w(0x14, 0, 1); // reset by the driver
+    a.negotiate(features::VERSION_1);
+    a.setup_queue(0, 0x20000);
+    a.driver_ok();
+    a.dev.pause();
+    assert_eq!(a.seen.lock().unwrap().pauses, 1);
+    let saved = a.dev.save().unwrap();
+    assert_eq!(saved.device.version, 1);
+    assert_eq!(saved.device.state, serde_json::json!({"resets": 1}));
+
+    let mut b = rig();
+    b.dev.restore(saved).unwrap();
+    let seen = b.seen.lock().unwrap();
+    assert_eq!(seen.resets, 1, "the probe's own state came back");
+    assert_eq!(seen.activations.len(), 1, "and it runs again");
 }

@@ -39,6 +39,7 @@ use super::{
 };
 use crate::options::{Options, OptionsError};
 use vireo_vmcore::memory::GuestMemory;
+use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use virtio_queue::QueueOwnedT;
 
 /// Size of each of the three queues.
@@ -223,7 +224,10 @@ impl VirtioDevice for Vsock {
         let listener = self
             .listener
             .try_clone()
-            .map_err(|e| ActivateError::Device(format!("{}: {e}", self.config.socket.display())))?;
+            .map_err(|source| ActivateError::Socket {
+                path: self.config.socket.clone(),
+                source,
+            })?;
         let name = self.name();
         let muxer = Muxer::new(
             name.clone(),
@@ -278,7 +282,9 @@ impl VirtioDevice for Vsock {
         }
         self.acked_features = 0;
     }
+}
 
+impl Pausable for Vsock {
     fn pause(&mut self) {
         crate::virtio::worker::pause(&mut self.worker);
     }
@@ -287,21 +293,33 @@ impl VirtioDevice for Vsock {
         let name = self.name();
         crate::virtio::worker::resume(&mut self.worker, &name);
     }
+}
 
-    // Live connections are not saved (their host sockets belong to this
-    // process): a restored device starts with none and tells the driver
-    // with a TRANSPORT_RESET event, as Firecracker does.
-    fn save_state(&self) -> serde_json::Value {
-        super::encode_state(&self.state())
+/// Why a saved vsock state does not fit this device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockStateError {
+    #[error("the snapshot's guest cid is {saved}, this one is {here}; keep cid={saved}")]
+    Cid { saved: u64, here: u64 },
+}
+
+// Live connections are not saved (their host sockets belong to this
+// process): a restored device starts with none and tells the driver
+// with a TRANSPORT_RESET event, as Firecracker does.
+impl Snapshottable for Vsock {
+    type State = VsockState;
+    type Error = VsockStateError;
+    const STATE_VERSION: u32 = 1;
+
+    fn save(&self) -> Result<VsockState, VsockStateError> {
+        Ok(self.state())
     }
 
-    fn restore_state(&mut self, state: serde_json::Value) -> Result<(), String> {
-        let saved: VsockState = super::decode_state(state)?;
+    fn restore(&mut self, saved: VsockState) -> Result<(), VsockStateError> {
         if saved.guest_cid != self.config.cid {
-            return Err(format!(
-                "--vsock: the snapshot's guest cid is {}, this one is {}; keep cid={}",
-                saved.guest_cid, self.config.cid, saved.guest_cid
-            ));
+            return Err(VsockStateError::Cid {
+                saved: saved.guest_cid,
+                here: self.config.cid,
+            });
         }
         self.reset_event = true;
         Ok(())

@@ -6,107 +6,21 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::connection::BUF_ALLOC;
 use super::packet::{op, shutdown, HOST_CID, TYPE_STREAM};
 use super::*;
-use crate::virtio::ActiveQueue;
+use crate::virtio::test_driver::{Desc, TestDriver, DATA_START};
+use vireo_vmcore::snapshot::device::{DynSnapshottable, SavedState};
 
 const CID: u64 = 3;
 const TIMEOUT: Duration = Duration::from_secs(5);
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 
 /// A used element: head, written length, the chain's buffers.
 type Used = (u16, u32, Vec<(u64, u32)>);
-
-/// The driver's view of one split queue in test memory.
-struct DriverQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    size: u16,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-    /// Head descriptor → the buffers of its chain.
-    chains: HashMap<u16, Vec<(u64, u32)>>,
-}
-
-impl DriverQueue {
-    fn add_chain(&mut self, mem: &GuestMemory, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        let mut list = Vec::new();
-        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
-            let idx = self.next_desc;
-            self.next_desc = (self.next_desc + 1) % self.size;
-            let mut flags = if writable { DESC_F_WRITE } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= DESC_F_NEXT;
-            }
-            let at = self.desc + 16 * u64::from(idx);
-            mem.write_obj(addr, GuestAddress(at)).unwrap();
-            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-            mem.write_obj(self.next_desc, GuestAddress(at + 14))
-                .unwrap();
-            list.push((addr, len));
-        }
-        self.chains.insert(head, list);
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-        head
-    }
-
-    /// The next used element: (head, written length, buffers).
-    fn take_used(&mut self, mem: &GuestMemory) -> Option<Used> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        if idx == self.used_seen {
-            return None;
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let at = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
-        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
-        self.used_seen = self.used_seen.wrapping_add(1);
-        let head = id as u16;
-        let bufs = self.chains.remove(&head).unwrap_or_default();
-        Some((head, len, bufs))
-    }
-}
-
-#[derive(Default)]
-struct TestIrq(Mutex<Vec<InterruptKind>>);
-impl Interrupt for TestIrq {
-    fn signal(&self, kind: InterruptKind) -> std::io::Result<()> {
-        self.0.lock().unwrap().push(kind);
-        Ok(())
-    }
-}
-
-impl TestIrq {
-    /// Whether `kind` was signalled (waiting for the device thread, which
-    /// signals after publishing a batch).
-    fn wait_for(&self, kind: InterruptKind) -> bool {
-        let deadline = Instant::now() + TIMEOUT;
-        while Instant::now() < deadline {
-            if self.0.lock().unwrap().contains(&kind) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        false
-    }
-}
 
 fn temp_dir() -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -120,22 +34,21 @@ fn temp_dir() -> PathBuf {
     d
 }
 
+/// The device on the shared test driver, with the host side's sockets.
 struct Harness {
     dir: PathBuf,
     socket: PathBuf,
-    mem: GuestMemory,
+    drv: TestDriver,
     dev: Vsock,
-    rx: DriverQueue,
-    tx: DriverQueue,
-    rx_kick: EventFd,
-    tx_kick: EventFd,
-    irq: Arc<TestIrq>,
+    /// The buffers of each chain posted and not used yet, by queue and
+    /// head (to read a received packet back).
+    chains: HashMap<(u16, u16), Vec<(u64, u32)>>,
     next_buf: u64,
     /// The guest's receive counter (payload bytes it consumed).
     fwd_cnt: u32,
 }
 
-const BUF_BASE: u64 = 0x10_0000;
+const BUF_BASE: u64 = DATA_START;
 const MEM_SIZE: u64 = 64 << 20;
 
 impl Harness {
@@ -157,65 +70,44 @@ impl Harness {
         mut dev: Vsock,
         features: Option<u64>,
     ) -> Harness {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-        let irq = Arc::new(TestIrq::default());
-        let mut queues = Vec::new();
-        let mut drivers = Vec::new();
-        let mut kicks = Vec::new();
-        for i in 0..3u16 {
-            let base = 0x1000 + 0x4000 * u64::from(i);
-            // Lay the rings out by hand: MockSplitQueue::create places the
-            // used ring inside the avail ring of a 256-entry queue.
-            let desc = base;
-            let avail = desc + 16 * u64::from(QUEUE_SIZE);
-            let used = (avail + 6 + 2 * u64::from(QUEUE_SIZE)).next_multiple_of(4);
-            let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-            queue.set_size(QUEUE_SIZE);
-            queue.set_desc_table_address(Some(desc as u32), Some(0));
-            queue.set_avail_ring_address(Some(avail as u32), Some(0));
-            queue.set_used_ring_address(Some(used as u32), Some(0));
-            queue.set_ready(true);
-            assert!(queue.is_valid(&mem));
-            drivers.push(DriverQueue {
-                desc,
-                avail,
-                used,
-                size: QUEUE_SIZE,
-                next_desc: 0,
-                avail_idx: 0,
-                used_seen: 0,
-                chains: HashMap::new(),
-            });
-            let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-            kicks.push(notify.try_clone().unwrap());
-            queues.push(ActiveQueue {
-                index: i,
-                queue,
-                notify,
-            });
-        }
-        dev.activate(Activation {
-            memory: mem.clone(),
-            queues,
-            interrupt: irq.clone(),
-            features: features.unwrap_or(dev.features()),
-        })
-        .unwrap();
-        let mut drivers = drivers.into_iter();
-        let mut kicks = kicks.into_iter();
+        let mut drv = TestDriver::new(MEM_SIZE as usize, &[QUEUE_SIZE; 3]);
+        dev.activate(drv.activation(features.unwrap_or(dev.features())))
+            .unwrap();
         Harness {
             dir,
             socket,
-            mem,
+            drv,
             dev,
-            rx: drivers.next().unwrap(),
-            tx: drivers.next().unwrap(),
-            rx_kick: kicks.next().unwrap(),
-            tx_kick: kicks.next().unwrap(),
-            irq,
+            chains: HashMap::new(),
             next_buf: BUF_BASE,
             fwd_cnt: 0,
         }
+    }
+
+    /// Post a chain of (address, length, device-writable) buffers on
+    /// queue `q` without notifying; returns its head.
+    fn post(&mut self, q: u16, bufs: &[(u64, u32, bool)]) -> u16 {
+        let descs: Vec<Desc> = bufs
+            .iter()
+            .map(|&(a, len, w)| {
+                if w {
+                    Desc::writable(a, len)
+                } else {
+                    Desc::readable(a, len)
+                }
+            })
+            .collect();
+        let head = self.drv.add_chain(q, &descs);
+        self.chains
+            .insert((q, head), bufs.iter().map(|&(a, l, _)| (a, l)).collect());
+        head
+    }
+
+    /// The next used element of queue `q`, if there is one now.
+    fn take_used(&mut self, q: u16) -> Option<Used> {
+        let (head, len) = self.drv.wait_used(q, Duration::ZERO)?;
+        let bufs = self.chains.remove(&(q, head)).unwrap_or_default();
+        Some((head, len, bufs))
     }
 
     fn alloc(&mut self, len: u32) -> u64 {
@@ -232,9 +124,9 @@ impl Harness {
     fn give_rx(&mut self, n: usize, size: u32) {
         for _ in 0..n {
             let a = self.alloc(size);
-            self.rx.add_chain(&self.mem, &[(a, size, true)]);
+            self.post(RX_QUEUE, &[(a, size, true)]);
         }
-        self.rx_kick.write(1).unwrap();
+        self.drv.kick(RX_QUEUE);
     }
 
     /// Put a chain of readable (or writable) buffers with these contents
@@ -243,14 +135,14 @@ impl Harness {
         let mut bufs = Vec::new();
         for (data, writable) in parts {
             let a = self.alloc(data.len() as u32);
-            self.mem.write_slice(data, GuestAddress(a)).unwrap();
+            self.drv.mem.write_slice(data, GuestAddress(a)).unwrap();
             bufs.push((a, data.len() as u32, *writable));
         }
-        let head = self.tx.add_chain(&self.mem, &bufs);
-        self.tx_kick.write(1).unwrap();
+        let head = self.post(TX_QUEUE, &bufs);
+        self.drv.kick(TX_QUEUE);
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Some((h, len, _)) = self.tx.take_used(&self.mem) {
+            if let Some((h, len, _)) = self.take_used(TX_QUEUE) {
                 assert_eq!(h, head, "tx chains are used in order");
                 assert_eq!(len, 0, "the device writes nothing into tx buffers");
                 return;
@@ -288,11 +180,11 @@ impl Harness {
     fn try_recv(&mut self, timeout: Duration) -> Option<(Header, Vec<u8>)> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some((_, len, bufs)) = self.rx.take_used(&self.mem) {
+            if let Some((_, len, bufs)) = self.take_used(RX_QUEUE) {
                 let mut data = Vec::new();
                 for (a, l) in bufs {
                     let mut b = vec![0u8; l as usize];
-                    self.mem.read_slice(&mut b, GuestAddress(a)).unwrap();
+                    self.drv.mem.read_slice(&mut b, GuestAddress(a)).unwrap();
                     data.extend_from_slice(&b);
                 }
                 assert!(len as usize <= data.len(), "used length beyond the buffer");
@@ -455,12 +347,12 @@ fn without_event_idx_every_rx_batch_interrupts() {
     let mut h = Harness::with_device(dir, socket, dev, Some(features::VERSION_1));
     h.give_rx(4, 4096);
     for i in 0..3 {
-        h.irq.0.lock().unwrap().clear();
+        h.drv.interrupt.clear();
         let hdr = h.hdr(op::REQUEST, 7000 + i, 4000, 0);
         h.send(hdr, &[]);
         assert_eq!(h.recv().0.op, op::RST);
-        assert!(h.irq.wait_for(InterruptKind::Queue(0)));
-        assert!(h.irq.wait_for(InterruptKind::Queue(1)));
+        assert!(h.drv.interrupt.raised(InterruptKind::Queue(0), 1));
+        assert!(h.drv.interrupt.raised(InterruptKind::Queue(1), 1));
     }
     guest_connect_echo(h);
 }
@@ -486,7 +378,7 @@ fn guest_connect_echo(mut h: Harness) {
     assert_eq!((r.src_port, r.dst_port), (1234, 5000));
     assert_eq!(data, b"world");
     assert_eq!(r.fwd_cnt, 8, "the device forwarded 8 bytes to the host");
-    assert!(h.irq.wait_for(InterruptKind::Queue(0)));
+    assert!(h.drv.interrupt.raised(InterruptKind::Queue(0), 1));
 
     // Host shuts its sending side: the guest gets SHUTDOWN(SEND) but can
     // still send.
@@ -756,7 +648,7 @@ fn hostile_packets_are_dropped_or_reset_without_harm() {
     let mut h = Harness::new();
     // A tiny rx buffer first: skipped (used with length 0).
     let a = h.alloc(8);
-    h.rx.add_chain(&h.mem, &[(a, 8, true)]);
+    h.post(RX_QUEUE, &[(a, 8, true)]);
     h.give_rx(16, 4096);
 
     // Short header: dropped.
@@ -776,11 +668,11 @@ fn hostile_packets_are_dropped_or_reset_without_harm() {
     };
     h.send(hb, &[]);
     // A descriptor outside guest memory: dropped.
-    let head = h.tx.add_chain(&h.mem, &[(MEM_SIZE - 8, 64, false)]);
-    h.tx_kick.write(1).unwrap();
+    let head = h.post(TX_QUEUE, &[(MEM_SIZE - 8, 64, false)]);
+    h.drv.kick(TX_QUEUE);
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        if let Some((id, _, _)) = h.tx.take_used(&h.mem) {
+        if let Some((id, _, _)) = h.take_used(TX_QUEUE) {
             assert_eq!(id, head);
             break;
         }
@@ -910,61 +802,26 @@ fn a_restored_device_tells_the_driver_its_connections_were_reset() {
     // Another guest's state does not fit.
     let mut other = dev.state();
     other.guest_cid = CID + 1;
-    let e = dev
-        .restore_state(crate::virtio::encode_state(&other))
-        .unwrap_err();
+    let e = dev.restore(other).unwrap_err().to_string();
     assert!(e.contains("cid"), "{e}");
-    assert!(dev.restore_state(serde_json::json!("junk")).is_err());
-    dev.restore_state(crate::virtio::encode_state(&dev.state()))
-        .unwrap();
+    assert!(dev
+        .restore_dyn(SavedState {
+            version: 1,
+            state: serde_json::json!("junk"),
+        })
+        .is_err());
+    dev.restore(dev.state()).unwrap();
 
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    let irq = Arc::new(TestIrq::default());
-    let mut queues = Vec::new();
-    let mut event = None;
-    for i in 0..3u16 {
-        let desc = 0x1000 + 0x4000 * u64::from(i);
-        let avail = desc + 16 * u64::from(QUEUE_SIZE);
-        let used = (avail + 6 + 2 * u64::from(QUEUE_SIZE)).next_multiple_of(4);
-        let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-        queue.set_size(QUEUE_SIZE);
-        queue.set_desc_table_address(Some(desc as u32), Some(0));
-        queue.set_avail_ring_address(Some(avail as u32), Some(0));
-        queue.set_used_ring_address(Some(used as u32), Some(0));
-        queue.set_ready(true);
-        let mut dq = DriverQueue {
-            desc,
-            avail,
-            used,
-            size: QUEUE_SIZE,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-            chains: HashMap::new(),
-        };
-        if i == EVENT_QUEUE {
-            mem.write_obj(0xffff_ffffu32, GuestAddress(BUF_BASE))
-                .unwrap();
-            dq.add_chain(&mem, &[(BUF_BASE, 8, true)]);
-            event = Some(dq);
-        }
-        queues.push(ActiveQueue {
-            index: i,
-            queue,
-            notify: EventFd::new(EFD_NONBLOCK).unwrap(),
-        });
-    }
-    dev.activate(Activation {
-        memory: mem.clone(),
-        queues,
-        interrupt: irq.clone(),
-        features: dev.features(),
-    })
-    .unwrap();
-    assert!(irq.wait_for(InterruptKind::Queue(EVENT_QUEUE)));
-    let (_, len, bufs) = event.as_mut().unwrap().take_used(&mem).expect("event used");
-    assert_eq!(len, 4);
-    let id: u32 = mem.read_obj(GuestAddress(bufs[0].0)).unwrap();
+    let mut drv = TestDriver::new(MEM_SIZE as usize, &[QUEUE_SIZE; 3]);
+    let activation = drv.activation(dev.features());
+    drv.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(BUF_BASE))
+        .unwrap();
+    let head = drv.add_chain(EVENT_QUEUE, &[Desc::writable(BUF_BASE, 8)]);
+    dev.activate(activation).unwrap();
+    assert!(drv.interrupt.raised(InterruptKind::Queue(EVENT_QUEUE), 1));
+    assert_eq!(drv.used(EVENT_QUEUE), (head, 4));
+    let id: u32 = drv.mem.read_obj(GuestAddress(BUF_BASE)).unwrap();
     assert_eq!(id, EVENT_TRANSPORT_RESET);
     drop(dev);
     let _ = std::fs::remove_dir_all(dir);
