@@ -1,6 +1,7 @@
 //! The vireo daemon (`vireo serve`): VM definitions and their runtime state
 //! in SQLite, one `vireo run` child process per running VM, and a JSON REST
-//! API on a Unix socket (`api`, described by `daemon/openapi.json`).
+//! API on a Unix socket (`api`, described by an OpenAPI document generated
+//! from its handlers and types; `daemon/openapi.json` is its committed copy).
 //!
 //! Layout: [`paths`] (default state directory and socket), [`model`] (the
 //! API's types and the checks a definition must pass), [`db`] (SQLite,
