@@ -964,7 +964,7 @@ mod tests {
 
     #[test]
     fn openapi_schemas_match_the_token_types() {
-        let doc: serde_json::Value = serde_json::from_str(crate::api::openapi_json()).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(crate::openapi::openapi_json()).unwrap();
         let props = |schema: &str| -> Vec<String> {
             let mut v: Vec<String> = doc["components"]["schemas"][schema]["properties"]
                 .as_object()

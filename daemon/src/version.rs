@@ -56,7 +56,7 @@ mod tests {
 
     #[test]
     fn the_api_version_is_the_one_openapi_json_declares() {
-        let doc: serde_json::Value = serde_json::from_str(crate::api::openapi_json()).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(crate::openapi::openapi_json()).unwrap();
         assert_eq!(doc["info"]["version"], API_VERSION);
         let paths = doc["paths"].as_object().unwrap();
         assert!(paths
