@@ -37,16 +37,24 @@ use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
 use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::model::{now_secs, rfc3339};
 
-/// What a caller may do; each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// What a caller may do; each role includes the ones before it. viewer:
+/// every read; operator: viewer + start/stop/kill/pause/resume/reboot, the
+/// balloon target, taking and restoring snapshots; admin: operator +
+/// creating, changing and deleting VMs, deleting snapshots, cloning and
+/// migrating VMs, and tokens.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,
@@ -302,50 +310,71 @@ fn new_token() -> Result<(String, String, [u8; 32]), ApiError> {
 }
 
 /// A token as the API shows it (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TokenInfo {
+    /// Public id (the part after `vireo_`).
+    #[schema(pattern = "^[0-9a-f]{16}$")]
     pub id: String,
+    #[schema(max_length = 64)]
     pub name: String,
     pub role: Role,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenList {
     pub tokens: Vec<TokenInfo>,
 }
 
 /// `POST /v1/tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
+    /// Who or what uses the token (no control characters). Default empty.
     #[serde(default)]
+    #[schema(max_length = 64)]
     pub name: String,
     pub role: Role,
 }
 
 /// The answer to `POST /v1/tokens`: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct NewToken {
+    #[schema(pattern = "^[0-9a-f]{16}$")]
     pub id: String,
     pub name: String,
     pub role: Role,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    /// The secret, shown only in this answer (the daemon keeps its SHA-256).
+    #[schema(pattern = "^vireo_[0-9a-f]{16}_[0-9a-f]{64}$")]
     pub token: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TokenRef {
     pub id: String,
     pub name: String,
 }
 
 /// `GET /v1/whoami`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {
     pub role: Role,
+    /// The token used; null on the Unix socket.
+    #[schema(required = true)]
     pub token: Option<TokenRef>,
+    /// `unix` or `tls`.
+    #[schema(schema_with = transport_schema)]
     pub transport: String,
+}
+
+/// [`WhoAmI::transport`]: the names [`Transport::name`] gives.
+fn transport_schema() -> utoipa::openapi::schema::ObjectBuilder {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["unix", "tls"]))
 }
 
 /// A stored token: what the API shows and the secret's hash.
@@ -701,6 +730,13 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, mut req: Request, next: N
 
 type Shared = State<Arc<Auth>>;
 
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    operation_id = "whoAmI",
+    summary = "The caller's role, token and transport.",
+    responses((status = 200, description = "Who is asking.", body = WhoAmI))
+)]
 async fn whoami(
     State(auth): Shared,
     caller: Option<Extension<Caller>>,
@@ -724,6 +760,13 @@ async fn whoami(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    operation_id = "listTokens",
+    summary = "List the API tokens (admin; never their secrets).",
+    responses((status = 200, description = "All tokens, oldest first.", body = TokenList))
+)]
 async fn list_tokens(State(auth): Shared) -> Response {
     crate::api::json(
         StatusCode::OK,
@@ -733,11 +776,34 @@ async fn list_tokens(State(auth): Shared) -> Response {
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    operation_id = "createToken",
+    summary = "Create an API token (admin). The answer is the only place its secret appears.",
+    request_body = CreateToken,
+    responses(
+        (status = 201, description = "The new token, with its secret.", body = NewToken),
+        (status = 400, description = "Malformed JSON, unknown field, bad role or name; the message names the field.", body = crate::model::ErrorBody),
+        (status = 413, description = "Body over 64 KiB.", body = crate::model::ErrorBody),
+    )
+)]
 async fn create_token(State(auth): Shared, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateToken = crate::api::parse(&body, None)?;
     Ok(crate::api::json(StatusCode::CREATED, &auth.create(&req)?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/tokens/{id}",
+    operation_id = "revokeToken",
+    summary = "Revoke (delete) a token (admin); requests with it get 401 from now on.",
+    params(("id" = String, Path, description = "The token's id.")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 404, description = "No token with that id.", body = crate::model::ErrorBody),
+    )
+)]
 async fn revoke_token(
     State(auth): Shared,
     id: Result<UrlPath<String>, PathRejection>,
@@ -753,19 +819,26 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// The token API and whoami.
-fn routes(auth: Arc<Auth>) -> Router {
-    Router::new()
-        .route("/v1/whoami", get(whoami))
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{id}", delete(revoke_token))
-        .method_not_allowed_fallback(crate::api::method_not_allowed)
-        .with_state(auth)
+/// The token API and whoami, each with its part of the OpenAPI document.
+fn routes() -> OpenApiRouter<Arc<Auth>> {
+    OpenApiRouter::new()
+        .routes(routes!(whoami))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+}
+
+/// The token routes' part of the API's OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
 }
 
 /// `app` plus the token routes, every request through [`middleware`].
 pub fn protect(app: Router, auth: Arc<Auth>) -> Router {
-    app.merge(routes(Arc::clone(&auth)))
+    let (tokens, _) = routes().split_for_parts();
+    let tokens = tokens
+        .method_not_allowed_fallback(crate::api::method_not_allowed)
+        .with_state(Arc::clone(&auth));
+    app.merge(tokens)
         .layer(axum::middleware::from_fn_with_state(auth, middleware))
 }
 
@@ -891,7 +964,7 @@ mod tests {
 
     #[test]
     fn openapi_schemas_match_the_token_types() {
-        let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(crate::openapi::openapi_json()).unwrap();
         let props = |schema: &str| -> Vec<String> {
             let mut v: Vec<String> = doc["components"]["schemas"][schema]["properties"]
                 .as_object()

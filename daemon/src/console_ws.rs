@@ -43,6 +43,20 @@ pub fn may_type(ext: &Extensions) -> bool {
         .is_none_or(|c| c.role >= crate::auth::Role::Operator)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/console/ws",
+    operation_id = "consoleWebSocket",
+    summary = "The live serial console over a WebSocket (RFC 6455).",
+    description = "Send a GET with `Upgrade: websocket` (browsers: `new WebSocket(url)`; over TCP pass the token as `?access_token=` since browsers cannot set headers). After the 101 the server sends the scrollback (last 256 KiB) as one binary frame, then every console output chunk as a binary frame. Binary or text frames from the client are written to the guest's console input (COM1, or hvc0 when the VM has a virtio console); several clients share the console and their input interleaves frame by frame. Input frames over 65536 bytes are refused; messages over 1 MiB close the connection (1009). Server text frames are JSON: `{\"error\":{\"code\",\"message\"}}` when input is refused (`forbidden` for viewer tokens, `frame_too_large`, `not_connected`, `input_overflow`) and dropped; `{\"event\":\"lagged\",\"lost_bytes\":N}` when this client fell more than the scrollback behind and N bytes were skipped; `{\"event\":\"stopped\",\"reason\":...}` when the VM stops, after which the server closes (1000). When the daemon shuts down it closes with 1001 (the VM keeps running). A reboot keeps the connection: the new run's output follows. Connecting to a VM that is not running gives its last scrollback, then the stopped event.",
+    params(("name" = String, Path, description = "The VM's name.")),
+    responses(
+        (status = 101, description = "Switching protocols: the WebSocket is open."),
+        (status = 400, description = "Not a WebSocket upgrade request (code websocket_required), or a bad VM name.", body = crate::model::ErrorBody),
+        (status = 404, description = "No such VM.", body = crate::model::ErrorBody),
+        (status = 426, description = "The connection cannot be upgraded (code upgrade_required).", body = crate::model::ErrorBody),
+    )
+)]
 pub async fn console_ws(
     State(d): State<Arc<Daemon>>,
     name: Result<Path<String>, PathRejection>,

@@ -1,12 +1,14 @@
 //! The vireo daemon (`vireo serve`): VM definitions and their runtime state
 //! in SQLite, one `vireo run` child process per running VM, and a JSON REST
-//! API on a Unix socket (`api`, described by `daemon/openapi.json`).
+//! API on a Unix socket (`api`, described by the OpenAPI document `openapi`
+//! generates from its handlers and types).
 //!
 //! Layout: [`paths`] (default state directory and socket), [`model`] (the
 //! API's types and the checks a definition must pass), [`db`] (SQLite,
 //! migrations), [`vms`] (VM processes, exits, reboots and
 //! re-adoption), [`console`] (scrollback, live output, input),
-//! [`console_ws`] (the console WebSocket), [`api`] (routes), [`web`] (the
+//! [`console_ws`] (the console WebSocket), [`api`] (routes), [`openapi`]
+//! (the API's generated OpenAPI document), [`web`] (the
 //! embedded web UI), [`storage`] (which host files a definition may
 //! name), [`server`] (lock, socket, run loop).
 
@@ -18,6 +20,7 @@ pub mod db;
 pub mod error;
 pub mod model;
 pub mod observe;
+pub mod openapi;
 pub mod paths;
 pub mod procfs;
 pub mod ring;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
 use vireo_devices::options::{Options, OptionsError};
 use vireo_devices::virtio::balloon::BalloonConfig;
 use vireo_devices::virtio::block::BlockConfig;
@@ -27,8 +28,163 @@ pub const KIT_MANIFEST: &str = "vireo-kit.conf";
 pub const MAX_DISKS: usize = 16;
 pub const MAX_NETS: usize = 8;
 
-/// Which backend runs the VM, as `vireo run --accel`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// The string schemas the OpenAPI document names (VM names, snapshot tags,
+/// the device option strings), and the field schemas that refer to them
+/// (`#[schema(schema_with = ...)]`): the Rust fields are plain strings, the
+/// document says what they hold.
+pub mod schema {
+    use utoipa::openapi::schema::{
+        ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
+    };
+    use utoipa::openapi::{Ref, RefOr};
+
+    /// The named schemas, for the document's components.
+    pub fn components() -> Vec<(&'static str, RefOr<Schema>)> {
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        let option = |description: &str, example: &str| {
+            string()
+                .description(Some(description))
+                .examples([example])
+                .build()
+                .into()
+        };
+        vec![
+            (
+                "VmName",
+                string()
+                    .pattern(Some(format!(
+                        "^[A-Za-z0-9][A-Za-z0-9._-]{{0,{}}}$",
+                        super::MAX_NAME - 1
+                    )))
+                    .min_length(Some(1))
+                    .max_length(Some(super::MAX_NAME))
+                    .build()
+                    .into(),
+            ),
+            (
+                "SnapshotTag",
+                string()
+                    .pattern(Some(format!("^[A-Za-z0-9._-]{{1,{}}}$", super::MAX_TAG)))
+                    .min_length(Some(1))
+                    .max_length(Some(super::MAX_TAG))
+                    .build()
+                    .into(),
+            ),
+            (
+                "DiskOptions",
+                option(
+                    "The value of `vireo run --disk`: `path=/abs/disk.qcow2[,readonly=on][,id=ID][,serial=S][,format=raw|qcow2][,bw=10M][,ops=1000]` (a bare first word is the path). The path is absolute and must exist; an image may appear once per VM.",
+                    "path=/srv/vm/root.qcow2,id=root,bw=100M",
+                ),
+            ),
+            (
+                "NetOptions",
+                option(
+                    "The value of `vireo run --net`: `tap=NAME[,mac=52:54:00:12:34:56][,id=ID][,mtu=N][,bw=100M][,ops=20000]` (a bare first word is the TAP). Without `mac=` the daemon appends a random one when it stores the definition, so the guest keeps its address across restarts. A TAP may appear once per VM.",
+                    "tap=tap0",
+                ),
+            ),
+            (
+                "VsockOptions",
+                option(
+                    "The value of `vireo run --vsock`: `cid=N,socket=/abs/path` (N from 3 to 4294967294; the socket's directory must exist).",
+                    "cid=3,socket=/run/vireo/web.vsock",
+                ),
+            ),
+            (
+                "RngOptions",
+                option(
+                    "The value of `vireo run --rng`: `\"\"` for the defaults or `bw=RATE` (bytes per second, K/M/G suffixes).",
+                    "",
+                ),
+            ),
+            (
+                "BalloonOptions",
+                option(
+                    "The value of `vireo run --balloon`: `\"\"` for the defaults, or `target=MIB` (less than memory_mib), `deflate_on_oom=on|off`, `free_page_reporting=on|off`.",
+                    "target=128",
+                ),
+            ),
+        ]
+    }
+
+    pub fn vm_name() -> Ref {
+        Ref::from_schema_name("VmName")
+    }
+
+    pub fn vm_names() -> ArrayBuilder {
+        ArrayBuilder::new().items(vm_name())
+    }
+
+    pub fn snapshot_tag() -> Ref {
+        Ref::from_schema_name("SnapshotTag")
+    }
+
+    /// `null` or one of the named schemas.
+    fn or_null(name: &str, description: &str) -> OneOfBuilder {
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Null))
+            .item(Ref::from_schema_name(name))
+            .description(Some(description))
+    }
+
+    pub fn snapshot_tag_or_null() -> OneOfBuilder {
+        or_null(
+            "SnapshotTag",
+            "The snapshot's name [default: the UTC time, YYYYmmdd-HHMMSS].",
+        )
+    }
+
+    const DISKS: &str = "virtio-blk disks in order (the first is the guest's vda).";
+    const NETS: &str = "virtio-net devices in order.";
+    const REPLACES: &str = " Replaces the list; [] or null removes them all.";
+
+    pub fn disks() -> ArrayBuilder {
+        ArrayBuilder::new()
+            .items(Ref::from_schema_name("DiskOptions"))
+            .description(Some(DISKS))
+    }
+
+    pub fn nets() -> ArrayBuilder {
+        ArrayBuilder::new()
+            .items(Ref::from_schema_name("NetOptions"))
+            .description(Some(NETS))
+    }
+
+    pub fn disks_update() -> ArrayBuilder {
+        disks()
+            .schema_type(SchemaType::Array(vec![Type::Array, Type::Null]))
+            .description(Some(format!("{DISKS}{REPLACES}")))
+    }
+
+    pub fn nets_update() -> ArrayBuilder {
+        nets()
+            .schema_type(SchemaType::Array(vec![Type::Array, Type::Null]))
+            .description(Some(format!("{NETS}{REPLACES}")))
+    }
+
+    pub fn vsock() -> OneOfBuilder {
+        or_null("VsockOptions", "A virtio-vsock device; null for none.")
+    }
+
+    pub fn rng() -> OneOfBuilder {
+        or_null(
+            "RngOptions",
+            "A virtio-rng device (\"\" for the defaults); null for none.",
+        )
+    }
+
+    pub fn balloon() -> OneOfBuilder {
+        or_null(
+            "BalloonOptions",
+            "A virtio-balloon device (\"\" for the defaults); null for none.",
+        )
+    }
+}
+
+/// Which backend runs the VM, as `vireo run --accel`: KVM, the fastest
+/// available, or vireo's software emulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     Kvm,
@@ -57,7 +213,7 @@ impl Accel {
 }
 
 /// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     /// Defined, no process (never started, stopped, powered off).
@@ -162,34 +318,49 @@ impl Devices {
     }
 }
 
-/// `POST /v1/vms`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `POST /v1/vms`. Exactly one of kernel and image. Paths are absolute and
+/// must exist. Device option strings are checked by the devices' parsers;
+/// an error names the field, e.g. `nets[1]: mac=zz: ...`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
+    #[schema(schema_with = schema::vm_name)]
     pub name: String,
     #[serde(default = "default_vcpus")]
+    #[schema(minimum = 1, maximum = 254, default = 1)]
     pub vcpus: u32,
+    /// At most the host's RAM.
     #[serde(default = "default_memory")]
+    #[schema(minimum = 16, default = 256)]
     pub memory_mib: u64,
+    /// Absolute path of a 64-bit ELF vmlinux or a bzImage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    /// Absolute path of an initramfs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 2047)]
     pub cmdline: Option<String>,
+    /// Absolute path of a guest kit directory (`vireo image build`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     #[serde(default)]
     pub accel: Accel,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = schema::disks)]
     pub disks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(schema_with = schema::nets)]
     pub nets: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::vsock)]
     pub vsock: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::rng)]
     pub rng: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::balloon)]
     pub balloon: Option<String>,
 }
 
@@ -223,34 +394,45 @@ impl CreateVm {
 }
 
 /// `PATCH /v1/vms/{name}`: the fields to change; `null` clears an optional one.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateVm {
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 254)]
     pub vcpus: Option<u32>,
     #[serde(default)]
+    #[schema(minimum = 16)]
     pub memory_mib: Option<u64>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>)]
     pub kernel: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>)]
     pub initrd: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>, max_length = 2047)]
     pub cmdline: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>)]
     pub image: Option<Option<String>>,
     #[serde(default)]
     pub accel: Option<Accel>,
     /// Replaces the list (`[]` or `null` removes every disk).
     #[serde(default, deserialize_with = "list")]
+    #[schema(schema_with = schema::disks_update)]
     pub disks: Option<Vec<String>>,
     /// Replaces the list (`[]` or `null` removes every network device).
     #[serde(default, deserialize_with = "list")]
+    #[schema(schema_with = schema::nets_update)]
     pub nets: Option<Vec<String>>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(schema_with = schema::vsock)]
     pub vsock: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(schema_with = schema::rng)]
     pub rng: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(schema_with = schema::balloon)]
     pub balloon: Option<Option<String>>,
 }
 
@@ -291,79 +473,103 @@ impl UpdateVm {
 }
 
 /// `POST /v1/vms/{name}/stop` (the body is optional).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopVm {
     /// Stop the VM process (SIGTERM, then SIGKILL) if the guest has not
     /// shut down `timeout_secs` after the ACPI power button.
     #[serde(default)]
+    #[schema(default = false)]
     pub force: bool,
     /// How long to wait for the guest to shut down [default 10, at most 300].
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 300, default = 10)]
     pub timeout_secs: Option<u64>,
 }
 
 pub const DEFAULT_STOP_TIMEOUT_SECS: u64 = 10;
 pub const MAX_STOP_TIMEOUT_SECS: u64 = 300;
 
-/// A VM as the API shows it: definition plus runtime state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A VM as the API shows it: definition plus runtime state. Every field is
+/// always present (`null` when unset).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Vm {
+    #[schema(schema_with = schema::vm_name)]
     pub name: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    #[schema(required = true)]
     pub kernel: Option<String>,
+    #[schema(required = true)]
     pub initrd: Option<String>,
+    #[schema(required = true)]
     pub cmdline: Option<String>,
+    #[schema(required = true)]
     pub image: Option<String>,
     pub accel: Accel,
     /// `vireo run --disk` option strings, in order.
+    #[schema(schema_with = schema::disks)]
     pub disks: Vec<String>,
     /// `vireo run --net` option strings, in order.
+    #[schema(schema_with = schema::nets)]
     pub nets: Vec<String>,
+    #[schema(schema_with = schema::vsock, required = true)]
     pub vsock: Option<String>,
+    #[schema(schema_with = schema::rng, required = true)]
     pub rng: Option<String>,
+    #[schema(schema_with = schema::balloon, required = true)]
     pub balloon: Option<String>,
     /// RFC 3339, UTC.
+    #[schema(format = DateTime)]
     pub created_at: String,
     pub state: VmState,
     /// The VM's `vireo run` process while it is running.
+    #[schema(required = true)]
     pub pid: Option<i32>,
     /// When the VM's process last started (RFC 3339, UTC); kept across
     /// daemon restarts.
+    #[schema(format = DateTime, required = true)]
     pub started_at: Option<String>,
     /// Seconds since then, while the VM runs (null when it does not).
     #[serde(default)]
+    #[schema(required = true)]
     pub uptime_secs: Option<u64>,
     /// Why the VM's last run ended, e.g. "powered off".
+    #[schema(required = true)]
     pub last_exit: Option<String>,
+    #[schema(format = DateTime, required = true)]
     pub last_exit_at: Option<String>,
 }
 
 /// `PUT /v1/vms/{name}/balloon`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetBalloon {
-    /// How much memory the balloon should take from the guest, in MiB.
+    /// How much memory the balloon should take from the guest, in MiB;
+    /// less than the VM's memory_mib.
     pub target_mib: u64,
 }
 
 /// `GET /v1/vms/{name}/balloon`: what the VM's balloon device reports.
 /// The guest fills in the statistics (`null` until it has sent them).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[schema(as = Balloon)]
 pub struct BalloonStatus {
     /// The size the host asked for, in MiB.
     pub target_mib: u64,
     /// The size the guest has inflated the balloon to, in MiB.
     pub actual_mib: u64,
+    #[schema(required = true)]
     pub free_mib: Option<u64>,
+    #[schema(required = true)]
     pub available_mib: Option<u64>,
+    #[schema(required = true)]
     pub total_mib: Option<u64>,
 }
 
 /// One disk captured in a snapshot (`DIR/disks/<id>.<format>`), as
 /// `vireo run`'s `snapshot` reply gives it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotDisk {
     /// The disk's id (`--disk ...,id=`, else the image's file stem).
     pub id: String,
@@ -399,68 +605,84 @@ pub fn check_tag(field: &str, tag: &str) -> Result<(), Invalid> {
 }
 
 /// `POST /v1/vms/{name}/snapshots` (the body is optional).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
     /// The snapshot's name [default: the UTC time, `YYYYmmdd-HHMMSS`].
     #[serde(default)]
+    #[schema(schema_with = schema::snapshot_tag_or_null)]
     pub tag: Option<String>,
     /// Save only the memory changed since this VM process's last snapshot.
     #[serde(default)]
+    #[schema(default = false)]
     pub diff: bool,
 }
 
 /// A snapshot as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {
+    #[schema(schema_with = schema::vm_name)]
     pub vm: String,
+    #[schema(schema_with = schema::snapshot_tag)]
     pub tag: String,
     /// RFC 3339, UTC.
+    #[schema(format = DateTime)]
     pub created_at: String,
     /// The VM's state when the snapshot was taken (running or paused).
     pub vm_state: VmState,
     pub memory_bytes: u64,
     pub disks: Vec<SnapshotDisk>,
     /// The snapshot a diff snapshot holds the changes since.
+    #[schema(required = true)]
     pub parent: Option<String>,
     /// Bytes its files take on disk.
     pub size_bytes: u64,
     /// Its directory in the daemon's state directory.
     pub dir: String,
     /// VMs cloned from it (it cannot be deleted while they exist).
+    #[schema(schema_with = schema::vm_names)]
     pub clones: Vec<String>,
 }
 
 /// `{ "snapshots": [...] }` from `GET /v1/vms/{name}/snapshots`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotList {
     pub snapshots: Vec<Snapshot>,
 }
 
 /// `POST /v1/vms/{name}/clone`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloneVm {
     /// The new VM's name.
+    #[schema(schema_with = schema::vm_name)]
     pub name: String,
     /// The snapshot of the origin VM to start the clone from.
+    #[schema(schema_with = schema::snapshot_tag)]
     pub from_snapshot: String,
 }
 
 /// `{ "vms": [...] }` from `GET /v1/vms`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmList {
     pub vms: Vec<Vm>,
 }
 
 /// The body of every error response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody {
+    #[schema(inline)]
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
+    /// Stable: malformed_json, invalid_request, invalid_value,
+    /// missing_file, path_not_allowed, not_found, unauthorized, forbidden,
+    /// already_exists, invalid_state, start_failed, stop_timeout,
+    /// not_implemented, method_not_allowed, body_too_large,
+    /// too_many_failures, internal.
     pub code: String,
     pub message: String,
 }

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+use utoipa::ToSchema;
 
 use crate::model::VmState;
 
@@ -315,9 +316,11 @@ impl ConsoleTap {
     }
 }
 
-/// One disk's counters, as `vireo run`'s `stats` reports them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One disk's counters since the VM process started, as `vireo run`'s
+/// `stats` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DiskStats {
+    /// The disk's id= (default: the image file's stem).
     pub id: String,
     pub read_bytes: u64,
     pub write_bytes: u64,
@@ -325,9 +328,11 @@ pub struct DiskStats {
     pub write_ops: u64,
 }
 
-/// One network device's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One network device's counters since the VM process started (frame
+/// bytes, without the virtio header).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NetStats {
+    /// The device's id=, else its TAP name.
     pub id: String,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -373,21 +378,35 @@ pub fn parse_stats_reply(line: &str) -> Result<DeviceStats, String> {
 /// started; clients compute rates from two samples. A stopped VM has zeros
 /// and a null uptime; a running VM that did not answer its control socket
 /// in time has null device counters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmStats {
+    #[schema(schema_with = crate::model::schema::vm_name)]
     pub name: String,
     pub state: VmState,
+    /// Seconds since the VM's process started; null when it does not run.
+    #[schema(required = true)]
     pub uptime_secs: Option<u64>,
     /// User plus system CPU time of the VM's process (vCPUs and devices).
+    #[schema(minimum = 0)]
     pub cpu_seconds: f64,
+    /// Resident memory of the VM's process.
     pub memory_rss_bytes: u64,
     /// The configured guest memory.
     pub memory_bytes: u64,
+    /// All disks together.
+    #[schema(required = true)]
     pub disk_read_bytes: Option<u64>,
+    /// All disks together.
+    #[schema(required = true)]
     pub disk_write_bytes: Option<u64>,
+    /// All network devices together.
+    #[schema(required = true)]
     pub net_rx_bytes: Option<u64>,
+    /// All network devices together.
+    #[schema(required = true)]
     pub net_tx_bytes: Option<u64>,
     /// vCPU exits to the VMM, all vCPUs together.
+    #[schema(required = true)]
     pub exits: Option<u64>,
     /// Per-disk counters (empty when unknown).
     pub disks: Vec<DiskStats>,
@@ -432,7 +451,7 @@ impl VmStats {
 }
 
 /// `GET /v1/stats`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StatsList {
     /// When the sample was taken, Unix seconds.
     pub time: f64,

@@ -12,7 +12,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const COMMIT: &str = env!("VIREO_GIT_COMMIT");
 
 /// The REST API's version: the `/v1` of its paths and `info.version` of
-/// openapi.json (a test holds them equal).
+/// the OpenAPI document (which takes it from here).
 pub const API_VERSION: &str = "1";
 
 /// `vireo --version`'s text after the program name (a literal "1": concat!
@@ -25,10 +25,20 @@ pub const LONG: &str = concat!(
 );
 
 /// The body of `GET /v1/version`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(as = Version)]
 pub struct VersionInfo {
+    /// The package version (semantic versioning), as `vireo --version`
+    /// prints it.
+    #[schema(examples("0.1.0"))]
     pub version: &'static str,
+    /// The git commit the binary was built from (abbreviated hash), or
+    /// `unknown` for a build outside a git checkout.
+    #[schema(examples("5775ff7a1b2c"))]
     pub commit: &'static str,
+    /// The version of this REST API: the `v1` of its paths and
+    /// `info.version` of the OpenAPI document.
+    #[schema(examples("1"))]
     pub api_version: &'static str,
 }
 
@@ -46,11 +56,12 @@ mod tests {
 
     #[test]
     fn the_api_version_is_the_one_openapi_json_declares() {
-        let doc: serde_json::Value = serde_json::from_str(crate::api::OPENAPI).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(crate::openapi::openapi_json()).unwrap();
         assert_eq!(doc["info"]["version"], API_VERSION);
-        assert!(crate::api::ROUTES
-            .iter()
-            .filter(|r| r.starts_with("/v1/"))
+        let paths = doc["paths"].as_object().unwrap();
+        assert!(paths
+            .keys()
+            .filter(|r| r.starts_with("/v"))
             .all(|r| r.starts_with(&format!("/v{API_VERSION}/"))));
     }
 

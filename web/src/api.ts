@@ -2,76 +2,20 @@
 // session's token as a Bearer header (WebSocket and EventSource URLs carry it
 // as ?access_token=, since browsers cannot set their headers).
 
-export type VmState = 'stopped' | 'running' | 'paused' | 'crashed';
-export type Role = 'viewer' | 'operator' | 'admin';
+import type { components } from './generated/openapi';
 
-export interface Vm {
-  name: string;
-  vcpus: number;
-  memory_mib: number;
-  kernel: string | null;
-  initrd: string | null;
-  cmdline: string | null;
-  image: string | null;
-  accel: 'kvm' | 'auto' | 'emu';
-  disks: string[];
-  nets: string[];
-  vsock: string | null;
-  rng: string | null;
-  balloon: string | null;
-  created_at: string;
-  state: VmState;
-  pid: number | null;
-  started_at: string | null;
-  uptime_secs?: number | null;
-  last_exit: string | null;
-  last_exit_at: string | null;
-}
-
-export interface SnapshotDisk {
-  id: string;
-  path: string;
-  format: string;
-  bytes: number;
-}
-
-export interface Snapshot {
-  vm: string;
-  tag: string;
-  created_at: string;
-  vm_state: VmState;
-  memory_bytes: number;
-  disks: SnapshotDisk[];
-  parent: string | null;
-  size_bytes: number;
-  dir: string;
-  clones: string[];
-}
-
-export interface VmStats {
-  name: string;
-  state: VmState;
-  uptime_secs: number | null;
-  cpu_seconds: number | null;
-  memory_rss_bytes: number | null;
-  memory_bytes: number | null;
-  disk_read_bytes: number | null;
-  disk_write_bytes: number | null;
-  net_rx_bytes: number | null;
-  net_tx_bytes: number | null;
-  exits: number | null;
-}
-
-export interface Stats {
-  time: number;
-  vms: VmStats[];
-}
-
-export interface WhoAmI {
-  role: Role;
-  token: { id: string; name: string } | null;
-  transport: string;
-}
+// The types are generated from the daemon's OpenAPI document (itself
+// generated from the Rust types) by scripts/build-web: a field added in Rust
+// reaches this type checker without anyone copying it.
+type Schemas = components['schemas'];
+export type Role = Schemas['Role'];
+export type Vm = Schemas['Vm'];
+export type Snapshot = Schemas['Snapshot'];
+export type SnapshotList = Schemas['SnapshotList'];
+export type VmList = Schemas['VmList'];
+export type Stats = Schemas['StatsList'];
+export type WhoAmI = Schemas['WhoAmI'];
+type ErrorBody = Schemas['Error'];
 
 /** An API error: the HTTP status and the body's code and message. */
 export class ApiError extends Error {
@@ -143,7 +87,7 @@ export async function call<T>(method: string, path: string, body?: unknown): Pro
   }
   if (res.status === 401 && path !== '/v1/whoami') unauthorized?.();
   if (!res.ok) {
-    const err = (json as { error?: { code?: string; message?: string } } | undefined)?.error;
+    const err = (json as Partial<ErrorBody> | undefined)?.error;
     throw new ApiError(
       res.status,
       err?.code ?? `http_${res.status}`,

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{lock, Boot, Daemon, EARLY_EXIT_WAIT, VM_LOG};
 use crate::console::Console;
@@ -53,7 +54,7 @@ pub struct MigrationTls {
 }
 
 /// `POST /v1/vms/{name}/migrate`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Migrate {
     /// The target daemon's TLS API, `https://HOST:PORT`.
@@ -69,11 +70,12 @@ pub struct Migrate {
     /// once and fetches the pages it dirtied since on demand (for guests
     /// that dirty memory faster than pre-copy can send it).
     #[serde(default)]
+    #[schema(default = false)]
     pub postcopy: bool,
 }
 
 /// What `migrate-to` measured.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 pub struct MigrationStats {
     pub total_ms: u64,
     pub downtime_ms: u64,
@@ -82,11 +84,12 @@ pub struct MigrationStats {
     pub pages_sent: u64,
     /// The post-copy phase, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub postcopy: Option<PostcopyStats>,
 }
 
 /// What the post-copy phase of a migration measured.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
 pub struct PostcopyStats {
     /// Pages the guest touched on the target before they arrived.
     pub pages_requested: u64,
@@ -97,21 +100,24 @@ pub struct PostcopyStats {
 }
 
 /// The reply to `POST /v1/vms/{name}/migrate`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct Migrated {
+    #[schema(schema_with = crate::model::schema::vm_name)]
     pub vm: String,
     pub to: String,
     pub migration: MigrationStats,
 }
 
 /// The reply to `POST /v1/vms/{name}/migrate-in`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct MigrateInReady {
     /// The TCP port the target's `vireo run --migrate-from` listens on
     /// (TLS, with the target daemon's certificate).
+    #[schema(minimum = 1, maximum = 65535)]
     pub port: u16,
     /// The one-time secret the source must send first (64 hex digits);
     /// anyone else who connects to the port is refused.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
     pub secret: String,
 }
 
