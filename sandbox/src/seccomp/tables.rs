@@ -4,13 +4,14 @@
 //! [`super::Policy`]).
 //!
 //! Reading guide. A thread's filter is [`COMMON`] plus its kind's table
-//! ([`table`]). Threads are started by an unfiltered main thread before it
-//! filters itself, or later (a virtio device the guest activates from a
-//! vCPU, device threads restarted after a snapshot) by the launcher thread
-//! ([`LAUNCHER_EXTRA`]); either way a new thread first runs under its
-//! parent's filter (the kernel copies it into the child) until it installs
-//! its own on top, so the launcher's filter is the union of the kinds it
-//! starts ([`super::ThreadKind::launchable`]) plus thread creation.
+//! ([`super::ThreadKind::allowed`]). Threads are started by an unfiltered
+//! main thread before it filters itself, or later (a virtio device the
+//! guest activates from a vCPU, device threads restarted after a snapshot)
+//! by the launcher thread ([`LAUNCHER_EXTRA`]); either way a new thread
+//! first runs under its parent's filter (the kernel copies it into the
+//! child) until it installs its own on top, so the launcher's filter is
+//! the union of the kinds it starts ([`super::ThreadKind::launchable`])
+//! plus thread creation.
 //!
 //! Found by running the integration tests under `strace -f -Y` (which names
 //! the thread of each call) and with `VIREO_SECCOMP_LOG=1` (violations are

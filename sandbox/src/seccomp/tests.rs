@@ -1,3 +1,5 @@
+use super::install::forbidden_syscall;
+use super::tables::Args;
 use super::*;
 use std::collections::BTreeSet;
 
