@@ -22,10 +22,14 @@ use support::{run_vireo_args, LiveVm, TempDir, RUN_TIMEOUT};
 fn snapshot(vm: &mut LiveVm, socket: &Path, args: &str) -> (serde_json::Value, u64, u64) {
     let before = lines(&vm.output()).last().map(|l| l.0).unwrap_or(0);
     let reply = control(socket, &format!("snapshot {args}"));
-    // What the guest printed before the reply is in the pipe by now.
-    let deadline = Instant::now() + Duration::from_millis(100);
+    // What the guest printed before the reply is in the pipe by now, but
+    // the test's reader thread may be slow to pass it on when the host is
+    // busy: read until the output has been quiet for 200 ms (a paused
+    // guest) or for one second at most (a running one; a later upper
+    // bound only widens the window the restored guest must start in).
+    let deadline = Instant::now() + Duration::from_secs(1);
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        if vm.read_chunk(left).is_none() {
+        if vm.read_chunk(left.min(Duration::from_millis(200))) != Some(true) {
             break;
         }
     }
