@@ -33,7 +33,18 @@ fn snapshot(vm: &mut LiveVm, socket: &Path, args: &str) -> (serde_json::Value, u
             break;
         }
     }
-    let after = lines(&vm.output()).last().map(|l| l.0).unwrap_or(0);
+    let output = vm.output();
+    let mut after = lines(&output).last().map(|l| l.0).unwrap_or(0);
+    // A guest paused in the middle of a line has printed part of the next
+    // one: the restored guest finishes that line and its first whole line
+    // is the one after it.
+    if output
+        .rsplit('\n')
+        .next()
+        .is_some_and(|tail| !tail.is_empty())
+    {
+        after += 1;
+    }
     (reply, before, after)
 }
 
