@@ -4,7 +4,7 @@
 //! devices ([`devices`]), the backend factory ([`backend`]), the start
 //! sequence and the control-socket server ([`run`], [`control_socket`]),
 //! snapshots and restores ([`snapshot_devices`]), live migration, pre-copy
-//! and post-copy ([`migrate`], [`postcopy`]), and the host's network from
+//! and post-copy ([`migrate`]), and the host's network from
 //! inside a jail ([`host_net`]).
 //!
 //! A front end describes the VM with a typed [`run::VmSpec`] and drives
@@ -20,7 +20,6 @@ pub mod devices;
 pub mod host_net;
 pub mod machine;
 pub mod migrate;
-mod postcopy;
 pub mod run;
 pub mod snapshot_devices;
 mod stdout;

@@ -31,7 +31,7 @@ use vireo_vmcore::migration::{self as stream, Kind, MessageBuffer, MigrationErro
 use vireo_vmcore::{ExitReason, VmControl};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::migrate::{Conn, Sock};
+use super::{Conn, Sock};
 
 /// How long a side waits for a read before going back to sending.
 const POLL: Duration = Duration::from_millis(2);

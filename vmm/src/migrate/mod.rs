@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod postcopy;
+
 use vireo_hypervisor::dirty;
 use vireo_vmcore::memory::{GuestMemory, GuestMemoryBackend};
 use vireo_vmcore::migration::{self as stream, Kind, MigrationError, PAGES_PER_MESSAGE};
@@ -189,7 +191,7 @@ pub struct MigrateTo {
     pub key: Option<PathBuf>,
     pub downtime_ms: u64,
     /// Switch to post-copy after the first full copy
-    /// ([`crate::postcopy`]).
+    /// ([`postcopy`]).
     pub postcopy: bool,
     /// Post-copy: the most bytes per second the background push may take
     /// (pages the target asks for are never held back).
@@ -246,7 +248,7 @@ pub struct Stats {
     pub pages_sent: u64,
     /// The post-copy phase, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub postcopy: Option<crate::postcopy::PostcopyStats>,
+    pub postcopy: Option<postcopy::PostcopyStats>,
 }
 
 /// Migrate `running` to the target at `req.uri`. On success the target
@@ -275,7 +277,7 @@ pub fn migrate_to(
     let result = source.run(frontend, req, started);
     if result.is_err() && source.split {
         // Post-copy failed after the target took over: its guest may have
-        // run on, so this copy stays paused (see crate::postcopy).
+        // run on, so this copy stays paused (see postcopy).
         tracing::error!("migration: post-copy failed after the switch; the VM stays paused here");
     } else if result.is_err() {
         // Devices first, then the vCPUs.
@@ -617,7 +619,7 @@ impl Source<'_> {
         for (p, last) in pending.iter_mut().zip(self.take_dirty()?) {
             dirty::merge(p, &last);
         }
-        let missing = crate::postcopy::count(&pending);
+        let missing = postcopy::count(&pending);
         tracing::info!(
             "migration: switching to post-copy with {missing} pages ({} MiB) left",
             (missing * stream::PAGE_SIZE) >> 20
@@ -633,11 +635,11 @@ impl Source<'_> {
         self.conn
             .flush()
             .map_err(|e| self.lost(MigrationError::Io(e)))?;
-        let mut pc = crate::postcopy::PostcopyStats::default();
+        let mut pc = postcopy::PostcopyStats::default();
         let mut bytes = 0u64;
         let mut downtime_ms = 0u64;
         let mut split = false;
-        let result = crate::postcopy::serve(
+        let result = postcopy::serve(
             self.conn,
             &self.tcp,
             self.running.memory(),
@@ -660,11 +662,11 @@ impl Source<'_> {
                 self.stats.postcopy = Some(pc);
                 Ok(self.stats.clone())
             }
-            Err(crate::postcopy::ServeError::BeforeAck(e)) => {
+            Err(postcopy::ServeError::BeforeAck(e)) => {
                 self.split = false;
                 Err(format!("{e}; the VM keeps running here"))
             }
-            Err(crate::postcopy::ServeError::AfterAck(e)) => Err(format!(
+            Err(postcopy::ServeError::AfterAck(e)) => Err(format!(
                 "post-copy failed after the target took over: {e}; the VM is paused here with                  its memory intact (the target stops its copy): resume it here with `resume`                  only if the target's copy is gone"
             )),
         }
@@ -782,9 +784,9 @@ impl Incoming {
     /// Post-copy: arm guest memory for the missing pages and hand the
     /// connection to the post-copy threads; build the machine after this
     /// and answer through the returned handle.
-    pub fn start_postcopy(self) -> Result<crate::postcopy::Target, String> {
+    pub fn start_postcopy(self) -> Result<postcopy::Target, String> {
         let missing = self.postcopy.unwrap_or_default();
-        crate::postcopy::Target::start(&self.memory, &missing, self.conn, self.tcp)
+        postcopy::Target::start(&self.memory, &missing, self.conn, self.tcp)
     }
 
     /// Tell the source the machine is built: it exits, this side runs.
