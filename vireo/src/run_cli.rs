@@ -18,8 +18,8 @@ use vireo_vmcore::VmControl;
 use vireo_vmcore::VmError;
 use vireo_vmm::backend::{Accel as Backend, BackendError};
 use vireo_vmm::devices::{DeviceConfigs, DeviceError};
-use vireo_vmm::migrate::ListenError;
-use vireo_vmm::run::{Error, MachineMismatch, RestoreError};
+use vireo_vmm::migrate::{ListenError, PemFile, TargetError};
+use vireo_vmm::run::{Error, MachineMismatch, MigrateInError, RestoreError};
 use vireo_vmm::snapshot_devices::RestoreOverrides;
 use vireo_vmm::{Frontend, GuestConsole, Start, VmSpec, Vmm};
 
@@ -55,9 +55,9 @@ fn spec(args: &RunArgs) -> Result<VmSpec, Failure> {
             let secret = args
                 .migrate_secret_file
                 .as_deref()
-                .map(|f| vireo_vmm::migrate::read_secret("--migrate-secret-file", f))
+                .map(vireo_vmm::migrate::read_secret)
                 .transpose()
-                .map_err(Failure::Usage)?;
+                .map_err(|e| Failure::Usage(format!("--migrate-secret-file {e}")))?;
             Start::MigrateIn {
                 listen: vireo_vmm::migrate::Listen {
                     uri: uri.to_string(),
@@ -144,7 +144,9 @@ fn failure(e: Error) -> Failure {
         }
         Error::Machine(m) => machine_message(m),
         Error::Listen(e) => listen_message(e),
-        Error::MigrateIn { uri, reason } => format!("--migrate-from {uri}: {reason}"),
+        Error::MigrateIn { uri, source } => {
+            format!("--migrate-from {uri}: {}", migrate_in_message(source))
+        }
         Error::ControlSocket { path, source } => {
             format!("--control-socket {}: {source}", path.display())
         }
@@ -214,6 +216,19 @@ fn listen_message(e: &ListenError) -> String {
         ListenError::TlsOnUnix(addr) => format!(
             "--migrate-from {addr}: a Unix socket needs no TLS; drop --migrate-tls-cert, --migrate-tls-key and --migrate-client-ca"
         ),
+    }
+}
+
+/// An incoming migration's failure; a TLS file by the flag that named it.
+fn migrate_in_message(e: &MigrateInError) -> String {
+    let MigrateInError::Target(TargetError::Tls(tls)) = e else {
+        return e.to_string();
+    };
+    match tls.file() {
+        Some(PemFile::ServerCert) => format!("--migrate-tls-cert: {tls}"),
+        Some(PemFile::ServerKey) => format!("--migrate-tls-key: {tls}"),
+        Some(PemFile::ClientCa) => format!("--migrate-client-ca: {tls}"),
+        _ => tls.to_string(),
     }
 }
 

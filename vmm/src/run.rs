@@ -20,6 +20,7 @@ use crate::backend::{self, Accel, BackendError};
 use crate::control_socket::{self, Command, ControlSocket};
 use crate::devices::{self, Attached, DeviceConfigs, DeviceError};
 use crate::machine::{self, PowerButton};
+use crate::migrate::{PemFile, SourceError};
 use crate::snapshot_devices::{self, RestoreDevicesError, RestoreOverrides};
 use crate::stdout::StdoutWriter;
 use vireo_devices::legacy::SerialInput;
@@ -121,8 +122,12 @@ pub enum Error {
     #[error(transparent)]
     Listen(#[from] crate::migrate::ListenError),
     /// The listener or the incoming migration failed.
-    #[error("migration from {uri}: {reason}")]
-    MigrateIn { uri: String, reason: String },
+    #[error("migration from {uri}: {source}")]
+    MigrateIn {
+        uri: String,
+        #[source]
+        source: Box<MigrateInError>,
+    },
     #[error("control socket {}: {source}", .path.display())]
     ControlSocket {
         path: PathBuf,
@@ -503,10 +508,39 @@ fn migrate_command(
         Err(e) => {
             tracing::warn!("migration to {} failed: {e}", req.uri);
             (
-                control_socket::error_reply(&format!("migration to {}: {e}", req.uri)),
+                control_socket::error_reply(&format!(
+                    "migration to {}: {}",
+                    req.uri,
+                    migrate_to_message(&e)
+                )),
                 false,
             )
         }
+    }
+}
+
+/// A `migrate-to` failure in the command's own words: the options it
+/// was given (`--ca`, `--cert`, `--key`, `--secret-file`) where the
+/// library names the file or the setting.
+fn migrate_to_message(e: &SourceError) -> String {
+    match e {
+        SourceError::NoCa(addr) => format!(
+            "{addr}: a TCP migration is always TLS: give --ca CA.pem (the CA of the target's --migrate-tls-cert), or use unix:PATH on this host"
+        ),
+        SourceError::TlsOnUnix(addr) => {
+            format!("{addr}: a Unix socket needs no TLS; drop --ca, --cert and --key")
+        }
+        SourceError::CertWithoutKey => {
+            "--cert and --key go together (the client certificate and its key)".into()
+        }
+        SourceError::Secret(e) => format!("--secret-file {e}"),
+        SourceError::Tls(e) => match e.file() {
+            Some(PemFile::Ca) => format!("--ca: {e}"),
+            Some(PemFile::ClientCert) => format!("--cert: {e}"),
+            Some(PemFile::ClientKey) => format!("--key: {e}"),
+            _ => e.to_string(),
+        },
+        other => other.to_string(),
     }
 }
 
@@ -708,18 +742,38 @@ fn build_migrated(
     memory: vireo_vmcore::memory::GuestMemory,
     own: &DeviceConfigs,
     mac_given: &[bool],
-) -> Result<(machine::Machine, Attached), String> {
+) -> Result<(machine::Machine, Attached), MigrateInError> {
     let configs = snapshot_devices::migrated_configs(
         &loaded.snapshot.config.frontend,
         own.clone(),
         mac_given,
-    )?;
+    )
+    .map_err(MigrateInError::Devices)?;
     let mut machine = machine::restore(hv, loaded, memory, Box::new(StdoutWriter))
-        .map_err(|e| format!("cannot build the migrated VM: {e}"))?;
-    let attached = devices::open(&mut machine, configs).map_err(|e| e.to_string())?;
-    machine::restore_devices(&machine, &loaded.snapshot)
-        .map_err(|e| format!("the migrated device state does not fit: {e}"))?;
+        .map_err(MigrateInError::Build)?;
+    let attached = devices::open(&mut machine, configs)?;
+    machine::restore_devices(&machine, &loaded.snapshot).map_err(MigrateInError::State)?;
     Ok((machine, attached))
+}
+
+/// Why an incoming migration failed after its listener was checked.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateInError {
+    #[error(transparent)]
+    Target(#[from] crate::migrate::TargetError),
+    #[error(transparent)]
+    Postcopy(#[from] crate::migrate::PostcopyError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// This target's devices do not match the source's record.
+    #[error("{0}")]
+    Devices(String),
+    #[error("cannot build the migrated VM: {0}")]
+    Build(#[source] VmError),
+    #[error(transparent)]
+    Open(#[from] DeviceError),
+    #[error("the migrated device state does not fit: {0}")]
+    State(#[source] VmError),
 }
 
 /// How a machine differs from this target's definition or does not fit
@@ -811,28 +865,29 @@ fn migrate_in(
     let host_mib = vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20);
     check_fits_host(cpus, memory, vireo_vmcore::vm::MAX_VCPUS_XAPIC, host_mib)?;
     crate::migrate::check_listen(listen)?;
-    let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
-        let hv = backend::for_saved(config.backend, accel).map_err(|e| e.to_string())?;
-        let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
-        check_offered_machine(config, cpus, memory, max, host_mib).map_err(|e| e.to_string())?;
-        snapshot_devices::check_peer_record(&config.frontend, &own_set, mac_given)
-    };
-    let refused = |reason: String| Error::MigrateIn {
+    let check =
+        |config: &vireo_vmcore::snapshot::MachineConfig| -> Result<(), crate::migrate::Refusal> {
+            let hv = backend::for_saved(config.backend, accel)?;
+            let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
+            check_offered_machine(config, cpus, memory, max, host_mib)?;
+            snapshot_devices::check_peer_record(&config.frontend, &own_set, mac_given)?;
+            Ok(())
+        };
+    let refused = |source: MigrateInError| Error::MigrateIn {
         uri: uri.to_string(),
-        reason,
+        source: Box::new(source),
     };
     let started = std::time::Instant::now();
     let incoming = crate::migrate::receive(listen, &check, &mut |addr| {
         frontend.migration_listening(addr)
     })
-    .map_err(refused)?;
+    .map_err(|e| refused(e.into()))?;
     let config = incoming.loaded.snapshot.config.clone();
     let hv = match backend::for_saved(config.backend, accel) {
         Ok(hv) => hv,
         Err(e) => {
-            let e = e.to_string();
-            incoming.refuse(&e);
-            return Err(refused(e));
+            incoming.refuse(&e.to_string());
+            return Err(refused(e.into()));
         }
     };
     if incoming.postcopy.is_some() {
@@ -842,13 +897,13 @@ fn migrate_in(
             incoming.loaded.snapshot.clone(),
         );
         let memory = incoming.memory.clone();
-        let target = incoming.start_postcopy().map_err(refused)?;
+        let target = incoming.start_postcopy().map_err(|e| refused(e.into()))?;
         let (machine, attached) =
             match build_migrated(hv.as_ref(), &loaded, memory, &own, mac_given) {
                 Ok(m) => m,
-                Err(msg) => {
-                    target.refuse(&msg);
-                    return Err(refused(msg));
+                Err(e) => {
+                    target.refuse(&e.to_string());
+                    return Err(refused(e));
                 }
             };
         target.ack(machine.vm.control());
@@ -870,12 +925,12 @@ fn migrate_in(
         mac_given,
     ) {
         Ok(m) => m,
-        Err(msg) => {
-            incoming.refuse(&msg);
-            return Err(refused(msg));
+        Err(e) => {
+            incoming.refuse(&e.to_string());
+            return Err(refused(e));
         }
     };
-    incoming.ack().map_err(refused)?;
+    incoming.ack().map_err(|e| refused(e.into()))?;
     tracing::info!(
         "migrated in: {} vCPU(s), {} on {} ({} ms after listening)",
         config.vcpus,
@@ -989,6 +1044,17 @@ mod tests {
                 "nets": [{"id": "net0", "rx_bytes": 0, "tx_bytes": 42, "rx_packets": 0, "tx_packets": 1}],
             })
         );
+    }
+
+    /// The library names the file or setting; the control socket's
+    /// reply names the `migrate-to` option.
+    #[test]
+    fn migrate_to_failures_name_the_commands_options() {
+        let addr = crate::migrate::parse_addr("tcp:h:1").unwrap();
+        let m = migrate_to_message(&SourceError::NoCa(addr));
+        assert!(m.contains("always TLS") && m.contains("--ca CA.pem"), "{m}");
+        let m = migrate_to_message(&SourceError::CertWithoutKey);
+        assert!(m.contains("--cert and --key"), "{m}");
     }
 
     fn mib(n: u64) -> MemorySize {
