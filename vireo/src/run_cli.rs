@@ -18,9 +18,10 @@ use vireo_vmcore::VmControl;
 use vireo_vmcore::VmError;
 use vireo_vmm::backend::{Accel as Backend, BackendError};
 use vireo_vmm::devices::{DeviceConfigs, DeviceError};
-use vireo_vmm::migrate::{ListenError, PemFile, TargetError};
+use vireo_vmm::migrate::{ListenError, PemFile, ReceiveError, TargetError};
 use vireo_vmm::run::{Error, MachineMismatch, MigrateInError, RestoreError};
 use vireo_vmm::snapshot_devices::RestoreOverrides;
+use vireo_vmm::snapshot_devices::{DeviceDiff, DeviceKind, PeerDevicesError};
 use vireo_vmm::{Frontend, GuestConsole, Start, VmSpec, Vmm};
 
 use crate::cli::{Accel, RunArgs};
@@ -219,17 +220,63 @@ fn listen_message(e: &ListenError) -> String {
     }
 }
 
-/// An incoming migration's failure; a TLS file by the flag that named it.
+/// An incoming migration's failure; a TLS file, or a device that differs
+/// from the source's, by the flag that defines it.
 fn migrate_in_message(e: &MigrateInError) -> String {
-    let MigrateInError::Target(TargetError::Tls(tls)) = e else {
-        return e.to_string();
-    };
-    match tls.file() {
-        Some(PemFile::ServerCert) => format!("--migrate-tls-cert: {tls}"),
-        Some(PemFile::ServerKey) => format!("--migrate-tls-key: {tls}"),
-        Some(PemFile::ClientCa) => format!("--migrate-client-ca: {tls}"),
-        _ => tls.to_string(),
+    match e {
+        MigrateInError::Target(TargetError::Tls(tls)) => match tls.file() {
+            Some(PemFile::ServerCert) => format!("--migrate-tls-cert: {tls}"),
+            Some(PemFile::ServerKey) => format!("--migrate-tls-key: {tls}"),
+            Some(PemFile::ClientCa) => format!("--migrate-client-ca: {tls}"),
+            _ => tls.to_string(),
+        },
+        MigrateInError::Target(TargetError::Receive {
+            peer,
+            source: ReceiveError::Refused(refusal),
+        }) => match refusal.downcast_ref::<PeerDevicesError>() {
+            Some(PeerDevicesError::Differ(diffs)) => {
+                format!("migration from {peer} failed: {}", differ_message(diffs))
+            }
+            _ => e.to_string(),
+        },
+        MigrateInError::Devices(PeerDevicesError::Differ(diffs)) => differ_message(diffs),
+        other => other.to_string(),
     }
+}
+
+/// How this target's devices differ from the source's, each difference
+/// with the flag (or the flag's option) that sets it.
+fn differ_message(diffs: &[DeviceDiff]) -> String {
+    let named: Vec<String> = diffs
+        .iter()
+        .map(|d| {
+            let hint = match d {
+                DeviceDiff::Presence { kind, .. } => match kind {
+                    DeviceKind::Console => "(--virtio-console)",
+                    DeviceKind::Rng => "(--rng)",
+                    DeviceKind::Balloon => "(--balloon)",
+                    DeviceKind::Vsock => "(--vsock)",
+                    DeviceKind::Disk => "(--disk)",
+                    DeviceKind::Net => "(--net)",
+                },
+                DeviceDiff::DiskCount { .. } => "(--disk)",
+                DeviceDiff::NetCount { .. } => "(--net)",
+                DeviceDiff::DiskFormat { .. } => "(format=)",
+                DeviceDiff::DiskReadOnly { .. } => "(readonly=)",
+                DeviceDiff::DiskSerial { .. } => "(serial=)",
+                DeviceDiff::NetMtu { .. } => "(mtu=)",
+                DeviceDiff::NetMac { .. } => "(drop mac= or give the source's)",
+                DeviceDiff::VsockCid { .. }
+                | DeviceDiff::DiskId { .. }
+                | DeviceDiff::NetId { .. } => return d.to_string(),
+            };
+            format!("{d} {hint}")
+        })
+        .collect();
+    format!(
+        "the source's devices differ from this target's definition: {}",
+        named.join("; ")
+    )
 }
 
 /// A migration target's definition against the host or the source, by
@@ -496,6 +543,27 @@ mod tests {
             }) => a,
             other => panic!("{:?}", other.err()),
         }
+    }
+
+    /// The library names the device; the front end adds the flag.
+    #[test]
+    fn device_differences_name_their_flags() {
+        let m = differ_message(&[
+            DeviceDiff::DiskCount {
+                source: vec!["data".into()],
+                own: vec![],
+            },
+            DeviceDiff::Presence {
+                kind: DeviceKind::Rng,
+                at_source: false,
+            },
+        ]);
+        assert_eq!(
+            m,
+            "the source's devices differ from this target's definition: \
+             the source has 1 disk(s) (data), this target 0 (none) (--disk); \
+             the source has no rng, this target has one (--rng)"
+        );
     }
 
     #[test]

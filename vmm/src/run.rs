@@ -181,7 +181,7 @@ impl RestoreError {
     fn is_user_error(&self) -> bool {
         match self {
             RestoreError::Load(_) | RestoreError::Backend(_) | RestoreError::State(_) => true,
-            RestoreError::Devices(e) => matches!(e, RestoreDevicesError::Refused(_)),
+            RestoreError::Devices(e) => e.is_user_error(),
             RestoreError::Device(e) => e.is_user_error(),
             RestoreError::Build(_) => false,
         }
@@ -598,7 +598,7 @@ fn snapshot_command(
         .capture(saveable.devices, serde_json::Value::Null)
         .and_then(|mut snap| {
             disks = snapshot_devices::copy_disks(dir, &saveable.attached.disk_files)
-                .map_err(vireo_vmcore::snapshot::SnapshotError::Mismatch)?;
+                .map_err(|e| vireo_vmcore::snapshot::SnapshotError::Mismatch(e.to_string()))?;
             snap.config.frontend = frontend(saveable, disks.clone());
             Ok(snap)
         })
@@ -766,8 +766,8 @@ pub enum MigrateInError {
     #[error(transparent)]
     Backend(#[from] BackendError),
     /// This target's devices do not match the source's record.
-    #[error("{0}")]
-    Devices(String),
+    #[error(transparent)]
+    Devices(#[from] snapshot_devices::PeerDevicesError),
     #[error("cannot build the migrated VM: {0}")]
     Build(#[source] VmError),
     #[error(transparent)]

@@ -121,14 +121,18 @@ impl DeviceSet {
 
     /// The configurations to open the devices with; an error names the
     /// record that does not parse (a damaged snapshot).
-    pub fn to_configs(&self) -> Result<DeviceConfigs, String> {
+    pub fn to_configs(&self) -> Result<DeviceConfigs, RecordError> {
         let mut disks = Vec::new();
         for d in &self.disks {
             let format = match &d.format {
-                Some(name) => Some(
-                    Format::from_name(name)
-                        .ok_or_else(|| format!("disk {}: unknown format {name}", d.id))?,
-                ),
+                Some(name) => {
+                    Some(
+                        Format::from_name(name).ok_or_else(|| RecordError::UnknownFormat {
+                            disk: d.id.clone(),
+                            format: name.clone(),
+                        })?,
+                    )
+                }
                 None => None,
             };
             disks.push(BlockConfig {
@@ -145,10 +149,11 @@ impl DeviceSet {
         for n in &self.nets {
             nets.push(NetConfig {
                 tap: n.tap.clone(),
-                mac: n
-                    .mac
-                    .parse()
-                    .map_err(|e| format!("net {}: MAC {}: {e}", n.tap, n.mac))?,
+                mac: n.mac.parse().map_err(|reason| RecordError::BadMac {
+                    tap: n.tap.clone(),
+                    mac: n.mac.clone(),
+                    reason,
+                })?,
                 id: n.id.clone(),
                 mtu: n.mtu,
                 bandwidth: n.bandwidth,
@@ -180,6 +185,20 @@ impl DeviceSet {
             backing_dirs: Vec::new(),
         })
     }
+}
+
+/// A device record entry that does not parse (a damaged snapshot or
+/// source).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("disk {disk}: unknown format {format}")]
+    UnknownFormat { disk: String, format: String },
+    #[error("net {tap}: MAC {mac}: {reason}")]
+    BadMac {
+        tap: String,
+        mac: String,
+        reason: String,
+    },
 }
 
 /// A socket path made absolute through its directory (the socket itself
@@ -230,40 +249,58 @@ pub struct FrontendRecord {
     pub disks: Vec<DiskCopy>,
 }
 
+/// Why a snapshot's disk copies could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyDisksError {
+    #[error("{}: {source}", .path.display())]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Copies are named by disk id.
+    #[error("two disks have the id {0}; each disk needs its own id to snapshot this VM")]
+    DuplicateId(String),
+    #[error("disk id {0:?} cannot name a file; a disk in a snapshot needs an id without '/' that does not start with '.'")]
+    IdNotAFileName(String),
+    #[error("disk {id}: copying {} to {}: {source}", .from.display(), .to.display())]
+    Copy {
+        id: String,
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Copy each writable disk into `dir/disks/<id>.<format>` (reflink when
 /// the filesystem can, else a sparse copy). The devices must be quiesced
 /// (their images flushed) and the vCPUs paused.
-pub fn copy_disks(dir: &Path, disks: &[DiskFile]) -> Result<Vec<DiskCopy>, String> {
+pub fn copy_disks(dir: &Path, disks: &[DiskFile]) -> Result<Vec<DiskCopy>, CopyDisksError> {
     if disks.is_empty() {
         return Ok(Vec::new());
     }
     let target = dir.join(DISKS_DIR);
-    std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+    std::fs::create_dir_all(&target).map_err(|source| CopyDisksError::Dir {
+        path: target.clone(),
+        source,
+    })?;
     let mut copies: Vec<DiskCopy> = Vec::with_capacity(disks.len());
     for d in disks {
         if copies.iter().any(|c| c.id == d.id) {
-            return Err(format!(
-                "two disks have the id {}; give each --disk its own id= to snapshot this VM",
-                d.id
-            ));
+            return Err(CopyDisksError::DuplicateId(d.id.clone()));
         }
         if d.id.contains('/') || d.id.starts_with('.') {
-            return Err(format!(
-                "disk id {:?} cannot name a file; give the --disk an id= without '/'",
-                d.id
-            ));
+            return Err(CopyDisksError::IdNotAFileName(d.id.clone()));
         }
         let file = format!("{DISKS_DIR}/{}.{}", d.id, d.format.name());
         let dst = dir.join(&file);
         let started = std::time::Instant::now();
-        let (bytes, how) = copy_file(&d.path, &dst, false).map_err(|e| {
-            format!(
-                "disk {}: copying {} to {}: {e}",
-                d.id,
-                d.path.display(),
-                dst.display()
-            )
-        })?;
+        let (bytes, how) =
+            copy_file(&d.path, &dst, false).map_err(|source| CopyDisksError::Copy {
+                id: d.id.clone(),
+                from: d.path.clone(),
+                to: dst.clone(),
+                source,
+            })?;
         tracing::info!(
             "snapshot: disk {} ({}) copied to {} ({how}, {} MiB, {} ms)",
             d.id,
@@ -386,10 +423,39 @@ pub struct RestoreOverrides {
 /// Why a snapshot's virtio devices cannot be rebuilt.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreDevicesError {
-    /// The snapshot's record, its disk copies or the overrides do not fit
-    /// (the caller's to fix).
-    #[error("{0}")]
-    Refused(String),
+    #[error("the snapshot's device record does not parse: {0}")]
+    RecordParse(#[source] serde_json::Error),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("the snapshot holds no copy of disk {0}; give that disk (id={0}) in its place")]
+    NoCopy(String),
+    #[error("disk {id}: {}: {source}", .path.display())]
+    CopyUnreadable {
+        id: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {id}: {} is {len} bytes, the snapshot recorded {recorded}; the copy was changed", .path.display())]
+    CopyChanged {
+        id: String,
+        path: PathBuf,
+        len: u64,
+        recorded: u64,
+    },
+    #[error("the snapshot has no disk with id={id} (its disks: {}); a disk given with a restore replaces the saved disk of its id", ids_or_none(.saved))]
+    NoSuchDisk { id: String, saved: Vec<String> },
+    #[error("disk id={0}: given twice")]
+    DiskTwice(String),
+    #[error("network device tap={tap}: the snapshot has no such network device ({saved} saved); a network device given with a restore (by id, or in order) replaces a saved TAP")]
+    NoSuchNet { tap: String, saved: usize },
+    #[error("network device tap={0}: that device is given twice")]
+    NetTwice(String),
+    #[error("network device tap={tap}: the restored guest keeps MAC {saved} (its driver read it at boot); drop mac=")]
+    MacChanged { tap: String, saved: String },
+    #[error("vsock cid={0}: the snapshot has no vsock device")]
+    NoVsock(u64),
+    #[error("vsock cid={given}: the snapshot's guest has cid={saved}; keep it (only socket= may change)")]
+    VsockCid { given: u64, saved: u64 },
     #[error("rolling disk {id} back ({} over {}): {source}", .from.display(), .to.display())]
     Rollback {
         id: String,
@@ -398,6 +464,22 @@ pub enum RestoreDevicesError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl RestoreDevicesError {
+    /// Whether the snapshot, its copies or the caller's overrides are at
+    /// fault (not the host failing to write a disk back).
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, RestoreDevicesError::Rollback { .. })
+    }
+}
+
+fn ids_or_none(ids: &[String]) -> String {
+    if ids.is_empty() {
+        "none".into()
+    } else {
+        ids.join(", ")
+    }
 }
 
 /// The devices to rebuild for a restore from `dir`: the snapshot's, with
@@ -409,14 +491,12 @@ pub fn restore_configs(
     frontend: &serde_json::Value,
     overrides: &RestoreOverrides,
 ) -> Result<DeviceConfigs, RestoreDevicesError> {
-    let usage = RestoreDevicesError::Refused;
     let record: FrontendRecord = if frontend.is_null() {
         FrontendRecord::default()
     } else {
-        serde_json::from_value(frontend.clone())
-            .map_err(|e| usage(format!("the snapshot's device record does not parse: {e}")))?
+        serde_json::from_value(frontend.clone()).map_err(RestoreDevicesError::RecordParse)?
     };
-    let mut configs = record.virtio.to_configs().map_err(usage)?;
+    let mut configs = record.virtio.to_configs()?;
     configs.backing_dirs = overrides.backing_dirs.clone();
     let overridden = apply_overrides(&mut configs, overrides)?;
     // Check every disk to roll back has its copy before writing any.
@@ -426,22 +506,23 @@ pub fn restore_configs(
             continue;
         }
         let Some(copy) = record.disks.iter().find(|c| c.id == d.id) else {
-            return Err(usage(format!(
-                "the snapshot holds no copy of disk {}; give that disk (id={}) in its place",
-                d.id, d.id
-            )));
+            return Err(RestoreDevicesError::NoCopy(d.id.clone()));
         };
         let src = dir.join(&copy.file);
         let len = std::fs::metadata(&src)
-            .map_err(|e| usage(format!("disk {}: {}: {e}", d.id, src.display())))?
+            .map_err(|source| RestoreDevicesError::CopyUnreadable {
+                id: d.id.clone(),
+                path: src.clone(),
+                source,
+            })?
             .len();
         if len != copy.bytes {
-            return Err(usage(format!(
-                "disk {}: {} is {len} bytes, the snapshot recorded {}; the copy was changed",
-                d.id,
-                src.display(),
-                copy.bytes
-            )));
+            return Err(RestoreDevicesError::CopyChanged {
+                id: d.id.clone(),
+                path: src,
+                len,
+                recorded: copy.bytes,
+            });
         }
         d.format = Format::from_name(&copy.format);
         rollbacks.push((d.id.clone(), src, d.path.clone()));
@@ -466,177 +547,339 @@ pub fn restore_configs(
     Ok(configs)
 }
 
+/// A virtio device kind, as a difference between two machines names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Console,
+    Rng,
+    Balloon,
+    Vsock,
+    Disk,
+    Net,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Console => "virtio-console",
+            DeviceKind::Rng => "rng",
+            DeviceKind::Balloon => "balloon",
+            DeviceKind::Vsock => "vsock device",
+            DeviceKind::Disk => "disk",
+            DeviceKind::Net => "network device",
+        })
+    }
+}
+
+/// One way the source's devices differ from this target's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceDiff {
+    /// One side has the device, the other not (`at_source`: the source
+    /// has it).
+    Presence {
+        kind: DeviceKind,
+        at_source: bool,
+    },
+    VsockCid {
+        source: u64,
+        own: u64,
+    },
+    DiskCount {
+        source: Vec<String>,
+        own: Vec<String>,
+    },
+    DiskId {
+        index: usize,
+        source: String,
+        own: String,
+    },
+    DiskFormat {
+        id: String,
+        source: Option<String>,
+        own: Option<String>,
+    },
+    DiskReadOnly {
+        id: String,
+        source: bool,
+        own: bool,
+    },
+    DiskSerial {
+        id: String,
+        source: String,
+        own: String,
+    },
+    NetCount {
+        source: usize,
+        own: usize,
+    },
+    NetId {
+        index: usize,
+        source: Option<String>,
+        own: Option<String>,
+    },
+    /// The guest keeps its MAC (its driver read it at boot).
+    NetMac {
+        index: usize,
+        source: String,
+        own: String,
+    },
+    NetMtu {
+        index: usize,
+        source: Option<u16>,
+        own: Option<u16>,
+    },
+}
+
+impl DeviceDiff {
+    /// The kind of device that differs.
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            DeviceDiff::Presence { kind, .. } => *kind,
+            DeviceDiff::VsockCid { .. } => DeviceKind::Vsock,
+            DeviceDiff::DiskCount { .. }
+            | DeviceDiff::DiskId { .. }
+            | DeviceDiff::DiskFormat { .. }
+            | DeviceDiff::DiskReadOnly { .. }
+            | DeviceDiff::DiskSerial { .. } => DeviceKind::Disk,
+            DeviceDiff::NetCount { .. }
+            | DeviceDiff::NetId { .. }
+            | DeviceDiff::NetMac { .. }
+            | DeviceDiff::NetMtu { .. } => DeviceKind::Net,
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceDiff::Presence { kind, at_source } => write!(
+                f,
+                "the source has {} {kind}, this target {}",
+                if *at_source { "a" } else { "no" },
+                if *at_source { "has none" } else { "has one" }
+            ),
+            DeviceDiff::VsockCid { source, own } => write!(
+                f,
+                "vsock: the source's guest has cid={source}, this target cid={own}"
+            ),
+            DeviceDiff::DiskCount { source, own } => write!(
+                f,
+                "the source has {} disk(s) ({}), this target {} ({})",
+                source.len(),
+                ids_or_none(source),
+                own.len(),
+                ids_or_none(own)
+            ),
+            DeviceDiff::DiskId { index, source, own } => write!(
+                f,
+                "disk {index}: the source's has id={source}, this target's id={own}"
+            ),
+            DeviceDiff::DiskFormat { id, source, own } => {
+                let name = |f: &Option<String>| f.clone().unwrap_or_else(|| "none given".into());
+                write!(
+                    f,
+                    "disk {id}: format {} at the source, {} here",
+                    name(source),
+                    name(own)
+                )
+            }
+            DeviceDiff::DiskReadOnly { id, source, own } => {
+                let ro = |r: bool| if r { "read-only" } else { "writable" };
+                write!(f, "disk {id}: {} at the source, {} here", ro(*source), ro(*own))
+            }
+            DeviceDiff::DiskSerial { id, source, own } => write!(
+                f,
+                "disk {id}: serial {source:?} at the source, {own:?} here"
+            ),
+            DeviceDiff::NetCount { source, own } => write!(
+                f,
+                "the source has {source} network device(s), this target {own}"
+            ),
+            DeviceDiff::NetId { index, source, own } => write!(
+                f,
+                "network device {index}: id={} at the source, id={} here",
+                source.as_deref().unwrap_or("(none)"),
+                own.as_deref().unwrap_or("(none)")
+            ),
+            DeviceDiff::NetMac { index, source, own } => write!(
+                f,
+                "network device {index}: MAC {source} at the source, {own} here (the guest keeps its MAC)"
+            ),
+            DeviceDiff::NetMtu { index, source, own } => write!(
+                f,
+                "network device {index}: MTU {source:?} at the source, {own:?} here"
+            ),
+        }
+    }
+}
+
+/// Why the source's machine cannot be rebuilt from this target's own
+/// devices.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerDevicesError {
+    #[error("the source's device record does not parse: {0}")]
+    Parse(#[source] serde_json::Error),
+    /// Every difference, in device order.
+    #[error("the source's devices differ from this target's definition: {}", join(.0))]
+    Differ(Vec<DeviceDiff>),
+    #[error("the source's network device {index}: MAC {mac}: {reason}")]
+    BadMac {
+        index: usize,
+        mac: String,
+        reason: String,
+    },
+}
+
+fn join(diffs: &[DeviceDiff]) -> String {
+    diffs
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The source's device record from its machine configuration.
-fn peer_record(frontend: &serde_json::Value) -> Result<FrontendRecord, String> {
+fn peer_record(frontend: &serde_json::Value) -> Result<FrontendRecord, PeerDevicesError> {
     if frontend.is_null() {
         return Ok(FrontendRecord::default());
     }
-    serde_json::from_value(frontend.clone())
-        .map_err(|e| format!("the source's device record does not parse: {e}"))
+    serde_json::from_value(frontend.clone()).map_err(PeerDevicesError::Parse)
 }
 
 /// Check the source's record of its virtio devices against this target's
 /// own: the same kinds, count and ids; disks of the same formats,
 /// read-only flags and serials; network devices with the same MACs (a
-/// target `--net` without `mac=` takes the source's: the guest's driver
-/// read it at boot) and MTUs; vsock with the same cid. Every difference
-/// is named. Only the target's own paths, TAPs and sockets are used;
-/// nothing in the record is opened.
+/// target network device without a MAC of its own takes the source's: the
+/// guest's driver read it at boot) and MTUs; vsock with the same cid.
+/// Every difference is named. Only the target's own paths, TAPs and
+/// sockets are used; nothing in the record is opened.
 pub fn check_peer_devices(
     peer: &DeviceSet,
     own: &DeviceSet,
     mac_given: &[bool],
-) -> Result<(), String> {
-    let mut diffs: Vec<String> = Vec::new();
-    let presence = |what: &str, p: bool, o: bool, flag: &str, diffs: &mut Vec<String>| {
-        if p != o {
-            diffs.push(format!(
-                "the source has {} {what}, this target {} (--{flag})",
-                if p { "a" } else { "no" },
-                if o { "has one" } else { "has none" }
-            ));
-        }
-    };
-    for (what, p, o, flag) in [
+) -> Result<(), PeerDevicesError> {
+    let mut diffs: Vec<DeviceDiff> = Vec::new();
+    for (kind, p, o) in [
         (
-            "virtio-console",
+            DeviceKind::Console,
             peer.console.is_some(),
             own.console.is_some(),
-            "virtio-console",
         ),
-        ("rng", peer.rng.is_some(), own.rng.is_some(), "rng"),
+        (DeviceKind::Rng, peer.rng.is_some(), own.rng.is_some()),
         (
-            "balloon",
+            DeviceKind::Balloon,
             peer.balloon.is_some(),
             own.balloon.is_some(),
-            "balloon",
         ),
-        (
-            "vsock device",
-            peer.vsock.is_some(),
-            own.vsock.is_some(),
-            "vsock",
-        ),
+        (DeviceKind::Vsock, peer.vsock.is_some(), own.vsock.is_some()),
     ] {
-        presence(what, p, o, flag, &mut diffs);
+        if p != o {
+            diffs.push(DeviceDiff::Presence { kind, at_source: p });
+        }
     }
     if let (Some((pc, _)), Some((oc, _))) = (&peer.vsock, &own.vsock) {
         if pc != oc {
-            diffs.push(format!(
-                "vsock: the source's guest has cid={pc}, this target cid={oc}"
-            ));
+            diffs.push(DeviceDiff::VsockCid {
+                source: *pc,
+                own: *oc,
+            });
         }
     }
     if peer.disks.len() != own.disks.len() {
-        diffs.push(format!(
-            "the source has {} disk(s) ({}), this target {} ({}) (--disk)",
-            peer.disks.len(),
-            ids(peer.disks.iter().map(|d| d.id.as_str())),
-            own.disks.len(),
-            ids(own.disks.iter().map(|d| d.id.as_str())),
-        ));
+        diffs.push(DeviceDiff::DiskCount {
+            source: peer.disks.iter().map(|d| d.id.clone()).collect(),
+            own: own.disks.iter().map(|d| d.id.clone()).collect(),
+        });
     } else {
         for (i, (p, o)) in peer.disks.iter().zip(&own.disks).enumerate() {
             if p.id != o.id {
-                diffs.push(format!(
-                    "disk {i}: the source's has id={}, this target's id={}",
-                    p.id, o.id
-                ));
+                diffs.push(DeviceDiff::DiskId {
+                    index: i,
+                    source: p.id.clone(),
+                    own: o.id.clone(),
+                });
                 continue;
             }
-            let name = |f: &Option<String>| f.clone().unwrap_or_else(|| "none given".into());
             if p.format != o.format {
-                diffs.push(format!(
-                    "disk {}: format {} at the source, {} here (format=)",
-                    o.id,
-                    name(&p.format),
-                    name(&o.format)
-                ));
+                diffs.push(DeviceDiff::DiskFormat {
+                    id: o.id.clone(),
+                    source: p.format.clone(),
+                    own: o.format.clone(),
+                });
             }
             if p.read_only != o.read_only {
-                let ro = |r: bool| if r { "read-only" } else { "writable" };
-                diffs.push(format!(
-                    "disk {}: {} at the source, {} here (readonly=)",
-                    o.id,
-                    ro(p.read_only),
-                    ro(o.read_only)
-                ));
+                diffs.push(DeviceDiff::DiskReadOnly {
+                    id: o.id.clone(),
+                    source: p.read_only,
+                    own: o.read_only,
+                });
             }
             if p.serial != o.serial {
-                diffs.push(format!(
-                    "disk {}: serial {:?} at the source, {:?} here (serial=)",
-                    o.id, p.serial, o.serial
-                ));
+                diffs.push(DeviceDiff::DiskSerial {
+                    id: o.id.clone(),
+                    source: p.serial.clone(),
+                    own: o.serial.clone(),
+                });
             }
         }
     }
     if peer.nets.len() != own.nets.len() {
-        diffs.push(format!(
-            "the source has {} network device(s), this target {} (--net)",
-            peer.nets.len(),
-            own.nets.len()
-        ));
+        diffs.push(DeviceDiff::NetCount {
+            source: peer.nets.len(),
+            own: own.nets.len(),
+        });
     } else {
         for (i, (p, o)) in peer.nets.iter().zip(&own.nets).enumerate() {
             if p.id != o.id {
-                diffs.push(format!(
-                    "network device {i}: id={} at the source, id={} here",
-                    p.id.as_deref().unwrap_or("(none)"),
-                    o.id.as_deref().unwrap_or("(none)")
-                ));
+                diffs.push(DeviceDiff::NetId {
+                    index: i,
+                    source: p.id.clone(),
+                    own: o.id.clone(),
+                });
             }
             if mac_given.get(i).copied().unwrap_or(true) && !p.mac.eq_ignore_ascii_case(&o.mac) {
-                diffs.push(format!(
-                    "network device {i}: MAC {} at the source, {} here (the guest keeps its MAC; drop mac= or give the source's)",
-                    p.mac, o.mac
-                ));
+                diffs.push(DeviceDiff::NetMac {
+                    index: i,
+                    source: p.mac.clone(),
+                    own: o.mac.clone(),
+                });
             }
             if p.mtu != o.mtu {
-                diffs.push(format!(
-                    "network device {i}: MTU {:?} at the source, {:?} here (mtu=)",
-                    p.mtu, o.mtu
-                ));
+                diffs.push(DeviceDiff::NetMtu {
+                    index: i,
+                    source: p.mtu,
+                    own: o.mtu,
+                });
             }
         }
     }
     if diffs.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "the source's devices differ from this target's definition: {}",
-            diffs.join("; ")
-        ))
-    }
-}
-
-fn ids<'a>(it: impl Iterator<Item = &'a str>) -> String {
-    let v: Vec<&str> = it.collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
+        Err(PeerDevicesError::Differ(diffs))
     }
 }
 
 /// The devices to build for an incoming migration: this target's own
 /// (`own`), after [`check_peer_devices`] against the source's
-/// record in `frontend`; a network device without `mac=` takes the
-/// source's MAC. Disks are shared storage: the target's disks name the
+/// record in `frontend`; a network device without a MAC of its own takes
+/// the source's. Disks are shared storage: the target's disks name the
 /// same images the source runs on.
 pub fn migrated_configs(
     frontend: &serde_json::Value,
     mut own: DeviceConfigs,
     mac_given: &[bool],
-) -> Result<DeviceConfigs, String> {
+) -> Result<DeviceConfigs, PeerDevicesError> {
     let record = peer_record(frontend)?;
     let own_set = DeviceSet::from_configs(&own);
     check_peer_devices(&record.virtio, &own_set, mac_given)?;
     for (i, (n, p)) in own.nets.iter_mut().zip(&record.virtio.nets).enumerate() {
         if !mac_given.get(i).copied().unwrap_or(true) {
-            n.mac = p
-                .mac
-                .parse()
-                .map_err(|e| format!("the source's network device {i}: MAC {}: {e}", p.mac))?;
+            n.mac = p.mac.parse().map_err(|reason| PeerDevicesError::BadMac {
+                index: i,
+                mac: p.mac.clone(),
+                reason,
+            })?;
         }
     }
     Ok(own)
@@ -647,7 +890,7 @@ pub fn check_peer_record(
     frontend: &serde_json::Value,
     own: &DeviceSet,
     mac_given: &[bool],
-) -> Result<(), String> {
+) -> Result<(), PeerDevicesError> {
     check_peer_devices(&peer_record(frontend)?.virtio, own, mac_given)
 }
 
@@ -657,19 +900,16 @@ fn apply_overrides(
     configs: &mut DeviceConfigs,
     overrides: &RestoreOverrides,
 ) -> Result<Vec<bool>, RestoreDevicesError> {
-    let refused = RestoreDevicesError::Refused;
     let mut overridden = vec![false; configs.disks.len()];
     for o in &overrides.disks {
-        let ids: Vec<&str> = configs.disks.iter().map(|d| d.id.as_str()).collect();
         let Some(i) = configs.disks.iter().position(|d| d.id == o.id) else {
-            return Err(refused(format!(
-                "the snapshot has no disk with id={} (its disks: {}); a disk given with a restore replaces the saved disk of its id",
-                o.id,
-                if ids.is_empty() { "none".to_string() } else { ids.join(", ") }
-            )));
+            return Err(RestoreDevicesError::NoSuchDisk {
+                id: o.id.clone(),
+                saved: configs.disks.iter().map(|d| d.id.clone()).collect(),
+            });
         };
         if overridden[i] {
-            return Err(refused(format!("disk id={}: given twice", o.id)));
+            return Err(RestoreDevicesError::DiskTwice(o.id.clone()));
         }
         let d = &mut configs.disks[i];
         tracing::info!(
@@ -693,24 +933,20 @@ fn apply_overrides(
             }
         };
         let Some(i) = i else {
-            return Err(refused(format!(
-                "network device tap={}: the snapshot has no such network device ({} saved); a network device given with a restore (by id, or in order) replaces a saved TAP",
-                o.tap,
-                configs.nets.len()
-            )));
+            return Err(RestoreDevicesError::NoSuchNet {
+                tap: o.tap.clone(),
+                saved: configs.nets.len(),
+            });
         };
         if net_done[i] {
-            return Err(refused(format!(
-                "network device tap={}: that device is given twice",
-                o.tap
-            )));
+            return Err(RestoreDevicesError::NetTwice(o.tap.clone()));
         }
         net_done[i] = true;
         if *mac_given && o.mac != configs.nets[i].mac {
-            return Err(refused(format!(
-                "network device tap={}: the restored guest keeps MAC {} (its driver read it at boot); drop mac=",
-                o.tap, configs.nets[i].mac
-            )));
+            return Err(RestoreDevicesError::MacChanged {
+                tap: o.tap.clone(),
+                saved: configs.nets[i].mac.to_string(),
+            });
         }
         tracing::info!(
             "restore: network device {i} on TAP {} (instead of {})",
@@ -721,16 +957,13 @@ fn apply_overrides(
     }
     if let Some(o) = &overrides.vsock {
         let Some(v) = configs.vsock.as_mut() else {
-            return Err(refused(format!(
-                "vsock cid={}: the snapshot has no vsock device",
-                o.cid
-            )));
+            return Err(RestoreDevicesError::NoVsock(o.cid));
         };
         if o.cid != v.cid {
-            return Err(refused(format!(
-                "vsock cid={}: the snapshot's guest has cid={}; keep it (only socket= may change)",
-                o.cid, v.cid
-            )));
+            return Err(RestoreDevicesError::VsockCid {
+                given: o.cid,
+                saved: v.cid,
+            });
         }
         v.socket = o.socket.clone();
     }
@@ -944,7 +1177,8 @@ mod tests {
         // A copy that changed size is refused before anything is written.
         std::fs::write(snap.join("disks/root.raw"), b"tampered!").unwrap();
         let e = restore_configs(&snap, &fe, &args(&[])).err().unwrap();
-        assert!(matches!(e, RestoreDevicesError::Refused(m) if m.contains("was changed")));
+        assert!(matches!(e, RestoreDevicesError::CopyChanged { .. }), "{e}");
+        assert!(e.to_string().contains("was changed"), "{e}");
         assert_eq!(std::fs::read(&disk).unwrap(), b"later");
     }
 
@@ -1094,14 +1328,17 @@ mod tests {
             ),
         ] {
             let (mine, macs) = own(flags);
-            let e = migrated_configs(&record, mine, &macs).unwrap_err();
+            let e = migrated_configs(&record, mine, &macs)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(says), "expected {says:?} in: {e}");
             assert!(e.contains("differ from this target's definition"), "{e}");
         }
         // No device flags at all against a source with devices.
         let (mine, macs) = own(&[]);
         let e = migrated_configs(&peer(&[("root", "/x", Some("raw"), false)]), mine, &macs)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("1 disk(s) (root), this target 0 (none)"), "{e}");
         // A record that does not parse.
         let (mine, macs) = own(OWN);
