@@ -18,10 +18,12 @@ use vireo_vmcore::VmControl;
 use vireo_vmcore::VmError;
 use vireo_vmm::backend::{Accel as Backend, BackendError};
 use vireo_vmm::devices::{DeviceConfigs, DeviceError};
+use vireo_vmm::incoming::{MachineMismatch, MigrateInError};
 use vireo_vmm::migrate::{ListenError, PemFile, ReceiveError, TargetError};
-use vireo_vmm::run::{Error, MachineMismatch, MigrateInError, RestoreError};
+use vireo_vmm::restore::RestoreError;
 use vireo_vmm::snapshot_devices::RestoreOverrides;
 use vireo_vmm::snapshot_devices::{DeviceDiff, DeviceKind, PeerDevicesError};
+use vireo_vmm::start::Error;
 use vireo_vmm::{Frontend, GuestConsole, Start, VmSpec, Vmm};
 
 use crate::cli::{Accel, RunArgs};

@@ -2,14 +2,14 @@
 //! control-socket command `migrate-to ADDR` and the target's `vireo run
 //! --migrate-from ADDR`. The stream format is in
 //! [`vireo_vmcore::migration`]; this folder is the rest, by concern:
-//! - [`transport`]: the addresses, the byte stream and its socket;
-//! - [`tls`]: the certificates and the TLS configurations;
-//! - [`auth`]: the one-time secret and the target's authentication of a
+//! - `transport`: the addresses, the byte stream and its socket;
+//! - `tls`: the certificates and the TLS configurations;
+//! - `auth`: the one-time secret and the target's authentication of a
 //!   connecting source;
-//! - [`source`]: `migrate-to`, the pre-copy loop and the switch to
+//! - `source`: `migrate-to`, the pre-copy loop and the switch to
 //!   post-copy;
-//! - [`target`]: listening, receiving the machine, acknowledging;
-//! - [`postcopy`]: the pages that follow a running guest.
+//! - `target`: listening, receiving the machine, acknowledging;
+//! - `postcopy`: the pages that follow a running guest.
 //!
 //! Transport: `unix:PATH` (a socket on this host, created 0600) or
 //! `tcp:HOST:PORT`, which is always TLS (rustls) and always authenticates

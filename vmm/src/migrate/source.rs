@@ -44,8 +44,7 @@ pub struct MigrateTo {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub downtime_ms: u64,
-    /// Switch to post-copy after the first full copy
-    /// ([`super::postcopy`]).
+    /// Switch to post-copy after the first full copy.
     pub postcopy: bool,
     /// Post-copy: the most bytes per second the background push may take
     /// (pages the target asks for are never held back).
