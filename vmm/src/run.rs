@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use vireo_devices::virtio::balloon::BalloonHandle;
 use vireo_vmcore::snapshot::device::DeviceList;
+use vireo_vmcore::snapshot::SnapshotError;
 use vireo_vmcore::vcpu::VcpuStats;
-use vireo_vmcore::{ExitReason, RunState, RunningVm};
+use vireo_vmcore::{ExitReason, RunState, RunningVm, VmError};
 
 use crate::control_socket::{self, Command, ControlSocket};
 use crate::devices::Attached;
@@ -117,13 +118,37 @@ pub(crate) struct Saveable<'a> {
 /// the device ids, the virtio devices (so a restore rebuilds them with no
 /// device flags, and a migration target checks its own against them) and
 /// the snapshot's disk copies.
-fn frontend(saveable: &Saveable<'_>, disks: Vec<snapshot_devices::DiskCopy>) -> serde_json::Value {
+fn frontend(
+    saveable: &Saveable<'_>,
+    disks: Vec<snapshot_devices::DiskCopy>,
+) -> Result<serde_json::Value, RecordDevicesError> {
     serde_json::to_value(snapshot_devices::FrontendRecord {
         devices: saveable.devices.ids(),
         virtio: saveable.attached.device_set.clone(),
         disks,
     })
-    .unwrap_or_default()
+    .map_err(RecordDevicesError)
+}
+
+/// The front end's description of the machine could not be recorded
+/// (a machine without it could not be restored or migrated in).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot record the machine's devices: {0}")]
+struct RecordDevicesError(#[source] serde_json::Error);
+
+/// Why `snapshot` failed.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotCommandError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Disks(#[from] snapshot_devices::CopyDisksError),
+    #[error(transparent)]
+    Record(#[from] RecordDevicesError),
+    #[error("dirty page tracking is off; take a full snapshot first")]
+    NoDirtyLog,
 }
 
 /// `migrate-to ...`: the reply, and whether the VM now runs on the target.
@@ -133,14 +158,18 @@ fn migrate_command(
     req: &crate::migrate::MigrateTo,
 ) -> (String, bool) {
     tracing::info!("migration to {} started", req.uri);
-    // Disks are shared storage: the target's own --disk names the same
+    // Disks are shared storage: the target's own disks name the same
     // images (it never opens the paths recorded here).
-    match crate::migrate::migrate_to(
-        running,
-        saveable.devices,
-        frontend(saveable, Vec::new()),
-        req,
-    ) {
+    let record = match frontend(saveable, Vec::new()) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                control_socket::error_reply(&format!("migration to {}: {e}", req.uri)),
+                false,
+            )
+        }
+    };
+    match crate::migrate::migrate_to(running, saveable.devices, record, req) {
         Ok(stats) => {
             tracing::info!(
                 "migration to {}: {} ms total, {} ms downtime, {} rounds, {} pages, {} bytes",
@@ -250,10 +279,10 @@ fn snapshot_command(
     let mut disks = Vec::new();
     let result = running
         .capture(saveable.devices, serde_json::Value::Null)
+        .map_err(SnapshotCommandError::from)
         .and_then(|mut snap| {
-            disks = snapshot_devices::copy_disks(dir, &saveable.attached.disk_files)
-                .map_err(|e| vireo_vmcore::snapshot::SnapshotError::Mismatch(e.to_string()))?;
-            snap.config.frontend = frontend(saveable, disks.clone());
+            disks = snapshot_devices::copy_disks(dir, &saveable.attached.disk_files)?;
+            snap.config.frontend = frontend(saveable, disks.clone())?;
             Ok(snap)
         })
         .and_then(|snap| match &parent {
@@ -263,11 +292,9 @@ fn snapshot_command(
                 Ok(None)
             }
             Some(parent) => {
-                let dirty = running.take_snapshot_dirty()?.ok_or_else(|| {
-                    vireo_vmcore::VmError::Device(
-                        "dirty page tracking is off; take a full snapshot first".into(),
-                    )
-                })?;
+                let dirty = running
+                    .take_snapshot_dirty()?
+                    .ok_or(SnapshotCommandError::NoDirtyLog)?;
                 let pages = vireo_vmcore::snapshot::write_diff(
                     dir,
                     &snap,
