@@ -12,6 +12,7 @@ use vireo_devices::virtio::console::ConsoleConfig;
 use vireo_devices::virtio::net::NetConfig;
 use vireo_devices::virtio::rng::RngConfig;
 use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_hypervisor::HypervisorError;
 use vireo_vmcore::boot::BootError;
 use vireo_vmcore::boot::BootSpec;
 use vireo_vmcore::VmControl;
@@ -189,6 +190,7 @@ fn backend_message(e: &BackendError) -> String {
             "the VM ran on the {saved} backend; it cannot run on --accel {}",
             accel.name()
         ),
+        BackendError::Kvm(HypervisorError::KvmMissing) => format!("{e} (--accel emu)"),
         other => other.to_string(),
     }
 }
