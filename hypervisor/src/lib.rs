@@ -22,7 +22,7 @@ pub use vmm_sys_util::eventfd::EventFd;
 /// Errors of a hypervisor backend. Each names the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
-    #[error("/dev/kvm does not exist — load the KVM module (`modprobe kvm_intel` or `modprobe kvm_amd`) or run with --accel emu once available")]
+    #[error("/dev/kvm does not exist — load the KVM module (`modprobe kvm_intel` or `modprobe kvm_amd`) or use the emulator backend (emu), which needs no KVM")]
     KvmMissing,
     #[error("/dev/kvm: permission denied — add your user to the kvm group (`sudo usermod -aG kvm $USER`, then log in again)")]
     KvmPermission,

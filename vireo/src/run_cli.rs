@@ -12,15 +12,19 @@ use vireo_devices::virtio::console::ConsoleConfig;
 use vireo_devices::virtio::net::NetConfig;
 use vireo_devices::virtio::rng::RngConfig;
 use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_hypervisor::HypervisorError;
 use vireo_vmcore::boot::BootError;
 use vireo_vmcore::boot::BootSpec;
 use vireo_vmcore::VmControl;
 use vireo_vmcore::VmError;
 use vireo_vmm::backend::{Accel as Backend, BackendError};
 use vireo_vmm::devices::{DeviceConfigs, DeviceError};
-use vireo_vmm::migrate::ListenError;
-use vireo_vmm::run::{Error, MachineMismatch, RestoreError};
+use vireo_vmm::incoming::{MachineMismatch, MigrateInError};
+use vireo_vmm::migrate::{ListenError, PemFile, ReceiveError, TargetError};
+use vireo_vmm::restore::RestoreError;
 use vireo_vmm::snapshot_devices::RestoreOverrides;
+use vireo_vmm::snapshot_devices::{DeviceDiff, DeviceKind, PeerDevicesError};
+use vireo_vmm::start::Error;
 use vireo_vmm::{Frontend, GuestConsole, Start, VmSpec, Vmm};
 
 use crate::cli::{Accel, RunArgs};
@@ -55,9 +59,9 @@ fn spec(args: &RunArgs) -> Result<VmSpec, Failure> {
             let secret = args
                 .migrate_secret_file
                 .as_deref()
-                .map(|f| vireo_vmm::migrate::read_secret("--migrate-secret-file", f))
+                .map(vireo_vmm::migrate::read_secret)
                 .transpose()
-                .map_err(Failure::Usage)?;
+                .map_err(|e| Failure::Usage(format!("--migrate-secret-file {e}")))?;
             Start::MigrateIn {
                 listen: vireo_vmm::migrate::Listen {
                     uri: uri.to_string(),
@@ -144,7 +148,9 @@ fn failure(e: Error) -> Failure {
         }
         Error::Machine(m) => machine_message(m),
         Error::Listen(e) => listen_message(e),
-        Error::MigrateIn { uri, reason } => format!("--migrate-from {uri}: {reason}"),
+        Error::MigrateIn { uri, source } => {
+            format!("--migrate-from {uri}: {}", migrate_in_message(source))
+        }
         Error::ControlSocket { path, source } => {
             format!("--control-socket {}: {source}", path.display())
         }
@@ -184,6 +190,7 @@ fn backend_message(e: &BackendError) -> String {
             "the VM ran on the {saved} backend; it cannot run on --accel {}",
             accel.name()
         ),
+        BackendError::Kvm(HypervisorError::KvmMissing) => format!("{e} (--accel emu)"),
         other => other.to_string(),
     }
 }
@@ -215,6 +222,65 @@ fn listen_message(e: &ListenError) -> String {
             "--migrate-from {addr}: a Unix socket needs no TLS; drop --migrate-tls-cert, --migrate-tls-key and --migrate-client-ca"
         ),
     }
+}
+
+/// An incoming migration's failure; a TLS file, or a device that differs
+/// from the source's, by the flag that defines it.
+fn migrate_in_message(e: &MigrateInError) -> String {
+    match e {
+        MigrateInError::Target(TargetError::Tls(tls)) => match tls.file() {
+            Some(PemFile::ServerCert) => format!("--migrate-tls-cert: {tls}"),
+            Some(PemFile::ServerKey) => format!("--migrate-tls-key: {tls}"),
+            Some(PemFile::ClientCa) => format!("--migrate-client-ca: {tls}"),
+            _ => tls.to_string(),
+        },
+        MigrateInError::Target(TargetError::Receive {
+            peer,
+            source: ReceiveError::Refused(refusal),
+        }) => match refusal.downcast_ref::<PeerDevicesError>() {
+            Some(PeerDevicesError::Differ(diffs)) => {
+                format!("migration from {peer} failed: {}", differ_message(diffs))
+            }
+            _ => e.to_string(),
+        },
+        MigrateInError::Devices(PeerDevicesError::Differ(diffs)) => differ_message(diffs),
+        other => other.to_string(),
+    }
+}
+
+/// How this target's devices differ from the source's, each difference
+/// with the flag (or the flag's option) that sets it.
+fn differ_message(diffs: &[DeviceDiff]) -> String {
+    let named: Vec<String> = diffs
+        .iter()
+        .map(|d| {
+            let hint = match d {
+                DeviceDiff::Presence { kind, .. } => match kind {
+                    DeviceKind::Console => "(--virtio-console)",
+                    DeviceKind::Rng => "(--rng)",
+                    DeviceKind::Balloon => "(--balloon)",
+                    DeviceKind::Vsock => "(--vsock)",
+                    DeviceKind::Disk => "(--disk)",
+                    DeviceKind::Net => "(--net)",
+                },
+                DeviceDiff::DiskCount { .. } => "(--disk)",
+                DeviceDiff::NetCount { .. } => "(--net)",
+                DeviceDiff::DiskFormat { .. } => "(format=)",
+                DeviceDiff::DiskReadOnly { .. } => "(readonly=)",
+                DeviceDiff::DiskSerial { .. } => "(serial=)",
+                DeviceDiff::NetMtu { .. } => "(mtu=)",
+                DeviceDiff::NetMac { .. } => "(drop mac= or give the source's)",
+                DeviceDiff::VsockCid { .. }
+                | DeviceDiff::DiskId { .. }
+                | DeviceDiff::NetId { .. } => return d.to_string(),
+            };
+            format!("{d} {hint}")
+        })
+        .collect();
+    format!(
+        "the source's devices differ from this target's definition: {}",
+        named.join("; ")
+    )
 }
 
 /// A migration target's definition against the host or the source, by
@@ -481,6 +547,27 @@ mod tests {
             }) => a,
             other => panic!("{:?}", other.err()),
         }
+    }
+
+    /// The library names the device; the front end adds the flag.
+    #[test]
+    fn device_differences_name_their_flags() {
+        let m = differ_message(&[
+            DeviceDiff::DiskCount {
+                source: vec!["data".into()],
+                own: vec![],
+            },
+            DeviceDiff::Presence {
+                kind: DeviceKind::Rng,
+                at_source: false,
+            },
+        ]);
+        assert_eq!(
+            m,
+            "the source's devices differ from this target's definition: \
+             the source has 1 disk(s) (data), this target 0 (none) (--disk); \
+             the source has no rng, this target has one (--rng)"
+        );
     }
 
     #[test]

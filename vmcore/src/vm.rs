@@ -199,11 +199,10 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let cfg = &snap.config;
         if cfg.backend != hv.kind() {
-            return Err(SnapshotError::Mismatch(format!(
-                "the snapshot was taken on the {} backend and cannot be restored on {}",
-                cfg.backend,
-                hv.name(),
-            ))
+            return Err(SnapshotError::Backend {
+                saved: cfg.backend,
+                running: hv.kind(),
+            }
             .into());
         }
         let dummy = VmConfig {
@@ -386,10 +385,7 @@ impl RunningVm {
     ) -> Result<VmSnapshot, VmError> {
         let state = self.control.state();
         if state != crate::RunState::Paused {
-            return Err(SnapshotError::Mismatch(format!(
-                "the VM must be paused to capture its state (it is {state:?})"
-            ))
-            .into());
+            return Err(SnapshotError::NotPaused(state).into());
         }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {

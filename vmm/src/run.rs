@@ -1,366 +1,26 @@
-//! Running one machine in this process: build it (boot, restore or
-//! migrate in), start it in a fixed order (confinement before any guest
-//! code, the Main thread's filter once set-up is done), carry out
-//! control-socket commands until it exits; and the snapshot, restore and
-//! migration orchestration those commands and starts need.
+//! Carrying out control-socket commands on the running machine: pause,
+//! resume, reset, the power button, the balloon, stats, snapshots and
+//! outgoing migrations, and the replies to them.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
+use std::path::PathBuf;
 use std::time::Duration;
-use vireo_api::units::MemorySize;
-use vireo_hypervisor::host::HostVirt;
-use vireo_hypervisor::{BackendKind, Hypervisor};
-use vireo_vmcore::boot::BootSpec;
 
-use vireo_vmcore::vcpu::VcpuStats;
-use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig, VmControl, VmError};
-
-use crate::backend::{self, Accel, BackendError};
-use crate::control_socket::{self, Command, ControlSocket};
-use crate::devices::{self, Attached, DeviceConfigs, DeviceError};
-use crate::machine::{self, PowerButton};
-use crate::snapshot_devices::{self, RestoreDevicesError, RestoreOverrides};
-use crate::stdout::StdoutWriter;
-use vireo_devices::legacy::SerialInput;
 use vireo_devices::virtio::balloon::BalloonHandle;
-use vireo_devices::virtio::console::ConsoleInput;
-use vireo_sandbox::seccomp::{self, SeccompError};
 use vireo_vmcore::snapshot::device::DeviceList;
 use vireo_vmcore::snapshot::SnapshotError;
+use vireo_vmcore::vcpu::VcpuStats;
+use vireo_vmcore::{ExitReason, RunState, RunningVm, VmError};
 
-/// The machine to run and how it starts.
-pub struct VmSpec {
-    /// The machine's vCPUs and memory: a boot's, or a migration target's
-    /// own definition the source's machine must match (a restore takes
-    /// the snapshot's).
-    pub vcpus: u32,
-    pub memory: MemorySize,
-    pub accel: Accel,
-    pub start: Start,
-    /// The per-thread seccomp filters; `None` runs without any.
-    pub seccomp: Option<seccomp::Policy>,
-    /// Where to listen for control commands.
-    pub control_socket: Option<PathBuf>,
-    /// Where `snapshot DIR` may write: beneath this directory only.
-    pub snapshot_dir_root: Option<PathBuf>,
-}
-
-/// How the machine comes to be.
-pub enum Start {
-    /// Boot a kernel with these virtio devices.
-    Boot {
-        boot: BootSpec,
-        devices: DeviceConfigs,
-    },
-    /// Restore the snapshot in `dir` (its memory mapped lazily if `lazy`),
-    /// its virtio devices rebuilt from the snapshot's record.
-    Restore {
-        dir: PathBuf,
-        lazy: bool,
-        overrides: RestoreOverrides,
-    },
-    /// Receive a running machine from a source, refused unless it is this
-    /// target's own definition: its `devices`, and which network devices
-    /// name their MAC (the others take the source's).
-    MigrateIn {
-        listen: crate::migrate::Listen,
-        devices: DeviceConfigs,
-        mac_given: Vec<bool>,
-    },
-}
-
-/// Where the guest's console input comes from.
-pub enum GuestConsole {
-    /// COM1 (ttyS0).
-    Serial(SerialInput),
-    /// virtio-console (hvc0).
-    Virtio(ConsoleInput),
-}
-
-/// What the front end does at fixed points of the start sequence.
-pub trait Frontend {
-    /// Tell the user something about how the VM runs (a slower backend).
-    fn notice(&mut self, message: &str);
-    /// An incoming migration listens on `addr` (a supervisor waits for
-    /// this to start the source).
-    fn migration_listening(&mut self, addr: &str);
-    /// The VM is confined and about to start: take the terminal (raw
-    /// mode) for the guest console, until the front end is dropped.
-    fn take_terminal(&mut self);
-    /// Stop the VM cleanly on the signals the front end handles.
-    fn stop_on_signals(&mut self, control: Arc<VmControl>);
-    /// The vCPUs run: feed the guest console from the user.
-    fn started(&mut self, console: GuestConsole, control: Arc<VmControl>);
-}
-
-/// Why a VM could not be built or run, or how it ended badly.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The seccomp filters could not be turned on.
-    #[error("{0}")]
-    SeccompPolicy(#[source] SeccompError),
-    #[error("{0}")]
-    Seccomp(#[from] SeccompError),
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    #[error(transparent)]
-    Boot(VmError),
-    #[error(transparent)]
-    Devices(#[from] DeviceError),
-    #[error("snapshot {}: {source}", .dir.display())]
-    Restore {
-        dir: PathBuf,
-        #[source]
-        source: RestoreError,
-    },
-    /// The target's own definition does not fit this host.
-    #[error(transparent)]
-    Machine(#[from] MachineMismatch),
-    /// The target cannot listen as asked.
-    #[error(transparent)]
-    Listen(#[from] crate::migrate::ListenError),
-    /// The listener or the incoming migration failed.
-    #[error("migration from {uri}: {reason}")]
-    MigrateIn { uri: String, reason: String },
-    #[error("control socket {}: {source}", .path.display())]
-    ControlSocket {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Start(VmError),
-    /// The VM ended with a fault or a failure.
-    #[error("{0}")]
-    Exit(ExitReason),
-}
-
-impl Error {
-    /// Whether the caller's input is at fault (a file, a definition, a
-    /// snapshot), not the VMM or the guest.
-    pub fn is_user_error(&self) -> bool {
-        match self {
-            Error::Backend(_)
-            | Error::Machine(_)
-            | Error::Listen(_)
-            | Error::MigrateIn { .. }
-            | Error::ControlSocket { .. } => true,
-            Error::Boot(e) => e.is_user_error(),
-            Error::Devices(e) => e.is_user_error(),
-            Error::Restore { source, .. } => source.is_user_error(),
-            Error::SeccompPolicy(_) | Error::Seccomp(_) | Error::Start(_) | Error::Exit(_) => false,
-        }
-    }
-}
-
-/// Why a snapshot could not be restored.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    #[error(transparent)]
-    Load(SnapshotError),
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-    #[error(transparent)]
-    Build(VmError),
-    #[error(transparent)]
-    Devices(#[from] RestoreDevicesError),
-    #[error(transparent)]
-    Device(#[from] DeviceError),
-    /// A saved state does not fit the rebuilt devices.
-    #[error(transparent)]
-    State(VmError),
-}
-
-impl RestoreError {
-    fn is_user_error(&self) -> bool {
-        match self {
-            RestoreError::Load(_) | RestoreError::Backend(_) | RestoreError::State(_) => true,
-            RestoreError::Devices(e) => matches!(e, RestoreDevicesError::Refused(_)),
-            RestoreError::Device(e) => e.is_user_error(),
-            RestoreError::Build(_) => false,
-        }
-    }
-}
-
-/// A built machine, not started yet.
-pub struct Vmm {
-    hv: Box<dyn Hypervisor>,
-    machine: machine::Machine,
-    attached: Attached,
-    control_socket: Option<PathBuf>,
-    snapshot_dir_root: Option<PathBuf>,
-}
-
-impl Vmm {
-    /// Turn the seccomp filters on (before any other thread starts:
-    /// restores and migrations start device and post-copy threads), then
-    /// build the machine the spec describes. Nothing has run in the guest
-    /// yet: the caller confines the process now (the jail), then calls
-    /// [`Vmm::run`].
-    pub fn build(spec: VmSpec, frontend: &mut dyn Frontend) -> Result<Vmm, Error> {
-        if let Some(policy) = spec.seccomp {
-            seccomp::enable(policy).map_err(Error::SeccompPolicy)?;
-        }
-        let fresh_boot = matches!(spec.start, Start::Boot { .. });
-        let (hv, machine, attached) = match spec.start {
-            Start::MigrateIn {
-                listen,
-                devices,
-                mac_given,
-            } => migrate_in(
-                frontend,
-                &listen,
-                devices,
-                &mac_given,
-                spec.vcpus,
-                spec.memory,
-                spec.accel,
-            )?,
-            Start::Restore {
-                dir,
-                lazy,
-                overrides,
-            } => restore_machine(&dir, lazy, &overrides, spec.accel)
-                .map_err(|source| Error::Restore { dir, source })?,
-            Start::Boot { boot, devices } => {
-                let hv = backend::open(spec.accel, &boot.kernel, &mut |m| frontend.notice(m))?;
-                let cfg = VmConfig {
-                    vcpus: spec.vcpus,
-                    memory: spec.memory,
-                    boot,
-                };
-                let mut machine = machine::build(hv.as_ref(), &cfg, Box::new(StdoutWriter))
-                    .map_err(Error::Boot)?;
-                let attached = devices::open(&mut machine, devices)?;
-                if let Some(info) = machine.vm.boot_info() {
-                    tracing::info!(
-                        "booting {}{} {} at {:#x} on {} with {} vCPU(s), {}",
-                        info.format,
-                        if info.unpacked {
-                            " (payload unpacked on the host)"
-                        } else {
-                            ""
-                        },
-                        cfg.boot.kernel.display(),
-                        info.entry,
-                        hv.name(),
-                        cfg.vcpus,
-                        cfg.memory
-                    );
-                }
-                (hv, machine, attached)
-            }
-        };
-        let host = HostVirt::detect();
-        let pvm_guest = machine.vm.boot_info().and_then(|i| i.pvm_guest);
-        if fresh_boot
-            && hv.kind() == BackendKind::Kvm
-            && host.kvm_is_pvm_only()
-            && pvm_guest != Some(true)
-        {
-            frontend.notice(
-                "note: /dev/kvm here is PVM (kvm_pvm) on a CPU without VT-x/AMD-V, and this kernel is not PVM-aware: \
-                 the host emulates each guest instruction (~1 µs), so a stock distro kernel takes many minutes to boot. \
-                 Small guests are fine; for a stock kernel use accel emu (vireo's emulator: seconds for the guest kit), \
-                 a PVM guest kernel, or a host with hardware virtualization.",
-            );
-        }
-        Ok(Vmm {
-            hv,
-            machine,
-            attached,
-            control_socket: spec.control_socket,
-            snapshot_dir_root: spec.snapshot_dir_root,
-        })
-    }
-
-    /// The host-side handles of the virtio devices (what a jail must keep
-    /// reachable).
-    pub fn attached(&self) -> &Attached {
-        &self.attached
-    }
-
-    /// Start the VM and carry out control commands until it exits: `Ok`
-    /// when it ended cleanly (or was reset on request).
-    pub fn run(self, frontend: &mut dyn Frontend) -> Result<(), Error> {
-        // The backend outlives the VM built on it.
-        let Vmm {
-            hv: _hv,
-            machine,
-            attached,
-            control_socket,
-            snapshot_dir_root,
-        } = self;
-        let machine::Machine {
-            vm,
-            input,
-            power_button,
-            devices,
-            ..
-        } = machine;
-        // The thread that starts threads for filtered ones (a device the
-        // guest activates from a vCPU), before any vCPU runs.
-        seccomp::start_launcher()?;
-        frontend.take_terminal();
-        let control_socket = match &control_socket {
-            Some(path) => Some(
-                control_socket::listen(path, snapshot_dir_root.as_deref()).map_err(|source| {
-                    Error::ControlSocket {
-                        path: path.clone(),
-                        source,
-                    }
-                })?,
-            ),
-            None => None,
-        };
-        let control = vm.control();
-        let vcpu_stats = vm.vcpu_stats();
-        frontend.stop_on_signals(Arc::clone(&control));
-        let running = vm.start().map_err(Error::Start)?;
-        let console_input = match attached.virtio_console.clone() {
-            Some(hvc) => GuestConsole::Virtio(hvc),
-            None => GuestConsole::Serial(input),
-        };
-        frontend.started(console_input, Arc::clone(&control));
-        // Set-up is done: the main thread only carries out control commands now.
-        seccomp::apply(seccomp::ThreadKind::Main)?;
-        let reset_requested = match &control_socket {
-            Some(socket) => serve_control(
-                &running,
-                &power_button,
-                &attached,
-                &vcpu_stats,
-                &Saveable {
-                    devices: &devices,
-                    attached: &attached,
-                },
-                socket,
-                frontend,
-            ),
-            None => false,
-        };
-        let reason = running.wait();
-        drop(control_socket);
-        match reason {
-            // The daemon tells a guest's own reset (restart it, count it
-            // against boot loops) from one it asked for by this line.
-            ExitReason::Reset if reset_requested => {
-                tracing::info!("the VM was reset on request");
-                Ok(())
-            }
-            r if r.is_clean() => {
-                tracing::info!("{r}");
-                Ok(())
-            }
-            other => Err(Error::Exit(other)),
-        }
-    }
-}
+use crate::control_socket::{self, Command, ControlSocket};
+use crate::devices::Attached;
+use crate::machine::PowerButton;
+use crate::migrate::{PemFile, SourceError};
+use crate::snapshot_devices;
+use crate::start::Frontend;
 
 /// Carry out control-socket commands until the VM exits; whether a
 /// `reset` command ended it.
-fn serve_control(
+pub(crate) fn serve_control(
     running: &RunningVm,
     power_button: &PowerButton,
     attached: &Attached,
@@ -449,22 +109,46 @@ fn serve_control(
 
 /// What a snapshot or a migration saves: every device by id (paused
 /// around it), and the record of the virtio devices and disks.
-struct Saveable<'a> {
-    devices: &'a DeviceList,
-    attached: &'a Attached,
+pub(crate) struct Saveable<'a> {
+    pub(crate) devices: &'a DeviceList,
+    pub(crate) attached: &'a Attached,
 }
 
 /// The front end's description of the machine recorded with its state:
 /// the device ids, the virtio devices (so a restore rebuilds them with no
 /// device flags, and a migration target checks its own against them) and
 /// the snapshot's disk copies.
-fn frontend(saveable: &Saveable<'_>, disks: Vec<snapshot_devices::DiskCopy>) -> serde_json::Value {
+fn frontend(
+    saveable: &Saveable<'_>,
+    disks: Vec<snapshot_devices::DiskCopy>,
+) -> Result<serde_json::Value, RecordDevicesError> {
     serde_json::to_value(snapshot_devices::FrontendRecord {
         devices: saveable.devices.ids(),
         virtio: saveable.attached.device_set.clone(),
         disks,
     })
-    .unwrap_or_default()
+    .map_err(RecordDevicesError)
+}
+
+/// The front end's description of the machine could not be recorded
+/// (a machine without it could not be restored or migrated in).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot record the machine's devices: {0}")]
+struct RecordDevicesError(#[source] serde_json::Error);
+
+/// Why `snapshot` failed.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotCommandError {
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Disks(#[from] snapshot_devices::CopyDisksError),
+    #[error(transparent)]
+    Record(#[from] RecordDevicesError),
+    #[error("dirty page tracking is off; take a full snapshot first")]
+    NoDirtyLog,
 }
 
 /// `migrate-to ...`: the reply, and whether the VM now runs on the target.
@@ -474,14 +158,18 @@ fn migrate_command(
     req: &crate::migrate::MigrateTo,
 ) -> (String, bool) {
     tracing::info!("migration to {} started", req.uri);
-    // Disks are shared storage: the target's own --disk names the same
+    // Disks are shared storage: the target's own disks name the same
     // images (it never opens the paths recorded here).
-    match crate::migrate::migrate_to(
-        running,
-        saveable.devices,
-        frontend(saveable, Vec::new()),
-        req,
-    ) {
+    let record = match frontend(saveable, Vec::new()) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                control_socket::error_reply(&format!("migration to {}: {e}", req.uri)),
+                false,
+            )
+        }
+    };
+    match crate::migrate::migrate_to(running, saveable.devices, record, req) {
         Ok(stats) => {
             tracing::info!(
                 "migration to {}: {} ms total, {} ms downtime, {} rounds, {} pages, {} bytes",
@@ -503,10 +191,39 @@ fn migrate_command(
         Err(e) => {
             tracing::warn!("migration to {} failed: {e}", req.uri);
             (
-                control_socket::error_reply(&format!("migration to {}: {e}", req.uri)),
+                control_socket::error_reply(&format!(
+                    "migration to {}: {}",
+                    req.uri,
+                    migrate_to_message(&e)
+                )),
                 false,
             )
         }
+    }
+}
+
+/// A `migrate-to` failure in the command's own words: the options it
+/// was given (`--ca`, `--cert`, `--key`, `--secret-file`) where the
+/// library names the file or the setting.
+fn migrate_to_message(e: &SourceError) -> String {
+    match e {
+        SourceError::NoCa(addr) => format!(
+            "{addr}: a TCP migration is always TLS: give --ca CA.pem (the CA of the target's --migrate-tls-cert), or use unix:PATH on this host"
+        ),
+        SourceError::TlsOnUnix(addr) => {
+            format!("{addr}: a Unix socket needs no TLS; drop --ca, --cert and --key")
+        }
+        SourceError::CertWithoutKey => {
+            "--cert and --key go together (the client certificate and its key)".into()
+        }
+        SourceError::Secret(e) => format!("--secret-file {e}"),
+        SourceError::Tls(e) => match e.file() {
+            Some(PemFile::Ca) => format!("--ca: {e}"),
+            Some(PemFile::ClientCert) => format!("--cert: {e}"),
+            Some(PemFile::ClientKey) => format!("--key: {e}"),
+            _ => e.to_string(),
+        },
+        other => other.to_string(),
     }
 }
 
@@ -562,10 +279,10 @@ fn snapshot_command(
     let mut disks = Vec::new();
     let result = running
         .capture(saveable.devices, serde_json::Value::Null)
+        .map_err(SnapshotCommandError::from)
         .and_then(|mut snap| {
-            disks = snapshot_devices::copy_disks(dir, &saveable.attached.disk_files)
-                .map_err(vireo_vmcore::snapshot::SnapshotError::Mismatch)?;
-            snap.config.frontend = frontend(saveable, disks.clone());
+            disks = snapshot_devices::copy_disks(dir, &saveable.attached.disk_files)?;
+            snap.config.frontend = frontend(saveable, disks.clone())?;
             Ok(snap)
         })
         .and_then(|snap| match &parent {
@@ -575,11 +292,9 @@ fn snapshot_command(
                 Ok(None)
             }
             Some(parent) => {
-                let dirty = running.take_snapshot_dirty()?.ok_or_else(|| {
-                    vireo_vmcore::VmError::Device(
-                        "dirty page tracking is off; take a full snapshot first".into(),
-                    )
-                })?;
+                let dirty = running
+                    .take_snapshot_dirty()?
+                    .ok_or(SnapshotCommandError::NoDirtyLog)?;
                 let pages = vireo_vmcore::snapshot::write_diff(
                     dir,
                     &snap,
@@ -644,246 +359,6 @@ fn snapshot_command(
         }
         Err(e) => control_socket::error_reply(&format!("snapshot to {}: {e}", dir.display())),
     }
-}
-
-/// A restore: check the snapshot in `dir` whole, open its backend, load
-/// its memory (or map it, `lazy`) and build the machine in the saved
-/// state, its virtio devices included (see [`restore_virtio`]).
-fn restore_machine(
-    dir: &Path,
-    lazy: bool,
-    overrides: &RestoreOverrides,
-    accel: Accel,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), RestoreError> {
-    let loaded = vireo_vmcore::snapshot::load(dir).map_err(RestoreError::Load)?;
-    let backend = loaded.snapshot.config.backend;
-    let hv = backend::for_saved(backend, accel)?;
-    let started = std::time::Instant::now();
-    let mut progress = |done: u64, total: u64| {
-        if total >= 1 << 30 && done % (256 << 20) == 0 {
-            tracing::info!("restore: {} of {} MiB read", done >> 20, total >> 20);
-        }
-    };
-    let memory = loaded
-        .memory(lazy, &mut progress)
-        .map_err(RestoreError::Load)?;
-    let mut machine = machine::restore(hv.as_ref(), &loaded, memory, Box::new(StdoutWriter))
-        .map_err(RestoreError::Build)?;
-    let attached = restore_virtio(&mut machine, &loaded.snapshot, overrides, dir)?;
-    tracing::info!(
-        "restored {} ({} vCPU(s), {} on {}) in {} ms{}",
-        dir.display(),
-        loaded.snapshot.config.vcpus,
-        loaded.snapshot.config.memory,
-        backend,
-        started.elapsed().as_millis(),
-        if lazy { ", memory mapped lazily" } else { "" }
-    );
-    Ok((hv, machine, attached))
-}
-
-/// Rebuild the virtio devices a snapshot records (disks rolled back, or
-/// the `overrides`) and load every device's saved state.
-fn restore_virtio(
-    machine: &mut machine::Machine,
-    snap: &vireo_vmcore::snapshot::VmSnapshot,
-    overrides: &RestoreOverrides,
-    dir: &Path,
-) -> Result<Attached, RestoreError> {
-    let configs = snapshot_devices::restore_configs(dir, &snap.config.frontend, overrides)?;
-    let attached = devices::open(machine, configs)?;
-    // A saved state that does not fit the rebuilt devices (a damaged
-    // snapshot, an override of another size) is the caller's to fix.
-    machine::restore_devices(machine, snap).map_err(RestoreError::State)?;
-    Ok(attached)
-}
-
-/// Build a migrated machine from its state and memory: the vCPUs and
-/// platform, then the virtio devices of this target's own definition
-/// (checked against the source's record again: the state's record is
-/// the one the configuration carried), then every device's state.
-fn build_migrated(
-    hv: &dyn Hypervisor,
-    loaded: &vireo_vmcore::snapshot::LoadedSnapshot,
-    memory: vireo_vmcore::memory::GuestMemory,
-    own: &DeviceConfigs,
-    mac_given: &[bool],
-) -> Result<(machine::Machine, Attached), String> {
-    let configs = snapshot_devices::migrated_configs(
-        &loaded.snapshot.config.frontend,
-        own.clone(),
-        mac_given,
-    )?;
-    let mut machine = machine::restore(hv, loaded, memory, Box::new(StdoutWriter))
-        .map_err(|e| format!("cannot build the migrated VM: {e}"))?;
-    let attached = devices::open(&mut machine, configs).map_err(|e| e.to_string())?;
-    machine::restore_devices(&machine, &loaded.snapshot)
-        .map_err(|e| format!("the migrated device state does not fit: {e}"))?;
-    Ok((machine, attached))
-}
-
-/// How a machine differs from this target's definition or does not fit
-/// this host.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MachineMismatch {
-    #[error("the source's VM has {source_vcpus} vCPU(s), this target's definition {own}")]
-    Vcpus { source_vcpus: u32, own: u32 },
-    #[error("the source's VM has {source_memory} of memory, this target's definition {own}")]
-    Memory {
-        source_memory: MemorySize,
-        own: MemorySize,
-    },
-    #[error("{vcpus} vCPUs: this backend runs 1 to {max} vCPUs")]
-    VcpusOutOfRange { vcpus: u32, max: u32 },
-    #[error("{memory} of memory: at least {min} MiB")]
-    TooLittleMemory { memory: MemorySize, min: u64 },
-    #[error("{memory} of memory: more than this host's {host} MiB of RAM and swap")]
-    MoreThanHost { memory: MemorySize, host: u64 },
-}
-
-/// The machine a source offers, checked against this target's own
-/// definition (its vCPUs and memory) and the host before any memory is
-/// allocated: equal vCPUs and memory, within the backend's vCPU limit and
-/// the host's memory (RAM plus swap).
-fn check_offered_machine(
-    config: &vireo_vmcore::snapshot::MachineConfig,
-    cpus: u32,
-    memory: MemorySize,
-    max_vcpus: u32,
-    host_memory_mib: Option<u64>,
-) -> Result<(), MachineMismatch> {
-    if config.vcpus != cpus {
-        return Err(MachineMismatch::Vcpus {
-            source_vcpus: config.vcpus,
-            own: cpus,
-        });
-    }
-    if config.memory != memory {
-        return Err(MachineMismatch::Memory {
-            source_memory: config.memory,
-            own: memory,
-        });
-    }
-    check_fits_host(cpus, memory, max_vcpus, host_memory_mib)
-}
-
-/// vCPUs within the backend's limit, memory within the host's.
-fn check_fits_host(
-    cpus: u32,
-    memory: MemorySize,
-    max_vcpus: u32,
-    host_memory_mib: Option<u64>,
-) -> Result<(), MachineMismatch> {
-    if cpus == 0 || cpus > max_vcpus {
-        return Err(MachineMismatch::VcpusOutOfRange {
-            vcpus: cpus,
-            max: max_vcpus,
-        });
-    }
-    if memory.mib() < vireo_vmcore::vm::MIN_MEMORY_MIB {
-        return Err(MachineMismatch::TooLittleMemory {
-            memory,
-            min: vireo_vmcore::vm::MIN_MEMORY_MIB,
-        });
-    }
-    if let Some(host) = host_memory_mib {
-        if memory.mib() > host {
-            return Err(MachineMismatch::MoreThanHost { memory, host });
-        }
-    }
-    Ok(())
-}
-
-/// An incoming migration: check this target's own definition, receive
-/// the machine from a source (refused unless it is that machine), build
-/// it from the target's own devices, acknowledge.
-fn migrate_in(
-    frontend: &mut dyn Frontend,
-    listen: &crate::migrate::Listen,
-    own: DeviceConfigs,
-    mac_given: &[bool],
-    cpus: u32,
-    memory: MemorySize,
-    accel: Accel,
-) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Error> {
-    let uri = listen.uri.as_str();
-    let own_set = snapshot_devices::DeviceSet::from_configs(&own);
-    let host_mib = vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20);
-    check_fits_host(cpus, memory, vireo_vmcore::vm::MAX_VCPUS_XAPIC, host_mib)?;
-    crate::migrate::check_listen(listen)?;
-    let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
-        let hv = backend::for_saved(config.backend, accel).map_err(|e| e.to_string())?;
-        let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
-        check_offered_machine(config, cpus, memory, max, host_mib).map_err(|e| e.to_string())?;
-        snapshot_devices::check_peer_record(&config.frontend, &own_set, mac_given)
-    };
-    let refused = |reason: String| Error::MigrateIn {
-        uri: uri.to_string(),
-        reason,
-    };
-    let started = std::time::Instant::now();
-    let incoming = crate::migrate::receive(listen, &check, &mut |addr| {
-        frontend.migration_listening(addr)
-    })
-    .map_err(refused)?;
-    let config = incoming.loaded.snapshot.config.clone();
-    let hv = match backend::for_saved(config.backend, accel) {
-        Ok(hv) => hv,
-        Err(e) => {
-            let e = e.to_string();
-            incoming.refuse(&e);
-            return Err(refused(e));
-        }
-    };
-    if incoming.postcopy.is_some() {
-        // Post-copy: guest memory is armed before anything (the device
-        // restore included) touches a page that is still at the source.
-        let loaded = vireo_vmcore::snapshot::LoadedSnapshot::without_memory(
-            incoming.loaded.snapshot.clone(),
-        );
-        let memory = incoming.memory.clone();
-        let target = incoming.start_postcopy().map_err(refused)?;
-        let (machine, attached) =
-            match build_migrated(hv.as_ref(), &loaded, memory, &own, mac_given) {
-                Ok(m) => m,
-                Err(msg) => {
-                    target.refuse(&msg);
-                    return Err(refused(msg));
-                }
-            };
-        target.ack(machine.vm.control());
-        tracing::info!(
-            "migrated in (post-copy): {} vCPU(s), {} on {} ({} ms after listening); \
-             the rest of memory follows while the guest runs",
-            config.vcpus,
-            config.memory,
-            config.backend,
-            started.elapsed().as_millis()
-        );
-        return Ok((hv, machine, attached));
-    }
-    let (machine, attached) = match build_migrated(
-        hv.as_ref(),
-        &incoming.loaded,
-        incoming.memory.clone(),
-        &own,
-        mac_given,
-    ) {
-        Ok(m) => m,
-        Err(msg) => {
-            incoming.refuse(&msg);
-            return Err(refused(msg));
-        }
-    };
-    incoming.ack().map_err(refused)?;
-    tracing::info!(
-        "migrated in: {} vCPU(s), {} on {} ({} ms after listening)",
-        config.vcpus,
-        config.memory,
-        config.backend,
-        started.elapsed().as_millis()
-    );
-    Ok((hv, machine, attached))
 }
 
 /// The `stats` reply's counters: vCPU exits, disk and network I/O.
@@ -961,6 +436,7 @@ fn state_name(state: RunState) -> &'static str {
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
+    use std::sync::Arc;
     use vireo_devices::virtio::block::BlockCounters;
     use vireo_devices::virtio::net::NetCounters;
 
@@ -991,43 +467,14 @@ mod tests {
         );
     }
 
-    fn mib(n: u64) -> MemorySize {
-        MemorySize::from_mib(n).unwrap()
-    }
-
-    fn offered(vcpus: u32, memory_mib: u64) -> vireo_vmcore::snapshot::MachineConfig {
-        vireo_vmcore::snapshot::MachineConfig {
-            backend: BackendKind::Emu,
-            vcpus,
-            memory: mib(memory_mib),
-            frontend: serde_json::Value::Null,
-        }
-    }
-
-    /// A forged configuration of 4 TiB (or other vCPUs) is refused by the
-    /// check that runs before guest memory is allocated.
+    /// The library names the file or setting; the control socket's
+    /// reply names the `migrate-to` option.
     #[test]
-    fn the_offered_machine_must_be_the_targets_own_and_fit_the_host() {
-        let four_tib = 4 << 20;
-        let e =
-            check_offered_machine(&offered(1, four_tib), 1, mib(64), 64, Some(8192)).unwrap_err();
-        assert_eq!(
-            e,
-            MachineMismatch::Memory {
-                source_memory: mib(four_tib),
-                own: mib(64)
-            }
-        );
-        assert!(e.to_string().contains("4194304 MiB"), "{e}");
-        let e = check_offered_machine(&offered(4, 64), 1, mib(64), 64, Some(8192)).unwrap_err();
-        assert!(e.to_string().contains("4 vCPU(s)"), "{e}");
-        // Even a target defined that big is refused by the host check.
-        let e = check_offered_machine(&offered(1, four_tib), 1, mib(four_tib), 64, Some(8192))
-            .unwrap_err();
-        assert!(e.to_string().contains("more than this host"), "{e}");
-        let e =
-            check_offered_machine(&offered(300, 64), 300, mib(64), 254, Some(8192)).unwrap_err();
-        assert!(e.to_string().contains("1 to 254"), "{e}");
-        assert!(check_offered_machine(&offered(2, 64), 2, mib(64), 64, Some(8192)).is_ok());
+    fn migrate_to_failures_name_the_commands_options() {
+        let addr = crate::migrate::parse_addr("tcp:h:1").unwrap();
+        let m = migrate_to_message(&SourceError::NoCa(addr));
+        assert!(m.contains("always TLS") && m.contains("--ca CA.pem"), "{m}");
+        let m = migrate_to_message(&SourceError::CertWithoutKey);
+        assert!(m.contains("--cert and --key"), "{m}");
     }
 }

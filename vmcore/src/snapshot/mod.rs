@@ -16,7 +16,7 @@
 pub mod device;
 pub mod format;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -32,12 +32,48 @@ use format::{FormatError, MemoryRegionRecord, StateFile, FLAG_DIFF, MEMORY_FILE,
 pub enum SnapshotError {
     #[error(transparent)]
     Format(#[from] FormatError),
-    #[error("{0}")]
-    Unsupported(String),
     #[error(transparent)]
     Devices(#[from] DeviceListError),
-    #[error("{0}")]
-    Mismatch(String),
+    #[error("{} already holds a snapshot; pick a new directory or delete it first", .0.display())]
+    AlreadyHolds(PathBuf),
+    #[error("a diff snapshot cannot go into its parent's directory")]
+    DiffIntoParent,
+    #[error("{} holds no snapshot ({STATE_FILE} is missing)", .0.display())]
+    NoSnapshot(PathBuf),
+    #[error("{}: the chain of diff snapshots is longer than {MAX_CHAIN} (or loops); take a full snapshot", .0.display())]
+    ChainTooLong(PathBuf),
+    #[error("{} is a diff snapshot of {parent}, which holds no snapshot any more; restore needs its parent (restore the parent, or take a full snapshot)", .dir.display())]
+    ParentGone { dir: PathBuf, parent: String },
+    #[error("{} is a diff snapshot of {parent}, but that snapshot changed since (its state checksum is {found:#010x}, the diff expects {expected:#010x})", .dir.display())]
+    ParentChanged {
+        dir: PathBuf,
+        parent: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{} is a diff of {parent}, which describes another machine", .dir.display())]
+    ParentMachine { dir: PathBuf, parent: String },
+    /// Guest memory for the saved machine could not be made.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error("cannot map {} at offset {offset}: {source}", .path.display())]
+    MapMemory {
+        path: PathBuf,
+        offset: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("memory region at {0:#x} wraps")]
+    RegionWraps(u64),
+    #[error("guest memory layout: {0}")]
+    MemoryLayout(#[source] vm_memory::GuestRegionCollectionError),
+    /// The saved machine ran on another backend.
+    #[error("the snapshot was taken on the {saved} backend and cannot be restored on {running}")]
+    Backend {
+        saved: vireo_hypervisor::BackendKind,
+        running: vireo_hypervisor::BackendKind,
+    },
+    #[error("the VM must be paused to capture its state (it is {0:?})")]
+    NotPaused(crate::RunState),
     #[error(transparent)]
     Hypervisor(#[from] vireo_hypervisor::HypervisorError),
     #[error("{path}: {source}")]
@@ -140,15 +176,10 @@ pub fn write_diff(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let state = state_path(dir);
     if state.exists() {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} already holds a snapshot; pick a new directory or delete it first",
-            dir.display()
-        )));
+        return Err(SnapshotError::AlreadyHolds(dir.to_path_buf()));
     }
     if std::fs::canonicalize(dir).map_err(io(dir))? == parent_dir {
-        return Err(SnapshotError::Mismatch(
-            "a diff snapshot cannot go into its parent's directory".into(),
-        ));
+        return Err(SnapshotError::DiffIntoParent);
     }
     let regions: Vec<(u64, &[u8])> = mem
         .iter()
@@ -213,10 +244,7 @@ pub fn write(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let state = state_path(dir);
     if state.exists() {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} already holds a snapshot; pick a new directory or delete it first",
-            dir.display()
-        )));
+        return Err(SnapshotError::AlreadyHolds(dir.to_path_buf()));
     }
     let regions: Vec<(u64, &[u8])> = mem
         .iter()
@@ -318,11 +346,7 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, SnapshotError> {
 fn load_chain(dir: &Path, depth: usize) -> Result<LoadedSnapshot, SnapshotError> {
     let state = state_path(dir);
     if !state.exists() {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} holds no snapshot ({} is missing)",
-            dir.display(),
-            STATE_FILE
-        )));
+        return Err(SnapshotError::NoSnapshot(dir.to_path_buf()));
     }
     let file = StateFile::read(&state)?;
     let snapshot = snapshot_of(&file)?;
@@ -356,36 +380,31 @@ fn load_chain(dir: &Path, depth: usize) -> Result<LoadedSnapshot, SnapshotError>
     let parent: ParentRef = file.json(PARENT)?;
     let runs: Vec<Vec<(u64, u64)>> = file.json(MEMORY_PAGES)?;
     if depth >= MAX_CHAIN {
-        return Err(SnapshotError::Mismatch(format!(
-            "{}: the chain of diff snapshots is longer than {MAX_CHAIN} (or loops); take a full snapshot",
-            dir.display()
-        )));
+        return Err(SnapshotError::ChainTooLong(dir.to_path_buf()));
     }
     let parent_dir = Path::new(&parent.dir);
     if !state_path(parent_dir).exists() {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} is a diff snapshot of {}, which holds no snapshot any more; restore needs its parent (restore the parent, or take a full snapshot)",
-            dir.display(),
-            parent.dir
-        )));
+        return Err(SnapshotError::ParentGone {
+            dir: dir.to_path_buf(),
+            parent: parent.dir,
+        });
     }
     let crc = state_checksum(parent_dir)?;
     if crc != parent.state_crc32 {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} is a diff snapshot of {}, but that snapshot changed since (its state checksum is {crc:#010x}, the diff expects {:#010x})",
-            dir.display(),
-            parent.dir,
-            parent.state_crc32
-        )));
+        return Err(SnapshotError::ParentChanged {
+            dir: dir.to_path_buf(),
+            parent: parent.dir,
+            found: crc,
+            expected: parent.state_crc32,
+        });
     }
     let mut base = load_chain(parent_dir, depth + 1)?;
     let pc = &base.snapshot.config;
     if pc.backend != config.backend || pc.vcpus != config.vcpus || pc.memory != config.memory {
-        return Err(SnapshotError::Mismatch(format!(
-            "{} is a diff of {}, which describes another machine",
-            dir.display(),
-            parent.dir
-        )));
+        return Err(SnapshotError::ParentMachine {
+            dir: dir.to_path_buf(),
+            parent: parent.dir,
+        });
     }
     base.diffs.push(DiffLayer {
         dir: dir.to_path_buf(),
@@ -452,8 +471,7 @@ impl LoadedSnapshot {
         if lazy {
             return self.map_memory();
         }
-        let mem = memory::create_guest_memory(&self.snapshot.config.ram_layout())
-            .map_err(|e| SnapshotError::Mismatch(e.to_string()))?;
+        let mem = memory::create_guest_memory(&self.snapshot.config.ram_layout())?;
         let mut slices: Vec<&mut [u8]> = mem
             .iter()
             .map(|r| {
@@ -485,20 +503,15 @@ impl LoadedSnapshot {
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
             .build()
-            .map_err(|e| {
-                SnapshotError::Mismatch(format!(
-                    "cannot map {} at offset {}: {e}",
-                    self.memory_path.display(),
-                    r.file_offset
-                ))
+            .map_err(|e| SnapshotError::MapMemory {
+                path: self.memory_path.clone(),
+                offset: r.file_offset,
+                source: e,
             })?;
-            let region =
-                GuestRegionMmap::new(region, GuestAddress(r.guest_addr)).ok_or_else(|| {
-                    SnapshotError::Mismatch(format!("memory region at {:#x} wraps", r.guest_addr))
-                })?;
+            let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+                .ok_or_else(|| SnapshotError::RegionWraps(r.guest_addr))?;
             regions.push(region);
         }
-        GuestMemory::from_regions(regions)
-            .map_err(|e| SnapshotError::Mismatch(format!("guest memory layout: {e}")))
+        GuestMemory::from_regions(regions).map_err(SnapshotError::MemoryLayout)
     }
 }

@@ -31,7 +31,7 @@ use vireo_vmcore::migration::{self as stream, Kind, MessageBuffer, MigrationErro
 use vireo_vmcore::{ExitReason, VmControl};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::migrate::{Conn, Sock};
+use super::transport::{Conn, Sock};
 
 /// How long a side waits for a read before going back to sending.
 const POLL: Duration = Duration::from_millis(2);
@@ -52,13 +52,73 @@ pub struct PostcopyStats {
     pub postcopy_ms: u64,
 }
 
+/// Which side of the link a post-copy error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Source,
+    Target,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Peer::Source => "the source",
+            Peer::Target => "the target",
+        })
+    }
+}
+
+/// Why post-copy failed, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    #[error("{0}: {1}")]
+    Receive(Peer, #[source] MigrationError),
+    #[error("sending to {0}: {1}")]
+    Send(Peer, #[source] MigrationError),
+    /// The peer said why it stopped.
+    #[error(transparent)]
+    Refused(MigrationError),
+    /// A message that does not parse.
+    #[error(transparent)]
+    Decode(MigrationError),
+    #[error("{0} sent {1:?} during post-copy")]
+    Unexpected(Peer, Kind),
+    #[error("the target finished before acknowledging the state")]
+    CompleteBeforeAck,
+    #[error("the target asked for a page of region {0}, which does not exist")]
+    RequestedRegion(u32),
+    #[error("the target asked for page {page} outside region {region}")]
+    RequestedPage { region: u32, page: u64 },
+    #[error("the source sent pages of region {0}, which does not exist")]
+    SentRegion(u32),
+    #[error("the source sent page {page} outside region {region}")]
+    SentPage { region: u32, page: u64 },
+    #[error("a fault at {0:#x}, outside guest RAM")]
+    FaultOutside(u64),
+    #[error("no word from {peer} for {} s", .silence.as_secs())]
+    Silence { peer: Peer, silence: Duration },
+    /// Guest memory's missing pages (userfaultfd).
+    #[error("{0}")]
+    Demand(#[source] vireo_vmcore::demand::DemandError),
+    #[error("post-copy eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start the post-copy {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
+}
+
 /// How the source's serve loop ended.
+#[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// Before the target acknowledged the state: the guest never ran
     /// there, the source may resume it.
-    BeforeAck(String),
+    #[error("{0}; the VM keeps running here")]
+    BeforeAck(PostcopyError),
     /// After: the guest's memory is split; the source must stay paused.
-    AfterAck(String),
+    #[error("post-copy failed after the target took over: {0}; the VM is paused here with its memory intact (the target stops its copy): resume it here with `resume` only if the target's copy is gone")]
+    AfterAck(PostcopyError),
 }
 
 /// The source after the switch: answer the target's requests first and,
@@ -83,7 +143,7 @@ pub fn serve(
     let mut acked_at: Option<Instant> = None;
     let mut heard = Instant::now();
     let regions: Vec<_> = mem.iter().collect();
-    let fail = |acked: bool, msg: String| {
+    let fail = |acked: bool, msg: PostcopyError| {
         if acked {
             ServeError::AfterAck(msg)
         } else {
@@ -103,19 +163,24 @@ pub fn serve(
         };
         if readable([tcp.as_raw_fd()], wait)[0] {
             buf.fill(conn)
-                .map_err(|e| fail(acked_at.is_some(), format!("the target: {e}")))?;
+                .map_err(|e| fail(acked_at.is_some(), PostcopyError::Receive(Peer::Target, e)))?;
         }
         loop {
             let msg = match buf.next_message() {
                 Ok(m) => m,
-                Err(e) => return Err(fail(acked_at.is_some(), format!("the target: {e}"))),
+                Err(e) => {
+                    return Err(fail(
+                        acked_at.is_some(),
+                        PostcopyError::Receive(Peer::Target, e),
+                    ))
+                }
             };
             let Some((kind, payload)) = msg else { break };
             heard = Instant::now();
             match kind {
                 Kind::PageRequest => match stream::decode_request(&payload) {
                     Ok(r) => requests.push_back(r),
-                    Err(e) => return Err(fail(acked_at.is_some(), e.to_string())),
+                    Err(e) => return Err(fail(acked_at.is_some(), PostcopyError::Decode(e))),
                 },
                 Kind::Ack => {
                     acked_at = Some(Instant::now());
@@ -125,14 +190,12 @@ pub fn serve(
                     let why = String::from_utf8_lossy(&payload).to_string();
                     return Err(fail(
                         acked_at.is_some(),
-                        MigrationError::Refused(why).to_string(),
+                        PostcopyError::Refused(MigrationError::Refused(why)),
                     ));
                 }
                 Kind::Complete => {
                     if acked_at.is_none() {
-                        return Err(ServeError::BeforeAck(
-                            "the target finished before acknowledging the state".into(),
-                        ));
+                        return Err(ServeError::BeforeAck(PostcopyError::CompleteBeforeAck));
                     }
                     stats.postcopy_ms = acked_at.map_or(0, |t| t.elapsed().as_millis() as u64);
                     return Ok(());
@@ -140,7 +203,7 @@ pub fn serve(
                 other => {
                     return Err(fail(
                         acked_at.is_some(),
-                        format!("the target sent {other:?} during post-copy"),
+                        PostcopyError::Unexpected(Peer::Target, other),
                     ))
                 }
             }
@@ -151,13 +214,13 @@ pub fn serve(
             let Some(r) = regions.get(region as usize) else {
                 return Err(fail(
                     acked_at.is_some(),
-                    format!("the target asked for a page of region {region}, which does not exist"),
+                    PostcopyError::RequestedRegion(region),
                 ));
             };
             if stream::page_offset(r.len(), page).is_none() {
                 return Err(fail(
                     acked_at.is_some(),
-                    format!("the target asked for page {page} outside region {region}"),
+                    PostcopyError::RequestedPage { region, page },
                 ));
             }
             clear(&mut pending[region as usize], page);
@@ -218,7 +281,10 @@ pub fn serve(
         } else if heard.elapsed() > SILENCE {
             return Err(fail(
                 acked_at.is_some(),
-                format!("no word from the target for {} s", SILENCE.as_secs()),
+                PostcopyError::Silence {
+                    peer: Peer::Target,
+                    silence: SILENCE,
+                },
             ));
         }
     }
@@ -240,11 +306,11 @@ fn readable<const N: usize>(fds: [RawFd; N], timeout: Duration) -> [bool; N] {
     p.map(|q| q.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
 }
 
-fn write(conn: &mut dyn Conn, kind: Kind, payload: &[u8]) -> Result<u64, String> {
+fn write(conn: &mut dyn Conn, kind: Kind, payload: &[u8]) -> Result<u64, PostcopyError> {
     let n = stream::write_message(conn, kind, payload)
-        .map_err(|e| format!("sending to the target: {e}"))?;
+        .map_err(|e| PostcopyError::Send(Peer::Target, e))?;
     conn.flush()
-        .map_err(|e| format!("sending to the target: {e}"))?;
+        .map_err(|e| PostcopyError::Send(Peer::Target, MigrationError::Io(e)))?;
     Ok(n)
 }
 
@@ -290,9 +356,10 @@ impl Target {
         missing: &[Vec<u64>],
         conn: Box<dyn Conn>,
         tcp: Sock,
-    ) -> Result<Target, String> {
-        let demand =
-            Arc::new(DemandMemory::register_missing(memory, missing).map_err(|e| e.to_string())?);
+    ) -> Result<Target, PostcopyError> {
+        let demand = Arc::new(
+            DemandMemory::register_missing(memory, missing).map_err(PostcopyError::Demand)?,
+        );
         let total = demand.missing();
         tracing::info!(
             "post-copy: {total} pages ({} MiB) to fetch while the guest runs",
@@ -302,8 +369,7 @@ impl Target {
         let done = Arc::new(AtomicBool::new(false));
         let (faults_tx, faults) = channel::<u64>();
         let (commands, commands_rx) = channel();
-        let wake =
-            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| format!("post-copy eventfd: {e}"))?);
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(PostcopyError::EventFd)?);
         {
             let demand = demand.clone();
             let done = done.clone();
@@ -329,7 +395,10 @@ impl Target {
                     }
                 },
             )
-            .map_err(|e| format!("cannot start the post-copy fault thread: {e}"))?;
+            .map_err(|source| PostcopyError::Thread {
+                name: "fault",
+                source,
+            })?;
         }
         {
             let done = done.clone();
@@ -363,7 +432,10 @@ impl Target {
                     }
                 },
             )
-            .map_err(|e| format!("cannot start the post-copy thread: {e}"))?;
+            .map_err(|source| PostcopyError::Thread {
+                name: "link",
+                source,
+            })?;
         }
         Ok(Target {
             commands,
@@ -409,7 +481,7 @@ struct Link {
 }
 
 impl Link {
-    fn run(&mut self) -> Result<(), String> {
+    fn run(&mut self) -> Result<(), PostcopyError> {
         let _ = self.tcp.set_read_timeout(Some(POLL));
         let mut buf = MessageBuffer::new(stream::MAX_PAGES_PAYLOAD);
         let mut heard = Instant::now();
@@ -451,15 +523,16 @@ impl Link {
             }
             if sock {
                 buf.fill(self.conn.as_mut())
-                    .map_err(|e| format!("the source: {e}"))?;
+                    .map_err(|e| PostcopyError::Receive(Peer::Source, e))?;
             } else if heard.elapsed() > SILENCE {
-                return Err(format!(
-                    "no word from the source for {} s",
-                    SILENCE.as_secs()
-                ));
+                return Err(PostcopyError::Silence {
+                    peer: Peer::Source,
+                    silence: SILENCE,
+                });
             }
-            while let Some((kind, payload)) =
-                buf.next_message().map_err(|e| format!("the source: {e}"))?
+            while let Some((kind, payload)) = buf
+                .next_message()
+                .map_err(|e| PostcopyError::Receive(Peer::Source, e))?
             {
                 self.handle(kind, &payload)?;
                 heard = Instant::now();
@@ -468,14 +541,15 @@ impl Link {
     }
 
     /// A message from the source.
-    fn handle(&mut self, kind: Kind, payload: &[u8]) -> Result<(), String> {
+    fn handle(&mut self, kind: Kind, payload: &[u8]) -> Result<(), PostcopyError> {
         match kind {
             Kind::Pages => {
                 let (region, pages, data) =
-                    stream::decode_pages(payload).map_err(|e| e.to_string())?;
-                let &(base, len) = self.regions.get(region as usize).ok_or_else(|| {
-                    format!("the source sent pages of region {region}, which does not exist")
-                })?;
+                    stream::decode_pages(payload).map_err(PostcopyError::Decode)?;
+                let &(base, len) = self
+                    .regions
+                    .get(region as usize)
+                    .ok_or(PostcopyError::SentRegion(region))?;
                 for (page, bytes) in pages
                     .iter()
                     .zip(data.chunks_exact(stream::PAGE_SIZE as usize))
@@ -483,40 +557,43 @@ impl Link {
                     // A page number from the peer: checked, no overflow.
                     let gpa = stream::page_offset(len, *page)
                         .and_then(|off| base.checked_add(off as u64))
-                        .ok_or_else(|| {
-                            format!("the source sent page {page} outside region {region}")
+                        .ok_or(PostcopyError::SentPage {
+                            region,
+                            page: *page,
                         })?;
                     if self.requested.remove(&gpa) {
                         self.fetched += 1;
                     }
-                    self.demand.install(gpa, bytes).map_err(|e| e.to_string())?;
+                    self.demand
+                        .install(gpa, bytes)
+                        .map_err(PostcopyError::Demand)?;
                 }
                 Ok(())
             }
-            Kind::Error => {
-                Err(MigrationError::Refused(String::from_utf8_lossy(payload).into()).to_string())
-            }
-            other => Err(format!("the source sent {other:?} during post-copy")),
+            Kind::Error => Err(PostcopyError::Refused(MigrationError::Refused(
+                String::from_utf8_lossy(payload).into(),
+            ))),
+            other => Err(PostcopyError::Unexpected(Peer::Source, other)),
         }
     }
 
-    fn locate(&self, gpa: u64) -> Result<(u32, u64), String> {
+    fn locate(&self, gpa: u64) -> Result<(u32, u64), PostcopyError> {
         self.regions
             .iter()
             .position(|&(base, len)| gpa >= base && gpa - base < len)
             .map(|i| (i as u32, (gpa - self.regions[i].0) / stream::PAGE_SIZE))
-            .ok_or_else(|| format!("a fault at {gpa:#x}, outside guest RAM"))
+            .ok_or(PostcopyError::FaultOutside(gpa))
     }
 
-    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), String> {
+    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), PostcopyError> {
         stream::write_message(self.conn.as_mut(), kind, payload)
             .and_then(|_| self.conn.flush().map_err(MigrationError::Io))
-            .map_err(|e| format!("sending to the source: {e}"))
+            .map_err(|e| PostcopyError::Send(Peer::Source, e))
     }
 }
 
 /// Pages set in any of `bitmaps`.
-pub fn count(bitmaps: &[Vec<u64>]) -> u64 {
+pub(super) fn count(bitmaps: &[Vec<u64>]) -> u64 {
     bitmaps.iter().map(|b| dirty::count(b)).sum()
 }
 
