@@ -13,7 +13,8 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::model::{now_secs, rfc3339, Accel, Devices, SnapshotDisk, Vm, VmConfig, VmState};
+use crate::model::{now_secs, rfc3339, Devices, SnapshotDisk, Vm, VmConfig, VmState};
+use vireo_api::vm::Accel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -4,57 +4,25 @@
 use std::path::Path;
 
 use serde::{Deserialize, Deserializer, Serialize};
-use vireo_devices::options::{Options, OptionsError};
-use vireo_devices::virtio::balloon::BalloonConfig;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::net::{Mac, NetConfig};
-use vireo_devices::virtio::rng::RngConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::balloon::BalloonConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::net::{Mac, NetConfig};
+use vireo_api::devices::rng::RngConfig;
+use vireo_api::devices::vsock::VsockConfig;
+use vireo_api::options::OptionsError;
+use vireo_api::units::MemorySize;
+use vireo_api::vm::Accel;
+use vireo_api::vm::{
+    check_balloon, check_resources, HostLimits, LimitError, DEFAULT_MEMORY, DEFAULT_VCPUS,
+    MAX_CMDLINE, MAX_VCPUS, MIN_MEMORY, MIN_VCPUS,
+};
 
-/// Fewest vCPUs and most (xAPIC ids) a VM may have.
-pub const MIN_VCPUS: u32 = 1;
-pub const MAX_VCPUS: u32 = vireo_vmcore::vm::MAX_VCPUS_XAPIC;
-/// Smallest guest RAM `vireo run` accepts.
-pub const MIN_MEMORY_MIB: u64 = vireo_vmcore::vm::MIN_MEMORY_MIB;
-pub const DEFAULT_VCPUS: u32 = 1;
-pub const DEFAULT_MEMORY_MIB: u64 = 256;
-/// The Linux boot protocol's command line limit (without the NUL).
-pub const MAX_CMDLINE: usize = 2047;
 pub const MAX_NAME: usize = 63;
 /// The file a guest kit directory holds (see `vireo image build`).
 pub const KIT_MANIFEST: &str = "vireo-kit.conf";
 /// Most disks and network devices a VM may have (each is a PCI function).
 pub const MAX_DISKS: usize = 16;
 pub const MAX_NETS: usize = 8;
-
-/// Which backend runs the VM, as `vireo run --accel`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    #[default]
-    Auto,
-    Emu,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Auto => "auto",
-            Accel::Emu => "emu",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Accel> {
-        match s {
-            "kvm" => Some(Accel::Kvm),
-            "auto" => Some(Accel::Auto),
-            "emu" => Some(Accel::Emu),
-            _ => None,
-        }
-    }
-}
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,7 +166,7 @@ fn default_vcpus() -> u32 {
 }
 
 fn default_memory() -> u64 {
-    DEFAULT_MEMORY_MIB
+    DEFAULT_MEMORY.mib()
 }
 
 impl CreateVm {
@@ -499,38 +467,46 @@ pub fn check_name(name: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Check a definition: ranges, exactly one of kernel and image, absolute
-/// paths to files that exist. `host_mib` is the host's RAM, when known.
-pub fn check_config(cfg: &VmConfig, host_mib: Option<u64>) -> Result<(), Invalid> {
-    if !(MIN_VCPUS..=MAX_VCPUS).contains(&cfg.vcpus) {
-        return Err(invalid(
+/// A definition's quantity out of its limits, named by its field.
+fn limit_invalid(e: LimitError) -> Invalid {
+    match e {
+        LimitError::VcpuCount { requested, max } => invalid(
             "vcpus",
-            format!(
-                "must be between {MIN_VCPUS} and {MAX_VCPUS}, got {}",
-                cfg.vcpus
-            ),
-        ));
-    }
-    if cfg.memory_mib < MIN_MEMORY_MIB {
-        return Err(invalid(
+            format!("must be between {MIN_VCPUS} and {max}, got {requested}"),
+        ),
+        LimitError::MemoryTooSmall { requested } => invalid(
             "memory_mib",
             format!(
-                "must be at least {MIN_MEMORY_MIB} MiB, got {}",
-                cfg.memory_mib
+                "must be at least {} MiB, got {}",
+                MIN_MEMORY.mib(),
+                requested.mib()
             ),
-        ));
+        ),
+        LimitError::MemoryTooLarge { requested, host } => invalid(
+            "memory_mib",
+            format!(
+                "{} MiB is more than this host's {} MiB of RAM",
+                requested.mib(),
+                host.mib()
+            ),
+        ),
+        LimitError::BalloonTooLarge { target_mib, memory } => invalid(
+            "balloon",
+            format!(
+                "target={target_mib} must be less than memory_mib ({}): the balloon takes that much from the guest",
+                memory.mib()
+            ),
+        ),
     }
-    if let Some(host) = host_mib {
-        if cfg.memory_mib > host {
-            return Err(invalid(
-                "memory_mib",
-                format!(
-                    "{} MiB is more than this host's {host} MiB of RAM",
-                    cfg.memory_mib
-                ),
-            ));
-        }
-    }
+}
+
+/// Check a definition: ranges (the checks `vireo run` makes, against
+/// vireo's own vCPU limit and `host_memory`, the host's memory when known),
+/// exactly one of kernel and image, absolute paths to files that exist.
+pub fn check_config(cfg: &VmConfig, host_memory: Option<MemorySize>) -> Result<(), Invalid> {
+    let memory = MemorySize::from_mib(cfg.memory_mib).map_err(|e| invalid("memory_mib", e))?;
+    check_resources(cfg.vcpus, memory, HostLimits::new(MAX_VCPUS, host_memory))
+        .map_err(limit_invalid)?;
     match (&cfg.kernel, &cfg.image) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -583,7 +559,7 @@ pub fn check_config(cfg: &VmConfig, host_mib: Option<u64>) -> Result<(), Invalid
             ));
         }
     }
-    check_devices(&cfg.devices, cfg.memory_mib)
+    check_devices(&cfg.devices, memory)
 }
 
 /// A device option string's error: the field path and the parser's words
@@ -596,7 +572,7 @@ fn bad_options(field: &str, e: OptionsError) -> Invalid {
 /// what only the daemon can see: paths must be absolute (the VM runs in
 /// the daemon's state directory), disk images must exist, a disk or TAP
 /// may be used once, the balloon must be smaller than the memory.
-pub fn check_devices(d: &Devices, memory_mib: u64) -> Result<(), Invalid> {
+pub fn check_devices(d: &Devices, memory: MemorySize) -> Result<(), Invalid> {
     if d.disks.len() > MAX_DISKS {
         return Err(invalid(
             "disks",
@@ -687,15 +663,7 @@ pub fn check_devices(d: &Devices, memory_mib: u64) -> Result<(), Invalid> {
     }
     if let Some(s) = &d.balloon {
         let b = BalloonConfig::from_options(s).map_err(|e| bad_options("balloon", e))?;
-        if b.target_mib >= memory_mib {
-            return Err(invalid(
-                "balloon",
-                format!(
-                    "target={} must be less than memory_mib ({memory_mib}): the balloon takes that much from the guest",
-                    b.target_mib
-                ),
-            ));
-        }
+        check_balloon(b.target_mib, memory).map_err(limit_invalid)?;
     }
     Ok(())
 }
@@ -705,10 +673,7 @@ pub fn check_devices(d: &Devices, memory_mib: u64) -> Result<(), Invalid> {
 /// one each time). Call after [`check_devices`].
 pub fn pin_macs(d: &mut Devices) {
     for s in &mut d.nets {
-        let has_mac = Options::parse("net", s, Some("tap"))
-            .map(|mut o| o.string("mac").is_some())
-            .unwrap_or(true);
-        if !has_mac {
+        if !NetConfig::options_give_mac(s) {
             s.push_str(&format!(",mac={}", Mac::random()));
         }
     }
@@ -801,7 +766,8 @@ mod tests {
     #[test]
     fn config_checks_name_the_field() {
         let exe = std::env::current_exe().unwrap().display().to_string();
-        assert!(check_config(&kernel_cfg(&exe), Some(1024)).is_ok());
+        let gib = MemorySize::from_mib(1024).ok();
+        assert!(check_config(&kernel_cfg(&exe), gib).is_ok());
         let mut c = kernel_cfg(&exe);
         c.vcpus = 0;
         assert!(check_config(&c, None)
@@ -810,7 +776,7 @@ mod tests {
             .starts_with("vcpus:"));
         let mut c = kernel_cfg(&exe);
         c.memory_mib = 4096;
-        assert!(check_config(&c, Some(1024))
+        assert!(check_config(&c, gib)
             .unwrap_err()
             .message
             .starts_with("memory_mib:"));
@@ -831,7 +797,7 @@ mod tests {
 
     /// A device error: its field path prefix, and that it holds `needle`.
     fn device_error(d: Devices, field: &str, needle: &str) -> Invalid {
-        let e = check_devices(&d, 256).unwrap_err();
+        let e = check_devices(&d, DEFAULT_MEMORY).unwrap_err();
         assert!(
             e.message.starts_with(&format!("{field}: ")) && e.message.contains(needle),
             "{d:?}: {e:?} should start with {field:?} and mention {needle:?}"
@@ -857,7 +823,7 @@ mod tests {
         device_error(good.clone(), "disks[1]", "not a disk image");
         let mut ok = good.clone();
         ok.disks.truncate(1);
-        assert_eq!(check_devices(&ok, 256), Ok(()));
+        assert_eq!(check_devices(&ok, DEFAULT_MEMORY), Ok(()));
 
         let with = |f: &dyn Fn(&mut Devices)| {
             let mut d = ok.clone();

@@ -43,12 +43,13 @@ use crate::console::Console;
 use crate::db::{Db, ProcessId, VmRecord};
 use crate::error::ApiError;
 use crate::model::{
-    check_config, check_name, pin_macs, Accel, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
+    check_config, check_name, pin_macs, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
     DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
 };
 use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
 use crate::storage::Storage;
+use vireo_api::vm::Accel;
 use vireo_sandbox::jail::JailIds;
 
 /// How long `start` waits for a VM that fails at once (bad kernel, no
@@ -260,7 +261,7 @@ impl Daemon {
                 if crate::storage::disk_format(s).is_some() {
                     continue;
                 }
-                let Ok(disk) = vireo_devices::virtio::block::BlockConfig::from_options(s) else {
+                let Ok(disk) = vireo_api::devices::block::BlockConfig::from_options(s) else {
                     continue;
                 };
                 match crate::storage::probe_path(&disk.path) {
@@ -352,7 +353,7 @@ impl Daemon {
         check_name(&req.name)?;
         let mut cfg = req.config();
         self.storage.confine(&mut cfg, None)?;
-        check_config(&cfg, procfs::host_memory_mib())?;
+        check_config(&cfg, vireo_api::host::memory())?;
         pin_macs(&mut cfg.devices);
         let mut inner = lock(&self.inner);
         if !inner.db.create(&req.name, &cfg)? {
@@ -384,7 +385,7 @@ impl Daemon {
         let mut cfg = req.apply(&rec.config);
         self.storage
             .confine(&mut cfg, Some(&self.own_disks(name)))?;
-        check_config(&cfg, procfs::host_memory_mib())?;
+        check_config(&cfg, vireo_api::host::memory())?;
         pin_macs(&mut cfg.devices);
         inner.db.update(name, &cfg)?;
         Ok(inner.db.get(name)?.expect("just updated"))
@@ -482,7 +483,7 @@ impl Daemon {
                     ),
                 ));
             }
-            check_config(&rec.config, procfs::host_memory_mib())?;
+            check_config(&rec.config, vireo_api::host::memory())?;
             let console = Console::new();
             inner.guest_resets.remove(name);
             self.launch(&mut inner, &rec, console, Some(tx), &Boot::Definition)?;

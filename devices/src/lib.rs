@@ -9,7 +9,6 @@
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod legacy;
-pub mod options;
 pub mod pci;
 pub mod rate_limiter;
 pub mod virtio;

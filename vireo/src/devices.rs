@@ -4,13 +4,20 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use vireo_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
-
-use vireo_devices::virtio::block::{Block, BlockConfig, BlockCounters};
-use vireo_devices::virtio::console::{Console, ConsoleConfig, ConsoleInput};
-use vireo_devices::virtio::net::{Net, NetConfig, NetCounters};
-use vireo_devices::virtio::rng::{Rng, RngConfig};
-use vireo_devices::virtio::vsock::{Vsock, VsockConfig};
+use vireo_api::devices::balloon::BalloonConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::console::ConsoleConfig;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::rng::RngConfig;
+use vireo_api::devices::vsock::VsockConfig;
+use vireo_api::options::OptionsError;
+use vireo_api::units::MemorySize;
+use vireo_devices::virtio::balloon::{Balloon, BalloonHandle};
+use vireo_devices::virtio::block::{check_format_given, Block, BlockCounters};
+use vireo_devices::virtio::console::{Console, ConsoleInput};
+use vireo_devices::virtio::net::{Net, NetCounters};
+use vireo_devices::virtio::rng::Rng;
+use vireo_devices::virtio::vsock::Vsock;
 use vireo_devices::virtio::VirtioDevice;
 
 use crate::cli::RunArgs;
@@ -58,9 +65,14 @@ pub fn attach(machine: &mut Machine, args: &RunArgs) -> Result<Attached, Failure
     open(machine, configs)
 }
 
+/// A device's options refused, named by its flag (`--disk: …`).
+pub fn options_usage(e: OptionsError) -> Failure {
+    Failure::Usage(format!("--{}: {}", e.device, e.message))
+}
+
 /// Parse the device flags.
 pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
-    let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
+    let usage = options_usage;
     let disks = args
         .disk
         .iter()
@@ -68,8 +80,7 @@ pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(usage)?;
     for d in &disks {
-        d.check_format_given()
-            .map_err(|e| Failure::Usage(e.to_string()))?;
+        check_format_given(d).map_err(|e| Failure::Usage(e.to_string()))?;
     }
     let nets = args
         .net
@@ -96,12 +107,10 @@ pub fn parse(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         .transpose()
         .map_err(usage)?;
     if let Some(b) = &balloon {
-        if b.target_mib >= args.memory() {
-            return Err(Failure::Usage(format!(
-                "--balloon target={}: must be less than --memory {} (the balloon takes that much from the guest)",
-                b.target_mib, args.memory()
-            )));
-        }
+        let memory = MemorySize::from_mib(args.memory())
+            .map_err(|e| Failure::Usage(format!("--memory: {e}")))?;
+        vireo_api::vm::check_balloon(b.target_mib, memory)
+            .map_err(|e| Failure::Usage(crate::cli::limit_usage(&e)))?;
     }
     let console = args
         .virtio_console

@@ -220,7 +220,7 @@ impl MigrateTo {
                 "--postcopy" => m.postcopy = true,
                 "--postcopy-bandwidth" => {
                     m.postcopy_bandwidth =
-                        Some(vireo_devices::rate_limiter::parse_rate(words.next()?).ok()?)
+                        Some(vireo_api::devices::rate::parse_rate(words.next()?).ok()?)
                 }
                 "--ca" => m.ca = Some(words.next()?.into()),
                 "--secret-file" => m.secret_file = Some(words.next()?.into()),

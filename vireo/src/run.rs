@@ -13,7 +13,7 @@ use vireo_vmcore::boot::BootSpec;
 use vireo_vmcore::vcpu::VcpuStats;
 use vireo_vmcore::{ExitReason, RunState, RunningVm, VmConfig};
 
-use crate::cli::{Accel, RunArgs};
+use crate::cli::RunArgs;
 use crate::console::{self, RawTerminal, StdoutWriter};
 use crate::control_socket::{self, Command, ControlSocket};
 use crate::devices::{self, Attached};
@@ -22,6 +22,8 @@ use crate::machine::{self, PowerButton};
 use crate::signals;
 use crate::snapshot_devices;
 use crate::Failure;
+use vireo_api::units::MemorySize;
+use vireo_api::vm::{check_resources, Accel, HostLimits, MAX_VCPUS};
 use vireo_devices::virtio::balloon::BalloonHandle;
 use vireo_vmcore::snapshot::SharedSnapshottable;
 
@@ -119,7 +121,9 @@ pub fn run(args: RunArgs) -> Result<(), Failure> {
     // every thread installs its kind's filter.
     install_seccomp_policy(&args)?;
     let vm_failure = |e: vireo_vmcore::VmError| {
-        if e.is_user_error() {
+        if let vireo_vmcore::VmError::Limit { source, .. } = &e {
+            Failure::Usage(crate::cli::limit_usage(source))
+        } else if e.is_user_error() {
             Failure::Usage(e.to_string())
         } else {
             Failure::Vm(e.to_string())
@@ -697,32 +701,19 @@ pub(crate) fn check_offered_machine(
     check_fits_host(cpus, memory_mib, max_vcpus, host_memory_mib)
 }
 
-/// vCPUs within the backend's limit, memory within the host's.
+/// vCPUs within the backend's limit, memory within the host's: the
+/// definition check every VM passes (`vireo_api::vm`), in the flags' words.
 fn check_fits_host(
     cpus: u32,
     memory_mib: u64,
     max_vcpus: u32,
     host_memory_mib: Option<u64>,
 ) -> Result<(), String> {
-    if cpus == 0 || cpus > max_vcpus {
-        return Err(format!(
-            "--cpus {cpus}: this backend runs 1 to {max_vcpus} vCPUs"
-        ));
-    }
-    if memory_mib < vireo_vmcore::vm::MIN_MEMORY_MIB {
-        return Err(format!(
-            "--memory {memory_mib}: at least {} MiB",
-            vireo_vmcore::vm::MIN_MEMORY_MIB
-        ));
-    }
-    if let Some(host) = host_memory_mib {
-        if memory_mib > host {
-            return Err(format!(
-                "--memory {memory_mib}: more than this host's {host} MiB of RAM and swap"
-            ));
-        }
-    }
-    Ok(())
+    let mib = |m: u64| MemorySize::from_mib(m).map_err(|e| format!("--memory {m}: {e}"));
+    let memory = mib(memory_mib)?;
+    let host = host_memory_mib.map(mib).transpose()?;
+    check_resources(cpus, memory, HostLimits::new(max_vcpus, host))
+        .map_err(|e| crate::cli::limit_usage(&e))
 }
 
 /// `--migrate-from ADDR`: check this target's own definition, receive the
@@ -737,14 +728,8 @@ fn migrate_in(
     let own_set = snapshot_devices::DeviceSet::from_configs(&own);
     let mac_given = snapshot_devices::macs_given(args);
     let (cpus, memory_mib) = (args.cpus(), args.memory());
-    let host_mib = vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20);
-    check_fits_host(
-        cpus,
-        memory_mib,
-        vireo_vmcore::vm::MAX_VCPUS_XAPIC,
-        host_mib,
-    )
-    .map_err(Failure::Usage)?;
+    let host_mib = vireo_api::host::memory().map(MemorySize::mib);
+    check_fits_host(cpus, memory_mib, MAX_VCPUS, host_mib).map_err(Failure::Usage)?;
     let secret = args
         .migrate_secret_file
         .as_deref()
@@ -764,7 +749,7 @@ fn migrate_in(
     let accel = args.accel;
     let check = |config: &vireo_vmcore::snapshot::MachineConfig| {
         let hv = backend_for(&config.backend, accel)?;
-        let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
+        let max = (hv.max_vcpus() as u32).min(MAX_VCPUS);
         check_offered_machine(config, cpus, memory_mib, max, host_mib)?;
         snapshot_devices::check_peer_record(&config.frontend, &own_set, &mac_given)
     };

@@ -11,13 +11,12 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vireo_block::Format;
-use vireo_devices::virtio::balloon::BalloonConfig;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::console::ConsoleConfig;
-use vireo_devices::virtio::net::NetConfig;
-use vireo_devices::virtio::rng::RngConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::balloon::BalloonConfig;
+use vireo_api::devices::block::{BlockConfig, Format};
+use vireo_api::devices::console::ConsoleConfig;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::rng::RngConfig;
+use vireo_api::devices::vsock::VsockConfig;
 
 use crate::cli::RunArgs;
 use crate::devices::DeviceConfigs;
@@ -675,7 +674,7 @@ pub fn check_peer_record(
 /// Apply `--disk`, `--net` and `--vsock` given with `--restore`; returns
 /// which disks were overridden.
 fn apply_overrides(configs: &mut DeviceConfigs, args: &RunArgs) -> Result<Vec<bool>, Failure> {
-    let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
+    let usage = crate::devices::options_usage;
     let mut overridden = vec![false; configs.disks.len()];
     for s in &args.disk {
         let o = BlockConfig::from_options(s).map_err(usage)?;

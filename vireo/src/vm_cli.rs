@@ -14,9 +14,9 @@ use vireo_daemon::model::{
 use vireo_daemon::paths;
 
 use crate::api_client::{decode, Client, ConnArgs, DEFAULT_TIMEOUT};
-use crate::cli::Accel;
 use crate::Failure;
 use crate::{console_client, vm_edit};
+use vireo_api::vm::Accel;
 
 pub const SERVE_EXAMPLES: &str = "\
 Examples:
@@ -450,11 +450,11 @@ pub struct CreateArgs {
     pub cmdline: Option<String>,
 
     /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = model::DEFAULT_VCPUS)]
+    #[arg(long, value_name = "N", default_value_t = vireo_api::vm::DEFAULT_VCPUS)]
     pub cpus: u32,
 
     /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = model::DEFAULT_MEMORY_MIB)]
+    #[arg(long, value_name = "MIB", default_value_t = vireo_api::vm::DEFAULT_MEMORY.mib())]
     pub memory: u64,
 
     /// Which backend runs the guest.
@@ -1016,7 +1016,7 @@ fn create(client: &Client, a: CreateArgs) -> Result<(), Failure> {
         initrd: path(&a.initrd),
         cmdline: a.cmdline,
         image: path(&a.image),
-        accel: model_accel(a.accel),
+        accel: a.accel,
         disks: a.devices.disks(),
         nets: a.devices.net.clone(),
         vsock: a.devices.vsock(),
@@ -1035,14 +1035,6 @@ fn create(client: &Client, a: CreateArgs) -> Result<(), Failure> {
         vm.name
     );
     Ok(())
-}
-
-fn model_accel(a: Accel) -> model::Accel {
-    match a {
-        Accel::Kvm => model::Accel::Kvm,
-        Accel::Auto => model::Accel::Auto,
-        Accel::Emu => model::Accel::Emu,
-    }
 }
 
 /// The PATCH body for `vm update`: only what was given.
@@ -1080,7 +1072,7 @@ fn update_body(a: &UpdateArgs) -> serde_json::Map<String, serde_json::Value> {
         set("memory_mib", n.into());
     }
     if let Some(x) = a.accel {
-        set("accel", model_accel(x).as_str().into());
+        set("accel", x.as_str().into());
     }
     let d = &a.devices;
     if !d.disk.is_empty() || a.no_disks {

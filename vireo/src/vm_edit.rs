@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use vireo_daemon::model::{Accel, Vm};
+use vireo_api::vm::Accel;
+use vireo_daemon::model::Vm;
 
 use crate::Failure;
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use std::sync::Mutex;
 
+use vireo_api::units::{MemorySize, MemorySizeError};
+use vireo_api::vm::{check_resources, HostLimits, LimitError};
 use vireo_hypervisor::{CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
 
 use crate::boot::{self, BootError, BootInfo, BootSpec};
@@ -13,12 +15,6 @@ use crate::control::{ExitReason, StateError, VmControl};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::snapshot::{MachineConfig, SharedSnapshottable, SnapshotError, VmSnapshot};
 use crate::vcpu::{self, Buses, SharedVcpu, VcpuStats, VcpuThread};
-
-/// The smallest guest vireo will create: room for the boot structures, a
-/// small kernel and its page tables.
-pub const MIN_MEMORY_MIB: u64 = 16;
-/// vCPUs are described by 8-bit xAPIC ids in the MADT.
-pub const MAX_VCPUS_XAPIC: u32 = 254;
 
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -31,16 +27,15 @@ pub struct VmConfig {
 /// configuration mistakes (the user can fix them) from VMM failures.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("--cpus {requested}: must be between 1 and {max} (the most {backend} allows here)")]
-    BadVcpuCount {
-        requested: u32,
-        max: u32,
+    /// The vCPU count or memory size is outside vireo's, the backend's
+    /// or the host's limits.
+    #[error("{source} (on {backend})")]
+    Limit {
+        source: LimitError,
         backend: &'static str,
     },
-    #[error("--memory {requested}: must be at least {MIN_MEMORY_MIB} MiB")]
-    MemoryTooSmall { requested: u64 },
-    #[error("--memory {requested}: more than this host can give ({host} MiB of RAM and swap)")]
-    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("guest memory: {0}")]
+    MemorySize(#[from] MemorySizeError),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -62,9 +57,7 @@ pub enum VmError {
 impl VmError {
     pub fn is_user_error(&self) -> bool {
         match self {
-            VmError::BadVcpuCount { .. }
-            | VmError::MemoryTooSmall { .. }
-            | VmError::MemoryTooLarge { .. } => true,
+            VmError::Limit { .. } | VmError::MemorySize(_) => true,
             VmError::Boot(e) => !matches!(e, BootError::Vcpu(_)),
             VmError::Hypervisor(e) => matches!(
                 e,
@@ -75,30 +68,16 @@ impl VmError {
     }
 }
 
-/// Check the vCPU count and memory size before anything is allocated.
+/// Check the vCPU count and memory size before anything is allocated:
+/// the one check every definition passes (`vireo_api::vm`), against this
+/// backend's and this host's limits.
 pub fn validate(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<(), VmError> {
-    let max = (hv.max_vcpus() as u32).min(MAX_VCPUS_XAPIC);
-    if cfg.vcpus == 0 || cfg.vcpus > max {
-        return Err(VmError::BadVcpuCount {
-            requested: cfg.vcpus,
-            max,
-            backend: hv.name(),
-        });
-    }
-    if cfg.memory_mib < MIN_MEMORY_MIB {
-        return Err(VmError::MemoryTooSmall {
-            requested: cfg.memory_mib,
-        });
-    }
-    if let Some(host) = vireo_hypervisor::host::host_memory_bytes() {
-        if cfg.memory_mib > host >> 20 {
-            return Err(VmError::MemoryTooLarge {
-                requested: cfg.memory_mib,
-                host: host >> 20,
-            });
-        }
-    }
-    Ok(())
+    let memory = MemorySize::from_mib(cfg.memory_mib)?;
+    let limits = HostLimits::new(hv.max_vcpus() as u32, vireo_api::host::memory());
+    check_resources(cfg.vcpus, memory, limits).map_err(|source| VmError::Limit {
+        source,
+        backend: hv.name(),
+    })
 }
 
 /// A VM that is set up and booted into memory but not yet running: the

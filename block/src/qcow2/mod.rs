@@ -32,7 +32,8 @@ use flate2::{Decompress, FlushDecompress};
 
 use crate::error::{Error, Result};
 use crate::file::{DiskFile, HostFile, MemFile};
-use crate::{check_range, DiskImage, Format, LayerInfo};
+use crate::{check_range, DiskImage, LayerInfo};
+use vireo_api::devices::block::Format;
 
 pub use header::{Header, MAGIC};
 use header::{NewHeader, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};

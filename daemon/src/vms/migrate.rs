@@ -301,7 +301,7 @@ impl Daemon {
         // storage mounted there), and its formats are fixed here too.
         let mut cfg = req.config();
         self.storage.confine(&mut cfg, None)?;
-        check_config(&cfg, crate::procfs::host_memory_mib())?;
+        check_config(&cfg, vireo_api::host::memory())?;
         let dir = self.vm_dir(name);
         let secret = {
             let mut inner = lock(&self.inner);

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use tokio::sync::oneshot;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::net::NetConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::vsock::VsockConfig;
 
 use super::{lock, Boot, Daemon, CONTROL_SOCKET, EARLY_EXIT_WAIT};
 use crate::console::Console;
