@@ -11,6 +11,7 @@
 
 pub mod devices;
 pub mod host;
+pub mod model;
 pub mod options;
 pub mod units;
 pub mod vm;

@@ -1,21 +1,24 @@
-//! The API's JSON types, shared by the daemon and the `vireo vm` client, and
-//! the checks a VM definition must pass before it is stored.
+//! The REST API's JSON types, shared by the daemon, the `vireo vm` client
+//! and the tests, and the checks a VM definition must pass before the
+//! daemon stores it (the quantities with [`crate::vm`]'s one check, the
+//! devices with their own parsers, plus what only the daemon can see: paths
+//! are absolute and the files exist).
 
 use std::path::Path;
 
-use serde::{Deserialize, Deserializer, Serialize};
-use vireo_api::devices::balloon::BalloonConfig;
-use vireo_api::devices::block::BlockConfig;
-use vireo_api::devices::net::{Mac, NetConfig};
-use vireo_api::devices::rng::RngConfig;
-use vireo_api::devices::vsock::VsockConfig;
-use vireo_api::options::OptionsError;
-use vireo_api::units::MemorySize;
-use vireo_api::vm::Accel;
-use vireo_api::vm::{
+use crate::devices::balloon::BalloonConfig;
+use crate::devices::block::BlockConfig;
+use crate::devices::net::{Mac, NetConfig};
+use crate::devices::rng::RngConfig;
+use crate::devices::vsock::VsockConfig;
+use crate::options::OptionsError;
+use crate::units::MemorySize;
+use crate::vm::Accel;
+use crate::vm::{
     check_balloon, check_resources, HostLimits, LimitError, DEFAULT_MEMORY, DEFAULT_VCPUS,
     MAX_CMDLINE, MAX_VCPUS, MIN_MEMORY, MIN_VCPUS,
 };
+use serde::{Deserialize, Deserializer, Serialize};
 
 pub const MAX_NAME: usize = 63;
 /// The file a guest kit directory holds (see `vireo image build`).
@@ -69,7 +72,7 @@ impl VmState {
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub vcpus: u32,
-    pub memory_mib: u64,
+    pub memory_mib: MemorySize,
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
@@ -138,7 +141,7 @@ pub struct CreateVm {
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
     #[serde(default = "default_memory")]
-    pub memory_mib: u64,
+    pub memory_mib: MemorySize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -165,8 +168,8 @@ fn default_vcpus() -> u32 {
     DEFAULT_VCPUS
 }
 
-fn default_memory() -> u64 {
-    DEFAULT_MEMORY.mib()
+fn default_memory() -> MemorySize {
+    DEFAULT_MEMORY
 }
 
 impl CreateVm {
@@ -197,7 +200,7 @@ pub struct UpdateVm {
     #[serde(default)]
     pub vcpus: Option<u32>,
     #[serde(default)]
-    pub memory_mib: Option<u64>,
+    pub memory_mib: Option<MemorySize>,
     #[serde(default, deserialize_with = "some")]
     pub kernel: Option<Option<String>>,
     #[serde(default, deserialize_with = "some")]
@@ -279,7 +282,7 @@ pub const MAX_STOP_TIMEOUT_SECS: u64 = 300;
 pub struct Vm {
     pub name: String,
     pub vcpus: u32,
-    pub memory_mib: u64,
+    pub memory_mib: MemorySize,
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
@@ -504,9 +507,12 @@ fn limit_invalid(e: LimitError) -> Invalid {
 /// vireo's own vCPU limit and `host_memory`, the host's memory when known),
 /// exactly one of kernel and image, absolute paths to files that exist.
 pub fn check_config(cfg: &VmConfig, host_memory: Option<MemorySize>) -> Result<(), Invalid> {
-    let memory = MemorySize::from_mib(cfg.memory_mib).map_err(|e| invalid("memory_mib", e))?;
-    check_resources(cfg.vcpus, memory, HostLimits::new(MAX_VCPUS, host_memory))
-        .map_err(limit_invalid)?;
+    check_resources(
+        cfg.vcpus,
+        cfg.memory_mib,
+        HostLimits::new(MAX_VCPUS, host_memory),
+    )
+    .map_err(limit_invalid)?;
     match (&cfg.kernel, &cfg.image) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -559,7 +565,7 @@ pub fn check_config(cfg: &VmConfig, host_memory: Option<MemorySize>) -> Result<(
             ));
         }
     }
-    check_devices(&cfg.devices, memory)
+    check_devices(&cfg.devices, cfg.memory_mib)
 }
 
 /// A device option string's error: the field path and the parser's words
@@ -698,20 +704,6 @@ fn check_path(field: &str, p: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Seconds since the Unix epoch as RFC 3339 UTC (`2024-05-01T12:00:00Z`).
-pub fn rfc3339(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// Now, in seconds since the Unix epoch.
-pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,7 +711,7 @@ mod tests {
     fn kernel_cfg(path: &str) -> VmConfig {
         VmConfig {
             vcpus: 1,
-            memory_mib: 64,
+            memory_mib: MemorySize::mib_const(64),
             kernel: Some(path.into()),
             initrd: None,
             cmdline: None,
@@ -746,13 +738,6 @@ mod tests {
     }
 
     #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_714_564_800), "2024-05-01T12:00:00Z");
-    }
-
-    #[test]
     fn names() {
         for ok in ["a", "web-1", "db_2.prod", &"x".repeat(63)] {
             assert!(check_name(ok).is_ok(), "{ok}");
@@ -775,7 +760,7 @@ mod tests {
             .message
             .starts_with("vcpus:"));
         let mut c = kernel_cfg(&exe);
-        c.memory_mib = 4096;
+        c.memory_mib = MemorySize::mib_const(4096);
         assert!(check_config(&c, gib)
             .unwrap_err()
             .message

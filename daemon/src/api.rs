@@ -19,11 +19,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::ApiError;
-use crate::model::{
+use crate::vms::Daemon;
+use vireo_api::model::{
     CloneVm, CreateSnapshot, CreateVm, ErrorBody, ErrorDetail, SetBalloon, SnapshotList, StopVm,
     UpdateVm, VmList,
 };
-use crate::vms::Daemon;
 
 /// The OpenAPI 3 document the daemon serves; the repository keeps it.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -479,7 +479,7 @@ mod tests {
             );
         }
         assert_eq!(keys(SetBalloon { target_mib: 1 }), properties("SetBalloon"));
-        let b = crate::model::BalloonStatus {
+        let b = vireo_api::model::BalloonStatus {
             target_mib: 1,
             actual_mib: 0,
             free_mib: None,
@@ -494,9 +494,9 @@ mod tests {
         };
         let st = crate::observe::VmStats::new(
             "a",
-            crate::model::VmState::Running,
+            vireo_api::model::VmState::Running,
             Some(1),
-            32,
+            vireo_api::units::MemorySize::mib_const(32),
             None,
             Some(dev.clone()),
         );
@@ -518,18 +518,18 @@ mod tests {
             from_snapshot: "t".into(),
         };
         assert_eq!(keys(&clone), properties("CloneVm"));
-        let disk = crate::model::SnapshotDisk {
+        let disk = vireo_api::model::SnapshotDisk {
             id: "root".into(),
             path: "/s/disks/root.qcow2".into(),
             format: "qcow2".into(),
             bytes: 1,
         };
         assert_eq!(keys(&disk), properties("SnapshotDisk"));
-        let snap = crate::model::Snapshot {
+        let snap = vireo_api::model::Snapshot {
             vm: "a".into(),
             tag: "t".into(),
-            created_at: crate::model::rfc3339(0),
-            vm_state: crate::model::VmState::Running,
+            created_at: crate::clock::rfc3339(0),
+            vm_state: vireo_api::model::VmState::Running,
             memory_bytes: 1,
             disks: vec![disk],
             parent: None,

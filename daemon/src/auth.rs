@@ -41,9 +41,9 @@ use axum::routing::{delete, get};
 use axum::{Extension, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{now_secs, rfc3339};
 use crate::db::Db;
 use crate::error::ApiError;
-use crate::model::{now_secs, rfc3339};
 
 /// What a caller may do; each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -13,7 +13,9 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::model::{now_secs, rfc3339, Devices, SnapshotDisk, Vm, VmConfig, VmState};
+use crate::clock::{now_secs, rfc3339};
+use vireo_api::model::{Devices, SnapshotDisk, Vm, VmConfig, VmState};
+use vireo_api::units::MemorySize;
 use vireo_api::vm::Accel;
 
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +306,7 @@ impl Db {
             params![
                 name,
                 cfg.vcpus,
-                cfg.memory_mib as i64,
+                memory_column(cfg.memory_mib),
                 cfg.kernel,
                 cfg.initrd,
                 cfg.cmdline,
@@ -340,7 +342,7 @@ impl Db {
             params![
                 name,
                 cfg.vcpus,
-                cfg.memory_mib as i64,
+                memory_column(cfg.memory_mib),
                 cfg.kernel,
                 cfg.initrd,
                 cfg.cmdline,
@@ -599,6 +601,12 @@ fn set_runtime(
     Ok(())
 }
 
+/// A memory size as its column: whole MiB (at most `MemorySize::MAX_MIB`,
+/// 2^44 - 1, so it always fits an INTEGER).
+fn memory_column(m: MemorySize) -> i64 {
+    m.mib() as i64
+}
+
 struct RawRow {
     name: String,
     vcpus: u32,
@@ -648,7 +656,10 @@ impl RawRow {
         Ok(VmRecord {
             config: VmConfig {
                 vcpus: self.vcpus,
-                memory_mib: self.memory_mib as u64,
+                memory_mib: u64::try_from(self.memory_mib)
+                    .ok()
+                    .and_then(|m| MemorySize::from_mib(m).ok())
+                    .ok_or_else(|| corrupt(format!("memory_mib {}", self.memory_mib)))?,
                 kernel: self.kernel,
                 initrd: self.initrd,
                 cmdline: self.cmdline,
@@ -680,7 +691,7 @@ mod tests {
     fn cfg() -> VmConfig {
         VmConfig {
             vcpus: 2,
-            memory_mib: 128,
+            memory_mib: MemorySize::mib_const(128),
             kernel: Some("/k".into()),
             initrd: None,
             cmdline: Some("console=ttyS0".into()),

@@ -21,7 +21,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::model::VmState;
+use vireo_api::model::VmState;
+use vireo_api::units::MemorySize;
 
 /// Events a slow subscriber may fall behind by before it misses some.
 pub const EVENT_BUFFER: usize = 1024;
@@ -143,7 +144,7 @@ impl EventFilter {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
                 "vm" => {
-                    crate::model::check_name(value)
+                    vireo_api::model::check_name(value)
                         .map_err(|e| format!("vm: {}", e.message.trim_start_matches("name: ")))?;
                     f.vm = Some(value.to_string());
                 }
@@ -402,7 +403,7 @@ impl VmStats {
         name: &str,
         state: VmState,
         uptime_secs: Option<u64>,
-        memory_mib: u64,
+        memory: MemorySize,
         process: Option<ProcessStats>,
         devices: Option<DeviceStats>,
     ) -> VmStats {
@@ -416,7 +417,7 @@ impl VmStats {
             uptime_secs,
             cpu_seconds: p.cpu_seconds,
             memory_rss_bytes: p.rss_bytes,
-            memory_bytes: memory_mib << 20,
+            memory_bytes: memory.bytes(),
             disk_read_bytes: or_zero(sum(&|d| d.disks.iter().map(|x| x.read_bytes).sum())),
             disk_write_bytes: or_zero(sum(&|d| d.disks.iter().map(|x| x.write_bytes).sum())),
             net_rx_bytes: or_zero(sum(&|d| d.nets.iter().map(|x| x.rx_bytes).sum())),
@@ -860,7 +861,14 @@ mod tests {
         let s = parse_stats_reply(line).unwrap();
         assert_eq!(s.vcpus.len(), 2);
         assert_eq!(s.disks[0].id, "root");
-        let v = VmStats::new("a", VmState::Running, Some(3), 64, None, Some(s));
+        let v = VmStats::new(
+            "a",
+            VmState::Running,
+            Some(3),
+            MemorySize::mib_const(64),
+            None,
+            Some(s),
+        );
         assert_eq!(v.exits, Some(12));
         assert_eq!(
             (v.disk_read_bytes, v.disk_write_bytes),
@@ -874,9 +882,23 @@ mod tests {
         assert!(parse_stats_reply(r#"{"ok":true,"state":"running"}"#).is_err());
         assert!(parse_stats_reply("garbage").is_err());
         // No answer: no device counters; stopped: zeros.
-        let silent = VmStats::new("a", VmState::Running, Some(1), 64, None, None);
+        let silent = VmStats::new(
+            "a",
+            VmState::Running,
+            Some(1),
+            MemorySize::mib_const(64),
+            None,
+            None,
+        );
         assert_eq!((silent.exits, silent.disk_read_bytes), (None, None));
-        let stopped = VmStats::new("a", VmState::Stopped, None, 64, None, None);
+        let stopped = VmStats::new(
+            "a",
+            VmState::Stopped,
+            None,
+            MemorySize::mib_const(64),
+            None,
+            None,
+        );
         assert_eq!((stopped.exits, stopped.net_tx_bytes), (Some(0), Some(0)));
     }
 
@@ -949,14 +971,21 @@ mod tests {
                     "web",
                     VmState::Running,
                     Some(10),
-                    32,
+                    MemorySize::mib_const(32),
                     Some(ProcessStats {
                         cpu_seconds: 1.25,
                         rss_bytes: 4096,
                     }),
                     Some(dev),
                 ),
-                VmStats::new("db", VmState::Stopped, None, 64, None, None),
+                VmStats::new(
+                    "db",
+                    VmState::Stopped,
+                    None,
+                    MemorySize::mib_const(64),
+                    None,
+                    None,
+                ),
             ],
         };
         let text = render_prometheus(&stats, &[("GET".into(), 200, 3)]);

@@ -34,7 +34,7 @@ use vireo_api::devices::block::{BlockConfig, Format};
 use vireo_api::devices::vsock::VsockConfig;
 use vireo_api::options::Options;
 
-use crate::model::{Invalid, VmConfig, KIT_MANIFEST};
+use vireo_api::model::{Invalid, VmConfig, KIT_MANIFEST};
 
 /// The error code of a path outside the storage directories.
 pub const PATH_NOT_ALLOWED: &str = "path_not_allowed";
@@ -649,7 +649,7 @@ pub(crate) fn open_fallback(root: &Path, rel: &Path) -> std::io::Result<OwnedFd>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Devices;
+    use vireo_api::model::Devices;
     use vireo_api::vm::Accel;
 
     struct Tmp(PathBuf);
@@ -674,7 +674,7 @@ mod tests {
     fn cfg(kernel: &str, disks: &[&str]) -> VmConfig {
         VmConfig {
             vcpus: 1,
-            memory_mib: 64,
+            memory_mib: vireo_api::units::MemorySize::mib_const(64),
             kernel: Some(kernel.into()),
             initrd: None,
             cmdline: None,

@@ -42,13 +42,13 @@ use tokio::sync::oneshot;
 use crate::console::Console;
 use crate::db::{Db, ProcessId, VmRecord};
 use crate::error::ApiError;
-use crate::model::{
-    check_config, check_name, pin_macs, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
-    DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
-};
 use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
 use crate::storage::Storage;
+use vireo_api::model::{
+    check_config, check_name, pin_macs, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
+    DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
+};
 use vireo_api::vm::Accel;
 use vireo_sandbox::jail::JailIds;
 
@@ -917,12 +917,12 @@ impl Daemon {
                 ));
             }
             if let Some(t) = target_mib {
-                if t >= rec.config.memory_mib {
+                if t >= rec.config.memory_mib.mib() {
                     return Err(ApiError::bad_request(
                         "invalid_value",
                         format!(
                             "target_mib: {t} MiB is not less than the VM's memory ({} MiB)",
-                            rec.config.memory_mib
+                            rec.config.memory_mib.mib()
                         ),
                     ));
                 }
@@ -1209,7 +1209,7 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
                 arg("--cmdline", cmdline.as_ref());
             }
             arg("--cpus", c.vcpus.to_string().as_ref());
-            arg("--memory", c.memory_mib.to_string().as_ref());
+            arg("--memory", c.memory_mib.mib().to_string().as_ref());
         }
         // The machine (vCPUs, memory, devices) is the snapshot's.
         Boot::Restore { dir: snap, .. } => arg("--restore", snap.as_os_str()),
@@ -1225,7 +1225,7 @@ fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> 
             arg("--migrate-tls-key", key.as_os_str());
             arg("--migrate-secret-file", secret_file.as_os_str());
             arg("--cpus", c.vcpus.to_string().as_ref());
-            arg("--memory", c.memory_mib.to_string().as_ref());
+            arg("--memory", c.memory_mib.mib().to_string().as_ref());
         }
     }
     arg("--control-socket", dir.join(CONTROL_SOCKET).as_os_str());
@@ -1414,15 +1414,15 @@ mod tests {
     fn a_migration_target_gets_the_vms_own_definition_and_the_secret() {
         let rec = VmRecord {
             name: "m".into(),
-            config: crate::model::VmConfig {
+            config: vireo_api::model::VmConfig {
                 vcpus: 2,
-                memory_mib: 512,
+                memory_mib: vireo_api::units::MemorySize::mib_const(512),
                 kernel: Some("/k".into()),
                 initrd: None,
                 cmdline: None,
                 image: None,
                 accel: Accel::Emu,
-                devices: crate::model::Devices {
+                devices: vireo_api::model::Devices {
                     disks: vec!["path=/srv/m.raw,format=raw".into()],
                     nets: vec!["tap=t0,mac=52:54:00:00:00:01".into()],
                     vsock: None,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use clap::Args;
 use rustls::pki_types::{CertificateDer, ServerName};
-use vireo_daemon::model::ErrorBody;
+use vireo_api::model::ErrorBody;
 use vireo_daemon::paths;
 
 use crate::Failure;

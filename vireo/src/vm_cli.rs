@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use vireo_daemon::model::{
+use vireo_api::model::{
     self, BalloonStatus, CloneVm, CreateSnapshot, CreateVm, SetBalloon, Snapshot, SnapshotList,
     StopVm, Vm, VmList,
 };
@@ -16,6 +16,7 @@ use vireo_daemon::paths;
 use crate::api_client::{decode, Client, ConnArgs, DEFAULT_TIMEOUT};
 use crate::Failure;
 use crate::{console_client, vm_edit};
+use vireo_api::units::MemorySize;
 use vireo_api::vm::Accel;
 
 pub const SERVE_EXAMPLES: &str = "\
@@ -453,9 +454,9 @@ pub struct CreateArgs {
     #[arg(long, value_name = "N", default_value_t = vireo_api::vm::DEFAULT_VCPUS)]
     pub cpus: u32,
 
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = vireo_api::vm::DEFAULT_MEMORY.mib())]
-    pub memory: u64,
+    /// Guest memory in MiB (or with M or G: 512M, 2G).
+    #[arg(long, value_name = "MIB", default_value_t = vireo_api::vm::DEFAULT_MEMORY)]
+    pub memory: MemorySize,
 
     /// Which backend runs the guest.
     #[arg(long, value_enum, default_value_t = Accel::Auto)]
@@ -498,9 +499,9 @@ pub struct UpdateArgs {
     #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
 
-    /// Guest memory in MiB.
+    /// Guest memory in MiB (or with M or G: 512M, 2G).
     #[arg(long, value_name = "MIB")]
-    pub memory: Option<u64>,
+    pub memory: Option<MemorySize>,
 
     /// Which backend runs the guest.
     #[arg(long, value_enum)]
@@ -1069,7 +1070,7 @@ fn update_body(a: &UpdateArgs) -> serde_json::Map<String, serde_json::Value> {
         set("vcpus", n.into());
     }
     if let Some(n) = a.memory {
-        set("memory_mib", n.into());
+        set("memory_mib", n.mib().into());
     }
     if let Some(x) = a.accel {
         set("accel", x.as_str().into());

@@ -1956,7 +1956,7 @@ fn a_clone_disk_from_a_qcow2_copy_is_an_overlay_of_it() {
         WAIT,
     );
     out.assert_status(0);
-    let copy = vireo_daemon::model::SnapshotDisk {
+    let copy = vireo_api::model::SnapshotDisk {
         id: "root".into(),
         path: "disks/root.qcow2".into(),
         format: "qcow2".into(),

@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use super::{lock, Boot, Daemon, EARLY_EXIT_WAIT, VM_LOG};
 use crate::console::Console;
 use crate::error::ApiError;
-use crate::model::{check_config, check_name, CreateVm};
 use crate::observe::Change;
+use vireo_api::model::{check_config, check_name, CreateVm};
 
 /// How long a migration may take (pre-copy of a big, busy guest).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -169,7 +169,7 @@ fn parse_to(to: &str) -> Result<(String, u16), ApiError> {
     Ok((host.to_string(), port))
 }
 
-fn definition(name: &str, c: &crate::model::VmConfig) -> CreateVm {
+fn definition(name: &str, c: &vireo_api::model::VmConfig) -> CreateVm {
     CreateVm {
         name: name.to_string(),
         vcpus: c.vcpus,
@@ -349,7 +349,7 @@ impl Daemon {
         self.observe.vm(
             name,
             Change::Created,
-            Some(crate::model::VmState::Running),
+            Some(vireo_api::model::VmState::Running),
             "migrating in",
         );
         let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
@@ -477,7 +477,7 @@ impl Daemon {
             )
         })?;
         if status != 201 {
-            let why = serde_json::from_slice::<crate::model::ErrorBody>(&reply)
+            let why = serde_json::from_slice::<vireo_api::model::ErrorBody>(&reply)
                 .map(|e| format!("{} ({})", e.error.message, e.error.code))
                 .unwrap_or_else(|_| String::from_utf8_lossy(&reply).into_owned());
             return Err(ApiError::conflict(

@@ -22,12 +22,12 @@ use vireo_api::devices::net::NetConfig;
 use vireo_api::devices::vsock::VsockConfig;
 
 use super::{lock, Boot, Daemon, CONTROL_SOCKET, EARLY_EXIT_WAIT};
+use crate::clock::rfc3339;
 use crate::console::Console;
 use crate::db::{SnapshotRecord, VmRecord};
 use crate::error::ApiError;
-use crate::model::{
-    check_name, check_tag, pin_macs, rfc3339, CloneVm, CreateSnapshot, Snapshot, SnapshotDisk,
-    VmState,
+use vireo_api::model::{
+    check_name, check_tag, pin_macs, CloneVm, CreateSnapshot, Snapshot, SnapshotDisk, VmState,
 };
 
 /// How long writing a snapshot may take (a big guest's memory and disks).
@@ -233,7 +233,7 @@ impl Daemon {
                     t.clone()
                 }
                 None => {
-                    let base = default_tag(crate::model::now_secs());
+                    let base = default_tag(crate::clock::now_secs());
                     let mut t = base.clone();
                     let mut n = 2;
                     while inner.db.get_snapshot(name, &t)?.is_some() {
@@ -306,7 +306,7 @@ impl Daemon {
         let record = SnapshotRecord {
             vm: name.to_string(),
             tag: tag.clone(),
-            created_at: crate::model::now_secs(),
+            created_at: crate::clock::now_secs(),
             vm_state,
             memory_bytes,
             disks,
@@ -592,7 +592,7 @@ impl Daemon {
         snap_dir: &Path,
         new: &str,
         dir: &Path,
-    ) -> Result<(crate::model::VmConfig, Vec<String>), ApiError> {
+    ) -> Result<(vireo_api::model::VmConfig, Vec<String>), ApiError> {
         let mut cfg = rec.config.clone();
         let mut overrides = Vec::new();
         let invalid = |what: String| ApiError::conflict("invalid_origin", what);
