@@ -1,10 +1,9 @@
-//! The blocking HTTP/1.1 client `vireo vm` and `vireo token` use to reach
-//! the daemon's public REST API (one request per connection): over its Unix
-//! socket (as admin, no token), or over TLS to a `tcp:` listener with
-//! `--url https://HOST:PORT`, a token (`VIREO_TOKEN` or `--token-file`) and
-//! the CA to trust (`--ca-cert`, else the system's). API errors become
-//! [`Failure`]s: 4xx are the user's to fix (exit 2), 5xx and transport
-//! problems are the daemon's (exit 1).
+//! The blocking HTTP/1.1 client of the daemon's REST API (one request per
+//! connection), over its Unix socket (as admin, no token) or over TLS to a
+//! `tcp:` listener with a token and the CA to trust. `vireo vm`, `vireo
+//! token`, the console client and the daemon tests use it; the CLI's flags
+//! (`--socket`, `--url`, `--token-file`, `--ca-cert`) and the exit status
+//! of each error are the binary's.
 //!
 //! [`Client::connect`] and [`Client::auth_header`] give other protocols (the
 //! console's WebSocket) the same transport.
@@ -16,49 +15,101 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
 use rustls::pki_types::{CertificateDer, ServerName};
-use vireo_api::model::ErrorBody;
-use vireo_daemon::paths;
 
-use crate::Failure;
+use crate::model::ErrorBody;
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Failure> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        Failure::Vm(format!(
-            "the daemon sent a reply this vireo cannot read: {e}"
-        ))
-    })
+/// Why a request to the daemon failed. [`ClientError::is_user_error`]
+/// tells what the user can fix (a bad URL, a refused request) from what
+/// failed on the daemon's side or on the way.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{url}: {why}")]
+    BadUrl { url: String, why: String },
+    #[error("{}: {why}", path.display())]
+    CaCert { path: PathBuf, why: String },
+    #[error("TLS set-up: {0}")]
+    TlsSetup(String),
+    #[error("cannot reach the vireo daemon at {daemon} — start it with `vireo serve`")]
+    NotRunning { daemon: String },
+    #[error(
+        "cannot reach the vireo daemon at {daemon}: permission denied (the socket is for its \
+         owner and the `vireo` group)"
+    )]
+    PermissionDenied { daemon: String },
+    #[error("cannot reach the vireo daemon at {daemon}: {why}")]
+    Unreachable { daemon: String, why: String },
+    #[error("the certificate of the vireo daemon at {url} is not trusted (it is not signed by a CA this client knows)")]
+    UntrustedCertificate { url: String },
+    #[error(
+        "the certificate of the vireo daemon at {url} is not for {host}: connect with a name \
+         the certificate lists, or give the daemon a certificate for {host}"
+    )]
+    CertificateNotForHost { url: String, host: String },
+    #[error(
+        "the certificate of the vireo daemon at {url} is a CA certificate (basicConstraints \
+         CA:TRUE), which TLS clients refuse as a server's"
+    )]
+    CaAsServerCertificate { url: String },
+    #[error("the certificate of the vireo daemon at {url} is not accepted ({why})")]
+    BadCertificate { url: String, why: String },
+    #[error("TLS with the vireo daemon at {url} failed: {why}")]
+    Tls { url: String, why: String },
+    #[error("talking to the vireo daemon at {daemon}: {source}")]
+    Io {
+        daemon: String,
+        source: std::io::Error,
+    },
+    #[error("the vireo daemon at {daemon} sent a malformed HTTP reply")]
+    MalformedReply { daemon: String },
+    #[error("the daemon sent a reply this vireo cannot read: {0}")]
+    Decode(serde_json::Error),
+    /// The daemon answered with an error status; `message` is its
+    /// `error.message` (or the raw body).
+    #[error("{}", api_error_text(daemon, *status, *token_sent, message))]
+    Api {
+        daemon: String,
+        status: u16,
+        message: String,
+        token_sent: bool,
+    },
 }
 
-/// Where the daemon is and how to authenticate: the flags every client verb
-/// shares.
-#[derive(Debug, Clone, Default, Args)]
-pub struct ConnArgs {
-    /// The daemon's Unix socket [default: $VIREO_SOCKET, else the default socket].
-    #[arg(long, value_name = "PATH", global = true)]
-    pub socket: Option<PathBuf>,
-
-    /// A remote daemon's TLS listener, https://HOST:PORT [default: $VIREO_URL].
-    /// Needs a token: $VIREO_TOKEN or --token-file.
-    #[arg(long, value_name = "URL", global = true)]
-    pub url: Option<String>,
-
-    /// A file holding the API token for --url [default: $VIREO_TOKEN].
-    #[arg(long, value_name = "FILE", global = true)]
-    pub token_file: Option<PathBuf>,
-
-    /// The CA certificate (PEM) that signed the daemon's TLS certificate
-    /// [default: $VIREO_CA_CERT, else the system's trusted CAs].
-    #[arg(long, value_name = "PEM", global = true)]
-    pub ca_cert: Option<PathBuf>,
+fn api_error_text(daemon: &str, status: u16, token_sent: bool, message: &str) -> String {
+    match status {
+        401 if token_sent => {
+            format!("{daemon} refused the token (unknown, revoked or mistyped): {message}")
+        }
+        401 => format!("{daemon} needs a token: {message}"),
+        403 => format!("{daemon} refused: {message}"),
+        _ => message.to_string(),
+    }
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+impl ClientError {
+    /// Whether the user can fix it (a 4xx reply, a bad URL or CA file, an
+    /// untrusted certificate, a socket they may not open) rather than the
+    /// daemon or the network having failed.
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            ClientError::BadUrl { .. }
+            | ClientError::CaCert { .. }
+            | ClientError::PermissionDenied { .. }
+            | ClientError::UntrustedCertificate { .. }
+            | ClientError::CertificateNotForHost { .. }
+            | ClientError::CaAsServerCertificate { .. }
+            | ClientError::BadCertificate { .. } => true,
+            ClientError::Api { status, .. } => (400..500).contains(status),
+            _ => false,
+        }
+    }
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(ClientError::Decode)
 }
 
 /// A connection to the daemon: a Unix socket or TLS over TCP.
@@ -100,26 +151,28 @@ pub struct Client {
 }
 
 /// `https://HOST[:PORT][/]` -> (host, port); IPv6 hosts in brackets.
-fn parse_url(url: &str) -> Result<(String, u16), String> {
+fn parse_url(url: &str) -> Result<(String, u16), ClientError> {
+    let bad = |why: &str| ClientError::BadUrl {
+        url: url.to_string(),
+        why: why.to_string(),
+    };
     let rest = match url.split_once("://") {
         Some(("https", rest)) => rest,
         Some(("http", _)) => {
-            return Err(format!(
-                "--url {url}: the daemon serves TCP clients only over TLS; use https://"
+            return Err(bad(
+                "the daemon serves TCP clients only over TLS; use https://",
             ))
         }
-        _ => return Err(format!("--url {url}: expected https://HOST:PORT")),
+        _ => return Err(bad("expected https://HOST:PORT")),
     };
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains('/') || authority.contains('@') || authority.is_empty() {
-        return Err(format!(
-            "--url {url}: expected https://HOST:PORT (no path or user)"
-        ));
+        return Err(bad("expected https://HOST:PORT (no path or user)"));
     }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) = v6
             .split_once(']')
-            .ok_or_else(|| format!("--url {url}: unclosed [ in the host"))?;
+            .ok_or_else(|| bad("unclosed [ in the host"))?;
         (h, after.strip_prefix(':'))
     } else {
         match authority.rsplit_once(':') {
@@ -130,41 +183,36 @@ fn parse_url(url: &str) -> Result<(String, u16), String> {
     let port = match port {
         Some(p) => p
             .parse::<u16>()
-            .map_err(|_| format!("--url {url}: {p:?} is not a port number"))?,
+            .map_err(|_| bad(&format!("{p:?} is not a port number")))?,
         None => 443,
     };
     if host.is_empty() {
-        return Err(format!("--url {url}: no host"));
+        return Err(bad("no host"));
     }
     Ok((host.to_string(), port))
 }
 
-fn load_roots(ca_cert: Option<&Path>) -> Result<rustls::RootCertStore, Failure> {
+fn load_roots(ca_cert: Option<&Path>) -> Result<rustls::RootCertStore, ClientError> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     match ca_cert {
         Some(path) => {
+            let bad = |why: String| ClientError::CaCert {
+                path: path.to_path_buf(),
+                why,
+            };
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|e| {
-                    Failure::Usage(format!(
-                        "--ca-cert {}: cannot read a PEM certificate from it: {e:?}",
-                        path.display()
-                    ))
-                })?;
+                .map_err(|e| bad(format!("cannot read a PEM certificate from it: {e:?}")))?;
             if certs.is_empty() {
-                return Err(Failure::Usage(format!(
-                    "--ca-cert {}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
-                    path.display()
-                )));
+                return Err(bad(
+                    "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
+                ));
             }
             for c in certs {
-                roots.add(c).map_err(|e| {
-                    Failure::Usage(format!(
-                        "--ca-cert {}: not a usable CA certificate: {e}",
-                        path.display()
-                    ))
-                })?;
+                roots
+                    .add(c)
+                    .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
             }
         }
         None => {
@@ -184,51 +232,27 @@ impl Client {
         }
     }
 
-    /// From the flags and the environment: --socket, else --url, else
-    /// $VIREO_URL, else $VIREO_SOCKET / the default socket.
-    pub fn from_args(a: ConnArgs) -> Result<Client, Failure> {
-        if a.socket.is_some() && a.url.is_some() {
-            return Err(Failure::Usage(
-                "--socket and --url both given: pick one daemon".into(),
-            ));
-        }
-        let url = match (&a.socket, a.url) {
-            (Some(_), _) => None,
-            (None, Some(u)) => Some(u),
-            (None, None) => env("VIREO_URL"),
-        };
-        let Some(url) = url else {
-            return Ok(Client::unix(paths::client_socket(a.socket)));
-        };
-        let (host, port) = parse_url(&url).map_err(Failure::Usage)?;
-        let server_name = ServerName::try_from(host.clone())
-            .map_err(|e| Failure::Usage(format!("--url {url}: bad host name: {e}")))?;
-        let ca = a
-            .ca_cert
-            .or_else(|| env("VIREO_CA_CERT").map(PathBuf::from));
-        let roots = load_roots(ca.as_deref())?;
+    /// A client of the daemon's TLS listener at `url` (`https://HOST[:PORT]`),
+    /// trusting the CA certificates in `ca_cert` (else the system's), sending
+    /// `token` with each request.
+    pub fn tls(
+        url: &str,
+        ca_cert: Option<&Path>,
+        token: Option<String>,
+    ) -> Result<Client, ClientError> {
+        let (host, port) = parse_url(url)?;
+        let server_name = ServerName::try_from(host.clone()).map_err(|e| ClientError::BadUrl {
+            url: url.to_string(),
+            why: format!("bad host name: {e}"),
+        })?;
+        let roots = load_roots(ca_cert)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| Failure::Vm(format!("TLS set-up: {e}")))?
+            .map_err(|e| ClientError::TlsSetup(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let token = match a.token_file {
-            Some(f) => {
-                let t = std::fs::read_to_string(&f)
-                    .map_err(|e| Failure::Usage(format!("--token-file {}: {e}", f.display())))?;
-                let t = t.trim().to_string();
-                if t.is_empty() {
-                    return Err(Failure::Usage(format!(
-                        "--token-file {}: the file is empty",
-                        f.display()
-                    )));
-                }
-                Some(t)
-            }
-            None => env("VIREO_TOKEN").map(|t| t.trim().to_string()),
-        };
         Ok(Client {
             target: Target::Tls {
                 url: format!(
@@ -246,6 +270,11 @@ impl Client {
             },
             token,
         })
+    }
+
+    /// Whether requests carry a token.
+    pub fn has_token(&self) -> bool {
+        self.token.is_some()
     }
 
     /// The daemon, for messages: `unix:PATH` or `https://HOST:PORT`.
@@ -277,18 +306,21 @@ impl Client {
 
     /// Open a connection to the daemon (TLS handshake done), with `timeout`
     /// for reads and writes.
-    pub fn connect_with_timeout(&self, timeout: Duration) -> Result<Box<dyn Stream>, Failure> {
+    pub fn connect_with_timeout(&self, timeout: Duration) -> Result<Box<dyn Stream>, ClientError> {
         match &self.target {
             Target::Unix(socket) => {
-                let sock = socket.display();
+                let daemon = socket.display().to_string();
                 let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Failure::Vm(format!(
-                        "cannot reach the vireo daemon at {sock} — start it with `vireo serve`"
-                    )),
-                    std::io::ErrorKind::PermissionDenied => Failure::Usage(format!(
-                        "cannot reach the vireo daemon at {sock}: permission denied (the socket is for its owner and the `vireo` group)"
-                    )),
-                    _ => Failure::Vm(format!("cannot reach the vireo daemon at {sock}: {e}")),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        ClientError::NotRunning { daemon }
+                    }
+                    std::io::ErrorKind::PermissionDenied => {
+                        ClientError::PermissionDenied { daemon }
+                    }
+                    _ => ClientError::Unreachable {
+                        daemon,
+                        why: e.to_string(),
+                    },
                 })?;
                 let _ = stream.set_read_timeout(Some(timeout));
                 let _ = stream.set_write_timeout(Some(timeout));
@@ -302,9 +334,12 @@ impl Client {
                 config,
             } => {
                 let unreachable = |why: String| {
-                    Failure::Vm(format!(
-                        "cannot reach the vireo daemon at {url}: {why} (is `vireo serve --listen tcp:...` running there, and the port open?)"
-                    ))
+                    ClientError::Unreachable {
+                    daemon: url.clone(),
+                    why: format!(
+                        "{why} (is `vireo serve --listen tcp:...` running there, and the port open?)"
+                    ),
+                }
                 };
                 let addrs: Vec<_> = (host.as_str(), *port)
                     .to_socket_addrs()
@@ -332,7 +367,7 @@ impl Client {
                 let _ = tcp.set_nodelay(true);
                 let mut conn =
                     rustls::ClientConnection::new(Arc::clone(config), server_name.clone())
-                        .map_err(|e| Failure::Vm(format!("TLS set-up for {url}: {e}")))?;
+                        .map_err(|e| ClientError::TlsSetup(format!("{url}: {e}")))?;
                 while conn.is_handshaking() {
                     conn.complete_io(&mut tcp)
                         .map_err(|e| tls_failure(url, host, e))?;
@@ -344,7 +379,7 @@ impl Client {
 
     /// [`Client::connect_with_timeout`] with the default timeout. The
     /// console's WebSocket client speaks over this stream.
-    pub fn connect(&self) -> Result<Box<dyn Stream>, Failure> {
+    pub fn connect(&self) -> Result<Box<dyn Stream>, ClientError> {
         self.connect_with_timeout(DEFAULT_TIMEOUT)
     }
 
@@ -353,7 +388,7 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&[u8]>,
-    ) -> Result<T, Failure> {
+    ) -> Result<T, ClientError> {
         self.call_with_timeout(method, path, body, DEFAULT_TIMEOUT)
     }
 
@@ -363,19 +398,18 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
         timeout: Duration,
-    ) -> Result<T, Failure> {
+    ) -> Result<T, ClientError> {
         decode(&self.request(method, path, body, timeout)?)
     }
 
-    /// Send a request; a 2xx reply's body, or the API error as a Failure
-    /// (4xx: the user's to fix, exit 2; 5xx: the daemon failed, exit 1).
+    /// Send a request; a 2xx reply's body, or the API error.
     pub fn request(
         &self,
         method: &str,
         path: &str,
         body: Option<&[u8]>,
         timeout: Duration,
-    ) -> Result<Vec<u8>, Failure> {
+    ) -> Result<Vec<u8>, ClientError> {
         let daemon = self.describe();
         let mut stream = self.connect_with_timeout(timeout)?;
         let body = body.unwrap_or_default();
@@ -391,8 +425,9 @@ impl Client {
             req.push_str("Content-Type: application/json\r\n");
         }
         req.push_str("\r\n");
-        let io_err = |e: std::io::Error| {
-            Failure::Vm(format!("talking to the vireo daemon at {daemon}: {e}"))
+        let io_err = |source: std::io::Error| ClientError::Io {
+            daemon: daemon.clone(),
+            source,
         };
         stream.write_all(req.as_bytes()).map_err(io_err)?;
         stream.write_all(body).map_err(io_err)?;
@@ -406,10 +441,8 @@ impl Client {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
             Err(e) => return Err(io_err(e)),
         }
-        let (status, body) = parse_response(&raw).ok_or_else(|| {
-            Failure::Vm(format!(
-                "the vireo daemon at {daemon} sent a malformed HTTP reply"
-            ))
+        let (status, body) = parse_response(&raw).ok_or_else(|| ClientError::MalformedReply {
+            daemon: daemon.clone(),
         })?;
         if (200..300).contains(&status) {
             return Ok(body);
@@ -418,47 +451,51 @@ impl Client {
             Ok(e) => e.error.message,
             Err(_) => format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
         };
-        Err(match status {
-            401 if self.token.is_some() => Failure::Usage(format!(
-                "{daemon} refused the token (unknown, revoked or mistyped): {message}; set VIREO_TOKEN (or --token-file) to a valid token"
-            )),
-            401 => Failure::Usage(format!(
-                "{daemon} needs a token: set VIREO_TOKEN (or pass --token-file FILE) to a token from `vireo token create` run on the daemon's host"
-            )),
-            403 => Failure::Usage(format!("{daemon} refused: {message}")),
-            400..=499 => Failure::Usage(message),
-            _ => Failure::Vm(message),
+        Err(ClientError::Api {
+            daemon,
+            status,
+            message,
+            token_sent: self.token.is_some(),
         })
     }
 }
 
-/// A failed TLS handshake, with the fix when the certificate is the problem.
-fn tls_failure(url: &str, host: &str, e: std::io::Error) -> Failure {
+/// A failed TLS handshake, naming the certificate problem when that is it.
+fn tls_failure(url: &str, host: &str, e: std::io::Error) -> ClientError {
     use rustls::{CertificateError, Error as TlsError};
+    let url = url.to_string();
     let tls = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<TlsError>());
     match tls {
         Some(TlsError::InvalidCertificate(CertificateError::UnknownIssuer))
-        | Some(TlsError::InvalidCertificate(CertificateError::BadSignature)) => Failure::Usage(format!(
-            "the certificate of the vireo daemon at {url} is not trusted (it is not signed by a CA this vireo knows): pass --ca-cert FILE (or set VIREO_CA_CERT) with the CA certificate, e.g. the daemon's --tls-cert when it is self-signed"
-        )),
+        | Some(TlsError::InvalidCertificate(CertificateError::BadSignature)) => {
+            ClientError::UntrustedCertificate { url }
+        }
         Some(TlsError::InvalidCertificate(CertificateError::NotValidForName))
-        | Some(TlsError::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => Failure::Usage(format!(
-            "the certificate of the vireo daemon at {url} is not for {host}: connect with a name the certificate lists, or give the daemon a certificate for {host}"
-        )),
+        | Some(TlsError::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
+            ClientError::CertificateNotForHost {
+                url,
+                host: host.to_string(),
+            }
+        }
         // webpki's CaUsedAsEndEntity (wrapped as Other): `openssl req -x509`
         // marks its certificate CA:TRUE unless told otherwise.
-        Some(TlsError::InvalidCertificate(c)) if format!("{c:?}").contains("CaUsedAsEndEntity") => Failure::Usage(format!(
-            "the certificate of the vireo daemon at {url} is a CA certificate (basicConstraints CA:TRUE), which TLS clients refuse as a server's: give the daemon a server certificate (with openssl: add -addext basicConstraints=critical,CA:FALSE) and pass its CA (or the self-signed certificate itself) with --ca-cert"
-        )),
-        Some(TlsError::InvalidCertificate(c)) => Failure::Usage(format!(
-            "the certificate of the vireo daemon at {url} is not accepted ({c:?}): pass --ca-cert FILE with the CA that signed it, or renew it"
-        )),
-        Some(other) => Failure::Vm(format!("TLS with the vireo daemon at {url} failed: {other}")),
-        None => Failure::Vm(format!(
-            "cannot reach the vireo daemon at {url}: the TLS handshake failed: {e} (is it a vireo TLS listener?)"
-        )),
+        Some(TlsError::InvalidCertificate(c)) if format!("{c:?}").contains("CaUsedAsEndEntity") => {
+            ClientError::CaAsServerCertificate { url }
+        }
+        Some(TlsError::InvalidCertificate(c)) => ClientError::BadCertificate {
+            url,
+            why: format!("{c:?}"),
+        },
+        Some(other) => ClientError::Tls {
+            url,
+            why: other.to_string(),
+        },
+        None => ClientError::Unreachable {
+            daemon: url,
+            why: format!("the TLS handshake failed: {e} (is it a vireo TLS listener?)"),
+        },
     }
 }
 
@@ -506,11 +543,15 @@ mod tests {
 
     #[test]
     fn urls_parse() {
-        assert_eq!(parse_url("https://h:8443"), Ok(("h".into(), 8443)));
-        assert_eq!(parse_url("https://h:8443/"), Ok(("h".into(), 8443)));
-        assert_eq!(parse_url("https://10.0.0.1"), Ok(("10.0.0.1".into(), 443)));
-        assert_eq!(parse_url("https://[::1]:9"), Ok(("::1".into(), 9)));
-        assert!(parse_url("http://h:80").unwrap_err().contains("https://"));
+        let ok = |u: &str| parse_url(u).ok();
+        assert_eq!(ok("https://h:8443"), Some(("h".into(), 8443)));
+        assert_eq!(ok("https://h:8443/"), Some(("h".into(), 8443)));
+        assert_eq!(ok("https://10.0.0.1"), Some(("10.0.0.1".into(), 443)));
+        assert_eq!(ok("https://[::1]:9"), Some(("::1".into(), 9)));
+        assert!(parse_url("http://h:80")
+            .unwrap_err()
+            .to_string()
+            .contains("https://"));
         for bad in [
             "h:80",
             "https://",

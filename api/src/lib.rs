@@ -9,6 +9,7 @@
 //! CLI and the tests can speak to VMs without linking a VMM, and the VM core
 //! can take its sizes in the same types the front ends parsed.
 
+pub mod client;
 pub mod devices;
 pub mod host;
 pub mod model;

@@ -13,9 +13,10 @@ use vireo_api::model::{
 };
 use vireo_daemon::paths;
 
-use crate::api_client::{decode, Client, ConnArgs, DEFAULT_TIMEOUT};
+use crate::api_client::{self, ConnArgs};
 use crate::Failure;
 use crate::{console_client, vm_edit};
+use vireo_api::client::{decode, Client, DEFAULT_TIMEOUT};
 use vireo_api::units::MemorySize;
 use vireo_api::vm::Accel;
 
@@ -656,7 +657,7 @@ fn action(client: &Client, name: &str, path: &str) -> Result<(), Failure> {
 }
 
 pub fn vm(args: VmArgs) -> Result<(), Failure> {
-    let client = Client::from_args(args.conn)?;
+    let client = api_client::client(args.conn)?;
     match args.command {
         VmCommand::Create(a) => create(&client, a),
         VmCommand::Update(a) => update(&client, a),
@@ -979,7 +980,7 @@ fn edit(client: &Client, a: NameArgs) -> Result<(), Failure> {
         )));
     }
     let path = vm_path(&a.name, "");
-    match vm_edit::edit(&vm, |body| client.call("PATCH", &path, Some(body)))? {
+    match vm_edit::edit(&vm, |body| Ok(client.call("PATCH", &path, Some(body))?))? {
         None => println!("no changes"),
         Some((vm, fields)) => println!(
             "updated {} ({}): {} vCPU, {} MiB, {}{}",
