@@ -7,8 +7,8 @@
 //! no hypervisor, VM core or device crate.
 //!
 //! Layout: [`paths`] (default state directory and socket), [`clock`]
-//! (timestamps), [`db`] (SQLite, migrations), [`vms`] (VM processes, exits, reboots and
-//! re-adoption), [`console`] (scrollback, live output, input),
+//! (timestamps), [`db`] (SQLite, migrations), [`vms`] (VM processes,
+//! exits, reboots and re-adoption), [`console`] (scrollback, live output, input),
 //! [`console_ws`] (the console WebSocket), [`api`] (routes), [`web`] (the
 //! embedded web UI), [`storage`] (which host files a definition may
 //! name), [`server`] (lock, socket, run loop).

@@ -3,8 +3,9 @@
 //! later.
 //!
 //! Devices plug into the VM core's buses (`vireo_vmcore::BusDevice`) and
-//! treat everything the guest writes as hostile. This crate never depends on
-//! a front end.
+//! treat everything the guest writes as hostile. Their configurations (and
+//! the `key=value` options they are parsed from) are `vireo_api::devices`,
+//! shared with the front ends. This crate never depends on a front end.
 
 #[doc(hidden)]
 pub mod fuzzing;
