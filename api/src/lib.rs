@@ -10,6 +10,7 @@
 //! can take its sizes in the same types the front ends parsed.
 
 pub mod client;
+pub mod control;
 pub mod devices;
 pub mod host;
 pub mod model;

@@ -487,7 +487,7 @@ mod tests {
             total_mib: None,
         };
         assert_eq!(keys(b), properties("Balloon"));
-        let dev = crate::observe::DeviceStats {
+        let dev = vireo_api::control::DeviceStats {
             vcpus: vec![],
             disks: vec![Default::default()],
             nets: vec![Default::default()],
@@ -545,9 +545,9 @@ mod tests {
             postcopy: true,
         };
         assert_eq!(keys(&m), properties("Migrate"));
-        let postcopy = crate::vms::PostcopyStats::default();
+        let postcopy = vireo_api::control::PostcopyStats::default();
         assert_eq!(keys(&postcopy), properties("PostcopyStats"));
-        let stats = crate::vms::MigrationStats {
+        let stats = vireo_api::control::MigrationStats {
             postcopy: Some(postcopy),
             ..Default::default()
         };

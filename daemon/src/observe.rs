@@ -21,6 +21,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use vireo_api::control::{Command, DeviceStats, DiskStats, NetStats, Reply};
 use vireo_api::model::VmState;
 use vireo_api::units::MemorySize;
 
@@ -316,58 +317,12 @@ impl ConsoleTap {
     }
 }
 
-/// One disk's counters, as `vireo run`'s `stats` reports them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskStats {
-    pub id: String,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub read_ops: u64,
-    pub write_ops: u64,
-}
-
-/// One network device's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetStats {
-    pub id: String,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub tx_packets: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VcpuStats {
-    pub exits: u64,
-}
-
-/// The `stats` member of a `vireo run` control socket reply.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    #[serde(default)]
-    pub vcpus: Vec<VcpuStats>,
-    #[serde(default)]
-    pub disks: Vec<DiskStats>,
-    #[serde(default)]
-    pub nets: Vec<NetStats>,
-}
-
-/// Parse a `stats` reply line: `{"ok":true,"state":..,"stats":{...}}`.
-pub fn parse_stats_reply(line: &str) -> Result<DeviceStats, String> {
-    #[derive(Deserialize)]
-    struct Reply {
-        ok: bool,
-        #[serde(default)]
-        error: Option<String>,
-        #[serde(default)]
-        stats: Option<DeviceStats>,
-    }
-    let r: Reply = serde_json::from_str(line).map_err(|e| format!("not a stats reply: {e}"))?;
-    match (r.ok, r.stats) {
-        (true, Some(s)) => Ok(s),
-        (true, None) => Err("the reply has no stats (an older vireo run?)".into()),
-        (false, _) => Err(r.error.unwrap_or_else(|| "no reason given".into())),
-    }
+/// The counters of a `stats` reply.
+fn stats_of(reply: Reply) -> Result<DeviceStats, String> {
+    reply
+        .into_result()?
+        .stats
+        .ok_or_else(|| "the reply has no stats (an older vireo run?)".into())
 }
 
 /// One VM in `GET /v1/stats`. Counters are totals since the VM process
@@ -487,10 +442,13 @@ pub const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(
 
 /// Ask the VM process behind `socket` for its counters.
 async fn device_stats(socket: std::path::PathBuf) -> Option<DeviceStats> {
-    let reply =
-        tokio::time::timeout(STATS_TIMEOUT, crate::vms::control_request(&socket, "stats")).await;
+    let reply = tokio::time::timeout(
+        STATS_TIMEOUT,
+        crate::vms::control_request(&socket, &Command::Stats),
+    )
+    .await;
     match reply {
-        Ok(Ok(line)) => match parse_stats_reply(&line) {
+        Ok(Ok(reply)) => match stats_of(reply) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::debug!("{}: stats: {e}", socket.display());
@@ -858,7 +816,12 @@ mod tests {
     #[test]
     fn stats_replies_parse() {
         let line = r#"{"ok":true,"state":"running","stats":{"vcpus":[{"exits":5},{"exits":7}],"disks":[{"id":"root","read_bytes":4096,"write_bytes":512,"read_ops":2,"write_ops":1}],"nets":[{"id":"tap0","rx_bytes":60,"tx_bytes":42,"rx_packets":1,"tx_packets":1}]}}"#;
-        let s = parse_stats_reply(line).unwrap();
+        let stats = |line: &str| {
+            Reply::parse(line)
+                .map_err(|e| e.to_string())
+                .and_then(stats_of)
+        };
+        let s = stats(line).unwrap();
         assert_eq!(s.vcpus.len(), 2);
         assert_eq!(s.disks[0].id, "root");
         let v = VmStats::new(
@@ -876,11 +839,11 @@ mod tests {
         );
         assert_eq!((v.net_rx_bytes, v.net_tx_bytes), (Some(60), Some(42)));
         assert_eq!(v.memory_bytes, 64 << 20);
-        assert!(parse_stats_reply(r#"{"ok":false,"error":"gone"}"#)
+        assert!(stats(r#"{"ok":false,"error":"gone"}"#)
             .unwrap_err()
             .contains("gone"));
-        assert!(parse_stats_reply(r#"{"ok":true,"state":"running"}"#).is_err());
-        assert!(parse_stats_reply("garbage").is_err());
+        assert!(stats(r#"{"ok":true,"state":"running"}"#).is_err());
+        assert!(stats("garbage").is_err());
         // No answer: no device counters; stopped: zeros.
         let silent = VmStats::new(
             "a",
@@ -948,7 +911,7 @@ mod tests {
     #[test]
     fn prometheus_text_renders_every_family() {
         let dev = DeviceStats {
-            vcpus: vec![VcpuStats { exits: 9 }],
+            vcpus: vec![vireo_api::control::VcpuStats { exits: 9 }],
             disks: vec![DiskStats {
                 id: "we\"ird\\disk".into(),
                 read_bytes: 1,

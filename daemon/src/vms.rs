@@ -45,6 +45,7 @@ use crate::error::ApiError;
 use crate::observe::{Change, ConsoleTap, Observe};
 use crate::procfs;
 use crate::storage::Storage;
+use vireo_api::control::{Command, Reply, ReplyError};
 use vireo_api::model::{
     check_config, check_name, pin_macs, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
     DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
@@ -81,7 +82,7 @@ mod jail;
 mod migrate;
 mod snapshots;
 
-pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationStats, MigrationTls, PostcopyStats};
+pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationTls};
 pub use snapshots::clone_disk;
 
 /// How a VM's process starts: booting its definition, or from a snapshot.
@@ -704,10 +705,13 @@ impl Daemon {
             }
         };
         let socket = self.vm_dir(name).join(CONTROL_SOCKET);
-        let reset = match tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, "reset"))
-            .await
+        let reset = match tokio::time::timeout(
+            CONTROL_TIMEOUT,
+            control_request(&socket, &Command::Reset),
+        )
+        .await
         {
-            Ok(Ok(reply)) if reply.contains("\"ok\":true") => true,
+            Ok(Ok(reply)) if reply.ok => true,
             other => {
                 tracing::warn!("VM {name}: no reset through the control socket ({other:?}); killing it to reboot");
                 false
@@ -783,16 +787,18 @@ impl Daemon {
         }
         let id = self.live_process(name)?;
         let socket = self.vm_dir(name).join(CONTROL_SOCKET);
-        let pressed =
-            match tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, "power-button"))
-                .await
-            {
-                Ok(Ok(reply)) if reply.contains("\"ok\":true") => true,
-                other => {
-                    tracing::warn!("VM {name}: could not press the power button: {other:?}");
-                    false
-                }
-            };
+        let pressed = match tokio::time::timeout(
+            CONTROL_TIMEOUT,
+            control_request(&socket, &Command::PowerButton),
+        )
+        .await
+        {
+            Ok(Ok(reply)) if reply.ok => true,
+            other => {
+                tracing::warn!("VM {name}: could not press the power button: {other:?}");
+                false
+            }
+        };
         if pressed && self.wait_exit(name, id, Duration::from_secs(secs)).await {
             return self.get(name);
         }
@@ -868,13 +874,13 @@ impl Daemon {
                 format!("VM {name} is already {}", want.as_str()),
             ));
         }
-        let command = if paused { "pause" } else { "resume" };
-        let reply = self.control(name, &socket, command).await?;
-        if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
-            let why = reply
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("no reason given");
+        let command = if paused {
+            Command::Pause
+        } else {
+            Command::Resume
+        };
+        let reply = self.control(name, &socket, &command).await?;
+        if let Err(why) = reply.into_result() {
             return Err(ApiError::conflict(
                 "invalid_state",
                 format!("VM {name}: {why}"),
@@ -929,24 +935,15 @@ impl Daemon {
             }
             self.vm_dir(name).join(CONTROL_SOCKET)
         };
-        let command = match target_mib {
-            Some(t) => format!("balloon {t}"),
-            None => "balloon".to_string(),
-        };
-        let reply = self.control(name, &socket, &command).await?;
-        if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
-            let why = reply
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("no reason given");
-            return Err(ApiError::conflict(
-                "balloon_failed",
-                format!("VM {name}: {why}"),
-            ));
-        }
-        serde_json::from_value(reply.get("balloon").cloned().unwrap_or_default()).map_err(|e| {
+        let command = Command::Balloon(target_mib);
+        let reply = self
+            .control(name, &socket, &command)
+            .await?
+            .into_result()
+            .map_err(|why| ApiError::conflict("balloon_failed", format!("VM {name}: {why}")))?;
+        reply.balloon.ok_or_else(|| {
             ApiError::internal(format!(
-                "VM {name} answered `{command}` without a balloon report: {e}"
+                "VM {name} answered `{command}` without a balloon report"
             ))
         })
     }
@@ -956,8 +953,8 @@ impl Daemon {
         &self,
         name: &str,
         socket: &Path,
-        command: &str,
-    ) -> Result<serde_json::Value, ApiError> {
+        command: &Command,
+    ) -> Result<Reply, ApiError> {
         self.control_within(name, socket, command, CONTROL_TIMEOUT)
             .await
     }
@@ -967,16 +964,16 @@ impl Daemon {
         &self,
         name: &str,
         socket: &Path,
-        command: &str,
+        command: &Command,
         limit: Duration,
-    ) -> Result<serde_json::Value, ApiError> {
+    ) -> Result<Reply, ApiError> {
         // A VM started a moment ago may not listen yet (`vireo run` binds
         // its control socket once the machine is built): retry until it
         // does, within the same time limit.
         let ask = async {
             loop {
                 match control_request(socket, command).await {
-                    Err(e)
+                    Err(ControlError::Io(e))
                         if matches!(
                             e.kind(),
                             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
@@ -988,20 +985,20 @@ impl Daemon {
                 }
             }
         };
-        let reply = tokio::time::timeout(limit, ask)
+        tokio::time::timeout(limit, ask)
             .await
             .map_err(|_| {
                 ApiError::internal(format!("VM {name} did not answer `{command}` in time"))
             })?
-            .map_err(|e| {
-                ApiError::internal(format!(
+            .map_err(|e| match e {
+                ControlError::Io(e) => ApiError::internal(format!(
                     "cannot reach VM {name}'s control socket {}: {e}",
                     socket.display()
-                ))
-            })?;
-        serde_json::from_str(&reply).map_err(|e| {
-            ApiError::internal(format!("VM {name} answered `{command}` with garbage: {e}"))
-        })
+                )),
+                ControlError::Reply(e) => {
+                    ApiError::internal(format!("VM {name} answered `{command}` with garbage: {e}"))
+                }
+            })
     }
 
     /// SIGKILL at once.
@@ -1389,9 +1386,20 @@ fn outcome(exit: Exit, requested: Option<&str>, log: &str) -> Outcome {
     }
 }
 
-/// Send one command line to a `vireo run` control socket and read its one
-/// JSON line of reply.
-pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
+/// A control-socket request that got no reply to read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ControlError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Reply(#[from] ReplyError),
+}
+
+/// Send one command to a `vireo run` control socket and read its reply.
+pub(crate) async fn control_request(
+    socket: &Path,
+    command: &Command,
+) -> Result<Reply, ControlError> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut stream = tokio::net::UnixStream::connect(socket).await?;
     stream.write_all(format!("{command}\n").as_bytes()).await?;
@@ -1400,7 +1408,7 @@ pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Re
         .take(64 * 1024)
         .read_line(&mut line)
         .await?;
-    Ok(line)
+    Ok(Reply::parse(&line)?)
 }
 
 #[cfg(test)]

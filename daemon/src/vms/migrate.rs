@@ -29,6 +29,7 @@ use super::{lock, Boot, Daemon, EARLY_EXIT_WAIT, VM_LOG};
 use crate::console::Console;
 use crate::error::ApiError;
 use crate::observe::Change;
+use vireo_api::control::{Command, MigrateTo, MigrationStats};
 use vireo_api::model::{check_config, check_name, CreateVm};
 
 /// How long a migration may take (pre-copy of a big, busy guest).
@@ -70,30 +71,6 @@ pub struct Migrate {
     /// that dirty memory faster than pre-copy can send it).
     #[serde(default)]
     pub postcopy: bool,
-}
-
-/// What `migrate-to` measured.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct MigrationStats {
-    pub total_ms: u64,
-    pub downtime_ms: u64,
-    pub bytes_sent: u64,
-    pub rounds: u64,
-    pub pages_sent: u64,
-    /// The post-copy phase, when there was one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub postcopy: Option<PostcopyStats>,
-}
-
-/// What the post-copy phase of a migration measured.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct PostcopyStats {
-    /// Pages the guest touched on the target before they arrived.
-    pub pages_requested: u64,
-    /// Pages sent in the background.
-    pub pages_pushed: u64,
-    /// From the target taking over to its last page.
-    pub postcopy_ms: u64,
 }
 
 /// The reply to `POST /v1/vms/{name}/migrate`.
@@ -502,7 +479,6 @@ impl Daemon {
             format!("tcp:{host}:{}", ready.port)
         };
         let socket = dir.join(super::CONTROL_SOCKET);
-        let mode = if req.postcopy { " --postcopy" } else { "" };
         // The target's secret goes to the VM's process as a file (0600 in
         // the VM's directory), never on a command line.
         let secret_file = dir.join(SECRET_FILE);
@@ -513,38 +489,33 @@ impl Daemon {
                 secret_file.display()
             ))
         })?;
-        let command = format!(
-            "migrate-to {target} --ca {} --secret-file {}{mode}",
-            ca_file.display(),
-            secret_file.display()
-        );
+        let command = Command::MigrateTo(MigrateTo {
+            ca: Some(ca_file.clone()),
+            secret_file: Some(secret_file.clone()),
+            postcopy: req.postcopy,
+            ..MigrateTo::new(&target)
+        });
         let reply = self
             .control_within(name, &socket, &command, MIGRATION_TIMEOUT)
             .await;
         let _ = std::fs::remove_file(&secret_file);
-        let reply = match reply {
-            Ok(r) if r.get("ok") == Some(&serde_json::Value::Bool(true)) => r,
-            other => {
+        let outcome = match reply {
+            Ok(r) => r.into_result(),
+            Err(e) => Err(e.message),
+        };
+        let reply = match outcome {
+            Ok(r) => r,
+            Err(why) => {
                 if let Some(p) = lock(&self.inner).procs.get_mut(name) {
                     p.requested = None;
                 }
-                let why = match other {
-                    Ok(r) => r
-                        .get("error")
-                        .and_then(|e| e.as_str())
-                        .unwrap_or("no reason given")
-                        .to_string(),
-                    Err(e) => e.message,
-                };
                 return Err(ApiError::conflict(
                     "migration_failed",
                     format!("VM {name} stays here: {why}"),
                 ));
             }
         };
-        let migration: MigrationStats =
-            serde_json::from_value(reply.get("migration").cloned().unwrap_or_default())
-                .unwrap_or_default();
+        let migration = reply.migration.unwrap_or_default();
         if !self.wait_exit(name, id, Duration::from_secs(30)).await {
             tracing::warn!("VM {name}: its process did not end after migrating; killing it");
             if crate::procfs::is_same_process(id.pid, id.start_time) {
