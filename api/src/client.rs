@@ -410,6 +410,31 @@ impl Client {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Vec<u8>, ClientError> {
+        let Response { status, body, .. } = self.send(method, path, body, timeout)?;
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let message = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => e.error.message,
+            Err(_) => format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
+        };
+        Err(ClientError::Api {
+            daemon: self.describe(),
+            status,
+            message,
+            token_sent: self.token.is_some(),
+        })
+    }
+
+    /// Send a request and return the reply whatever its status (for
+    /// callers that look at error replies themselves, such as tests).
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
         let daemon = self.describe();
         let mut stream = self.connect_with_timeout(timeout)?;
         let body = body.unwrap_or_default();
@@ -441,22 +466,27 @@ impl Client {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
             Err(e) => return Err(io_err(e)),
         }
-        let (status, body) = parse_response(&raw).ok_or_else(|| ClientError::MalformedReply {
-            daemon: daemon.clone(),
-        })?;
-        if (200..300).contains(&status) {
-            return Ok(body);
-        }
-        let message = match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(e) => e.error.message,
-            Err(_) => format!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim()),
-        };
-        Err(ClientError::Api {
-            daemon,
-            status,
-            message,
-            token_sent: self.token.is_some(),
-        })
+        parse_response(&raw).ok_or(ClientError::MalformedReply { daemon })
+    }
+}
+
+/// A reply of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// The headers, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (de-chunked).
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -499,19 +529,28 @@ fn tls_failure(url: &str, host: &str, e: std::io::Error) -> ClientError {
     }
 }
 
-/// Split an HTTP/1.1 response into its status and (de-chunked) body.
-fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
+/// Split an HTTP/1.1 response into its status, headers and (de-chunked)
+/// body.
+fn parse_response(raw: &[u8]) -> Option<Response> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&raw[..end]).ok()?;
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
     let mut body = &raw[end + 4..];
+    let response = |body: Vec<u8>| Response {
+        status,
+        headers: headers.clone(),
+        body,
+    };
     if !chunked {
-        return Some((status, body.to_vec()));
+        return Some(response(body.to_vec()));
     }
     let mut out = Vec::new();
     loop {
@@ -520,7 +559,7 @@ fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
         let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
         body = &body[eol + 2..];
         if size == 0 {
-            return Some((status, out));
+            return Some(response(out));
         }
         out.extend_from_slice(body.get(..size)?);
         body = body.get(size + 2..)?;
@@ -533,11 +572,16 @@ mod tests {
 
     #[test]
     fn responses_parse_plain_and_chunked() {
-        let plain = b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain), Some((201, b"{}".to_vec())));
+        let plain =
+            b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\nContent-Type: application/json\r\n\r\n{}";
+        let r = parse_response(plain).unwrap();
+        assert_eq!((r.status, &r.body[..]), (201, &b"{}"[..]));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("content-length"), Some("2"));
         let chunked =
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked), Some((200, b"abcde".to_vec())));
+        let r = parse_response(chunked).unwrap();
+        assert_eq!((r.status, r.body), (200, b"abcde".to_vec()));
         assert_eq!(parse_response(b"garbage"), None);
     }
 
