@@ -38,11 +38,11 @@ pub enum Command {
     #[command(subcommand)]
     Image(ImageCommand),
     /// Run the vireo daemon: VM definitions, their processes and the REST API.
-    #[command(after_help = crate::vm_cli::SERVE_EXAMPLES)]
-    Serve(crate::vm_cli::ServeArgs),
+    #[command(after_help = crate::vm_cli::args::SERVE_EXAMPLES)]
+    Serve(crate::vm_cli::args::ServeArgs),
     /// Manage VMs through the daemon: create, list, show, start, stop, console.
-    #[command(long_about = crate::vm_cli::VM_ABOUT)]
-    Vm(crate::vm_cli::VmArgs),
+    #[command(long_about = crate::vm_cli::args::VM_ABOUT)]
+    Vm(crate::vm_cli::args::VmArgs),
     /// Manage the API tokens of TCP (TLS) clients: create, list, revoke.
     #[command(long_about = crate::token_cli::TOKEN_ABOUT)]
     Token(crate::token_cli::TokenArgs),
