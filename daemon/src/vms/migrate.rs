@@ -340,7 +340,7 @@ impl Daemon {
             }
             let gone = !lock(&self.inner).procs.contains_key(name);
             if gone || tokio::time::Instant::now() >= deadline {
-                let why = super::log_verdict(&log)
+                let why = super::exit::log_verdict(&log)
                     .map(|(_, why)| why)
                     .unwrap_or_else(|| "it did not listen in time".into());
                 self.forget_incoming(name);
