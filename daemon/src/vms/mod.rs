@@ -27,10 +27,10 @@
 //! (pid + start time) and their end is read from their log.
 //!
 //! Here: the definitions and the lifecycle verbs (create, start, stop,
-//! reboot, kill, exits and restarts). Apart: [`process`] (spawning `vireo
-//! run`, its pipes, re-adoption), [`exit`] (what an exit means), [`control`]
-//! (the control socket and the verbs that use it), [`jail`], [`snapshots`]
-//! and [`migrate`].
+//! reboot, kill, exits and restarts). Apart: `process` (spawning `vireo
+//! run`, its pipes, re-adoption), `exit` (what an exit means), `control`
+//! (the control socket and the verbs that use it), `jail`, `snapshots` and
+//! `migrate`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
