@@ -29,6 +29,7 @@ use super::{lock, Boot, Daemon, EARLY_EXIT_WAIT, VM_LOG};
 use crate::console::Console;
 use crate::error::ApiError;
 use crate::observe::Change;
+use vireo_api::client::{Client, ClientError, Response};
 use vireo_api::control::{Command, MigrateTo, MigrationStats};
 use vireo_api::model::{check_config, check_name, CreateVm};
 
@@ -162,83 +163,6 @@ fn definition(name: &str, c: &vireo_api::model::VmConfig) -> CreateVm {
         rng: c.devices.rng.clone(),
         balloon: c.devices.balloon.clone(),
     }
-}
-
-fn roots(pem_file: &Path) -> Result<rustls::RootCertStore, ApiError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let bad = |why: String| ApiError::bad_request("invalid_value", format!("ca_cert: {why}"));
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pem_file)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| bad(format!("cannot read a PEM certificate: {e:?}")))?;
-    if certs.is_empty() {
-        return Err(bad(
-            "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
-        ));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(bad("no usable CA certificate in it".into()));
-    }
-    Ok(roots)
-}
-
-/// One HTTPS request to another daemon: (status, body).
-async fn https_request(
-    host: &str,
-    port: u16,
-    roots: rustls::RootCertStore,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Vec<u8>,
-) -> Result<(u16, Vec<u8>), String> {
-    use http_body_util::BodyExt;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let server_name = rustls_pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| format!("{host}: {e}"))?;
-    let tcp = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP with {host}:{port}: {e}"))?;
-    tokio::spawn(conn);
-    let mut req = axum::http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("{host}:{port}"))
-        .header("content-type", "application/json");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let req = req
-        .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request to {host}:{port}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("reply from {host}:{port}: {e}"))?
-        .to_bytes()
-        .to_vec();
-    Ok((status, body))
 }
 
 /// The `vireo run --migrate-from` address in the VM's log, once printed.
@@ -378,7 +302,8 @@ impl Daemon {
         name: &str,
         req: &Migrate,
     ) -> Result<Migrated, ApiError> {
-        let (host, port) = parse_to(&req.to)?;
+        // Checked here for the API's own message; the client reads the port.
+        let (host, _) = parse_to(&req.to)?;
         if let Some(t) = &req.token {
             if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(ApiError::bad_request(
@@ -426,27 +351,30 @@ impl Daemon {
         self.hand_to_vm(name, &ca_file).map_err(|e| {
             ApiError::internal(format!("handing {} to VM {name}: {e}", ca_file.display()))
         })?;
-        let roots = roots(&ca_file)?;
+        // The api crate's client, as `vireo vm` uses it, on a blocking
+        // thread: one request, then the reply.
+        let client =
+            Client::tls(&req.to, Some(&ca_file), req.token.clone()).map_err(|e| match e {
+                ClientError::CaCert { why, .. } => {
+                    ApiError::bad_request("invalid_value", format!("ca_cert: {why}"))
+                }
+                other => ApiError::bad_request("invalid_value", format!("to: {other}")),
+            })?;
         tracing::info!("VM {name}: migrating to {}", req.to);
         let body = serde_json::to_vec(&definition(name, &rec.config))
             .map_err(|e| ApiError::internal(format!("encoding VM {name}: {e}")))?;
         let path = format!("/v1/vms/{name}/migrate-in");
-        let asked = tokio::time::timeout(
-            PEER_TIMEOUT,
-            https_request(
-                &host,
-                port,
-                roots,
-                "POST",
-                &path,
-                req.token.as_deref(),
-                body,
-            ),
-        )
+        let asked = tokio::task::spawn_blocking(move || {
+            client.send("POST", &path, Some(&body), PEER_TIMEOUT)
+        })
         .await
-        .map_err(|_| "no answer in time".to_string())
-        .and_then(|r| r);
-        let (status, reply) = asked.map_err(|e| {
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let Response {
+            status,
+            body: reply,
+            ..
+        } = asked.map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "target_unreachable",
