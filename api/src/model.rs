@@ -424,6 +424,106 @@ pub struct VmList {
     pub vms: Vec<Vm>,
 }
 
+/// `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Migrate {
+    /// The target daemon's TLS API, `https://HOST:PORT`.
+    pub to: String,
+    /// An admin token of the target daemon.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The CA certificate (PEM text) the target daemon's certificate is
+    /// checked against [default: the system's CA bundle].
+    #[serde(default)]
+    pub ca_cert: Option<String>,
+    /// Post-copy: after one full copy the guest runs on the target at
+    /// once and fetches the pages it dirtied since on demand (for guests
+    /// that dirty memory faster than pre-copy can send it).
+    #[serde(default)]
+    pub postcopy: bool,
+}
+
+/// The reply to `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Migrated {
+    pub vm: String,
+    pub to: String,
+    pub migration: crate::control::MigrationStats,
+}
+
+/// The reply to `POST /v1/vms/{name}/migrate-in`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MigrateInReady {
+    /// The TCP port the target's `vireo run --migrate-from` listens on
+    /// (TLS, with the target daemon's certificate).
+    pub port: u16,
+    /// The one-time secret the source must send first (64 hex digits);
+    /// anyone else who connects to the port is refused.
+    pub secret: String,
+}
+
+/// What a caller may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A token as the API shows it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    #[serde(default)]
+    pub name: String,
+    pub role: Role,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewToken {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: String,
+    pub token: String,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

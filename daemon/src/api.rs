@@ -157,7 +157,7 @@ async fn restore_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiE
 
 async fn migrate_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
     let name = vm_name(name)?;
-    let req: crate::vms::Migrate = parse(&body, None)?;
+    let req: vireo_api::model::Migrate = parse(&body, None)?;
     Ok(json(StatusCode::OK, &d.migrate(&name, &req).await?))
 }
 
@@ -538,7 +538,7 @@ mod tests {
             clones: vec![],
         };
         assert_eq!(keys(&snap), properties("Snapshot"));
-        let m = crate::vms::Migrate {
+        let m = vireo_api::model::Migrate {
             to: "https://a:1".into(),
             token: Some("t".into()),
             ca_cert: Some("pem".into()),
@@ -552,14 +552,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(keys(&stats), properties("MigrationStats"));
-        let done = crate::vms::Migrated {
+        let done = vireo_api::model::Migrated {
             vm: "a".into(),
             to: "https://a:1".into(),
             migration: stats,
         };
         assert_eq!(keys(&done), properties("Migrated"));
         assert_eq!(
-            keys(crate::vms::MigrateInReady {
+            keys(vireo_api::model::MigrateInReady {
                 port: 1,
                 secret: "00".into()
             }),

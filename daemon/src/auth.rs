@@ -44,34 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::clock::{now_secs, rfc3339};
 use crate::db::Db;
 use crate::error::ApiError;
-
-/// What a caller may do; each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "viewer" => Some(Role::Viewer),
-            "operator" => Some(Role::Operator),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-}
+use vireo_api::model::{CreateToken, NewToken, Role, TokenInfo, TokenList};
 
 /// Who sent a request, for handlers (an axum request extension, set by the
 /// middleware on every authenticated request).
@@ -299,39 +272,6 @@ fn new_token() -> Result<(String, String, [u8; 32]), ApiError> {
     let (id, secret) = (hex(&id), hex(&secret));
     let hash = hash_secret(&secret);
     Ok((id.clone(), format!("{TOKEN_PREFIX}{id}_{secret}"), hash))
-}
-
-/// A token as the API shows it (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenInfo {
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    pub created_at: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenList {
-    pub tokens: Vec<TokenInfo>,
-}
-
-/// `POST /v1/tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateToken {
-    #[serde(default)]
-    pub name: String,
-    pub role: Role,
-}
-
-/// The answer to `POST /v1/tokens`: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NewToken {
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    pub created_at: String,
-    pub token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -40,7 +40,7 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 /// the caller is an admin.
 pub fn may_type(ext: &Extensions) -> bool {
     ext.get::<crate::auth::Caller>()
-        .is_none_or(|c| c.role >= crate::auth::Role::Operator)
+        .is_none_or(|c| c.role >= vireo_api::model::Role::Operator)
 }
 
 pub async fn console_ws(

@@ -446,8 +446,8 @@ impl Db {
                 name: format!("(token {id})"),
                 what,
             };
-            let role =
-                crate::auth::Role::parse(&role).ok_or_else(|| corrupt(format!("role {role:?}")))?;
+            let role = vireo_api::model::Role::parse(&role)
+                .ok_or_else(|| corrupt(format!("role {role:?}")))?;
             let secret_sha256: [u8; 32] = hash
                 .as_slice()
                 .try_into()
@@ -832,7 +832,7 @@ mod tests {
         let t = crate::auth::StoredToken {
             id: "0123456789abcdef".into(),
             name: "ci".into(),
-            role: crate::auth::Role::Operator,
+            role: vireo_api::model::Role::Operator,
             created_at: 7,
             secret_sha256: [9; 32],
         };
@@ -842,7 +842,7 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(
             (got[0].id.as_str(), got[0].name.as_str(), got[0].role),
-            ("0123456789abcdef", "ci", crate::auth::Role::Operator)
+            ("0123456789abcdef", "ci", vireo_api::model::Role::Operator)
         );
         assert_eq!((got[0].created_at, got[0].secret_sha256), (7, [9; 32]));
         assert!(db.delete_token(&t.id).unwrap());

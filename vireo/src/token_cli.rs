@@ -2,7 +2,7 @@
 //! token API (`/v1/tokens`, admin only; the Unix socket is admin).
 
 use clap::{Args, Subcommand, ValueEnum};
-use vireo_daemon::auth::{CreateToken, NewToken, Role, TokenList};
+use vireo_api::model::{CreateToken, NewToken, Role, TokenList};
 
 use crate::api_client::{self, ConnArgs};
 use crate::Failure;

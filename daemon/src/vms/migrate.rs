@@ -23,15 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
 
 use super::{lock, Boot, Daemon, EARLY_EXIT_WAIT, VM_LOG};
 use crate::console::Console;
 use crate::error::ApiError;
 use crate::observe::Change;
 use vireo_api::client::{Client, ClientError, Response};
-use vireo_api::control::{Command, MigrateTo, MigrationStats};
-use vireo_api::model::{check_config, check_name, CreateVm};
+use vireo_api::control::{Command, MigrateTo};
+use vireo_api::model::{check_config, check_name, CreateVm, Migrate, MigrateInReady, Migrated};
 
 /// How long a migration may take (pre-copy of a big, busy guest).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -52,45 +51,6 @@ pub struct MigrationTls {
     /// The address of the daemon's TCP listener: the target's `vireo run`
     /// listens on the same one.
     pub ip: std::net::IpAddr,
-}
-
-/// `POST /v1/vms/{name}/migrate`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Migrate {
-    /// The target daemon's TLS API, `https://HOST:PORT`.
-    pub to: String,
-    /// An admin token of the target daemon.
-    #[serde(default)]
-    pub token: Option<String>,
-    /// The CA certificate (PEM text) the target daemon's certificate is
-    /// checked against [default: the system's CA bundle].
-    #[serde(default)]
-    pub ca_cert: Option<String>,
-    /// Post-copy: after one full copy the guest runs on the target at
-    /// once and fetches the pages it dirtied since on demand (for guests
-    /// that dirty memory faster than pre-copy can send it).
-    #[serde(default)]
-    pub postcopy: bool,
-}
-
-/// The reply to `POST /v1/vms/{name}/migrate`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct Migrated {
-    pub vm: String,
-    pub to: String,
-    pub migration: MigrationStats,
-}
-
-/// The reply to `POST /v1/vms/{name}/migrate-in`.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct MigrateInReady {
-    /// The TCP port the target's `vireo run --migrate-from` listens on
-    /// (TLS, with the target daemon's certificate).
-    pub port: u16,
-    /// The one-time secret the source must send first (64 hex digits);
-    /// anyone else who connects to the port is refused.
-    pub secret: String,
 }
 
 /// Where a VM's directory keeps the one-time migration secret (on the

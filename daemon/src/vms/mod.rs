@@ -79,7 +79,7 @@ mod snapshots;
 pub(crate) use control::control_request;
 use control::CONTROL_TIMEOUT;
 use exit::{exit_change, outcome, read_log_tail, Exit, Outcome, GUEST_RESET};
-pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationTls};
+pub use migrate::MigrationTls;
 use process::{drain, spawn_pump, spawn_vm};
 pub use snapshots::clone_disk;
 

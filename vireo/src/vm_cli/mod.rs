@@ -226,14 +226,14 @@ fn migrate(client: &Client, a: MigrateArgs) -> Result<(), Failure> {
         ),
         None => None,
     };
-    let body = serde_json::to_vec(&vireo_daemon::vms::Migrate {
+    let body = serde_json::to_vec(&vireo_api::model::Migrate {
         to: a.to.clone(),
         token,
         ca_cert,
         postcopy: a.postcopy,
     })
     .expect("serialisable");
-    let done: vireo_daemon::vms::Migrated = client.call_with_timeout(
+    let done: vireo_api::model::Migrated = client.call_with_timeout(
         "POST",
         &vm_path(&a.name, "/migrate"),
         Some(&body),
