@@ -1,6 +1,7 @@
 //! Disk image formats for vireo: raw and qcow2.
 //!
-//! This crate never depends on the VM core, the devices or the front ends:
+//! This crate never depends on the VM core, the devices or the front ends
+//! (only on `vireo-api`, for the image `Format` every layer names):
 //! a block device (virtio-blk) speaks virtio to the guest and a
 //! [`DiskImage`] to this crate; the image speaks its format to the host file.
 //!

@@ -1,8 +1,9 @@
 //! The vireo VM core: guest memory, Linux boot, vCPU threads, the I/O buses
 //! and the run loop, over any backend of `vireo-hypervisor`.
 //!
-//! It depends only on the hypervisor layer; device models, the CLI and the
-//! control plane build on it, never the other way round.
+//! It depends only on the hypervisor layer and on `vireo-api` (the limits
+//! and the one check of a VM definition, the host's memory); device models,
+//! the CLI and the control plane build on it, never the other way round.
 
 pub mod boot;
 pub mod bus;
