@@ -209,10 +209,12 @@ fn load_roots(ca_cert: Option<&Path>) -> Result<rustls::RootCertStore, ClientErr
                     "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
                 ));
             }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+            // A bundle (the daemon passes the system's when a migration
+            // names no CA) may hold certificates rustls cannot use; the
+            // others still count.
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(bad("no usable CA certificate in it".into()));
             }
         }
         None => {
