@@ -1,11 +1,13 @@
 //! Disk image formats for vireo: raw and qcow2.
 //!
-//! This crate never depends on the VM core, the devices or the front ends:
+//! This crate never depends on the VM core, the devices or the front ends
+//! (only on `vireo-api`, for the image `Format` every layer names):
 //! a block device (virtio-blk) speaks virtio to the guest and a
 //! [`DiskImage`] to this crate; the image speaks its format to the host file.
 //!
 //! ```no_run
-//! use vireo_block::{open_as, Format, OpenOptions};
+//! use vireo_api::devices::block::Format;
+//! use vireo_block::{open_as, OpenOptions};
 //! let mut disk = open_as("disk.qcow2".as_ref(), Format::Qcow2, OpenOptions::writable())?;
 //! let mut sector = [0u8; 512];
 //! disk.read_at(&mut sector, 0)?;
@@ -27,7 +29,6 @@ mod file;
 pub mod qcow2;
 mod raw;
 
-use std::fmt;
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
@@ -36,43 +37,10 @@ pub use qcow2::{create_qcow2, Qcow2};
 pub use raw::Raw;
 
 use file::{DiskFile, HostFile};
+use vireo_api::devices::block::Format;
 
 /// How deep a chain of backing files may be (the image itself not counted).
 pub const MAX_BACKING_DEPTH: usize = 16;
-
-/// The image formats vireo reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// The file is the disk, byte for byte.
-    Raw,
-    /// QEMU copy-on-write version 2 or 3.
-    Qcow2,
-}
-
-impl Format {
-    /// The name qemu-img uses for the format.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-
-    /// Parses a format name as qemu-img spells it.
-    pub fn from_name(name: &str) -> Option<Format> {
-        match name {
-            "raw" => Some(Format::Raw),
-            "qcow2" => Some(Format::Qcow2),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// How to open an image.
 #[derive(Debug, Clone, Copy, Default)]

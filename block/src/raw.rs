@@ -2,7 +2,8 @@
 
 use crate::error::{Error, Result};
 use crate::file::HostFile;
-use crate::{check_range, DiskImage, Format, LayerInfo};
+use crate::{check_range, DiskImage, LayerInfo};
+use vireo_api::devices::block::Format;
 
 /// A raw image. Its size is the file's size when opened; accesses past it
 /// are errors and never extend the file.

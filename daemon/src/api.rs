@@ -21,11 +21,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::ApiError;
-use crate::model::{
-    BalloonStatus, CloneVm, CreateSnapshot, CreateVm, ErrorBody, ErrorDetail, SetBalloon, Snapshot,
-    SnapshotList, StopVm, UpdateVm, Vm, VmList,
-};
 use crate::vms::Daemon;
+use vireo_api::model::{
+    BalloonStatus, CloneVm, CreateSnapshot, CreateVm, ErrorBody, ErrorDetail, Migrate,
+    MigrateInReady, Migrated, SetBalloon, Snapshot, SnapshotList, StopVm, UpdateVm, Vm, VmList,
+};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -200,9 +200,9 @@ async fn restore_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiE
     summary = "Live-migrate a running VM to another daemon.",
     description = "This daemon asks the target daemon (`to`, its TLS API, with `token`, an admin token there, checked against `ca_cert`) to receive the VM (`POST /v1/vms/{name}/migrate-in`), then tells the VM's process to send itself there: memory is copied while the guest runs, then the guest pauses for the last pages and the device state. On success the VM runs on the target and this daemon forgets it. On failure it keeps running here. Disks must be on storage both hosts see at the same paths. A VM with snapshots is refused (they cannot move). Needs admin.",
     params(("name" = String, Path, description = "The VM's name.")),
-    request_body = crate::vms::Migrate,
+    request_body = Migrate,
     responses(
-        (status = 200, description = "Migrated: the VM runs on the target.", body = crate::vms::Migrated),
+        (status = 200, description = "Migrated: the VM runs on the target.", body = Migrated),
         (status = 400, description = "Bad request: malformed JSON, unknown field, bad `to`, `token` or `ca_cert` (the message names the field).", body = ErrorBody),
         (status = 404, description = "No such VM.", body = ErrorBody),
         (status = 409, description = "The VM is not running or paused (invalid_state), has snapshots (has_snapshots), is busy (busy), the target refused it (migration_refused, with the target's reason), or the migration failed and the VM stays here (migration_failed).", body = ErrorBody),
@@ -212,7 +212,7 @@ async fn restore_snapshot(State(d): Shared, p: NameTag) -> Result<Response, ApiE
 )]
 async fn migrate_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Response, ApiError> {
     let name = vm_name(name)?;
-    let req: crate::vms::Migrate = parse(&body, None)?;
+    let req: vireo_api::model::Migrate = parse(&body, None)?;
     Ok(json(StatusCode::OK, &d.migrate(&name, &req).await?))
 }
 
@@ -225,7 +225,7 @@ async fn migrate_vm(State(d): Shared, name: Name, body: Bytes) -> Result<Respons
     params(("name" = String, Path, description = "The VM's name.")),
     request_body = CreateVm,
     responses(
-        (status = 201, description = "Waiting for the migration on this port.", body = crate::vms::MigrateInReady),
+        (status = 201, description = "Waiting for the migration on this port.", body = MigrateInReady),
         (status = 400, description = "Bad request (the message names the field).", body = ErrorBody),
         (status = 409, description = "A VM of that name exists here (already_exists), this daemon has no TLS listener (no_tls), or the receiving process failed (migrate_in_failed).", body = ErrorBody),
         (status = 413, description = "Body too large.", body = ErrorBody),
@@ -774,7 +774,7 @@ mod tests {
             );
         }
         assert_eq!(keys(SetBalloon { target_mib: 1 }), properties("SetBalloon"));
-        let b = crate::model::BalloonStatus {
+        let b = vireo_api::model::BalloonStatus {
             target_mib: 1,
             actual_mib: 0,
             free_mib: None,
@@ -782,16 +782,16 @@ mod tests {
             total_mib: None,
         };
         assert_eq!(keys(b), properties("Balloon"));
-        let dev = crate::observe::DeviceStats {
+        let dev = vireo_api::control::DeviceStats {
             vcpus: vec![],
             disks: vec![Default::default()],
             nets: vec![Default::default()],
         };
         let st = crate::observe::VmStats::new(
             "a",
-            crate::model::VmState::Running,
+            vireo_api::model::VmState::Running,
             Some(1),
-            32,
+            vireo_api::units::MemorySize::mib_const(32),
             None,
             Some(dev.clone()),
         );
@@ -813,18 +813,18 @@ mod tests {
             from_snapshot: "t".into(),
         };
         assert_eq!(keys(&clone), properties("CloneVm"));
-        let disk = crate::model::SnapshotDisk {
+        let disk = vireo_api::model::SnapshotDisk {
             id: "root".into(),
             path: "/s/disks/root.qcow2".into(),
             format: "qcow2".into(),
             bytes: 1,
         };
         assert_eq!(keys(&disk), properties("SnapshotDisk"));
-        let snap = crate::model::Snapshot {
+        let snap = vireo_api::model::Snapshot {
             vm: "a".into(),
             tag: "t".into(),
-            created_at: crate::model::rfc3339(0),
-            vm_state: crate::model::VmState::Running,
+            created_at: crate::clock::rfc3339(0),
+            vm_state: vireo_api::model::VmState::Running,
             memory_bytes: 1,
             disks: vec![disk],
             parent: None,
@@ -833,28 +833,28 @@ mod tests {
             clones: vec![],
         };
         assert_eq!(keys(&snap), properties("Snapshot"));
-        let m = crate::vms::Migrate {
+        let m = vireo_api::model::Migrate {
             to: "https://a:1".into(),
             token: Some("t".into()),
             ca_cert: Some("pem".into()),
             postcopy: true,
         };
         assert_eq!(keys(&m), properties("Migrate"));
-        let postcopy = crate::vms::PostcopyStats::default();
+        let postcopy = vireo_api::control::PostcopyStats::default();
         assert_eq!(keys(&postcopy), properties("PostcopyStats"));
-        let stats = crate::vms::MigrationStats {
+        let stats = vireo_api::control::MigrationStats {
             postcopy: Some(postcopy),
             ..Default::default()
         };
         assert_eq!(keys(&stats), properties("MigrationStats"));
-        let done = crate::vms::Migrated {
+        let done = vireo_api::model::Migrated {
             vm: "a".into(),
             to: "https://a:1".into(),
             migration: stats,
         };
         assert_eq!(keys(&done), properties("Migrated"));
         assert_eq!(
-            keys(crate::vms::MigrateInReady {
+            keys(vireo_api::model::MigrateInReady {
                 port: 1,
                 secret: "00".into()
             }),

@@ -43,43 +43,10 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::clock::{now_secs, rfc3339};
 use crate::db::Db;
 use crate::error::ApiError;
-use crate::model::{now_secs, rfc3339};
-
-/// What a caller may do; each role includes the ones before it. viewer:
-/// every read; operator: viewer + start/stop/kill/pause/resume/reboot, the
-/// balloon target, taking and restoring snapshots; admin: operator +
-/// creating, changing and deleting VMs, deleting snapshots, cloning and
-/// migrating VMs, and tokens.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Viewer,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "viewer" => Some(Role::Viewer),
-            "operator" => Some(Role::Operator),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-}
+use vireo_api::model::{CreateToken, NewToken, Role, TokenInfo, TokenList};
 
 /// Who sent a request, for handlers (an axum request extension, set by the
 /// middleware on every authenticated request).
@@ -307,49 +274,6 @@ fn new_token() -> Result<(String, String, [u8; 32]), ApiError> {
     let (id, secret) = (hex(&id), hex(&secret));
     let hash = hash_secret(&secret);
     Ok((id.clone(), format!("{TOKEN_PREFIX}{id}_{secret}"), hash))
-}
-
-/// A token as the API shows it (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct TokenInfo {
-    /// Public id (the part after `vireo_`).
-    #[schema(pattern = "^[0-9a-f]{16}$")]
-    pub id: String,
-    #[schema(max_length = 64)]
-    pub name: String,
-    pub role: Role,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct TokenList {
-    pub tokens: Vec<TokenInfo>,
-}
-
-/// `POST /v1/tokens`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateToken {
-    /// Who or what uses the token (no control characters). Default empty.
-    #[serde(default)]
-    #[schema(max_length = 64)]
-    pub name: String,
-    pub role: Role,
-}
-
-/// The answer to `POST /v1/tokens`: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct NewToken {
-    #[schema(pattern = "^[0-9a-f]{16}$")]
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    /// The secret, shown only in this answer (the daemon keeps its SHA-256).
-    #[schema(pattern = "^vireo_[0-9a-f]{16}_[0-9a-f]{64}$")]
-    pub token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -784,8 +708,8 @@ async fn list_tokens(State(auth): Shared) -> Response {
     request_body = CreateToken,
     responses(
         (status = 201, description = "The new token, with its secret.", body = NewToken),
-        (status = 400, description = "Malformed JSON, unknown field, bad role or name; the message names the field.", body = crate::model::ErrorBody),
-        (status = 413, description = "Body over 64 KiB.", body = crate::model::ErrorBody),
+        (status = 400, description = "Malformed JSON, unknown field, bad role or name; the message names the field.", body = vireo_api::model::ErrorBody),
+        (status = 413, description = "Body over 64 KiB.", body = vireo_api::model::ErrorBody),
     )
 )]
 async fn create_token(State(auth): Shared, body: Bytes) -> Result<Response, ApiError> {
@@ -801,7 +725,7 @@ async fn create_token(State(auth): Shared, body: Bytes) -> Result<Response, ApiE
     params(("id" = String, Path, description = "The token's id.")),
     responses(
         (status = 204, description = "Revoked."),
-        (status = 404, description = "No token with that id.", body = crate::model::ErrorBody),
+        (status = 404, description = "No token with that id.", body = vireo_api::model::ErrorBody),
     )
 )]
 async fn revoke_token(

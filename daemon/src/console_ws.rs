@@ -40,7 +40,7 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 /// the caller is an admin.
 pub fn may_type(ext: &Extensions) -> bool {
     ext.get::<crate::auth::Caller>()
-        .is_none_or(|c| c.role >= crate::auth::Role::Operator)
+        .is_none_or(|c| c.role >= vireo_api::model::Role::Operator)
 }
 
 #[utoipa::path(
@@ -52,9 +52,9 @@ pub fn may_type(ext: &Extensions) -> bool {
     params(("name" = String, Path, description = "The VM's name.")),
     responses(
         (status = 101, description = "Switching protocols: the WebSocket is open."),
-        (status = 400, description = "Not a WebSocket upgrade request (code websocket_required), or a bad VM name.", body = crate::model::ErrorBody),
-        (status = 404, description = "No such VM.", body = crate::model::ErrorBody),
-        (status = 426, description = "The connection cannot be upgraded (code upgrade_required).", body = crate::model::ErrorBody),
+        (status = 400, description = "Not a WebSocket upgrade request (code websocket_required), or a bad VM name.", body = vireo_api::model::ErrorBody),
+        (status = 404, description = "No such VM.", body = vireo_api::model::ErrorBody),
+        (status = 426, description = "The connection cannot be upgraded (code upgrade_required).", body = vireo_api::model::ErrorBody),
     )
 )]
 pub async fn console_ws(

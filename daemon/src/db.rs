@@ -13,7 +13,10 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::model::{now_secs, rfc3339, Accel, Devices, SnapshotDisk, Vm, VmConfig, VmState};
+use crate::clock::{now_secs, rfc3339};
+use vireo_api::model::{Devices, SnapshotDisk, Vm, VmConfig, VmState};
+use vireo_api::units::MemorySize;
+use vireo_api::vm::Accel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -303,7 +306,7 @@ impl Db {
             params![
                 name,
                 cfg.vcpus,
-                cfg.memory_mib as i64,
+                memory_column(cfg.memory_mib),
                 cfg.kernel,
                 cfg.initrd,
                 cfg.cmdline,
@@ -339,7 +342,7 @@ impl Db {
             params![
                 name,
                 cfg.vcpus,
-                cfg.memory_mib as i64,
+                memory_column(cfg.memory_mib),
                 cfg.kernel,
                 cfg.initrd,
                 cfg.cmdline,
@@ -443,8 +446,8 @@ impl Db {
                 name: format!("(token {id})"),
                 what,
             };
-            let role =
-                crate::auth::Role::parse(&role).ok_or_else(|| corrupt(format!("role {role:?}")))?;
+            let role = vireo_api::model::Role::parse(&role)
+                .ok_or_else(|| corrupt(format!("role {role:?}")))?;
             let secret_sha256: [u8; 32] = hash
                 .as_slice()
                 .try_into()
@@ -598,6 +601,12 @@ fn set_runtime(
     Ok(())
 }
 
+/// A memory size as its column: whole MiB (at most `MemorySize::MAX_MIB`,
+/// 2^44 - 1, so it always fits an INTEGER).
+fn memory_column(m: MemorySize) -> i64 {
+    m.mib() as i64
+}
+
 struct RawRow {
     name: String,
     vcpus: u32,
@@ -647,7 +656,10 @@ impl RawRow {
         Ok(VmRecord {
             config: VmConfig {
                 vcpus: self.vcpus,
-                memory_mib: self.memory_mib as u64,
+                memory_mib: u64::try_from(self.memory_mib)
+                    .ok()
+                    .and_then(|m| MemorySize::from_mib(m).ok())
+                    .ok_or_else(|| corrupt(format!("memory_mib {}", self.memory_mib)))?,
                 kernel: self.kernel,
                 initrd: self.initrd,
                 cmdline: self.cmdline,
@@ -679,7 +691,7 @@ mod tests {
     fn cfg() -> VmConfig {
         VmConfig {
             vcpus: 2,
-            memory_mib: 128,
+            memory_mib: MemorySize::mib_const(128),
             kernel: Some("/k".into()),
             initrd: None,
             cmdline: Some("console=ttyS0".into()),
@@ -820,7 +832,7 @@ mod tests {
         let t = crate::auth::StoredToken {
             id: "0123456789abcdef".into(),
             name: "ci".into(),
-            role: crate::auth::Role::Operator,
+            role: vireo_api::model::Role::Operator,
             created_at: 7,
             secret_sha256: [9; 32],
         };
@@ -830,7 +842,7 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(
             (got[0].id.as_str(), got[0].name.as_str(), got[0].role),
-            ("0123456789abcdef", "ci", crate::auth::Role::Operator)
+            ("0123456789abcdef", "ci", vireo_api::model::Role::Operator)
         );
         assert_eq!((got[0].created_at, got[0].secret_sha256), (7, [9; 32]));
         assert!(db.delete_token(&t.id).unwrap());

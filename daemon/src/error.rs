@@ -45,8 +45,8 @@ impl ApiError {
     }
 }
 
-impl From<crate::model::Invalid> for ApiError {
-    fn from(e: crate::model::Invalid) -> ApiError {
+impl From<vireo_api::model::Invalid> for ApiError {
+    fn from(e: vireo_api::model::Invalid) -> ApiError {
         ApiError::bad_request(e.code, e.message)
     }
 }

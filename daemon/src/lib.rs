@@ -3,10 +3,13 @@
 //! API on a Unix socket (`api`, described by the OpenAPI document `openapi`
 //! generates from its handlers and types).
 //!
-//! Layout: [`paths`] (default state directory and socket), [`model`] (the
-//! API's types and the checks a definition must pass), [`db`] (SQLite,
-//! migrations), [`vms`] (VM processes, exits, reboots and
-//! re-adoption), [`console`] (scrollback, live output, input),
+//! The API's types and the checks a definition must pass are
+//! `vireo_api::model`, shared with the `vireo vm` client; the daemon links
+//! no hypervisor, VM core or device crate.
+//!
+//! Layout: [`paths`] (default state directory and socket), [`clock`]
+//! (timestamps), [`db`] (SQLite, migrations), [`vms`] (VM processes,
+//! exits, reboots and re-adoption), [`console`] (scrollback, live output, input),
 //! [`console_ws`] (the console WebSocket), [`api`] (routes), [`openapi`]
 //! (the API's generated OpenAPI document), [`web`] (the
 //! embedded web UI), [`storage`] (which host files a definition may
@@ -14,11 +17,11 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod console;
 pub mod console_ws;
 pub mod db;
 pub mod error;
-pub mod model;
 pub mod observe;
 pub mod openapi;
 pub mod paths;

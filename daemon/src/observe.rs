@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
-use crate::model::VmState;
+use vireo_api::control::{Command, DeviceStats, DiskStats, NetStats, Reply};
+use vireo_api::model::VmState;
+use vireo_api::units::MemorySize;
 
 /// Events a slow subscriber may fall behind by before it misses some.
 pub const EVENT_BUFFER: usize = 1024;
@@ -144,7 +146,7 @@ impl EventFilter {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
                 "vm" => {
-                    crate::model::check_name(value)
+                    vireo_api::model::check_name(value)
                         .map_err(|e| format!("vm: {}", e.message.trim_start_matches("name: ")))?;
                     f.vm = Some(value.to_string());
                 }
@@ -316,62 +318,12 @@ impl ConsoleTap {
     }
 }
 
-/// One disk's counters since the VM process started, as `vireo run`'s
-/// `stats` reports them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct DiskStats {
-    /// The disk's id= (default: the image file's stem).
-    pub id: String,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub read_ops: u64,
-    pub write_ops: u64,
-}
-
-/// One network device's counters since the VM process started (frame
-/// bytes, without the virtio header).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct NetStats {
-    /// The device's id=, else its TAP name.
-    pub id: String,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub tx_packets: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VcpuStats {
-    pub exits: u64,
-}
-
-/// The `stats` member of a `vireo run` control socket reply.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    #[serde(default)]
-    pub vcpus: Vec<VcpuStats>,
-    #[serde(default)]
-    pub disks: Vec<DiskStats>,
-    #[serde(default)]
-    pub nets: Vec<NetStats>,
-}
-
-/// Parse a `stats` reply line: `{"ok":true,"state":..,"stats":{...}}`.
-pub fn parse_stats_reply(line: &str) -> Result<DeviceStats, String> {
-    #[derive(Deserialize)]
-    struct Reply {
-        ok: bool,
-        #[serde(default)]
-        error: Option<String>,
-        #[serde(default)]
-        stats: Option<DeviceStats>,
-    }
-    let r: Reply = serde_json::from_str(line).map_err(|e| format!("not a stats reply: {e}"))?;
-    match (r.ok, r.stats) {
-        (true, Some(s)) => Ok(s),
-        (true, None) => Err("the reply has no stats (an older vireo run?)".into()),
-        (false, _) => Err(r.error.unwrap_or_else(|| "no reason given".into())),
-    }
+/// The counters of a `stats` reply.
+fn stats_of(reply: Reply) -> Result<DeviceStats, String> {
+    reply
+        .into_result()?
+        .stats
+        .ok_or_else(|| "the reply has no stats (an older vireo run?)".into())
 }
 
 /// One VM in `GET /v1/stats`. Counters are totals since the VM process
@@ -380,7 +332,7 @@ pub fn parse_stats_reply(line: &str) -> Result<DeviceStats, String> {
 /// in time has null device counters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmStats {
-    #[schema(schema_with = crate::model::schema::vm_name)]
+    #[schema(schema_with = vireo_api::model::schema::vm_name)]
     pub name: String,
     pub state: VmState,
     /// Seconds since the VM's process started; null when it does not run.
@@ -421,7 +373,7 @@ impl VmStats {
         name: &str,
         state: VmState,
         uptime_secs: Option<u64>,
-        memory_mib: u64,
+        memory: MemorySize,
         process: Option<ProcessStats>,
         devices: Option<DeviceStats>,
     ) -> VmStats {
@@ -435,7 +387,7 @@ impl VmStats {
             uptime_secs,
             cpu_seconds: p.cpu_seconds,
             memory_rss_bytes: p.rss_bytes,
-            memory_bytes: memory_mib << 20,
+            memory_bytes: memory.bytes(),
             disk_read_bytes: or_zero(sum(&|d| d.disks.iter().map(|x| x.read_bytes).sum())),
             disk_write_bytes: or_zero(sum(&|d| d.disks.iter().map(|x| x.write_bytes).sum())),
             net_rx_bytes: or_zero(sum(&|d| d.nets.iter().map(|x| x.rx_bytes).sum())),
@@ -505,10 +457,13 @@ pub const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(
 
 /// Ask the VM process behind `socket` for its counters.
 async fn device_stats(socket: std::path::PathBuf) -> Option<DeviceStats> {
-    let reply =
-        tokio::time::timeout(STATS_TIMEOUT, crate::vms::control_request(&socket, "stats")).await;
+    let reply = tokio::time::timeout(
+        STATS_TIMEOUT,
+        crate::vms::control_request(&socket, &Command::Stats),
+    )
+    .await;
     match reply {
-        Ok(Ok(line)) => match parse_stats_reply(&line) {
+        Ok(Ok(reply)) => match stats_of(reply) {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::debug!("{}: stats: {e}", socket.display());
@@ -876,10 +831,22 @@ mod tests {
     #[test]
     fn stats_replies_parse() {
         let line = r#"{"ok":true,"state":"running","stats":{"vcpus":[{"exits":5},{"exits":7}],"disks":[{"id":"root","read_bytes":4096,"write_bytes":512,"read_ops":2,"write_ops":1}],"nets":[{"id":"tap0","rx_bytes":60,"tx_bytes":42,"rx_packets":1,"tx_packets":1}]}}"#;
-        let s = parse_stats_reply(line).unwrap();
+        let stats = |line: &str| {
+            Reply::parse(line)
+                .map_err(|e| e.to_string())
+                .and_then(stats_of)
+        };
+        let s = stats(line).unwrap();
         assert_eq!(s.vcpus.len(), 2);
         assert_eq!(s.disks[0].id, "root");
-        let v = VmStats::new("a", VmState::Running, Some(3), 64, None, Some(s));
+        let v = VmStats::new(
+            "a",
+            VmState::Running,
+            Some(3),
+            MemorySize::mib_const(64),
+            None,
+            Some(s),
+        );
         assert_eq!(v.exits, Some(12));
         assert_eq!(
             (v.disk_read_bytes, v.disk_write_bytes),
@@ -887,15 +854,29 @@ mod tests {
         );
         assert_eq!((v.net_rx_bytes, v.net_tx_bytes), (Some(60), Some(42)));
         assert_eq!(v.memory_bytes, 64 << 20);
-        assert!(parse_stats_reply(r#"{"ok":false,"error":"gone"}"#)
+        assert!(stats(r#"{"ok":false,"error":"gone"}"#)
             .unwrap_err()
             .contains("gone"));
-        assert!(parse_stats_reply(r#"{"ok":true,"state":"running"}"#).is_err());
-        assert!(parse_stats_reply("garbage").is_err());
+        assert!(stats(r#"{"ok":true,"state":"running"}"#).is_err());
+        assert!(stats("garbage").is_err());
         // No answer: no device counters; stopped: zeros.
-        let silent = VmStats::new("a", VmState::Running, Some(1), 64, None, None);
+        let silent = VmStats::new(
+            "a",
+            VmState::Running,
+            Some(1),
+            MemorySize::mib_const(64),
+            None,
+            None,
+        );
         assert_eq!((silent.exits, silent.disk_read_bytes), (None, None));
-        let stopped = VmStats::new("a", VmState::Stopped, None, 64, None, None);
+        let stopped = VmStats::new(
+            "a",
+            VmState::Stopped,
+            None,
+            MemorySize::mib_const(64),
+            None,
+            None,
+        );
         assert_eq!((stopped.exits, stopped.net_tx_bytes), (Some(0), Some(0)));
     }
 
@@ -945,7 +926,7 @@ mod tests {
     #[test]
     fn prometheus_text_renders_every_family() {
         let dev = DeviceStats {
-            vcpus: vec![VcpuStats { exits: 9 }],
+            vcpus: vec![vireo_api::control::VcpuStats { exits: 9 }],
             disks: vec![DiskStats {
                 id: "we\"ird\\disk".into(),
                 read_bytes: 1,
@@ -968,14 +949,21 @@ mod tests {
                     "web",
                     VmState::Running,
                     Some(10),
-                    32,
+                    MemorySize::mib_const(32),
                     Some(ProcessStats {
                         cpu_seconds: 1.25,
                         rss_bytes: 4096,
                     }),
                     Some(dev),
                 ),
-                VmStats::new("db", VmState::Stopped, None, 64, None, None),
+                VmStats::new(
+                    "db",
+                    VmState::Stopped,
+                    None,
+                    MemorySize::mib_const(64),
+                    None,
+                    None,
+                ),
             ],
         };
         let text = render_prometheus(&stats, &[("GET".into(), 200, 3)]);

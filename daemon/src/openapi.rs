@@ -56,7 +56,7 @@ mod shared {
         doc.info.version = crate::version::API_VERSION.into();
         let components = doc.components.get_or_insert_with(Default::default);
         components.schemas.extend(
-            crate::model::schema::components()
+            vireo_api::model::schema::components()
                 .into_iter()
                 .map(|(n, s)| (n.into(), s)),
         );

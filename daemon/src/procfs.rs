@@ -1,6 +1,6 @@
 //! What the daemon reads from /proc about VM processes: whether a pid is
 //! still the process it started (pid plus start time, so a reused pid is
-//! never mistaken for a VM) and the host's memory size.
+//! never mistaken for a VM).
 
 use std::path::Path;
 
@@ -39,11 +39,6 @@ pub fn vmm_pid(pid: i32) -> i32 {
         .ok()
         .and_then(|c| c.split_whitespace().next()?.parse().ok())
         .unwrap_or(pid)
-}
-
-/// The host's RAM in MiB (MemTotal), if /proc/meminfo says.
-pub fn host_memory_mib() -> Option<u64> {
-    vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20)
 }
 
 /// True if `path` is a FIFO or pipe we may open (used to re-attach to an

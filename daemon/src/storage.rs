@@ -30,11 +30,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use vireo_devices::options::Options;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::block::{BlockConfig, Format};
+use vireo_api::devices::vsock::VsockConfig;
+use vireo_api::options::Options;
 
-use crate::model::{Invalid, VmConfig, KIT_MANIFEST};
+use vireo_api::model::{Invalid, VmConfig, KIT_MANIFEST};
 
 /// The error code of a path outside the storage directories.
 pub const PATH_NOT_ALLOWED: &str = "path_not_allowed";
@@ -402,7 +402,7 @@ impl Storage {
                 message: format!("{field}: path={}: cannot read it: {e}", o.path.display()),
             })?;
             let format = match disk.format {
-                Some(vireo_block::Format::Qcow2) if detected != vireo_block::Format::Qcow2 => {
+                Some(Format::Qcow2) if detected != Format::Qcow2 => {
                     return Err(Invalid {
                         code: "invalid_value",
                         message: format!(
@@ -503,7 +503,7 @@ pub fn disk_format(s: &str) -> Option<String> {
 /// `s` with its path replaced by `path` and `format=` set to `format`
 /// (other options kept as given). Option strings hold no escapes: a path
 /// cannot contain ',' (the parser would have split it).
-pub fn rewrite_disk(s: &str, path: &Path, format: vireo_block::Format) -> String {
+pub fn rewrite_disk(s: &str, path: &Path, format: Format) -> String {
     let mut parts = vec![format!("path={}", path.display())];
     for (i, part) in s.split(',').enumerate() {
         match part.split_once('=') {
@@ -519,7 +519,7 @@ pub fn rewrite_disk(s: &str, path: &Path, format: vireo_block::Format) -> String
 /// The format the first bytes of the regular file at `path` claim (no
 /// symlink followed at its last component): for records from before
 /// formats were recorded.
-pub fn probe_path(path: &Path) -> std::io::Result<vireo_block::Format> {
+pub fn probe_path(path: &Path) -> std::io::Result<Format> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
@@ -533,11 +533,11 @@ pub fn probe_path(path: &Path) -> std::io::Result<vireo_block::Format> {
 /// The format an image's first bytes claim (read through `fd`, an
 /// `O_PATH` descriptor reopened for reading through /proc/self/fd, or
 /// directly when readable).
-fn probe(fd: &OwnedFd) -> std::io::Result<vireo_block::Format> {
+fn probe(fd: &OwnedFd) -> std::io::Result<Format> {
     probe_file(reopen_readable(fd)?)
 }
 
-fn probe_file(mut f: File) -> std::io::Result<vireo_block::Format> {
+fn probe_file(mut f: File) -> std::io::Result<Format> {
     let mut magic = [0u8; 4];
     let mut got = 0;
     while got < magic.len() {
@@ -547,9 +547,9 @@ fn probe_file(mut f: File) -> std::io::Result<vireo_block::Format> {
         }
     }
     Ok(if got == 4 && magic == vireo_block::qcow2::MAGIC {
-        vireo_block::Format::Qcow2
+        Format::Qcow2
     } else {
-        vireo_block::Format::Raw
+        Format::Raw
     })
 }
 
@@ -649,7 +649,8 @@ pub(crate) fn open_fallback(root: &Path, rel: &Path) -> std::io::Result<OwnedFd>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Accel, Devices};
+    use vireo_api::model::Devices;
+    use vireo_api::vm::Accel;
 
     struct Tmp(PathBuf);
     impl Tmp {
@@ -673,7 +674,7 @@ mod tests {
     fn cfg(kernel: &str, disks: &[&str]) -> VmConfig {
         VmConfig {
             vcpus: 1,
-            memory_mib: 64,
+            memory_mib: vireo_api::units::MemorySize::mib_const(64),
             kernel: Some(kernel.into()),
             initrd: None,
             cmdline: None,
@@ -904,7 +905,7 @@ mod tests {
 
     #[test]
     fn disk_strings_are_rewritten_keeping_their_options() {
-        let f = vireo_block::Format::Raw;
+        let f = Format::Raw;
         assert_eq!(
             rewrite_disk("d.img,readonly=on,format=raw", Path::new("/s/d.img"), f),
             "path=/s/d.img,readonly=on,format=raw"

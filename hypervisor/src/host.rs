@@ -36,25 +36,6 @@ impl HostVirt {
     }
 }
 
-/// Memory the host can give a guest: physical RAM plus swap, in bytes.
-pub fn host_memory_bytes() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    Some(
-        parse_meminfo_kib(&meminfo, "MemTotal:")? * 1024
-            + parse_meminfo_kib(&meminfo, "SwapTotal:").unwrap_or(0) * 1024,
-    )
-}
-
-fn parse_meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
-    meminfo
-        .lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,13 +48,5 @@ mod tests {
         assert!(!h.kvm_is_pvm_only());
         let h = HostVirt::from_sources("flags\t\t: fpu svm\n", false);
         assert!(h.hardware_virt && !h.kvm_is_pvm_only());
-    }
-
-    #[test]
-    fn parses_meminfo() {
-        let m = "MemTotal:       24576000 kB\nSwapTotal:  1024 kB\n";
-        assert_eq!(parse_meminfo_kib(m, "MemTotal:"), Some(24_576_000));
-        assert_eq!(parse_meminfo_kib(m, "SwapTotal:"), Some(1024));
-        assert_eq!(parse_meminfo_kib(m, "Nope:"), None);
     }
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use vireo_api::vm::{Accel, LimitError, MIN_MEMORY};
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use vireo_api::units::MemorySize;
 
@@ -37,11 +39,11 @@ pub enum Command {
     #[command(subcommand)]
     Image(ImageCommand),
     /// Run the vireo daemon: VM definitions, their processes and the REST API.
-    #[command(after_help = crate::vm_cli::SERVE_EXAMPLES)]
-    Serve(crate::vm_cli::ServeArgs),
+    #[command(after_help = crate::vm_cli::args::SERVE_EXAMPLES)]
+    Serve(crate::vm_cli::args::ServeArgs),
     /// Manage VMs through the daemon: create, list, show, start, stop, console.
-    #[command(long_about = crate::vm_cli::VM_ABOUT)]
-    Vm(crate::vm_cli::VmArgs),
+    #[command(long_about = crate::vm_cli::args::VM_ABOUT)]
+    Vm(crate::vm_cli::args::VmArgs),
     /// Manage the API tokens of TCP (TLS) clients: create, list, revoke.
     #[command(long_about = crate::token_cli::TOKEN_ABOUT)]
     Token(crate::token_cli::TokenArgs),
@@ -98,24 +100,6 @@ Between hosts, over TLS with a one-time secret (the file travels out of band):
 The guest's COM1 is this terminal: output to stdout, stdin to the guest
 (raw mode on a terminal; press Ctrl-A then x to quit). vireo exits 0 when the
 guest powers off or resets, 1 when the VM fails, 2 on bad input.";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Accel {
-    /// Hardware-assisted virtualization through /dev/kvm.
-    Kvm,
-    /// The fastest backend that can run this guest here: KVM with VT-x or
-    /// AMD-V; on a PVM-only KVM host, KVM only for a PVM-aware kernel and
-    /// the emulator otherwise; the emulator when /dev/kvm is unusable.
-    Auto,
-    /// vireo's own software x86-64 emulator: no /dev/kvm needed. It boots
-    /// stock Linux kernels, but slowly (minutes) until it gets a JIT.
-    Emu,
-}
-
-/// `--cpus` when not given.
-pub const DEFAULT_CPUS: u32 = 1;
-/// `--memory` when not given.
-pub const DEFAULT_MEMORY: MemorySize = MemorySize::mib_const(256);
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -351,15 +335,36 @@ pub enum JailNetArg {
     Host,
 }
 
+/// A definition's quantity out of its limits, named by its flag.
+pub fn limit_usage(e: &LimitError) -> String {
+    match e {
+        LimitError::VcpuCount { requested, max } => {
+            format!("--cpus {requested}: this backend runs 1 to {max} vCPUs")
+        }
+        LimitError::MemoryTooSmall { requested } => {
+            format!("--memory {}: at least {MIN_MEMORY}", requested.mib())
+        }
+        LimitError::MemoryTooLarge { requested, host } => format!(
+            "--memory {}: more than this host's {host} of RAM and swap",
+            requested.mib()
+        ),
+        LimitError::BalloonTooLarge { target_mib, memory } => format!(
+            "--balloon target={target_mib}: must be less than --memory {} (the balloon takes \
+             that much from the guest)",
+            memory.mib()
+        ),
+    }
+}
+
 impl RunArgs {
     /// The vCPUs to run.
     pub fn cpus(&self) -> u32 {
-        self.cpus.unwrap_or(DEFAULT_CPUS)
+        self.cpus.unwrap_or(vireo_api::vm::DEFAULT_VCPUS)
     }
 
     /// The guest memory.
     pub fn memory(&self) -> MemorySize {
-        self.memory.unwrap_or(DEFAULT_MEMORY)
+        self.memory.unwrap_or(vireo_api::vm::DEFAULT_MEMORY)
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::HandshakeError;
 use tungstenite::{ClientRequestBuilder, Message, WebSocket};
-use vireo_daemon::model::ErrorBody;
+use vireo_api::model::ErrorBody;
 
 use crate::console::{stdin_is_tty, RawTerminal};
 use crate::Failure;

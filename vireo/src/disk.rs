@@ -4,7 +4,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vireo_block::{Format, LayerInfo, OpenOptions};
+use vireo_api::devices::block::Format;
+use vireo_block::{LayerInfo, OpenOptions};
 
 use crate::cli::{DiskFormat, ImageConvertArgs, ImageCreateArgs, ImageInfoArgs};
 use crate::Failure;

@@ -6,18 +6,20 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vireo_devices::virtio::balloon::BalloonConfig;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::console::ConsoleConfig;
-use vireo_devices::virtio::net::NetConfig;
-use vireo_devices::virtio::rng::RngConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::balloon::BalloonConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::console::ConsoleConfig;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::rng::RngConfig;
+use vireo_api::devices::vsock::VsockConfig;
+use vireo_api::options::OptionsError;
+use vireo_devices::virtio::block::check_format_given;
 use vireo_hypervisor::HypervisorError;
 use vireo_vmcore::boot::BootError;
 use vireo_vmcore::boot::BootSpec;
 use vireo_vmcore::VmControl;
 use vireo_vmcore::VmError;
-use vireo_vmm::backend::{Accel as Backend, BackendError};
+use vireo_vmm::backend::BackendError;
 use vireo_vmm::devices::{DeviceConfigs, DeviceError};
 use vireo_vmm::incoming::{MachineMismatch, MigrateInError};
 use vireo_vmm::migrate::{ListenError, PemFile, ReceiveError, TargetError};
@@ -27,7 +29,7 @@ use vireo_vmm::snapshot_devices::{DeviceDiff, DeviceKind, PeerDevicesError};
 use vireo_vmm::start::Error;
 use vireo_vmm::{Frontend, GuestConsole, Start, VmSpec, Vmm};
 
-use crate::cli::{Accel, RunArgs};
+use crate::cli::RunArgs;
 use crate::console::{self, RawTerminal};
 use crate::image::GuestKit;
 use crate::signals;
@@ -92,11 +94,7 @@ fn spec(args: &RunArgs) -> Result<VmSpec, Failure> {
     Ok(VmSpec {
         vcpus: args.cpus(),
         memory: args.memory(),
-        accel: match args.accel {
-            Accel::Auto => Backend::Auto,
-            Accel::Kvm => Backend::Kvm,
-            Accel::Emu => Backend::Emu,
-        },
+        accel: args.accel,
         start,
         seccomp: seccomp_policy(args),
         control_socket: args.control_socket.clone(),
@@ -167,10 +165,8 @@ fn failure(e: Error) -> Failure {
 /// user gave it with.
 fn vm_message(e: &VmError) -> String {
     let flag = match e {
-        VmError::BadVcpuCount { .. } => Some("--cpus"),
-        VmError::MemoryTooSmall { .. }
-        | VmError::MemoryTooLarge { .. }
-        | VmError::Boot(BootError::InitrdTooLarge { .. } | BootError::GuestMemoryTooSmall(_)) => {
+        VmError::Limit { source, .. } => return crate::cli::limit_usage(source),
+        VmError::Boot(BootError::InitrdTooLarge { .. } | BootError::GuestMemoryTooSmall(_)) => {
             Some("--memory")
         }
         VmError::Boot(BootError::CmdlineTooLong { .. } | BootError::BadCmdline(_)) => {
@@ -188,7 +184,7 @@ fn backend_message(e: &BackendError) -> String {
     match e {
         BackendError::Mismatch { saved, accel } => format!(
             "the VM ran on the {saved} backend; it cannot run on --accel {}",
-            accel.name()
+            accel.as_str()
         ),
         BackendError::Kvm(HypervisorError::KvmMissing) => format!("{e} (--accel emu)"),
         other => other.to_string(),
@@ -289,18 +285,7 @@ fn machine_message(m: &MachineMismatch) -> String {
     match m {
         MachineMismatch::Vcpus { .. } => format!("{m} (--cpus)"),
         MachineMismatch::Memory { .. } => format!("{m} (--memory)"),
-        MachineMismatch::VcpusOutOfRange { vcpus, max } => {
-            format!("--cpus {vcpus}: this backend runs 1 to {max} vCPUs")
-        }
-        MachineMismatch::TooLittleMemory { memory, min } => {
-            format!("--memory {}: at least {min} MiB", memory.mib())
-        }
-        MachineMismatch::MoreThanHost { memory, host } => {
-            format!(
-                "--memory {}: more than this host's {host} MiB of RAM and swap",
-                memory.mib()
-            )
-        }
+        MachineMismatch::Limit(e) => crate::cli::limit_usage(e),
     }
 }
 
@@ -391,8 +376,13 @@ fn check_readable(flag: &str, path: &PathBuf) -> Result<(), Failure> {
 
 /// Parse the device flags (every one, so a typo fails before anything is
 /// opened).
+/// A device's options refused, named by its flag (`--disk: …`).
+pub fn options_usage(e: OptionsError) -> Failure {
+    Failure::Usage(format!("--{}: {}", e.device, e.message))
+}
+
 fn parse_devices(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
-    let usage = |e: vireo_devices::options::OptionsError| Failure::Usage(e.to_string());
+    let usage = options_usage;
     let disks = args
         .disk
         .iter()
@@ -400,8 +390,7 @@ fn parse_devices(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(usage)?;
     for d in &disks {
-        d.check_format_given()
-            .map_err(|e| Failure::Usage(e.to_string()))?;
+        check_format_given(d).map_err(|e| Failure::Usage(e.to_string()))?;
     }
     let nets = args
         .net
@@ -428,13 +417,8 @@ fn parse_devices(args: &RunArgs) -> Result<DeviceConfigs, Failure> {
         .transpose()
         .map_err(usage)?;
     if let Some(b) = &balloon {
-        if b.target_mib >= args.memory().mib() {
-            return Err(Failure::Usage(format!(
-                "--balloon target={}: must be less than --memory {} (the balloon takes that much from the guest)",
-                b.target_mib,
-                args.memory().mib()
-            )));
-        }
+        vireo_api::vm::check_balloon(b.target_mib, args.memory())
+            .map_err(|e| Failure::Usage(crate::cli::limit_usage(&e)))?;
     }
     let console = args
         .virtio_console
@@ -474,9 +458,7 @@ fn check_restore_flags(args: &RunArgs, why: &str) -> Result<(), Failure> {
 /// `--disk`, `--net` and `--vsock` given with `--restore`: what replaces
 /// a saved disk, TAP or socket.
 fn restore_overrides(args: &RunArgs) -> Result<RestoreOverrides, Failure> {
-    let usage = |flag: &str, s: &str, e: vireo_devices::options::OptionsError| {
-        Failure::Usage(format!("{flag} {s}: {e}"))
-    };
+    let usage = |flag: &str, s: &str, e: OptionsError| Failure::Usage(format!("{flag} {s}: {e}"));
     let disks = args
         .disk
         .iter()
@@ -630,10 +612,11 @@ mod tests {
 
     #[test]
     fn library_errors_are_told_by_their_flag() {
-        let m = failure(Error::Machine(MachineMismatch::TooLittleMemory {
-            memory: vireo_api::units::MemorySize::from_mib(8).unwrap(),
-            min: 16,
-        }));
+        let m = failure(Error::Machine(MachineMismatch::Limit(
+            vireo_api::vm::LimitError::MemoryTooSmall {
+                requested: vireo_api::units::MemorySize::from_mib(8).unwrap(),
+            },
+        )));
         assert!(
             matches!(&m, Failure::Usage(m) if m == "--memory 8: at least 16 MiB"),
             "{m:?}"

@@ -2,10 +2,11 @@
 //! token API (`/v1/tokens`, admin only; the Unix socket is admin).
 
 use clap::{Args, Subcommand, ValueEnum};
-use vireo_daemon::auth::{CreateToken, NewToken, Role, TokenList};
+use vireo_api::model::{CreateToken, NewToken, Role, TokenList};
 
-use crate::api_client::{Client, ConnArgs, DEFAULT_TIMEOUT};
+use crate::api_client::{self, ConnArgs};
 use crate::Failure;
+use vireo_api::client::{decode, DEFAULT_TIMEOUT};
 
 pub const TOKEN_ABOUT: &str = "\
 Manage the API tokens of the daemon's TCP (TLS) clients. Unix-socket clients
@@ -85,7 +86,7 @@ pub struct RevokeArgs {
 }
 
 pub fn token(args: TokenArgs) -> Result<(), Failure> {
-    let client = Client::from_args(args.conn)?;
+    let client = api_client::client(args.conn)?;
     match args.command {
         TokenCommand::Create(a) => {
             let body = serde_json::to_vec(&CreateToken {
@@ -98,7 +99,7 @@ pub fn token(args: TokenArgs) -> Result<(), Failure> {
                 println!("{}", String::from_utf8_lossy(&bytes));
                 return Ok(());
             }
-            let t: NewToken = crate::api_client::decode(&bytes)?;
+            let t: NewToken = decode(&bytes)?;
             eprintln!(
                 "created {} token {}{}; it is shown only now, keep it safe:",
                 t.role.as_str(),
@@ -118,7 +119,7 @@ pub fn token(args: TokenArgs) -> Result<(), Failure> {
                 println!("{}", String::from_utf8_lossy(&bytes));
                 return Ok(());
             }
-            let list: TokenList = crate::api_client::decode(&bytes)?;
+            let list: TokenList = decode(&bytes)?;
             if list.tokens.is_empty() {
                 println!("no tokens yet; create one with `vireo token create --role viewer`");
                 return Ok(());

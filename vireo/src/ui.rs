@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use clap::Args;
 use hyper_util::rt::TokioIo;
-use vireo_daemon::model::{ErrorBody, ErrorDetail};
+use vireo_api::model::{ErrorBody, ErrorDetail};
 use vireo_daemon::paths;
 
 use crate::Failure;

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use vireo_daemon::model::{Accel, Vm};
+use vireo_api::model::Vm;
+use vireo_api::units::MemorySize;
+use vireo_api::vm::Accel;
 
 use crate::Failure;
 
@@ -17,7 +19,7 @@ use crate::Failure;
 #[derive(Serialize)]
 struct Editable<'a> {
     vcpus: u32,
-    memory_mib: u64,
+    memory_mib: MemorySize,
     accel: Accel,
     image: &'a Option<String>,
     kernel: &'a Option<String>,

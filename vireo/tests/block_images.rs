@@ -565,7 +565,11 @@ fn corrupt_images_are_refused_with_exit_2() {
     write_at(&p, 72, &1u64.to_be_bytes());
     let out = vireo(&["image", "info"], &[&p]);
     assert!(out.status.success(), "{}", text(&out));
-    let err = match vireo_block::open_as(&p, vireo_block::Format::Qcow2, OpenOptions::writable()) {
+    let err = match vireo_block::open_as(
+        &p,
+        vireo_api::devices::block::Format::Qcow2,
+        OpenOptions::writable(),
+    ) {
         Ok(_) => panic!("a dirty image opens writable"),
         Err(e) => e.to_string(),
     };

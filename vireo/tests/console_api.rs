@@ -10,8 +10,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,87 +18,18 @@ use iced_x86::code_asm::*;
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
+use support::daemon::DaemonEnv as Env;
 use support::guest::{self, assemble64, Guest64};
-use support::{run_vireo_args, KernelKind, Outcome, TempDir};
+use support::{KernelKind, Outcome, TempDir};
 
 const WAIT: Duration = Duration::from_secs(20);
 use support::guest::{echo_upper, ECHO_READY as READY};
 
-/// One daemon with its state directory and socket; kills every process
-/// naming its directory when dropped.
-struct Env {
-    dir: TempDir,
-    daemon: Child,
-}
-
 impl Env {
-    fn new(tag: &str) -> Env {
-        let dir = TempDir::new(tag);
-        let daemon = spawn_daemon(&dir);
-        let env = Env { dir, daemon };
-        env.wait_for("the daemon to listen", || {
-            UnixStream::connect(env.socket()).is_ok()
-        });
-        env
-    }
-
     /// Stop the daemon with `signal` (VMs keep running) and start another.
     fn restart_daemon(&mut self, signal: i32) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(self.daemon.id() as i32, signal) };
-        let start = Instant::now();
-        while self.daemon.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < WAIT,
-                "the daemon did not exit on signal {signal}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.daemon = spawn_daemon(&self.dir);
-        self.wait_for("the new daemon to listen", || {
-            UnixStream::connect(self.socket()).is_ok()
-        });
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-
-    fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut s = UnixStream::connect(self.socket()).expect("connecting to the daemon");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let body = body.unwrap_or("");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let raw = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        (
-            head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-            body.to_string(),
-        )
-    }
-
-    fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let text = body.map(|b| b.to_string());
-        let (status, body) = self.http(method, path, text.as_deref());
-        let v = serde_json::from_str(&body).unwrap_or(Value::Null);
-        (status, v)
-    }
-
-    fn vm(&self, name: &str) -> Value {
-        let (status, v) = self.json("GET", &format!("/v1/vms/{name}"), None);
-        assert_eq!(status, 200, "{v}");
-        v
+        self.stop_daemon(signal);
+        self.start_daemon();
     }
 
     fn console(&self, name: &str) -> String {
@@ -108,10 +38,7 @@ impl Env {
 
     /// Define and start an emulator VM running `body`.
     fn start(&self, name: &str, body: impl FnOnce(&mut Guest64) -> guest::AsmResult) -> i64 {
-        let code = assemble64(KernelKind::Elf.entry(), body);
-        let kernel = self
-            .dir
-            .write(&format!("{name}.elf"), &KernelKind::Elf.wrap(&code));
+        let kernel = self.kernel(&format!("{name}.elf"), body);
         let (status, v) = self.json(
             "POST",
             "/v1/vms",
@@ -123,26 +50,6 @@ impl Env {
         v["pid"].as_i64().expect("a pid")
     }
 
-    fn cli(&self, args: &[&str]) -> Outcome {
-        let mut full: Vec<String> = vec!["vm".into()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        full.push("--socket".into());
-        full.push(self.socket().display().to_string());
-        run_vireo_args(&full, WAIT)
-    }
-
-    fn wait_for(&self, what: &str, mut ok: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !ok() {
-            assert!(
-                start.elapsed() < WAIT,
-                "timed out waiting for {what}\n--- daemon log ---\n{}",
-                self.daemon_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// A WebSocket on the VM's console.
     fn ws(&self, name: &str) -> WebSocket<UnixStream> {
         let stream = UnixStream::connect(self.socket()).unwrap();
@@ -152,57 +59,6 @@ impl Env {
         assert_eq!(resp.status().as_u16(), 101);
         ws
     }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-        let tag = self.dir.path().display().to_string();
-        let me = std::process::id() as i32;
-        for pid in processes_mentioning(&tag) {
-            if pid != me {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-fn spawn_daemon(dir: &TempDir) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.path().join("daemon.log"))
-        .unwrap();
-    let socket = dir.path().join("api.sock");
-    Command::new(support::vireo_bin())
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()))
-        .arg("--storage")
-        .arg(dir.path())
-        .env("VIREO_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("starting vireo serve")
-}
-
-fn processes_mentioning(text: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(text))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// What a WebSocket client has seen: output bytes and text frames.

@@ -11,156 +11,20 @@ mod support;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use serde_json::{json, Value};
 
-use support::guest::{self, assemble64, Guest64};
-use support::{run_vireo_args, KernelKind, Outcome, TempDir};
+use support::daemon::DaemonEnv as Env;
+use support::guest::{self, Guest64};
+use support::{run_vireo_args, TempDir};
 
 const HELLO: &str = "hello from the daemon's guest";
 const WAIT: Duration = Duration::from_secs(15);
 
-/// One daemon with its state directory and socket, and everything it starts.
-struct Env {
-    dir: TempDir,
-    daemon: Option<Child>,
-}
-
 impl Env {
-    fn new(tag: &str) -> Env {
-        let mut env = Env::without_daemon(tag);
-        env.start_daemon();
-        env
-    }
-
-    /// The directories, no daemon yet.
-    fn without_daemon(tag: &str) -> Env {
-        Env {
-            dir: TempDir::new(tag),
-            daemon: None,
-        }
-    }
-
-    fn state(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-
-    fn serve_args(&self, socket: &Path) -> Vec<String> {
-        vec![
-            "serve".into(),
-            "--state-dir".into(),
-            self.state().display().to_string(),
-            "--listen".into(),
-            format!("unix:{}", socket.display()),
-            // The test's files (kernels, disks) are in its directory.
-            "--storage".into(),
-            self.dir.path().display().to_string(),
-        ]
-    }
-
-    fn start_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("daemon.log"))
-            .unwrap();
-        let child = Command::new(support::vireo_bin())
-            .args(self.serve_args(&self.socket()))
-            .env("VIREO_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting vireo serve");
-        self.daemon = Some(child);
-        let start = Instant::now();
-        while UnixStream::connect(self.socket()).is_err() {
-            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the daemon exited with {status}:\n{}", self.daemon_log());
-            }
-            assert!(start.elapsed() < WAIT, "the daemon did not listen in time");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// kill -9 the daemon (VMs keep running).
-    fn kill_daemon(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            d.kill().unwrap();
-            d.wait().unwrap();
-        }
-    }
-
-    /// A raw HTTP/1.1 request; the status and the body.
-    fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut s = UnixStream::connect(self.socket()).expect("connecting to the daemon");
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let body = body.unwrap_or("");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let raw = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert!(
-            !head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked"),
-            "the test client reads only content-length bodies:\n{head}"
-        );
-        (status, body.to_string())
-    }
-
-    fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let text = body.map(|b| b.to_string());
-        let (status, body) = self.http(method, path, text.as_deref());
-        let v = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-        };
-        (status, v)
-    }
-
-    fn vm(&self, name: &str) -> Value {
-        let (status, v) = self.json("GET", &format!("/v1/vms/{name}"), None);
-        assert_eq!(status, 200, "{v}");
-        v
-    }
-
-    /// `vireo vm ARGS... --socket SOCKET`.
-    fn cli(&self, args: &[&str]) -> Outcome {
-        let mut full: Vec<String> = vec!["vm".into()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        full.push("--socket".into());
-        full.push(self.socket().display().to_string());
-        run_vireo_args(&full, WAIT)
-    }
-
-    fn kernel(&self, file: &str, body: impl FnOnce(&mut Guest64) -> guest::AsmResult) -> String {
-        let code = assemble64(KernelKind::Elf.entry(), body);
-        self.dir
-            .write(file, &KernelKind::Elf.wrap(&code))
-            .display()
-            .to_string()
-    }
-
     /// Define an emulator VM with `kernel`.
     fn create(&self, name: &str, kernel: &str) {
         let (status, v) = self.json(
@@ -176,46 +40,6 @@ impl Env {
         assert_eq!(status, 200, "{text}");
         text
     }
-
-    fn wait_for(&self, what: &str, mut ok: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !ok() {
-            assert!(
-                start.elapsed() < WAIT,
-                "timed out waiting for {what}\n--- daemon log ---\n{}",
-                self.daemon_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        self.kill_daemon();
-        // The VMs: every process whose command line names our directory.
-        let me = std::process::id() as i32;
-        let tag = self.dir.path().display().to_string();
-        for pid in processes_mentioning(&tag) {
-            if pid != me {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-fn processes_mentioning(text: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(text))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 fn alive(pid: i64) -> bool {
@@ -1632,9 +1456,7 @@ impl Env {
         let key = self
             .dir
             .write("key.pem", ck.signing_key.serialize_pem().as_bytes());
-        let log = std::fs::File::create(self.dir.path().join("daemon.log")).unwrap();
-        let mut args = self.serve_args(&self.socket());
-        args.extend([
+        self.start_daemon_with(&[
             "--storage".into(),
             shared.display().to_string(),
             "--listen".into(),
@@ -1644,27 +1466,7 @@ impl Env {
             "--tls-key".into(),
             key.display().to_string(),
         ]);
-        let child = Command::new(support::vireo_bin())
-            .args(&args)
-            .env("VIREO_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting vireo serve");
-        self.daemon = Some(child);
-        let mut port = 0;
-        self.wait_for("the TLS listener", || {
-            let log = self.daemon_log();
-            port = log
-                .split("serving the API on https://127.0.0.1:")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
-            port != 0 && UnixStream::connect(self.socket()).is_ok()
-        });
-        port
+        self.port()
     }
 }
 
@@ -1956,7 +1758,7 @@ fn a_clone_disk_from_a_qcow2_copy_is_an_overlay_of_it() {
         WAIT,
     );
     out.assert_status(0);
-    let copy = vireo_daemon::model::SnapshotDisk {
+    let copy = vireo_api::model::SnapshotDisk {
         id: "root".into(),
         path: "disks/root.qcow2".into(),
         format: "qcow2".into(),

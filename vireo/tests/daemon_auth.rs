@@ -8,26 +8,18 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use support::daemon::DaemonEnv as Env;
 use support::guest::{self, assemble64, Guest64};
 use support::{KernelKind, Outcome, TempDir};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-struct Env {
-    dir: TempDir,
-    daemon: Option<Child>,
-    port: u16,
-    /// More `vireo serve` arguments.
-    extra: Vec<String>,
-}
 
 fn spin(g: &mut Guest64) -> guest::AsmResult {
     g.print("auth test guest\n")?;
@@ -35,90 +27,6 @@ fn spin(g: &mut Guest64) -> guest::AsmResult {
 }
 
 impl Env {
-    fn new(tag: &str) -> Env {
-        Env::with_args(tag, &[])
-    }
-
-    fn with_args(tag: &str, extra: &[&str]) -> Env {
-        let dir = TempDir::new(tag);
-        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-            .expect("a self-signed certificate");
-        dir.write("cert.pem", ck.cert.pem().as_bytes());
-        dir.write("key.pem", ck.signing_key.serialize_pem().as_bytes());
-        let mut env = Env {
-            dir,
-            daemon: None,
-            port: 0,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        env.start_daemon();
-        env
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn state(&self) -> PathBuf {
-        self.path("state")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.path("api.sock")
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
-    }
-
-    fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
-    }
-
-    fn start_daemon(&mut self) {
-        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
-        let child = Command::new(support::vireo_bin())
-            .args(["serve", "--state-dir"])
-            .arg(self.state())
-            .arg("--listen")
-            .arg(format!("unix:{}", self.socket().display()))
-            .args(["--listen", "tcp:127.0.0.1:0", "--tls-cert"])
-            .arg(self.path("cert.pem"))
-            .arg("--tls-key")
-            .arg(self.path("key.pem"))
-            .arg("--storage")
-            .arg(self.dir.path())
-            .args(&self.extra)
-            .env("VIREO_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting vireo serve");
-        self.daemon = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the daemon exited with {status}:\n{}", self.daemon_log());
-            }
-            let log = self.daemon_log();
-            let port = log
-                .split("serving the API on https://127.0.0.1:")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|p| p.parse().ok());
-            if let (Some(port), true) = (port, UnixStream::connect(self.socket()).is_ok()) {
-                self.port = port;
-                return;
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "the daemon did not listen in time:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     /// `vireo ARGS...` with `envs` (and no VIREO_* from the test's own
     /// environment).
     fn vireo(&self, args: &[&str], envs: &[(&str, &str)]) -> Outcome {
@@ -171,25 +79,8 @@ impl Env {
         self.vireo(&full, &[("VIREO_TOKEN", token)])
     }
 
-    fn tls_config(&self) -> Arc<rustls::ClientConfig> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::CertificateDer;
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_file(self.path("cert.pem")).unwrap())
-            .unwrap();
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-        )
-    }
-
-    /// A raw HTTPS request: status, head (lower-case) and body.
+    /// One HTTPS request through the api crate's client: status, head
+    /// (the headers, lower case) and body.
     fn https(
         &self,
         method: &str,
@@ -197,37 +88,26 @@ impl Env {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, String, String) {
-        let tcp = TcpStream::connect(("127.0.0.1", self.port)).expect("connecting over TCP");
-        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let conn =
-            rustls::ClientConnection::new(self.tls_config(), "127.0.0.1".try_into().unwrap())
-                .unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
+        let body = body.map(|b| b.to_string());
+        let r = self
+            .https_client(token)
+            .send(method, path, body.as_deref().map(str::as_bytes), WAIT)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let head = r
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_ascii_lowercase()))
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        (
+            r.status,
+            head,
+            String::from_utf8_lossy(&r.body).into_owned(),
         )
-        .unwrap();
-        s.flush().unwrap();
-        let mut raw = Vec::new();
-        if let Err(e) = s.read_to_end(&mut raw) {
-            assert!(
-                e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty(),
-                "reading the reply: {e}"
-            );
-        }
-        let raw = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, head.to_ascii_lowercase(), body.to_string())
     }
 
-    fn json(
+    /// A JSON request over HTTPS with `token`: the status and the reply.
+    fn json_as(
         &self,
         method: &str,
         path: &str,
@@ -243,12 +123,9 @@ impl Env {
         (status, v)
     }
 
-    fn kernel(&self) -> String {
-        let code = assemble64(KernelKind::Elf.entry(), spin);
-        self.dir
-            .write("vmlinux", &KernelKind::Elf.wrap(&code))
-            .display()
-            .to_string()
+    /// An ELF kernel that prints a line and halts; its path.
+    fn spin_kernel(&self) -> String {
+        self.kernel("vmlinux", spin)
     }
 
     /// A token of `role` made with `vireo token create` over the socket.
@@ -277,37 +154,14 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        let tag = self.dir.path().display().to_string();
-        let me = std::process::id() as i32;
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-            let mine = std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&tag))
-                .unwrap_or(false);
-            if mine && pid != me {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 fn id_of(token: &str) -> &str {
     &token["vireo_".len().."vireo_".len() + 16]
 }
 
 #[test]
 fn roles_tokens_and_the_audit_log_over_tls() {
-    let env = Env::new("daemon-auth");
-    let kernel = env.kernel();
+    let env = Env::tls("daemon-auth", &[]);
+    let kernel = env.spin_kernel();
     env.local(&[
         "vm", "create", "web", "--kernel", &kernel, "--memory", "32", "--accel", "emu",
     ])
@@ -353,19 +207,19 @@ fn roles_tokens_and_the_audit_log_over_tls() {
     }
 
     // viewer: reads only.
-    let (status, v) = env.json("GET", "/v1/vms", Some(&viewer), None);
+    let (status, v) = env.json_as("GET", "/v1/vms", Some(&viewer), None);
     assert_eq!(
         (status, v["vms"][0]["name"].as_str()),
         (200, Some("web")),
         "{v}"
     );
-    let (status, v) = env.json("GET", "/v1/whoami", Some(&viewer), None);
+    let (status, v) = env.json_as("GET", "/v1/whoami", Some(&viewer), None);
     assert_eq!(status, 200);
     assert_eq!(
         v,
         json!({"role": "viewer", "token": {"id": id_of(&viewer), "name": "viewer-test"}, "transport": "tls"})
     );
-    let (status, v) = env.json("POST", "/v1/vms/web/start", Some(&viewer), None);
+    let (status, v) = env.json_as("POST", "/v1/vms/web/start", Some(&viewer), None);
     assert_eq!(status, 403, "{v}");
     assert_eq!(v["error"]["code"], "forbidden");
     assert!(
@@ -377,11 +231,11 @@ fn roles_tokens_and_the_audit_log_over_tls() {
     );
     let create = json!({"name": "db", "kernel": kernel, "memory_mib": 32, "accel": "emu"});
     assert_eq!(
-        env.json("POST", "/v1/vms", Some(&viewer), Some(create.clone()))
+        env.json_as("POST", "/v1/vms", Some(&viewer), Some(create.clone()))
             .0,
         403
     );
-    assert_eq!(env.json("GET", "/v1/tokens", Some(&viewer), None).0, 403);
+    assert_eq!(env.json_as("GET", "/v1/tokens", Some(&viewer), None).0, 403);
     // The token in the query string counts only on the console WebSocket
     // (and the event stream): browsers cannot set headers there. Anywhere
     // else it is ignored, so the request has no token.
@@ -407,21 +261,22 @@ fn roles_tokens_and_the_audit_log_over_tls() {
     );
 
     // operator: start and stop, not create or delete.
-    let (status, v) = env.json("POST", "/v1/vms/web/start", Some(&operator), None);
+    let (status, v) = env.json_as("POST", "/v1/vms/web/start", Some(&operator), None);
     assert_eq!((status, v["state"].as_str()), (200, Some("running")), "{v}");
-    let (status, v) = env.json("POST", "/v1/vms/web/kill", Some(&operator), None);
+    let (status, v) = env.json_as("POST", "/v1/vms/web/kill", Some(&operator), None);
     assert_eq!((status, v["state"].as_str()), (200, Some("stopped")), "{v}");
     assert_eq!(
-        env.json("POST", "/v1/vms", Some(&operator), Some(create.clone()))
+        env.json_as("POST", "/v1/vms", Some(&operator), Some(create.clone()))
             .0,
         403
     );
     assert_eq!(
-        env.json("DELETE", "/v1/vms/web", Some(&operator), None).0,
+        env.json_as("DELETE", "/v1/vms/web", Some(&operator), None)
+            .0,
         403
     );
     assert_eq!(
-        env.json(
+        env.json_as(
             "PATCH",
             "/v1/vms/web",
             Some(&operator),
@@ -432,10 +287,13 @@ fn roles_tokens_and_the_audit_log_over_tls() {
     );
 
     // admin: everything.
-    let (status, v) = env.json("POST", "/v1/vms", Some(&admin), Some(create));
+    let (status, v) = env.json_as("POST", "/v1/vms", Some(&admin), Some(create));
     assert_eq!(status, 201, "{v}");
-    assert_eq!(env.json("DELETE", "/v1/vms/db", Some(&admin), None).0, 204);
-    let (status, v) = env.json(
+    assert_eq!(
+        env.json_as("DELETE", "/v1/vms/db", Some(&admin), None).0,
+        204
+    );
+    let (status, v) = env.json_as(
         "POST",
         "/v1/tokens",
         Some(&admin),
@@ -443,15 +301,15 @@ fn roles_tokens_and_the_audit_log_over_tls() {
     );
     assert_eq!(status, 201, "{v}");
     let spare = v["token"].as_str().unwrap().to_string();
-    assert_eq!(env.json("GET", "/v1/whoami", Some(&spare), None).0, 200);
-    let (status, v) = env.json("GET", "/v1/tokens", Some(&admin), None);
+    assert_eq!(env.json_as("GET", "/v1/whoami", Some(&spare), None).0, 200);
+    let (status, v) = env.json_as("GET", "/v1/tokens", Some(&admin), None);
     assert_eq!(
         (status, v["tokens"].as_array().map(Vec::len)),
         (200, Some(4)),
         "{v}"
     );
     assert_eq!(
-        env.json(
+        env.json_as(
             "DELETE",
             &format!("/v1/tokens/{}", id_of(&spare)),
             Some(&admin),
@@ -461,12 +319,12 @@ fn roles_tokens_and_the_audit_log_over_tls() {
         204
     );
     assert_eq!(
-        env.json("GET", "/v1/whoami", Some(&spare), None).0,
+        env.json_as("GET", "/v1/whoami", Some(&spare), None).0,
         401,
         "revoked"
     );
     assert_eq!(
-        env.json(
+        env.json_as(
             "DELETE",
             &format!("/v1/tokens/{}", id_of(&spare)),
             Some(&admin),
@@ -718,7 +576,7 @@ fn serve_refuses_plain_tcp_and_bad_tls_files() {
 #[test]
 fn consoles_over_tls_viewers_watch_operators_type() {
     use std::sync::Mutex;
-    let env = Env::new("daemon-auth-console");
+    let env = Env::tls("daemon-auth-console", &[]);
     let code = assemble64(KernelKind::Elf.entry(), guest::echo_upper);
     let kernel = env.dir.write("echo", &KernelKind::Elf.wrap(&code));
     let kernel = kernel.display().to_string();
@@ -815,7 +673,7 @@ fn consoles_over_tls_viewers_watch_operators_type() {
 /// address, whatever it sends next (a valid token too), and audit lines.
 #[test]
 fn repeated_invalid_tokens_get_429() {
-    let env = Env::new("daemon-auth-ratelimit");
+    let env = Env::tls("daemon-auth-ratelimit", &[]);
     let admin = env.token("admin");
     assert_eq!(env.https("GET", "/v1/vms", Some(&admin), None).0, 200);
     let bogus = format!("vireo_{}_{}", "0".repeat(16), "1".repeat(64));
@@ -854,13 +712,13 @@ fn repeated_invalid_tokens_get_429() {
 /// ones go a client gets in again.
 #[test]
 fn connections_beyond_the_cap_are_closed() {
-    let env = Env::with_args("daemon-auth-conncap", &["--max-connections", "3"]);
+    let env = Env::tls("daemon-auth-conncap", &["--max-connections", "3"]);
     let idle: Vec<TcpStream> = (0..3)
-        .map(|_| TcpStream::connect(("127.0.0.1", env.port)).unwrap())
+        .map(|_| TcpStream::connect(("127.0.0.1", env.port())).unwrap())
         .collect();
     // Let the daemon accept them.
     std::thread::sleep(Duration::from_millis(300));
-    let mut extra = TcpStream::connect(("127.0.0.1", env.port)).unwrap();
+    let mut extra = TcpStream::connect(("127.0.0.1", env.port())).unwrap();
     extra
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();

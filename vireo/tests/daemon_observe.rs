@@ -8,109 +8,22 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
 use serde_json::{json, Value};
 
-use support::guest::{self, assemble64, Guest64};
-use support::{KernelKind, TempDir};
+use support::daemon::DaemonEnv as Env;
+use support::guest::{self, Guest64};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct Env {
-    dir: TempDir,
-    daemon: Option<Child>,
-}
-
 impl Env {
-    fn new(tag: &str) -> Env {
-        let mut env = Env {
-            dir: TempDir::new(tag),
-            daemon: None,
-        };
-        env.start_daemon();
-        env
-    }
-
-    fn start_daemon(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("daemon.log"))
-            .unwrap();
-        let child = Command::new(support::vireo_bin())
-            .arg("serve")
-            .arg("--state-dir")
-            .arg(self.dir.path().join("state"))
-            .arg("--listen")
-            .arg(format!("unix:{}", self.socket().display()))
-            .arg("--storage")
-            .arg(self.dir.path())
-            .env("VIREO_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting vireo serve");
-        self.daemon = Some(child);
-        self.wait_for("the daemon to listen", |e| {
-            UnixStream::connect(e.socket()).is_ok()
-        });
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-
-    fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// One request; the status, the response head and the body.
-    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String, String) {
-        let mut s = UnixStream::connect(self.socket()).expect("connecting to the daemon");
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).unwrap();
-        let raw = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (status, head.to_string(), body.to_string())
-    }
-
-    fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (status, _, text) = self.request(method, path, body.as_ref());
-        let v = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-        };
-        (status, v)
-    }
-
     fn ok(&self, method: &str, path: &str, body: Option<Value>, want: u16) -> Value {
         let (status, v) = self.json(method, path, body);
         assert_eq!(status, want, "{method} {path}: {v}");
         v
-    }
-
-    fn kernel(&self, file: &str, body: impl FnOnce(&mut Guest64) -> guest::AsmResult) -> String {
-        let code = assemble64(KernelKind::Elf.entry(), body);
-        self.dir
-            .write(file, &KernelKind::Elf.wrap(&code))
-            .display()
-            .to_string()
     }
 
     /// Subscribe to `GET /v1/events?QUERY`; events arrive on the channel
@@ -180,43 +93,6 @@ impl Env {
             }
         });
         rx
-    }
-
-    fn wait_for(&mut self, what: &str, mut ok: impl FnMut(&Env) -> bool) {
-        let start = Instant::now();
-        while !ok(self) {
-            if let Some(status) = self.daemon.as_mut().and_then(|d| d.try_wait().unwrap()) {
-                panic!("the daemon exited with {status}:\n{}", self.daemon_log());
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "timed out waiting for {what}\n--- daemon log ---\n{}",
-                self.daemon_log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(mut d) = self.daemon.take() {
-            let _ = d.kill();
-            let _ = d.wait();
-        }
-        // The VMs: every process whose command line names our directory.
-        let tag = self.dir.path().display().to_string();
-        let me = std::process::id() as i32;
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if pid != me && String::from_utf8_lossy(&cmdline).contains(&tag) {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
     }
 }
 
@@ -325,7 +201,7 @@ fn vm_stats(env: &Env, name: &str) -> Value {
 
 #[test]
 fn events_stats_and_metrics_follow_a_vm() {
-    let mut env = Env::new("observe");
+    let env = Env::new("observe");
     let kernel = env.kernel("vmlinux", ticking);
     let disk = env.dir.write("data.raw", &vec![0u8; 1 << 20]);
     let events = env.events("");
@@ -349,8 +225,8 @@ fn events_stats_and_metrics_follow_a_vm() {
     let vm = env.ok("POST", "/v1/vms/obs/start", None, 200);
     assert!(vm["started_at"].is_string(), "{vm}");
     assert!(vm["uptime_secs"].is_u64(), "{vm}");
-    env.wait_for("CPU time and exits in /v1/stats", |e| {
-        let s = vm_stats(e, "obs");
+    env.wait_for("CPU time and exits in /v1/stats", || {
+        let s = vm_stats(&env, "obs");
         s["cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0 && s["exits"].as_u64().unwrap_or(0) > 0
     });
     let s = vm_stats(&env, "obs");
@@ -362,12 +238,13 @@ fn events_stats_and_metrics_follow_a_vm() {
     assert!(s["disk_read_bytes"].is_u64(), "{s}");
     assert_eq!(s["nets"], json!([]));
 
-    let (status, head, text) = env.request("GET", "/metrics", None);
-    assert_eq!(status, 200, "{text}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
-        "{head}"
+    let metrics = env.send("GET", "/metrics", None);
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert_eq!(metrics.status, 200, "{text}");
+    assert_eq!(
+        metrics.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8"),
+        "{text}"
     );
     check_exposition(&text);
     assert_eq!(
@@ -483,18 +360,7 @@ fn the_daemon_stops_with_streams_open_and_a_restarted_one_keeps_uptime_and_stats
     next_event(&events, "console", |kind, _| kind == "console");
 
     // SIGTERM: the open event stream ends and the daemon exits.
-    let mut daemon = env.daemon.take().unwrap();
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let start = Instant::now();
-    while daemon.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < WAIT,
-            "the daemon did not exit on SIGTERM with an event stream open\n{}",
-            env.daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    env.stop_daemon(libc::SIGTERM);
     loop {
         match events.recv_timeout(WAIT) {
             Ok(_) => {}

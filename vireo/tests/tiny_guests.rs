@@ -630,7 +630,7 @@ fn a_writable_disk_without_format_is_refused_and_never_probed() {
         &scratch,
         1 << 20,
         64 << 10,
-        Some(("/etc/hostname", vireo_block::Format::Raw)),
+        Some(("/etc/hostname", vireo_api::devices::block::Format::Raw)),
     )
     .expect("create");
     let mut bytes = std::fs::read(&scratch).expect("read");
@@ -678,7 +678,7 @@ fn backing_files_outside_the_image_directory_need_backing_dir() {
         &top,
         1 << 20,
         64 << 10,
-        Some((&base_name, vireo_block::Format::Raw)),
+        Some((&base_name, vireo_api::devices::block::Format::Raw)),
     )
     .expect("create");
     let disk = format!("path={},format=qcow2", top.display());

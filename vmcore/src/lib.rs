@@ -5,8 +5,9 @@
 //! versioned state, and the machine's ordered `DeviceList`).
 //!
 //! It depends on the hypervisor layer (and the sandbox's thread filters)
-//! and on `vireo-api` for the units it shares with every layer
-//! ([`vireo_api::units::MemorySize`]); device models, the VMM, the CLI and
+//! and on `vireo-api` for what it shares with every layer: the units
+//! ([`vireo_api::units::MemorySize`]), the limits and the one check of a
+//! VM definition, the host's memory. Device models, the VMM, the CLI and
 //! the control plane build on it, never the other way round. Where guest
 //! RAM is, is [`memory::RamLayout`]: read it, do not re-derive it.
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use vireo_api::units::MemorySize;
+use vireo_api::vm::{check_resources, HostLimits, LimitError};
 use vireo_hypervisor::{BackendKind, CpuidEntry, Hypervisor, HypervisorError, InterruptLine};
 
 use crate::boot::{self, BootError, BootInfo, BootSpec};
@@ -15,12 +16,6 @@ use crate::memory::{self, GuestMemory, MemoryError, RamLayout};
 use crate::snapshot::device::DeviceList;
 use crate::snapshot::{MachineConfig, SnapshotError, VmSnapshot};
 use crate::vcpu::{self, Buses, SharedVcpu, VcpuStats, VcpuThread};
-
-/// The smallest guest vireo will create: room for the boot structures, a
-/// small kernel and its page tables.
-pub const MIN_MEMORY_MIB: u64 = 16;
-/// vCPUs are described by 8-bit xAPIC ids in the MADT.
-pub const MAX_VCPUS_XAPIC: u32 = 254;
 
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -33,20 +28,12 @@ pub struct VmConfig {
 /// configuration mistakes (the user can fix them) from VMM failures.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error(
-        "{requested} vCPUs: there must be between 1 and {max} (the most {backend} allows here)"
-    )]
-    BadVcpuCount {
-        requested: u32,
-        max: u32,
+    /// The vCPU count or memory size is outside vireo's, the backend's
+    /// or the host's limits.
+    #[error("{source} (on {backend})")]
+    Limit {
+        source: LimitError,
         backend: &'static str,
-    },
-    #[error("{requested} of guest memory: there must be at least {MIN_MEMORY_MIB} MiB")]
-    MemoryTooSmall { requested: MemorySize },
-    #[error("{requested} of guest memory: more than this host can give ({host_mib} MiB of RAM and swap)")]
-    MemoryTooLarge {
-        requested: MemorySize,
-        host_mib: u64,
     },
     #[error(transparent)]
     Boot(#[from] BootError),
@@ -69,9 +56,7 @@ pub enum VmError {
 impl VmError {
     pub fn is_user_error(&self) -> bool {
         match self {
-            VmError::BadVcpuCount { .. }
-            | VmError::MemoryTooSmall { .. }
-            | VmError::MemoryTooLarge { .. } => true,
+            VmError::Limit { .. } => true,
             VmError::Boot(e) => !matches!(e, BootError::Vcpu(_)),
             VmError::Hypervisor(e) => matches!(
                 e,
@@ -82,30 +67,15 @@ impl VmError {
     }
 }
 
-/// Check the vCPU count and memory size before anything is allocated.
+/// Check the vCPU count and memory size before anything is allocated:
+/// the one check every definition passes (`vireo_api::vm`), against this
+/// backend's and this host's limits.
 pub fn validate(hv: &dyn Hypervisor, cfg: &VmConfig) -> Result<(), VmError> {
-    let max = (hv.max_vcpus() as u32).min(MAX_VCPUS_XAPIC);
-    if cfg.vcpus == 0 || cfg.vcpus > max {
-        return Err(VmError::BadVcpuCount {
-            requested: cfg.vcpus,
-            max,
-            backend: hv.name(),
-        });
-    }
-    if cfg.memory.mib() < MIN_MEMORY_MIB {
-        return Err(VmError::MemoryTooSmall {
-            requested: cfg.memory,
-        });
-    }
-    if let Some(host) = vireo_hypervisor::host::host_memory_bytes() {
-        if cfg.memory.bytes() > host {
-            return Err(VmError::MemoryTooLarge {
-                requested: cfg.memory,
-                host_mib: host >> 20,
-            });
-        }
-    }
-    Ok(())
+    let limits = HostLimits::new(hv.max_vcpus() as u32, vireo_api::host::memory());
+    check_resources(cfg.vcpus, cfg.memory, limits).map_err(|source| VmError::Limit {
+        source,
+        backend: hv.name(),
+    })
 }
 
 /// A VM that is set up and booted into memory but not yet running: the

@@ -4,31 +4,14 @@
 
 use std::path::Path;
 
+/// Which backend to run on (`vireo_api::vm::Accel`, the one the CLI and
+/// the REST API take): KVM, the emulator, or KVM when it runs the kernel
+/// at hardware speed and the emulator otherwise.
+pub use vireo_api::vm::Accel;
 use vireo_emulator::EmuHypervisor;
 use vireo_hypervisor::host::HostVirt;
 use vireo_hypervisor::kvm::KvmHypervisor;
 use vireo_hypervisor::{BackendKind, Hypervisor, HypervisorError};
-
-/// Which backend to run on: KVM, the emulator, or KVM when it runs the
-/// kernel at hardware speed and the emulator otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Accel {
-    #[default]
-    Auto,
-    Kvm,
-    Emu,
-}
-
-impl Accel {
-    /// The choice's short name: `auto`, `kvm` or `emu`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Accel::Auto => "auto",
-            Accel::Kvm => "kvm",
-            Accel::Emu => "emu",
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -36,7 +19,7 @@ pub enum BackendError {
     #[error(transparent)]
     Kvm(#[from] HypervisorError),
     /// A saved machine's state belongs to another backend than the one asked for.
-    #[error("the VM ran on the {saved} backend; it cannot run on accel {accel}", accel = .accel.name())]
+    #[error("the VM ran on the {saved} backend; it cannot run on accel {accel}", accel = .accel.as_str())]
     Mismatch { saved: BackendKind, accel: Accel },
 }
 

@@ -41,107 +41,13 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use vireo_api::control::{Command, Reply};
 use vireo_sandbox::seccomp::{self, ThreadKind};
-
-/// A command from a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Pause,
-    Resume,
-    /// Press the ACPI power button (a graceful shutdown request).
-    PowerButton,
-    /// Hard reset: end the VM with "reset" (a supervisor starts it again).
-    Reset,
-    Status,
-    /// `balloon` reports the balloon; `balloon N` sets its target to N MiB.
-    Balloon(Option<u64>),
-    /// The VM's counters (vCPU exits, disk and network I/O).
-    Stats,
-    /// `snapshot [--paused] DIR`: pause, write a snapshot to DIR, resume
-    /// (unless `--paused` or the VM was paused already).
-    Snapshot {
-        dir: std::path::PathBuf,
-        stay_paused: bool,
-        /// `--diff`: only the pages written since this process's last
-        /// snapshot, with that one recorded as the parent.
-        diff: bool,
-    },
-    /// `migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]`: live
-    /// migration to a `vireo run --migrate-from` (see [`crate::migrate`]).
-    MigrateTo(crate::migrate::MigrateTo),
-}
-
-impl Command {
-    pub fn parse(line: &str) -> Option<Command> {
-        match line.trim() {
-            "pause" => Some(Command::Pause),
-            "resume" => Some(Command::Resume),
-            "power-button" => Some(Command::PowerButton),
-            "reset" => Some(Command::Reset),
-            "status" => Some(Command::Status),
-            "balloon" => Some(Command::Balloon(None)),
-            "stats" => Some(Command::Stats),
-            other => {
-                if let Some(rest) = other.strip_prefix("migrate-to ") {
-                    return crate::migrate::MigrateTo::parse(rest).map(Command::MigrateTo);
-                }
-                if let Some(rest) = other.strip_prefix("snapshot ") {
-                    let mut rest = rest.trim();
-                    let (mut stay_paused, mut diff) = (false, false);
-                    loop {
-                        if let Some(r) = rest.strip_prefix("--paused ") {
-                            stay_paused = true;
-                            rest = r.trim_start();
-                        } else if let Some(r) = rest.strip_prefix("--diff ") {
-                            diff = true;
-                            rest = r.trim_start();
-                        } else {
-                            break;
-                        }
-                    }
-                    if rest.is_empty() || rest.starts_with("--") {
-                        return None;
-                    }
-                    return Some(Command::Snapshot {
-                        dir: rest.into(),
-                        stay_paused,
-                        diff,
-                    });
-                }
-                let mib = other.strip_prefix("balloon ")?.trim().parse().ok()?;
-                Some(Command::Balloon(Some(mib)))
-            }
-        }
-    }
-}
 
 /// A command waiting for the VM's thread, with where to send the reply.
 pub struct Pending {
     pub command: Command,
     pub reply: Sender<String>,
-}
-
-pub fn ok_reply(state: &str) -> String {
-    format!(
-        "{{\"ok\":true,\"state\":{}}}",
-        serde_json::Value::from(state)
-    )
-}
-
-/// An ok reply with more fields (a JSON object's members) beside the state.
-pub fn ok_reply_with(state: &str, extra: serde_json::Value) -> String {
-    let mut v = serde_json::json!({"ok": true, "state": state});
-    if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
-        obj.extend(more);
-    }
-    v.to_string()
-}
-
-pub fn error_reply(message: &str) -> String {
-    format!(
-        "{{\"ok\":false,\"error\":{}}}",
-        serde_json::Value::from(message)
-    )
 }
 
 /// Where `snapshot DIR` never writes, whatever the root.
@@ -354,15 +260,16 @@ fn serve(
             Ok(abs) => *dir = abs,
             Err(e) => {
                 tracing::warn!("control socket: refused: {e}");
-                refused = Some(error_reply(&e));
+                refused = Some(Reply::error(e).encode());
             }
         }
     }
     let reply = match (refused, command) {
         (Some(r), _) => r,
-        (None, None) => error_reply(
+        (None, None) => Reply::error(
             "unknown command; send one of: pause, resume, power-button, reset, status, balloon [MIB], stats, snapshot [--paused] [--diff] DIR, migrate-to unix:PATH|tcp:HOST:PORT [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth RATE]]",
-        ),
+        )
+        .encode(),
         (None, Some(command)) => {
             // Writing a snapshot of a big guest takes a while.
             let wait = if matches!(command, Command::Snapshot { .. } | Command::MigrateTo(_)) {
@@ -380,11 +287,11 @@ fn serve(
                 })
                 .is_err()
             {
-                error_reply("the VM has exited")
+                Reply::error("the VM has exited").encode()
             } else {
                 reply_rx
                     .recv_timeout(wait)
-                    .unwrap_or_else(|_| error_reply("the VM did not answer in time"))
+                    .unwrap_or_else(|_| Reply::error("the VM did not answer in time").encode())
             }
         }
     };
@@ -422,79 +329,6 @@ mod tests {
     }
 
     #[test]
-    fn balloon_commands_parse() {
-        assert_eq!(Command::parse("balloon"), Some(Command::Balloon(None)));
-        assert_eq!(
-            Command::parse("balloon 128\n"),
-            Some(Command::Balloon(Some(128)))
-        );
-        assert_eq!(Command::parse("balloon -1"), None);
-        assert_eq!(Command::parse("reset\n"), Some(Command::Reset));
-        assert_eq!(Command::parse("stats\n"), Some(Command::Stats));
-        assert_eq!(Command::parse("stats now"), None);
-        assert_eq!(
-            Command::parse("snapshot /tmp/a b\n"),
-            Some(Command::Snapshot {
-                dir: "/tmp/a b".into(),
-                stay_paused: false,
-                diff: false
-            })
-        );
-        assert_eq!(
-            Command::parse("snapshot --paused /s"),
-            Some(Command::Snapshot {
-                dir: "/s".into(),
-                stay_paused: true,
-                diff: false
-            })
-        );
-        assert_eq!(
-            Command::parse("snapshot --diff --paused /d"),
-            Some(Command::Snapshot {
-                dir: "/d".into(),
-                stay_paused: true,
-                diff: true
-            })
-        );
-        assert_eq!(Command::parse("snapshot --diff"), None);
-        assert_eq!(Command::parse("snapshot --paused --diff"), None);
-        assert_eq!(
-            Command::parse("migrate-to tcp:10.0.0.2:4444 --downtime-ms 100"),
-            Some(Command::MigrateTo(crate::migrate::MigrateTo {
-                uri: "tcp:10.0.0.2:4444".into(),
-                ca: None,
-                secret_file: None,
-                cert: None,
-                key: None,
-                downtime_ms: 100,
-                postcopy: false,
-                postcopy_bandwidth: None,
-            }))
-        );
-        assert_eq!(
-            Command::parse("migrate-to tcp:h:1 --postcopy --postcopy-bandwidth 64K"),
-            Some(Command::MigrateTo(crate::migrate::MigrateTo {
-                uri: "tcp:h:1".into(),
-                ca: None,
-                secret_file: None,
-                cert: None,
-                key: None,
-                downtime_ms: crate::migrate::DEFAULT_DOWNTIME_MS,
-                postcopy: true,
-                postcopy_bandwidth: Some(64 << 10),
-            }))
-        );
-        assert_eq!(Command::parse("migrate-to"), None);
-        assert_eq!(Command::parse("snapshot"), None);
-        assert_eq!(Command::parse("snapshot   "), None);
-        let r = ok_reply_with("running", serde_json::json!({"balloon": {"actual_mib": 3}}));
-        assert_eq!(
-            r,
-            r#"{"balloon":{"actual_mib":3},"ok":true,"state":"running"}"#
-        );
-    }
-
-    #[test]
     fn commands_reach_the_owner_and_replies_come_back() {
         let path = std::env::temp_dir().join(format!("vireo-ctl-test-{}.sock", std::process::id()));
         let sock = listen(&path, None).unwrap();
@@ -502,8 +336,8 @@ mod tests {
             for _ in 0..2 {
                 let p = sock.commands.recv().unwrap();
                 let reply = match p.command {
-                    Command::Pause => ok_reply("paused"),
-                    other => error_reply(&format!("no {other:?}")),
+                    Command::Pause => Reply::ok("paused").encode(),
+                    other => Reply::error(format!("no {other:?}")).encode(),
                 };
                 p.reply.send(reply).unwrap();
             }

@@ -4,13 +4,18 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use vireo_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
-
-use vireo_devices::virtio::block::{Block, BlockConfig, BlockCounters};
-use vireo_devices::virtio::console::{Console, ConsoleConfig, ConsoleInput};
-use vireo_devices::virtio::net::{Net, NetConfig, NetCounters};
-use vireo_devices::virtio::rng::{Rng, RngConfig};
-use vireo_devices::virtio::vsock::{Vsock, VsockConfig};
+use vireo_api::devices::balloon::BalloonConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::console::ConsoleConfig;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::rng::RngConfig;
+use vireo_api::devices::vsock::VsockConfig;
+use vireo_devices::virtio::balloon::{Balloon, BalloonHandle};
+use vireo_devices::virtio::block::{Block, BlockCounters};
+use vireo_devices::virtio::console::{Console, ConsoleInput};
+use vireo_devices::virtio::net::{Net, NetCounters};
+use vireo_devices::virtio::rng::Rng;
+use vireo_devices::virtio::vsock::Vsock;
 use vireo_devices::virtio::VirtioDevice;
 
 use crate::machine::{AttachError, Machine};

@@ -5,6 +5,7 @@
 //! touches it.
 
 use vireo_api::units::MemorySize;
+use vireo_api::vm::{check_resources, HostLimits, LimitError, MAX_VCPUS};
 use vireo_hypervisor::Hypervisor;
 use vireo_vmcore::VmError;
 
@@ -70,12 +71,10 @@ pub enum MachineMismatch {
         source_memory: MemorySize,
         own: MemorySize,
     },
-    #[error("{vcpus} vCPUs: this backend runs 1 to {max} vCPUs")]
-    VcpusOutOfRange { vcpus: u32, max: u32 },
-    #[error("{memory} of memory: at least {min} MiB")]
-    TooLittleMemory { memory: MemorySize, min: u64 },
-    #[error("{memory} of memory: more than this host's {host} MiB of RAM and swap")]
-    MoreThanHost { memory: MemorySize, host: u64 },
+    /// The definition is outside vireo's, the backend's or the host's
+    /// limits (the one check every VM definition passes).
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 /// The machine a source offers, checked against this target's own
@@ -87,7 +86,7 @@ fn check_offered_machine(
     cpus: u32,
     memory: MemorySize,
     max_vcpus: u32,
-    host_memory_mib: Option<u64>,
+    host_memory: Option<MemorySize>,
 ) -> Result<(), MachineMismatch> {
     if config.vcpus != cpus {
         return Err(MachineMismatch::Vcpus {
@@ -101,7 +100,7 @@ fn check_offered_machine(
             own: memory,
         });
     }
-    check_fits_host(cpus, memory, max_vcpus, host_memory_mib)
+    check_fits_host(cpus, memory, max_vcpus, host_memory)
 }
 
 /// vCPUs within the backend's limit, memory within the host's.
@@ -109,25 +108,9 @@ fn check_fits_host(
     cpus: u32,
     memory: MemorySize,
     max_vcpus: u32,
-    host_memory_mib: Option<u64>,
+    host_memory: Option<MemorySize>,
 ) -> Result<(), MachineMismatch> {
-    if cpus == 0 || cpus > max_vcpus {
-        return Err(MachineMismatch::VcpusOutOfRange {
-            vcpus: cpus,
-            max: max_vcpus,
-        });
-    }
-    if memory.mib() < vireo_vmcore::vm::MIN_MEMORY_MIB {
-        return Err(MachineMismatch::TooLittleMemory {
-            memory,
-            min: vireo_vmcore::vm::MIN_MEMORY_MIB,
-        });
-    }
-    if let Some(host) = host_memory_mib {
-        if memory.mib() > host {
-            return Err(MachineMismatch::MoreThanHost { memory, host });
-        }
-    }
+    check_resources(cpus, memory, HostLimits::new(max_vcpus, host_memory))?;
     Ok(())
 }
 
@@ -145,14 +128,14 @@ pub(crate) fn migrate_in(
 ) -> Result<(Box<dyn Hypervisor>, machine::Machine, Attached), Error> {
     let uri = listen.uri.as_str();
     let own_set = snapshot_devices::DeviceSet::from_configs(&own);
-    let host_mib = vireo_hypervisor::host::host_memory_bytes().map(|b| b >> 20);
-    check_fits_host(cpus, memory, vireo_vmcore::vm::MAX_VCPUS_XAPIC, host_mib)?;
+    let host_memory = vireo_api::host::memory();
+    check_fits_host(cpus, memory, MAX_VCPUS, host_memory)?;
     crate::migrate::check_listen(listen)?;
     let check =
         |config: &vireo_vmcore::snapshot::MachineConfig| -> Result<(), crate::migrate::Refusal> {
             let hv = backend::for_saved(config.backend, accel)?;
-            let max = (hv.max_vcpus() as u32).min(vireo_vmcore::vm::MAX_VCPUS_XAPIC);
-            check_offered_machine(config, cpus, memory, max, host_mib)?;
+            let max = (hv.max_vcpus() as u32).min(MAX_VCPUS);
+            check_offered_machine(config, cpus, memory, max, host_memory)?;
             snapshot_devices::check_peer_record(&config.frontend, &own_set, mac_given)?;
             Ok(())
         };
@@ -247,8 +230,8 @@ mod tests {
     #[test]
     fn the_offered_machine_must_be_the_targets_own_and_fit_the_host() {
         let four_tib = 4 << 20;
-        let e =
-            check_offered_machine(&offered(1, four_tib), 1, mib(64), 64, Some(8192)).unwrap_err();
+        let e = check_offered_machine(&offered(1, four_tib), 1, mib(64), 64, Some(mib(8192)))
+            .unwrap_err();
         assert_eq!(
             e,
             MachineMismatch::Memory {
@@ -257,15 +240,16 @@ mod tests {
             }
         );
         assert!(e.to_string().contains("4194304 MiB"), "{e}");
-        let e = check_offered_machine(&offered(4, 64), 1, mib(64), 64, Some(8192)).unwrap_err();
+        let e =
+            check_offered_machine(&offered(4, 64), 1, mib(64), 64, Some(mib(8192))).unwrap_err();
         assert!(e.to_string().contains("4 vCPU(s)"), "{e}");
         // Even a target defined that big is refused by the host check.
-        let e = check_offered_machine(&offered(1, four_tib), 1, mib(four_tib), 64, Some(8192))
+        let e = check_offered_machine(&offered(1, four_tib), 1, mib(four_tib), 64, Some(mib(8192)))
             .unwrap_err();
         assert!(e.to_string().contains("more than this host"), "{e}");
-        let e =
-            check_offered_machine(&offered(300, 64), 300, mib(64), 254, Some(8192)).unwrap_err();
-        assert!(e.to_string().contains("1 to 254"), "{e}");
-        assert!(check_offered_machine(&offered(2, 64), 2, mib(64), 64, Some(8192)).is_ok());
+        let e = check_offered_machine(&offered(300, 64), 300, mib(64), 254, Some(mib(8192)))
+            .unwrap_err();
+        assert!(e.to_string().contains("between 1 and 254"), "{e}");
+        assert!(check_offered_machine(&offered(2, 64), 2, mib(64), 64, Some(mib(8192))).is_ok());
     }
 }

@@ -5,13 +5,18 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vireo_devices::virtio::balloon::BalloonHandle;
+use vireo_api::control::{
+    self, Command, DeviceStats, DiskStats, MigrateTo, MigrationStats, NetStats, PostcopyStats,
+    Reply, SnapshotReport,
+};
+use vireo_api::model::{BalloonStatus, SnapshotDisk};
+use vireo_devices::virtio::balloon::{BalloonHandle, BalloonStats};
 use vireo_vmcore::snapshot::device::DeviceList;
 use vireo_vmcore::snapshot::SnapshotError;
 use vireo_vmcore::vcpu::VcpuStats;
 use vireo_vmcore::{ExitReason, RunState, RunningVm, VmError};
 
-use crate::control_socket::{self, Command, ControlSocket};
+use crate::control_socket::ControlSocket;
 use crate::devices::Attached;
 use crate::machine::PowerButton;
 use crate::migrate::{PemFile, SourceError};
@@ -90,19 +95,19 @@ pub(crate) fn serve_control(
                     continue;
                 }
                 Command::Stats => {
-                    let reply = control_socket::ok_reply_with(
-                        state_name(control.state()),
-                        serde_json::json!({ "stats": stats_json(vcpu_stats, attached) }),
-                    );
-                    let _ = pending.reply.send(reply);
+                    let reply = Reply {
+                        stats: Some(device_stats(vcpu_stats, attached)),
+                        ..Reply::ok(state_name(control.state()))
+                    };
+                    let _ = pending.reply.send(reply.encode());
                     continue;
                 }
             };
             let reply = match result {
-                Ok(()) => control_socket::ok_reply(state_name(control.state())),
-                Err(e) => control_socket::error_reply(&e.to_string()),
+                Ok(()) => Reply::ok(state_name(control.state())),
+                Err(e) => Reply::error(e.to_string()),
             };
-            let _ = pending.reply.send(reply);
+            let _ = pending.reply.send(reply.encode());
         }
     }
 }
@@ -155,7 +160,7 @@ enum SnapshotCommandError {
 fn migrate_command(
     running: &RunningVm,
     saveable: &Saveable<'_>,
-    req: &crate::migrate::MigrateTo,
+    req: &MigrateTo,
 ) -> (String, bool) {
     tracing::info!("migration to {} started", req.uri);
     // Disks are shared storage: the target's own disks name the same
@@ -164,7 +169,7 @@ fn migrate_command(
         Ok(r) => r,
         Err(e) => {
             return (
-                control_socket::error_reply(&format!("migration to {}: {e}", req.uri)),
+                Reply::error(format!("migration to {}: {e}", req.uri)).encode(),
                 false,
             )
         }
@@ -180,22 +185,33 @@ fn migrate_command(
                 stats.pages_sent,
                 stats.bytes_sent
             );
-            (
-                control_socket::ok_reply_with(
-                    "migrated",
-                    serde_json::json!({ "migration": stats }),
-                ),
-                true,
-            )
+            let migration = MigrationStats {
+                total_ms: stats.total_ms,
+                downtime_ms: stats.downtime_ms,
+                bytes_sent: stats.bytes_sent,
+                rounds: u64::from(stats.rounds),
+                pages_sent: stats.pages_sent,
+                postcopy: stats.postcopy.map(|p| PostcopyStats {
+                    pages_requested: p.pages_requested,
+                    pages_pushed: p.pages_pushed,
+                    postcopy_ms: p.postcopy_ms,
+                }),
+            };
+            let reply = Reply {
+                migration: Some(migration),
+                ..Reply::ok("migrated")
+            };
+            (reply.encode(), true)
         }
         Err(e) => {
             tracing::warn!("migration to {} failed: {e}", req.uri);
             (
-                control_socket::error_reply(&format!(
+                Reply::error(format!(
                     "migration to {}: {}",
                     req.uri,
                     migrate_to_message(&e)
-                )),
+                ))
+                .encode(),
                 false,
             )
         }
@@ -242,23 +258,25 @@ fn snapshot_command(
         (false, _) => None,
         (true, Some(p)) => Some(p.clone()),
         (true, None) => {
-            return control_socket::error_reply(
+            return Reply::error(
                 "snapshot --diff needs an earlier snapshot (full or diff) taken by this process as its parent; take a full snapshot first",
             )
+            .encode()
         }
     };
     if vireo_vmcore::snapshot::state_path(dir).exists() {
-        return control_socket::error_reply(&format!(
+        return Reply::error(format!(
             "snapshot to {}: it already holds a snapshot; pick a new directory or delete it first",
             dir.display()
-        ));
+        ))
+        .encode();
     }
     let control = running.control();
     let was_running = control.state() == RunState::Running;
     let started = std::time::Instant::now();
     if was_running {
         if let Err(e) = running.pause() {
-            return control_socket::error_reply(&e.to_string());
+            return Reply::error(e.to_string()).encode();
         }
     }
     let memory_bytes: u64 = vireo_vmcore::memory::host_mappings(running.memory())
@@ -334,93 +352,96 @@ fn snapshot_command(
                 },
                 dir.display()
             );
-            let mut snapshot = serde_json::json!({
-                "dir": dir.display().to_string(),
-                "memory_bytes": memory_bytes,
-                "pause_ms": pause_ms,
-                "disks": disks.iter().map(|d| serde_json::json!({
-                    "id": d.id,
-                    "path": d.path.display().to_string(),
-                    "format": d.format,
-                    "bytes": d.bytes,
-                })).collect::<Vec<_>>(),
-            });
-            if let (Some(pages), Some(parent), Some(obj)) =
-                (pages, &parent, snapshot.as_object_mut())
-            {
-                obj.insert("diff".into(), true.into());
-                obj.insert("parent".into(), parent.display().to_string().into());
-                obj.insert("pages".into(), pages.into());
+            let snapshot = SnapshotReport {
+                dir: dir.display().to_string(),
+                memory_bytes,
+                pause_ms,
+                disks: disks
+                    .iter()
+                    .map(|d| SnapshotDisk {
+                        id: d.id.clone(),
+                        path: d.path.display().to_string(),
+                        format: d.format.to_string(),
+                        bytes: d.bytes,
+                    })
+                    .collect(),
+                diff: pages.is_some() && parent.is_some(),
+                parent: pages.and(parent.as_ref()).map(|p| p.display().to_string()),
+                pages: pages.filter(|_| parent.is_some()),
+            };
+            Reply {
+                snapshot: Some(snapshot),
+                ..Reply::ok(state_name(control.state()))
             }
-            control_socket::ok_reply_with(
-                state_name(control.state()),
-                serde_json::json!({ "snapshot": snapshot }),
-            )
+            .encode()
         }
-        Err(e) => control_socket::error_reply(&format!("snapshot to {}: {e}", dir.display())),
+        Err(e) => Reply::error(format!("snapshot to {}: {e}", dir.display())).encode(),
     }
 }
 
 /// The `stats` reply's counters: vCPU exits, disk and network I/O.
-fn stats_json(vcpus: &VcpuStats, attached: &Attached) -> serde_json::Value {
-    let vcpus: Vec<_> = vcpus
-        .exits()
-        .into_iter()
-        .map(|exits| serde_json::json!({ "exits": exits }))
-        .collect();
-    let disks: Vec<_> = attached
-        .disks
-        .iter()
-        .map(|(id, c)| {
-            let s = c.snapshot();
-            serde_json::json!({
-                "id": id,
-                "read_bytes": s.read_bytes,
-                "write_bytes": s.write_bytes,
-                "read_ops": s.read_ops,
-                "write_ops": s.write_ops,
+fn device_stats(vcpus: &VcpuStats, attached: &Attached) -> DeviceStats {
+    DeviceStats {
+        vcpus: vcpus
+            .exits()
+            .into_iter()
+            .map(|exits| control::VcpuStats { exits })
+            .collect(),
+        disks: attached
+            .disks
+            .iter()
+            .map(|(id, c)| {
+                let s = c.snapshot();
+                DiskStats {
+                    id: id.clone(),
+                    read_bytes: s.read_bytes,
+                    write_bytes: s.write_bytes,
+                    read_ops: s.read_ops,
+                    write_ops: s.write_ops,
+                }
             })
-        })
-        .collect();
-    let nets: Vec<_> = attached
-        .nets
-        .iter()
-        .map(|(id, c)| {
-            let s = c.snapshot();
-            serde_json::json!({
-                "id": id,
-                "rx_bytes": s.rx_bytes,
-                "tx_bytes": s.tx_bytes,
-                "rx_packets": s.rx_packets,
-                "tx_packets": s.tx_packets,
+            .collect(),
+        nets: attached
+            .nets
+            .iter()
+            .map(|(id, c)| {
+                let s = c.snapshot();
+                NetStats {
+                    id: id.clone(),
+                    rx_bytes: s.rx_bytes,
+                    tx_bytes: s.tx_bytes,
+                    rx_packets: s.rx_packets,
+                    tx_packets: s.tx_packets,
+                }
             })
-        })
-        .collect();
-    serde_json::json!({ "vcpus": vcpus, "disks": disks, "nets": nets })
+            .collect(),
+    }
 }
 
 /// `balloon [MIB]`: set the target if given, and report the balloon.
 fn balloon_command(balloon: Option<&BalloonHandle>, target: Option<u64>, state: &str) -> String {
     let Some(b) = balloon else {
-        return control_socket::error_reply("this VM has no balloon (start it with --balloon)");
+        return Reply::error("this VM has no balloon (start it with --balloon)").encode();
     };
     if let Some(mib) = target {
         if let Err(e) = b.set_target_mib(mib) {
-            return control_socket::error_reply(&e.to_string());
+            return Reply::error(e.to_string()).encode();
         }
     }
     b.request_stats();
     let stats = b.stats();
-    control_socket::ok_reply_with(
-        state,
-        serde_json::json!({"balloon": {
-            "target_mib": b.target_mib(),
-            "actual_mib": b.actual_mib(),
-            "free_mib": stats.as_ref().and_then(|s| s.free_memory).map(|v| v >> 20),
-            "available_mib": stats.as_ref().and_then(|s| s.available_memory).map(|v| v >> 20),
-            "total_mib": stats.as_ref().and_then(|s| s.total_memory).map(|v| v >> 20),
-        }}),
-    )
+    let mib = |f: fn(&BalloonStats) -> Option<u64>| stats.as_ref().and_then(f).map(|v| v >> 20);
+    Reply {
+        balloon: Some(BalloonStatus {
+            target_mib: b.target_mib(),
+            actual_mib: b.actual_mib(),
+            free_mib: mib(|s| s.free_memory),
+            available_mib: mib(|s| s.available_memory),
+            total_mib: mib(|s| s.total_memory),
+        }),
+        ..Reply::ok(state)
+    }
+    .encode()
 }
 
 fn state_name(state: RunState) -> &'static str {
@@ -458,7 +479,7 @@ mod tests {
             ..Attached::default()
         };
         assert_eq!(
-            stats_json(&vcpus, &attached),
+            serde_json::to_value(device_stats(&vcpus, &attached)).unwrap(),
             serde_json::json!({
                 "vcpus": [{"exits": 1}, {"exits": 2}],
                 "disks": [{"id": "root", "read_bytes": 4096, "write_bytes": 0, "read_ops": 1, "write_ops": 0}],

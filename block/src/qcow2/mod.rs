@@ -41,7 +41,8 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::file::{HostFile, MemFile};
-use crate::{check_range, DiskImage, Format, LayerInfo};
+use crate::{check_range, DiskImage, LayerInfo};
+use vireo_api::devices::block::Format;
 
 pub use create::{create_qcow2, DEFAULT_CLUSTER_SIZE};
 pub use header::{Header, MAGIC};

@@ -99,7 +99,7 @@ pub fn run_args(state_dir: &Path, rec: &VmRecord, ids: JailIds) -> Vec<OsString>
         "--cgroup-cpus".into(),
         (c.vcpus + 1).to_string().into(),
         "--cgroup-memory".into(),
-        (c.memory_mib + VMM_OVERHEAD_MIB).to_string().into(),
+        (c.memory_mib.mib() + VMM_OVERHEAD_MIB).to_string().into(),
         "--cgroup-pids".into(),
         VM_PIDS.to_string().into(),
     ];
@@ -177,7 +177,7 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with("web-1."));
         // The longest VM name still makes a valid cgroup name.
-        let long = "x".repeat(crate::model::MAX_NAME);
+        let long = "x".repeat(vireo_api::model::MAX_NAME);
         assert!(CgroupName::new(&cgroup_name(Path::new("/"), &long)).is_ok());
         assert!(CgroupName::new(&cgroup_name(Path::new("/"), "web-1")).is_ok());
     }

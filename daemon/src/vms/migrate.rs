@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::{lock, Boot, Daemon, EARLY_EXIT_WAIT, VM_LOG};
 use crate::console::Console;
 use crate::error::ApiError;
-use crate::model::{check_config, check_name, CreateVm};
 use crate::observe::Change;
+use vireo_api::client::{Client, ClientError, Response};
+use vireo_api::control::{Command, MigrateTo};
+use vireo_api::model::{check_config, check_name, CreateVm, Migrate, MigrateInReady, Migrated};
 
 /// How long a migration may take (pre-copy of a big, busy guest).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -51,74 +51,6 @@ pub struct MigrationTls {
     /// The address of the daemon's TCP listener: the target's `vireo run`
     /// listens on the same one.
     pub ip: std::net::IpAddr,
-}
-
-/// `POST /v1/vms/{name}/migrate`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Migrate {
-    /// The target daemon's TLS API, `https://HOST:PORT`.
-    pub to: String,
-    /// An admin token of the target daemon.
-    #[serde(default)]
-    pub token: Option<String>,
-    /// The CA certificate (PEM text) the target daemon's certificate is
-    /// checked against [default: the system's CA bundle].
-    #[serde(default)]
-    pub ca_cert: Option<String>,
-    /// Post-copy: after one full copy the guest runs on the target at
-    /// once and fetches the pages it dirtied since on demand (for guests
-    /// that dirty memory faster than pre-copy can send it).
-    #[serde(default)]
-    #[schema(default = false)]
-    pub postcopy: bool,
-}
-
-/// What `migrate-to` measured.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-pub struct MigrationStats {
-    pub total_ms: u64,
-    pub downtime_ms: u64,
-    pub bytes_sent: u64,
-    pub rounds: u64,
-    pub pages_sent: u64,
-    /// The post-copy phase, when there was one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub postcopy: Option<PostcopyStats>,
-}
-
-/// What the post-copy phase of a migration measured.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
-pub struct PostcopyStats {
-    /// Pages the guest touched on the target before they arrived.
-    pub pages_requested: u64,
-    /// Pages sent in the background.
-    pub pages_pushed: u64,
-    /// From the target taking over to its last page.
-    pub postcopy_ms: u64,
-}
-
-/// The reply to `POST /v1/vms/{name}/migrate`.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-pub struct Migrated {
-    #[schema(schema_with = crate::model::schema::vm_name)]
-    pub vm: String,
-    pub to: String,
-    pub migration: MigrationStats,
-}
-
-/// The reply to `POST /v1/vms/{name}/migrate-in`.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-pub struct MigrateInReady {
-    /// The TCP port the target's `vireo run --migrate-from` listens on
-    /// (TLS, with the target daemon's certificate).
-    #[schema(minimum = 1, maximum = 65535)]
-    pub port: u16,
-    /// The one-time secret the source must send first (64 hex digits);
-    /// anyone else who connects to the port is refused.
-    #[schema(pattern = "^[0-9a-f]{64}$")]
-    pub secret: String,
 }
 
 /// Where a VM's directory keeps the one-time migration secret (on the
@@ -175,7 +107,7 @@ fn parse_to(to: &str) -> Result<(String, u16), ApiError> {
     Ok((host.to_string(), port))
 }
 
-fn definition(name: &str, c: &crate::model::VmConfig) -> CreateVm {
+fn definition(name: &str, c: &vireo_api::model::VmConfig) -> CreateVm {
     CreateVm {
         name: name.to_string(),
         vcpus: c.vcpus,
@@ -191,83 +123,6 @@ fn definition(name: &str, c: &crate::model::VmConfig) -> CreateVm {
         rng: c.devices.rng.clone(),
         balloon: c.devices.balloon.clone(),
     }
-}
-
-fn roots(pem_file: &Path) -> Result<rustls::RootCertStore, ApiError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let bad = |why: String| ApiError::bad_request("invalid_value", format!("ca_cert: {why}"));
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pem_file)
-        .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| bad(format!("cannot read a PEM certificate: {e:?}")))?;
-    if certs.is_empty() {
-        return Err(bad(
-            "no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)".into(),
-        ));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(bad("no usable CA certificate in it".into()));
-    }
-    Ok(roots)
-}
-
-/// One HTTPS request to another daemon: (status, body).
-async fn https_request(
-    host: &str,
-    port: u16,
-    roots: rustls::RootCertStore,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Vec<u8>,
-) -> Result<(u16, Vec<u8>), String> {
-    use http_body_util::BodyExt;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let server_name = rustls_pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| format!("{host}: {e}"))?;
-    let tcp = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP with {host}:{port}: {e}"))?;
-    tokio::spawn(conn);
-    let mut req = axum::http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("{host}:{port}"))
-        .header("content-type", "application/json");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let req = req
-        .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request to {host}:{port}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("reply from {host}:{port}: {e}"))?
-        .to_bytes()
-        .to_vec();
-    Ok((status, body))
 }
 
 /// The `vireo run --migrate-from` address in the VM's log, once printed.
@@ -307,7 +162,7 @@ impl Daemon {
         // storage mounted there), and its formats are fixed here too.
         let mut cfg = req.config();
         self.storage.confine(&mut cfg, None)?;
-        check_config(&cfg, crate::procfs::host_memory_mib())?;
+        check_config(&cfg, vireo_api::host::memory())?;
         let dir = self.vm_dir(name);
         let secret = {
             let mut inner = lock(&self.inner);
@@ -355,7 +210,7 @@ impl Daemon {
         self.observe.vm(
             name,
             Change::Created,
-            Some(crate::model::VmState::Running),
+            Some(vireo_api::model::VmState::Running),
             "migrating in",
         );
         let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
@@ -369,7 +224,7 @@ impl Daemon {
             }
             let gone = !lock(&self.inner).procs.contains_key(name);
             if gone || tokio::time::Instant::now() >= deadline {
-                let why = super::log_verdict(&log)
+                let why = super::exit::log_verdict(&log)
                     .map(|(_, why)| why)
                     .unwrap_or_else(|| "it did not listen in time".into());
                 self.forget_incoming(name);
@@ -407,7 +262,8 @@ impl Daemon {
         name: &str,
         req: &Migrate,
     ) -> Result<Migrated, ApiError> {
-        let (host, port) = parse_to(&req.to)?;
+        // Checked here for the API's own message; the client reads the port.
+        let (host, _) = parse_to(&req.to)?;
         if let Some(t) = &req.token {
             if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(ApiError::bad_request(
@@ -455,27 +311,30 @@ impl Daemon {
         self.hand_to_vm(name, &ca_file).map_err(|e| {
             ApiError::internal(format!("handing {} to VM {name}: {e}", ca_file.display()))
         })?;
-        let roots = roots(&ca_file)?;
+        // The api crate's client, as `vireo vm` uses it, on a blocking
+        // thread: one request, then the reply.
+        let client =
+            Client::tls(&req.to, Some(&ca_file), req.token.clone()).map_err(|e| match e {
+                ClientError::CaCert { why, .. } => {
+                    ApiError::bad_request("invalid_value", format!("ca_cert: {why}"))
+                }
+                other => ApiError::bad_request("invalid_value", format!("to: {other}")),
+            })?;
         tracing::info!("VM {name}: migrating to {}", req.to);
         let body = serde_json::to_vec(&definition(name, &rec.config))
             .map_err(|e| ApiError::internal(format!("encoding VM {name}: {e}")))?;
         let path = format!("/v1/vms/{name}/migrate-in");
-        let asked = tokio::time::timeout(
-            PEER_TIMEOUT,
-            https_request(
-                &host,
-                port,
-                roots,
-                "POST",
-                &path,
-                req.token.as_deref(),
-                body,
-            ),
-        )
+        let asked = tokio::task::spawn_blocking(move || {
+            client.send("POST", &path, Some(&body), PEER_TIMEOUT)
+        })
         .await
-        .map_err(|_| "no answer in time".to_string())
-        .and_then(|r| r);
-        let (status, reply) = asked.map_err(|e| {
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let Response {
+            status,
+            body: reply,
+            ..
+        } = asked.map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "target_unreachable",
@@ -483,7 +342,7 @@ impl Daemon {
             )
         })?;
         if status != 201 {
-            let why = serde_json::from_slice::<crate::model::ErrorBody>(&reply)
+            let why = serde_json::from_slice::<vireo_api::model::ErrorBody>(&reply)
                 .map(|e| format!("{} ({})", e.error.message, e.error.code))
                 .unwrap_or_else(|_| String::from_utf8_lossy(&reply).into_owned());
             return Err(ApiError::conflict(
@@ -508,7 +367,6 @@ impl Daemon {
             format!("tcp:{host}:{}", ready.port)
         };
         let socket = dir.join(super::CONTROL_SOCKET);
-        let mode = if req.postcopy { " --postcopy" } else { "" };
         // The target's secret goes to the VM's process as a file (0600 in
         // the VM's directory), never on a command line.
         let secret_file = dir.join(SECRET_FILE);
@@ -519,38 +377,33 @@ impl Daemon {
                 secret_file.display()
             ))
         })?;
-        let command = format!(
-            "migrate-to {target} --ca {} --secret-file {}{mode}",
-            ca_file.display(),
-            secret_file.display()
-        );
+        let command = Command::MigrateTo(MigrateTo {
+            ca: Some(ca_file.clone()),
+            secret_file: Some(secret_file.clone()),
+            postcopy: req.postcopy,
+            ..MigrateTo::new(&target)
+        });
         let reply = self
             .control_within(name, &socket, &command, MIGRATION_TIMEOUT)
             .await;
         let _ = std::fs::remove_file(&secret_file);
-        let reply = match reply {
-            Ok(r) if r.get("ok") == Some(&serde_json::Value::Bool(true)) => r,
-            other => {
+        let outcome = match reply {
+            Ok(r) => r.into_result(),
+            Err(e) => Err(e.message),
+        };
+        let reply = match outcome {
+            Ok(r) => r,
+            Err(why) => {
                 if let Some(p) = lock(&self.inner).procs.get_mut(name) {
                     p.requested = None;
                 }
-                let why = match other {
-                    Ok(r) => r
-                        .get("error")
-                        .and_then(|e| e.as_str())
-                        .unwrap_or("no reason given")
-                        .to_string(),
-                    Err(e) => e.message,
-                };
                 return Err(ApiError::conflict(
                     "migration_failed",
                     format!("VM {name} stays here: {why}"),
                 ));
             }
         };
-        let migration: MigrationStats =
-            serde_json::from_value(reply.get("migration").cloned().unwrap_or_default())
-                .unwrap_or_default();
+        let migration = reply.migration.unwrap_or_default();
         if !self.wait_exit(name, id, Duration::from_secs(30)).await {
             tracing::warn!("VM {name}: its process did not end after migrating; killing it");
             if crate::procfs::is_same_process(id.pid, id.start_time) {

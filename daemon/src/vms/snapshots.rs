@@ -17,17 +17,18 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use tokio::sync::oneshot;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::net::NetConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::vsock::VsockConfig;
 
 use super::{lock, Boot, Daemon, CONTROL_SOCKET, EARLY_EXIT_WAIT};
+use crate::clock::rfc3339;
 use crate::console::Console;
 use crate::db::{SnapshotRecord, VmRecord};
 use crate::error::ApiError;
-use crate::model::{
-    check_name, check_tag, pin_macs, rfc3339, CloneVm, CreateSnapshot, Snapshot, SnapshotDisk,
-    VmState,
+use vireo_api::control::{Command, Reply, SnapshotReport};
+use vireo_api::model::{
+    check_name, check_tag, pin_macs, CloneVm, CreateSnapshot, Snapshot, SnapshotDisk, VmState,
 };
 
 /// How long writing a snapshot may take (a big guest's memory and disks).
@@ -233,7 +234,7 @@ impl Daemon {
                     t.clone()
                 }
                 None => {
-                    let base = default_tag(crate::model::now_secs());
+                    let base = default_tag(crate::clock::now_secs());
                     let mut t = base.clone();
                     let mut n = 2;
                     while inner.db.get_snapshot(name, &t)?.is_some() {
@@ -260,24 +261,20 @@ impl Daemon {
                 self.snapshots_dir(name).display()
             ))
         })?;
-        let command = format!(
-            "snapshot {}{}",
-            if parent.is_some() { "--diff " } else { "" },
-            dir.display()
-        );
+        let command = Command::Snapshot {
+            dir: dir.clone(),
+            stay_paused: false,
+            diff: parent.is_some(),
+        };
         tracing::info!("VM {name}: taking snapshot {tag} into {}", dir.display());
         let socket = self.vm_dir(name).join(CONTROL_SOCKET);
         let reply = self
             .control_within(name, &socket, &command, SNAPSHOT_TIMEOUT)
             .await;
-        let reply = match reply {
-            Ok(r) if r.get("ok") == Some(&serde_json::Value::Bool(true)) => r,
-            Ok(r) => {
+        let reply = match reply.map(Reply::into_result) {
+            Ok(Ok(r)) => r,
+            Ok(Err(why)) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                let why = r
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("no reason given");
                 return Err(ApiError::conflict(
                     "snapshot_failed",
                     format!("VM {name}: {why}"),
@@ -288,25 +285,16 @@ impl Daemon {
                 return Err(e);
             }
         };
-        let snap = reply.get("snapshot").cloned().unwrap_or_default();
-        let memory_bytes = snap
-            .get("memory_bytes")
-            .and_then(|m| m.as_u64())
-            .unwrap_or(0);
-        let disks_json = snap
-            .get("disks")
-            .or_else(|| reply.get("disks"))
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!([]));
-        let disks: Vec<SnapshotDisk> = serde_json::from_value(disks_json).map_err(|e| {
-            ApiError::internal(format!(
-                "VM {name} answered `snapshot` with a bad disk list: {e}"
-            ))
-        })?;
+        let SnapshotReport {
+            memory_bytes,
+            disks,
+            pause_ms,
+            ..
+        } = reply.snapshot.unwrap_or_default();
         let record = SnapshotRecord {
             vm: name.to_string(),
             tag: tag.clone(),
-            created_at: crate::model::now_secs(),
+            created_at: crate::clock::now_secs(),
             vm_state,
             memory_bytes,
             disks,
@@ -329,7 +317,7 @@ impl Daemon {
             memory_bytes >> 20,
             record.disks.len(),
             record.size_bytes >> 20,
-            snap.get("pause_ms").and_then(|p| p.as_u64()).unwrap_or(0)
+            pause_ms
         );
         self.snapshot_api(&record)
     }
@@ -592,7 +580,7 @@ impl Daemon {
         snap_dir: &Path,
         new: &str,
         dir: &Path,
-    ) -> Result<(crate::model::VmConfig, Vec<String>), ApiError> {
+    ) -> Result<(vireo_api::model::VmConfig, Vec<String>), ApiError> {
         let mut cfg = rec.config.clone();
         let mut overrides = Vec::new();
         let invalid = |what: String| ApiError::conflict("invalid_origin", what);

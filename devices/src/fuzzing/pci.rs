@@ -58,12 +58,17 @@ fn memory() -> Option<GuestMemory> {
 fn device(kind: u8) -> Option<Box<dyn VirtioDevice>> {
     use crate::virtio::{balloon, console, rng};
     Some(match kind % 3 {
-        0 => Box::new(rng::Rng::new(rng::RngConfig::default())),
+        0 => Box::new(rng::Rng::new(vireo_api::devices::rng::RngConfig::default())),
         1 => Box::new(
-            console::Console::new(console::ConsoleConfig::default(), Box::new(std::io::sink()))
-                .ok()?,
+            console::Console::new(
+                vireo_api::devices::console::ConsoleConfig::default(),
+                Box::new(std::io::sink()),
+            )
+            .ok()?,
         ),
-        _ => Box::new(balloon::Balloon::new(balloon::BalloonConfig::default()).ok()?),
+        _ => Box::new(
+            balloon::Balloon::new(vireo_api::devices::balloon::BalloonConfig::default()).ok()?,
+        ),
     })
 }
 

@@ -275,7 +275,8 @@ fn dgram_pair() -> Option<(OwnedFd, OwnedFd)> {
 /// the input puts on the TAP (the blob: frames, each with a u16 length).
 /// Op bit 0 puts the blob's frames on the TAP again.
 pub fn net(data: &[u8]) -> Outcome {
-    use crate::virtio::net::{Net, NetConfig, Tap};
+    use crate::virtio::net::{Net, Tap};
+    use vireo_api::devices::net::NetConfig;
     let Some((ours, theirs)) = dgram_pair() else {
         return Outcome::default();
     };
@@ -333,8 +334,9 @@ pub const VSOCK_CID: u64 = 3;
 /// [`VSOCK_PORT`]; op bit 0 has it write to, bit 1 close, its
 /// connections; the blob is what it writes.
 pub fn vsock(data: &[u8]) -> Outcome {
-    use crate::virtio::vsock::{Vsock, VsockConfig};
+    use crate::virtio::vsock::Vsock;
     use std::io::Write;
+    use vireo_api::devices::vsock::VsockConfig;
     let Some(dir) = TempDir::new() else {
         return Outcome::default();
     };
@@ -369,7 +371,8 @@ pub fn vsock(data: &[u8]) -> Outcome {
 /// virtio-balloon: inflate and deflate page lists, statistics and free
 /// page reports; op bit 0 asks for statistics, bit 1 changes the target.
 pub fn balloon(data: &[u8]) -> Outcome {
-    use crate::virtio::balloon::{Balloon, BalloonConfig};
+    use crate::virtio::balloon::Balloon;
+    use vireo_api::devices::balloon::BalloonConfig;
     let Ok(mut dev) = Balloon::new(BalloonConfig::default()) else {
         return Outcome::default();
     };
@@ -386,7 +389,8 @@ pub fn balloon(data: &[u8]) -> Outcome {
 
 /// virtio-rng: request chains of any shape.
 pub fn rng(data: &[u8]) -> Outcome {
-    use crate::virtio::rng::{Rng, RngConfig};
+    use crate::virtio::rng::Rng;
+    use vireo_api::devices::rng::RngConfig;
     let mut dev = Rng::new(RngConfig::default());
     drive(&mut dev, data, &mut |_, _, _| {})
 }
@@ -394,7 +398,8 @@ pub fn rng(data: &[u8]) -> Outcome {
 /// virtio-console: output chains to a sink, input (the blob) into receive
 /// chains; op bit 0 sends the input again, bit 1 resizes.
 pub fn console(data: &[u8]) -> Outcome {
-    use crate::virtio::console::{Console, ConsoleConfig};
+    use crate::virtio::console::Console;
+    use vireo_api::devices::console::ConsoleConfig;
     let Ok(mut dev) = Console::new(ConsoleConfig::default(), Box::new(std::io::sink())) else {
         return Outcome::default();
     };

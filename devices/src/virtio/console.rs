@@ -28,7 +28,7 @@ use super::{
     device_type, features, read_config_bytes, take_queues, ActivateError, Activation, Interrupt,
     InterruptKind, Queue, VirtioDevice,
 };
-use crate::options::{Options, OptionsError};
+use vireo_api::devices::console::ConsoleConfig;
 
 /// Feature bits (§5.3.3).
 pub mod console_features {
@@ -43,31 +43,6 @@ pub const INPUT_BUFFER: usize = 64 << 10;
 
 const RECEIVEQ: u16 = 0;
 const TRANSMITQ: u16 = 1;
-
-/// How the console is set up: `--console` options `cols=`/`rows=` give the
-/// initial terminal size (both or neither; 0×0 means unknown).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConsoleConfig {
-    pub cols: u16,
-    pub rows: u16,
-}
-
-impl ConsoleConfig {
-    pub fn from_options(s: &str) -> Result<ConsoleConfig, OptionsError> {
-        let mut o = Options::parse("console", s, None)?;
-        let cols = o.parsed::<u16>("cols")?;
-        let rows = o.parsed::<u16>("rows")?;
-        o.finish()?;
-        match (cols, rows) {
-            (Some(cols), Some(rows)) => Ok(ConsoleConfig { cols, rows }),
-            (None, None) => Ok(ConsoleConfig::default()),
-            _ => Err(OptionsError {
-                flag: "console".to_string(),
-                message: "give both cols= and rows=, or neither".to_string(),
-            }),
-        }
-    }
-}
 
 /// The host-side state of the console, kept across resets (and what a
 /// snapshot would save).
@@ -586,16 +561,10 @@ mod tests {
 
     #[test]
     fn options_and_config_space() {
-        assert_eq!(
-            ConsoleConfig::from_options("").unwrap(),
-            ConsoleConfig::default()
-        );
-        let cfg = ConsoleConfig::from_options("cols=132,rows=43").unwrap();
-        assert_eq!((cfg.cols, cfg.rows), (132, 43));
-        assert!(ConsoleConfig::from_options("cols=80").is_err());
-        assert!(ConsoleConfig::from_options("cols=80,rows=x").is_err());
-        assert!(ConsoleConfig::from_options("multiport=on").is_err());
-
+        let cfg = ConsoleConfig {
+            cols: 132,
+            rows: 43,
+        };
         let (c, _, _) = console(cfg);
         assert_ne!(c.features() & console_features::SIZE, 0);
         assert_ne!(c.features() & features::VERSION_1, 0);

@@ -24,32 +24,13 @@ use super::{
     device_type, features, take_queues, ActivateError, Activation, Interrupt, InterruptKind, Queue,
     VirtioDevice,
 };
-use crate::options::{Options, OptionsError};
-use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
+use crate::rate_limiter::{Limit, RateLimiter};
+use vireo_api::devices::rng::RngConfig;
 
 /// Size of the one queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// The most random bytes handed out for one chain; the driver asks again.
 pub const MAX_REQUEST: usize = 64 << 10;
-
-/// How the rng is set up: `--rng` (no options) or `--rng bw=1M`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RngConfig {
-    /// Bytes per second the guest may take (burst: one second's worth);
-    /// `None` is unlimited.
-    pub bandwidth: Option<u64>,
-}
-
-impl RngConfig {
-    /// Parse the `--rng` option string: `bw=<bytes/s>` with an optional
-    /// K/M/G suffix, or nothing.
-    pub fn from_options(s: &str) -> Result<RngConfig, OptionsError> {
-        let mut o = Options::parse("rng", s, None)?;
-        let bandwidth = o.with("bw", parse_rate)?;
-        o.finish()?;
-        Ok(RngConfig { bandwidth })
-    }
-}
 
 /// The virtio-rng device.
 pub struct Rng {
@@ -308,17 +289,6 @@ mod tests {
         let mut v = vec![0u8; len];
         drv.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
-    }
-
-    #[test]
-    fn options() {
-        assert_eq!(RngConfig::from_options("").unwrap(), RngConfig::default());
-        assert_eq!(
-            RngConfig::from_options("bw=1M").unwrap().bandwidth,
-            Some(1 << 20)
-        );
-        assert!(RngConfig::from_options("bw=fast").is_err());
-        assert!(RngConfig::from_options("rate=1M").is_err());
     }
 
     #[test]

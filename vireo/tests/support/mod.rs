@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod checksum;
+pub mod daemon;
 pub mod guest;
 pub mod kit;
 pub mod netns;

@@ -31,7 +31,7 @@ mod transport;
 
 pub use auth::{read_secret, SecretError, AUTH_RETRY_DELAY, MAX_AUTH_FAILURES};
 pub use postcopy::{PostcopyError, PostcopyStats, ServeError};
-pub use source::{migrate_to, MigrateTo, SourceError, Stats, DEFAULT_DOWNTIME_MS, MAX_ROUNDS};
+pub use source::{migrate_to, MigrateTo, SourceError, Stats, MAX_ROUNDS};
 pub use target::{
     check_listen, receive, Incoming, Listen, ListenError, ReceiveError, Refusal, TargetError,
 };

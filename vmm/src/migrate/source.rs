@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vireo_hypervisor::dirty;
@@ -20,73 +19,13 @@ use super::postcopy::{self, PostcopyStats, ServeError};
 use super::tls::{self, TlsError};
 use super::transport::{parse_addr, Addr, AddrError, Conn, Sock};
 use super::IO_TIMEOUT;
+pub use vireo_api::control::MigrateTo;
 
-/// The downtime the pre-copy aims for when the command gives none.
-pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Pre-copy rounds after the first full copy before the source stops the
 /// guest whatever is left (a guest dirtying memory faster than the link
 /// carries it never converges).
 pub const MAX_ROUNDS: u32 = 30;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What `migrate-to` asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrateTo {
-    pub uri: String,
-    /// CA certificate (PEM) to verify the target's TLS certificate:
-    /// required for `tcp:` (always TLS), refused for `unix:`.
-    pub ca: Option<PathBuf>,
-    /// The one-time secret the target expects (a file: never on a
-    /// command line).
-    pub secret_file: Option<PathBuf>,
-    /// A client certificate and key (PEM) for a target that checks them
-    /// (`--migrate-client-ca`).
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub downtime_ms: u64,
-    /// Switch to post-copy after the first full copy.
-    pub postcopy: bool,
-    /// Post-copy: the most bytes per second the background push may take
-    /// (pages the target asks for are never held back).
-    pub postcopy_bandwidth: Option<u64>,
-}
-
-impl MigrateTo {
-    /// `ADDR [--ca CA.pem] [--secret-file FILE] [--cert C.pem --key
-    /// K.pem] [--downtime-ms N] [--postcopy [--postcopy-bandwidth
-    /// RATE]]` (the words after `migrate-to`; RATE in bytes per second
-    /// with an optional K/M/G suffix).
-    pub fn parse(args: &str) -> Option<MigrateTo> {
-        let mut words = args.split_whitespace();
-        let uri = words.next()?.to_string();
-        let mut m = MigrateTo {
-            uri,
-            ca: None,
-            secret_file: None,
-            cert: None,
-            key: None,
-            downtime_ms: DEFAULT_DOWNTIME_MS,
-            postcopy: false,
-            postcopy_bandwidth: None,
-        };
-        while let Some(w) = words.next() {
-            match w {
-                "--postcopy" => m.postcopy = true,
-                "--postcopy-bandwidth" => {
-                    m.postcopy_bandwidth =
-                        Some(vireo_devices::rate_limiter::parse_rate(words.next()?).ok()?)
-                }
-                "--ca" => m.ca = Some(words.next()?.into()),
-                "--secret-file" => m.secret_file = Some(words.next()?.into()),
-                "--cert" => m.cert = Some(words.next()?.into()),
-                "--key" => m.key = Some(words.next()?.into()),
-                "--downtime-ms" => m.downtime_ms = words.next()?.parse().ok()?,
-                _ => return None,
-            }
-        }
-        Some(m)
-    }
-}
 
 /// The figures of a finished migration (the `migrate-to` reply's
 /// `"migration"` object).
@@ -573,47 +512,5 @@ mod tests {
         let req = MigrateTo::parse("unix:/nonexistent/x.sock").unwrap();
         let e = connect(&req).err().unwrap();
         assert!(e.to_string().contains("cannot connect"), "{e}");
-    }
-
-    #[test]
-    fn command_arguments() {
-        assert_eq!(
-            MigrateTo::parse("tcp:h:1"),
-            Some(MigrateTo {
-                uri: "tcp:h:1".into(),
-                ca: None,
-                secret_file: None,
-                cert: None,
-                key: None,
-                downtime_ms: DEFAULT_DOWNTIME_MS,
-                postcopy: false,
-                postcopy_bandwidth: None,
-            })
-        );
-        assert_eq!(
-            MigrateTo::parse(
-                "tcp:h:1 --ca /c.pem --secret-file /s --cert /cc.pem --key /k.pem --downtime-ms 50 --postcopy --postcopy-bandwidth 8M"
-            ),
-            Some(MigrateTo {
-                uri: "tcp:h:1".into(),
-                ca: Some("/c.pem".into()),
-                secret_file: Some("/s".into()),
-                cert: Some("/cc.pem".into()),
-                key: Some("/k.pem".into()),
-                downtime_ms: 50,
-                postcopy: true,
-                postcopy_bandwidth: Some(8 << 20),
-            })
-        );
-        for bad in [
-            "",
-            "tcp:h:1 --ca",
-            "tcp:h:1 --secret-file",
-            "tcp:h:1 --downtime-ms x",
-            "tcp:h:1 --what",
-            "tcp:h:1 --postcopy --postcopy-bandwidth 0",
-        ] {
-            assert_eq!(MigrateTo::parse(bad), None, "{bad}");
-        }
     }
 }

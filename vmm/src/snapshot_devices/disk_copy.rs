@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vireo_block::Format;
+use vireo_api::devices::block::Format;
 
 use super::record::absolute;
 

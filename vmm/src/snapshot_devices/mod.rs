@@ -24,12 +24,12 @@ pub use restore::{restore_configs, RestoreDevicesError, RestoreOverrides};
 mod test_util {
     use std::path::{Path, PathBuf};
 
-    use vireo_devices::virtio::balloon::BalloonConfig;
-    use vireo_devices::virtio::block::BlockConfig;
-    use vireo_devices::virtio::console::ConsoleConfig;
-    use vireo_devices::virtio::net::NetConfig;
-    use vireo_devices::virtio::rng::RngConfig;
-    use vireo_devices::virtio::vsock::VsockConfig;
+    use vireo_api::devices::balloon::BalloonConfig;
+    use vireo_api::devices::block::BlockConfig;
+    use vireo_api::devices::console::ConsoleConfig;
+    use vireo_api::devices::net::NetConfig;
+    use vireo_api::devices::rng::RngConfig;
+    use vireo_api::devices::vsock::VsockConfig;
 
     use crate::devices::DeviceConfigs;
 

@@ -5,6 +5,7 @@
 use super::record::{DeviceSet, FrontendRecord};
 use super::restore::ids_or_none;
 use crate::devices::DeviceConfigs;
+use vireo_api::devices::mac::MacError;
 
 /// A virtio device kind, as a difference between two machines names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,7 +186,8 @@ pub enum PeerDevicesError {
     BadMac {
         index: usize,
         mac: String,
-        reason: String,
+        #[source]
+        reason: MacError,
     },
 }
 
@@ -359,12 +361,12 @@ mod tests {
     use super::super::test_util::pairs;
     use super::*;
     use std::path::PathBuf;
-    use vireo_devices::virtio::balloon::BalloonConfig;
-    use vireo_devices::virtio::block::BlockConfig;
-    use vireo_devices::virtio::console::ConsoleConfig;
-    use vireo_devices::virtio::net::NetConfig;
-    use vireo_devices::virtio::rng::RngConfig;
-    use vireo_devices::virtio::vsock::VsockConfig;
+    use vireo_api::devices::balloon::BalloonConfig;
+    use vireo_api::devices::block::BlockConfig;
+    use vireo_api::devices::console::ConsoleConfig;
+    use vireo_api::devices::net::NetConfig;
+    use vireo_api::devices::rng::RngConfig;
+    use vireo_api::devices::vsock::VsockConfig;
 
     /// The source's record of its devices, as a (possibly hostile) peer
     /// sends it: paths anywhere, and the fields to vary.

@@ -5,13 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vireo_block::Format;
-use vireo_devices::virtio::balloon::BalloonConfig;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::console::ConsoleConfig;
-use vireo_devices::virtio::net::NetConfig;
-use vireo_devices::virtio::rng::RngConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::balloon::BalloonConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::block::Format;
+use vireo_api::devices::console::ConsoleConfig;
+use vireo_api::devices::mac::MacError;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::rng::RngConfig;
+use vireo_api::devices::vsock::VsockConfig;
 
 use super::disk_copy::DiskCopy;
 use crate::devices::DeviceConfigs;
@@ -190,7 +191,8 @@ pub enum RecordError {
     BadMac {
         tap: String,
         mac: String,
-        reason: String,
+        #[source]
+        reason: MacError,
     },
 }
 

@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use vireo_block::Format;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::net::NetConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
+use vireo_api::devices::block::BlockConfig;
+use vireo_api::devices::block::Format;
+use vireo_api::devices::net::NetConfig;
+use vireo_api::devices::vsock::VsockConfig;
 
 use super::disk_copy::copy_file;
 use super::record::{FrontendRecord, RecordError};

@@ -36,7 +36,7 @@ use super::{
     device_type, features, read_config_bytes, ActivateError, Activation, ActiveQueue, Interrupt,
     InterruptKind, VirtioDevice,
 };
-use crate::options::{Options, OptionsError};
+use vireo_api::devices::balloon::{target_pages, BalloonConfig, BalloonError, PAGES_PER_MIB};
 use worker::{BalloonQueues, BalloonWorker};
 
 mod persist;
@@ -61,7 +61,6 @@ pub const QUEUE_SIZE: u16 = 256;
 /// The balloon's page size: page frame numbers are in 4 KiB units
 /// (VIRTIO_BALLOON_PFN_SHIFT) whatever the guest's page size.
 pub const BALLOON_PAGE_SIZE: u64 = 1 << 12;
-const PAGES_PER_MIB: u64 = (1 << 20) / BALLOON_PAGE_SIZE;
 /// One statistic: le16 tag, le64 value, packed.
 const STAT_SIZE: usize = 10;
 /// The most statistics bytes read from one buffer (Linux sends 16 × 10).
@@ -74,70 +73,6 @@ pub const MAX_PAGES_PER_LIST: usize = 4096;
 /// Queue indices that never move.
 const INFLATEQ: u16 = 0;
 const DEFLATEQ: u16 = 1;
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BalloonError {
-    #[error(
-        "balloon target {mib} MiB is too large: the device counts 4 KiB pages in 32 bits \
-         (at most {max} MiB)"
-    )]
-    TargetTooLarge { mib: u64, max: u64 },
-}
-
-fn target_pages(mib: u64) -> Result<u32, BalloonError> {
-    let max = u64::from(u32::MAX) / PAGES_PER_MIB;
-    mib.checked_mul(PAGES_PER_MIB)
-        .and_then(|p| u32::try_from(p).ok())
-        .ok_or(BalloonError::TargetTooLarge { mib, max })
-}
-
-/// How the balloon is set up: `--balloon` options
-/// `target=<MiB>` (how much memory to take from the guest at boot,
-/// default 0), `deflate_on_oom=on|off` (let the guest take pages back
-/// when it runs out of memory, default on), `free_page_reporting=on|off`
-/// (default on).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BalloonConfig {
-    pub target_mib: u64,
-    pub deflate_on_oom: bool,
-    pub free_page_reporting: bool,
-}
-
-impl Default for BalloonConfig {
-    fn default() -> Self {
-        BalloonConfig {
-            target_mib: 0,
-            deflate_on_oom: true,
-            free_page_reporting: true,
-        }
-    }
-}
-
-impl BalloonConfig {
-    pub fn from_options(s: &str) -> Result<BalloonConfig, OptionsError> {
-        let mut o = Options::parse("balloon", s, None)?;
-        let target_mib = o
-            .with("target", |v| {
-                let mib: u64 = v
-                    .parse()
-                    .map_err(|_| "not a number of MiB (example: target=512)".to_string())?;
-                target_pages(mib).map_err(|e| e.to_string())?;
-                Ok(mib)
-            })?
-            .unwrap_or(0);
-        let d = BalloonConfig::default();
-        let deflate_on_oom = o.bool("deflate_on_oom")?.unwrap_or(d.deflate_on_oom);
-        let free_page_reporting = o
-            .bool("free_page_reporting")?
-            .unwrap_or(d.free_page_reporting);
-        o.finish()?;
-        Ok(BalloonConfig {
-            target_mib,
-            deflate_on_oom,
-            free_page_reporting,
-        })
-    }
-}
 
 /// The host-side state of the balloon (what a snapshot would save). The
 /// target survives device resets; `actual` is the driver's and starts over.

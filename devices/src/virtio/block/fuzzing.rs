@@ -6,7 +6,8 @@
 
 use std::path::PathBuf;
 
-use vireo_block::{DiskImage, DisplayPath, Error, Format, LayerInfo};
+use vireo_api::devices::block::Format;
+use vireo_block::{DiskImage, DisplayPath, Error, LayerInfo};
 use vireo_vmcore::memory::GuestMemory;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;

@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use vireo_sandbox::seccomp::Device;
 
-use vireo_block::{DiskImage, Format, OpenOptions};
+use vireo_api::devices::block::{BlockConfig, Format};
+use vireo_block::{DiskImage, OpenOptions};
 use vireo_vmcore::memory::GuestMemory;
 use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use virtio_bindings::virtio_blk::{
@@ -32,8 +33,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::options::{Options, OptionsError};
-use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
+use crate::rate_limiter::{Limit, RateLimiter};
 use crate::virtio::worker::{EpollCtl, EventHandler, Worker};
 use crate::virtio::{
     device_type, features, read_config_bytes, take_queues, ActivateError, Activation, Interrupt,
@@ -47,88 +47,6 @@ pub const QUEUE_SIZE: u16 = 256;
 /// (kicking itself), so a driver that keeps the ring full, or a used ring
 /// laid over the avail ring, cannot keep it from seeing a reset.
 const MAX_CHAINS_PER_WAKEUP: usize = 2 * QUEUE_SIZE as usize;
-
-/// A `--disk` flag, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockConfig {
-    /// The image file.
-    pub path: PathBuf,
-    /// Refuse guest writes (and open the file read-only).
-    pub read_only: bool,
-    /// The name in log lines; defaults to the file stem.
-    pub id: String,
-    /// The serial number the guest reads (GET_ID), at most 20 bytes;
-    /// defaults to the id (cut to 20 bytes).
-    pub serial: String,
-    /// The image format. `None` is accepted only for a read-only disk
-    /// (its format is then detected); a writable disk without one is
-    /// refused when opened, since a guest could write a qcow2 header onto a
-    /// raw disk and have it read as qcow2 after its next boot.
-    pub format: Option<Format>,
-    /// Bandwidth limit in bytes per second.
-    pub bandwidth: Option<u64>,
-    /// Request limit per second.
-    pub ops: Option<u64>,
-}
-
-impl BlockConfig {
-    /// Parse `path=disk.qcow2[,readonly=on][,id=root][,serial=ABC]
-    /// [,format=raw|qcow2][,bw=10M][,ops=1000]`; a bare first word is the
-    /// path.
-    pub fn from_options(s: &str) -> Result<BlockConfig, OptionsError> {
-        let mut o = Options::parse("disk", s, Some("path"))?;
-        let path = o.required("path")?;
-        let err = |message: String| OptionsError {
-            flag: "disk".into(),
-            message,
-        };
-        if path.is_empty() {
-            return Err(err("path= is empty; give the disk image file".into()));
-        }
-        let path = PathBuf::from(path);
-        let read_only = o.bool("readonly")?.unwrap_or(false);
-        let id = match o.string("id") {
-            Some(id) if id.is_empty() => return Err(err("id= is empty".into())),
-            Some(id) => id,
-            None => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "disk".into()),
-        };
-        let serial = match o.string("serial") {
-            Some(s) if s.len() > ID_BYTES => {
-                return Err(err(format!(
-                    "serial={s}: {} bytes, at most {ID_BYTES} fit (virtio-blk's limit)",
-                    s.len()
-                )))
-            }
-            Some(s) => s,
-            None => {
-                let mut end = id.len().min(ID_BYTES);
-                while !id.is_char_boundary(end) {
-                    end -= 1;
-                }
-                id[..end].to_string()
-            }
-        };
-        let format = o.with("format", |v| {
-            Format::from_name(v).ok_or_else(|| "unknown format; use raw or qcow2".to_string())
-        })?;
-        let bandwidth = o.with("bw", parse_rate)?;
-        let ops = o.with("ops", parse_rate)?;
-        o.finish()?;
-        Ok(BlockConfig {
-            path,
-            read_only,
-            id,
-            serial,
-            format,
-            bandwidth,
-            ops,
-        })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -149,17 +67,15 @@ pub enum BlockError {
     NoFormat { path: String },
 }
 
-impl BlockConfig {
-    /// Refuses a writable disk without `format=`: checked when the flags
-    /// are parsed and again when the image is opened.
-    pub fn check_format_given(&self) -> Result<(), BlockError> {
-        if self.format.is_none() && !self.read_only {
-            return Err(BlockError::NoFormat {
-                path: self.path.display().to_string(),
-            });
-        }
-        Ok(())
+/// Refuses a writable disk without `format=`: checked when the flags are
+/// parsed and again when the image is opened.
+pub fn check_format_given(config: &BlockConfig) -> Result<(), BlockError> {
+    if config.format.is_none() && !config.read_only {
+        return Err(BlockError::NoFormat {
+            path: config.path.display().to_string(),
+        });
     }
+    Ok(())
 }
 
 /// What could be saved and restored of the device (the queue's state is
@@ -251,7 +167,7 @@ impl Block {
     /// `backing_dirs` (a daemon's storage directories). A writable disk
     /// must have its format given.
     pub fn open(cfg: BlockConfig, backing_dirs: &[PathBuf]) -> Result<Block, BlockError> {
-        cfg.check_format_given()?;
+        check_format_given(&cfg)?;
         let options = OpenOptions {
             read_only: cfg.read_only,
             backing_dirs,

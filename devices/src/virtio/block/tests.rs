@@ -239,47 +239,6 @@ fn raw_disk(dir: &TempDir, size: u64) -> PathBuf {
 }
 
 #[test]
-fn options_parse_with_defaults_and_refuse_mistakes() {
-    let c = BlockConfig::from_options(
-        "path=/img/root.qcow2,readonly=on,id=root,serial=ABC,format=qcow2,bw=10M,ops=1000",
-    )
-    .unwrap();
-    assert_eq!(
-        c,
-        BlockConfig {
-            path: "/img/root.qcow2".into(),
-            read_only: true,
-            id: "root".into(),
-            serial: "ABC".into(),
-            format: Some(Format::Qcow2),
-            bandwidth: Some(10 << 20),
-            ops: Some(1000),
-        }
-    );
-    let c = BlockConfig::from_options("/img/a-very-long-disk-name-indeed.img").unwrap();
-    assert_eq!(
-        c.path,
-        PathBuf::from("/img/a-very-long-disk-name-indeed.img")
-    );
-    assert_eq!(c.id, "a-very-long-disk-name-indeed");
-    assert_eq!(c.serial, "a-very-long-disk-nam");
-    assert!(!c.read_only);
-    assert_eq!((c.format, c.bandwidth, c.ops), (None, None, None));
-
-    for (bad, says) in [
-        ("path=a.img,serial=123456789012345678901", "at most 20"),
-        ("path=a.img,format=vmdk", "raw or qcow2"),
-        ("path=a.img,raedonly=on", "raedonly"),
-        ("path=a.img,bw=fast", "bw=fast"),
-        ("readonly=on", "path= is required"),
-        ("path=", "path= is empty"),
-    ] {
-        let e = BlockConfig::from_options(bad).unwrap_err().to_string();
-        assert!(e.starts_with("--disk: ") && e.contains(says), "{bad}: {e}");
-    }
-}
-
-#[test]
 fn open_errors_name_the_file_and_the_fix() {
     let Err(e) = Block::new(cfg(Path::new("/nonexistent/vireo/disk.img"), ",id=d0")) else {
         panic!("opened a missing file");

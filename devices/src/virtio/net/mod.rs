@@ -22,10 +22,9 @@
 //! --net tap=tap0[,mac=52:54:00:12:34:56][,id=net0][,mtu=1500][,bw=100M][,ops=20000]
 //! ```
 //!
-//! [`NetConfig::from_options`] parses it, [`Net::new`] opens the TAP, and
+//! `vireo_api::devices::net::NetConfig` parses it, [`Net::new`] opens the TAP, and
 //! [`Net::counters`] gives the traffic counters.
 
-pub mod mac;
 mod metrics;
 mod persist;
 pub mod tap;
@@ -45,11 +44,10 @@ use super::{
     device_type, features, read_config_bytes, take_queues, ActivateError, Activation, QueueT,
     VirtioDevice,
 };
-use crate::options::{Options, OptionsError};
-use crate::rate_limiter::{parse_rate, Limit, RateLimiter};
+use crate::rate_limiter::{Limit, RateLimiter};
+use vireo_api::devices::net::NetConfig;
 use worker::{NetWorker, WorkerQueue};
 
-pub use mac::Mac;
 pub use metrics::{NetCounters, NetStats};
 pub use persist::{NetPersistState, NetStateError};
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
@@ -163,78 +161,12 @@ pub fn check_tx_header(
     Ok(())
 }
 
-/// The options of `--net`: `tap=NAME[,mac=MAC][,id=ID][,mtu=N][,bw=RATE][,ops=RATE]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
-    /// The host TAP interface.
-    pub tap: String,
-    /// The guest's address (random 52:54:00:xx:xx:xx when not given).
-    pub mac: Mac,
-    /// A name for logs and the control plane.
-    pub id: Option<String>,
-    /// The MTU advertised to the guest (VIRTIO_NET_F_MTU), if any.
-    pub mtu: Option<u16>,
-    /// Bytes per second, applied to receive and to transmit separately.
-    pub bandwidth: Option<u64>,
-    /// Frames per second, applied to receive and to transmit separately.
-    pub ops: Option<u64>,
-}
-
-impl NetConfig {
-    /// A config for TAP `tap` with a random MAC and no limits.
-    pub fn new(tap: &str) -> NetConfig {
-        NetConfig {
-            tap: tap.to_string(),
-            mac: Mac::random(),
-            id: None,
-            mtu: None,
-            bandwidth: None,
-            ops: None,
-        }
-    }
-
-    /// Parse the `--net` option string, e.g.
-    /// `tap=tap0,mac=52:54:00:12:34:56,id=net0,bw=100M,ops=20000` (a bare
-    /// first word is the TAP name).
-    pub fn from_options(s: &str) -> Result<NetConfig, OptionsError> {
-        let mut o = Options::parse("net", s, Some("tap"))?;
-        let tap = o.with("tap", |v| {
-            if tap::valid_name(v) {
-                Ok(v.to_string())
-            } else {
-                Err("not a valid interface name: use 1 to 15 characters without '/', ':' or whitespace".to_string())
-            }
-        })?;
-        let tap = match tap {
-            Some(t) => t,
-            None => o.required("tap")?,
-        };
-        let mac = o.with("mac", |v| v.parse::<Mac>())?;
-        let id = o.string("id");
-        let mtu = o.with("mtu", |v| match v.parse::<u16>() {
-            Ok(m) if m >= 68 => Ok(m),
-            _ => Err("use a number from 68 to 65535".to_string()),
-        })?;
-        let bandwidth = o.with("bw", parse_rate)?;
-        let ops = o.with("ops", parse_rate)?;
-        o.finish()?;
-        Ok(NetConfig {
-            tap,
-            mac: mac.unwrap_or_else(Mac::random),
-            id,
-            mtu,
-            bandwidth,
-            ops,
-        })
-    }
-
-    /// A rate limiter for one direction.
-    fn limiter(&self) -> io::Result<RateLimiter> {
-        RateLimiter::new(
-            self.bandwidth.map(Limit::per_second),
-            self.ops.map(Limit::per_second),
-        )
-    }
+/// A rate limiter for one direction of `config`'s traffic.
+fn limiter(config: &NetConfig) -> io::Result<RateLimiter> {
+    RateLimiter::new(
+        config.bandwidth.map(Limit::per_second),
+        config.ops.map(Limit::per_second),
+    )
 }
 
 /// What a saved device needs besides its queues: its configuration space
@@ -384,7 +316,7 @@ impl VirtioDevice for Net {
         let mut tx_queue = tx.queue;
         rx_queue.set_event_idx(event_idx);
         tx_queue.set_event_idx(event_idx);
-        let limiter = || self.config.limiter().map_err(ActivateError::RateTimer);
+        let limiter = || limiter(&self.config).map_err(ActivateError::RateTimer);
         let kick_rx = rx.notify.try_clone().map_err(ActivateError::Thread)?;
         let kick_tx = tx.notify.try_clone().map_err(ActivateError::Thread)?;
         let handler = NetWorker::new(

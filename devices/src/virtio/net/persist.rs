@@ -8,8 +8,10 @@
 use serde::{Deserialize, Serialize};
 use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 
-use super::{Mac, Net};
+use super::Net;
 use crate::virtio::VirtioDevice;
+use vireo_api::devices::mac::MacError;
+use vireo_api::devices::net::Mac;
 
 /// What a snapshot keeps of a net device: the MAC its driver read at
 /// probe time (the TAP is reopened by name, the queues are the
@@ -23,7 +25,7 @@ pub struct NetPersistState {
 #[derive(Debug, thiserror::Error)]
 pub enum NetStateError {
     #[error("saved MAC: {0}")]
-    Mac(String),
+    Mac(#[source] MacError),
 }
 
 impl Pausable for Net {

@@ -19,40 +19,6 @@ const TX_BUFS: u64 = 0x80_0000;
 const MEM_SIZE: usize = 0x100_0000;
 const WAIT: Duration = Duration::from_secs(5);
 #[test]
-fn config_from_options() {
-    let c = NetConfig::from_options(
-        "tap=tap0,mac=52:54:00:12:34:56,id=net0,bw=100M,ops=20000,mtu=9000",
-    )
-    .unwrap();
-    assert_eq!(c.tap, "tap0");
-    assert_eq!(c.mac.to_string(), "52:54:00:12:34:56");
-    assert_eq!(c.id.as_deref(), Some("net0"));
-    assert_eq!(c.bandwidth, Some(100 << 20));
-    assert_eq!(c.ops, Some(20000));
-    assert_eq!(c.mtu, Some(9000));
-
-    let c = NetConfig::from_options("tap1").unwrap();
-    assert_eq!(c.tap, "tap1");
-    assert!(c.mac.is_local() && c.mac.bytes()[0] & 1 == 0);
-    assert_eq!((c.bandwidth, c.ops, c.mtu, c.id), (None, None, None, None));
-
-    for (s, needle) in [
-        ("mac=52:54:00:12:34:56", "tap= is required"),
-        ("tap=tap0,mac=01:00:5e:00:00:01", "multicast"),
-        ("tap=tap0,mac=zz", "not a MAC address"),
-        ("tap=tap0,speed=10G", "unknown option \"speed\""),
-        ("tap=tap0,bw=fast", "bw=fast"),
-        ("tap=tap0,mtu=20", "68 to 65535"),
-        ("tap=a/b", "not a valid interface name"),
-        ("tap=averyveryverylongname", "not a valid interface name"),
-    ] {
-        let e = NetConfig::from_options(s).unwrap_err().to_string();
-        assert!(e.starts_with("--net: "), "{s}: {e}");
-        assert!(e.contains(needle), "{s}: {e}");
-    }
-}
-
-#[test]
 fn offloads_follow_guest_features() {
     let f = |bits: &[u32]| bits.iter().fold(0u64, |a, b| a | bit(*b));
     assert_eq!(tap_offload(0), 0);

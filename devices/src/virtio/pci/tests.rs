@@ -574,7 +574,8 @@ fn ring(q: u16) -> (u64, u64, u64) {
 
 #[test]
 fn a_buffer_the_device_held_unused_is_offered_again_after_restore() {
-    use crate::virtio::balloon::{balloon_features as bf, Balloon, BalloonConfig};
+    use crate::virtio::balloon::{balloon_features as bf, Balloon};
+    use vireo_api::devices::balloon::BalloonConfig;
     use vm_memory::Bytes;
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let balloon = |mem: &GuestMemory| {

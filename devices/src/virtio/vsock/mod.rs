@@ -22,7 +22,6 @@ pub mod unix;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::Arc;
 use vireo_sandbox::seccomp::Device;
 
@@ -37,7 +36,7 @@ use super::{
     device_type, features, read_config_bytes, ActivateError, Activation, Interrupt, InterruptKind,
     Queue, QueueT, VirtioDevice,
 };
-use crate::options::{Options, OptionsError};
+use vireo_api::devices::vsock::{check_socket_path_len, VsockConfig};
 use vireo_vmcore::memory::GuestMemory;
 use vireo_vmcore::snapshot::device::{Pausable, Snapshottable};
 use virtio_queue::QueueOwnedT;
@@ -59,56 +58,6 @@ const TOKEN_LISTENER: u64 = 3;
 const MAX_CONTROL_BACKLOG: usize = 1024;
 /// Bad-packet warnings logged per activation before going quiet.
 const MAX_WARNINGS: u32 = 32;
-
-/// The smallest and largest CID a guest may have (0-2 are reserved,
-/// `u32::MAX` means "any").
-const MIN_GUEST_CID: u64 = 3;
-const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
-
-/// `--vsock cid=N,socket=PATH`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// The guest's context id.
-    pub cid: u64,
-    /// The host program socket; guest connections to port N go to
-    /// `<socket>_N`.
-    pub socket: PathBuf,
-}
-
-impl VsockConfig {
-    /// Parse the value of `--vsock` (`cid=3,socket=/run/vm.vsock`).
-    pub fn from_options(s: &str) -> Result<VsockConfig, OptionsError> {
-        let err = |message: String| OptionsError {
-            flag: "vsock".to_string(),
-            message,
-        };
-        let mut o = Options::parse("vsock", s, None)?;
-        let cid_s = o.required("cid")?;
-        let socket = o.required("socket")?;
-        o.finish()?;
-        let cid: u64 = cid_s.parse().map_err(|_| {
-            err(format!(
-                "cid={cid_s}: not a number; give the guest a cid from {MIN_GUEST_CID} to \
-                 {MAX_GUEST_CID}"
-            ))
-        })?;
-        if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid) {
-            return Err(err(format!(
-                "cid={cid}: the guest cid must be from {MIN_GUEST_CID} to {MAX_GUEST_CID} \
-                 (0-2 are reserved, {} means any)",
-                u32::MAX
-            )));
-        }
-        if socket.is_empty() {
-            return Err(err(
-                "socket= is empty; give a path like /run/vm.vsock".into()
-            ));
-        }
-        let socket = PathBuf::from(socket);
-        unix::check_socket_path_len(&socket).map_err(|e| err(format!("socket=: {e}")))?;
-        Ok(VsockConfig { cid, socket })
-    }
-}
 
 /// A vsock device that cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +91,7 @@ impl Vsock {
     /// listens on). Host programs may connect at once; they are served
     /// once the guest driver is up.
     pub fn new(config: VsockConfig) -> Result<Vsock, VsockError> {
-        unix::check_socket_path_len(&config.socket).map_err(VsockError)?;
+        check_socket_path_len(&config.socket).map_err(|e| VsockError(e.to_string()))?;
         let listener = unix::bind_listener(&config.socket).map_err(VsockError)?;
         let socket_id = unix::file_identity(&config.socket);
         Ok(Vsock {

@@ -23,6 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::connection::{ConnKey, ConnState, Connection};
 use super::packet::{op, shutdown, Header, HOST_CID, TYPE_STREAM};
 use crate::virtio::worker::EpollCtl;
+use vireo_api::devices::vsock::{port_path, SUN_PATH_MAX};
 
 /// Most connections (host programs still writing their CONNECT line
 /// included) the device keeps at once.
@@ -34,30 +35,6 @@ const MAX_CONNECT_LINE: usize = 32;
 pub const FIRST_CONN_TOKEN: u64 = 16;
 /// Local ports for host-initiated connections.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
-/// The longest `sun_path`, NUL excluded.
-const SUN_PATH_MAX: usize = 107;
-
-/// The path a guest connection to host `port` goes to.
-pub fn port_path(socket: &Path, port: u32) -> PathBuf {
-    let mut p = socket.as_os_str().to_owned();
-    p.push(format!("_{port}"));
-    PathBuf::from(p)
-}
-
-/// Check that `<socket>_<any port>` fits in a Unix socket address.
-pub fn check_socket_path_len(socket: &Path) -> Result<(), String> {
-    let longest = port_path(socket, u32::MAX);
-    let n = longest.as_os_str().len();
-    if n > SUN_PATH_MAX {
-        return Err(format!(
-            "the path is too long: {} with a port suffix is {n} bytes, a Unix socket path \
-             holds {SUN_PATH_MAX}; use a shorter path",
-            socket.display()
-        ));
-    }
-    Ok(())
-}
-
 /// The listening socket for host-initiated connections, bound at `path`.
 /// A file already there is replaced only if it is a socket nobody listens
 /// on (left behind by a VM that died).
@@ -673,17 +650,5 @@ mod tests {
         ] {
             assert_eq!(parse_connect_line(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn port_paths_and_length_limit() {
-        assert_eq!(
-            port_path(Path::new("/run/vm.vsock"), 1234),
-            PathBuf::from("/run/vm.vsock_1234")
-        );
-        assert!(check_socket_path_len(Path::new("/run/vm.vsock")).is_ok());
-        let long = format!("/{}", "a".repeat(100));
-        let e = check_socket_path_len(Path::new(&long)).unwrap_err();
-        assert!(e.contains("too long"), "{e}");
     }
 }

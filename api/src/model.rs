@@ -1,26 +1,26 @@
-//! The API's JSON types, shared by the daemon and the `vireo vm` client, and
-//! the checks a VM definition must pass before it is stored.
+//! The REST API's JSON types, shared by the daemon, the `vireo vm` client
+//! and the tests, and the checks a VM definition must pass before the
+//! daemon stores it (the quantities with [`crate::vm`]'s one check, the
+//! devices with their own parsers, plus what only the daemon can see: paths
+//! are absolute and the files exist).
 
 use std::path::Path;
 
+use crate::devices::balloon::BalloonConfig;
+use crate::devices::block::BlockConfig;
+use crate::devices::net::{Mac, NetConfig};
+use crate::devices::rng::RngConfig;
+use crate::devices::vsock::VsockConfig;
+use crate::options::OptionsError;
+use crate::units::MemorySize;
+use crate::vm::Accel;
+use crate::vm::{
+    check_balloon, check_resources, HostLimits, LimitError, DEFAULT_MEMORY, DEFAULT_VCPUS,
+    MAX_CMDLINE, MAX_VCPUS, MIN_MEMORY, MIN_VCPUS,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
-use vireo_devices::options::{Options, OptionsError};
-use vireo_devices::virtio::balloon::BalloonConfig;
-use vireo_devices::virtio::block::BlockConfig;
-use vireo_devices::virtio::net::{Mac, NetConfig};
-use vireo_devices::virtio::rng::RngConfig;
-use vireo_devices::virtio::vsock::VsockConfig;
 
-/// Fewest vCPUs and most (xAPIC ids) a VM may have.
-pub const MIN_VCPUS: u32 = 1;
-pub const MAX_VCPUS: u32 = vireo_vmcore::vm::MAX_VCPUS_XAPIC;
-/// Smallest guest RAM `vireo run` accepts.
-pub const MIN_MEMORY_MIB: u64 = vireo_vmcore::vm::MIN_MEMORY_MIB;
-pub const DEFAULT_VCPUS: u32 = 1;
-pub const DEFAULT_MEMORY_MIB: u64 = 256;
-/// The Linux boot protocol's command line limit (without the NUL).
-pub const MAX_CMDLINE: usize = 2047;
 pub const MAX_NAME: usize = 63;
 /// The file a guest kit directory holds (see `vireo image build`).
 pub const KIT_MANIFEST: &str = "vireo-kit.conf";
@@ -182,36 +182,6 @@ pub mod schema {
     }
 }
 
-/// Which backend runs the VM, as `vireo run --accel`: KVM, the fastest
-/// available, or vireo's software emulator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    #[default]
-    Auto,
-    Emu,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Auto => "auto",
-            Accel::Emu => "emu",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Accel> {
-        match s {
-            "kvm" => Some(Accel::Kvm),
-            "auto" => Some(Accel::Auto),
-            "emu" => Some(Accel::Emu),
-            _ => None,
-        }
-    }
-}
-
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -257,7 +227,7 @@ impl VmState {
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     pub vcpus: u32,
-    pub memory_mib: u64,
+    pub memory_mib: MemorySize,
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
@@ -331,8 +301,8 @@ pub struct CreateVm {
     pub vcpus: u32,
     /// At most the host's RAM.
     #[serde(default = "default_memory")]
-    #[schema(minimum = 16, default = 256)]
-    pub memory_mib: u64,
+    #[schema(value_type = u64, minimum = 16, default = 256)]
+    pub memory_mib: MemorySize,
     /// Absolute path of a 64-bit ELF vmlinux or a bzImage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
@@ -368,8 +338,8 @@ fn default_vcpus() -> u32 {
     DEFAULT_VCPUS
 }
 
-fn default_memory() -> u64 {
-    DEFAULT_MEMORY_MIB
+fn default_memory() -> MemorySize {
+    DEFAULT_MEMORY
 }
 
 impl CreateVm {
@@ -401,8 +371,8 @@ pub struct UpdateVm {
     #[schema(minimum = 1, maximum = 254)]
     pub vcpus: Option<u32>,
     #[serde(default)]
-    #[schema(minimum = 16)]
-    pub memory_mib: Option<u64>,
+    #[schema(value_type = Option<u64>, minimum = 16)]
+    pub memory_mib: Option<MemorySize>,
     #[serde(default, deserialize_with = "some")]
     #[schema(value_type = Option<String>)]
     pub kernel: Option<Option<String>>,
@@ -497,7 +467,8 @@ pub struct Vm {
     #[schema(schema_with = schema::vm_name)]
     pub name: String,
     pub vcpus: u32,
-    pub memory_mib: u64,
+    #[schema(value_type = u64)]
+    pub memory_mib: MemorySize,
     #[schema(required = true)]
     pub kernel: Option<String>,
     #[schema(required = true)]
@@ -668,6 +639,126 @@ pub struct VmList {
     pub vms: Vec<Vm>,
 }
 
+/// `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Migrate {
+    /// The target daemon's TLS API, `https://HOST:PORT`.
+    pub to: String,
+    /// An admin token of the target daemon.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The CA certificate (PEM text) the target daemon's certificate is
+    /// checked against [default: the system's CA bundle].
+    #[serde(default)]
+    pub ca_cert: Option<String>,
+    /// Post-copy: after one full copy the guest runs on the target at
+    /// once and fetches the pages it dirtied since on demand (for guests
+    /// that dirty memory faster than pre-copy can send it).
+    #[serde(default)]
+    #[schema(default = false)]
+    pub postcopy: bool,
+}
+
+/// The reply to `POST /v1/vms/{name}/migrate`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct Migrated {
+    #[schema(schema_with = crate::model::schema::vm_name)]
+    pub vm: String,
+    pub to: String,
+    pub migration: crate::control::MigrationStats,
+}
+
+/// The reply to `POST /v1/vms/{name}/migrate-in`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct MigrateInReady {
+    /// The TCP port the target's `vireo run --migrate-from` listens on
+    /// (TLS, with the target daemon's certificate).
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: u16,
+    /// The one-time secret the source must send first (64 hex digits);
+    /// anyone else who connects to the port is refused.
+    #[schema(pattern = "^[0-9a-f]{64}$")]
+    pub secret: String,
+}
+
+/// What a caller may do; each role includes the ones before it. viewer:
+/// every read; operator: viewer + start/stop/kill/pause/resume/reboot, the
+/// balloon target, taking and restoring snapshots; admin: operator +
+/// creating, changing and deleting VMs, deleting snapshots, cloning and
+/// migrating VMs, and tokens.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A token as the API shows it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    /// Public id (the part after `vireo_`).
+    #[schema(pattern = "^[0-9a-f]{16}$")]
+    pub id: String,
+    #[schema(max_length = 64)]
+    pub name: String,
+    pub role: Role,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Who or what uses the token (no control characters). Default empty.
+    #[serde(default)]
+    #[schema(max_length = 64)]
+    pub name: String,
+    pub role: Role,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct NewToken {
+    #[schema(pattern = "^[0-9a-f]{16}$")]
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// The secret, shown only in this answer (the daemon keeps its SHA-256).
+    #[schema(pattern = "^vireo_[0-9a-f]{16}_[0-9a-f]{64}$")]
+    pub token: String,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(as = Error)]
@@ -721,38 +812,49 @@ pub fn check_name(name: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Check a definition: ranges, exactly one of kernel and image, absolute
-/// paths to files that exist. `host_mib` is the host's RAM, when known.
-pub fn check_config(cfg: &VmConfig, host_mib: Option<u64>) -> Result<(), Invalid> {
-    if !(MIN_VCPUS..=MAX_VCPUS).contains(&cfg.vcpus) {
-        return Err(invalid(
+/// A definition's quantity out of its limits, named by its field.
+fn limit_invalid(e: LimitError) -> Invalid {
+    match e {
+        LimitError::VcpuCount { requested, max } => invalid(
             "vcpus",
-            format!(
-                "must be between {MIN_VCPUS} and {MAX_VCPUS}, got {}",
-                cfg.vcpus
-            ),
-        ));
-    }
-    if cfg.memory_mib < MIN_MEMORY_MIB {
-        return Err(invalid(
+            format!("must be between {MIN_VCPUS} and {max}, got {requested}"),
+        ),
+        LimitError::MemoryTooSmall { requested } => invalid(
             "memory_mib",
             format!(
-                "must be at least {MIN_MEMORY_MIB} MiB, got {}",
-                cfg.memory_mib
+                "must be at least {} MiB, got {}",
+                MIN_MEMORY.mib(),
+                requested.mib()
             ),
-        ));
+        ),
+        LimitError::MemoryTooLarge { requested, host } => invalid(
+            "memory_mib",
+            format!(
+                "{} MiB is more than this host's {} MiB of RAM",
+                requested.mib(),
+                host.mib()
+            ),
+        ),
+        LimitError::BalloonTooLarge { target_mib, memory } => invalid(
+            "balloon",
+            format!(
+                "target={target_mib} must be less than memory_mib ({}): the balloon takes that much from the guest",
+                memory.mib()
+            ),
+        ),
     }
-    if let Some(host) = host_mib {
-        if cfg.memory_mib > host {
-            return Err(invalid(
-                "memory_mib",
-                format!(
-                    "{} MiB is more than this host's {host} MiB of RAM",
-                    cfg.memory_mib
-                ),
-            ));
-        }
-    }
+}
+
+/// Check a definition: ranges (the checks `vireo run` makes, against
+/// vireo's own vCPU limit and `host_memory`, the host's memory when known),
+/// exactly one of kernel and image, absolute paths to files that exist.
+pub fn check_config(cfg: &VmConfig, host_memory: Option<MemorySize>) -> Result<(), Invalid> {
+    check_resources(
+        cfg.vcpus,
+        cfg.memory_mib,
+        HostLimits::new(MAX_VCPUS, host_memory),
+    )
+    .map_err(limit_invalid)?;
     match (&cfg.kernel, &cfg.image) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -818,7 +920,7 @@ fn bad_options(field: &str, e: OptionsError) -> Invalid {
 /// what only the daemon can see: paths must be absolute (the VM runs in
 /// the daemon's state directory), disk images must exist, a disk or TAP
 /// may be used once, the balloon must be smaller than the memory.
-pub fn check_devices(d: &Devices, memory_mib: u64) -> Result<(), Invalid> {
+pub fn check_devices(d: &Devices, memory: MemorySize) -> Result<(), Invalid> {
     if d.disks.len() > MAX_DISKS {
         return Err(invalid(
             "disks",
@@ -909,15 +1011,7 @@ pub fn check_devices(d: &Devices, memory_mib: u64) -> Result<(), Invalid> {
     }
     if let Some(s) = &d.balloon {
         let b = BalloonConfig::from_options(s).map_err(|e| bad_options("balloon", e))?;
-        if b.target_mib >= memory_mib {
-            return Err(invalid(
-                "balloon",
-                format!(
-                    "target={} must be less than memory_mib ({memory_mib}): the balloon takes that much from the guest",
-                    b.target_mib
-                ),
-            ));
-        }
+        check_balloon(b.target_mib, memory).map_err(limit_invalid)?;
     }
     Ok(())
 }
@@ -927,10 +1021,7 @@ pub fn check_devices(d: &Devices, memory_mib: u64) -> Result<(), Invalid> {
 /// one each time). Call after [`check_devices`].
 pub fn pin_macs(d: &mut Devices) {
     for s in &mut d.nets {
-        let has_mac = Options::parse("net", s, Some("tap"))
-            .map(|mut o| o.string("mac").is_some())
-            .unwrap_or(true);
-        if !has_mac {
+        if !NetConfig::options_give_mac(s) {
             s.push_str(&format!(",mac={}", Mac::random()));
         }
     }
@@ -955,20 +1046,6 @@ fn check_path(field: &str, p: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// Seconds since the Unix epoch as RFC 3339 UTC (`2024-05-01T12:00:00Z`).
-pub fn rfc3339(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// Now, in seconds since the Unix epoch.
-pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -976,7 +1053,7 @@ mod tests {
     fn kernel_cfg(path: &str) -> VmConfig {
         VmConfig {
             vcpus: 1,
-            memory_mib: 64,
+            memory_mib: MemorySize::mib_const(64),
             kernel: Some(path.into()),
             initrd: None,
             cmdline: None,
@@ -1003,13 +1080,6 @@ mod tests {
     }
 
     #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_714_564_800), "2024-05-01T12:00:00Z");
-    }
-
-    #[test]
     fn names() {
         for ok in ["a", "web-1", "db_2.prod", &"x".repeat(63)] {
             assert!(check_name(ok).is_ok(), "{ok}");
@@ -1023,7 +1093,8 @@ mod tests {
     #[test]
     fn config_checks_name_the_field() {
         let exe = std::env::current_exe().unwrap().display().to_string();
-        assert!(check_config(&kernel_cfg(&exe), Some(1024)).is_ok());
+        let gib = MemorySize::from_mib(1024).ok();
+        assert!(check_config(&kernel_cfg(&exe), gib).is_ok());
         let mut c = kernel_cfg(&exe);
         c.vcpus = 0;
         assert!(check_config(&c, None)
@@ -1031,8 +1102,8 @@ mod tests {
             .message
             .starts_with("vcpus:"));
         let mut c = kernel_cfg(&exe);
-        c.memory_mib = 4096;
-        assert!(check_config(&c, Some(1024))
+        c.memory_mib = MemorySize::mib_const(4096);
+        assert!(check_config(&c, gib)
             .unwrap_err()
             .message
             .starts_with("memory_mib:"));
@@ -1053,7 +1124,7 @@ mod tests {
 
     /// A device error: its field path prefix, and that it holds `needle`.
     fn device_error(d: Devices, field: &str, needle: &str) -> Invalid {
-        let e = check_devices(&d, 256).unwrap_err();
+        let e = check_devices(&d, DEFAULT_MEMORY).unwrap_err();
         assert!(
             e.message.starts_with(&format!("{field}: ")) && e.message.contains(needle),
             "{d:?}: {e:?} should start with {field:?} and mention {needle:?}"
@@ -1079,7 +1150,7 @@ mod tests {
         device_error(good.clone(), "disks[1]", "not a disk image");
         let mut ok = good.clone();
         ok.disks.truncate(1);
-        assert_eq!(check_devices(&ok, 256), Ok(()));
+        assert_eq!(check_devices(&ok, DEFAULT_MEMORY), Ok(()));
 
         let with = |f: &dyn Fn(&mut Devices)| {
             let mut d = ok.clone();

@@ -7,21 +7,28 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mac([u8; 6]);
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    #[error("{0:?} is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)")]
+    Syntax(String),
+    #[error(
+        "{0} is a multicast address (the first byte is odd); \
+         use a unicast one such as 52:54:00:12:34:56"
+    )]
+    Multicast(Mac),
+    #[error("00:00:00:00:00:00 is not a valid address; leave mac= out for a random one")]
+    Zero,
+}
+
 impl Mac {
     /// The address from its bytes; refuses multicast and all-zero addresses
     /// (a NIC cannot own them).
-    pub fn new(bytes: [u8; 6]) -> Result<Mac, String> {
+    pub fn new(bytes: [u8; 6]) -> Result<Mac, MacError> {
         if bytes[0] & 1 != 0 {
-            return Err(format!(
-                "{} is a multicast address (the first byte is odd); \
-                 use a unicast one such as 52:54:00:12:34:56",
-                Mac(bytes)
-            ));
+            return Err(MacError::Multicast(Mac(bytes)));
         }
         if bytes == [0; 6] {
-            return Err("00:00:00:00:00:00 is not a valid address; \
-                        leave mac= out for a random one"
-                .to_string());
+            return Err(MacError::Zero);
         }
         Ok(Mac(bytes))
     }
@@ -32,10 +39,17 @@ impl Mac {
         // SAFETY: getrandom writes at most tail.len() bytes into tail.
         let n = unsafe { libc::getrandom(tail.as_mut_ptr().cast(), tail.len(), 0) };
         if n != tail.len() as isize {
-            // No getrandom (very old kernel): a pseudo-random fallback is
-            // good enough for a MAC.
-            let r = vmm_sys_util::rand::xor_pseudo_rng_u32().to_le_bytes();
-            tail.copy_from_slice(&r[..3]);
+            // No getrandom (very old kernel): std's randomly seeded hasher
+            // is good enough for a MAC.
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            tail.copy_from_slice(&h.finish().to_le_bytes()[..3]);
         }
         // 0x52: locally administered (bit 1 set), unicast (bit 0 clear).
         Mac([0x52, 0x54, 0x00, tail[0], tail[1], tail[2]])
@@ -63,12 +77,10 @@ impl fmt::Display for Mac {
 }
 
 impl FromStr for Mac {
-    type Err = String;
+    type Err = MacError;
 
-    fn from_str(s: &str) -> Result<Mac, String> {
-        let bad = || {
-            format!("{s:?} is not a MAC address (expected six hex bytes like 52:54:00:12:34:56)")
-        };
+    fn from_str(s: &str) -> Result<Mac, MacError> {
+        let bad = || MacError::Syntax(s.to_string());
         let mut bytes = [0u8; 6];
         let mut parts = s.split(':');
         for b in bytes.iter_mut() {
@@ -113,13 +125,14 @@ mod tests {
             "52:54::12:34:56",
         ] {
             let e = bad.parse::<Mac>().unwrap_err();
-            assert!(e.contains("not a MAC address"), "{bad}: {e}");
+            assert!(matches!(e, MacError::Syntax(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("not a MAC address"), "{bad}: {e}");
         }
         let e = "01:00:5e:00:00:01".parse::<Mac>().unwrap_err();
-        assert!(e.contains("multicast"), "{e}");
+        assert!(e.to_string().contains("multicast"), "{e}");
         assert!("ff:ff:ff:ff:ff:ff".parse::<Mac>().is_err());
         let e = "00:00:00:00:00:00".parse::<Mac>().unwrap_err();
-        assert!(e.contains("random"), "{e}");
+        assert!(e.to_string().contains("random"), "{e}");
     }
 
     #[test]

@@ -1,37 +1,51 @@
-//! `key=value,key=value` device options, parsed once for every device flag
-//! (`--disk path=disk.qcow2,readonly=on`, `--net tap=tap0,mac=…`).
+//! `key=value,key=value` device options, parsed once for every device
+//! (`path=disk.qcow2,readonly=on` for a disk, `tap=tap0,mac=…` for a NIC),
+//! whether they came from a `vireo run` flag or a field of the REST API.
 //!
 //! A device's config takes the keys it knows; [`Options::finish`] then
 //! refuses whatever is left, so a typo is an error that names the key and
-//! the flag instead of a setting silently ignored.
+//! the device instead of a setting silently ignored. The error names the
+//! device, not where its options came from: the CLI adds the flag
+//! (`--disk: …`), the API the field (`disks[1]: …`).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("--{flag}: {message}")]
+#[error("{device} options: {message}")]
 pub struct OptionsError {
-    pub flag: String,
+    /// The kind of device the options were for (`disk`, `net`, …).
+    pub device: &'static str,
     pub message: String,
 }
 
-/// The options of one device flag.
+impl OptionsError {
+    pub fn new(device: &'static str, message: impl Into<String>) -> OptionsError {
+        OptionsError {
+            device,
+            message: message.into(),
+        }
+    }
+}
+
+/// The options of one device.
 #[derive(Debug)]
 pub struct Options {
-    flag: String,
+    device: &'static str,
     values: BTreeMap<String, String>,
 }
 
 impl Options {
-    /// Parse `s` for flag `--flag`. A bare word (`--rng` with `s` empty, or
-    /// `--disk disk.img`) is accepted only as the value of `bare_key` when
-    /// one is given.
-    pub fn parse(flag: &str, s: &str, bare_key: Option<&str>) -> Result<Options, OptionsError> {
+    /// Parse `s`, the options of a `device` (`disk`, `net`, …). A bare word
+    /// (empty `s`, or `disk.img` alone) is accepted only as the value of
+    /// `bare_key` when one is given.
+    pub fn parse(
+        device: &'static str,
+        s: &str,
+        bare_key: Option<&str>,
+    ) -> Result<Options, OptionsError> {
         let mut values = BTreeMap::new();
-        let err = |message: String| OptionsError {
-            flag: flag.to_string(),
-            message,
-        };
+        let err = |message: String| OptionsError::new(device, message);
         for (i, part) in s.split(',').enumerate() {
             if part.is_empty() {
                 if s.is_empty() {
@@ -53,17 +67,11 @@ impl Options {
                 return Err(err(format!("{k} is given twice")));
             }
         }
-        Ok(Options {
-            flag: flag.to_string(),
-            values,
-        })
+        Ok(Options { device, values })
     }
 
     fn error(&self, message: String) -> OptionsError {
-        OptionsError {
-            flag: self.flag.clone(),
-            message,
-        }
+        OptionsError::new(self.device, message)
     }
 
     /// Take a string value.
@@ -102,11 +110,11 @@ impl Options {
         }
     }
 
-    /// Take a value parsed by `f`, whose error message is shown as is.
-    pub fn with<T>(
+    /// Take a value parsed by `f`, whose error is shown as is.
+    pub fn with<T, E: std::fmt::Display>(
         &mut self,
         key: &str,
-        f: impl FnOnce(&str) -> Result<T, String>,
+        f: impl FnOnce(&str) -> Result<T, E>,
     ) -> Result<Option<T>, OptionsError> {
         match self.values.remove(key) {
             None => Ok(None),
@@ -140,7 +148,8 @@ mod tests {
         let mut o = Options::parse("disk", "path=a,raedonly=on", None).unwrap();
         o.required("path").unwrap();
         let e = o.finish().unwrap_err();
-        assert_eq!(e.to_string(), "--disk: unknown option \"raedonly\"");
+        assert_eq!(e.device, "disk");
+        assert_eq!(e.message, "unknown option \"raedonly\"");
     }
 
     #[test]
@@ -159,7 +168,7 @@ mod tests {
         let mut o = Options::parse("disk", "", None).unwrap();
         assert_eq!(
             o.required("path").unwrap_err().to_string(),
-            "--disk: path= is required"
+            "disk options: path= is required"
         );
     }
 }

@@ -25,30 +25,32 @@
 //! Children this daemon started are reaped with wait(), which gives the exit
 //! status; adopted ones (started by an earlier daemon) are polled in /proc
 //! (pid + start time) and their end is read from their log.
+//!
+//! Here: the definitions and the lifecycle verbs (create, start, stop,
+//! reboot, kill, exits and restarts). Apart: `process` (spawning `vireo
+//! run`, its pipes, re-adoption), `exit` (what an exit means), `control`
+//! (the control socket and the verbs that use it), `jail`, `snapshots` and
+//! `migrate`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
 use crate::console::Console;
 use crate::db::{Db, ProcessId, VmRecord};
 use crate::error::ApiError;
-use crate::model::{
-    check_config, check_name, pin_macs, Accel, BalloonStatus, CreateVm, StopVm, UpdateVm, VmState,
-    DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
-};
-use crate::observe::{Change, ConsoleTap, Observe};
+use crate::observe::{Change, Observe};
 use crate::procfs;
 use crate::storage::Storage;
+use vireo_api::control::Command;
+use vireo_api::model::{
+    check_config, check_name, pin_macs, CreateVm, StopVm, UpdateVm, VmState,
+    DEFAULT_STOP_TIMEOUT_SECS, MAX_STOP_TIMEOUT_SECS,
+};
 use vireo_sandbox::jail::JailIds;
 
 /// How long `start` waits for a VM that fails at once (bad kernel, no
@@ -58,29 +60,27 @@ const EARLY_EXIT_WAIT: Duration = Duration::from_millis(250);
 const ADOPTED_POLL: Duration = Duration::from_millis(200);
 /// How long a SIGKILLed VM may take to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(5);
-/// Pipe buffer for the console while no daemon reads it.
-const CONSOLE_PIPE_SIZE: libc::c_int = 1 << 20;
 /// The log file of a VM's `vireo run` (its stderr).
 pub const VM_LOG: &str = "vireo.log";
 /// The `vireo run --control-socket` of each VM, in its directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
-/// How long a pause or resume may take before the API gives up.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Guest-initiated resets allowed in [`GUEST_RESET_WINDOW`]; one more and
 /// the VM is left stopped (a boot loop).
 pub const MAX_GUEST_RESETS: usize = 5;
 pub const GUEST_RESET_WINDOW: Duration = Duration::from_secs(60);
-/// What `vireo run` logs when the guest resets the machine, and the reason
-/// recorded for it.
-const GUEST_RESET: &str = "the guest reset the machine";
-/// What `vireo run` logs when its control socket's `reset` ended the VM.
-const RESET_ON_REQUEST: &str = "the VM was reset on request";
 
+mod control;
+mod exit;
 mod jail;
 mod migrate;
+mod process;
 mod snapshots;
 
-pub use migrate::{Migrate, MigrateInReady, Migrated, MigrationStats, MigrationTls, PostcopyStats};
+pub(crate) use control::control_request;
+use control::CONTROL_TIMEOUT;
+use exit::{exit_change, outcome, read_log_tail, Exit, Outcome, GUEST_RESET};
+pub use migrate::MigrationTls;
+use process::{drain, spawn_pump, spawn_vm};
 pub use snapshots::clone_disk;
 
 /// How a VM's process starts: booting its definition, or from a snapshot.
@@ -145,24 +145,6 @@ struct Inner {
     guest_resets: HashMap<String, VecDeque<Instant>>,
     /// VMs with a snapshot, restore or clone under way (one at a time).
     busy: HashSet<String>,
-}
-
-/// How a VM process ended, as far as the daemon can tell.
-#[derive(Debug, Clone, Copy)]
-enum Exit {
-    /// Reaped by this daemon.
-    Status(ExitStatus),
-    /// An adopted process vanished; its status is unknown.
-    Unknown,
-}
-
-/// The state and reason recorded for an exit, and whether it was a start
-/// failure (`vireo run` exit status 2: bad input).
-#[derive(Debug, Clone)]
-struct Outcome {
-    state: VmState,
-    reason: String,
-    start_failed: bool,
 }
 
 pub struct Daemon {
@@ -260,7 +242,7 @@ impl Daemon {
                 if crate::storage::disk_format(s).is_some() {
                     continue;
                 }
-                let Ok(disk) = vireo_devices::virtio::block::BlockConfig::from_options(s) else {
+                let Ok(disk) = vireo_api::devices::block::BlockConfig::from_options(s) else {
                     continue;
                 };
                 match crate::storage::probe_path(&disk.path) {
@@ -292,51 +274,6 @@ impl Daemon {
         self.vm_dir(name).join(CONTROL_SOCKET)
     }
 
-    /// After a (re)start: adopt VM processes that still run, and mark the
-    /// others stopped with the reason. Must run inside the tokio runtime.
-    pub fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
-        let mut inner = lock(&self.inner);
-        for rec in inner.db.list()? {
-            if !rec.state.is_active() {
-                continue;
-            }
-            match rec.process {
-                Some(p) if procfs::is_same_process(p.pid, p.start_time) => {
-                    tracing::info!("re-adopting VM {} (pid {})", rec.name, p.pid);
-                    let console = Console::new();
-                    inner
-                        .consoles
-                        .insert(rec.name.clone(), Arc::clone(&console));
-                    inner.procs.insert(rec.name.clone(), Proc::new(p));
-                    if let Some(tx) = reattach_input(p.pid) {
-                        console.attach_input(tx);
-                    }
-                    let console = reattach_console(p.pid)
-                        .map(|rx| spawn_pump(rx, console, self.observe.console_tap(&rec.name)));
-                    let me = Arc::clone(self);
-                    let name = rec.name.clone();
-                    tokio::spawn(async move {
-                        while procfs::is_same_process(p.pid, p.start_time) {
-                            tokio::time::sleep(ADOPTED_POLL).await;
-                        }
-                        drain(console).await;
-                        me.on_exit(&name, p, Exit::Unknown);
-                    });
-                }
-                _ => {
-                    let log = read_log_tail(&self.vm_dir(&rec.name));
-                    let mut o = outcome(Exit::Unknown, None, &log);
-                    o.reason = format!("{} (found gone when the daemon restarted)", o.reason);
-                    tracing::info!("VM {}: {}", rec.name, o.reason);
-                    inner.db.set_exited(&rec.name, o.state, &o.reason)?;
-                    self.observe
-                        .vm(&rec.name, exit_change(o.state), Some(o.state), &o.reason);
-                }
-            }
-        }
-        Ok(())
-    }
-
     pub fn list(&self) -> Result<Vec<VmRecord>, ApiError> {
         Ok(lock(&self.inner).db.list()?)
     }
@@ -352,7 +289,7 @@ impl Daemon {
         check_name(&req.name)?;
         let mut cfg = req.config();
         self.storage.confine(&mut cfg, None)?;
-        check_config(&cfg, procfs::host_memory_mib())?;
+        check_config(&cfg, vireo_api::host::memory())?;
         pin_macs(&mut cfg.devices);
         let mut inner = lock(&self.inner);
         if !inner.db.create(&req.name, &cfg)? {
@@ -384,7 +321,7 @@ impl Daemon {
         let mut cfg = req.apply(&rec.config);
         self.storage
             .confine(&mut cfg, Some(&self.own_disks(name)))?;
-        check_config(&cfg, procfs::host_memory_mib())?;
+        check_config(&cfg, vireo_api::host::memory())?;
         pin_macs(&mut cfg.devices);
         inner.db.update(name, &cfg)?;
         Ok(inner.db.get(name)?.expect("just updated"))
@@ -482,7 +419,7 @@ impl Daemon {
                     ),
                 ));
             }
-            check_config(&rec.config, procfs::host_memory_mib())?;
+            check_config(&rec.config, vireo_api::host::memory())?;
             let console = Console::new();
             inner.guest_resets.remove(name);
             self.launch(&mut inner, &rec, console, Some(tx), &Boot::Definition)?;
@@ -703,10 +640,13 @@ impl Daemon {
             }
         };
         let socket = self.vm_dir(name).join(CONTROL_SOCKET);
-        let reset = match tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, "reset"))
-            .await
+        let reset = match tokio::time::timeout(
+            CONTROL_TIMEOUT,
+            control_request(&socket, &Command::Reset),
+        )
+        .await
         {
-            Ok(Ok(reply)) if reply.contains("\"ok\":true") => true,
+            Ok(Ok(reply)) if reply.ok => true,
             other => {
                 tracing::warn!("VM {name}: no reset through the control socket ({other:?}); killing it to reboot");
                 false
@@ -782,16 +722,18 @@ impl Daemon {
         }
         let id = self.live_process(name)?;
         let socket = self.vm_dir(name).join(CONTROL_SOCKET);
-        let pressed =
-            match tokio::time::timeout(CONTROL_TIMEOUT, control_request(&socket, "power-button"))
-                .await
-            {
-                Ok(Ok(reply)) if reply.contains("\"ok\":true") => true,
-                other => {
-                    tracing::warn!("VM {name}: could not press the power button: {other:?}");
-                    false
-                }
-            };
+        let pressed = match tokio::time::timeout(
+            CONTROL_TIMEOUT,
+            control_request(&socket, &Command::PowerButton),
+        )
+        .await
+        {
+            Ok(Ok(reply)) if reply.ok => true,
+            other => {
+                tracing::warn!("VM {name}: could not press the power button: {other:?}");
+                false
+            }
+        };
         if pressed && self.wait_exit(name, id, Duration::from_secs(secs)).await {
             return self.get(name);
         }
@@ -842,167 +784,6 @@ impl Daemon {
         }
     }
 
-    /// Pause (`paused = true`) or resume the VM's vCPUs through its control
-    /// socket.
-    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<VmRecord, ApiError> {
-        let (socket, state) = {
-            let inner = lock(&self.inner);
-            let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
-            if !rec.state.is_active() {
-                return Err(ApiError::conflict(
-                    "invalid_state",
-                    format!("VM {name} is not running (it is {})", rec.state.as_str()),
-                ));
-            }
-            (self.vm_dir(name).join(CONTROL_SOCKET), rec.state)
-        };
-        let want = if paused {
-            VmState::Paused
-        } else {
-            VmState::Running
-        };
-        if state == want {
-            return Err(ApiError::conflict(
-                "invalid_state",
-                format!("VM {name} is already {}", want.as_str()),
-            ));
-        }
-        let command = if paused { "pause" } else { "resume" };
-        let reply = self.control(name, &socket, command).await?;
-        if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
-            let why = reply
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("no reason given");
-            return Err(ApiError::conflict(
-                "invalid_state",
-                format!("VM {name}: {why}"),
-            ));
-        }
-        lock(&self.inner).db.set_live_state(name, want)?;
-        tracing::info!("VM {name} {}", want.as_str());
-        let change = if want == VmState::Paused {
-            Change::Paused
-        } else {
-            Change::Resumed
-        };
-        self.observe.vm(name, change, Some(want), change.as_str());
-        self.get(name)
-    }
-
-    /// Report the VM's balloon, after setting its target to `target_mib`
-    /// when given, through the VM process's control socket.
-    pub async fn balloon(
-        &self,
-        name: &str,
-        target_mib: Option<u64>,
-    ) -> Result<BalloonStatus, ApiError> {
-        let socket = {
-            let inner = lock(&self.inner);
-            let rec = inner.db.get(name)?.ok_or_else(|| ApiError::no_vm(name))?;
-            if !rec.state.is_active() {
-                return Err(ApiError::conflict(
-                    "invalid_state",
-                    format!("VM {name} is not running (it is {})", rec.state.as_str()),
-                ));
-            }
-            if rec.config.devices.balloon.is_none() {
-                return Err(ApiError::conflict(
-                    "no_balloon",
-                    format!(
-                        "VM {name} has no balloon device; stop it, add one (`vireo vm update {name} \
-                         --balloon`, or PATCH {{\"balloon\": \"\"}}) and start it again"
-                    ),
-                ));
-            }
-            if let Some(t) = target_mib {
-                if t >= rec.config.memory_mib {
-                    return Err(ApiError::bad_request(
-                        "invalid_value",
-                        format!(
-                            "target_mib: {t} MiB is not less than the VM's memory ({} MiB)",
-                            rec.config.memory_mib
-                        ),
-                    ));
-                }
-            }
-            self.vm_dir(name).join(CONTROL_SOCKET)
-        };
-        let command = match target_mib {
-            Some(t) => format!("balloon {t}"),
-            None => "balloon".to_string(),
-        };
-        let reply = self.control(name, &socket, &command).await?;
-        if reply.get("ok") != Some(&serde_json::Value::Bool(true)) {
-            let why = reply
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("no reason given");
-            return Err(ApiError::conflict(
-                "balloon_failed",
-                format!("VM {name}: {why}"),
-            ));
-        }
-        serde_json::from_value(reply.get("balloon").cloned().unwrap_or_default()).map_err(|e| {
-            ApiError::internal(format!(
-                "VM {name} answered `{command}` without a balloon report: {e}"
-            ))
-        })
-    }
-
-    /// One control-socket request to the VM's process, its reply parsed.
-    async fn control(
-        &self,
-        name: &str,
-        socket: &Path,
-        command: &str,
-    ) -> Result<serde_json::Value, ApiError> {
-        self.control_within(name, socket, command, CONTROL_TIMEOUT)
-            .await
-    }
-
-    /// [`Daemon::control`] with its own time limit (snapshots take longer).
-    async fn control_within(
-        &self,
-        name: &str,
-        socket: &Path,
-        command: &str,
-        limit: Duration,
-    ) -> Result<serde_json::Value, ApiError> {
-        // A VM started a moment ago may not listen yet (`vireo run` binds
-        // its control socket once the machine is built): retry until it
-        // does, within the same time limit.
-        let ask = async {
-            loop {
-                match control_request(socket, command).await {
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                        ) && self.live_process(name).is_ok() =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    other => return other,
-                }
-            }
-        };
-        let reply = tokio::time::timeout(limit, ask)
-            .await
-            .map_err(|_| {
-                ApiError::internal(format!("VM {name} did not answer `{command}` in time"))
-            })?
-            .map_err(|e| {
-                ApiError::internal(format!(
-                    "cannot reach VM {name}'s control socket {}: {e}",
-                    socket.display()
-                ))
-            })?;
-        serde_json::from_str(&reply).map_err(|e| {
-            ApiError::internal(format!("VM {name} answered `{command}` with garbage: {e}"))
-        })
-    }
-
     /// SIGKILL at once.
     pub async fn kill(&self, name: &str) -> Result<VmRecord, ApiError> {
         let id = self.signal(name, libc::SIGKILL, "killed on request (SIGKILL)".into())?;
@@ -1013,491 +794,5 @@ impl Daemon {
             )));
         }
         self.get(name)
-    }
-}
-
-/// Wait (bounded) for the console pump to read what the VM wrote last.
-async fn drain(pump: Option<tokio::task::JoinHandle<()>>) {
-    if let Some(p) = pump {
-        let _ = tokio::time::timeout(Duration::from_secs(1), p).await;
-    }
-}
-
-/// The event of a VM process's end recorded as `state`.
-fn exit_change(state: VmState) -> Change {
-    if state == VmState::Crashed {
-        Change::Crashed
-    } else {
-        Change::Stopped
-    }
-}
-
-fn spawn_pump(
-    mut rx: tokio::net::unix::pipe::Receiver,
-    console: Arc<Console>,
-    mut tap: ConsoleTap,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match rx.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => {
-                    console.push(&buf[..n]);
-                    tap.output(&buf[..n]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!("console: {e}");
-                    break;
-                }
-            }
-        }
-        tap.finish();
-    })
-}
-
-/// Open the console pipe of an adopted VM through /proc/PID/fd/1.
-fn reattach_console(pid: i32) -> Option<tokio::net::unix::pipe::Receiver> {
-    let path = PathBuf::from(format!("/proc/{pid}/fd/1"));
-    if !procfs::is_pipe(&path) {
-        tracing::warn!("VM pid {pid}: its stdout is not a pipe; no console");
-        return None;
-    }
-    let opened = tokio::net::unix::pipe::OpenOptions::new()
-        .read_write(false)
-        .open_receiver(&path);
-    match opened {
-        Ok(rx) => Some(rx),
-        Err(e) => {
-            tracing::warn!("VM pid {pid}: cannot re-attach to its console: {e}");
-            None
-        }
-    }
-}
-
-/// Open the console input pipe of an adopted VM through /proc/PID/fd/0.
-fn reattach_input(pid: i32) -> Option<tokio::net::unix::pipe::Sender> {
-    let path = PathBuf::from(format!("/proc/{pid}/fd/0"));
-    if !procfs::is_pipe(&path) {
-        tracing::info!(
-            "VM pid {pid}: its stdin is not a pipe (started by an older daemon?); no console input"
-        );
-        return None;
-    }
-    match tokio::net::unix::pipe::OpenOptions::new().open_sender(&path) {
-        Ok(tx) => Some(tx),
-        Err(e) => {
-            tracing::warn!("VM pid {pid}: cannot re-open its console input: {e}");
-            None
-        }
-    }
-}
-
-/// A pipe with both ends close-on-exec: (read, write).
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just returned these fds; each is owned once.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Start `vireo run` for `rec` in its own session; returns the child, the
-/// read end of its console pipe and the write end of its stdin pipe.
-fn spawn_vm(
-    vmm: &Path,
-    dir: &Path,
-    rec: &VmRecord,
-    boot: &Boot,
-    jail_args: &[std::ffi::OsString],
-) -> std::io::Result<(
-    tokio::process::Child,
-    tokio::net::unix::pipe::Receiver,
-    tokio::net::unix::pipe::Sender,
-)> {
-    use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(dir)?;
-    let log = std::fs::File::create(dir.join(VM_LOG))?;
-    let (read, write) = pipe()?;
-    // SAFETY: fcntl on a valid fd; failure (e.g. above pipe-max-size) is harmless.
-    unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CONSOLE_PIPE_SIZE) };
-    let (stdin_read, stdin_write) = pipe()?;
-    // SAFETY: as above; a bigger buffer lets a paste wait for the guest.
-    unsafe {
-        libc::fcntl(
-            stdin_write.as_raw_fd(),
-            libc::F_SETPIPE_SZ,
-            CONSOLE_PIPE_SIZE,
-        )
-    };
-
-    let mut cmd = tokio::process::Command::new(vmm);
-    cmd.arg("run")
-        .args(run_args(dir, rec, boot))
-        .args(jail_args);
-    cmd
-        // The exit reason ("the guest powered off") is logged at info level.
-        .env("VIREO_LOG", "info")
-        .current_dir(dir)
-        .stdin(Stdio::from(stdin_read))
-        .stdout(Stdio::from(write))
-        .stderr(Stdio::from(log))
-        .kill_on_drop(false);
-    let keep = read.as_raw_fd();
-    let keep_in = stdin_write.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (setsid, dup2, fcntl).
-    unsafe {
-        cmd.pre_exec(move || {
-            let fail = || Err(std::io::Error::last_os_error());
-            if libc::setsid() < 0 {
-                return fail();
-            }
-            // Move the stdin pipe's write end out of fd 3's way first.
-            let mut keep_in = keep_in;
-            if keep_in == 3 {
-                keep_in = libc::fcntl(3, libc::F_DUPFD_CLOEXEC, 5);
-                if keep_in < 0 {
-                    return fail();
-                }
-            }
-            // The console pipe's read end as fd 3 and the stdin pipe's
-            // write end as fd 4, open across exec.
-            for (fd, target) in [(keep, 3), (keep_in, 4)] {
-                if fd == target {
-                    if libc::fcntl(target, libc::F_SETFD, 0) < 0 {
-                        return fail();
-                    }
-                } else if libc::dup2(fd, target) < 0 {
-                    return fail();
-                }
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn()?;
-    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
-    let tx = tokio::net::unix::pipe::Sender::from_owned_fd(stdin_write)?;
-    Ok((child, rx, tx))
-}
-
-/// `vireo run`'s arguments for `rec` started as `boot`, its control
-/// socket in `dir`.
-fn run_args(dir: &Path, rec: &VmRecord, boot: &Boot) -> Vec<std::ffi::OsString> {
-    let c = &rec.config;
-    let mut args: Vec<std::ffi::OsString> = Vec::new();
-    let mut arg = |a: &str, v: &std::ffi::OsStr| {
-        args.push(a.into());
-        args.push(v.to_owned());
-    };
-    match boot {
-        Boot::Definition => {
-            if let Some(image) = &c.image {
-                arg("--image", image.as_ref());
-            }
-            if let Some(kernel) = &c.kernel {
-                arg("--kernel", kernel.as_ref());
-            }
-            if let Some(initrd) = &c.initrd {
-                arg("--initrd", initrd.as_ref());
-            }
-            if let Some(cmdline) = &c.cmdline {
-                arg("--cmdline", cmdline.as_ref());
-            }
-            arg("--cpus", c.vcpus.to_string().as_ref());
-            arg("--memory", c.memory_mib.to_string().as_ref());
-        }
-        // The machine (vCPUs, memory, devices) is the snapshot's.
-        Boot::Restore { dir: snap, .. } => arg("--restore", snap.as_os_str()),
-        // The VM's own definition, which the source's machine must match.
-        Boot::MigrateFrom {
-            listen,
-            cert,
-            key,
-            secret_file,
-        } => {
-            arg("--migrate-from", listen.as_ref());
-            arg("--migrate-tls-cert", cert.as_os_str());
-            arg("--migrate-tls-key", key.as_os_str());
-            arg("--migrate-secret-file", secret_file.as_os_str());
-            arg("--cpus", c.vcpus.to_string().as_ref());
-            arg("--memory", c.memory_mib.to_string().as_ref());
-        }
-    }
-    arg("--control-socket", dir.join(CONTROL_SOCKET).as_os_str());
-    // Its snapshots go only to the VM's own snapshots directory.
-    arg(
-        "--snapshot-dir-root",
-        dir.join(snapshots::SNAPSHOTS).as_os_str(),
-    );
-    // A clone's qcow2 disk is backed by a snapshot's copy in another VM's
-    // directory; backing files may come from the daemon's VM directories
-    // (the headers naming them are the daemon's, never a guest's).
-    if let Some(vms) = dir.parent() {
-        arg("--backing-dir", vms.as_os_str());
-    }
-    arg(
-        "--accel",
-        match c.accel {
-            Accel::Kvm => "kvm",
-            Accel::Auto => "auto",
-            Accel::Emu => "emu",
-        }
-        .as_ref(),
-    );
-    match boot {
-        Boot::Definition | Boot::MigrateFrom { .. } => {
-            args.extend(c.devices.run_args().into_iter().map(Into::into))
-        }
-        Boot::Restore {
-            lazy, overrides, ..
-        } => {
-            if *lazy {
-                args.push("--restore-lazy".into());
-            }
-            args.extend(overrides.iter().map(Into::into));
-        }
-    }
-    args
-}
-
-/// The last 64 KiB of a VM's log.
-fn read_log_tail(dir: &Path) -> String {
-    let Ok(mut f) = std::fs::File::open(dir.join(VM_LOG)) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-/// What the VM's log says about its end: `vireo run`'s error line, or the
-/// clean end it logged at info level.
-fn log_verdict(log: &str) -> Option<(VmState, String)> {
-    for line in log.lines().rev() {
-        if let Some(i) = line.find("vireo: error: ") {
-            return Some((
-                VmState::Crashed,
-                line[i + "vireo: error: ".len()..].trim().to_string(),
-            ));
-        }
-        if line.contains("the guest powered off") {
-            return Some((VmState::Stopped, "powered off".into()));
-        }
-        if line.contains(GUEST_RESET) {
-            return Some((VmState::Stopped, GUEST_RESET.into()));
-        }
-        if line.contains(RESET_ON_REQUEST) {
-            return Some((VmState::Stopped, "reset on request".into()));
-        }
-        if line.contains("the VM was stopped") {
-            return Some((VmState::Stopped, "stopped".into()));
-        }
-    }
-    None
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGTERM => "SIGTERM",
-        _ => "signal",
-    }
-}
-
-/// Decide the state and reason to record for an exit.
-fn outcome(exit: Exit, requested: Option<&str>, log: &str) -> Outcome {
-    let verdict = log_verdict(log);
-    let code = match exit {
-        Exit::Status(s) => s.code(),
-        Exit::Unknown => None,
-    };
-    let (state, reason, start_failed) = match (exit, requested) {
-        // The daemon signalled it: that is the reason, unless the log says
-        // the guest ended on its own (or the VM failed) first.
-        (_, Some(req)) => match verdict {
-            Some((VmState::Stopped, why)) if why != "stopped" && code != Some(2) => {
-                (VmState::Stopped, why, false)
-            }
-            Some((VmState::Crashed, why)) if code == Some(1) => {
-                (VmState::Crashed, format!("VM failed: {why}"), false)
-            }
-            _ => (VmState::Stopped, req.to_string(), false),
-        },
-        (Exit::Status(s), _) => match (s.code(), s.signal()) {
-            (Some(0), _) => match verdict {
-                Some((VmState::Stopped, why)) => (VmState::Stopped, why, false),
-                _ => (VmState::Stopped, "exited".into(), false),
-            },
-            (Some(1), _) => (
-                VmState::Crashed,
-                match verdict {
-                    Some((VmState::Crashed, why)) => format!("VM failed: {why}"),
-                    _ => "VM failed (vireo run exit status 1)".into(),
-                },
-                false,
-            ),
-            (Some(2), _) => (
-                VmState::Crashed,
-                match verdict {
-                    Some((VmState::Crashed, why)) => format!("failed to start: {why}"),
-                    _ => "failed to start (vireo run exit status 2)".into(),
-                },
-                true,
-            ),
-            (Some(code), _) => (
-                VmState::Crashed,
-                format!("vireo run exited with status {code}"),
-                false,
-            ),
-            (None, Some(sig)) => (
-                VmState::Crashed,
-                format!("killed by signal {sig} ({})", signal_name(sig)),
-                false,
-            ),
-            (None, None) => (VmState::Crashed, "ended (no status)".into(), false),
-        },
-        (Exit::Unknown, None) => match verdict {
-            Some((VmState::Crashed, why)) => (VmState::Crashed, format!("VM failed: {why}"), false),
-            Some((state, why)) => (state, why, false),
-            None => (
-                VmState::Stopped,
-                "exited while not a child of this daemon (exit status unknown)".into(),
-                false,
-            ),
-        },
-    };
-    Outcome {
-        state,
-        reason,
-        start_failed,
-    }
-}
-
-/// Send one command line to a `vireo run` control socket and read its one
-/// JSON line of reply.
-pub(crate) async fn control_request(socket: &Path, command: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let mut stream = tokio::net::UnixStream::connect(socket).await?;
-    stream.write_all(format!("{command}\n").as_bytes()).await?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .take(64 * 1024)
-        .read_line(&mut line)
-        .await?;
-    Ok(line)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The target of a migration runs the VM's own definition: vCPUs,
-    /// memory and every device flag (as a boot does), plus the secret;
-    /// no kernel (it is in the source's memory).
-    #[test]
-    fn a_migration_target_gets_the_vms_own_definition_and_the_secret() {
-        let rec = VmRecord {
-            name: "m".into(),
-            config: crate::model::VmConfig {
-                vcpus: 2,
-                memory_mib: 512,
-                kernel: Some("/k".into()),
-                initrd: None,
-                cmdline: None,
-                image: None,
-                accel: Accel::Emu,
-                devices: crate::model::Devices {
-                    disks: vec!["path=/srv/m.raw,format=raw".into()],
-                    nets: vec!["tap=t0,mac=52:54:00:00:00:01".into()],
-                    vsock: None,
-                    rng: Some(String::new()),
-                    balloon: None,
-                },
-            },
-            created_at: 0,
-            state: VmState::Stopped,
-            process: None,
-            started_at: None,
-            last_exit: None,
-            last_exit_at: None,
-        };
-        let boot = Boot::MigrateFrom {
-            listen: "tcp:10.0.0.1:0".into(),
-            cert: "/c.pem".into(),
-            key: "/k.pem".into(),
-            secret_file: "/vms/m/migrate-secret".into(),
-        };
-        let args: Vec<String> = run_args(Path::new("/vms/m"), &rec, &boot)
-            .into_iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let line = args.join(" ");
-        for want in [
-            "--migrate-from tcp:10.0.0.1:0",
-            "--migrate-secret-file /vms/m/migrate-secret",
-            "--cpus 2",
-            "--memory 512",
-            "--disk=path=/srv/m.raw,format=raw",
-            "--net=tap=t0,mac=52:54:00:00:00:01",
-            "--rng",
-        ] {
-            assert!(line.contains(want), "{want:?} missing: {line}");
-        }
-        assert!(!line.contains("--kernel"), "{line}");
-    }
-
-    fn status(raw: i32) -> Exit {
-        Exit::Status(ExitStatus::from_raw(raw))
-    }
-
-    const POWERED_OFF: &str = "2024-01-01T00:00:00Z  INFO booting ELF\n2024-01-01T00:00:01Z  INFO the guest powered off\n";
-
-    #[test]
-    fn outcomes() {
-        let o = outcome(status(0), None, POWERED_OFF);
-        assert_eq!(
-            (o.state, o.reason.as_str()),
-            (VmState::Stopped, "powered off")
-        );
-        let o = outcome(
-            status(1 << 8),
-            None,
-            "vireo: error: vCPU 0 hit a triple fault\n",
-        );
-        assert_eq!(o.state, VmState::Crashed);
-        assert_eq!(o.reason, "VM failed: vCPU 0 hit a triple fault");
-        let o = outcome(
-            status(2 << 8),
-            None,
-            "vireo: error: --kernel /x: not found\n",
-        );
-        assert!(o.start_failed && o.reason.contains("--kernel /x"), "{o:?}");
-        let o = outcome(status(libc::SIGSEGV), None, "");
-        assert_eq!(o.reason, "killed by signal 11 (SIGSEGV)");
-        let o = outcome(status(libc::SIGTERM), Some("stopped (SIGTERM)"), "");
-        assert_eq!(
-            (o.state, o.reason.as_str()),
-            (VmState::Stopped, "stopped (SIGTERM)")
-        );
-        let o = outcome(Exit::Unknown, None, POWERED_OFF);
-        assert_eq!(o.reason, "powered off");
-        let o = outcome(Exit::Unknown, None, "");
-        assert_eq!(o.state, VmState::Stopped);
-        assert!(o.reason.contains("unknown"));
     }
 }
