@@ -10,7 +10,7 @@ mod console_client;
 mod disk;
 mod doctor;
 mod gen_docs;
-mod image;
+
 mod jail_run;
 mod run_cli;
 mod signals;
@@ -58,8 +58,8 @@ fn init_logging(verbose: u8) {
 }
 
 fn image_build(args: cli::ImageBuildArgs) -> Result<(), Failure> {
-    let opts = image::BuildOptions { out: args.out };
-    let kit = image::build(&opts, &mut |line| eprintln!("vireo: {line}"))
+    let opts = vireo_guestkit::BuildOptions { out: args.out };
+    let kit = vireo_guestkit::build(&opts, &mut |line| eprintln!("vireo: {line}"))
         .map_err(|e| Failure::Usage(e.to_string()))?;
     println!("guest kit ready in {}", kit.dir.display());
     println!(

@@ -31,9 +31,9 @@ use vireo_vmm::{Frontend, GuestConsole, Start, VmSpec, Vmm};
 
 use crate::cli::RunArgs;
 use crate::console::{self, RawTerminal};
-use crate::image::GuestKit;
 use crate::signals;
 use crate::Failure;
+use vireo_guestkit::GuestKit;
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=k";
 

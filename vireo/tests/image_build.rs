@@ -9,10 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-// The real reader; the writer half is unused here.
-#[allow(dead_code)]
-#[path = "../src/image/cpio.rs"]
-mod cpio;
+use vireo_guestkit::cpio;
 
 fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vireo-image-build-test-{}", std::process::id()));
