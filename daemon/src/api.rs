@@ -563,7 +563,8 @@ pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 )]
 async fn metrics(State(d): Shared) -> Result<Response, ApiError> {
     let stats = crate::observe::sample(&d).await?;
-    let text = crate::observe::render_prometheus(&stats, &d.observe.requests());
+    let text =
+        crate::observe::render_prometheus(&stats, &d.observe.requests.by_method_and_status());
     Ok((
         StatusCode::OK,
         [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
@@ -634,7 +635,7 @@ async fn count_requests(
 ) -> Response {
     let method = req.method().as_str().to_string();
     let resp = next.run(req).await;
-    d.observe.count_request(&method, resp.status().as_u16());
+    d.observe.requests.count(&method, resp.status().as_u16());
     resp
 }
 

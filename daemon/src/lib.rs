@@ -9,7 +9,10 @@
 //!
 //! Layout: [`paths`] (default state directory and socket), [`clock`]
 //! (timestamps), [`db`] (SQLite, migrations), [`vms`] (VM processes,
-//! exits, reboots and re-adoption), [`console`] (scrollback, live output, input),
+//! exits, reboots and re-adoption), [`procfs`] (what /proc says of a VM
+//! process), [`observe`] (`observe/`: the event bus with the console's
+//! kernel-panic tap, the stats samples, the API request counters and the
+//! Prometheus text), [`console`] (scrollback, live output, input),
 //! [`console_ws`] (the console WebSocket), [`api`] (routes), [`openapi`]
 //! (the API's generated OpenAPI document), [`web`] (the
 //! embedded web UI), [`storage`] (which host files a definition may

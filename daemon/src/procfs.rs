@@ -1,6 +1,7 @@
 //! What the daemon reads from /proc about VM processes: whether a pid is
 //! still the process it started (pid plus start time, so a reused pid is
-//! never mistaken for a VM).
+//! never mistaken for a VM), and its CPU time and resident memory for the
+//! stats.
 
 use std::path::Path;
 
@@ -48,6 +49,48 @@ pub fn is_pipe(path: &Path) -> bool {
     std::fs::metadata(path)
         .map(|m| m.file_type().is_fifo())
         .unwrap_or(false)
+}
+
+/// What /proc tells about a VM process.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+/// CPU time (utime + stime, fields 14 and 15 of /proc/PID/stat) in clock
+/// ticks.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    // rest starts at field 3; utime is field 14.
+    let utime: u64 = fields.nth(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// VmRSS of /proc/PID/status, in bytes.
+pub fn parse_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut words = line["VmRSS:".len()..].split_ascii_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => Some(n * 1024),
+        Some(_) => None,
+    }
+}
+
+/// CPU time and RSS of process `pid`, if it is still there.
+pub fn process_stats(pid: i32) -> Option<ProcessStats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some(ProcessStats {
+        cpu_seconds: parse_cpu_ticks(&stat)? as f64 / hz,
+        rss_bytes: parse_rss_bytes(&status).unwrap_or(0),
+    })
 }
 
 #[cfg(test)]
@@ -99,5 +142,18 @@ mod tests {
         sh.wait().unwrap();
         // A process without children is its own VMM.
         assert_eq!(vmm_pid(child), child);
+    }
+
+    #[test]
+    fn proc_fields_parse() {
+        // utime 5, stime 6 (fields 14 and 15).
+        let line = "1234 (a (weird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(parse_cpu_ticks(line), Some(11));
+        assert_eq!(parse_cpu_ticks("nonsense"), None);
+        let status = "Name:\tvireo\nVmPeak:\t  100 kB\nVmRSS:\t   2048 kB\n";
+        assert_eq!(parse_rss_bytes(status), Some(2048 * 1024));
+        assert_eq!(parse_rss_bytes("Name: x\n"), None);
+        let me = process_stats(std::process::id() as i32).expect("own stats");
+        assert!(me.rss_bytes > 0);
     }
 }
