@@ -10,7 +10,6 @@ mod console_client;
 mod disk;
 mod doctor;
 mod gen_docs;
-
 mod jail_run;
 mod run_cli;
 mod signals;

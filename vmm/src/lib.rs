@@ -13,7 +13,7 @@
 //! with [`Vmm`]; errors are enums per module that name the thing (the
 //! disk, the snapshot, the peer, the file, the vCPU count), and the front
 //! end says which flag or field it came from. Layering: vmm -> devices,
-//! block, vmcore, hypervisor, emulator, sandbox. It must never depend on a
+//! block, vmcore, hypervisor, emulator, sandbox, api. It must never depend on a
 //! front end: no clap, no daemon, no HTTP, nothing of the `vireo` binary.
 
 pub mod backend;
