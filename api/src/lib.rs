@@ -16,6 +16,8 @@
 pub mod client;
 pub mod control;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod model;
 pub mod options;
